@@ -1,0 +1,277 @@
+//! Limited (read-only) mode: only `GET`, `HEAD` and `OPTIONS` get through.
+//!
+//! Reads the mode from the live policy per request. In `full` mode it
+//! refuses nothing. In `limited` mode it refuses, with [`Blocked`]:
+//!
+//! - any method but `GET`, `HEAD`, `OPTIONS` (compared exactly and case
+//!   sensitively: `get` is not `GET`) — `method_not_allowed`;
+//! - method-override headers (`x-http-method-override`, `x-http-method`,
+//!   `x-method-override`) and protocol upgrades — `method_not_allowed`;
+//! - every SOCKS5 request, whose methods cannot be seen — `method_not_allowed`;
+//! - a `CONNECT` the transport will not intercept (no [`Intercepted`]
+//!   marker) — `mitm_required`. An intercepted tunnel's inner requests come
+//!   back through the stack as `https_mitm` and are checked one by one.
+//!
+//! On HTTP a refusal is a 403 with `x-proxy-error: blocked-by-method-policy`
+//! (or `blocked-by-mitm-required`); on SOCKS5, reply 0x02.
+//!
+//! # Example
+//!
+//! ```
+//! use http::{Request, Response};
+//! use portcullis_middleware::{find_blocked, LimitedModeLayer, Mode, NetworkPolicy, PolicyHandle, Protocol, Reason, Target};
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), portcullis_middleware::BoxError> {
+//! let policy = PolicyHandle::new(NetworkPolicy::builder().mode(Mode::Limited).build());
+//! let service = ServiceBuilder::new()
+//!     .layer(LimitedModeLayer::new(policy))
+//!     .service(service_fn(|_: Request<()>| async { Ok::<_, portcullis_middleware::BoxError>(Response::new(())) }));
+//!
+//! let mut request = Request::post("http://example.com/upload").body(())?;
+//! request.extensions_mut().insert(Target::parse_authority("example.com:80", None)?);
+//! request.extensions_mut().insert(Protocol::Http);
+//! let error = service.oneshot(request).await.unwrap_err();
+//! assert_eq!(find_blocked(error.as_ref()).map(|b| b.reason), Some(Reason::MethodNotAllowed));
+//! # Ok(())
+//! # }
+//! ```
+
+use std::task::{Context, Poll};
+
+use http::{header, HeaderName, Method, Request};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::error::{Blocked, BoxError, Reason, Source};
+use crate::future::ResponseFuture;
+use crate::policy::{Mode, PolicyHandle};
+use crate::request::{Intercepted, RequestInfo};
+
+/// Headers that smuggle a different method past a method check.
+pub const METHOD_OVERRIDE_HEADERS: [HeaderName; 3] = [
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
+];
+
+/// Configures [`LimitedMode`].
+#[derive(Debug, Clone)]
+pub struct LimitedModeLayer {
+    policy: PolicyHandle,
+}
+
+impl LimitedModeLayer {
+    /// Reads the mode from `policy` per request.
+    pub fn new(policy: PolicyHandle) -> LimitedModeLayer {
+        LimitedModeLayer { policy }
+    }
+}
+
+impl<S> Layer<S> for LimitedModeLayer {
+    type Service = LimitedMode<S>;
+
+    fn layer(&self, inner: S) -> LimitedMode<S> {
+        LimitedMode {
+            inner,
+            policy: self.policy.clone(),
+        }
+    }
+}
+
+/// Restricts methods in limited mode; see the [module docs](self).
+#[derive(Debug, Clone)]
+pub struct LimitedMode<S> {
+    inner: S,
+    policy: PolicyHandle,
+}
+
+impl<S> LimitedMode<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S, policy: PolicyHandle) -> LimitedMode<S> {
+        LimitedModeLayer::new(policy).layer(inner)
+    }
+
+    /// A layer.
+    pub fn layer(policy: PolicyHandle) -> LimitedModeLayer {
+        LimitedModeLayer::new(policy)
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+/// Whether limited mode lets this method through.
+pub fn is_read_only(method: &Method) -> bool {
+    *method == Method::GET || *method == Method::HEAD || *method == Method::OPTIONS
+}
+
+fn refusal<B>(request: &Request<B>) -> Result<Option<Reason>, crate::BadRequest> {
+    let info = RequestInfo::from_request(request)?;
+    if info.protocol.is_socks() {
+        return Ok(Some(Reason::MethodNotAllowed));
+    }
+    if info.method == Method::CONNECT {
+        return Ok(match request.extensions().get::<Intercepted>() {
+            Some(_) => None,
+            None => Some(Reason::MitmRequired),
+        });
+    }
+    let headers = request.headers();
+    let smuggles = METHOD_OVERRIDE_HEADERS
+        .iter()
+        .any(|name| headers.contains_key(name))
+        || headers.contains_key(header::UPGRADE);
+    if !is_read_only(&info.method) || smuggles {
+        return Ok(Some(Reason::MethodNotAllowed));
+    }
+    Ok(None)
+}
+
+impl<S, B> Service<Request<B>> for LimitedMode<S>
+where
+    S: Service<Request<B>>,
+    S::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        if self.policy.load().mode() == Mode::Full {
+            return ResponseFuture::inner(self.inner.call(request));
+        }
+        match refusal(&request) {
+            Ok(None) => ResponseFuture::inner(self.inner.call(request)),
+            Ok(Some(reason)) => match RequestInfo::from_request(&request) {
+                Ok(info) => ResponseFuture::refused(Blocked::new(
+                    reason,
+                    Source::LimitedMode,
+                    info.target,
+                    info.protocol,
+                    &info.method,
+                )),
+                Err(bad) => ResponseFuture::refused(bad),
+            },
+            Err(bad) => ResponseFuture::refused(bad),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{find_blocked, NetworkPolicy, Protocol, Target};
+    use http::Response;
+    use tower_test::mock;
+
+    fn limited() -> PolicyHandle {
+        PolicyHandle::new(NetworkPolicy::builder().mode(Mode::Limited).build())
+    }
+
+    fn request(method: &str, protocol: Protocol, headers: &[(&str, &str)]) -> Request<()> {
+        let mut builder = Request::builder().method(method).uri("http://example.com/");
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        let mut request = builder.body(()).unwrap();
+        request
+            .extensions_mut()
+            .insert(Target::parse_authority("example.com:80", None).unwrap());
+        request.extensions_mut().insert(protocol);
+        request
+    }
+
+    async fn outcome(policy: PolicyHandle, request: Request<()>) -> Option<Reason> {
+        let (mut service, mut mock) =
+            mock::spawn_layer::<Request<()>, Response<()>, _>(LimitedModeLayer::new(policy));
+        mock.allow(1);
+        assert!(service.poll_ready().is_ready());
+        let response = service.call(request);
+        match mock.poll_request() {
+            std::task::Poll::Ready(Some((_, send))) => {
+                send.send_response(Response::new(()));
+                response.await.unwrap();
+                None
+            }
+            _ => Some(
+                find_blocked(response.await.unwrap_err().as_ref())
+                    .unwrap()
+                    .reason,
+            ),
+        }
+    }
+
+    #[tokio::test]
+    async fn table() {
+        use Protocol::*;
+        let mut intercepted = request("CONNECT", HttpsConnect, &[]);
+        intercepted.extensions_mut().insert(Intercepted);
+        let cases: Vec<(Request<()>, Option<Reason>)> = vec![
+            (request("GET", Http, &[]), None),
+            (request("HEAD", Http, &[]), None),
+            (request("OPTIONS", HttpsMitm, &[]), None),
+            (request("GET", UnixSocket, &[]), None),
+            (request("POST", Http, &[]), Some(Reason::MethodNotAllowed)),
+            (request("get", Http, &[]), Some(Reason::MethodNotAllowed)),
+            (
+                request("DELETE", HttpsMitm, &[]),
+                Some(Reason::MethodNotAllowed),
+            ),
+            (
+                request("PUT", UnixSocket, &[]),
+                Some(Reason::MethodNotAllowed),
+            ),
+            (
+                request("GET", Http, &[("x-http-method-override", "DELETE")]),
+                Some(Reason::MethodNotAllowed),
+            ),
+            (
+                request("GET", Http, &[("upgrade", "websocket")]),
+                Some(Reason::MethodNotAllowed),
+            ),
+            (
+                request("CONNECT", HttpsConnect, &[]),
+                Some(Reason::MitmRequired),
+            ),
+            (intercepted, None),
+            (
+                request("CONNECT", Socks5Tcp, &[]),
+                Some(Reason::MethodNotAllowed),
+            ),
+            (
+                request("CONNECT", Socks5Udp, &[]),
+                Some(Reason::MethodNotAllowed),
+            ),
+        ];
+        for (request, expected) in cases {
+            let label = format!(
+                "{} {:?}",
+                request.method(),
+                request.extensions().get::<Protocol>()
+            );
+            assert_eq!(outcome(limited(), request).await, expected, "{label}");
+        }
+    }
+
+    #[tokio::test]
+    async fn full_mode_refuses_nothing() {
+        let full = PolicyHandle::new(NetworkPolicy::default());
+        assert_eq!(
+            outcome(full, request("DELETE", Protocol::Socks5Tcp, &[])).await,
+            None
+        );
+    }
+}

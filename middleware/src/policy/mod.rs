@@ -1,0 +1,570 @@
+//! Policy data and decisions: plain data and pure functions (no IO, no clock).
+//!
+//! | pattern | matches |
+//! | --- | --- |
+//! | `example.com` | exactly that host, any case, trailing dot ignored |
+//! | `*.example.com` | every subdomain at any depth, not the apex, not `evilexample.com` |
+//! | `**.example.com` | the apex and every subdomain |
+//! | `*` | every host; allowlist only, refused in the denylist |
+//! | `example.com:8443`, `*.x:443` | the pattern limited to one port |
+//! | `10.0.0.0/8`, `127.0.0.1`, `[::1]:3000` | IP literals and CIDR ranges, optionally port-scoped |
+//!
+//! [`NetworkPolicy::decide`] applies, in order: the denylist (deny wins over
+//! everything) → for IP literals and `localhost` names, the local/private
+//! address check → the allowlist → a miss (which the policy layer turns into
+//! *ask* when an approver is configured, and *not_allowed* otherwise).
+//! Local and private addresses (see [`is_local`]) are refused unless
+//! `allow_local_binding` is on or an allowlist entry names that exact IP,
+//! IP:port or CIDR range; a wildcard never unlocks them.
+//!
+//! [`PolicyHandle`] holds the live policy; layers load a snapshot per request,
+//! so [`PolicyHandle::store`] changes the very next decision.
+
+mod address;
+mod matcher;
+mod pattern;
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+pub use address::{embedded_ipv4, is_local};
+pub use matcher::{MatchKind, PatternSet};
+pub use pattern::{HostPattern, IpNetwork, Pattern, PatternError};
+
+use crate::error::Reason;
+use crate::target::{Host, Target};
+
+/// Full access, or read-only methods only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Every method.
+    #[default]
+    Full,
+    /// Only `GET`, `HEAD` and `OPTIONS`; CONNECT only when intercepted; no SOCKS5.
+    Limited,
+}
+
+impl Mode {
+    /// `full` or `limited`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Full => "full",
+            Mode::Limited => "limited",
+        }
+    }
+}
+
+/// Which list a pattern belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum List {
+    /// `allowed_domains`.
+    Allowed,
+    /// `denied_domains`.
+    Denied,
+}
+
+impl List {
+    /// The configuration key of the list.
+    pub fn key(self) -> &'static str {
+        match self {
+            List::Allowed => "allowed_domains",
+            List::Denied => "denied_domains",
+        }
+    }
+}
+
+/// A pattern that could not be added to a policy.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PolicyError {
+    /// The pattern did not parse.
+    #[error("invalid pattern {pattern:?} in {}: {error}", list.key())]
+    Pattern {
+        /// The list.
+        list: List,
+        /// The pattern as written.
+        pattern: String,
+        /// Why.
+        error: PatternError,
+    },
+    /// `*` in the denylist.
+    #[error(
+        "`*` is not allowed in denied_domains: to deny everything, leave allowed_domains empty"
+    )]
+    WildcardDeny,
+    /// A Unix socket path that is not absolute.
+    #[error("unix socket path {0:?} must be absolute")]
+    RelativeSocket(String),
+}
+
+/// What the policy says about a target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Allowed, by this rule.
+    Allow {
+        /// The rule, e.g. `allowed_domains: *.example.com`.
+        rule: String,
+    },
+    /// Refused, finally.
+    Deny {
+        /// Why.
+        reason: Reason,
+        /// The rule, e.g. `denied_domains: evil.com`.
+        rule: String,
+    },
+    /// No rule allows it: *ask* with an approver, *not_allowed* without.
+    Miss,
+}
+
+/// The domain, IP and socket policy: plain data.
+#[derive(Debug, Clone, Default)]
+pub struct NetworkPolicy {
+    allowed: PatternSet,
+    denied: PatternSet,
+    allow_local_binding: bool,
+    mode: Mode,
+    unix_sockets: HashSet<PathBuf>,
+    allow_all_unix_sockets: bool,
+}
+
+impl NetworkPolicy {
+    /// A builder; the empty policy refuses everything.
+    pub fn builder() -> NetworkPolicyBuilder {
+        NetworkPolicyBuilder::default()
+    }
+
+    /// The mode.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// Whether local/private addresses are allowed for allowlisted hosts.
+    pub fn allow_local_binding(&self) -> bool {
+        self.allow_local_binding
+    }
+
+    /// The allowlist.
+    pub fn allowed(&self) -> &PatternSet {
+        &self.allowed
+    }
+
+    /// The denylist.
+    pub fn denied(&self) -> &PatternSet {
+        &self.denied
+    }
+
+    /// Decides a target (before any name resolution).
+    pub fn decide(&self, target: &Target) -> Decision {
+        match target {
+            Target::Unix(path) => self.decide_unix(path),
+            Target::Host { host, port } => self.decide_host(host, *port),
+        }
+    }
+
+    fn decide_unix(&self, path: &std::path::Path) -> Decision {
+        if !path.is_absolute() {
+            return Decision::Deny {
+                reason: Reason::NotAllowed,
+                rule: "unix socket paths must be absolute".to_owned(),
+            };
+        }
+        if self.allow_all_unix_sockets {
+            return Decision::Allow {
+                rule: "dangerously_allow_all_unix_sockets".to_owned(),
+            };
+        }
+        if self.unix_sockets.contains(path) {
+            return Decision::Allow {
+                rule: format!("allow_unix_sockets: {}", path.display()),
+            };
+        }
+        Decision::Deny {
+            reason: Reason::NotAllowed,
+            rule: "allow_unix_sockets".to_owned(),
+        }
+    }
+
+    fn decide_host(&self, host: &Host, port: u16) -> Decision {
+        if let Some((pattern, _)) = self.denied.find(host, port) {
+            return Decision::Deny {
+                reason: Reason::Denied,
+                rule: format!("denied_domains: {pattern}"),
+            };
+        }
+        let local = match host {
+            Host::Ip(ip) => is_local(*ip),
+            Host::Name(_) => host.is_localhost_name(),
+        };
+        if local {
+            if let Some(rule) = self.local_unlock(host, port) {
+                return Decision::Allow { rule };
+            }
+            if !self.allow_local_binding {
+                return Decision::Deny {
+                    reason: Reason::NotAllowedLocal,
+                    rule: "local/private address (allow_local_binding = false)".to_owned(),
+                };
+            }
+        }
+        match self.allowed.find(host, port) {
+            Some((pattern, _)) => Decision::Allow {
+                rule: format!("allowed_domains: {pattern}"),
+            },
+            None => Decision::Miss,
+        }
+    }
+
+    /// The allowlist entry that names a local host exactly: the IP, an
+    /// IP:port, a CIDR range holding it, or the exact name `localhost`.
+    fn local_unlock(&self, host: &Host, port: u16) -> Option<String> {
+        let pattern = match host {
+            Host::Ip(ip) => self.allowed.find_ip_rule(*ip, port),
+            Host::Name(name) => self.allowed.find_exact_name(name, port),
+        };
+        pattern.map(|p| format!("allowed_domains: {p}"))
+    }
+
+    /// Checks one resolved address of an allowed host, as the connector does
+    /// before dialling: the denylist's IP rules, then the local/private check.
+    /// An exact `localhost` allowlist entry unlocks loopback answers for
+    /// `localhost` names only.
+    pub fn check_resolved(&self, host: &Host, ip: IpAddr, port: u16) -> Result<(), Decision> {
+        if let Some(pattern) = self.denied.find_ip_rule(ip, port) {
+            return Err(Decision::Deny {
+                reason: Reason::Denied,
+                rule: format!("denied_domains: {pattern} (resolved address {ip})"),
+            });
+        }
+        if !is_local(ip)
+            || self.allow_local_binding
+            || self.allowed.find_ip_rule(ip, port).is_some()
+        {
+            return Ok(());
+        }
+        if let Host::Name(name) = host {
+            if host.is_localhost_name()
+                && ip.is_loopback()
+                && self.allowed.find_exact_name(name, port).is_some()
+            {
+                return Ok(());
+            }
+        }
+        Err(Decision::Deny {
+            reason: Reason::NotAllowedLocal,
+            rule: format!("local/private address {ip} (allow_local_binding = false)"),
+        })
+    }
+}
+
+/// Builds a [`NetworkPolicy`].
+#[derive(Debug, Clone, Default)]
+pub struct NetworkPolicyBuilder {
+    policy: NetworkPolicy,
+}
+
+impl NetworkPolicyBuilder {
+    /// Adds an allowlist pattern.
+    pub fn allow(mut self, pattern: &str) -> Result<NetworkPolicyBuilder, PolicyError> {
+        let parsed = parse_in(List::Allowed, pattern)?;
+        self.policy.allowed.insert(parsed);
+        Ok(self)
+    }
+
+    /// Adds a denylist pattern (`*` is refused).
+    pub fn deny(mut self, pattern: &str) -> Result<NetworkPolicyBuilder, PolicyError> {
+        let parsed = parse_in(List::Denied, pattern)?;
+        if parsed.is_any() {
+            return Err(PolicyError::WildcardDeny);
+        }
+        self.policy.denied.insert(parsed);
+        Ok(self)
+    }
+
+    /// Adds several allowlist patterns.
+    pub fn allow_all<'a>(
+        mut self,
+        patterns: impl IntoIterator<Item = &'a str>,
+    ) -> Result<NetworkPolicyBuilder, PolicyError> {
+        for pattern in patterns {
+            self = self.allow(pattern)?;
+        }
+        Ok(self)
+    }
+
+    /// Allows local/private addresses for allowlisted hosts.
+    pub fn allow_local_binding(mut self, allow: bool) -> NetworkPolicyBuilder {
+        self.policy.allow_local_binding = allow;
+        self
+    }
+
+    /// Sets the mode.
+    pub fn mode(mut self, mode: Mode) -> NetworkPolicyBuilder {
+        self.policy.mode = mode;
+        self
+    }
+
+    /// Allows one Unix socket, by absolute (already canonical) path.
+    pub fn allow_unix_socket(
+        mut self,
+        path: impl Into<PathBuf>,
+    ) -> Result<NetworkPolicyBuilder, PolicyError> {
+        let path = path.into();
+        if !path.is_absolute() {
+            return Err(PolicyError::RelativeSocket(path.display().to_string()));
+        }
+        self.policy.unix_sockets.insert(path);
+        Ok(self)
+    }
+
+    /// Allows every Unix socket.
+    pub fn dangerously_allow_all_unix_sockets(mut self, allow: bool) -> NetworkPolicyBuilder {
+        self.policy.allow_all_unix_sockets = allow;
+        self
+    }
+
+    /// The policy.
+    pub fn build(self) -> NetworkPolicy {
+        self.policy
+    }
+}
+
+fn parse_in(list: List, pattern: &str) -> Result<Pattern, PolicyError> {
+    Pattern::parse(pattern).map_err(|error| PolicyError::Pattern {
+        list,
+        pattern: pattern.to_owned(),
+        error,
+    })
+}
+
+/// The live policy: cheap to clone, swapped atomically, read per request.
+#[derive(Debug, Clone)]
+pub struct PolicyHandle {
+    current: Arc<ArcSwap<NetworkPolicy>>,
+}
+
+impl PolicyHandle {
+    /// A handle holding `policy`.
+    pub fn new(policy: NetworkPolicy) -> PolicyHandle {
+        PolicyHandle {
+            current: Arc::new(ArcSwap::from_pointee(policy)),
+        }
+    }
+
+    /// The current snapshot.
+    pub fn load(&self) -> Arc<NetworkPolicy> {
+        self.current.load_full()
+    }
+
+    /// Replaces the policy; the next request sees the new one.
+    pub fn store(&self, policy: NetworkPolicy) {
+        self.current.store(Arc::new(policy));
+    }
+}
+
+impl Default for PolicyHandle {
+    fn default() -> PolicyHandle {
+        PolicyHandle::new(NetworkPolicy::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(authority: &str) -> Target {
+        Target::parse_authority(authority, None).unwrap()
+    }
+
+    fn policy(allow: &[&str], deny: &[&str]) -> NetworkPolicyBuilder {
+        let mut builder = NetworkPolicy::builder();
+        for a in allow {
+            builder = builder.allow(a).unwrap();
+        }
+        for d in deny {
+            builder = builder.deny(d).unwrap();
+        }
+        builder
+    }
+
+    fn reason(decision: Decision) -> Option<Reason> {
+        match decision {
+            Decision::Deny { reason, .. } => Some(reason),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn decision_order() {
+        let p = policy(
+            &["*", "127.0.0.1:3000", "10.0.0.0/8", "localhost"],
+            &["evil.com", "*.evil.org", "8.8.8.8"],
+        )
+        .build();
+        assert_eq!(
+            reason(p.decide(&target("evil.com:443"))),
+            Some(Reason::Denied)
+        );
+        assert_eq!(
+            reason(p.decide(&target("a.evil.org:443"))),
+            Some(Reason::Denied)
+        );
+        assert_eq!(
+            p.decide(&target("evil.org:443")),
+            Decision::Allow {
+                rule: "allowed_domains: *".into()
+            }
+        );
+        assert_eq!(
+            reason(p.decide(&target("8.8.8.8:53"))),
+            Some(Reason::Denied)
+        );
+        assert!(matches!(
+            p.decide(&target("1.1.1.1:53")),
+            Decision::Allow { .. }
+        ));
+        // A wildcard never unlocks a local address; an exact IP, IP:port or CIDR does.
+        assert_eq!(
+            reason(p.decide(&target("127.0.0.1:80"))),
+            Some(Reason::NotAllowedLocal)
+        );
+        assert_eq!(
+            reason(p.decide(&target("169.254.169.254:80"))),
+            Some(Reason::NotAllowedLocal)
+        );
+        assert_eq!(
+            reason(p.decide(&target("0x7f.1:80"))),
+            Some(Reason::NotAllowedLocal)
+        );
+        assert!(matches!(
+            p.decide(&target("127.0.0.1:3000")),
+            Decision::Allow { .. }
+        ));
+        assert!(matches!(
+            p.decide(&target("10.1.2.3:22")),
+            Decision::Allow { .. }
+        ));
+        assert_eq!(
+            reason(p.decide(&target("[::ffff:192.168.0.1]:80"))),
+            Some(Reason::NotAllowedLocal)
+        );
+        assert!(matches!(
+            p.decide(&target("localhost:80")),
+            Decision::Allow { .. }
+        ));
+        assert_eq!(
+            reason(p.decide(&target("foo.localhost:80"))),
+            Some(Reason::NotAllowedLocal)
+        );
+    }
+
+    #[test]
+    fn misses_and_local_binding() {
+        let p = policy(&["example.com"], &[]).build();
+        assert_eq!(p.decide(&target("other.com:80")), Decision::Miss);
+        assert_eq!(
+            reason(p.decide(&target("127.0.0.1:80"))),
+            Some(Reason::NotAllowedLocal)
+        );
+        let p = policy(&["example.com"], &[])
+            .allow_local_binding(true)
+            .build();
+        assert_eq!(p.decide(&target("127.0.0.1:80")), Decision::Miss);
+        let p = policy(&["*"], &[]).allow_local_binding(true).build();
+        assert!(matches!(
+            p.decide(&target("127.0.0.1:80")),
+            Decision::Allow { .. }
+        ));
+    }
+
+    #[test]
+    fn resolved_addresses() {
+        let p = policy(
+            &["example.com", "localhost", "10.1.0.0/16"],
+            &["9.9.9.0/24"],
+        )
+        .build();
+        let name = Host::Name("example.com".into());
+        assert!(p
+            .check_resolved(&name, "93.184.216.34".parse().unwrap(), 443)
+            .is_ok());
+        assert!(matches!(
+            p.check_resolved(&name, "9.9.9.9".parse().unwrap(), 443),
+            Err(Decision::Deny {
+                reason: Reason::Denied,
+                ..
+            })
+        ));
+        assert!(matches!(
+            p.check_resolved(&name, "127.0.0.1".parse().unwrap(), 443),
+            Err(Decision::Deny {
+                reason: Reason::NotAllowedLocal,
+                ..
+            })
+        ));
+        assert!(p
+            .check_resolved(&name, "10.1.2.3".parse().unwrap(), 443)
+            .is_ok());
+        let localhost = Host::Name("localhost".into());
+        assert!(p
+            .check_resolved(&localhost, "127.0.0.1".parse().unwrap(), 80)
+            .is_ok());
+        assert!(p
+            .check_resolved(&localhost, "192.168.0.1".parse().unwrap(), 80)
+            .is_err());
+    }
+
+    #[test]
+    fn wildcard_deny_refused_and_errors_name_the_key() {
+        assert_eq!(
+            NetworkPolicy::builder().deny("*").unwrap_err(),
+            PolicyError::WildcardDeny
+        );
+        let error = NetworkPolicy::builder().allow("a.*.com").unwrap_err();
+        assert!(error.to_string().contains("allowed_domains"), "{error}");
+    }
+
+    #[test]
+    fn unix_sockets() {
+        let p = NetworkPolicy::builder()
+            .allow_unix_socket("/tmp/a.sock")
+            .unwrap()
+            .build();
+        assert!(matches!(
+            p.decide(&Target::Unix("/tmp/a.sock".into())),
+            Decision::Allow { .. }
+        ));
+        assert!(matches!(
+            p.decide(&Target::Unix("/tmp/b.sock".into())),
+            Decision::Deny { .. }
+        ));
+        assert!(NetworkPolicy::builder()
+            .allow_unix_socket("rel.sock")
+            .is_err());
+        let p = NetworkPolicy::builder()
+            .dangerously_allow_all_unix_sockets(true)
+            .build();
+        assert!(matches!(
+            p.decide(&Target::Unix("/x".into())),
+            Decision::Allow { .. }
+        ));
+    }
+
+    #[test]
+    fn handle_swaps_live() {
+        let handle = PolicyHandle::new(policy(&[], &[]).build());
+        assert_eq!(
+            handle.load().decide(&target("example.com:80")),
+            Decision::Miss
+        );
+        handle.store(policy(&["example.com"], &[]).build());
+        assert!(matches!(
+            handle.load().decide(&target("example.com:80")),
+            Decision::Allow { .. }
+        ));
+    }
+}

@@ -1,0 +1,277 @@
+//! Decides every request against the live domain/IP policy.
+//!
+//! Reads a snapshot of the [`PolicyHandle`] per request (so a reload or an
+//! approval applies to the next request) and refuses with [`Blocked`]:
+//! `denied` (denylist), `not_allowed_local` (local/private address), or
+//! `not_allowed` (allowlist miss). With an approver configured
+//! ([`PolicyLayer::ask_on_miss`]), an allowlist miss is not refused here:
+//! the request is marked [`AwaitingApproval`] and passed on, and the
+//! [`ApprovalWait`](crate::ApprovalWait) layer below resolves it. Denials and
+//! local-address refusals are final and never reach an approver. A request
+//! without a [`Target`](crate::Target) is a [`BadRequest`](crate::BadRequest)
+//! (fail closed).
+//!
+//! On HTTP a refusal is a 403 with `x-proxy-error: blocked-by-allowlist` or
+//! `blocked-by-denylist` and a JSON body; on SOCKS5 it is reply 0x02.
+//!
+//! # Example
+//!
+//! ```
+//! use http::{Method, Request, Response};
+//! use portcullis_middleware::{find_blocked, NetworkPolicy, PolicyHandle, PolicyLayer, Protocol, Reason, Target};
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), portcullis_middleware::BoxError> {
+//! let policy = PolicyHandle::new(NetworkPolicy::builder().allow("*.example.com")?.build());
+//! let service = ServiceBuilder::new()
+//!     .layer(PolicyLayer::new(policy))
+//!     .service(service_fn(|_: Request<()>| async { Ok::<_, portcullis_middleware::BoxError>(Response::new(())) }));
+//!
+//! let mut request = Request::connect("evil.test:443").body(())?;
+//! request.extensions_mut().insert(Target::parse_authority("evil.test:443", None)?);
+//! request.extensions_mut().insert(Protocol::HttpsConnect);
+//! let error = service.oneshot(request).await.unwrap_err();
+//! assert_eq!(find_blocked(error.as_ref()).map(|b| b.reason), Some(Reason::NotAllowed));
+//! # Ok(())
+//! # }
+//! ```
+
+use std::task::{Context, Poll};
+
+use http::Request;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::approval::AwaitingApproval;
+use crate::error::{BlockDecision, Blocked, BoxError, Source};
+use crate::future::ResponseFuture;
+use crate::policy::{Decision, PolicyHandle};
+use crate::request::RequestInfo;
+use crate::Reason;
+
+/// Configures [`PolicyService`].
+#[derive(Debug, Clone)]
+pub struct PolicyLayer {
+    policy: PolicyHandle,
+    ask_on_miss: bool,
+}
+
+impl PolicyLayer {
+    /// Enforces `policy`; allowlist misses are refused.
+    pub fn new(policy: PolicyHandle) -> PolicyLayer {
+        PolicyLayer {
+            policy,
+            ask_on_miss: false,
+        }
+    }
+
+    /// Whether an allowlist miss becomes *ask* (set when an approver is
+    /// configured below this layer).
+    pub fn ask_on_miss(mut self, ask: bool) -> PolicyLayer {
+        self.ask_on_miss = ask;
+        self
+    }
+}
+
+impl<S> Layer<S> for PolicyLayer {
+    type Service = PolicyService<S>;
+
+    fn layer(&self, inner: S) -> PolicyService<S> {
+        PolicyService {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// Enforces the domain/IP policy; see the [module docs](self).
+#[derive(Debug, Clone)]
+pub struct PolicyService<S> {
+    inner: S,
+    layer: PolicyLayer,
+}
+
+impl<S> PolicyService<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S, policy: PolicyHandle) -> PolicyService<S> {
+        PolicyLayer::new(policy).layer(inner)
+    }
+
+    /// A layer.
+    pub fn layer(policy: PolicyHandle) -> PolicyLayer {
+        PolicyLayer::new(policy)
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, B> Service<Request<B>> for PolicyService<S>
+where
+    S: Service<Request<B>>,
+    S::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        let info = match RequestInfo::from_request(&request) {
+            Ok(info) => info,
+            Err(bad) => return ResponseFuture::refused(bad),
+        };
+        let blocked = |reason| {
+            Blocked::new(
+                reason,
+                Source::Policy,
+                info.target.clone(),
+                info.protocol,
+                &info.method,
+            )
+        };
+        match self.layer.policy.load().decide(&info.target) {
+            Decision::Allow { .. } => ResponseFuture::inner(self.inner.call(request)),
+            Decision::Deny { reason, rule } => {
+                ResponseFuture::refused(blocked(reason).with_rule(Some(rule)))
+            }
+            Decision::Miss if self.layer.ask_on_miss && info.target.host_ref().is_some() => {
+                request.extensions_mut().insert(AwaitingApproval);
+                ResponseFuture::inner(self.inner.call(request))
+            }
+            Decision::Miss => ResponseFuture::refused(
+                blocked(Reason::NotAllowed).with_decision(BlockDecision::Deny),
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{find_blocked, NetworkPolicy, Protocol, Target};
+    use http::Response;
+    use tower_test::mock;
+
+    fn request(authority: &str) -> Request<&'static str> {
+        let mut request = Request::connect(authority).body("body").unwrap();
+        request
+            .extensions_mut()
+            .insert(Target::parse_authority(authority, None).unwrap());
+        request.extensions_mut().insert(Protocol::HttpsConnect);
+        request
+    }
+
+    fn handle() -> PolicyHandle {
+        PolicyHandle::new(
+            NetworkPolicy::builder()
+                .allow("*.example.com")
+                .unwrap()
+                .deny("bad.example.com")
+                .unwrap()
+                .build(),
+        )
+    }
+
+    #[tokio::test]
+    async fn allowed_reaches_inner_unchanged() {
+        let (mut service, mut mock) =
+            mock::spawn_layer::<Request<&str>, Response<()>, _>(PolicyLayer::new(handle()));
+        mock.allow(1);
+        assert!(service.poll_ready().is_ready());
+        let response = service.call(request("api.example.com:443"));
+        let (seen, send) = mock.next_request().await.unwrap();
+        assert_eq!(seen.uri(), "api.example.com:443");
+        assert_eq!(*seen.body(), "body");
+        assert!(seen.extensions().get::<AwaitingApproval>().is_none());
+        send.send_response(Response::new(()));
+        response.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn refusals_never_reach_inner() {
+        let (mut service, mut mock) =
+            mock::spawn_layer::<Request<&str>, Response<()>, _>(PolicyLayer::new(handle()));
+        for (authority, reason) in [
+            ("bad.example.com:443", Reason::Denied),
+            ("other.test:443", Reason::NotAllowed),
+            ("127.0.0.1:443", Reason::NotAllowedLocal),
+        ] {
+            mock.allow(1);
+            assert!(service.poll_ready().is_ready());
+            let error = service.call(request(authority)).await.unwrap_err();
+            let blocked = find_blocked(error.as_ref()).expect("a Blocked");
+            assert_eq!(blocked.reason, reason, "{authority}");
+            assert_eq!(blocked.source, Source::Policy);
+        }
+        let mut no_target = Request::new("x");
+        no_target.extensions_mut().insert(Protocol::Http);
+        mock.allow(1);
+        assert!(service.poll_ready().is_ready());
+        let error = service.call(no_target).await.unwrap_err();
+        assert!(error.downcast_ref::<crate::BadRequest>().is_some());
+        assert!(
+            !matches!(mock.poll_request(), std::task::Poll::Ready(Some(_))),
+            "no refused request reached inner"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_miss_with_an_approver_is_marked_and_passed_on() {
+        let layer = PolicyLayer::new(handle()).ask_on_miss(true);
+        let (mut service, mut mock) = mock::spawn_layer::<Request<&str>, Response<()>, _>(layer);
+        mock.allow(2);
+        assert!(service.poll_ready().is_ready());
+        let _pending = service.call(request("other.test:443"));
+        let (seen, _send) = mock.next_request().await.unwrap();
+        assert!(seen.extensions().get::<AwaitingApproval>().is_some());
+        // Denials stay final even with an approver.
+        assert!(service.poll_ready().is_ready());
+        let error = service
+            .call(request("bad.example.com:443"))
+            .await
+            .unwrap_err();
+        assert_eq!(find_blocked(error.as_ref()).unwrap().reason, Reason::Denied);
+    }
+
+    #[tokio::test]
+    async fn reads_the_policy_live() {
+        let policy = handle();
+        let (mut service, mut mock) =
+            mock::spawn_layer::<Request<&str>, Response<()>, _>(PolicyLayer::new(policy.clone()));
+        mock.allow(1);
+        assert!(service.poll_ready().is_ready());
+        assert!(service.call(request("new.test:443")).await.is_err());
+        policy.store(NetworkPolicy::builder().allow("new.test").unwrap().build());
+        assert!(service.poll_ready().is_ready());
+        let response = service.call(request("new.test:443"));
+        let (_, send) = mock.next_request().await.unwrap();
+        send.send_response(Response::new(()));
+        response.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn backpressure_and_inner_errors_pass_through() {
+        let (mut service, mut mock) =
+            mock::spawn_layer::<Request<&str>, Response<()>, _>(PolicyLayer::new(handle()));
+        mock.allow(0);
+        assert!(service.poll_ready().is_pending());
+        mock.allow(1);
+        assert!(service.poll_ready().is_ready());
+        let response = service.call(request("a.example.com:443"));
+        let (_, send) = mock.next_request().await.unwrap();
+        send.send_error("dial failed");
+        assert_eq!(response.await.unwrap_err().to_string(), "dial failed");
+    }
+}

@@ -1,0 +1,306 @@
+//! Removes hop-by-hop and proxy control headers, in both directions.
+//!
+//! Refuses nothing. On the way in it removes `Connection` and every header
+//! it names, `Keep-Alive`, `Proxy-Connection`, `Proxy-Authorization`,
+//! `Proxy-Authenticate`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade` (kept,
+//! with `Connection: upgrade`, when the request is an upgrade and upgrades are
+//! proxied), and the proxy's own control headers (`x-unix-socket`). The
+//! destination those headers carried is already in the request's
+//! extensions. On the way out it removes the same hop-by-hop set from the
+//! response, keeping `Upgrade` on a `101 Switching Protocols`.
+//!
+//! # Example
+//!
+//! ```
+//! use http::{Request, Response};
+//! use portcullis_middleware::StripHeadersLayer;
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), portcullis_middleware::BoxError> {
+//! let service = ServiceBuilder::new()
+//!     .layer(StripHeadersLayer::new())
+//!     .service(service_fn(|request: Request<()>| async move {
+//!         assert!(request.headers().get("proxy-authorization").is_none());
+//!         Ok::<_, portcullis_middleware::BoxError>(Response::new(()))
+//!     }));
+//! let request = Request::get("http://example.com/")
+//!     .header("proxy-authorization", "Basic c2VjcmV0")
+//!     .body(())?;
+//! service.oneshot(request).await?;
+//! # Ok(())
+//! # }
+//! ```
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
+use pin_project_lite::pin_project;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::error::BoxError;
+
+/// The proxy's own control header naming a Unix socket.
+pub const X_UNIX_SOCKET: HeaderName = HeaderName::from_static("x-unix-socket");
+
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Configures [`StripHeaders`].
+#[derive(Debug, Clone)]
+pub struct StripHeadersLayer {
+    keep_upgrades: bool,
+    control: Vec<HeaderName>,
+}
+
+impl StripHeadersLayer {
+    /// Strips the default set and keeps upgrades.
+    pub fn new() -> StripHeadersLayer {
+        StripHeadersLayer {
+            keep_upgrades: true,
+            control: vec![X_UNIX_SOCKET],
+        }
+    }
+
+    /// Whether `Upgrade` requests keep their `Upgrade` header (default: yes).
+    pub fn keep_upgrades(mut self, keep: bool) -> StripHeadersLayer {
+        self.keep_upgrades = keep;
+        self
+    }
+
+    /// Also removes this request header (a control header of your own).
+    pub fn also_strip(mut self, name: HeaderName) -> StripHeadersLayer {
+        self.control.push(name);
+        self
+    }
+}
+
+impl Default for StripHeadersLayer {
+    fn default() -> StripHeadersLayer {
+        StripHeadersLayer::new()
+    }
+}
+
+impl<S> Layer<S> for StripHeadersLayer {
+    type Service = StripHeaders<S>;
+
+    fn layer(&self, inner: S) -> StripHeaders<S> {
+        StripHeaders {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// Removes hop-by-hop and control headers; see the [module docs](self).
+#[derive(Debug, Clone)]
+pub struct StripHeaders<S> {
+    inner: S,
+    layer: StripHeadersLayer,
+}
+
+impl<S> StripHeaders<S> {
+    /// Wraps `inner` with the default configuration.
+    pub fn new(inner: S) -> StripHeaders<S> {
+        StripHeadersLayer::new().layer(inner)
+    }
+
+    /// A layer with the default configuration.
+    pub fn layer() -> StripHeadersLayer {
+        StripHeadersLayer::new()
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, B, RB> Service<Request<B>> for StripHeaders<S>
+where
+    S: Service<Request<B>, Response = Response<RB>>,
+    S::Error: Into<BoxError>,
+{
+    type Response = Response<RB>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        let upgrade = self.layer.keep_upgrades && is_upgrade(request.headers());
+        strip_hop_by_hop(request.headers_mut(), upgrade);
+        for name in &self.layer.control {
+            request.headers_mut().remove(name);
+        }
+        ResponseFuture {
+            future: self.inner.call(request),
+        }
+    }
+}
+
+pin_project! {
+    /// Strips hop-by-hop headers from the inner service's response.
+    #[derive(Debug)]
+    pub struct ResponseFuture<F> {
+        #[pin]
+        future: F,
+    }
+}
+
+impl<F, RB, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<RB>, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<Response<RB>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.project().future.poll(cx).map(|result| match result {
+            Ok(mut response) => {
+                let upgrade = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+                strip_hop_by_hop(response.headers_mut(), upgrade);
+                Ok(response)
+            }
+            Err(error) => Err(error.into()),
+        })
+    }
+}
+
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .filter(|token| !token.is_empty())
+}
+
+/// Whether a request asks for a protocol upgrade (`Connection: upgrade` and
+/// an `Upgrade` header).
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
+}
+
+/// Removes hop-by-hop headers; with `keep_upgrade`, leaves `Upgrade` and
+/// sets `Connection: upgrade`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let listed: Vec<HeaderName> = connection_tokens(headers)
+        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+        .filter(|name| !(keep_upgrade && name == header::UPGRADE))
+        .collect();
+    for name in listed.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    if keep_upgrade && headers.contains_key(header::UPGRADE) {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower_test::mock;
+
+    fn request(headers: &[(&str, &str)]) -> Request<()> {
+        let mut builder = Request::get("http://example.com/");
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn removes_exactly_the_hop_by_hop_set() {
+        let (mut service, mut handle) =
+            mock::spawn_layer::<Request<()>, Response<()>, _>(StripHeadersLayer::new());
+        handle.allow(1);
+        assert!(service.poll_ready().is_ready());
+        let response = service.call(request(&[
+            ("connection", "keep-alive, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("proxy-authorization", "Basic Zm9vOmJhcg=="),
+            ("te", "trailers"),
+            ("trailer", "x"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("x-unix-socket", "/tmp/s"),
+            ("accept", "*/*"),
+            ("user-agent", "t"),
+        ]));
+        let (seen, send) = handle.next_request().await.unwrap();
+        let mut names: Vec<&str> = seen.headers().keys().map(|n| n.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["accept", "user-agent"]);
+        let upstream = Response::builder()
+            .header("connection", "close, x-hop")
+            .header("x-hop", "1")
+            .header("keep-alive", "1")
+            .header("content-type", "text/plain")
+            .body(())
+            .unwrap();
+        send.send_response(upstream);
+        let response = response.await.unwrap();
+        let names: Vec<&str> = response.headers().keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["content-type"]);
+    }
+
+    #[tokio::test]
+    async fn keeps_a_proxied_upgrade() {
+        let (mut service, mut handle) =
+            mock::spawn_layer::<Request<()>, Response<()>, _>(StripHeadersLayer::new());
+        handle.allow(1);
+        assert!(service.poll_ready().is_ready());
+        let _response = service.call(request(&[
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-key", "k"),
+        ]));
+        let expected = request(&[
+            ("connection", "upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-key", "k"),
+        ]);
+        let (seen, _send) = handle.next_request().await.unwrap();
+        assert_eq!(seen.headers(), expected.headers());
+    }
+
+    #[tokio::test]
+    async fn backpressure_and_errors_pass_through() {
+        let (mut service, mut handle) =
+            mock::spawn_layer::<Request<()>, Response<()>, _>(StripHeadersLayer::new());
+        handle.allow(0);
+        assert!(service.poll_ready().is_pending());
+        handle.allow(1);
+        assert!(service.poll_ready().is_ready());
+        let response = service.call(request(&[]));
+        let (_, send) = handle.next_request().await.unwrap();
+        send.send_error("upstream broke");
+        assert_eq!(response.await.unwrap_err().to_string(), "upstream broke");
+    }
+}

@@ -1,0 +1,527 @@
+//! Records every refusal that passes through it.
+//!
+//! Outermost in the default stack, so it sees the refusals of every layer
+//! below and of the connector's address check. Each [`Blocked`] error is:
+//!
+//! - kept in a bounded in-memory [`ViolationRing`] (default 200 entries,
+//!   newest kept) with a running total;
+//! - emitted as a `tracing` event at target [`VIOLATION_TARGET`] with the
+//!   fixed fields `client.addr`, `dst.host`, `dst.port`, `protocol`,
+//!   `method`, `reason`, `decision`, `source` (network-supplied text is
+//!   escaped);
+//! - handed to each configured [`ViolationSink`], such as
+//!   [`JsonLinesSink`], which appends one JSON object a line to a file.
+//!
+//! It refuses nothing and passes every error on unchanged.
+//!
+//! # Example
+//!
+//! ```
+//! use http::{Request, Response};
+//! use portcullis_middleware::{Blocked, Protocol, Reason, Source, Target, ViolationLogLayer, ViolationRing};
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), portcullis_middleware::BoxError> {
+//! let ring = ViolationRing::new(200);
+//! let service = ServiceBuilder::new()
+//!     .layer(ViolationLogLayer::new(ring.clone()))
+//!     .service(service_fn(|request: Request<()>| async move {
+//!         let target = Target::parse_authority("evil.test:443", None)?;
+//!         Err::<Response<()>, portcullis_middleware::BoxError>(Blocked::new(Reason::Denied, Source::Policy, target, Protocol::HttpsConnect, request.method()).into())
+//!     }));
+//! let _ = service.oneshot(Request::connect("evil.test:443").body(())?).await;
+//! assert_eq!(ring.total(), 1);
+//! assert_eq!(ring.snapshot()[0].blocked.reason, Reason::Denied);
+//! # Ok(())
+//! # }
+//! ```
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::future::Future;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use http::Request;
+use pin_project_lite::pin_project;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::error::{find_blocked, Blocked, BoxError};
+use crate::request::ClientAddr;
+
+/// The tracing target of violation events.
+pub const VIOLATION_TARGET: &str = "portcullis::violation";
+
+/// The default number of violations kept in memory.
+pub const DEFAULT_RING_CAPACITY: usize = 200;
+
+/// One recorded refusal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    /// When, in milliseconds since the Unix epoch.
+    pub unix_ms: u64,
+    /// The client, when known.
+    pub client: Option<SocketAddr>,
+    /// The refusal.
+    pub blocked: Blocked,
+}
+
+impl Violation {
+    /// The JSON object written by [`JsonLinesSink`]: the 403 body's fields
+    /// plus `time_unix_ms` and `client`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut value = self.blocked.to_json();
+        if let Some(object) = value.as_object_mut() {
+            object.insert("time_unix_ms".into(), self.unix_ms.into());
+            object.insert("client".into(), self.client.map(|c| c.to_string()).into());
+        }
+        value
+    }
+}
+
+/// Receives every violation; implemented for closures.
+pub trait ViolationSink: Send + Sync + 'static {
+    /// Records one violation. Must not block for long: it runs on the
+    /// request path.
+    fn record(&self, violation: &Violation);
+}
+
+impl<F> ViolationSink for F
+where
+    F: Fn(&Violation) + Send + Sync + 'static,
+{
+    fn record(&self, violation: &Violation) {
+        self(violation)
+    }
+}
+
+/// Appends each violation as one JSON line to a file.
+#[derive(Debug)]
+pub struct JsonLinesSink {
+    file: Mutex<File>,
+}
+
+impl JsonLinesSink {
+    /// Opens (creating, appending to) `path`.
+    pub fn open(path: &Path) -> std::io::Result<JsonLinesSink> {
+        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        Ok(JsonLinesSink {
+            file: Mutex::new(file),
+        })
+    }
+}
+
+impl ViolationSink for JsonLinesSink {
+    fn record(&self, violation: &Violation) {
+        let mut line = violation.to_json().to_string();
+        line.push('\n');
+        let mut file = self
+            .file
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Err(error) = file.write_all(line.as_bytes()) {
+            tracing::warn!(target: VIOLATION_TARGET, %error, "could not append to the violations file");
+        }
+    }
+}
+
+#[derive(Debug)]
+struct RingInner {
+    capacity: usize,
+    entries: Mutex<VecDeque<Violation>>,
+    total: AtomicU64,
+}
+
+/// The most recent violations, bounded, newest kept; clones share it.
+#[derive(Debug, Clone)]
+pub struct ViolationRing {
+    inner: Arc<RingInner>,
+}
+
+impl ViolationRing {
+    /// A ring keeping at most `capacity` entries.
+    pub fn new(capacity: usize) -> ViolationRing {
+        ViolationRing {
+            inner: Arc::new(RingInner {
+                capacity,
+                entries: Mutex::new(VecDeque::with_capacity(capacity.min(1024))),
+                total: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    fn push(&self, violation: Violation) {
+        self.inner.total.fetch_add(1, Ordering::Relaxed);
+        if self.inner.capacity == 0 {
+            return;
+        }
+        let mut entries = self
+            .inner
+            .entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        while entries.len() >= self.inner.capacity {
+            entries.pop_front();
+        }
+        entries.push_back(violation);
+    }
+
+    /// The kept violations, oldest first.
+    pub fn snapshot(&self) -> Vec<Violation> {
+        let entries = self
+            .inner
+            .entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        entries.iter().cloned().collect()
+    }
+
+    /// How many violations were ever recorded.
+    pub fn total(&self) -> u64 {
+        self.inner.total.load(Ordering::Relaxed)
+    }
+}
+
+impl Default for ViolationRing {
+    fn default() -> ViolationRing {
+        ViolationRing::new(DEFAULT_RING_CAPACITY)
+    }
+}
+
+struct Recorder {
+    ring: ViolationRing,
+    sinks: Vec<Arc<dyn ViolationSink>>,
+}
+
+impl fmt::Debug for Recorder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Recorder")
+            .field("ring", &self.ring)
+            .field("sinks", &self.sinks.len())
+            .finish()
+    }
+}
+
+impl Recorder {
+    fn record(&self, client: Option<SocketAddr>, blocked: &Blocked) {
+        let unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        let violation = Violation {
+            unix_ms,
+            client,
+            blocked: blocked.clone(),
+        };
+        let client_addr = client.map(|c| c.to_string()).unwrap_or_default();
+        let host = blocked.target.host_string().escape_debug().to_string();
+        let port = blocked.target.port().unwrap_or(0);
+        let method = blocked.method.escape_debug().to_string();
+        let message = blocked.message.escape_debug().to_string();
+        tracing::event!(
+            target: VIOLATION_TARGET,
+            tracing::Level::WARN,
+            client.addr = client_addr.as_str(),
+            dst.host = host.as_str(),
+            dst.port = port,
+            protocol = blocked.protocol.as_str(),
+            method = method.as_str(),
+            reason = blocked.reason.as_str(),
+            decision = blocked.decision.as_str(),
+            source = blocked.source.as_str(),
+            "{message}"
+        );
+        for sink in &self.sinks {
+            sink.record(&violation);
+        }
+        self.ring.push(violation);
+    }
+}
+
+/// Configures [`ViolationLog`].
+#[derive(Debug, Clone)]
+pub struct ViolationLogLayer {
+    recorder: Arc<Recorder>,
+}
+
+impl ViolationLogLayer {
+    /// Records into `ring` (and the tracing target).
+    pub fn new(ring: ViolationRing) -> ViolationLogLayer {
+        ViolationLogLayer {
+            recorder: Arc::new(Recorder {
+                ring,
+                sinks: Vec::new(),
+            }),
+        }
+    }
+
+    /// Also hands every violation to `sink`.
+    pub fn with_sink(self, sink: impl ViolationSink) -> ViolationLogLayer {
+        let mut sinks = self.recorder.sinks.clone();
+        sinks.push(Arc::new(sink));
+        ViolationLogLayer {
+            recorder: Arc::new(Recorder {
+                ring: self.recorder.ring.clone(),
+                sinks,
+            }),
+        }
+    }
+
+    /// The ring this layer records into.
+    pub fn ring(&self) -> &ViolationRing {
+        &self.recorder.ring
+    }
+}
+
+impl Default for ViolationLogLayer {
+    fn default() -> ViolationLogLayer {
+        ViolationLogLayer::new(ViolationRing::default())
+    }
+}
+
+impl<S> Layer<S> for ViolationLogLayer {
+    type Service = ViolationLog<S>;
+
+    fn layer(&self, inner: S) -> ViolationLog<S> {
+        ViolationLog {
+            inner,
+            recorder: self.recorder.clone(),
+        }
+    }
+}
+
+/// Records refusals; see the [module docs](self).
+#[derive(Debug, Clone)]
+pub struct ViolationLog<S> {
+    inner: S,
+    recorder: Arc<Recorder>,
+}
+
+impl<S> ViolationLog<S> {
+    /// Wraps `inner`, recording into `ring`.
+    pub fn new(inner: S, ring: ViolationRing) -> ViolationLog<S> {
+        ViolationLogLayer::new(ring).layer(inner)
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, B> Service<Request<B>> for ViolationLog<S>
+where
+    S: Service<Request<B>>,
+    S::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let client = request.extensions().get::<ClientAddr>().map(|c| c.0);
+        ResponseFuture {
+            future: self.inner.call(request),
+            client,
+            recorder: self.recorder.clone(),
+        }
+    }
+}
+
+pin_project! {
+    /// Records a refusal when the inner future fails with one.
+    #[derive(Debug)]
+    pub struct ResponseFuture<F> {
+        #[pin]
+        future: F,
+        client: Option<SocketAddr>,
+        recorder: Arc<Recorder>,
+    }
+}
+
+impl<F, T, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<T, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        this.future.poll(cx).map(|result| {
+            result.map_err(|error| {
+                let error: BoxError = error.into();
+                if let Some(blocked) = find_blocked(error.as_ref()) {
+                    this.recorder.record(*this.client, blocked);
+                }
+                error
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Protocol, Reason, Source, Target};
+    use http::Response;
+    use tower_test::mock;
+
+    fn blocked(host: &str) -> Blocked {
+        let target = Target::parse_authority(host, None).unwrap();
+        Blocked::new(
+            Reason::NotAllowed,
+            Source::Policy,
+            target,
+            Protocol::Http,
+            &http::Method::GET,
+        )
+    }
+
+    #[tokio::test]
+    async fn records_refusals_into_ring_sink_and_passes_them_on() {
+        let ring = ViolationRing::new(2);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink_seen = seen.clone();
+        let layer = ViolationLogLayer::new(ring.clone())
+            .with_sink(move |v: &Violation| sink_seen.lock().unwrap().push(v.clone()));
+        let (mut service, mut mock) = mock::spawn_layer::<Request<()>, Response<()>, _>(layer);
+        for host in ["a.test:80", "b.test:80", "c.test:80"] {
+            mock.allow(1);
+            assert!(service.poll_ready().is_ready());
+            let mut request = Request::new(());
+            request
+                .extensions_mut()
+                .insert(ClientAddr("127.0.0.1:5000".parse().unwrap()));
+            let response = service.call(request);
+            let (_, send) = mock.next_request().await.unwrap();
+            send.send_error(blocked(host));
+            let error = response.await.unwrap_err();
+            assert!(
+                find_blocked(error.as_ref()).is_some(),
+                "passed on unchanged"
+            );
+        }
+        assert_eq!(ring.total(), 3);
+        let kept: Vec<String> = ring
+            .snapshot()
+            .iter()
+            .map(|v| v.blocked.target.to_string())
+            .collect();
+        assert_eq!(kept, ["b.test:80", "c.test:80"], "bounded, newest kept");
+        assert_eq!(seen.lock().unwrap().len(), 3);
+        let json = ring.snapshot()[0].to_json();
+        assert_eq!(json["client"], "127.0.0.1:5000");
+        assert_eq!(json["reason"], "not_allowed");
+    }
+
+    #[tokio::test]
+    async fn other_errors_and_successes_are_not_recorded() {
+        let ring = ViolationRing::default();
+        let (mut service, mut mock) =
+            mock::spawn_layer::<Request<()>, Response<()>, _>(ViolationLogLayer::new(ring.clone()));
+        mock.allow(2);
+        assert!(service.poll_ready().is_ready());
+        let response = service.call(Request::new(()));
+        let (_, send) = mock.next_request().await.unwrap();
+        send.send_error("boom");
+        assert_eq!(response.await.unwrap_err().to_string(), "boom");
+        assert!(service.poll_ready().is_ready());
+        let response = service.call(Request::new(()));
+        let (_, send) = mock.next_request().await.unwrap();
+        send.send_response(Response::new(()));
+        response.await.unwrap();
+        assert_eq!(ring.total(), 0);
+    }
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn emits_the_fixed_fields_escaped() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let recorder = Recorder {
+                ring: ViolationRing::default(),
+                sinks: Vec::new(),
+            };
+            let mut refusal = blocked("evil.test:443");
+            refusal.method = "GE\u{1b}T".to_owned();
+            recorder.record(Some("127.0.0.1:4000".parse().unwrap()), &refusal);
+        });
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        for field in [
+            "portcullis::violation",
+            "client.addr=\"127.0.0.1:4000\"",
+            "dst.host=\"evil.test\"",
+            "dst.port=443",
+            "protocol=\"http\"",
+            "reason=\"not_allowed\"",
+            "decision=\"deny\"",
+            "source=\"policy\"",
+        ] {
+            assert!(text.contains(field), "{field} missing in {text}");
+        }
+        assert!(
+            !text.contains('\u{1b}'),
+            "control bytes from the network are escaped: {text}"
+        );
+    }
+
+    #[test]
+    fn json_lines_sink_appends() {
+        let dir = std::env::temp_dir().join(format!("portcullis-sink-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("violations.jsonl");
+        let _ = std::fs::remove_file(&path);
+        let sink = JsonLinesSink::open(&path).unwrap();
+        let violation = Violation {
+            unix_ms: 1,
+            client: None,
+            blocked: blocked("a.test:80"),
+        };
+        sink.record(&violation);
+        sink.record(&violation);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[1]["host"], "a.test");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
