@@ -1,0 +1,456 @@
+//! The `portcullis` command line: `serve` (default), `run`, `check`.
+//!
+//! Exit codes: 64 for bad usage or configuration (one line on stderr),
+//! 69 when the proxy cannot start; `check` exits 0 allow / 1 deny / 2 ask;
+//! `run` exits with the child's status (128 + N when a signal N ended it).
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::io::{IsTerminal, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use portcullis_middleware::policy::Decision;
+use portcullis_middleware::{
+    JsonLinesSink, Mode, PolicyHandle, Target, ViolationLogLayer, ViolationRing,
+};
+
+use crate::config::{Config, ConfigError};
+use crate::proxy::{Proxy, ProxyBuilder, ProxyHandle};
+use crate::resolve::{StaticResolver, SystemResolver};
+use crate::upstream::UpstreamProxies;
+
+/// EX_USAGE.
+pub const EXIT_USAGE: u8 = 64;
+/// EX_UNAVAILABLE.
+pub const EXIT_UNAVAILABLE: u8 = 69;
+/// How long shutdown waits for open connections and tunnels.
+const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// A local network-policy proxy.
+#[derive(Debug, Parser)]
+#[command(
+    name = "portcullis",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    options: Options,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the proxy (the default) and print the proxy environment.
+    Serve(Options),
+    /// Run a command with its network going through the proxy.
+    Run(RunArgs),
+    /// Print the policy's decision for a URL or host:port.
+    Check(CheckArgs),
+}
+
+/// Options shared by every subcommand; flags win over the config file and
+/// the environment, and list flags add to the configured lists.
+#[derive(Debug, Clone, Default, Args)]
+pub struct Options {
+    /// TOML configuration file.
+    #[arg(long, value_name = "FILE", env = "PORTCULLIS_CONFIG")]
+    config: Option<PathBuf>,
+    /// HTTP listener address (IP:PORT; port 0 for an ephemeral port).
+    #[arg(long, value_name = "ADDR")]
+    http: Option<String>,
+    /// SOCKS5 listener address (IP:PORT).
+    #[arg(long, value_name = "ADDR")]
+    socks: Option<String>,
+    /// Do not serve SOCKS5.
+    #[arg(long)]
+    no_socks: bool,
+    /// Add an allowlist pattern (repeatable).
+    #[arg(long = "allow", value_name = "PATTERN")]
+    allow: Vec<String>,
+    /// Add a denylist pattern (repeatable).
+    #[arg(long = "deny", value_name = "PATTERN")]
+    deny: Vec<String>,
+    /// full, or limited (GET/HEAD/OPTIONS only).
+    #[arg(long, value_enum)]
+    mode: Option<ModeArg>,
+    /// Allow local/private addresses for allowlisted hosts.
+    #[arg(long)]
+    allow_local_binding: bool,
+    /// Answer NAME with IP without DNS (repeatable), like curl's --resolve.
+    #[arg(long = "resolve", value_name = "NAME=IP")]
+    resolve: Vec<String>,
+    /// Append every refusal to FILE as one JSON line.
+    #[arg(long, value_name = "FILE")]
+    violations_log: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ModeArg {
+    Full,
+    Limited,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    #[command(flatten)]
+    options: Options,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<OsString>,
+}
+
+#[derive(Debug, Args)]
+struct CheckArgs {
+    #[command(flatten)]
+    options: Options,
+    /// A URL (http://host/…) or host:port.
+    target: String,
+}
+
+/// A configuration merged from every source, with where it came from.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The configuration.
+    pub config: Config,
+    /// The file (or "defaults") for messages.
+    pub origin: String,
+}
+
+impl Options {
+    /// Loads the configuration and applies the flags.
+    pub fn load(&self) -> Result<Loaded, ConfigError> {
+        let mut config = Config::load(self.config.as_deref())?;
+        let origin = match &self.config {
+            Some(path) => path.display().to_string(),
+            None => "defaults, environment and flags".to_owned(),
+        };
+        let network = &mut config.network;
+        if let Some(http) = &self.http {
+            network.proxy_url = http.clone();
+        }
+        if let Some(socks) = &self.socks {
+            network.socks_url = socks.clone();
+        }
+        if self.no_socks {
+            network.enable_socks5 = false;
+        }
+        network.allowed_domains.extend(self.allow.iter().cloned());
+        network.denied_domains.extend(self.deny.iter().cloned());
+        if let Some(mode) = self.mode {
+            network.mode = match mode {
+                ModeArg::Full => Mode::Full,
+                ModeArg::Limited => Mode::Limited,
+            };
+        }
+        if self.allow_local_binding {
+            network.allow_local_binding = true;
+        }
+        for entry in &self.resolve {
+            let (name, ip) = entry.split_once('=').ok_or_else(|| ConfigError::Invalid {
+                key: "--resolve".into(),
+                origin: "the command line".into(),
+                message: format!("{entry:?} is not NAME=IP"),
+            })?;
+            config
+                .dns
+                .hosts
+                .entry(name.to_owned())
+                .or_default()
+                .push(ip.to_owned());
+        }
+        if let Some(file) = &self.violations_log {
+            config.log.violations_file = Some(file.clone());
+        }
+        Ok(Loaded { config, origin })
+    }
+}
+
+impl Loaded {
+    /// A proxy builder for this configuration (listeners from the config).
+    pub fn builder(&self) -> Result<(ProxyBuilder, ViolationRing), ConfigError> {
+        let config = &self.config;
+        let origin = &self.origin;
+        let policy = config.policy(origin)?;
+        let hosts = config.dns_hosts(origin)?;
+        let resolver = StaticResolver::new(hosts, Arc::new(SystemResolver));
+        let ring = ViolationRing::default();
+        let mut violations = ViolationLogLayer::new(ring.clone());
+        if let Some(file) = &config.log.violations_file {
+            let sink = JsonLinesSink::open(file).map_err(|e| ConfigError::Invalid {
+                key: "log.violations_file".into(),
+                origin: origin.clone(),
+                message: format!("cannot open {}: {e}", file.display()),
+            })?;
+            violations = violations.with_sink(sink);
+        }
+        let socks = if config.network.enable_socks5 {
+            Some(config.socks_addr(origin)?)
+        } else {
+            None
+        };
+        let upstream = config
+            .network
+            .allow_upstream_proxy
+            .then(UpstreamProxies::from_env);
+        let builder = Proxy::builder()
+            .http_addr(config.http_addr(origin)?)
+            .socks_addr(socks)
+            .socks_udp(config.network.enable_socks5_udp)
+            .dangerously_allow_non_loopback(config.network.dangerously_allow_non_loopback_proxy)
+            .force_loopback(config.grants_unix_sockets())
+            .policy(PolicyHandle::new(policy))
+            .resolver(Arc::new(resolver))
+            .resolve_timeout(config.dns_timeout(origin)?)
+            .upstream(upstream)
+            .violations(violations);
+        Ok((builder, ring))
+    }
+}
+
+/// Parses the command line and runs; the binary's whole `main`.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            let code = if error.use_stderr() { EXIT_USAGE } else { 0 };
+            let _ = error.print();
+            return ExitCode::from(code);
+        }
+    };
+    let (command, default_filter) = match cli.command {
+        Some(Command::Run(args)) => (Command::Run(args), "warn"),
+        Some(command) => (command, "info"),
+        None => (Command::Serve(cli.options), "info"),
+    };
+    init_tracing(default_filter);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!(%error, "cannot start the async runtime");
+            return ExitCode::from(EXIT_UNAVAILABLE);
+        }
+    };
+    runtime.block_on(async move {
+        match command {
+            Command::Serve(options) => serve(options).await,
+            Command::Run(args) => run(args).await,
+            Command::Check(args) => check(args),
+        }
+    })
+}
+
+fn init_tracing(default_filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn usage_error(error: &dyn std::fmt::Display) -> ExitCode {
+    let _ = writeln!(std::io::stderr(), "portcullis: {error}");
+    ExitCode::from(EXIT_USAGE)
+}
+
+async fn start(options: &Options, ephemeral: bool) -> Result<ProxyHandle, ExitCode> {
+    let loaded = options.load().map_err(|e| usage_error(&e))?;
+    if !loaded.config.network.enabled {
+        return Err(usage_error(&format!(
+            "the proxy is disabled (network.enabled = false in {})",
+            loaded.origin
+        )));
+    }
+    if loaded.config.network.mitm {
+        tracing::warn!("network.mitm is set, but HTTPS interception is not available in this release: limited-mode CONNECT stays refused (mitm_required)");
+    }
+    let (mut builder, _ring) = loaded.builder().map_err(|e| usage_error(&e))?;
+    if ephemeral {
+        let loopback = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
+        let socks = loaded.config.network.enable_socks5.then_some(loopback);
+        builder = builder.http_addr(loopback).socks_addr(socks);
+    }
+    builder.start().await.map_err(|error| {
+        let _ = writeln!(std::io::stderr(), "portcullis: {error}");
+        ExitCode::from(EXIT_UNAVAILABLE)
+    })
+}
+
+async fn serve(options: Options) -> ExitCode {
+    let proxy = match start(&options, false).await {
+        Ok(proxy) => proxy,
+        Err(code) => return code,
+    };
+    let exports = crate::env::export_lines(&proxy.child_env());
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_all(exports.as_bytes());
+    let _ = stdout.flush();
+    drop(stdout);
+    wait_for_shutdown_signal().await;
+    tracing::info!("shutting down; waiting up to {SHUTDOWN_DEADLINE:?} for open connections");
+    proxy.shutdown(SHUTDOWN_DEADLINE).await;
+    ExitCode::SUCCESS
+}
+
+#[cfg(unix)]
+async fn wait_for_shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut interrupt), Ok(mut terminate)) => {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+async fn run(args: RunArgs) -> ExitCode {
+    let proxy = match start(&args.options, true).await {
+        Ok(proxy) => proxy,
+        Err(code) => return code,
+    };
+    let Some((program, arguments)) = args.command.split_first() else {
+        return usage_error(&"run needs a command after --");
+    };
+    let mut command = tokio::process::Command::new(program);
+    command.args(arguments).envs(proxy.child_env());
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(error) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "portcullis: cannot run {}: {error}",
+                program.to_string_lossy()
+            );
+            proxy.shutdown(Duration::ZERO).await;
+            return ExitCode::from(if error.kind() == std::io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            });
+        }
+    };
+    let status = wait_forwarding_signals(&mut child).await;
+    proxy.shutdown(Duration::from_secs(1)).await;
+    match status {
+        Ok(status) => ExitCode::from(exit_code(status)),
+        Err(error) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "portcullis: waiting for the command failed: {error}"
+            );
+            ExitCode::from(EXIT_UNAVAILABLE)
+        }
+    }
+}
+
+fn exit_code(status: std::process::ExitStatus) -> u8 {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => u8::try_from(code & 0xff).unwrap_or(1),
+        (None, Some(signal)) => u8::try_from((128 + signal) & 0xff).unwrap_or(1),
+        (None, None) => 1,
+    }
+}
+
+/// Waits for the child, passing SIGTERM, SIGHUP and SIGQUIT on (and SIGINT
+/// when not on a terminal, where the terminal already sent it to the child).
+async fn wait_forwarding_signals(
+    child: &mut tokio::process::Child,
+) -> std::io::Result<std::process::ExitStatus> {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    use tokio::signal::unix::{signal, SignalKind};
+    let pid = child
+        .id()
+        .and_then(|id| i32::try_from(id).ok())
+        .map(Pid::from_raw);
+    let forward_interrupt = !std::io::stdin().is_terminal();
+    let (mut term, mut hup, mut quit, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+        signal(SignalKind::quit()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(a), Ok(b), Ok(c), Ok(d)) => (a, b, c, d),
+        _ => return child.wait().await,
+    };
+    loop {
+        let forward = tokio::select! {
+            status = child.wait() => return status,
+            _ = term.recv() => Some(Signal::SIGTERM),
+            _ = hup.recv() => Some(Signal::SIGHUP),
+            _ = quit.recv() => Some(Signal::SIGQUIT),
+            _ = int.recv() => forward_interrupt.then_some(Signal::SIGINT),
+        };
+        if let (Some(signal), Some(pid)) = (forward, pid) {
+            let _ = kill(pid, signal);
+        }
+    }
+}
+
+fn check(args: CheckArgs) -> ExitCode {
+    let loaded = match args.options.load() {
+        Ok(loaded) => loaded,
+        Err(error) => return usage_error(&error),
+    };
+    let policy = match loaded.config.policy(&loaded.origin) {
+        Ok(policy) => policy,
+        Err(error) => return usage_error(&error),
+    };
+    let target = if args.target.contains("://") {
+        args.target
+            .parse::<http::Uri>()
+            .map_err(|e| e.to_string())
+            .and_then(|uri| Target::from_uri(&uri).map_err(|e| e.to_string()))
+    } else {
+        Target::parse_authority(&args.target, None).map_err(|e| e.to_string())
+    };
+    let target = match target {
+        Ok(target) => target,
+        Err(error) => {
+            return usage_error(&format!(
+                "invalid target {:?}: {error} (use a URL or host:port)",
+                args.target
+            ))
+        }
+    };
+    let (line, code) = match policy.decide(&target) {
+        Decision::Allow { rule } => (format!("allow {target}\nrule: {rule}"), 0),
+        Decision::Deny { reason, rule } => (format!("deny {target}\nreason: {reason}\nrule: {rule}"), 1),
+        Decision::Miss => (
+            format!("deny {target}\nreason: not_allowed\nrule: no allowed_domains entry matches (an approver would be asked, if one were configured)"),
+            1,
+        ),
+    };
+    let _ = writeln!(std::io::stdout(), "{line}");
+    ExitCode::from(code)
+}
+
+/// Static answers for `--resolve`-style tables (used by tests and examples).
+pub fn static_hosts(entries: &[(&str, IpAddr)]) -> HashMap<String, Vec<IpAddr>> {
+    let mut hosts: HashMap<String, Vec<IpAddr>> = HashMap::new();
+    for (name, ip) in entries {
+        hosts.entry((*name).to_owned()).or_default().push(*ip);
+    }
+    hosts
+}

@@ -1,0 +1,481 @@
+//! Configuration: figment merges, lowest first, built-in defaults, a TOML
+//! file, `PORTCULLIS_*` environment variables, and command-line flags.
+//!
+//! Environment variables use `__` between table and key:
+//! `PORTCULLIS_NETWORK__MODE=limited`, `PORTCULLIS_DNS__TIMEOUT=2`. Every
+//! other `PORTCULLIS_*` variable (except `PORTCULLIS_CONFIG`, the config
+//! file) is an unknown key and an error. Unknown keys, wrong types and
+//! invalid patterns are errors naming the key and where it came from.
+//!
+//! The `[network]` table uses the codex network proxy's key names, so a
+//! codex configuration can be pasted in.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+use portcullis_middleware::{Mode, NetworkPolicy, Pattern};
+
+/// Everything the binary reads.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `[network]`: listeners and policy (codex key names).
+    pub network: NetworkConfig,
+    /// `[dns]`: name resolution.
+    pub dns: DnsConfig,
+    /// `[log]`: where refusals are written.
+    pub log: LogConfig,
+}
+
+/// `allow` or `deny`, in the map form `domains = { "x" = "allow" }`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DomainAction {
+    /// Add to the allowlist.
+    Allow,
+    /// Add to the denylist.
+    Deny,
+}
+
+/// `[network]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkConfig {
+    /// Whether the proxy runs at all.
+    pub enabled: bool,
+    /// The HTTP listener, `http://127.0.0.1:3128` (port 0: ephemeral).
+    pub proxy_url: String,
+    /// The SOCKS5 listener, `socks5://127.0.0.1:8081`.
+    pub socks_url: String,
+    /// Serve SOCKS5.
+    pub enable_socks5: bool,
+    /// Serve SOCKS5 UDP ASSOCIATE.
+    pub enable_socks5_udp: bool,
+    /// Chain through the proxy's own `HTTP_PROXY`/`HTTPS_PROXY`/`ALL_PROXY`.
+    pub allow_upstream_proxy: bool,
+    /// Allow listeners on non-loopback addresses.
+    pub dangerously_allow_non_loopback_proxy: bool,
+    /// Allow local/private addresses for allowlisted hosts.
+    pub allow_local_binding: bool,
+    /// `full` or `limited`.
+    pub mode: Mode,
+    /// Allowlist patterns.
+    pub allowed_domains: Vec<String>,
+    /// Denylist patterns.
+    pub denied_domains: Vec<String>,
+    /// Map form: pattern → `allow` / `deny`.
+    pub domains: BTreeMap<String, DomainAction>,
+    /// Unix sockets that `x-unix-socket` may name (absolute paths).
+    pub allow_unix_sockets: Vec<String>,
+    /// Same as `allow_unix_sockets` (codex spelling).
+    pub unix_sockets: Vec<String>,
+    /// Allow every Unix socket.
+    pub dangerously_allow_all_unix_sockets: bool,
+    /// HTTPS interception for limited mode (not available in this release:
+    /// limited-mode CONNECT stays refused with `mitm_required`).
+    pub mitm: bool,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> NetworkConfig {
+        NetworkConfig {
+            enabled: true,
+            proxy_url: "http://127.0.0.1:3128".to_owned(),
+            socks_url: "socks5://127.0.0.1:8081".to_owned(),
+            enable_socks5: true,
+            enable_socks5_udp: true,
+            allow_upstream_proxy: true,
+            dangerously_allow_non_loopback_proxy: false,
+            allow_local_binding: false,
+            mode: Mode::Full,
+            allowed_domains: Vec::new(),
+            denied_domains: Vec::new(),
+            domains: BTreeMap::new(),
+            allow_unix_sockets: Vec::new(),
+            unix_sockets: Vec::new(),
+            dangerously_allow_all_unix_sockets: false,
+            mitm: false,
+        }
+    }
+}
+
+/// `[dns]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// Seconds a lookup may take.
+    pub timeout: f64,
+    /// Static answers, like curl's `--resolve`: `{ "name.test" = ["127.0.0.1"] }`.
+    pub hosts: BTreeMap<String, Vec<String>>,
+}
+
+impl Default for DnsConfig {
+    fn default() -> DnsConfig {
+        DnsConfig {
+            timeout: 5.0,
+            hosts: BTreeMap::new(),
+        }
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// Append every refusal to this file as one JSON line.
+    pub violations_file: Option<PathBuf>,
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The named config file does not exist.
+    #[error("config file {0} does not exist")]
+    Missing(PathBuf),
+    /// figment could not read or type-check the sources.
+    #[error("{}", figment_message(.0))]
+    Figment(Box<figment::Error>),
+    /// A value is well-typed but invalid.
+    #[error("invalid {key} (from {origin}): {message}")]
+    Invalid {
+        /// The dotted key, e.g. `network.allowed_domains[2]`.
+        key: String,
+        /// Where the configuration came from.
+        origin: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn figment_message(error: &figment::Error) -> String {
+    let messages: Vec<String> = error.clone().into_iter().map(|e| e.to_string()).collect();
+    messages.join("; ")
+}
+
+/// The figment every source goes through, lowest first.
+pub fn figment(file: Option<&Path>) -> Result<Figment, ConfigError> {
+    let mut figment = Figment::from(Serialized::defaults(Config::default()));
+    if let Some(file) = file {
+        if !file.is_file() {
+            return Err(ConfigError::Missing(file.to_owned()));
+        }
+        figment = figment.merge(Toml::file_exact(file));
+    }
+    Ok(figment.merge(Env::prefixed("PORTCULLIS_").split("__").ignore(&["config"])))
+}
+
+impl Config {
+    /// Loads defaults < `file` < `PORTCULLIS_*` environment.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        figment(file)?
+            .extract()
+            .map_err(|e| ConfigError::Figment(Box::new(e)))
+    }
+
+    /// Parses a TOML string over the defaults (no environment).
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string(text))
+            .extract()
+            .map_err(|e| ConfigError::Figment(Box::new(e)))
+    }
+
+    /// The policy the configuration describes; `origin` names the file for
+    /// error messages.
+    pub fn policy(&self, origin: &str) -> Result<NetworkPolicy, ConfigError> {
+        let network = &self.network;
+        let invalid = |key: String, message: String| ConfigError::Invalid {
+            key,
+            origin: origin.to_owned(),
+            message,
+        };
+        let mut builder = NetworkPolicy::builder()
+            .allow_local_binding(network.allow_local_binding)
+            .mode(network.mode)
+            .dangerously_allow_all_unix_sockets(network.dangerously_allow_all_unix_sockets);
+        let mut allowed: Vec<(String, &str)> = Vec::new();
+        let mut denied: Vec<(String, &str)> = Vec::new();
+        for (index, pattern) in network.allowed_domains.iter().enumerate() {
+            allowed.push((format!("network.allowed_domains[{index}]"), pattern));
+        }
+        for (index, pattern) in network.denied_domains.iter().enumerate() {
+            denied.push((format!("network.denied_domains[{index}]"), pattern));
+        }
+        for (pattern, action) in &network.domains {
+            let key = format!("network.domains.\"{pattern}\"");
+            match action {
+                DomainAction::Allow => allowed.push((key, pattern)),
+                DomainAction::Deny => denied.push((key, pattern)),
+            }
+        }
+        for (key, pattern) in allowed {
+            Pattern::parse(pattern)
+                .map_err(|e| invalid(key.clone(), format!("{pattern:?}: {e}")))?;
+            builder = builder
+                .allow(pattern)
+                .map_err(|e| invalid(key, e.to_string()))?;
+        }
+        for (key, pattern) in denied {
+            Pattern::parse(pattern)
+                .map_err(|e| invalid(key.clone(), format!("{pattern:?}: {e}")))?;
+            builder = builder
+                .deny(pattern)
+                .map_err(|e| invalid(key, e.to_string()))?;
+        }
+        let sockets = network
+            .allow_unix_sockets
+            .iter()
+            .map(|p| ("network.allow_unix_sockets", p))
+            .chain(
+                network
+                    .unix_sockets
+                    .iter()
+                    .map(|p| ("network.unix_sockets", p)),
+            );
+        for (key, path) in sockets {
+            let path = PathBuf::from(path);
+            if !path.is_absolute() {
+                return Err(invalid(
+                    key.to_owned(),
+                    format!("{} is not an absolute path", path.display()),
+                ));
+            }
+            // Compare after resolving symlinks; a socket that does not exist
+            // yet is kept as written.
+            let canonical = std::fs::canonicalize(&path).unwrap_or(path);
+            builder = builder
+                .allow_unix_socket(canonical)
+                .map_err(|e| invalid(key.to_owned(), e.to_string()))?;
+        }
+        Ok(builder.build())
+    }
+
+    /// Whether any Unix socket permission is granted (forces loopback).
+    pub fn grants_unix_sockets(&self) -> bool {
+        let network = &self.network;
+        network.dangerously_allow_all_unix_sockets
+            || !network.allow_unix_sockets.is_empty()
+            || !network.unix_sockets.is_empty()
+    }
+
+    /// The HTTP listener address.
+    pub fn http_addr(&self, origin: &str) -> Result<SocketAddr, ConfigError> {
+        listener_addr(
+            &self.network.proxy_url,
+            &["http"],
+            "network.proxy_url",
+            origin,
+        )
+    }
+
+    /// The SOCKS5 listener address.
+    pub fn socks_addr(&self, origin: &str) -> Result<SocketAddr, ConfigError> {
+        listener_addr(
+            &self.network.socks_url,
+            &["socks5", "socks5h", "http"],
+            "network.socks_url",
+            origin,
+        )
+    }
+
+    /// The static DNS answers.
+    pub fn dns_hosts(&self, origin: &str) -> Result<HashMap<String, Vec<IpAddr>>, ConfigError> {
+        let mut hosts = HashMap::new();
+        for (name, addresses) in &self.dns.hosts {
+            let key = format!("dns.hosts.\"{name}\"");
+            let host =
+                portcullis_middleware::Host::parse(name).map_err(|e| ConfigError::Invalid {
+                    key: key.clone(),
+                    origin: origin.to_owned(),
+                    message: e.to_string(),
+                })?;
+            let mut parsed = Vec::new();
+            for address in addresses {
+                let ip: IpAddr = address.parse().map_err(|_| ConfigError::Invalid {
+                    key: key.clone(),
+                    origin: origin.to_owned(),
+                    message: format!("{address:?} is not an IP address"),
+                })?;
+                parsed.push(ip);
+            }
+            hosts.insert(host.to_string(), parsed);
+        }
+        Ok(hosts)
+    }
+
+    /// The lookup timeout.
+    pub fn dns_timeout(&self, origin: &str) -> Result<Duration, ConfigError> {
+        let seconds = self.dns.timeout;
+        if !(seconds.is_finite() && seconds > 0.0 && seconds <= 300.0) {
+            return Err(ConfigError::Invalid {
+                key: "dns.timeout".into(),
+                origin: origin.to_owned(),
+                message: format!("{seconds} is not a number of seconds between 0 and 300"),
+            });
+        }
+        Ok(Duration::from_secs_f64(seconds))
+    }
+}
+
+/// Parses `scheme://ip:port`, `ip:port` or `localhost:port`.
+fn listener_addr(
+    url: &str,
+    schemes: &[&str],
+    key: &str,
+    origin: &str,
+) -> Result<SocketAddr, ConfigError> {
+    let invalid = |message: String| ConfigError::Invalid {
+        key: key.to_owned(),
+        origin: origin.to_owned(),
+        message,
+    };
+    let rest = match url.split_once("://") {
+        Some((scheme, rest)) if schemes.contains(&scheme) => rest,
+        Some((scheme, _)) => {
+            return Err(invalid(format!(
+                "scheme {scheme:?} is not one of {schemes:?}"
+            )))
+        }
+        None => url,
+    };
+    let rest = rest.trim_end_matches('/');
+    if let Some(port) = rest.strip_prefix("localhost:") {
+        let port: u16 = port
+            .parse()
+            .map_err(|_| invalid(format!("{url:?} has no valid port")))?;
+        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+    }
+    rest.parse().map_err(|_| {
+        invalid(format!(
+            "{url:?} is not IP:PORT (for example http://127.0.0.1:3128)"
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn complete_defaults() {
+        let config = Config::default();
+        let expected = NetworkConfig {
+            enabled: true,
+            proxy_url: "http://127.0.0.1:3128".into(),
+            socks_url: "socks5://127.0.0.1:8081".into(),
+            enable_socks5: true,
+            enable_socks5_udp: true,
+            allow_upstream_proxy: true,
+            dangerously_allow_non_loopback_proxy: false,
+            allow_local_binding: false,
+            mode: Mode::Full,
+            allowed_domains: vec![],
+            denied_domains: vec![],
+            domains: BTreeMap::new(),
+            allow_unix_sockets: vec![],
+            unix_sockets: vec![],
+            dangerously_allow_all_unix_sockets: false,
+            mitm: false,
+        };
+        assert_eq!(config.network, expected);
+        assert_eq!(
+            config.dns,
+            DnsConfig {
+                timeout: 5.0,
+                hosts: BTreeMap::new()
+            }
+        );
+        assert_eq!(
+            config.log,
+            LogConfig {
+                violations_file: None
+            }
+        );
+        assert_eq!(
+            config.http_addr("defaults").unwrap(),
+            "127.0.0.1:3128".parse().unwrap()
+        );
+        assert_eq!(
+            config.socks_addr("defaults").unwrap(),
+            "127.0.0.1:8081".parse().unwrap()
+        );
+        assert_eq!(Config::from_toml("").unwrap(), config);
+    }
+
+    #[test]
+    fn codex_keys_and_map_form() {
+        let config = Config::from_toml(
+            r#"
+            [network]
+            mode = "limited"
+            allowed_domains = ["example.com", "*.github.com"]
+            denied_domains = ["evil.example.com"]
+            domains = { "pypi.org" = "allow", "ads.test" = "deny" }
+            enable_socks5_udp = false
+            [dns]
+            timeout = 1.5
+            hosts = { "svc.test" = ["127.0.0.1"] }
+            "#,
+        )
+        .unwrap();
+        let policy = config.policy("test").unwrap();
+        assert_eq!(policy.mode(), Mode::Limited);
+        assert_eq!(policy.allowed().len(), 3);
+        assert_eq!(policy.denied().len(), 2);
+        assert_eq!(
+            config.dns_timeout("t").unwrap(),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(
+            config.dns_hosts("t").unwrap()["svc.test"],
+            vec![IpAddr::V4(Ipv4Addr::LOCALHOST)]
+        );
+    }
+
+    #[test]
+    fn errors_name_the_key_and_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, "[network]\nallowed_domainz = [\"x\"]\n").unwrap();
+        let error = Config::load(Some(&path)).unwrap_err().to_string();
+        assert!(
+            error.contains("allowed_domainz") && error.contains("bad.toml"),
+            "{error}"
+        );
+        std::fs::write(&path, "[network]\nenable_socks5 = \"yes\"\n").unwrap();
+        let error = Config::load(Some(&path)).unwrap_err().to_string();
+        assert!(
+            error.contains("enable_socks5") && error.contains("bad.toml"),
+            "{error}"
+        );
+        let config =
+            Config::from_toml("[network]\ndenied_domains = [\"ok.test\", \"*\"]\n").unwrap();
+        let error = config.policy("bad.toml").unwrap_err().to_string();
+        assert!(
+            error.contains("network.denied_domains[1]") && error.contains("bad.toml"),
+            "{error}"
+        );
+        let config = Config::from_toml("[network]\nallowed_domains = [\"a.*.com\"]\n").unwrap();
+        assert!(config
+            .policy("f")
+            .unwrap_err()
+            .to_string()
+            .contains("network.allowed_domains[0]"));
+        let missing = Config::load(Some(Path::new("/nonexistent/portcullis.toml"))).unwrap_err();
+        assert!(missing.to_string().contains("does not exist"));
+        let config =
+            Config::from_toml("[network]\nproxy_url = \"http://example.com:80\"\n").unwrap();
+        assert!(config
+            .http_addr("f")
+            .unwrap_err()
+            .to_string()
+            .contains("network.proxy_url"));
+    }
+}

@@ -1,0 +1,89 @@
+//! The environment a child process gets to use the proxy.
+//!
+//! The list follows the codex network proxy: the usual `*_PROXY` variables
+//! in both cases, and the variables npm, yarn, pip, cargo and docker read.
+//! `ALL_PROXY` is the `socks5h://` URL when SOCKS5 is on (names are resolved
+//! by the proxy, never by the child) and the HTTP URL otherwise.
+//!
+//! One departure from codex: `NO_PROXY` is set to the empty string, not to
+//! the loopback names, so that a child cannot reach local services around
+//! the policy and an inherited `NO_PROXY` cannot open a bypass.
+
+use std::net::SocketAddr;
+
+/// The variables, in a stable order.
+pub fn proxy_env(http: SocketAddr, socks: Option<SocketAddr>) -> Vec<(String, String)> {
+    let http_url = format!("http://{http}");
+    let all_url = match socks {
+        Some(socks) => format!("socks5h://{socks}"),
+        None => http_url.clone(),
+    };
+    let mut env = Vec::new();
+    let mut set = |name: &str, value: &str| env.push((name.to_owned(), value.to_owned()));
+    for name in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+        set(name, &http_url);
+    }
+    set("ALL_PROXY", &all_url);
+    set("all_proxy", &all_url);
+    set("NO_PROXY", "");
+    set("no_proxy", "");
+    for name in [
+        "npm_config_proxy",
+        "npm_config_https_proxy",
+        "NPM_CONFIG_PROXY",
+        "NPM_CONFIG_HTTPS_PROXY",
+        "YARN_HTTP_PROXY",
+        "YARN_HTTPS_PROXY",
+        "PIP_PROXY",
+        "CARGO_HTTP_PROXY",
+        "BUNDLE_HTTP_PROXY",
+        "BUNDLE_HTTPS_PROXY",
+        "DOCKER_HTTP_PROXY",
+        "DOCKER_HTTPS_PROXY",
+    ] {
+        set(name, &http_url);
+    }
+    env
+}
+
+/// The variables as `export NAME='VALUE'` lines for a POSIX shell.
+pub fn export_lines(env: &[(String, String)]) -> String {
+    let mut out = String::new();
+    for (name, value) in env {
+        out.push_str(&format!(
+            "export {name}='{}'\n",
+            value.replace('\'', "'\\''")
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socks_on_and_off() {
+        let http: SocketAddr = "127.0.0.1:3128".parse().unwrap();
+        let socks: SocketAddr = "127.0.0.1:8081".parse().unwrap();
+        let get = |env: &[(String, String)], name: &str| {
+            env.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone())
+        };
+        let with = proxy_env(http, Some(socks));
+        assert_eq!(
+            get(&with, "ALL_PROXY").as_deref(),
+            Some("socks5h://127.0.0.1:8081")
+        );
+        assert_eq!(
+            get(&with, "https_proxy").as_deref(),
+            Some("http://127.0.0.1:3128")
+        );
+        assert_eq!(get(&with, "NO_PROXY").as_deref(), Some(""));
+        let without = proxy_env(http, None);
+        assert_eq!(
+            get(&without, "all_proxy").as_deref(),
+            Some("http://127.0.0.1:3128")
+        );
+        assert!(export_lines(&without).starts_with("export HTTP_PROXY='http://127.0.0.1:3128'\n"));
+    }
+}

@@ -1,0 +1,249 @@
+//! The HTTP/1 listener: absolute-form requests, `CONNECT`, and
+//! `x-unix-socket` requests, each parsed once into the request model and
+//! sent through the one stack.
+//!
+//! | request | target | protocol |
+//! | --- | --- | --- |
+//! | `GET http://host:port/path` | the URI authority (a disagreeing `Host` is a 400) | `http` |
+//! | `CONNECT host:port` (port 443 when absent) | the authority | `https_connect` |
+//! | any method with `x-unix-socket: /abs/path` | the socket path | `unix_socket` |
+//! | origin-form (`GET /path`) without `x-unix-socket` | — | 400: not a reverse proxy |
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::{header, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+
+use portcullis_middleware::strip_headers::{is_upgrade, X_UNIX_SOCKET};
+use portcullis_middleware::target::default_port_for_scheme;
+use portcullis_middleware::{ClientAddr, Protocol, Target};
+
+use crate::body::{self, Body};
+use crate::connector::UpstreamConnection;
+use crate::proxy::{DrainGuard, ProxyService, ShutdownSignal};
+use crate::rescue;
+
+/// How long a client may take to send a request head.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Accepts connections until shutdown, serving each on its own task.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    stack: ProxyService,
+    mut shutdown: ShutdownSignal,
+    drain: DrainGuard,
+) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = shutdown.wait() => break,
+        };
+        let (stream, client) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::warn!(%error, "accept failed on the HTTP listener");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let stack = stack.clone();
+        let drain = drain.clone();
+        let mut shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let service_drain = drain.clone();
+            let service = hyper::service::service_fn(move |request| {
+                handle(request, client, stack.clone(), service_drain.clone())
+            });
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::pin!(connection);
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(error) = result {
+                        tracing::debug!(%error, %client, "HTTP connection ended with an error");
+                    }
+                }
+                () = shutdown.wait() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+            drop(drain);
+        });
+    }
+}
+
+/// Handles one request; never fails (errors become responses).
+async fn handle(
+    request: Request<Incoming>,
+    client: SocketAddr,
+    stack: ProxyService,
+    drain: DrainGuard,
+) -> Result<Response<Body>, Infallible> {
+    Ok(match route(request, client, stack, drain).await {
+        Ok(response) => response,
+        Err(response) => response,
+    })
+}
+
+async fn route(
+    mut request: Request<Incoming>,
+    client: SocketAddr,
+    stack: ProxyService,
+    drain: DrainGuard,
+) -> Result<Response<Body>, Response<Body>> {
+    if request.method() == Method::CONNECT {
+        let target = connect_target(&request).map_err(|m| rescue::bad_request(&m))?;
+        let on_upgrade = hyper::upgrade::on(&mut request);
+        let (parts, _) = request.into_parts();
+        let mut request = Request::from_parts(parts, body::empty());
+        insert_model(&mut request, target, Protocol::HttpsConnect, client);
+        let mut response = call(stack, request).await?;
+        let Some(upstream) = response
+            .extensions_mut()
+            .remove::<UpstreamConnection>()
+            .and_then(|u| u.take())
+        else {
+            return Ok(response);
+        };
+        tokio::spawn(async move {
+            match on_upgrade.await {
+                Ok(upgraded) => splice(TokioIo::new(upgraded), upstream).await,
+                Err(error) => tracing::debug!(%error, "CONNECT upgrade failed"),
+            }
+            drop(drain);
+        });
+        return Ok(Response::new(body::empty()));
+    }
+
+    let (target, protocol) = if let Some(value) = request.headers().get(X_UNIX_SOCKET) {
+        let path = value
+            .to_str()
+            .map_err(|_| rescue::bad_request("the x-unix-socket header is not valid UTF-8"))?;
+        (unix_target(path).await, Protocol::UnixSocket)
+    } else {
+        (
+            absolute_form_target(&request).map_err(|m| rescue::bad_request(&m))?,
+            Protocol::Http,
+        )
+    };
+
+    let client_upgrade = is_upgrade(request.headers()).then(|| hyper::upgrade::on(&mut request));
+    let (parts, incoming) = request.into_parts();
+    let mut request = Request::from_parts(parts, body::boxed(incoming));
+    insert_model(&mut request, target, protocol, client);
+    let mut response = call(stack, request).await?;
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_upgrade) = client_upgrade {
+            let upstream_upgrade = hyper::upgrade::on(&mut response);
+            tokio::spawn(async move {
+                match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                    Ok((client_io, upstream_io)) => {
+                        let mut client_io = TokioIo::new(client_io);
+                        let mut upstream_io = TokioIo::new(upstream_io);
+                        let _ =
+                            tokio::io::copy_bidirectional(&mut client_io, &mut upstream_io).await;
+                    }
+                    Err(error) => tracing::debug!(%error, "upgrade failed"),
+                }
+                drop(drain);
+            });
+        }
+    }
+    Ok(response)
+}
+
+async fn call(
+    stack: ProxyService,
+    request: Request<Body>,
+) -> Result<Response<Body>, Response<Body>> {
+    match crate::proxy::call_stack(stack, request).await {
+        Ok(response) => Ok(response),
+        Err(error) => Err(rescue::http_response(&error)),
+    }
+}
+
+async fn splice<T>(mut client: T, mut upstream: tokio::net::TcpStream)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(%error, "tunnel closed with an error");
+    }
+}
+
+fn insert_model<B>(
+    request: &mut Request<B>,
+    target: Target,
+    protocol: Protocol,
+    client: SocketAddr,
+) {
+    let extensions = request.extensions_mut();
+    extensions.insert(target);
+    extensions.insert(protocol);
+    extensions.insert(ClientAddr(client));
+}
+
+fn connect_target<B>(request: &Request<B>) -> Result<Target, String> {
+    let uri = request.uri();
+    if uri.scheme().is_some()
+        || uri
+            .path_and_query()
+            .is_some_and(|p| !p.as_str().is_empty() && p.as_str() != "/")
+    {
+        return Err("CONNECT needs an authority-form target (CONNECT host:port)".to_owned());
+    }
+    let authority = uri
+        .authority()
+        .ok_or_else(|| "CONNECT needs an authority-form target (CONNECT host:port)".to_owned())?;
+    Target::parse_authority(authority.as_str(), Some(443))
+        .map_err(|e| format!("invalid CONNECT target: {e}"))
+}
+
+fn absolute_form_target<B>(request: &Request<B>) -> Result<Target, String> {
+    let uri = request.uri();
+    let Some(scheme) = uri.scheme_str() else {
+        return Err("portcullis is a forward proxy: send absolute-form requests (GET http://host/path), for example by setting HTTP_PROXY".to_owned());
+    };
+    let target = Target::from_uri(uri).map_err(|e| format!("invalid request target: {e}"))?;
+    let mut hosts = request.headers().get_all(header::HOST).iter();
+    if let Some(host) = hosts.next() {
+        if hosts.next().is_some() {
+            return Err("more than one Host header".to_owned());
+        }
+        let default_port = default_port_for_scheme(scheme).map_err(|e| e.to_string())?;
+        let host = host
+            .to_str()
+            .map_err(|_| "the Host header is not valid ASCII".to_owned())?;
+        let host_target = Target::parse_authority(host, Some(default_port))
+            .map_err(|e| format!("invalid Host header: {e}"))?;
+        if host_target != target {
+            return Err(format!(
+                "the Host header ({host_target}) does not match the request target ({target})"
+            ));
+        }
+    }
+    Ok(target)
+}
+
+async fn unix_target(path: &str) -> Target {
+    let path = PathBuf::from(path);
+    // Symlinks resolve before the policy compares; a path that does not
+    // exist stays as written (and fails to connect if allowed).
+    let path = if path.is_absolute() {
+        tokio::fs::canonicalize(&path).await.unwrap_or(path)
+    } else {
+        path
+    };
+    Target::Unix(path)
+}
