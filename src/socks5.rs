@@ -149,15 +149,15 @@ async fn handle(
     let (proto, command, address) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
         .await
         .map_err(|_| "SOCKS5 handshake timed out")??;
-    let target = match target_of(&address) {
-        Ok(target) => target,
-        Err(error) => {
-            proto.reply_error(&ReplyError::GeneralFailure).await?;
-            return Err(format!("invalid SOCKS5 destination: {error}").into());
-        }
-    };
     match command {
-        Socks5Command::TCPConnect => connect(proto, target, client, stack).await,
+        Socks5Command::TCPConnect => match target_of(&address) {
+            Ok(target) => connect(proto, target, client, stack).await,
+            Err(error) => {
+                proto.reply_error(&ReplyError::GeneralFailure).await?;
+                Err(format!("invalid SOCKS5 destination: {error}").into())
+            }
+        },
+        // The ASSOCIATE address is the client's own (often 0.0.0.0:0), not a destination.
         Socks5Command::UDPAssociate if settings.udp => {
             associate(proto, &address, client, local_ip, stack).await
         }

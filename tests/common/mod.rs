@@ -1,0 +1,233 @@
+//! Shared harness: a loopback origin server, a proxy started from the
+//! library, and a curl runner. Everything binds 127.0.0.1:0.
+#![allow(dead_code, unreachable_pub, missing_docs)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use portcullis::middleware::{
+    NetworkPolicy, NetworkPolicyBuilder, PolicyHandle, ViolationLogLayer, ViolationRing,
+};
+use portcullis::resolve::{StaticResolver, SystemResolver};
+use portcullis::{Proxy, ProxyHandle};
+
+/// An HTTP/1 origin on loopback that counts TCP connections, answers
+/// `hello <path>` with the request header names in `x-seen-headers`, and
+/// answers `Upgrade: websocket` with 101 and then echoes bytes.
+pub struct Origin {
+    pub addr: SocketAddr,
+    pub connections: Arc<AtomicUsize>,
+}
+
+pub async fn origin() -> Origin {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counter = connections.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(answer);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    Origin { addr, connections }
+}
+
+async fn answer(mut request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let mut names: Vec<String> = request
+        .headers()
+        .keys()
+        .map(|k| k.as_str().to_owned())
+        .collect();
+    names.sort();
+    if request
+        .headers()
+        .get("upgrade")
+        .is_some_and(|v| v == "websocket")
+    {
+        let upgrade = hyper::upgrade::on(&mut request);
+        tokio::spawn(async move {
+            if let Ok(upgraded) = upgrade.await {
+                let mut io = TokioIo::new(upgraded);
+                let mut buffer = [0u8; 1024];
+                while let Ok(n) = io.read(&mut buffer).await {
+                    if n == 0 || io.write_all(&buffer[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        return Ok(Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .body(Full::new(Bytes::new()))
+            .unwrap());
+    }
+    Ok(Response::builder()
+        .header("x-seen-headers", names.join(","))
+        .header(
+            "x-seen-host",
+            request
+                .headers()
+                .get("host")
+                .cloned()
+                .unwrap_or_else(|| "".parse().unwrap()),
+        )
+        .body(Full::new(Bytes::from(format!(
+            "hello {}",
+            request.uri().path()
+        ))))
+        .unwrap())
+}
+
+pub struct TestProxy {
+    pub handle: ProxyHandle,
+    pub ring: ViolationRing,
+}
+
+impl TestProxy {
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.handle.http_addr())
+    }
+
+    pub fn socks_addr(&self) -> SocketAddr {
+        self.handle.socks_addr().expect("SOCKS5 is on")
+    }
+}
+
+/// Starts a proxy (HTTP and SOCKS5 on ephemeral loopback ports) with this
+/// policy and static DNS answers; no upstream proxy.
+pub async fn proxy(policy: NetworkPolicyBuilder, hosts: &[(&str, IpAddr)]) -> TestProxy {
+    proxy_with(policy.build(), hosts, |b| b).await
+}
+
+pub async fn proxy_with(
+    policy: NetworkPolicy,
+    hosts: &[(&str, IpAddr)],
+    configure: impl FnOnce(portcullis::ProxyBuilder) -> portcullis::ProxyBuilder,
+) -> TestProxy {
+    let mut table: HashMap<String, Vec<IpAddr>> = HashMap::new();
+    for (name, ip) in hosts {
+        table.entry((*name).to_owned()).or_default().push(*ip);
+    }
+    let ring = ViolationRing::default();
+    let builder = Proxy::builder()
+        .socks_addr(Some("127.0.0.1:0".parse().unwrap()))
+        .policy(PolicyHandle::new(policy))
+        .resolver(Arc::new(StaticResolver::new(
+            table,
+            Arc::new(SystemResolver),
+        )))
+        .resolve_timeout(Duration::from_secs(2))
+        .connect_timeout(Duration::from_secs(2))
+        .violations(ViolationLogLayer::new(ring.clone()));
+    let handle = configure(builder).start().await.unwrap();
+    TestProxy { handle, ring }
+}
+
+pub fn allow(patterns: &[&str]) -> NetworkPolicyBuilder {
+    NetworkPolicy::builder()
+        .allow_all(patterns.iter().copied())
+        .unwrap()
+}
+
+pub struct CurlOutput {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs curl (with every proxy variable cleared) and returns its output.
+pub async fn curl(args: &[&str]) -> CurlOutput {
+    let output = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new("curl")
+            .args(["--silent", "--show-error", "--max-time", "20"])
+            .args(args)
+            .env_remove("http_proxy")
+            .env_remove("HTTP_PROXY")
+            .env_remove("https_proxy")
+            .env_remove("HTTPS_PROXY")
+            .env_remove("ALL_PROXY")
+            .env_remove("all_proxy")
+            .env_remove("NO_PROXY")
+            .env_remove("no_proxy")
+            .output(),
+    )
+    .await
+    .expect("curl finished in time")
+    .expect("curl is installed");
+    CurlOutput {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// Splits `curl -i` output into status, headers and body.
+pub fn parse_response(text: &str) -> (u16, HashMap<String, String>, String) {
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    (status, headers, body.to_owned())
+}
+
+/// Writes `request` on a fresh connection and reads the response head.
+pub async fn raw_exchange(addr: SocketAddr, request: &str) -> (TcpStream, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let head = read_head(&mut stream).await;
+    (stream, head)
+}
+
+pub async fn read_head(stream: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !head.ends_with(b"\r\n\r\n") {
+            if stream.read(&mut byte).await.unwrap() == 0 {
+                break;
+            }
+            head.push(byte[0]);
+        }
+    })
+    .await
+    .expect("response head in time");
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// A loopback port with nothing listening on it.
+pub async fn closed_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap().port()
+}

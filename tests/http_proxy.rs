@@ -1,0 +1,338 @@
+//! The HTTP/1 transport end to end, with curl and raw sockets on loopback.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+
+use common::*;
+use portcullis::middleware::{NetworkPolicy, Reason};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test]
+async fn allowed_absolute_form_get() {
+    let origin = origin().await;
+    let proxy = proxy(allow(&["127.0.0.1"]), &[]).await;
+    let out = curl(&[
+        "-i",
+        "-x",
+        &proxy.http_url(),
+        &format!("http://{}/hello", origin.addr),
+    ])
+    .await;
+    let (status, headers, body) = parse_response(&out.stdout);
+    assert_eq!(status, 200, "{}", out.stderr);
+    assert_eq!(body, "hello /hello");
+    assert_eq!(headers["x-seen-host"], origin.addr.to_string());
+    assert!(!headers.contains_key("via"));
+}
+
+#[tokio::test]
+async fn refused_absolute_form_get_is_a_403_with_json() {
+    let proxy = proxy(allow(&["127.0.0.1"]).deny("evil.test").unwrap(), &[]).await;
+    for (url, header, reason) in [
+        ("http://evil.test/x", "blocked-by-denylist", "denied"),
+        ("http://other.test/x", "blocked-by-allowlist", "not_allowed"),
+        (
+            "http://169.254.169.254/latest/meta-data/",
+            "blocked-by-allowlist",
+            "not_allowed_local",
+        ),
+        (
+            "http://0x7f.0.0.2:9/",
+            "blocked-by-allowlist",
+            "not_allowed_local",
+        ),
+        (
+            "http://2130706434/",
+            "blocked-by-allowlist",
+            "not_allowed_local",
+        ),
+    ] {
+        let out = curl(&["-i", "-x", &proxy.http_url(), url]).await;
+        let (status, headers, body) = parse_response(&out.stdout);
+        assert_eq!(status, 403, "{url}");
+        assert_eq!(headers["x-proxy-error"], header, "{url}");
+        assert_eq!(headers["content-type"], "application/json");
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(json["reason"], reason, "{url}");
+        assert_eq!(json["protocol"], "http");
+        assert_eq!(json["decision"], "deny");
+        assert!(json["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("portcullis refused"));
+    }
+    assert_eq!(proxy.ring.total(), 5, "every refusal is recorded");
+}
+
+#[tokio::test]
+async fn connect_allowed_and_refused_with_curl() {
+    let origin = origin().await;
+    let proxy = proxy(allow(&["127.0.0.1"]), &[]).await;
+    let out = curl(&[
+        "-p",
+        "-x",
+        &proxy.http_url(),
+        &format!("http://{}/tunnel", origin.addr),
+    ])
+    .await;
+    assert_eq!(out.stdout, "hello /tunnel", "{}", out.stderr);
+    let out = curl(&["-p", "-x", &proxy.http_url(), "https://not-allowed.test/"]).await;
+    assert_eq!(
+        out.code,
+        Some(56),
+        "curl reports the failed CONNECT: {}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("403"), "{}", out.stderr);
+}
+
+#[tokio::test]
+async fn raw_http1_connect_against_a_live_listener() {
+    let origin = origin().await;
+    let proxy = proxy(allow(&["127.0.0.1"]), &[]).await;
+    let request = format!("CONNECT {0} HTTP/1.1\r\nHost: {0}\r\n\r\n", origin.addr);
+    let (mut tunnel, head) = raw_exchange(proxy.handle.http_addr(), &request).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    tunnel
+        .write_all(b"GET /inside HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    tunnel.read_to_string(&mut response).await.unwrap();
+    assert!(
+        response.starts_with("HTTP/1.1 200") && response.ends_with("hello /inside"),
+        "{response}"
+    );
+
+    // A refused CONNECT carries the same JSON body.
+    let (mut refused, head) = raw_exchange(
+        proxy.handle.http_addr(),
+        "CONNECT blocked.test:443 HTTP/1.1\r\nHost: blocked.test:443\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("x-proxy-error: blocked-by-allowlist"),
+        "{head}"
+    );
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap();
+    let mut body = vec![0u8; length];
+    refused.read_exact(&mut body).await.unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["protocol"], "https_connect");
+    assert_eq!(json["port"], 443);
+
+    // No port means 443; a malformed target is a 400 with a reason.
+    let (_, head) = raw_exchange(
+        proxy.handle.http_addr(),
+        "CONNECT bad\0host:443 HTTP/1.1\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+}
+
+#[tokio::test]
+async fn upstream_connections_are_kept_alive_and_reused() {
+    let origin = origin().await;
+    let proxy = proxy(allow(&["127.0.0.1"]), &[]).await;
+    for path in ["/1", "/2", "/3"] {
+        let out = curl(&[
+            "-x",
+            &proxy.http_url(),
+            &format!("http://{}{path}", origin.addr),
+        ])
+        .await;
+        assert_eq!(out.stdout, format!("hello {path}"));
+    }
+    assert_eq!(
+        origin.connections.load(Ordering::SeqCst),
+        1,
+        "three client connections, one upstream connection"
+    );
+}
+
+#[tokio::test]
+async fn hop_by_hop_and_proxy_headers_never_reach_the_origin() {
+    let origin = origin().await;
+    let proxy = proxy(allow(&["127.0.0.1"]), &[]).await;
+    let out = curl(&[
+        "-i",
+        "-x",
+        &proxy.http_url(),
+        "-U",
+        "user:secret",
+        "-H",
+        "Connection: x-private",
+        "-H",
+        "X-Private: 1",
+        "-H",
+        "Keep-Alive: timeout=5",
+        "-H",
+        "X-Kept: 1",
+        &format!("http://{}/", origin.addr),
+    ])
+    .await;
+    let (status, headers, _) = parse_response(&out.stdout);
+    assert_eq!(status, 200);
+    let seen = &headers["x-seen-headers"];
+    assert!(seen.contains("x-kept"), "{seen}");
+    for hidden in [
+        "proxy-authorization",
+        "x-private",
+        "keep-alive",
+        "proxy-connection",
+    ] {
+        assert!(
+            !seen.split(',').any(|h| h == hidden),
+            "{hidden} reached the origin: {seen}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn websocket_style_upgrade_is_proxied() {
+    let origin = origin().await;
+    let proxy = proxy(allow(&["127.0.0.1"]), &[]).await;
+    let request = format!(
+        "GET http://{0}/ws HTTP/1.1\r\nHost: {0}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        origin.addr
+    );
+    let (mut stream, head) = raw_exchange(proxy.handle.http_addr(), &request).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    stream.write_all(b"ping").await.unwrap();
+    let mut echo = [0u8; 4];
+    stream.read_exact(&mut echo).await.unwrap();
+    assert_eq!(&echo, b"ping");
+}
+
+#[tokio::test]
+async fn dial_failures_are_502_and_timeouts_504() {
+    let port = closed_port().await;
+    let proxy = proxy(allow(&["127.0.0.1"]), &[]).await;
+    let out = curl(&[
+        "-i",
+        "-x",
+        &proxy.http_url(),
+        &format!("http://127.0.0.1:{port}/"),
+    ])
+    .await;
+    let (status, headers, body) = parse_response(&out.stdout);
+    assert_eq!(status, 502);
+    assert_eq!(headers["x-proxy-error"], "upstream-unreachable");
+    assert!(body.contains("\"kind\":\"refused\""), "{body}");
+    // CONNECT answers 200 only once dialled: a refused dial is a 502, not a tunnel that closes.
+    let (_, head) = raw_exchange(
+        proxy.handle.http_addr(),
+        &format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n"),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 502"), "{head}");
+}
+
+#[tokio::test]
+async fn bad_requests_get_a_400_with_a_reason() {
+    let origin = origin().await;
+    let proxy = proxy(allow(&["127.0.0.1"]), &[]).await;
+    let cases = [
+        (
+            format!(
+                "GET http://{0}/ HTTP/1.1\r\nHost: elsewhere.test\r\n\r\n",
+                origin.addr
+            ),
+            "does not match",
+        ),
+        (
+            "GET / HTTP/1.1\r\nHost: example.com\r\n\r\n".to_owned(),
+            "forward proxy",
+        ),
+        (
+            "GET ftp://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n".to_owned(),
+            "scheme",
+        ),
+    ];
+    for (request, reason) in cases {
+        let (mut stream, head) = raw_exchange(proxy.handle.http_addr(), &request).await;
+        assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+        let mut body = vec![0u8; 512];
+        let n = stream.read(&mut body).await.unwrap();
+        let body = String::from_utf8_lossy(&body[..n]);
+        assert!(body.contains(reason), "{body}");
+    }
+}
+
+#[tokio::test]
+async fn names_resolve_once_and_every_answer_is_vetted() {
+    let origin = origin().await;
+    let localhost = "127.0.0.1".parse().unwrap();
+    // Allowed by name, but the name answers with a loopback address: refused by the connector.
+    let proxy = proxy(allow(&["svc.test"]), &[("svc.test", localhost)]).await;
+    let out = curl(&[
+        "-i",
+        "-x",
+        &proxy.http_url(),
+        &format!("http://svc.test:{}/", origin.addr.port()),
+    ])
+    .await;
+    let (status, _, body) = parse_response(&out.stdout);
+    assert_eq!(status, 403);
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["reason"], "not_allowed_local");
+    assert_eq!(json["source"], "connector");
+    assert_eq!(
+        proxy.ring.snapshot()[0].blocked.reason,
+        Reason::NotAllowedLocal
+    );
+    // Naming the exact address unlocks it.
+    let proxy = proxy_with(
+        NetworkPolicy::builder()
+            .allow("svc.test")
+            .unwrap()
+            .allow("127.0.0.1")
+            .unwrap()
+            .build(),
+        &[("svc.test", localhost)],
+        |b| b,
+    )
+    .await;
+    let out = curl(&[
+        "-x",
+        &proxy.http_url(),
+        &format!("http://svc.test:{}/named", origin.addr.port()),
+    ])
+    .await;
+    assert_eq!(out.stdout, "hello /named", "{}", out.stderr);
+    // A name that does not resolve is a 502, never a silent close.
+    let proxy = proxy_with(
+        NetworkPolicy::builder().allow("*.invalid").unwrap().build(),
+        &[],
+        |b| b,
+    )
+    .await;
+    let out = curl(&["-i", "-x", &proxy.http_url(), "http://nothing.invalid/"]).await;
+    let (status, _, _) = parse_response(&out.stdout);
+    assert_eq!(status, 502);
+}
+
+#[tokio::test]
+async fn policy_changes_apply_to_the_next_request() {
+    let origin = origin().await;
+    let proxy = proxy(allow(&[]), &[]).await;
+    let url = format!("http://{}/live", origin.addr);
+    let (status, _, _) = parse_response(&curl(&["-i", "-x", &proxy.http_url(), &url]).await.stdout);
+    assert_eq!(status, 403);
+    proxy
+        .handle
+        .policy()
+        .store(NetworkPolicy::builder().allow("127.0.0.1").unwrap().build());
+    let out = curl(&["-x", &proxy.http_url(), &url]).await;
+    assert_eq!(out.stdout, "hello /live");
+}

@@ -1,0 +1,406 @@
+//! SOCKS5 (TCP and UDP), Unix-socket forwarding and limited mode, end to end.
+
+mod common;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+use portcullis::middleware::{Mode, NetworkPolicy, Protocol, Reason};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket, UnixListener};
+
+/// Greets with the given methods; returns the server's choice.
+async fn greet(stream: &mut TcpStream, methods: &[u8]) -> [u8; 2] {
+    let mut greeting = vec![5, methods.len() as u8];
+    greeting.extend_from_slice(methods);
+    stream.write_all(&greeting).await.unwrap();
+    let mut choice = [0u8; 2];
+    stream.read_exact(&mut choice).await.unwrap();
+    choice
+}
+
+/// Sends a request with a domain address; returns the reply head (VER REP RSV ATYP).
+async fn request(stream: &mut TcpStream, command: u8, domain: &str, port: u16) -> [u8; 4] {
+    let mut message = vec![5, command, 0, 3, domain.len() as u8];
+    message.extend_from_slice(domain.as_bytes());
+    message.extend_from_slice(&port.to_be_bytes());
+    stream.write_all(&message).await.unwrap();
+    let mut head = [0u8; 4];
+    stream.read_exact(&mut head).await.unwrap();
+    head
+}
+
+#[tokio::test]
+async fn curl_socks5_hostname_allowed_refused_and_named() {
+    let origin = origin().await;
+    let localhost = "127.0.0.1".parse().unwrap();
+    let proxy = proxy(
+        allow(&["127.0.0.1", "svc.test"]),
+        &[("svc.test", localhost)],
+    )
+    .await;
+    let socks = proxy.socks_addr().to_string();
+    let out = curl(&[
+        "--socks5-hostname",
+        &socks,
+        &format!("http://{}/ip", origin.addr),
+    ])
+    .await;
+    assert_eq!(out.stdout, "hello /ip", "{}", out.stderr);
+    let out = curl(&[
+        "--socks5-hostname",
+        &socks,
+        &format!("http://svc.test:{}/name", origin.addr.port()),
+    ])
+    .await;
+    assert_eq!(out.stdout, "hello /name", "{}", out.stderr);
+    let out = curl(&["--socks5-hostname", &socks, "http://refused.test/"]).await;
+    assert_eq!(
+        out.code,
+        Some(97),
+        "curl's code for a refused SOCKS5 connect: {}",
+        out.stderr
+    );
+    let last = proxy.ring.snapshot().pop().unwrap();
+    assert_eq!(last.blocked.protocol, Protocol::Socks5Tcp);
+    assert_eq!(last.blocked.reason, Reason::NotAllowed);
+}
+
+#[tokio::test]
+async fn raw_socks5_reply_codes() {
+    let port = closed_port().await;
+    let proxy = proxy(allow(&["127.0.0.1"]).deny("denied.test").unwrap(), &[]).await;
+    let socks = proxy.socks_addr();
+
+    let mut stream = TcpStream::connect(socks).await.unwrap();
+    assert_eq!(greet(&mut stream, &[0]).await, [5, 0]);
+    assert_eq!(
+        request(&mut stream, 1, "denied.test", 443).await[1],
+        0x02,
+        "refused by policy"
+    );
+
+    let mut stream = TcpStream::connect(socks).await.unwrap();
+    greet(&mut stream, &[0]).await;
+    assert_eq!(
+        request(&mut stream, 1, "0x7f.0.0.9", 80).await[1],
+        0x02,
+        "a numeric spelling of a local address"
+    );
+
+    let mut stream = TcpStream::connect(socks).await.unwrap();
+    greet(&mut stream, &[0]).await;
+    assert_eq!(
+        request(&mut stream, 1, "127.0.0.1", port).await[1],
+        0x05,
+        "connection refused"
+    );
+
+    let mut stream = TcpStream::connect(socks).await.unwrap();
+    greet(&mut stream, &[0]).await;
+    assert_eq!(
+        request(&mut stream, 2, "127.0.0.1", 80).await[1],
+        0x07,
+        "BIND is not supported"
+    );
+
+    let mut stream = TcpStream::connect(socks).await.unwrap();
+    greet(&mut stream, &[0]).await;
+    assert_eq!(
+        request(&mut stream, 1, "bad\u{1}name", 80).await[1],
+        0x01,
+        "control bytes in a domain"
+    );
+
+    let mut stream = TcpStream::connect(socks).await.unwrap();
+    assert_eq!(
+        greet(&mut stream, &[2]).await,
+        [5, 0xff],
+        "no acceptable method"
+    );
+}
+
+async fn udp_echo() -> SocketAddr {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buffer = [0u8; 2048];
+        while let Ok((n, from)) = socket.recv_from(&mut buffer).await {
+            let _ = socket.send_to(&buffer[..n], from).await;
+        }
+    });
+    addr
+}
+
+fn udp_datagram(destination: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let SocketAddr::V4(v4) = destination else {
+        panic!("IPv4 only here")
+    };
+    let mut datagram = vec![0, 0, 0, 1];
+    datagram.extend_from_slice(&v4.ip().octets());
+    datagram.extend_from_slice(&v4.port().to_be_bytes());
+    datagram.extend_from_slice(payload);
+    datagram
+}
+
+async fn recv_within(socket: &UdpSocket, millis: u64) -> Option<Vec<u8>> {
+    let mut buffer = [0u8; 2048];
+    match tokio::time::timeout(Duration::from_millis(millis), socket.recv_from(&mut buffer)).await {
+        Ok(Ok((n, _))) => Some(buffer[..n].to_vec()),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn udp_associate_relays_to_allowed_destinations_only() {
+    let echo = udp_echo().await;
+    let proxy = proxy(allow(&["127.0.0.1"]), &[]).await;
+    let mut control = TcpStream::connect(proxy.socks_addr()).await.unwrap();
+    greet(&mut control, &[0]).await;
+    control
+        .write_all(&[5, 3, 0, 1, 0, 0, 0, 0, 0, 0])
+        .await
+        .unwrap();
+    let mut reply = [0u8; 10];
+    control.read_exact(&mut reply).await.unwrap();
+    assert_eq!(reply[..2], [5, 0]);
+    let relay = SocketAddr::from((
+        [reply[4], reply[5], reply[6], reply[7]],
+        u16::from_be_bytes([reply[8], reply[9]]),
+    ));
+
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client
+        .send_to(&udp_datagram(echo, b"hello"), relay)
+        .await
+        .unwrap();
+    let answer = recv_within(&client, 5000)
+        .await
+        .expect("the echo comes back to the client");
+    assert_eq!(
+        answer,
+        udp_datagram(echo, b"hello"),
+        "header names the remote, payload intact"
+    );
+
+    // A refused destination is dropped and recorded; the association stays up.
+    let refused: SocketAddr = format!("127.0.0.2:{}", echo.port()).parse().unwrap();
+    client
+        .send_to(&udp_datagram(refused, b"nope"), relay)
+        .await
+        .unwrap();
+    assert_eq!(recv_within(&client, 300).await, None);
+    let last = proxy.ring.snapshot().pop().expect("the refusal is logged");
+    assert_eq!(last.blocked.protocol, Protocol::Socks5Udp);
+    assert_eq!(last.blocked.reason, Reason::NotAllowedLocal);
+
+    // Fragments are dropped.
+    let mut fragment = udp_datagram(echo, b"frag");
+    fragment[2] = 1;
+    client.send_to(&fragment, relay).await.unwrap();
+    assert_eq!(recv_within(&client, 300).await, None);
+
+    // Datagrams from another source are ignored.
+    let stranger = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    stranger
+        .send_to(&udp_datagram(echo, b"stranger"), relay)
+        .await
+        .unwrap();
+    assert_eq!(recv_within(&stranger, 300).await, None);
+    assert_eq!(recv_within(&client, 100).await, None);
+
+    // Still up for the client.
+    client
+        .send_to(&udp_datagram(echo, b"again"), relay)
+        .await
+        .unwrap();
+    assert_eq!(
+        recv_within(&client, 5000).await,
+        Some(udp_datagram(echo, b"again"))
+    );
+
+    // Closing the control connection ends the association.
+    drop(control);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    client
+        .send_to(&udp_datagram(echo, b"late"), relay)
+        .await
+        .unwrap();
+    assert_eq!(recv_within(&client, 300).await, None);
+}
+
+async fn unix_origin(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("origin.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    |request: http::Request<hyper::body::Incoming>| async move {
+                        let mut names: Vec<String> =
+                            request.headers().keys().map(|k| k.to_string()).collect();
+                        names.sort();
+                        Ok::<_, Infallible>(
+                            http::Response::builder()
+                                .header("x-seen-headers", names.join(","))
+                                .body(Full::new(Bytes::from(format!(
+                                    "unix {} {}",
+                                    request.method(),
+                                    request.uri()
+                                ))))
+                                .unwrap(),
+                        )
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    path
+}
+
+#[tokio::test]
+async fn unix_sockets_allowed_listed_relative_and_escape_hatch() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = unix_origin(dir.path()).await;
+    let canonical = std::fs::canonicalize(&socket).unwrap();
+    let link = dir.path().join("link.sock");
+    std::os::unix::fs::symlink(&socket, &link).unwrap();
+
+    let listed = NetworkPolicy::builder()
+        .allow_unix_socket(&canonical)
+        .unwrap()
+        .build();
+    let proxy = proxy_with(listed, &[], |b| b).await;
+    for path in [&socket, &link] {
+        let header = format!("x-unix-socket: {}", path.display());
+        let out = curl(&[
+            "-i",
+            "-x",
+            &proxy.http_url(),
+            "-H",
+            &header,
+            "http://localhost/v1/ping?x=1",
+        ])
+        .await;
+        let (status, headers, body) = parse_response(&out.stdout);
+        assert_eq!(status, 200, "{}", out.stderr);
+        assert_eq!(body, "unix GET /v1/ping?x=1");
+        assert!(!headers["x-seen-headers"].contains("x-unix-socket"));
+    }
+
+    let other = proxy_with(NetworkPolicy::builder().build(), &[], |b| b).await;
+    let header = format!("x-unix-socket: {}", socket.display());
+    let out = curl(&[
+        "-i",
+        "-x",
+        &other.http_url(),
+        "-H",
+        &header,
+        "http://localhost/",
+    ])
+    .await;
+    let (status, headers, body) = parse_response(&out.stdout);
+    assert_eq!(status, 403);
+    assert_eq!(headers["x-proxy-error"], "blocked-by-allowlist");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["protocol"], "unix_socket");
+
+    let out = curl(&[
+        "-i",
+        "-x",
+        &proxy.http_url(),
+        "-H",
+        "x-unix-socket: origin.sock",
+        "http://localhost/",
+    ])
+    .await;
+    assert_eq!(
+        parse_response(&out.stdout).0,
+        403,
+        "a relative path is always refused"
+    );
+
+    let (_, head) = raw_exchange(proxy.handle.http_addr(), "GET http://localhost/ HTTP/1.1\r\nHost: localhost\r\nx-unix-socket: /tmp/\u{00ff}.sock\r\n\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+
+    let open = proxy_with(
+        NetworkPolicy::builder()
+            .dangerously_allow_all_unix_sockets(true)
+            .build(),
+        &[],
+        |b| b,
+    )
+    .await;
+    let out = curl(&[
+        "-x",
+        &open.http_url(),
+        "-H",
+        &header,
+        "http://localhost/open",
+    ])
+    .await;
+    assert_eq!(out.stdout, "unix GET /open");
+}
+
+#[tokio::test]
+async fn limited_mode_on_every_path() {
+    let origin = origin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = unix_origin(dir.path()).await;
+    let policy = NetworkPolicy::builder()
+        .allow("127.0.0.1")
+        .unwrap()
+        .allow_unix_socket(std::fs::canonicalize(&socket).unwrap())
+        .unwrap()
+        .mode(Mode::Limited)
+        .build();
+    let proxy = proxy_with(policy, &[], |b| b).await;
+    let url = format!("http://{}/r", origin.addr);
+    assert_eq!(
+        curl(&["-x", &proxy.http_url(), &url]).await.stdout,
+        "hello /r"
+    );
+    let out = curl(&["-i", "-x", &proxy.http_url(), "-X", "POST", "-d", "x", &url]).await;
+    let (status, headers, _) = parse_response(&out.stdout);
+    assert_eq!(
+        (status, headers["x-proxy-error"].as_str()),
+        (403, "blocked-by-method-policy")
+    );
+    let (_, head) = raw_exchange(
+        proxy.handle.http_addr(),
+        &format!("CONNECT {} HTTP/1.1\r\n\r\n", origin.addr),
+    )
+    .await;
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("x-proxy-error: blocked-by-mitm-required"),
+        "{head}"
+    );
+    let out = curl(&["--socks5-hostname", &proxy.socks_addr().to_string(), &url]).await;
+    assert_eq!(out.code, Some(97));
+    assert_eq!(
+        proxy.ring.snapshot().pop().unwrap().blocked.reason,
+        Reason::MethodNotAllowed
+    );
+    let header = format!("x-unix-socket: {}", socket.display());
+    let out = curl(&[
+        "-i",
+        "-x",
+        &proxy.http_url(),
+        "-X",
+        "PUT",
+        "-H",
+        &header,
+        "http://localhost/",
+    ])
+    .await;
+    assert_eq!(parse_response(&out.stdout).0, 403);
+}
