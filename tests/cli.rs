@@ -1,0 +1,203 @@
+//! The `portcullis` binary: serve, run, check, and bad usage.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+fn portcullis() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_portcullis"));
+    for name in [
+        "HTTP_PROXY",
+        "http_proxy",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+        "NO_PROXY",
+        "no_proxy",
+        "PORTCULLIS_CONFIG",
+    ] {
+        command.env_remove(name);
+    }
+    command.kill_on_drop(true);
+    command
+}
+
+async fn output(command: &mut Command) -> (Option<i32>, String, String) {
+    let output = tokio::time::timeout(Duration::from_secs(60), command.output())
+        .await
+        .expect("finished in time")
+        .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn run_passes_the_environment_and_returns_the_exit_code() {
+    let origin = origin().await;
+    let script = format!("curl -s -w ' %{{http_code}}' http://{}/from-run; echo; curl -s -o /dev/null -w '%{{http_code}}' http://example.com/; exit 7", origin.addr);
+    let (code, stdout, stderr) =
+        output(portcullis().args(["run", "--allow", "127.0.0.1", "--", "sh", "-c", &script])).await;
+    assert_eq!(code, Some(7), "the child's exit code: {stderr}");
+    assert_eq!(stdout, "hello /from-run 200\n403", "{stderr}");
+    assert!(
+        stderr.contains("reason=\"not_allowed\""),
+        "refusals are logged on stderr: {stderr}"
+    );
+    let (_, stdout, _) =
+        output(portcullis().args(["run", "--", "sh", "-c", "echo $ALL_PROXY"])).await;
+    assert!(stdout.starts_with("socks5h://127.0.0.1:"), "{stdout}");
+    let (_, stdout, _) =
+        output(portcullis().args(["run", "--no-socks", "--", "sh", "-c", "echo $ALL_PROXY"])).await;
+    assert!(stdout.starts_with("http://127.0.0.1:"), "{stdout}");
+    let (code, _, _) = output(portcullis().args(["run", "--", "/nonexistent/program"])).await;
+    assert_eq!(code, Some(127));
+}
+
+#[tokio::test]
+async fn serve_prints_the_environment_then_stops_on_sigterm() {
+    let origin = origin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let violations = dir.path().join("violations.jsonl");
+    let mut child = portcullis()
+        .args([
+            "serve",
+            "--http",
+            "127.0.0.1:0",
+            "--socks",
+            "127.0.0.1:0",
+            "--allow",
+            "127.0.0.1",
+            "--violations-log",
+        ])
+        .arg(&violations)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let url = first
+        .strip_prefix("export HTTP_PROXY='")
+        .and_then(|r| r.strip_suffix('\''))
+        .expect(&first)
+        .to_owned();
+    let out = curl(&["-x", &url, &format!("http://{}/served", origin.addr)]).await;
+    assert_eq!(out.stdout, "hello /served");
+    let out = curl(&["-x", &url, "http://blocked.test/"]).await;
+    assert!(
+        out.stdout.contains("blocked-by") || out.stdout.contains("not_allowed"),
+        "{}",
+        out.stdout
+    );
+    let logged = std::fs::read_to_string(&violations).unwrap();
+    let line: serde_json::Value = serde_json::from_str(logged.lines().next().unwrap()).unwrap();
+    assert_eq!(line["host"], "blocked.test");
+    assert_eq!(line["reason"], "not_allowed");
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn check_prints_decision_and_rule() {
+    let (code, stdout, _) = output(portcullis().args([
+        "check",
+        "--allow",
+        "*.example.com",
+        "https://api.example.com/v1",
+    ]))
+    .await;
+    assert_eq!(code, Some(0));
+    assert!(
+        stdout.contains("allow api.example.com:443")
+            && stdout.contains("allowed_domains: *.example.com"),
+        "{stdout}"
+    );
+    let (code, stdout, _) = output(portcullis().args([
+        "check",
+        "--allow",
+        "*",
+        "--deny",
+        "evil.test",
+        "evil.test:22",
+    ]))
+    .await;
+    assert_eq!(code, Some(1));
+    assert!(
+        stdout.contains("reason: denied") && stdout.contains("denied_domains: evil.test"),
+        "{stdout}"
+    );
+    let (code, stdout, _) =
+        output(portcullis().args(["check", "--allow", "*", "http://2130706433/"])).await;
+    assert_eq!(code, Some(1));
+    assert!(
+        stdout.contains("deny 127.0.0.1:80") && stdout.contains("not_allowed_local"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test]
+async fn bad_usage_and_bad_config_exit_64_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("portcullis.toml");
+    std::fs::write(&config, "[network]\nallowed_domain = [\"x\"]\n").unwrap();
+    let (code, _, stderr) = output(
+        portcullis()
+            .arg("check")
+            .arg("--config")
+            .arg(&config)
+            .arg("x.test:1"),
+    )
+    .await;
+    assert_eq!(code, Some(64));
+    assert!(
+        stderr.contains("allowed_domain") && stderr.contains("portcullis.toml"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+
+    std::fs::write(&config, "[network]\ndenied_domains = [\"*\"]\n").unwrap();
+    let (code, _, stderr) = output(portcullis().arg("serve").arg("--config").arg(&config)).await;
+    assert_eq!(code, Some(64));
+    assert!(stderr.contains("network.denied_domains[0]"), "{stderr}");
+
+    let (code, _, stderr) =
+        output(portcullis().args(["serve", "--http", "127.0.0.1:0", "--allow", "a.*.b"])).await;
+    assert_eq!(code, Some(64), "{stderr}");
+    let (code, _, _) = output(portcullis().args(["--no-such-flag"])).await;
+    assert_eq!(code, Some(64));
+    let (code, _, stderr) =
+        output(portcullis().args(["check", "--allow", "x", "not a target"])).await;
+    assert_eq!(code, Some(64), "{stderr}");
+    let (code, _, stderr) = output(
+        portcullis()
+            .args(["serve", "--http", "127.0.0.1:0"])
+            .env("PORTCULLIS_NETWORK__MODE", "readonly"),
+    )
+    .await;
+    assert_eq!(code, Some(64));
+    assert!(
+        stderr.to_ascii_lowercase().contains("network.mode"),
+        "{stderr}"
+    );
+    let (code, stdout, _) = output(portcullis().arg("--help")).await;
+    assert_eq!(code, Some(0));
+    assert!(stdout.contains("run"));
+}
