@@ -27,7 +27,9 @@ fn policy(patterns: usize) -> NetworkPolicy {
         builder = builder.allow(&pattern).expect("valid pattern");
     }
     for index in 0..patterns / 10 {
-        builder = builder.deny(&format!("blocked{index}.example.com")).expect("valid pattern");
+        builder = builder
+            .deny(&format!("blocked{index}.example.com"))
+            .expect("valid pattern");
     }
     builder.build()
 }
@@ -66,7 +68,12 @@ fn decide(c: &mut Criterion) {
 }
 
 fn parse(c: &mut Criterion) {
-    let inputs = ["Example.COM:443", "0x7f.1:80", "[::ffff:10.0.0.1]:22", "a.b.c.d.example.org:8443"];
+    let inputs = [
+        "Example.COM:443",
+        "0x7f.1:80",
+        "[::ffff:10.0.0.1]:22",
+        "a.b.c.d.example.org:8443",
+    ];
     c.bench_function("target_parse_authority", |b| {
         b.iter(|| {
             for input in inputs {

@@ -8,8 +8,8 @@
 
 use http::{Request, Response};
 use portcullis_middleware::{
-    find_blocked, BlockDecision, Blocked, BoxError, DefaultStack, NetworkPolicy, PolicyHandle, Protocol, Reason,
-    RequestInfo, Source, Target, ViolationLogLayer, ViolationRing,
+    find_blocked, BlockDecision, Blocked, BoxError, DefaultStack, NetworkPolicy, PolicyHandle,
+    Protocol, Reason, RequestInfo, Source, Target, ViolationLogLayer, ViolationRing,
 };
 use tower::filter::FilterLayer;
 use tower::limit::ConcurrencyLimitLayer;
@@ -21,8 +21,14 @@ fn require_team(request: Request<()>) -> Result<Request<()>, BoxError> {
         return Ok(request);
     }
     let info = RequestInfo::from_request(&request)?;
-    let mut blocked = Blocked::new(Reason::NotAllowed, Source::Policy, info.target, info.protocol, &info.method)
-        .with_decision(BlockDecision::Deny);
+    let mut blocked = Blocked::new(
+        Reason::NotAllowed,
+        Source::Policy,
+        info.target,
+        info.protocol,
+        &info.method,
+    )
+    .with_decision(BlockDecision::Deny);
     blocked.message = "this proxy needs an x-team header".to_owned();
     Err(blocked.into())
 }
@@ -43,11 +49,16 @@ async fn main() -> Result<(), BoxError> {
         if let Some(team) = team {
             request.headers_mut().insert("x-team", team.parse()?);
         }
-        request.extensions_mut().insert(Target::parse_authority("example.com:80", None)?);
+        request
+            .extensions_mut()
+            .insert(Target::parse_authority("example.com:80", None)?);
         request.extensions_mut().insert(Protocol::Http);
         match stack.clone().oneshot(request).await {
             Ok(response) => println!("team {team:?}: allowed ({})", response.status()),
-            Err(error) => println!("team {team:?}: refused: {}", find_blocked(error.as_ref()).map_or(error.to_string(), |b| b.message.clone())),
+            Err(error) => println!(
+                "team {team:?}: refused: {}",
+                find_blocked(error.as_ref()).map_or(error.to_string(), |b| b.message.clone())
+            ),
         }
     }
     println!("violations recorded: {}", ring.total());

@@ -26,7 +26,9 @@ async fn main() -> Result<(), BoxError> {
         while let Ok((mut stream, _)) = origin.accept().await {
             let mut buffer = [0u8; 1024];
             let _ = stream.read(&mut buffer).await;
-            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nok\n").await;
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nok\n")
+                .await;
         }
     });
 
@@ -36,7 +38,11 @@ async fn main() -> Result<(), BoxError> {
     let counting = tower::layer::layer_fn(move |inner: portcullis::ProxyService| {
         let counter = counter.clone();
         service_fn(move |request: Request<Body>| {
-            let target = request.extensions().get::<Target>().map(|t| t.to_string()).unwrap_or_default();
+            let target = request
+                .extensions()
+                .get::<Target>()
+                .map(|t| t.to_string())
+                .unwrap_or_default();
             counter.fetch_add(1, Ordering::SeqCst);
             eprintln!("custom layer: {} {target}", request.method());
             inner.clone().oneshot(request)
@@ -50,15 +56,24 @@ async fn main() -> Result<(), BoxError> {
         .inner_layer(counting)
         .start()
         .await?;
-    println!("HTTP proxy on {}, SOCKS5 on {:?}", proxy.http_addr(), proxy.socks_addr());
+    println!(
+        "HTTP proxy on {}, SOCKS5 on {:?}",
+        proxy.http_addr(),
+        proxy.socks_addr()
+    );
 
     // Through the HTTP listener, absolute form.
     let mut stream = tokio::net::TcpStream::connect(proxy.http_addr()).await?;
-    let request = format!("GET http://{origin_addr}/ HTTP/1.1\r\nHost: {origin_addr}\r\nConnection: close\r\n\r\n");
+    let request = format!(
+        "GET http://{origin_addr}/ HTTP/1.1\r\nHost: {origin_addr}\r\nConnection: close\r\n\r\n"
+    );
     stream.write_all(request.as_bytes()).await?;
     let mut response = String::new();
     stream.read_to_string(&mut response).await?;
-    println!("HTTP answer: {}", response.lines().next().unwrap_or_default());
+    println!(
+        "HTTP answer: {}",
+        response.lines().next().unwrap_or_default()
+    );
 
     // A refused one: not on the allowlist.
     let mut stream = tokio::net::TcpStream::connect(proxy.http_addr()).await?;
@@ -67,9 +82,15 @@ async fn main() -> Result<(), BoxError> {
         .await?;
     let mut response = String::new();
     stream.read_to_string(&mut response).await?;
-    println!("refused answer: {}", response.lines().next().unwrap_or_default());
+    println!(
+        "refused answer: {}",
+        response.lines().next().unwrap_or_default()
+    );
 
-    println!("requests the custom layer saw: {}", seen.load(Ordering::SeqCst));
+    println!(
+        "requests the custom layer saw: {}",
+        seen.load(Ordering::SeqCst)
+    );
     println!("violations recorded: {}", proxy.violations().total());
     proxy.shutdown(Duration::from_secs(2)).await;
     Ok(())

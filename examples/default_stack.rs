@@ -5,13 +5,21 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use http::{Method, Request, Response};
-use portcullis_middleware::{find_blocked, BoxError, DefaultStack, NetworkPolicy, PolicyHandle, Protocol, Target};
+use portcullis_middleware::{
+    find_blocked, BoxError, DefaultStack, NetworkPolicy, PolicyHandle, Protocol, Target,
+};
 use tower::{service_fn, Layer, ServiceExt};
 
 fn request(method: Method, authority: &str, protocol: Protocol) -> Result<Request<()>, BoxError> {
-    let uri = if method == Method::CONNECT { authority.to_owned() } else { format!("http://{authority}/") };
+    let uri = if method == Method::CONNECT {
+        authority.to_owned()
+    } else {
+        format!("http://{authority}/")
+    };
     let mut request = Request::builder().method(method).uri(uri).body(())?;
-    request.extensions_mut().insert(Target::parse_authority(authority, None)?);
+    request
+        .extensions_mut()
+        .insert(Target::parse_authority(authority, None)?);
     request.extensions_mut().insert(protocol);
     Ok(request)
 }
@@ -42,7 +50,11 @@ async fn main() -> Result<(), BoxError> {
     ];
     for (method, authority, protocol) in cases {
         println!("{method} {authority} ({protocol})");
-        match stack.clone().oneshot(request(method, authority, protocol)?).await {
+        match stack
+            .clone()
+            .oneshot(request(method, authority, protocol)?)
+            .await
+        {
             Ok(response) => println!("  allowed: {}", response.status()),
             Err(error) => match find_blocked(error.as_ref()) {
                 Some(blocked) => println!("  refused: {} — {}", blocked.reason, blocked.message),

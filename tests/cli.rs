@@ -1,4 +1,5 @@
 //! The `portcullis` binary: serve, run, check, and bad usage.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -1,5 +1,7 @@
 //! The HTTP/1 transport end to end, with curl and raw sockets on loopback.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use std::sync::atomic::Ordering;

@@ -1,4 +1,4 @@
-//! Resolves *ask* decisions by waiting for an [`Approver`].
+//! Resolves *ask* decisions by waiting for an approver.
 //!
 //! The [`PolicyService`](crate::PolicyService) marks an allowlist miss
 //! [`AwaitingApproval`] when an approver is configured; this layer holds such

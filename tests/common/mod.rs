@@ -1,6 +1,13 @@
 //! Shared harness: a loopback origin server, a proxy started from the
 //! library, and a curl runner. Everything binds 127.0.0.1:0.
-#![allow(dead_code, unreachable_pub, missing_docs)]
+#![allow(
+    dead_code,
+    unreachable_pub,
+    missing_docs,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic
+)]
 
 use std::collections::HashMap;
 use std::convert::Infallible;
