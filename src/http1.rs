@@ -26,7 +26,7 @@ use portcullis_middleware::{ClientAddr, Protocol, Target};
 
 use crate::body::{self, Body};
 use crate::connector::UpstreamConnection;
-use crate::proxy::{DrainGuard, ProxyService, ShutdownSignal};
+use crate::proxy::{accept_loop, DrainGuard, ProxyService, ShutdownSignal};
 use crate::rescue;
 
 /// How long a client may take to send a request head.
@@ -36,51 +36,45 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 pub(crate) async fn serve(
     listener: TcpListener,
     stack: ProxyService,
-    mut shutdown: ShutdownSignal,
+    shutdown: ShutdownSignal,
     drain: DrainGuard,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = shutdown.wait() => break,
-        };
-        let (stream, client) = match accepted {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                tracing::warn!(%error, "accept failed on the HTTP listener");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let stack = stack.clone();
-        let drain = drain.clone();
-        let mut shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let service_drain = drain.clone();
-            let service = hyper::service::service_fn(move |request| {
-                handle(request, client, stack.clone(), service_drain.clone())
-            });
-            let connection = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            tokio::pin!(connection);
-            tokio::select! {
-                result = connection.as_mut() => {
-                    if let Err(error) = result {
-                        tracing::debug!(%error, %client, "HTTP connection ended with an error");
+    let signal = shutdown.clone();
+    accept_loop(
+        listener,
+        signal,
+        drain,
+        "HTTP",
+        move |stream, client, drain| {
+            let stack = stack.clone();
+            let mut shutdown = shutdown.clone();
+            async move {
+                let service_drain = drain.clone();
+                let service = hyper::service::service_fn(move |request| {
+                    handle(request, client, stack.clone(), service_drain.clone())
+                });
+                let connection = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades();
+                tokio::pin!(connection);
+                tokio::select! {
+                    result = connection.as_mut() => {
+                        if let Err(error) = result {
+                            tracing::debug!(%error, %client, "HTTP connection ended with an error");
+                        }
+                    }
+                    () = shutdown.wait() => {
+                        connection.as_mut().graceful_shutdown();
+                        let _ = connection.await;
                     }
                 }
-                () = shutdown.wait() => {
-                    connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
-                }
+                drop(drain);
             }
-            drop(drain);
-        });
-    }
+        },
+    )
+    .await;
 }
 
 /// Handles one request; never fails (errors become responses).

@@ -42,6 +42,50 @@ pub type BoxApprover = BoxCloneService<ApprovalRequest, ApprovalOutcome, BoxErro
 
 type ServiceMap = Arc<dyn Fn(ProxyService) -> ProxyService + Send + Sync>;
 
+/// A layer as a function over the type-erased stack.
+fn erase<L>(layer: L) -> ServiceMap
+where
+    L: Layer<ProxyService> + Send + Sync + 'static,
+    L::Service: tower::Service<Request<Body>, Response = Response<Body>, Error = BoxError>
+        + Clone
+        + Send
+        + 'static,
+    <L::Service as tower::Service<Request<Body>>>::Future: Send + 'static,
+{
+    Arc::new(move |service| ProxyService::new(layer.layer(service)))
+}
+
+/// Accepts on `listener` until shutdown starts, handing each connection
+/// (with a drain guard) to `serve_one` on its own task.
+pub(crate) async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    mut shutdown: ShutdownSignal,
+    drain: DrainGuard,
+    what: &'static str,
+    serve_one: F,
+) where
+    F: Fn(tokio::net::TcpStream, SocketAddr, DrainGuard) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = shutdown.wait() => break,
+        };
+        match accepted {
+            Ok((stream, client)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(serve_one(stream, client, drain.clone()));
+            }
+            Err(error) => {
+                // Out of file descriptors and the like: back off, keep serving.
+                tracing::warn!(%error, "accept failed on the {what} listener");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 /// The integrator's outer layers, applied in order around the inner stack.
 #[derive(Clone)]
 struct OuterLayers(Vec<ServiceMap>);
@@ -261,9 +305,7 @@ impl ProxyBuilder {
             + 'static,
         <L::Service as tower::Service<Request<Body>>>::Future: Send + 'static,
     {
-        self.outer.push(Arc::new(move |service| {
-            ProxyService::new(layer.layer(service))
-        }));
+        self.outer.push(erase(layer));
         self
     }
 
@@ -278,9 +320,7 @@ impl ProxyBuilder {
             + 'static,
         <L::Service as tower::Service<Request<Body>>>::Future: Send + 'static,
     {
-        self.inner.push(Arc::new(move |service| {
-            ProxyService::new(layer.layer(service))
-        }));
+        self.inner.push(erase(layer));
         self
     }
 

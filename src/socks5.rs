@@ -32,7 +32,7 @@ use portcullis_middleware::{BoxError, ClientAddr, Protocol, Target};
 
 use crate::body;
 use crate::connector::{UpstreamConnection, VettedAddresses};
-use crate::proxy::{DrainGuard, ProxyService, ShutdownSignal};
+use crate::proxy::{accept_loop, DrainGuard, ProxyService, ShutdownSignal};
 use crate::rescue;
 
 /// How long a client has to finish the handshake and send its command.
@@ -52,37 +52,30 @@ pub(crate) async fn serve(
     listener: TcpListener,
     stack: ProxyService,
     settings: Settings,
-    mut shutdown: ShutdownSignal,
+    shutdown: ShutdownSignal,
     drain: DrainGuard,
 ) {
     let local_ip = listener
         .local_addr()
         .map(|a| a.ip())
         .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = shutdown.wait() => break,
-        };
-        let (stream, client) = match accepted {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                tracing::warn!(%error, "accept failed on the SOCKS5 listener");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
+    accept_loop(
+        listener,
+        shutdown,
+        drain,
+        "SOCKS5",
+        move |stream, client, drain| {
+            let stack = stack.clone();
+            let settings = settings.clone();
+            async move {
+                if let Err(error) = handle(stream, client, local_ip, stack, settings).await {
+                    tracing::debug!(%error, %client, "SOCKS5 session ended with an error");
+                }
+                drop(drain);
             }
-        };
-        let _ = stream.set_nodelay(true);
-        let stack = stack.clone();
-        let settings = settings.clone();
-        let drain = drain.clone();
-        tokio::spawn(async move {
-            if let Err(error) = handle(stream, client, local_ip, stack, settings).await {
-                tracing::debug!(%error, %client, "SOCKS5 session ended with an error");
-            }
-            drop(drain);
-        });
-    }
+        },
+    )
+    .await;
 }
 
 fn reply_for(code: u8) -> ReplyError {
