@@ -1,0 +1,102 @@
+//! The runner: upstream chaining, listener clamping, graceful shutdown.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use portcullis::middleware::NetworkPolicy;
+use portcullis::upstream::UpstreamProxies;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test]
+async fn chains_through_an_upstream_proxy() {
+    let origin = origin().await;
+    let localhost = "127.0.0.1".parse().unwrap();
+    // The upstream knows the name; the downstream does not resolve it at all.
+    let upstream = proxy(
+        allow(&["svc.test", "127.0.0.1"]),
+        &[("svc.test", localhost)],
+    )
+    .await;
+    let upstream_url = upstream.http_url();
+    let downstream = proxy_with(
+        NetworkPolicy::builder().allow("svc.test").unwrap().build(),
+        &[],
+        |b| b.upstream(Some(UpstreamProxies::fixed(&upstream_url, ""))),
+    )
+    .await;
+    let url = format!("http://svc.test:{}/chained", origin.addr.port());
+    let out = curl(&["-x", &downstream.http_url(), &url]).await;
+    assert_eq!(out.stdout, "hello /chained", "{}", out.stderr);
+    let out = curl(&["-p", "-x", &downstream.http_url(), &url]).await;
+    assert_eq!(
+        out.stdout, "hello /chained",
+        "CONNECT through the upstream: {}",
+        out.stderr
+    );
+    // The downstream still decides first.
+    let out = curl(&["-i", "-x", &downstream.http_url(), "http://other.test/"]).await;
+    assert_eq!(parse_response(&out.stdout).0, 403);
+    assert_eq!(
+        upstream.ring.total(),
+        0,
+        "the refused request never reached the upstream"
+    );
+}
+
+#[tokio::test]
+async fn non_loopback_listeners_are_clamped() {
+    let proxy = proxy_with(NetworkPolicy::default(), &[], |b| {
+        b.http_addr("0.0.0.0:0".parse().unwrap())
+    })
+    .await;
+    assert!(proxy.handle.http_addr().ip().is_loopback());
+    assert!(proxy.socks_addr().ip().is_loopback());
+    let proxy = proxy_with(NetworkPolicy::default(), &[], |b| {
+        b.http_addr("0.0.0.0:0".parse().unwrap())
+            .dangerously_allow_non_loopback(true)
+            .force_loopback(true)
+    })
+    .await;
+    assert!(
+        proxy.handle.http_addr().ip().is_loopback(),
+        "a unix socket permission forces loopback"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_lets_open_tunnels_finish_and_stops_accepting() {
+    let origin = origin().await;
+    let proxy = proxy(allow(&["127.0.0.1"]), &[]).await;
+    let http = proxy.handle.http_addr();
+    let request = format!("CONNECT {0} HTTP/1.1\r\nHost: {0}\r\n\r\n", origin.addr);
+    let (mut tunnel, head) = raw_exchange(http, &request).await;
+    assert!(head.starts_with("HTTP/1.1 200"));
+
+    let shutdown = tokio::spawn(proxy.handle.shutdown(Duration::from_secs(10)));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        tokio::net::TcpStream::connect(http).await.is_err(),
+        "the listener is closed"
+    );
+    assert!(
+        !shutdown.is_finished(),
+        "shutdown waits for the open tunnel"
+    );
+
+    tunnel
+        .write_all(b"GET /late HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    tunnel.read_to_string(&mut response).await.unwrap();
+    assert!(response.ends_with("hello /late"), "{response}");
+    drop(tunnel);
+    tokio::time::timeout(Duration::from_secs(10), shutdown)
+        .await
+        .unwrap()
+        .unwrap();
+}
