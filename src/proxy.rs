@@ -157,6 +157,7 @@ pub struct ProxyBuilder {
     http_addr: SocketAddr,
     socks_addr: Option<SocketAddr>,
     socks_udp: bool,
+    socks_credentials: Option<Arc<(String, String)>>,
     allow_non_loopback: bool,
     force_loopback: bool,
     policy: PolicyHandle,
@@ -193,6 +194,7 @@ impl Proxy {
             http_addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
             socks_addr: None,
             socks_udp: true,
+            socks_credentials: None,
             allow_non_loopback: false,
             force_loopback: false,
             policy: PolicyHandle::default(),
@@ -225,6 +227,17 @@ impl ProxyBuilder {
     /// Whether SOCKS5 UDP ASSOCIATE is served (default: yes).
     pub fn socks_udp(mut self, enabled: bool) -> ProxyBuilder {
         self.socks_udp = enabled;
+        self
+    }
+
+    /// Requires SOCKS5 clients to authenticate with this username and
+    /// password (no-auth is then refused with `05 FF`).
+    pub fn socks_credentials(
+        mut self,
+        username: impl Into<String>,
+        password: impl Into<String>,
+    ) -> ProxyBuilder {
+        self.socks_credentials = Some(Arc::new((username.into(), password.into())));
         self
     }
 
@@ -418,6 +431,7 @@ impl ProxyBuilder {
         if let Some(socks) = socks {
             let settings = crate::socks5::Settings {
                 udp: self.socks_udp,
+                credentials: self.socks_credentials.clone(),
             };
             tokio::spawn(crate::socks5::serve(
                 socks,

@@ -17,11 +17,12 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use fast_socks5::server::{
-    run_udp_proxy_custom, states, AuthMethodSuccessState, NoAuthentication, Socks5ServerProtocol,
-    StandardAuthentication, StandardAuthenticationStarted,
+    run_udp_proxy_custom, states, AuthMethodSuccessState, NoAuthentication, PasswordAuthentication,
+    Socks5ServerProtocol, SocksServerError, StandardAuthentication, StandardAuthenticationStarted,
 };
 use fast_socks5::util::target_addr::TargetAddr;
 use fast_socks5::{new_udp_header, parse_udp_request, ReplyError, Socks5Command};
@@ -41,10 +42,35 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_DATAGRAM: usize = 65_535;
 
 /// SOCKS5 listener settings.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub(crate) struct Settings {
     /// Whether UDP ASSOCIATE is served.
     pub(crate) udp: bool,
+    /// When set, clients must authenticate with this username and password
+    /// (RFC 1929) and no-auth is refused.
+    pub(crate) credentials: Option<Arc<(String, String)>>,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("udp", &self.udp)
+            .field(
+                "credentials",
+                &self.credentials.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+/// Compares without an early exit, so timing does not reveal the prefix.
+fn same_secret(given: &str, expected: &str) -> bool {
+    let (given, expected) = (given.as_bytes(), expected.as_bytes());
+    let mut difference = given.len() ^ expected.len();
+    for (index, byte) in expected.iter().enumerate() {
+        difference |= usize::from(given.get(index).copied().unwrap_or(0) ^ byte);
+    }
+    difference == 0
 }
 
 /// Accepts SOCKS5 clients until shutdown.
@@ -125,16 +151,30 @@ async fn handle(
     settings: Settings,
 ) -> Result<(), BoxError> {
     let handshake = async {
-        let methods = [StandardAuthentication::NoAuthentication(NoAuthentication)];
+        let no_auth = [StandardAuthentication::NoAuthentication(NoAuthentication)];
+        let password = [StandardAuthentication::PasswordAuthentication(
+            PasswordAuthentication,
+        )];
+        let methods: &[StandardAuthentication] = if settings.credentials.is_some() {
+            &password
+        } else {
+            &no_auth
+        };
         let proto = match Socks5ServerProtocol::start(stream)
-            .negotiate_auth(&methods)
+            .negotiate_auth(methods)
             .await?
         {
             StandardAuthenticationStarted::NoAuthentication(auth) => auth.finish_auth(),
             StandardAuthenticationStarted::PasswordAuthentication(auth) => {
-                let (_, _, auth) = auth.read_username_password().await?;
-                auth.reject().await?;
-                return Err(fast_socks5::server::SocksServerError::AuthenticationRejected);
+                let (user, pass, auth) = auth.read_username_password().await?;
+                let accepted = settings.credentials.as_ref().is_some_and(|expected| {
+                    same_secret(&user, &expected.0) & same_secret(&pass, &expected.1)
+                });
+                if !accepted {
+                    auth.reject().await?;
+                    return Err(SocksServerError::AuthenticationRejected);
+                }
+                auth.accept().await?.finish_auth()
             }
         };
         proto.read_command().await
@@ -208,11 +248,11 @@ async fn associate(
             let std_socket: std::net::UdpSocket = socket.into();
             let peer = UdpSocket::from_std(std_socket).map_err(|error| {
                 tracing::debug!(%error, "UDP relay socket");
-                fast_socks5::server::SocksServerError::Bug("UDP relay socket")
+                SocksServerError::Bug("UDP relay socket")
             })?;
             relay(peer, client, stack).await.map_err(|e| {
                 tracing::debug!(error = %e, "UDP relay ended");
-                fast_socks5::server::SocksServerError::Bug("UDP relay failed")
+                SocksServerError::Bug("UDP relay failed")
             })
         },
     )

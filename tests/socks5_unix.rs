@@ -406,3 +406,45 @@ async fn limited_mode_on_every_path() {
     .await;
     assert_eq!(parse_response(&out.stdout).0, 403);
 }
+
+#[tokio::test]
+async fn username_password_when_configured() {
+    let origin = origin().await;
+    let proxy = proxy_with(allow(&["127.0.0.1"]).build(), &[], |b| {
+        b.socks_credentials("agent", "s3cret")
+    })
+    .await;
+    let socks = proxy.socks_addr();
+    let mut stream = TcpStream::connect(socks).await.unwrap();
+    assert_eq!(
+        greet(&mut stream, &[0]).await,
+        [5, 0xff],
+        "no-auth is refused once credentials are set"
+    );
+    for (password, accepted) in [("wrong", false), ("s3cret", true)] {
+        let mut stream = TcpStream::connect(socks).await.unwrap();
+        assert_eq!(greet(&mut stream, &[0, 2]).await, [5, 2]);
+        let mut auth = vec![1, 5];
+        auth.extend_from_slice(b"agent");
+        auth.push(password.len() as u8);
+        auth.extend_from_slice(password.as_bytes());
+        stream.write_all(&auth).await.unwrap();
+        let mut reply = [0u8; 2];
+        stream.read_exact(&mut reply).await.unwrap();
+        assert_eq!(reply[0], 1);
+        assert_eq!(
+            reply[1] == 0,
+            accepted,
+            "RFC 1929: 0 is success, anything else failure ({password})"
+        );
+    }
+    let out = curl(&[
+        "--socks5-hostname",
+        &socks.to_string(),
+        "--proxy-user",
+        "agent:s3cret",
+        &format!("http://{}/authed", origin.addr),
+    ])
+    .await;
+    assert_eq!(out.stdout, "hello /authed", "{}", out.stderr);
+}
