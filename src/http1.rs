@@ -112,7 +112,7 @@ async fn route(
         };
         tokio::spawn(async move {
             match on_upgrade.await {
-                Ok(upgraded) => splice(TokioIo::new(upgraded), upstream).await,
+                Ok(upgraded) => splice_upgraded(upgraded, upstream).await,
                 Err(error) => tracing::debug!(%error, "CONNECT upgrade failed"),
             }
             drop(drain);
@@ -145,8 +145,7 @@ async fn route(
                     Ok((client_io, upstream_io)) => {
                         let mut client_io = TokioIo::new(client_io);
                         let mut upstream_io = TokioIo::new(upstream_io);
-                        let _ =
-                            tokio::io::copy_bidirectional(&mut client_io, &mut upstream_io).await;
+                        crate::splice::bidirectional(&mut client_io, &mut upstream_io).await;
                     }
                     Err(error) => tracing::debug!(%error, "upgrade failed"),
                 }
@@ -167,12 +166,27 @@ async fn call(
     }
 }
 
-async fn splice<T>(mut client: T, mut upstream: tokio::net::TcpStream)
-where
-    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        tracing::debug!(%error, "tunnel closed with an error");
+/// Splices a CONNECT client to its upstream. When the upgraded connection
+/// is our own TCP stream (always, with hyper's HTTP/1 server), it is taken
+/// back so both sides are plain sockets; bytes the client sent early are
+/// forwarded first.
+async fn splice_upgraded(upgraded: hyper::upgrade::Upgraded, mut upstream: tokio::net::TcpStream) {
+    match upgraded.downcast::<TokioIo<tokio::net::TcpStream>>() {
+        Ok(parts) => {
+            let mut client = parts.io.into_inner();
+            if !parts.read_buf.is_empty() {
+                if let Err(error) =
+                    tokio::io::AsyncWriteExt::write_all(&mut upstream, &parts.read_buf).await
+                {
+                    tracing::debug!(%error, "tunnel closed with an error");
+                    return;
+                }
+            }
+            crate::splice::bidirectional(&mut client, &mut upstream).await;
+        }
+        Err(upgraded) => {
+            crate::splice::bidirectional(&mut TokioIo::new(upgraded), &mut upstream).await
+        }
     }
 }
 

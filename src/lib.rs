@@ -35,6 +35,7 @@ pub mod proxy;
 pub mod rescue;
 pub mod resolve;
 mod socks5;
+mod splice;
 pub mod upstream;
 
 pub use portcullis_middleware as middleware;

@@ -228,7 +228,7 @@ async fn connect(
         .local_addr()
         .unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0));
     let mut client_stream = proto.reply_success(bound).await?;
-    let _ = tokio::io::copy_bidirectional(&mut client_stream, &mut upstream).await;
+    crate::splice::bidirectional(&mut client_stream, &mut upstream).await;
     Ok(())
 }
 
