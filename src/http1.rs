@@ -120,6 +120,14 @@ async fn route(
         return Ok(Response::new(body::empty()));
     }
 
+    if request.headers().contains_key(header::CONTENT_LENGTH)
+        && request.headers().contains_key(header::TRANSFER_ENCODING)
+    {
+        // RFC 9112 §6.3: a request smuggling vector; refuse rather than guess.
+        return Err(rescue::bad_request(
+            "the request has both Content-Length and Transfer-Encoding",
+        ));
+    }
     let (target, protocol) = if let Some(value) = request.headers().get(X_UNIX_SOCKET) {
         let path = value
             .to_str()
