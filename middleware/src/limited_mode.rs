@@ -267,6 +267,20 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn backpressure_and_inner_errors_pass_through() {
+        let (mut service, mut mock) =
+            mock::spawn_layer::<Request<()>, Response<()>, _>(LimitedModeLayer::new(limited()));
+        mock.allow(0);
+        assert!(service.poll_ready().is_pending());
+        mock.allow(1);
+        assert!(service.poll_ready().is_ready());
+        let response = service.call(request("GET", Protocol::Http, &[]));
+        let (_, send) = mock.next_request().await.unwrap();
+        send.send_error("upstream failed");
+        assert_eq!(response.await.unwrap_err().to_string(), "upstream failed");
+    }
+
+    #[tokio::test]
     async fn full_mode_refuses_nothing() {
         let full = PolicyHandle::new(NetworkPolicy::default());
         assert_eq!(
