@@ -171,7 +171,9 @@ impl Blocked {
 
     /// Sets the rule that decided, and mentions it in the message.
     pub fn with_rule(mut self, rule: Option<String>) -> Blocked {
-        if let Some(rule) = &rule {
+        // A configured entry is worth naming; the local-address check already
+        // explains itself in the message.
+        if let (Some(rule), false) = (&rule, self.reason == Reason::NotAllowedLocal) {
             self.message.push_str(&format!(" (rule: {rule})"));
         }
         self.rule = rule;

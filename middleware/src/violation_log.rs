@@ -439,7 +439,10 @@ mod tests {
         let (mut service, mut mock) =
             mock::spawn_layer::<Request<()>, Response<()>, _>(ViolationLogLayer::new(ring.clone()));
         mock.allow(0);
-        assert!(service.poll_ready().is_pending(), "back-pressure passes through");
+        assert!(
+            service.poll_ready().is_pending(),
+            "back-pressure passes through"
+        );
         mock.allow(2);
         assert!(service.poll_ready().is_ready());
         let response = service.call(Request::new(()));
