@@ -39,4 +39,4 @@ mod splice;
 pub mod upstream;
 
 pub use portcullis_middleware as middleware;
-pub use proxy::{Proxy, ProxyBuilder, ProxyHandle, ProxyService, StartError};
+pub use proxy::{Proxy, ProxyBuilder, ProxyHandle, ProxyLayer, ProxyService, StartError};

@@ -40,10 +40,18 @@ pub type ProxyService = BoxCloneService<Request<Body>, Response<Body>, BoxError>
 /// A type-erased approver.
 pub type BoxApprover = BoxCloneService<ApprovalRequest, ApprovalOutcome, BoxError>;
 
-type ServiceMap = Arc<dyn Fn(ProxyService) -> ProxyService + Send + Sync>;
+type ServiceMap = Arc<dyn ProxyLayer>;
 
-/// A layer as a function over the type-erased stack.
-fn erase<L>(layer: L) -> ServiceMap
+/// A tower layer that can wrap the type-erased stack: what
+/// [`ProxyBuilder::outer_layer`] and [`ProxyBuilder::inner_layer`] take.
+/// Implemented for every `Layer<ProxyService>` whose service speaks our
+/// request and response types.
+pub trait ProxyLayer: Send + Sync + 'static {
+    /// Wraps `service`.
+    fn wrap(&self, service: ProxyService) -> ProxyService;
+}
+
+impl<L> ProxyLayer for L
 where
     L: Layer<ProxyService> + Send + Sync + 'static,
     L::Service: tower::Service<Request<Body>, Response = Response<Body>, Error = BoxError>
@@ -52,7 +60,9 @@ where
         + 'static,
     <L::Service as tower::Service<Request<Body>>>::Future: Send + 'static,
 {
-    Arc::new(move |service| ProxyService::new(layer.layer(service)))
+    fn wrap(&self, service: ProxyService) -> ProxyService {
+        ProxyService::new(self.layer(service))
+    }
 }
 
 /// Accepts on `listener` until shutdown starts, handing each connection
@@ -103,7 +113,7 @@ where
     fn layer(&self, service: S) -> ProxyService {
         let mut service = ProxyService::new(service);
         for map in self.0.iter().rev() {
-            service = map(service);
+            service = map.wrap(service);
         }
         service
     }
@@ -308,32 +318,17 @@ impl ProxyBuilder {
     }
 
     /// Inserts a layer of your own just inside the violation log (it sees
-    /// every request; its refusals are logged).
-    pub fn outer_layer<L>(mut self, layer: L) -> ProxyBuilder
-    where
-        L: Layer<ProxyService> + Send + Sync + 'static,
-        L::Service: tower::Service<Request<Body>, Response = Response<Body>, Error = BoxError>
-            + Clone
-            + Send
-            + 'static,
-        <L::Service as tower::Service<Request<Body>>>::Future: Send + 'static,
-    {
-        self.outer.push(erase(layer));
+    /// every request; its refusals are logged). Layers added later sit
+    /// further in.
+    pub fn outer_layer(mut self, layer: impl ProxyLayer) -> ProxyBuilder {
+        self.outer.push(Arc::new(layer));
         self
     }
 
     /// Inserts a layer of your own just outside the connector (it sees only
-    /// allowed requests).
-    pub fn inner_layer<L>(mut self, layer: L) -> ProxyBuilder
-    where
-        L: Layer<ProxyService> + Send + Sync + 'static,
-        L::Service: tower::Service<Request<Body>, Response = Response<Body>, Error = BoxError>
-            + Clone
-            + Send
-            + 'static,
-        <L::Service as tower::Service<Request<Body>>>::Future: Send + 'static,
-    {
-        self.inner.push(erase(layer));
+    /// allowed requests). Layers added later sit further in.
+    pub fn inner_layer(mut self, layer: impl ProxyLayer) -> ProxyBuilder {
+        self.inner.push(Arc::new(layer));
         self
     }
 
@@ -380,7 +375,7 @@ impl ProxyBuilder {
         );
         let mut connector = ProxyService::new(Connector::new(dialer, tls, self.upstream.clone()));
         for map in self.inner.iter().rev() {
-            connector = map(connector);
+            connector = map.wrap(connector);
         }
         let outer = OuterLayers(self.outer.clone());
         let stack = DefaultStack::new(self.policy.clone()).violations(self.violations.clone());
