@@ -36,6 +36,7 @@ pub fn http_response(error: &BoxError) -> Response<Body> {
                 UpstreamErrorKind::Refused => "refused",
                 UpstreamErrorKind::TimedOut => "timed_out",
                 UpstreamErrorKind::Unresolved => "unresolved",
+                UpstreamErrorKind::NetworkUnreachable => "network_unreachable",
                 _ => "unreachable",
             };
             json_response(
@@ -83,8 +84,8 @@ fn json_response(
 }
 
 /// The SOCKS5 reply code for an error: refusals 0x02, bad requests 0x01,
-/// connection refused 0x05, host unreachable 0x04, network unreachable
-/// 0x03, timeouts 0x06, anything else 0x01.
+/// connection refused 0x05, host unreachable or unresolved 0x04, network
+/// unreachable 0x03, timeouts 0x06, anything else 0x01.
 pub fn socks5_reply_code(error: &BoxError) -> u8 {
     match ProxyErrorRef::find(error.as_ref()) {
         Some(ProxyErrorRef::Blocked(_)) => 0x02,
@@ -92,9 +93,84 @@ pub fn socks5_reply_code(error: &BoxError) -> u8 {
         Some(ProxyErrorRef::Upstream(upstream)) => match upstream.kind {
             UpstreamErrorKind::Refused => 0x05,
             UpstreamErrorKind::TimedOut => 0x06,
-            UpstreamErrorKind::Unresolved => 0x04,
-            _ => 0x03,
+            UpstreamErrorKind::NetworkUnreachable => 0x03,
+            _ => 0x04,
         },
         _ => 0x01,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use portcullis_middleware::{
+        BadRequest, Blocked, Protocol, Reason, Source, Target, UpstreamError,
+    };
+
+    fn upstream(kind: UpstreamErrorKind) -> BoxError {
+        UpstreamError {
+            kind,
+            target: "x.test:1".into(),
+            detail: "d".into(),
+        }
+        .into()
+    }
+
+    #[test]
+    fn wire_answers() {
+        let target = Target::parse_authority("x.test:443", None).unwrap();
+        let blocked: BoxError = Blocked::new(
+            Reason::Denied,
+            Source::Policy,
+            target,
+            Protocol::Socks5Tcp,
+            &http::Method::CONNECT,
+        )
+        .into();
+        let cases: Vec<(BoxError, u16, &str, u8)> = vec![
+            (blocked, 403, "blocked-by-denylist", 0x02),
+            (BadRequest::new("bad").into(), 400, "bad-request", 0x01),
+            (
+                upstream(UpstreamErrorKind::Refused),
+                502,
+                "upstream-unreachable",
+                0x05,
+            ),
+            (
+                upstream(UpstreamErrorKind::Unreachable),
+                502,
+                "upstream-unreachable",
+                0x04,
+            ),
+            (
+                upstream(UpstreamErrorKind::Unresolved),
+                502,
+                "upstream-unreachable",
+                0x04,
+            ),
+            (
+                upstream(UpstreamErrorKind::NetworkUnreachable),
+                502,
+                "upstream-unreachable",
+                0x03,
+            ),
+            (
+                upstream(UpstreamErrorKind::TimedOut),
+                504,
+                "upstream-timeout",
+                0x06,
+            ),
+            ("something else".into(), 502, "proxy-error", 0x01),
+        ];
+        for (error, status, header, reply) in cases {
+            let response = http_response(&error);
+            assert_eq!(response.status().as_u16(), status, "{error}");
+            assert_eq!(response.headers()[X_PROXY_ERROR], header, "{error}");
+            assert_eq!(
+                response.headers()[http::header::CONTENT_TYPE],
+                "application/json"
+            );
+            assert_eq!(socks5_reply_code(&error), reply, "{error}");
+        }
     }
 }

@@ -4,8 +4,8 @@
 //! No policy logic lives here.
 //!
 //! Reply codes: refusals 0x02; a malformed address 0x01; dial errors 0x05
-//! (refused), 0x04 (name did not resolve), 0x03 (unreachable), 0x06 (timed
-//! out); `BIND` (and UDP when disabled) 0x07; no acceptable auth method
+//! (refused), 0x04 (host unreachable, name did not resolve), 0x03 (network
+//! unreachable), 0x06 (timed out); `BIND` (and UDP when disabled) 0x07; no acceptable auth method
 //! `05 FF`.
 //!
 //! The UDP relay accepts datagrams only from the client's IP (and, after the

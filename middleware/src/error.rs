@@ -8,7 +8,7 @@
 //! | --- | --- | --- |
 //! | [`Blocked`] (any [`Reason`]) | 403, `x-proxy-error: Reason::header_value`, JSON body | 0x02 |
 //! | [`BadRequest`] | 400 | 0x01 |
-//! | [`UpstreamError`] refused / unreachable / timed out / unresolved | 502 / 502 / 504 / 502 | 0x05 / 0x03 / 0x06 / 0x04 |
+//! | [`UpstreamError`] refused / host unreachable / unresolved / network unreachable / timed out | 502 / 502 / 502 / 502 / 504 | 0x05 / 0x04 / 0x04 / 0x03 / 0x06 |
 //!
 //! Anything else is a 502 and a warning in the log.
 
@@ -269,8 +269,10 @@ impl BadRequest {
 pub enum UpstreamErrorKind {
     /// The upstream refused the connection (or reset it).
     Refused,
-    /// The upstream could not be reached.
+    /// The upstream host could not be reached.
     Unreachable,
+    /// The network the upstream is on could not be reached.
+    NetworkUnreachable,
     /// Connecting (or resolving) took too long.
     TimedOut,
     /// The name did not resolve.
@@ -298,6 +300,7 @@ impl UpstreamError {
                 UpstreamErrorKind::Refused
             }
             K::TimedOut => UpstreamErrorKind::TimedOut,
+            K::NetworkUnreachable => UpstreamErrorKind::NetworkUnreachable,
             _ => UpstreamErrorKind::Unreachable,
         };
         UpstreamError {
