@@ -114,26 +114,36 @@ pub fn is_read_only(method: &Method) -> bool {
     *method == Method::GET || *method == Method::HEAD || *method == Method::OPTIONS
 }
 
-fn refusal<B>(request: &Request<B>) -> Result<Option<Reason>, crate::BadRequest> {
+/// The refusal limited mode makes of this request, if any.
+fn refusal<B>(request: &Request<B>) -> Result<Option<Blocked>, crate::BadRequest> {
     let info = RequestInfo::from_request(request)?;
-    if info.protocol.is_socks() {
-        return Ok(Some(Reason::MethodNotAllowed));
-    }
-    if info.method == Method::CONNECT {
-        return Ok(match request.extensions().get::<Intercepted>() {
+    let headers = request.headers();
+    let reason = if info.protocol.is_socks() {
+        Some(Reason::MethodNotAllowed)
+    } else if info.method == Method::CONNECT {
+        match request.extensions().get::<Intercepted>() {
             Some(_) => None,
             None => Some(Reason::MitmRequired),
-        });
-    }
-    let headers = request.headers();
-    let smuggles = METHOD_OVERRIDE_HEADERS
-        .iter()
-        .any(|name| headers.contains_key(name))
-        || headers.contains_key(header::UPGRADE);
-    if !is_read_only(&info.method) || smuggles {
-        return Ok(Some(Reason::MethodNotAllowed));
-    }
-    Ok(None)
+        }
+    } else if !is_read_only(&info.method)
+        || METHOD_OVERRIDE_HEADERS
+            .iter()
+            .any(|name| headers.contains_key(name))
+        || headers.contains_key(header::UPGRADE)
+    {
+        Some(Reason::MethodNotAllowed)
+    } else {
+        None
+    };
+    Ok(reason.map(|reason| {
+        Blocked::new(
+            reason,
+            Source::LimitedMode,
+            info.target,
+            info.protocol,
+            &info.method,
+        )
+    }))
 }
 
 impl<S, B> Service<Request<B>> for LimitedMode<S>
@@ -155,16 +165,7 @@ where
         }
         match refusal(&request) {
             Ok(None) => ResponseFuture::inner(self.inner.call(request)),
-            Ok(Some(reason)) => match RequestInfo::from_request(&request) {
-                Ok(info) => ResponseFuture::refused(Blocked::new(
-                    reason,
-                    Source::LimitedMode,
-                    info.target,
-                    info.protocol,
-                    &info.method,
-                )),
-                Err(bad) => ResponseFuture::refused(bad),
-            },
+            Ok(Some(blocked)) => ResponseFuture::refused(blocked),
             Err(bad) => ResponseFuture::refused(bad),
         }
     }

@@ -8,7 +8,7 @@
 //! the request is marked [`AwaitingApproval`] and passed on, and the
 //! [`ApprovalWait`](crate::ApprovalWait) layer below resolves it. Denials and
 //! local-address refusals are final and never reach an approver. A request
-//! without a [`Target`](crate::Target) is a [`BadRequest`](crate::BadRequest)
+//! without a [`Target`] is a [`BadRequest`]
 //! (fail closed).
 //!
 //! On HTTP a refusal is a 403 with `x-proxy-error: blocked-by-allowlist` or
@@ -47,7 +47,9 @@ use crate::approval::AwaitingApproval;
 use crate::error::{BlockDecision, Blocked, BoxError, Source};
 use crate::future::ResponseFuture;
 use crate::policy::{Decision, PolicyHandle};
-use crate::request::RequestInfo;
+use crate::request::{Protocol, RequestInfo};
+use crate::target::Target;
+use crate::BadRequest;
 use crate::Reason;
 
 /// Configures [`PolicyService`].
@@ -128,31 +130,38 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let info = match RequestInfo::from_request(&request) {
-            Ok(info) => info,
-            Err(bad) => return ResponseFuture::refused(bad),
+        // Decide on the borrowed target; the request model is copied only
+        // when a refusal has to carry it.
+        let extensions = request.extensions();
+        let (Some(target), Some(_)) = (extensions.get::<Target>(), extensions.get::<Protocol>())
+        else {
+            return ResponseFuture::refused(match RequestInfo::from_request(&request) {
+                Err(bad) => bad,
+                Ok(_) => BadRequest::new("the request model is incomplete"),
+            });
         };
-        let blocked = |reason| {
-            Blocked::new(
-                reason,
-                Source::Policy,
-                info.target.clone(),
-                info.protocol,
-                &info.method,
-            )
-        };
-        match self.layer.policy.load().decide(&info.target) {
-            Decision::Allow { .. } => ResponseFuture::inner(self.inner.call(request)),
-            Decision::Deny { reason, rule } => {
-                ResponseFuture::refused(blocked(reason).with_rule(Some(rule)))
-            }
-            Decision::Miss if self.layer.ask_on_miss && info.target.host_ref().is_some() => {
+        let (reason, rule) = match self.layer.policy.load().decide(target) {
+            Decision::Allow { .. } => return ResponseFuture::inner(self.inner.call(request)),
+            Decision::Miss if self.layer.ask_on_miss && target.host_ref().is_some() => {
                 request.extensions_mut().insert(AwaitingApproval);
-                ResponseFuture::inner(self.inner.call(request))
+                return ResponseFuture::inner(self.inner.call(request));
             }
-            Decision::Miss => ResponseFuture::refused(
-                blocked(Reason::NotAllowed).with_decision(BlockDecision::Deny),
+            Decision::Deny { reason, rule } => (reason, Some(rule)),
+            Decision::Miss => (Reason::NotAllowed, None),
+        };
+        match RequestInfo::from_request(&request) {
+            Ok(info) => ResponseFuture::refused(
+                Blocked::new(
+                    reason,
+                    Source::Policy,
+                    info.target,
+                    info.protocol,
+                    &info.method,
+                )
+                .with_rule(rule)
+                .with_decision(BlockDecision::Deny),
             ),
+            Err(bad) => ResponseFuture::refused(bad),
         }
     }
 }
