@@ -236,12 +236,14 @@ fn default_message(reason: Reason, target: &Target, method: &http::Method) -> St
         Reason::MitmRequired => format!(
             "portcullis refused CONNECT {target}: limited mode needs HTTPS interception to see methods; enable [network.mitm] or use mode = \"full\""
         ),
-        Reason::ApprovalDenied => format!("portcullis refused {target}: the approver denied it"),
+        Reason::ApprovalDenied => format!(
+            "portcullis refused {target}: the approver denied it; add it to allowed_domains if it should be reachable"
+        ),
         Reason::ApprovalTimedOut => format!(
             "portcullis refused {target}: no approval arrived in time; approve it sooner or add it to allowed_domains"
         ),
         Reason::ApprovalFailed => format!(
-            "portcullis refused {target}: the approver failed, so the request was denied (fail closed)"
+            "portcullis refused {target}: the approver failed, so the request was denied (fail closed); check the approver, or add the host to allowed_domains"
         ),
     }
 }
