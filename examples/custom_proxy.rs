@@ -15,7 +15,7 @@ use portcullis::body::Body;
 use portcullis::middleware::{BoxError, NetworkPolicy, PolicyHandle, Target};
 use portcullis::Proxy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tower::{service_fn, ServiceExt};
+use tower::util::MapRequestLayer;
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
@@ -35,18 +35,16 @@ async fn main() -> Result<(), BoxError> {
     // Our own layer: counts every request that the policy let through, by destination.
     let seen = Arc::new(AtomicUsize::new(0));
     let counter = seen.clone();
-    let counting = tower::layer::layer_fn(move |inner: portcullis::ProxyService| {
-        let counter = counter.clone();
-        service_fn(move |request: Request<Body>| {
-            let target = request
-                .extensions()
-                .get::<Target>()
-                .map(|t| t.to_string())
-                .unwrap_or_default();
-            counter.fetch_add(1, Ordering::SeqCst);
-            eprintln!("custom layer: {} {target}", request.method());
-            inner.clone().oneshot(request)
-        })
+    // Any tower layer generic over the inner service fits; this one only looks.
+    let counting = MapRequestLayer::new(move |request: Request<Body>| {
+        let target = request
+            .extensions()
+            .get::<Target>()
+            .map(|t| t.to_string())
+            .unwrap_or_default();
+        counter.fetch_add(1, Ordering::SeqCst);
+        eprintln!("custom layer: {} {target}", request.method());
+        request
     });
 
     let policy = PolicyHandle::new(NetworkPolicy::builder().allow("127.0.0.1")?.build());

@@ -4,7 +4,6 @@
 //! 69 when the proxy cannot start; `check` exits 0 allow / 1 deny / 2 ask;
 //! `run` exits with the child's status (128 + N when a signal N ended it).
 
-use std::collections::HashMap;
 use std::ffi::OsString;
 use std::io::{IsTerminal, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -15,14 +14,18 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use http::Request;
 use portcullis_middleware::policy::Decision;
 use portcullis_middleware::{
-    JsonLinesSink, Mode, PolicyHandle, Target, ViolationLogLayer, ViolationRing,
+    find_blocked, BlockDecision, JsonLinesSink, Mode, PolicyHandle, Protocol, Target,
+    ViolationLogLayer, ViolationRing,
 };
 
+use crate::body::Body;
+
 use crate::config::{Config, ConfigError};
-use crate::proxy::{Proxy, ProxyBuilder, ProxyHandle};
 use crate::resolve::{StaticResolver, SystemResolver};
+use crate::runner::{Proxy, ProxyBuilder, ProxyHandle};
 use crate::upstream::UpstreamProxies;
 
 /// EX_USAGE.
@@ -112,7 +115,11 @@ struct RunArgs {
 struct CheckArgs {
     #[command(flatten)]
     options: Options,
-    /// A URL (http://host/…) or host:port.
+    /// The method of an http:// request (limited mode decides on it);
+    /// https:// and host:port targets are CONNECTs.
+    #[arg(long, value_name = "METHOD")]
+    method: Option<String>,
+    /// A URL (http://host/…, https://host/…) or host:port.
     target: String,
 }
 
@@ -228,6 +235,8 @@ pub fn main() -> ExitCode {
     };
     let (command, default_filter) = match cli.command {
         Some(Command::Run(args)) => (Command::Run(args), "warn"),
+        // `check` answers on stdout; its refusal is not news for the log.
+        Some(Command::Check(args)) => (Command::Check(args), "error"),
         Some(command) => (command, "info"),
         None => (Command::Serve(cli.options), "info"),
     };
@@ -246,7 +255,7 @@ pub fn main() -> ExitCode {
         match command {
             Command::Serve(options) => serve(options).await,
             Command::Run(args) => run(args).await,
-            Command::Check(args) => check(args),
+            Command::Check(args) => check(args).await,
         }
     })
 }
@@ -409,25 +418,17 @@ async fn wait_forwarding_signals(
     }
 }
 
-fn check(args: CheckArgs) -> ExitCode {
+async fn check(args: CheckArgs) -> ExitCode {
     let loaded = match args.options.load() {
         Ok(loaded) => loaded,
         Err(error) => return usage_error(&error),
     };
-    let policy = match loaded.config.policy(&loaded.origin) {
-        Ok(policy) => policy,
+    let (builder, _ring) = match loaded.builder() {
+        Ok(built) => built,
         Err(error) => return usage_error(&error),
     };
-    let target = if args.target.contains("://") {
-        args.target
-            .parse::<http::Uri>()
-            .map_err(|e| e.to_string())
-            .and_then(|uri| Target::from_uri(&uri).map_err(|e| e.to_string()))
-    } else {
-        Target::parse_authority(&args.target, None).map_err(|e| e.to_string())
-    };
-    let target = match target {
-        Ok(target) => target,
+    let request = match check_request(&args.target, args.method.as_deref()) {
+        Ok(request) => request,
         Err(error) => {
             return usage_error(&format!(
                 "invalid target {:?}: {error} (use a URL or host:port)",
@@ -435,23 +436,80 @@ fn check(args: CheckArgs) -> ExitCode {
             ))
         }
     };
-    let (line, code) = match policy.decide(&target) {
-        Decision::Allow { rule } => (format!("allow {target}\nrule: {rule}"), 0),
-        Decision::Deny { reason, rule } => (format!("deny {target}\nreason: {reason}\nrule: {rule}"), 1),
-        Decision::Miss => (
-            format!("deny {target}\nreason: not_allowed\nrule: no allowed_domains entry matches (an approver would be asked, if one were configured)"),
-            1,
-        ),
+    let Some(target) = request.extensions().get::<Target>().cloned() else {
+        return usage_error(&"the target could not be parsed");
     };
-    let _ = writeln!(std::io::stdout(), "{line}");
+    // The decision is the stack's; the allowlist is read again only to
+    // name the entry that allowed it.
+    let decision = crate::transport::call_stack(builder.decision_service(), request).await;
+    let (text, code) = match decision {
+        Ok(_) => {
+            let rule = match loaded
+                .config
+                .policy(&loaded.origin)
+                .map(|p| p.decide(&target))
+            {
+                Ok(Decision::Allow { rule }) => rule,
+                _ => "allow_local_binding".to_owned(),
+            };
+            (format!("allow {target}\nrule: {rule}"), 0)
+        }
+        Err(error) => match find_blocked(error.as_ref()) {
+            Some(blocked) if blocked.decision == BlockDecision::Ask => (
+                format!(
+                    "ask {target}\nreason: {}\nmessage: {}",
+                    blocked.reason, blocked.message
+                ),
+                2,
+            ),
+            Some(blocked) => (
+                format!(
+                    "deny {target}\nreason: {}\nrule: {}\nmessage: {}",
+                    blocked.reason,
+                    blocked.rule.as_deref().unwrap_or("none"),
+                    blocked.message
+                ),
+                1,
+            ),
+            None => (format!("unreachable {target}\nerror: {error}"), 1),
+        },
+    };
+    let _ = writeln!(std::io::stdout(), "{text}");
     ExitCode::from(code)
 }
 
-/// Static answers for `--resolve`-style tables (used by tests and examples).
-pub fn static_hosts(entries: &[(&str, IpAddr)]) -> HashMap<String, Vec<IpAddr>> {
-    let mut hosts: HashMap<String, Vec<IpAddr>> = HashMap::new();
-    for (name, ip) in entries {
-        hosts.entry((*name).to_owned()).or_default().push(*ip);
+/// The request a live client would send for `target`: an absolute-form
+/// request for an `http://` URL (with `method`, GET by default), a `CONNECT`
+/// for an `https://` URL or `host:port`.
+fn check_request(target: &str, method: Option<&str>) -> Result<Request<Body>, String> {
+    let client = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
+    let (uri, parsed) = if target.contains("://") {
+        let uri: http::Uri = target
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| e.to_string())?;
+        let parsed = Target::from_uri(&uri).map_err(|e| e.to_string())?;
+        (Some(uri), parsed)
+    } else {
+        let parsed = Target::parse_authority(target, None).map_err(|e| e.to_string())?;
+        (None, parsed)
+    };
+    match uri {
+        Some(uri) if uri.scheme_str() == Some("http") => {
+            let method = http::Method::from_bytes(method.unwrap_or("GET").as_bytes())
+                .map_err(|e| e.to_string())?;
+            let mut request = Request::builder()
+                .method(method)
+                .uri(uri)
+                .body(crate::body::empty())
+                .map_err(|e| e.to_string())?;
+            crate::transport::insert_model(&mut request, parsed, Protocol::Http, client);
+            Ok(request)
+        }
+        _ if method.is_some_and(|m| m != "CONNECT") => Err(
+            "an https:// or host:port target is a CONNECT tunnel; --method is for http:// URLs"
+                .into(),
+        ),
+        _ => crate::transport::synthesized_connect(&parsed, Protocol::HttpsConnect, client)
+            .map_err(|e| e.to_string()),
     }
-    hosts
 }

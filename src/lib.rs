@@ -2,7 +2,7 @@
 //! stack.
 //!
 //! This crate holds the transports (HTTP/1 absolute-form and CONNECT,
-//! SOCKS5 TCP and UDP, `x-unix-socket` forwarding), the [`connector`] that
+//! SOCKS5 TCP and UDP, `x-unix-socket` forwarding), the connector that
 //! dials only vetted addresses, the [`config`], the runner ([`Proxy`]) and
 //! the binary's [`cli`]. The decision layers, the request model and the
 //! policy live in [`portcullis_middleware`], re-exported as [`middleware`].
@@ -24,19 +24,28 @@
 //! }
 //! # Ok(()) }
 //! ```
+//!
+//! # Layout
+//!
+//! | module | holds |
+//! | --- | --- |
+//! | `transport/` | the ways in: `http1/` and `socks5/` (each with its own `rescue`, the one place errors become that wire's answers), `unix` (`x-unix-socket`), the shared accept loop, drain and request-model insertion |
+//! | `connector/` | the innermost service: resolve once, vet, dial; the pooled upstream client, [`upstream`] chaining, Unix-socket forwarding, the [`resolve`] trait |
+//! | [`runner`] | [`Proxy::builder`]: composes the stack once and starts the transports |
+//! | [`config`], [`cli`], [`env`] | the binary: TOML and flags, `serve` / `run` / `check`, the child's proxy variables |
+//!
+//! HTTPS interception goes in as `transport/mitm/`, bundled approvers beside
+//! the runner in `approvers/`.
 
 pub mod body;
 pub mod cli;
 pub mod config;
-pub mod connector;
+mod connector;
 pub mod env;
-mod http1;
-pub mod proxy;
-pub mod rescue;
-pub mod resolve;
-mod socks5;
-mod splice;
-pub mod upstream;
+pub mod runner;
+mod transport;
 
+pub use connector::{resolve, upstream, Connector};
 pub use portcullis_middleware as middleware;
-pub use proxy::{Proxy, ProxyBuilder, ProxyHandle, ProxyLayer, ProxyService, StartError};
+pub use runner::{BoxApprover, Proxy, ProxyBuilder, ProxyHandle, StartError};
+pub use transport::ProxyService;

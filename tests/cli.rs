@@ -118,10 +118,14 @@ async fn serve_prints_the_environment_then_stops_on_sigterm() {
 
 #[tokio::test]
 async fn check_prints_decision_and_rule() {
+    // `check` resolves an allowed name like the proxy would (never dials):
+    // a static answer keeps the lookup off the network.
     let (code, stdout, _) = output(portcullis().args([
         "check",
         "--allow",
         "*.example.com",
+        "--resolve",
+        "api.example.com=1.2.3.4",
         "https://api.example.com/v1",
     ]))
     .await;

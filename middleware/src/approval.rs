@@ -54,10 +54,11 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use http::Request;
+use http::{Request, Response};
+use pin_project_lite::pin_project;
 use tokio::sync::watch;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -165,7 +166,7 @@ where
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Answer {
-    Allow,
+    Allow { once: bool },
     Refuse(Reason),
 }
 
@@ -188,7 +189,7 @@ pub const DEFAULT_APPROVAL_TIMEOUT: Duration = Duration::from_secs(60);
 /// session approvals.
 #[derive(Debug, Clone)]
 pub struct ApprovalWaitLayer<A> {
-    approver: A,
+    approver: Option<A>,
     timeout: Duration,
     questions: Arc<Questions>,
 }
@@ -197,8 +198,20 @@ impl<A> ApprovalWaitLayer<A> {
     /// Waits on `approver` for at most `timeout` per question.
     pub fn new(approver: A, timeout: Duration) -> ApprovalWaitLayer<A> {
         ApprovalWaitLayer {
-            approver,
+            approver: Some(approver),
             timeout,
+            questions: Arc::default(),
+        }
+    }
+
+    /// A layer with no approver: it asks nobody, and a request marked
+    /// [`AwaitingApproval`] passes on still marked, so the connector below
+    /// refuses it with decision *ask*. `portcullis check` decides through
+    /// such a stack to tell which requests would be put to an approver.
+    pub fn without_approver() -> ApprovalWaitLayer<A> {
+        ApprovalWaitLayer {
+            approver: None,
+            timeout: DEFAULT_APPROVAL_TIMEOUT,
             questions: Arc::default(),
         }
     }
@@ -232,7 +245,7 @@ impl<S, A: Clone> Layer<S> for ApprovalWaitLayer<A> {
 #[derive(Debug, Clone)]
 pub struct ApprovalWait<S, A> {
     inner: S,
-    approver: A,
+    approver: Option<A>,
     timeout: Duration,
     questions: Arc<Questions>,
 }
@@ -257,74 +270,184 @@ impl<S, A> ApprovalWait<S, A> {
     }
 }
 
-/// The future of [`ApprovalWait`].
-pub type ResponseFuture<T> = Pin<Box<dyn Future<Output = Result<T, BoxError>> + Send>>;
-
-impl<S, A, B> Service<Request<B>> for ApprovalWait<S, A>
+impl<S, A, B, RB> Service<Request<B>> for ApprovalWait<S, A>
 where
-    S: Service<Request<B>> + Clone + Send + 'static,
+    S: Service<Request<B>, Response = Response<RB>> + Clone,
     S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
     A: Service<ApprovalRequest, Response = ApprovalOutcome> + Clone + Send + 'static,
     A::Error: Into<BoxError>,
     A::Future: Send + 'static,
-    B: Send + 'static,
 {
-    type Response = S::Response;
+    type Response = Response<RB>;
     type Error = BoxError;
-    type Future = ResponseFuture<S::Response>;
+    type Future = ResponseFuture<S::Future, S, Request<B>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        let Some(approver) = &self.approver else {
+            return ResponseFuture::inner(self.inner.call(request), false);
+        };
         if request.extensions().get::<AwaitingApproval>().is_none() {
-            let future = self.inner.call(request);
-            return Box::pin(async move { future.await.map_err(Into::into) });
+            return ResponseFuture::inner(self.inner.call(request), false);
         }
         let info = match RequestInfo::from_request(&request) {
             Ok(info) => info,
-            Err(bad) => return Box::pin(async move { Err(bad.into()) }),
+            Err(bad) => return ResponseFuture::refused(bad),
         };
-        let Target::Host { host, port } = info.target.clone() else {
-            return Box::pin(async move {
-                Err("portcullis: unix socket requests are never approvable".into())
-            });
+        let Target::Host { host, port } = &info.target else {
+            // Only host names and addresses are ever approvable.
+            return ResponseFuture::refused(Blocked::new(
+                Reason::NotAllowed,
+                Source::Approval,
+                info.target,
+                info.protocol,
+                &info.method,
+            ));
         };
         let key = ApprovalKey {
-            host,
+            host: host.clone(),
             protocol: info.protocol,
-            port,
+            port: *port,
         };
         if lock(&self.questions.session).contains(&key) {
             request.extensions_mut().remove::<AwaitingApproval>();
-            let future = self.inner.call(request);
-            return Box::pin(async move { future.await.map_err(Into::into) });
+            return ResponseFuture::inner(self.inner.call(request), false);
         }
-        let mut answer = self.question(key, &info);
-        let ready = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, ready);
-        Box::pin(async move {
-            let answer = match answer.wait_for(Option::is_some).await {
+        let mut receiver = self.question(approver.clone(), key, &info);
+        let answer = Box::pin(async move {
+            match receiver.wait_for(Option::is_some).await {
                 Ok(answer) => *answer,
                 Err(_) => None,
-            };
-            match answer.unwrap_or(Answer::Refuse(Reason::ApprovalFailed)) {
-                Answer::Allow => {
-                    request.extensions_mut().remove::<AwaitingApproval>();
-                    inner.call(request).await.map_err(Into::into)
-                }
-                Answer::Refuse(reason) => Err(Blocked::new(
-                    reason,
-                    Source::Approval,
-                    info.target,
-                    info.protocol,
-                    &info.method,
-                )
-                .into()),
             }
-        })
+        });
+        // Keep the service that was polled ready for this request; leave a
+        // fresh clone behind for the next one.
+        let ready = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, ready);
+        ResponseFuture {
+            state: State::Waiting {
+                answer,
+                pending: Some((inner, request, info)),
+            },
+        }
+    }
+}
+
+/// Marks a response to a request that an approver let through with *allow
+/// once*: the approval covers the requests that were waiting for it and
+/// nothing later, so whoever caches decisions (the SOCKS5 UDP relay) must
+/// not keep this one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ApprovedOnce;
+
+type AnswerFuture = Pin<Box<dyn Future<Output = Option<Answer>> + Send>>;
+
+pin_project! {
+    /// The response future of [`ApprovalWait`]: the inner service's future
+    /// for a request that needs no approval (no allocation), or a wait for
+    /// the approver's answer followed by the inner call.
+    pub struct ResponseFuture<F, S, R> {
+        #[pin]
+        state: State<F, S, R>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F, S, R> {
+        Inner { #[pin] future: F, once: bool },
+        Waiting { answer: AnswerFuture, pending: Option<(S, R, RequestInfo)> },
+        Refused { error: Option<BoxError> },
+    }
+}
+
+impl<F, S, R> fmt::Debug for ResponseFuture<F, S, R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match self.state {
+            State::Inner { .. } => "inner",
+            State::Waiting { .. } => "waiting for the approver",
+            State::Refused { .. } => "refused",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish()
+    }
+}
+
+impl<F, S, R> ResponseFuture<F, S, R> {
+    fn inner(future: F, once: bool) -> ResponseFuture<F, S, R> {
+        ResponseFuture {
+            state: State::Inner { future, once },
+        }
+    }
+
+    fn refused(error: impl Into<BoxError>) -> ResponseFuture<F, S, R> {
+        ResponseFuture {
+            state: State::Refused {
+                error: Some(error.into()),
+            },
+        }
+    }
+}
+
+impl<F, S, B, RB> Future for ResponseFuture<F, S, Request<B>>
+where
+    S: Service<Request<B>, Response = Response<RB>, Future = F>,
+    S::Error: Into<BoxError>,
+    F: Future<Output = Result<Response<RB>, S::Error>>,
+{
+    type Output = Result<Response<RB>, BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            let next = match self.as_mut().project().state.project() {
+                StateProj::Inner { future, once } => {
+                    let mut result = ready!(future.poll(cx)).map_err(Into::into);
+                    if let (Ok(response), true) = (&mut result, *once) {
+                        response.extensions_mut().insert(ApprovedOnce);
+                    }
+                    return Poll::Ready(result);
+                }
+                StateProj::Refused { error } => {
+                    return Poll::Ready(Err(error.take().unwrap_or_else(|| {
+                        "portcullis: response future polled after completion".into()
+                    })))
+                }
+                StateProj::Waiting { answer, pending } => {
+                    let answer = ready!(answer.as_mut().poll(cx));
+                    let Some((mut inner, mut request, info)) = pending.take() else {
+                        return Poll::Ready(Err(
+                            "portcullis: response future polled after completion".into(),
+                        ));
+                    };
+                    match answer.unwrap_or(Answer::Refuse(Reason::ApprovalFailed)) {
+                        Answer::Allow { once } => {
+                            request.extensions_mut().remove::<AwaitingApproval>();
+                            State::Inner {
+                                future: inner.call(request),
+                                once,
+                            }
+                        }
+                        Answer::Refuse(reason) => State::Refused {
+                            error: Some(
+                                Blocked::new(
+                                    reason,
+                                    Source::Approval,
+                                    info.target,
+                                    info.protocol,
+                                    &info.method,
+                                )
+                                .into(),
+                            ),
+                        },
+                    }
+                }
+            };
+            self.as_mut().project().state.set(next);
+        }
     }
 }
 
@@ -335,7 +458,12 @@ where
     A::Future: Send + 'static,
 {
     /// Joins the pending question for `key`, or asks a new one.
-    fn question(&self, key: ApprovalKey, info: &RequestInfo) -> watch::Receiver<Option<Answer>> {
+    fn question(
+        &self,
+        approver: A,
+        key: ApprovalKey,
+        info: &RequestInfo,
+    ) -> watch::Receiver<Option<Answer>> {
         let mut pending = lock(&self.questions.pending);
         if let Some(receiver) = pending.get(&key) {
             return receiver.clone();
@@ -348,7 +476,6 @@ where
             method: info.method.as_str().to_owned(),
             client: info.client,
         };
-        let approver = self.approver.clone();
         let questions = self.questions.clone();
         let timeout = self.timeout;
         tokio::spawn(async move {
@@ -358,10 +485,10 @@ where
                     tracing::warn!(target: "portcullis::approval", error = %error, "approver failed; denying");
                     Answer::Refuse(Reason::ApprovalFailed)
                 }
-                Ok(Ok(ApprovalOutcome::AllowOnce)) => Answer::Allow,
+                Ok(Ok(ApprovalOutcome::AllowOnce)) => Answer::Allow { once: true },
                 Ok(Ok(ApprovalOutcome::AllowForSession)) => {
                     lock(&questions.session).insert(key.clone());
-                    Answer::Allow
+                    Answer::Allow { once: false }
                 }
                 Ok(Ok(ApprovalOutcome::Deny)) => Answer::Refuse(Reason::ApprovalDenied),
             };
@@ -449,7 +576,11 @@ mod tests {
             send.send_response(Response::new(()));
         }
         for task in waiting {
-            task.await.unwrap().unwrap();
+            let response = task.await.unwrap().unwrap();
+            assert!(
+                response.extensions().get::<ApprovedOnce>().is_some(),
+                "an allow-once answer is marked so that nobody caches it"
+            );
         }
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         // Allow once does not outlive its group: a later request asks again.
@@ -476,7 +607,8 @@ mod tests {
             let pending = tokio::spawn(service.clone().oneshot(ask_request(authority)));
             let (_, send) = mock.next_request().await.unwrap();
             send.send_response(Response::new(()));
-            pending.await.unwrap().unwrap();
+            let response = pending.await.unwrap().unwrap();
+            assert!(response.extensions().get::<ApprovedOnce>().is_none());
         }
         assert_eq!(
             calls.load(Ordering::SeqCst),
@@ -537,6 +669,22 @@ mod tests {
         S::Future: Send + 'static,
     {
         BoxService::new(service)
+    }
+
+    #[tokio::test]
+    async fn without_an_approver_marked_requests_pass_on_still_marked() {
+        let layer = ApprovalWaitLayer::<DenyApprover>::without_approver();
+        let (mut service, mut mock) = mock::spawn_layer::<Request<()>, Response<()>, _>(layer);
+        mock.allow(1);
+        assert!(service.poll_ready().is_ready());
+        let response = service.call(ask_request("z.test:443"));
+        let (seen, send) = mock.next_request().await.unwrap();
+        assert!(
+            seen.extensions().get::<AwaitingApproval>().is_some(),
+            "the mark stays for the connector to refuse"
+        );
+        send.send_response(Response::new(()));
+        response.await.unwrap();
     }
 
     #[tokio::test]

@@ -1,16 +1,19 @@
 //! Refusals as typed errors.
 //!
 //! A layer refuses by returning a [`BoxError`] whose cause is one of the
-//! public types here. Each transport has one rescue function that finds the
-//! cause with [`ProxyErrorRef::find`] and writes the matching wire answer:
+//! public types here: [`Blocked`] (a policy refusal, with a [`Reason`] and
+//! the [`Source`] that made it), [`BadRequest`] or [`UpstreamError`].
+//! [`ProxyErrorRef::find`] walks an error's source chain to the first of
+//! them.
 //!
-//! | cause | HTTP | SOCKS5 reply |
-//! | --- | --- | --- |
-//! | [`Blocked`] (any [`Reason`]) | 403, `x-proxy-error: Reason::header_value`, JSON body | 0x02 |
-//! | [`BadRequest`] | 400 | 0x01 |
-//! | [`UpstreamError`] refused / host unreachable / unresolved / network unreachable / timed out | 502 / 502 / 502 / 502 / 504 | 0x05 / 0x04 / 0x04 / 0x03 / 0x06 |
+//! These types say *what* was refused and why, never how that looks on a
+//! wire: each transport of the `portcullis` crate has one rescue function
+//! that turns them into a status code, an `x-proxy-error` header and a JSON
+//! body, or a SOCKS5 reply code. The table of those answers lives once, in
+//! the README ("A refusal").
 //!
-//! Anything else is a 502 and a warning in the log.
+//! A layer of your own refuses with a reason of its own through
+//! [`Reason::Custom`]; see [`Blocked::with_message`].
 
 use std::error::Error as StdError;
 use std::fmt;
@@ -22,8 +25,7 @@ use crate::target::Target;
 pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 
 /// Why a request was refused by policy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Reason {
     /// The host is not on the allowlist.
@@ -42,6 +44,13 @@ pub enum Reason {
     ApprovalTimedOut,
     /// The approver failed (crashed, malformed answer, any error).
     ApprovalFailed,
+    /// A reason of an integrator's own layer, by name (use lower-case ASCII
+    /// letters, digits and `_`, like the built-in names). The transports
+    /// answer it like the built-in reasons: a 403 on HTTP with
+    /// `x-proxy-error: blocked-by-<name>` (`_` and any other character
+    /// outside `a-z0-9` written as `-`) and the usual JSON body; reply 0x02
+    /// on SOCKS5.
+    Custom(&'static str),
 }
 
 impl Reason {
@@ -56,20 +65,21 @@ impl Reason {
             Reason::ApprovalDenied => "approval_denied",
             Reason::ApprovalTimedOut => "approval_timed_out",
             Reason::ApprovalFailed => "approval_failed",
+            Reason::Custom(name) => name,
         }
     }
 
-    /// The value of the `x-proxy-error` response header for this reason.
-    pub fn header_value(self) -> &'static str {
-        match self {
-            Reason::NotAllowed | Reason::NotAllowedLocal => "blocked-by-allowlist",
-            Reason::Denied => "blocked-by-denylist",
-            Reason::MethodNotAllowed => "blocked-by-method-policy",
-            Reason::MitmRequired => "blocked-by-mitm-required",
-            Reason::ApprovalDenied | Reason::ApprovalTimedOut | Reason::ApprovalFailed => {
-                "blocked-by-policy"
-            }
-        }
+    /// Whether an approver may turn this refusal into an allow: only an
+    /// allowlist miss is approvable; a denylist entry, a local address or a
+    /// method is never put to an approver.
+    pub fn is_approvable(self) -> bool {
+        self == Reason::NotAllowed
+    }
+}
+
+impl serde::Serialize for Reason {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
     }
 }
 
@@ -80,8 +90,7 @@ impl fmt::Display for Reason {
 }
 
 /// Whether a refusal is final or could have been approved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum BlockDecision {
     /// Refused; no approver would be asked.
     Deny,
@@ -99,9 +108,14 @@ impl BlockDecision {
     }
 }
 
+impl serde::Serialize for BlockDecision {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
 /// Which part of the proxy made the refusal.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Source {
     /// The domain/IP policy layer.
@@ -112,6 +126,8 @@ pub enum Source {
     Approval,
     /// The connector's check of resolved addresses.
     Connector,
+    /// A layer of an integrator's own, by name.
+    Layer(&'static str),
 }
 
 impl Source {
@@ -122,7 +138,14 @@ impl Source {
             Source::LimitedMode => "limited_mode",
             Source::Approval => "approval",
             Source::Connector => "connector",
+            Source::Layer(name) => name,
         }
+    }
+}
+
+impl serde::Serialize for Source {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
     }
 }
 
@@ -186,21 +209,51 @@ impl Blocked {
         self
     }
 
-    /// The JSON body sent with a 403: `status`, `host`, `port`, `protocol`,
-    /// `reason`, `decision`, `source`, `method`, `rule`, `message`.
-    pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "status": "blocked",
-            "host": self.target.host_string(),
-            "port": self.target.port(),
-            "protocol": self.protocol.as_str(),
-            "reason": self.reason.as_str(),
-            "decision": self.decision.as_str(),
-            "source": self.source.as_str(),
-            "method": self.method,
-            "rule": self.rule,
-            "message": self.message,
-        })
+    /// Replaces the message: what was refused, why, and what to change.
+    ///
+    /// A layer of your own refuses with a reason of its own like this:
+    ///
+    /// ```
+    /// use portcullis_middleware::{Blocked, Protocol, Reason, Source, Target};
+    ///
+    /// # fn main() -> Result<(), portcullis_middleware::BoxError> {
+    /// let target = Target::parse_authority("api.example.com:443", None)?;
+    /// let refusal = Blocked::new(
+    ///     Reason::Custom("team_header"),
+    ///     Source::Layer("require_team"),
+    ///     target,
+    ///     Protocol::HttpsConnect,
+    ///     &http::Method::CONNECT,
+    /// )
+    /// .with_message("portcullis refused api.example.com:443: requests need an x-team header; set it in the client");
+    /// assert_eq!(refusal.reason.as_str(), "team_header");
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn with_message(mut self, message: impl Into<String>) -> Blocked {
+        self.message = message.into();
+        self
+    }
+}
+
+/// The refusal as data (for JSON bodies and log files): `status`
+/// (`"blocked"`), `host`, `port`, `protocol`, `reason`, `decision`,
+/// `source`, `method`, `rule`, `message`.
+impl serde::Serialize for Blocked {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut object = serializer.serialize_struct("Blocked", 10)?;
+        object.serialize_field("status", "blocked")?;
+        object.serialize_field("host", &self.target.host_string())?;
+        object.serialize_field("port", &self.target.port())?;
+        object.serialize_field("protocol", self.protocol.as_str())?;
+        object.serialize_field("reason", &self.reason)?;
+        object.serialize_field("decision", &self.decision)?;
+        object.serialize_field("source", &self.source)?;
+        object.serialize_field("method", &self.method)?;
+        object.serialize_field("rule", &self.rule)?;
+        object.serialize_field("message", &self.message)?;
+        object.end()
     }
 }
 
@@ -245,6 +298,7 @@ fn default_message(reason: Reason, target: &Target, method: &http::Method) -> St
         Reason::ApprovalFailed => format!(
             "portcullis refused {target}: the approver failed, so the request was denied (fail closed); check the approver, or add the host to allowed_domains"
         ),
+        Reason::Custom(name) => format!("portcullis refused {target}: {name}"),
     }
 }
 
@@ -374,7 +428,7 @@ mod tests {
         );
         let error: BoxError = Box::new(Wrapper(Box::new(blocked.clone())));
         assert_eq!(find_blocked(error.as_ref()), Some(&blocked));
-        let json = blocked.to_json();
+        let json = serde_json::to_value(&blocked).unwrap();
         assert_eq!(json["reason"], "denied");
         assert_eq!(json["port"], 443);
         assert_eq!(json["protocol"], "https_connect");

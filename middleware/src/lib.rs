@@ -52,7 +52,7 @@ pub mod violation_log;
 
 pub use approval::{
     approver_fn, ApprovalKey, ApprovalOutcome, ApprovalRequest, ApprovalWait, ApprovalWaitLayer,
-    ApproverFn, AwaitingApproval, DenyApprover,
+    ApprovedOnce, ApproverFn, AwaitingApproval, DenyApprover,
 };
 pub use error::{
     find_blocked, BadRequest, BlockDecision, Blocked, BoxError, ProxyErrorRef, Reason, Source,
@@ -66,7 +66,7 @@ pub use policy::{
 };
 pub use policy_layer::{PolicyLayer, PolicyService};
 pub use request::{ClientAddr, Intercepted, Protocol, RequestInfo};
-pub use stack::{DefaultService, DefaultStack, ServiceBuilderExt};
+pub use stack::{DefaultStack, ServiceBuilderExt};
 pub use strip_headers::{StripHeaders, StripHeadersLayer};
 pub use target::{Host, Target, TargetError};
 pub use violation_log::{

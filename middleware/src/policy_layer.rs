@@ -44,13 +44,12 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::approval::AwaitingApproval;
+use crate::error::{BadRequest, Reason};
 use crate::error::{BlockDecision, Blocked, BoxError, Source};
 use crate::future::ResponseFuture;
 use crate::policy::{Decision, PolicyHandle};
-use crate::request::{Protocol, RequestInfo};
+use crate::request::Protocol;
 use crate::target::Target;
-use crate::BadRequest;
-use crate::Reason;
 
 /// Configures [`PolicyService`].
 #[derive(Debug, Clone)]
@@ -133,12 +132,15 @@ where
         // Decide on the borrowed target; the request model is copied only
         // when a refusal has to carry it.
         let extensions = request.extensions();
-        let (Some(target), Some(_)) = (extensions.get::<Target>(), extensions.get::<Protocol>())
-        else {
-            return ResponseFuture::refused(match RequestInfo::from_request(&request) {
-                Err(bad) => bad,
-                Ok(_) => BadRequest::new("the request model is incomplete"),
-            });
+        let Some(target) = extensions.get::<Target>() else {
+            return ResponseFuture::refused(BadRequest::new(
+                "the request carries no parsed destination (no Target extension)",
+            ));
+        };
+        let Some(&protocol) = extensions.get::<Protocol>() else {
+            return ResponseFuture::refused(BadRequest::new(
+                "the request carries no Protocol extension",
+            ));
         };
         let (reason, rule) = match self.layer.policy.load().decide(target) {
             Decision::Allow { .. } => return ResponseFuture::inner(self.inner.call(request)),
@@ -149,20 +151,17 @@ where
             Decision::Deny { reason, rule } => (reason, Some(rule)),
             Decision::Miss => (Reason::NotAllowed, None),
         };
-        match RequestInfo::from_request(&request) {
-            Ok(info) => ResponseFuture::refused(
-                Blocked::new(
-                    reason,
-                    Source::Policy,
-                    info.target,
-                    info.protocol,
-                    &info.method,
-                )
-                .with_rule(rule)
-                .with_decision(BlockDecision::Deny),
-            ),
-            Err(bad) => ResponseFuture::refused(bad),
-        }
+        ResponseFuture::refused(
+            Blocked::new(
+                reason,
+                Source::Policy,
+                target.clone(),
+                protocol,
+                request.method(),
+            )
+            .with_rule(rule)
+            .with_decision(BlockDecision::Deny),
+        )
     }
 }
 

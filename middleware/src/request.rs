@@ -107,14 +107,4 @@ impl RequestInfo {
             method: request.method().clone(),
         })
     }
-
-    /// Puts this model into a request's extensions.
-    pub fn insert_into<B>(self, request: &mut http::Request<B>) {
-        let extensions = request.extensions_mut();
-        extensions.insert(self.target);
-        extensions.insert(self.protocol);
-        if let Some(client) = self.client {
-            extensions.insert(ClientAddr(client));
-        }
-    }
 }

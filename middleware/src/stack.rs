@@ -74,7 +74,7 @@ impl DefaultStack {
             policy,
             violations: ViolationLogLayer::default(),
             strip_headers: StripHeadersLayer::new(),
-            approval: ApprovalWaitLayer::default(),
+            approval: ApprovalWaitLayer::without_approver(),
             ask_on_miss: false,
             outer: Identity::new(),
             inner: Identity::new(),
@@ -99,6 +99,17 @@ impl<A, O, I> DefaultStack<A, O, I> {
             outer: self.outer,
             inner: self.inner,
         }
+    }
+
+    /// Whether an allowlist miss becomes *ask* or is refused at once
+    /// (`not_allowed`). [`approver`](DefaultStack::approver) and
+    /// [`approval_layer`](DefaultStack::approval_layer) turn it on. With it
+    /// on and no approver (an [`ApprovalWaitLayer::without_approver`]), a
+    /// miss travels on marked and the connector refuses it with decision
+    /// *ask*: how `check` tells what would be asked without asking.
+    pub fn ask_on_miss(mut self, ask: bool) -> DefaultStack<A, O, I> {
+        self.ask_on_miss = ask;
+        self
     }
 
     /// Records violations with this layer (its ring and sinks).
@@ -143,16 +154,27 @@ impl<A, O, I> DefaultStack<A, O, I> {
         }
     }
 
+    /// Replaces your own layers, outer and inner at once, with whole layer
+    /// stacks (a [`Stack`] chain, as [`ServiceBuilder::into_inner`] returns
+    /// one); [`Identity`] for none. This is how the `portcullis` runner
+    /// passes the layers given to its builder.
+    pub fn layers<O2, I2>(self, outer: O2, inner: I2) -> DefaultStack<A, O2, I2> {
+        DefaultStack {
+            policy: self.policy,
+            violations: self.violations,
+            strip_headers: self.strip_headers,
+            approval: self.approval,
+            ask_on_miss: self.ask_on_miss,
+            outer,
+            inner,
+        }
+    }
+
     /// The live policy the stack reads.
     pub fn policy(&self) -> &PolicyHandle {
         &self.policy
     }
 }
-
-/// The service type of [`DefaultStack`] around a connector `C`, with the
-/// approver `A`, and no layers of your own.
-pub type DefaultService<C, A = DenyApprover> =
-    ViolationLog<StripHeaders<PolicyService<LimitedMode<ApprovalWait<C, A>>>>>;
 
 impl<S, A, O, I> Layer<S> for DefaultStack<A, O, I>
 where

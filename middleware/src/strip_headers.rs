@@ -34,6 +34,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -58,11 +59,12 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
-/// Configures [`StripHeaders`].
+/// Configures [`StripHeaders`]. Cloning it (and the service, once per
+/// connection) shares the configuration; nothing is allocated.
 #[derive(Debug, Clone)]
 pub struct StripHeadersLayer {
     keep_upgrades: bool,
-    control: Vec<HeaderName>,
+    control: Arc<[HeaderName]>,
 }
 
 impl StripHeadersLayer {
@@ -70,7 +72,7 @@ impl StripHeadersLayer {
     pub fn new() -> StripHeadersLayer {
         StripHeadersLayer {
             keep_upgrades: true,
-            control: vec![X_UNIX_SOCKET],
+            control: Arc::new([X_UNIX_SOCKET]),
         }
     }
 
@@ -82,7 +84,9 @@ impl StripHeadersLayer {
 
     /// Also removes this request header (a control header of your own).
     pub fn also_strip(mut self, name: HeaderName) -> StripHeadersLayer {
-        self.control.push(name);
+        let mut control = self.control.to_vec();
+        control.push(name);
+        self.control = control.into();
         self
     }
 }
@@ -149,7 +153,7 @@ where
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let upgrade = self.layer.keep_upgrades && is_upgrade(request.headers());
         strip_hop_by_hop(request.headers_mut(), upgrade);
-        for name in &self.layer.control {
+        for name in self.layer.control.iter() {
             request.headers_mut().remove(name);
         }
         ResponseFuture {

@@ -76,10 +76,10 @@ pub struct Violation {
 }
 
 impl Violation {
-    /// The JSON object written by [`JsonLinesSink`]: the 403 body's fields
-    /// plus `time_unix_ms` and `client`.
+    /// The JSON object written by [`JsonLinesSink`]: the refusal's fields
+    /// (see [`Blocked`]'s `Serialize`) plus `time_unix_ms` and `client`.
     pub fn to_json(&self) -> serde_json::Value {
-        let mut value = self.blocked.to_json();
+        let mut value = serde_json::to_value(&self.blocked).unwrap_or_default();
         if let Some(object) = value.as_object_mut() {
             object.insert("time_unix_ms".into(), self.unix_ms.into());
             object.insert("client".into(), self.client.map(|c| c.to_string()).into());

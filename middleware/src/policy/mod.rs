@@ -27,6 +27,7 @@ mod pattern;
 use std::collections::HashSet;
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -342,27 +343,48 @@ fn parse_in(list: List, pattern: &str) -> Result<Pattern, PolicyError> {
 }
 
 /// The live policy: cheap to clone, swapped atomically, read per request.
+///
+/// Every [`store`](PolicyHandle::store) bumps a [`generation`](PolicyHandle::generation)
+/// number, so whoever caches a decision (the SOCKS5 UDP relay does, per
+/// destination) can tell that it may be stale.
 #[derive(Debug, Clone)]
 pub struct PolicyHandle {
-    current: Arc<ArcSwap<NetworkPolicy>>,
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    current: ArcSwap<NetworkPolicy>,
+    generation: AtomicU64,
 }
 
 impl PolicyHandle {
     /// A handle holding `policy`.
     pub fn new(policy: NetworkPolicy) -> PolicyHandle {
         PolicyHandle {
-            current: Arc::new(ArcSwap::from_pointee(policy)),
+            shared: Arc::new(Shared {
+                current: ArcSwap::from_pointee(policy),
+                generation: AtomicU64::new(0),
+            }),
         }
     }
 
     /// The current snapshot.
     pub fn load(&self) -> Arc<NetworkPolicy> {
-        self.current.load_full()
+        self.shared.current.load_full()
     }
 
     /// Replaces the policy; the next request sees the new one.
     pub fn store(&self, policy: NetworkPolicy) {
-        self.current.store(Arc::new(policy));
+        self.shared.current.store(Arc::new(policy));
+        self.shared.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// How many times the policy was replaced. Read it *before* deciding:
+    /// a decision cached under generation `g` is stale once this differs
+    /// from `g`.
+    pub fn generation(&self) -> u64 {
+        self.shared.generation.load(Ordering::Acquire)
     }
 }
 
@@ -561,7 +583,13 @@ mod tests {
             handle.load().decide(&target("example.com:80")),
             Decision::Miss
         );
-        handle.store(policy(&["example.com"], &[]).build());
+        let before = handle.generation();
+        handle.clone().store(policy(&["example.com"], &[]).build());
+        assert_eq!(
+            handle.generation(),
+            before + 1,
+            "clones share the generation"
+        );
         assert!(matches!(
             handle.load().decide(&target("example.com:80")),
             Decision::Allow { .. }

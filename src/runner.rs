@@ -1,5 +1,6 @@
-//! The runner: reserves the listeners, builds the stack, serves, and shuts
-//! down gracefully.
+//! The runner: reserves the listeners, composes the stack once, hands it to
+//! the transports, and shuts down gracefully. It depends on the transports;
+//! they never depend on it.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -20,130 +21,27 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tower::layer::util::{Identity, Stack};
 use tower::util::BoxCloneService;
-use tower::Layer;
+use tower::{Layer, Service};
 
 use portcullis_middleware::{
-    ApprovalOutcome, ApprovalRequest, BoxError, DefaultStack, PolicyHandle, ViolationLogLayer,
-    ViolationRing,
+    ApprovalOutcome, ApprovalRequest, ApprovalWaitLayer, BoxError, DefaultStack, PolicyHandle,
+    ViolationLogLayer, ViolationRing,
 };
 
 use crate::body::Body;
 use crate::connector::{Connector, Dialer};
 use crate::resolve::{Resolve, SystemResolver};
+use crate::transport::{self, ProxyService, Shutdown};
 use crate::upstream::UpstreamProxies;
-
-/// The whole stack, type-erased, as every transport drives it.
-pub type ProxyService = BoxCloneService<Request<Body>, Response<Body>, BoxError>;
 
 /// A type-erased approver.
 pub type BoxApprover = BoxCloneService<ApprovalRequest, ApprovalOutcome, BoxError>;
 
-type ServiceMap = Arc<dyn ProxyLayer>;
-
-/// A tower layer that can wrap the type-erased stack: what
-/// [`ProxyBuilder::outer_layer`] and [`ProxyBuilder::inner_layer`] take.
-/// Implemented for every `Layer<ProxyService>` whose service speaks our
-/// request and response types.
-pub trait ProxyLayer: Send + Sync + 'static {
-    /// Wraps `service`.
-    fn wrap(&self, service: ProxyService) -> ProxyService;
-}
-
-impl<L> ProxyLayer for L
-where
-    L: Layer<ProxyService> + Send + Sync + 'static,
-    L::Service: tower::Service<Request<Body>, Response = Response<Body>, Error = BoxError>
-        + Clone
-        + Send
-        + 'static,
-    <L::Service as tower::Service<Request<Body>>>::Future: Send + 'static,
-{
-    fn wrap(&self, service: ProxyService) -> ProxyService {
-        ProxyService::new(self.layer(service))
-    }
-}
-
-/// Accepts on `listener` until shutdown starts, handing each connection
-/// (with a drain guard) to `serve_one` on its own task.
-pub(crate) async fn accept_loop<F, Fut>(
-    listener: TcpListener,
-    mut shutdown: ShutdownSignal,
-    drain: DrainGuard,
-    what: &'static str,
-    serve_one: F,
-) where
-    F: Fn(tokio::net::TcpStream, SocketAddr, DrainGuard) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = shutdown.wait() => break,
-        };
-        match accepted {
-            Ok((stream, client)) => {
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(serve_one(stream, client, drain.clone()));
-            }
-            Err(error) => {
-                // Out of file descriptors and the like: back off, keep serving.
-                tracing::warn!(%error, "accept failed on the {what} listener");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
-/// The integrator's outer layers, applied in order around the inner stack.
-#[derive(Clone)]
-struct OuterLayers(Vec<ServiceMap>);
-
-impl<S> Layer<S> for OuterLayers
-where
-    S: tower::Service<Request<Body>, Response = Response<Body>, Error = BoxError>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    type Service = ProxyService;
-
-    fn layer(&self, service: S) -> ProxyService {
-        let mut service = ProxyService::new(service);
-        for map in self.0.iter().rev() {
-            service = map.wrap(service);
-        }
-        service
-    }
-}
-
-/// Drives the stack with one request. The future is boxed here, with its
-/// `Send` bound spelled out, so every transport can spawn it.
-pub(crate) fn call_stack(
-    stack: ProxyService,
-    request: Request<Body>,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, BoxError>> + Send>> {
-    Box::pin(tower::ServiceExt::oneshot(stack, request))
-}
-
-/// Resolves when shutdown starts.
-#[derive(Clone, Debug)]
-pub(crate) struct ShutdownSignal(watch::Receiver<bool>);
-
-impl ShutdownSignal {
-    pub(crate) async fn wait(&mut self) {
-        while !*self.0.borrow_and_update() {
-            if self.0.changed().await.is_err() {
-                return;
-            }
-        }
-    }
-}
-
-/// Held by every connection and tunnel; shutdown waits until all are gone.
-pub(crate) type DrainGuard = mpsc::Sender<()>;
+/// The service the default stack makes of the connector with your outer
+/// layers `O` and inner layers `I`.
+type Composed<O, I> = <DefaultStack<BoxApprover, O, I> as Layer<Connector>>::Service;
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -163,7 +61,13 @@ pub enum StartError {
 }
 
 /// Builds and starts a proxy; see the [module docs](self).
-pub struct ProxyBuilder {
+///
+/// Your own layers go into the default stack with
+/// [`outer_layer`](ProxyBuilder::outer_layer) and
+/// [`inner_layer`](ProxyBuilder::inner_layer), exactly as with
+/// [`DefaultStack::outer`] and [`DefaultStack::inner`]; the whole stack is
+/// type-erased once, where the transports take it.
+pub struct ProxyBuilder<O = Identity, I = Identity> {
     http_addr: SocketAddr,
     socks_addr: Option<SocketAddr>,
     socks_udp: bool,
@@ -177,12 +81,12 @@ pub struct ProxyBuilder {
     upstream: Option<Arc<UpstreamProxies>>,
     crypto: Option<Arc<rustls::crypto::CryptoProvider>>,
     violations: ViolationLogLayer,
-    approver: Option<(BoxApprover, Duration)>,
-    outer: Vec<ServiceMap>,
-    inner: Vec<ServiceMap>,
+    approval: Option<ApprovalWaitLayer<BoxApprover>>,
+    outer: O,
+    inner: I,
 }
 
-impl fmt::Debug for ProxyBuilder {
+impl<O, I> fmt::Debug for ProxyBuilder<O, I> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ProxyBuilder")
             .field("http_addr", &self.http_addr)
@@ -214,28 +118,28 @@ impl Proxy {
             upstream: None,
             crypto: None,
             violations: ViolationLogLayer::default(),
-            approver: None,
-            outer: Vec::new(),
-            inner: Vec::new(),
+            approval: None,
+            outer: Identity::new(),
+            inner: Identity::new(),
         }
     }
 }
 
-impl ProxyBuilder {
+impl<O, I> ProxyBuilder<O, I> {
     /// The HTTP listener address (port 0: ephemeral).
-    pub fn http_addr(mut self, address: SocketAddr) -> ProxyBuilder {
+    pub fn http_addr(mut self, address: SocketAddr) -> ProxyBuilder<O, I> {
         self.http_addr = address;
         self
     }
 
     /// Serves SOCKS5 on this address (port 0: ephemeral); `None` turns it off.
-    pub fn socks_addr(mut self, address: Option<SocketAddr>) -> ProxyBuilder {
+    pub fn socks_addr(mut self, address: Option<SocketAddr>) -> ProxyBuilder<O, I> {
         self.socks_addr = address;
         self
     }
 
     /// Whether SOCKS5 UDP ASSOCIATE is served (default: yes).
-    pub fn socks_udp(mut self, enabled: bool) -> ProxyBuilder {
+    pub fn socks_udp(mut self, enabled: bool) -> ProxyBuilder<O, I> {
         self.socks_udp = enabled;
         self
     }
@@ -246,51 +150,51 @@ impl ProxyBuilder {
         mut self,
         username: impl Into<String>,
         password: impl Into<String>,
-    ) -> ProxyBuilder {
+    ) -> ProxyBuilder<O, I> {
         self.socks_credentials = Some(Arc::new((username.into(), password.into())));
         self
     }
 
     /// Allows binding non-loopback addresses (otherwise they are clamped to
     /// 127.0.0.1 with a warning).
-    pub fn dangerously_allow_non_loopback(mut self, allow: bool) -> ProxyBuilder {
+    pub fn dangerously_allow_non_loopback(mut self, allow: bool) -> ProxyBuilder<O, I> {
         self.allow_non_loopback = allow;
         self
     }
 
     /// Forces loopback listeners whatever else is set (any Unix socket
     /// permission does this).
-    pub fn force_loopback(mut self, force: bool) -> ProxyBuilder {
+    pub fn force_loopback(mut self, force: bool) -> ProxyBuilder<O, I> {
         self.force_loopback = force;
         self
     }
 
     /// The live policy.
-    pub fn policy(mut self, policy: PolicyHandle) -> ProxyBuilder {
+    pub fn policy(mut self, policy: PolicyHandle) -> ProxyBuilder<O, I> {
         self.policy = policy;
         self
     }
 
     /// The resolver the connector uses.
-    pub fn resolver(mut self, resolver: Arc<dyn Resolve>) -> ProxyBuilder {
+    pub fn resolver(mut self, resolver: Arc<dyn Resolve>) -> ProxyBuilder<O, I> {
         self.resolver = resolver;
         self
     }
 
     /// How long a name lookup may take (default 5 s).
-    pub fn resolve_timeout(mut self, timeout: Duration) -> ProxyBuilder {
+    pub fn resolve_timeout(mut self, timeout: Duration) -> ProxyBuilder<O, I> {
         self.resolve_timeout = timeout;
         self
     }
 
     /// How long a connect may take (default 10 s).
-    pub fn connect_timeout(mut self, timeout: Duration) -> ProxyBuilder {
+    pub fn connect_timeout(mut self, timeout: Duration) -> ProxyBuilder<O, I> {
         self.connect_timeout = timeout;
         self
     }
 
     /// Chains through these upstream proxies.
-    pub fn upstream(mut self, upstream: Option<UpstreamProxies>) -> ProxyBuilder {
+    pub fn upstream(mut self, upstream: Option<UpstreamProxies>) -> ProxyBuilder<O, I> {
         self.upstream = upstream.map(Arc::new);
         self
     }
@@ -300,36 +204,58 @@ impl ProxyBuilder {
     pub fn crypto_provider(
         mut self,
         provider: Arc<rustls::crypto::CryptoProvider>,
-    ) -> ProxyBuilder {
+    ) -> ProxyBuilder<O, I> {
         self.crypto = Some(provider);
         self
     }
 
     /// Records violations with this layer.
-    pub fn violations(mut self, violations: ViolationLogLayer) -> ProxyBuilder {
+    pub fn violations(mut self, violations: ViolationLogLayer) -> ProxyBuilder<O, I> {
         self.violations = violations;
         self
     }
 
-    /// Asks `approver` about allowlist misses.
-    pub fn approver(mut self, approver: BoxApprover, timeout: Duration) -> ProxyBuilder {
-        self.approver = Some((approver, timeout));
+    /// Asks `approver` about allowlist misses, waiting at most `timeout`
+    /// per question.
+    pub fn approver(mut self, approver: BoxApprover, timeout: Duration) -> ProxyBuilder<O, I> {
+        self.approval = Some(ApprovalWaitLayer::new(approver, timeout));
         self
     }
 
-    /// Inserts a layer of your own just inside the violation log (it sees
-    /// every request; its refusals are logged). Layers added later sit
-    /// further in.
-    pub fn outer_layer(mut self, layer: impl ProxyLayer) -> ProxyBuilder {
-        self.outer.push(Arc::new(layer));
-        self
+    /// Inserts a layer of your own just inside the violation log: it sees
+    /// every request, and its refusals are logged. Layers added later sit
+    /// further in. See [`DefaultStack::outer`].
+    pub fn outer_layer<L>(self, layer: L) -> ProxyBuilder<Stack<L, O>, I> {
+        self.map_layers(|outer, inner| (Stack::new(layer, outer), inner))
     }
 
-    /// Inserts a layer of your own just outside the connector (it sees only
-    /// allowed requests). Layers added later sit further in.
-    pub fn inner_layer(mut self, layer: impl ProxyLayer) -> ProxyBuilder {
-        self.inner.push(Arc::new(layer));
-        self
+    /// Inserts a layer of your own just outside the connector: it sees only
+    /// requests the policy (and approver) let through. Layers added later
+    /// sit further in. See [`DefaultStack::inner`].
+    pub fn inner_layer<L>(self, layer: L) -> ProxyBuilder<O, Stack<L, I>> {
+        self.map_layers(|outer, inner| (outer, Stack::new(layer, inner)))
+    }
+
+    fn map_layers<O2, I2>(self, f: impl FnOnce(O, I) -> (O2, I2)) -> ProxyBuilder<O2, I2> {
+        let (outer, inner) = f(self.outer, self.inner);
+        ProxyBuilder {
+            http_addr: self.http_addr,
+            socks_addr: self.socks_addr,
+            socks_udp: self.socks_udp,
+            socks_credentials: self.socks_credentials,
+            allow_non_loopback: self.allow_non_loopback,
+            force_loopback: self.force_loopback,
+            policy: self.policy,
+            resolver: self.resolver,
+            resolve_timeout: self.resolve_timeout,
+            connect_timeout: self.connect_timeout,
+            upstream: self.upstream,
+            crypto: self.crypto,
+            violations: self.violations,
+            approval: self.approval,
+            outer,
+            inner,
+        }
     }
 
     fn clamp(&self, address: SocketAddr, what: &str) -> SocketAddr {
@@ -346,7 +272,46 @@ impl ProxyBuilder {
         SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), address.port())
     }
 
-    /// The stack, without listeners (for `check`, tests and other transports).
+    fn dialer(&self) -> Dialer {
+        Dialer::new(
+            self.policy.clone(),
+            self.resolver.clone(),
+            self.resolve_timeout,
+            self.connect_timeout,
+        )
+    }
+}
+
+impl<O, I> ProxyBuilder<O, I>
+where
+    O: Clone,
+    I: Clone,
+    DefaultStack<BoxApprover, O, I>: Layer<Connector>,
+    Composed<O, I>: Service<Request<Body>, Response = Response<Body>, Error = BoxError>
+        + Clone
+        + Send
+        + 'static,
+    <Composed<O, I> as Service<Request<Body>>>::Future: Send + 'static,
+{
+    /// The one composition: the default stack, with your layers, around
+    /// `connector`, erased once. The live proxy and `check` both come from
+    /// here, so they cannot disagree.
+    fn compose(
+        &self,
+        connector: Connector,
+        approval: ApprovalWaitLayer<BoxApprover>,
+        violations: ViolationLogLayer,
+    ) -> ProxyService {
+        let stack = DefaultStack::new(self.policy.clone())
+            .violations(violations)
+            .approval_layer(approval)
+            .ask_on_miss(self.approval.is_some())
+            .layers(self.outer.clone(), self.inner.clone());
+        ProxyService::new(stack.layer(connector))
+    }
+
+    /// The stack the listeners serve, without listeners (for tests and
+    /// transports of your own).
     pub fn build_service(&self) -> Result<ProxyService, StartError> {
         let provider = self
             .crypto
@@ -367,27 +332,27 @@ impl ProxyBuilder {
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        let dialer = Dialer::new(
-            self.policy.clone(),
-            self.resolver.clone(),
-            self.resolve_timeout,
-            self.connect_timeout,
-        );
-        let mut connector = ProxyService::new(Connector::new(dialer, tls, self.upstream.clone()));
-        for map in self.inner.iter().rev() {
-            connector = map.wrap(connector);
-        }
-        let outer = OuterLayers(self.outer.clone());
-        let stack = DefaultStack::new(self.policy.clone()).violations(self.violations.clone());
-        Ok(match &self.approver {
-            Some((approver, timeout)) => ProxyService::new(
-                stack
-                    .approver(approver.clone(), *timeout)
-                    .outer(outer)
-                    .layer(connector),
-            ),
-            None => ProxyService::new(stack.outer(outer).layer(connector)),
-        })
+        let connector = Connector::new(self.dialer(), tls, self.upstream.clone());
+        let approval = self
+            .approval
+            .clone()
+            .unwrap_or_else(ApprovalWaitLayer::without_approver);
+        Ok(self.compose(connector, approval, self.violations.clone()))
+    }
+
+    /// The same stack over a connector that resolves and vets but never
+    /// dials, and an approval stage that asks nobody: a request answers
+    /// `200` when the proxy would let it through, and otherwise fails with
+    /// the refusal a live request would get (decision *ask* where an
+    /// approver would be asked). Refusals are logged on the tracing target
+    /// but not recorded in the configured ring or files. `portcullis check`
+    /// is built on this.
+    pub fn decision_service(&self) -> ProxyService {
+        self.compose(
+            Connector::vet_only(self.dialer()),
+            ApprovalWaitLayer::without_approver(),
+            ViolationLogLayer::new(ViolationRing::new(0)),
+        )
     }
 
     /// Binds the listeners (before anything else starts), then serves them.
@@ -414,35 +379,32 @@ impl ProxyBuilder {
         let http_addr = local(&http, http_addr);
         let socks_addr = socks.as_ref().map(|l| local(l, http_addr));
         let service = self.build_service()?;
-        let (stop, stopping) = watch::channel(false);
-        let (drain, drained) = mpsc::channel(1);
-        let signal = ShutdownSignal(stopping);
-        tokio::spawn(crate::http1::serve(
+        let shutdown = Shutdown::new();
+        tokio::spawn(transport::http1::serve(
             http,
             service.clone(),
-            signal.clone(),
-            drain.clone(),
+            shutdown.signal(),
+            shutdown.guard(),
         ));
         if let Some(socks) = socks {
-            let settings = crate::socks5::Settings {
+            let settings = transport::socks5::Settings {
                 udp: self.socks_udp,
+                policy: self.policy.clone(),
                 credentials: self.socks_credentials.clone(),
             };
-            tokio::spawn(crate::socks5::serve(
+            tokio::spawn(transport::socks5::serve(
                 socks,
-                service.clone(),
+                service,
                 settings,
-                signal.clone(),
-                drain.clone(),
+                shutdown.signal(),
+                shutdown.guard(),
             ));
         }
-        drop(drain);
         tracing::info!(http = %http_addr, socks = ?socks_addr, "portcullis listening");
         Ok(ProxyHandle {
             http_addr,
             socks_addr,
-            stop,
-            drained: Some(drained),
+            shutdown,
             violations: self.violations.ring().clone(),
             policy: self.policy,
         })
@@ -455,8 +417,7 @@ impl ProxyBuilder {
 pub struct ProxyHandle {
     http_addr: SocketAddr,
     socks_addr: Option<SocketAddr>,
-    stop: watch::Sender<bool>,
-    drained: Option<mpsc::Receiver<()>>,
+    shutdown: Shutdown,
     violations: ViolationRing,
     policy: PolicyHandle,
 }
@@ -488,22 +449,13 @@ impl ProxyHandle {
     }
 
     /// Stops accepting, lets connections and tunnels finish for up to
-    /// `deadline`, then returns (whatever is left is dropped).
-    pub async fn shutdown(mut self, deadline: Duration) {
-        let _ = self.stop.send(true);
-        if let Some(mut drained) = self.drained.take() {
-            if tokio::time::timeout(deadline, drained.recv())
-                .await
-                .is_err()
-            {
-                tracing::warn!("shutdown deadline reached with connections still open");
-            }
+    /// `deadline`, then returns whether everything finished in time
+    /// (whatever is left is dropped). Dropping the handle stops accepting too.
+    pub async fn shutdown(self, deadline: Duration) -> bool {
+        let finished = self.shutdown.drain(deadline).await;
+        if !finished {
+            tracing::warn!("shutdown deadline reached with connections still open");
         }
-    }
-}
-
-impl Drop for ProxyHandle {
-    fn drop(&mut self) {
-        let _ = self.stop.send(true);
+        finished
     }
 }

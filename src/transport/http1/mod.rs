@@ -8,10 +8,13 @@
 //! | `CONNECT host:port` (port 443 when absent) | the authority | `https_connect` |
 //! | any method with `x-unix-socket: /abs/path` | the socket path | `unix_socket` |
 //! | origin-form (`GET /path`) without `x-unix-socket` | — | 400: not a reverse proxy |
+//!
+//! Errors from the stack become answers in [`rescue`] and nowhere else.
+
+pub(crate) mod rescue;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use http::{header, Method, Request, Response, StatusCode};
@@ -20,14 +23,15 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
-use portcullis_middleware::strip_headers::{is_upgrade, X_UNIX_SOCKET};
+use portcullis_middleware::strip_headers::is_upgrade;
 use portcullis_middleware::target::default_port_for_scheme;
-use portcullis_middleware::{ClientAddr, Protocol, Target};
+use portcullis_middleware::{Protocol, Target};
 
 use crate::body::{self, Body};
 use crate::connector::UpstreamConnection;
-use crate::proxy::{accept_loop, DrainGuard, ProxyService, ShutdownSignal};
-use crate::rescue;
+use crate::transport::{
+    accept_loop, call_stack, insert_model, splice, unix, DrainGuard, ProxyService, ShutdownSignal,
+};
 
 /// How long a client may take to send a request head.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -120,19 +124,11 @@ async fn route(
         return Ok(Response::new(body::empty()));
     }
 
-    if request.headers().contains_key(header::CONTENT_LENGTH)
-        && request.headers().contains_key(header::TRANSFER_ENCODING)
-    {
-        // RFC 9112 §6.3: a request smuggling vector; refuse rather than guess.
-        return Err(rescue::bad_request(
-            "the request has both Content-Length and Transfer-Encoding",
-        ));
-    }
-    let (target, protocol) = if let Some(value) = request.headers().get(X_UNIX_SOCKET) {
-        let path = value
-            .to_str()
-            .map_err(|_| rescue::bad_request("the x-unix-socket header is not valid UTF-8"))?;
-        (unix_target(path).await, Protocol::UnixSocket)
+    let (target, protocol) = if let Some(value) = request.headers().get(unix::X_UNIX_SOCKET) {
+        let target = unix::target(value)
+            .await
+            .map_err(|bad| rescue::bad_request(&bad.message))?;
+        (target, Protocol::UnixSocket)
     } else {
         (
             absolute_form_target(&request).map_err(|m| rescue::bad_request(&m))?,
@@ -153,7 +149,7 @@ async fn route(
                     Ok((client_io, upstream_io)) => {
                         let mut client_io = TokioIo::new(client_io);
                         let mut upstream_io = TokioIo::new(upstream_io);
-                        crate::splice::bidirectional(&mut client_io, &mut upstream_io).await;
+                        splice::bidirectional(&mut client_io, &mut upstream_io).await;
                     }
                     Err(error) => tracing::debug!(%error, "upgrade failed"),
                 }
@@ -168,7 +164,7 @@ async fn call(
     stack: ProxyService,
     request: Request<Body>,
 ) -> Result<Response<Body>, Response<Body>> {
-    match crate::proxy::call_stack(stack, request).await {
+    match call_stack(stack, request).await {
         Ok(response) => Ok(response),
         Err(error) => Err(rescue::http_response(&error)),
     }
@@ -190,24 +186,10 @@ async fn splice_upgraded(upgraded: hyper::upgrade::Upgraded, mut upstream: tokio
                     return;
                 }
             }
-            crate::splice::bidirectional(&mut client, &mut upstream).await;
+            splice::bidirectional(&mut client, &mut upstream).await;
         }
-        Err(upgraded) => {
-            crate::splice::bidirectional(&mut TokioIo::new(upgraded), &mut upstream).await
-        }
+        Err(upgraded) => splice::bidirectional(&mut TokioIo::new(upgraded), &mut upstream).await,
     }
-}
-
-fn insert_model<B>(
-    request: &mut Request<B>,
-    target: Target,
-    protocol: Protocol,
-    client: SocketAddr,
-) {
-    let extensions = request.extensions_mut();
-    extensions.insert(target);
-    extensions.insert(protocol);
-    extensions.insert(ClientAddr(client));
 }
 
 fn connect_target<B>(request: &Request<B>) -> Result<Target, String> {
@@ -250,16 +232,4 @@ fn absolute_form_target<B>(request: &Request<B>) -> Result<Target, String> {
         }
     }
     Ok(target)
-}
-
-async fn unix_target(path: &str) -> Target {
-    let path = PathBuf::from(path);
-    // Symlinks resolve before the policy compares; a path that does not
-    // exist stays as written (and fails to connect if allowed).
-    let path = if path.is_absolute() {
-        tokio::fs::canonicalize(&path).await.unwrap_or(path)
-    } else {
-        path
-    };
-    Target::Unix(path)
 }

@@ -1,0 +1,307 @@
+//! Resolve once, vet every answer, dial exactly the vetted address.
+//!
+//! Names are resolved once, with a timeout; a lookup failure, a timeout or
+//! an empty answer fails closed. Every answer is checked with
+//! [`NetworkPolicy::check_resolved`](portcullis_middleware::NetworkPolicy::check_resolved)
+//! (denylist IP rules, local/private ranges) and a single refused answer
+//! refuses the whole name, so there is no DNS-rebinding window and no
+//! second lookup.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Method;
+use tokio::net::TcpStream;
+
+use portcullis_middleware::policy::Decision;
+use portcullis_middleware::target::canonical_ip;
+use portcullis_middleware::{
+    Blocked, BoxError, Host, PolicyHandle, Protocol, Source, Target, UpstreamError,
+    UpstreamErrorKind,
+};
+
+use crate::resolve::Resolve;
+
+/// Resolves, vets and dials.
+#[derive(Clone)]
+pub(crate) struct Dialer {
+    policy: PolicyHandle,
+    resolver: Arc<dyn Resolve>,
+    resolve_timeout: Duration,
+    connect_timeout: Duration,
+}
+
+impl fmt::Debug for Dialer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Dialer")
+            .field("resolve_timeout", &self.resolve_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a refusal made here says about the request it refuses.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Refusing<'a> {
+    pub(crate) target: &'a Target,
+    pub(crate) protocol: Protocol,
+    pub(crate) method: &'a Method,
+}
+
+impl Dialer {
+    /// A dialer checking answers against `policy`.
+    pub(crate) fn new(
+        policy: PolicyHandle,
+        resolver: Arc<dyn Resolve>,
+        resolve_timeout: Duration,
+        connect_timeout: Duration,
+    ) -> Dialer {
+        Dialer {
+            policy,
+            resolver,
+            resolve_timeout,
+            connect_timeout,
+        }
+    }
+
+    /// Resolves `host` once and returns the vetted socket addresses (never
+    /// empty); any answer the policy forbids refuses the whole target.
+    pub(crate) async fn resolve_vetted(
+        &self,
+        host: &Host,
+        port: u16,
+        request: Refusing<'_>,
+    ) -> Result<Vec<SocketAddr>, BoxError> {
+        let addresses = match host {
+            Host::Ip(ip) => vec![*ip],
+            Host::Name(name) => {
+                let lookup = self.resolver.resolve(name);
+                match tokio::time::timeout(self.resolve_timeout, lookup).await {
+                    Err(_) => {
+                        return Err(upstream_error(
+                            UpstreamErrorKind::TimedOut,
+                            request.target,
+                            "the name lookup timed out".into(),
+                        ))
+                    }
+                    Ok(Err(error)) => {
+                        return Err(upstream_error(
+                            UpstreamErrorKind::Unresolved,
+                            request.target,
+                            format!("the name did not resolve: {error}"),
+                        ))
+                    }
+                    Ok(Ok(addresses)) if addresses.is_empty() => {
+                        return Err(upstream_error(
+                            UpstreamErrorKind::Unresolved,
+                            request.target,
+                            "the name has no addresses".into(),
+                        ))
+                    }
+                    Ok(Ok(addresses)) => addresses,
+                }
+            }
+        };
+        let policy = self.policy.load();
+        let mut vetted = Vec::with_capacity(addresses.len());
+        for address in addresses {
+            let address = canonical_ip(address);
+            if let Err(Decision::Deny { reason, rule }) = policy.check_resolved(host, address, port)
+            {
+                return Err(Blocked::new(
+                    reason,
+                    Source::Connector,
+                    request.target.clone(),
+                    request.protocol,
+                    request.method,
+                )
+                .with_rule(Some(rule))
+                .into());
+            }
+            vetted.push(SocketAddr::new(address, port));
+        }
+        Ok(vetted)
+    }
+
+    /// Connects to the first reachable vetted address of `host:port`.
+    pub(crate) async fn connect(
+        &self,
+        host: &Host,
+        port: u16,
+        request: Refusing<'_>,
+    ) -> Result<TcpStream, BoxError> {
+        let addresses = self.resolve_vetted(host, port, request).await?;
+        let mut last_error = None;
+        for address in addresses {
+            let error =
+                match tokio::time::timeout(self.connect_timeout, TcpStream::connect(address)).await
+                {
+                    Ok(Ok(stream)) => {
+                        let _ = stream.set_nodelay(true);
+                        return Ok(stream);
+                    }
+                    Ok(Err(error)) => UpstreamError::from_io(request.target, &error),
+                    Err(_) => UpstreamError {
+                        kind: UpstreamErrorKind::TimedOut,
+                        target: request.target.to_string(),
+                        detail: format!("connecting to {address} timed out"),
+                    },
+                };
+            last_error = Some(error);
+        }
+        // `resolve_vetted` never answers with no address, so an error is set.
+        Err(last_error.map_or_else(
+            || upstream_error(UpstreamErrorKind::Unresolved, request.target, String::new()),
+            Into::into,
+        ))
+    }
+
+    /// The connect timeout.
+    pub(crate) fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+}
+
+fn upstream_error(kind: UpstreamErrorKind, target: &Target, detail: String) -> BoxError {
+    UpstreamError {
+        kind,
+        target: target.to_string(),
+        detail,
+    }
+    .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resolve::ResolveFuture;
+    use portcullis_middleware::{find_blocked, NetworkPolicy, ProxyErrorRef, Reason};
+    use std::net::IpAddr;
+
+    /// A resolver answering from a fixed table; `slow.test` never answers.
+    fn stub(name: &str) -> ResolveFuture {
+        let answer: Result<Vec<IpAddr>, std::io::Error> = match name {
+            "public.test" => Ok(vec!["192.0.2.10".parse().unwrap()]),
+            "two.test" => Ok(vec![
+                "198.51.100.1".parse().unwrap(),
+                "203.0.113.9".parse().unwrap(),
+            ]),
+            "private.test" => Ok(vec!["10.0.0.5".parse().unwrap()]),
+            "mixed.test" => Ok(vec![
+                "192.0.2.10".parse().unwrap(),
+                "127.0.0.1".parse().unwrap(),
+            ]),
+            "mapped.test" => Ok(vec!["::ffff:169.254.169.254".parse().unwrap()]),
+            "empty.test" => Ok(vec![]),
+            "slow.test" => {
+                return Box::pin(async {
+                    std::future::pending::<()>().await;
+                    Ok(vec![])
+                })
+            }
+            _ => Err(std::io::Error::other("no such name")),
+        };
+        Box::pin(async move { answer })
+    }
+
+    fn dialer(policy: NetworkPolicy) -> Dialer {
+        Dialer::new(
+            PolicyHandle::new(policy),
+            Arc::new(stub),
+            Duration::from_secs(5),
+            Duration::from_secs(5),
+        )
+    }
+
+    async fn vet(dialer: &Dialer, authority: &str) -> Result<Vec<SocketAddr>, BoxError> {
+        let target = Target::parse_authority(authority, None).unwrap();
+        let Target::Host { host, port } = &target else {
+            unreachable!()
+        };
+        let request = Refusing {
+            target: &target,
+            protocol: Protocol::HttpsConnect,
+            method: &Method::CONNECT,
+        };
+        dialer.resolve_vetted(host, *port, request).await
+    }
+
+    fn upstream_kind(error: &BoxError) -> Option<UpstreamErrorKind> {
+        match ProxyErrorRef::find(error.as_ref()) {
+            Some(ProxyErrorRef::Upstream(upstream)) => Some(upstream.kind),
+            _ => None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_branch_of_vetting() {
+        // TEST-NET answers are local/private; this policy allows them so the
+        // "public" names stand for a real public answer.
+        let permissive = NetworkPolicy::builder()
+            .allow("192.0.2.0/24")
+            .unwrap()
+            .allow("198.51.100.0/24")
+            .unwrap()
+            .allow("203.0.113.0/24")
+            .unwrap()
+            .build();
+        let dialer = dialer(permissive);
+
+        let one = vet(&dialer, "public.test:443").await.unwrap();
+        assert_eq!(one, vec!["192.0.2.10:443".parse().unwrap()]);
+        let two = vet(&dialer, "two.test:80").await.unwrap();
+        assert_eq!(two.len(), 2, "every vetted answer is kept, in order");
+
+        for (authority, reason) in [
+            ("private.test:443", Reason::NotAllowedLocal),
+            ("mixed.test:443", Reason::NotAllowedLocal),
+            ("mapped.test:80", Reason::NotAllowedLocal),
+        ] {
+            let error = vet(&dialer, authority).await.unwrap_err();
+            let blocked = find_blocked(error.as_ref()).expect("a refusal");
+            assert_eq!(blocked.reason, reason, "{authority}");
+            assert_eq!(blocked.source, Source::Connector, "{authority}");
+            assert_eq!(blocked.protocol, Protocol::HttpsConnect);
+            assert_eq!(blocked.method, "CONNECT");
+        }
+
+        for (authority, kind) in [
+            ("unknown.test:443", UpstreamErrorKind::Unresolved),
+            ("empty.test:443", UpstreamErrorKind::Unresolved),
+            ("slow.test:443", UpstreamErrorKind::TimedOut),
+        ] {
+            let error = vet(&dialer, authority).await.unwrap_err();
+            assert_eq!(upstream_kind(&error), Some(kind), "{authority}: {error}");
+        }
+
+        // IP literals are vetted without a lookup, with the same check.
+        let error = vet(&dialer, "[::ffff:7f00:1]:80").await.unwrap_err();
+        assert_eq!(
+            find_blocked(error.as_ref()).unwrap().reason,
+            Reason::NotAllowedLocal
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_denylist_applies_to_answers_and_the_policy_is_read_live() {
+        let handle = PolicyHandle::new(
+            NetworkPolicy::builder()
+                .allow_local_binding(true)
+                .deny("10.0.0.0/8")
+                .unwrap()
+                .build(),
+        );
+        let dialer = Dialer::new(
+            handle.clone(),
+            Arc::new(stub),
+            Duration::from_secs(5),
+            Duration::from_secs(5),
+        );
+        let error = vet(&dialer, "private.test:443").await.unwrap_err();
+        assert_eq!(find_blocked(error.as_ref()).unwrap().reason, Reason::Denied);
+        handle.store(NetworkPolicy::builder().allow_local_binding(true).build());
+        assert!(vet(&dialer, "private.test:443").await.is_ok());
+    }
+}

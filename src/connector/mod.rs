@@ -1,0 +1,398 @@
+//! The innermost service: resolves names once, refuses any address the
+//! policy forbids, dials exactly the vetted address, and forwards.
+//!
+//! - `CONNECT`-shaped requests (HTTP CONNECT, SOCKS5 CONNECT) get a `200`
+//!   response carrying the dialled stream in an [`UpstreamConnection`]
+//!   extension; the transport splices it to the client.
+//! - A SOCKS5 UDP destination is resolved and vetted, not dialled: the
+//!   response carries the [`VettedAddresses`] the relay may send to.
+//! - Plain HTTP requests go through a pooled HTTP/1 client whose connector is
+//!   the same vetted dialer, so keep-alive connections are reused across
+//!   client requests and every new connection is vetted.
+//! - `x-unix-socket` requests are forwarded over the socket (origin-form,
+//!   HTTP/1), in [`unix`].
+//!
+//! [`Connector::vet_only`] is the same decision without the network: what
+//! `check` puts at the bottom of the same stack. A request still marked
+//! [`AwaitingApproval`] is refused either way (decision *ask*): a stack
+//! whose approval stage asked nobody fails closed.
+
+mod dial;
+pub mod resolve;
+mod unix;
+pub mod upstream;
+
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Method, Request, Response, Uri};
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+use tower::Service;
+
+use portcullis_middleware::target::default_port_for_scheme;
+use portcullis_middleware::{
+    AwaitingApproval, BadRequest, BlockDecision, Blocked, BoxError, Host, Protocol, Reason,
+    RequestInfo, Source, Target, TargetError,
+};
+
+use crate::body::{self, Body};
+use upstream::UpstreamProxies;
+
+pub(crate) use dial::{Dialer, Refusing};
+
+/// A dialled upstream stream handed from the connector to the transport.
+/// Cloning shares the one stream; [`UpstreamConnection::take`] moves it out.
+#[derive(Clone)]
+pub(crate) struct UpstreamConnection(Arc<Mutex<Option<TcpStream>>>);
+
+impl fmt::Debug for UpstreamConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("UpstreamConnection")
+    }
+}
+
+impl UpstreamConnection {
+    /// Wraps a stream.
+    pub(crate) fn new(stream: TcpStream) -> UpstreamConnection {
+        UpstreamConnection(Arc::new(Mutex::new(Some(stream))))
+    }
+
+    /// Takes the stream (once).
+    pub(crate) fn take(&self) -> Option<TcpStream> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+}
+
+/// The vetted addresses of a `socks5_udp` destination, handed from the
+/// connector to the UDP relay (which sends datagrams only there).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct VettedAddresses(pub(crate) Vec<SocketAddr>);
+
+/// A pooled connection: a TCP stream, marked when it leads to an upstream
+/// HTTP proxy (so requests on it keep their absolute form).
+#[derive(Debug)]
+pub(crate) struct PooledStream {
+    io: TokioIo<TcpStream>,
+    proxied: bool,
+}
+
+impl Connection for PooledStream {
+    fn connected(&self) -> Connected {
+        self.io.connected().proxy(self.proxied)
+    }
+}
+
+impl hyper::rt::Read for PooledStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for PooledStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// The connector of the pooled HTTP client: every new connection is dialled
+/// through the [`Dialer`] (or the upstream proxy).
+#[derive(Clone, Debug)]
+pub(crate) struct VettedConnector {
+    dialer: Dialer,
+    upstream: Option<Arc<UpstreamProxies>>,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, BoxError>> + Send>>;
+
+impl Service<Uri> for VettedConnector {
+    type Response = PooledStream;
+    type Error = BoxError;
+    type Future = BoxFuture<PooledStream>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let dialer = self.dialer.clone();
+        let upstream = self.upstream.clone();
+        Box::pin(async move {
+            // The pooled client only sees the URI `forward` built from the
+            // canonical target, so this parse cannot disagree with the decision.
+            let invalid =
+                |e: TargetError| BadRequest::new(format!("invalid destination {uri}: {e}"));
+            let host = Host::parse(uri.host().unwrap_or_default()).map_err(invalid)?;
+            let port = match uri.port_u16() {
+                Some(port) => port,
+                None => default_port_for_scheme(uri.scheme_str().unwrap_or_default())
+                    .map_err(invalid)?,
+            };
+            let target = Target::host(host.clone(), port);
+            let (io, proxied) = match upstream.as_ref().and_then(|u| u.for_uri(&uri)) {
+                Some(intercept) if uri.scheme_str() == Some("https") => {
+                    let timeout = dialer.connect_timeout();
+                    (upstream::tunnel(&intercept, &target, timeout).await?, false)
+                }
+                Some(intercept) => {
+                    let timeout = dialer.connect_timeout();
+                    (upstream::connect_proxy(&intercept, timeout).await?, true)
+                }
+                None => {
+                    let refusing = Refusing {
+                        target: &target,
+                        protocol: Protocol::Http,
+                        method: &Method::GET,
+                    };
+                    (dialer.connect(&host, port, refusing).await?, false)
+                }
+            };
+            Ok(PooledStream {
+                io: TokioIo::new(io),
+                proxied,
+            })
+        })
+    }
+}
+
+type HttpClient = Client<hyper_rustls::HttpsConnector<VettedConnector>, Body>;
+
+/// The innermost service of the stack: resolves once, vets every answer,
+/// dials exactly the vetted address, pools upstream HTTP/1 connections, and
+/// hands tunnels to the transport. The runner builds it; an inner layer of
+/// yours wraps it (its type shows in the runner's bounds, nothing more).
+#[derive(Clone)]
+pub struct Connector {
+    dialer: Dialer,
+    /// `None`: vet only, dial nothing.
+    client: Option<HttpClient>,
+    upstream: Option<Arc<UpstreamProxies>>,
+}
+
+impl fmt::Debug for Connector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connector")
+            .field("dialer", &self.dialer)
+            .field("upstream", &self.upstream)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connector {
+    /// A connector dialling through `dialer`, speaking TLS to `https://`
+    /// upstreams with `tls` (built with an explicit crypto provider), and
+    /// chaining through `upstream` proxies when given.
+    pub(crate) fn new(
+        dialer: Dialer,
+        tls: rustls::ClientConfig,
+        upstream: Option<Arc<UpstreamProxies>>,
+    ) -> Connector {
+        let vetted = VettedConnector {
+            dialer: dialer.clone(),
+            upstream: upstream.clone(),
+        };
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(vetted);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(64)
+            .build(https);
+        Connector {
+            dialer,
+            client: Some(client),
+            upstream,
+        }
+    }
+
+    /// The same decision without the network: every destination is resolved
+    /// and vetted (so a name answering with a private address is refused
+    /// exactly as a live request would be), nothing is dialled, and the
+    /// answer is a `200` carrying the [`VettedAddresses`].
+    pub(crate) fn vet_only(dialer: Dialer) -> Connector {
+        Connector {
+            dialer,
+            client: None,
+            upstream: None,
+        }
+    }
+
+    async fn tunnel(
+        self,
+        info: RequestInfo,
+        host: Host,
+        port: u16,
+    ) -> Result<Response<Body>, BoxError> {
+        let intercept = match (
+            &self.upstream,
+            format!("https://{}/", info.target).parse::<Uri>(),
+        ) {
+            (Some(upstream), Ok(uri)) => upstream.for_uri(&uri),
+            _ => None,
+        };
+        let stream = match intercept {
+            Some(intercept) => {
+                upstream::tunnel(&intercept, &info.target, self.dialer.connect_timeout()).await?
+            }
+            None => {
+                self.dialer
+                    .connect(&host, port, Refusing::from(&info))
+                    .await?
+            }
+        };
+        let mut response = Response::new(body::empty());
+        response
+            .extensions_mut()
+            .insert(UpstreamConnection::new(stream));
+        Ok(response)
+    }
+
+    async fn forward(
+        self,
+        client: HttpClient,
+        mut request: Request<Body>,
+        info: RequestInfo,
+    ) -> Result<Response<Body>, BoxError> {
+        // Forward to the canonical authority: the host we checked is the host we dial.
+        let scheme = request.uri().scheme_str().unwrap_or("http").to_owned();
+        let path = request
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        let uri: Uri = format!("{scheme}://{}{path}", info.target)
+            .parse()
+            .map_err(|e| BadRequest::new(format!("cannot forward to {}: {e}", info.target)))?;
+        if let Some(intercept) = self.upstream.as_ref().and_then(|u| u.for_uri(&uri)) {
+            if let (Some(auth), "http") = (intercept.basic_auth(), scheme.as_str()) {
+                request
+                    .headers_mut()
+                    .insert(http::header::PROXY_AUTHORIZATION, auth.clone());
+            }
+        }
+        *request.uri_mut() = uri;
+        match client.request(request).await {
+            Ok(response) => Ok(response.map(body::boxed)),
+            Err(error) => Err(relabel(error.into(), &info)),
+        }
+    }
+}
+
+impl<'a> From<&'a RequestInfo> for Refusing<'a> {
+    fn from(info: &'a RequestInfo) -> Refusing<'a> {
+        Refusing {
+            target: &info.target,
+            protocol: info.protocol,
+            method: &info.method,
+        }
+    }
+}
+
+/// Gives a refusal made inside the pooled client the request's protocol and
+/// method (the client's connector only sees a URI).
+fn relabel(error: BoxError, info: &RequestInfo) -> BoxError {
+    match portcullis_middleware::find_blocked(error.as_ref()) {
+        Some(blocked) => {
+            let mut blocked = blocked.clone();
+            blocked.protocol = info.protocol;
+            blocked.method = info.method.as_str().to_owned();
+            blocked.into()
+        }
+        None => error,
+    }
+}
+
+/// The request model of a request the connector may act on: refused when it
+/// is still waiting for an approval no layer gave.
+fn admitted(request: &Request<Body>) -> Result<RequestInfo, BoxError> {
+    let info = RequestInfo::from_request(request)?;
+    if request.extensions().get::<AwaitingApproval>().is_some() {
+        return Err(Blocked::new(
+            Reason::NotAllowed,
+            Source::Connector,
+            info.target,
+            info.protocol,
+            &info.method,
+        )
+        .with_decision(BlockDecision::Ask)
+        .into());
+    }
+    Ok(info)
+}
+
+/// Resolves and vets a destination without dialling it: a `200` carrying
+/// the [`VettedAddresses`].
+async fn vet(dialer: Dialer, info: RequestInfo) -> Result<Response<Body>, BoxError> {
+    let addresses = match &info.target {
+        Target::Host { host, port } => {
+            dialer
+                .resolve_vetted(host, *port, Refusing::from(&info))
+                .await?
+        }
+        Target::Unix(_) => Vec::new(),
+    };
+    let mut response = Response::new(body::empty());
+    response.extensions_mut().insert(VettedAddresses(addresses));
+    Ok(response)
+}
+
+impl Service<Request<Body>> for Connector {
+    type Response = Response<Body>;
+    type Error = BoxError;
+    type Future = BoxFuture<Response<Body>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let info = match admitted(&request) {
+            Ok(info) => info,
+            Err(error) => return Box::pin(async move { Err(error) }),
+        };
+        let this = self.clone();
+        let Some(client) = this.client.clone() else {
+            return Box::pin(vet(this.dialer, info));
+        };
+        match info.target.clone() {
+            Target::Unix(path) => Box::pin(unix::forward(request, path)),
+            Target::Host { .. } if info.protocol == Protocol::Socks5Udp => {
+                Box::pin(vet(this.dialer, info))
+            }
+            Target::Host { host, port }
+                if info.method == Method::CONNECT || info.protocol.is_tunnel() =>
+            {
+                Box::pin(this.tunnel(info, host, port))
+            }
+            Target::Host { .. } => Box::pin(this.forward(client, request, info)),
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! Chaining to an upstream proxy taken from the proxy's own environment
+//! (`HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY`, `NO_PROXY`), when
+//! `allow_upstream_proxy = true`.
+//!
+//! Through an upstream proxy, portcullis still decides every request on the
+//! name and on IP literals, but the upstream resolves names and dials: the
+//! resolved-address check is the upstream's to make.
+
+use std::fmt;
+use std::time::Duration;
+
+use http::Uri;
+use hyper_util::client::legacy::connect::proxy::Tunnel;
+use hyper_util::client::proxy::matcher::{Intercept, Matcher};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tower::ServiceExt;
+
+use portcullis_middleware::{
+    BadRequest, BoxError, ProxyErrorRef, Target, UpstreamError, UpstreamErrorKind,
+};
+
+/// The upstream proxies to chain to.
+pub struct UpstreamProxies {
+    matcher: Matcher,
+}
+
+impl fmt::Debug for UpstreamProxies {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamProxies").finish_non_exhaustive()
+    }
+}
+
+impl UpstreamProxies {
+    /// Reads the proxy variables of this process's environment.
+    pub fn from_env() -> UpstreamProxies {
+        UpstreamProxies {
+            matcher: Matcher::from_env(),
+        }
+    }
+
+    /// Uses one HTTP proxy for everything but `no_proxy` (comma-separated).
+    pub fn fixed(proxy: &str, no_proxy: &str) -> UpstreamProxies {
+        UpstreamProxies {
+            matcher: Matcher::builder()
+                .all(proxy.to_owned())
+                .no(no_proxy.to_owned())
+                .build(),
+        }
+    }
+
+    /// The upstream proxy for this destination, if any.
+    pub fn for_uri(&self, uri: &Uri) -> Option<Intercept> {
+        self.matcher.intercept(uri)
+    }
+}
+
+/// The `host:port` of a proxy URI; only `http://` proxies are supported.
+fn proxy_address(intercept: &Intercept) -> Result<String, BoxError> {
+    let uri = intercept.uri();
+    if uri.scheme_str() != Some("http") {
+        return Err(
+            format!("upstream proxy {uri}: only http:// upstream proxies are supported").into(),
+        );
+    }
+    let host = uri.host().ok_or("the upstream proxy URL has no host")?;
+    Ok(format!("{host}:{}", uri.port_u16().unwrap_or(80)))
+}
+
+/// Connects to the upstream proxy itself.
+pub(crate) async fn connect_proxy(
+    intercept: &Intercept,
+    timeout: Duration,
+) -> Result<TcpStream, BoxError> {
+    let address = proxy_address(intercept)?;
+    Ok(connect_address(&address, timeout).await?)
+}
+
+async fn connect_address(address: &str, timeout: Duration) -> Result<TcpStream, UpstreamError> {
+    let what = || format!("upstream proxy {address}");
+    match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        }
+        Ok(Err(error)) => Err(UpstreamError::from_io(what(), &error)),
+        Err(_) => Err(UpstreamError {
+            kind: UpstreamErrorKind::TimedOut,
+            target: what(),
+            detail: "connect timed out".into(),
+        }),
+    }
+}
+
+/// Opens a tunnel to `target` through the upstream proxy with hyper-util's
+/// CONNECT client (which reads a bounded reply: 8 KiB, 100 headers).
+pub(crate) async fn tunnel(
+    intercept: &Intercept,
+    target: &Target,
+    timeout: Duration,
+) -> Result<TcpStream, BoxError> {
+    let address = proxy_address(intercept)?;
+    let connect = tower::service_fn(move |_: Uri| {
+        let address = address.clone();
+        async move { connect_address(&address, timeout).await.map(TokioIo::new) }
+    });
+    let mut connector = Tunnel::new(intercept.uri().clone(), connect);
+    if let Some(auth) = intercept.basic_auth() {
+        connector = connector.with_auth(auth.clone());
+    }
+    let destination: Uri = format!("https://{target}/")
+        .parse()
+        .map_err(|e| BadRequest::new(format!("cannot tunnel to {target}: {e}")))?;
+    let upstream_error = |kind, detail: String| -> BoxError {
+        UpstreamError {
+            kind,
+            target: target.to_string(),
+            detail,
+        }
+        .into()
+    };
+    let error = match tokio::time::timeout(timeout, connector.oneshot(destination)).await {
+        Ok(Ok(io)) => return Ok(io.into_inner()),
+        Ok(Err(error)) => error,
+        Err(_) => {
+            return Err(upstream_error(
+                UpstreamErrorKind::TimedOut,
+                "the upstream proxy did not answer CONNECT in time".into(),
+            ))
+        }
+    };
+    // hyper-util's error type is not nameable: classify by its cause.
+    let error: BoxError = error.into();
+    if let Some(ProxyErrorRef::Upstream(dial)) = ProxyErrorRef::find(error.as_ref()) {
+        return Err(upstream_error(dial.kind, dial.detail.clone()));
+    }
+    let mut cause = std::error::Error::source(error.as_ref());
+    while let Some(current) = cause {
+        if let Some(io) = current.downcast_ref::<std::io::Error>() {
+            return Err(UpstreamError::from_io(target, io).into());
+        }
+        cause = current.source();
+    }
+    // A refusal (any status but 200, 407 included) or a malformed answer.
+    Err(upstream_error(
+        UpstreamErrorKind::Refused,
+        format!("the upstream proxy did not open the tunnel ({error})"),
+    ))
+}

@@ -1,0 +1,275 @@
+//! The one place where the stack's errors become HTTP answers: a status, an
+//! `x-proxy-error` header and a JSON body. The table of answers is the
+//! README's ("A refusal"); this function is its only implementation.
+
+use std::borrow::Cow;
+
+use http::{HeaderValue, Response, StatusCode};
+use portcullis_middleware::{BoxError, ProxyErrorRef, Reason, UpstreamErrorKind};
+
+use crate::body::{self, Body};
+
+/// The response header naming why the proxy refused a request.
+pub(crate) const X_PROXY_ERROR: &str = "x-proxy-error";
+
+/// Turns an error from the stack into an HTTP response. Every body is one
+/// JSON object and a newline; an error that is none of ours is a 502 and a
+/// warning in the log, never a silent close.
+pub(crate) fn http_response(error: &BoxError) -> Response<Body> {
+    match ProxyErrorRef::find(error.as_ref()) {
+        Some(ProxyErrorRef::Blocked(blocked)) => json_response(
+            StatusCode::FORBIDDEN,
+            refusal_header(blocked.reason),
+            serde_json::to_value(blocked).unwrap_or_default(),
+        ),
+        Some(ProxyErrorRef::BadRequest(bad)) => bad_request(&bad.message),
+        Some(ProxyErrorRef::Upstream(upstream)) => {
+            let (status, header, kind) = match upstream.kind {
+                UpstreamErrorKind::TimedOut => {
+                    (StatusCode::GATEWAY_TIMEOUT, "upstream-timeout", "timed_out")
+                }
+                UpstreamErrorKind::Refused => {
+                    (StatusCode::BAD_GATEWAY, "upstream-unreachable", "refused")
+                }
+                UpstreamErrorKind::Unresolved => (
+                    StatusCode::BAD_GATEWAY,
+                    "upstream-unreachable",
+                    "unresolved",
+                ),
+                UpstreamErrorKind::NetworkUnreachable => (
+                    StatusCode::BAD_GATEWAY,
+                    "upstream-unreachable",
+                    "network_unreachable",
+                ),
+                _ => (
+                    StatusCode::BAD_GATEWAY,
+                    "upstream-unreachable",
+                    "unreachable",
+                ),
+            };
+            json_response(
+                status,
+                header.into(),
+                serde_json::json!({"status": "upstream_error", "kind": kind, "target": upstream.target, "message": upstream.to_string()}),
+            )
+        }
+        _ => {
+            tracing::warn!(error = %error, "unexpected proxy error");
+            json_response(
+                StatusCode::BAD_GATEWAY,
+                "proxy-error".into(),
+                serde_json::json!({"status": "error", "message": format!("portcullis could not complete the request: {error}")}),
+            )
+        }
+    }
+}
+
+/// The `x-proxy-error` value of a refusal.
+fn refusal_header(reason: Reason) -> Cow<'static, str> {
+    Cow::Borrowed(match reason {
+        Reason::NotAllowed | Reason::NotAllowedLocal => "blocked-by-allowlist",
+        Reason::Denied => "blocked-by-denylist",
+        Reason::MethodNotAllowed => "blocked-by-method-policy",
+        Reason::MitmRequired => "blocked-by-mitm-required",
+        Reason::ApprovalDenied | Reason::ApprovalTimedOut | Reason::ApprovalFailed => {
+            "blocked-by-policy"
+        }
+        // An integrator's reason, by its name, in the same `blocked-by-` family.
+        other => {
+            let name: String = other
+                .as_str()
+                .chars()
+                .map(|c| match c {
+                    'a'..='z' | '0'..='9' => c,
+                    'A'..='Z' => c.to_ascii_lowercase(),
+                    _ => '-',
+                })
+                .collect();
+            return Cow::Owned(format!("blocked-by-{name}"));
+        }
+    })
+}
+
+/// A 400 with a reason.
+pub(crate) fn bad_request(message: &str) -> Response<Body> {
+    json_response(
+        StatusCode::BAD_REQUEST,
+        "bad-request".into(),
+        serde_json::json!({"status": "bad_request", "message": message}),
+    )
+}
+
+fn json_response(
+    status: StatusCode,
+    header: Cow<'static, str>,
+    body: serde_json::Value,
+) -> Response<Body> {
+    let mut text = body.to_string();
+    text.push('\n');
+    let mut response = Response::new(body::full(text));
+    *response.status_mut() = status;
+    let header = match header {
+        Cow::Borrowed(value) => HeaderValue::from_static(value),
+        Cow::Owned(value) => {
+            HeaderValue::from_str(&value).unwrap_or_else(|_| HeaderValue::from_static("blocked"))
+        }
+    };
+    let headers = response.headers_mut();
+    headers.insert(X_PROXY_ERROR, header);
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use portcullis_middleware::{BadRequest, Blocked, Protocol, Source, Target, UpstreamError};
+
+    fn upstream(kind: UpstreamErrorKind) -> BoxError {
+        UpstreamError {
+            kind,
+            target: "x.test:1".into(),
+            detail: "d".into(),
+        }
+        .into()
+    }
+
+    fn blocked(reason: Reason) -> BoxError {
+        let target = Target::parse_authority("x.test:443", None).unwrap();
+        Blocked::new(
+            reason,
+            Source::Policy,
+            target,
+            Protocol::HttpsConnect,
+            &http::Method::CONNECT,
+        )
+        .into()
+    }
+
+    #[tokio::test]
+    async fn every_error_has_its_answer() {
+        let cases: Vec<(BoxError, u16, &str, &str)> = vec![
+            (
+                blocked(Reason::NotAllowed),
+                403,
+                "blocked-by-allowlist",
+                "blocked",
+            ),
+            (
+                blocked(Reason::NotAllowedLocal),
+                403,
+                "blocked-by-allowlist",
+                "blocked",
+            ),
+            (
+                blocked(Reason::Denied),
+                403,
+                "blocked-by-denylist",
+                "blocked",
+            ),
+            (
+                blocked(Reason::MethodNotAllowed),
+                403,
+                "blocked-by-method-policy",
+                "blocked",
+            ),
+            (
+                blocked(Reason::MitmRequired),
+                403,
+                "blocked-by-mitm-required",
+                "blocked",
+            ),
+            (
+                blocked(Reason::ApprovalDenied),
+                403,
+                "blocked-by-policy",
+                "blocked",
+            ),
+            (
+                blocked(Reason::ApprovalTimedOut),
+                403,
+                "blocked-by-policy",
+                "blocked",
+            ),
+            (
+                blocked(Reason::ApprovalFailed),
+                403,
+                "blocked-by-policy",
+                "blocked",
+            ),
+            (
+                blocked(Reason::Custom("team_header")),
+                403,
+                "blocked-by-team-header",
+                "blocked",
+            ),
+            (
+                blocked(Reason::Custom("Odd Name\r\n")),
+                403,
+                "blocked-by-odd-name--",
+                "blocked",
+            ),
+            (
+                BadRequest::new("bad").into(),
+                400,
+                "bad-request",
+                "bad_request",
+            ),
+            (
+                upstream(UpstreamErrorKind::Refused),
+                502,
+                "upstream-unreachable",
+                "upstream_error",
+            ),
+            (
+                upstream(UpstreamErrorKind::Unreachable),
+                502,
+                "upstream-unreachable",
+                "upstream_error",
+            ),
+            (
+                upstream(UpstreamErrorKind::Unresolved),
+                502,
+                "upstream-unreachable",
+                "upstream_error",
+            ),
+            (
+                upstream(UpstreamErrorKind::NetworkUnreachable),
+                502,
+                "upstream-unreachable",
+                "upstream_error",
+            ),
+            (
+                upstream(UpstreamErrorKind::TimedOut),
+                504,
+                "upstream-timeout",
+                "upstream_error",
+            ),
+            ("something else".into(), 502, "proxy-error", "error"),
+        ];
+        for (error, status, header, body_status) in cases {
+            let response = http_response(&error);
+            assert_eq!(response.status().as_u16(), status, "{error}");
+            assert_eq!(response.headers()[X_PROXY_ERROR], header, "{error}");
+            assert_eq!(
+                response.headers()[http::header::CONTENT_TYPE],
+                "application/json"
+            );
+            let bytes = response.into_body().collect().await.unwrap().to_bytes();
+            let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(json["status"], body_status, "{error}");
+            assert!(json["message"].as_str().is_some_and(|m| !m.is_empty()));
+            if status == 403 {
+                for field in [
+                    "host", "port", "protocol", "reason", "decision", "source", "method",
+                ] {
+                    assert!(!json[field].is_null(), "{field} in {json}");
+                }
+            }
+        }
+    }
+}

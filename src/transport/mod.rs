@@ -1,0 +1,173 @@
+//! The ways into the proxy. Each transport owns its wire: it parses the
+//! destination once into the request model, drives the one stack, and turns
+//! the stack's errors into its own answers through its `rescue` module.
+//!
+//! | module | ingress | protocol |
+//! | --- | --- | --- |
+//! | `http1` | absolute-form requests, `CONNECT`, upgrades | `http`, `https_connect` |
+//! | `unix` | `x-unix-socket: /path` on an HTTP/1 request | `unix_socket` |
+//! | `socks5` | SOCKS5 `CONNECT` | `socks5_tcp` |
+//! | `socks5::udp` | each new destination of a `UDP ASSOCIATE` | `socks5_udp` |
+//!
+//! HTTPS interception goes in beside them as `mitm/`. What is shared lives
+//! here: the accept loop, shutdown and drain, the one function that puts the
+//! request model into a request, and the bidirectional copy. The runner
+//! depends on the transports; nothing here depends on the runner.
+
+pub(crate) mod http1;
+pub(crate) mod socks5;
+mod splice;
+mod unix;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::time::Duration;
+
+use http::{Request, Response};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tower::util::BoxCloneService;
+
+use portcullis_middleware::{BoxError, ClientAddr, Protocol, Target};
+
+use crate::body::Body;
+
+/// The whole stack, type-erased once, as every transport drives it.
+pub type ProxyService = BoxCloneService<Request<Body>, Response<Body>, BoxError>;
+
+/// Puts the request model into a request: the one place every ingress
+/// path goes through, so every layer reads the same three extensions.
+pub(crate) fn insert_model<B>(
+    request: &mut Request<B>,
+    target: Target,
+    protocol: Protocol,
+    client: SocketAddr,
+) {
+    let extensions = request.extensions_mut();
+    extensions.insert(target);
+    extensions.insert(protocol);
+    extensions.insert(ClientAddr(client));
+}
+
+/// A `CONNECT host:port` request with an empty body and the model in its
+/// extensions: what SOCKS5 (TCP and each UDP destination) and `check` send
+/// through the stack.
+pub(crate) fn synthesized_connect(
+    target: &Target,
+    protocol: Protocol,
+    client: SocketAddr,
+) -> Result<Request<Body>, BoxError> {
+    let mut request = Request::connect(target.to_string()).body(crate::body::empty())?;
+    insert_model(&mut request, target.clone(), protocol, client);
+    Ok(request)
+}
+
+/// Drives the stack with one request. The future is boxed here, with its
+/// `Send` bound spelled out, so every transport can spawn it.
+pub(crate) fn call_stack(
+    stack: ProxyService,
+    request: Request<Body>,
+) -> Pin<Box<dyn Future<Output = Result<Response<Body>, BoxError>> + Send>> {
+    Box::pin(tower::ServiceExt::oneshot(stack, request))
+}
+
+/// Tells the listeners to stop, and waits until every connection and
+/// tunnel they handed out is gone.
+#[derive(Debug)]
+pub(crate) struct Shutdown {
+    stop: watch::Sender<bool>,
+    drain: Option<DrainGuard>,
+    drained: mpsc::Receiver<()>,
+}
+
+impl Shutdown {
+    pub(crate) fn new() -> Shutdown {
+        let (stop, _) = watch::channel(false);
+        let (drain, drained) = mpsc::channel(1);
+        Shutdown {
+            stop,
+            drain: Some(drain),
+            drained,
+        }
+    }
+
+    /// What a listener waits on.
+    pub(crate) fn signal(&self) -> ShutdownSignal {
+        ShutdownSignal(self.stop.subscribe())
+    }
+
+    /// What a listener (and each of its connections) holds until it is done.
+    pub(crate) fn guard(&self) -> DrainGuard {
+        self.drain.clone().unwrap_or_else(|| mpsc::channel(1).0)
+    }
+
+    /// Stops accepting at once (also done on drop).
+    pub(crate) fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    /// Stops accepting and waits up to `deadline` for open connections and
+    /// tunnels; returns whether everything finished in time.
+    pub(crate) async fn drain(mut self, deadline: Duration) -> bool {
+        self.stop();
+        self.drain = None;
+        tokio::time::timeout(deadline, self.drained.recv())
+            .await
+            .is_ok()
+    }
+}
+
+impl Drop for Shutdown {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Resolves when shutdown starts.
+#[derive(Clone, Debug)]
+pub(crate) struct ShutdownSignal(watch::Receiver<bool>);
+
+impl ShutdownSignal {
+    pub(crate) async fn wait(&mut self) {
+        while !*self.0.borrow_and_update() {
+            if self.0.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Held by every connection and tunnel; shutdown waits until all are gone.
+pub(crate) type DrainGuard = mpsc::Sender<()>;
+
+/// Accepts on `listener` until shutdown starts, handing each connection
+/// (with a drain guard) to `serve_one` on its own task.
+pub(crate) async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    mut shutdown: ShutdownSignal,
+    drain: DrainGuard,
+    what: &'static str,
+    serve_one: F,
+) where
+    F: Fn(TcpStream, SocketAddr, DrainGuard) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = shutdown.wait() => break,
+        };
+        match accepted {
+            Ok((stream, client)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(serve_one(stream, client, drain.clone()));
+            }
+            Err(error) => {
+                // Out of file descriptors and the like: back off, keep serving.
+                tracing::warn!(%error, "accept failed on the {what} listener");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! The SOCKS5 listener: every `CONNECT` and every new `UDP ASSOCIATE`
+//! destination goes through the same stack as HTTP, as a synthesized
+//! `CONNECT host:port` request with protocol `socks5_tcp` or `socks5_udp`.
+//! No policy logic lives here; errors become reply codes in [`rescue`]
+//! only. `BIND` (and UDP when it is off) is answered 0x07; no acceptable
+//! authentication method `05 FF`. The UDP relay is in [`udp`].
+
+pub(crate) mod rescue;
+mod udp;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fast_socks5::server::{
+    states, AuthMethodSuccessState, NoAuthentication, PasswordAuthentication, Socks5ServerProtocol,
+    SocksServerError, StandardAuthentication, StandardAuthenticationStarted,
+};
+use fast_socks5::util::target_addr::TargetAddr;
+use fast_socks5::{ReplyError, Socks5Command};
+use tokio::net::{TcpListener, TcpStream};
+
+use portcullis_middleware::{BoxError, PolicyHandle, Protocol, Target};
+
+use crate::connector::UpstreamConnection;
+use crate::transport::{
+    accept_loop, call_stack, splice, synthesized_connect, DrainGuard, ProxyService, ShutdownSignal,
+};
+
+/// How long a client has to finish the handshake and send its command.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// SOCKS5 listener settings.
+#[derive(Clone)]
+pub(crate) struct Settings {
+    /// Whether UDP ASSOCIATE is served.
+    pub(crate) udp: bool,
+    /// The live policy, read by the UDP relay only for its generation: a
+    /// cached per-destination decision is dropped when the policy changes.
+    pub(crate) policy: PolicyHandle,
+    /// When set, clients must authenticate with this username and password
+    /// (RFC 1929) and no-auth is refused.
+    pub(crate) credentials: Option<Arc<(String, String)>>,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("udp", &self.udp)
+            .field(
+                "credentials",
+                &self.credentials.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+/// Compares without an early exit, so timing does not reveal the prefix.
+fn same_secret(given: &str, expected: &str) -> bool {
+    let (given, expected) = (given.as_bytes(), expected.as_bytes());
+    let mut difference = given.len() ^ expected.len();
+    for (index, byte) in expected.iter().enumerate() {
+        difference |= usize::from(given.get(index).copied().unwrap_or(0) ^ byte);
+    }
+    difference == 0
+}
+
+/// Accepts SOCKS5 clients until shutdown.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    stack: ProxyService,
+    settings: Settings,
+    shutdown: ShutdownSignal,
+    drain: DrainGuard,
+) {
+    let local_ip = listener
+        .local_addr()
+        .map(|a| a.ip())
+        .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    accept_loop(
+        listener,
+        shutdown,
+        drain,
+        "SOCKS5",
+        move |stream, client, drain| {
+            let stack = stack.clone();
+            let settings = settings.clone();
+            async move {
+                if let Err(error) = handle(stream, client, local_ip, stack, settings).await {
+                    tracing::debug!(%error, %client, "SOCKS5 session ended with an error");
+                }
+                drop(drain);
+            }
+        },
+    )
+    .await;
+}
+
+/// The canonical target of a SOCKS5 address.
+pub(crate) fn target_of(
+    address: &TargetAddr,
+) -> Result<Target, portcullis_middleware::TargetError> {
+    match address {
+        TargetAddr::Ip(socket) => Target::from_ip(socket.ip(), socket.port()),
+        TargetAddr::Domain(domain, port) => Target::from_socks_domain(domain, *port),
+    }
+}
+
+async fn handle(
+    stream: TcpStream,
+    client: SocketAddr,
+    local_ip: IpAddr,
+    stack: ProxyService,
+    settings: Settings,
+) -> Result<(), BoxError> {
+    let handshake = async {
+        let no_auth = [StandardAuthentication::NoAuthentication(NoAuthentication)];
+        let password = [StandardAuthentication::PasswordAuthentication(
+            PasswordAuthentication,
+        )];
+        let methods: &[StandardAuthentication] = if settings.credentials.is_some() {
+            &password
+        } else {
+            &no_auth
+        };
+        let proto = match Socks5ServerProtocol::start(stream)
+            .negotiate_auth(methods)
+            .await?
+        {
+            StandardAuthenticationStarted::NoAuthentication(auth) => auth.finish_auth(),
+            StandardAuthenticationStarted::PasswordAuthentication(auth) => {
+                let (user, pass, auth) = auth.read_username_password().await?;
+                let accepted = settings.credentials.as_ref().is_some_and(|expected| {
+                    same_secret(&user, &expected.0) & same_secret(&pass, &expected.1)
+                });
+                if !accepted {
+                    auth.reject().await?;
+                    return Err(SocksServerError::AuthenticationRejected);
+                }
+                auth.accept().await?.finish_auth()
+            }
+        };
+        proto.read_command().await
+    };
+    let (proto, command, address) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+        .await
+        .map_err(|_| "SOCKS5 handshake timed out")??;
+    match command {
+        Socks5Command::TCPConnect => match target_of(&address) {
+            Ok(target) => connect(proto, target, client, stack).await,
+            Err(error) => {
+                proto.reply_error(&ReplyError::GeneralFailure).await?;
+                Err(format!("invalid SOCKS5 destination: {error}").into())
+            }
+        },
+        // The ASSOCIATE address is the client's own (often 0.0.0.0:0), not a destination.
+        Socks5Command::UDPAssociate if settings.udp => {
+            udp::associate(proto, &address, client, local_ip, stack, settings.policy).await
+        }
+        _ => {
+            proto.reply_error(&ReplyError::CommandNotSupported).await?;
+            Ok(())
+        }
+    }
+}
+
+async fn connect(
+    proto: Socks5ServerProtocol<TcpStream, states::CommandRead>,
+    target: Target,
+    client: SocketAddr,
+    stack: ProxyService,
+) -> Result<(), BoxError> {
+    let request = synthesized_connect(&target, Protocol::Socks5Tcp, client)?;
+    let upstream = match call_stack(stack, request).await {
+        Ok(response) => response
+            .extensions()
+            .get::<UpstreamConnection>()
+            .and_then(UpstreamConnection::take),
+        Err(error) => {
+            proto.reply_error(&rescue::reply(&error)).await?;
+            return Ok(());
+        }
+    };
+    let Some(mut upstream) = upstream else {
+        proto.reply_error(&ReplyError::GeneralFailure).await?;
+        return Err("the stack answered a SOCKS5 CONNECT without a connection".into());
+    };
+    let bound = upstream
+        .local_addr()
+        .unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0));
+    let mut client_stream = proto.reply_success(bound).await?;
+    splice::bidirectional(&mut client_stream, &mut upstream).await;
+    Ok(())
+}

@@ -1,0 +1,336 @@
+//! The SOCKS5 `UDP ASSOCIATE` relay.
+//!
+//! - Datagrams are accepted only from the client's IP (and, after the first
+//!   datagram, only from that port); fragments (FRAG ≠ 0) are dropped.
+//! - Each new destination is decided through the stack as a `socks5_udp`
+//!   request, **off the relay loop**: while a destination's decision is
+//!   pending (an approval can take a minute), its datagrams wait in a small
+//!   bounded queue and every other destination keeps flowing.
+//! - A decision is cached per destination with the policy's generation, so a
+//!   reload or a persisted rule applies to the next datagram. An *allow
+//!   once* approval covers the datagrams that waited for it, nothing later.
+//!   A refusal is cached like an allow (one violation per destination and
+//!   policy generation), except an approver's, which is asked again.
+//! - Replies are sent to the client only, and only from remotes the client
+//!   sent to. The relay ends with the TCP control connection.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use fast_socks5::server::{run_udp_proxy_custom, states, Socks5ServerProtocol, SocksServerError};
+use fast_socks5::util::target_addr::TargetAddr;
+use fast_socks5::{new_udp_header, parse_udp_request};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::mpsc;
+
+use portcullis_middleware::{
+    find_blocked, ApprovedOnce, BoxError, PolicyHandle, Protocol, Source, Target,
+};
+
+use super::target_of;
+use crate::connector::VettedAddresses;
+use crate::transport::{call_stack, synthesized_connect, ProxyService};
+
+/// Largest UDP datagram relayed.
+const MAX_DATAGRAM: usize = 65_535;
+/// Datagrams kept per destination while its decision is pending; later
+/// ones are dropped (UDP may lose datagrams; memory may not grow).
+const MAX_QUEUED: usize = 16;
+
+/// Runs the relay of one association until the control connection closes.
+pub(super) async fn associate(
+    proto: Socks5ServerProtocol<TcpStream, states::CommandRead>,
+    address: &TargetAddr,
+    client: SocketAddr,
+    local_ip: IpAddr,
+    stack: ProxyService,
+    policy: PolicyHandle,
+) -> Result<(), BoxError> {
+    // The ASSOCIATE address is the client's own (often 0.0.0.0:0), not a destination.
+    run_udp_proxy_custom(
+        proto,
+        address,
+        Some(local_ip),
+        local_ip,
+        move |socket| async move {
+            let std_socket: std::net::UdpSocket = socket.into();
+            let peer = UdpSocket::from_std(std_socket).map_err(|error| {
+                tracing::debug!(%error, "UDP relay socket");
+                SocksServerError::Bug("UDP relay socket")
+            })?;
+            Relay::new(peer, client, stack, policy)
+                .run()
+                .await
+                .map_err(|error| {
+                    tracing::debug!(%error, "UDP relay ended");
+                    SocksServerError::Bug("UDP relay failed")
+                })
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// What the relay knows about one destination.
+#[derive(Debug)]
+enum Destination {
+    /// The stack is deciding; these payloads wait for the answer.
+    Pending(VecDeque<Vec<u8>>),
+    /// Allowed under this policy generation: send here.
+    Allowed {
+        address: SocketAddr,
+        generation: u64,
+    },
+    /// Refused under this policy generation: drop.
+    Refused { generation: u64 },
+}
+
+/// The stack's answer about one destination, sent back to the relay loop.
+#[derive(Debug)]
+struct Decided {
+    target: Target,
+    generation: u64,
+    outcome: Outcome,
+}
+
+#[derive(Debug)]
+enum Outcome {
+    Allowed { address: SocketAddr, once: bool },
+    Refused { cache: bool },
+}
+
+struct Relay {
+    peer: UdpSocket,
+    client: SocketAddr,
+    stack: ProxyService,
+    policy: PolicyHandle,
+    client_udp: Option<SocketAddr>,
+    destinations: HashMap<Target, Destination>,
+    remotes: HashSet<SocketAddr>,
+    outbound_v4: Option<UdpSocket>,
+    outbound_v6: Option<UdpSocket>,
+    decided_tx: mpsc::UnboundedSender<Decided>,
+    decided_rx: mpsc::UnboundedReceiver<Decided>,
+    dropped: u64,
+}
+
+impl Relay {
+    fn new(
+        peer: UdpSocket,
+        client: SocketAddr,
+        stack: ProxyService,
+        policy: PolicyHandle,
+    ) -> Relay {
+        let (decided_tx, decided_rx) = mpsc::unbounded_channel();
+        Relay {
+            peer,
+            client,
+            stack,
+            policy,
+            client_udp: None,
+            destinations: HashMap::new(),
+            remotes: HashSet::new(),
+            outbound_v4: None,
+            outbound_v6: None,
+            decided_tx,
+            decided_rx,
+            dropped: 0,
+        }
+    }
+
+    async fn run(mut self) -> Result<(), BoxError> {
+        let mut from_client = vec![0u8; MAX_DATAGRAM];
+        let mut from_v4 = vec![0u8; MAX_DATAGRAM];
+        let mut from_v6 = vec![0u8; MAX_DATAGRAM];
+        loop {
+            tokio::select! {
+                received = self.peer.recv_from(&mut from_client) => {
+                    let (length, source) = received?;
+                    self.on_datagram(source, &from_client[..length]).await?;
+                }
+                Some(decided) = self.decided_rx.recv() => self.decided(decided).await?,
+                received = recv_optional(self.outbound_v4.as_ref(), &mut from_v4) => {
+                    let (length, source) = received?;
+                    self.reply(source, &from_v4[..length]).await;
+                }
+                received = recv_optional(self.outbound_v6.as_ref(), &mut from_v6) => {
+                    let (length, source) = received?;
+                    self.reply(source, &from_v6[..length]).await;
+                }
+            }
+        }
+    }
+
+    /// One datagram from the client: send it, queue it, or start a decision.
+    async fn on_datagram(&mut self, source: SocketAddr, datagram: &[u8]) -> Result<(), BoxError> {
+        if source.ip() != self.client.ip() || self.client_udp.is_some_and(|known| known != source) {
+            tracing::debug!(%source, "UDP datagram from a stranger ignored");
+            return Ok(());
+        }
+        let Ok((fragment, address, payload)) = parse_udp_request(datagram).await else {
+            return Ok(());
+        };
+        if fragment != 0 {
+            return Ok(());
+        }
+        let Ok(target) = target_of(&address) else {
+            return Ok(());
+        };
+        self.client_udp = Some(source);
+        let generation = self.policy.generation();
+        match self.destinations.get_mut(&target) {
+            Some(Destination::Allowed {
+                address,
+                generation: decided,
+            }) if *decided == generation => {
+                let address = *address;
+                self.send(address, payload).await
+            }
+            Some(Destination::Refused {
+                generation: decided,
+            }) if *decided == generation => {
+                self.dropped += 1;
+                Ok(())
+            }
+            Some(Destination::Pending(queue)) => {
+                if queue.len() < MAX_QUEUED {
+                    queue.push_back(payload.to_vec());
+                } else {
+                    self.dropped += 1;
+                    tracing::debug!(
+                        dropped = self.dropped,
+                        "UDP datagram dropped: its destination's decision is still pending"
+                    );
+                }
+                Ok(())
+            }
+            // New, or decided under an older policy: decide (again).
+            _ => {
+                self.destinations.insert(
+                    target.clone(),
+                    Destination::Pending(VecDeque::from([payload.to_vec()])),
+                );
+                self.decide(target, generation);
+                Ok(())
+            }
+        }
+    }
+
+    /// Asks the stack about `target` on a task of its own.
+    fn decide(&self, target: Target, generation: u64) {
+        let stack = self.stack.clone();
+        let client = self.client;
+        let decided = self.decided_tx.clone();
+        tokio::spawn(async move {
+            let outcome = match synthesized_connect(&target, Protocol::Socks5Udp, client) {
+                Ok(request) => match call_stack(stack, request).await {
+                    Ok(response) => {
+                        let address = response
+                            .extensions()
+                            .get::<VettedAddresses>()
+                            .and_then(|vetted| vetted.0.first().copied());
+                        let once = response.extensions().get::<ApprovedOnce>().is_some();
+                        match address {
+                            Some(address) => Outcome::Allowed { address, once },
+                            None => Outcome::Refused { cache: false },
+                        }
+                    }
+                    // Refused: the violation log has it. An approver's no is
+                    // for the datagrams that waited; it may be asked again.
+                    Err(error) => Outcome::Refused {
+                        cache: find_blocked(error.as_ref())
+                            .is_some_and(|blocked| blocked.source != Source::Approval),
+                    },
+                },
+                Err(_) => Outcome::Refused { cache: true },
+            };
+            // The association may be gone; then nobody is waiting.
+            let _ = decided.send(Decided {
+                target,
+                generation,
+                outcome,
+            });
+        });
+    }
+
+    /// Applies a decision: flushes or drops the queued datagrams, and caches
+    /// what may be cached.
+    async fn decided(&mut self, decided: Decided) -> Result<(), BoxError> {
+        let queued = match self.destinations.remove(&decided.target) {
+            Some(Destination::Pending(queue)) => queue,
+            Some(other) => {
+                // Decided meanwhile by a newer question; keep that answer.
+                self.destinations.insert(decided.target, other);
+                return Ok(());
+            }
+            None => VecDeque::new(),
+        };
+        match decided.outcome {
+            Outcome::Allowed { address, once } => {
+                for payload in &queued {
+                    self.send(address, payload).await?;
+                }
+                if !once {
+                    self.destinations.insert(
+                        decided.target,
+                        Destination::Allowed {
+                            address,
+                            generation: decided.generation,
+                        },
+                    );
+                }
+            }
+            Outcome::Refused { cache } => {
+                self.dropped += queued.len() as u64;
+                if cache {
+                    self.destinations.insert(
+                        decided.target,
+                        Destination::Refused {
+                            generation: decided.generation,
+                        },
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn send(&mut self, destination: SocketAddr, payload: &[u8]) -> Result<(), BoxError> {
+        let (slot, unspecified) = match destination {
+            SocketAddr::V4(_) => (&mut self.outbound_v4, IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+            SocketAddr::V6(_) => (&mut self.outbound_v6, IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
+        };
+        if slot.is_none() {
+            *slot = Some(UdpSocket::bind(SocketAddr::new(unspecified, 0)).await?);
+        }
+        if let Some(socket) = slot.as_ref() {
+            self.remotes.insert(destination);
+            let _ = socket.send_to(payload, destination).await;
+        }
+        Ok(())
+    }
+
+    /// Sends a remote's datagram back to the client (never anywhere else).
+    async fn reply(&mut self, source: SocketAddr, payload: &[u8]) {
+        let Some(client_udp) = self.client_udp else {
+            return;
+        };
+        if !self.remotes.contains(&source) {
+            return;
+        }
+        if let Ok(mut datagram) = new_udp_header(source) {
+            datagram.extend_from_slice(payload);
+            let _ = self.peer.send_to(&datagram, client_udp).await;
+        }
+    }
+}
+
+async fn recv_optional(
+    socket: Option<&UdpSocket>,
+    buffer: &mut [u8],
+) -> std::io::Result<(usize, SocketAddr)> {
+    match socket {
+        Some(socket) => socket.recv_from(buffer).await,
+        None => std::future::pending().await,
+    }
+}
