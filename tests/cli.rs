@@ -206,3 +206,120 @@ async fn bad_usage_and_bad_config_exit_64_with_one_line() {
     assert_eq!(code, Some(0));
     assert!(stdout.contains("run"));
 }
+
+/// The first word of `check`'s answer and its `reason:` line.
+fn check_verdict(stdout: &str) -> (String, String) {
+    let verdict = stdout
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let reason = stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("reason: "))
+        .unwrap_or("")
+        .to_owned();
+    (verdict, reason)
+}
+
+/// What a live proxy started with `flags` answers `request`: `allow` for a
+/// 2xx, else `deny` with the JSON body's reason.
+async fn live_verdict(flags: &[&str], request: &str) -> (String, String) {
+    let mut child = portcullis()
+        .arg("serve")
+        .args(flags)
+        .args(["--http", "127.0.0.1:0", "--no-socks"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let address: std::net::SocketAddr = first
+        .strip_prefix("export HTTP_PROXY='http://")
+        .and_then(|r| r.strip_suffix('\''))
+        .expect(&first)
+        .parse()
+        .unwrap();
+    let (mut stream, head) = raw_exchange(address, request).await;
+    let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    if (200..300).contains(&status) {
+        return ("allow".into(), String::new());
+    }
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    tokio::io::AsyncReadExt::read_exact(&mut stream, &mut body)
+        .await
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    (
+        "deny".into(),
+        json["reason"].as_str().unwrap_or("").to_owned(),
+    )
+}
+
+#[tokio::test]
+async fn check_and_a_live_request_agree() {
+    let origin = origin().await;
+    let port = origin.addr.port();
+    let svc = "svc.test=127.0.0.1";
+    let get = |authority: String| {
+        format!(
+            "GET http://{authority}/ HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+        )
+    };
+    let post = |authority: String| {
+        format!("POST http://{authority}/ HTTP/1.1\r\nHost: {authority}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    };
+    let connect =
+        |authority: String| format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n");
+    let svc_url = format!("http://svc.test:{port}/");
+    let svc_authority = format!("svc.test:{port}");
+    let ip_url = format!("http://127.0.0.1:{port}/");
+    let ip_authority = format!("127.0.0.1:{port}");
+    #[rustfmt::skip]
+    let table: Vec<(Vec<&str>, &str, Option<&str>, String, &str)> = vec![
+        // flags, check target, check --method, live request, expected reason ("" = allow)
+        (vec!["--allow", "svc.test", "--resolve", svc], &svc_url, None, get(svc_authority.clone()), "not_allowed_local"),
+        (vec!["--allow", "svc.test", "--resolve", svc, "--allow-local-binding"], &svc_url, None, get(svc_authority.clone()), ""),
+        (vec!["--allow", "svc.test", "--resolve", svc], &svc_authority, None, connect(svc_authority.clone()), "not_allowed_local"),
+        (vec!["--allow", "*", "--resolve", svc], &svc_authority, None, connect(svc_authority.clone()), "not_allowed_local"),
+        (vec!["--allow", "*", "--deny", "svc.test", "--resolve", svc], &svc_url, None, get(svc_authority.clone()), "denied"),
+        (vec!["--allow", "other.test", "--resolve", svc], &svc_url, None, get(svc_authority.clone()), "not_allowed"),
+        (vec!["--allow", "127.0.0.1"], &ip_authority, None, connect(ip_authority.clone()), ""),
+        (vec!["--allow", "127.0.0.1", "--mode", "limited"], &ip_authority, None, connect(ip_authority.clone()), "mitm_required"),
+        (vec!["--allow", "127.0.0.1", "--mode", "limited"], &ip_url, None, get(ip_authority.clone()), ""),
+        (vec!["--allow", "127.0.0.1", "--mode", "limited"], &ip_url, Some("POST"), post(ip_authority.clone()), "method_not_allowed"),
+    ];
+    let cases = table.len();
+    for (flags, target, method, request, expected) in table {
+        let mut check = portcullis();
+        check.arg("check").args(&flags);
+        if let Some(method) = method {
+            check.args(["--method", method]);
+        }
+        let (code, stdout, stderr) = output(check.arg(target)).await;
+        let checked = check_verdict(&stdout);
+        let live = live_verdict(&flags, &request).await;
+        let want = if expected.is_empty() {
+            ("allow".to_owned(), String::new())
+        } else {
+            ("deny".to_owned(), expected.to_owned())
+        };
+        assert_eq!(checked, want, "check {flags:?} {target}: {stdout}{stderr}");
+        assert_eq!(live, want, "live {flags:?} {request:?}");
+        assert_eq!(code, Some(if expected.is_empty() { 0 } else { 1 }));
+    }
+    println!("check and the live proxy agreed on {cases} cases");
+}

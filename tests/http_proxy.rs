@@ -338,3 +338,69 @@ async fn policy_changes_apply_to_the_next_request() {
     let out = curl(&["-x", &proxy.http_url(), &url]).await;
     assert_eq!(out.stdout, "hello /live");
 }
+
+#[tokio::test]
+async fn a_layer_of_our_own_refuses_with_its_own_reason_on_every_path() {
+    use http::Request;
+    use portcullis::body::Body;
+    use portcullis::middleware::{Blocked, BoxError, PolicyHandle, RequestInfo, Source};
+
+    let origin = origin().await;
+    // Requests from the "build" team only: an x-team header on HTTP; SOCKS5
+    // has no headers, so it is refused there too.
+    let require_team = tower::filter::FilterLayer::new(|request: Request<Body>| {
+        if request
+            .headers()
+            .get("x-team")
+            .is_some_and(|v| v == "build")
+        {
+            return Ok(request);
+        }
+        let info = RequestInfo::from_request(&request)?;
+        Err::<Request<Body>, BoxError>(
+            Blocked::new(
+                Reason::Custom("team_header"),
+                Source::Layer("require_team"),
+                info.target,
+                info.protocol,
+                &info.method,
+            )
+            .with_message(
+                "portcullis refused the request: it carries no x-team header; send x-team: build",
+            )
+            .into(),
+        )
+    });
+    let policy = PolicyHandle::new(NetworkPolicy::builder().allow("127.0.0.1").unwrap().build());
+    let proxy = portcullis::Proxy::builder()
+        .policy(policy)
+        .socks_addr(Some("127.0.0.1:0".parse().unwrap()))
+        .outer_layer(require_team)
+        .start()
+        .await
+        .unwrap();
+    let proxy_url = format!("http://{}", proxy.http_addr());
+    let url = format!("http://{}/team", origin.addr);
+
+    let out = curl(&["-i", "-x", &proxy_url, &url]).await;
+    let (status, headers, body) = parse_response(&out.stdout);
+    assert_eq!(status, 403, "{}", out.stdout);
+    assert_eq!(headers["x-proxy-error"], "blocked-by-team-header");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["reason"], "team_header");
+    assert_eq!(json["source"], "require_team");
+    assert!(json["message"].as_str().unwrap().contains("x-team"));
+
+    let out = curl(&["-H", "x-team: build", "-x", &proxy_url, &url]).await;
+    assert_eq!(out.stdout, "hello /team", "{}", out.stderr);
+
+    let socks = format!("socks5h://{}", proxy.socks_addr().unwrap());
+    let out = curl(&["--proxy", &socks, &url]).await;
+    assert_ne!(out.code, Some(0));
+    assert!(
+        out.stderr.contains("not allowed") || out.stderr.contains("(2)"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(proxy.violations().total(), 2, "both refusals are logged");
+}

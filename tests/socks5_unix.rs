@@ -448,3 +448,136 @@ async fn username_password_when_configured() {
     .await;
     assert_eq!(out.stdout, "hello /authed", "{}", out.stderr);
 }
+
+/// Opens an association and returns the control connection and the relay.
+async fn associate(socks: SocketAddr) -> (TcpStream, SocketAddr) {
+    let mut control = TcpStream::connect(socks).await.unwrap();
+    greet(&mut control, &[0]).await;
+    control
+        .write_all(&[5, 3, 0, 1, 0, 0, 0, 0, 0, 0])
+        .await
+        .unwrap();
+    let mut reply = [0u8; 10];
+    control.read_exact(&mut reply).await.unwrap();
+    assert_eq!(reply[..2], [5, 0]);
+    let relay = SocketAddr::from((
+        [reply[4], reply[5], reply[6], reply[7]],
+        u16::from_be_bytes([reply[8], reply[9]]),
+    ));
+    (control, relay)
+}
+
+#[tokio::test]
+async fn udp_decisions_run_off_the_relay_loop_and_follow_the_live_policy() {
+    use portcullis::middleware::{approver_fn, ApprovalOutcome, ApprovalRequest};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let asked = udp_echo().await; // a miss: put to the approver
+    let allowed = udp_echo().await; // on the allowlist
+    let policy = || {
+        NetworkPolicy::builder()
+            .allow_local_binding(true)
+            .allow(&format!("127.0.0.1:{}", allowed.port()))
+            .unwrap()
+    };
+    // The approver answers only when the test says so.
+    let (answer, answers) = tokio::sync::mpsc::channel::<ApprovalOutcome>(4);
+    let answers = Arc::new(tokio::sync::Mutex::new(answers));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let approver = {
+        let calls = calls.clone();
+        approver_fn(move |_: ApprovalRequest| {
+            let answers = answers.clone();
+            calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let outcome = answers.lock().await.recv().await;
+                outcome.ok_or_else(|| "no answer".into())
+            }
+        })
+    };
+    let proxy = proxy_with(policy().build(), &[], |builder| {
+        builder.approver(
+            portcullis::BoxApprover::new(approver),
+            Duration::from_secs(30),
+        )
+    })
+    .await;
+    let (_control, relay) = associate(proxy.socks_addr()).await;
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+
+    // A question is pending for one destination ...
+    client
+        .send_to(&udp_datagram(asked, b"a1"), relay)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // ... and another destination keeps flowing meanwhile.
+    client
+        .send_to(&udp_datagram(allowed, b"b1"), relay)
+        .await
+        .unwrap();
+    assert_eq!(
+        recv_within(&client, 3000).await,
+        Some(udp_datagram(allowed, b"b1")),
+        "a pending decision does not stall the association"
+    );
+    // More datagrams for the pending destination wait for the answer.
+    client
+        .send_to(&udp_datagram(asked, b"a2"), relay)
+        .await
+        .unwrap();
+    assert_eq!(recv_within(&client, 200).await, None);
+    answer.send(ApprovalOutcome::AllowOnce).await.unwrap();
+    let mut echoed = vec![
+        recv_within(&client, 3000)
+            .await
+            .expect("the first queued datagram"),
+        recv_within(&client, 3000)
+            .await
+            .expect("the second queued datagram"),
+    ];
+    echoed.sort();
+    assert_eq!(
+        echoed,
+        vec![udp_datagram(asked, b"a1"), udp_datagram(asked, b"a2")]
+    );
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "one question for the queue"
+    );
+
+    // Allow once covered the datagrams that waited, nothing later.
+    client
+        .send_to(&udp_datagram(asked, b"a3"), relay)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "asked again");
+    answer.send(ApprovalOutcome::Deny).await.unwrap();
+    assert_eq!(recv_within(&client, 300).await, None, "denied: dropped");
+
+    // A reload reaches the running association on its next datagram.
+    proxy.handle.policy().store(
+        policy()
+            .deny(&format!("127.0.0.1:{}", allowed.port()))
+            .unwrap()
+            .build(),
+    );
+    client
+        .send_to(&udp_datagram(allowed, b"b2"), relay)
+        .await
+        .unwrap();
+    assert_eq!(
+        recv_within(&client, 500).await,
+        None,
+        "refused after the reload"
+    );
+    let last = proxy.ring.snapshot().pop().expect("the refusal is logged");
+    assert_eq!(last.blocked.protocol, Protocol::Socks5Udp);
+    assert_eq!(last.blocked.target.port(), Some(allowed.port()));
+    assert_eq!(last.blocked.reason, Reason::Denied);
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "a denial is never asked");
+}

@@ -256,14 +256,10 @@ impl Relay {
     /// Applies a decision: flushes or drops the queued datagrams, and caches
     /// what may be cached.
     async fn decided(&mut self, decided: Decided) -> Result<(), BoxError> {
+        // One decision is asked per pending destination, so this is its queue.
         let queued = match self.destinations.remove(&decided.target) {
             Some(Destination::Pending(queue)) => queue,
-            Some(other) => {
-                // Decided meanwhile by a newer question; keep that answer.
-                self.destinations.insert(decided.target, other);
-                return Ok(());
-            }
-            None => VecDeque::new(),
+            _ => VecDeque::new(),
         };
         match decided.outcome {
             Outcome::Allowed { address, once } => {
