@@ -288,9 +288,10 @@ async fn check_and_a_live_request_agree() {
     let svc_authority = format!("svc.test:{port}");
     let ip_url = format!("http://127.0.0.1:{port}/");
     let ip_authority = format!("127.0.0.1:{port}");
+    /// Flags, `check` target, `check --method`, live request, expected reason ("" = allow).
+    type Case<'a> = (Vec<&'a str>, &'a str, Option<&'a str>, String, &'a str);
     #[rustfmt::skip]
-    let table: Vec<(Vec<&str>, &str, Option<&str>, String, &str)> = vec![
-        // flags, check target, check --method, live request, expected reason ("" = allow)
+    let table: Vec<Case<'_>> = vec![
         (vec!["--allow", "svc.test", "--resolve", svc], &svc_url, None, get(svc_authority.clone()), "not_allowed_local"),
         (vec!["--allow", "svc.test", "--resolve", svc, "--allow-local-binding"], &svc_url, None, get(svc_authority.clone()), ""),
         (vec!["--allow", "svc.test", "--resolve", svc], &svc_authority, None, connect(svc_authority.clone()), "not_allowed_local"),
