@@ -32,7 +32,7 @@
 //! | `transport/` | the ways in: `http1/` and `socks5/` (each with its own `rescue`, the one place errors become that wire's answers), `unix` (`x-unix-socket`), the shared accept loop, drain and request-model insertion |
 //! | `connector/` | the innermost service: resolve once, vet, dial; the pooled upstream client, [`upstream`] chaining, Unix-socket forwarding, the [`resolve`] trait |
 //! | [`runner`] | [`Proxy::builder`]: composes the stack once and starts the transports |
-//! | [`config`], [`cli`], [`env`] | the binary: TOML and flags, `serve` / `run` / `check`, the child's proxy variables |
+//! | [`config`], [`cli`], [`env`](mod@env) | the binary: TOML and flags, `serve` / `run` / `check`, the child's proxy variables |
 //!
 //! HTTPS interception goes in as `transport/mitm/`, bundled approvers beside
 //! the runner in `approvers/`.
