@@ -84,17 +84,7 @@ async fn serve_prints_the_environment_then_stops_on_sigterm() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let url = first
-        .strip_prefix("export HTTP_PROXY='")
-        .and_then(|r| r.strip_suffix('\''))
-        .expect(&first)
-        .to_owned();
+    let url = format!("http://{}", served_http_address(&mut child).await);
     let out = curl(&["-x", &url, &format!("http://{}/served", origin.addr)]).await;
     assert_eq!(out.stdout, "hello /served");
     let out = curl(&["-x", &url, "http://blocked.test/"]).await;
@@ -207,6 +197,22 @@ async fn bad_usage_and_bad_config_exit_64_with_one_line() {
     assert!(stdout.contains("run"));
 }
 
+/// The HTTP listener of a `serve` child, from the first line it prints.
+async fn served_http_address(child: &mut tokio::process::Child) -> std::net::SocketAddr {
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    first
+        .strip_prefix("export HTTP_PROXY='http://")
+        .and_then(|r| r.strip_suffix('\''))
+        .expect(&first)
+        .parse()
+        .unwrap()
+}
+
 /// The first word of `check`'s answer and its `reason:` line.
 fn check_verdict(stdout: &str) -> (String, String) {
     let verdict = stdout
@@ -233,18 +239,7 @@ async fn live_verdict(flags: &[&str], request: &str) -> (String, String) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let address: std::net::SocketAddr = first
-        .strip_prefix("export HTTP_PROXY='http://")
-        .and_then(|r| r.strip_suffix('\''))
-        .expect(&first)
-        .parse()
-        .unwrap();
+    let address = served_http_address(&mut child).await;
     let (mut stream, head) = raw_exchange(address, request).await;
     let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
     if (200..300).contains(&status) {

@@ -162,19 +162,7 @@ async fn recv_within(socket: &UdpSocket, millis: u64) -> Option<Vec<u8>> {
 async fn udp_associate_relays_to_allowed_destinations_only() {
     let echo = udp_echo().await;
     let proxy = proxy(allow(&["127.0.0.1"]), &[]).await;
-    let mut control = TcpStream::connect(proxy.socks_addr()).await.unwrap();
-    greet(&mut control, &[0]).await;
-    control
-        .write_all(&[5, 3, 0, 1, 0, 0, 0, 0, 0, 0])
-        .await
-        .unwrap();
-    let mut reply = [0u8; 10];
-    control.read_exact(&mut reply).await.unwrap();
-    assert_eq!(reply[..2], [5, 0]);
-    let relay = SocketAddr::from((
-        [reply[4], reply[5], reply[6], reply[7]],
-        u16::from_be_bytes([reply[8], reply[9]]),
-    ));
+    let (control, relay) = associate(proxy.socks_addr()).await;
 
     let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     client
