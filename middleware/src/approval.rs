@@ -15,8 +15,8 @@
 //!   goes away all deny (fail closed).
 //!
 //! Refusals are [`Blocked`] with reason `approval_denied`,
-//! `approval_timed_out` or `approval_failed`: on HTTP a 403 with
-//! `x-proxy-error: blocked-by-policy`, on SOCKS5 reply 0x02.
+//! `approval_timed_out` or `approval_failed`; the transports answer them as
+//! the README's refusal table says.
 //!
 //! An approver is any `tower::Service<ApprovalRequest, Response =
 //! ApprovalOutcome>`; [`approver_fn`] makes one from a closure, and

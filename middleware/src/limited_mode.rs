@@ -12,8 +12,8 @@
 //!   marker) — `mitm_required`. An intercepted tunnel's inner requests come
 //!   back through the stack as `https_mitm` and are checked one by one.
 //!
-//! On HTTP a refusal is a 403 with `x-proxy-error: blocked-by-method-policy`
-//! (or `blocked-by-mitm-required`); on SOCKS5, reply 0x02.
+//! The transports answer these refusals as the README's refusal table says
+//! (a 403 with a JSON body on HTTP, reply 0x02 on SOCKS5).
 //!
 //! # Example
 //!

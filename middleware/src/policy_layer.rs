@@ -11,8 +11,8 @@
 //! without a [`Target`] is a [`BadRequest`]
 //! (fail closed).
 //!
-//! On HTTP a refusal is a 403 with `x-proxy-error: blocked-by-allowlist` or
-//! `blocked-by-denylist` and a JSON body; on SOCKS5 it is reply 0x02.
+//! The transports answer these refusals as the README's refusal table says
+//! (a 403 with a JSON body on HTTP, reply 0x02 on SOCKS5).
 //!
 //! # Example
 //!
