@@ -128,30 +128,14 @@ impl<A, O, I> DefaultStack<A, O, I> {
     /// every request, and its [`Blocked`](crate::Blocked) refusals are
     /// logged. Layers added later sit further in.
     pub fn outer<L>(self, layer: L) -> DefaultStack<A, Stack<L, O>, I> {
-        DefaultStack {
-            policy: self.policy,
-            violations: self.violations,
-            strip_headers: self.strip_headers,
-            approval: self.approval,
-            ask_on_miss: self.ask_on_miss,
-            outer: Stack::new(layer, self.outer),
-            inner: self.inner,
-        }
+        self.map_layers(|outer, inner| (Stack::new(layer, outer), inner))
     }
 
     /// Adds a layer of your own just outside the connector: it sees only
     /// requests the policy (and approver) let through. Layers added later
     /// sit further in.
     pub fn inner<L>(self, layer: L) -> DefaultStack<A, O, Stack<L, I>> {
-        DefaultStack {
-            policy: self.policy,
-            violations: self.violations,
-            strip_headers: self.strip_headers,
-            approval: self.approval,
-            ask_on_miss: self.ask_on_miss,
-            outer: self.outer,
-            inner: Stack::new(layer, self.inner),
-        }
+        self.map_layers(|outer, inner| (outer, Stack::new(layer, inner)))
     }
 
     /// Replaces your own layers, outer and inner at once, with whole layer
@@ -159,6 +143,11 @@ impl<A, O, I> DefaultStack<A, O, I> {
     /// one); [`Identity`] for none. This is how the `portcullis` runner
     /// passes the layers given to its builder.
     pub fn layers<O2, I2>(self, outer: O2, inner: I2) -> DefaultStack<A, O2, I2> {
+        self.map_layers(|_, _| (outer, inner))
+    }
+
+    fn map_layers<O2, I2>(self, f: impl FnOnce(O, I) -> (O2, I2)) -> DefaultStack<A, O2, I2> {
+        let (outer, inner) = f(self.outer, self.inner);
         DefaultStack {
             policy: self.policy,
             violations: self.violations,
