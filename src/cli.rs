@@ -24,6 +24,7 @@ use portcullis_middleware::{
 use crate::body::Body;
 
 use crate::config::{Config, ConfigError};
+use crate::mitm::CertificateAuthority;
 use crate::resolve::{StaticResolver, SystemResolver};
 use crate::runner::{Proxy, ProxyBuilder, ProxyHandle};
 use crate::upstream::UpstreamProxies;
@@ -58,6 +59,9 @@ enum Command {
     Run(RunArgs),
     /// Print the policy's decision for a URL or host:port.
     Check(CheckArgs),
+    /// Print the HTTPS interception CA's path and certificate (creating the
+    /// CA if there is none), for clients to trust.
+    Ca(CaArgs),
 }
 
 /// Options shared by every subcommand; flags win over the config file and
@@ -88,6 +92,9 @@ pub struct Options {
     /// Allow local/private addresses for allowlisted hosts.
     #[arg(long)]
     allow_local_binding: bool,
+    /// Intercept HTTPS in limited mode (clients must trust `portcullis ca`).
+    #[arg(long)]
+    mitm: bool,
     /// Answer NAME with IP without DNS (repeatable), like curl's --resolve.
     #[arg(long = "resolve", value_name = "NAME=IP")]
     resolve: Vec<String>,
@@ -109,6 +116,13 @@ struct RunArgs {
     /// The command and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<OsString>,
+}
+
+#[derive(Debug, Args)]
+struct CaArgs {
+    /// TOML configuration file (for `[mitm] ca_dir`).
+    #[arg(long, value_name = "FILE", env = "PORTCULLIS_CONFIG")]
+    config: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -157,6 +171,9 @@ impl Options {
                 ModeArg::Full => Mode::Full,
                 ModeArg::Limited => Mode::Limited,
             };
+        }
+        if self.mitm {
+            network.mitm = true;
         }
         if self.allow_local_binding {
             network.allow_local_binding = true;
@@ -218,6 +235,8 @@ impl Loaded {
             .resolver(Arc::new(resolver))
             .resolve_timeout(config.dns_timeout(origin)?)
             .upstream(upstream)
+            .upstream_roots(config.upstream_roots(origin)?)
+            .leaf_cache_size(config.mitm.leaf_cache_size)
             .violations(violations);
         Ok((builder, ring))
     }
@@ -256,6 +275,7 @@ pub fn main() -> ExitCode {
             Command::Serve(options) => serve(options).await,
             Command::Run(args) => run(args).await,
             Command::Check(args) => check(args).await,
+            Command::Ca(args) => ca(args),
         }
     })
 }
@@ -283,10 +303,14 @@ async fn start(options: &Options, ephemeral: bool) -> Result<ProxyHandle, ExitCo
             loaded.origin
         )));
     }
-    if loaded.config.network.mitm {
-        tracing::warn!("network.mitm is set, but HTTPS interception is not available in this release: limited-mode CONNECT stays refused (mitm_required)");
-    }
     let (mut builder, _ring) = loaded.builder().map_err(|e| usage_error(&e))?;
+    if loaded.config.network.mitm {
+        let ca = load_ca(&loaded.config, &loaded.origin)?;
+        if loaded.config.network.mode == Mode::Full {
+            tracing::info!("mitm is on, but mode is full: nothing is intercepted until mode = \"limited\"");
+        }
+        builder = builder.mitm(Some(Arc::new(ca)));
+    }
     if ephemeral {
         let loopback = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
         let socks = loaded.config.network.enable_socks5.then_some(loopback);
@@ -371,6 +395,36 @@ async fn run(args: RunArgs) -> ExitCode {
             ExitCode::from(EXIT_UNAVAILABLE)
         }
     }
+}
+
+fn load_ca(config: &Config, origin: &str) -> Result<CertificateAuthority, ExitCode> {
+    let directory = config.ca_dir(origin).map_err(|e| usage_error(&e))?;
+    CertificateAuthority::load_or_create(&directory).map_err(|error| {
+        let _ = writeln!(std::io::stderr(), "{error}");
+        ExitCode::from(EXIT_USAGE)
+    })
+}
+
+fn ca(args: CaArgs) -> ExitCode {
+    let config = match Config::load(args.config.as_deref()) {
+        Ok(config) => config,
+        Err(error) => return usage_error(&error),
+    };
+    let origin = match &args.config {
+        Some(path) => path.display().to_string(),
+        None => "defaults and environment".to_owned(),
+    };
+    let ca = match load_ca(&config, &origin) {
+        Ok(ca) => ca,
+        Err(code) => return code,
+    };
+    let _ = write!(
+        std::io::stdout(),
+        "{}\n{}",
+        ca.cert_path().display(),
+        ca.cert_pem()
+    );
+    ExitCode::SUCCESS
 }
 
 fn exit_code(status: std::process::ExitStatus) -> u8 {

@@ -31,6 +31,8 @@ pub struct Config {
     pub dns: DnsConfig,
     /// `[log]`: where refusals are written.
     pub log: LogConfig,
+    /// `[mitm]`: the interception CA and the origins' extra CAs.
+    pub mitm: MitmConfig,
 }
 
 /// `allow` or `deny`, in the map form `domains = { "x" = "allow" }`.
@@ -77,9 +79,12 @@ pub struct NetworkConfig {
     pub unix_sockets: Vec<String>,
     /// Allow every Unix socket.
     pub dangerously_allow_all_unix_sockets: bool,
-    /// HTTPS interception for limited mode (not available in this release:
-    /// limited-mode CONNECT stays refused with `mitm_required`).
+    /// HTTPS interception in limited mode: each request inside a CONNECT
+    /// is checked (the client must trust the CA `portcullis ca` prints).
     pub mitm: bool,
+    /// In limited mode, let git fetch and clone over smart HTTP
+    /// (`POST …/git-upload-pack` is a read); push stays refused.
+    pub limited_allow_git_fetch: bool,
 }
 
 impl Default for NetworkConfig {
@@ -101,7 +106,42 @@ impl Default for NetworkConfig {
             unix_sockets: Vec::new(),
             dangerously_allow_all_unix_sockets: false,
             mitm: false,
+            limited_allow_git_fetch: true,
         }
+    }
+}
+
+/// `[mitm]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MitmConfig {
+    /// Where the CA lives; default `$XDG_DATA_HOME/portcullis`, else
+    /// `~/.local/share/portcullis`.
+    pub ca_dir: Option<PathBuf>,
+    /// PEM files of extra CAs to trust for TLS to origins (beside the
+    /// system's roots, which honour `SSL_CERT_FILE` / `SSL_CERT_DIR`).
+    pub upstream_ca_files: Vec<PathBuf>,
+    /// How many hosts' leaf certificates are kept.
+    pub leaf_cache_size: usize,
+}
+
+impl Default for MitmConfig {
+    fn default() -> MitmConfig {
+        MitmConfig {
+            ca_dir: None,
+            upstream_ca_files: Vec::new(),
+            leaf_cache_size: 1024,
+        }
+    }
+}
+
+/// The data directory: `$XDG_DATA_HOME/portcullis`, else
+/// `~/.local/share/portcullis`.
+pub fn data_dir() -> Option<PathBuf> {
+    let nonempty = |name| std::env::var_os(name).filter(|value| !value.is_empty());
+    match nonempty("XDG_DATA_HOME") {
+        Some(base) => Some(PathBuf::from(base).join("portcullis")),
+        None => nonempty("HOME").map(|home| PathBuf::from(home).join(".local/share/portcullis")),
     }
 }
 
@@ -187,6 +227,48 @@ impl Config {
             .map_err(|e| ConfigError::Figment(Box::new(e)))
     }
 
+    /// The interception CA's directory: `[mitm] ca_dir`, else the data
+    /// directory.
+    pub fn ca_dir(&self, origin: &str) -> Result<PathBuf, ConfigError> {
+        self.mitm
+            .ca_dir
+            .clone()
+            .or_else(data_dir)
+            .ok_or_else(|| ConfigError::Invalid {
+                key: "mitm.ca_dir".into(),
+                origin: origin.to_owned(),
+                message: "neither XDG_DATA_HOME nor HOME is set; set mitm.ca_dir".into(),
+            })
+    }
+
+    /// The certificates of `[mitm] upstream_ca_files`.
+    pub fn upstream_roots(
+        &self,
+        origin: &str,
+    ) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, ConfigError> {
+        let mut roots = Vec::new();
+        for path in &self.mitm.upstream_ca_files {
+            let invalid = |message: String| ConfigError::Invalid {
+                key: "mitm.upstream_ca_files".into(),
+                origin: origin.to_owned(),
+                message,
+            };
+            let text = std::fs::read(path)
+                .map_err(|e| invalid(format!("cannot read {}: {e}", path.display())))?;
+            let certs: Vec<_> = pem::parse_many(&text)
+                .map_err(|e| invalid(format!("{} is not PEM: {e}", path.display())))?
+                .into_iter()
+                .filter(|p| p.tag() == "CERTIFICATE")
+                .map(|p| rustls::pki_types::CertificateDer::from(p.into_contents()))
+                .collect();
+            if certs.is_empty() {
+                return Err(invalid(format!("{} holds no certificate", path.display())));
+            }
+            roots.extend(certs);
+        }
+        Ok(roots)
+    }
+
     /// The policy the configuration describes; `origin` names the file for
     /// error messages.
     pub fn policy(&self, origin: &str) -> Result<NetworkPolicy, ConfigError> {
@@ -197,6 +279,7 @@ impl Config {
             message,
         };
         let mut builder = NetworkPolicy::builder()
+            .limited_allow_git_fetch(network.limited_allow_git_fetch)
             .allow_local_binding(network.allow_local_binding)
             .mode(network.mode)
             .dangerously_allow_all_unix_sockets(network.dangerously_allow_all_unix_sockets);
@@ -383,6 +466,7 @@ mod tests {
             unix_sockets: vec![],
             dangerously_allow_all_unix_sockets: false,
             mitm: false,
+            limited_allow_git_fetch: true,
         };
         assert_eq!(config.network, expected);
         assert_eq!(

@@ -10,9 +10,24 @@
 //! the policy and an inherited `NO_PROXY` cannot open a bypass.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
-/// The variables, in a stable order.
-pub fn proxy_env(http: SocketAddr, socks: Option<SocketAddr>) -> Vec<(String, String)> {
+/// The files a child needs to trust the interception CA.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaFiles {
+    /// The CA certificate alone (`NODE_EXTRA_CA_CERTS` adds it to node's roots).
+    pub ca_cert: PathBuf,
+    /// The system's roots and the CA (for clients whose variable replaces
+    /// their roots).
+    pub bundle: PathBuf,
+}
+
+/// The variables, in a stable order; with `ca`, the CA bundle variables too.
+pub fn proxy_env(
+    http: SocketAddr,
+    socks: Option<SocketAddr>,
+    ca: Option<&CaFiles>,
+) -> Vec<(String, String)> {
     let http_url = format!("http://{http}");
     let all_url = match socks {
         Some(socks) => format!("socks5h://{socks}"),
@@ -43,6 +58,20 @@ pub fn proxy_env(http: SocketAddr, socks: Option<SocketAddr>) -> Vec<(String, St
     ] {
         set(name, &http_url);
     }
+    if let Some(ca) = ca {
+        let bundle = ca.bundle.display().to_string();
+        for name in [
+            "SSL_CERT_FILE",
+            "REQUESTS_CA_BUNDLE",
+            "CURL_CA_BUNDLE",
+            "GIT_SSL_CAINFO",
+            "PIP_CERT",
+            "CARGO_HTTP_CAINFO",
+        ] {
+            set(name, &bundle);
+        }
+        set("NODE_EXTRA_CA_CERTS", &ca.ca_cert.display().to_string());
+    }
     env
 }
 
@@ -69,7 +98,7 @@ mod tests {
         let get = |env: &[(String, String)], name: &str| {
             env.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone())
         };
-        let with = proxy_env(http, Some(socks));
+        let with = proxy_env(http, Some(socks), None);
         assert_eq!(
             get(&with, "ALL_PROXY").as_deref(),
             Some("socks5h://127.0.0.1:8081")
@@ -79,11 +108,21 @@ mod tests {
             Some("http://127.0.0.1:3128")
         );
         assert_eq!(get(&with, "NO_PROXY").as_deref(), Some(""));
-        let without = proxy_env(http, None);
+        let without = proxy_env(http, None, None);
         assert_eq!(
             get(&without, "all_proxy").as_deref(),
             Some("http://127.0.0.1:3128")
         );
         assert!(export_lines(&without).starts_with("export HTTP_PROXY='http://127.0.0.1:3128'\n"));
+        assert!(get(&without, "SSL_CERT_FILE").is_none());
+        let ca = CaFiles {
+            ca_cert: "/ca/ca.pem".into(),
+            bundle: "/ca/bundle.pem".into(),
+        };
+        let intercepting = proxy_env(http, None, Some(&ca));
+        for name in ["SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "GIT_SSL_CAINFO", "PIP_CERT", "CARGO_HTTP_CAINFO"] {
+            assert_eq!(get(&intercepting, name).as_deref(), Some("/ca/bundle.pem"), "{name}");
+        }
+        assert_eq!(get(&intercepting, "NODE_EXTRA_CA_CERTS").as_deref(), Some("/ca/ca.pem"));
     }
 }

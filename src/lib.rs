@@ -29,13 +29,13 @@
 //!
 //! | module | holds |
 //! | --- | --- |
-//! | `transport/` | the ways in: `http1/` and `socks5/` (each with its own `rescue`, the one place errors become that wire's answers), `unix` (`x-unix-socket`), the shared accept loop, drain and request-model insertion |
+//! | `transport/` | the ways in: `http1/` and `socks5/` (each with its own `rescue`, the one place errors become that wire's answers), `mitm/` (HTTPS interception in limited mode, its CA), `unix` (`x-unix-socket`), the shared accept loop, drain and request-model insertion |
 //! | `connector/` | the innermost service: resolve once, vet, dial; the pooled upstream client, [`upstream`] chaining, Unix-socket forwarding, the [`resolve`] trait |
 //! | [`runner`] | [`Proxy::builder`]: composes the stack once and starts the transports |
 //! | [`config`], [`cli`], [`env`](mod@env) | the binary: TOML and flags, `serve` / `run` / `check`, the child's proxy variables |
 //!
-//! HTTPS interception goes in as `transport/mitm/`, bundled approvers beside
-//! the runner in `approvers/`.
+//! HTTPS interception lives in `transport/mitm/` (its CA is public as
+//! [`mitm`]); bundled approvers go beside the runner in `approvers/`.
 
 pub mod body;
 pub mod cli;
@@ -46,6 +46,14 @@ pub mod runner;
 mod transport;
 
 pub use connector::{resolve, upstream, Connector};
+
+/// HTTPS interception for limited mode: the local CA.
+pub mod mitm {
+    pub use crate::transport::mitm::{
+        CaError, CertificateAuthority, BUNDLE_FILE, CA_CERT_FILE, CA_KEY_FILE,
+        DEFAULT_LEAF_CACHE_SIZE,
+    };
+}
 pub use portcullis_middleware as middleware;
 pub use runner::{BoxApprover, Proxy, ProxyBuilder, ProxyHandle, StartError};
 pub use transport::ProxyService;

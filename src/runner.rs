@@ -30,7 +30,11 @@ use portcullis_middleware::{
     ViolationLogLayer, ViolationRing,
 };
 
+use rustls::pki_types::CertificateDer;
+
 use crate::body::Body;
+use crate::env::CaFiles;
+use crate::transport::mitm::{CaError, CertificateAuthority, Interceptor, DEFAULT_LEAF_CACHE_SIZE};
 use crate::connector::{Connector, Dialer};
 use crate::resolve::{Resolve, SystemResolver};
 use crate::transport::{self, ProxyService, Shutdown};
@@ -58,6 +62,9 @@ pub enum StartError {
     /// The TLS client configuration could not be built.
     #[error("cannot set up TLS: {0}")]
     Tls(#[from] rustls::Error),
+    /// The interception CA's trust files could not be written.
+    #[error(transparent)]
+    Mitm(#[from] CaError),
 }
 
 /// Builds and starts a proxy; see the [module docs](self).
@@ -79,7 +86,10 @@ pub struct ProxyBuilder<O = Identity, I = Identity> {
     resolve_timeout: Duration,
     connect_timeout: Duration,
     upstream: Option<Arc<UpstreamProxies>>,
-    crypto: Option<Arc<rustls::crypto::CryptoProvider>>,
+    crypto: Arc<rustls::crypto::CryptoProvider>,
+    mitm: Option<Arc<CertificateAuthority>>,
+    leaf_cache_size: usize,
+    upstream_roots: Vec<CertificateDer<'static>>,
     violations: ViolationLogLayer,
     approval: Option<ApprovalWaitLayer<BoxApprover>>,
     outer: O,
@@ -116,7 +126,10 @@ impl Proxy {
             resolve_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(10),
             upstream: None,
-            crypto: None,
+            crypto: Arc::new(rustls::crypto::ring::default_provider()),
+            mitm: None,
+            leaf_cache_size: DEFAULT_LEAF_CACHE_SIZE,
+            upstream_roots: Vec::new(),
             violations: ViolationLogLayer::default(),
             approval: None,
             outer: Identity::new(),
@@ -199,13 +212,35 @@ impl<O, I> ProxyBuilder<O, I> {
         self
     }
 
-    /// The rustls crypto provider for TLS to `https://` upstreams (default:
-    /// ring, created here; nothing is installed process-wide).
+    /// The rustls crypto provider for every TLS configuration, client and
+    /// server side (default: ring, created here; nothing is installed
+    /// process-wide).
     pub fn crypto_provider(
         mut self,
         provider: Arc<rustls::crypto::CryptoProvider>,
     ) -> ProxyBuilder<O, I> {
-        self.crypto = Some(provider);
+        self.crypto = provider;
+        self
+    }
+
+    /// Intercepts HTTPS in limited mode with leaves signed by `ca`: each
+    /// request inside an allowed `CONNECT` goes through the stack as
+    /// `https_mitm`. Full mode never intercepts.
+    pub fn mitm(mut self, ca: Option<Arc<CertificateAuthority>>) -> ProxyBuilder<O, I> {
+        self.mitm = ca;
+        self
+    }
+
+    /// How many hosts' interception leaves are kept (default 1024).
+    pub fn leaf_cache_size(mut self, size: usize) -> ProxyBuilder<O, I> {
+        self.leaf_cache_size = size;
+        self
+    }
+
+    /// Also trusts these CA certificates for TLS to origins (beside the
+    /// system's roots, which honour `SSL_CERT_FILE` and `SSL_CERT_DIR`).
+    pub fn upstream_roots(mut self, roots: Vec<CertificateDer<'static>>) -> ProxyBuilder<O, I> {
+        self.upstream_roots = roots;
         self
     }
 
@@ -251,6 +286,9 @@ impl<O, I> ProxyBuilder<O, I> {
             connect_timeout: self.connect_timeout,
             upstream: self.upstream,
             crypto: self.crypto,
+            mitm: self.mitm,
+            leaf_cache_size: self.leaf_cache_size,
+            upstream_roots: self.upstream_roots,
             violations: self.violations,
             approval: self.approval,
             outer,
@@ -313,11 +351,12 @@ where
     /// The stack the listeners serve, without listeners (for tests and
     /// transports of your own).
     pub fn build_service(&self) -> Result<ProxyService, StartError> {
-        let provider = self
-            .crypto
-            .clone()
-            .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()));
+        let provider = self.crypto.clone();
         let mut roots = rustls::RootCertStore::empty();
+        let (added, ignored) = roots.add_parsable_certificates(self.upstream_roots.clone());
+        if ignored > 0 {
+            tracing::warn!(added, ignored, "some extra upstream CA certificates could not be used");
+        }
         let native = rustls_native_certs::load_native_certs();
         for error in &native.errors {
             tracing::debug!(%error, "while loading the system's CA certificates");
@@ -379,10 +418,23 @@ where
         let http_addr = local(&http, http_addr);
         let socks_addr = socks.as_ref().map(|l| local(l, http_addr));
         let service = self.build_service()?;
+        let ca_files = match &self.mitm {
+            Some(ca) => Some(transport::mitm::trust_files(ca)?),
+            None => None,
+        };
+        let interceptor = self.mitm.clone().map(|ca| {
+            Arc::new(Interceptor::new(ca, self.crypto.clone(), self.leaf_cache_size))
+        });
         let shutdown = Shutdown::new();
+        let settings = transport::http1::Settings {
+            policy: self.policy.clone(),
+            interceptor,
+            violations: self.violations.clone(),
+        };
         tokio::spawn(transport::http1::serve(
             http,
             service.clone(),
+            settings,
             shutdown.signal(),
             shutdown.guard(),
         ));
@@ -407,6 +459,7 @@ where
             shutdown,
             violations: self.violations.ring().clone(),
             policy: self.policy,
+            ca_files,
         })
     }
 }
@@ -418,6 +471,7 @@ pub struct ProxyHandle {
     http_addr: SocketAddr,
     socks_addr: Option<SocketAddr>,
     shutdown: Shutdown,
+    ca_files: Option<CaFiles>,
     violations: ViolationRing,
     policy: PolicyHandle,
 }
@@ -445,7 +499,7 @@ impl ProxyHandle {
 
     /// The environment a child process needs to use this proxy.
     pub fn child_env(&self) -> Vec<(String, String)> {
-        crate::env::proxy_env(self.http_addr, self.socks_addr)
+        crate::env::proxy_env(self.http_addr, self.socks_addr, self.ca_files.as_ref())
     }
 
     /// Stops accepting, lets connections and tunnels finish for up to

@@ -38,6 +38,9 @@ pub enum Reason {
     MethodNotAllowed,
     /// Limited mode needs HTTPS interception to see methods inside CONNECT.
     MitmRequired,
+    /// An intercepted tunnel did not start with a TLS ClientHello; it is
+    /// closed, never passed on unseen.
+    TlsRequired,
     /// An approver answered deny.
     ApprovalDenied,
     /// No answer came from the approver in time.
@@ -62,6 +65,7 @@ impl Reason {
             Reason::Denied => "denied",
             Reason::MethodNotAllowed => "method_not_allowed",
             Reason::MitmRequired => "mitm_required",
+            Reason::TlsRequired => "tls_required",
             Reason::ApprovalDenied => "approval_denied",
             Reason::ApprovalTimedOut => "approval_timed_out",
             Reason::ApprovalFailed => "approval_failed",
@@ -126,6 +130,8 @@ pub enum Source {
     Approval,
     /// The connector's check of resolved addresses.
     Connector,
+    /// A transport (an intercepted tunnel that did not speak TLS).
+    Transport,
     /// A layer of an integrator's own, by name.
     Layer(&'static str),
 }
@@ -138,6 +144,7 @@ impl Source {
             Source::LimitedMode => "limited_mode",
             Source::Approval => "approval",
             Source::Connector => "connector",
+            Source::Transport => "transport",
             Source::Layer(name) => name,
         }
     }
@@ -287,7 +294,10 @@ fn default_message(reason: Reason, target: &Target, method: &http::Method) -> St
             method.as_str().escape_debug()
         ),
         Reason::MitmRequired => format!(
-            "portcullis refused CONNECT {target}: limited mode needs HTTPS interception to see methods; enable [network.mitm] or use mode = \"full\""
+            "portcullis refused CONNECT {target}: limited mode needs HTTPS interception to see methods; set mitm = true in [network] (clients must trust the CA that `portcullis ca` prints) or use mode = \"full\""
+        ),
+        Reason::TlsRequired => format!(
+            "portcullis closed the tunnel to {target}: limited mode intercepts HTTPS and the client did not start TLS; only HTTPS can go through an intercepted CONNECT"
         ),
         Reason::ApprovalDenied => format!(
             "portcullis refused {target}: the approver denied it; add it to allowed_domains if it should be reachable"

@@ -4,7 +4,11 @@
 //! refuses nothing. In `limited` mode it refuses, with [`Blocked`]:
 //!
 //! - any method but `GET`, `HEAD`, `OPTIONS` (compared exactly and case
-//!   sensitively: `get` is not `GET`) — `method_not_allowed`;
+//!   sensitively: `get` is not `GET`) — `method_not_allowed`; git's
+//!   smart-HTTP fetch (`POST …/git-upload-pack` with git's content type) is
+//!   a read and passes unless the policy turns that off
+//!   ([`limited_allow_git_fetch`](crate::NetworkPolicyBuilder::limited_allow_git_fetch));
+//!   `git-receive-pack` (push) never does;
 //! - method-override headers (`x-http-method-override`, `x-http-method`,
 //!   `x-method-override`) and protocol upgrades — `method_not_allowed`;
 //! - every SOCKS5 request, whose methods cannot be seen — `method_not_allowed`;
@@ -114,8 +118,26 @@ pub fn is_read_only(method: &Method) -> bool {
     *method == Method::GET || *method == Method::HEAD || *method == Method::OPTIONS
 }
 
+/// The content type git sends with a smart-HTTP fetch.
+const GIT_UPLOAD_PACK_REQUEST: &str = "application/x-git-upload-pack-request";
+
+/// Whether this is git's smart-HTTP fetch: `POST <repo>/git-upload-pack`
+/// with git's content type. It asks for objects; it changes nothing.
+/// (`git-receive-pack`, a push, is not this.)
+pub fn is_git_fetch<B>(request: &Request<B>) -> bool {
+    request.method() == Method::POST
+        && request.uri().path().ends_with("/git-upload-pack")
+        && request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|value| value == GIT_UPLOAD_PACK_REQUEST)
+}
+
 /// The refusal limited mode makes of this request, if any.
-fn refusal<B>(request: &Request<B>) -> Result<Option<Blocked>, crate::BadRequest> {
+fn refusal<B>(
+    request: &Request<B>,
+    allow_git_fetch: bool,
+) -> Result<Option<Blocked>, crate::BadRequest> {
     let info = RequestInfo::from_request(request)?;
     let headers = request.headers();
     let reason = if info.protocol.is_socks() {
@@ -125,7 +147,7 @@ fn refusal<B>(request: &Request<B>) -> Result<Option<Blocked>, crate::BadRequest
             Some(_) => None,
             None => Some(Reason::MitmRequired),
         }
-    } else if !is_read_only(&info.method)
+    } else if !(is_read_only(&info.method) || allow_git_fetch && is_git_fetch(request))
         || METHOD_OVERRIDE_HEADERS
             .iter()
             .any(|name| headers.contains_key(name))
@@ -160,10 +182,11 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        if self.policy.load().mode() == Mode::Full {
+        let policy = self.policy.load();
+        if policy.mode() == Mode::Full {
             return ResponseFuture::inner(self.inner.call(request));
         }
-        match refusal(&request) {
+        match refusal(&request, policy.limited_allows_git_fetch()) {
             Ok(None) => ResponseFuture::inner(self.inner.call(request)),
             Ok(Some(blocked)) => ResponseFuture::refused(blocked),
             Err(bad) => ResponseFuture::refused(bad),
@@ -265,6 +288,42 @@ mod tests {
             );
             assert_eq!(outcome(limited(), request).await, expected, "{label}");
         }
+    }
+
+    fn git(path: &str, content_type: &str) -> Request<()> {
+        let mut request = request("POST", Protocol::HttpsMitm, &[("content-type", content_type)]);
+        *request.uri_mut() = format!("https://example.com{path}").parse().unwrap();
+        request
+    }
+
+    #[tokio::test]
+    async fn git_fetch_is_a_read_and_push_is_not() {
+        let fetch = "application/x-git-upload-pack-request";
+        let push = "application/x-git-receive-pack-request";
+        assert_eq!(outcome(limited(), git("/repo.git/git-upload-pack", fetch)).await, None);
+        for request in [
+            git("/repo.git/git-receive-pack", push),
+            git("/repo.git/git-upload-pack", "application/json"),
+            git("/repo.git/git-upload-pack/extra", fetch),
+            git("/repo.git/git-receive-pack", fetch),
+        ] {
+            let label = format!("{} {:?}", request.uri(), request.headers().get("content-type"));
+            assert_eq!(
+                outcome(limited(), request).await,
+                Some(Reason::MethodNotAllowed),
+                "{label}"
+            );
+        }
+        let strict = PolicyHandle::new(
+            NetworkPolicy::builder()
+                .mode(Mode::Limited)
+                .limited_allow_git_fetch(false)
+                .build(),
+        );
+        assert_eq!(
+            outcome(strict, git("/repo.git/git-upload-pack", fetch)).await,
+            Some(Reason::MethodNotAllowed)
+        );
     }
 
     #[tokio::test]

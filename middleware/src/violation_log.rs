@@ -276,6 +276,13 @@ impl ViolationLogLayer {
         }
     }
 
+    /// Records a refusal made outside the stack (a transport closing an
+    /// intercepted tunnel that did not speak TLS), exactly as the layer
+    /// records one from below it.
+    pub fn record(&self, client: Option<SocketAddr>, blocked: &Blocked) {
+        self.recorder.record(client, blocked);
+    }
+
     /// The ring this layer records into.
     pub fn ring(&self) -> &ViolationRing {
         &self.recorder.ring

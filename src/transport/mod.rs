@@ -8,13 +8,16 @@
 //! | `unix` | `x-unix-socket: /path` on an HTTP/1 request | `unix_socket` |
 //! | `socks5` | SOCKS5 `CONNECT` | `socks5_tcp` |
 //! | `socks5::udp` | each new destination of a `UDP ASSOCIATE` | `socks5_udp` |
+//! | `mitm` | each request inside an intercepted `CONNECT` (limited mode) | `https_mitm` |
 //!
-//! HTTPS interception goes in beside them as `mitm/`. What is shared lives
+//! `mitm` intercepts HTTPS inside a `CONNECT` in limited mode (protocol
+//! `https_mitm`), under `http1`. What is shared lives
 //! here: the accept loop, shutdown and drain, the one function that puts the
 //! request model into a request, and the bidirectional copy. The runner
 //! depends on the transports; nothing here depends on the runner.
 
 pub(crate) mod http1;
+pub(crate) mod mitm;
 pub(crate) mod socks5;
 mod splice;
 mod unix;

@@ -131,6 +131,8 @@ pub struct NetworkPolicy {
     mode: Mode,
     unix_sockets: HashSet<PathBuf>,
     allow_all_unix_sockets: bool,
+    /// Stored negated so that the default (git fetch allowed) is `false`.
+    refuse_git_fetch: bool,
 }
 
 impl NetworkPolicy {
@@ -142,6 +144,12 @@ impl NetworkPolicy {
     /// The mode.
     pub fn mode(&self) -> Mode {
         self.mode
+    }
+
+    /// Whether limited mode counts git's smart-HTTP fetch
+    /// (`POST …/git-upload-pack`) as a read (default: yes).
+    pub fn limited_allows_git_fetch(&self) -> bool {
+        !self.refuse_git_fetch
     }
 
     /// Whether local/private addresses are allowed for allowlisted hosts.
@@ -300,6 +308,14 @@ impl NetworkPolicyBuilder {
     /// Allows local/private addresses for allowlisted hosts.
     pub fn allow_local_binding(mut self, allow: bool) -> NetworkPolicyBuilder {
         self.policy.allow_local_binding = allow;
+        self
+    }
+
+    /// Whether limited mode lets git fetch and clone over smart HTTP
+    /// (`POST …/git-upload-pack`, a read; default: yes). `git-receive-pack`
+    /// (push) is never let through.
+    pub fn limited_allow_git_fetch(mut self, allow: bool) -> NetworkPolicyBuilder {
+        self.policy.refuse_git_fetch = !allow;
         self
     }
 

@@ -15,6 +15,7 @@ pub(crate) mod rescue;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{header, Method, Request, Response, StatusCode};
@@ -25,10 +26,13 @@ use tokio::net::TcpListener;
 
 use portcullis_middleware::strip_headers::is_upgrade;
 use portcullis_middleware::target::default_port_for_scheme;
-use portcullis_middleware::{Protocol, Target};
+use portcullis_middleware::{
+    Intercepted, Mode, PolicyHandle, Protocol, Target, ViolationLogLayer,
+};
 
 use crate::body::{self, Body};
 use crate::connector::UpstreamConnection;
+use crate::transport::mitm::{self, Interceptor};
 use crate::transport::{
     accept_loop, call_stack, insert_model, splice, unix, DrainGuard, ProxyService, ShutdownSignal,
 };
@@ -36,13 +40,26 @@ use crate::transport::{
 /// How long a client may take to send a request head.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// What the HTTP/1 listener needs besides the stack.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    /// The live policy: a CONNECT is intercepted only in limited mode.
+    pub(crate) policy: PolicyHandle,
+    /// HTTPS interception, when `mitm` is on.
+    pub(crate) interceptor: Option<Arc<Interceptor>>,
+    /// Where a tunnel closed for not speaking TLS is recorded.
+    pub(crate) violations: ViolationLogLayer,
+}
+
 /// Accepts connections until shutdown, serving each on its own task.
 pub(crate) async fn serve(
     listener: TcpListener,
     stack: ProxyService,
+    settings: Settings,
     shutdown: ShutdownSignal,
     drain: DrainGuard,
 ) {
+    let settings = Arc::new(settings);
     let signal = shutdown.clone();
     accept_loop(
         listener,
@@ -51,11 +68,19 @@ pub(crate) async fn serve(
         "HTTP",
         move |stream, client, drain| {
             let stack = stack.clone();
+            let settings = settings.clone();
             let mut shutdown = shutdown.clone();
             async move {
                 let service_drain = drain.clone();
                 let service = hyper::service::service_fn(move |request| {
-                    handle(request, client, stack.clone(), service_drain.clone())
+                    let route = route(
+                        request,
+                        client,
+                        stack.clone(),
+                        service_drain.clone(),
+                        settings.clone(),
+                    );
+                    async move { Ok::<_, Infallible>(route.await.unwrap_or_else(|refused| refused)) }
                 });
                 let connection = http1::Builder::new()
                     .timer(TokioTimer::new())
@@ -81,32 +106,29 @@ pub(crate) async fn serve(
     .await;
 }
 
-/// Handles one request; never fails (errors become responses).
-async fn handle(
-    request: Request<Incoming>,
-    client: SocketAddr,
-    stack: ProxyService,
-    drain: DrainGuard,
-) -> Result<Response<Body>, Infallible> {
-    Ok(match route(request, client, stack, drain).await {
-        Ok(response) => response,
-        Err(response) => response,
-    })
-}
-
+/// Handles one request; an `Err` is an answer of the transport's own.
 async fn route(
     mut request: Request<Incoming>,
     client: SocketAddr,
     stack: ProxyService,
     drain: DrainGuard,
+    settings: Arc<Settings>,
 ) -> Result<Response<Body>, Response<Body>> {
     if request.method() == Method::CONNECT {
         let target = connect_target(&request).map_err(|m| rescue::bad_request(&m))?;
         let on_upgrade = hyper::upgrade::on(&mut request);
         let (parts, _) = request.into_parts();
         let mut request = Request::from_parts(parts, body::empty());
-        insert_model(&mut request, target, Protocol::HttpsConnect, client);
-        let mut response = call(stack, request).await?;
+        // Limited mode sees methods only by intercepting; full mode never does.
+        let interceptor = settings
+            .interceptor
+            .clone()
+            .filter(|_| settings.policy.load().mode() == Mode::Limited);
+        if interceptor.is_some() {
+            request.extensions_mut().insert(Intercepted);
+        }
+        insert_model(&mut request, target.clone(), Protocol::HttpsConnect, client);
+        let mut response = call(stack.clone(), request).await?;
         let Some(upstream) = response
             .extensions_mut()
             .remove::<UpstreamConnection>()
@@ -115,9 +137,17 @@ async fn route(
             return Ok(response);
         };
         tokio::spawn(async move {
-            match on_upgrade.await {
-                Ok(upgraded) => splice_upgraded(upgraded, upstream).await,
-                Err(error) => tracing::debug!(%error, "CONNECT upgrade failed"),
+            match (on_upgrade.await, interceptor) {
+                (Ok(upgraded), None) => splice_upgraded(upgraded, upstream).await,
+                (Ok(upgraded), Some(interceptor)) => {
+                    // The dial proved the origin reachable; requests inside
+                    // go through the stack and the connector's own pool.
+                    drop(upstream);
+                    let violations = settings.violations.clone();
+                    let io = TokioIo::new(upgraded);
+                    mitm::serve(io, target, client, interceptor, stack, violations).await;
+                }
+                (Err(error), _) => tracing::debug!(%error, "CONNECT upgrade failed"),
             }
             drop(drain);
         });

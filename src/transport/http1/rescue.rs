@@ -70,7 +70,7 @@ fn refusal_header(reason: Reason) -> Cow<'static, str> {
         Reason::NotAllowed | Reason::NotAllowedLocal => "blocked-by-allowlist",
         Reason::Denied => "blocked-by-denylist",
         Reason::MethodNotAllowed => "blocked-by-method-policy",
-        Reason::MitmRequired => "blocked-by-mitm-required",
+        Reason::MitmRequired | Reason::TlsRequired => "blocked-by-mitm-required",
         Reason::ApprovalDenied | Reason::ApprovalTimedOut | Reason::ApprovalFailed => {
             "blocked-by-policy"
         }
@@ -88,6 +88,15 @@ fn refusal_header(reason: Reason) -> Cow<'static, str> {
             return Cow::Owned(format!("blocked-by-{name}"));
         }
     })
+}
+
+/// An answer of the transport's own (a 405 for a nested CONNECT, …).
+pub(crate) fn status(status: StatusCode, header: &'static str, message: &str) -> Response<Body> {
+    json_response(
+        status,
+        header.into(),
+        serde_json::json!({"status": "bad_request", "message": message}),
+    )
 }
 
 /// A 400 with a reason.

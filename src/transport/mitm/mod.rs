@@ -1,0 +1,320 @@
+//! HTTPS interception for limited mode: a `CONNECT` the policy allows is
+//! answered `200` (after the upstream was dialled), then the client's TLS is
+//! terminated here with a leaf certificate for the CONNECT target, signed by
+//! the local [`CertificateAuthority`], and every request inside goes through
+//! the same stack as protocol `https_mitm`, with its authority forced to the
+//! CONNECT target. The connector speaks TLS to the origin itself, verified
+//! against the system roots plus `[mitm] upstream_ca_files`, over pooled
+//! connections like plain HTTP.
+//!
+//! Inside the tunnel:
+//!
+//! | what the client sends | answer |
+//! | --- | --- |
+//! | bytes that are not a TLS ClientHello | the connection is closed; a `tls_required` violation is logged |
+//! | a nested `CONNECT` | 405 |
+//! | a `Host` or absolute-form authority other than the CONNECT target | 400 |
+//! | anything else | whatever the stack answers (a refusal is the usual 403 JSON) |
+//!
+//! Leaves are cached per host in a bounded least-recently-used cache, and
+//! made on a blocking thread, so one slow generation does not hold up
+//! other handshakes.
+
+mod ca;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http::{header, Method, Request, Response, StatusCode, Uri};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_rustls::LazyConfigAcceptor;
+
+use portcullis_middleware::{
+    Blocked, BoxError, Protocol, Reason, Source, Target, ViolationLogLayer,
+};
+
+pub use ca::{CaError, CertificateAuthority, CA_CERT_FILE, CA_KEY_FILE};
+
+/// The bundle file's name in the CA directory: the system's roots and ours.
+pub const BUNDLE_FILE: &str = "bundle.pem";
+
+use crate::body::{self, Body};
+use crate::env::CaFiles;
+use crate::transport::http1::rescue;
+use crate::transport::{call_stack, insert_model, ProxyService};
+
+/// The default number of hosts whose leaf certificates are kept.
+pub const DEFAULT_LEAF_CACHE_SIZE: usize = 1024;
+/// How long a client has to send its ClientHello and finish the handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client may take to send a request head inside the tunnel.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Interception: the CA, the crypto provider, and the leaf cache.
+pub(crate) struct Interceptor {
+    ca: Arc<CertificateAuthority>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    leaves: Mutex<LeafCache>,
+}
+
+impl std::fmt::Debug for Interceptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Interceptor")
+            .field("ca", &self.ca)
+            .finish_non_exhaustive()
+    }
+}
+
+struct LeafCache {
+    capacity: usize,
+    clock: u64,
+    entries: HashMap<Target, Leaf>,
+}
+
+struct Leaf {
+    config: Arc<rustls::ServerConfig>,
+    made: Instant,
+    used: u64,
+}
+
+impl Interceptor {
+    /// Intercepts with leaves signed by `ca`, keeping at most `cache_size`
+    /// hosts' leaves, with TLS from `provider` (nothing process-wide).
+    pub(crate) fn new(
+        ca: Arc<CertificateAuthority>,
+        provider: Arc<rustls::crypto::CryptoProvider>,
+        cache_size: usize,
+    ) -> Interceptor {
+        Interceptor {
+            ca,
+            provider,
+            leaves: Mutex::new(LeafCache {
+                capacity: cache_size.max(1),
+                clock: 0,
+                entries: HashMap::new(),
+            }),
+        }
+    }
+
+    fn cached(&self, target: &Target) -> Option<Arc<rustls::ServerConfig>> {
+        let mut cache = lock(&self.leaves);
+        cache.clock += 1;
+        let clock = cache.clock;
+        let leaf = cache.entries.get_mut(target)?;
+        // Renewed at half its validity, well before a client would refuse it.
+        if leaf.made.elapsed() > ca::LEAF_VALIDITY / 2 {
+            return None;
+        }
+        leaf.used = clock;
+        Some(leaf.config.clone())
+    }
+
+    fn remember(&self, target: Target, config: Arc<rustls::ServerConfig>) {
+        let mut cache = lock(&self.leaves);
+        cache.clock += 1;
+        let used = cache.clock;
+        if cache.entries.len() >= cache.capacity && !cache.entries.contains_key(&target) {
+            let oldest = cache
+                .entries
+                .iter()
+                .min_by_key(|(_, leaf)| leaf.used)
+                .map(|(target, _)| target.clone());
+            if let Some(oldest) = oldest {
+                cache.entries.remove(&oldest);
+            }
+        }
+        cache.entries.insert(
+            target,
+            Leaf {
+                config,
+                made: Instant::now(),
+                used,
+            },
+        );
+    }
+
+    /// The server configuration presenting a leaf for `target`: from the
+    /// cache, or made on a blocking thread.
+    pub(crate) async fn server_config(
+        self: &Arc<Self>,
+        target: &Target,
+    ) -> Result<Arc<rustls::ServerConfig>, BoxError> {
+        if let Some(config) = self.cached(target) {
+            return Ok(config);
+        }
+        let this = self.clone();
+        let for_target = target.clone();
+        let config = tokio::task::spawn_blocking(move || -> Result<_, BoxError> {
+            let started = Instant::now();
+            let (chain, key) = this.ca.issue(&for_target)?;
+            let mut config = rustls::ServerConfig::builder_with_provider(this.provider.clone())
+                .with_safe_default_protocol_versions()?
+                .with_no_client_auth()
+                .with_single_cert(chain, key)?;
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            tracing::debug!(target = %for_target, elapsed = ?started.elapsed(), "made an interception leaf");
+            Ok(Arc::new(config))
+        })
+        .await??;
+        self.remember(target.clone(), config.clone());
+        Ok(config)
+    }
+}
+
+/// Writes the bundle a child process trusts (the system's roots, then our
+/// CA) beside the CA, and names both files.
+pub(crate) fn trust_files(ca: &CertificateAuthority) -> Result<CaFiles, CaError> {
+    let mut bundle = String::new();
+    let native = rustls_native_certs::load_native_certs();
+    for cert in native.certs {
+        bundle.push_str(&pem::encode(&pem::Pem::new("CERTIFICATE", cert.to_vec())));
+    }
+    bundle.push_str(ca.cert_pem());
+    let path = ca.directory().join(BUNDLE_FILE);
+    ca::write_atomically(&path, bundle.as_bytes(), 0o644)?;
+    Ok(CaFiles {
+        ca_cert: ca.cert_path(),
+        bundle: path,
+    })
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Serves one intercepted tunnel: terminates the client's TLS and sends
+/// every request inside through `stack`.
+pub(crate) async fn serve<I>(
+    io: I,
+    target: Target,
+    client: SocketAddr,
+    interceptor: Arc<Interceptor>,
+    stack: ProxyService,
+    violations: ViolationLogLayer,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);
+    let start = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor).await {
+        Ok(Ok(start)) => start,
+        Ok(Err(error)) => {
+            // Not TLS: never passed on opaquely, and on the record.
+            let blocked = Blocked::new(
+                Reason::TlsRequired,
+                Source::Transport,
+                target,
+                Protocol::HttpsMitm,
+                &Method::CONNECT,
+            );
+            tracing::debug!(%error, "intercepted tunnel did not start with a TLS ClientHello");
+            violations.record(Some(client), &blocked);
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%client, "intercepted tunnel: no ClientHello in time");
+            return;
+        }
+    };
+    let config = match interceptor.server_config(&target).await {
+        Ok(config) => config,
+        Err(error) => {
+            tracing::warn!(%error, target = %target, "cannot make an interception certificate; closing the tunnel");
+            return;
+        }
+    };
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, start.into_stream(config)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(error)) => {
+            tracing::debug!(%error, %client, "intercepted TLS handshake failed (does the client trust the portcullis CA?)");
+            return;
+        }
+        Err(_) => return,
+    };
+    let service = hyper::service::service_fn(move |request| {
+        let target = target.clone();
+        let stack = stack.clone();
+        async move { Ok::<_, Infallible>(inner_request(request, target, client, stack).await) }
+    });
+    if let Err(error) = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(tls), service)
+        .await
+    {
+        tracing::debug!(%error, %client, "intercepted connection ended with an error");
+    }
+}
+
+/// One request inside the tunnel; never fails (errors become responses).
+async fn inner_request(
+    request: Request<Incoming>,
+    target: Target,
+    client: SocketAddr,
+    stack: ProxyService,
+) -> Response<Body> {
+    if request.method() == Method::CONNECT {
+        return rescue::status(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "bad-request",
+            "a CONNECT inside an intercepted tunnel is not allowed",
+        );
+    }
+    if let Err(message) = same_authority(&request, &target) {
+        return rescue::bad_request(&message);
+    }
+    let path = request
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let uri: Uri = match format!("https://{target}{path}").parse() {
+        Ok(uri) => uri,
+        Err(error) => return rescue::bad_request(&format!("invalid request target: {error}")),
+    };
+    let (mut parts, incoming) = request.into_parts();
+    parts.uri = uri;
+    let mut request = Request::from_parts(parts, body::boxed(incoming));
+    insert_model(&mut request, target, Protocol::HttpsMitm, client);
+    match call_stack(stack, request).await {
+        Ok(response) => response,
+        Err(error) => rescue::http_response(&error),
+    }
+}
+
+/// The request's `Host` and authority, when present, must name the CONNECT
+/// target: the host we checked is the host we dial.
+fn same_authority<B>(request: &Request<B>, target: &Target) -> Result<(), String> {
+    if let Some(authority) = request.uri().authority() {
+        let named = Target::parse_authority(authority.as_str(), Some(443))
+            .map_err(|e| format!("invalid request target: {e}"))?;
+        if &named != target {
+            return Err(format!(
+                "the request names {named}, but the tunnel was opened to {target}"
+            ));
+        }
+    }
+    let mut hosts = request.headers().get_all(header::HOST).iter();
+    if let Some(host) = hosts.next() {
+        if hosts.next().is_some() {
+            return Err("more than one Host header".into());
+        }
+        let host = host
+            .to_str()
+            .map_err(|_| "the Host header is not valid ASCII".to_owned())?;
+        let named = Target::parse_authority(host, Some(443))
+            .map_err(|e| format!("invalid Host header: {e}"))?;
+        if &named != target {
+            return Err(format!(
+                "the Host header ({named}) does not match the tunnel's target ({target})"
+            ));
+        }
+    }
+    Ok(())
+}
