@@ -307,7 +307,9 @@ async fn start(options: &Options, ephemeral: bool) -> Result<ProxyHandle, ExitCo
     if loaded.config.network.mitm {
         let ca = load_ca(&loaded.config, &loaded.origin)?;
         if loaded.config.network.mode == Mode::Full {
-            tracing::info!("mitm is on, but mode is full: nothing is intercepted until mode = \"limited\"");
+            tracing::info!(
+                "mitm is on, but mode is full: nothing is intercepted until mode = \"limited\""
+            );
         }
         builder = builder.mitm(Some(Arc::new(ca)));
     }

@@ -120,9 +120,23 @@ mod tests {
             bundle: "/ca/bundle.pem".into(),
         };
         let intercepting = proxy_env(http, None, Some(&ca));
-        for name in ["SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "GIT_SSL_CAINFO", "PIP_CERT", "CARGO_HTTP_CAINFO"] {
-            assert_eq!(get(&intercepting, name).as_deref(), Some("/ca/bundle.pem"), "{name}");
+        for name in [
+            "SSL_CERT_FILE",
+            "REQUESTS_CA_BUNDLE",
+            "CURL_CA_BUNDLE",
+            "GIT_SSL_CAINFO",
+            "PIP_CERT",
+            "CARGO_HTTP_CAINFO",
+        ] {
+            assert_eq!(
+                get(&intercepting, name).as_deref(),
+                Some("/ca/bundle.pem"),
+                "{name}"
+            );
         }
-        assert_eq!(get(&intercepting, "NODE_EXTRA_CA_CERTS").as_deref(), Some("/ca/ca.pem"));
+        assert_eq!(
+            get(&intercepting, "NODE_EXTRA_CA_CERTS").as_deref(),
+            Some("/ca/ca.pem")
+        );
     }
 }

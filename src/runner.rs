@@ -33,10 +33,10 @@ use portcullis_middleware::{
 use rustls::pki_types::CertificateDer;
 
 use crate::body::Body;
-use crate::env::CaFiles;
-use crate::transport::mitm::{CaError, CertificateAuthority, Interceptor, DEFAULT_LEAF_CACHE_SIZE};
 use crate::connector::{Connector, Dialer};
+use crate::env::CaFiles;
 use crate::resolve::{Resolve, SystemResolver};
+use crate::transport::mitm::{CaError, CertificateAuthority, Interceptor, DEFAULT_LEAF_CACHE_SIZE};
 use crate::transport::{self, ProxyService, Shutdown};
 use crate::upstream::UpstreamProxies;
 
@@ -355,7 +355,11 @@ where
         let mut roots = rustls::RootCertStore::empty();
         let (added, ignored) = roots.add_parsable_certificates(self.upstream_roots.clone());
         if ignored > 0 {
-            tracing::warn!(added, ignored, "some extra upstream CA certificates could not be used");
+            tracing::warn!(
+                added,
+                ignored,
+                "some extra upstream CA certificates could not be used"
+            );
         }
         let native = rustls_native_certs::load_native_certs();
         for error in &native.errors {
@@ -423,7 +427,11 @@ where
             None => None,
         };
         let interceptor = self.mitm.clone().map(|ca| {
-            Arc::new(Interceptor::new(ca, self.crypto.clone(), self.leaf_cache_size))
+            Arc::new(Interceptor::new(
+                ca,
+                self.crypto.clone(),
+                self.leaf_cache_size,
+            ))
         });
         let shutdown = Shutdown::new();
         let settings = transport::http1::Settings {

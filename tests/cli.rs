@@ -319,3 +319,82 @@ async fn check_and_a_live_request_agree() {
     }
     println!("check and the live proxy agreed on {cases} cases");
 }
+
+#[tokio::test]
+async fn ca_is_made_once_by_concurrent_processes_and_an_open_key_is_refused() {
+    let data = tempfile::tempdir().unwrap();
+    let start = || {
+        let mut command = portcullis();
+        command
+            .arg("ca")
+            .env("XDG_DATA_HOME", data.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        command.spawn().unwrap()
+    };
+    let children: Vec<_> = (0..4).map(|_| start()).collect();
+    let mut printed = Vec::new();
+    for child in children {
+        let output = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        printed.push(String::from_utf8_lossy(&output.stdout).into_owned());
+    }
+    let ca_dir = data.path().join("portcullis");
+    let first_line = format!("{}\n", ca_dir.join("ca.pem").display());
+    assert!(printed[0].starts_with(&first_line), "{}", printed[0]);
+    assert!(printed[0].contains("-----BEGIN CERTIFICATE-----"));
+    assert!(
+        printed.iter().all(|p| p == &printed[0]),
+        "every process ends with the one CA"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&ca_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    use std::os::unix::fs::PermissionsExt;
+    let key = ca_dir.join("ca-key.pem");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, stdout, stderr) =
+        output(portcullis().arg("ca").env("XDG_DATA_HOME", data.path())).await;
+    assert_eq!(code, Some(64), "{stdout}");
+    assert!(
+        stderr.contains("chmod 600") && stderr.contains("ca-key.pem"),
+        "{stderr}"
+    );
+
+    // `run` with interception exports the CA bundle to the child.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (code, stdout, stderr) = output(
+        portcullis()
+            .args(["run", "--mode", "limited", "--mitm", "--", "sh", "-c"])
+            .arg("echo $SSL_CERT_FILE $NODE_EXTRA_CA_CERTS $GIT_SSL_CAINFO; grep -c 'BEGIN CERTIFICATE' $SSL_CERT_FILE")
+            .env("XDG_DATA_HOME", data.path()),
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let bundle = ca_dir.join("bundle.pem").display().to_string();
+    let ca = ca_dir.join("ca.pem").display().to_string();
+    let mut lines = stdout.lines();
+    assert_eq!(
+        lines.next().unwrap(),
+        format!("{bundle} {ca} {bundle}"),
+        "{stdout}"
+    );
+    let count: usize = lines.next().unwrap().trim().parse().unwrap();
+    assert!(
+        count >= 1,
+        "the bundle holds our CA (and the system's roots)"
+    );
+    let bundle_text = std::fs::read_to_string(&bundle).unwrap();
+    assert!(bundle_text.ends_with(&std::fs::read_to_string(&ca).unwrap()));
+}

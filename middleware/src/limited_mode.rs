@@ -291,7 +291,11 @@ mod tests {
     }
 
     fn git(path: &str, content_type: &str) -> Request<()> {
-        let mut request = request("POST", Protocol::HttpsMitm, &[("content-type", content_type)]);
+        let mut request = request(
+            "POST",
+            Protocol::HttpsMitm,
+            &[("content-type", content_type)],
+        );
         *request.uri_mut() = format!("https://example.com{path}").parse().unwrap();
         request
     }
@@ -300,14 +304,21 @@ mod tests {
     async fn git_fetch_is_a_read_and_push_is_not() {
         let fetch = "application/x-git-upload-pack-request";
         let push = "application/x-git-receive-pack-request";
-        assert_eq!(outcome(limited(), git("/repo.git/git-upload-pack", fetch)).await, None);
+        assert_eq!(
+            outcome(limited(), git("/repo.git/git-upload-pack", fetch)).await,
+            None
+        );
         for request in [
             git("/repo.git/git-receive-pack", push),
             git("/repo.git/git-upload-pack", "application/json"),
             git("/repo.git/git-upload-pack/extra", fetch),
             git("/repo.git/git-receive-pack", fetch),
         ] {
-            let label = format!("{} {:?}", request.uri(), request.headers().get("content-type"));
+            let label = format!(
+                "{} {:?}",
+                request.uri(),
+                request.headers().get("content-type")
+            );
             assert_eq!(
                 outcome(limited(), request).await,
                 Some(Reason::MethodNotAllowed),

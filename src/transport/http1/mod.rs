@@ -26,9 +26,7 @@ use tokio::net::TcpListener;
 
 use portcullis_middleware::strip_headers::is_upgrade;
 use portcullis_middleware::target::default_port_for_scheme;
-use portcullis_middleware::{
-    Intercepted, Mode, PolicyHandle, Protocol, Target, ViolationLogLayer,
-};
+use portcullis_middleware::{Intercepted, Mode, PolicyHandle, Protocol, Target, ViolationLogLayer};
 
 use crate::body::{self, Body};
 use crate::connector::UpstreamConnection;

@@ -20,8 +20,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, PKCS_ECDSA_P256_SHA256,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
@@ -127,11 +127,12 @@ impl CertificateAuthority {
             .map_err(io_error(&lock_path))?;
         // Held until this function returns: one process creates, the others
         // wait and then load what it made.
-        let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
-            .map_err(|(_, errno)| CaError::Io {
+        let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).map_err(
+            |(_, errno)| CaError::Io {
                 path: lock_path.clone(),
                 source: std::io::Error::from(errno),
-            })?;
+            },
+        )?;
         let key_path = directory.join(CA_KEY_FILE);
         let cert_path = directory.join(CA_CERT_FILE);
         match fs::symlink_metadata(&key_path) {
@@ -143,7 +144,11 @@ impl CertificateAuthority {
         }
     }
 
-    fn load(directory: &Path, key_path: &Path, cert_path: &Path) -> Result<CertificateAuthority, CaError> {
+    fn load(
+        directory: &Path,
+        key_path: &Path,
+        cert_path: &Path,
+    ) -> Result<CertificateAuthority, CaError> {
         let metadata = fs::symlink_metadata(key_path).map_err(io_error(key_path))?;
         if metadata.file_type().is_symlink() {
             return Err(CaError::UnsafeKey {
@@ -191,7 +196,11 @@ impl CertificateAuthority {
         })
     }
 
-    fn create(directory: &Path, key_path: &Path, cert_path: &Path) -> Result<CertificateAuthority, CaError> {
+    fn create(
+        directory: &Path,
+        key_path: &Path,
+        cert_path: &Path,
+    ) -> Result<CertificateAuthority, CaError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = ca_params();
         let now = time::OffsetDateTime::now_utc();

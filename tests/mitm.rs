@@ -1,0 +1,598 @@
+//! Limited mode with HTTPS interception, end to end: a local HTTPS origin
+//! with its own test CA, curl, python's `ssl` in strict mode, raw TLS, and
+//! git over smart HTTP behind TLS. Loopback only.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use common::*;
+use portcullis::middleware::{
+    Mode, NetworkPolicy, PolicyHandle, Protocol, Reason, ViolationLogLayer, ViolationRing,
+};
+use portcullis::mitm::CertificateAuthority;
+use portcullis::resolve::{StaticResolver, SystemResolver};
+use portcullis::{Proxy, ProxyHandle};
+
+const ORIGIN: &str = "origin.test";
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A CA of the origin's own, and the origin's certificate for `origin.test`.
+struct OriginPki {
+    ca_pem: String,
+    ca_der: CertificateDer<'static>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+fn origin_pki() -> OriginPki {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "origin test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let params = CertificateParams::new(vec![ORIGIN.to_owned()]).unwrap();
+    let leaf = params.signed_by(&key, &issuer).unwrap();
+    OriginPki {
+        ca_pem: ca.pem(),
+        ca_der: ca.der().clone(),
+        chain: vec![leaf.der().clone(), ca.der().clone()],
+        key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+    }
+}
+
+/// An HTTPS origin on loopback: `/git/…` is git's smart HTTP (http-backend
+/// over `git_root`), anything else answers `hello <METHOD> <path>`.
+async fn https_origin(pki: &OriginPki, git_root: PathBuf) -> SocketAddr {
+    let config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(pki.chain.clone(), pki.key.clone_key())
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            let git_root = git_root.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(move |request| {
+                    let git_root = git_root.clone();
+                    async move { Ok::<_, Infallible>(answer(request, git_root).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+async fn answer(request: Request<Incoming>, git_root: PathBuf) -> Response<Full<Bytes>> {
+    if request.uri().path().starts_with("/git/") {
+        return git_http_backend(request, &git_root).await;
+    }
+    let text = format!("hello {} {}", request.method(), request.uri().path());
+    Response::new(Full::new(Bytes::from(text)))
+}
+
+/// Runs `git http-backend` as a CGI program for one request.
+async fn git_http_backend(request: Request<Incoming>, root: &Path) -> Response<Full<Bytes>> {
+    let (parts, body) = request.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    let header = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    let mut child = tokio::process::Command::new("git")
+        .arg("http-backend")
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("GIT_PROJECT_ROOT", root)
+        .env("GIT_HTTP_EXPORT_ALL", "1")
+        .env("REMOTE_USER", "tester")
+        .env("PATH_INFO", parts.uri.path().trim_start_matches("/git"))
+        .env("QUERY_STRING", parts.uri.query().unwrap_or(""))
+        .env("REQUEST_METHOD", parts.method.as_str())
+        .env("CONTENT_TYPE", header("content-type"))
+        .env("CONTENT_LENGTH", body.len().to_string())
+        .env("HTTP_CONTENT_ENCODING", header("content-encoding"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(&body).await.unwrap();
+    drop(stdin);
+    let output = child.wait_with_output().await.unwrap();
+    let text = output.stdout;
+    let split = text
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| (i, 4))
+        .or_else(|| text.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2)))
+        .expect("CGI headers");
+    let head = String::from_utf8_lossy(&text[..split.0]).into_owned();
+    let mut response = Response::new(Full::new(Bytes::copy_from_slice(
+        &text[split.0 + split.1..],
+    )));
+    for line in head.lines() {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("status") {
+            let code: u16 = value.split_whitespace().next().unwrap().parse().unwrap();
+            *response.status_mut() = StatusCode::from_u16(code).unwrap();
+        } else {
+            response.headers_mut().append(
+                http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                value.parse().unwrap(),
+            );
+        }
+    }
+    response
+}
+
+struct Setup {
+    proxy: ProxyHandle,
+    ring: ViolationRing,
+    ca_dir: tempfile::TempDir,
+    origin: SocketAddr,
+    pki: OriginPki,
+    git_root: tempfile::TempDir,
+}
+
+impl Setup {
+    fn proxy_url(&self) -> String {
+        format!("http://{}", self.proxy.http_addr())
+    }
+    fn our_ca(&self) -> String {
+        self.ca_dir.path().join("ca.pem").display().to_string()
+    }
+    fn url(&self, path: &str) -> String {
+        format!("https://{ORIGIN}:{}{path}", self.origin.port())
+    }
+    fn origin_ca_file(&self) -> PathBuf {
+        let path = self.ca_dir.path().join("origin-ca.pem");
+        std::fs::write(&path, &self.pki.ca_pem).unwrap();
+        path
+    }
+}
+
+/// A proxy in `mode` with interception on, allowing the origin (a name that
+/// resolves to 127.0.0.1, so local binding is allowed for it).
+async fn setup(mode: Mode, mitm: bool) -> Setup {
+    let pki = origin_pki();
+    let git_root = tempfile::tempdir().unwrap();
+    let origin = https_origin(&pki, git_root.path().to_owned()).await;
+    let ca_dir = tempfile::tempdir().unwrap();
+    let ca = Arc::new(CertificateAuthority::load_or_create(ca_dir.path()).unwrap());
+    let policy = NetworkPolicy::builder()
+        .mode(mode)
+        .allow_local_binding(true)
+        .allow(ORIGIN)
+        .unwrap()
+        .build();
+    let mut hosts: HashMap<String, Vec<IpAddr>> = HashMap::new();
+    hosts.insert(ORIGIN.into(), vec!["127.0.0.1".parse().unwrap()]);
+    let ring = ViolationRing::default();
+    let proxy = Proxy::builder()
+        .policy(PolicyHandle::new(policy))
+        .resolver(Arc::new(StaticResolver::new(
+            hosts,
+            Arc::new(SystemResolver),
+        )))
+        .violations(ViolationLogLayer::new(ring.clone()))
+        .upstream_roots(vec![pki.ca_der.clone()])
+        .mitm(mitm.then_some(ca))
+        .start()
+        .await
+        .unwrap();
+    Setup {
+        proxy,
+        ring,
+        ca_dir,
+        origin,
+        pki,
+        git_root,
+    }
+}
+
+#[tokio::test]
+async fn curl_reads_through_an_intercepted_tunnel_and_cannot_write() {
+    let setup = setup(Mode::Limited, true).await;
+    let (proxy, ca) = (setup.proxy_url(), setup.our_ca());
+
+    let out = curl(&["--cacert", &ca, "-x", &proxy, &setup.url("/read")]).await;
+    assert_eq!(out.stdout, "hello GET /read", "{}", out.stderr);
+
+    let out = curl(&[
+        "-i",
+        "--cacert",
+        &ca,
+        "-x",
+        &proxy,
+        "-d",
+        "x=1",
+        &setup.url("/write"),
+    ])
+    .await;
+    let (status, headers, body) = parse_response(
+        out.stdout
+            .split("\r\n\r\n")
+            .skip(1)
+            .collect::<Vec<_>>()
+            .join("\r\n\r\n")
+            .as_str(),
+    );
+    assert_eq!(status, 403, "{}", out.stdout);
+    assert_eq!(headers["x-proxy-error"], "blocked-by-method-policy");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["reason"], "method_not_allowed");
+    assert_eq!(json["protocol"], "https_mitm");
+    assert_eq!(json["method"], "POST");
+    assert!(json["message"]
+        .as_str()
+        .unwrap()
+        .contains("POST origin.test"));
+
+    // A Host naming another server inside the tunnel is a 400.
+    let out = curl(&[
+        "-i",
+        "--cacert",
+        &ca,
+        "-x",
+        &proxy,
+        "-H",
+        "Host: elsewhere.test",
+        &setup.url("/"),
+    ])
+    .await;
+    assert!(out.stdout.contains("HTTP/1.1 400"), "{}", out.stdout);
+
+    // Without our CA the client refuses our certificate.
+    let out = curl(&["-x", &proxy, &setup.url("/")]).await;
+    assert_ne!(
+        out.code,
+        Some(0),
+        "the origin's CA does not vouch for our leaf"
+    );
+}
+
+#[tokio::test]
+async fn without_interception_limited_mode_refuses_connect_and_full_mode_never_intercepts() {
+    let limited = setup(Mode::Limited, false).await;
+    let (mut stream, head) = raw_exchange(
+        limited.proxy.http_addr(),
+        &format!(
+            "CONNECT {ORIGIN}:{0} HTTP/1.1\r\nHost: {ORIGIN}:{0}\r\n\r\n",
+            limited.origin.port()
+        ),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    assert!(
+        head.contains("x-proxy-error: blocked-by-mitm-required"),
+        "{head}"
+    );
+    let mut body = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), stream.read_to_end(&mut body)).await;
+    assert!(String::from_utf8_lossy(&body).contains("mitm_required"));
+
+    // Full mode with interception configured: the client sees the origin's
+    // own certificate (its CA works, ours does not).
+    let full = setup(Mode::Full, true).await;
+    let origin_ca = full.origin_ca_file();
+    let out = curl(&[
+        "--cacert",
+        origin_ca.to_str().unwrap(),
+        "-x",
+        &full.proxy_url(),
+        &full.url("/direct"),
+    ])
+    .await;
+    assert_eq!(out.stdout, "hello GET /direct", "{}", out.stderr);
+    let out = curl(&[
+        "--cacert",
+        &full.our_ca(),
+        "-x",
+        &full.proxy_url(),
+        &full.url("/direct"),
+    ])
+    .await;
+    assert_ne!(out.code, Some(0), "our CA is not in play in full mode");
+    let out = curl(&[
+        "-d",
+        "x",
+        "--cacert",
+        origin_ca.to_str().unwrap(),
+        "-x",
+        &full.proxy_url(),
+        &full.url("/w"),
+    ])
+    .await;
+    assert_eq!(out.stdout, "hello POST /w", "full mode writes");
+}
+
+/// Opens a CONNECT tunnel and a TLS session inside it that trusts our CA.
+async fn tls_tunnel(setup: &Setup) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let authority = format!("{ORIGIN}:{}", setup.origin.port());
+    let (stream, head) = raw_exchange(
+        setup.proxy.http_addr(),
+        &format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n"),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut roots = rustls::RootCertStore::empty();
+    let ca_pem = std::fs::read_to_string(setup.our_ca()).unwrap();
+    let der = pem::parse(ca_pem).unwrap().into_contents();
+    roots.add(CertificateDer::from(der)).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    connector
+        .connect(ServerName::try_from(ORIGIN).unwrap(), stream)
+        .await
+        .expect("our leaf verifies against our CA")
+}
+
+async fn exchange(tls: &mut tokio_rustls::client::TlsStream<TcpStream>, request: &str) -> String {
+    tls.write_all(request.as_bytes()).await.unwrap();
+    let mut response = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut response))
+        .await
+        .unwrap()
+        .unwrap();
+    String::from_utf8_lossy(&response[..n]).into_owned()
+}
+
+#[tokio::test]
+async fn inside_the_tunnel_nested_connect_mismatched_hosts_and_plaintext_are_refused() {
+    let setup = setup(Mode::Limited, true).await;
+    let authority = format!("{ORIGIN}:{}", setup.origin.port());
+
+    let mut tls = tls_tunnel(&setup).await;
+    let answer = exchange(
+        &mut tls,
+        &format!("CONNECT other.test:443 HTTP/1.1\r\nHost: {authority}\r\n\r\n"),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
+
+    let mut tls = tls_tunnel(&setup).await;
+    let answer = exchange(
+        &mut tls,
+        "GET https://other.test/ HTTP/1.1\r\nHost: other.test\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+
+    let mut tls = tls_tunnel(&setup).await;
+    let answer = exchange(
+        &mut tls,
+        &format!("GET /x HTTP/1.1\r\nHost: {authority}\r\nX-HTTP-Method-Override: DELETE\r\n\r\n"),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(answer.contains("blocked-by-method-policy"), "{answer}");
+
+    let mut tls = tls_tunnel(&setup).await;
+    let answer = exchange(
+        &mut tls,
+        &format!("GET /ok HTTP/1.1\r\nHost: {authority}\r\n\r\n"),
+    )
+    .await;
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.ends_with("hello GET /ok"),
+        "{answer}"
+    );
+
+    // Plaintext after CONNECT: closed, never passed on, and recorded.
+    let (mut stream, head) = raw_exchange(
+        setup.proxy.http_addr(),
+        &format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n"),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    stream
+        .write_all(format!("GET /plain HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the tunnel is closed");
+    assert!(
+        !String::from_utf8_lossy(&rest).contains("hello"),
+        "nothing reached the origin"
+    );
+    let last = setup.ring.snapshot().pop().expect("recorded");
+    assert_eq!(last.blocked.reason, Reason::TlsRequired);
+    assert_eq!(last.blocked.protocol, Protocol::HttpsMitm);
+}
+
+#[tokio::test]
+async fn python_strict_x509_verification_accepts_our_leaf() {
+    let setup = setup(Mode::Limited, true).await;
+    let script = r#"
+import http.client, ssl, sys
+proxy_host, proxy_port, origin, port, cafile = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
+context = ssl.create_default_context(cafile=cafile)
+context.verify_flags |= ssl.VERIFY_X509_STRICT
+connection = http.client.HTTPSConnection(proxy_host, proxy_port, context=context, timeout=20)
+connection.set_tunnel(origin, port)
+connection.request("GET", "/strict")
+response = connection.getresponse()
+print(response.status, response.read().decode())
+"#;
+    let output = tokio::process::Command::new("python3")
+        .args(["-c", script, "127.0.0.1"])
+        .arg(setup.proxy.http_addr().port().to_string())
+        .arg(ORIGIN)
+        .arg(setup.origin.port().to_string())
+        .arg(setup.our_ca())
+        .output()
+        .await
+        .expect("python3 is installed");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        stdout.trim(),
+        "200 hello GET /strict",
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+async fn git(args: &[&str], dir: &Path, env: &[(&str, &str)]) -> (bool, String) {
+    let output = tokio::process::Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("HOME", dir)
+        .env_remove("HTTP_PROXY")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("http_proxy")
+        .env_remove("https_proxy")
+        .env_remove("ALL_PROXY")
+        .env_remove("all_proxy")
+        .envs(env.iter().copied())
+        .output()
+        .await
+        .unwrap();
+    (
+        output.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    )
+}
+
+#[tokio::test]
+async fn git_clones_over_https_in_limited_mode_and_cannot_push() {
+    let setup = setup(Mode::Limited, true).await;
+    let root = setup.git_root.path();
+    let work = tempfile::tempdir().unwrap();
+    let author = [
+        ("GIT_AUTHOR_NAME", "t"),
+        ("GIT_AUTHOR_EMAIL", "t@t.test"),
+        ("GIT_COMMITTER_NAME", "t"),
+        ("GIT_COMMITTER_EMAIL", "t@t.test"),
+    ];
+    // A bare repository with one commit, served by http-backend over TLS.
+    assert!(
+        git(&["init", "-q", "--bare", "repo.git"], root, &[])
+            .await
+            .0
+    );
+    assert!(
+        git(
+            &["config", "http.receivepack", "true"],
+            &root.join("repo.git"),
+            &[]
+        )
+        .await
+        .0
+    );
+    assert!(git(&["init", "-q", "seed"], work.path(), &[]).await.0);
+    let seed = work.path().join("seed");
+    std::fs::write(seed.join("README"), "hello\n").unwrap();
+    assert!(git(&["add", "README"], &seed, &[]).await.0);
+    assert!(
+        git(&["commit", "-q", "-m", "first"], &seed, &author)
+            .await
+            .0
+    );
+    let bare = root.join("repo.git").display().to_string();
+    let (pushed, out) = git(&["push", "-q", &bare, "HEAD:refs/heads/main"], &seed, &[]).await;
+    assert!(pushed, "{out}");
+    assert!(
+        git(
+            &["symbolic-ref", "HEAD", "refs/heads/main"],
+            &root.join("repo.git"),
+            &[]
+        )
+        .await
+        .0
+    );
+
+    let proxy = setup.proxy_url();
+    let ca = setup.our_ca();
+    let through = [
+        ("HTTPS_PROXY", proxy.as_str()),
+        ("GIT_SSL_CAINFO", ca.as_str()),
+    ];
+    let url = setup.url("/git/repo.git");
+    let (cloned, out) = git(&["clone", "-q", &url, "clone"], work.path(), &through).await;
+    assert!(cloned, "git clone through the intercepted tunnel: {out}");
+    let clone = work.path().join("clone");
+    assert_eq!(
+        std::fs::read_to_string(clone.join("README")).unwrap(),
+        "hello\n"
+    );
+    let (fetched, out) = git(&["fetch", "-q"], &clone, &through).await;
+    assert!(fetched, "{out}");
+
+    std::fs::write(clone.join("README"), "changed\n").unwrap();
+    assert!(
+        git(&["commit", "-q", "-am", "second"], &clone, &author)
+            .await
+            .0
+    );
+    let (pushed, out) = git(&["push", "-q", "origin", "HEAD:main"], &clone, &through).await;
+    assert!(!pushed, "a push is a write: {out}");
+    assert!(out.contains("403"), "{out}");
+    let last = setup
+        .ring
+        .snapshot()
+        .pop()
+        .expect("the refusal is recorded");
+    assert_eq!(last.blocked.reason, Reason::MethodNotAllowed);
+    assert_eq!(last.blocked.method, "POST");
+    assert!(
+        last.blocked.message.contains(&format!("POST {ORIGIN}:")),
+        "{}",
+        last.blocked.message
+    );
+}
