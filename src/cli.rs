@@ -483,7 +483,11 @@ async fn check(args: CheckArgs) -> ExitCode {
         Ok(built) => built,
         Err(error) => return usage_error(&error),
     };
-    let request = match check_request(&args.target, args.method.as_deref()) {
+    // With interception in limited mode, what an https:// URL asks is the
+    // request inside the tunnel, decided as the proxy will decide it.
+    let network = &loaded.config.network;
+    let intercepted = network.mitm && network.mode == Mode::Limited;
+    let request = match check_request(&args.target, args.method.as_deref(), intercepted) {
         Ok(request) => request,
         Err(error) => {
             return usage_error(&format!(
@@ -536,8 +540,13 @@ async fn check(args: CheckArgs) -> ExitCode {
 
 /// The request a live client would send for `target`: an absolute-form
 /// request for an `http://` URL (with `method`, GET by default), a `CONNECT`
-/// for an `https://` URL or `host:port`.
-fn check_request(target: &str, method: Option<&str>) -> Result<Request<Body>, String> {
+/// for `host:port`, and for an `https://` URL a `CONNECT` — or, when the
+/// proxy intercepts, the request inside the tunnel (protocol `https_mitm`).
+fn check_request(
+    target: &str,
+    method: Option<&str>,
+    intercepted: bool,
+) -> Result<Request<Body>, String> {
     let client = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
     let (uri, parsed) = if target.contains("://") {
         let uri: http::Uri = target
@@ -549,8 +558,13 @@ fn check_request(target: &str, method: Option<&str>) -> Result<Request<Body>, St
         let parsed = Target::parse_authority(target, None).map_err(|e| e.to_string())?;
         (None, parsed)
     };
+    let protocol = match uri.as_ref().and_then(http::Uri::scheme_str) {
+        Some("http") => Protocol::Http,
+        Some(_) if intercepted => Protocol::HttpsMitm,
+        _ => Protocol::HttpsConnect,
+    };
     match uri {
-        Some(uri) if uri.scheme_str() == Some("http") => {
+        Some(uri) if protocol != Protocol::HttpsConnect => {
             let method = http::Method::from_bytes(method.unwrap_or("GET").as_bytes())
                 .map_err(|e| e.to_string())?;
             let mut request = Request::builder()
@@ -558,14 +572,23 @@ fn check_request(target: &str, method: Option<&str>) -> Result<Request<Body>, St
                 .uri(uri)
                 .body(crate::body::empty())
                 .map_err(|e| e.to_string())?;
-            crate::transport::insert_model(&mut request, parsed, Protocol::Http, client);
+            crate::transport::insert_model(&mut request, parsed, protocol, client);
             Ok(request)
         }
         _ if method.is_some_and(|m| m != "CONNECT") => Err(
-            "an https:// or host:port target is a CONNECT tunnel; --method is for http:// URLs"
+            "this target is a CONNECT tunnel whose methods are not seen; --method is for http:// URLs (and https:// ones when the proxy intercepts)"
                 .into(),
         ),
-        _ => crate::transport::synthesized_connect(&parsed, Protocol::HttpsConnect, client)
-            .map_err(|e| e.to_string()),
+        _ => {
+            let mut request =
+                crate::transport::synthesized_connect(&parsed, Protocol::HttpsConnect, client)
+                    .map_err(|e| e.to_string())?;
+            if intercepted {
+                request
+                    .extensions_mut()
+                    .insert(portcullis_middleware::Intercepted);
+            }
+            Ok(request)
+        }
     }
 }

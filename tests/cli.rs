@@ -398,3 +398,28 @@ async fn ca_is_made_once_by_concurrent_processes_and_an_open_key_is_refused() {
     let bundle_text = std::fs::read_to_string(&bundle).unwrap();
     assert!(bundle_text.ends_with(&std::fs::read_to_string(&ca).unwrap()));
 }
+
+#[tokio::test]
+async fn check_decides_https_as_the_intercepting_proxy_would() {
+    let base = [
+        "check",
+        "--mode",
+        "limited",
+        "--allow",
+        "x.test",
+        "--resolve",
+        "x.test=1.2.3.4",
+    ];
+    let cases: [(&[&str], &str, i32, &str); 4] = [
+        (&["--mitm", "--method", "POST"], "https://x.test/", 1, "method_not_allowed"),
+        (&["--mitm"], "https://x.test/", 0, ""),
+        (&["--mitm"], "x.test:443", 0, ""),
+        (&[], "https://x.test/", 1, "mitm_required"),
+    ];
+    for (flags, target, code, reason) in cases {
+        let (got, stdout, stderr) =
+            output(portcullis().args(base).args(flags).arg(target)).await;
+        assert_eq!(got, Some(code), "{flags:?} {target}: {stdout}{stderr}");
+        assert_eq!(check_verdict(&stdout).1, reason, "{flags:?} {target}");
+    }
+}
