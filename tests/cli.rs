@@ -411,14 +411,18 @@ async fn check_decides_https_as_the_intercepting_proxy_would() {
         "x.test=1.2.3.4",
     ];
     let cases: [(&[&str], &str, i32, &str); 4] = [
-        (&["--mitm", "--method", "POST"], "https://x.test/", 1, "method_not_allowed"),
+        (
+            &["--mitm", "--method", "POST"],
+            "https://x.test/",
+            1,
+            "method_not_allowed",
+        ),
         (&["--mitm"], "https://x.test/", 0, ""),
         (&["--mitm"], "x.test:443", 0, ""),
         (&[], "https://x.test/", 1, "mitm_required"),
     ];
     for (flags, target, code, reason) in cases {
-        let (got, stdout, stderr) =
-            output(portcullis().args(base).args(flags).arg(target)).await;
+        let (got, stdout, stderr) = output(portcullis().args(base).args(flags).arg(target)).await;
         assert_eq!(got, Some(code), "{flags:?} {target}: {stdout}{stderr}");
         assert_eq!(check_verdict(&stdout).1, reason, "{flags:?} {target}");
     }
