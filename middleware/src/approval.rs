@@ -3,24 +3,35 @@
 //! The [`PolicyService`](crate::PolicyService) marks an allowlist miss
 //! [`AwaitingApproval`] when an approver is configured; this layer holds such
 //! a request until the approver answers. Requests without the mark pass
-//! straight through.
+//! straight through, without a heap allocation.
 //!
 //! - Concurrent requests for the same [`ApprovalKey`] (host, protocol, port)
-//!   share one question: the approver is called once for the whole group.
-//! - [`ApprovalOutcome::AllowOnce`] lets the waiting group through;
-//!   [`ApprovalOutcome::AllowForSession`] also lets every later request for
-//!   the key through without asking; [`ApprovalOutcome::Deny`] refuses the
-//!   group.
+//!   share one question: the approver is called once for the whole group. A
+//!   different port or protocol is another question.
+//! - [`ApprovalOutcome::AllowOnce`] lets the waiting group through and
+//!   nothing later; [`ApprovalOutcome::AllowForSession`] also lets every
+//!   later request for the key through without asking;
+//!   [`ApprovalOutcome::AllowAlways`] and [`ApprovalOutcome::DenyAlways`]
+//!   are written to the [`RuleBook`] (when one is configured) and cached;
+//!   [`ApprovalOutcome::Deny`] refuses the group.
+//! - A [`RuleBook`] is consulted before anyone is asked: a persisted rule for
+//!   the key answers at once.
 //! - No answer within the timeout, an approver error, or an approver that
 //!   goes away all deny (fail closed).
+//! - Bounded: at most [`max_pending`](ApprovalWaitLayer::max_pending)
+//!   questions wait at once (a further one is refused at once, saying so),
+//!   and at most [`max_session`](ApprovalWaitLayer::max_session) keys are
+//!   remembered for the session (past that, answers apply to their group
+//!   only, and a warning says so once).
 //!
 //! Refusals are [`Blocked`] with reason `approval_denied`,
-//! `approval_timed_out` or `approval_failed`; the transports answer them as
-//! the README's refusal table says.
+//! `approval_timed_out` or `approval_failed`, naming who answered and why;
+//! the transports answer them as the README's refusal table says.
 //!
-//! An approver is any `tower::Service<ApprovalRequest, Response =
-//! ApprovalOutcome>`; [`approver_fn`] makes one from a closure, and
-//! [`DenyApprover`] (the default) denies everything.
+//! An approver is any `tower::Service<ApprovalRequest>` whose response is an
+//! [`ApprovalOutcome`] or an [`ApprovalAnswer`] (the outcome with who gave
+//! it and why); [`approver_fn`] makes one from a closure, and
+//! [`DenyApprover`] denies everything.
 //!
 //! # Example
 //!
@@ -48,11 +59,12 @@
 //! # }
 //! ```
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -84,6 +96,17 @@ pub struct ApprovalKey {
     pub port: u16,
 }
 
+impl fmt::Display for ApprovalKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} ({})",
+            Target::host(self.host.clone(), self.port),
+            self.protocol
+        )
+    }
+}
+
 /// The question put to an approver.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApprovalRequest {
@@ -96,15 +119,78 @@ pub struct ApprovalRequest {
 }
 
 /// An approver's answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ApprovalOutcome {
-    /// Let the requests waiting now through.
+    /// Let the requests waiting now through, and nothing later.
     AllowOnce,
-    /// Let them through, and every later request for the same key.
+    /// Let them through, and every later request for the same key while the
+    /// process lives.
     AllowForSession,
+    /// Let them through, and persist an allow rule for the key.
+    AllowAlways,
     /// Refuse the requests waiting now.
     Deny,
+    /// Refuse them, and persist a deny rule for the key.
+    DenyAlways,
+}
+
+impl ApprovalOutcome {
+    /// Whether the requests waiting go through.
+    pub fn allows(self) -> bool {
+        matches!(
+            self,
+            ApprovalOutcome::AllowOnce
+                | ApprovalOutcome::AllowForSession
+                | ApprovalOutcome::AllowAlways
+        )
+    }
+}
+
+/// An outcome with who gave it and why: what the refusal and the log say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApprovalAnswer {
+    /// The answer.
+    pub outcome: ApprovalOutcome,
+    /// Who answered (`prompt`, `reviewer ./review.sh`, …).
+    pub by: String,
+    /// Why, in the answerer's words, if it said.
+    pub rationale: Option<String>,
+}
+
+impl From<ApprovalOutcome> for ApprovalAnswer {
+    fn from(outcome: ApprovalOutcome) -> ApprovalAnswer {
+        ApprovalAnswer {
+            outcome,
+            by: "the approver".to_owned(),
+            rationale: None,
+        }
+    }
+}
+
+/// A persisted rule's decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RuleDecision {
+    /// Allow the key without asking.
+    Allow,
+    /// Refuse the key without asking.
+    Deny,
+}
+
+/// Rules that outlive the process ("allow always" / "deny always"):
+/// consulted before an approver is asked, written when it answers
+/// *always*. The `portcullis` binary keeps them in a rules file.
+pub trait RuleBook: Send + Sync + 'static {
+    /// The persisted decision for `key`, and a name for it (the rule as
+    /// written and where), if there is one.
+    fn lookup(&self, key: &ApprovalKey) -> Option<(RuleDecision, String)>;
+    /// Persists a decision for `key`, with the answer's justification.
+    fn record(
+        &self,
+        key: &ApprovalKey,
+        decision: RuleDecision,
+        justification: &str,
+    ) -> Result<(), BoxError>;
 }
 
 /// An approver that denies everything (the default).
@@ -137,21 +223,22 @@ impl<F> fmt::Debug for ApproverFn<F> {
     }
 }
 
-/// Makes an approver from an async closure.
-pub fn approver_fn<F, Fut>(f: F) -> ApproverFn<F>
+/// Makes an approver from an async closure answering an
+/// [`ApprovalOutcome`] or an [`ApprovalAnswer`].
+pub fn approver_fn<F, Fut, T>(f: F) -> ApproverFn<F>
 where
     F: FnMut(ApprovalRequest) -> Fut,
-    Fut: Future<Output = Result<ApprovalOutcome, BoxError>>,
+    Fut: Future<Output = Result<T, BoxError>>,
 {
     ApproverFn { f }
 }
 
-impl<F, Fut> Service<ApprovalRequest> for ApproverFn<F>
+impl<F, Fut, T> Service<ApprovalRequest> for ApproverFn<F>
 where
     F: FnMut(ApprovalRequest) -> Fut,
-    Fut: Future<Output = Result<ApprovalOutcome, BoxError>>,
+    Fut: Future<Output = Result<T, BoxError>>,
 {
-    type Response = ApprovalOutcome;
+    type Response = T;
     type Error = BoxError;
     type Future = Fut;
 
@@ -164,16 +251,56 @@ where
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What the waiting group learns.
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Answer {
     Allow { once: bool },
-    Refuse(Reason),
+    Refuse { reason: Reason, detail: String },
+}
+
+/// The default time an approver has to answer.
+pub const DEFAULT_APPROVAL_TIMEOUT: Duration = Duration::from_secs(60);
+/// The default number of questions that may wait at once.
+pub const DEFAULT_MAX_PENDING: usize = 64;
+/// The default number of keys remembered for the session.
+pub const DEFAULT_MAX_SESSION: usize = 4096;
+
+#[derive(Clone)]
+struct Config {
+    timeout: Duration,
+    max_pending: usize,
+    max_session: usize,
+    rules: Option<Arc<dyn RuleBook>>,
+}
+
+impl Config {
+    fn with_timeout(timeout: Duration) -> Config {
+        Config {
+            timeout,
+            max_pending: DEFAULT_MAX_PENDING,
+            max_session: DEFAULT_MAX_SESSION,
+            rules: None,
+        }
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("timeout", &self.timeout)
+            .field("max_pending", &self.max_pending)
+            .field("max_session", &self.max_session)
+            .field("rules", &self.rules.is_some())
+            .finish()
+    }
 }
 
 #[derive(Debug, Default)]
 struct Questions {
     pending: Mutex<HashMap<ApprovalKey, watch::Receiver<Option<Answer>>>>,
-    session: Mutex<HashSet<ApprovalKey>>,
+    /// Session answers: `true` allow, `false` deny (from *deny always*).
+    session: Mutex<HashMap<ApprovalKey, bool>>,
+    session_full_said: AtomicBool,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -182,15 +309,12 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// The default time an approver has to answer.
-pub const DEFAULT_APPROVAL_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// Configures [`ApprovalWait`]. Clones share pending questions and
 /// session approvals.
 #[derive(Debug, Clone)]
 pub struct ApprovalWaitLayer<A> {
     approver: Option<A>,
-    timeout: Duration,
+    config: Arc<Config>,
     questions: Arc<Questions>,
 }
 
@@ -199,7 +323,7 @@ impl<A> ApprovalWaitLayer<A> {
     pub fn new(approver: A, timeout: Duration) -> ApprovalWaitLayer<A> {
         ApprovalWaitLayer {
             approver: Some(approver),
-            timeout,
+            config: Arc::new(Config::with_timeout(timeout)),
             questions: Arc::default(),
         }
     }
@@ -211,12 +335,37 @@ impl<A> ApprovalWaitLayer<A> {
     pub fn without_approver() -> ApprovalWaitLayer<A> {
         ApprovalWaitLayer {
             approver: None,
-            timeout: DEFAULT_APPROVAL_TIMEOUT,
+            config: Arc::new(Config::with_timeout(DEFAULT_APPROVAL_TIMEOUT)),
             questions: Arc::default(),
         }
     }
 
-    /// Forgets every session approval.
+    /// At most `max` questions wait at once; a further one is refused at
+    /// once (`approval_failed`, saying so). Default 64.
+    pub fn max_pending(mut self, max: usize) -> ApprovalWaitLayer<A> {
+        Arc::make_mut(&mut self.config).max_pending = max;
+        self
+    }
+
+    /// At most `max` keys are remembered for the session; past that an
+    /// answer applies to its waiting group only. Default 4096.
+    pub fn max_session(mut self, max: usize) -> ApprovalWaitLayer<A> {
+        Arc::make_mut(&mut self.config).max_session = max;
+        self
+    }
+
+    /// Consults and writes these persisted rules.
+    pub fn rules(mut self, rules: Arc<dyn RuleBook>) -> ApprovalWaitLayer<A> {
+        Arc::make_mut(&mut self.config).rules = Some(rules);
+        self
+    }
+
+    /// Whether an approver is configured.
+    pub fn has_approver(&self) -> bool {
+        self.approver.is_some()
+    }
+
+    /// Forgets every session answer.
     pub fn clear_session(&self) {
         lock(&self.questions.session).clear();
     }
@@ -235,7 +384,7 @@ impl<S, A: Clone> Layer<S> for ApprovalWaitLayer<A> {
         ApprovalWait {
             inner,
             approver: self.approver.clone(),
-            timeout: self.timeout,
+            config: self.config.clone(),
             questions: self.questions.clone(),
         }
     }
@@ -246,7 +395,7 @@ impl<S, A: Clone> Layer<S> for ApprovalWaitLayer<A> {
 pub struct ApprovalWait<S, A> {
     inner: S,
     approver: Option<A>,
-    timeout: Duration,
+    config: Arc<Config>,
     questions: Arc<Questions>,
 }
 
@@ -274,7 +423,8 @@ impl<S, A, B, RB> Service<Request<B>> for ApprovalWait<S, A>
 where
     S: Service<Request<B>, Response = Response<RB>> + Clone,
     S::Error: Into<BoxError>,
-    A: Service<ApprovalRequest, Response = ApprovalOutcome> + Clone + Send + 'static,
+    A: Service<ApprovalRequest> + Clone + Send + 'static,
+    A::Response: Into<ApprovalAnswer>,
     A::Error: Into<BoxError>,
     A::Future: Send + 'static,
 {
@@ -312,14 +462,47 @@ where
             protocol: info.protocol,
             port: *port,
         };
-        if lock(&self.questions.session).contains(&key) {
-            request.extensions_mut().remove::<AwaitingApproval>();
-            return ResponseFuture::inner(self.inner.call(request), false);
+        let known = lock(&self.questions.session).get(&key).copied();
+        let persisted = || {
+            self.config
+                .rules
+                .as_ref()
+                .and_then(|rules| rules.lookup(&key))
+        };
+        let settled = match known {
+            Some(true) => Some(Answer::Allow { once: false }),
+            Some(false) => Some(Answer::Refuse {
+                reason: Reason::ApprovalDenied,
+                detail: "denied always earlier in this session".into(),
+            }),
+            None => match persisted() {
+                Some((RuleDecision::Allow, _)) => Some(Answer::Allow { once: false }),
+                Some((RuleDecision::Deny, rule)) => Some(Answer::Refuse {
+                    reason: Reason::ApprovalDenied,
+                    detail: format!("denied by {rule}"),
+                }),
+                None => None,
+            },
+        };
+        match settled {
+            Some(Answer::Allow { .. }) => {
+                request.extensions_mut().remove::<AwaitingApproval>();
+                return ResponseFuture::inner(self.inner.call(request), false);
+            }
+            Some(Answer::Refuse { reason, detail }) => {
+                return ResponseFuture::refused(refusal(reason, &detail, info));
+            }
+            None => {}
         }
-        let mut receiver = self.question(approver.clone(), key, &info);
+        let mut receiver = match self.question(approver.clone(), key, &info) {
+            Ok(receiver) => receiver,
+            Err(detail) => {
+                return ResponseFuture::refused(refusal(Reason::ApprovalFailed, &detail, info))
+            }
+        };
         let answer = Box::pin(async move {
             match receiver.wait_for(Option::is_some).await {
-                Ok(answer) => *answer,
+                Ok(answer) => answer.clone(),
                 Err(_) => None,
             }
         });
@@ -334,6 +517,19 @@ where
             },
         }
     }
+}
+
+/// The refusal of a request the approval stage turned down.
+fn refusal(reason: Reason, detail: &str, info: RequestInfo) -> Blocked {
+    let blocked = Blocked::new(
+        reason,
+        Source::Approval,
+        info.target,
+        info.protocol,
+        &info.method,
+    );
+    let message = format!("{} ({detail})", blocked.message);
+    blocked.with_message(message)
 }
 
 /// Marks a response to a request that an approver let through with *allow
@@ -423,7 +619,10 @@ where
                             "portcullis: response future polled after completion".into(),
                         ));
                     };
-                    match answer.unwrap_or(Answer::Refuse(Reason::ApprovalFailed)) {
+                    match answer.unwrap_or(Answer::Refuse {
+                        reason: Reason::ApprovalFailed,
+                        detail: "the approver went away".into(),
+                    }) {
                         Answer::Allow { once } => {
                             request.extensions_mut().remove::<AwaitingApproval>();
                             State::Inner {
@@ -431,17 +630,8 @@ where
                                 once,
                             }
                         }
-                        Answer::Refuse(reason) => State::Refused {
-                            error: Some(
-                                Blocked::new(
-                                    reason,
-                                    Source::Approval,
-                                    info.target,
-                                    info.protocol,
-                                    &info.method,
-                                )
-                                .into(),
-                            ),
+                        Answer::Refuse { reason, detail } => State::Refused {
+                            error: Some(refusal(reason, &detail, info).into()),
                         },
                     }
                 }
@@ -453,20 +643,28 @@ where
 
 impl<S, A> ApprovalWait<S, A>
 where
-    A: Service<ApprovalRequest, Response = ApprovalOutcome> + Clone + Send + 'static,
+    A: Service<ApprovalRequest> + Clone + Send + 'static,
+    A::Response: Into<ApprovalAnswer>,
     A::Error: Into<BoxError>,
     A::Future: Send + 'static,
 {
-    /// Joins the pending question for `key`, or asks a new one.
+    /// Joins the pending question for `key`, or asks a new one; refuses when
+    /// too many are pending.
     fn question(
         &self,
         approver: A,
         key: ApprovalKey,
         info: &RequestInfo,
-    ) -> watch::Receiver<Option<Answer>> {
+    ) -> Result<watch::Receiver<Option<Answer>>, String> {
         let mut pending = lock(&self.questions.pending);
         if let Some(receiver) = pending.get(&key) {
-            return receiver.clone();
+            return Ok(receiver.clone());
+        }
+        if pending.len() >= self.config.max_pending {
+            return Err(format!(
+                "{} questions are already waiting for the approver, the most allowed; try again once they are answered",
+                pending.len()
+            ));
         }
         let (sender, receiver) = watch::channel(None);
         pending.insert(key.clone(), receiver.clone());
@@ -477,37 +675,96 @@ where
             client: info.client,
         };
         let questions = self.questions.clone();
-        let timeout = self.timeout;
+        let config = self.config.clone();
         tokio::spawn(async move {
-            let answer = match tokio::time::timeout(timeout, ask(approver, request)).await {
-                Err(_) => Answer::Refuse(Reason::ApprovalTimedOut),
+            let answer = match tokio::time::timeout(config.timeout, ask(approver, request)).await {
+                Err(_) => Answer::Refuse {
+                    reason: Reason::ApprovalTimedOut,
+                    detail: format!("no answer within {:?}", config.timeout),
+                },
                 Ok(Err(error)) => {
-                    tracing::warn!(target: "portcullis::approval", error = %error, "approver failed; denying");
-                    Answer::Refuse(Reason::ApprovalFailed)
+                    tracing::warn!(target: "portcullis::approval", key = %key, error = %error, "approver failed; denying");
+                    Answer::Refuse {
+                        reason: Reason::ApprovalFailed,
+                        detail: format!("the approver failed: {error}"),
+                    }
                 }
-                Ok(Ok(ApprovalOutcome::AllowOnce)) => Answer::Allow { once: true },
-                Ok(Ok(ApprovalOutcome::AllowForSession)) => {
-                    lock(&questions.session).insert(key.clone());
-                    Answer::Allow { once: false }
-                }
-                Ok(Ok(ApprovalOutcome::Deny)) => Answer::Refuse(Reason::ApprovalDenied),
+                Ok(Ok(answer)) => settle(&config, &questions, &key, answer),
             };
             lock(&questions.pending).remove(&key);
             let _ = sender.send(Some(answer));
         });
-        receiver
+        Ok(receiver)
     }
 }
 
-async fn ask<A>(mut approver: A, request: ApprovalRequest) -> Result<ApprovalOutcome, BoxError>
+/// Applies an approver's answer: caches and persists what it says to.
+fn settle(
+    config: &Config,
+    questions: &Questions,
+    key: &ApprovalKey,
+    answer: ApprovalAnswer,
+) -> Answer {
+    let said = match &answer.rationale {
+        Some(rationale) => format!("{}: {}", answer.by, rationale),
+        None => answer.by.clone(),
+    };
+    tracing::info!(target: "portcullis::approval", key = %key, outcome = ?answer.outcome, by = %answer.by, rationale = answer.rationale.as_deref().unwrap_or(""), "approval answered");
+    let persist = |decision| {
+        if let Some(rules) = &config.rules {
+            if let Err(error) = rules.record(key, decision, &said) {
+                tracing::warn!(target: "portcullis::approval", key = %key, %error, "could not persist the rule; it holds for this session only");
+            }
+        }
+    };
+    let remember = |allow| {
+        let mut session = lock(&questions.session);
+        if session.len() < config.max_session || session.contains_key(key) {
+            session.insert(key.clone(), allow);
+        } else if !questions.session_full_said.swap(true, Ordering::Relaxed) {
+            tracing::warn!(target: "portcullis::approval", max = config.max_session, "the session's approval cache is full; further answers apply to their waiting requests only");
+        }
+    };
+    match answer.outcome {
+        ApprovalOutcome::AllowOnce => Answer::Allow { once: true },
+        ApprovalOutcome::AllowForSession => {
+            remember(true);
+            Answer::Allow { once: false }
+        }
+        ApprovalOutcome::AllowAlways => {
+            persist(RuleDecision::Allow);
+            remember(true);
+            Answer::Allow { once: false }
+        }
+        ApprovalOutcome::DenyAlways => {
+            persist(RuleDecision::Deny);
+            remember(false);
+            Answer::Refuse {
+                reason: Reason::ApprovalDenied,
+                detail: format!("denied always by {said}"),
+            }
+        }
+        ApprovalOutcome::Deny => Answer::Refuse {
+            reason: Reason::ApprovalDenied,
+            detail: format!("denied by {said}"),
+        },
+    }
+}
+
+async fn ask<A>(mut approver: A, request: ApprovalRequest) -> Result<ApprovalAnswer, BoxError>
 where
-    A: Service<ApprovalRequest, Response = ApprovalOutcome>,
+    A: Service<ApprovalRequest>,
+    A::Response: Into<ApprovalAnswer>,
     A::Error: Into<BoxError>,
 {
     std::future::poll_fn(|cx| approver.poll_ready(cx))
         .await
         .map_err(Into::into)?;
-    approver.call(request).await.map_err(Into::into)
+    approver
+        .call(request)
+        .await
+        .map(Into::into)
+        .map_err(Into::into)
 }
 
 #[cfg(test)]
@@ -561,13 +818,13 @@ mod tests {
         );
         let (service, mut mock) = mock::pair::<Request<()>, Response<()>>();
         let service = ApprovalWaitLayer::new(approver, Duration::from_secs(30)).layer(service);
-        mock.allow(10);
+        mock.allow(50);
         let mut waiting = Vec::new();
-        for _ in 0..10 {
+        for _ in 0..50 {
             let service = service.clone();
             waiting.push(tokio::spawn(service.oneshot(ask_request("new.test:443"))));
         }
-        for _ in 0..10 {
+        for _ in 0..50 {
             let (seen, send) = mock.next_request().await.unwrap();
             assert!(
                 seen.extensions().get::<AwaitingApproval>().is_none(),
@@ -669,6 +926,207 @@ mod tests {
         S::Future: Send + 'static,
     {
         BoxService::new(service)
+    }
+
+    fn request_for(authority: &str, protocol: Protocol) -> Request<()> {
+        let mut request = ask_request(authority);
+        request.extensions_mut().insert(protocol);
+        request
+    }
+
+    #[derive(Default)]
+    struct MemoryRules {
+        rules: Mutex<HashMap<ApprovalKey, RuleDecision>>,
+        written: Mutex<Vec<(ApprovalKey, RuleDecision, String)>>,
+    }
+
+    impl RuleBook for MemoryRules {
+        fn lookup(&self, key: &ApprovalKey) -> Option<(RuleDecision, String)> {
+            lock(&self.rules)
+                .get(key)
+                .map(|decision| (*decision, "rules.toml: a test rule".to_owned()))
+        }
+        fn record(
+            &self,
+            key: &ApprovalKey,
+            decision: RuleDecision,
+            justification: &str,
+        ) -> Result<(), BoxError> {
+            lock(&self.written).push((key.clone(), decision, justification.to_owned()));
+            Ok(())
+        }
+    }
+
+    /// Sends one ask through `service`; answers for the mock if it is
+    /// reached; returns the refusal reason, if refused.
+    async fn one(
+        service: &tower::util::BoxCloneService<Request<()>, Response<()>, BoxError>,
+        mock: &mut mock::Handle<Request<()>, Response<()>>,
+        request: Request<()>,
+    ) -> Option<Reason> {
+        mock.allow(1);
+        let pending = tokio::spawn(service.clone().oneshot(request));
+        loop {
+            if pending.is_finished() {
+                break;
+            }
+            if let std::task::Poll::Ready(Some((_, send))) = mock.poll_request() {
+                send.send_response(Response::new(()));
+            }
+            tokio::task::yield_now().await;
+            tokio::time::advance(Duration::from_millis(10)).await;
+        }
+        match pending.await.unwrap() {
+            Ok(_) => None,
+            Err(error) => Some(find_blocked(error.as_ref()).unwrap().reason),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_outcome_is_cached_and_persisted_as_it_says() {
+        use ApprovalOutcome::*;
+        for (outcome, asked_again, refused, persisted) in [
+            (AllowOnce, true, None, None),
+            (AllowForSession, false, None, None),
+            (AllowAlways, false, None, Some(RuleDecision::Allow)),
+            (Deny, true, Some(Reason::ApprovalDenied), None),
+            (
+                DenyAlways,
+                false,
+                Some(Reason::ApprovalDenied),
+                Some(RuleDecision::Deny),
+            ),
+        ] {
+            let calls = Arc::new(AtomicUsize::new(0));
+            let rules = Arc::new(MemoryRules::default());
+            let layer = ApprovalWaitLayer::new(
+                counting(outcome, calls.clone(), Duration::ZERO),
+                Duration::from_secs(30),
+            )
+            .rules(rules.clone());
+            let (service, mut mock) = mock::pair::<Request<()>, Response<()>>();
+            let service = tower::util::BoxCloneService::new(layer.layer(service));
+            for _ in 0..2 {
+                let got = one(&service, &mut mock, ask_request("k.test:443")).await;
+                assert_eq!(got, refused, "{outcome:?}");
+            }
+            let expected_calls = if asked_again { 2 } else { 1 };
+            assert_eq!(calls.load(Ordering::SeqCst), expected_calls, "{outcome:?}");
+            let written = lock(&rules.written).clone();
+            assert_eq!(written.first().map(|w| w.1), persisted, "{outcome:?}");
+            assert!(written.len() <= 1, "persisted once: {outcome:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ports_and_protocols_are_separate_questions_and_rules_answer_first() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let rules = Arc::new(MemoryRules::default());
+        let denied_key = ApprovalKey {
+            host: Host::Name("ruled.test".into()),
+            protocol: Protocol::HttpsConnect,
+            port: 443,
+        };
+        lock(&rules.rules).insert(denied_key, RuleDecision::Deny);
+        let layer = ApprovalWaitLayer::new(
+            counting(
+                ApprovalOutcome::AllowForSession,
+                calls.clone(),
+                Duration::ZERO,
+            ),
+            Duration::from_secs(30),
+        )
+        .rules(rules);
+        let (service, mut mock) = mock::pair::<Request<()>, Response<()>>();
+        let service = tower::util::BoxCloneService::new(layer.layer(service));
+        for (authority, protocol) in [
+            ("a.test:443", Protocol::HttpsConnect),
+            ("a.test:443", Protocol::HttpsConnect),
+            ("a.test:8443", Protocol::HttpsConnect),
+            ("a.test:443", Protocol::Socks5Tcp),
+        ] {
+            assert_eq!(
+                one(&service, &mut mock, request_for(authority, protocol)).await,
+                None
+            );
+        }
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            3,
+            "one question per (host, protocol, port)"
+        );
+        mock.allow(1);
+        let error = service
+            .clone()
+            .oneshot(ask_request("ruled.test:443"))
+            .await
+            .unwrap_err();
+        let blocked = find_blocked(error.as_ref()).unwrap();
+        assert_eq!(blocked.reason, Reason::ApprovalDenied);
+        assert!(
+            blocked.message.contains("rules.toml"),
+            "{}",
+            blocked.message
+        );
+        // The rule is for port 443 only.
+        assert_eq!(
+            one(&service, &mut mock, ask_request("ruled.test:8443")).await,
+            None
+        );
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            4,
+            "a rule never asked; another port is"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pending_questions_and_the_session_cache_are_bounded() {
+        let slow = counting(
+            ApprovalOutcome::AllowOnce,
+            Arc::default(),
+            Duration::from_secs(20),
+        );
+        let layer = ApprovalWaitLayer::new(slow, Duration::from_secs(30)).max_pending(2);
+        let (service, mut handle) = mock::pair::<Request<()>, Response<()>>();
+        handle.allow(3);
+        let service = layer.layer(service);
+        let _first = tokio::spawn(service.clone().oneshot(ask_request("p1.test:443")));
+        let _second = tokio::spawn(service.clone().oneshot(ask_request("p2.test:443")));
+        tokio::task::yield_now().await;
+        let third = service.clone().oneshot(ask_request("p3.test:443"));
+        let error = tokio::time::timeout(Duration::from_secs(1), third)
+            .await
+            .expect("refused at once, not queued")
+            .unwrap_err();
+        let blocked = find_blocked(error.as_ref()).unwrap();
+        assert_eq!(blocked.reason, Reason::ApprovalFailed);
+        assert!(
+            blocked.message.contains("already waiting"),
+            "{}",
+            blocked.message
+        );
+
+        let calls = Arc::new(AtomicUsize::new(0));
+        let layer = ApprovalWaitLayer::new(
+            counting(
+                ApprovalOutcome::AllowForSession,
+                calls.clone(),
+                Duration::ZERO,
+            ),
+            Duration::from_secs(30),
+        )
+        .max_session(1);
+        let (service, mut mock) = mock::pair::<Request<()>, Response<()>>();
+        let service = tower::util::BoxCloneService::new(layer.layer(service));
+        for authority in ["s1.test:443", "s2.test:443", "s1.test:443", "s2.test:443"] {
+            assert_eq!(one(&service, &mut mock, ask_request(authority)).await, None);
+        }
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            3,
+            "only the first key was remembered"
+        );
     }
 
     #[tokio::test]

@@ -158,8 +158,9 @@ pub mod target;
 pub mod violation_log;
 
 pub use approval::{
-    approver_fn, ApprovalKey, ApprovalOutcome, ApprovalRequest, ApprovalWait, ApprovalWaitLayer,
-    ApprovedOnce, ApproverFn, AwaitingApproval, DenyApprover,
+    approver_fn, ApprovalAnswer, ApprovalKey, ApprovalOutcome, ApprovalRequest, ApprovalWait,
+    ApprovalWaitLayer, ApprovedOnce, ApproverFn, AwaitingApproval, DenyApprover, RuleBook,
+    RuleDecision,
 };
 pub use error::{
     find_blocked, BadRequest, BlockDecision, Blocked, BoxError, ProxyErrorRef, Reason, Source,
