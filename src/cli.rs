@@ -23,7 +23,8 @@ use portcullis_middleware::{
 
 use crate::body::Body;
 
-use crate::config::{Config, ConfigError};
+use crate::approvers::rules::RulesFile;
+use crate::config::{ApprovalMode, Config, ConfigError};
 use crate::mitm::CertificateAuthority;
 use crate::resolve::{StaticResolver, SystemResolver};
 use crate::runner::{Proxy, ProxyBuilder, ProxyHandle};
@@ -95,6 +96,10 @@ pub struct Options {
     /// Intercept HTTPS in limited mode (clients must trust `portcullis ca`).
     #[arg(long)]
     mitm: bool,
+    /// Who answers an allowlist miss: deny (nobody), prompt (this
+    /// terminal), command (the `[approval] command` reviewer).
+    #[arg(long, value_enum, value_name = "MODE")]
+    approve: Option<ApprovalMode>,
     /// Answer NAME with IP without DNS (repeatable), like curl's --resolve.
     #[arg(long = "resolve", value_name = "NAME=IP")]
     resolve: Vec<String>,
@@ -147,6 +152,11 @@ pub struct Loaded {
 }
 
 impl Options {
+    /// The config file named by `--config` or `PORTCULLIS_CONFIG`.
+    pub fn config_path(&self) -> Option<&std::path::Path> {
+        self.config.as_deref()
+    }
+
     /// Loads the configuration and applies the flags.
     pub fn load(&self) -> Result<Loaded, ConfigError> {
         let mut config = Config::load(self.config.as_deref())?;
@@ -175,6 +185,9 @@ impl Options {
         if self.mitm {
             network.mitm = true;
         }
+        if let Some(mode) = self.approve {
+            config.approval.mode = mode;
+        }
         if self.allow_local_binding {
             network.allow_local_binding = true;
         }
@@ -200,7 +213,7 @@ impl Options {
 
 impl Loaded {
     /// A proxy builder for this configuration (listeners from the config).
-    pub fn builder(&self) -> Result<(ProxyBuilder, ViolationRing), ConfigError> {
+    pub fn builder(&self) -> Result<Prepared, ConfigError> {
         let config = &self.config;
         let origin = &self.origin;
         let policy = config.policy(origin)?;
@@ -238,8 +251,43 @@ impl Loaded {
             .upstream_roots(config.upstream_roots(origin)?)
             .leaf_cache_size(config.mitm.leaf_cache_size)
             .violations(violations);
-        Ok((builder, ring))
+        let (builder, rules, approver) = match crate::approvers::from_config(config, origin, &ring)?
+        {
+            None => (builder, None, None),
+            Some((approver, name)) => {
+                let path = config.rules_file(origin)?;
+                let rules = RulesFile::load(&path).map_err(|e| ConfigError::Invalid {
+                    key: "approval.rules_file".into(),
+                    origin: origin.clone(),
+                    message: e.to_string(),
+                })?;
+                let builder = builder
+                    .approver(approver, config.approval_timeout(origin)?)
+                    .approval_limits(config.approval.max_pending, config.approval.max_session)
+                    .rules(Arc::new(rules.clone()));
+                (builder, Some(rules), Some(name))
+            }
+        };
+        Ok(Prepared {
+            builder,
+            ring,
+            rules,
+            approver,
+        })
     }
+}
+
+/// A builder for the configuration, and what the binary keeps beside it.
+#[derive(Debug)]
+pub struct Prepared {
+    /// The proxy, ready to start.
+    pub builder: ProxyBuilder,
+    /// The violation ring it records into.
+    pub ring: ViolationRing,
+    /// The persisted rules, when an approver is configured.
+    pub rules: Option<RulesFile>,
+    /// Who answers allowlist misses, for messages.
+    pub approver: Option<String>,
 }
 
 /// Parses the command line and runs; the binary's whole `main`.
@@ -295,7 +343,9 @@ fn usage_error(error: &dyn std::fmt::Display) -> ExitCode {
     ExitCode::from(EXIT_USAGE)
 }
 
-async fn start(options: &Options, ephemeral: bool) -> Result<ProxyHandle, ExitCode> {
+/// Starts the proxy for `serve` and `run`, and the task that reloads its
+/// policy and rules when their files change (and on SIGHUP with `hangup`).
+async fn start(options: &Options, ephemeral: bool, hangup: bool) -> Result<ProxyHandle, ExitCode> {
     let loaded = options.load().map_err(|e| usage_error(&e))?;
     if !loaded.config.network.enabled {
         return Err(usage_error(&format!(
@@ -303,7 +353,9 @@ async fn start(options: &Options, ephemeral: bool) -> Result<ProxyHandle, ExitCo
             loaded.origin
         )));
     }
-    let (mut builder, _ring) = loaded.builder().map_err(|e| usage_error(&e))?;
+    let Prepared {
+        mut builder, rules, ..
+    } = loaded.builder().map_err(|e| usage_error(&e))?;
     if loaded.config.network.mitm {
         let ca = load_ca(&loaded.config, &loaded.origin)?;
         if loaded.config.network.mode == Mode::Full {
@@ -318,14 +370,21 @@ async fn start(options: &Options, ephemeral: bool) -> Result<ProxyHandle, ExitCo
         let socks = loaded.config.network.enable_socks5.then_some(loopback);
         builder = builder.http_addr(loopback).socks_addr(socks);
     }
-    builder.start().await.map_err(|error| {
+    let proxy = builder.start().await.map_err(|error| {
         let _ = writeln!(std::io::stderr(), "portcullis: {error}");
         ExitCode::from(EXIT_UNAVAILABLE)
-    })
+    })?;
+    tokio::spawn(crate::reload::watch(
+        options.clone(),
+        proxy.policy().clone(),
+        rules,
+        hangup,
+    ));
+    Ok(proxy)
 }
 
 async fn serve(options: Options) -> ExitCode {
-    let proxy = match start(&options, false).await {
+    let proxy = match start(&options, false, true).await {
         Ok(proxy) => proxy,
         Err(code) => return code,
     };
@@ -360,7 +419,8 @@ async fn wait_for_shutdown_signal() {
 }
 
 async fn run(args: RunArgs) -> ExitCode {
-    let proxy = match start(&args.options, true).await {
+    // SIGHUP goes to the child under `run`; files are still watched.
+    let proxy = match start(&args.options, true, false).await {
         Ok(proxy) => proxy,
         Err(code) => return code,
     };
@@ -479,8 +539,10 @@ async fn check(args: CheckArgs) -> ExitCode {
         Ok(loaded) => loaded,
         Err(error) => return usage_error(&error),
     };
-    let (builder, _ring) = match loaded.builder() {
-        Ok(built) => built,
+    let Prepared {
+        builder, approver, ..
+    } = match loaded.builder() {
+        Ok(prepared) => prepared,
         Err(error) => return usage_error(&error),
     };
     // With interception in limited mode, what an https:// URL asks is the
@@ -517,8 +579,10 @@ async fn check(args: CheckArgs) -> ExitCode {
         Err(error) => match find_blocked(error.as_ref()) {
             Some(blocked) if blocked.decision == BlockDecision::Ask => (
                 format!(
-                    "ask {target}\nreason: {}\nmessage: {}",
-                    blocked.reason, blocked.message
+                    "ask {target}\nreason: {}\napprover: {}\nmessage: no allowlist entry or persisted rule answers; {} would be asked",
+                    blocked.reason,
+                    approver.as_deref().unwrap_or("none"),
+                    approver.as_deref().unwrap_or("the approver"),
                 ),
                 2,
             ),

@@ -33,6 +33,78 @@ pub struct Config {
     pub log: LogConfig,
     /// `[mitm]`: the interception CA and the origins' extra CAs.
     pub mitm: MitmConfig,
+    /// `[approval]`: who is asked about allowlist misses.
+    pub approval: ApprovalConfig,
+}
+
+/// Who answers an allowlist miss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ApprovalMode {
+    /// Nobody: misses are refused (`not_allowed`).
+    #[default]
+    Deny,
+    /// The person at the controlling terminal (`/dev/tty`).
+    Prompt,
+    /// A reviewer program (`[approval] command`).
+    Command,
+}
+
+impl ApprovalMode {
+    /// `deny`, `prompt` or `command`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApprovalMode::Deny => "deny",
+            ApprovalMode::Prompt => "prompt",
+            ApprovalMode::Command => "command",
+        }
+    }
+}
+
+/// `[approval]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApprovalConfig {
+    /// `deny` (default), `prompt` or `command`.
+    pub mode: ApprovalMode,
+    /// The reviewer program and its arguments, for `mode = "command"`.
+    pub command: Vec<String>,
+    /// A reviewer's *allow* counts only below this risk score (0–100).
+    pub risk_threshold: u8,
+    /// Seconds an approver has to answer; no answer denies.
+    pub timeout: f64,
+    /// The persisted rules; default `rules.toml` in the data directory.
+    pub rules_file: Option<PathBuf>,
+    /// Questions that may wait at once; further ones are refused.
+    pub max_pending: usize,
+    /// Keys remembered for the session.
+    pub max_session: usize,
+    /// Longest string handed to a reviewer; longer ones are cut and marked.
+    pub max_field_bytes: usize,
+    /// Largest answer read from a reviewer; a longer one fails closed.
+    pub max_output_bytes: usize,
+    /// Recent decisions and refusals shown to a reviewer.
+    pub context_entries: usize,
+    /// Environment variables the reviewer gets (it gets no others).
+    pub pass_env: Vec<String>,
+}
+
+impl Default for ApprovalConfig {
+    fn default() -> ApprovalConfig {
+        ApprovalConfig {
+            mode: ApprovalMode::Deny,
+            command: Vec::new(),
+            risk_threshold: 80,
+            timeout: 60.0,
+            rules_file: None,
+            max_pending: 64,
+            max_session: 4096,
+            max_field_bytes: 2048,
+            max_output_bytes: 64 * 1024,
+            context_entries: 20,
+            pass_env: vec!["PATH".to_owned()],
+        }
+    }
 }
 
 /// `allow` or `deny`, in the map form `domains = { "x" = "allow" }`.
@@ -238,6 +310,35 @@ impl Config {
                 key: "mitm.ca_dir".into(),
                 origin: origin.to_owned(),
                 message: "neither XDG_DATA_HOME nor HOME is set; set mitm.ca_dir".into(),
+            })
+    }
+
+    /// The rules file: `[approval] rules_file`, else `rules.toml` in the
+    /// data directory.
+    pub fn rules_file(&self, origin: &str) -> Result<PathBuf, ConfigError> {
+        self.approval
+            .rules_file
+            .clone()
+            .or_else(|| data_dir().map(|dir| dir.join("rules.toml")))
+            .ok_or_else(|| ConfigError::Invalid {
+                key: "approval.rules_file".into(),
+                origin: origin.to_owned(),
+                message: "neither XDG_DATA_HOME nor HOME is set; set approval.rules_file".into(),
+            })
+    }
+
+    /// `[approval] timeout` as a duration.
+    pub fn approval_timeout(&self, origin: &str) -> Result<Duration, ConfigError> {
+        Duration::try_from_secs_f64(self.approval.timeout)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| ConfigError::Invalid {
+                key: "approval.timeout".into(),
+                origin: origin.to_owned(),
+                message: format!(
+                    "{} is not a positive number of seconds",
+                    self.approval.timeout
+                ),
             })
     }
 

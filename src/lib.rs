@@ -32,16 +32,19 @@
 //! | `transport/` | the ways in: `http1/` and `socks5/` (each with its own `rescue`, the one place errors become that wire's answers), `mitm/` (HTTPS interception in limited mode, its CA), `unix` (`x-unix-socket`), the shared accept loop, drain and request-model insertion |
 //! | `connector/` | the innermost service: resolve once, vet, dial; the pooled upstream client, [`upstream`] chaining, Unix-socket forwarding, the [`resolve`] trait |
 //! | [`runner`] | [`Proxy::builder`]: composes the stack once and starts the transports |
+//! | [`approvers`] | the terminal prompt, the reviewer program, the persisted rules file |
 //! | [`config`], [`cli`], [`env`](mod@env) | the binary: TOML and flags, `serve` / `run` / `check`, the child's proxy variables |
 //!
 //! HTTPS interception lives in `transport/mitm/` (its CA is public as
-//! [`mitm`]); bundled approvers go beside the runner in `approvers/`.
+//! [`mitm`]); the bundled approvers and the rules file in [`approvers`].
 
+pub mod approvers;
 pub mod body;
 pub mod cli;
 pub mod config;
 mod connector;
 pub mod env;
+mod reload;
 pub mod runner;
 mod transport;
 

@@ -26,8 +26,8 @@ use tower::util::BoxCloneService;
 use tower::{Layer, Service};
 
 use portcullis_middleware::{
-    ApprovalOutcome, ApprovalRequest, ApprovalWaitLayer, BoxError, DefaultStack, PolicyHandle,
-    ViolationLogLayer, ViolationRing,
+    ApprovalAnswer, ApprovalRequest, ApprovalWaitLayer, BoxError, DefaultStack, PolicyHandle,
+    RuleBook, ViolationLogLayer, ViolationRing,
 };
 
 use rustls::pki_types::CertificateDer;
@@ -41,7 +41,7 @@ use crate::transport::{self, ProxyService, Shutdown};
 use crate::upstream::UpstreamProxies;
 
 /// A type-erased approver.
-pub type BoxApprover = BoxCloneService<ApprovalRequest, ApprovalOutcome, BoxError>;
+pub type BoxApprover = BoxCloneService<ApprovalRequest, ApprovalAnswer, BoxError>;
 
 /// The service the default stack makes of the connector with your outer
 /// layers `O` and inner layers `I`.
@@ -92,6 +92,7 @@ pub struct ProxyBuilder<O = Identity, I = Identity> {
     upstream_roots: Vec<CertificateDer<'static>>,
     violations: ViolationLogLayer,
     approval: Option<ApprovalWaitLayer<BoxApprover>>,
+    rules: Option<Arc<dyn RuleBook>>,
     outer: O,
     inner: I,
 }
@@ -132,6 +133,7 @@ impl Proxy {
             upstream_roots: Vec::new(),
             violations: ViolationLogLayer::default(),
             approval: None,
+            rules: None,
             outer: Identity::new(),
             inner: Identity::new(),
         }
@@ -251,10 +253,46 @@ impl<O, I> ProxyBuilder<O, I> {
     }
 
     /// Asks `approver` about allowlist misses, waiting at most `timeout`
-    /// per question.
-    pub fn approver(mut self, approver: BoxApprover, timeout: Duration) -> ProxyBuilder<O, I> {
+    /// per question. Any `tower::Service<ApprovalRequest>` answering an
+    /// `ApprovalOutcome` or an `ApprovalAnswer` will do (`approver_fn` makes
+    /// one from a closure).
+    pub fn approver<A>(mut self, approver: A, timeout: Duration) -> ProxyBuilder<O, I>
+    where
+        A: Service<ApprovalRequest> + Clone + Send + 'static,
+        A::Response: Into<ApprovalAnswer>,
+        A::Error: Into<BoxError>,
+        A::Future: Send + 'static,
+    {
+        let approver = BoxApprover::new(
+            tower::ServiceBuilder::new()
+                .map_response(Into::into)
+                .map_err(Into::into)
+                .service(approver),
+        );
         self.approval = Some(ApprovalWaitLayer::new(approver, timeout));
         self
+    }
+
+    /// Bounds the questions: at most `max_pending` wait at once, at most
+    /// `max_session` keys are remembered (defaults 64 and 4096).
+    pub fn approval_limits(mut self, max_pending: usize, max_session: usize) -> ProxyBuilder<O, I> {
+        self.approval = self
+            .approval
+            .map(|layer| layer.max_pending(max_pending).max_session(max_session));
+        self
+    }
+
+    /// Persisted rules: consulted before the approver is asked, written
+    /// when it answers *always*. They answer only with an approver; `check`
+    /// reads them too.
+    pub fn rules(mut self, rules: Arc<dyn RuleBook>) -> ProxyBuilder<O, I> {
+        self.rules = Some(rules);
+        self
+    }
+
+    /// Whether an approver is configured.
+    pub fn has_approver(&self) -> bool {
+        self.approval.is_some()
     }
 
     /// Inserts a layer of your own just inside the violation log: it sees
@@ -291,6 +329,7 @@ impl<O, I> ProxyBuilder<O, I> {
             upstream_roots: self.upstream_roots,
             violations: self.violations,
             approval: self.approval,
+            rules: self.rules,
             outer,
             inner,
         }
@@ -380,6 +419,10 @@ where
             .approval
             .clone()
             .unwrap_or_else(ApprovalWaitLayer::without_approver);
+        let approval = match &self.rules {
+            Some(rules) => approval.rules(rules.clone()),
+            None => approval,
+        };
         Ok(self.compose(connector, approval, self.violations.clone()))
     }
 
@@ -391,9 +434,13 @@ where
     /// but not recorded in the configured ring or files. `portcullis check`
     /// is built on this.
     pub fn decision_service(&self) -> ProxyService {
+        let approval = match (&self.rules, self.approval.is_some()) {
+            (Some(rules), true) => ApprovalWaitLayer::without_approver().rules(rules.clone()),
+            _ => ApprovalWaitLayer::without_approver(),
+        };
         self.compose(
             Connector::vet_only(self.dialer()),
-            ApprovalWaitLayer::without_approver(),
+            approval,
             ViolationLogLayer::new(ViolationRing::new(0)),
         )
     }

@@ -7,27 +7,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
-
-fn portcullis() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_portcullis"));
-    for name in [
-        "HTTP_PROXY",
-        "http_proxy",
-        "HTTPS_PROXY",
-        "https_proxy",
-        "ALL_PROXY",
-        "all_proxy",
-        "NO_PROXY",
-        "no_proxy",
-        "PORTCULLIS_CONFIG",
-    ] {
-        command.env_remove(name);
-    }
-    command.kill_on_drop(true);
-    command
-}
 
 async fn output(command: &mut Command) -> (Option<i32>, String, String) {
     let output = tokio::time::timeout(Duration::from_secs(60), command.output())
@@ -195,22 +175,6 @@ async fn bad_usage_and_bad_config_exit_64_with_one_line() {
     let (code, stdout, _) = output(portcullis().arg("--help")).await;
     assert_eq!(code, Some(0));
     assert!(stdout.contains("run"));
-}
-
-/// The HTTP listener of a `serve` child, from the first line it prints.
-async fn served_http_address(child: &mut tokio::process::Child) -> std::net::SocketAddr {
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    first
-        .strip_prefix("export HTTP_PROXY='http://")
-        .and_then(|r| r.strip_suffix('\''))
-        .expect(&first)
-        .parse()
-        .unwrap()
 }
 
 /// The first word of `check`'s answer and its `reason:` line.

@@ -485,10 +485,7 @@ async fn udp_decisions_run_off_the_relay_loop_and_follow_the_live_policy() {
         })
     };
     let proxy = proxy_with(policy().build(), &[], |builder| {
-        builder.approver(
-            portcullis::BoxApprover::new(approver),
-            Duration::from_secs(30),
-        )
+        builder.approver(approver, Duration::from_secs(30))
     })
     .await;
     let (_control, relay) = associate(proxy.socks_addr()).await;

@@ -328,10 +328,11 @@ impl<A> ApprovalWaitLayer<A> {
         }
     }
 
-    /// A layer with no approver: it asks nobody, and a request marked
-    /// [`AwaitingApproval`] passes on still marked, so the connector below
-    /// refuses it with decision *ask*. `portcullis check` decides through
-    /// such a stack to tell which requests would be put to an approver.
+    /// A layer with no approver: it asks nobody (it still reads its
+    /// [`RuleBook`], if given one), and a request marked [`AwaitingApproval`]
+    /// passes on still marked, so the connector below refuses it with
+    /// decision *ask*. `portcullis check` decides through such a stack to
+    /// tell which requests would be put to an approver.
     pub fn without_approver() -> ApprovalWaitLayer<A> {
         ApprovalWaitLayer {
             approver: None,
@@ -437,9 +438,6 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let Some(approver) = &self.approver else {
-            return ResponseFuture::inner(self.inner.call(request), false);
-        };
         if request.extensions().get::<AwaitingApproval>().is_none() {
             return ResponseFuture::inner(self.inner.call(request), false);
         }
@@ -494,6 +492,11 @@ where
             }
             None => {}
         }
+        let Some(approver) = &self.approver else {
+            // Nobody to ask: the request goes on still marked, and the
+            // connector refuses it with decision *ask*.
+            return ResponseFuture::inner(self.inner.call(request), false);
+        };
         let mut receiver = match self.question(approver.clone(), key, &info) {
             Ok(receiver) => receiver,
             Err(detail) => {

@@ -280,7 +280,7 @@ fn default_message(reason: Reason, target: &Target, method: &http::Method) -> St
                 "portcullis refused unix socket {host}: it is not in allow_unix_sockets; add it to the config"
             ),
             Target::Host { .. } => format!(
-                "portcullis refused {target}: the host is not in allowed_domains; add it to the config or approve it"
+                "portcullis refused {target}: the host is not in allowed_domains; add it there (or pass --allow {host})"
             ),
         },
         Reason::NotAllowedLocal => format!(

@@ -238,3 +238,40 @@ pub async fn closed_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     listener.local_addr().unwrap().port()
 }
+
+/// The `portcullis` binary with every proxy variable cleared.
+pub fn portcullis() -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
+    for name in [
+        "HTTP_PROXY",
+        "http_proxy",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+        "NO_PROXY",
+        "no_proxy",
+        "PORTCULLIS_CONFIG",
+    ] {
+        command.env_remove(name);
+    }
+    command.kill_on_drop(true);
+    command
+}
+
+/// The HTTP listener of a `serve` child, from the first line it prints.
+pub async fn served_http_address(child: &mut tokio::process::Child) -> std::net::SocketAddr {
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    first
+        .strip_prefix("export HTTP_PROXY='http://")
+        .and_then(|r| r.strip_suffix('\''))
+        .expect(&first)
+        .parse()
+        .unwrap()
+}

@@ -1,0 +1,85 @@
+//! Live policy: the config file and the rules file are read again when they
+//! change (their modification time or size, checked every second) and, for
+//! `serve`, on SIGHUP. A reload that fails keeps the policy in force and says
+//! why in one line naming the key and the file; a good one changes the next
+//! decision and never cuts an open tunnel. What a reload changes: the lists,
+//! the mode, local binding, Unix sockets, git fetch in limited mode, and the
+//! rules. Listener addresses, DNS answers, interception and the approval
+//! mode are read at start only.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use portcullis_middleware::PolicyHandle;
+
+use crate::approvers::rules::RulesFile;
+use crate::cli::Options;
+
+/// How often the files are looked at.
+const POLL: Duration = Duration::from_secs(1);
+
+type Stamp = Option<(SystemTime, u64)>;
+
+fn stamp(path: Option<&Path>) -> Stamp {
+    let metadata = std::fs::metadata(path?).ok()?;
+    Some((metadata.modified().ok()?, metadata.len()))
+}
+
+/// Reloads the policy (from `options`, flags applied again) and `rules`
+/// whenever their files change, until the process ends.
+pub(crate) async fn watch(
+    options: Options,
+    policy: PolicyHandle,
+    rules: Option<RulesFile>,
+    hangup: bool,
+) {
+    let config: Option<PathBuf> = options.config_path().map(Path::to_owned);
+    let rules_path = rules.as_ref().map(|r| r.path().to_owned());
+    let mut seen = (stamp(config.as_deref()), stamp(rules_path.as_deref()));
+    let mut signal = if hangup {
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
+    } else {
+        None
+    };
+    loop {
+        let forced = tokio::select! {
+            () = tokio::time::sleep(POLL) => false,
+            Some(()) = async {
+                match signal.as_mut() {
+                    Some(signal) => signal.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => true,
+        };
+        let now = (stamp(config.as_deref()), stamp(rules_path.as_deref()));
+        if forced || now.0 != seen.0 {
+            reload_policy(&options, &policy);
+        }
+        if let (Some(rules), true) = (&rules, forced || now.1 != seen.1) {
+            match rules.reload() {
+                Ok(()) => tracing::info!(file = %rules.path().display(), "rules reloaded"),
+                Err(error) => tracing::warn!("{error}; keeping the rules in force"),
+            }
+        }
+        seen = now;
+    }
+}
+
+fn reload_policy(options: &Options, policy: &PolicyHandle) {
+    let loaded = match options.load() {
+        Ok(loaded) => loaded,
+        Err(error) => {
+            tracing::warn!("config not reloaded, keeping the policy in force: {error}");
+            return;
+        }
+    };
+    match loaded.config.policy(&loaded.origin) {
+        Ok(new) => {
+            policy.store(new);
+            tracing::info!(file = %loaded.origin, "policy reloaded");
+        }
+        Err(error) => {
+            tracing::warn!("config not reloaded, keeping the policy in force: {error}")
+        }
+    }
+}
