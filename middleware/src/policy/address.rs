@@ -34,6 +34,7 @@ fn is_local_v4(ip: Ipv4Addr) -> bool {
         || (a == 172 && (16..32).contains(&b))
         || (a == 192 && b == 168)
         || (a == 192 && b == 0 && c == 0)
+        || (a == 192 && b == 88 && c == 99)
         || (a == 192 && b == 0 && c == 2)
         || (a == 198 && (b == 18 || b == 19))
         || (a == 198 && b == 51 && c == 100)
@@ -58,8 +59,11 @@ fn is_local_v6(ip: Ipv6Addr) -> bool {
         || (s[0] == 0x0064 && s[1] == 0xff9b && s[2] == 1)
 }
 
-/// The IPv4 address carried by an IPv4-mapped, IPv4-compatible, NAT64
-/// (`64:ff9b::/96`) or 6to4 (`2002::/16`) IPv6 address.
+/// The IPv4 address carried by an IPv4-mapped (`::ffff:0:0/96`),
+/// IPv4-compatible (`::/96`), IPv4-translated (`::ffff:0:0:0/96`, RFC 2765
+/// and 6145), NAT64 well-known (`64:ff9b::/96`) or 6to4 (`2002::/16`) IPv6
+/// address. (The NAT64 local-use prefix `64:ff9b:1::/48` and Teredo are
+/// refused whole by [`is_local`].)
 pub fn embedded_ipv4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     let s = ip.segments();
     let o = ip.octets();
@@ -69,6 +73,9 @@ pub fn embedded_ipv4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     {
         return Some(low);
     }
+    if s[..4].iter().all(|x| *x == 0) && s[4] == 0xffff && s[5] == 0 {
+        return Some(low);
+    }
     if s[0] == 0x0064 && s[1] == 0xff9b && s[2..6].iter().all(|x| *x == 0) {
         return Some(low);
     }
@@ -76,6 +83,39 @@ pub fn embedded_ipv4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
         return Some(Ipv4Addr::new(o[2], o[3], o[4], o[5]));
     }
     None
+}
+
+/// Whether `ip` is a cloud metadata or instance-service address (AWS, GCP,
+/// Azure, Oracle, Alibaba, ECS/EKS task credentials), in any spelling that
+/// embeds it. Such an address stays refused even with
+/// `allow_local_binding`, unless an allowlist entry names that exact address.
+pub fn is_metadata(ip: IpAddr) -> bool {
+    let v4 = match ip {
+        IpAddr::V4(v4) => Some(v4),
+        IpAddr::V6(v6) => embedded_ipv4(v6),
+    };
+    if let Some(v4) = v4 {
+        return matches!(
+            v4.octets(),
+            [169, 254, 169, 254]
+                | [169, 254, 169, 253]
+                | [169, 254, 169, 123]
+                | [169, 254, 170, 2]
+                | [169, 254, 170, 23]
+                | [100, 100, 100, 200]
+                | [192, 0, 0, 192]
+        );
+    }
+    match ip {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            s[0] == 0xfd00
+                && s[1] == 0x0ec2
+                && s[2..7].iter().all(|x| *x == 0)
+                && matches!(s[7], 0x254 | 0x23)
+        }
+        IpAddr::V4(_) => false,
+    }
 }
 
 #[cfg(test)]
@@ -124,6 +164,10 @@ mod tests {
             "64:ff9b:1::1",
             "2002:7f00:1::1",
             "2002:c0a8:101::",
+            "::ffff:0:7f00:1",
+            "::ffff:0:a9fe:a9fe",
+            "::ffff:0:10.1.2.3",
+            "192.88.99.1",
         ];
         for ip in local {
             assert!(is_local(ip.parse().unwrap()), "{ip} should be local");
@@ -143,9 +187,30 @@ mod tests {
             "::ffff:8.8.8.8",
             "64:ff9b::808:808",
             "2002:808:808::1",
+            "::ffff:0:808:808",
         ];
         for ip in public {
             assert!(!is_local(ip.parse().unwrap()), "{ip} should be public");
+        }
+    }
+
+    #[test]
+    fn metadata_in_every_spelling() {
+        for ip in [
+            "169.254.169.254",
+            "169.254.170.2",
+            "100.100.100.200",
+            "192.0.0.192",
+            "fd00:ec2::254",
+            "::ffff:169.254.169.254",
+            "::ffff:0:a9fe:a9fe",
+            "64:ff9b::a9fe:a9fe",
+            "2002:a9fe:a9fe::1",
+        ] {
+            assert!(is_metadata(ip.parse().unwrap()), "{ip} is metadata");
+        }
+        for ip in ["169.254.1.1", "10.0.0.1", "fd00:ec2::1", "8.8.8.8"] {
+            assert!(!is_metadata(ip.parse().unwrap()), "{ip} is not metadata");
         }
     }
 }

@@ -32,7 +32,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-pub use address::{embedded_ipv4, is_local};
+pub use address::{embedded_ipv4, is_local, is_metadata};
 pub use matcher::{MatchKind, PatternSet};
 pub use pattern::{HostPattern, IpNetwork, Pattern, PatternError};
 
@@ -205,6 +205,20 @@ impl NetworkPolicy {
                 rule: format!("denied_domains: {pattern}"),
             };
         }
+        if let Host::Ip(ip) = host {
+            if is_metadata(*ip) {
+                // Not even allow_local_binding or a range: only the address itself.
+                return match self.exact_ip_rule(*ip, port) {
+                    Some(rule) => Decision::Allow { rule },
+                    None => Decision::Deny {
+                        reason: Reason::NotAllowedLocal,
+                        rule: format!(
+                            "cloud metadata address {ip} (allow it only by naming it exactly)"
+                        ),
+                    },
+                };
+            }
+        }
         let local = match host {
             Host::Ip(ip) => is_local(*ip),
             Host::Name(_) => host.is_localhost_name(),
@@ -238,6 +252,18 @@ impl NetworkPolicy {
         pattern.map(|p| format!("allowed_domains: {p}"))
     }
 
+    /// An allowlist entry naming exactly this address (not a range).
+    fn exact_ip_rule(&self, ip: IpAddr, port: u16) -> Option<String> {
+        self.allowed
+            .patterns()
+            .iter()
+            .find(|p| {
+                matches!(p.host, HostPattern::Ip(exact) if exact == ip)
+                    && p.port.is_none_or(|only| only == port)
+            })
+            .map(|p| format!("allowed_domains: {p}"))
+    }
+
     /// Checks one resolved address of an allowed host, as the connector does
     /// before dialling: the denylist's IP rules, then the local/private check.
     /// An exact `localhost` allowlist entry unlocks loopback answers for
@@ -248,6 +274,17 @@ impl NetworkPolicy {
                 reason: Reason::Denied,
                 rule: format!("denied_domains: {pattern} (resolved address {ip})"),
             });
+        }
+        if is_metadata(ip) {
+            return match self.exact_ip_rule(ip, port) {
+                Some(_) => Ok(()),
+                None => Err(Decision::Deny {
+                    reason: Reason::NotAllowedLocal,
+                    rule: format!(
+                        "cloud metadata address {ip} (allow it only by naming it exactly)"
+                    ),
+                }),
+            };
         }
         if !is_local(ip)
             || self.allow_local_binding

@@ -1,0 +1,269 @@
+//! Bypass tricks on every ingress path that can carry them: HTTP/1
+//! absolute-form, `CONNECT`, SOCKS5 `CONNECT` with a domain (and, for IP
+//! literals, an IPv4 or IPv6 address), and a SOCKS5 UDP datagram. Every
+//! path must give the same verdict. Loopback only: refused destinations are
+//! never dialled, and the allowed ones are local servers.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+
+use common::*;
+use portcullis::middleware::{NetworkPolicy, Target};
+
+/// What a path made of one destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// Refused by policy (403 / SOCKS 0x02 / a dropped datagram with a violation).
+    Refused,
+    /// Malformed (400 / SOCKS 0x01 / a dropped datagram).
+    Malformed,
+    /// Let through (the local server answered, or the dial failed after the decision).
+    Through,
+}
+
+async fn http_verdict(proxy: SocketAddr, request: String) -> Verdict {
+    let mut stream = TcpStream::connect(proxy).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let head = read_head(&mut stream).await;
+    match head.split_whitespace().nth(1) {
+        Some("403") => Verdict::Refused,
+        Some("400") => Verdict::Malformed,
+        _ => Verdict::Through,
+    }
+}
+
+async fn socks_verdict(proxy: SocketAddr, address: &[u8], port: u16) -> Verdict {
+    let mut stream = TcpStream::connect(proxy).await.unwrap();
+    stream.write_all(&[5, 1, 0]).await.unwrap();
+    let mut choice = [0u8; 2];
+    stream.read_exact(&mut choice).await.unwrap();
+    let mut message = vec![5, 1, 0];
+    message.extend_from_slice(address);
+    message.extend_from_slice(&port.to_be_bytes());
+    stream.write_all(&message).await.unwrap();
+    let mut head = [0u8; 2];
+    match tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut head)).await {
+        Ok(Ok(_)) => match head[1] {
+            0x02 => Verdict::Refused,
+            0x01 => Verdict::Malformed,
+            _ => Verdict::Through,
+        },
+        _ => Verdict::Malformed,
+    }
+}
+
+fn socks_domain(host: &str) -> Vec<u8> {
+    let mut address = vec![3, host.len() as u8];
+    address.extend_from_slice(host.as_bytes());
+    address
+}
+
+fn socks_ip(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v4) => [&[1u8][..], &v4.octets()].concat(),
+        IpAddr::V6(v6) => [&[4u8][..], &v6.octets()].concat(),
+    }
+}
+
+/// A UDP datagram to `address:port` through a fresh association: refused
+/// datagrams leave a violation, malformed ones do not.
+async fn udp_verdict(proxy: &TestProxy, address: &[u8], port: u16) -> Verdict {
+    let mut control = TcpStream::connect(proxy.socks_addr()).await.unwrap();
+    control.write_all(&[5, 1, 0]).await.unwrap();
+    let mut choice = [0u8; 2];
+    control.read_exact(&mut choice).await.unwrap();
+    control
+        .write_all(&[5, 3, 0, 1, 0, 0, 0, 0, 0, 0])
+        .await
+        .unwrap();
+    let mut reply = [0u8; 10];
+    control.read_exact(&mut reply).await.unwrap();
+    let relay = SocketAddr::from((
+        [reply[4], reply[5], reply[6], reply[7]],
+        u16::from_be_bytes([reply[8], reply[9]]),
+    ));
+    let before = proxy.ring.total();
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut datagram = vec![0, 0, 0];
+    datagram.extend_from_slice(address);
+    datagram.extend_from_slice(&port.to_be_bytes());
+    datagram.extend_from_slice(b"probe");
+    client.send_to(&datagram, relay).await.unwrap();
+    for _ in 0..40 {
+        if proxy.ring.total() > before {
+            return Verdict::Refused;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Verdict::Malformed
+}
+
+/// Runs `authority` through every path that can carry it.
+async fn every_path(proxy: &TestProxy, authority: &str) -> Vec<(&'static str, Verdict)> {
+    let http = proxy.handle.http_addr();
+    let mut verdicts = vec![
+        (
+            "absolute-form",
+            http_verdict(
+                http,
+                format!("GET http://{authority}/ HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"),
+            )
+            .await,
+        ),
+        (
+            "CONNECT",
+            http_verdict(http, format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n")).await,
+        ),
+    ];
+    let (host, port) = authority.rsplit_once(':').unwrap();
+    let port: u16 = port.parse().unwrap();
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let domain = socks_domain(bare);
+    verdicts.push((
+        "SOCKS5 domain",
+        socks_verdict(proxy.socks_addr(), &domain, port).await,
+    ));
+    verdicts.push(("SOCKS5 UDP domain", udp_verdict(proxy, &domain, port).await));
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        let address = socks_ip(ip);
+        let kind = if ip.is_ipv4() {
+            "SOCKS5 IPv4"
+        } else {
+            "SOCKS5 IPv6"
+        };
+        verdicts.push((
+            kind,
+            socks_verdict(proxy.socks_addr(), &address, port).await,
+        ));
+        verdicts.push(("SOCKS5 UDP IP", udp_verdict(proxy, &address, port).await));
+    }
+    verdicts
+}
+
+#[tokio::test]
+async fn embedded_ipv4_and_metadata_are_refused_on_every_path() {
+    let localhost: IpAddr = "127.0.0.1".parse().unwrap();
+    let metadata: IpAddr = "169.254.169.254".parse().unwrap();
+    let translated: IpAddr = "::ffff:0:7f00:1".parse().unwrap();
+    let hosts = [
+        ("meta.test", metadata),
+        ("translated.test", translated),
+        (
+            "mapped-meta.test",
+            "::ffff:169.254.169.254".parse().unwrap(),
+        ),
+        ("loopback.test", localhost),
+    ];
+    // Everything allowed, local binding on: only metadata must still be refused.
+    let open = proxy(
+        NetworkPolicy::builder()
+            .allow("*")
+            .unwrap()
+            .allow_local_binding(true),
+        &hosts,
+    )
+    .await;
+    // Everything allowed, local binding off: every local spelling refused.
+    let strict = proxy(NetworkPolicy::builder().allow("*").unwrap(), &hosts).await;
+
+    let metadata_tricks = [
+        "169.254.169.254:80",
+        "2852039166:80",
+        "0xa9.0xfe.0xa9.0xfe:80",
+        "0251.0376.0251.0376:80",
+        "169.254.43518:80",
+        "[::ffff:169.254.169.254]:80",
+        "[::ffff:a9fe:a9fe]:80",
+        "[::ffff:0:a9fe:a9fe]:80",
+        "[::a9fe:a9fe]:80",
+        "[64:ff9b::a9fe:a9fe]:80",
+        "[2002:a9fe:a9fe::1]:80",
+        "[fd00:ec2::254]:80",
+        "100.100.100.200:80",
+        "169.254.170.2:80",
+        "meta.test:80",
+        "mapped-meta.test:80",
+    ];
+    let local_tricks = [
+        "127.0.0.1:80",
+        "127.1:80",
+        "2130706433:80",
+        "0x7f.1:80",
+        "[::1]:80",
+        "[::ffff:127.0.0.1]:80",
+        "[::ffff:0:7f00:1]:80",
+        "[::ffff:0:127.0.0.1]:80",
+        "[64:ff9b::7f00:1]:80",
+        "[64:ff9b:1::7f00:1]:80",
+        "[2002:7f00:1::]:80",
+        "[2001:0:4136:e378:8000:63bf:80ff:fffe]:80",
+        "0.0.0.0:80",
+        "[::]:80",
+        "loopback.test:80",
+        "translated.test:80",
+        "LOOPBACK.TEST.:80",
+    ];
+    let mut cases = 0;
+    for (proxy, tricks) in [
+        (&open, &metadata_tricks[..]),
+        (&strict, &metadata_tricks[..]),
+        (&strict, &local_tricks[..]),
+    ] {
+        for authority in tricks {
+            for (path, verdict) in every_path(proxy, authority).await {
+                cases += 1;
+                assert_eq!(verdict, Verdict::Refused, "{authority} over {path}");
+            }
+        }
+    }
+    // The parser sees the same host on every path.
+    assert_eq!(
+        Target::parse_authority("[::ffff:0:7f00:1]:80", None)
+            .unwrap()
+            .to_string(),
+        "[::ffff:0:7f00:1]:80"
+    );
+    println!("{cases} trick × path cases refused");
+}
+
+#[tokio::test]
+async fn metadata_needs_its_exact_address_in_the_allowlist() {
+    let narrow = proxy(
+        NetworkPolicy::builder()
+            .allow("169.254.0.0/16")
+            .unwrap()
+            .allow_local_binding(true),
+        &[],
+    )
+    .await;
+    for (path, verdict) in every_path(&narrow, "169.254.169.254:80").await {
+        assert_eq!(
+            verdict,
+            Verdict::Refused,
+            "a range does not unlock metadata ({path})"
+        );
+    }
+    // Naming the exact address unlocks it: asked of the policy, never dialled
+    // (this suite sends nothing beyond loopback).
+    let exact = NetworkPolicy::builder()
+        .allow("169.254.169.254:80")
+        .unwrap()
+        .build();
+    let target = Target::parse_authority("169.254.169.254:80", None).unwrap();
+    assert!(matches!(
+        exact.decide(&target),
+        portcullis::middleware::Decision::Allow { .. }
+    ));
+    let other_port = Target::parse_authority("169.254.169.254:8080", None).unwrap();
+    assert!(!matches!(
+        exact.decide(&other_port),
+        portcullis::middleware::Decision::Allow { .. }
+    ));
+}
