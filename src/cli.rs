@@ -329,13 +329,23 @@ pub fn main() -> ExitCode {
 }
 
 fn init_tracing(default_filter: &str) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    // fast-socks5 logs network-supplied bytes raw (a SOCKS domain, even the
+    // password bytes) at debug level: its events never reach our log,
+    // whatever RUST_LOG says. Its failures reach us as errors anyway.
+    let not_fast_socks5 = tracing_subscriber::filter::filter_fn(|metadata| {
+        !metadata.target().starts_with("fast_socks5")
+    });
+    let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
+        .with_filter(filter)
+        .with_filter(not_fast_socks5);
+    let _ = tracing_subscriber::registry().with(layer).try_init();
 }
 
 fn usage_error(error: &dyn std::fmt::Display) -> ExitCode {
