@@ -497,6 +497,7 @@ where
             let settings = transport::socks5::Settings {
                 udp: self.socks_udp,
                 policy: self.policy.clone(),
+                violations: self.violations.clone(),
                 credentials: self.socks_credentials.clone(),
             };
             tokio::spawn(transport::socks5::serve(

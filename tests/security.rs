@@ -271,7 +271,15 @@ async fn metadata_needs_its_exact_address_in_the_allowlist() {
 #[tokio::test]
 async fn no_network_byte_forges_a_log_line_at_any_level() {
     let mut child = portcullis()
-        .args(["serve", "--http", "127.0.0.1:0", "--socks", "127.0.0.1:0", "--allow", "ok.test"])
+        .args([
+            "serve",
+            "--http",
+            "127.0.0.1:0",
+            "--socks",
+            "127.0.0.1:0",
+            "--allow",
+            "ok.test",
+        ])
         .env("RUST_LOG", "trace")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -287,8 +295,15 @@ async fn no_network_byte_forges_a_log_line_at_any_level() {
             break;
         }
         exports.push_str(&line);
-        if let Some(rest) = line.strip_prefix("export SOCKS_PROXY='socks5h://").or_else(|| line.strip_prefix("export ALL_PROXY='socks5h://")) {
-            socks = rest.trim().trim_end_matches('\'').parse::<SocketAddr>().ok();
+        if let Some(rest) = line
+            .strip_prefix("export SOCKS_PROXY='socks5h://")
+            .or_else(|| line.strip_prefix("export ALL_PROXY='socks5h://"))
+        {
+            socks = rest
+                .trim()
+                .trim_end_matches('\'')
+                .parse::<SocketAddr>()
+                .ok();
             break;
         }
     }
@@ -298,9 +313,20 @@ async fn no_network_byte_forges_a_log_line_at_any_level() {
         .find_map(|l| l.strip_prefix("export HTTP_PROXY='http://"))
         .and_then(|r| r.trim_end_matches('\'').parse().ok())
         .unwrap();
-    for host in ["evil.test\nFORGED line one", "evil.test\rFORGED line two", "evil\u{1b}[31mFORGED"] {
+    for host in [
+        "evil.test\nFORGED line one",
+        "evil.test\rFORGED line two",
+        "evil\u{1b}[31mFORGED",
+    ] {
         let _ = socks_verdict(socks, &socks_domain(host), 80).await;
-        let _ = http_verdict(http, format!("CONNECT {}:80 HTTP/1.1\r\n\r\n", host.replace(['\n', '\r'], " "))).await;
+        let _ = http_verdict(
+            http,
+            format!(
+                "CONNECT {}:80 HTTP/1.1\r\n\r\n",
+                host.replace(['\n', '\r'], " ")
+            ),
+        )
+        .await;
     }
     let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
@@ -312,8 +338,14 @@ async fn no_network_byte_forges_a_log_line_at_any_level() {
         .unwrap();
     let _ = child.wait().await;
     for line in stderr.split(['\n', '\r']) {
-        assert!(!line.starts_with("FORGED"), "a forged line: {line:?}\n{stderr}");
+        assert!(
+            !line.starts_with("FORGED"),
+            "a forged line: {line:?}\n{stderr}"
+        );
     }
     assert!(!stderr.contains('\u{1b}'), "no raw escape reaches the log");
-    assert!(!stderr.contains("Request target is"), "fast-socks5's own events are kept out");
+    assert!(
+        !stderr.contains("Request target is"),
+        "fast-socks5's own events are kept out"
+    );
 }

@@ -380,6 +380,50 @@ async fn limited_mode_on_every_path() {
         proxy.ring.snapshot().pop().unwrap().blocked.reason,
         Reason::MethodNotAllowed
     );
+    // A read that carries a body is a write in disguise.
+    let out = curl(&[
+        "-i",
+        "-x",
+        &proxy.http_url(),
+        "-X",
+        "GET",
+        "--data-binary",
+        "payload",
+        &url,
+    ])
+    .await;
+    assert_eq!(parse_response(&out.stdout).0, 403, "{}", out.stdout);
+    let out = curl(&[
+        "-i",
+        "-x",
+        &proxy.http_url(),
+        "-X",
+        "GET",
+        "-H",
+        "Transfer-Encoding: chunked",
+        "--data-binary",
+        "payload",
+        &url,
+    ])
+    .await;
+    assert_eq!(
+        parse_response(&out.stdout).0,
+        403,
+        "chunked: {}",
+        out.stdout
+    );
+    // UDP ASSOCIATE is refused at the request (0x02), not datagram by datagram.
+    let before = proxy.ring.total();
+    let mut control = TcpStream::connect(proxy.socks_addr()).await.unwrap();
+    greet(&mut control, &[0]).await;
+    control
+        .write_all(&[5, 3, 0, 1, 0, 0, 0, 0, 0, 0])
+        .await
+        .unwrap();
+    let mut reply = [0u8; 2];
+    control.read_exact(&mut reply).await.unwrap();
+    assert_eq!(reply, [5, 0x02]);
+    assert_eq!(proxy.ring.total(), before + 1, "and recorded");
     let header = format!("x-unix-socket: {}", socket.display());
     let out = curl(&[
         "-i",

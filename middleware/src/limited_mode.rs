@@ -10,7 +10,11 @@
 //!   ([`limited_allow_git_fetch`](crate::NetworkPolicyBuilder::limited_allow_git_fetch));
 //!   `git-receive-pack` (push) never does;
 //! - method-override headers (`x-http-method-override`, `x-http-method`,
-//!   `x-method-override`) and protocol upgrades — `method_not_allowed`;
+//!   `x-method-override`, `x-original-method`) and protocol upgrades —
+//!   `method_not_allowed`;
+//! - a `GET`, `HEAD` or `OPTIONS` that carries a body ([`HasBody`], or a
+//!   non-zero `Content-Length`) — `method_not_allowed`: bodies are how
+//!   writes hide in reads;
 //! - every SOCKS5 request, whose methods cannot be seen — `method_not_allowed`;
 //! - a `CONNECT` the transport will not intercept (no [`Intercepted`]
 //!   marker) — `mitm_required`. An intercepted tunnel's inner requests come
@@ -51,14 +55,25 @@ use tower_service::Service;
 use crate::error::{Blocked, BoxError, Reason, Source};
 use crate::future::ResponseFuture;
 use crate::policy::{Mode, PolicyHandle};
-use crate::request::{Intercepted, RequestInfo};
+use crate::request::{HasBody, Intercepted, RequestInfo};
 
 /// Headers that smuggle a different method past a method check.
-pub const METHOD_OVERRIDE_HEADERS: [HeaderName; 3] = [
+pub const METHOD_OVERRIDE_HEADERS: [HeaderName; 4] = [
     HeaderName::from_static("x-http-method-override"),
     HeaderName::from_static("x-http-method"),
     HeaderName::from_static("x-method-override"),
+    HeaderName::from_static("x-original-method"),
 ];
+
+/// Whether a request carries a body: a [`HasBody`] mark from the
+/// transport, or a non-zero `Content-Length`.
+fn carries_body<B>(request: &Request<B>) -> bool {
+    request.extensions().get::<HasBody>().is_some()
+        || request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|length| length.as_bytes() != b"0")
+}
 
 /// Configures [`LimitedMode`].
 #[derive(Debug, Clone)]
@@ -147,7 +162,8 @@ fn refusal<B>(
             Some(_) => None,
             None => Some(Reason::MitmRequired),
         }
-    } else if !(is_read_only(&info.method) || allow_git_fetch && is_git_fetch(request))
+    } else if (is_read_only(&info.method) && carries_body(request))
+        || !(is_read_only(&info.method) || allow_git_fetch && is_git_fetch(request))
         || METHOD_OVERRIDE_HEADERS
             .iter()
             .any(|name| headers.contains_key(name))
@@ -218,6 +234,11 @@ mod tests {
         request
     }
 
+    fn with_body(mut request: Request<()>) -> Request<()> {
+        request.extensions_mut().insert(HasBody);
+        request
+    }
+
     async fn outcome(policy: PolicyHandle, request: Request<()>) -> Option<Reason> {
         let (mut service, mut mock) =
             mock::spawn_layer::<Request<()>, Response<()>, _>(LimitedModeLayer::new(policy));
@@ -264,6 +285,19 @@ mod tests {
             ),
             (
                 request("GET", Http, &[("upgrade", "websocket")]),
+                Some(Reason::MethodNotAllowed),
+            ),
+            (
+                request("GET", Http, &[("x-original-method", "POST")]),
+                Some(Reason::MethodNotAllowed),
+            ),
+            (
+                request("GET", HttpsMitm, &[("content-length", "12")]),
+                Some(Reason::MethodNotAllowed),
+            ),
+            (request("GET", Http, &[("content-length", "0")]), None),
+            (
+                with_body(request("OPTIONS", Http, &[])),
                 Some(Reason::MethodNotAllowed),
             ),
             (

@@ -73,6 +73,12 @@ pub struct ClientAddr(pub SocketAddr);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Intercepted;
 
+/// Marks a request that carries a body (the transport saw one coming), so
+/// that limited mode can refuse a read that carries one: bodies are how
+/// writes hide in reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HasBody;
+
 /// The destination, protocol and client of a request, read from its
 /// extensions.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -26,7 +26,9 @@ use tokio::net::TcpListener;
 
 use portcullis_middleware::strip_headers::is_upgrade;
 use portcullis_middleware::target::default_port_for_scheme;
-use portcullis_middleware::{Intercepted, Mode, PolicyHandle, Protocol, Target, ViolationLogLayer};
+use portcullis_middleware::{
+    HasBody, Intercepted, Mode, PolicyHandle, Protocol, Target, ViolationLogLayer,
+};
 
 use crate::body::{self, Body};
 use crate::connector::UpstreamConnection;
@@ -166,8 +168,12 @@ async fn route(
 
     let client_upgrade = is_upgrade(request.headers()).then(|| hyper::upgrade::on(&mut request));
     let (parts, incoming) = request.into_parts();
+    let has_body = !hyper::body::Body::is_end_stream(&incoming);
     let mut request = Request::from_parts(parts, body::boxed(incoming));
     insert_model(&mut request, target, protocol, client);
+    if has_body {
+        request.extensions_mut().insert(HasBody);
+    }
     let mut response = call(stack, request).await?;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {

@@ -35,7 +35,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::LazyConfigAcceptor;
 
 use portcullis_middleware::{
-    Blocked, BoxError, Protocol, Reason, Source, Target, ViolationLogLayer,
+    Blocked, BoxError, HasBody, Protocol, Reason, Source, Target, ViolationLogLayer,
 };
 
 pub use ca::{CaError, CertificateAuthority, CA_CERT_FILE, CA_KEY_FILE};
@@ -280,8 +280,12 @@ async fn inner_request(
     };
     let (mut parts, incoming) = request.into_parts();
     parts.uri = uri;
+    let has_body = !hyper::body::Body::is_end_stream(&incoming);
     let mut request = Request::from_parts(parts, body::boxed(incoming));
     insert_model(&mut request, target, Protocol::HttpsMitm, client);
+    if has_body {
+        request.extensions_mut().insert(HasBody);
+    }
     match call_stack(stack, request).await {
         Ok(response) => response,
         Err(error) => rescue::http_response(&error),

@@ -20,7 +20,10 @@ use fast_socks5::util::target_addr::TargetAddr;
 use fast_socks5::{ReplyError, Socks5Command};
 use tokio::net::{TcpListener, TcpStream};
 
-use portcullis_middleware::{BoxError, PolicyHandle, Protocol, Target};
+use portcullis_middleware::{
+    Blocked, BoxError, Host, Mode, PolicyHandle, Protocol, Reason, Source, Target,
+    ViolationLogLayer,
+};
 
 use crate::connector::UpstreamConnection;
 use crate::transport::{
@@ -35,9 +38,12 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 pub(crate) struct Settings {
     /// Whether UDP ASSOCIATE is served.
     pub(crate) udp: bool,
-    /// The live policy, read by the UDP relay only for its generation: a
-    /// cached per-destination decision is dropped when the policy changes.
+    /// The live policy: its mode (limited mode refuses `UDP ASSOCIATE` at
+    /// the request) and, in the UDP relay, its generation (a cached
+    /// per-destination decision is dropped when the policy changes).
     pub(crate) policy: PolicyHandle,
+    /// Where a refused `UDP ASSOCIATE` is recorded.
+    pub(crate) violations: ViolationLogLayer,
     /// When set, clients must authenticate with this username and password
     /// (RFC 1929) and no-auth is refused.
     pub(crate) credentials: Option<Arc<(String, String)>>,
@@ -154,6 +160,23 @@ async fn handle(
             }
         },
         // The ASSOCIATE address is the client's own (often 0.0.0.0:0), not a destination.
+        Socks5Command::UDPAssociate
+            if settings.udp && settings.policy.load().mode() == Mode::Limited =>
+        {
+            // Datagrams carry no method to check: refused whole, as SOCKS5
+            // CONNECT is (by the stack) in limited mode.
+            let target = Target::host(Host::Ip(client.ip()), client.port());
+            let blocked = Blocked::new(
+                Reason::MethodNotAllowed,
+                Source::LimitedMode,
+                target,
+                Protocol::Socks5Udp,
+                &http::Method::CONNECT,
+            );
+            settings.violations.record(Some(client), &blocked);
+            proto.reply_error(&ReplyError::ConnectionNotAllowed).await?;
+            Ok(())
+        }
         Socks5Command::UDPAssociate if settings.udp => {
             udp::associate(proto, &address, client, local_ip, stack, settings.policy).await
         }
