@@ -33,7 +33,7 @@ use portcullis_middleware::{
 use rustls::pki_types::CertificateDer;
 
 use crate::body::Body;
-use crate::connector::{Connector, Dialer};
+use crate::connector::{Connector, Dialer, OwnListeners};
 use crate::env::CaFiles;
 use crate::resolve::{Resolve, SystemResolver};
 use crate::transport::mitm::{CaError, CertificateAuthority, Interceptor, DEFAULT_LEAF_CACHE_SIZE};
@@ -93,6 +93,8 @@ pub struct ProxyBuilder<O = Identity, I = Identity> {
     violations: ViolationLogLayer,
     approval: Option<ApprovalWaitLayer<BoxApprover>>,
     rules: Option<Arc<dyn RuleBook>>,
+    /// The listeners once bound (never a destination) and this proxy's name.
+    own: OwnListeners,
     outer: O,
     inner: I,
 }
@@ -134,6 +136,7 @@ impl Proxy {
             violations: ViolationLogLayer::default(),
             approval: None,
             rules: None,
+            own: OwnListeners::default(),
             outer: Identity::new(),
             inner: Identity::new(),
         }
@@ -330,6 +333,7 @@ impl<O, I> ProxyBuilder<O, I> {
             violations: self.violations,
             approval: self.approval,
             rules: self.rules,
+            own: self.own,
             outer,
             inner,
         }
@@ -355,6 +359,7 @@ impl<O, I> ProxyBuilder<O, I> {
             self.resolver.clone(),
             self.resolve_timeout,
             self.connect_timeout,
+            self.own.clone(),
         )
     }
 }
@@ -446,7 +451,7 @@ where
     }
 
     /// Binds the listeners (before anything else starts), then serves them.
-    pub async fn start(self) -> Result<ProxyHandle, StartError> {
+    pub async fn start(mut self) -> Result<ProxyHandle, StartError> {
         let http_addr = self.clamp(self.http_addr, "HTTP");
         let http = TcpListener::bind(http_addr)
             .await
@@ -468,6 +473,8 @@ where
         let local = |listener: &TcpListener, fallback| listener.local_addr().unwrap_or(fallback);
         let http_addr = local(&http, http_addr);
         let socks_addr = socks.as_ref().map(|l| local(l, http_addr));
+        let listening: Vec<SocketAddr> = std::iter::once(http_addr).chain(socks_addr).collect();
+        self.own = OwnListeners::new(&listening);
         let service = self.build_service()?;
         let ca_files = match &self.mitm {
             Some(ca) => Some(transport::mitm::trust_files(ca)?),
@@ -485,6 +492,7 @@ where
             policy: self.policy.clone(),
             interceptor,
             violations: self.violations.clone(),
+            own: self.own.clone(),
         };
         tokio::spawn(transport::http1::serve(
             http,

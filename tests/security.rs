@@ -349,3 +349,133 @@ async fn no_network_byte_forges_a_log_line_at_any_level() {
         "fast-socks5's own events are kept out"
     );
 }
+
+#[tokio::test]
+async fn no_loop_into_ourselves_on_any_path() {
+    // Everything allowed, local addresses too: only the loop guard stands.
+    let proxy = proxy(
+        NetworkPolicy::builder()
+            .allow("*")
+            .unwrap()
+            .allow_local_binding(true),
+        &[("self.test", "127.0.0.1".parse().unwrap())],
+    )
+    .await;
+    let http_port = proxy.handle.http_addr().port();
+    let socks_port = proxy.socks_addr().port();
+    let mut cases = 0;
+    for port in [http_port, socks_port] {
+        for host in [
+            "127.0.0.1",
+            "127.0.0.2",
+            "0.0.0.0",
+            "[::1]",
+            "[::ffff:127.0.0.1]",
+            "2130706433",
+            "self.test",
+            "localhost",
+        ] {
+            let authority = format!("{host}:{port}");
+            for (path, verdict) in every_path(&proxy, &authority).await {
+                if path.contains("UDP") {
+                    continue; // UDP reaches no TCP listener of ours
+                }
+                cases += 1;
+                assert_eq!(verdict, Verdict::Refused, "{authority} over {path}");
+            }
+        }
+    }
+    let last = proxy.ring.snapshot().pop().unwrap();
+    assert_eq!(last.blocked.reason, portcullis::middleware::Reason::Loop);
+    println!("{cases} self-loop cases refused");
+}
+
+#[tokio::test]
+async fn chaining_never_loops() {
+    use portcullis::upstream::UpstreamProxies;
+    let origin = origin().await;
+    let free = || async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        listener.local_addr().unwrap()
+    };
+    let everything = || {
+        NetworkPolicy::builder()
+            .allow("*")
+            .unwrap()
+            .allow_local_binding(true)
+            .build()
+    };
+
+    // A proxy whose own environment names itself as its upstream.
+    let address = free().await;
+    let looped = proxy_with(everything(), &[], |b| {
+        b.http_addr(address).upstream(Some(UpstreamProxies::fixed(
+            &format!("http://{address}"),
+            "",
+        )))
+    })
+    .await;
+    let out = curl(&[
+        "-i",
+        "-x",
+        &looped.http_url(),
+        &format!("http://{}/x", origin.addr),
+    ])
+    .await;
+    let (status, _, body) = parse_response(&out.stdout);
+    assert_eq!(status, 502, "{}", out.stdout);
+    assert!(body.contains("this proxy itself"), "{body}");
+    let out = curl(&[
+        "-p",
+        "-x",
+        &looped.http_url(),
+        &format!("http://{}/x", origin.addr),
+    ])
+    .await;
+    assert_ne!(
+        out.code,
+        Some(0),
+        "CONNECT through ourselves is refused too"
+    );
+
+    // Two proxies chained to each other: the Via guard ends it on the first round.
+    let (a_address, b_address) = (free().await, free().await);
+    let a = proxy_with(everything(), &[], |b| {
+        b.http_addr(a_address).upstream(Some(UpstreamProxies::fixed(
+            &format!("http://{b_address}"),
+            "",
+        )))
+    })
+    .await;
+    let b = proxy_with(everything(), &[], |builder| {
+        builder
+            .http_addr(b_address)
+            .upstream(Some(UpstreamProxies::fixed(
+                &format!("http://{a_address}"),
+                "",
+            )))
+    })
+    .await;
+    let out = curl(&[
+        "-i",
+        "-x",
+        &a.http_url(),
+        &format!("http://{}/round", origin.addr),
+    ])
+    .await;
+    let (status, headers, _) = parse_response(&out.stdout);
+    assert_eq!(status, 403, "{}", out.stdout);
+    assert_eq!(headers["x-proxy-error"], "blocked-by-loop-guard");
+    assert_eq!(a.ring.total(), 1, "A saw its own Via come back once");
+    assert_eq!(b.ring.total(), 0);
+    let out = curl(&[
+        "-p",
+        "-i",
+        "-x",
+        &a.http_url(),
+        &format!("http://{}/round", origin.addr),
+    ])
+    .await;
+    assert_ne!(out.code, Some(0), "{}", out.stdout);
+    assert_eq!(a.ring.total(), 2, "the CONNECT came round once too");
+}

@@ -41,6 +41,9 @@ pub enum Reason {
     /// An intercepted tunnel did not start with a TLS ClientHello; it is
     /// closed, never passed on unseen.
     TlsRequired,
+    /// The destination is this proxy itself (one of its listeners, or an
+    /// upstream proxy that is this proxy): a loop.
+    Loop,
     /// An approver answered deny.
     ApprovalDenied,
     /// No answer came from the approver in time.
@@ -66,6 +69,7 @@ impl Reason {
             Reason::MethodNotAllowed => "method_not_allowed",
             Reason::MitmRequired => "mitm_required",
             Reason::TlsRequired => "tls_required",
+            Reason::Loop => "loop",
             Reason::ApprovalDenied => "approval_denied",
             Reason::ApprovalTimedOut => "approval_timed_out",
             Reason::ApprovalFailed => "approval_failed",
@@ -295,6 +299,9 @@ fn default_message(reason: Reason, target: &Target, method: &http::Method) -> St
         ),
         Reason::MitmRequired => format!(
             "portcullis refused CONNECT {target}: limited mode needs HTTPS interception to see methods; set mitm = true in [network] (clients must trust the CA that `portcullis ca` prints) or use mode = \"full\""
+        ),
+        Reason::Loop => format!(
+            "portcullis refused {target}: it is this proxy itself, so the request would loop; point the client at the destination, not at the proxy"
         ),
         Reason::TlsRequired => format!(
             "portcullis closed the tunnel to {target}: limited mode intercepts HTTPS and the client did not start TLS; only HTTPS can go through an intercepted CONNECT"

@@ -8,7 +8,7 @@
 //! second lookup.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 use portcullis_middleware::policy::Decision;
 use portcullis_middleware::target::canonical_ip;
 use portcullis_middleware::{
-    Blocked, BoxError, Host, PolicyHandle, Protocol, Source, Target, UpstreamError,
+    Blocked, BoxError, Host, PolicyHandle, Protocol, Reason, Source, Target, UpstreamError,
     UpstreamErrorKind,
 };
 
@@ -31,6 +31,81 @@ pub(crate) struct Dialer {
     resolver: Arc<dyn Resolve>,
     resolve_timeout: Duration,
     connect_timeout: Duration,
+    own: OwnListeners,
+}
+
+/// This proxy's own listeners, and every address that reaches them: a
+/// destination among them is a loop.
+#[derive(Debug, Clone)]
+pub(crate) struct OwnListeners {
+    ports: Arc<[u16]>,
+    /// The host's interface addresses, read when the listeners were bound.
+    interfaces: Arc<[IpAddr]>,
+    /// This proxy's name in `Via` headers sent to upstream proxies; a
+    /// request arriving with it has come round a loop.
+    token: Arc<str>,
+}
+
+impl Default for OwnListeners {
+    fn default() -> OwnListeners {
+        OwnListeners::new(&[])
+    }
+}
+
+/// A name for one running proxy, random per start: `portcullis-<16 hex digits>`.
+fn instance_token() -> Arc<str> {
+    use std::hash::BuildHasher;
+    let random = std::collections::hash_map::RandomState::new().hash_one(std::process::id());
+    format!("portcullis-{random:016x}").into()
+}
+
+impl OwnListeners {
+    /// The listeners bound at `addresses`.
+    pub(crate) fn new(addresses: &[SocketAddr]) -> OwnListeners {
+        if addresses.is_empty() {
+            return OwnListeners {
+                ports: Arc::new([]),
+                interfaces: Arc::new([]),
+                token: instance_token(),
+            };
+        }
+        let mut interfaces: Vec<IpAddr> = addresses.iter().map(SocketAddr::ip).collect();
+        if let Ok(found) = nix::ifaddrs::getifaddrs() {
+            for interface in found {
+                let address = interface.address.as_ref();
+                if let Some(v4) = address.and_then(|a| a.as_sockaddr_in()) {
+                    interfaces.push(IpAddr::V4(v4.ip()));
+                }
+                if let Some(v6) = address.and_then(|a| a.as_sockaddr_in6()) {
+                    interfaces.push(IpAddr::V6(v6.ip()));
+                }
+            }
+        }
+        OwnListeners {
+            ports: addresses.iter().map(SocketAddr::port).collect(),
+            interfaces: interfaces.into(),
+            token: instance_token(),
+        }
+    }
+
+    /// The `Via` value this process adds to what it sends to an upstream
+    /// proxy (never to an origin).
+    pub(crate) fn via(&self) -> String {
+        format!("1.1 {}", self.token)
+    }
+
+    /// Whether a received `Via` value shows this process: a loop.
+    pub(crate) fn seen_in(&self, via: &str) -> bool {
+        via.split(',')
+            .any(|hop| hop.split_whitespace().nth(1) == Some(&*self.token))
+    }
+
+    /// Whether dialling `address` would reach one of our listeners.
+    pub(crate) fn reaches(&self, address: SocketAddr) -> bool {
+        let ip = canonical_ip(address.ip());
+        self.ports.contains(&address.port())
+            && (ip.is_loopback() || ip.is_unspecified() || self.interfaces.contains(&ip))
+    }
 }
 
 impl fmt::Debug for Dialer {
@@ -57,13 +132,20 @@ impl Dialer {
         resolver: Arc<dyn Resolve>,
         resolve_timeout: Duration,
         connect_timeout: Duration,
+        own: OwnListeners,
     ) -> Dialer {
         Dialer {
             policy,
             resolver,
             resolve_timeout,
             connect_timeout,
+            own,
         }
+    }
+
+    /// This proxy's own listeners.
+    pub(crate) fn own(&self) -> &OwnListeners {
+        &self.own
     }
 
     /// Resolves `host` once and returns the vetted socket addresses (never
@@ -120,7 +202,21 @@ impl Dialer {
                 .with_rule(Some(rule))
                 .into());
             }
-            vetted.push(SocketAddr::new(address, port));
+            let vetted_address = SocketAddr::new(address, port);
+            if self.own.reaches(vetted_address) {
+                return Err(Blocked::new(
+                    Reason::Loop,
+                    Source::Connector,
+                    request.target.clone(),
+                    request.protocol,
+                    request.method,
+                )
+                .with_rule(Some(format!(
+                    "portcullis's own listener at {vetted_address}"
+                )))
+                .into());
+            }
+            vetted.push(vetted_address);
         }
         Ok(vetted)
     }
@@ -212,6 +308,7 @@ mod tests {
             Arc::new(stub),
             Duration::from_secs(5),
             Duration::from_secs(5),
+            OwnListeners::default(),
         )
     }
 
@@ -298,6 +395,7 @@ mod tests {
             Arc::new(stub),
             Duration::from_secs(5),
             Duration::from_secs(5),
+            OwnListeners::default(),
         );
         let error = vet(&dialer, "private.test:443").await.unwrap_err();
         assert_eq!(find_blocked(error.as_ref()).unwrap().reason, Reason::Denied);

@@ -46,7 +46,7 @@ use portcullis_middleware::{
 use crate::body::{self, Body};
 use upstream::UpstreamProxies;
 
-pub(crate) use dial::{Dialer, Refusing};
+pub(crate) use dial::{Dialer, OwnListeners, Refusing};
 
 /// A dialled upstream stream handed from the connector to the transport.
 /// Cloning shares the one stream; [`UpstreamConnection::take`] moves it out.
@@ -156,14 +156,11 @@ impl Service<Uri> for VettedConnector {
             };
             let target = Target::host(host.clone(), port);
             let (io, proxied) = match upstream.as_ref().and_then(|u| u.for_uri(&uri)) {
-                Some(intercept) if uri.scheme_str() == Some("https") => {
-                    let timeout = dialer.connect_timeout();
-                    (upstream::tunnel(&intercept, &target, timeout).await?, false)
-                }
-                Some(intercept) => {
-                    let timeout = dialer.connect_timeout();
-                    (upstream::connect_proxy(&intercept, timeout).await?, true)
-                }
+                Some(intercept) if uri.scheme_str() == Some("https") => (
+                    upstream::tunnel(&intercept, &target, &dialer, &[]).await?,
+                    false,
+                ),
+                Some(intercept) => (upstream::connect_proxy(&intercept, &dialer).await?, true),
                 None => {
                     let refusing = Refusing {
                         target: &target,
@@ -250,6 +247,7 @@ impl Connector {
         info: RequestInfo,
         host: Host,
         port: u16,
+        via: Vec<http::HeaderValue>,
     ) -> Result<Response<Body>, BoxError> {
         let intercept = match (
             &self.upstream,
@@ -260,7 +258,7 @@ impl Connector {
         };
         let stream = match intercept {
             Some(intercept) => {
-                upstream::tunnel(&intercept, &info.target, self.dialer.connect_timeout()).await?
+                upstream::tunnel(&intercept, &info.target, &self.dialer, &via).await?
             }
             None => {
                 self.dialer
@@ -292,10 +290,17 @@ impl Connector {
             .parse()
             .map_err(|e| BadRequest::new(format!("cannot forward to {}: {e}", info.target)))?;
         if let Some(intercept) = self.upstream.as_ref().and_then(|u| u.for_uri(&uri)) {
-            if let (Some(auth), "http") = (intercept.basic_auth(), scheme.as_str()) {
-                request
-                    .headers_mut()
-                    .insert(http::header::PROXY_AUTHORIZATION, auth.clone());
+            if scheme == "http" {
+                // To an upstream proxy (never to an origin): who we are, so a
+                // loop back to us ends on the first round.
+                if let Ok(via) = http::HeaderValue::from_str(&self.dialer.own().via()) {
+                    request.headers_mut().append(http::header::VIA, via);
+                }
+                if let Some(auth) = intercept.basic_auth() {
+                    request
+                        .headers_mut()
+                        .insert(http::header::PROXY_AUTHORIZATION, auth.clone());
+                }
             }
         }
         *request.uri_mut() = uri;
@@ -390,7 +395,14 @@ impl Service<Request<Body>> for Connector {
             Target::Host { host, port }
                 if info.method == Method::CONNECT || info.protocol.is_tunnel() =>
             {
-                Box::pin(this.tunnel(info, host, port))
+                // The hops this CONNECT came through travel on with it.
+                let via = request
+                    .headers()
+                    .get_all(http::header::VIA)
+                    .iter()
+                    .cloned()
+                    .collect();
+                Box::pin(this.tunnel(info, host, port, via))
             }
             Target::Host { .. } => Box::pin(this.forward(client, request, info)),
         }

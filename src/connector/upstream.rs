@@ -16,6 +16,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tower::ServiceExt;
 
+use super::{Dialer, OwnListeners};
 use portcullis_middleware::{
     BadRequest, BoxError, ProxyErrorRef, Target, UpstreamError, UpstreamErrorKind,
 };
@@ -70,14 +71,30 @@ fn proxy_address(intercept: &Intercept) -> Result<String, BoxError> {
 /// Connects to the upstream proxy itself.
 pub(crate) async fn connect_proxy(
     intercept: &Intercept,
-    timeout: Duration,
+    dialer: &Dialer,
 ) -> Result<TcpStream, BoxError> {
     let address = proxy_address(intercept)?;
-    Ok(connect_address(&address, timeout).await?)
+    Ok(connect_address(&address, dialer.connect_timeout(), dialer.own()).await?)
 }
 
-async fn connect_address(address: &str, timeout: Duration) -> Result<TcpStream, UpstreamError> {
+async fn connect_address(
+    address: &str,
+    timeout: Duration,
+    own: &OwnListeners,
+) -> Result<TcpStream, UpstreamError> {
     let what = || format!("upstream proxy {address}");
+    // The proxy's own environment may name the proxy itself: never chain
+    // into ourselves.
+    if let Ok(resolved) = tokio::net::lookup_host(address).await {
+        let resolved: Vec<_> = resolved.collect();
+        if resolved.iter().any(|a| own.reaches(*a)) {
+            return Err(UpstreamError {
+                kind: UpstreamErrorKind::Refused,
+                target: what(),
+                detail: "the upstream proxy is this proxy itself (HTTP_PROXY/HTTPS_PROXY/ALL_PROXY in its environment name it); not chaining into a loop".into(),
+            });
+        }
+    }
     match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
         Ok(Ok(stream)) => {
             let _ = stream.set_nodelay(true);
@@ -97,14 +114,33 @@ async fn connect_address(address: &str, timeout: Duration) -> Result<TcpStream, 
 pub(crate) async fn tunnel(
     intercept: &Intercept,
     target: &Target,
-    timeout: Duration,
+    dialer: &Dialer,
+    came_through: &[http::HeaderValue],
 ) -> Result<TcpStream, BoxError> {
+    let timeout = dialer.connect_timeout();
     let address = proxy_address(intercept)?;
+    let own = dialer.own().clone();
+    let via = dialer.own().via();
     let connect = tower::service_fn(move |_: Uri| {
         let address = address.clone();
-        async move { connect_address(&address, timeout).await.map(TokioIo::new) }
+        let own = own.clone();
+        async move {
+            connect_address(&address, timeout, &own)
+                .await
+                .map(TokioIo::new)
+        }
     });
-    let mut connector = Tunnel::new(intercept.uri().clone(), connect);
+    // Earlier hops first, then us: a loop back through us is seen.
+    let mut hops: Vec<String> = came_through
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(str::to_owned))
+        .collect();
+    hops.push(via);
+    let mut headers = http::HeaderMap::new();
+    if let Ok(value) = http::HeaderValue::from_str(&hops.join(", ")) {
+        headers.insert(http::header::VIA, value);
+    }
+    let mut connector = Tunnel::new(intercept.uri().clone(), connect).with_headers(headers);
     if let Some(auth) = intercept.basic_auth() {
         connector = connector.with_auth(auth.clone());
     }

@@ -27,11 +27,12 @@ use tokio::net::TcpListener;
 use portcullis_middleware::strip_headers::is_upgrade;
 use portcullis_middleware::target::default_port_for_scheme;
 use portcullis_middleware::{
-    HasBody, Intercepted, Mode, PolicyHandle, Protocol, Target, ViolationLogLayer,
+    Blocked, HasBody, Intercepted, Mode, PolicyHandle, Protocol, Reason, Source, Target,
+    ViolationLogLayer,
 };
 
 use crate::body::{self, Body};
-use crate::connector::UpstreamConnection;
+use crate::connector::{OwnListeners, UpstreamConnection};
 use crate::transport::mitm::{self, Interceptor};
 use crate::transport::{
     accept_loop, call_stack, insert_model, splice, unix, DrainGuard, ProxyService, ShutdownSignal,
@@ -47,8 +48,10 @@ pub(crate) struct Settings {
     pub(crate) policy: PolicyHandle,
     /// HTTPS interception, when `mitm` is on.
     pub(crate) interceptor: Option<Arc<Interceptor>>,
-    /// Where a tunnel closed for not speaking TLS is recorded.
+    /// Where a tunnel closed for not speaking TLS, or a loop, is recorded.
     pub(crate) violations: ViolationLogLayer,
+    /// Who we are: a request whose `Via` names us has come round a loop.
+    pub(crate) own: OwnListeners,
 }
 
 /// Accepts connections until shutdown, serving each on its own task.
@@ -114,6 +117,30 @@ async fn route(
     drain: DrainGuard,
     settings: Arc<Settings>,
 ) -> Result<Response<Body>, Response<Body>> {
+    if came_round(&request, &settings.own) {
+        let target = if request.method() == Method::CONNECT {
+            connect_target(&request)
+        } else {
+            absolute_form_target(&request)
+        };
+        if let Ok(target) = target {
+            let protocol = if request.method() == Method::CONNECT {
+                Protocol::HttpsConnect
+            } else {
+                Protocol::Http
+            };
+            let blocked = Blocked::new(
+                Reason::Loop,
+                Source::Transport,
+                target,
+                protocol,
+                request.method(),
+            )
+            .with_rule(Some("Via names this proxy".to_owned()));
+            settings.violations.record(Some(client), &blocked);
+            return Err(rescue::http_response(&blocked.into()));
+        }
+    }
     if request.method() == Method::CONNECT {
         let target = connect_target(&request).map_err(|m| rescue::bad_request(&m))?;
         let on_upgrade = hyper::upgrade::on(&mut request);
@@ -224,6 +251,17 @@ async fn splice_upgraded(upgraded: hyper::upgrade::Upgraded, mut upstream: tokio
         }
         Err(upgraded) => splice::bidirectional(&mut TokioIo::new(upgraded), &mut upstream).await,
     }
+}
+
+/// Whether the request's `Via` names this proxy: it was sent out through an
+/// upstream proxy and has come back.
+fn came_round<B>(request: &Request<B>, own: &OwnListeners) -> bool {
+    request
+        .headers()
+        .get_all(header::VIA)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .any(|value| own.seen_in(value))
 }
 
 fn connect_target<B>(request: &Request<B>) -> Result<Target, String> {

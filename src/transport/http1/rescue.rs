@@ -71,6 +71,7 @@ fn refusal_header(reason: Reason) -> Cow<'static, str> {
         Reason::Denied => "blocked-by-denylist",
         Reason::MethodNotAllowed => "blocked-by-method-policy",
         Reason::MitmRequired | Reason::TlsRequired => "blocked-by-mitm-required",
+        Reason::Loop => "blocked-by-loop-guard",
         Reason::ApprovalDenied | Reason::ApprovalTimedOut | Reason::ApprovalFailed => {
             "blocked-by-policy"
         }
