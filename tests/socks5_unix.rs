@@ -610,3 +610,39 @@ async fn udp_decisions_run_off_the_relay_loop_and_follow_the_live_policy() {
     assert_eq!(last.blocked.reason, Reason::Denied);
     assert_eq!(calls.load(Ordering::SeqCst), 2, "a denial is never asked");
 }
+
+#[tokio::test]
+async fn an_association_belongs_to_the_sender_it_declared() {
+    let echo = udp_echo().await;
+    let proxy = proxy(allow(&["127.0.0.1"]), &[]).await;
+    let mine = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let other = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    // Declare our own UDP address in UDP ASSOCIATE.
+    let mut control = TcpStream::connect(proxy.socks_addr()).await.unwrap();
+    greet(&mut control, &[0]).await;
+    let declared = mine.local_addr().unwrap();
+    let mut message = vec![5, 3, 0, 1, 127, 0, 0, 1];
+    message.extend_from_slice(&declared.port().to_be_bytes());
+    control.write_all(&message).await.unwrap();
+    let mut reply = [0u8; 10];
+    control.read_exact(&mut reply).await.unwrap();
+    assert_eq!(reply[..2], [5, 0]);
+    let relay = SocketAddr::from((
+        [reply[4], reply[5], reply[6], reply[7]],
+        u16::from_be_bytes([reply[8], reply[9]]),
+    ));
+    // Another local program (same IP, another port) cannot take it over,
+    // even by speaking first.
+    other
+        .send_to(&udp_datagram(echo, b"takeover"), relay)
+        .await
+        .unwrap();
+    assert_eq!(recv_within(&other, 300).await, None);
+    mine.send_to(&udp_datagram(echo, b"mine"), relay)
+        .await
+        .unwrap();
+    assert_eq!(
+        recv_within(&mine, 5000).await,
+        Some(udp_datagram(echo, b"mine"))
+    );
+}

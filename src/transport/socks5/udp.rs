@@ -13,6 +13,12 @@
 //!   policy generation), except an approver's, which is asked again.
 //! - Replies are sent to the client only, and only from remotes the client
 //!   sent to. The relay ends with the TCP control connection.
+//! - An association belongs to the sender its `UDP ASSOCIATE` declared (an
+//!   address and port, or a port on the client's address); only when it
+//!   declared none, to the first datagram's sender from the client's
+//!   address. Another local program cannot take it over.
+//! - Bounded: 16 datagrams wait per pending destination, 1,024
+//!   destinations per association.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -36,6 +42,9 @@ const MAX_DATAGRAM: usize = 65_535;
 /// Datagrams kept per destination while its decision is pending; later
 /// ones are dropped (UDP may lose datagrams; memory may not grow).
 const MAX_QUEUED: usize = 16;
+/// Destinations one association may use; datagrams to further new ones are
+/// dropped (said once in the log).
+const MAX_DESTINATIONS: usize = 1024;
 
 /// Runs the relay of one association until the control connection closes.
 pub(super) async fn associate(
@@ -46,7 +55,10 @@ pub(super) async fn associate(
     stack: ProxyService,
     policy: PolicyHandle,
 ) -> Result<(), BoxError> {
-    // The ASSOCIATE address is the client's own (often 0.0.0.0:0), not a destination.
+    // The ASSOCIATE address is the client's own (often 0.0.0.0:0), not a
+    // destination. When it names a port (and an address), the association
+    // belongs to exactly that sender; otherwise to the first datagram's.
+    let declared = declared_sender(address, client);
     run_udp_proxy_custom(
         proto,
         address,
@@ -58,7 +70,7 @@ pub(super) async fn associate(
                 tracing::debug!(%error, "UDP relay socket");
                 SocksServerError::Bug("UDP relay socket")
             })?;
-            Relay::new(peer, client, stack, policy)
+            Relay::new(peer, client, declared, stack, policy)
                 .run()
                 .await
                 .map_err(|error| {
@@ -69,6 +81,23 @@ pub(super) async fn associate(
     )
     .await?;
     Ok(())
+}
+
+/// The sender an `UDP ASSOCIATE` declared: its address and port when both
+/// are given, the control connection's address with the port when only the
+/// port is; `None` (the first datagram's sender, from the client's address)
+/// when neither is.
+fn declared_sender(address: &TargetAddr, client: SocketAddr) -> Option<SocketAddr> {
+    let TargetAddr::Ip(declared) = address else {
+        return None;
+    };
+    if declared.port() == 0 {
+        return None;
+    }
+    if declared.ip().is_unspecified() {
+        return Some(SocketAddr::new(client.ip(), declared.port()));
+    }
+    Some(*declared)
 }
 
 /// What the relay knows about one destination.
@@ -112,12 +141,14 @@ struct Relay {
     decided_tx: mpsc::UnboundedSender<Decided>,
     decided_rx: mpsc::UnboundedReceiver<Decided>,
     dropped: u64,
+    said_full: bool,
 }
 
 impl Relay {
     fn new(
         peer: UdpSocket,
         client: SocketAddr,
+        declared: Option<SocketAddr>,
         stack: ProxyService,
         policy: PolicyHandle,
     ) -> Relay {
@@ -127,7 +158,7 @@ impl Relay {
             client,
             stack,
             policy,
-            client_udp: None,
+            client_udp: declared,
             destinations: HashMap::new(),
             remotes: HashSet::new(),
             outbound_v4: None,
@@ -135,6 +166,7 @@ impl Relay {
             decided_tx,
             decided_rx,
             dropped: 0,
+            said_full: false,
         }
     }
 
@@ -178,6 +210,7 @@ impl Relay {
         };
         self.client_udp = Some(source);
         let generation = self.policy.generation();
+        let full = self.destinations.len() >= MAX_DESTINATIONS;
         match self.destinations.get_mut(&target) {
             Some(Destination::Allowed {
                 address,
@@ -201,6 +234,14 @@ impl Relay {
                         dropped = self.dropped,
                         "UDP datagram dropped: its destination's decision is still pending"
                     );
+                }
+                Ok(())
+            }
+            None if full => {
+                self.dropped += 1;
+                if !self.said_full {
+                    self.said_full = true;
+                    tracing::warn!(client = %self.client, max = MAX_DESTINATIONS, "UDP association reached its destination limit; datagrams to new destinations are dropped");
                 }
                 Ok(())
             }
