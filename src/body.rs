@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full};
-use portcullis_middleware::BoxError;
+use portcullis_middleware::{BadRequest, BoxError};
 
 /// A request or response body: a boxed stream of bytes.
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
@@ -28,4 +28,15 @@ where
     B::Error: Into<BoxError>,
 {
     body.map_err(Into::into).boxed_unsync()
+}
+
+/// A client's request body: an error reading it (a malformed chunk, a body
+/// cut short) is the client's fault, so it surfaces as a [`BadRequest`] — a
+/// 400, not a 502 — wherever the body is being sent.
+pub(crate) fn client_body(incoming: hyper::body::Incoming) -> Body {
+    incoming
+        .map_err(|error| -> BoxError {
+            BadRequest::new(format!("the request body is malformed: {error}")).into()
+        })
+        .boxed_unsync()
 }

@@ -261,9 +261,17 @@ async fn bad_requests_get_a_400_with_a_reason() {
             "scheme",
         ),
     ];
+    let malformed_chunk = format!(
+        "POST http://{0}/ HTTP/1.1\r\nHost: {0}\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nnot a chunk\r\n0\r\n\r\n",
+        origin.addr
+    );
+    let cases: Vec<(String, &str)> = cases
+        .into_iter()
+        .chain([(malformed_chunk, "request body")])
+        .collect();
     for (request, reason) in cases {
         let (mut stream, head) = raw_exchange(proxy.handle.http_addr(), &request).await;
-        assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+        assert!(head.starts_with("HTTP/1.1 400"), "{request:?}: {head}");
         let mut body = vec![0u8; 512];
         let n = stream.read(&mut body).await.unwrap();
         let body = String::from_utf8_lossy(&body[..n]);
@@ -403,4 +411,44 @@ async fn a_layer_of_our_own_refuses_with_its_own_reason_on_every_path() {
         out.stderr
     );
     assert_eq!(proxy.violations().total(), 2, "both refusals are logged");
+}
+
+#[tokio::test]
+async fn content_length_with_transfer_encoding_is_framed_by_the_chunks_and_closes() {
+    // hyper drops Content-Length when Transfer-Encoding is present, frames the
+    // body by its chunks, and closes the connection after answering (RFC 9112
+    // §6.1): the origin sees one chunked request, and nothing pipelined after
+    // it is served on that connection.
+    let origin = origin().await;
+    let proxy = proxy(allow(&["127.0.0.1"]), &[]).await;
+    let request = format!(
+        "POST http://{0}/first HTTP/1.1\r\nHost: {0}\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nGET http://{0}/second HTTP/1.1\r\nHost: {0}\r\nConnection: close\r\n\r\n",
+        origin.addr
+    );
+    let mut stream = tokio::net::TcpStream::connect(proxy.handle.http_addr())
+        .await
+        .unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_string(&mut answer),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(answer.matches("HTTP/1.1 200").count(), 1, "{answer}");
+    assert!(
+        answer.contains("hello /first") && !answer.contains("hello /second"),
+        "{answer}"
+    );
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    let first_seen = answer
+        .lines()
+        .find(|l| l.starts_with("x-seen-headers"))
+        .unwrap();
+    assert!(!first_seen.contains("content-length"), "{first_seen}");
 }

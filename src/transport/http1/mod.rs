@@ -196,7 +196,7 @@ async fn route(
     let client_upgrade = is_upgrade(request.headers()).then(|| hyper::upgrade::on(&mut request));
     let (parts, incoming) = request.into_parts();
     let has_body = !hyper::body::Body::is_end_stream(&incoming);
-    let mut request = Request::from_parts(parts, body::boxed(incoming));
+    let mut request = Request::from_parts(parts, body::client_body(incoming));
     insert_model(&mut request, target, protocol, client);
     if has_body {
         request.extensions_mut().insert(HasBody);

@@ -281,7 +281,7 @@ async fn inner_request(
     let (mut parts, incoming) = request.into_parts();
     parts.uri = uri;
     let has_body = !hyper::body::Body::is_end_stream(&incoming);
-    let mut request = Request::from_parts(parts, body::boxed(incoming));
+    let mut request = Request::from_parts(parts, body::client_body(incoming));
     insert_model(&mut request, target, Protocol::HttpsMitm, client);
     if has_body {
         request.extensions_mut().insert(HasBody);
