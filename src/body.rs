@@ -33,10 +33,17 @@ where
 /// A client's request body: an error reading it (a malformed chunk, a body
 /// cut short) is the client's fault, so it surfaces as a [`BadRequest`] — a
 /// 400, not a 502 — wherever the body is being sent.
-pub(crate) fn client_body(incoming: hyper::body::Incoming) -> Body {
-    incoming
-        .map_err(|error| -> BoxError {
-            BadRequest::new(format!("the request body is malformed: {error}")).into()
+/// A body that goes quiet for `idle` (tower-http's `TimeoutBody`) fails the
+/// same way.
+pub(crate) fn client_body(incoming: hyper::body::Incoming, idle: std::time::Duration) -> Body {
+    tower_http::timeout::TimeoutBody::new(idle, incoming)
+        .map_err(move |error| -> BoxError {
+            let message = if error.is::<tower_http::timeout::TimeoutError>() {
+                format!("the request body sent nothing for {idle:?}")
+            } else {
+                format!("the request body is malformed: {error}")
+            };
+            BadRequest::new(message).into()
         })
         .boxed_unsync()
 }

@@ -238,6 +238,7 @@ impl Loaded {
             .network
             .allow_upstream_proxy
             .then(UpstreamProxies::from_env);
+        let (limits, connect_timeout) = config.limits(origin)?;
         let builder = Proxy::builder()
             .http_addr(config.http_addr(origin)?)
             .socks_addr(socks)
@@ -249,6 +250,8 @@ impl Loaded {
             .resolve_timeout(config.dns_timeout(origin)?)
             .upstream(upstream)
             .upstream_roots(config.upstream_roots(origin)?)
+            .limits(limits)
+            .connect_timeout(connect_timeout)
             .leaf_cache_size(config.mitm.leaf_cache_size)
             .violations(violations);
         let (builder, rules, approver) = match crate::approvers::from_config(config, origin, &ring)?
@@ -308,6 +311,7 @@ pub fn main() -> ExitCode {
         None => (Command::Serve(cli.options), "info"),
     };
     init_tracing(default_filter);
+    raise_fd_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -346,6 +350,21 @@ fn init_tracing(default_filter: &str) {
         .with_filter(filter)
         .with_filter(not_fast_socks5);
     let _ = tracing_subscriber::registry().with(layer).try_init();
+}
+
+/// Raises the soft limit on open files to the hard limit: each tunnel holds
+/// two descriptors, and the default soft limit (often 1024) is reached long
+/// before the machine is busy.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                Ok(()) => tracing::debug!(from = soft, to = hard, "raised the open-file limit"),
+                Err(error) => tracing::debug!(%error, "could not raise the open-file limit"),
+            }
+        }
+    }
 }
 
 fn usage_error(error: &dyn std::fmt::Display) -> ExitCode {

@@ -35,6 +35,39 @@ pub struct Config {
     pub mitm: MitmConfig,
     /// `[approval]`: who is asked about allowlist misses.
     pub approval: ApprovalConfig,
+    /// `[limits]`: sizes and timeouts.
+    pub limits: LimitsConfig,
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Seconds a client may take to send a request head.
+    pub header_read_timeout: f64,
+    /// The largest request head, in bytes (at least 8192).
+    pub max_header_bytes: usize,
+    /// The most headers a request may have.
+    pub max_headers: usize,
+    /// Seconds a request body may go without a byte.
+    pub body_idle_timeout: f64,
+    /// Seconds a tunnel may go with no byte either way.
+    pub tunnel_idle_timeout: f64,
+    /// Seconds a connection to an upstream may take.
+    pub connect_timeout: f64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> LimitsConfig {
+        LimitsConfig {
+            header_read_timeout: 30.0,
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            body_idle_timeout: 60.0,
+            tunnel_idle_timeout: 300.0,
+            connect_timeout: 10.0,
+        }
+    }
 }
 
 /// Who answers an allowlist miss.
@@ -325,6 +358,35 @@ impl Config {
                 origin: origin.to_owned(),
                 message: "neither XDG_DATA_HOME nor HOME is set; set approval.rules_file".into(),
             })
+    }
+
+    /// `[limits]` as the transports keep them, and the connect timeout.
+    pub fn limits(&self, origin: &str) -> Result<(crate::Limits, Duration), ConfigError> {
+        let seconds = |key: &str, value: f64| {
+            Duration::try_from_secs_f64(value)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| ConfigError::Invalid {
+                    key: format!("limits.{key}"),
+                    origin: origin.to_owned(),
+                    message: format!("{value} is not a positive number of seconds"),
+                })
+        };
+        let limits = &self.limits;
+        if limits.max_header_bytes < 8192 {
+            return Err(ConfigError::Invalid {
+                key: "limits.max_header_bytes".into(),
+                origin: origin.to_owned(),
+                message: format!("{} is below the least, 8192", limits.max_header_bytes),
+            });
+        }
+        let kept = crate::Limits::default()
+            .header_read_timeout(seconds("header_read_timeout", limits.header_read_timeout)?)
+            .max_header_bytes(limits.max_header_bytes)
+            .max_headers(limits.max_headers)
+            .body_idle_timeout(seconds("body_idle_timeout", limits.body_idle_timeout)?)
+            .tunnel_idle_timeout(seconds("tunnel_idle_timeout", limits.tunnel_idle_timeout)?);
+        Ok((kept, seconds("connect_timeout", limits.connect_timeout)?))
     }
 
     /// `[approval] timeout` as a duration.

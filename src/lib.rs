@@ -59,4 +59,4 @@ pub mod mitm {
 }
 pub use portcullis_middleware as middleware;
 pub use runner::{BoxApprover, Proxy, ProxyBuilder, ProxyHandle, StartError};
-pub use transport::ProxyService;
+pub use transport::{Limits, ProxyService};

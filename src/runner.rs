@@ -24,6 +24,7 @@ use tokio::net::TcpListener;
 use tower::layer::util::{Identity, Stack};
 use tower::util::BoxCloneService;
 use tower::{Layer, Service};
+use tower_http::sensitive_headers::SetSensitiveRequestHeaders;
 
 use portcullis_middleware::{
     ApprovalAnswer, ApprovalRequest, ApprovalWaitLayer, BoxError, DefaultStack, PolicyHandle,
@@ -37,7 +38,7 @@ use crate::connector::{Connector, Dialer, OwnListeners};
 use crate::env::CaFiles;
 use crate::resolve::{Resolve, SystemResolver};
 use crate::transport::mitm::{CaError, CertificateAuthority, Interceptor, DEFAULT_LEAF_CACHE_SIZE};
-use crate::transport::{self, ProxyService, Shutdown};
+use crate::transport::{self, Limits, ProxyService, Shutdown};
 use crate::upstream::UpstreamProxies;
 
 /// A type-erased approver.
@@ -95,6 +96,7 @@ pub struct ProxyBuilder<O = Identity, I = Identity> {
     rules: Option<Arc<dyn RuleBook>>,
     /// The listeners once bound (never a destination) and this proxy's name.
     own: OwnListeners,
+    limits: Limits,
     outer: O,
     inner: I,
 }
@@ -137,6 +139,7 @@ impl Proxy {
             approval: None,
             rules: None,
             own: OwnListeners::default(),
+            limits: Limits::default(),
             outer: Identity::new(),
             inner: Identity::new(),
         }
@@ -293,6 +296,12 @@ impl<O, I> ProxyBuilder<O, I> {
         self
     }
 
+    /// The bounds the transports keep (head size, timeouts); see [`Limits`].
+    pub fn limits(mut self, limits: Limits) -> ProxyBuilder<O, I> {
+        self.limits = limits;
+        self
+    }
+
     /// Whether an approver is configured.
     pub fn has_approver(&self) -> bool {
         self.approval.is_some()
@@ -334,6 +343,7 @@ impl<O, I> ProxyBuilder<O, I> {
             approval: self.approval,
             rules: self.rules,
             own: self.own,
+            limits: self.limits,
             outer,
             inner,
         }
@@ -389,7 +399,16 @@ where
             .approval_layer(approval)
             .ask_on_miss(self.approval.is_some())
             .layers(self.outer.clone(), self.inner.clone());
-        ProxyService::new(stack.layer(connector))
+        // Credentials never show in a log or trace of a request.
+        let sensitive = [
+            http::header::PROXY_AUTHORIZATION,
+            http::header::AUTHORIZATION,
+            http::header::COOKIE,
+        ];
+        ProxyService::new(SetSensitiveRequestHeaders::new(
+            stack.layer(connector),
+            sensitive,
+        ))
     }
 
     /// The stack the listeners serve, without listeners (for tests and
@@ -493,6 +512,7 @@ where
             interceptor,
             violations: self.violations.clone(),
             own: self.own.clone(),
+            limits: self.limits,
         };
         tokio::spawn(transport::http1::serve(
             http,
@@ -506,6 +526,7 @@ where
                 udp: self.socks_udp,
                 policy: self.policy.clone(),
                 violations: self.violations.clone(),
+                limits: self.limits,
                 credentials: self.socks_credentials.clone(),
             };
             tokio::spawn(transport::socks5::serve(

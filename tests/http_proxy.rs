@@ -452,3 +452,87 @@ async fn content_length_with_transfer_encoding_is_framed_by_the_chunks_and_close
         .unwrap();
     assert!(!first_seen.contains("content-length"), "{first_seen}");
 }
+
+#[tokio::test]
+async fn heads_bodies_and_tunnels_are_bounded() {
+    use std::time::Duration;
+    let origin = origin().await;
+    let limits = portcullis::Limits::default()
+        .max_header_bytes(16 * 1024)
+        .max_headers(50)
+        .body_idle_timeout(Duration::from_millis(800))
+        .tunnel_idle_timeout(Duration::from_millis(800));
+    let proxy = proxy_with(allow(&["127.0.0.1"]).build(), &[], |b| b.limits(limits)).await;
+    let addr = proxy.handle.http_addr();
+    let authority = origin.addr.to_string();
+
+    // A head over the limit, or with too many headers, is refused (431).
+    let big = "x".repeat(20 * 1024);
+    let (_, head) = raw_exchange(
+        addr,
+        &format!("GET http://{authority}/ HTTP/1.1\r\nHost: {authority}\r\nX-Big: {big}\r\n\r\n"),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 431"), "{head}");
+    let many: String = (0..80).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let (_, head) = raw_exchange(
+        addr,
+        &format!("GET http://{authority}/ HTTP/1.1\r\nHost: {authority}\r\n{many}\r\n"),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 431"), "{head}");
+
+    // A body that stalls is refused (400) rather than holding an upstream:
+    // an origin that waits for the whole body before answering.
+    let patient = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let patient_addr = patient.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = patient.accept().await {
+            tokio::spawn(async move {
+                let _ = read_head(&mut stream).await;
+                let mut body = [0u8; 10];
+                if stream.read_exact(&mut body).await.is_ok() {
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                }
+            });
+        }
+    });
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(format!("POST http://{patient_addr}/ HTTP/1.1\r\nHost: {patient_addr}\r\nContent-Length: 10\r\n\r\nab").as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    let mut body = vec![0u8; 512];
+    let n = stream.read(&mut body).await.unwrap();
+    assert!(String::from_utf8_lossy(&body[..n]).contains("sent nothing for"));
+
+    // A tunnel that moves keeps going past the idle timeout; a quiet one closes.
+    let (mut tunnel, head) = raw_exchange(
+        addr,
+        &format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n"),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    for round in 0..4 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        tunnel
+            .write_all(format!("GET /r{round} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let head = read_head(&mut tunnel).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "round {round}: {head}");
+        let mut body = [0u8; 64];
+        let _ = tunnel.read(&mut body).await.unwrap();
+    }
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tunnel.read_to_end(&mut rest))
+        .await
+        .expect("the quiet tunnel is closed")
+        .unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(500));
+}

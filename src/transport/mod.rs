@@ -36,6 +36,69 @@ use portcullis_middleware::{BoxError, ClientAddr, Protocol, Target};
 
 use crate::body::Body;
 
+/// The bounds every transport keeps. Defaults are generous for people and
+/// tight for abuse; `[limits]` in the config changes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Limits {
+    /// How long a client may take to send a request head (HTTP/1).
+    pub header_read_timeout: Duration,
+    /// The largest request head read (HTTP/1; at least 8 KiB).
+    pub max_header_bytes: usize,
+    /// The most headers a request may have (HTTP/1).
+    pub max_headers: usize,
+    /// How long a request body may go without a byte before the request is
+    /// refused (400).
+    pub body_idle_timeout: Duration,
+    /// How long a tunnel (CONNECT, SOCKS5) may go with no byte either way
+    /// before it is closed.
+    pub tunnel_idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            header_read_timeout: Duration::from_secs(30),
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            body_idle_timeout: Duration::from_secs(60),
+            tunnel_idle_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+impl Limits {
+    /// Sets how long a client may take to send a request head.
+    pub fn header_read_timeout(mut self, timeout: Duration) -> Limits {
+        self.header_read_timeout = timeout;
+        self
+    }
+
+    /// Sets the largest request head (raised to 8 KiB if smaller).
+    pub fn max_header_bytes(mut self, bytes: usize) -> Limits {
+        self.max_header_bytes = bytes.max(8 * 1024);
+        self
+    }
+
+    /// Sets the most headers a request may have.
+    pub fn max_headers(mut self, count: usize) -> Limits {
+        self.max_headers = count;
+        self
+    }
+
+    /// Sets how long a request body may stall.
+    pub fn body_idle_timeout(mut self, timeout: Duration) -> Limits {
+        self.body_idle_timeout = timeout;
+        self
+    }
+
+    /// Sets how long a tunnel may stay quiet.
+    pub fn tunnel_idle_timeout(mut self, timeout: Duration) -> Limits {
+        self.tunnel_idle_timeout = timeout;
+        self
+    }
+}
+
 /// The whole stack, type-erased once, as every transport drives it.
 pub type ProxyService = BoxCloneService<Request<Body>, Response<Body>, BoxError>;
 

@@ -35,11 +35,9 @@ use crate::body::{self, Body};
 use crate::connector::{OwnListeners, UpstreamConnection};
 use crate::transport::mitm::{self, Interceptor};
 use crate::transport::{
-    accept_loop, call_stack, insert_model, splice, unix, DrainGuard, ProxyService, ShutdownSignal,
+    accept_loop, call_stack, insert_model, splice, unix, DrainGuard, Limits, ProxyService,
+    ShutdownSignal,
 };
-
-/// How long a client may take to send a request head.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What the HTTP/1 listener needs besides the stack.
 #[derive(Debug, Clone)]
@@ -52,6 +50,8 @@ pub(crate) struct Settings {
     pub(crate) violations: ViolationLogLayer,
     /// Who we are: a request whose `Via` names us has come round a loop.
     pub(crate) own: OwnListeners,
+    /// Head size and count, timeouts.
+    pub(crate) limits: Limits,
 }
 
 /// Accepts connections until shutdown, serving each on its own task.
@@ -72,6 +72,7 @@ pub(crate) async fn serve(
         move |stream, client, drain| {
             let stack = stack.clone();
             let settings = settings.clone();
+            let settings_for_builder = settings.clone();
             let mut shutdown = shutdown.clone();
             async move {
                 let service_drain = drain.clone();
@@ -85,9 +86,12 @@ pub(crate) async fn serve(
                     );
                     async move { Ok::<_, Infallible>(route.await.unwrap_or_else(|refused| refused)) }
                 });
+                let limits = settings_for_builder.limits;
                 let connection = http1::Builder::new()
                     .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .header_read_timeout(limits.header_read_timeout)
+                    .max_buf_size(limits.max_header_bytes.max(8 * 1024))
+                    .max_headers(limits.max_headers)
                     .serve_connection(TokioIo::new(stream), service)
                     .with_upgrades();
                 tokio::pin!(connection);
@@ -165,14 +169,17 @@ async fn route(
         };
         tokio::spawn(async move {
             match (on_upgrade.await, interceptor) {
-                (Ok(upgraded), None) => splice_upgraded(upgraded, upstream).await,
+                (Ok(upgraded), None) => {
+                    splice_upgraded(upgraded, upstream, settings.limits.tunnel_idle_timeout).await
+                }
                 (Ok(upgraded), Some(interceptor)) => {
                     // The dial proved the origin reachable; requests inside
                     // go through the stack and the connector's own pool.
                     drop(upstream);
                     let violations = settings.violations.clone();
                     let io = TokioIo::new(upgraded);
-                    mitm::serve(io, target, client, interceptor, stack, violations).await;
+                    let limits = settings.limits;
+                    mitm::serve(io, target, client, interceptor, stack, violations, limits).await;
                 }
                 (Err(error), _) => tracing::debug!(%error, "CONNECT upgrade failed"),
             }
@@ -196,7 +203,10 @@ async fn route(
     let client_upgrade = is_upgrade(request.headers()).then(|| hyper::upgrade::on(&mut request));
     let (parts, incoming) = request.into_parts();
     let has_body = !hyper::body::Body::is_end_stream(&incoming);
-    let mut request = Request::from_parts(parts, body::client_body(incoming));
+    let mut request = Request::from_parts(
+        parts,
+        body::client_body(incoming, settings.limits.body_idle_timeout),
+    );
     insert_model(&mut request, target, protocol, client);
     if has_body {
         request.extensions_mut().insert(HasBody);
@@ -210,7 +220,8 @@ async fn route(
                     Ok((client_io, upstream_io)) => {
                         let mut client_io = TokioIo::new(client_io);
                         let mut upstream_io = TokioIo::new(upstream_io);
-                        splice::bidirectional(&mut client_io, &mut upstream_io).await;
+                        let idle = settings.limits.tunnel_idle_timeout;
+                        splice::bidirectional(&mut client_io, &mut upstream_io, idle).await;
                     }
                     Err(error) => tracing::debug!(%error, "upgrade failed"),
                 }
@@ -235,7 +246,11 @@ async fn call(
 /// is our own TCP stream (always, with hyper's HTTP/1 server), it is taken
 /// back so both sides are plain sockets; bytes the client sent early are
 /// forwarded first.
-async fn splice_upgraded(upgraded: hyper::upgrade::Upgraded, mut upstream: tokio::net::TcpStream) {
+async fn splice_upgraded(
+    upgraded: hyper::upgrade::Upgraded,
+    mut upstream: tokio::net::TcpStream,
+    idle: Duration,
+) {
     match upgraded.downcast::<TokioIo<tokio::net::TcpStream>>() {
         Ok(parts) => {
             let mut client = parts.io.into_inner();
@@ -247,9 +262,11 @@ async fn splice_upgraded(upgraded: hyper::upgrade::Upgraded, mut upstream: tokio
                     return;
                 }
             }
-            splice::bidirectional(&mut client, &mut upstream).await;
+            splice::bidirectional(&mut client, &mut upstream, idle).await;
         }
-        Err(upgraded) => splice::bidirectional(&mut TokioIo::new(upgraded), &mut upstream).await,
+        Err(upgraded) => {
+            splice::bidirectional(&mut TokioIo::new(upgraded), &mut upstream, idle).await
+        }
     }
 }
 

@@ -46,14 +46,12 @@ pub const BUNDLE_FILE: &str = "bundle.pem";
 use crate::body::{self, Body};
 use crate::env::CaFiles;
 use crate::transport::http1::rescue;
-use crate::transport::{call_stack, insert_model, ProxyService};
+use crate::transport::{call_stack, insert_model, Limits, ProxyService};
 
 /// The default number of hosts whose leaf certificates are kept.
 pub const DEFAULT_LEAF_CACHE_SIZE: usize = 1024;
 /// How long a client has to send its ClientHello and finish the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a client may take to send a request head inside the tunnel.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Interception: the CA, the crypto provider, and the leaf cache.
 pub(crate) struct Interceptor {
@@ -198,6 +196,7 @@ pub(crate) async fn serve<I>(
     interceptor: Arc<Interceptor>,
     stack: ProxyService,
     violations: ViolationLogLayer,
+    limits: Limits,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -240,11 +239,14 @@ pub(crate) async fn serve<I>(
     let service = hyper::service::service_fn(move |request| {
         let target = target.clone();
         let stack = stack.clone();
-        async move { Ok::<_, Infallible>(inner_request(request, target, client, stack).await) }
+        let idle = limits.body_idle_timeout;
+        async move { Ok::<_, Infallible>(inner_request(request, target, client, stack, idle).await) }
     });
     if let Err(error) = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8 * 1024))
+        .max_headers(limits.max_headers)
         .serve_connection(TokioIo::new(tls), service)
         .await
     {
@@ -258,6 +260,7 @@ async fn inner_request(
     target: Target,
     client: SocketAddr,
     stack: ProxyService,
+    body_idle: Duration,
 ) -> Response<Body> {
     if request.method() == Method::CONNECT {
         return rescue::status(
@@ -281,7 +284,7 @@ async fn inner_request(
     let (mut parts, incoming) = request.into_parts();
     parts.uri = uri;
     let has_body = !hyper::body::Body::is_end_stream(&incoming);
-    let mut request = Request::from_parts(parts, body::client_body(incoming));
+    let mut request = Request::from_parts(parts, body::client_body(incoming, body_idle));
     insert_model(&mut request, target, Protocol::HttpsMitm, client);
     if has_body {
         request.extensions_mut().insert(HasBody);

@@ -27,7 +27,8 @@ use portcullis_middleware::{
 
 use crate::connector::UpstreamConnection;
 use crate::transport::{
-    accept_loop, call_stack, splice, synthesized_connect, DrainGuard, ProxyService, ShutdownSignal,
+    accept_loop, call_stack, splice, synthesized_connect, DrainGuard, Limits, ProxyService,
+    ShutdownSignal,
 };
 
 /// How long a client has to finish the handshake and send its command.
@@ -44,6 +45,8 @@ pub(crate) struct Settings {
     pub(crate) policy: PolicyHandle,
     /// Where a refused `UDP ASSOCIATE` is recorded.
     pub(crate) violations: ViolationLogLayer,
+    /// The tunnel idle timeout.
+    pub(crate) limits: Limits,
     /// When set, clients must authenticate with this username and password
     /// (RFC 1929) and no-auth is refused.
     pub(crate) credentials: Option<Arc<(String, String)>>,
@@ -153,7 +156,10 @@ async fn handle(
         .map_err(|_| "SOCKS5 handshake timed out")??;
     match command {
         Socks5Command::TCPConnect => match target_of(&address) {
-            Ok(target) => connect(proto, target, client, stack).await,
+            Ok(target) => {
+                let idle = settings.limits.tunnel_idle_timeout;
+                connect(proto, target, client, stack, idle).await
+            }
             Err(error) => {
                 proto.reply_error(&ReplyError::GeneralFailure).await?;
                 Err(format!("invalid SOCKS5 destination: {error}").into())
@@ -192,6 +198,7 @@ async fn connect(
     target: Target,
     client: SocketAddr,
     stack: ProxyService,
+    idle: Duration,
 ) -> Result<(), BoxError> {
     let request = synthesized_connect(&target, Protocol::Socks5Tcp, client)?;
     let upstream = match call_stack(stack, request).await {
@@ -212,6 +219,6 @@ async fn connect(
         .local_addr()
         .unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0));
     let mut client_stream = proto.reply_success(bound).await?;
-    splice::bidirectional(&mut client_stream, &mut upstream).await;
+    splice::bidirectional(&mut client_stream, &mut upstream, idle).await;
     Ok(())
 }
