@@ -34,8 +34,6 @@ use crate::upstream::UpstreamProxies;
 pub const EXIT_USAGE: u8 = 64;
 /// EX_UNAVAILABLE.
 pub const EXIT_UNAVAILABLE: u8 = 69;
-/// How long shutdown waits for open connections and tunnels.
-const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
 
 /// A local network-policy proxy.
 #[derive(Debug, Parser)]
@@ -413,6 +411,13 @@ async fn start(options: &Options, ephemeral: bool, hangup: bool) -> Result<Proxy
 }
 
 async fn serve(options: Options) -> ExitCode {
+    let deadline = match options
+        .load()
+        .and_then(|loaded| loaded.config.shutdown_deadline(&loaded.origin))
+    {
+        Ok(deadline) => deadline,
+        Err(error) => return usage_error(&error),
+    };
     let proxy = match start(&options, false, true).await {
         Ok(proxy) => proxy,
         Err(code) => return code,
@@ -423,9 +428,12 @@ async fn serve(options: Options) -> ExitCode {
     let _ = stdout.flush();
     drop(stdout);
     wait_for_shutdown_signal().await;
-    tracing::info!("shutting down; waiting up to {SHUTDOWN_DEADLINE:?} for open connections");
-    proxy.shutdown(SHUTDOWN_DEADLINE).await;
-    ExitCode::SUCCESS
+    tracing::info!("shutting down: no new connections; waiting up to {deadline:?} for open ones");
+    // 0 when everything finished; 1 when the deadline cut something.
+    match proxy.shutdown(deadline).await {
+        0 => ExitCode::SUCCESS,
+        _ => ExitCode::FAILURE,
+    }
 }
 
 #[cfg(unix)]

@@ -55,6 +55,11 @@ pub struct LimitsConfig {
     pub tunnel_idle_timeout: f64,
     /// Seconds a connection to an upstream may take.
     pub connect_timeout: f64,
+    /// The most client connections served at once, per listener.
+    pub max_connections: usize,
+    /// Seconds `serve` waits, on SIGTERM or SIGINT, for open connections and
+    /// tunnels before cutting them (and exiting 1).
+    pub shutdown_deadline: f64,
 }
 
 impl Default for LimitsConfig {
@@ -66,6 +71,8 @@ impl Default for LimitsConfig {
             body_idle_timeout: 60.0,
             tunnel_idle_timeout: 300.0,
             connect_timeout: 10.0,
+            max_connections: 4096,
+            shutdown_deadline: 10.0,
         }
     }
 }
@@ -385,8 +392,23 @@ impl Config {
             .max_header_bytes(limits.max_header_bytes)
             .max_headers(limits.max_headers)
             .body_idle_timeout(seconds("body_idle_timeout", limits.body_idle_timeout)?)
-            .tunnel_idle_timeout(seconds("tunnel_idle_timeout", limits.tunnel_idle_timeout)?);
+            .tunnel_idle_timeout(seconds("tunnel_idle_timeout", limits.tunnel_idle_timeout)?)
+            .max_connections(limits.max_connections);
         Ok((kept, seconds("connect_timeout", limits.connect_timeout)?))
+    }
+
+    /// `[limits] shutdown_deadline` as a duration (zero allowed: cut at once).
+    pub fn shutdown_deadline(&self, origin: &str) -> Result<Duration, ConfigError> {
+        Duration::try_from_secs_f64(self.limits.shutdown_deadline).map_err(|_| {
+            ConfigError::Invalid {
+                key: "limits.shutdown_deadline".into(),
+                origin: origin.to_owned(),
+                message: format!(
+                    "{} is not a number of seconds",
+                    self.limits.shutdown_deadline
+                ),
+            }
+        })
     }
 
     /// `[approval] timeout` as a duration.

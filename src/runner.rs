@@ -588,13 +588,16 @@ impl ProxyHandle {
     }
 
     /// Stops accepting, lets connections and tunnels finish for up to
-    /// `deadline`, then returns whether everything finished in time
-    /// (whatever is left is dropped). Dropping the handle stops accepting too.
-    pub async fn shutdown(self, deadline: Duration) -> bool {
-        let finished = self.shutdown.drain(deadline).await;
-        if !finished {
-            tracing::warn!("shutdown deadline reached with connections still open");
+    /// `deadline`, then returns how many were still open (they are cut).
+    /// Dropping the handle stops accepting too.
+    pub async fn shutdown(self, deadline: Duration) -> usize {
+        let cut = self.shutdown.drain(deadline).await;
+        if cut > 0 {
+            tracing::warn!(
+                cut,
+                "shutdown deadline ({deadline:?}) reached: {cut} open connection(s) or tunnel(s) cut"
+            );
         }
-        finished
+        cut
     }
 }

@@ -479,3 +479,100 @@ async fn chaining_never_loops() {
     assert_ne!(out.code, Some(0), "{}", out.stdout);
     assert_eq!(a.ring.total(), 2, "the CONNECT came round once too");
 }
+
+#[tokio::test]
+async fn past_the_connection_limit_clients_are_refused_clearly() {
+    let limits = portcullis::Limits::default().max_connections(2);
+    let proxy = proxy_with(
+        NetworkPolicy::builder().allow("ok.test").unwrap().build(),
+        &[],
+        |b| b.limits(limits),
+    )
+    .await;
+    let http = proxy.handle.http_addr();
+    let held: Vec<TcpStream> = vec![
+        TcpStream::connect(http).await.unwrap(),
+        TcpStream::connect(http).await.unwrap(),
+    ];
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut third = TcpStream::connect(http).await.unwrap();
+    let head = read_head(&mut third).await;
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    assert!(head.contains("x-proxy-error: proxy-busy"), "{head}");
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        http_verdict(
+            http,
+            "GET http://other.test/ HTTP/1.1\r\nHost: other.test\r\n\r\n".into()
+        )
+        .await,
+        Verdict::Refused,
+        "served again once below the limit"
+    );
+
+    let socks = proxy.socks_addr();
+    let _held: Vec<TcpStream> = vec![
+        TcpStream::connect(socks).await.unwrap(),
+        TcpStream::connect(socks).await.unwrap(),
+    ];
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        socks_verdict(socks, &socks_domain("ok.test"), 80).await,
+        Verdict::Malformed,
+        "SOCKS5 answers 0x01 past the limit"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_cuts_at_its_deadline_and_says_so_in_the_exit_code() {
+    let origin = origin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("portcullis.toml");
+    std::fs::write(
+        &config,
+        "[network]\nproxy_url = \"http://127.0.0.1:0\"\nenable_socks5 = false\nallowed_domains = [\"127.0.0.1\"]\n[limits]\nshutdown_deadline = 1\n",
+    )
+    .unwrap();
+    let mut child = portcullis()
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let address = served_http_address(&mut child).await;
+    let authority = origin.addr.to_string();
+    let (_tunnel, head) = raw_exchange(
+        address,
+        &format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n"),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let started = std::time::Instant::now();
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(1), "an open tunnel was cut");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "the deadline was given"
+    );
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .await
+        .unwrap();
+    assert!(
+        stderr.contains("1 open connection(s) or tunnel(s) cut"),
+        "{stderr}"
+    );
+    // New connections are refused once shutdown starts.
+    assert!(TcpStream::connect(address).await.is_err());
+}

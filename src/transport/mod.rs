@@ -53,6 +53,10 @@ pub struct Limits {
     /// How long a tunnel (CONNECT, SOCKS5) may go with no byte either way
     /// before it is closed.
     pub tunnel_idle_timeout: Duration,
+    /// The most client connections served at once, per listener; past it a
+    /// new client is refused at once (HTTP 503, SOCKS5 0x01) and the log
+    /// says so, well before the process runs out of file descriptors.
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
@@ -63,6 +67,7 @@ impl Default for Limits {
             max_headers: 100,
             body_idle_timeout: Duration::from_secs(60),
             tunnel_idle_timeout: Duration::from_secs(300),
+            max_connections: 4096,
         }
     }
 }
@@ -89,6 +94,12 @@ impl Limits {
     /// Sets how long a request body may stall.
     pub fn body_idle_timeout(mut self, timeout: Duration) -> Limits {
         self.body_idle_timeout = timeout;
+        self
+    }
+
+    /// Sets the most client connections served at once, per listener.
+    pub fn max_connections(mut self, max: usize) -> Limits {
+        self.max_connections = max.max(1);
         self
     }
 
@@ -174,13 +185,15 @@ impl Shutdown {
     }
 
     /// Stops accepting and waits up to `deadline` for open connections and
-    /// tunnels; returns whether everything finished in time.
-    pub(crate) async fn drain(mut self, deadline: Duration) -> bool {
+    /// tunnels; returns how many were still open at the deadline (and are cut
+    /// when the handle goes).
+    pub(crate) async fn drain(mut self, deadline: Duration) -> usize {
         self.stop();
         self.drain = None;
-        tokio::time::timeout(deadline, self.drained.recv())
-            .await
-            .is_ok()
+        match tokio::time::timeout(deadline, self.drained.recv()).await {
+            Ok(_) => 0,
+            Err(_) => self.drained.sender_strong_count(),
+        }
     }
 }
 
@@ -208,17 +221,26 @@ impl ShutdownSignal {
 pub(crate) type DrainGuard = mpsc::Sender<()>;
 
 /// Accepts on `listener` until shutdown starts, handing each connection
-/// (with a drain guard) to `serve_one` on its own task.
-pub(crate) async fn accept_loop<F, Fut>(
+/// (with a drain guard) to `serve_one` on its own task. At most
+/// `max_connections` are served at once; a client past that is handed to
+/// `refuse` (which answers it briefly on the transport's own wire) and the
+/// log says so at most once a second.
+pub(crate) async fn accept_loop<F, Fut, R, RFut>(
     listener: TcpListener,
     mut shutdown: ShutdownSignal,
     drain: DrainGuard,
     what: &'static str,
+    max_connections: usize,
     serve_one: F,
+    refuse: R,
 ) where
     F: Fn(TcpStream, SocketAddr, DrainGuard) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
+    R: Fn(TcpStream) -> RFut,
+    RFut: Future<Output = ()> + Send + 'static,
 {
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let mut last_said: Option<tokio::time::Instant> = None;
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -227,7 +249,23 @@ pub(crate) async fn accept_loop<F, Fut>(
         match accepted {
             Ok((stream, client)) => {
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(serve_one(stream, client, drain.clone()));
+                match permits.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        let serving = serve_one(stream, client, drain.clone());
+                        tokio::spawn(async move {
+                            serving.await;
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => {
+                        if last_said.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                            last_said = Some(tokio::time::Instant::now());
+                            tracing::warn!(%client, max = max_connections, "the {what} listener is at its connection limit ([limits] max_connections); refusing new clients");
+                        }
+                        // Bounded: the refusal answers briefly and closes.
+                        tokio::spawn(tokio::time::timeout(Duration::from_secs(2), refuse(stream)));
+                    }
+                }
             }
             Err(error) => {
                 // Out of file descriptors and the like: back off, keep serving.

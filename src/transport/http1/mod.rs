@@ -64,11 +64,13 @@ pub(crate) async fn serve(
 ) {
     let settings = Arc::new(settings);
     let signal = shutdown.clone();
+    let max_connections = settings.limits.max_connections;
     accept_loop(
         listener,
         signal,
         drain,
         "HTTP",
+        max_connections,
         move |stream, client, drain| {
             let stack = stack.clone();
             let settings = settings.clone();
@@ -109,8 +111,19 @@ pub(crate) async fn serve(
                 drop(drain);
             }
         },
+        refuse_busy,
     )
     .await;
+}
+
+/// Past the connection limit: a 503 saying so, then close.
+async fn refuse_busy(mut stream: tokio::net::TcpStream) {
+    let body = "{\"status\":\"busy\",\"message\":\"portcullis is serving as many connections as it allows ([limits] max_connections); try again shortly\"}\n";
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nx-proxy-error: proxy-busy\r\ncontent-length: {}\r\nconnection: close\r\nretry-after: 1\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::io::AsyncWriteExt::write_all(&mut stream, answer.as_bytes()).await;
 }
 
 /// Handles one request; an `Err` is an answer of the transport's own.

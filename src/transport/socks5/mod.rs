@@ -86,11 +86,13 @@ pub(crate) async fn serve(
         .local_addr()
         .map(|a| a.ip())
         .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    let max_connections = settings.limits.max_connections;
     accept_loop(
         listener,
         shutdown,
         drain,
         "SOCKS5",
+        max_connections,
         move |stream, client, drain| {
             let stack = stack.clone();
             let settings = settings.clone();
@@ -101,8 +103,26 @@ pub(crate) async fn serve(
                 drop(drain);
             }
         },
+        refuse_busy,
     )
     .await;
+}
+
+/// Past the connection limit: read the greeting, choose no authentication,
+/// read the request, answer general failure (0x01), close.
+async fn refuse_busy(mut stream: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = [0u8; 2];
+    if stream.read_exact(&mut head).await.is_err() || head[0] != 5 {
+        return;
+    }
+    let mut methods = vec![0u8; usize::from(head[1])];
+    if stream.read_exact(&mut methods).await.is_err() || stream.write_all(&[5, 0]).await.is_err() {
+        return;
+    }
+    let mut request = [0u8; 64];
+    let _ = stream.read(&mut request).await;
+    let _ = stream.write_all(&[5, 1, 0, 1, 0, 0, 0, 0, 0, 0]).await;
 }
 
 /// The canonical target of a SOCKS5 address.
