@@ -116,6 +116,10 @@ enum ModeArg {
 struct RunArgs {
     #[command(flatten)]
     options: Options,
+    /// Do not require the per-run proxy credential (for clients that cannot
+    /// send credentials from the proxy URL).
+    #[arg(long)]
+    no_auth: bool,
     /// The command and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -350,6 +354,14 @@ fn init_tracing(default_filter: &str) {
     let _ = tracing_subscriber::registry().with(layer).try_init();
 }
 
+/// 128 random bits as hex, from the operating system's randomness (through
+/// the standard library's hasher keys).
+fn random_secret() -> String {
+    use std::hash::BuildHasher;
+    let half = || std::collections::hash_map::RandomState::new().hash_one(std::process::id());
+    format!("{:016x}{:016x}", half(), half())
+}
+
 /// Raises the soft limit on open files to the hard limit: each tunnel holds
 /// two descriptors, and the default soft limit (often 1024) is reached long
 /// before the machine is busy.
@@ -372,7 +384,14 @@ fn usage_error(error: &dyn std::fmt::Display) -> ExitCode {
 
 /// Starts the proxy for `serve` and `run`, and the task that reloads its
 /// policy and rules when their files change (and on SIGHUP with `hangup`).
-async fn start(options: &Options, ephemeral: bool, hangup: bool) -> Result<ProxyHandle, ExitCode> {
+/// `ephemeral` (for `run`): ephemeral ports and, unless `no_auth`, a random
+/// credential for this run.
+async fn start(
+    options: &Options,
+    ephemeral: bool,
+    hangup: bool,
+    no_auth: bool,
+) -> Result<ProxyHandle, ExitCode> {
     let loaded = options.load().map_err(|e| usage_error(&e))?;
     if !loaded.config.network.enabled {
         return Err(usage_error(&format!(
@@ -396,6 +415,10 @@ async fn start(options: &Options, ephemeral: bool, hangup: bool) -> Result<Proxy
         let loopback = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
         let socks = loaded.config.network.enable_socks5.then_some(loopback);
         builder = builder.http_addr(loopback).socks_addr(socks);
+        if !no_auth {
+            // Only the child knows it: other local programs cannot use this proxy.
+            builder = builder.credentials("portcullis", random_secret());
+        }
     }
     let proxy = builder.start().await.map_err(|error| {
         let _ = writeln!(std::io::stderr(), "portcullis: {error}");
@@ -418,7 +441,7 @@ async fn serve(options: Options) -> ExitCode {
         Ok(deadline) => deadline,
         Err(error) => return usage_error(&error),
     };
-    let proxy = match start(&options, false, true).await {
+    let proxy = match start(&options, false, true, false).await {
         Ok(proxy) => proxy,
         Err(code) => return code,
     };
@@ -457,7 +480,7 @@ async fn wait_for_shutdown_signal() {
 
 async fn run(args: RunArgs) -> ExitCode {
     // SIGHUP goes to the child under `run`; files are still watched.
-    let proxy = match start(&args.options, true, false).await {
+    let proxy = match start(&args.options, true, false, args.no_auth).await {
         Ok(proxy) => proxy,
         Err(code) => return code,
     };

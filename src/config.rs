@@ -37,6 +37,20 @@ pub struct Config {
     pub approval: ApprovalConfig,
     /// `[limits]`: sizes and timeouts.
     pub limits: LimitsConfig,
+    /// `[auth]`: credentials clients must present.
+    pub auth: AuthConfig,
+}
+
+/// `[auth]`: when both are set, every client must present them (HTTP
+/// `Proxy-Authorization: Basic`, else 407; SOCKS5 username/password).
+/// `run` makes a random pair for each run unless `--no-auth`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// The username.
+    pub username: Option<String>,
+    /// The password.
+    pub password: Option<String>,
 }
 
 /// `[limits]`.

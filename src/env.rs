@@ -27,10 +27,16 @@ pub fn proxy_env(
     http: SocketAddr,
     socks: Option<SocketAddr>,
     ca: Option<&CaFiles>,
+    credentials: Option<(&str, &str)>,
 ) -> Vec<(String, String)> {
-    let http_url = format!("http://{http}");
+    // Credentials go in the URLs' userinfo (percent-encoded), where curl,
+    // git, pip, requests, httpx, npm and cargo read them.
+    let userinfo = credentials
+        .map(|(user, password)| format!("{}:{}@", encode(user), encode(password)))
+        .unwrap_or_default();
+    let http_url = format!("http://{userinfo}{http}");
     let all_url = match socks {
-        Some(socks) => format!("socks5h://{socks}"),
+        Some(socks) => format!("socks5h://{userinfo}{socks}"),
         None => http_url.clone(),
     };
     let mut env = Vec::new();
@@ -75,6 +81,20 @@ pub fn proxy_env(
     env
 }
 
+/// Percent-encodes everything but unreserved characters (RFC 3986).
+fn encode(text: &str) -> String {
+    let mut out = String::new();
+    for byte in text.bytes() {
+        match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                out.push(char::from(byte))
+            }
+            _ => out.push_str(&format!("%{byte:02X}")),
+        }
+    }
+    out
+}
+
 /// The variables as `export NAME='VALUE'` lines for a POSIX shell.
 pub fn export_lines(env: &[(String, String)]) -> String {
     let mut out = String::new();
@@ -98,7 +118,7 @@ mod tests {
         let get = |env: &[(String, String)], name: &str| {
             env.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone())
         };
-        let with = proxy_env(http, Some(socks), None);
+        let with = proxy_env(http, Some(socks), None, None);
         assert_eq!(
             get(&with, "ALL_PROXY").as_deref(),
             Some("socks5h://127.0.0.1:8081")
@@ -108,7 +128,7 @@ mod tests {
             Some("http://127.0.0.1:3128")
         );
         assert_eq!(get(&with, "NO_PROXY").as_deref(), Some(""));
-        let without = proxy_env(http, None, None);
+        let without = proxy_env(http, None, None, None);
         assert_eq!(
             get(&without, "all_proxy").as_deref(),
             Some("http://127.0.0.1:3128")
@@ -119,7 +139,7 @@ mod tests {
             ca_cert: "/ca/ca.pem".into(),
             bundle: "/ca/bundle.pem".into(),
         };
-        let intercepting = proxy_env(http, None, Some(&ca));
+        let intercepting = proxy_env(http, None, Some(&ca), None);
         for name in [
             "SSL_CERT_FILE",
             "REQUESTS_CA_BUNDLE",

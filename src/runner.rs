@@ -38,7 +38,7 @@ use crate::connector::{Connector, Dialer, OwnListeners};
 use crate::env::CaFiles;
 use crate::resolve::{Resolve, SystemResolver};
 use crate::transport::mitm::{CaError, CertificateAuthority, Interceptor, DEFAULT_LEAF_CACHE_SIZE};
-use crate::transport::{self, Limits, ProxyService, Shutdown};
+use crate::transport::{self, Credentials, Limits, ProxyService, Shutdown};
 use crate::upstream::UpstreamProxies;
 
 /// A type-erased approver.
@@ -79,7 +79,7 @@ pub struct ProxyBuilder<O = Identity, I = Identity> {
     http_addr: SocketAddr,
     socks_addr: Option<SocketAddr>,
     socks_udp: bool,
-    socks_credentials: Option<Arc<(String, String)>>,
+    credentials: Option<Credentials>,
     allow_non_loopback: bool,
     force_loopback: bool,
     policy: PolicyHandle,
@@ -123,7 +123,7 @@ impl Proxy {
             http_addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
             socks_addr: None,
             socks_udp: true,
-            socks_credentials: None,
+            credentials: None,
             allow_non_loopback: false,
             force_loopback: false,
             policy: PolicyHandle::default(),
@@ -165,14 +165,19 @@ impl<O, I> ProxyBuilder<O, I> {
         self
     }
 
-    /// Requires SOCKS5 clients to authenticate with this username and
-    /// password (no-auth is then refused with `05 FF`).
-    pub fn socks_credentials(
+    /// Requires every client to present this username and password:
+    /// HTTP `Proxy-Authorization: Basic` (else 407) and SOCKS5
+    /// username/password (no-auth refused with `05 FF`). The child
+    /// environment's proxy URLs carry them.
+    pub fn credentials(
         mut self,
         username: impl Into<String>,
         password: impl Into<String>,
     ) -> ProxyBuilder<O, I> {
-        self.socks_credentials = Some(Arc::new((username.into(), password.into())));
+        self.credentials = Some(Credentials {
+            username: username.into(),
+            password: password.into(),
+        });
         self
     }
 
@@ -327,7 +332,7 @@ impl<O, I> ProxyBuilder<O, I> {
             http_addr: self.http_addr,
             socks_addr: self.socks_addr,
             socks_udp: self.socks_udp,
-            socks_credentials: self.socks_credentials,
+            credentials: self.credentials,
             allow_non_loopback: self.allow_non_loopback,
             force_loopback: self.force_loopback,
             policy: self.policy,
@@ -513,6 +518,7 @@ where
             violations: self.violations.clone(),
             own: self.own.clone(),
             limits: self.limits,
+            credentials: self.credentials.clone(),
         };
         tokio::spawn(transport::http1::serve(
             http,
@@ -527,7 +533,7 @@ where
                 policy: self.policy.clone(),
                 violations: self.violations.clone(),
                 limits: self.limits,
-                credentials: self.socks_credentials.clone(),
+                credentials: self.credentials.clone(),
             };
             tokio::spawn(transport::socks5::serve(
                 socks,
@@ -545,6 +551,7 @@ where
             violations: self.violations.ring().clone(),
             policy: self.policy,
             ca_files,
+            credentials: self.credentials,
         })
     }
 }
@@ -557,6 +564,7 @@ pub struct ProxyHandle {
     socks_addr: Option<SocketAddr>,
     shutdown: Shutdown,
     ca_files: Option<CaFiles>,
+    credentials: Option<Credentials>,
     violations: ViolationRing,
     policy: PolicyHandle,
 }
@@ -584,7 +592,16 @@ impl ProxyHandle {
 
     /// The environment a child process needs to use this proxy.
     pub fn child_env(&self) -> Vec<(String, String)> {
-        crate::env::proxy_env(self.http_addr, self.socks_addr, self.ca_files.as_ref())
+        let credentials = self
+            .credentials
+            .as_ref()
+            .map(|c| (c.username.as_str(), c.password.as_str()));
+        crate::env::proxy_env(
+            self.http_addr,
+            self.socks_addr,
+            self.ca_files.as_ref(),
+            credentials,
+        )
     }
 
     /// Stops accepting, lets connections and tunnels finish for up to

@@ -35,10 +35,10 @@ async fn run_passes_the_environment_and_returns_the_exit_code() {
     );
     let (_, stdout, _) =
         output(portcullis().args(["run", "--", "sh", "-c", "echo $ALL_PROXY"])).await;
-    assert!(stdout.starts_with("socks5h://127.0.0.1:"), "{stdout}");
+    assert!(stdout.starts_with("socks5h://portcullis:"), "{stdout}");
     let (_, stdout, _) =
         output(portcullis().args(["run", "--no-socks", "--", "sh", "-c", "echo $ALL_PROXY"])).await;
-    assert!(stdout.starts_with("http://127.0.0.1:"), "{stdout}");
+    assert!(stdout.starts_with("http://portcullis:"), "{stdout}");
     let (code, _, _) = output(portcullis().args(["run", "--", "/nonexistent/program"])).await;
     assert_eq!(code, Some(127));
 }
@@ -390,4 +390,46 @@ async fn check_decides_https_as_the_intercepting_proxy_would() {
         assert_eq!(got, Some(code), "{flags:?} {target}: {stdout}{stderr}");
         assert_eq!(check_verdict(&stdout).1, reason, "{flags:?} {target}");
     }
+}
+
+#[tokio::test]
+async fn run_guards_its_proxy_with_a_credential_that_clients_send() {
+    let origin = origin().await;
+    let url = format!("http://{}/guarded", origin.addr);
+    // Every client reads the credential from the proxy URL; a request
+    // without it (the proxy address alone) gets 407, on HTTP and SOCKS5.
+    let script = format!(
+        r#"
+curl -s "{url}"; echo
+curl -s --socks5-hostname "${{ALL_PROXY#socks5h://}}" "{url}" >/dev/null && echo socks-with-credential-ok
+python3 -c 'import urllib.request; print(urllib.request.urlopen("{url}").read().decode())'
+python3 -c 'import requests; print(requests.get("{url}").text)' 2>/dev/null || echo "requests: not installed"
+python3 -c 'import httpx; print(httpx.get("{url}").text)' 2>/dev/null || echo "httpx: not installed or refused"
+bare="http://${{HTTP_PROXY##*@}}"
+curl -s -o /dev/null -w "%{{http_code}}\n" -x "$bare" "{url}"
+curl -s --socks5-hostname "${{ALL_PROXY##*@}}" "{url}" >/dev/null; echo "socks-without-credential-exit-$?"
+"#
+    );
+    let (code, stdout, stderr) =
+        output(portcullis().args(["run", "--allow", "127.0.0.1", "--", "sh", "-c", &script])).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], "hello /guarded", "{stdout}");
+    assert_eq!(lines[1], "socks-with-credential-ok", "{stdout}");
+    assert_eq!(lines[2], "hello /guarded", "urllib: {stdout}");
+    assert!(
+        lines[3] == "hello /guarded" || lines[3] == "requests: not installed",
+        "{stdout}"
+    );
+    println!("httpx: {}", lines[4]);
+    assert_eq!(lines[5], "407", "no credential, no proxy: {stdout}");
+    assert!(
+        lines[6].starts_with("socks-without-credential-exit-")
+            && lines[6] != "socks-without-credential-exit-0",
+        "{stdout}"
+    );
+    // And --no-auth exports bare URLs.
+    let (_, stdout, _) =
+        output(portcullis().args(["run", "--no-auth", "--", "sh", "-c", "echo $HTTP_PROXY"])).await;
+    assert!(stdout.starts_with("http://127.0.0.1:"), "{stdout}");
 }

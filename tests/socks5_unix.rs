@@ -443,7 +443,7 @@ async fn limited_mode_on_every_path() {
 async fn username_password_when_configured() {
     let origin = origin().await;
     let proxy = proxy_with(allow(&["127.0.0.1"]).build(), &[], |b| {
-        b.socks_credentials("agent", "s3cret")
+        b.credentials("agent", "s3cret")
     })
     .await;
     let socks = proxy.socks_addr();

@@ -113,6 +113,38 @@ impl Limits {
 /// The whole stack, type-erased once, as every transport drives it.
 pub type ProxyService = BoxCloneService<Request<Body>, Response<Body>, BoxError>;
 
+/// A username and password clients must present (HTTP `Proxy-Authorization:
+/// Basic`, SOCKS5 RFC 1929).
+#[derive(Clone)]
+pub(crate) struct Credentials {
+    pub(crate) username: String,
+    pub(crate) password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Credentials(<redacted>)")
+    }
+}
+
+impl Credentials {
+    /// Whether `username` and `password` are these, compared without an
+    /// early exit.
+    pub(crate) fn accept(&self, username: &str, password: &str) -> bool {
+        same_secret(username, &self.username) & same_secret(password, &self.password)
+    }
+}
+
+/// Compares without an early exit, so timing does not reveal the prefix.
+pub(crate) fn same_secret(given: &str, expected: &str) -> bool {
+    let (given, expected) = (given.as_bytes(), expected.as_bytes());
+    let mut difference = given.len() ^ expected.len();
+    for (index, byte) in expected.iter().enumerate() {
+        difference |= usize::from(given.get(index).copied().unwrap_or(0) ^ byte);
+    }
+    difference == 0
+}
+
 /// Puts the request model into a request: the one place every ingress
 /// path goes through, so every layer reads the same three extensions.
 pub(crate) fn insert_model<B>(

@@ -35,8 +35,8 @@ use crate::body::{self, Body};
 use crate::connector::{OwnListeners, UpstreamConnection};
 use crate::transport::mitm::{self, Interceptor};
 use crate::transport::{
-    accept_loop, call_stack, insert_model, splice, unix, DrainGuard, Limits, ProxyService,
-    ShutdownSignal,
+    accept_loop, call_stack, insert_model, splice, unix, Credentials, DrainGuard, Limits,
+    ProxyService, ShutdownSignal,
 };
 
 /// What the HTTP/1 listener needs besides the stack.
@@ -52,6 +52,8 @@ pub(crate) struct Settings {
     pub(crate) own: OwnListeners,
     /// Head size and count, timeouts.
     pub(crate) limits: Limits,
+    /// When set, every request must carry them in `Proxy-Authorization`.
+    pub(crate) credentials: Option<Credentials>,
 }
 
 /// Accepts connections until shutdown, serving each on its own task.
@@ -134,6 +136,11 @@ async fn route(
     drain: DrainGuard,
     settings: Arc<Settings>,
 ) -> Result<Response<Body>, Response<Body>> {
+    if let Some(credentials) = &settings.credentials {
+        if !authorized(&request, credentials) {
+            return Err(rescue::authentication_required());
+        }
+    }
     if came_round(&request, &settings.own) {
         let target = if request.method() == Method::CONNECT {
             connect_target(&request)
@@ -280,6 +287,32 @@ async fn splice_upgraded(
         Err(upgraded) => {
             splice::bidirectional(&mut TokioIo::new(upgraded), &mut upstream, idle).await
         }
+    }
+}
+
+/// Whether `Proxy-Authorization: Basic` carries these credentials.
+fn authorized<B>(request: &Request<B>, credentials: &Credentials) -> bool {
+    use base64::Engine;
+    let Some(value) = request
+        .headers()
+        .get(header::PROXY_AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let Some((scheme, encoded)) = value.trim().split_once(' ') else {
+        return false;
+    };
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return false;
+    }
+    let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(encoded.trim()) else {
+        return false;
+    };
+    let decoded = String::from_utf8_lossy(&decoded);
+    match decoded.split_once(':') {
+        Some((username, password)) => credentials.accept(username, password),
+        None => false,
     }
 }
 

@@ -100,6 +100,20 @@ pub(crate) fn status(status: StatusCode, header: &'static str, message: &str) ->
     )
 }
 
+/// A 407: this proxy needs the credentials it was started with.
+pub(crate) fn authentication_required() -> Response<Body> {
+    let mut response = json_response(
+        StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+        "proxy-auth-required".into(),
+        serde_json::json!({"status": "auth_required", "message": "portcullis needs the proxy credentials it was started with: use the proxy URL it printed (http://user:password@host:port)"}),
+    );
+    response.headers_mut().insert(
+        http::header::PROXY_AUTHENTICATE,
+        HeaderValue::from_static("Basic realm=\"portcullis\""),
+    );
+    response
+}
+
 /// A 400 with a reason.
 pub(crate) fn bad_request(message: &str) -> Response<Body> {
     json_response(

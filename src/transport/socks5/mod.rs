@@ -9,7 +9,6 @@ pub(crate) mod rescue;
 mod udp;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::Arc;
 use std::time::Duration;
 
 use fast_socks5::server::{
@@ -27,8 +26,8 @@ use portcullis_middleware::{
 
 use crate::connector::UpstreamConnection;
 use crate::transport::{
-    accept_loop, call_stack, splice, synthesized_connect, DrainGuard, Limits, ProxyService,
-    ShutdownSignal,
+    accept_loop, call_stack, splice, synthesized_connect, Credentials, DrainGuard, Limits,
+    ProxyService, ShutdownSignal,
 };
 
 /// How long a client has to finish the handshake and send its command.
@@ -49,7 +48,7 @@ pub(crate) struct Settings {
     pub(crate) limits: Limits,
     /// When set, clients must authenticate with this username and password
     /// (RFC 1929) and no-auth is refused.
-    pub(crate) credentials: Option<Arc<(String, String)>>,
+    pub(crate) credentials: Option<Credentials>,
 }
 
 impl std::fmt::Debug for Settings {
@@ -62,16 +61,6 @@ impl std::fmt::Debug for Settings {
             )
             .finish()
     }
-}
-
-/// Compares without an early exit, so timing does not reveal the prefix.
-fn same_secret(given: &str, expected: &str) -> bool {
-    let (given, expected) = (given.as_bytes(), expected.as_bytes());
-    let mut difference = given.len() ^ expected.len();
-    for (index, byte) in expected.iter().enumerate() {
-        difference |= usize::from(given.get(index).copied().unwrap_or(0) ^ byte);
-    }
-    difference == 0
 }
 
 /// Accepts SOCKS5 clients until shutdown.
@@ -159,9 +148,10 @@ async fn handle(
             StandardAuthenticationStarted::NoAuthentication(auth) => auth.finish_auth(),
             StandardAuthenticationStarted::PasswordAuthentication(auth) => {
                 let (user, pass, auth) = auth.read_username_password().await?;
-                let accepted = settings.credentials.as_ref().is_some_and(|expected| {
-                    same_secret(&user, &expected.0) & same_secret(&pass, &expected.1)
-                });
+                let accepted = settings
+                    .credentials
+                    .as_ref()
+                    .is_some_and(|expected| expected.accept(&user, &pass));
                 if !accepted {
                     auth.reject().await?;
                     return Err(SocksServerError::AuthenticationRejected);
