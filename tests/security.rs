@@ -123,7 +123,14 @@ async fn every_path(proxy: &TestProxy, authority: &str) -> Vec<(&'static str, Ve
         ),
     ];
     let (host, port) = authority.rsplit_once(':').unwrap();
-    let port: u16 = port.parse().unwrap();
+    // SOCKS5 carries the port as two bytes: junk ports exist only on HTTP.
+    let Ok(port) = port.parse::<u16>() else {
+        return verdicts;
+    };
+    // …and the domain behind a one-byte length.
+    if host.len() > 255 {
+        return verdicts;
+    }
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     let domain = socks_domain(bare);
     verdicts.push((
@@ -575,4 +582,79 @@ async fn shutdown_cuts_at_its_deadline_and_says_so_in_the_exit_code() {
     );
     // New connections are refused once shutdown starts.
     assert!(TcpStream::connect(address).await.is_err());
+}
+
+#[tokio::test]
+async fn every_trick_family_gets_the_same_verdict_on_every_path() {
+    // Only ok.test (and its subdomains with **.) is allowed; it resolves to a
+    // closed loopback port, so "through" means the decision let it pass.
+    let loopback: IpAddr = "127.0.0.1".parse().unwrap();
+    let proxy = proxy(
+        NetworkPolicy::builder()
+            .allow("ok.test")
+            .unwrap()
+            .allow("*.sub.test")
+            .unwrap()
+            .allow_local_binding(true),
+        &[
+            ("ok.test", loopback),
+            ("a.sub.test", loopback),
+            ("evil.test", loopback),
+        ],
+    )
+    .await;
+    let port = closed_port().await;
+    let through = [
+        format!("ok.test:{port}"),
+        format!("OK.TEST:{port}"),
+        format!("ok.test.:{port}"),
+        format!("a.sub.test:{port}"),
+    ];
+    let refused = [
+        format!("evil.test:{port}"),
+        format!("ok.test.evil.test:{port}"),
+        format!("evilok.test:{port}"),
+        format!("sub.test:{port}"), // *. is not the apex
+        format!("a.sub.test.evil.test:{port}"),
+        format!("xn--k-0ga.test:{port}"), // punycode is a name like any other
+        format!("{}.test:{port}", "a".repeat(63)),
+    ];
+    let malformed = [
+        format!("ok.test@evil.test:{port}"),
+        format!("evil.test#ok.test:{port}"),
+        format!("evil.test?ok.test:{port}"),
+        format!("evil.test\\ok.test:{port}"),
+        format!("ok%2etest:{port}"),
+        format!("ok.test:{port}0000"),
+        "ok.test:0".to_owned(),
+        "ok.test:-1".to_owned(),
+        "ok.test:".to_owned(),
+        format!("[::1%25eth0]:{port}"),
+        format!("[fe80::1%eth0]:{port}"),
+        format!("{}.test:{port}", "a".repeat(64)),
+        format!("{}:{port}", ["abcdefghij"; 26].join(".")),
+        format!("ök.test:{port}"),
+        format!("ok．test:{port}"),
+        format!("ok。test:{port}"),
+        format!("ok..test:{port}"),
+        format!(".ok.test:{port}"),
+    ];
+    let mut cases = 0;
+    for (authorities, expected) in [
+        (&through[..], Verdict::Through),
+        (&refused[..], Verdict::Refused),
+        (&malformed[..], Verdict::Malformed),
+    ] {
+        for authority in authorities {
+            for (path, verdict) in every_path(&proxy, authority).await {
+                // A datagram to an allowed destination leaves no trace to read.
+                if expected == Verdict::Through && path.contains("UDP") {
+                    continue;
+                }
+                cases += 1;
+                assert_eq!(verdict, expected, "{authority:?} over {path}");
+            }
+        }
+    }
+    println!("{cases} family × path cases agreed");
 }
