@@ -273,6 +273,8 @@ pub(crate) async fn accept_loop<F, Fut, R, RFut>(
 {
     let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(max_connections));
     let mut last_said: Option<tokio::time::Instant> = None;
+    let mut last_failure_said: Option<tokio::time::Instant> = None;
+    let mut failed: u64 = 0;
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -300,8 +302,14 @@ pub(crate) async fn accept_loop<F, Fut, R, RFut>(
                 }
             }
             Err(error) => {
-                // Out of file descriptors and the like: back off, keep serving.
-                tracing::warn!(%error, "accept failed on the {what} listener");
+                // Out of file descriptors and the like: back off, keep
+                // serving, and say so once a second, not once a try.
+                failed += 1;
+                if last_failure_said.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                    last_failure_said = Some(tokio::time::Instant::now());
+                    tracing::warn!(%error, failures = failed, "accept failed on the {what} listener (is the open-file limit reached?)");
+                    failed = 0;
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
