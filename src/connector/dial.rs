@@ -192,15 +192,31 @@ impl Dialer {
             let address = canonical_ip(address);
             if let Err(Decision::Deny { reason, rule }) = policy.check_resolved(host, address, port)
             {
-                return Err(Blocked::new(
+                let blocked = Blocked::new(
                     reason,
                     Source::Connector,
                     request.target.clone(),
                     request.protocol,
                     request.method,
                 )
-                .with_rule(Some(rule))
-                .into());
+                .with_rule(Some(rule));
+                // The host is allowed; the address it resolved to is not. The
+                // fix names the address, not the host.
+                let blocked = match (reason, host) {
+                    (Reason::NotAllowedLocal, Host::Name(_)) => {
+                        let shown = match address {
+                            IpAddr::V6(v6) => format!("[{v6}]"),
+                            IpAddr::V4(v4) => v4.to_string(),
+                        };
+                        let message = format!(
+                            "portcullis refused {}: it resolves to the local or private address {address}; allow that address (allowed_domains entry or --allow {shown}:{port}) or set allow_local_binding = true (--allow-local-binding)",
+                            request.target
+                        );
+                        blocked.with_message(message)
+                    }
+                    _ => blocked,
+                };
+                return Err(blocked.into());
             }
             let vetted_address = SocketAddr::new(address, port);
             if self.own.reaches(vetted_address) {
@@ -351,6 +367,12 @@ mod tests {
         let two = vet(&dialer, "two.test:80").await.unwrap();
         assert_eq!(two.len(), 2, "every vetted answer is kept, in order");
 
+        let error = vet(&dialer, "private.test:443").await.unwrap_err();
+        let message = &find_blocked(error.as_ref()).unwrap().message;
+        assert!(
+            message.contains("--allow 10.0.0.5:443") && !message.contains("--allow private.test"),
+            "the fix names the address the host resolved to: {message}"
+        );
         for (authority, reason) in [
             ("private.test:443", Reason::NotAllowedLocal),
             ("mixed.test:443", Reason::NotAllowedLocal),
