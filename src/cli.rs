@@ -47,13 +47,13 @@ pub struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
     #[command(flatten)]
-    options: Options,
+    serve: ServeArgs,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the proxy (the default) and print the proxy environment.
-    Serve(Options),
+    Serve(ServeArgs),
     /// Run a command with its network going through the proxy.
     Run(RunArgs),
     /// Print the policy's decision for a URL or host:port.
@@ -123,6 +123,17 @@ struct RunArgs {
     /// The command and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<OsString>,
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    options: Options,
+    /// Also write the proxy environment (`export NAME='VALUE'` lines) to
+    /// FILE once listening — whole, by rename, mode 0600 — and remove it on
+    /// exit: `portcullis serve --env-file env.sh & … . ./env.sh`.
+    #[arg(long, value_name = "FILE")]
+    env_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -254,6 +265,7 @@ impl Loaded {
             .upstream_roots(config.upstream_roots(origin)?)
             .limits(limits)
             .connect_timeout(connect_timeout)
+            .all_proxy_socks(config.network.all_proxy == crate::config::AllProxy::Socks5h)
             .leaf_cache_size(config.mitm.leaf_cache_size)
             .violations(violations);
         let (builder, rules, approver) = match crate::approvers::from_config(config, origin, &ring)?
@@ -310,7 +322,7 @@ pub fn main() -> ExitCode {
         // `check` answers on stdout; its refusal is not news for the log.
         Some(Command::Check(args)) => (Command::Check(args), "error"),
         Some(command) => (command, "info"),
-        None => (Command::Serve(cli.options), "info"),
+        None => (Command::Serve(cli.serve), "info"),
     };
     init_tracing(default_filter);
     raise_fd_limit();
@@ -326,7 +338,7 @@ pub fn main() -> ExitCode {
     };
     runtime.block_on(async move {
         match command {
-            Command::Serve(options) => serve(options).await,
+            Command::Serve(args) => serve(args).await,
             Command::Run(args) => run(args).await,
             Command::Check(args) => check(args).await,
             Command::Ca(args) => ca(args),
@@ -433,7 +445,8 @@ async fn start(
     Ok(proxy)
 }
 
-async fn serve(options: Options) -> ExitCode {
+async fn serve(args: ServeArgs) -> ExitCode {
+    let options = args.options;
     let deadline = match options
         .load()
         .and_then(|loaded| loaded.config.shutdown_deadline(&loaded.origin))
@@ -450,12 +463,27 @@ async fn serve(options: Options) -> ExitCode {
     let _ = stdout.write_all(exports.as_bytes());
     let _ = stdout.flush();
     drop(stdout);
+    if let Some(path) = &args.env_file {
+        // Whole or not at all: a script that waits for the file reads it complete.
+        if let Err(error) =
+            crate::transport::mitm::write_atomically(path, exports.as_bytes(), 0o600)
+        {
+            let _ = writeln!(std::io::stderr(), "{error}");
+            proxy.shutdown(Duration::ZERO).await;
+            return ExitCode::from(EXIT_UNAVAILABLE);
+        }
+    }
     wait_for_shutdown_signal().await;
     tracing::info!("shutting down: no new connections; waiting up to {deadline:?} for open ones");
+    let cut = proxy.shutdown(deadline).await;
+    if let Some(path) = &args.env_file {
+        let _ = std::fs::remove_file(path);
+    }
     // 0 when everything finished; 1 when the deadline cut something.
-    match proxy.shutdown(deadline).await {
-        0 => ExitCode::SUCCESS,
-        _ => ExitCode::FAILURE,
+    if cut == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

@@ -211,6 +211,20 @@ pub struct NetworkConfig {
     /// In limited mode, let git fetch and clone over smart HTTP
     /// (`POST …/git-upload-pack` is a read); push stays refused.
     pub limited_allow_git_fetch: bool,
+    /// What the child's `ALL_PROXY` names: `http` (default; every common
+    /// client takes it) or `socks5h` (codex's choice).
+    pub all_proxy: AllProxy,
+}
+
+/// What `ALL_PROXY` names for a child.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AllProxy {
+    /// The HTTP proxy URL.
+    #[default]
+    Http,
+    /// The SOCKS5 URL (names resolved by the proxy).
+    Socks5h,
 }
 
 impl Default for NetworkConfig {
@@ -233,6 +247,7 @@ impl Default for NetworkConfig {
             dangerously_allow_all_unix_sockets: false,
             mitm: false,
             limited_allow_git_fetch: true,
+            all_proxy: AllProxy::Http,
         }
     }
 }
@@ -666,6 +681,7 @@ mod tests {
             dangerously_allow_all_unix_sockets: false,
             mitm: false,
             limited_allow_git_fetch: true,
+            all_proxy: AllProxy::Http,
         };
         assert_eq!(config.network, expected);
         assert_eq!(

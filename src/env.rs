@@ -2,8 +2,15 @@
 //!
 //! The list follows the codex network proxy: the usual `*_PROXY` variables
 //! in both cases, and the variables npm, yarn, pip, cargo and docker read.
-//! `ALL_PROXY` is the `socks5h://` URL when SOCKS5 is on (names are resolved
-//! by the proxy, never by the child) and the HTTP URL otherwise.
+//!
+//! A departure from codex: `ALL_PROXY`/`all_proxy` are the **HTTP** URL by
+//! default. Python's httpx (inside the OpenAI and Anthropic SDKs) fails on
+//! every request, plain HTTP included, when `ALL_PROXY` is a SOCKS URL and the
+//! `socksio` package is missing; every common client understands the HTTP
+//! URL. The SOCKS5 URL (`socks5h://`: names resolved by the proxy) is
+//! exported as `SOCKS_PROXY`/`socks_proxy`, and `[network] all_proxy =
+//! "socks5h"` puts it in `ALL_PROXY` as codex does. `NODE_USE_ENV_PROXY=1`
+//! makes node (24 and later) honour the variables in its built-in `fetch`.
 //!
 //! One departure from codex: `NO_PROXY` is set to the empty string, not to
 //! the loopback names, so that a child cannot reach local services around
@@ -22,22 +29,41 @@ pub struct CaFiles {
     pub bundle: PathBuf,
 }
 
-/// The variables, in a stable order; with `ca`, the CA bundle variables too.
-pub fn proxy_env(
-    http: SocketAddr,
-    socks: Option<SocketAddr>,
-    ca: Option<&CaFiles>,
-    credentials: Option<(&str, &str)>,
-) -> Vec<(String, String)> {
+/// What the child's proxy variables are made from.
+#[derive(Debug, Clone, Copy)]
+pub struct ProxyEnv<'a> {
+    /// The HTTP listener.
+    pub http: SocketAddr,
+    /// The SOCKS5 listener, when on.
+    pub socks: Option<SocketAddr>,
+    /// The interception CA's files, when interception is on.
+    pub ca: Option<&'a CaFiles>,
+    /// The credential clients must present, when one is required.
+    pub credentials: Option<(&'a str, &'a str)>,
+    /// Whether `ALL_PROXY` is the SOCKS5 URL (codex's choice) rather than the
+    /// HTTP one.
+    pub all_proxy_socks: bool,
+}
+
+/// The variables, in a stable order; with a CA, the CA bundle variables too.
+pub fn proxy_env(settings: &ProxyEnv<'_>) -> Vec<(String, String)> {
+    let ProxyEnv {
+        http,
+        socks,
+        ca,
+        credentials,
+        all_proxy_socks,
+    } = *settings;
     // Credentials go in the URLs' userinfo (percent-encoded), where curl,
     // git, pip, requests, httpx, npm and cargo read them.
     let userinfo = credentials
         .map(|(user, password)| format!("{}:{}@", encode(user), encode(password)))
         .unwrap_or_default();
     let http_url = format!("http://{userinfo}{http}");
-    let all_url = match socks {
-        Some(socks) => format!("socks5h://{userinfo}{socks}"),
-        None => http_url.clone(),
+    let socks_url = socks.map(|socks| format!("socks5h://{userinfo}{socks}"));
+    let all_url = match (&socks_url, all_proxy_socks) {
+        (Some(socks_url), true) => socks_url.clone(),
+        _ => http_url.clone(),
     };
     let mut env = Vec::new();
     let mut set = |name: &str, value: &str| env.push((name.to_owned(), value.to_owned()));
@@ -46,6 +72,11 @@ pub fn proxy_env(
     }
     set("ALL_PROXY", &all_url);
     set("all_proxy", &all_url);
+    if let Some(socks_url) = &socks_url {
+        set("SOCKS_PROXY", socks_url);
+        set("socks_proxy", socks_url);
+    }
+    set("NODE_USE_ENV_PROXY", "1");
     set("NO_PROXY", "");
     set("no_proxy", "");
     for name in [
@@ -118,9 +149,30 @@ mod tests {
         let get = |env: &[(String, String)], name: &str| {
             env.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone())
         };
-        let with = proxy_env(http, Some(socks), None, None);
+        let base = ProxyEnv {
+            http,
+            socks: Some(socks),
+            ca: None,
+            credentials: None,
+            all_proxy_socks: false,
+        };
+        let with = proxy_env(&base);
         assert_eq!(
             get(&with, "ALL_PROXY").as_deref(),
+            Some("http://127.0.0.1:3128"),
+            "ALL_PROXY is the HTTP URL, which httpx takes without socksio"
+        );
+        assert_eq!(
+            get(&with, "SOCKS_PROXY").as_deref(),
+            Some("socks5h://127.0.0.1:8081")
+        );
+        assert_eq!(get(&with, "NODE_USE_ENV_PROXY").as_deref(), Some("1"));
+        let codex = proxy_env(&ProxyEnv {
+            all_proxy_socks: true,
+            ..base
+        });
+        assert_eq!(
+            get(&codex, "all_proxy").as_deref(),
             Some("socks5h://127.0.0.1:8081")
         );
         assert_eq!(
@@ -128,7 +180,10 @@ mod tests {
             Some("http://127.0.0.1:3128")
         );
         assert_eq!(get(&with, "NO_PROXY").as_deref(), Some(""));
-        let without = proxy_env(http, None, None, None);
+        let without = proxy_env(&ProxyEnv {
+            socks: None,
+            ..base
+        });
         assert_eq!(
             get(&without, "all_proxy").as_deref(),
             Some("http://127.0.0.1:3128")
@@ -139,7 +194,10 @@ mod tests {
             ca_cert: "/ca/ca.pem".into(),
             bundle: "/ca/bundle.pem".into(),
         };
-        let intercepting = proxy_env(http, None, Some(&ca), None);
+        let intercepting = proxy_env(&ProxyEnv {
+            ca: Some(&ca),
+            ..base
+        });
         for name in [
             "SSL_CERT_FILE",
             "REQUESTS_CA_BUNDLE",

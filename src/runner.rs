@@ -97,6 +97,7 @@ pub struct ProxyBuilder<O = Identity, I = Identity> {
     /// The listeners once bound (never a destination) and this proxy's name.
     own: OwnListeners,
     limits: Limits,
+    all_proxy_socks: bool,
     outer: O,
     inner: I,
 }
@@ -140,6 +141,7 @@ impl Proxy {
             rules: None,
             own: OwnListeners::default(),
             limits: Limits::default(),
+            all_proxy_socks: false,
             outer: Identity::new(),
             inner: Identity::new(),
         }
@@ -307,6 +309,13 @@ impl<O, I> ProxyBuilder<O, I> {
         self
     }
 
+    /// Whether the child's `ALL_PROXY` is the SOCKS5 URL (codex's choice)
+    /// instead of the HTTP one (the default; see [`crate::env`]).
+    pub fn all_proxy_socks(mut self, socks: bool) -> ProxyBuilder<O, I> {
+        self.all_proxy_socks = socks;
+        self
+    }
+
     /// Whether an approver is configured.
     pub fn has_approver(&self) -> bool {
         self.approval.is_some()
@@ -349,6 +358,7 @@ impl<O, I> ProxyBuilder<O, I> {
             rules: self.rules,
             own: self.own,
             limits: self.limits,
+            all_proxy_socks: self.all_proxy_socks,
             outer,
             inner,
         }
@@ -552,6 +562,7 @@ where
             policy: self.policy,
             ca_files,
             credentials: self.credentials,
+            all_proxy_socks: self.all_proxy_socks,
         })
     }
 }
@@ -565,6 +576,7 @@ pub struct ProxyHandle {
     shutdown: Shutdown,
     ca_files: Option<CaFiles>,
     credentials: Option<Credentials>,
+    all_proxy_socks: bool,
     violations: ViolationRing,
     policy: PolicyHandle,
 }
@@ -596,12 +608,13 @@ impl ProxyHandle {
             .credentials
             .as_ref()
             .map(|c| (c.username.as_str(), c.password.as_str()));
-        crate::env::proxy_env(
-            self.http_addr,
-            self.socks_addr,
-            self.ca_files.as_ref(),
+        crate::env::proxy_env(&crate::env::ProxyEnv {
+            http: self.http_addr,
+            socks: self.socks_addr,
+            ca: self.ca_files.as_ref(),
             credentials,
-        )
+            all_proxy_socks: self.all_proxy_socks,
+        })
     }
 
     /// Stops accepting, lets connections and tunnels finish for up to

@@ -33,9 +33,27 @@ async fn run_passes_the_environment_and_returns_the_exit_code() {
         stderr.contains("reason=\"not_allowed\""),
         "refusals are logged on stderr: {stderr}"
     );
-    let (_, stdout, _) =
-        output(portcullis().args(["run", "--", "sh", "-c", "echo $ALL_PROXY"])).await;
-    assert!(stdout.starts_with("socks5h://portcullis:"), "{stdout}");
+    let (_, stdout, _) = output(portcullis().args([
+        "run",
+        "--",
+        "sh",
+        "-c",
+        "echo $ALL_PROXY; echo $SOCKS_PROXY",
+    ]))
+    .await;
+    let mut lines = stdout.lines();
+    let all = lines.next().unwrap_or_default();
+    assert!(
+        all.starts_with("http://portcullis:"),
+        "ALL_PROXY is the HTTP URL: {stdout}"
+    );
+    assert!(
+        lines
+            .next()
+            .unwrap_or_default()
+            .starts_with("socks5h://portcullis:"),
+        "{stdout}"
+    );
     let (_, stdout, _) =
         output(portcullis().args(["run", "--no-socks", "--", "sh", "-c", "echo $ALL_PROXY"])).await;
     assert!(stdout.starts_with("http://portcullis:"), "{stdout}");
@@ -401,13 +419,13 @@ async fn run_guards_its_proxy_with_a_credential_that_clients_send() {
     let script = format!(
         r#"
 curl -s "{url}"; echo
-curl -s --socks5-hostname "${{ALL_PROXY#socks5h://}}" "{url}" >/dev/null && echo socks-with-credential-ok
+curl -s --socks5-hostname "${{SOCKS_PROXY#socks5h://}}" "{url}" >/dev/null && echo socks-with-credential-ok
 python3 -c 'import urllib.request; print(urllib.request.urlopen("{url}").read().decode())'
 python3 -c 'import requests; print(requests.get("{url}").text)' 2>/dev/null || echo "requests: not installed"
-python3 -c 'import httpx; print(httpx.get("{url}").text)' 2>/dev/null || echo "httpx: not installed or refused"
+python3 -c 'import httpx; print(httpx.get("{url}").text)' 2>/dev/null || echo "httpx: not installed"
 bare="http://${{HTTP_PROXY##*@}}"
 curl -s -o /dev/null -w "%{{http_code}}\n" -x "$bare" "{url}"
-curl -s --socks5-hostname "${{ALL_PROXY##*@}}" "{url}" >/dev/null; echo "socks-without-credential-exit-$?"
+curl -s --socks5-hostname "${{SOCKS_PROXY##*@}}" "{url}" >/dev/null; echo "socks-without-credential-exit-$?"
 "#
     );
     let (code, stdout, stderr) =
@@ -421,7 +439,11 @@ curl -s --socks5-hostname "${{ALL_PROXY##*@}}" "{url}" >/dev/null; echo "socks-w
         lines[3] == "hello /guarded" || lines[3] == "requests: not installed",
         "{stdout}"
     );
-    println!("httpx: {}", lines[4]);
+    // httpx takes the exported ALL_PROXY (the HTTP URL) without socksio.
+    assert!(
+        lines[4] == "hello /guarded" || lines[4] == "httpx: not installed",
+        "{stdout}"
+    );
     assert_eq!(lines[5], "407", "no credential, no proxy: {stdout}");
     assert!(
         lines[6].starts_with("socks-without-credential-exit-")
@@ -432,4 +454,51 @@ curl -s --socks5-hostname "${{ALL_PROXY##*@}}" "{url}" >/dev/null; echo "socks-w
     let (_, stdout, _) =
         output(portcullis().args(["run", "--no-auth", "--", "sh", "-c", "echo $HTTP_PROXY"])).await;
     assert!(stdout.starts_with("http://127.0.0.1:"), "{stdout}");
+}
+
+#[tokio::test]
+async fn serve_writes_an_env_file_a_script_can_source() {
+    let origin = origin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let env_file = dir.path().join("portcullis.env");
+    let mut child = portcullis()
+        .args([
+            "serve",
+            "--http",
+            "127.0.0.1:0",
+            "--socks",
+            "127.0.0.1:0",
+            "--allow",
+            "127.0.0.1",
+            "--env-file",
+        ])
+        .arg(&env_file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    for _ in 0..100 {
+        if env_file.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&env_file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let script = format!(
+        ". '{}'; curl -s http://{}/sourced",
+        env_file.display(),
+        origin.addr
+    );
+    let (code, stdout, _) = output(Command::new("sh").args(["-c", &script])).await;
+    assert_eq!((code, stdout.as_str()), (Some(0), "hello /sourced"));
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+    assert!(!env_file.exists(), "removed on exit");
 }

@@ -38,6 +38,7 @@ use portcullis_middleware::{
     Blocked, BoxError, HasBody, Protocol, Reason, Source, Target, ViolationLogLayer,
 };
 
+pub(crate) use ca::write_atomically;
 pub use ca::{CaError, CertificateAuthority, CA_CERT_FILE, CA_KEY_FILE};
 
 /// The bundle file's name in the CA directory: the system's roots and ours.
