@@ -180,6 +180,13 @@ impl Options {
         let network = &mut config.network;
         if let Some(http) = &self.http {
             network.proxy_url = http.clone();
+            // An ephemeral HTTP port with no SOCKS address asked for: SOCKS
+            // is ephemeral too, so a second instance does not collide on 8081.
+            if let (Ok(address), None) = (http.parse::<SocketAddr>(), &self.socks) {
+                if address.port() == 0 {
+                    network.socks_url = format!("socks5://{}", SocketAddr::new(address.ip(), 0));
+                }
+            }
         }
         if let Some(socks) = &self.socks {
             network.socks_url = socks.clone();
@@ -205,11 +212,21 @@ impl Options {
             network.allow_local_binding = true;
         }
         for entry in &self.resolve {
-            let (name, ip) = entry.split_once('=').ok_or_else(|| ConfigError::Invalid {
+            let invalid = |message: String| ConfigError::Invalid {
                 key: "--resolve".into(),
                 origin: "the command line".into(),
-                message: format!("{entry:?} is not NAME=IP"),
+                message,
+            };
+            let (name, ip) = entry
+                .split_once('=')
+                .ok_or_else(|| invalid(format!("{entry:?} is not NAME=IP")))?;
+            ip.parse::<IpAddr>().map_err(|_| {
+                invalid(format!(
+                    "{entry:?}: {ip:?} is not an IP address (NAME=IP, e.g. svc.test=127.0.0.1)"
+                ))
             })?;
+            portcullis_middleware::Host::parse(name)
+                .map_err(|e| invalid(format!("{entry:?}: {name:?} is not a host name: {e}")))?;
             config
                 .dns
                 .hosts
@@ -424,9 +441,15 @@ async fn start(
         builder = builder.mitm(Some(Arc::new(ca)));
     }
     if ephemeral {
+        // `run` listens on ephemeral loopback ports unless told otherwise.
         let loopback = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
-        let socks = loaded.config.network.enable_socks5.then_some(loopback);
-        builder = builder.http_addr(loopback).socks_addr(socks);
+        if options.http.is_none() {
+            builder = builder.http_addr(loopback);
+        }
+        if options.socks.is_none() {
+            let socks = loaded.config.network.enable_socks5.then_some(loopback);
+            builder = builder.socks_addr(socks);
+        }
         if !no_auth {
             // Only the child knows it: other local programs cannot use this proxy.
             builder = builder.credentials("portcullis", random_secret());

@@ -190,6 +190,50 @@ async fn bad_usage_and_bad_config_exit_64_with_one_line() {
         stderr.to_ascii_lowercase().contains("network.mode"),
         "{stderr}"
     );
+    // Usage mistakes get the fix, not a parser's complaint.
+    for (args, says) in [
+        (
+            &[
+                "check",
+                "--allow",
+                "http://example.com/x",
+                "example.com:443",
+            ][..],
+            "did you mean example.com?",
+        ),
+        (
+            &[
+                "check",
+                "--allow",
+                "/var/run/docker.sock",
+                "example.com:443",
+            ][..],
+            "allow_unix_sockets",
+        ),
+        (
+            &["check", "--resolve", "x.test=notip", "x.test:443"][..],
+            "is not an IP address",
+        ),
+    ] {
+        let (code, _, stderr) = output(portcullis().args(args)).await;
+        assert_eq!(code, Some(64), "{args:?}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    }
+    // `run --http` is honoured; an ephemeral HTTP port makes SOCKS ephemeral.
+    let (_, stdout, _) = output(portcullis().args([
+        "run",
+        "--no-auth",
+        "--http",
+        "127.0.0.1:0",
+        "--",
+        "sh",
+        "-c",
+        "echo $HTTP_PROXY $SOCKS_PROXY",
+    ]))
+    .await;
+    assert!(stdout.starts_with("http://127.0.0.1:"), "{stdout}");
+    assert!(!stdout.contains(":8081"), "{stdout}");
     let (code, stdout, _) = output(portcullis().arg("--help")).await;
     assert_eq!(code, Some(0));
     assert!(stdout.contains("run"));

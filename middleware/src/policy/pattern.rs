@@ -21,6 +21,17 @@ pub enum PatternError {
     /// The CIDR range was malformed.
     #[error("the CIDR range is malformed (expected ADDRESS/PREFIX, e.g. 10.0.0.0/8)")]
     InvalidCidr,
+    /// A URL where a host was expected.
+    #[error("a pattern is a host, not a URL: did you mean {suggestion}?")]
+    Url {
+        /// The host (and port) the URL names.
+        suggestion: String,
+    },
+    /// A file path where a host was expected.
+    #[error(
+        "a pattern is a host, not a path; allow a Unix socket with allow_unix_sockets in [network]"
+    )]
+    Path,
     /// The host part was malformed.
     #[error("{0}")]
     Host(#[from] TargetError),
@@ -129,6 +140,16 @@ impl Pattern {
     pub fn parse(text: &str) -> Result<Pattern, PatternError> {
         if text.is_empty() {
             return Err(PatternError::Empty);
+        }
+        if let Some((_, rest)) = text.split_once("://") {
+            let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+            let authority = authority.rsplit('@').next().unwrap_or_default();
+            return Err(PatternError::Url {
+                suggestion: authority.to_owned(),
+            });
+        }
+        if text.starts_with('/') || text.starts_with("./") || text.starts_with('~') {
+            return Err(PatternError::Path);
         }
         let (host_text, port) = split_pattern(text)?;
         let host = parse_host_pattern(host_text)?;
@@ -292,5 +313,22 @@ mod tests {
         );
         assert!(Pattern::parse("exa mple.com").is_err());
         assert!(Pattern::parse("[::1").is_err());
+    }
+}
+
+#[cfg(test)]
+mod mistake_tests {
+    use super::*;
+
+    #[test]
+    fn urls_and_paths_get_the_fix() {
+        assert_eq!(
+            Pattern::parse("https://user@api.example.com:8443/v1?x"),
+            Err(PatternError::Url {
+                suggestion: "api.example.com:8443".into()
+            })
+        );
+        assert_eq!(Pattern::parse("/run/docker.sock"), Err(PatternError::Path));
+        assert!(Pattern::parse("example.com").is_ok());
     }
 }
