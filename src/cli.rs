@@ -94,6 +94,10 @@ pub struct Options {
     /// Intercept HTTPS in limited mode (clients must trust `portcullis ca`).
     #[arg(long)]
     mitm: bool,
+    /// Do not chain through the proxy named by this process's own
+    /// HTTP_PROXY/HTTPS_PROXY/ALL_PROXY (allow_upstream_proxy = false).
+    #[arg(long)]
+    no_upstream_proxy: bool,
     /// Who answers an allowlist miss: deny (nobody), prompt (this
     /// terminal), command (the `[approval] command` reviewer).
     #[arg(long, value_enum, value_name = "MODE")]
@@ -205,6 +209,9 @@ impl Options {
         if self.mitm {
             network.mitm = true;
         }
+        if self.no_upstream_proxy {
+            network.allow_upstream_proxy = false;
+        }
         if let Some(mode) = self.approve {
             config.approval.mode = mode;
         }
@@ -268,6 +275,9 @@ impl Loaded {
             .network
             .allow_upstream_proxy
             .then(UpstreamProxies::from_env);
+        if upstream.is_some() {
+            announce_upstream();
+        }
         let (limits, connect_timeout) = config.limits(origin)?;
         let builder = Proxy::builder()
             .http_addr(config.http_addr(origin)?)
@@ -334,14 +344,15 @@ pub fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    let (command, default_filter) = match cli.command {
-        Some(Command::Run(args)) => (Command::Run(args), "warn"),
+    // Under `run`, RUST_LOG belongs to the child: only PORTCULLIS_LOG is ours.
+    let (command, default_filter, read_rust_log) = match cli.command {
+        Some(Command::Run(args)) => (Command::Run(args), "warn", false),
         // `check` answers on stdout; its refusal is not news for the log.
-        Some(Command::Check(args)) => (Command::Check(args), "error"),
-        Some(command) => (command, "info"),
-        None => (Command::Serve(cli.serve), "info"),
+        Some(Command::Check(args)) => (Command::Check(args), "error", true),
+        Some(command) => (command, "info", true),
+        None => (Command::Serve(cli.serve), "info", true),
     };
-    init_tracing(default_filter);
+    init_tracing(default_filter, read_rust_log);
     raise_fd_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -363,11 +374,21 @@ pub fn main() -> ExitCode {
     })
 }
 
-fn init_tracing(default_filter: &str) {
+/// Starts logging to stderr, filtered by `PORTCULLIS_LOG`, else (not under
+/// `run`) `RUST_LOG`, else `default_filter`.
+fn init_tracing(default_filter: &str, read_rust_log: bool) {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::Layer;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let directives = std::env::var("PORTCULLIS_LOG")
+        .ok()
+        .or_else(|| {
+            read_rust_log
+                .then(|| std::env::var("RUST_LOG").ok())
+                .flatten()
+        })
+        .unwrap_or_else(|| default_filter.to_owned());
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     // fast-socks5 logs network-supplied bytes raw (a SOCKS domain, even the
     // password bytes) at debug level: its events never reach our log,
@@ -389,6 +410,33 @@ fn random_secret() -> String {
     use std::hash::BuildHasher;
     let half = || std::collections::hash_map::RandomState::new().hash_one(std::process::id());
     format!("{:016x}{:016x}", half(), half())
+}
+
+/// Says, once at start, which proxy this one chains through: an inherited
+/// HTTP_PROXY silently making every refusal somebody else's is how `--allow`
+/// "does nothing".
+fn announce_upstream() {
+    for name in [
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ] {
+        if let Some(value) = std::env::var(name).ok().filter(|v| !v.is_empty()) {
+            // Never print a password from the URL.
+            let shown = match value.split_once("://") {
+                Some((scheme, rest)) => match rest.rsplit_once('@') {
+                    Some((_, host)) => format!("{scheme}://…@{host}"),
+                    None => value.clone(),
+                },
+                None => value.clone(),
+            };
+            tracing::warn!("chaining through {shown} (from {name} in portcullis's own environment); pass --no-upstream-proxy or set allow_upstream_proxy = false to go direct");
+            return;
+        }
+    }
 }
 
 /// Raises the soft limit on open files to the hard limit: each tunnel holds

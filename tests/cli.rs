@@ -546,3 +546,39 @@ async fn serve_writes_an_env_file_a_script_can_source() {
     assert!(status.success());
     assert!(!env_file.exists(), "removed on exit");
 }
+
+#[tokio::test]
+async fn chaining_is_announced_and_the_child_keeps_its_rust_log() {
+    let (code, stdout, stderr) = output(
+        portcullis()
+            .args(["run", "--no-auth", "--", "sh", "-c", "echo $RUST_LOG"])
+            .env("HTTPS_PROXY", "http://someone:hunter2@127.0.0.1:9")
+            .env("RUST_LOG", "trace"),
+    )
+    .await;
+    assert_eq!(code, Some(0));
+    assert_eq!(
+        stdout.trim(),
+        "trace",
+        "the child's RUST_LOG is the child's"
+    );
+    assert!(
+        stderr.contains("chaining through http://…@127.0.0.1:9"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("hunter2"),
+        "no password in the log: {stderr}"
+    );
+    assert!(
+        !stderr.contains("TRACE"),
+        "RUST_LOG does not drive portcullis under run: {stderr}"
+    );
+    let (_, _, stderr) = output(
+        portcullis()
+            .args(["run", "--no-auth", "--no-upstream-proxy", "--", "true"])
+            .env("HTTPS_PROXY", "http://127.0.0.1:9"),
+    )
+    .await;
+    assert!(!stderr.contains("chaining"), "{stderr}");
+}
