@@ -251,6 +251,14 @@ impl Options {
 impl Loaded {
     /// A proxy builder for this configuration (listeners from the config).
     pub fn builder(&self) -> Result<Prepared, ConfigError> {
+        self.builder_recording(None)
+    }
+
+    /// The same, also handing every refusal to `sink`.
+    fn builder_recording(
+        &self,
+        tally: Option<crate::summary::Tally>,
+    ) -> Result<Prepared, ConfigError> {
         let config = &self.config;
         let origin = &self.origin;
         let policy = config.policy(origin)?;
@@ -265,6 +273,9 @@ impl Loaded {
                 message: format!("cannot open {}: {e}", file.display()),
             })?;
             violations = violations.with_sink(sink);
+        }
+        if let Some(tally) = tally {
+            violations = violations.with_sink(tally);
         }
         let socks = if config.network.enable_socks5 {
             Some(config.socks_addr(origin)?)
@@ -468,6 +479,7 @@ async fn start(
     ephemeral: bool,
     hangup: bool,
     no_auth: bool,
+    tally: Option<crate::summary::Tally>,
 ) -> Result<ProxyHandle, ExitCode> {
     let loaded = options.load().map_err(|e| usage_error(&e))?;
     if !loaded.config.network.enabled {
@@ -478,7 +490,9 @@ async fn start(
     }
     let Prepared {
         mut builder, rules, ..
-    } = loaded.builder().map_err(|e| usage_error(&e))?;
+    } = loaded
+        .builder_recording(tally)
+        .map_err(|e| usage_error(&e))?;
     if loaded.config.network.mitm {
         let ca = load_ca(&loaded.config, &loaded.origin)?;
         if loaded.config.network.mode == Mode::Full {
@@ -525,7 +539,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         Ok(deadline) => deadline,
         Err(error) => return usage_error(&error),
     };
-    let proxy = match start(&options, false, true, false).await {
+    let proxy = match start(&options, false, true, false, None).await {
         Ok(proxy) => proxy,
         Err(code) => return code,
     };
@@ -579,7 +593,16 @@ async fn wait_for_shutdown_signal() {
 
 async fn run(args: RunArgs) -> ExitCode {
     // SIGHUP goes to the child under `run`; files are still watched.
-    let proxy = match start(&args.options, true, false, args.no_auth).await {
+    let tally = crate::summary::Tally::default();
+    let proxy = match start(
+        &args.options,
+        true,
+        false,
+        args.no_auth,
+        Some(tally.clone()),
+    )
+    .await
+    {
         Ok(proxy) => proxy,
         Err(code) => return code,
     };
@@ -606,6 +629,12 @@ async fn run(args: RunArgs) -> ExitCode {
     };
     let status = wait_forwarding_signals(&mut child).await;
     proxy.shutdown(Duration::from_secs(1)).await;
+    // Each refused destination once, with the flag that would allow it.
+    let mut stderr = std::io::stderr().lock();
+    for line in tally.lines() {
+        let _ = writeln!(stderr, "{line}");
+    }
+    drop(stderr);
     match status {
         Ok(status) => ExitCode::from(exit_code(status)),
         Err(error) => {

@@ -46,6 +46,7 @@ mod connector;
 pub mod env;
 mod reload;
 pub mod runner;
+mod summary;
 mod transport;
 
 pub use connector::{resolve, upstream, Connector};

@@ -582,3 +582,34 @@ async fn chaining_is_announced_and_the_child_keeps_its_rust_log() {
     .await;
     assert!(!stderr.contains("chaining"), "{stderr}");
 }
+
+#[tokio::test]
+async fn run_ends_with_a_summary_of_what_it_refused() {
+    let (code, _, stderr) = output(portcullis().args([
+        "run",
+        "--no-auth",
+        "--",
+        "sh",
+        "-c",
+        "for i in 1 2 3; do curl -s -o /dev/null http://blocked.test/; done; curl -s -o /dev/null http://other.test:8080/",
+    ]))
+    .await;
+    assert_eq!(code, Some(0));
+    let summary: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("portcullis: refused"))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            "portcullis: refused blocked.test:80 ×3 — not in the allowlist; add --allow blocked.test",
+            "portcullis: refused other.test:8080 ×1 — not in the allowlist; add --allow other.test",
+        ],
+        "{stderr}"
+    );
+    let (_, _, stderr) = output(portcullis().args(["run", "--no-auth", "--", "true"])).await;
+    assert!(
+        !stderr.contains("portcullis: refused"),
+        "nothing refused, nothing said: {stderr}"
+    );
+}
