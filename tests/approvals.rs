@@ -170,14 +170,7 @@ async fn serve(config: &Path, extra: &[&str]) -> Served {
 
 impl Served {
     async fn stop(mut self) -> String {
-        let pid = nix::unistd::Pid::from_raw(self.child.id().unwrap() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-        let mut stderr = String::new();
-        let mut pipe = self.child.stderr.take().unwrap();
-        let _ =
-            tokio::time::timeout(Duration::from_secs(20), pipe.read_to_string(&mut stderr)).await;
-        let _ = self.child.wait().await;
-        stderr
+        terminate(&mut self.child).await.1
     }
 }
 

@@ -95,12 +95,7 @@ async fn serve_prints_the_environment_then_stops_on_sigterm() {
     let line: serde_json::Value = serde_json::from_str(logged.lines().next().unwrap()).unwrap();
     assert_eq!(line["host"], "blocked.test");
     assert_eq!(line["reason"], "not_allowed");
-    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    let (status, _) = terminate(&mut child).await;
     assert!(status.success());
 }
 
@@ -537,12 +532,7 @@ async fn serve_writes_an_env_file_a_script_can_source() {
     );
     let (code, stdout, _) = output(Command::new("sh").args(["-c", &script])).await;
     assert_eq!((code, stdout.as_str()), (Some(0), "hello /sourced"));
-    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    let (status, _) = terminate(&mut child).await;
     assert!(status.success());
     assert!(!env_file.exists(), "removed on exit");
 }

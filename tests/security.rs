@@ -335,15 +335,7 @@ async fn no_network_byte_forges_a_log_line_at_any_level() {
         )
         .await;
     }
-    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    let mut stderr = String::new();
-    let mut pipe = child.stderr.take().unwrap();
-    tokio::time::timeout(Duration::from_secs(20), pipe.read_to_string(&mut stderr))
-        .await
-        .unwrap()
-        .unwrap();
-    let _ = child.wait().await;
+    let (_, stderr) = terminate(&mut child).await;
     for line in stderr.split(['\n', '\r']) {
         assert!(
             !line.starts_with("FORGED"),
@@ -556,26 +548,13 @@ async fn shutdown_cuts_at_its_deadline_and_says_so_in_the_exit_code() {
     )
     .await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     let started = std::time::Instant::now();
-    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    let (status, stderr) = terminate(&mut child).await;
     assert_eq!(status.code(), Some(1), "an open tunnel was cut");
     assert!(
         started.elapsed() >= Duration::from_millis(900),
         "the deadline was given"
     );
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .await
-        .unwrap();
     assert!(
         stderr.contains("1 open connection(s) or tunnel(s) cut"),
         "{stderr}"

@@ -275,3 +275,20 @@ pub async fn served_http_address(child: &mut tokio::process::Child) -> std::net:
         .parse()
         .unwrap()
 }
+
+/// Sends SIGTERM to a `serve` child and waits (bounded) for it: its exit
+/// status and whatever it wrote to a piped stderr.
+pub async fn terminate(child: &mut tokio::process::Child) -> (std::process::ExitStatus, String) {
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        let _ =
+            tokio::time::timeout(Duration::from_secs(20), pipe.read_to_string(&mut stderr)).await;
+    }
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("exited in time")
+        .unwrap();
+    (status, stderr)
+}
