@@ -37,7 +37,7 @@
 //! # }
 //! ```
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::future::Future;
@@ -48,7 +48,9 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::time::Instant;
 
 use http::Request;
 use pin_project_lite::pin_project;
@@ -200,6 +202,67 @@ impl Default for ViolationRing {
 struct Recorder {
     ring: ViolationRing,
     sinks: Vec<Arc<dyn ViolationSink>>,
+    throttle: Throttle,
+}
+
+/// The default time between two log lines about one destination and
+/// reason; the refusals between are counted, not logged.
+pub const DEFAULT_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Destinations whose last log line is remembered; past this the memory is
+/// cleared (and each logs once more).
+const THROTTLE_ENTRIES: usize = 4096;
+
+/// A destination and reason: (host, port, reason).
+type LineKey = (String, u16, &'static str);
+
+/// One log line per destination and reason per interval.
+#[derive(Debug)]
+struct Throttle {
+    interval: Duration,
+    /// What was logged → (last line at, refusals since).
+    seen: Mutex<HashMap<LineKey, (Instant, u64)>>,
+}
+
+impl Throttle {
+    fn new(interval: Duration) -> Throttle {
+        Throttle {
+            interval,
+            seen: Mutex::default(),
+        }
+    }
+
+    /// `Some(refusals not logged since the last line)` when this one should
+    /// be logged; `None` when it is only counted.
+    fn admit(&self, host: &str, port: u16, reason: &'static str) -> Option<u64> {
+        if self.interval.is_zero() {
+            return Some(0);
+        }
+        let now = Instant::now();
+        let mut seen = self
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if seen.len() >= THROTTLE_ENTRIES {
+            seen.clear();
+        }
+        match seen.get_mut(&(host.to_owned(), port, reason)) {
+            Some((last, since)) if now.duration_since(*last) < self.interval => {
+                *since += 1;
+                None
+            }
+            Some((last, since)) => {
+                let repeated = *since;
+                *last = now;
+                *since = 0;
+                Some(repeated)
+            }
+            None => {
+                seen.insert((host.to_owned(), port, reason), (now, 0));
+                Some(0)
+            }
+        }
+    }
 }
 
 impl fmt::Debug for Recorder {
@@ -227,19 +290,24 @@ impl Recorder {
         let port = blocked.target.port().unwrap_or(0);
         let method = blocked.method.escape_debug().to_string();
         let message = blocked.message.escape_debug().to_string();
-        tracing::event!(
-            target: VIOLATION_TARGET,
-            tracing::Level::WARN,
-            client.addr = client_addr.as_str(),
-            dst.host = host.as_str(),
-            dst.port = port,
-            protocol = blocked.protocol.as_str(),
-            method = method.as_str(),
-            reason = blocked.reason.as_str(),
-            decision = blocked.decision.as_str(),
-            source = blocked.source.as_str(),
-            "{message}"
-        );
+        // Every refusal reaches the ring and the sinks; the log says each
+        // destination once per interval, with how many it did not repeat.
+        if let Some(repeated) = self.throttle.admit(&host, port, blocked.reason.as_str()) {
+            tracing::event!(
+                target: VIOLATION_TARGET,
+                tracing::Level::WARN,
+                client.addr = client_addr.as_str(),
+                dst.host = host.as_str(),
+                dst.port = port,
+                protocol = blocked.protocol.as_str(),
+                method = method.as_str(),
+                reason = blocked.reason.as_str(),
+                decision = blocked.decision.as_str(),
+                source = blocked.source.as_str(),
+                repeated,
+                "{message}"
+            );
+        }
         for sink in &self.sinks {
             sink.record(&violation);
         }
@@ -260,6 +328,7 @@ impl ViolationLogLayer {
             recorder: Arc::new(Recorder {
                 ring,
                 sinks: Vec::new(),
+                throttle: Throttle::new(DEFAULT_LOG_INTERVAL),
             }),
         }
     }
@@ -272,6 +341,21 @@ impl ViolationLogLayer {
             recorder: Arc::new(Recorder {
                 ring: self.recorder.ring.clone(),
                 sinks,
+                throttle: Throttle::new(self.recorder.throttle.interval),
+            }),
+        }
+    }
+
+    /// Logs a destination and reason at most once per `interval` (default
+    /// 10 s), with a `repeated` field counting the refusals in between; zero
+    /// logs every refusal. The ring and the sinks get every refusal either
+    /// way.
+    pub fn log_interval(self, interval: Duration) -> ViolationLogLayer {
+        ViolationLogLayer {
+            recorder: Arc::new(Recorder {
+                ring: self.recorder.ring.clone(),
+                sinks: self.recorder.sinks.clone(),
+                throttle: Throttle::new(interval),
             }),
         }
     }
@@ -489,10 +573,15 @@ mod tests {
             let recorder = Recorder {
                 ring: ViolationRing::default(),
                 sinks: Vec::new(),
+                throttle: Throttle::new(DEFAULT_LOG_INTERVAL),
             };
             let mut refusal = blocked("evil.test:443");
             refusal.method = "GE\u{1b}T".to_owned();
-            recorder.record(Some("127.0.0.1:4000".parse().unwrap()), &refusal);
+            for _ in 0..5 {
+                recorder.record(Some("127.0.0.1:4000".parse().unwrap()), &refusal);
+            }
+            recorder.record(None, &blocked("other.test:443"));
+            assert_eq!(recorder.ring.total(), 6, "every refusal is kept");
         });
         let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
         for field in [
@@ -511,6 +600,39 @@ mod tests {
             !text.contains('\u{1b}'),
             "control bytes from the network are escaped: {text}"
         );
+        assert_eq!(
+            text.matches("dst.host=\"evil.test\"").count(),
+            1,
+            "one line per destination per interval: {text}"
+        );
+        assert!(text.contains("dst.host=\"other.test\""), "{text}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_throttle_counts_what_it_does_not_log() {
+        let throttle = Throttle::new(Duration::from_secs(10));
+        assert_eq!(throttle.admit("a.test", 80, "denied"), Some(0));
+        assert_eq!(throttle.admit("a.test", 80, "denied"), None);
+        assert_eq!(throttle.admit("a.test", 80, "denied"), None);
+        assert_eq!(
+            throttle.admit("a.test", 443, "denied"),
+            Some(0),
+            "another port"
+        );
+        assert_eq!(
+            throttle.admit("a.test", 80, "not_allowed"),
+            Some(0),
+            "another reason"
+        );
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert_eq!(
+            throttle.admit("a.test", 80, "denied"),
+            Some(2),
+            "the two not logged"
+        );
+        let every = Throttle::new(Duration::ZERO);
+        assert_eq!(every.admit("a.test", 80, "denied"), Some(0));
+        assert_eq!(every.admit("a.test", 80, "denied"), Some(0));
     }
 
     #[test]
