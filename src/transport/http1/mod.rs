@@ -76,7 +76,7 @@ pub(crate) async fn serve(
         move |stream, client, drain| {
             let stack = stack.clone();
             let settings = settings.clone();
-            let settings_for_builder = settings.clone();
+            let limits = settings.limits;
             let mut shutdown = shutdown.clone();
             async move {
                 let service_drain = drain.clone();
@@ -90,7 +90,6 @@ pub(crate) async fn serve(
                     );
                     async move { Ok::<_, Infallible>(route.await.unwrap_or_else(|refused| refused)) }
                 });
-                let limits = settings_for_builder.limits;
                 let connection = http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(limits.header_read_timeout)
