@@ -635,5 +635,40 @@ async fn every_trick_family_gets_the_same_verdict_on_every_path() {
             }
         }
     }
+    // Bytes no string can carry: a domain that is not UTF-8 is malformed
+    // (0x01), not "connection refused" (fast-socks5's 0x05), and an
+    // unknown address type is 0x08.
+    let not_utf8 = [3u8, 4, b'o', b'k', 0xff, 0xfe];
+    assert_eq!(
+        socks_verdict(proxy.socks_addr(), &not_utf8, port).await,
+        Verdict::Malformed
+    );
+    assert_eq!(
+        udp_verdict(&proxy, &not_utf8, port).await,
+        Verdict::Malformed
+    );
+    assert_eq!(
+        socks_reply_code(proxy.socks_addr(), &[9, 1, 2, 3, 4], port).await,
+        Some(0x08)
+    );
+    cases += 3;
     println!("{cases} family × path cases agreed");
+}
+
+/// The reply code a SOCKS5 CONNECT to `address:port` gets.
+async fn socks_reply_code(proxy: SocketAddr, address: &[u8], port: u16) -> Option<u8> {
+    let mut stream = TcpStream::connect(proxy).await.unwrap();
+    stream.write_all(&[5, 1, 0]).await.unwrap();
+    let mut choice = [0u8; 2];
+    stream.read_exact(&mut choice).await.unwrap();
+    let mut message = vec![5, 1, 0];
+    message.extend_from_slice(address);
+    message.extend_from_slice(&port.to_be_bytes());
+    stream.write_all(&message).await.unwrap();
+    let mut head = [0u8; 2];
+    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut head))
+        .await
+        .ok()?
+        .ok()?;
+    Some(head[1])
 }

@@ -1,10 +1,12 @@
 //! The SOCKS5 listener: every `CONNECT` and every new `UDP ASSOCIATE`
 //! destination goes through the same stack as HTTP, as a synthesized
 //! `CONNECT host:port` request with protocol `socks5_tcp` or `socks5_udp`.
-//! No policy logic lives here; errors become reply codes in [`rescue`]
-//! only. `BIND` (and UDP when it is off) is answered 0x07; no acceptable
+//! No policy logic lives here; the stack's errors become reply codes in
+//! [`rescue`] only, and a malformed request is answered in `request`,
+//! which reads it before fast-socks5 does. `BIND` (and UDP when it is off) is answered 0x07; no acceptable
 //! authentication method `05 FF`. The UDP relay is in [`udp`].
 
+mod request;
 pub(crate) mod rescue;
 mod udp;
 
@@ -16,7 +18,7 @@ use fast_socks5::server::{
     SocksServerError, StandardAuthentication, StandardAuthenticationStarted,
 };
 use fast_socks5::util::target_addr::TargetAddr;
-use fast_socks5::{ReplyError, Socks5Command};
+use fast_socks5::ReplyError;
 use tokio::net::{TcpListener, TcpStream};
 
 use portcullis_middleware::{
@@ -29,6 +31,7 @@ use crate::transport::{
     accept_loop, call_stack, splice, synthesized_connect, Credentials, DrainGuard, Limits,
     ProxyService, ShutdownSignal,
 };
+use request::{Command, Replay};
 
 /// How long a client has to finish the handshake and send its command.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -141,11 +144,11 @@ async fn handle(
         } else {
             &no_auth
         };
-        let proto = match Socks5ServerProtocol::start(stream)
+        let mut stream = match Socks5ServerProtocol::start(stream)
             .negotiate_auth(methods)
             .await?
         {
-            StandardAuthenticationStarted::NoAuthentication(auth) => auth.finish_auth(),
+            StandardAuthenticationStarted::NoAuthentication(auth) => auth.into_inner(),
             StandardAuthenticationStarted::PasswordAuthentication(auth) => {
                 let (user, pass, auth) = auth.read_username_password().await?;
                 let accepted = settings
@@ -156,27 +159,43 @@ async fn handle(
                     auth.reject().await?;
                     return Err(SocksServerError::AuthenticationRejected);
                 }
-                auth.accept().await?.finish_auth()
+                auth.accept().await?.into_inner()
             }
         };
-        proto.read_command().await
+        let request = match request::read(&mut stream).await {
+            Ok(Ok(request)) => request,
+            Ok(Err(malformed)) => {
+                if let Some(code) = malformed.reply_code() {
+                    request::reply(&mut stream, code).await.ok();
+                }
+                return Ok(Err(malformed));
+            }
+            Err(error) => {
+                return Err(SocksServerError::Io {
+                    source: error,
+                    context: "reading the request",
+                })
+            }
+        };
+        let command = request.command;
+        Socks5ServerProtocol::skip_auth_this_is_not_rfc_compliant(Replay::new(
+            request.bytes,
+            stream,
+        ))
+        .read_command()
+        .await
+        .map(|(proto, _, address)| Ok((proto, command, address)))
     };
     let (proto, command, address) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
         .await
-        .map_err(|_| "SOCKS5 handshake timed out")??;
+        .map_err(|_| "SOCKS5 handshake timed out")???;
     match command {
-        Socks5Command::TCPConnect => match target_of(&address) {
-            Ok(target) => {
-                let idle = settings.limits.tunnel_idle_timeout;
-                connect(proto, target, client, stack, idle).await
-            }
-            Err(error) => {
-                proto.reply_error(&ReplyError::GeneralFailure).await?;
-                Err(format!("invalid SOCKS5 destination: {error}").into())
-            }
-        },
+        Command::Connect(target) => {
+            let idle = settings.limits.tunnel_idle_timeout;
+            connect(proto, target, client, stack, idle).await
+        }
         // The ASSOCIATE address is the client's own (often 0.0.0.0:0), not a destination.
-        Socks5Command::UDPAssociate
+        Command::UdpAssociate
             if settings.udp && settings.policy.load().mode() == Mode::Limited =>
         {
             // Datagrams carry no method to check: refused whole, as SOCKS5
@@ -193,18 +212,22 @@ async fn handle(
             proto.reply_error(&ReplyError::ConnectionNotAllowed).await?;
             Ok(())
         }
-        Socks5Command::UDPAssociate if settings.udp => {
+        Command::UdpAssociate if settings.udp => {
             udp::associate(proto, &address, client, local_ip, stack, settings.policy).await
         }
-        _ => {
+        Command::UdpAssociate => {
             proto.reply_error(&ReplyError::CommandNotSupported).await?;
-            Ok(())
+            Err("UDP ASSOCIATE while UDP is off: replied 0x07".into())
+        }
+        Command::Other(command) => {
+            proto.reply_error(&ReplyError::CommandNotSupported).await?;
+            Err(format!("SOCKS5 command {command} is not supported: replied 0x07").into())
         }
     }
 }
 
 async fn connect(
-    proto: Socks5ServerProtocol<TcpStream, states::CommandRead>,
+    proto: Socks5ServerProtocol<Replay<TcpStream>, states::CommandRead>,
     target: Target,
     client: SocketAddr,
     stack: ProxyService,
@@ -228,7 +251,9 @@ async fn connect(
     let bound = upstream
         .local_addr()
         .unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0));
-    let mut client_stream = proto.reply_success(bound).await?;
+    let Some(mut client_stream) = proto.reply_success(bound).await?.into_inner() else {
+        return Err("fast-socks5 read less of the request than was checked".into());
+    };
     splice::bidirectional(&mut client_stream, &mut upstream, idle).await;
     Ok(())
 }

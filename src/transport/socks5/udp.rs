@@ -48,7 +48,7 @@ const MAX_DESTINATIONS: usize = 1024;
 
 /// Runs the relay of one association until the control connection closes.
 pub(super) async fn associate(
-    proto: Socks5ServerProtocol<TcpStream, states::CommandRead>,
+    proto: Socks5ServerProtocol<super::Replay<TcpStream>, states::CommandRead>,
     address: &TargetAddr,
     client: SocketAddr,
     local_ip: IpAddr,
