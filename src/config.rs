@@ -65,6 +65,9 @@ pub struct LimitsConfig {
     pub max_headers: usize,
     /// Seconds a request body may go without a byte.
     pub body_idle_timeout: f64,
+    /// The slowest average a request body may keep after its first
+    /// `body_idle_timeout`, in bytes a second (0: no minimum).
+    pub body_min_rate: u64,
     /// Seconds a tunnel may go with no byte either way.
     pub tunnel_idle_timeout: f64,
     /// Seconds a connection to an upstream may take.
@@ -83,6 +86,7 @@ impl Default for LimitsConfig {
             max_header_bytes: 64 * 1024,
             max_headers: 100,
             body_idle_timeout: 60.0,
+            body_min_rate: 512,
             tunnel_idle_timeout: 300.0,
             connect_timeout: 10.0,
             max_connections: 4096,
@@ -421,6 +425,7 @@ impl Config {
             .max_header_bytes(limits.max_header_bytes)
             .max_headers(limits.max_headers)
             .body_idle_timeout(seconds("body_idle_timeout", limits.body_idle_timeout)?)
+            .body_min_rate(limits.body_min_rate)
             .tunnel_idle_timeout(seconds("tunnel_idle_timeout", limits.tunnel_idle_timeout)?)
             .max_connections(limits.max_connections);
         Ok((kept, seconds("connect_timeout", limits.connect_timeout)?))

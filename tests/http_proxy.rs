@@ -461,6 +461,7 @@ async fn heads_bodies_and_tunnels_are_bounded() {
         .max_header_bytes(16 * 1024)
         .max_headers(50)
         .body_idle_timeout(Duration::from_millis(800))
+        .body_min_rate(100)
         .tunnel_idle_timeout(Duration::from_millis(800));
     let proxy = proxy_with(allow(&["127.0.0.1"]).build(), &[], |b| b.limits(limits)).await;
     let addr = proxy.handle.http_addr();
@@ -509,6 +510,31 @@ async fn heads_bodies_and_tunnels_are_bounded() {
     let mut body = vec![0u8; 512];
     let n = stream.read(&mut body).await.unwrap();
     assert!(String::from_utf8_lossy(&body[..n]).contains("sent nothing for"));
+
+    // A body that trickles (a byte every 300 ms, inside the idle timeout)
+    // is refused once it falls below the minimum rate.
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut read_half, mut write_half) = stream.into_split();
+    let request = format!(
+        "POST http://{patient_addr}/ HTTP/1.1\r\nHost: {patient_addr}\r\nContent-Length: 40\r\n\r\n"
+    );
+    let writer = tokio::spawn(async move {
+        write_half.write_all(request.as_bytes()).await.unwrap();
+        for _ in 0..40 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if write_half.write_all(b"x").await.is_err() {
+                break;
+            }
+        }
+    });
+    let head = tokio::time::timeout(Duration::from_secs(30), read_head(&mut read_half))
+        .await
+        .unwrap();
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    let n = read_half.read(&mut body).await.unwrap();
+    let text = String::from_utf8_lossy(&body[..n]);
+    assert!(text.contains("under 100 bytes a second"), "{text}");
+    writer.abort();
 
     // A tunnel that moves keeps going past the idle timeout; a quiet one closes.
     let (mut tunnel, head) = raw_exchange(

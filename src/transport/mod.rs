@@ -50,6 +50,10 @@ pub struct Limits {
     /// How long a request body may go without a byte before the request is
     /// refused (400).
     pub body_idle_timeout: Duration,
+    /// The slowest average a request body may keep, in bytes a second,
+    /// after its first `body_idle_timeout` (mod_reqtimeout's `MinRate`);
+    /// slower is refused (400). 0 turns the check off.
+    pub body_min_rate: u64,
     /// How long a tunnel (CONNECT, SOCKS5) may go with no byte either way
     /// before it is closed.
     pub tunnel_idle_timeout: Duration,
@@ -66,6 +70,7 @@ impl Default for Limits {
             max_header_bytes: 64 * 1024,
             max_headers: 100,
             body_idle_timeout: Duration::from_secs(60),
+            body_min_rate: 512,
             tunnel_idle_timeout: Duration::from_secs(300),
             max_connections: 4096,
         }
@@ -94,6 +99,13 @@ impl Limits {
     /// Sets how long a request body may stall.
     pub fn body_idle_timeout(mut self, timeout: Duration) -> Limits {
         self.body_idle_timeout = timeout;
+        self
+    }
+
+    /// Sets the slowest average a request body may keep (bytes a second;
+    /// 0: no minimum).
+    pub fn body_min_rate(mut self, bytes_per_second: u64) -> Limits {
+        self.body_min_rate = bytes_per_second;
         self
     }
 

@@ -217,7 +217,7 @@ pub async fn raw_exchange(addr: SocketAddr, request: &str) -> (TcpStream, String
     (stream, head)
 }
 
-pub async fn read_head(stream: &mut TcpStream) -> String {
+pub async fn read_head<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> String {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     tokio::time::timeout(Duration::from_secs(10), async {

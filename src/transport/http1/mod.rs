@@ -224,7 +224,11 @@ async fn route(
     let has_body = !hyper::body::Body::is_end_stream(&incoming);
     let mut request = Request::from_parts(
         parts,
-        body::client_body(incoming, settings.limits.body_idle_timeout),
+        body::client_body(
+            incoming,
+            settings.limits.body_idle_timeout,
+            settings.limits.body_min_rate,
+        ),
     );
     insert_model(&mut request, target, protocol, client);
     if has_body {

@@ -240,8 +240,7 @@ pub(crate) async fn serve<I>(
     let service = hyper::service::service_fn(move |request| {
         let target = target.clone();
         let stack = stack.clone();
-        let idle = limits.body_idle_timeout;
-        async move { Ok::<_, Infallible>(inner_request(request, target, client, stack, idle).await) }
+        async move { Ok::<_, Infallible>(inner_request(request, target, client, stack, limits).await) }
     });
     if let Err(error) = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -261,7 +260,7 @@ async fn inner_request(
     target: Target,
     client: SocketAddr,
     stack: ProxyService,
-    body_idle: Duration,
+    limits: Limits,
 ) -> Response<Body> {
     if request.method() == Method::CONNECT {
         return rescue::status(
@@ -285,7 +284,10 @@ async fn inner_request(
     let (mut parts, incoming) = request.into_parts();
     parts.uri = uri;
     let has_body = !hyper::body::Body::is_end_stream(&incoming);
-    let mut request = Request::from_parts(parts, body::client_body(incoming, body_idle));
+    let mut request = Request::from_parts(
+        parts,
+        body::client_body(incoming, limits.body_idle_timeout, limits.body_min_rate),
+    );
     insert_model(&mut request, target, Protocol::HttpsMitm, client);
     if has_body {
         request.extensions_mut().insert(HasBody);

@@ -195,9 +195,7 @@ async fn handle(
             connect(proto, target, client, stack, idle).await
         }
         // The ASSOCIATE address is the client's own (often 0.0.0.0:0), not a destination.
-        Command::UdpAssociate
-            if settings.udp && settings.policy.load().mode() == Mode::Limited =>
-        {
+        Command::UdpAssociate if settings.udp && settings.policy.load().mode() == Mode::Limited => {
             // Datagrams carry no method to check: refused whole, as SOCKS5
             // CONNECT is (by the stack) in limited mode.
             let target = Target::host(Host::Ip(client.ip()), client.port());
