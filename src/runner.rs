@@ -622,12 +622,23 @@ impl ProxyHandle {
     /// Dropping the handle stops accepting too.
     pub async fn shutdown(self, deadline: Duration) -> usize {
         let cut = self.shutdown.drain(deadline).await;
-        if cut > 0 {
+        if !cut.is_empty() {
             tracing::warn!(
-                cut,
-                "shutdown deadline ({deadline:?}) reached: {cut} open connection(s) or tunnel(s) cut"
+                cut = cut.len(),
+                "shutdown deadline ({deadline:?}) reached: {} open connection(s) or tunnel(s) cut",
+                cut.len()
             );
+            const NAMED: usize = 20;
+            for name in cut.iter().take(NAMED) {
+                tracing::warn!("cut at the shutdown deadline: {name}");
+            }
+            if cut.len() > NAMED {
+                tracing::warn!(
+                    "cut at the shutdown deadline: and {} more",
+                    cut.len() - NAMED
+                );
+            }
         }
-        cut
+        cut.len()
     }
 }

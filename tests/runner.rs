@@ -75,8 +75,34 @@ async fn shutdown_lets_open_tunnels_finish_and_stops_accepting() {
     let request = format!("CONNECT {0} HTTP/1.1\r\nHost: {0}\r\n\r\n", origin.addr);
     let (mut tunnel, head) = raw_exchange(http, &request).await;
     assert!(head.starts_with("HTTP/1.1 200"));
+    // A keep-alive request in flight when shutdown starts completes.
+    let mut keep_alive = tokio::net::TcpStream::connect(http).await.unwrap();
+    keep_alive
+        .write_all(
+            format!(
+                "GET http://{0}/slow HTTP/1.1\r\nHost: {0}\r\n\r\n",
+                origin.addr
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
 
     let shutdown = tokio::spawn(proxy.handle.shutdown(Duration::from_secs(10)));
+    let mut answer = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        keep_alive.read_to_string(&mut answer),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.ends_with("hello /slow"),
+        "completed, then closed: {answer}"
+    );
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(
         tokio::net::TcpStream::connect(http).await.is_err(),

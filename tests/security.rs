@@ -559,6 +559,11 @@ async fn shutdown_cuts_at_its_deadline_and_says_so_in_the_exit_code() {
         stderr.contains("1 open connection(s) or tunnel(s) cut"),
         "{stderr}"
     );
+    assert!(
+        stderr.contains("cut at the shutdown deadline: CONNECT tunnel from 127.0.0.1:"),
+        "the cut tunnel is named: {stderr}"
+    );
+    assert!(stderr.contains(&format!("to {authority}")), "{stderr}");
     // New connections are refused once shutdown starts.
     assert!(TcpStream::connect(address).await.is_err());
 }

@@ -22,9 +22,12 @@ pub(crate) mod socks5;
 mod splice;
 mod unix;
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -205,10 +208,14 @@ pub(crate) struct Shutdown {
 impl Shutdown {
     pub(crate) fn new() -> Shutdown {
         let (stop, _) = watch::channel(false);
-        let (drain, drained) = mpsc::channel(1);
+        let (sender, drained) = mpsc::channel(1);
         Shutdown {
             stop,
-            drain: Some(drain),
+            drain: Some(DrainGuard {
+                sender,
+                open: Arc::new(OpenList::default()),
+                entry: None,
+            }),
             drained,
         }
     }
@@ -218,9 +225,17 @@ impl Shutdown {
         ShutdownSignal(self.stop.subscribe())
     }
 
-    /// What a listener (and each of its connections) holds until it is done.
+    /// What a listener holds until it is done; its connections and tunnels
+    /// each hold one of their own, made by [`DrainGuard::open`].
     pub(crate) fn guard(&self) -> DrainGuard {
-        self.drain.clone().unwrap_or_else(|| mpsc::channel(1).0)
+        match &self.drain {
+            Some(drain) => drain.clone(),
+            None => DrainGuard {
+                sender: mpsc::channel(1).0,
+                open: Arc::new(OpenList::default()),
+                entry: None,
+            },
+        }
     }
 
     /// Stops accepting at once (also done on drop).
@@ -229,14 +244,14 @@ impl Shutdown {
     }
 
     /// Stops accepting and waits up to `deadline` for open connections and
-    /// tunnels; returns how many were still open at the deadline (and are cut
-    /// when the handle goes).
-    pub(crate) async fn drain(mut self, deadline: Duration) -> usize {
+    /// tunnels; returns the ones still open at the deadline (they are cut
+    /// when the handle goes), oldest first.
+    pub(crate) async fn drain(mut self, deadline: Duration) -> Vec<String> {
         self.stop();
-        self.drain = None;
+        let open = self.drain.take().map(|drain| drain.open.clone());
         match tokio::time::timeout(deadline, self.drained.recv()).await {
-            Ok(_) => 0,
-            Err(_) => self.drained.sender_strong_count(),
+            Ok(_) => Vec::new(),
+            Err(_) => open.map(|open| open.names()).unwrap_or_default(),
         }
     }
 }
@@ -261,8 +276,76 @@ impl ShutdownSignal {
     }
 }
 
+/// What is open, by a name for the log should shutdown have to cut it.
+#[derive(Debug, Default)]
+struct OpenList {
+    next: AtomicU64,
+    names: Mutex<BTreeMap<u64, String>>,
+}
+
+impl OpenList {
+    fn insert(&self, name: String) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut names) = self.names.lock() {
+            names.insert(id, name);
+        }
+        id
+    }
+
+    fn remove(&self, id: u64) {
+        if let Ok(mut names) = self.names.lock() {
+            names.remove(&id);
+        }
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.names
+            .lock()
+            .map(|names| names.values().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
 /// Held by every connection and tunnel; shutdown waits until all are gone.
-pub(crate) type DrainGuard = mpsc::Sender<()>;
+/// A guard made by [`DrainGuard::open`] also names what it keeps open, so
+/// a connection cut at the deadline is named in the log; a plain clone
+/// (handed to each request on a connection) names nothing more.
+#[derive(Debug)]
+pub(crate) struct DrainGuard {
+    sender: mpsc::Sender<()>,
+    open: Arc<OpenList>,
+    entry: Option<u64>,
+}
+
+impl DrainGuard {
+    /// A guard for something new that is open, by `name` (its peer and what
+    /// it carries, e.g. `HTTP client 127.0.0.1:5000`).
+    pub(crate) fn open(&self, name: String) -> DrainGuard {
+        DrainGuard {
+            sender: self.sender.clone(),
+            open: self.open.clone(),
+            entry: Some(self.open.insert(name)),
+        }
+    }
+}
+
+impl Clone for DrainGuard {
+    fn clone(&self) -> DrainGuard {
+        DrainGuard {
+            sender: self.sender.clone(),
+            open: self.open.clone(),
+            entry: None,
+        }
+    }
+}
+
+impl Drop for DrainGuard {
+    fn drop(&mut self) {
+        if let Some(id) = self.entry {
+            self.open.remove(id);
+        }
+    }
+}
 
 /// Accepts on `listener` until shutdown starts, handing each connection
 /// (with a drain guard) to `serve_one` on its own task. At most
@@ -297,7 +380,8 @@ pub(crate) async fn accept_loop<F, Fut, R, RFut>(
                 let _ = stream.set_nodelay(true);
                 match permits.clone().try_acquire_owned() {
                     Ok(permit) => {
-                        let serving = serve_one(stream, client, drain.clone());
+                        let guard = drain.open(format!("{what} client {client}"));
+                        let serving = serve_one(stream, client, guard);
                         tokio::spawn(async move {
                             serving.await;
                             drop(permit);

@@ -32,7 +32,8 @@ use portcullis::{Proxy, ProxyHandle};
 
 /// An HTTP/1 origin on loopback that counts TCP connections, answers
 /// `hello <path>` with the request header names in `x-seen-headers`, and
-/// answers `Upgrade: websocket` with 101 and then echoes bytes.
+/// answers `Upgrade: websocket` with 101 and then echoes bytes. `/slow`
+/// answers after 600 ms.
 pub struct Origin {
     pub addr: SocketAddr,
     pub connections: Arc<AtomicUsize>,
@@ -68,6 +69,9 @@ async fn answer(mut request: Request<Incoming>) -> Result<Response<Full<Bytes>>,
         .map(|k| k.as_str().to_owned())
         .collect();
     names.sort();
+    if request.uri().path() == "/slow" {
+        tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    }
     if request
         .headers()
         .get("upgrade")

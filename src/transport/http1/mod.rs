@@ -186,6 +186,8 @@ async fn route(
         else {
             return Ok(response);
         };
+        let tunnel = drain.open(format!("CONNECT tunnel from {client} to {target}"));
+        drop(drain);
         tokio::spawn(async move {
             match (on_upgrade.await, interceptor) {
                 (Ok(upgraded), None) => {
@@ -202,7 +204,7 @@ async fn route(
                 }
                 (Err(error), _) => tracing::debug!(%error, "CONNECT upgrade failed"),
             }
-            drop(drain);
+            drop(tunnel);
         });
         return Ok(Response::new(body::empty()));
     }
@@ -230,6 +232,9 @@ async fn route(
             settings.limits.body_min_rate,
         ),
     );
+    let name = client_upgrade
+        .as_ref()
+        .map(|_| format!("upgraded connection from {client} to {target}"));
     insert_model(&mut request, target, protocol, client);
     if has_body {
         request.extensions_mut().insert(HasBody);
@@ -238,6 +243,7 @@ async fn route(
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {
             let upstream_upgrade = hyper::upgrade::on(&mut response);
+            let upgraded = drain.open(name.unwrap_or_default());
             tokio::spawn(async move {
                 match tokio::try_join!(client_upgrade, upstream_upgrade) {
                     Ok((client_io, upstream_io)) => {
@@ -248,7 +254,7 @@ async fn route(
                     }
                     Err(error) => tracing::debug!(%error, "upgrade failed"),
                 }
-                drop(drain);
+                drop(upgraded);
             });
         }
     }
