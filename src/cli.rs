@@ -539,6 +539,9 @@ async fn serve(args: ServeArgs) -> ExitCode {
         Ok(deadline) => deadline,
         Err(error) => return usage_error(&error),
     };
+    // Listening for SIGTERM before anyone learns the address: a client that
+    // connects and signals at once must not find the default action.
+    let signals = ShutdownSignals::install();
     let proxy = match start(&options, false, true, false, None).await {
         Ok(proxy) => proxy,
         Err(code) => return code,
@@ -558,7 +561,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_UNAVAILABLE);
         }
     }
-    wait_for_shutdown_signal().await;
+    signals.wait().await;
     tracing::info!("shutting down: no new connections; waiting up to {deadline:?} for open ones");
     let cut = proxy.shutdown(deadline).await;
     if let Some(path) = &args.env_file {
@@ -572,21 +575,32 @@ async fn serve(args: ServeArgs) -> ExitCode {
     }
 }
 
-#[cfg(unix)]
-async fn wait_for_shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) {
-        (Ok(mut interrupt), Ok(mut terminate)) => {
-            tokio::select! {
-                _ = interrupt.recv() => {}
-                _ = terminate.recv() => {}
-            }
+/// SIGINT and SIGTERM, listened for from the moment they are installed.
+struct ShutdownSignals {
+    interrupt: std::io::Result<tokio::signal::unix::Signal>,
+    terminate: std::io::Result<tokio::signal::unix::Signal>,
+}
+
+impl ShutdownSignals {
+    fn install() -> ShutdownSignals {
+        use tokio::signal::unix::{signal, SignalKind};
+        ShutdownSignals {
+            interrupt: signal(SignalKind::interrupt()),
+            terminate: signal(SignalKind::terminate()),
         }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
+    }
+
+    async fn wait(self) {
+        match (self.interrupt, self.terminate) {
+            (Ok(mut interrupt), Ok(mut terminate)) => {
+                tokio::select! {
+                    _ = interrupt.recv() => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
 }
@@ -611,6 +625,8 @@ async fn run(args: RunArgs) -> ExitCode {
     };
     let mut command = tokio::process::Command::new(program);
     command.args(arguments).envs(proxy.child_env());
+    // Listening before the child exists, so no signal meant for it is lost.
+    let signals = ForwardedSignals::install();
     let mut child = match command.spawn() {
         Ok(child) => child,
         Err(error) => {
@@ -627,7 +643,7 @@ async fn run(args: RunArgs) -> ExitCode {
             });
         }
     };
-    let status = wait_forwarding_signals(&mut child).await;
+    let status = wait_forwarding_signals(&mut child, signals).await;
     proxy.shutdown(Duration::from_secs(1)).await;
     // Each refused destination once, with the flag that would allow it.
     let mut stderr = std::io::stderr().lock();
@@ -686,27 +702,46 @@ fn exit_code(status: std::process::ExitStatus) -> u8 {
     }
 }
 
+/// SIGTERM, SIGHUP, SIGQUIT and SIGINT, listened for under `run`.
+struct ForwardedSignals(
+    Option<(
+        tokio::signal::unix::Signal,
+        tokio::signal::unix::Signal,
+        tokio::signal::unix::Signal,
+        tokio::signal::unix::Signal,
+    )>,
+);
+
+impl ForwardedSignals {
+    fn install() -> ForwardedSignals {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+            signal(SignalKind::quit()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(a), Ok(b), Ok(c), Ok(d)) => ForwardedSignals(Some((a, b, c, d))),
+            _ => ForwardedSignals(None),
+        }
+    }
+}
+
 /// Waits for the child, passing SIGTERM, SIGHUP and SIGQUIT on (and SIGINT
 /// when not on a terminal, where the terminal already sent it to the child).
 async fn wait_forwarding_signals(
     child: &mut tokio::process::Child,
+    signals: ForwardedSignals,
 ) -> std::io::Result<std::process::ExitStatus> {
     use nix::sys::signal::{kill, Signal};
     use nix::unistd::Pid;
-    use tokio::signal::unix::{signal, SignalKind};
     let pid = child
         .id()
         .and_then(|id| i32::try_from(id).ok())
         .map(Pid::from_raw);
     let forward_interrupt = !std::io::stdin().is_terminal();
-    let (mut term, mut hup, mut quit, mut int) = match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::hangup()),
-        signal(SignalKind::quit()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(a), Ok(b), Ok(c), Ok(d)) => (a, b, c, d),
-        _ => return child.wait().await,
+    let Some((mut term, mut hup, mut quit, mut int)) = signals.0 else {
+        return child.wait().await;
     };
     loop {
         let forward = tokio::select! {

@@ -44,10 +44,22 @@ pub mod cli;
 pub mod config;
 mod connector;
 pub mod env;
+mod memory;
 mod reload;
 pub mod runner;
 mod summary;
 mod transport;
+
+/// Entry points for `fuzz/` only (built with `--cfg fuzzing`).
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Reads a SOCKS5 request as the listener does, then checks fast-socks5
+    /// reads the same bytes whole.
+    pub async fn socks5_request(data: &[u8]) {
+        crate::transport::socks5::fuzz_request(data).await;
+    }
+}
 
 pub use connector::{resolve, upstream, Connector};
 

@@ -550,7 +550,11 @@ async fn shutdown_cuts_at_its_deadline_and_says_so_in_the_exit_code() {
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     let started = std::time::Instant::now();
     let (status, stderr) = terminate(&mut child).await;
-    assert_eq!(status.code(), Some(1), "an open tunnel was cut");
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "an open tunnel was cut: {status:?}\n{stderr}"
+    );
     assert!(
         started.elapsed() >= Duration::from_millis(900),
         "the deadline was given"

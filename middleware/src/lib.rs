@@ -145,6 +145,8 @@
 //! # }
 //! ```
 
+#![forbid(unsafe_code)]
+
 pub mod approval;
 pub mod error;
 mod future;

@@ -285,6 +285,7 @@ struct OpenList {
 
 impl OpenList {
     fn insert(&self, name: String) -> u64 {
+        crate::memory::opened();
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut names) = self.names.lock() {
             names.insert(id, name);
@@ -296,6 +297,7 @@ impl OpenList {
         if let Ok(mut names) = self.names.lock() {
             names.remove(&id);
         }
+        crate::memory::closed();
     }
 
     fn names(&self) -> Vec<String> {

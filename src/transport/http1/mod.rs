@@ -277,12 +277,13 @@ async fn call(
 /// forwarded first.
 async fn splice_upgraded(
     upgraded: hyper::upgrade::Upgraded,
-    mut upstream: tokio::net::TcpStream,
+    upstream: tokio::net::TcpStream,
     idle: Duration,
 ) {
     match upgraded.downcast::<TokioIo<tokio::net::TcpStream>>() {
         Ok(parts) => {
-            let mut client = parts.io.into_inner();
+            let client = parts.io.into_inner();
+            let mut upstream = upstream;
             if !parts.read_buf.is_empty() {
                 if let Err(error) =
                     tokio::io::AsyncWriteExt::write_all(&mut upstream, &parts.read_buf).await
@@ -291,9 +292,11 @@ async fn splice_upgraded(
                     return;
                 }
             }
-            splice::bidirectional(&mut client, &mut upstream, idle).await;
+            drop(parts.read_buf);
+            splice::tcp(&client, &upstream, idle).await;
         }
         Err(upgraded) => {
+            let mut upstream = upstream;
             splice::bidirectional(&mut TokioIo::new(upgraded), &mut upstream, idle).await
         }
     }

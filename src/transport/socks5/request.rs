@@ -17,6 +17,8 @@ use portcullis_middleware::Target;
 
 /// `CONNECT`.
 const CONNECT: u8 = 1;
+/// `BIND`.
+const BIND: u8 = 2;
 /// `UDP ASSOCIATE`.
 const UDP_ASSOCIATE: u8 = 3;
 
@@ -28,8 +30,8 @@ pub(super) enum Command {
     /// `UDP ASSOCIATE`; its address is the client's own, in fast-socks5's
     /// reading of the same bytes.
     UdpAssociate,
-    /// `BIND` or an unknown command.
-    Other(u8),
+    /// `BIND` (not served: 0x07).
+    Bind,
 }
 
 /// A request that was read whole.
@@ -48,6 +50,9 @@ pub(super) enum Malformed {
     /// The version byte is not 5: no reply, the connection is closed.
     #[error("SOCKS version {0} in the request (expected 5)")]
     Version(u8),
+    /// A command other than 1, 2 or 3: reply 0x07.
+    #[error("SOCKS5 command {0} does not exist")]
+    Command(u8),
     /// An address type other than 1, 3 or 4: reply 0x08.
     #[error("SOCKS5 address type {0} is not supported")]
     AddressType(u8),
@@ -61,6 +66,7 @@ impl Malformed {
     pub(super) fn reply_code(&self) -> Option<u8> {
         match self {
             Malformed::Version(_) => None,
+            Malformed::Command(_) => Some(0x07),
             Malformed::AddressType(_) => Some(0x08),
             Malformed::Destination(_) => Some(0x01),
         }
@@ -119,7 +125,8 @@ pub(super) async fn read<S: AsyncRead + Unpin>(
     let command = match command {
         CONNECT => Command::Connect(target),
         UDP_ASSOCIATE => Command::UdpAssociate,
-        other => Command::Other(other),
+        BIND => Command::Bind,
+        other => return Ok(Err(Malformed::Command(other))),
     };
     Ok(Ok(Request { command, bytes }))
 }
@@ -234,6 +241,8 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let bind = read_bytes(&[5, 2, 0, 1, 127, 0, 0, 1, 0, 80]).await;
-        assert!(matches!(bind.unwrap().command, Command::Other(2)));
+        assert!(matches!(bind.unwrap().command, Command::Bind));
+        let unknown = read_bytes(&[5, 0x3a, 0, 1, 127, 0, 0, 1, 0, 80]).await;
+        assert_eq!(unknown.unwrap_err().reply_code(), Some(0x07));
     }
 }
