@@ -495,6 +495,79 @@ curl -s --socks5-hostname "${{SOCKS_PROXY##*@}}" "{url}" >/dev/null; echo "socks
     assert!(stdout.starts_with("http://127.0.0.1:"), "{stdout}");
 }
 
+/// A registry on loopback that answers cargo's sparse index and search
+/// API and npm's packument, by path.
+async fn registry() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let head = read_head(&mut stream).await;
+                let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
+                let port = addr.port();
+                let body = if path.ends_with("/config.json") {
+                    format!(r#"{{"dl":"http://registry.test:{port}/dl","api":"http://registry.test:{port}"}}"#)
+                } else if path.starts_with("/api/v1/crates") {
+                    r#"{"crates":[{"name":"servedthrough","max_version":"1.2.3","description":"via the proxy"}],"meta":{"total":1}}"#.to_owned()
+                } else if path == "/is-number" {
+                    format!(r#"{{"name":"is-number","dist-tags":{{"latest":"7.0.0"}},"versions":{{"7.0.0":{{"name":"is-number","version":"7.0.0","dist":{{"tarball":"http://registry.test:{port}/x.tgz","shasum":"0"}}}}}}}}"#)
+                } else {
+                    let _ = stream.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
+                    return;
+                };
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+                let mut rest = [0u8; 64];
+                let _ = stream.read(&mut rest).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn package_managers_send_the_credential_from_the_url() {
+    // registry.test resolves only inside the proxy, so an answer proves the
+    // request went through it, and the proxy refuses requests without the
+    // run's credential (407).
+    let registry = registry().await;
+    let port = registry.port();
+    let cargo_home = tempfile::tempdir().unwrap();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let script = format!(
+        r#"
+CARGO_HOME="{home}" "{cargo}" search servedthrough --index "sparse+http://registry.test:{port}/" 2>&1 | grep -c 'servedthrough = "1.2.3"'
+if command -v npm >/dev/null; then npm view is-number version --registry "http://registry.test:{port}/" 2>&1 | tail -1; else echo "npm: not installed"; fi
+"#,
+        home = cargo_home.path().display()
+    );
+    let (code, stdout, stderr) = output(portcullis().args([
+        "run",
+        "--allow",
+        "registry.test",
+        "--resolve",
+        "registry.test=127.0.0.1",
+        "--allow-local-binding",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]))
+    .await;
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.first(), Some(&"1"), "cargo: {stdout}{stderr}");
+    assert!(
+        lines.get(1) == Some(&"7.0.0") || lines.get(1) == Some(&"npm: not installed"),
+        "npm: {stdout}{stderr}"
+    );
+}
+
 #[tokio::test]
 async fn serve_writes_an_env_file_a_script_can_source() {
     let origin = origin().await;
