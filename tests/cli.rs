@@ -508,11 +508,15 @@ async fn registry() -> std::net::SocketAddr {
                 let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
                 let port = addr.port();
                 let body = if path.ends_with("/config.json") {
-                    format!(r#"{{"dl":"http://registry.test:{port}/dl","api":"http://registry.test:{port}"}}"#)
+                    format!(
+                        r#"{{"dl":"http://registry.test:{port}/dl","api":"http://registry.test:{port}"}}"#
+                    )
                 } else if path.starts_with("/api/v1/crates") {
                     r#"{"crates":[{"name":"servedthrough","max_version":"1.2.3","description":"via the proxy"}],"meta":{"total":1}}"#.to_owned()
                 } else if path == "/is-number" {
-                    format!(r#"{{"name":"is-number","dist-tags":{{"latest":"7.0.0"}},"versions":{{"7.0.0":{{"name":"is-number","version":"7.0.0","dist":{{"tarball":"http://registry.test:{port}/x.tgz","shasum":"0"}}}}}}}}"#)
+                    format!(
+                        r#"{{"name":"is-number","dist-tags":{{"latest":"7.0.0"}},"versions":{{"7.0.0":{{"name":"is-number","version":"7.0.0","dist":{{"tarball":"http://registry.test:{port}/x.tgz","shasum":"0"}}}}}}}}"#
+                    )
                 } else {
                     let _ = stream.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
                     return;

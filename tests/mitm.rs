@@ -596,3 +596,57 @@ async fn git_clones_over_https_in_limited_mode_and_cannot_push() {
         last.blocked.message
     );
 }
+
+/// The trick families that an intercepted tunnel can carry: the tunnel's
+/// destination was decided at CONNECT (the families on that path are in
+/// `tests/security.rs`), so inside it what matters is a request naming
+/// another host, or hiding a write in limited mode. Every request gets a
+/// fresh tunnel.
+#[tokio::test]
+async fn inner_requests_get_the_same_verdicts_as_every_other_path() {
+    let setup = setup(Mode::Limited, true).await;
+    let port = setup.origin.port();
+    let authority = format!("{ORIGIN}:{port}");
+    let through = [
+        format!("GET /ok HTTP/1.1\r\nHost: {authority}\r\n\r\n"),
+        format!("GET /ok HTTP/1.1\r\nHost: ORIGIN.TEST:{port}\r\n\r\n"),
+        format!("GET /ok HTTP/1.1\r\nHost: origin.test.:{port}\r\n\r\n"),
+        format!("GET https://{authority}/ok HTTP/1.1\r\nHost: {authority}\r\n\r\n"),
+        format!("HEAD /ok HTTP/1.1\r\nHost: {authority}\r\n\r\n"),
+    ];
+    let malformed = [
+        format!("GET /ok HTTP/1.1\r\nHost: other.test:{port}\r\n\r\n"),
+        format!("GET /ok HTTP/1.1\r\nHost: {ORIGIN}\r\n\r\n"), // port 443, not the tunnel's
+        format!("GET /ok HTTP/1.1\r\nHost: {authority}\r\nHost: other.test:{port}\r\n\r\n"),
+        format!("GET /ok HTTP/1.1\r\nHost: other.test@{authority}\r\n\r\n"),
+        format!("GET /ok HTTP/1.1\r\nHost: {authority}@other.test\r\n\r\n"),
+        format!("GET https://other.test:{port}/ok HTTP/1.1\r\nHost: {authority}\r\n\r\n"),
+        format!("GET https://user@{authority}/ok HTTP/1.1\r\nHost: {authority}\r\n\r\n"),
+        format!("GET /ok HTTP/1.1\r\nHost: origin%2etest:{port}\r\n\r\n"),
+        format!("GET /ok HTTP/1.1\r\nHost: origin.test:{port}0000\r\n\r\n"),
+        format!("GET /ok HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n"),
+    ];
+    let refused = [
+        format!("POST /ok HTTP/1.1\r\nHost: {authority}\r\nContent-Length: 0\r\n\r\n"),
+        format!("DELETE /ok HTTP/1.1\r\nHost: {authority}\r\n\r\n"),
+        format!("GET /ok HTTP/1.1\r\nHost: {authority}\r\nX-HTTP-Method-Override: PUT\r\n\r\n"),
+        format!("GET /ok HTTP/1.1\r\nHost: {authority}\r\nX-Original-Method: PUT\r\n\r\n"),
+        format!("GET /ok HTTP/1.1\r\nHost: {authority}\r\nContent-Length: 3\r\n\r\nabc"),
+        format!("GET /ok HTTP/1.1\r\nHost: {authority}\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"),
+    ];
+    let mut cases = 0;
+    for (requests, expected) in [
+        (&through[..], "200"),
+        (&malformed[..], "400"),
+        (&refused[..], "403"),
+    ] {
+        for request in requests {
+            let mut tls = tls_tunnel(&setup).await;
+            let answer = exchange(&mut tls, request).await;
+            let status = answer.split_whitespace().nth(1).unwrap_or("");
+            assert_eq!(status, expected, "{request:?}: {answer}");
+            cases += 1;
+        }
+    }
+    println!("{cases} inner-request cases agreed");
+}

@@ -644,6 +644,23 @@ async fn every_trick_family_gets_the_same_verdict_on_every_path() {
             }
         }
     }
+    // Host vs URI: only absolute-form carries both (inside an intercepted
+    // tunnel, tests/mitm.rs checks the same against the tunnel's target).
+    let http = proxy.handle.http_addr();
+    for host_lines in [
+        format!("Host: evil.test:{port}\r\n"),
+        format!("Host: ok.test:{port}\r\nHost: evil.test:{port}\r\n"),
+        format!("Host: ok.test:{port}@evil.test\r\n"),
+        format!("Host: ok.test\r\n"), // port 80, not the URI's
+    ] {
+        let verdict = http_verdict(
+            http,
+            format!("GET http://ok.test:{port}/ HTTP/1.1\r\n{host_lines}Connection: close\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(verdict, Verdict::Malformed, "{host_lines:?}");
+        cases += 1;
+    }
     // Bytes no string can carry: a domain that is not UTF-8 is malformed
     // (0x01), not "connection refused" (fast-socks5's 0x05), and an
     // unknown address type is 0x08.
@@ -680,4 +697,106 @@ async fn socks_reply_code(proxy: SocketAddr, address: &[u8], port: u16) -> Optio
         .ok()?
         .ok()?;
     Some(head[1])
+}
+
+/// The status line's code and `x-proxy-error` of an HTTP exchange.
+async fn http_answer(proxy: SocketAddr, request: String) -> (String, String) {
+    let mut stream = TcpStream::connect(proxy).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let head = read_head(&mut stream).await;
+    let status = head.split_whitespace().nth(1).unwrap_or("").to_owned();
+    let error = head
+        .lines()
+        .find_map(|l| l.strip_prefix("x-proxy-error: "))
+        .unwrap_or("")
+        .trim()
+        .to_owned();
+    (status, error)
+}
+
+#[tokio::test]
+async fn a_name_that_does_not_resolve_fails_closed_on_every_path() {
+    // Allowed by the list, unknown to the resolver: nothing is dialled, and
+    // every path says "unreachable", not "allowed" and not "refused".
+    let proxy = proxy(
+        NetworkPolicy::builder()
+            .allow("*.ok.test")
+            .unwrap()
+            .allow_local_binding(true),
+        &[],
+    )
+    .await;
+    let http = proxy.handle.http_addr();
+    let authority = "gone.ok.test:8080";
+    let absolute = http_answer(
+        http,
+        format!(
+            "GET http://{authority}/ HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+        ),
+    )
+    .await;
+    assert_eq!(absolute, ("502".into(), "upstream-unreachable".into()));
+    let connect = http_answer(
+        http,
+        format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n"),
+    )
+    .await;
+    assert_eq!(connect, ("502".into(), "upstream-unreachable".into()));
+    let socks = socks_reply_code(proxy.socks_addr(), &socks_domain("gone.ok.test"), 8080).await;
+    assert_eq!(socks, Some(0x04), "host unreachable");
+    // And a name the list does not allow is refused before it is looked up.
+    let refused =
+        socks_reply_code(proxy.socks_addr(), &socks_domain("gone.other.test"), 8080).await;
+    assert_eq!(refused, Some(0x02));
+}
+
+#[tokio::test]
+async fn a_session_approval_does_not_leak_to_other_ports_or_protocols() {
+    use portcullis::middleware::{ApprovalKey, ApprovalOutcome, ApprovalRequest};
+    use std::sync::{Arc, Mutex};
+    let asked: Arc<Mutex<Vec<ApprovalKey>>> = Arc::default();
+    let recorder = asked.clone();
+    let approver = tower::service_fn(move |request: ApprovalRequest| {
+        recorder.lock().unwrap().push(request.key);
+        async { Ok::<_, std::convert::Infallible>(ApprovalOutcome::AllowForSession) }
+    });
+    let loopback: IpAddr = "127.0.0.1".parse().unwrap();
+    let proxy = proxy_with(
+        NetworkPolicy::builder().allow_local_binding(true).build(),
+        &[("asked.test", loopback)],
+        |builder| builder.approver(approver, Duration::from_secs(5)),
+    )
+    .await;
+    let (first, second) = (closed_port().await, closed_port().await);
+    let http = proxy.handle.http_addr();
+    let get = |port: u16| {
+        format!("GET http://asked.test:{port}/ HTTP/1.1\r\nHost: asked.test:{port}\r\nConnection: close\r\n\r\n")
+    };
+    let count = || asked.lock().unwrap().len();
+    // Each answer is checked against what went through: a 502 is a dial
+    // after an allow; a 403 would be a refusal.
+    assert_eq!(http_answer(http, get(first)).await.0, "502");
+    assert_eq!(count(), 1, "asked for asked.test:{first} over HTTP");
+    assert_eq!(http_answer(http, get(first)).await.0, "502");
+    assert_eq!(count(), 1, "the session answer covers the same key");
+    assert_eq!(http_answer(http, get(second)).await.0, "502");
+    assert_eq!(count(), 2, "another port is another question");
+    let connect =
+        format!("CONNECT asked.test:{first} HTTP/1.1\r\nHost: asked.test:{first}\r\n\r\n");
+    assert_eq!(http_answer(http, connect).await.0, "502");
+    assert_eq!(count(), 3, "CONNECT is another protocol");
+    let domain = socks_domain("asked.test");
+    assert_eq!(
+        socks_reply_code(proxy.socks_addr(), &domain, first).await,
+        Some(0x05)
+    );
+    assert_eq!(count(), 4, "SOCKS5 is another protocol");
+    assert_eq!(
+        socks_reply_code(proxy.socks_addr(), &domain, first).await,
+        Some(0x05)
+    );
+    assert_eq!(count(), 4, "…and its session answer covers it again");
+    let keys = asked.lock().unwrap().clone();
+    let distinct: std::collections::HashSet<_> = keys.iter().collect();
+    assert_eq!(distinct.len(), 4, "{keys:?}");
 }
