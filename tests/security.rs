@@ -651,7 +651,7 @@ async fn every_trick_family_gets_the_same_verdict_on_every_path() {
         format!("Host: evil.test:{port}\r\n"),
         format!("Host: ok.test:{port}\r\nHost: evil.test:{port}\r\n"),
         format!("Host: ok.test:{port}@evil.test\r\n"),
-        format!("Host: ok.test\r\n"), // port 80, not the URI's
+        "Host: ok.test\r\n".to_owned(), // port 80, not the URI's
     ] {
         let verdict = http_verdict(
             http,
