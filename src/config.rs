@@ -340,8 +340,64 @@ pub enum ConfigError {
 }
 
 fn figment_message(error: &figment::Error) -> String {
-    let messages: Vec<String> = error.clone().into_iter().map(|e| e.to_string()).collect();
+    let messages: Vec<String> = error.clone().into_iter().map(|e| one_error(&e)).collect();
     messages.join("; ")
+}
+
+/// One figment error as a person reads it: where (the file, or the
+/// environment variable), which key, what is wrong, and for an unknown key
+/// the closest known one. figment's own text prefixes the profile
+/// (`default.`) and nests backticks.
+fn one_error(error: &figment::Error) -> String {
+    use figment::error::Kind;
+    let key = error.path.join(".");
+    let place = match error.metadata.as_ref() {
+        Some(metadata) => match &metadata.source {
+            Some(figment::Source::File(path)) => format!("{}: ", path.display()),
+            _ if metadata.name.contains("environment") => {
+                let name: Vec<String> = error.path.iter().map(|k| k.to_ascii_uppercase()).collect();
+                format!("environment variable PORTCULLIS_{}: ", name.join("__"))
+            }
+            _ => String::new(),
+        },
+        None => String::new(),
+    };
+    let what = match &error.kind {
+        Kind::UnknownField(found, expected) => {
+            let parent = key.strip_suffix(found.as_str()).unwrap_or("");
+            let closest = expected
+                .iter()
+                .map(|known| (strsim::jaro_winkler(found, known), known))
+                .filter(|(score, _)| *score >= 0.8)
+                .max_by(|a, b| a.0.total_cmp(&b.0));
+            match closest {
+                Some((_, known)) => format!("unknown key {key}; did you mean {parent}{known}?"),
+                None => format!(
+                    "unknown key {key}; the keys{} are: {}",
+                    if parent.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" in [{}]", parent.trim_end_matches('.'))
+                    },
+                    expected.join(", ")
+                ),
+            }
+        }
+        Kind::UnknownVariant(found, expected) => {
+            format!("{key} cannot be {found:?}; it is one of: {}", expected.join(", "))
+        }
+        Kind::InvalidType(actual, expected) => format!("{key} must be {expected}, not {actual}"),
+        Kind::InvalidValue(actual, expected) => format!("{key} must be {expected}, not {actual}"),
+        Kind::MissingField(field) => format!("{key}: {field} is missing"),
+        other => {
+            if key.is_empty() {
+                other.to_string()
+            } else {
+                format!("{key}: {other}")
+            }
+        }
+    };
+    format!("{place}{what}")
 }
 
 /// The figment every source goes through, lowest first.
@@ -664,6 +720,42 @@ fn listener_addr(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn load_error(toml: &str) -> String {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("p.toml");
+        std::fs::write(&path, toml).unwrap_or_else(|e| panic!("{e}"));
+        match Config::load(Some(&path)) {
+            Ok(_) => panic!("{toml} loaded"),
+            Err(error) => error.to_string().replace(&path.display().to_string(), "FILE"),
+        }
+    }
+
+    #[test]
+    fn config_errors_name_the_file_and_key_and_suggest_the_closest() {
+        assert_eq!(
+            load_error("[network]\nallowed_domain = [\"x\"]\n"),
+            "FILE: unknown key network.allowed_domain; did you mean network.allowed_domains?"
+        );
+        assert_eq!(
+            load_error("[netwrk]\n"),
+            "FILE: unknown key netwrk; did you mean network?"
+        );
+        assert_eq!(
+            load_error("[network]\nallowed_domains = \"x\"\n"),
+            "FILE: network.allowed_domains must be a sequence, not string \"x\""
+        );
+        assert_eq!(
+            load_error("[network]\nmode = \"limitd\"\n"),
+            "FILE: network.mode cannot be \"limitd\"; it is one of: full, limited"
+        );
+        let far = load_error("[limits]\nzzz = 1\n");
+        assert!(
+            far.starts_with("FILE: unknown key limits.zzz; the keys in [limits] are: header_read_timeout,"),
+            "{far}"
+        );
+        assert!(!far.contains("default."), "{far}");
+    }
 
     #[test]
     fn complete_defaults() {
