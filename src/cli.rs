@@ -166,6 +166,9 @@ pub struct Loaded {
     pub config: Config,
     /// The file (or "defaults") for messages.
     pub origin: String,
+    /// The config file, if one was named: refusals then name their fix as
+    /// a key in it; otherwise as a flag.
+    pub file: Option<PathBuf>,
 }
 
 impl Options {
@@ -244,7 +247,11 @@ impl Options {
         if let Some(file) = &self.violations_log {
             config.log.violations_file = Some(file.clone());
         }
-        Ok(Loaded { config, origin })
+        Ok(Loaded {
+            config,
+            origin,
+            file: self.config.clone(),
+        })
     }
 }
 
@@ -290,7 +297,12 @@ impl Loaded {
             announce_upstream();
         }
         let (limits, connect_timeout) = config.limits(origin)?;
+        let fixes = match &self.file {
+            Some(file) => crate::hints::Fixes::File(file.clone()),
+            None => crate::hints::Fixes::Flags,
+        };
         let builder = Proxy::builder()
+            .refusal_fixes(fixes)
             .http_addr(config.http_addr(origin)?)
             .socks_addr(socks)
             .socks_udp(config.network.enable_socks5_udp)
@@ -503,6 +515,9 @@ async fn start(
         builder = builder.mitm(Some(Arc::new(ca)));
     }
     if ephemeral {
+        // Under `run` the command line is at hand: refusals name flags,
+        // even when a config file is also given (flags add to it).
+        builder = builder.refusal_fixes(crate::hints::Fixes::Flags);
         // `run` listens on ephemeral loopback ports unless told otherwise.
         let loopback = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
         if options.http.is_none() {

@@ -384,7 +384,10 @@ fn one_error(error: &figment::Error) -> String {
             }
         }
         Kind::UnknownVariant(found, expected) => {
-            format!("{key} cannot be {found:?}; it is one of: {}", expected.join(", "))
+            format!(
+                "{key} cannot be {found:?}; it is one of: {}",
+                expected.join(", ")
+            )
         }
         Kind::InvalidType(actual, expected) => format!("{key} must be {expected}, not {actual}"),
         Kind::InvalidValue(actual, expected) => format!("{key} must be {expected}, not {actual}"),
@@ -727,7 +730,9 @@ mod tests {
         std::fs::write(&path, toml).unwrap_or_else(|e| panic!("{e}"));
         match Config::load(Some(&path)) {
             Ok(_) => panic!("{toml} loaded"),
-            Err(error) => error.to_string().replace(&path.display().to_string(), "FILE"),
+            Err(error) => error
+                .to_string()
+                .replace(&path.display().to_string(), "FILE"),
         }
     }
 
@@ -751,7 +756,9 @@ mod tests {
         );
         let far = load_error("[limits]\nzzz = 1\n");
         assert!(
-            far.starts_with("FILE: unknown key limits.zzz; the keys in [limits] are: header_read_timeout,"),
+            far.starts_with(
+                "FILE: unknown key limits.zzz; the keys in [limits] are: header_read_timeout,"
+            ),
             "{far}"
         );
         assert!(!far.contains("default."), "{far}");

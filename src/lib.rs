@@ -44,6 +44,7 @@ pub mod cli;
 pub mod config;
 mod connector;
 pub mod env;
+pub mod hints;
 mod memory;
 mod reload;
 pub mod runner;

@@ -36,6 +36,7 @@ use rustls::pki_types::CertificateDer;
 use crate::body::Body;
 use crate::connector::{Connector, Dialer, OwnListeners};
 use crate::env::CaFiles;
+use crate::hints::Fixes;
 use crate::resolve::{Resolve, SystemResolver};
 use crate::transport::mitm::{CaError, CertificateAuthority, Interceptor, DEFAULT_LEAF_CACHE_SIZE};
 use crate::transport::{self, Credentials, Limits, ProxyService, Shutdown};
@@ -98,6 +99,7 @@ pub struct ProxyBuilder<O = Identity, I = Identity> {
     own: OwnListeners,
     limits: Limits,
     all_proxy_socks: bool,
+    fixes: Fixes,
     outer: O,
     inner: I,
 }
@@ -142,6 +144,7 @@ impl Proxy {
             own: OwnListeners::default(),
             limits: Limits::default(),
             all_proxy_socks: false,
+            fixes: Fixes::Keys,
             outer: Identity::new(),
             inner: Identity::new(),
         }
@@ -259,6 +262,13 @@ impl<O, I> ProxyBuilder<O, I> {
         self
     }
 
+    /// How refusals name their fix: config keys (the default), flags, or
+    /// keys in a named file; see [`Fixes`].
+    pub fn refusal_fixes(mut self, fixes: Fixes) -> ProxyBuilder<O, I> {
+        self.fixes = fixes;
+        self
+    }
+
     /// Records violations with this layer.
     pub fn violations(mut self, violations: ViolationLogLayer) -> ProxyBuilder<O, I> {
         self.violations = violations;
@@ -359,6 +369,7 @@ impl<O, I> ProxyBuilder<O, I> {
             own: self.own,
             limits: self.limits,
             all_proxy_socks: self.all_proxy_socks,
+            fixes: self.fixes,
             outer,
             inner,
         }
@@ -385,7 +396,23 @@ impl<O, I> ProxyBuilder<O, I> {
             self.resolve_timeout,
             self.connect_timeout,
             self.own.clone(),
+            self.fixes.clone(),
         )
+    }
+
+    /// The violation log, rewording built-in refusals for `fixes`.
+    fn violation_layer(&self) -> ViolationLogLayer {
+        self.rephrasing(self.violations.clone())
+    }
+
+    fn rephrasing(&self, layer: ViolationLogLayer) -> ViolationLogLayer {
+        match self.fixes {
+            Fixes::Keys => layer,
+            _ => {
+                let fixes = self.fixes.clone();
+                layer.rephrase(move |blocked| fixes.rephrase(blocked))
+            }
+        }
     }
 }
 
@@ -462,7 +489,7 @@ where
             Some(rules) => approval.rules(rules.clone()),
             None => approval,
         };
-        Ok(self.compose(connector, approval, self.violations.clone()))
+        Ok(self.compose(connector, approval, self.violation_layer()))
     }
 
     /// The same stack over a connector that resolves and vets but never
@@ -480,7 +507,7 @@ where
         self.compose(
             Connector::vet_only(self.dialer()),
             approval,
-            ViolationLogLayer::new(ViolationRing::new(0)),
+            self.rephrasing(ViolationLogLayer::new(ViolationRing::new(0))),
         )
     }
 
@@ -525,7 +552,7 @@ where
         let settings = transport::http1::Settings {
             policy: self.policy.clone(),
             interceptor,
-            violations: self.violations.clone(),
+            violations: self.violation_layer(),
             own: self.own.clone(),
             limits: self.limits,
             credentials: self.credentials.clone(),
@@ -541,7 +568,7 @@ where
             let settings = transport::socks5::Settings {
                 udp: self.socks_udp,
                 policy: self.policy.clone(),
-                violations: self.violations.clone(),
+                violations: self.violation_layer(),
                 limits: self.limits,
                 credentials: self.credentials.clone(),
             };

@@ -680,3 +680,44 @@ async fn run_ends_with_a_summary_of_what_it_refused() {
         "nothing refused, nothing said: {stderr}"
     );
 }
+
+#[tokio::test]
+async fn refusals_name_the_fix_where_the_user_is() {
+    // Under run: the flag. With --config (serve, check): the key and the file.
+    let (_, stdout, _) = output(portcullis().args([
+        "run",
+        "--",
+        "curl",
+        "-s",
+        "http://refused.test/",
+    ]))
+    .await;
+    assert!(
+        stdout.contains("the host is not in the allowlist; add --allow refused.test"),
+        "{stdout}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("team.toml");
+    std::fs::write(&config, "[network]\nallowed_domains = [\"ok.test\"]\n").unwrap();
+    let (code, stdout, _) = output(
+        portcullis()
+            .args(["check", "--config"])
+            .arg(&config)
+            .arg("http://refused.test/"),
+    )
+    .await;
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "add \"refused.test\" to allowed_domains in {}",
+            config.display()
+        )),
+        "{stdout}"
+    );
+    let (_, stdout, _) = output(portcullis().args(["check", "http://127.0.0.1:9/"])).await;
+    assert!(
+        stdout.contains("--allow 127.0.0.1:9, or pass --allow-local-binding"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("approve"), "no approver, no approval hint: {stdout}");
+}

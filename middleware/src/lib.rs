@@ -180,5 +180,6 @@ pub use stack::{DefaultStack, ServiceBuilderExt};
 pub use strip_headers::{StripHeaders, StripHeadersLayer};
 pub use target::{Host, Target, TargetError};
 pub use violation_log::{
-    JsonLinesSink, Violation, ViolationLog, ViolationLogLayer, ViolationRing, ViolationSink,
+    JsonLinesSink, Rephrase, Violation, ViolationLog, ViolationLogLayer, ViolationRing,
+    ViolationSink,
 };

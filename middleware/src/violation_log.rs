@@ -203,7 +203,12 @@ struct Recorder {
     ring: ViolationRing,
     sinks: Vec<Arc<dyn ViolationSink>>,
     throttle: Throttle,
+    rephrase: Option<Rephrase>,
 }
+
+/// Rewords a refusal's message before it is recorded and returned (`None`
+/// keeps it); see [`ViolationLogLayer::rephrase`].
+pub type Rephrase = Arc<dyn Fn(&Blocked) -> Option<String> + Send + Sync>;
 
 /// The default time between two log lines about one destination and
 /// reason; the refusals between are counted, not logged.
@@ -275,6 +280,12 @@ impl fmt::Debug for Recorder {
 }
 
 impl Recorder {
+    fn reworded(&self, blocked: &Blocked) -> Option<String> {
+        self.rephrase
+            .as_ref()
+            .and_then(|rephrase| rephrase(blocked))
+    }
+
     fn record(&self, client: Option<SocketAddr>, blocked: &Blocked) {
         let unix_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -329,6 +340,7 @@ impl ViolationLogLayer {
                 ring,
                 sinks: Vec::new(),
                 throttle: Throttle::new(DEFAULT_LOG_INTERVAL),
+                rephrase: None,
             }),
         }
     }
@@ -342,6 +354,7 @@ impl ViolationLogLayer {
                 ring: self.recorder.ring.clone(),
                 sinks,
                 throttle: Throttle::new(self.recorder.throttle.interval),
+                rephrase: self.recorder.rephrase.clone(),
             }),
         }
     }
@@ -356,6 +369,26 @@ impl ViolationLogLayer {
                 ring: self.recorder.ring.clone(),
                 sinks: self.recorder.sinks.clone(),
                 throttle: Throttle::new(interval),
+                rephrase: self.recorder.rephrase.clone(),
+            }),
+        }
+    }
+
+    /// Rewords refusals before they are recorded and returned: `rephrase`
+    /// gets each refusal and returns its new message, or `None` to keep it.
+    /// The bundled binary uses it to name the fix where the reader is (a
+    /// command-line flag under `run`, the key and the file under `serve
+    /// --config`) instead of the config key alone.
+    pub fn rephrase(
+        self,
+        rephrase: impl Fn(&Blocked) -> Option<String> + Send + Sync + 'static,
+    ) -> ViolationLogLayer {
+        ViolationLogLayer {
+            recorder: Arc::new(Recorder {
+                ring: self.recorder.ring.clone(),
+                sinks: self.recorder.sinks.clone(),
+                throttle: Throttle::new(self.recorder.throttle.interval),
+                rephrase: Some(Arc::new(rephrase)),
             }),
         }
     }
@@ -364,7 +397,12 @@ impl ViolationLogLayer {
     /// intercepted tunnel that did not speak TLS), exactly as the layer
     /// records one from below it.
     pub fn record(&self, client: Option<SocketAddr>, blocked: &Blocked) {
-        self.recorder.record(client, blocked);
+        match self.recorder.reworded(blocked) {
+            Some(message) => self
+                .recorder
+                .record(client, &blocked.clone().with_message(message)),
+            None => self.recorder.record(client, blocked),
+        }
     }
 
     /// The ring this layer records into.
@@ -459,7 +497,18 @@ where
         let this = self.project();
         this.future.poll(cx).map(|result| {
             result.map_err(|error| {
-                let error: BoxError = error.into();
+                let mut error: BoxError = error.into();
+                if this.recorder.rephrase.is_some() {
+                    error = match error.downcast::<Blocked>() {
+                        Ok(mut blocked) => {
+                            if let Some(message) = this.recorder.reworded(&blocked) {
+                                blocked.message = message;
+                            }
+                            blocked
+                        }
+                        Err(other) => other,
+                    };
+                }
                 if let Some(blocked) = find_blocked(error.as_ref()) {
                     this.recorder.record(*this.client, blocked);
                 }
@@ -485,6 +534,40 @@ mod tests {
             Protocol::Http,
             &http::Method::GET,
         )
+    }
+
+    #[tokio::test]
+    async fn rephrase_rewords_what_is_recorded_and_what_is_returned() {
+        let ring = ViolationRing::new(4);
+        let layer = ViolationLogLayer::new(ring.clone()).rephrase(|blocked: &Blocked| {
+            (blocked.target.to_string() == "a.test:80").then(|| "reworded".to_owned())
+        });
+        let (mut service, mut mock) =
+            mock::spawn_layer::<Request<()>, Response<()>, _>(layer.clone());
+        for host in ["a.test:80", "b.test:80"] {
+            mock.allow(1);
+            assert!(service.poll_ready().is_ready());
+            let response = service.call(Request::new(()));
+            let (_, send) = mock.next_request().await.unwrap();
+            send.send_error(blocked(host));
+            let error = response.await.unwrap_err();
+            let message = find_blocked(error.as_ref()).unwrap().message.clone();
+            assert_eq!(
+                message == "reworded",
+                host == "a.test:80",
+                "{host}: {message}"
+            );
+        }
+        // A refusal recorded from outside the stack is reworded too.
+        layer.record(None, &blocked("a.test:80"));
+        let messages: Vec<String> = ring
+            .snapshot()
+            .iter()
+            .map(|v| v.blocked.message.clone())
+            .collect();
+        assert_eq!(messages[0], "reworded");
+        assert_ne!(messages[1], "reworded");
+        assert_eq!(messages[2], "reworded");
     }
 
     #[tokio::test]
@@ -574,6 +657,7 @@ mod tests {
                 ring: ViolationRing::default(),
                 sinks: Vec::new(),
                 throttle: Throttle::new(DEFAULT_LOG_INTERVAL),
+                rephrase: None,
             };
             let mut refusal = blocked("evil.test:443");
             refusal.method = "GE\u{1b}T".to_owned();

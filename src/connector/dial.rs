@@ -22,6 +22,7 @@ use portcullis_middleware::{
     UpstreamErrorKind,
 };
 
+use crate::hints::Fixes;
 use crate::resolve::Resolve;
 
 /// Resolves, vets and dials.
@@ -32,6 +33,8 @@ pub(crate) struct Dialer {
     resolve_timeout: Duration,
     connect_timeout: Duration,
     own: OwnListeners,
+    /// How a refusal made here names its fix.
+    fixes: Fixes,
 }
 
 /// This proxy's own listeners, and every address that reaches them: a
@@ -133,6 +136,7 @@ impl Dialer {
         resolve_timeout: Duration,
         connect_timeout: Duration,
         own: OwnListeners,
+        fixes: Fixes,
     ) -> Dialer {
         Dialer {
             policy,
@@ -140,6 +144,7 @@ impl Dialer {
             resolve_timeout,
             connect_timeout,
             own,
+            fixes,
         }
     }
 
@@ -204,14 +209,7 @@ impl Dialer {
                 // fix names the address, not the host.
                 let blocked = match (reason, host) {
                     (Reason::NotAllowedLocal, Host::Name(_)) => {
-                        let shown = match address {
-                            IpAddr::V6(v6) => format!("[{v6}]"),
-                            IpAddr::V4(v4) => v4.to_string(),
-                        };
-                        let message = format!(
-                            "portcullis refused {}: it resolves to the local or private address {address}; allow that address (allowed_domains entry or --allow {shown}:{port}) or set allow_local_binding = true (--allow-local-binding)",
-                            request.target
-                        );
+                        let message = self.fixes.resolved_local(request.target, address, port);
                         blocked.with_message(message)
                     }
                     _ => blocked,
@@ -325,6 +323,7 @@ mod tests {
             Duration::from_secs(5),
             Duration::from_secs(5),
             OwnListeners::default(),
+            Fixes::Keys,
         )
     }
 
@@ -370,7 +369,8 @@ mod tests {
         let error = vet(&dialer, "private.test:443").await.unwrap_err();
         let message = &find_blocked(error.as_ref()).unwrap().message;
         assert!(
-            message.contains("--allow 10.0.0.5:443") && !message.contains("--allow private.test"),
+            message.contains("\"10.0.0.5:443\" to allowed_domains")
+                && !message.contains("\"private.test"),
             "the fix names the address the host resolved to: {message}"
         );
         for (authority, reason) in [
@@ -418,6 +418,7 @@ mod tests {
             Duration::from_secs(5),
             Duration::from_secs(5),
             OwnListeners::default(),
+            Fixes::Keys,
         );
         let error = vet(&dialer, "private.test:443").await.unwrap_err();
         assert_eq!(find_blocked(error.as_ref()).unwrap().reason, Reason::Denied);

@@ -1,0 +1,212 @@
+//! Refusal messages that name the fix where the reader is: the flag under
+//! `run` (or `serve` without a config file), the key and the file under
+//! `--config`, the config key when portcullis is a library. The middleware
+//! writes the key form; [`Fixes::rephrase`] rewords the built-in refusals
+//! (never a message a layer of yours wrote) through
+//! [`ViolationLogLayer::rephrase`](crate::middleware::ViolationLogLayer::rephrase).
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use portcullis_middleware::{Blocked, Host, Reason, Target};
+
+/// Where the person reading a refusal changes what is allowed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Fixes {
+    /// Config keys (`allowed_domains`, `allow_local_binding`): the default.
+    #[default]
+    Keys,
+    /// Command-line flags (`--allow`, `--allow-local-binding`, `--mitm`).
+    Flags,
+    /// Keys, in this config file.
+    File(PathBuf),
+}
+
+impl Fixes {
+    /// The message `blocked` should carry here, if it is a built-in refusal
+    /// whose fix reads differently in this context.
+    pub fn rephrase(&self, blocked: &Blocked) -> Option<String> {
+        if *self == Fixes::Keys || !has_standard_message(blocked) {
+            return None;
+        }
+        let target = &blocked.target;
+        let host = target.host_string();
+        let why_and_fix = match (blocked.reason, target) {
+            (Reason::NotAllowed, Target::Host { .. }) => match self {
+                Fixes::Flags => format!("the host is not in the allowlist; add --allow {host}"),
+                Fixes::File(file) => format!(
+                    "the host is not in allowed_domains; add \"{host}\" to allowed_domains in {}",
+                    file.display()
+                ),
+                Fixes::Keys => return None,
+            },
+            (Reason::NotAllowedLocal, Target::Host { host: ip, port }) => {
+                let exact = exact(ip, *port);
+                match self {
+                    Fixes::Flags => format!(
+                        "it is a local or private address; allow that exact address with --allow {exact}, or pass --allow-local-binding"
+                    ),
+                    Fixes::File(file) => format!(
+                        "it is a local or private address; add \"{exact}\" to allowed_domains, or set allow_local_binding = true, in {}",
+                        file.display()
+                    ),
+                    Fixes::Keys => return None,
+                }
+            }
+            (Reason::Denied, _) => {
+                let rule = blocked.rule.as_deref().unwrap_or("denied_domains");
+                match self {
+                    Fixes::Flags => format!(
+                        "it matches the denylist ({rule}); drop the --deny that names it (deny wins over --allow)"
+                    ),
+                    Fixes::File(file) => format!(
+                        "it matches the denylist ({rule}); remove that entry from {} (deny wins over any allow)",
+                        file.display()
+                    ),
+                    Fixes::Keys => return None,
+                }
+            }
+            (Reason::MethodNotAllowed, _) => {
+                let method = blocked.method.escape_debug();
+                let fix = match self {
+                    Fixes::Flags => "run without --mode limited".to_owned(),
+                    Fixes::File(file) => {
+                        format!("set mode = \"full\" in [network] in {}", file.display())
+                    }
+                    Fixes::Keys => return None,
+                };
+                return Some(format!(
+                    "portcullis refused {method} {target}: limited mode allows only GET, HEAD and OPTIONS (and no SOCKS5); {fix} to allow it"
+                ));
+            }
+            (Reason::MitmRequired, _) => {
+                let fix = match self {
+                    Fixes::Flags => "pass --mitm (under run the child is given the CA; elsewhere clients must trust the one `portcullis ca` prints), or run without --mode limited".to_owned(),
+                    Fixes::File(file) => format!(
+                        "set mitm = true in [network] in {} (clients must trust the CA `portcullis ca` prints), or mode = \"full\"",
+                        file.display()
+                    ),
+                    Fixes::Keys => return None,
+                };
+                return Some(format!(
+                    "portcullis refused CONNECT {target}: limited mode needs HTTPS interception to see methods; {fix}"
+                ));
+            }
+            (
+                Reason::ApprovalDenied | Reason::ApprovalTimedOut | Reason::ApprovalFailed,
+                Target::Host { .. },
+            ) => {
+                let what = match blocked.reason {
+                    Reason::ApprovalDenied => "the approver denied it",
+                    Reason::ApprovalTimedOut => "no approval arrived in time",
+                    _ => "the approver failed, so the request was denied (fail closed)",
+                };
+                match self {
+                    Fixes::Flags => format!("{what}; add --allow {host} if it should be reachable"),
+                    Fixes::File(file) => format!(
+                        "{what}; add \"{host}\" to allowed_domains in {} if it should be reachable",
+                        file.display()
+                    ),
+                    Fixes::Keys => return None,
+                }
+            }
+            _ => return None,
+        };
+        Some(format!("portcullis refused {target}: {why_and_fix}"))
+    }
+
+    /// The message for a name that resolved to a local or private address:
+    /// the fix names the address, not the host (which is already allowed).
+    pub(crate) fn resolved_local(&self, target: &Target, address: IpAddr, port: u16) -> String {
+        let exact = exact(&Host::Ip(address), port);
+        let fix = match self {
+            Fixes::Keys => {
+                format!("add \"{exact}\" to allowed_domains, or set allow_local_binding = true")
+            }
+            Fixes::Flags => {
+                format!("allow that address with --allow {exact}, or pass --allow-local-binding")
+            }
+            Fixes::File(file) => format!(
+                "add \"{exact}\" to allowed_domains, or set allow_local_binding = true, in {}",
+                file.display()
+            ),
+        };
+        format!(
+            "portcullis refused {target}: it resolves to the local or private address {address}; {fix}"
+        )
+    }
+}
+
+/// `IP:PORT` as a pattern (IPv6 bracketed).
+fn exact(host: &Host, port: u16) -> String {
+    match host {
+        Host::Ip(IpAddr::V6(v6)) => format!("[{v6}]:{port}"),
+        other => format!("{other}:{port}"),
+    }
+}
+
+/// Whether `blocked` carries the middleware's own message (not one a layer
+/// or an approver wrote).
+fn has_standard_message(blocked: &Blocked) -> bool {
+    let Ok(method) = http::Method::from_bytes(blocked.method.as_bytes()) else {
+        return false;
+    };
+    let standard = Blocked::new(
+        blocked.reason,
+        blocked.source,
+        blocked.target.clone(),
+        blocked.protocol,
+        &method,
+    );
+    standard.message == blocked.message
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use portcullis_middleware::{Protocol, Source};
+
+    fn refusal(reason: Reason, authority: &str) -> Blocked {
+        Blocked::new(
+            reason,
+            Source::Policy,
+            Target::parse_authority(authority, None).unwrap(),
+            Protocol::HttpsConnect,
+            &http::Method::CONNECT,
+        )
+    }
+
+    #[test]
+    fn each_context_names_its_own_fix() {
+        let miss = refusal(Reason::NotAllowed, "index.crates.io:443");
+        assert_eq!(Fixes::Keys.rephrase(&miss), None);
+        assert_eq!(
+            Fixes::Flags.rephrase(&miss).unwrap(),
+            "portcullis refused index.crates.io:443: the host is not in the allowlist; add --allow index.crates.io"
+        );
+        let file = Fixes::File("/etc/p.toml".into());
+        assert!(file
+            .rephrase(&miss)
+            .unwrap()
+            .ends_with("add \"index.crates.io\" to allowed_domains in /etc/p.toml"));
+        let local = refusal(Reason::NotAllowedLocal, "[::1]:8080");
+        assert!(Fixes::Flags
+            .rephrase(&local)
+            .unwrap()
+            .contains("--allow [::1]:8080, or pass --allow-local-binding"));
+        let limited = refusal(Reason::MitmRequired, "x.test:443");
+        assert!(Fixes::Flags
+            .rephrase(&limited)
+            .unwrap()
+            .contains("pass --mitm"));
+        assert!(!Fixes::Flags.rephrase(&miss).unwrap().contains("approve"));
+    }
+
+    #[test]
+    fn a_message_someone_wrote_is_kept() {
+        let custom = refusal(Reason::NotAllowed, "x.test:443").with_message("ask the team");
+        assert_eq!(Fixes::Flags.rephrase(&custom), None);
+    }
+}
