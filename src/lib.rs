@@ -38,6 +38,7 @@
 //! HTTPS interception lives in `transport/mitm/` (its CA is public as
 //! [`mitm`]); the bundled approvers and the rules file in [`approvers`].
 
+pub mod access_log;
 pub mod approvers;
 pub mod body;
 pub mod cli;

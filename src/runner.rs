@@ -447,10 +447,13 @@ where
             http::header::AUTHORIZATION,
             http::header::COOKIE,
         ];
-        ProxyService::new(SetSensitiveRequestHeaders::new(
-            stack.layer(connector),
-            sensitive,
-        ))
+        // The access log sees every request; refusals it leaves to the
+        // violation log inside.
+        let logged = tower::ServiceBuilder::new()
+            .map_response(|response: Response<_>| response.map(crate::body::boxed))
+            .layer(crate::access_log::AccessLogLayer::new())
+            .service(stack.layer(connector));
+        ProxyService::new(SetSensitiveRequestHeaders::new(logged, sensitive))
     }
 
     /// The stack the listeners serve, without listeners (for tests and

@@ -684,14 +684,8 @@ async fn run_ends_with_a_summary_of_what_it_refused() {
 #[tokio::test]
 async fn refusals_name_the_fix_where_the_user_is() {
     // Under run: the flag. With --config (serve, check): the key and the file.
-    let (_, stdout, _) = output(portcullis().args([
-        "run",
-        "--",
-        "curl",
-        "-s",
-        "http://refused.test/",
-    ]))
-    .await;
+    let (_, stdout, _) =
+        output(portcullis().args(["run", "--", "curl", "-s", "http://refused.test/"])).await;
     assert!(
         stdout.contains("the host is not in the allowlist; add --allow refused.test"),
         "{stdout}"
@@ -719,5 +713,96 @@ async fn refusals_name_the_fix_where_the_user_is() {
         stdout.contains("--allow 127.0.0.1:9, or pass --allow-local-binding"),
         "{stdout}"
     );
-    assert!(!stdout.contains("approve"), "no approver, no approval hint: {stdout}");
+    assert!(
+        !stdout.contains("approve"),
+        "no approver, no approval hint: {stdout}"
+    );
+}
+
+#[tokio::test]
+async fn serve_writes_an_access_log_and_run_does_not_unless_asked() {
+    let origin = origin().await;
+    let mut child = portcullis()
+        .args([
+            "serve",
+            "--http",
+            "127.0.0.1:0",
+            "--no-socks",
+            "--allow",
+            "127.0.0.1",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let proxy = served_http_address(&mut child).await;
+    let authority = origin.addr.to_string();
+    let (_, head) = raw_exchange(
+        proxy,
+        &format!("GET http://{authority}/logged HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let (mut tunnel, head) = raw_exchange(
+        proxy,
+        &format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n"),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tunnel
+        .write_all(b"GET /tunnelled HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tunnel.read_to_end(&mut answer).await.unwrap();
+    drop(tunnel);
+    let closed = closed_port().await;
+    let (_, head) = raw_exchange(
+        proxy,
+        &format!("GET http://127.0.0.1:{closed}/ HTTP/1.1\r\nHost: 127.0.0.1:{closed}\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 502"), "{head}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (_, stderr) = terminate(&mut child).await;
+    let line = |needle: &str| {
+        stderr
+            .lines()
+            .find(|l| l.contains("portcullis::access") && l.contains(needle))
+            .unwrap_or_else(|| panic!("no access line with {needle:?} in\n{stderr}"))
+            .to_owned()
+    };
+    let get = line("dst.port=");
+    assert!(
+        get.contains("method=\"GET\"") && get.contains("status=200"),
+        "{get}"
+    );
+    assert!(get.contains("bytes=13"), "hello /logged is 13 bytes: {get}");
+    assert!(line("tunnel opened").contains("method=\"CONNECT\""));
+    let closed_line = line("tunnel closed");
+    assert!(
+        closed_line.contains("bytes.up=55")
+            && closed_line.contains(&format!("dst=\"{authority}\"")),
+        "{closed_line}"
+    );
+    let failed = line("failed");
+    assert!(
+        failed.contains("cause=") && failed.contains("onnect"),
+        "the cause: {failed}"
+    );
+
+    // Under run the access log is off by default…
+    let script = format!("curl -s http://{authority}/quiet >/dev/null");
+    let (_, _, stderr) =
+        output(portcullis().args(["run", "--allow", "127.0.0.1", "--", "sh", "-c", &script])).await;
+    assert!(!stderr.contains("portcullis::access"), "{stderr}");
+    // …and on when asked.
+    let (_, _, stderr) = output(
+        portcullis()
+            .env("PORTCULLIS_LOG", "warn,portcullis::access=info")
+            .args(["run", "--allow", "127.0.0.1", "--", "sh", "-c", &script]),
+    )
+    .await;
+    assert!(stderr.contains("portcullis::access"), "{stderr}");
 }

@@ -55,16 +55,50 @@ fn give_back(buffer: Box<[u8]>) {
 /// it (a peer closing is normal), or nothing moves for `idle`. A side that
 /// ends its sending half has the other side's sending half shut down, as
 /// `copy_bidirectional` does; no buffer is held while nothing moves.
-pub(crate) async fn tcp(client: &TcpStream, upstream: &TcpStream, idle: Duration) {
+pub(crate) async fn tcp(client: &TcpStream, upstream: &TcpStream, idle: Duration) -> Moved {
     let start = Instant::now();
     let last = AtomicU64::new(0);
+    let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
     let both = async {
         tokio::try_join!(
-            pump(client, upstream, start, &last),
-            pump(upstream, client, start, &last)
+            pump(client, upstream, start, &last, &up),
+            pump(upstream, client, start, &last, &down)
         )
     };
     watch_idle(both, start, &last, idle).await;
+    Moved {
+        up: up.into_inner(),
+        down: down.into_inner(),
+        duration: start.elapsed(),
+    }
+}
+
+/// What a tunnel carried.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Moved {
+    /// Bytes from the client to the upstream.
+    pub(crate) up: u64,
+    /// Bytes from the upstream to the client.
+    pub(crate) down: u64,
+    /// How long the tunnel was open.
+    pub(crate) duration: Duration,
+}
+
+impl Moved {
+    /// The access log's line for a closed tunnel.
+    pub(crate) fn log(&self, client: std::net::SocketAddr, target: &portcullis_middleware::Target) {
+        let (from, to) = (client.to_string(), target.to_string());
+        tracing::event!(
+            target: crate::access_log::ACCESS_TARGET,
+            tracing::Level::INFO,
+            client.addr = from.as_str(),
+            dst = to.as_str(),
+            bytes.up = self.up,
+            bytes.down = self.down,
+            duration_ms = u64::try_from(self.duration.as_millis()).unwrap_or(u64::MAX),
+            "tunnel closed"
+        );
+    }
 }
 
 /// One direction: `from` → `to`, until `from` ends (then `to`'s sending
@@ -74,6 +108,7 @@ async fn pump(
     to: &TcpStream,
     start: Instant,
     last: &AtomicU64,
+    moved: &AtomicU64,
 ) -> io::Result<()> {
     loop {
         from.readable().await?;
@@ -97,7 +132,10 @@ async fn pump(
         let mut written = 0;
         while written < read {
             match to.try_write(&buffer[written..read]) {
-                Ok(n) => written += n,
+                Ok(n) => {
+                    written += n;
+                    moved.fetch_add(n as u64, Ordering::Relaxed);
+                }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => to.writable().await?,
                 Err(error) => return Err(error),
             }
@@ -140,25 +178,33 @@ where
 
 /// Copies both ways until both sides are done, an error ends it (a peer
 /// closing is normal), or nothing moves for `idle`.
-pub(crate) async fn bidirectional<A, B>(client: &mut A, upstream: &mut B, idle: Duration)
+pub(crate) async fn bidirectional<A, B>(client: &mut A, upstream: &mut B, idle: Duration) -> Moved
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     let start = Instant::now();
     let last = AtomicU64::new(0);
+    let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
     let mut client = Watched {
         inner: client,
         start,
         last: &last,
+        read: &up,
     };
     let mut upstream = Watched {
         inner: upstream,
         start,
         last: &last,
+        read: &down,
     };
     let copy = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, BUFFER, BUFFER);
     watch_idle(copy, start, &last, idle).await;
+    Moved {
+        up: up.into_inner(),
+        down: down.into_inner(),
+        duration: start.elapsed(),
+    }
 }
 
 /// A stream that notes when bytes last moved through it.
@@ -166,6 +212,8 @@ struct Watched<'a, S: ?Sized> {
     inner: &'a mut S,
     start: Instant,
     last: &'a AtomicU64,
+    /// Bytes read from this side.
+    read: &'a AtomicU64,
 }
 
 impl<S: ?Sized> Watched<'_, S> {
@@ -182,8 +230,10 @@ impl<S: AsyncRead + Unpin + ?Sized> AsyncRead for Watched<'_, S> {
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let result = Pin::new(&mut *self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
+        let read = buf.filled().len() - before;
+        if read > 0 {
             self.moved();
+            self.read.fetch_add(read as u64, Ordering::Relaxed);
         }
         result
     }

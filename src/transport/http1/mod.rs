@@ -191,7 +191,10 @@ async fn route(
         tokio::spawn(async move {
             match (on_upgrade.await, interceptor) {
                 (Ok(upgraded), None) => {
-                    splice_upgraded(upgraded, upstream, settings.limits.tunnel_idle_timeout).await
+                    let idle = settings.limits.tunnel_idle_timeout;
+                    if let Some(moved) = splice_upgraded(upgraded, upstream, idle).await {
+                        moved.log(client, &target);
+                    }
                 }
                 (Ok(upgraded), Some(interceptor)) => {
                     // The dial proved the origin reachable; requests inside
@@ -251,6 +254,8 @@ async fn route(
                         let mut upstream_io = TokioIo::new(upstream_io);
                         let idle = settings.limits.tunnel_idle_timeout;
                         splice::bidirectional(&mut client_io, &mut upstream_io, idle).await;
+                        // (Upgraded connections are logged by the access
+                        // layer at their 101; their bytes are not counted.)
                     }
                     Err(error) => tracing::debug!(%error, "upgrade failed"),
                 }
@@ -279,7 +284,7 @@ async fn splice_upgraded(
     upgraded: hyper::upgrade::Upgraded,
     upstream: tokio::net::TcpStream,
     idle: Duration,
-) {
+) -> Option<splice::Moved> {
     match upgraded.downcast::<TokioIo<tokio::net::TcpStream>>() {
         Ok(parts) => {
             let client = parts.io.into_inner();
@@ -289,15 +294,15 @@ async fn splice_upgraded(
                     tokio::io::AsyncWriteExt::write_all(&mut upstream, &parts.read_buf).await
                 {
                     tracing::debug!(%error, "tunnel closed with an error");
-                    return;
+                    return None;
                 }
             }
             drop(parts.read_buf);
-            splice::tcp(&client, &upstream, idle).await;
+            Some(splice::tcp(&client, &upstream, idle).await)
         }
         Err(upgraded) => {
             let mut upstream = upstream;
-            splice::bidirectional(&mut TokioIo::new(upgraded), &mut upstream, idle).await
+            Some(splice::bidirectional(&mut TokioIo::new(upgraded), &mut upstream, idle).await)
         }
     }
 }

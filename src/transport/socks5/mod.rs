@@ -282,6 +282,8 @@ async fn connect(
     let Some(client_stream) = proto.reply_success(bound).await?.into_inner() else {
         return Err("fast-socks5 read less of the request than was checked".into());
     };
-    splice::tcp(&client_stream, &upstream, idle).await;
+    splice::tcp(&client_stream, &upstream, idle)
+        .await
+        .log(client, &target);
     Ok(())
 }
