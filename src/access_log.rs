@@ -143,6 +143,7 @@ pub struct AccessBytes {
 impl OnBodyChunk<bytes::Bytes> for AccessBytes {
     fn on_body_chunk(&mut self, chunk: &bytes::Bytes, _: Duration, span: &Span) {
         self.total += chunk.len() as u64;
+        crate::metrics::metrics().bytes(0, chunk.len() as u64);
         span.record("bytes", self.total);
     }
 }
@@ -204,6 +205,10 @@ impl MakeClassifier for Classify {
     fn make_classifier<B>(&self, request: &Request<B>) -> ClassifyOne {
         ClassifyOne {
             connect: request.method() == Method::CONNECT,
+            protocol: request
+                .extensions()
+                .get::<Protocol>()
+                .map_or("unknown", |p| p.as_str()),
         }
     }
 }
@@ -212,6 +217,7 @@ impl MakeClassifier for Classify {
 #[derive(Debug, Clone, Copy)]
 pub struct ClassifyOne {
     connect: bool,
+    protocol: &'static str,
 }
 
 impl ClassifyResponse for ClassifyOne {
@@ -219,6 +225,8 @@ impl ClassifyResponse for ClassifyOne {
     type ClassifyEos = EndOfStream;
 
     fn classify_response<B>(self, _: &Response<B>) -> ClassifiedResponse<Failure, EndOfStream> {
+        // A response is an allowed request (a refusal is an error).
+        crate::metrics::metrics().allowed(self.protocol);
         if self.connect {
             ClassifiedResponse::Ready(Ok(()))
         } else {

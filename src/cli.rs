@@ -303,6 +303,7 @@ impl Loaded {
         };
         let builder = Proxy::builder()
             .refusal_fixes(fixes)
+            .metrics_addr(config.metrics.address(origin)?)
             .http_addr(config.http_addr(origin)?)
             .socks_addr(socks)
             .socks_udp(config.network.enable_socks5_udp)
@@ -557,6 +558,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
     // Listening for SIGTERM before anyone learns the address: a client that
     // connects and signals at once must not find the default action.
     let signals = ShutdownSignals::install();
+    let usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1());
     let proxy = match start(&options, false, true, false, None).await {
         Ok(proxy) => proxy,
         Err(code) => return code,
@@ -576,6 +578,9 @@ async fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_UNAVAILABLE);
         }
     }
+    if let Ok(usr1) = usr1 {
+        tokio::spawn(dump_violations_on_usr1(usr1, proxy.violations().clone()));
+    }
     signals.wait().await;
     tracing::info!("shutting down: no new connections; waiting up to {deadline:?} for open ones");
     let cut = proxy.shutdown(deadline).await;
@@ -587,6 +592,26 @@ async fn serve(args: ServeArgs) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+/// On SIGUSR1, writes the recent refusals (the ring, oldest first) to the
+/// log, one JSON object a line.
+async fn dump_violations_on_usr1(
+    mut usr1: tokio::signal::unix::Signal,
+    ring: portcullis_middleware::ViolationRing,
+) {
+    while usr1.recv().await.is_some() {
+        let recent = ring.snapshot();
+        tracing::info!(
+            target: "portcullis::violation",
+            "SIGUSR1: the {} most recent refusals ({} since start)",
+            recent.len(),
+            ring.total()
+        );
+        for violation in recent {
+            tracing::info!(target: "portcullis::violation", "{}", violation.to_json());
+        }
     }
 }
 

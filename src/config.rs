@@ -39,6 +39,43 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// `[auth]`: credentials clients must present.
     pub auth: AuthConfig,
+    /// `[metrics]`: the Prometheus endpoint.
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: counters of allowed and refused requests, open connections
+/// and tunnels, pending approvals and bytes, as Prometheus text at `GET
+/// /metrics` on a loopback listener; off unless `listen` is set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `IP:PORT` on loopback, e.g. `127.0.0.1:9464`.
+    pub listen: Option<String>,
+}
+
+impl MetricsConfig {
+    /// The listen address, checked: loopback only.
+    pub fn address(&self, origin: &str) -> Result<Option<SocketAddr>, ConfigError> {
+        let Some(listen) = &self.listen else {
+            return Ok(None);
+        };
+        let invalid = |message: String| ConfigError::Invalid {
+            key: "metrics.listen".into(),
+            origin: origin.to_owned(),
+            message,
+        };
+        let address: SocketAddr = listen.parse().map_err(|_| {
+            invalid(format!(
+                "{listen:?} is not IP:PORT (for example 127.0.0.1:9464)"
+            ))
+        })?;
+        if !address.ip().is_loopback() {
+            return Err(invalid(format!(
+                "{address} is not a loopback address: metrics are served on loopback only"
+            )));
+        }
+        Ok(Some(address))
+    }
 }
 
 /// `[auth]`: when both are set, every client must present them (HTTP

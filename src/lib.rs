@@ -47,6 +47,7 @@ mod connector;
 pub mod env;
 pub mod hints;
 mod memory;
+mod metrics;
 mod reload;
 pub mod runner;
 mod summary;

@@ -67,6 +67,9 @@ pub enum StartError {
     /// The interception CA's trust files could not be written.
     #[error(transparent)]
     Mitm(#[from] CaError),
+    /// The metrics listener is not on loopback.
+    #[error("[metrics] listen: {0}")]
+    Metrics(String),
 }
 
 /// Builds and starts a proxy; see the [module docs](self).
@@ -100,6 +103,7 @@ pub struct ProxyBuilder<O = Identity, I = Identity> {
     limits: Limits,
     all_proxy_socks: bool,
     fixes: Fixes,
+    metrics_addr: Option<SocketAddr>,
     outer: O,
     inner: I,
 }
@@ -145,6 +149,7 @@ impl Proxy {
             limits: Limits::default(),
             all_proxy_socks: false,
             fixes: Fixes::Keys,
+            metrics_addr: None,
             outer: Identity::new(),
             inner: Identity::new(),
         }
@@ -269,6 +274,14 @@ impl<O, I> ProxyBuilder<O, I> {
         self
     }
 
+    /// Serves the Prometheus metrics at `GET /metrics` on this loopback
+    /// address (port 0 for an ephemeral one); off by default. See
+    /// [`ProxyHandle::metrics_addr`].
+    pub fn metrics_addr(mut self, address: Option<SocketAddr>) -> ProxyBuilder<O, I> {
+        self.metrics_addr = address;
+        self
+    }
+
     /// Records violations with this layer.
     pub fn violations(mut self, violations: ViolationLogLayer) -> ProxyBuilder<O, I> {
         self.violations = violations;
@@ -370,6 +383,7 @@ impl<O, I> ProxyBuilder<O, I> {
             limits: self.limits,
             all_proxy_socks: self.all_proxy_socks,
             fixes: self.fixes,
+            metrics_addr: self.metrics_addr,
             outer,
             inner,
         }
@@ -406,6 +420,9 @@ impl<O, I> ProxyBuilder<O, I> {
     }
 
     fn rephrasing(&self, layer: ViolationLogLayer) -> ViolationLogLayer {
+        let layer = layer.with_sink(|violation: &portcullis_middleware::Violation| {
+            crate::metrics::metrics().refused(violation.blocked.reason.as_str());
+        });
         match self.fixes {
             Fixes::Keys => layer,
             _ => {
@@ -552,6 +569,28 @@ where
             ))
         });
         let shutdown = Shutdown::new();
+        let metrics_addr = match self.metrics_addr {
+            Some(address) => {
+                let address =
+                    crate::metrics::check_address(address).map_err(StartError::Metrics)?;
+                let listener = TcpListener::bind(address)
+                    .await
+                    .map_err(|source| StartError::Bind { address, source })?;
+                let bound = local(&listener, address);
+                // The layer holds the approver, which is Send but not Sync.
+                let approval = std::sync::Mutex::new(self.approval.clone());
+                let pending = Arc::new(move || {
+                    approval
+                        .lock()
+                        .ok()
+                        .and_then(|a| a.as_ref().map(|a| a.pending()))
+                        .unwrap_or(0)
+                });
+                tokio::spawn(crate::metrics::serve(listener, pending, shutdown.signal()));
+                Some(bound)
+            }
+            None => None,
+        };
         let settings = transport::http1::Settings {
             policy: self.policy.clone(),
             interceptor,
@@ -583,10 +622,11 @@ where
                 shutdown.guard(),
             ));
         }
-        tracing::info!(http = %http_addr, socks = ?socks_addr, "portcullis listening");
+        tracing::info!(http = %http_addr, socks = ?socks_addr, metrics = ?metrics_addr, "portcullis listening");
         Ok(ProxyHandle {
             http_addr,
             socks_addr,
+            metrics_addr,
             shutdown,
             violations: self.violations.ring().clone(),
             policy: self.policy,
@@ -603,6 +643,7 @@ where
 pub struct ProxyHandle {
     http_addr: SocketAddr,
     socks_addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
     shutdown: Shutdown,
     ca_files: Option<CaFiles>,
     credentials: Option<Credentials>,
@@ -620,6 +661,11 @@ impl ProxyHandle {
     /// The SOCKS5 listener's address, when SOCKS5 is on.
     pub fn socks_addr(&self) -> Option<SocketAddr> {
         self.socks_addr
+    }
+
+    /// The metrics listener's address, when one was asked for.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The recent violations.

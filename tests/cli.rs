@@ -806,3 +806,104 @@ async fn serve_writes_an_access_log_and_run_does_not_unless_asked() {
     .await;
     assert!(stderr.contains("portcullis::access"), "{stderr}");
 }
+
+#[tokio::test]
+async fn metrics_are_served_on_loopback_and_sigusr1_dumps_the_refusals() {
+    let origin = origin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("p.toml");
+    std::fs::write(
+        &config,
+        "[network]\nproxy_url = \"http://127.0.0.1:0\"\nenable_socks5 = false\nallowed_domains = [\"127.0.0.1\"]\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    let mut child = portcullis()
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let proxy = served_http_address(&mut child).await;
+    // The listening line names the metrics address.
+    let mut stderr = tokio::io::BufReader::new(child.stderr.take().unwrap());
+    let mut metrics = None;
+    for _ in 0..20 {
+        let mut line = String::new();
+        use tokio::io::AsyncBufReadExt;
+        if stderr.read_line(&mut line).await.unwrap() == 0 {
+            break;
+        }
+        if let Some(rest) = line.split("metrics=Some(").nth(1) {
+            metrics = rest
+                .split(')')
+                .next()
+                .and_then(|a| a.parse::<std::net::SocketAddr>().ok());
+            break;
+        }
+    }
+    let metrics = metrics.expect("the metrics address is logged");
+    let authority = origin.addr.to_string();
+    for _ in 0..2 {
+        let (_, head) = raw_exchange(
+            proxy,
+            &format!("GET http://{authority}/m HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    }
+    let (_, head) = raw_exchange(
+        proxy,
+        "GET http://refused.test/ HTTP/1.1\r\nHost: refused.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    let (mut stream, head) = raw_exchange(
+        metrics,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut text = String::new();
+    use tokio::io::AsyncReadExt;
+    stream.read_to_string(&mut text).await.unwrap();
+    assert!(
+        text.contains("portcullis_requests_allowed_total{protocol=\"http\"} 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("portcullis_requests_refused_total{reason=\"not_allowed\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("portcullis_bytes_total{direction=\"down\"} 16"),
+        "{text}"
+    );
+    assert!(text.contains("portcullis_approvals_pending 0"), "{text}");
+    let (_, head) = raw_exchange(metrics, "GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+
+    // SIGUSR1 writes the ring to the log; the proxy keeps serving.
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1).unwrap();
+    let mut dumped = String::new();
+    for _ in 0..50 {
+        let mut line = String::new();
+        use tokio::io::AsyncBufReadExt;
+        let read = tokio::time::timeout(Duration::from_secs(5), stderr.read_line(&mut line)).await;
+        if !matches!(read, Ok(Ok(n)) if n > 0) {
+            break;
+        }
+        dumped.push_str(&line);
+        if line.contains("\"host\":\"refused.test\"") {
+            break;
+        }
+    }
+    assert!(
+        dumped.contains("SIGUSR1: the 1 most recent refusals"),
+        "{dumped}"
+    );
+    assert!(dumped.contains("\"host\":\"refused.test\""), "{dumped}");
+    child.stderr = None;
+    let _ = terminate(&mut child).await;
+}

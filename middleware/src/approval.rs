@@ -366,6 +366,11 @@ impl<A> ApprovalWaitLayer<A> {
         self.approver.is_some()
     }
 
+    /// How many questions are waiting for an answer now.
+    pub fn pending(&self) -> usize {
+        lock(&self.questions.pending).len()
+    }
+
     /// Forgets every session answer.
     pub fn clear_session(&self) {
         lock(&self.questions.session).clear();

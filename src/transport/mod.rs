@@ -384,9 +384,11 @@ pub(crate) async fn accept_loop<F, Fut, R, RFut>(
                     Ok(permit) => {
                         let guard = drain.open(format!("{what} client {client}"));
                         let serving = serve_one(stream, client, guard);
+                        let counted = crate::metrics::metrics().connection();
                         tokio::spawn(async move {
                             serving.await;
                             drop(permit);
+                            drop(counted);
                         });
                     }
                     Err(_) => {

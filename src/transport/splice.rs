@@ -56,6 +56,7 @@ fn give_back(buffer: Box<[u8]>) {
 /// ends its sending half has the other side's sending half shut down, as
 /// `copy_bidirectional` does; no buffer is held while nothing moves.
 pub(crate) async fn tcp(client: &TcpStream, upstream: &TcpStream, idle: Duration) -> Moved {
+    let _open = crate::metrics::metrics().tunnel();
     let start = Instant::now();
     let last = AtomicU64::new(0);
     let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
@@ -66,11 +67,13 @@ pub(crate) async fn tcp(client: &TcpStream, upstream: &TcpStream, idle: Duration
         )
     };
     watch_idle(both, start, &last, idle).await;
-    Moved {
+    let moved = Moved {
         up: up.into_inner(),
         down: down.into_inner(),
         duration: start.elapsed(),
-    }
+    };
+    crate::metrics::metrics().bytes(moved.up, moved.down);
+    moved
 }
 
 /// What a tunnel carried.
@@ -183,6 +186,7 @@ where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
+    let _open = crate::metrics::metrics().tunnel();
     let start = Instant::now();
     let last = AtomicU64::new(0);
     let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
@@ -200,11 +204,13 @@ where
     };
     let copy = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, BUFFER, BUFFER);
     watch_idle(copy, start, &last, idle).await;
-    Moved {
+    let moved = Moved {
         up: up.into_inner(),
         down: down.into_inner(),
         duration: start.elapsed(),
-    }
+    };
+    crate::metrics::metrics().bytes(moved.up, moved.down);
+    moved
 }
 
 /// A stream that notes when bytes last moved through it.

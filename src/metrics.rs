@@ -1,0 +1,242 @@
+//! The counters an operator expects, in the Prometheus text format
+//! (prometheus-client), served on an opt-in loopback listener
+//! (`[metrics] listen = "127.0.0.1:9464"`, `ProxyBuilder::metrics_addr`) at
+//! `GET /metrics`.
+//!
+//! | metric | type | labels |
+//! | --- | --- | --- |
+//! | `portcullis_requests_allowed_total` | counter | `protocol` |
+//! | `portcullis_requests_refused_total` | counter | `reason` |
+//! | `portcullis_connections_open` | gauge | |
+//! | `portcullis_tunnels_open` | gauge | |
+//! | `portcullis_approvals_pending` | gauge | |
+//! | `portcullis_bytes_total` | counter | `direction` (`up`: to origins, through tunnels; `down`: to clients) |
+//!
+//! The counters are the process's: two proxies in one process add up.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+
+use http::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+use crate::body::{self, Body};
+use crate::transport::ShutdownSignal;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProtocolLabel {
+    protocol: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabel {
+    direction: &'static str,
+}
+
+/// The process's counters.
+#[derive(Debug)]
+pub(crate) struct Metrics {
+    registry: Registry,
+    allowed: Family<ProtocolLabel, Counter>,
+    refused: Family<ReasonLabel, Counter>,
+    connections_open: Gauge,
+    tunnels_open: Gauge,
+    approvals_pending: Gauge,
+    bytes: Family<DirectionLabel, Counter>,
+}
+
+/// The process's counters, made on first use.
+pub(crate) fn metrics() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("portcullis");
+        let allowed = Family::<ProtocolLabel, Counter>::default();
+        registry.register(
+            "requests_allowed",
+            "Requests and connections let through, by protocol",
+            allowed.clone(),
+        );
+        let refused = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "requests_refused",
+            "Refusals, by reason (the violation log's)",
+            refused.clone(),
+        );
+        let connections_open = Gauge::default();
+        registry.register(
+            "connections_open",
+            "Client connections being served",
+            connections_open.clone(),
+        );
+        let tunnels_open = Gauge::default();
+        registry.register(
+            "tunnels_open",
+            "CONNECT and SOCKS5 tunnels open",
+            tunnels_open.clone(),
+        );
+        let approvals_pending = Gauge::default();
+        registry.register(
+            "approvals_pending",
+            "Questions waiting for an approver",
+            approvals_pending.clone(),
+        );
+        let bytes = Family::<DirectionLabel, Counter>::default();
+        registry.register(
+            "bytes",
+            "Bytes relayed: up (client to origin, through tunnels) and down (to clients)",
+            bytes.clone(),
+        );
+        Metrics {
+            registry,
+            allowed,
+            refused,
+            connections_open,
+            tunnels_open,
+            approvals_pending,
+            bytes,
+        }
+    }
+
+    pub(crate) fn allowed(&self, protocol: &'static str) {
+        self.allowed
+            .get_or_create(&ProtocolLabel { protocol })
+            .inc();
+    }
+
+    pub(crate) fn refused(&self, reason: &'static str) {
+        self.refused.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    pub(crate) fn bytes(&self, up: u64, down: u64) {
+        if up > 0 {
+            self.bytes
+                .get_or_create(&DirectionLabel { direction: "up" })
+                .inc_by(up);
+        }
+        if down > 0 {
+            self.bytes
+                .get_or_create(&DirectionLabel { direction: "down" })
+                .inc_by(down);
+        }
+    }
+
+    /// Counts a connection open until the guard is dropped.
+    pub(crate) fn connection(&'static self) -> Open {
+        self.connections_open.inc();
+        Open(&self.connections_open)
+    }
+
+    /// Counts a tunnel open until the guard is dropped.
+    pub(crate) fn tunnel(&'static self) -> Open {
+        self.tunnels_open.inc();
+        Open(&self.tunnels_open)
+    }
+
+    /// The text exposition, with `pending` approvals read now.
+    fn render(&self, pending: usize) -> String {
+        self.approvals_pending
+            .set(i64::try_from(pending).unwrap_or(i64::MAX));
+        let mut text = String::new();
+        if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
+            text.clear();
+        }
+        text
+    }
+}
+
+/// Decrements its gauge when dropped.
+#[derive(Debug)]
+pub(crate) struct Open(&'static Gauge);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until shutdown; `pending` reads the
+/// approvals waiting at each scrape.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    pending: Arc<dyn Fn() -> usize + Send + Sync>,
+    mut shutdown: ShutdownSignal,
+) {
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::debug!(%error, "metrics listener");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = shutdown.wait() => return,
+        };
+        let pending = pending.clone();
+        tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                    let pending = pending.clone();
+                    async move { Ok::<_, Infallible>(answer(&request, pending())) }
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn answer<B>(request: &Request<B>, pending: usize) -> Response<Body> {
+    let (status, content_type, text) =
+        if request.method() == Method::GET && request.uri().path() == "/metrics" {
+            (
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                metrics().render(pending),
+            )
+        } else {
+            (
+                StatusCode::NOT_FOUND,
+                "text/plain; charset=utf-8",
+                "portcullis serves its metrics at GET /metrics\n".to_owned(),
+            )
+        };
+    let mut response = Response::new(body::full(text));
+    *response.status_mut() = status;
+    if let Ok(value) = http::HeaderValue::from_str(content_type) {
+        response
+            .headers_mut()
+            .insert(http::header::CONTENT_TYPE, value);
+    }
+    response
+}
+
+/// Where the metrics listener is; refused unless loopback.
+pub(crate) fn check_address(address: SocketAddr) -> Result<SocketAddr, String> {
+    if address.ip().is_loopback() {
+        Ok(address)
+    } else {
+        Err(format!(
+            "{address} is not a loopback address: the metrics listener serves loopback only"
+        ))
+    }
+}
