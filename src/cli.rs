@@ -124,6 +124,11 @@ struct RunArgs {
     /// send credentials from the proxy URL).
     #[arg(long)]
     no_auth: bool,
+    /// Learn the allowlist: allow every public destination, then write the
+    /// ones the command reached to FILE as a `[network]` table for
+    /// `--config FILE`. Local and private addresses stay refused.
+    #[arg(long, value_name = "FILE")]
+    learn: Option<PathBuf>,
     /// The command and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -493,6 +498,7 @@ async fn start(
     hangup: bool,
     no_auth: bool,
     tally: Option<crate::summary::Tally>,
+    learn: Option<crate::learn::Learned>,
 ) -> Result<ProxyHandle, ExitCode> {
     let loaded = options.load().map_err(|e| usage_error(&e))?;
     if !loaded.config.network.enabled {
@@ -533,7 +539,16 @@ async fn start(
             builder = builder.credentials("portcullis", random_secret());
         }
     }
-    let proxy = builder.start().await.map_err(|error| {
+    let started = match learn {
+        Some(learned) => {
+            builder
+                .inner_layer(crate::learn::LearnLayer(learned))
+                .start()
+                .await
+        }
+        None => builder.start().await,
+    };
+    let proxy = started.map_err(|error| {
         let _ = writeln!(std::io::stderr(), "portcullis: {error}");
         ExitCode::from(EXIT_UNAVAILABLE)
     })?;
@@ -559,7 +574,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
     // connects and signals at once must not find the default action.
     let signals = ShutdownSignals::install();
     let usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1());
-    let proxy = match start(&options, false, true, false, None).await {
+    let proxy = match start(&options, false, true, false, None, None).await {
         Ok(proxy) => proxy,
         Err(code) => return code,
     };
@@ -648,12 +663,23 @@ impl ShutdownSignals {
 async fn run(args: RunArgs) -> ExitCode {
     // SIGHUP goes to the child under `run`; files are still watched.
     let tally = crate::summary::Tally::default();
+    let learned = args
+        .learn
+        .as_ref()
+        .map(|_| crate::learn::Learned::default());
+    let mut options = args.options.clone();
+    if learned.is_some() {
+        // Every public destination; local, private and metadata addresses
+        // are still refused by the policy, and the denylist still wins.
+        options.allow.push("*".to_owned());
+    }
     let proxy = match start(
-        &args.options,
+        &options,
         true,
         false,
         args.no_auth,
         Some(tally.clone()),
+        learned.clone(),
     )
     .await
     {
@@ -691,6 +717,32 @@ async fn run(args: RunArgs) -> ExitCode {
         let _ = writeln!(stderr, "{line}");
     }
     drop(stderr);
+    if let (Some(path), Some(learned)) = (&args.learn, &learned) {
+        let command: Vec<String> = args
+            .command
+            .iter()
+            .map(|part| part.to_string_lossy().into_owned())
+            .collect();
+        match learned.write(path, &command.join(" ")) {
+            Ok(()) => {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "portcullis: wrote the allowlist this command needed ({} destinations) to {}; run it again with --config {}",
+                    learned.len(),
+                    path.display(),
+                    path.display()
+                );
+            }
+            Err(error) => {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "portcullis: cannot write {}: {error}",
+                    path.display()
+                );
+                return ExitCode::from(EXIT_UNAVAILABLE);
+            }
+        }
+    }
     match status {
         Ok(status) => ExitCode::from(exit_code(status)),
         Err(error) => {

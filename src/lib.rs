@@ -46,6 +46,7 @@ pub mod config;
 mod connector;
 pub mod env;
 pub mod hints;
+mod learn;
 mod memory;
 mod metrics;
 mod reload;

@@ -907,3 +907,70 @@ async fn metrics_are_served_on_loopback_and_sigusr1_dumps_the_refusals() {
     child.stderr = None;
     let _ = terminate(&mut child).await;
 }
+
+#[tokio::test]
+async fn run_learn_writes_the_allowlist_the_command_needed() {
+    let origin = origin().await;
+    let port = origin.addr.port();
+    let dir = tempfile::tempdir().unwrap();
+    let learned = dir.path().join("learned.toml");
+    let script = format!(
+        "curl -sf http://a.test:{port}/one >/dev/null && curl -sf http://a.test:{port}/two >/dev/null && curl -sf -p http://b.test:{port}/three >/dev/null && echo fine"
+    );
+    let names = [
+        "--resolve",
+        "a.test=127.0.0.1",
+        "--resolve",
+        "b.test=127.0.0.1",
+        "--resolve",
+        "c.test=127.0.0.1",
+        "--allow-local-binding",
+    ];
+    let (code, stdout, stderr) = output(
+        portcullis()
+            .args(["run", "--learn"])
+            .arg(&learned)
+            .args(names)
+            .args(["--", "sh", "-c", &script]),
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert_eq!(stdout.trim(), "fine", "{stderr}");
+    assert!(stderr.contains("(2 destinations)"), "{stderr}");
+    let written = std::fs::read_to_string(&learned).unwrap();
+    assert!(
+        written.contains(&format!("\"a.test:{port}\",")),
+        "{written}"
+    );
+    assert!(
+        written.contains(&format!("\"b.test:{port}\",")),
+        "{written}"
+    );
+    assert!(
+        !written.contains('*'),
+        "exact hosts, no wildcard: {written}"
+    );
+
+    // The same command under the learned file: no refusal.
+    let (code, stdout, stderr) = output(
+        portcullis()
+            .args(["run", "--config"])
+            .arg(&learned)
+            .args(names)
+            .args(["--", "sh", "-c", &script]),
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert_eq!(stdout.trim(), "fine");
+    assert!(!stderr.contains("refused"), "{stderr}");
+    // …and nothing more: another host is refused.
+    let (_, _, stderr) = output(
+        portcullis()
+            .args(["run", "--config"])
+            .arg(&learned)
+            .args(names)
+            .args(["--", "curl", "-s", &format!("http://c.test:{port}/")]),
+    )
+    .await;
+    assert!(stderr.contains("refused c.test"), "{stderr}");
+}
