@@ -1,0 +1,162 @@
+//! The README's shell blocks, run as written where they can run offline and
+//! on loopback only; the others are listed here with why not. A block the
+//! table does not know fails the test: run it here, or say why it cannot.
+//!
+//! `./target/release/portcullis` is this build's binary; each block runs in
+//! a fresh directory with its own HOME, and no proxy variables.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::print_stdout
+)]
+
+use std::time::Duration;
+
+/// What to do with a README block, found by a line it contains.
+enum Plan {
+    /// Run the lines that contain this (all of them: ""), and expect this
+    /// in stdout + stderr.
+    Run {
+        lines: &'static str,
+        expect: &'static str,
+    },
+    /// Not run here, because…
+    Skip(&'static str),
+}
+
+const PLANS: &[(&str, Plan)] = &[
+    (
+        "cargo test --workspace ",
+        Plan::Skip("the first command serves until stopped; the second is this test run"),
+    ),
+    (
+        "curl http://127.0.0.1:8000/",
+        Plan::Run {
+            // `cargo build` made this binary; `cargo fetch` would reach crates.io.
+            lines: "curl http://127.0.0.1:8000/",
+            // Nothing listens there: the proxy's own 502 proves the way.
+            expect: "portcullis could not reach 127.0.0.1:8000",
+        },
+    ),
+    (
+        "--learn allow.toml",
+        Plan::Skip("cargo fetch reaches crates.io; tests/cli.rs runs --learn and its replay on loopback"),
+    ),
+    (
+        "--env-file portcullis.env &",
+        Plan::Run {
+            lines: "",
+            expect: "x-proxy-error: blocked-by-allowlist",
+        },
+    ),
+    (
+        "--resolve svc.test=127.0.0.1",
+        Plan::Run {
+            // The other two resolve public names (DNS leaves the machine).
+            lines: "svc.test",
+            expect: "not_allowed_local",
+        },
+    ),
+    (
+        "portcullis ca ",
+        Plan::Run {
+            // The second line clones from github.com.
+            lines: "portcullis ca ",
+            expect: "BEGIN CERTIFICATE",
+        },
+    ),
+    (
+        "cargo run --example default_stack",
+        Plan::Skip("cargo test builds the examples; running them rebuilds in another profile (run by hand)"),
+    ),
+    (
+        "cargo bench --bench policy",
+        Plan::Skip("a benchmark; the security suite it names is part of cargo test"),
+    ),
+    (
+        "cargo +nightly fuzz run",
+        Plan::Skip("nightly and cargo-fuzz, ten minutes a target"),
+    ),
+];
+
+fn sh_blocks(readme: &str) -> Vec<String> {
+    let mut blocks = Vec::new();
+    let mut current: Option<String> = None;
+    for line in readme.lines() {
+        match (&mut current, line.trim_start()) {
+            (None, "```sh") => current = Some(String::new()),
+            (Some(block), "```") => {
+                blocks.push(std::mem::take(block));
+                current = None;
+            }
+            (Some(block), _) => {
+                block.push_str(line);
+                block.push('\n');
+            }
+            (None, _) => {}
+        }
+    }
+    blocks
+}
+
+#[tokio::test]
+async fn every_readme_shell_block_runs_or_says_why_not() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let binary = env!("CARGO_BIN_EXE_portcullis");
+    let (mut ran, mut skipped) = (0, 0);
+    for block in sh_blocks(&readme) {
+        let Some((_, plan)) = PLANS.iter().find(|(marker, _)| block.contains(marker)) else {
+            panic!("a README block this test does not know; run it here or say why not:\n{block}");
+        };
+        let (lines, expect) = match plan {
+            Plan::Skip(why) => {
+                println!("not run: {} — {why}", block.lines().next().unwrap_or(""));
+                skipped += 1;
+                continue;
+            }
+            Plan::Run { lines, expect } => (lines, expect),
+        };
+        let script: String = block
+            .lines()
+            .filter(|line| line.contains(lines))
+            .map(|line| line.replace("./target/release/portcullis", binary) + "\n")
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let mut shell = tokio::process::Command::new("sh");
+        shell
+            .args(["-c", &script])
+            .current_dir(dir.path())
+            .env("HOME", dir.path())
+            .env("XDG_DATA_HOME", dir.path().join("data"))
+            .env_remove("PORTCULLIS_CONFIG");
+        for name in [
+            "HTTP_PROXY",
+            "HTTPS_PROXY",
+            "ALL_PROXY",
+            "NO_PROXY",
+            "http_proxy",
+            "https_proxy",
+            "all_proxy",
+            "no_proxy",
+        ] {
+            shell.env_remove(name);
+        }
+        let output = tokio::time::timeout(Duration::from_secs(60), shell.output())
+            .await
+            .expect("the block finished in time")
+            .unwrap();
+        let printed = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(printed.contains(expect), "{script}\nprinted:\n{printed}");
+        println!("ran: {}", script.lines().next().unwrap_or(""));
+        ran += 1;
+    }
+    println!("{ran} README blocks run, {skipped} listed as not runnable here");
+    assert!(ran >= 4);
+}
