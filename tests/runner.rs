@@ -45,6 +45,43 @@ async fn chains_through_an_upstream_proxy() {
         0,
         "the refused request never reached the upstream"
     );
+    // A refusal by the upstream says it came from there: allowed here
+    // (blocked.test), refused by the upstream.
+    let downstream = proxy_with(
+        NetworkPolicy::builder()
+            .allow("blocked.test")
+            .unwrap()
+            .build(),
+        &[],
+        |b| b.upstream(Some(UpstreamProxies::fixed(&upstream_url, ""))),
+    )
+    .await;
+    let out = curl(&["-i", "-x", &downstream.http_url(), "http://blocked.test/"]).await;
+    let (status, headers, _) = parse_response(&out.stdout);
+    assert_eq!(status, 403, "{}", out.stdout);
+    assert_eq!(
+        headers.get("x-proxy-upstream").map(String::as_str),
+        Some(upstream_url.as_str()),
+        "{headers:?}"
+    );
+    let (mut stream, head) = raw_exchange(
+        downstream.handle.http_addr(),
+        "CONNECT blocked.test:443 HTTP/1.1\r\nHost: blocked.test:443\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 502"), "{head}");
+    let mut buffer = vec![0u8; 4096];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buffer))
+        .await
+        .unwrap()
+        .unwrap();
+    let body = String::from_utf8_lossy(&buffer[..n]);
+    assert!(
+        body.contains(&format!(
+            "the upstream proxy {upstream_url} did not open the tunnel"
+        )),
+        "{body}"
+    );
 }
 
 #[tokio::test]

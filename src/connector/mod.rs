@@ -289,7 +289,8 @@ impl Connector {
         let uri: Uri = format!("{scheme}://{}{path}", info.target)
             .parse()
             .map_err(|e| BadRequest::new(format!("cannot forward to {}: {e}", info.target)))?;
-        if let Some(intercept) = self.upstream.as_ref().and_then(|u| u.for_uri(&uri)) {
+        let through = self.upstream.as_ref().and_then(|u| u.for_uri(&uri));
+        if let Some(intercept) = &through {
             if scheme == "http" {
                 // To an upstream proxy (never to an origin): who we are, so a
                 // loop back to us ends on the first round.
@@ -305,7 +306,24 @@ impl Connector {
         }
         *request.uri_mut() = uri;
         match client.request(request).await {
-            Ok(response) => Ok(response.map(body::boxed)),
+            Ok(mut response) => {
+                // A refusal that came from the upstream proxy says so: its
+                // 403 or 407 is not ours, and --allow will not change it.
+                if let (Some(intercept), 403 | 407) = (&through, response.status().as_u16()) {
+                    if scheme == "http" {
+                        let upstream = upstream::display(intercept);
+                        tracing::warn!(
+                            target = %info.target,
+                            status = response.status().as_u16(),
+                            "the upstream proxy {upstream} refused the request (not portcullis: its own policy applies; --no-upstream-proxy stops chaining)"
+                        );
+                        if let Ok(value) = http::HeaderValue::from_str(&upstream) {
+                            response.headers_mut().insert("x-proxy-upstream", value);
+                        }
+                    }
+                }
+                Ok(response.map(body::boxed))
+            }
             Err(error) => Err(relabel(error.into(), &info)),
         }
     }

@@ -57,6 +57,17 @@ impl UpstreamProxies {
 }
 
 /// The `host:port` of a proxy URI; only `http://` proxies are supported.
+/// The upstream proxy's URL without its credentials, for messages.
+pub(crate) fn display(intercept: &Intercept) -> String {
+    let uri = intercept.uri();
+    format!(
+        "{}://{}:{}",
+        uri.scheme_str().unwrap_or("http"),
+        uri.host().unwrap_or(""),
+        uri.port_u16().unwrap_or(80)
+    )
+}
+
 fn proxy_address(intercept: &Intercept) -> Result<String, BoxError> {
     let uri = intercept.uri();
     if uri.scheme_str() != Some("http") {
@@ -180,6 +191,9 @@ pub(crate) async fn tunnel(
     // A refusal (any status but 200, 407 included) or a malformed answer.
     Err(upstream_error(
         UpstreamErrorKind::Refused,
-        format!("the upstream proxy did not open the tunnel ({error})"),
+        format!(
+            "the upstream proxy {} did not open the tunnel ({error}); that answer is the upstream's, not portcullis's policy (--no-upstream-proxy stops chaining)",
+            display(intercept)
+        ),
     ))
 }
