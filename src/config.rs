@@ -41,6 +41,17 @@ pub struct Config {
     pub auth: AuthConfig,
     /// `[metrics]`: the Prometheus endpoint.
     pub metrics: MetricsConfig,
+    /// `[run]`: how `portcullis run` runs its command.
+    pub run: RunConfig,
+}
+
+/// `[run]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// Run the command in its own network namespace, whose only way out is
+    /// the proxy (Linux; `--isolate`).
+    pub isolate: bool,
 }
 
 /// `[metrics]`: counters of allowed and refused requests, open connections
@@ -449,7 +460,14 @@ pub fn figment(file: Option<&Path>) -> Result<Figment, ConfigError> {
         }
         figment = figment.merge(Toml::file_exact(file));
     }
-    Ok(figment.merge(Env::prefixed("PORTCULLIS_").split("__").ignore(&["config"])))
+    // Every key lives in a table (`PORTCULLIS_NETWORK__MODE`): a variable
+    // without `__` (`PORTCULLIS_LOG`, `PORTCULLIS_CONFIG`, the ones `run`
+    // exports) is not configuration.
+    Ok(figment.merge(
+        Env::prefixed("PORTCULLIS_")
+            .filter(|key| key.as_str().contains("__"))
+            .split("__"),
+    ))
 }
 
 impl Config {

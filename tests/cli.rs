@@ -804,7 +804,7 @@ async fn serve_writes_an_access_log_and_run_does_not_unless_asked() {
             .args(["run", "--allow", "127.0.0.1", "--", "sh", "-c", &script]),
     )
     .await;
-    assert!(stderr.contains("portcullis::access"), "{stderr}");
+    assert!(stderr.contains("portcullis::access: allowed"), "{stderr}");
 }
 
 #[tokio::test]
@@ -973,4 +973,26 @@ async fn run_learn_writes_the_allowlist_the_command_needed() {
     )
     .await;
     assert!(stderr.contains("refused c.test"), "{stderr}");
+}
+
+#[tokio::test]
+async fn portcullis_variables_without_a_table_are_not_configuration() {
+    // PORTCULLIS_LOG is the log filter, PORTCULLIS_ISOLATED is exported by
+    // `run --isolate`: neither is a config key (those are TABLE__KEY).
+    let (code, stdout, stderr) = output(
+        portcullis()
+            .env("PORTCULLIS_LOG", "error")
+            .env("PORTCULLIS_ISOLATED", "1")
+            .args(["check", "http://x.test/"]),
+    )
+    .await;
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    let (code, _, stderr) = output(
+        portcullis()
+            .env("PORTCULLIS_NETWORK__MODEE", "limited")
+            .args(["check", "http://x.test/"]),
+    )
+    .await;
+    assert_eq!(code, Some(64));
+    assert!(stderr.contains("did you mean network.mode?"), "{stderr}");
 }
