@@ -129,6 +129,10 @@ struct RunArgs {
     /// `--config FILE`. Local and private addresses stay refused.
     #[arg(long, value_name = "FILE")]
     learn: Option<PathBuf>,
+    /// Run the command in its own network namespace whose only way out is
+    /// the proxy: direct connections and DNS fail (Linux; `[run] isolate`).
+    #[arg(long)]
+    isolate: bool,
     /// The command and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -365,6 +369,17 @@ pub struct Prepared {
 
 /// Parses the command line and runs; the binary's whole `main`.
 pub fn main() -> ExitCode {
+    // `run --isolate`'s bridge: before anything starts a thread.
+    #[cfg(unix)]
+    {
+        let arguments: Vec<OsString> = std::env::args_os().skip(1).collect();
+        if arguments
+            .first()
+            .is_some_and(|a| a == crate::isolate::BRIDGE)
+        {
+            return crate::isolate::bridge_main(&arguments[1..]);
+        }
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(error) => {
@@ -499,6 +514,7 @@ async fn start(
     no_auth: bool,
     tally: Option<crate::summary::Tally>,
     learn: Option<crate::learn::Learned>,
+    isolate: bool,
 ) -> Result<ProxyHandle, ExitCode> {
     let loaded = options.load().map_err(|e| usage_error(&e))?;
     if !loaded.config.network.enabled {
@@ -533,6 +549,10 @@ async fn start(
         if options.socks.is_none() {
             let socks = loaded.config.network.enable_socks5.then_some(loopback);
             builder = builder.socks_addr(socks);
+        }
+        if isolate {
+            // A UDP relay address would be outside the namespace.
+            builder = builder.socks_udp(false);
         }
         if !no_auth {
             // Only the child knows it: other local programs cannot use this proxy.
@@ -574,7 +594,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
     // connects and signals at once must not find the default action.
     let signals = ShutdownSignals::install();
     let usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1());
-    let proxy = match start(&options, false, true, false, None, None).await {
+    let proxy = match start(&options, false, true, false, None, None, false).await {
         Ok(proxy) => proxy,
         Err(code) => return code,
     };
@@ -667,6 +687,11 @@ async fn run(args: RunArgs) -> ExitCode {
         .learn
         .as_ref()
         .map(|_| crate::learn::Learned::default());
+    let isolate = args.isolate
+        || args
+            .options
+            .load()
+            .is_ok_and(|loaded| loaded.config.run.isolate);
     let mut options = args.options.clone();
     if learned.is_some() {
         // Every public destination; local, private and metadata addresses
@@ -680,6 +705,7 @@ async fn run(args: RunArgs) -> ExitCode {
         args.no_auth,
         Some(tally.clone()),
         learned.clone(),
+        isolate,
     )
     .await
     {
@@ -689,8 +715,27 @@ async fn run(args: RunArgs) -> ExitCode {
     let Some((program, arguments)) = args.command.split_first() else {
         return usage_error(&"run needs a command after --");
     };
-    let mut command = tokio::process::Command::new(program);
-    command.args(arguments).envs(proxy.child_env());
+    // Under --isolate the command runs inside the bridge (this binary, in
+    // its own namespace), which the sockets in `bridges` connect to the proxy.
+    let (mut command, bridges) = if isolate {
+        match isolated_command(&proxy, &args.command) {
+            Ok(isolated) => isolated,
+            Err(error) => {
+                let _ = writeln!(std::io::stderr(), "portcullis: {error}");
+                proxy.shutdown(Duration::ZERO).await;
+                return ExitCode::from(EXIT_UNAVAILABLE);
+            }
+        }
+    } else {
+        let mut command = tokio::process::Command::new(program);
+        command.args(arguments);
+        (command, None)
+    };
+    command.envs(proxy.child_env());
+    if isolate {
+        command.env("PORTCULLIS_ISOLATED", "1");
+        command.env("PORTCULLIS_SOCKS_UDP", "off");
+    }
     // Listening before the child exists, so no signal meant for it is lost.
     let signals = ForwardedSignals::install();
     let mut child = match command.spawn() {
@@ -711,6 +756,7 @@ async fn run(args: RunArgs) -> ExitCode {
     };
     let status = wait_forwarding_signals(&mut child, signals).await;
     proxy.shutdown(Duration::from_secs(1)).await;
+    drop(bridges);
     // Each refused destination once, with the flag that would allow it.
     let mut stderr = std::io::stderr().lock();
     for line in tally.lines() {
@@ -785,13 +831,37 @@ fn ca(args: CaArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn exit_code(status: std::process::ExitStatus) -> u8 {
+pub(crate) fn exit_code(status: std::process::ExitStatus) -> u8 {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
         (Some(code), _) => u8::try_from(code & 0xff).unwrap_or(1),
         (None, Some(signal)) => u8::try_from((128 + signal) & 0xff).unwrap_or(1),
         (None, None) => 1,
     }
+}
+
+/// The bridge command that runs `command` isolated, and the sockets it
+/// reaches the proxy through.
+#[cfg(unix)]
+fn isolated_command(
+    proxy: &ProxyHandle,
+    command: &[OsString],
+) -> Result<(tokio::process::Command, Option<crate::isolate::Bridges>), String> {
+    if !cfg!(target_os = "linux") {
+        return Err("--isolate needs Linux network namespaces; run without --isolate".into());
+    }
+    let bridges = crate::isolate::Bridges::start(proxy.http_addr(), proxy.socks_addr())
+        .map_err(|e| e.to_string())?;
+    let exe = std::env::current_exe()
+        .map_err(|e| format!("--isolate re-runs portcullis and cannot find it: {e}"))?;
+    let mut bridge = tokio::process::Command::new(exe);
+    bridge.args(crate::isolate::bridge_arguments(
+        bridges.dir(),
+        proxy.http_addr(),
+        proxy.socks_addr(),
+        command,
+    ));
+    Ok((bridge, Some(bridges)))
 }
 
 /// SIGTERM, SIGHUP, SIGQUIT and SIGINT, listened for under `run`.

@@ -46,12 +46,15 @@ pub mod config;
 mod connector;
 pub mod env;
 pub mod hints;
+#[cfg(unix)]
+mod isolate;
 mod learn;
 mod memory;
 mod metrics;
 mod reload;
 pub mod runner;
 mod summary;
+mod sys;
 mod transport;
 
 /// Entry points for `fuzz/` only (built with `--cfg fuzzing`).

@@ -43,18 +43,10 @@ pub(crate) fn closed() {
 }
 
 /// Returns freed heap memory to the system.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[allow(unsafe_code)]
 fn trim() {
-    // SAFETY: malloc_trim takes a size and touches only the allocator's own
-    // state, under the allocator's locks; it is safe to call at any time
-    // from any thread.
-    let released = unsafe { nix::libc::malloc_trim(0) };
+    let released = crate::sys::trim_heap();
     tracing::debug!(
-        released = released == 1,
+        released,
         "freed memory handed back after a burst of connections"
     );
 }
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn trim() {}

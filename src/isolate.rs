@@ -1,0 +1,254 @@
+//! `run --isolate` (Linux): the command runs in a new user and network
+//! namespace whose only interface is loopback, so the proxy is its only way
+//! out.
+//!
+//! ```text
+//!  portcullis run (outside)                 portcullis __bridge (inside the namespace)
+//!  proxy on 127.0.0.1:H and :S   <-- unix -- listens on 127.0.0.1:H and :S (the same
+//!  + forwarders on http.sock,       sockets   ports the exported variables name),
+//!    socks.sock in a 0700 dir               then runs CMD and passes on its exit
+//! ```
+//!
+//! A Unix socket is a file, so it reaches across network namespaces; TCP
+//! inside the namespace reaches only the bridge. The bridge is this binary
+//! re-executed as a hidden subcommand: it calls `unshare(CLONE_NEWUSER |
+//! CLONE_NEWNET)` while still single-threaded (before any runtime starts),
+//! maps the invoking user and group to themselves, brings up loopback, and
+//! only then starts a one-thread runtime. SOCKS5 UDP is not offered under
+//! `--isolate`: its relay address would be outside.
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+
+/// The hidden subcommand's name.
+pub(crate) const BRIDGE: &str = "__bridge";
+
+/// Why isolation could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum IsolateError {
+    /// The kernel or the container refused a new user or network namespace.
+    #[error("--isolate needs unprivileged user and network namespaces, and this system refused them ({0}); on Linux allow them (sysctl kernel.unprivileged_userns_clone=1, or a container profile that permits unshare), or run without --isolate")]
+    Unshare(String),
+    /// Something else in the setup failed.
+    #[error("--isolate could not set up the namespace: {0}")]
+    Setup(String),
+}
+
+/// The outside half: Unix sockets in a private directory, each forwarding
+/// to one of the proxy's listeners. Removed with the directory on drop.
+#[derive(Debug)]
+pub(crate) struct Bridges {
+    dir: tempfile::TempDir,
+}
+
+impl Bridges {
+    /// Listens on `http.sock` (and `socks.sock`) for the proxy at `http`
+    /// (and `socks`).
+    pub(crate) fn start(
+        http: SocketAddr,
+        socks: Option<SocketAddr>,
+    ) -> Result<Bridges, IsolateError> {
+        let dir = tempfile::Builder::new()
+            .prefix("portcullis-isolate-")
+            .tempdir()
+            .map_err(|e| IsolateError::Setup(format!("a private directory: {e}")))?;
+        for (name, target) in
+            std::iter::once(("http.sock", http)).chain(socks.map(|s| ("socks.sock", s)))
+        {
+            let listener = UnixListener::bind(dir.path().join(name))
+                .map_err(|e| IsolateError::Setup(format!("{name}: {e}")))?;
+            tokio::spawn(forward_unix(listener, target));
+        }
+        Ok(Bridges { dir })
+    }
+
+    /// The directory holding the sockets.
+    pub(crate) fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+async fn forward_unix(listener: UnixListener, target: SocketAddr) {
+    while let Ok((mut inside, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            if let Ok(mut proxy) = TcpStream::connect(target).await {
+                let _ = proxy.set_nodelay(true);
+                let _ = tokio::io::copy_bidirectional(&mut inside, &mut proxy).await;
+            }
+        });
+    }
+}
+
+/// The arguments that start the bridge for `command`.
+pub(crate) fn bridge_arguments(
+    sockets: &Path,
+    http: SocketAddr,
+    socks: Option<SocketAddr>,
+    command: &[OsString],
+) -> Vec<OsString> {
+    let mut arguments: Vec<OsString> = vec![
+        BRIDGE.into(),
+        sockets.as_os_str().to_owned(),
+        http.port().to_string().into(),
+        socks.map_or(0, |s| s.port()).to_string().into(),
+        "--".into(),
+    ];
+    arguments.extend(command.iter().cloned());
+    arguments
+}
+
+/// The inside half, run as `portcullis __bridge DIR HTTP_PORT SOCKS_PORT --
+/// CMD…`: called from `main` before any runtime or thread exists.
+pub(crate) fn bridge_main(arguments: &[OsString]) -> ExitCode {
+    let fail = |error: IsolateError| {
+        let _ = writeln!(std::io::stderr(), "portcullis: {error}");
+        ExitCode::from(70)
+    };
+    let Some((dir, http, socks, command)) = parse(arguments) else {
+        return fail(IsolateError::Setup("the bridge's arguments".into()));
+    };
+    if let Err(error) = enter_namespace() {
+        return fail(error);
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => return fail(IsolateError::Setup(format!("a runtime: {error}"))),
+    };
+    runtime.block_on(async move {
+        for (port, name) in [(http, "http.sock"), (socks, "socks.sock")] {
+            if port == 0 {
+                continue;
+            }
+            let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+            match TcpListener::bind(address).await {
+                Ok(listener) => {
+                    tokio::spawn(forward_tcp(listener, dir.join(name)));
+                }
+                Err(error) => {
+                    return fail(IsolateError::Setup(format!(
+                        "listening on {address}: {error}"
+                    )))
+                }
+            }
+        }
+        run_command(&command).await
+    })
+}
+
+fn parse(arguments: &[OsString]) -> Option<(PathBuf, u16, u16, Vec<OsString>)> {
+    let [dir, http, socks, separator, command @ ..] = arguments else {
+        return None;
+    };
+    if separator != "--" || command.is_empty() {
+        return None;
+    }
+    Some((
+        PathBuf::from(dir),
+        http.to_str()?.parse().ok()?,
+        socks.to_str()?.parse().ok()?,
+        command.to_vec(),
+    ))
+}
+
+async fn forward_tcp(listener: TcpListener, socket: PathBuf) {
+    while let Ok((mut inside, _)) = listener.accept().await {
+        let socket = socket.clone();
+        tokio::spawn(async move {
+            if let Ok(mut outside) = UnixStream::connect(&socket).await {
+                let _ = inside.set_nodelay(true);
+                let _ = tokio::io::copy_bidirectional(&mut inside, &mut outside).await;
+            }
+        });
+    }
+}
+
+/// Runs the command with inherited stdio, passing on SIGTERM, SIGHUP,
+/// SIGINT and SIGQUIT, and exits as it did.
+async fn run_command(command: &[OsString]) -> ExitCode {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    use tokio::signal::unix::{signal, SignalKind};
+    let Some((program, arguments)) = command.split_first() else {
+        return ExitCode::from(64);
+    };
+    let signals = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::quit()),
+    );
+    let mut child = match tokio::process::Command::new(program)
+        .args(arguments)
+        .spawn()
+    {
+        Ok(child) => child,
+        Err(error) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "portcullis: cannot run {}: {error}",
+                program.to_string_lossy()
+            );
+            return ExitCode::from(if error.kind() == std::io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            });
+        }
+    };
+    let pid = child
+        .id()
+        .and_then(|id| i32::try_from(id).ok())
+        .map(Pid::from_raw);
+    let status = match signals {
+        (Ok(mut term), Ok(mut hup), Ok(mut int), Ok(mut quit)) => loop {
+            let forward = tokio::select! {
+                status = child.wait() => break status,
+                _ = term.recv() => Signal::SIGTERM,
+                _ = hup.recv() => Signal::SIGHUP,
+                _ = int.recv() => Signal::SIGINT,
+                _ = quit.recv() => Signal::SIGQUIT,
+            };
+            if let Some(pid) = pid {
+                let _ = kill(pid, forward);
+            }
+        },
+        _ => child.wait().await,
+    };
+    match status {
+        Ok(status) => ExitCode::from(crate::cli::exit_code(status)),
+        Err(_) => ExitCode::from(70),
+    }
+}
+
+/// A new user namespace (the invoking user and group mapped to themselves)
+/// and network namespace, with loopback up.
+#[cfg(target_os = "linux")]
+fn enter_namespace() -> Result<(), IsolateError> {
+    use nix::sched::{unshare, CloneFlags};
+    let uid = nix::unistd::getuid();
+    let gid = nix::unistd::getgid();
+    unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNET)
+        .map_err(|e| IsolateError::Unshare(format!("unshare: {e}")))?;
+    let write = |path: &str, text: String| {
+        std::fs::write(path, text).map_err(|e| IsolateError::Setup(format!("{path}: {e}")))
+    };
+    write("/proc/self/setgroups", "deny".to_owned())?;
+    write("/proc/self/uid_map", format!("{uid} {uid} 1\n"))?;
+    write("/proc/self/gid_map", format!("{gid} {gid} 1\n"))?;
+    crate::sys::loopback_up().map_err(|e| IsolateError::Setup(format!("bringing up lo: {e}")))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn enter_namespace() -> Result<(), IsolateError> {
+    Err(IsolateError::Unshare(
+        "network namespaces exist on Linux only".to_owned(),
+    ))
+}
