@@ -646,3 +646,52 @@ async fn an_association_belongs_to_the_sender_it_declared() {
         Some(udp_datagram(echo, b"mine"))
     );
 }
+
+#[tokio::test]
+async fn an_association_keeps_at_most_1024_destinations() {
+    let echo = udp_echo().await;
+    let proxy = proxy(allow(&["127.0.0.1"]), &[]).await;
+    let (_control, relay) = associate(proxy.socks_addr()).await;
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    // 1,024 other destinations (closed ports: nothing answers), then the echo.
+    let mut port = 20_000u16;
+    let mut sent = 0;
+    while sent < 1024 {
+        port += 1;
+        if port == echo.port() {
+            continue;
+        }
+        let destination = SocketAddr::from(([127, 0, 0, 1], port));
+        client
+            .send_to(&udp_datagram(destination, b"x"), relay)
+            .await
+            .unwrap();
+        sent += 1;
+        // Paced, so the relay's receive buffer never overflows.
+        if sent % 32 == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+    // Let the relay take them all in before the one that would be 1,025th.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    client
+        .send_to(&udp_datagram(echo, b"one too many"), relay)
+        .await
+        .unwrap();
+    assert_eq!(
+        recv_within(&client, 500).await,
+        None,
+        "the 1,025th destination is dropped"
+    );
+    // A fresh association reaches it.
+    let (_control, relay) = associate(proxy.socks_addr()).await;
+    let fresh = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    fresh
+        .send_to(&udp_datagram(echo, b"fresh"), relay)
+        .await
+        .unwrap();
+    assert_eq!(
+        recv_within(&fresh, 5000).await,
+        Some(udp_datagram(echo, b"fresh"))
+    );
+}
