@@ -773,8 +773,9 @@ async fn run(args: RunArgs) -> ExitCode {
             Ok(()) => {
                 let _ = writeln!(
                     std::io::stderr(),
-                    "portcullis: wrote the allowlist this command needed ({} destinations) to {}; run it again with --config {}",
+                    "portcullis: wrote the allowlist this command needed ({} destination{}) to {}; run it again with --config {}",
                     learned.len(),
+                    if learned.len() == 1 { "" } else { "s" },
                     path.display(),
                     path.display()
                 );

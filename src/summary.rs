@@ -17,8 +17,9 @@ pub(crate) struct Tally {
 
 #[derive(Debug, Default)]
 struct TallyInner {
-    /// (destination, reason) → (count, order of first sight).
-    seen: HashMap<(String, Reason), (u64, usize)>,
+    /// (destination, reason) → (count, order of first sight, the fix the
+    /// first refusal's message named).
+    seen: HashMap<(String, Reason), (u64, usize, Option<String>)>,
     others: u64,
 }
 
@@ -38,9 +39,17 @@ impl ViolationSink for Tally {
             violation.blocked.reason,
         );
         match inner.seen.get_mut(&key) {
-            Some((count, _)) => *count += 1,
+            Some((count, _, _)) => *count += 1,
             None if order < MAX_DESTINATIONS => {
-                inner.seen.insert(key, (1, order));
+                // The message ends with its fix ("…; allow that address
+                // with --allow 10.0.0.5:443, or …"): the exact address is
+                // only there.
+                let fix = violation
+                    .blocked
+                    .message
+                    .split_once("; ")
+                    .map(|(_, fix)| fix.escape_debug().to_string());
+                inner.seen.insert(key, (1, order, fix));
             }
             None => inner.others += 1,
         }
@@ -56,14 +65,17 @@ impl Tally {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut entries: Vec<_> = inner.seen.iter().collect();
-        entries.sort_by_key(|(_, (_, order))| *order);
+        entries.sort_by_key(|(_, (_, order, _))| *order);
         let mut lines: Vec<String> = entries
             .into_iter()
-            .map(|((destination, reason), (count, _))| {
+            .map(|((destination, reason), (count, _, named))| {
                 let host = destination
                     .rsplit_once(':')
                     .map_or(destination.as_str(), |(host, _)| host);
-                let (why, fix) = advice(*reason, host);
+                let (why, mut fix) = advice(*reason, host);
+                if let (Reason::NotAllowedLocal, Some(named)) = (reason, named) {
+                    fix = named.clone();
+                }
                 format!("portcullis: refused {destination} ×{count} — {why}; {fix}")
             })
             .collect();

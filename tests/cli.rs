@@ -655,10 +655,14 @@ async fn run_ends_with_a_summary_of_what_it_refused() {
     let (code, _, stderr) = output(portcullis().args([
         "run",
         "--no-auth",
+        "--allow",
+        "svc.test",
+        "--resolve",
+        "svc.test=127.0.0.1",
         "--",
         "sh",
         "-c",
-        "for i in 1 2 3; do curl -s -o /dev/null http://blocked.test/; done; curl -s -o /dev/null http://other.test:8080/",
+        "for i in 1 2 3; do curl -s -o /dev/null http://blocked.test/; done; curl -s -o /dev/null http://other.test:8080/; curl -s -o /dev/null http://svc.test:9/",
     ]))
     .await;
     assert_eq!(code, Some(0));
@@ -671,6 +675,8 @@ async fn run_ends_with_a_summary_of_what_it_refused() {
         [
             "portcullis: refused blocked.test:80 ×3 — not in the allowlist; add --allow blocked.test",
             "portcullis: refused other.test:8080 ×1 — not in the allowlist; add --allow other.test",
+            // The name is allowed; the address it resolved to is named.
+            "portcullis: refused svc.test:9 ×1 — a local or private address; allow that address with --allow 127.0.0.1:9, or pass --allow-local-binding",
         ],
         "{stderr}"
     );
