@@ -304,8 +304,11 @@ impl Recorder {
         // Every refusal reaches the ring and the sinks; the log says each
         // destination once per interval, with how many it did not repeat.
         if let Some(repeated) = self.throttle.admit(&host, port, blocked.reason.as_str()) {
+            // A root event: the line carries its own fields, whatever span
+            // (an access log's, an integrator's) the refusal happened in.
             tracing::event!(
                 target: VIOLATION_TARGET,
+                parent: None,
                 tracing::Level::WARN,
                 client.addr = client_addr.as_str(),
                 dst.host = host.as_str(),
