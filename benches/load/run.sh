@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# The end-to-end load bench: portcullis against a direct connection, squid
+# and tinyproxy, in one run, on loopback. One command, from the repository:
+#
+#     bash benches/load/run.sh
+#
+# It builds portcullis (release), installs nginx, squid, tinyproxy and wrk
+# from the distribution when missing, starts an nginx origin and the
+# proxies, and prints one table with the ratio to direct (and to squid).
+# Knobs: DUR (seconds per wrk run, 8), CONNS (50), BIG_MB (512), HANDSHAKES
+# (10000), HOLD (tunnels held for RSS, 9000: two descriptors each in the
+# proxy), BURSTS (10) of BURST (2000) active tunnels.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+here="$repo/benches/load"
+DUR=${DUR:-8}; CONNS=${CONNS:-50}; BIG_MB=${BIG_MB:-512}
+HANDSHAKES=${HANDSHAKES:-10000}; HOLD=${HOLD:-9000}; BURSTS=${BURSTS:-10}; BURST=${BURST:-2000}
+
+need=""; for t in nginx tinyproxy squid wrk curl python3; do command -v $t >/dev/null || need="$need $t"; done
+if [ -n "$need" ]; then
+  echo "== installing:$need" >&2
+  pk=$(echo "$need" | sed 's/nginx/nginx-light/')
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $pk) >/dev/null
+fi
+echo "== building portcullis (release)" >&2
+(cd "$repo" && cargo build --release --quiet)
+PORTCULLIS="$repo/target/release/portcullis"
+
+ulimit -n "$(ulimit -Hn)"
+W=$(mktemp -d); chmod 755 "$W"; cd "$W"
+ORIGIN=127.0.0.1:18080
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
+trap cleanup EXIT
+
+mkdir -p www logs squid
+head -c $((BIG_MB*1048576)) /dev/urandom > www/big
+cat > nginx.conf <<NG
+worker_processes 1; daemon off; pid $W/nginx.pid; error_log $W/logs/nerr.log crit;
+events { worker_connections 16384; }
+http { access_log off; sendfile on; keepalive_requests 1000000;
+  server { listen $ORIGIN; root $W/www; location = / { return 200 "ok\n"; } } }
+NG
+nginx -c "$W/nginx.conf" -p "$W" & pids+=($!)
+cat > tinyproxy.conf <<TP
+Port 18888
+Listen 127.0.0.1
+Timeout 600
+MaxClients 16000
+LogLevel Critical
+Allow 127.0.0.1
+DisableViaHeader Yes
+TP
+tinyproxy -d -c "$W/tinyproxy.conf" >/dev/null 2>&1 & pids+=($!); tinyproxy_pid=$!
+cat > squid.conf <<SQ
+http_port 127.0.0.1:13128
+http_access allow localhost
+http_access deny all
+cache deny all
+cache_mem 8 MB
+access_log none
+cache_log $W/squid/cache.log
+pid_filename $W/squid/squid.pid
+coredump_dir $W/squid
+shutdown_lifetime 1 seconds
+max_filedescriptors 65536
+workers 1
+SQ
+squid -N -f "$W/squid.conf" >/dev/null 2>&1 & pids+=($!); squid_pid=$!
+# The access log off (warn): what an operator who keeps it on pays is in
+# the README's note.
+PORTCULLIS_LOG=warn "$PORTCULLIS" serve --http 127.0.0.1:13129 --socks 127.0.0.1:11080 \
+  --allow 127.0.0.1 >/dev/null 2>&1 & pids+=($!); portcullis_pid=$!
+sleep 2
+
+cat > abs.lua <<'LUA'
+local target = os.getenv("ABS_URL")
+wrk.headers["Host"] = target:match("^%a+://([^/]+)")
+request = function() return wrk.format("GET", target) end
+LUA
+rps() {
+  local out
+  if [ "$1" = direct ]; then out=$(wrk -t1 -c"$CONNS" -d"${DUR}s" "http://$ORIGIN/" 2>&1)
+  else out=$(ABS_URL="http://$ORIGIN/" wrk -t1 -c"$CONNS" -d"${DUR}s" -s abs.lua "http://$1/" 2>&1); fi
+  echo "$out" | awk '/Requests\/sec/ {printf "%.0f", $2}'
+}
+bulk() {
+  local s
+  case "$2" in
+    direct) s=$(curl -s -o /dev/null -w '%{speed_download}' "http://$ORIGIN/big");;
+    socks) s=$(curl -s -o /dev/null -w '%{speed_download}' --socks5-hostname "$1" "http://$ORIGIN/big");;
+    *) s=$(curl -s -p -o /dev/null -w '%{speed_download}' -x "http://$1" "http://$ORIGIN/big");;
+  esac
+  awk -v s="$s" 'BEGIN{printf "%.0f", s/1048576}'
+}
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b > 0) printf "%.2f×", a/b; else printf "-" }'; }
+tunnels() { python3 "$here/tunnels.py" "$@"; }
+
+echo "== small keep-alive GETs ($CONNS connections, ${DUR}s each)" >&2
+g_direct=$(rps direct); g_squid=$(rps 127.0.0.1:13128); g_tiny=$(rps 127.0.0.1:18888); g_us=$(rps 127.0.0.1:13129)
+echo "== bulk ${BIG_MB} MiB" >&2
+b_direct=$(bulk - direct); b_squid=$(bulk 127.0.0.1:13128 connect); b_tiny=$(bulk 127.0.0.1:18888 connect)
+b_us=$(bulk 127.0.0.1:13129 connect); s_us=$(bulk 127.0.0.1:11080 socks)
+echo "== CONNECT handshakes ($HANDSHAKES, batches of 100)" >&2
+h_squid=$(tunnels handshake 127.0.0.1:13128 $ORIGIN "$HANDSHAKES")
+h_tiny=$(tunnels handshake 127.0.0.1:18888 $ORIGIN "$HANDSHAKES")
+h_us=$(tunnels handshake 127.0.0.1:13129 $ORIGIN "$HANDSHAKES")
+echo "== $HOLD tunnels held" >&2
+r_squid=$(tunnels hold 127.0.0.1:13128 $ORIGIN "$HOLD" "$squid_pid" || echo -)
+r_tiny=$(tunnels hold 127.0.0.1:18888 $ORIGIN "$HOLD" "$tinyproxy_pid" || echo -)
+r_us=$(tunnels hold 127.0.0.1:13129 $ORIGIN "$HOLD" "$portcullis_pid" || echo -)
+echo "== $BURSTS bursts of $BURST active tunnels" >&2
+a_us=$(tunnels bursts 127.0.0.1:13129 $ORIGIN "$BURST" "$BURSTS" "$portcullis_pid")
+echo "== run -- true" >&2
+t0=$(date +%s%N); for i in $(seq 50); do true; done; t1=$(date +%s%N)
+for i in $(seq 50); do "$PORTCULLIS" run -- true; done; t2=$(date +%s%N)
+run_ms=$(awk -v a="$t1" -v b="$t2" 'BEGIN{printf "%.1f", (b-a)/50/1e6}')
+true_ms=$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.2f", (b-a)/50/1e6}')
+
+echo
+echo "portcullis load bench, $(date -u +%Y-%m-%d), $(nproc) cores, $(uname -srm), $(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | sed 's/^ //')"
+echo
+echo "| path | direct | squid | tinyproxy | portcullis | portcullis / direct | portcullis / squid |"
+echo "| --- | --- | --- | --- | --- | --- | --- |"
+echo "| small keep-alive GETs/s, $CONNS conns | $g_direct | $g_squid | $g_tiny | $g_us | $(ratio "$g_us" "$g_direct") | $(ratio "$g_us" "$g_squid") |"
+echo "| CONNECT bulk MB/s ($BIG_MB MiB) | $b_direct | $b_squid | $b_tiny | $b_us | $(ratio "$b_us" "$b_direct") | $(ratio "$b_us" "$b_squid") |"
+echo "| SOCKS5 bulk MB/s | $b_direct | – | – | $s_us | $(ratio "$s_us" "$b_direct") | – |"
+echo "| CONNECT handshake p50 / p99 ms | – | ${h_squid/ / \/ } | ${h_tiny/ / \/ } | ${h_us/ / \/ } | – | – |"
+echo "| RSS KiB per held tunnel ($HOLD held, each used once) | – | $r_squid | $r_tiny | $r_us | – | – |"
+echo "| RSS MiB after $BURSTS bursts of $BURST active tunnels | – | – | – | $a_us | – | – |"
+echo "| \`run -- true\` ms (\`true\`: $true_ms ms) | – | – | – | $run_ms | – | – |"
