@@ -125,7 +125,7 @@ impl hyper::rt::Write for PooledStream {
 /// through the [`Dialer`] (or the upstream proxy).
 #[derive(Clone, Debug)]
 pub(crate) struct VettedConnector {
-    dialer: Dialer,
+    dialer: Arc<Dialer>,
     upstream: Option<Arc<UpstreamProxies>>,
 }
 
@@ -186,7 +186,8 @@ type HttpClient = Client<hyper_rustls::HttpsConnector<VettedConnector>, Body>;
 /// yours wraps it (its type shows in the runner's bounds, nothing more).
 #[derive(Clone)]
 pub struct Connector {
-    dialer: Dialer,
+    /// Shared: the connector is cloned for every request.
+    dialer: Arc<Dialer>,
     /// `None`: vet only, dial nothing.
     client: Option<HttpClient>,
     upstream: Option<Arc<UpstreamProxies>>,
@@ -210,6 +211,7 @@ impl Connector {
         tls: rustls::ClientConfig,
         upstream: Option<Arc<UpstreamProxies>>,
     ) -> Connector {
+        let dialer = Arc::new(dialer);
         let vetted = VettedConnector {
             dialer: dialer.clone(),
             upstream: upstream.clone(),
@@ -236,7 +238,7 @@ impl Connector {
     /// answer is a `200` carrying the [`VettedAddresses`].
     pub(crate) fn vet_only(dialer: Dialer) -> Connector {
         Connector {
-            dialer,
+            dialer: Arc::new(dialer),
             client: None,
             upstream: None,
         }
@@ -373,7 +375,7 @@ fn admitted(request: &Request<Body>) -> Result<RequestInfo, BoxError> {
 
 /// Resolves and vets a destination without dialling it: a `200` carrying
 /// the [`VettedAddresses`].
-async fn vet(dialer: Dialer, info: RequestInfo) -> Result<Response<Body>, BoxError> {
+async fn vet(dialer: Arc<Dialer>, info: RequestInfo) -> Result<Response<Body>, BoxError> {
     let addresses = match &info.target {
         Target::Host { host, port } => {
             dialer

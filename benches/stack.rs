@@ -1,0 +1,89 @@
+//! The per-request cost of our layers: the default stack (violation log,
+//! header stripping, policy, limited mode, approval wait), plus the access
+//! log as the bundled binary composes it, around a `service_fn` connector
+//! that answers at once. Prints ns per request (criterion) and, before
+//! that, heap allocations per request (counted by `stats_alloc`).
+//!
+//! `cargo bench --bench stack`
+
+#![allow(clippy::expect_used, clippy::print_stdout)]
+
+use std::alloc::System;
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use http::{Request, Response};
+use portcullis::access_log::AccessLogLayer;
+use portcullis::body::{self, Body};
+use portcullis_middleware::{
+    BoxError, ClientAddr, DefaultStack, NetworkPolicy, PolicyHandle, Protocol, Target,
+};
+use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
+use tower::{service_fn, Layer, Service, ServiceExt};
+
+#[global_allocator]
+static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
+
+fn request() -> Request<Body> {
+    let mut request = Request::get("http://api.example.com/v1/items")
+        .header("host", "api.example.com")
+        .header("user-agent", "bench")
+        .header("proxy-connection", "keep-alive")
+        .body(body::empty())
+        .expect("a request");
+    let extensions = request.extensions_mut();
+    extensions.insert(Target::parse_authority("api.example.com:80", None).expect("a target"));
+    extensions.insert(Protocol::Http);
+    extensions.insert(ClientAddr("127.0.0.1:40000".parse().expect("an address")));
+    request
+}
+
+fn stack(
+) -> impl Service<Request<Body>, Response = Response<Body>, Error = BoxError, Future: Send> + Clone
+{
+    let policy = NetworkPolicy::builder()
+        .allow("**.example.com")
+        .expect("a pattern")
+        .allow("crates.io:443")
+        .expect("a pattern")
+        .deny("ads.example.com")
+        .expect("a pattern")
+        .build();
+    let network =
+        service_fn(|_: Request<Body>| async { Ok::<_, BoxError>(Response::new(body::empty())) });
+    let inner = DefaultStack::new(PolicyHandle::new(policy)).layer(network);
+    tower::ServiceBuilder::new()
+        .map_response(|response: Response<_>| response.map(body::boxed))
+        .layer(AccessLogLayer::new())
+        .service(inner)
+}
+
+fn per_request(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("a runtime");
+    let stack = stack();
+    // Allocations for one allowed request, the request itself excluded.
+    runtime.block_on(async {
+        let warm = stack.clone().oneshot(request()).await;
+        drop(warm);
+        let made = request();
+        let region = Region::new(GLOBAL);
+        let response = stack.clone().oneshot(made).await.expect("allowed");
+        drop(response);
+        let stats = region.change();
+        println!(
+            "default stack + access log: {} allocations, {} bytes per allowed request",
+            stats.allocations, stats.bytes_allocated
+        );
+    });
+    c.bench_function("default_stack_allowed_request", |b| {
+        b.to_async(&runtime).iter(|| {
+            let stack = stack.clone();
+            async move { black_box(stack.oneshot(request()).await.expect("allowed")) }
+        })
+    });
+}
+
+criterion_group!(benches, per_request);
+criterion_main!(benches);
