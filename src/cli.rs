@@ -750,17 +750,8 @@ async fn run(args: RunArgs) -> ExitCode {
     let mut child = match command.spawn() {
         Ok(child) => child,
         Err(error) => {
-            let _ = writeln!(
-                std::io::stderr(),
-                "portcullis: cannot run {}: {error}",
-                program.to_string_lossy()
-            );
             proxy.shutdown(Duration::ZERO).await;
-            return ExitCode::from(if error.kind() == std::io::ErrorKind::NotFound {
-                127
-            } else {
-                126
-            });
+            return cannot_run(program, &error);
         }
     };
     let status = wait_forwarding_signals(&mut child, signals).await;
@@ -874,8 +865,23 @@ fn isolated_command(
     Ok((bridge, Some(bridges)))
 }
 
+/// Says why the command could not be started; 127 when it was not found,
+/// 126 otherwise (as shells do).
+pub(crate) fn cannot_run(program: &std::ffi::OsStr, error: &std::io::Error) -> ExitCode {
+    let _ = writeln!(
+        std::io::stderr(),
+        "portcullis: cannot run {}: {error}",
+        program.to_string_lossy()
+    );
+    ExitCode::from(if error.kind() == std::io::ErrorKind::NotFound {
+        127
+    } else {
+        126
+    })
+}
+
 /// SIGTERM, SIGHUP, SIGQUIT and SIGINT, listened for under `run`.
-struct ForwardedSignals(
+pub(crate) struct ForwardedSignals(
     Option<(
         tokio::signal::unix::Signal,
         tokio::signal::unix::Signal,
@@ -885,7 +891,7 @@ struct ForwardedSignals(
 );
 
 impl ForwardedSignals {
-    fn install() -> ForwardedSignals {
+    pub(crate) fn install() -> ForwardedSignals {
         use tokio::signal::unix::{signal, SignalKind};
         match (
             signal(SignalKind::terminate()),
@@ -901,7 +907,7 @@ impl ForwardedSignals {
 
 /// Waits for the child, passing SIGTERM, SIGHUP and SIGQUIT on (and SIGINT
 /// when not on a terminal, where the terminal already sent it to the child).
-async fn wait_forwarding_signals(
+pub(crate) async fn wait_forwarding_signals(
     child: &mut tokio::process::Child,
     signals: ForwardedSignals,
 ) -> std::io::Result<std::process::ExitStatus> {

@@ -170,59 +170,21 @@ async fn forward_tcp(listener: TcpListener, socket: PathBuf) {
     }
 }
 
-/// Runs the command with inherited stdio, passing on SIGTERM, SIGHUP,
-/// SIGINT and SIGQUIT, and exits as it did.
+/// Runs the command with inherited stdio, passing signals on as plain
+/// `run` does, and exits as it did.
 async fn run_command(command: &[OsString]) -> ExitCode {
-    use nix::sys::signal::{kill, Signal};
-    use nix::unistd::Pid;
-    use tokio::signal::unix::{signal, SignalKind};
     let Some((program, arguments)) = command.split_first() else {
         return ExitCode::from(64);
     };
-    let signals = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::hangup()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::quit()),
-    );
+    let signals = crate::cli::ForwardedSignals::install();
     let mut child = match tokio::process::Command::new(program)
         .args(arguments)
         .spawn()
     {
         Ok(child) => child,
-        Err(error) => {
-            let _ = writeln!(
-                std::io::stderr(),
-                "portcullis: cannot run {}: {error}",
-                program.to_string_lossy()
-            );
-            return ExitCode::from(if error.kind() == std::io::ErrorKind::NotFound {
-                127
-            } else {
-                126
-            });
-        }
+        Err(error) => return crate::cli::cannot_run(program, &error),
     };
-    let pid = child
-        .id()
-        .and_then(|id| i32::try_from(id).ok())
-        .map(Pid::from_raw);
-    let status = match signals {
-        (Ok(mut term), Ok(mut hup), Ok(mut int), Ok(mut quit)) => loop {
-            let forward = tokio::select! {
-                status = child.wait() => break status,
-                _ = term.recv() => Signal::SIGTERM,
-                _ = hup.recv() => Signal::SIGHUP,
-                _ = int.recv() => Signal::SIGINT,
-                _ = quit.recv() => Signal::SIGQUIT,
-            };
-            if let Some(pid) = pid {
-                let _ = kill(pid, forward);
-            }
-        },
-        _ => child.wait().await,
-    };
-    match status {
+    match crate::cli::wait_forwarding_signals(&mut child, signals).await {
         Ok(status) => ExitCode::from(crate::cli::exit_code(status)),
         Err(_) => ExitCode::from(70),
     }

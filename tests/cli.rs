@@ -9,18 +9,6 @@ use std::time::Duration;
 use common::*;
 use tokio::process::Command;
 
-async fn output(command: &mut Command) -> (Option<i32>, String, String) {
-    let output = tokio::time::timeout(Duration::from_secs(60), command.output())
-        .await
-        .expect("finished in time")
-        .unwrap();
-    (
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
-
 #[tokio::test]
 async fn run_passes_the_environment_and_returns_the_exit_code() {
     let origin = origin().await;

@@ -12,7 +12,6 @@
 mod common;
 
 use std::process::Stdio;
-use std::time::Duration;
 
 use common::*;
 
@@ -36,34 +35,22 @@ async fn namespaces_available() -> bool {
 }
 
 async fn isolated(script: &str) -> (Option<i32>, String, String) {
-    let output = tokio::time::timeout(
-        Duration::from_secs(60),
-        portcullis()
-            .args([
-                "run",
-                "--isolate",
-                "--allow",
-                "127.0.0.1",
-                "--allow",
-                "ok.test",
-                "--resolve",
-                "ok.test=127.0.0.1",
-                "--allow-local-binding",
-                "--",
-                "sh",
-                "-c",
-                script,
-            ])
-            .output(),
-    )
+    output(portcullis().args([
+        "run",
+        "--isolate",
+        "--allow",
+        "127.0.0.1",
+        "--allow",
+        "ok.test",
+        "--resolve",
+        "ok.test=127.0.0.1",
+        "--allow-local-binding",
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]))
     .await
-    .expect("finished in time")
-    .unwrap();
-    (
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
 }
 
 #[tokio::test]

@@ -40,22 +40,10 @@ async fn http_verdict(proxy: SocketAddr, request: String) -> Verdict {
 }
 
 async fn socks_verdict(proxy: SocketAddr, address: &[u8], port: u16) -> Verdict {
-    let mut stream = TcpStream::connect(proxy).await.unwrap();
-    stream.write_all(&[5, 1, 0]).await.unwrap();
-    let mut choice = [0u8; 2];
-    stream.read_exact(&mut choice).await.unwrap();
-    let mut message = vec![5, 1, 0];
-    message.extend_from_slice(address);
-    message.extend_from_slice(&port.to_be_bytes());
-    stream.write_all(&message).await.unwrap();
-    let mut head = [0u8; 2];
-    match tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut head)).await {
-        Ok(Ok(_)) => match head[1] {
-            0x02 => Verdict::Refused,
-            0x01 => Verdict::Malformed,
-            _ => Verdict::Through,
-        },
-        _ => Verdict::Malformed,
+    match socks_reply_code(proxy, address, port).await {
+        Some(0x02) => Verdict::Refused,
+        Some(0x01) | None => Verdict::Malformed,
+        Some(_) => Verdict::Through,
     }
 }
 

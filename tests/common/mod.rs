@@ -296,3 +296,16 @@ pub async fn terminate(child: &mut tokio::process::Child) -> (std::process::Exit
         .unwrap();
     (status, stderr)
 }
+
+/// Runs `command` to the end (within 60 s): its exit code, stdout, stderr.
+pub async fn output(command: &mut tokio::process::Command) -> (Option<i32>, String, String) {
+    let output = tokio::time::timeout(Duration::from_secs(60), command.output())
+        .await
+        .expect("finished in time")
+        .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
