@@ -138,3 +138,29 @@ async fn node_fetch_cannot_go_direct() {
         0
     );
 }
+
+#[tokio::test]
+async fn run_isolate_in_the_config_isolates_too() {
+    if !namespaces_available().await {
+        return;
+    }
+    let origin = origin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("p.toml");
+    std::fs::write(&config, "[run]\nisolate = true\n").unwrap();
+    let script = format!(
+        "curl -s -m 5 --noproxy '*' http://{}/ >/dev/null; echo \"exit-$?\"; echo \"isolated-$PORTCULLIS_ISOLATED\"",
+        origin.addr
+    );
+    let (code, stdout, stderr) = output(
+        portcullis()
+            .args(["run", "--config"])
+            .arg(&config)
+            .args(["--", "sh", "-c", &script]),
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_ne!(lines.first(), Some(&"exit-0"), "{stdout}");
+    assert_eq!(lines.get(1), Some(&"isolated-1"), "{stdout}");
+}
