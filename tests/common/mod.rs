@@ -237,10 +237,16 @@ pub async fn read_head<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> Strin
     String::from_utf8_lossy(&head).into_owned()
 }
 
-/// A loopback port with nothing listening on it.
+/// A loopback port that refuses connections for the rest of the test run:
+/// a socket is bound to it and never listens (so a connect gets RST), and it
+/// is kept, so neither another test nor the kernel (as an ephemeral source
+/// port, which could make a connect to it a self-connection) reuses it.
 pub async fn closed_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    listener.local_addr().unwrap().port()
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = socket.local_addr().unwrap().port();
+    std::mem::forget(socket);
+    port
 }
 
 /// The `portcullis` binary with every proxy variable cleared.
