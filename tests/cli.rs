@@ -79,7 +79,15 @@ async fn serve_prints_the_environment_then_stops_on_sigterm() {
         "{}",
         out.stdout
     );
-    let logged = std::fs::read_to_string(&violations).unwrap();
+    // Written off the request path: wait for it (bounded).
+    let mut logged = String::new();
+    for _ in 0..100 {
+        logged = std::fs::read_to_string(&violations).unwrap_or_default();
+        if logged.ends_with('\n') {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let line: serde_json::Value = serde_json::from_str(logged.lines().next().unwrap()).unwrap();
     assert_eq!(line["host"], "blocked.test");
     assert_eq!(line["reason"], "not_allowed");

@@ -106,10 +106,16 @@ where
     }
 }
 
-/// Appends each violation as one JSON line to a file.
-#[derive(Debug)]
+/// Appends each violation as one JSON line to a file. Inside a tokio
+/// runtime the write happens on its blocking pool, so a slow disk never
+/// stalls a runtime thread on the refusal path (a runtime waits for those
+/// writes when it shuts down, so none is lost); outside one, it writes at
+/// once. Each line is one `write` to a file opened for appending; lines
+/// written concurrently may land a few milliseconds out of order (each
+/// carries its `unix_ms`).
+#[derive(Debug, Clone)]
 pub struct JsonLinesSink {
-    file: Mutex<File>,
+    file: Arc<Mutex<File>>,
 }
 
 impl JsonLinesSink {
@@ -117,8 +123,17 @@ impl JsonLinesSink {
     pub fn open(path: &Path) -> std::io::Result<JsonLinesSink> {
         let file = OpenOptions::new().create(true).append(true).open(path)?;
         Ok(JsonLinesSink {
-            file: Mutex::new(file),
+            file: Arc::new(Mutex::new(file)),
         })
+    }
+}
+
+fn append_line(file: &Mutex<File>, line: &str) {
+    let mut file = file
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Err(error) = file.write_all(line.as_bytes()) {
+        tracing::warn!(target: VIOLATION_TARGET, %error, "could not append to the violations file");
     }
 }
 
@@ -126,12 +141,12 @@ impl ViolationSink for JsonLinesSink {
     fn record(&self, violation: &Violation) {
         let mut line = violation.to_json().to_string();
         line.push('\n');
-        let mut file = self
-            .file
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Err(error) = file.write_all(line.as_bytes()) {
-            tracing::warn!(target: VIOLATION_TARGET, %error, "could not append to the violations file");
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                let file = self.file.clone();
+                drop(runtime.spawn_blocking(move || append_line(&file, &line)));
+            }
+            Err(_) => append_line(&self.file, &line),
         }
     }
 }
@@ -720,6 +735,37 @@ mod tests {
         let every = Throttle::new(Duration::ZERO);
         assert_eq!(every.admit("a.test", 80, "denied"), Some(0));
         assert_eq!(every.admit("a.test", 80, "denied"), Some(0));
+    }
+
+    #[test]
+    fn json_lines_sink_writes_off_the_runtime_and_loses_nothing_at_shutdown() {
+        let dir = std::env::temp_dir().join(format!("portcullis-sink-rt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("violations.jsonl");
+        let _ = std::fs::remove_file(&path);
+        let sink = JsonLinesSink::open(&path).unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            for i in 0..200 {
+                let violation = Violation {
+                    unix_ms: i,
+                    client: None,
+                    blocked: blocked("a.test:80"),
+                };
+                sink.record(&violation);
+            }
+        });
+        // Dropping the runtime waits for its blocking writes.
+        drop(runtime);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 200);
+        for line in text.lines() {
+            let _: serde_json::Value = serde_json::from_str(line).unwrap();
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
