@@ -12,19 +12,20 @@
 # proxy), BURSTS (10) of BURST (2000) active tunnels.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
-here="$repo/benches/load"
 DUR=${DUR:-8}; CONNS=${CONNS:-50}; BIG_MB=${BIG_MB:-512}
 HANDSHAKES=${HANDSHAKES:-10000}; HOLD=${HOLD:-9000}; BURSTS=${BURSTS:-10}; BURST=${BURST:-2000}
 
-need=""; for t in nginx tinyproxy squid wrk curl python3; do command -v $t >/dev/null || need="$need $t"; done
+need=""; for t in nginx tinyproxy squid wrk curl; do command -v $t >/dev/null || need="$need $t"; done
 if [ -n "$need" ]; then
   echo "== installing:$need" >&2
   pk=$(echo "$need" | sed 's/nginx/nginx-light/')
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $pk) >/dev/null
 fi
-echo "== building portcullis (release)" >&2
-(cd "$repo" && cargo build --release --quiet)
+echo "== building portcullis and the tunnel prober (release)" >&2
+(cd "$repo" && cargo build --release --quiet && cargo bench --bench tunnels --no-run --quiet 2>/dev/null)
 PORTCULLIS="$repo/target/release/portcullis"
+PROBER=$(cd "$repo" && cargo bench --bench tunnels --no-run --message-format=json 2>/dev/null \
+  | sed -n 's/.*"executable":"\([^"]*tunnels[^"]*\)".*/\1/p' | tail -1)
 
 ulimit -n "$(ulimit -Hn)"
 W=$(mktemp -d); chmod 755 "$W"; cd "$W"
@@ -94,7 +95,7 @@ bulk() {
   awk -v s="$s" 'BEGIN{printf "%.0f", s/1048576}'
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b > 0) printf "%.2f×", a/b; else printf "-" }'; }
-tunnels() { python3 "$here/tunnels.py" "$@"; }
+tunnels() { "$PROBER" "$@"; }
 
 echo "== small keep-alive GETs ($CONNS connections, ${DUR}s each)" >&2
 g_direct=$(rps direct); g_squid=$(rps 127.0.0.1:13128); g_tiny=$(rps 127.0.0.1:18888); g_us=$(rps 127.0.0.1:13129)

@@ -1,0 +1,161 @@
+//! The tunnel prober of the end-to-end bench (`benches/load/run.sh`): not a
+//! criterion bench, a native client, so latency figures are the proxies',
+//! not an interpreter's. Loopback only; every loop is bounded.
+//!
+//! ```text
+//! cargo bench --bench tunnels -- handshake PROXY ORIGIN COUNT      # p50 p99 ms, batches of 100
+//! cargo bench --bench tunnels -- hold PROXY ORIGIN COUNT PID       # RSS KiB of PID per held, once-used tunnel
+//! cargo bench --bench tunnels -- bursts PROXY ORIGIN COUNT N PID   # RSS MiB of PID after N bursts of COUNT
+//! ```
+
+#![allow(
+    clippy::print_stdout,
+    clippy::print_stderr,
+    clippy::expect_used,
+    clippy::unwrap_used
+)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A CONNECT through `proxy` to `origin`, used for one GET when `used`.
+async fn tunnel(proxy: SocketAddr, origin: &str, used: bool) -> std::io::Result<TcpStream> {
+    let mut stream = TcpStream::connect(proxy).await?;
+    stream.set_nodelay(true)?;
+    stream
+        .write_all(format!("CONNECT {origin} HTTP/1.1\r\nHost: {origin}\r\n\r\n").as_bytes())
+        .await?;
+    read_head(&mut stream).await?;
+    if used {
+        stream
+            .write_all(format!("GET / HTTP/1.1\r\nHost: {origin}\r\n\r\n").as_bytes())
+            .await?;
+        read_head(&mut stream).await?;
+        let mut body = [0u8; 64];
+        let _ = tokio::time::timeout(Duration::from_millis(200), stream.read(&mut body)).await;
+    }
+    Ok(stream)
+}
+
+async fn read_head(stream: &mut TcpStream) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(256);
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).await? == 0 || head.len() > 8192 {
+            return Err(std::io::Error::other("closed before the answer"));
+        }
+        head.push(byte[0]);
+    }
+    if head.starts_with(b"HTTP/1.1 200") || head.starts_with(b"HTTP/1.0 200") {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(
+            String::from_utf8_lossy(&head[..head.len().min(40)]).into_owned(),
+        ))
+    }
+}
+
+/// `count` tunnels, at most `parallel` being opened at once.
+async fn open_many(
+    proxy: SocketAddr,
+    origin: &Arc<str>,
+    count: usize,
+    parallel: usize,
+) -> Vec<TcpStream> {
+    let gate = Arc::new(Semaphore::new(parallel));
+    let mut tasks = Vec::with_capacity(count);
+    for _ in 0..count {
+        let permit = gate.clone().acquire_owned().await.unwrap();
+        let origin = origin.clone();
+        tasks.push(tokio::spawn(async move {
+            let opened = tunnel(proxy, &origin, true).await;
+            drop(permit);
+            opened
+        }));
+    }
+    let mut held = Vec::with_capacity(count);
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(stream) => held.push(stream),
+            Err(error) => eprintln!("a tunnel failed: {error}"),
+        }
+    }
+    held
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    if args.is_empty() {
+        // `cargo bench` with no arguments runs every bench: nothing to do here.
+        return;
+    }
+    let what = args[0].as_str();
+    let proxy: SocketAddr = args[1].parse().expect("PROXY is IP:PORT");
+    let origin: Arc<str> = args[2].as_str().into();
+    let count: usize = args[3].parse().expect("COUNT");
+    match what {
+        "handshake" => {
+            let mut times = Vec::with_capacity(count);
+            for _ in 0..count / 100 {
+                let mut batch = Vec::with_capacity(100);
+                for _ in 0..100 {
+                    let origin = origin.clone();
+                    batch.push(tokio::spawn(async move {
+                        let started = Instant::now();
+                        let opened = tunnel(proxy, &origin, false).await;
+                        opened.map(|_| started.elapsed())
+                    }));
+                }
+                for task in batch {
+                    if let Ok(elapsed) = task.await.unwrap() {
+                        times.push(elapsed.as_secs_f64() * 1000.0);
+                    }
+                }
+            }
+            times.sort_by(f64::total_cmp);
+            let at = |q: f64| times[((times.len() as f64 * q) as usize).min(times.len() - 1)];
+            println!("{:.2} {:.2}", at(0.50), at(0.99));
+        }
+        "hold" => {
+            let pid: u32 = args[4].parse().expect("PID");
+            let before = rss_kib(pid);
+            let held = open_many(proxy, &origin, count, 200).await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let during = rss_kib(pid);
+            println!(
+                "{:.1}",
+                during.saturating_sub(before) as f64 / held.len().max(1) as f64
+            );
+        }
+        "bursts" => {
+            let rounds: usize = args[4].parse().expect("N");
+            let pid: u32 = args[5].parse().expect("PID");
+            for _ in 0..rounds.min(100) {
+                let held = open_many(proxy, &origin, count, 200).await;
+                drop(held);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            println!("{:.1}", rss_kib(pid) as f64 / 1024.0);
+        }
+        other => eprintln!("unknown measure {other}"),
+    }
+}
