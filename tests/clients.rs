@@ -22,7 +22,6 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -78,47 +77,6 @@ fn serve_file(root: &Path, path: &str) -> Response<Full<Bytes>> {
             .body(Full::new(Bytes::from_static(b"not found")))
             .unwrap(),
     }
-}
-
-/// An HTTPS origin for `secure.test` with a self-signed certificate; the
-/// PEM is what clients trust.
-async fn https_origin() -> (SocketAddr, String) {
-    let certified = rcgen::generate_simple_self_signed(vec!["secure.test".to_owned()]).unwrap();
-    let pem = certified.cert.pem();
-    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(rustls::pki_types::PrivatePkcs8KeyDer::from(
-        certified.signing_key.serialize_der(),
-    ));
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(vec![certified.cert.der().clone()], key)
-    .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(stream).await else {
-                    return;
-                };
-                let service =
-                    hyper::service::service_fn(|_request: Request<hyper::body::Incoming>| async {
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
-                            b"secure hello",
-                        ))))
-                    });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tls), service)
-                    .await;
-            });
-        }
-    });
-    (addr, pem)
 }
 
 async fn which(program: &str) -> Option<()> {

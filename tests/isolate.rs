@@ -164,3 +164,60 @@ async fn run_isolate_in_the_config_isolates_too() {
     assert_ne!(lines.first(), Some(&"exit-0"), "{stdout}");
     assert_eq!(lines.get(1), Some(&"isolated-1"), "{stdout}");
 }
+
+#[tokio::test]
+async fn interception_works_inside_unchanged() {
+    if !namespaces_available().await {
+        return;
+    }
+    let (origin, pem) = https_origin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let origin_ca = dir.path().join("origin.pem");
+    std::fs::write(&origin_ca, pem).unwrap();
+    let config = dir.path().join("p.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[mitm]\nca_dir = {:?}\nupstream_ca_files = [{:?}]\n",
+            dir.path().join("ca").display().to_string(),
+            origin_ca.display().to_string()
+        ),
+    )
+    .unwrap();
+    // curl trusts portcullis's CA through the exported variables; the
+    // proxy trusts the origin's.
+    let url = format!("https://secure.test:{}/", origin.port());
+    let script =
+        format!("curl -s {url}; echo; curl -s -o /dev/null -w '%{{http_code}}\\n' -X POST {url}");
+    let (code, stdout, stderr) = output(
+        portcullis()
+            .args([
+                "run",
+                "--isolate",
+                "--mode",
+                "limited",
+                "--mitm",
+                "--config",
+            ])
+            .arg(&config)
+            .args([
+                "--allow",
+                "secure.test",
+                "--resolve",
+                "secure.test=127.0.0.1",
+                "--allow-local-binding",
+                "--",
+                "sh",
+                "-c",
+                &script,
+            ]),
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines,
+        ["secure hello", "403"],
+        "a read through, a write refused: {stderr}"
+    );
+}
