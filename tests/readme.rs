@@ -35,8 +35,9 @@ const PLANS: &[(&str, Plan)] = &[
         "curl http://127.0.0.1:8000/",
         Plan::Run {
             // `cargo build` made this binary; `cargo fetch` would reach crates.io.
-            lines: "curl http://127.0.0.1:8000/",
-            // Nothing listens there: the proxy's own 502 proves the way.
+            lines: "http://127.0.0.1:8000/",
+            // Nothing listens there: the proxy's own 502 proves the way;
+            // under --isolate curl cannot even try (exit 7, says nothing).
             expect: "portcullis could not reach 127.0.0.1:8000",
         },
     ),
