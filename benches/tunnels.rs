@@ -6,6 +6,9 @@
 //! cargo bench --bench tunnels -- handshake PROXY ORIGIN COUNT      # p50 p99 ms, batches of 100
 //! cargo bench --bench tunnels -- hold PROXY ORIGIN COUNT PID       # RSS KiB of PID per held, once-used tunnel
 //! cargo bench --bench tunnels -- bursts PROXY ORIGIN COUNT N PID   # RSS MiB of PID after N bursts of COUNT
+//! cargo bench --bench tunnels -- tls PROXY|direct ORIGIN CONNS SECONDS CA_PEM NAME
+//!                                   # keep-alive HTTPS GETs/s over CONNS connections (through
+//!                                   # PROXY's CONNECT, or direct), trusting CA_PEM for NAME
 //! ```
 
 #![allow(
@@ -98,6 +101,69 @@ async fn open_many(
     held
 }
 
+/// Keep-alive GETs over `conns` TLS connections for `duration`: through
+/// `proxy`'s CONNECT when given (the proxy may intercept; `ca` is then its
+/// CA), else straight to `origin`. Returns the answers received.
+async fn tls_gets(
+    proxy: Option<SocketAddr>,
+    origin: &Arc<str>,
+    conns: usize,
+    duration: Duration,
+    ca: &str,
+    name: &str,
+) -> u64 {
+    let mut roots = rustls::RootCertStore::empty();
+    let der = pem::parse(ca).expect("a PEM certificate").into_contents();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(der))
+        .expect("a CA certificate");
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("TLS versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let deadline = Instant::now() + duration;
+    let mut tasks = Vec::new();
+    for _ in 0..conns {
+        let connector = connector.clone();
+        let origin = origin.clone();
+        let name = rustls::pki_types::ServerName::try_from(name.to_owned()).expect("a name");
+        tasks.push(tokio::spawn(async move {
+            let stream = match proxy {
+                Some(proxy) => tunnel(proxy, &origin, false).await,
+                None => TcpStream::connect(&*origin).await,
+            };
+            let Ok(stream) = stream else { return 0u64 };
+            let Ok(mut tls) = connector.connect(name, stream).await else {
+                eprintln!("a TLS handshake failed");
+                return 0;
+            };
+            let request = format!("GET / HTTP/1.1\r\nHost: {origin}\r\n\r\n");
+            let mut done = 0u64;
+            let mut buffer = vec![0u8; 4096];
+            while Instant::now() < deadline {
+                if tls.write_all(request.as_bytes()).await.is_err() {
+                    break;
+                }
+                // nginx's `return 200 "ok\n"`: one read holds the answer.
+                match tls.read(&mut buffer).await {
+                    Ok(n) if n > 0 => done += 1,
+                    _ => break,
+                }
+            }
+            done
+        }));
+    }
+    let mut total = 0;
+    for task in tasks {
+        total += task.await.unwrap_or(0);
+    }
+    total
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let args: Vec<String> = std::env::args()
@@ -109,7 +175,11 @@ async fn main() {
         return;
     }
     let what = args[0].as_str();
-    let proxy: SocketAddr = args[1].parse().expect("PROXY is IP:PORT");
+    let proxy: SocketAddr = if args[1] == "direct" {
+        args[2].parse().expect("ORIGIN is IP:PORT")
+    } else {
+        args[1].parse().expect("PROXY is IP:PORT")
+    };
     let origin: Arc<str> = args[2].as_str().into();
     let count: usize = args[3].parse().expect("COUNT");
     match what {
@@ -155,6 +225,22 @@ async fn main() {
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
             println!("{:.1}", rss_kib(pid) as f64 / 1024.0);
+        }
+        "tls" => {
+            let seconds: u64 = args[4].parse().expect("SECONDS");
+            let ca = std::fs::read_to_string(&args[5]).expect("CA_PEM");
+            let name = args[6].clone();
+            let direct = args[1] == "direct";
+            let done = tls_gets(
+                (!direct).then_some(proxy),
+                &origin,
+                count,
+                Duration::from_secs(seconds),
+                &ca,
+                &name,
+            )
+            .await;
+            println!("{:.0}", done as f64 / seconds as f64);
         }
         other => eprintln!("unknown measure {other}"),
     }

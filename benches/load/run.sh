@@ -30,17 +30,28 @@ PROBER=$(cd "$repo" && cargo bench --bench tunnels --no-run --message-format=jso
 ulimit -n "$(ulimit -Hn)"
 W=$(mktemp -d); chmod 755 "$W"; cd "$W"
 ORIGIN=127.0.0.1:18080
+ORIGIN_TLS=127.0.0.1:18443
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
 trap cleanup EXIT
 
 mkdir -p www logs squid
 head -c $((BIG_MB*1048576)) /dev/urandom > www/big
+# An origin CA and a certificate for 127.0.0.1 (the interception row).
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key -out ca.pem \
+  -days 2 -subj /CN=bench-ca -addext basicConstraints=critical,CA:TRUE >/dev/null 2>&1
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout tls.key -out tls.csr \
+  -subj /CN=origin >/dev/null 2>&1
+printf 'subjectAltName=IP:127.0.0.1\n' > ext.cnf
+openssl x509 -req -in tls.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out tls.pem -days 2 \
+  -extfile ext.cnf >/dev/null 2>&1
 cat > nginx.conf <<NG
 worker_processes 1; daemon off; pid $W/nginx.pid; error_log $W/logs/nerr.log crit;
 events { worker_connections 16384; }
 http { access_log off; sendfile on; keepalive_requests 1000000;
-  server { listen $ORIGIN; root $W/www; location = / { return 200 "ok\n"; } } }
+  server { listen $ORIGIN; root $W/www; location = / { return 200 "ok\n"; } }
+  server { listen $ORIGIN_TLS ssl; ssl_certificate $W/tls.pem; ssl_certificate_key $W/tls.key;
+    location = / { return 200 "ok\n"; } } }
 NG
 nginx -c "$W/nginx.conf" -p "$W" & pids+=($!)
 cat > tinyproxy.conf <<TP
@@ -72,6 +83,10 @@ squid -N -f "$W/squid.conf" >/dev/null 2>&1 & pids+=($!); squid_pid=$!
 # the README's note.
 PORTCULLIS_LOG=warn "$PORTCULLIS" serve --http 127.0.0.1:13129 --socks 127.0.0.1:11080 \
   --allow 127.0.0.1 >/dev/null 2>&1 & pids+=($!); portcullis_pid=$!
+# A second portcullis in limited mode, intercepting (its CA in $W/pca).
+printf '[mitm]\nca_dir = "%s/pca"\nupstream_ca_files = ["%s/ca.pem"]\n' "$W" "$W" > mitm.toml
+PORTCULLIS_LOG=warn "$PORTCULLIS" serve --config mitm.toml --http 127.0.0.1:13130 --no-socks \
+  --mode limited --mitm --allow 127.0.0.1 >/dev/null 2>&1 & pids+=($!)
 sleep 2
 
 cat > abs.lua <<'LUA'
@@ -99,6 +114,9 @@ tunnels() { "$PROBER" "$@"; }
 
 echo "== small keep-alive GETs ($CONNS connections, ${DUR}s each)" >&2
 g_direct=$(rps direct); g_squid=$(rps 127.0.0.1:13128); g_tiny=$(rps 127.0.0.1:18888); g_us=$(rps 127.0.0.1:13129)
+echo "== small keep-alive HTTPS GETs: direct TLS and through interception" >&2
+m_direct=$(tunnels tls direct $ORIGIN_TLS "$CONNS" "$DUR" ca.pem 127.0.0.1)
+m_us=$(tunnels tls 127.0.0.1:13130 $ORIGIN_TLS "$CONNS" "$DUR" pca/ca.pem 127.0.0.1)
 echo "== bulk ${BIG_MB} MiB" >&2
 b_direct=$(bulk - direct); b_squid=$(bulk 127.0.0.1:13128 connect); b_tiny=$(bulk 127.0.0.1:18888 connect)
 b_us=$(bulk 127.0.0.1:13129 connect); s_us=$(bulk 127.0.0.1:11080 socks)
@@ -124,6 +142,7 @@ echo
 echo "| path | direct | squid | tinyproxy | portcullis | portcullis / direct | portcullis / squid |"
 echo "| --- | --- | --- | --- | --- | --- | --- |"
 echo "| small keep-alive GETs/s, $CONNS conns | $g_direct | $g_squid | $g_tiny | $g_us | $(ratio "$g_us" "$g_direct") | $(ratio "$g_us" "$g_squid") |"
+echo "| small keep-alive HTTPS GETs/s, $CONNS conns: direct TLS vs intercepted (limited mode) | $m_direct | – | – | $m_us | $(ratio "$m_us" "$m_direct") | – |"
 echo "| CONNECT bulk MB/s ($BIG_MB MiB) | $b_direct | $b_squid | $b_tiny | $b_us | $(ratio "$b_us" "$b_direct") | $(ratio "$b_us" "$b_squid") |"
 echo "| SOCKS5 bulk MB/s | $b_direct | – | – | $s_us | $(ratio "$s_us" "$b_direct") | – |"
 echo "| CONNECT handshake p50 / p99 ms | – | ${h_squid/ / \/ } | ${h_tiny/ / \/ } | ${h_us/ / \/ } | – | – |"
