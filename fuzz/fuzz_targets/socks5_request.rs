@@ -9,5 +9,7 @@ fuzz_target!(|data: &[u8]| {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .expect("a runtime");
-    runtime.block_on(portcullis::fuzzing::socks5_request(data));
+    if let Err(disagreement) = runtime.block_on(portcullis::fuzzing::socks5_request(data)) {
+        panic!("{disagreement}");
+    }
 });

@@ -122,10 +122,10 @@ async fn refuse_busy(mut stream: TcpStream) {
 /// whole, to the byte, or a request could mean one thing to us and another
 /// to it.
 #[cfg(fuzzing)]
-pub(crate) async fn fuzz_request(data: &[u8]) {
+pub(crate) async fn fuzz_request(data: &[u8]) -> Result<(), &'static str> {
     let mut reader = data;
     let Ok(Ok(request)) = request::read(&mut reader).await else {
-        return;
+        return Ok(());
     };
     let io = tokio::io::join(tokio::io::empty(), tokio::io::sink());
     let replay = Replay::new(request.bytes, io);
@@ -133,18 +133,18 @@ pub(crate) async fn fuzz_request(data: &[u8]) {
         .read_command()
         .await
     else {
-        panic!("fast-socks5 refused a request we accepted");
+        return Err("fast-socks5 refused a request we accepted");
     };
     let Ok(replay) = proto
         .reply_success(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 1))
         .await
     else {
-        return;
+        return Ok(());
     };
-    assert!(
-        replay.into_inner().is_some(),
-        "fast-socks5 read less of the request than we did"
-    );
+    match replay.into_inner() {
+        Some(_) => Ok(()),
+        None => Err("fast-socks5 read less of the request than we did"),
+    }
 }
 
 /// The canonical target of a SOCKS5 address.
