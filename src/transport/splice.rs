@@ -118,11 +118,11 @@ async fn pump(
     moved: &AtomicU64,
 ) -> io::Result<()> {
     #[cfg(target_os = "linux")]
-    match pump_splice(from, to, start, last, moved).await {
+    match pump_with::<Pipe>(from, to, start, last, moved).await {
         Err(error) if error.raw_os_error() == Some(nix::libc::EINVAL) => {}
         done => return done,
     }
-    pump_copy(from, to, start, last, moved).await
+    pump_with::<Buffer>(from, to, start, last, moved).await
 }
 
 /// A pipe for splice(2): bytes in flight between two sockets.
@@ -170,61 +170,71 @@ fn give_back_pipe(pipe: Pipe) {
     });
 }
 
-#[cfg(target_os = "linux")]
-async fn pump_splice(
-    from: &TcpStream,
-    to: &TcpStream,
-    start: Instant,
-    last: &AtomicU64,
-    moved: &AtomicU64,
-) -> io::Result<()> {
-    use nix::fcntl::{splice, SpliceFFlags};
-    use tokio::io::Interest;
-    let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
-    loop {
-        from.readable().await?;
-        let pipe = take_pipe()?;
-        let read = from.try_io(Interest::READABLE, || {
-            splice(from, None, &pipe.write, None, PIPE_CHUNK, flags).map_err(io::Error::from)
-        });
-        let read = match read {
-            Ok(0) => {
-                give_back_pipe(pipe);
-                // Our half of `to` is done; the other direction goes on.
-                let _ =
-                    nix::sys::socket::shutdown(to.as_raw_fd(), nix::sys::socket::Shutdown::Write);
-                return Ok(());
-            }
-            Ok(read) => read,
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                give_back_pipe(pipe);
-                continue;
-            }
-            // A pipe that may hold bytes is closed, never pooled.
-            Err(error) => return Err(error),
-        };
-        note_moved(start, last);
-        let mut left = read;
-        while left > 0 {
-            let written = to.try_io(Interest::WRITABLE, || {
-                splice(&pipe.read, None, to, None, left, flags).map_err(io::Error::from)
-            });
-            match written {
-                Ok(n) => {
-                    left -= n;
-                    moved.fetch_add(n as u64, Ordering::Relaxed);
-                }
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => to.writable().await?,
-                Err(error) => return Err(error),
-            }
-        }
-        give_back_pipe(pipe);
+/// What holds a direction's bytes between reading and writing: a pooled
+/// pipe (splice(2)) or a pooled buffer. Taken when the source is readable,
+/// given back once everything read is written.
+trait Carrier: Sized {
+    fn take() -> io::Result<Self>;
+    fn give_back(self);
+    /// Reads what `from` has (0 at its end); `WouldBlock` clears readiness.
+    fn fill(&mut self, from: &TcpStream) -> io::Result<usize>;
+    /// Writes bytes `done..read` of what was filled into `to`.
+    fn drain(&mut self, to: &TcpStream, done: usize, read: usize) -> io::Result<usize>;
+}
+
+/// A buffer from this thread's pool.
+struct Buffer(Box<[u8]>);
+
+impl Carrier for Buffer {
+    fn take() -> io::Result<Buffer> {
+        Ok(Buffer(take_buffer()))
+    }
+
+    fn give_back(self) {
+        give_back(self.0);
+    }
+
+    fn fill(&mut self, from: &TcpStream) -> io::Result<usize> {
+        from.try_read(&mut self.0)
+    }
+
+    fn drain(&mut self, to: &TcpStream, done: usize, read: usize) -> io::Result<usize> {
+        to.try_write(&self.0[done..read])
     }
 }
 
-/// One direction through a user-space buffer (where splice(2) is not
-/// available).
-async fn pump_copy(
+#[cfg(target_os = "linux")]
+const SPLICE_FLAGS: nix::fcntl::SpliceFFlags =
+    nix::fcntl::SpliceFFlags::SPLICE_F_NONBLOCK.union(nix::fcntl::SpliceFFlags::SPLICE_F_MOVE);
+
+#[cfg(target_os = "linux")]
+impl Carrier for Pipe {
+    fn take() -> io::Result<Pipe> {
+        take_pipe()
+    }
+
+    fn give_back(self) {
+        give_back_pipe(self);
+    }
+
+    fn fill(&mut self, from: &TcpStream) -> io::Result<usize> {
+        from.try_io(tokio::io::Interest::READABLE, || {
+            nix::fcntl::splice(from, None, &self.write, None, PIPE_CHUNK, SPLICE_FLAGS)
+                .map_err(io::Error::from)
+        })
+    }
+
+    fn drain(&mut self, to: &TcpStream, done: usize, read: usize) -> io::Result<usize> {
+        to.try_io(tokio::io::Interest::WRITABLE, || {
+            nix::fcntl::splice(&self.read, None, to, None, read - done, SPLICE_FLAGS)
+                .map_err(io::Error::from)
+        })
+    }
+}
+
+/// One direction through carrier `C`. On an error the carrier (which may
+/// hold bytes) is dropped, never pooled.
+async fn pump_with<C: Carrier>(
     from: &TcpStream,
     to: &TcpStream,
     start: Instant,
@@ -233,10 +243,10 @@ async fn pump_copy(
 ) -> io::Result<()> {
     loop {
         from.readable().await?;
-        let mut buffer = take_buffer();
-        let read = match from.try_read(&mut buffer) {
+        let mut carrier = C::take()?;
+        let read = match carrier.fill(from) {
             Ok(0) => {
-                give_back(buffer);
+                carrier.give_back();
                 // Our half of `to` is done; the other direction goes on.
                 let _ =
                     nix::sys::socket::shutdown(to.as_raw_fd(), nix::sys::socket::Shutdown::Write);
@@ -244,24 +254,24 @@ async fn pump_copy(
             }
             Ok(read) => read,
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                give_back(buffer);
+                carrier.give_back();
                 continue;
             }
             Err(error) => return Err(error),
         };
         note_moved(start, last);
-        let mut written = 0;
-        while written < read {
-            match to.try_write(&buffer[written..read]) {
+        let mut done = 0;
+        while done < read {
+            match carrier.drain(to, done, read) {
                 Ok(n) => {
-                    written += n;
+                    done += n;
                     moved.fetch_add(n as u64, Ordering::Relaxed);
                 }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => to.writable().await?,
                 Err(error) => return Err(error),
             }
         }
-        give_back(buffer);
+        carrier.give_back();
     }
 }
 
@@ -447,6 +457,27 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_buffer_carrier_moves_every_byte_too() {
+        // The fallback where splice(2) is refused (and on other systems).
+        let (mut client, client_side) = pair().await;
+        let (upstream_side, mut origin) = pair().await;
+        let copy = tokio::spawn(async move {
+            let (last, moved) = (AtomicU64::new(0), AtomicU64::new(0));
+            pump_with::<Buffer>(&client_side, &upstream_side, Instant::now(), &last, &moved)
+                .await
+                .unwrap();
+            moved.into_inner()
+        });
+        let sent = pattern(1 << 20, 3);
+        client.write_all(&sent).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut received = Vec::new();
+        origin.read_to_end(&mut received).await.unwrap();
+        assert!(received == sent);
+        assert_eq!(copy.await.unwrap(), 1 << 20);
     }
 
     #[tokio::test]
