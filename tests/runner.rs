@@ -84,6 +84,39 @@ async fn chains_through_an_upstream_proxy() {
     );
 }
 
+/// What an upstream proxy is asked for is the target the policy checked, in
+/// canonical form: lower case, no trailing dot, the port always written.
+#[tokio::test]
+async fn an_upstream_proxy_is_asked_for_the_canonical_target() {
+    let fake = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let fake_url = format!("http://{}", fake.local_addr().unwrap());
+    let seen = tokio::spawn(async move {
+        let (mut stream, _) = fake.accept().await.unwrap();
+        let head = read_head(&mut stream).await;
+        stream
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            .await
+            .unwrap();
+        head.lines().next().unwrap_or_default().to_owned()
+    });
+    let downstream = proxy_with(
+        NetworkPolicy::builder().allow("svc.test").unwrap().build(),
+        &[],
+        |b| b.upstream(Some(UpstreamProxies::fixed(&fake_url, ""))),
+    )
+    .await;
+    let (_, head) = raw_exchange(
+        downstream.handle.http_addr(),
+        "GET http://SVC.Test./path?q=1 HTTP/1.1\r\nHost: SVC.Test.\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(
+        seen.await.unwrap(),
+        "GET http://svc.test:80/path?q=1 HTTP/1.1"
+    );
+}
+
 #[tokio::test]
 async fn non_loopback_listeners_are_clamped() {
     let proxy = proxy_with(NetworkPolicy::default(), &[], |b| {

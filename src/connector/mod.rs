@@ -282,18 +282,11 @@ impl Connector {
         info: RequestInfo,
     ) -> Result<Response<Body>, BoxError> {
         // Forward to the canonical authority: the host we checked is the host we dial.
-        let scheme = request.uri().scheme_str().unwrap_or("http").to_owned();
-        let path = request
-            .uri()
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_owned();
-        let uri: Uri = format!("{scheme}://{}{path}", info.target)
-            .parse()
-            .map_err(|e| BadRequest::new(format!("cannot forward to {}: {e}", info.target)))?;
+        let uri = canonical_uri(request.uri(), &info.target)?;
+        let plain_http = uri.scheme() == Some(&http::uri::Scheme::HTTP);
         let through = self.upstream.as_ref().and_then(|u| u.for_uri(&uri));
         if let Some(intercept) = &through {
-            if scheme == "http" {
+            if plain_http {
                 // To an upstream proxy (never to an origin): who we are, so a
                 // loop back to us ends on the first round.
                 if let Ok(via) = http::HeaderValue::from_str(&self.dialer.own().via()) {
@@ -312,7 +305,7 @@ impl Connector {
                 // A refusal that came from the upstream proxy says so: its
                 // 403 or 407 is not ours, and --allow will not change it.
                 if let (Some(intercept), 403 | 407) = (&through, response.status().as_u16()) {
-                    if scheme == "http" {
+                    if plain_http {
                         let upstream = upstream::display(intercept);
                         tracing::warn!(
                             target = %info.target,
@@ -329,6 +322,24 @@ impl Connector {
             Err(error) => Err(relabel(error.into(), &info)),
         }
     }
+}
+
+/// The URI a forwarded request goes out with: its scheme, path and query,
+/// and the canonical authority of `target` (one allocation, no re-parse of
+/// the path).
+fn canonical_uri(uri: &Uri, target: &Target) -> Result<Uri, BadRequest> {
+    let refused =
+        |e: &dyn std::fmt::Display| BadRequest::new(format!("cannot forward to {target}: {e}"));
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(uri.scheme().cloned().unwrap_or(http::uri::Scheme::HTTP));
+    parts.authority =
+        Some(http::uri::Authority::try_from(target.to_string()).map_err(|e| refused(&e))?);
+    parts.path_and_query = Some(
+        uri.path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    Uri::from_parts(parts).map_err(|e| refused(&e))
 }
 
 impl<'a> From<&'a RequestInfo> for Refusing<'a> {
