@@ -6,6 +6,9 @@
 //! cargo bench --bench tunnels -- handshake PROXY ORIGIN COUNT      # p50 p99 ms, batches of 100
 //! cargo bench --bench tunnels -- hold PROXY ORIGIN COUNT PID       # RSS KiB of PID per held, once-used tunnel
 //! cargo bench --bench tunnels -- bursts PROXY ORIGIN COUNT N PID   # RSS MiB of PID after N bursts of COUNT
+//! cargo bench --bench tunnels -- plain PROXY|direct ORIGIN CONNS SECONDS tunnel|absolute
+//!                                   # keep-alive GETs/s: inside a CONNECT tunnel (a byte relay,
+//!                                   # the ceiling for any proxy) or absolute-form, or direct
 //! cargo bench --bench tunnels -- tls PROXY|direct ORIGIN CONNS SECONDS CA_PEM NAME
 //!                                   # keep-alive HTTPS GETs/s over CONNS connections (through
 //!                                   # PROXY's CONNECT, or direct), trusting CA_PEM for NAME
@@ -48,24 +51,32 @@ async fn tunnel(proxy: SocketAddr, origin: &str, used: bool) -> std::io::Result<
         stream
             .write_all(format!("GET / HTTP/1.1\r\nHost: {origin}\r\n\r\n").as_bytes())
             .await?;
-        read_head(&mut stream).await?;
-        let mut body = [0u8; 64];
-        let _ = tokio::time::timeout(Duration::from_millis(200), stream.read(&mut body)).await;
+        if read_head(&mut stream).await? == 0 {
+            let mut body = [0u8; 64];
+            let _ = tokio::time::timeout(Duration::from_millis(200), stream.read(&mut body)).await;
+        }
     }
     Ok(stream)
 }
 
-async fn read_head(stream: &mut TcpStream) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(256);
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if stream.read(&mut byte).await? == 0 || head.len() > 8192 {
+/// Reads an answer's head. Buffered: no proxy sends a byte past the head
+/// of a CONNECT answer before the client speaks, and the one GET's body is
+/// read and dropped anyway. Returns how many bytes came after the head.
+async fn read_head(stream: &mut TcpStream) -> std::io::Result<usize> {
+    let mut head = Vec::with_capacity(512);
+    let mut chunk = [0u8; 512];
+    let end = loop {
+        if let Some(at) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 || head.len() > 8192 {
             return Err(std::io::Error::other("closed before the answer"));
         }
-        head.push(byte[0]);
-    }
+        head.extend_from_slice(&chunk[..n]);
+    };
     if head.starts_with(b"HTTP/1.1 200") || head.starts_with(b"HTTP/1.0 200") {
-        Ok(())
+        Ok(head.len() - end)
     } else {
         Err(std::io::Error::other(
             String::from_utf8_lossy(&head[..head.len().min(40)]).into_owned(),
@@ -99,6 +110,102 @@ async fn open_many(
         }
     }
     held
+}
+
+/// How the keep-alive GETs reach the origin.
+#[derive(Clone, Copy, PartialEq)]
+enum Via {
+    /// Straight to the origin.
+    Direct,
+    /// Inside a CONNECT tunnel: the proxy relays bytes and does no work
+    /// per request, so this is the ceiling for any proxy on this machine.
+    Tunnel,
+    /// Absolute-form requests to the proxy, which reads and forwards each.
+    AbsoluteForm,
+}
+
+/// Keep-alive plain GETs over `conns` connections for `duration`; returns
+/// the answers received.
+async fn plain_gets(
+    proxy: SocketAddr,
+    origin: &Arc<str>,
+    conns: usize,
+    duration: Duration,
+    via: Via,
+) -> u64 {
+    let deadline = Instant::now() + duration;
+    let mut tasks = Vec::new();
+    for _ in 0..conns {
+        let origin = origin.clone();
+        tasks.push(tokio::spawn(async move {
+            let stream = match via {
+                Via::Tunnel => tunnel(proxy, &origin, false).await,
+                Via::Direct | Via::AbsoluteForm => TcpStream::connect(proxy).await,
+            };
+            let Ok(mut stream) = stream else { return 0 };
+            let _ = stream.set_nodelay(true);
+            let request = if via == Via::AbsoluteForm {
+                format!("GET http://{origin}/ HTTP/1.1\r\nHost: {origin}\r\n\r\n")
+            } else {
+                format!("GET / HTTP/1.1\r\nHost: {origin}\r\n\r\n")
+            };
+            get_loop(&mut stream, request.as_bytes(), deadline).await
+        }));
+    }
+    let mut total = 0;
+    for task in tasks {
+        total += task.await.unwrap_or(0);
+    }
+    total
+}
+
+/// Sends `request` and reads its whole answer (head, then a
+/// `Content-Length` body), over and over until `deadline`; returns the
+/// answers read. Proxies may write the head and the body separately, so a
+/// read is not an answer.
+async fn get_loop<S>(stream: &mut S, request: &[u8], deadline: Instant) -> u64
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut done = 0u64;
+    let mut buffer = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    while Instant::now() < deadline {
+        if stream.write_all(request).await.is_err() {
+            break;
+        }
+        buffer.clear();
+        let complete = loop {
+            if let Some(length) = answer_length(&buffer) {
+                if buffer.len() >= length {
+                    break true;
+                }
+            }
+            match stream.read(&mut chunk).await {
+                Ok(n) if n > 0 && buffer.len() < 65536 => buffer.extend_from_slice(&chunk[..n]),
+                _ => break false,
+            }
+        };
+        if !complete || !buffer.starts_with(b"HTTP/1.1 200") {
+            break;
+        }
+        done += 1;
+    }
+    done
+}
+
+/// The length of a whole answer (head and `Content-Length` body) once its
+/// head is in `buffer`.
+fn answer_length(buffer: &[u8]) -> Option<usize> {
+    let end = buffer.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = std::str::from_utf8(&buffer[..end]).ok()?;
+    let body = head.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.eq_ignore_ascii_case("content-length")
+            .then(|| value.trim().parse::<usize>().ok())
+            .flatten()
+    })?;
+    Some(end + body)
 }
 
 /// Keep-alive GETs over `conns` TLS connections for `duration`: through
@@ -142,19 +249,7 @@ async fn tls_gets(
                 return 0;
             };
             let request = format!("GET / HTTP/1.1\r\nHost: {origin}\r\n\r\n");
-            let mut done = 0u64;
-            let mut buffer = vec![0u8; 4096];
-            while Instant::now() < deadline {
-                if tls.write_all(request.as_bytes()).await.is_err() {
-                    break;
-                }
-                // nginx's `return 200 "ok\n"`: one read holds the answer.
-                match tls.read(&mut buffer).await {
-                    Ok(n) if n > 0 => done += 1,
-                    _ => break,
-                }
-            }
-            done
+            get_loop(&mut tls, request.as_bytes(), deadline).await
         }));
     }
     let mut total = 0;
@@ -225,6 +320,21 @@ async fn main() {
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
             println!("{:.1}", rss_kib(pid) as f64 / 1024.0);
+        }
+        "plain" => {
+            // plain PROXY|direct ORIGIN CONNS SECONDS tunnel|absolute
+            let seconds: u64 = args[4].parse().expect("SECONDS");
+            let via = match (args[1].as_str(), args.get(5).map(String::as_str)) {
+                ("direct", _) => Via::Direct,
+                (_, Some("tunnel")) => Via::Tunnel,
+                (_, Some("absolute")) => Via::AbsoluteForm,
+                _ => {
+                    eprintln!("usage: plain PROXY|direct ORIGIN CONNS SECONDS tunnel|absolute");
+                    std::process::exit(64);
+                }
+            };
+            let done = plain_gets(proxy, &origin, count, Duration::from_secs(seconds), via).await;
+            println!("{:.0}", done as f64 / seconds as f64);
         }
         "tls" => {
             let seconds: u64 = args[4].parse().expect("SECONDS");

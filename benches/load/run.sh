@@ -114,6 +114,11 @@ tunnels() { "$PROBER" "$@"; }
 
 echo "== small keep-alive GETs ($CONNS connections, ${DUR}s each)" >&2
 g_direct=$(rps direct); g_squid=$(rps 127.0.0.1:13128); g_tiny=$(rps 127.0.0.1:18888); g_us=$(rps 127.0.0.1:13129)
+echo "== small keep-alive GETs inside a CONNECT tunnel (a byte relay: the ceiling for any proxy)" >&2
+c_direct=$(tunnels plain direct $ORIGIN "$CONNS" "$DUR")
+c_squid=$(tunnels plain 127.0.0.1:13128 $ORIGIN "$CONNS" "$DUR" tunnel)
+c_tiny=$(tunnels plain 127.0.0.1:18888 $ORIGIN "$CONNS" "$DUR" tunnel)
+c_us=$(tunnels plain 127.0.0.1:13129 $ORIGIN "$CONNS" "$DUR" tunnel)
 echo "== small keep-alive HTTPS GETs: direct TLS and through interception" >&2
 m_direct=$(tunnels tls direct $ORIGIN_TLS "$CONNS" "$DUR" ca.pem 127.0.0.1)
 m_us=$(tunnels tls 127.0.0.1:13130 $ORIGIN_TLS "$CONNS" "$DUR" pca/ca.pem 127.0.0.1)
@@ -142,6 +147,7 @@ echo
 echo "| path | direct | squid | tinyproxy | portcullis | portcullis / direct | portcullis / squid |"
 echo "| --- | --- | --- | --- | --- | --- | --- |"
 echo "| small keep-alive GETs/s, $CONNS conns | $g_direct | $g_squid | $g_tiny | $g_us | $(ratio "$g_us" "$g_direct") | $(ratio "$g_us" "$g_squid") |"
+echo "| the same GETs inside one CONNECT tunnel per connection (no per-request work: the relay ceiling) | $c_direct | $c_squid | $c_tiny | $c_us | $(ratio "$c_us" "$c_direct") | $(ratio "$c_us" "$c_squid") |"
 echo "| small keep-alive HTTPS GETs/s, $CONNS conns: direct TLS vs intercepted (limited mode) | $m_direct | – | – | $m_us | $(ratio "$m_us" "$m_direct") | – |"
 echo "| CONNECT bulk MB/s ($BIG_MB MiB) | $b_direct | $b_squid | $b_tiny | $b_us | $(ratio "$b_us" "$b_direct") | $(ratio "$b_us" "$b_squid") |"
 echo "| SOCKS5 bulk MB/s | $b_direct | – | – | $s_us | $(ratio "$s_us" "$b_direct") | – |"
