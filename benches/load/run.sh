@@ -8,12 +8,16 @@
 # from the distribution when missing, starts an nginx origin and the
 # proxies, and prints one table with the ratio to direct (and to squid).
 # Knobs: DUR (seconds per wrk run, 8), CONNS (50), BIG_MB (512), HANDSHAKES
-# (10000), HOLD (tunnels held for RSS, 9000: two descriptors each in the
-# proxy), BURSTS (10) of BURST (2000) active tunnels.
+# (10000), HOLD (tunnels held for RSS: 10000, or 9000 when the hard file
+# limit is under 21000), BURSTS (10) of BURST (2000) active tunnels.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 DUR=${DUR:-8}; CONNS=${CONNS:-50}; BIG_MB=${BIG_MB:-512}
-HANDSHAKES=${HANDSHAKES:-10000}; HOLD=${HOLD:-9000}; BURSTS=${BURSTS:-10}; BURST=${BURST:-2000}
+HANDSHAKES=${HANDSHAKES:-10000}; BURSTS=${BURSTS:-10}; BURST=${BURST:-2000}
+# 10,000 held tunnels need two descriptors each in the proxy: fewer when
+# the hard limit on open files is lower (9,000 under the common 20,000).
+hard=$(ulimit -Hn); [ "$hard" = unlimited ] && hard=1048576
+HOLD=${HOLD:-$(( hard >= 21000 ? 10000 : (hard - 1000) / 2 > 9000 ? 9000 : (hard - 1000) / 2 ))}
 
 need=""; for t in nginx tinyproxy squid wrk curl; do command -v $t >/dev/null || need="$need $t"; done
 if [ -n "$need" ]; then
