@@ -151,7 +151,11 @@ mod tests {
         // A burst, then quiet: one trim, after the quiet period.
         burst(&TRIMMER, 2 * TRIM_AFTER);
         tokio::task::yield_now().await;
-        assert_eq!(TRIMS.load(Ordering::SeqCst), 0, "not before the quiet period");
+        assert_eq!(
+            TRIMS.load(Ordering::SeqCst),
+            0,
+            "not before the quiet period"
+        );
         tokio::time::sleep(QUIET * 2).await;
         assert_eq!(TRIMS.load(Ordering::SeqCst), 1, "once the burst ended");
 
