@@ -15,47 +15,24 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use http::{Request, Response};
 use portcullis::access_log::AccessLogLayer;
 use portcullis::body::{self, Body};
-use portcullis_middleware::{
-    BoxError, ClientAddr, DefaultStack, NetworkPolicy, PolicyHandle, Protocol, Target,
-};
+use portcullis_middleware::BoxError;
 use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
-use tower::{service_fn, Layer, Service, ServiceExt};
+use tower::{Service, ServiceExt};
 
 #[global_allocator]
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
 
-fn request() -> Request<Body> {
-    let mut request = Request::get("http://api.example.com/v1/items")
-        .header("host", "api.example.com")
-        .header("user-agent", "bench")
-        .header("proxy-connection", "keep-alive")
-        .body(body::empty())
-        .expect("a request");
-    let extensions = request.extensions_mut();
-    extensions.insert(Target::parse_authority("api.example.com:80", None).expect("a target"));
-    extensions.insert(Protocol::Http);
-    extensions.insert(ClientAddr("127.0.0.1:40000".parse().expect("an address")));
-    request
-}
+#[path = "fixtures/stack.rs"]
+mod fixtures;
+use fixtures::{default_stack, request};
 
 fn stack(
 ) -> impl Service<Request<Body>, Response = Response<Body>, Error = BoxError, Future: Send> + Clone
 {
-    let policy = NetworkPolicy::builder()
-        .allow("**.example.com")
-        .expect("a pattern")
-        .allow("crates.io:443")
-        .expect("a pattern")
-        .deny("ads.example.com")
-        .expect("a pattern")
-        .build();
-    let network =
-        service_fn(|_: Request<Body>| async { Ok::<_, BoxError>(Response::new(body::empty())) });
-    let inner = DefaultStack::new(PolicyHandle::new(policy)).layer(network);
     tower::ServiceBuilder::new()
         .map_response(|response: Response<_>| response.map(body::boxed))
         .layer(AccessLogLayer::new())
-        .service(inner)
+        .service(default_stack())
 }
 
 fn per_request(c: &mut Criterion) {

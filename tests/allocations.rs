@@ -7,39 +7,19 @@
 
 use std::alloc::System;
 
-use http::{Request, Response};
+use http::Request;
 use portcullis::access_log::AccessLogLayer;
-use portcullis::body::{self, Body};
-use portcullis_middleware::{
-    BoxError, ClientAddr, DefaultStack, NetworkPolicy, PolicyHandle, Protocol, Target,
-};
+use portcullis::body::Body;
+use portcullis_middleware::BoxError;
 use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
-use tower::{service_fn, Layer, Service, ServiceExt};
+use tower::{Layer, Service, ServiceExt};
 
 #[global_allocator]
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
 
-fn request() -> Request<Body> {
-    let mut request = Request::get("http://api.example.com/v1/items")
-        .header("host", "api.example.com")
-        .body(body::empty())
-        .unwrap();
-    let extensions = request.extensions_mut();
-    extensions.insert(Target::parse_authority("api.example.com:80", None).unwrap());
-    extensions.insert(Protocol::Http);
-    extensions.insert(ClientAddr("127.0.0.1:40000".parse().unwrap()));
-    request
-}
-
-fn inner() -> impl Service<Request<Body>, Response = Response<Body>, Error = BoxError> + Clone {
-    let policy = NetworkPolicy::builder()
-        .allow("**.example.com")
-        .unwrap()
-        .build();
-    let network =
-        service_fn(|_: Request<Body>| async { Ok::<_, BoxError>(Response::new(body::empty())) });
-    DefaultStack::new(PolicyHandle::new(policy)).layer(network)
-}
+#[path = "../benches/fixtures/stack.rs"]
+mod fixtures;
+use fixtures::{default_stack as inner, request};
 
 /// Allocations for one allowed request through `service`, after a warm-up,
 /// the request itself excluded.
