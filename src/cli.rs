@@ -310,7 +310,7 @@ impl Loaded {
             Some(file) => crate::hints::Fixes::File(file.clone()),
             None => crate::hints::Fixes::Flags,
         };
-        let builder = Proxy::builder()
+        let mut builder = Proxy::builder()
             .refusal_fixes(fixes)
             .metrics_addr(config.metrics.address(origin)?)
             .http_addr(config.http_addr(origin)?)
@@ -328,6 +328,9 @@ impl Loaded {
             .all_proxy_socks(config.network.all_proxy == crate::config::AllProxy::Socks5h)
             .leaf_cache_size(config.mitm.leaf_cache_size)
             .violations(violations);
+        if let Some((username, password)) = config.auth.credential(origin)? {
+            builder = builder.credentials(username, password);
+        }
         let (builder, rules, approver) = match crate::approvers::from_config(config, origin, &ring)?
         {
             None => (builder, None, None),
@@ -581,9 +584,13 @@ async fn start(
         let _ = writeln!(std::io::stderr(), "portcullis: {error}");
         ExitCode::from(EXIT_UNAVAILABLE)
     })?;
+    // `run`'s credential is its own per-run secret: only `serve` takes
+    // `[auth]` from a reloaded file.
+    let credentials = (!ephemeral).then(|| proxy.live_credentials());
     tokio::spawn(crate::reload::watch(
         options.clone(),
         proxy.policy().clone(),
+        credentials,
         rules,
         hangup,
     ));

@@ -101,6 +101,45 @@ pub struct AuthConfig {
     pub password: Option<String>,
 }
 
+impl AuthConfig {
+    /// The credential, checked: both keys or neither, neither empty, and
+    /// nothing a `user:password@` proxy URL cannot carry unambiguously.
+    pub fn credential(&self, origin: &str) -> Result<Option<(String, String)>, ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            key: format!("auth.{key}"),
+            origin: origin.to_owned(),
+            message,
+        };
+        match (&self.username, &self.password) {
+            (None, None) => Ok(None),
+            (Some(_), None) => Err(invalid(
+                "password",
+                "is missing: [auth] needs both username and password (or neither)".into(),
+            )),
+            (None, Some(_)) => Err(invalid(
+                "username",
+                "is missing: [auth] needs both username and password (or neither)".into(),
+            )),
+            (Some(username), Some(password)) => {
+                if username.is_empty() || username.contains(':') || username.len() > 255 {
+                    return Err(invalid(
+                        "username",
+                        "must be 1 to 255 bytes without ':' (SOCKS5 and Basic auth carry it)"
+                            .into(),
+                    ));
+                }
+                if password.is_empty() || password.len() > 255 {
+                    return Err(invalid(
+                        "password",
+                        "must be 1 to 255 bytes (SOCKS5 username/password auth carries it)".into(),
+                    ));
+                }
+                Ok(Some((username.clone(), password.clone())))
+            }
+        }
+    }
+}
+
 /// `[limits]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -3,8 +3,8 @@
 //! `serve`, on SIGHUP. A reload that fails keeps the policy in force and says
 //! why in one line naming the key and the file; a good one changes the next
 //! decision and never cuts an open tunnel. What a reload changes: the lists,
-//! the mode, local binding, Unix sockets, git fetch in limited mode, and the
-//! rules. Listener addresses, DNS answers, interception and the approval
+//! the mode, local binding, Unix sockets, git fetch in limited mode, the
+//! rules, and (for `serve`) the `[auth]` credential. Listener addresses, DNS answers, interception and the approval
 //! mode are read at start only.
 
 use std::path::{Path, PathBuf};
@@ -14,6 +14,7 @@ use portcullis_middleware::PolicyHandle;
 
 use crate::approvers::rules::RulesFile;
 use crate::cli::Options;
+use crate::transport::{Credentials, LiveCredentials};
 
 /// How often the files are looked at.
 const POLL: Duration = Duration::from_secs(1);
@@ -30,6 +31,7 @@ fn stamp(path: Option<&Path>) -> Stamp {
 pub(crate) async fn watch(
     options: Options,
     policy: PolicyHandle,
+    credentials: Option<LiveCredentials>,
     rules: Option<RulesFile>,
     hangup: bool,
 ) {
@@ -53,7 +55,7 @@ pub(crate) async fn watch(
         };
         let now = (stamp(config.as_deref()), stamp(rules_path.as_deref()));
         if forced || now.0 != seen.0 {
-            reload_policy(&options, &policy);
+            reload_policy(&options, &policy, credentials.as_ref());
         }
         if let (Some(rules), true) = (&rules, forced || now.1 != seen.1) {
             match rules.reload() {
@@ -65,7 +67,7 @@ pub(crate) async fn watch(
     }
 }
 
-fn reload_policy(options: &Options, policy: &PolicyHandle) {
+fn reload_policy(options: &Options, policy: &PolicyHandle, credentials: Option<&LiveCredentials>) {
     let loaded = match options.load() {
         Ok(loaded) => loaded,
         Err(error) => {
@@ -73,9 +75,25 @@ fn reload_policy(options: &Options, policy: &PolicyHandle) {
             return;
         }
     };
+    // Both or nothing: a file whose policy or `[auth]` is wrong changes
+    // neither.
+    let auth = match credentials {
+        Some(_) => match loaded.config.auth.credential(&loaded.origin) {
+            Ok(auth) => Some(auth),
+            Err(error) => {
+                tracing::warn!("config not reloaded, keeping the policy in force: {error}");
+                return;
+            }
+        },
+        None => None,
+    };
     match loaded.config.policy(&loaded.origin) {
         Ok(new) => {
             policy.store(new);
+            if let (Some(credentials), Some(auth)) = (credentials, auth) {
+                credentials
+                    .store(auth.map(|(username, password)| Credentials { username, password }));
+            }
             tracing::info!(file = %loaded.origin, "policy reloaded");
         }
         Err(error) => {

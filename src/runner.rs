@@ -39,7 +39,7 @@ use crate::env::CaFiles;
 use crate::hints::Fixes;
 use crate::resolve::{Resolve, SystemResolver};
 use crate::transport::mitm::{CaError, CertificateAuthority, Interceptor, DEFAULT_LEAF_CACHE_SIZE};
-use crate::transport::{self, Credentials, Limits, ProxyService, Shutdown};
+use crate::transport::{self, Credentials, Limits, LiveCredentials, ProxyService, Shutdown};
 use crate::upstream::UpstreamProxies;
 
 /// A type-erased approver.
@@ -591,13 +591,14 @@ where
             }
             None => None,
         };
+        let credentials = LiveCredentials::new(self.credentials.clone());
         let settings = transport::http1::Settings {
             policy: self.policy.clone(),
             interceptor,
             violations: self.violation_layer(),
             own: self.own.clone(),
             limits: self.limits,
-            credentials: self.credentials.clone(),
+            credentials: credentials.clone(),
         };
         tokio::spawn(transport::http1::serve(
             http,
@@ -612,7 +613,7 @@ where
                 policy: self.policy.clone(),
                 violations: self.violation_layer(),
                 limits: self.limits,
-                credentials: self.credentials.clone(),
+                credentials: credentials.clone(),
             };
             tokio::spawn(transport::socks5::serve(
                 socks,
@@ -631,7 +632,7 @@ where
             violations: self.violations.ring().clone(),
             policy: self.policy,
             ca_files,
-            credentials: self.credentials,
+            credentials,
             all_proxy_socks: self.all_proxy_socks,
         })
     }
@@ -646,7 +647,7 @@ pub struct ProxyHandle {
     metrics_addr: Option<SocketAddr>,
     shutdown: Shutdown,
     ca_files: Option<CaFiles>,
-    credentials: Option<Credentials>,
+    credentials: LiveCredentials,
     all_proxy_socks: bool,
     violations: ViolationRing,
     policy: PolicyHandle,
@@ -680,9 +681,9 @@ impl ProxyHandle {
 
     /// The environment a child process needs to use this proxy.
     pub fn child_env(&self) -> Vec<(String, String)> {
-        let credentials = self
-            .credentials
-            .as_ref()
+        let current = self.credentials.current();
+        let credentials = current
+            .as_deref()
             .map(|c| (c.username.as_str(), c.password.as_str()));
         crate::env::proxy_env(&crate::env::ProxyEnv {
             http: self.http_addr,
@@ -691,6 +692,19 @@ impl ProxyHandle {
             credentials,
             all_proxy_socks: self.all_proxy_socks,
         })
+    }
+
+    /// Changes the credential clients must present (`None`: none), from
+    /// the next SOCKS5 connection and the next HTTP request on. Tunnels and
+    /// connections already authenticated are not cut.
+    pub fn set_credentials(&self, credentials: Option<(String, String)>) {
+        self.credentials
+            .store(credentials.map(|(username, password)| Credentials { username, password }));
+    }
+
+    /// The credential handle itself, for the reloader.
+    pub(crate) fn live_credentials(&self) -> LiveCredentials {
+        self.credentials.clone()
     }
 
     /// Stops accepting, lets connections and tunnels finish for up to

@@ -142,6 +142,29 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
+/// The credential clients must present, read per connection (SOCKS5) or
+/// per request (HTTP/1), so a reload of `[auth]` changes the next one.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct LiveCredentials(Arc<arc_swap::ArcSwapOption<Credentials>>);
+
+impl LiveCredentials {
+    pub(crate) fn new(credentials: Option<Credentials>) -> LiveCredentials {
+        LiveCredentials(Arc::new(arc_swap::ArcSwapOption::from(
+            credentials.map(Arc::new),
+        )))
+    }
+
+    /// The credential in force now.
+    pub(crate) fn current(&self) -> Option<Arc<Credentials>> {
+        self.0.load_full()
+    }
+
+    /// Replaces the credential for the next connection and request.
+    pub(crate) fn store(&self, credentials: Option<Credentials>) {
+        self.0.store(credentials.map(Arc::new));
+    }
+}
+
 impl Credentials {
     /// Whether `username` and `password` are these, compared without an
     /// early exit.

@@ -36,7 +36,7 @@ use crate::connector::{OwnListeners, UpstreamConnection};
 use crate::transport::mitm::{self, Interceptor};
 use crate::transport::{
     accept_loop, call_stack, insert_model, splice, unix, Credentials, DrainGuard, Limits,
-    ProxyService, ShutdownSignal,
+    LiveCredentials, ProxyService, ShutdownSignal,
 };
 
 /// What the HTTP/1 listener needs besides the stack.
@@ -53,7 +53,7 @@ pub(crate) struct Settings {
     /// Head size and count, timeouts.
     pub(crate) limits: Limits,
     /// When set, every request must carry them in `Proxy-Authorization`.
-    pub(crate) credentials: Option<Credentials>,
+    pub(crate) credentials: LiveCredentials,
 }
 
 /// Accepts connections until shutdown, serving each on its own task.
@@ -135,8 +135,8 @@ async fn route(
     drain: DrainGuard,
     settings: Arc<Settings>,
 ) -> Result<Response<Body>, Response<Body>> {
-    if let Some(credentials) = &settings.credentials {
-        if !authorized(&request, credentials) {
+    if let Some(credentials) = settings.credentials.current() {
+        if !authorized(&request, &credentials) {
             return Err(rescue::authentication_required());
         }
     }

@@ -28,7 +28,7 @@ use portcullis_middleware::{
 
 use crate::connector::UpstreamConnection;
 use crate::transport::{
-    accept_loop, call_stack, splice, synthesized_connect, Credentials, DrainGuard, Limits,
+    accept_loop, call_stack, splice, synthesized_connect, DrainGuard, Limits, LiveCredentials,
     ProxyService, ShutdownSignal,
 };
 use request::{Command, Replay};
@@ -51,17 +51,14 @@ pub(crate) struct Settings {
     pub(crate) limits: Limits,
     /// When set, clients must authenticate with this username and password
     /// (RFC 1929) and no-auth is refused.
-    pub(crate) credentials: Option<Credentials>,
+    pub(crate) credentials: LiveCredentials,
 }
 
 impl std::fmt::Debug for Settings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Settings")
             .field("udp", &self.udp)
-            .field(
-                "credentials",
-                &self.credentials.as_ref().map(|_| "<redacted>"),
-            )
+            .field("credentials", &self.credentials)
             .finish()
     }
 }
@@ -169,7 +166,9 @@ async fn handle(
         let password = [StandardAuthentication::PasswordAuthentication(
             PasswordAuthentication,
         )];
-        let methods: &[StandardAuthentication] = if settings.credentials.is_some() {
+        // The credential in force when this client connected.
+        let credentials = settings.credentials.current();
+        let methods: &[StandardAuthentication] = if credentials.is_some() {
             &password
         } else {
             &no_auth
@@ -181,8 +180,7 @@ async fn handle(
             StandardAuthenticationStarted::NoAuthentication(auth) => auth.into_inner(),
             StandardAuthenticationStarted::PasswordAuthentication(auth) => {
                 let (user, pass, auth) = auth.read_username_password().await?;
-                let accepted = settings
-                    .credentials
+                let accepted = credentials
                     .as_ref()
                     .is_some_and(|expected| expected.accept(&user, &pass));
                 if !accepted {
