@@ -54,8 +54,10 @@ type Composed<O, I> = <DefaultStack<BoxApprover, O, I> as Layer<Connector>>::Ser
 #[non_exhaustive]
 pub enum StartError {
     /// A listener could not be bound.
-    #[error("cannot listen on {address}: {source}")]
+    #[error("cannot listen on {address} (the {listener} listener): {source}{}", bind_hint(*listener, source))]
     Bind {
+        /// Which listener: `HTTP`, `SOCKS5` or `metrics`.
+        listener: &'static str,
         /// The address.
         address: SocketAddr,
         /// The error.
@@ -70,6 +72,18 @@ pub enum StartError {
     /// The metrics listener is not on loopback.
     #[error("[metrics] listen: {0}")]
     Metrics(String),
+}
+
+/// What to change when a listener's address is taken.
+fn bind_hint(listener: &str, error: &std::io::Error) -> &'static str {
+    if error.kind() != std::io::ErrorKind::AddrInUse {
+        return "";
+    }
+    match listener {
+        "HTTP" => "; another program holds it: pick another (--http 127.0.0.1:0 for any free port, or network.proxy_url)",
+        "SOCKS5" => "; another program holds it: pick another (--socks 127.0.0.1:0 for any free port, network.socks_url, or --no-socks)",
+        _ => "; another program holds it: pick another address for [metrics] listen",
+    }
 }
 
 /// Builds and starts a proxy; see the [module docs](self).
@@ -537,6 +551,7 @@ where
         let http = TcpListener::bind(http_addr)
             .await
             .map_err(|source| StartError::Bind {
+                listener: "HTTP",
                 address: http_addr,
                 source,
             })?;
@@ -546,7 +561,27 @@ where
                 Some(
                     TcpListener::bind(address)
                         .await
-                        .map_err(|source| StartError::Bind { address, source })?,
+                        .map_err(|source| StartError::Bind {
+                            listener: "SOCKS5",
+                            address,
+                            source,
+                        })?,
+                )
+            }
+            None => None,
+        };
+        let metrics = match self.metrics_addr {
+            Some(address) => {
+                let address =
+                    crate::metrics::check_address(address).map_err(StartError::Metrics)?;
+                Some(
+                    TcpListener::bind(address)
+                        .await
+                        .map_err(|source| StartError::Bind {
+                            listener: "metrics",
+                            address,
+                            source,
+                        })?,
                 )
             }
             None => None,
@@ -554,7 +589,12 @@ where
         let local = |listener: &TcpListener, fallback| listener.local_addr().unwrap_or(fallback);
         let http_addr = local(&http, http_addr);
         let socks_addr = socks.as_ref().map(|l| local(l, http_addr));
-        let listening: Vec<SocketAddr> = std::iter::once(http_addr).chain(socks_addr).collect();
+        let metrics_addr = metrics.as_ref().map(|l| local(l, http_addr));
+        // Every listener is never a destination, the metrics one included.
+        let listening: Vec<SocketAddr> = std::iter::once(http_addr)
+            .chain(socks_addr)
+            .chain(metrics_addr)
+            .collect();
         self.own = OwnListeners::new(&listening);
         let service = self.build_service()?;
         let ca_files = match &self.mitm {
@@ -569,14 +609,8 @@ where
             ))
         });
         let shutdown = Shutdown::new();
-        let metrics_addr = match self.metrics_addr {
-            Some(address) => {
-                let address =
-                    crate::metrics::check_address(address).map_err(StartError::Metrics)?;
-                let listener = TcpListener::bind(address)
-                    .await
-                    .map_err(|source| StartError::Bind { address, source })?;
-                let bound = local(&listener, address);
+        if let Some(listener) = metrics {
+            {
                 // The layer holds the approver, which is Send but not Sync.
                 let approval = std::sync::Mutex::new(self.approval.clone());
                 let pending = Arc::new(move || {
@@ -587,10 +621,8 @@ where
                         .unwrap_or(0)
                 });
                 tokio::spawn(crate::metrics::serve(listener, pending, shutdown.signal()));
-                Some(bound)
             }
-            None => None,
-        };
+        }
         let credentials = LiveCredentials::new(self.credentials.clone());
         let settings = transport::http1::Settings {
             policy: self.policy.clone(),

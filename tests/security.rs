@@ -343,18 +343,22 @@ async fn no_network_byte_forges_a_log_line_at_any_level() {
 #[tokio::test]
 async fn no_loop_into_ourselves_on_any_path() {
     // Everything allowed, local addresses too: only the loop guard stands.
-    let proxy = proxy(
+    // The metrics listener is one of ours like the others.
+    let proxy = proxy_with(
         NetworkPolicy::builder()
             .allow("*")
             .unwrap()
-            .allow_local_binding(true),
+            .allow_local_binding(true)
+            .build(),
         &[("self.test", "127.0.0.1".parse().unwrap())],
+        |b| b.metrics_addr(Some("127.0.0.1:0".parse().unwrap())),
     )
     .await;
     let http_port = proxy.handle.http_addr().port();
     let socks_port = proxy.socks_addr().port();
+    let metrics_port = proxy.handle.metrics_addr().unwrap().port();
     let mut cases = 0;
-    for port in [http_port, socks_port] {
+    for port in [http_port, socks_port, metrics_port] {
         for host in [
             "127.0.0.1",
             "127.0.0.2",
@@ -412,11 +416,13 @@ async fn chaining_never_loops() {
         &format!("http://{}/x", origin.addr),
     ])
     .await;
-    let (status, _, body) = parse_response(&out.stdout);
-    assert_eq!(status, 502, "{}", out.stdout);
-    assert!(body.contains("this proxy itself"), "{body}");
+    let (status, headers, body) = parse_response(&out.stdout);
+    assert_eq!(status, 403, "{}", out.stdout);
+    assert_eq!(headers["x-proxy-error"], "blocked-by-loop-guard");
+    assert!(body.contains("portcullis itself"), "{body}");
     let out = curl(&[
         "-p",
+        "-i",
         "-x",
         &looped.http_url(),
         &format!("http://{}/x", origin.addr),
@@ -426,6 +432,11 @@ async fn chaining_never_loops() {
         out.code,
         Some(0),
         "CONNECT through ourselves is refused too"
+    );
+    assert!(
+        out.stdout.starts_with("HTTP/1.1 403") && out.stdout.contains("blocked-by-loop-guard"),
+        "{}",
+        out.stdout
     );
 
     // Two proxies chained to each other: the Via guard ends it on the first round.
@@ -467,7 +478,18 @@ async fn chaining_never_loops() {
     ])
     .await;
     assert_ne!(out.code, Some(0), "{}", out.stdout);
-    assert_eq!(a.ring.total(), 2, "the CONNECT came round once too");
+    // B's answer carries A's loop refusal back to A, which refuses as a loop.
+    assert!(
+        out.stdout.starts_with("HTTP/1.1 403") && out.stdout.contains("blocked-by-loop-guard"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(
+        a.ring.total(),
+        3,
+        "the CONNECT came round, then came back refused"
+    );
+    assert_eq!(b.ring.total(), 1, "B passed A's loop refusal on as a loop");
 }
 
 #[tokio::test]

@@ -42,8 +42,14 @@ pub(crate) struct Dialer {
 #[derive(Debug, Clone)]
 pub(crate) struct OwnListeners {
     ports: Arc<[u16]>,
-    /// The host's interface addresses, read when the listeners were bound.
+    /// The listeners' own addresses and the host's interface addresses,
+    /// read when the listeners were bound.
     interfaces: Arc<[IpAddr]>,
+    /// Reads the host's interface addresses now: an address added after
+    /// the start (a VPN, DHCP, a container bridge) reaches a listener on
+    /// `0.0.0.0` too, so a destination on one of our ports that is not in
+    /// `interfaces` is looked up again before it is dialled.
+    read_interfaces: fn() -> Vec<IpAddr>,
     /// This proxy's name in `Via` headers sent to upstream proxies; a
     /// request arriving with it has come round a loop.
     token: Arc<str>,
@@ -62,31 +68,39 @@ fn instance_token() -> Arc<str> {
     format!("portcullis-{random:016x}").into()
 }
 
+/// The host's interface addresses now (empty when they cannot be read).
+fn host_interfaces() -> Vec<IpAddr> {
+    let mut interfaces = Vec::new();
+    if let Ok(found) = nix::ifaddrs::getifaddrs() {
+        for interface in found {
+            let address = interface.address.as_ref();
+            if let Some(v4) = address.and_then(|a| a.as_sockaddr_in()) {
+                interfaces.push(IpAddr::V4(v4.ip()));
+            }
+            if let Some(v6) = address.and_then(|a| a.as_sockaddr_in6()) {
+                interfaces.push(IpAddr::V6(v6.ip()));
+            }
+        }
+    }
+    interfaces
+}
+
 impl OwnListeners {
     /// The listeners bound at `addresses`.
     pub(crate) fn new(addresses: &[SocketAddr]) -> OwnListeners {
-        if addresses.is_empty() {
-            return OwnListeners {
-                ports: Arc::new([]),
-                interfaces: Arc::new([]),
-                token: instance_token(),
-            };
-        }
+        OwnListeners::reading(addresses, host_interfaces)
+    }
+
+    /// The same, reading interface addresses with `read_interfaces`.
+    fn reading(addresses: &[SocketAddr], read_interfaces: fn() -> Vec<IpAddr>) -> OwnListeners {
         let mut interfaces: Vec<IpAddr> = addresses.iter().map(SocketAddr::ip).collect();
-        if let Ok(found) = nix::ifaddrs::getifaddrs() {
-            for interface in found {
-                let address = interface.address.as_ref();
-                if let Some(v4) = address.and_then(|a| a.as_sockaddr_in()) {
-                    interfaces.push(IpAddr::V4(v4.ip()));
-                }
-                if let Some(v6) = address.and_then(|a| a.as_sockaddr_in6()) {
-                    interfaces.push(IpAddr::V6(v6.ip()));
-                }
-            }
+        if !addresses.is_empty() {
+            interfaces.extend(read_interfaces());
         }
         OwnListeners {
             ports: addresses.iter().map(SocketAddr::port).collect(),
             interfaces: interfaces.into(),
+            read_interfaces,
             token: instance_token(),
         }
     }
@@ -103,11 +117,19 @@ impl OwnListeners {
             .any(|hop| hop.split_whitespace().nth(1) == Some(&*self.token))
     }
 
-    /// Whether dialling `address` would reach one of our listeners.
+    /// Whether dialling `address` would reach one of our listeners. Only a
+    /// destination on one of our ports costs a look at the interfaces.
     pub(crate) fn reaches(&self, address: SocketAddr) -> bool {
+        if !self.ports.contains(&address.port()) {
+            return false;
+        }
         let ip = canonical_ip(address.ip());
-        self.ports.contains(&address.port())
-            && (ip.is_loopback() || ip.is_unspecified() || self.interfaces.contains(&ip))
+        ip.is_loopback()
+            || ip.is_unspecified()
+            || self.interfaces.contains(&ip)
+            || (self.read_interfaces)()
+                .into_iter()
+                .any(|found| canonical_ip(found) == ip)
     }
 }
 
@@ -289,6 +311,36 @@ mod tests {
     use crate::resolve::ResolveFuture;
     use portcullis_middleware::{find_blocked, NetworkPolicy, ProxyErrorRef, Reason};
     use std::net::IpAddr;
+
+    static ADDED_LATER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+    /// The host's interfaces: 192.0.2.7, and 198.51.100.77 once "added".
+    fn changing_interfaces() -> Vec<IpAddr> {
+        let mut found = vec!["192.0.2.7".parse().unwrap()];
+        if ADDED_LATER.load(std::sync::atomic::Ordering::SeqCst) {
+            found.push("198.51.100.77".parse().unwrap());
+        }
+        found
+    }
+
+    #[test]
+    fn an_interface_address_added_after_the_start_is_still_us() {
+        let own = OwnListeners::reading(&["0.0.0.0:3128".parse().unwrap()], changing_interfaces);
+        assert!(own.reaches("192.0.2.7:3128".parse().unwrap()));
+        assert!(own.reaches("[::ffff:127.0.0.1]:3128".parse().unwrap()));
+        assert!(!own.reaches("198.51.100.77:3128".parse().unwrap()));
+        ADDED_LATER.store(true, std::sync::atomic::Ordering::SeqCst);
+        // A VPN or DHCP address that appeared after the listeners were bound.
+        assert!(own.reaches("198.51.100.77:3128".parse().unwrap()));
+        assert!(
+            !own.reaches("198.51.100.77:3129".parse().unwrap()),
+            "another port"
+        );
+        assert!(
+            !own.reaches("198.51.100.78:3128".parse().unwrap()),
+            "another host"
+        );
+    }
 
     /// A resolver answering from a fixed table; `slow.test` never answers.
     fn stub(name: &str) -> ResolveFuture {

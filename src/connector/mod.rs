@@ -155,20 +155,23 @@ impl Service<Uri> for VettedConnector {
                     .map_err(invalid)?,
             };
             let target = Target::host(host.clone(), port);
+            // The pool sees only a URI: `relabel` gives a refusal made here
+            // the request's own protocol and method.
+            let refusing = Refusing {
+                target: &target,
+                protocol: Protocol::Http,
+                method: &Method::GET,
+            };
             let (io, proxied) = match upstream.as_ref().and_then(|u| u.for_uri(&uri)) {
                 Some(intercept) if uri.scheme_str() == Some("https") => (
-                    upstream::tunnel(&intercept, &target, &dialer, &[]).await?,
+                    upstream::tunnel(&intercept, refusing, &dialer, &[]).await?,
                     false,
                 ),
-                Some(intercept) => (upstream::connect_proxy(&intercept, &dialer).await?, true),
-                None => {
-                    let refusing = Refusing {
-                        target: &target,
-                        protocol: Protocol::Http,
-                        method: &Method::GET,
-                    };
-                    (dialer.connect(&host, port, refusing).await?, false)
-                }
+                Some(intercept) => (
+                    upstream::connect_proxy(&intercept, &dialer, refusing).await?,
+                    true,
+                ),
+                None => (dialer.connect(&host, port, refusing).await?, false),
             };
             Ok(PooledStream {
                 io: TokioIo::new(io),
@@ -260,7 +263,7 @@ impl Connector {
         };
         let stream = match intercept {
             Some(intercept) => {
-                upstream::tunnel(&intercept, &info.target, &self.dialer, &via).await?
+                upstream::tunnel(&intercept, Refusing::from(&info), &self.dialer, &via).await?
             }
             None => {
                 self.dialer

@@ -7,6 +7,7 @@
 //! resolved-address check is the upstream's to make.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::Uri;
@@ -16,9 +17,9 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tower::ServiceExt;
 
-use super::{Dialer, OwnListeners};
+use super::{Dialer, OwnListeners, Refusing};
 use portcullis_middleware::{
-    BadRequest, BoxError, ProxyErrorRef, Target, UpstreamError, UpstreamErrorKind,
+    BadRequest, Blocked, BoxError, ProxyErrorRef, Reason, Source, UpstreamError, UpstreamErrorKind,
 };
 
 /// The upstream proxies to chain to.
@@ -83,29 +84,40 @@ fn proxy_address(intercept: &Intercept) -> Result<String, BoxError> {
 pub(crate) async fn connect_proxy(
     intercept: &Intercept,
     dialer: &Dialer,
+    request: Refusing<'_>,
 ) -> Result<TcpStream, BoxError> {
     let address = proxy_address(intercept)?;
-    Ok(connect_address(&address, dialer.connect_timeout(), dialer.own()).await?)
+    if names_us(&address, dialer.own()).await {
+        return Err(chain_into_self(request, &address));
+    }
+    Ok(connect_address(&address, dialer.connect_timeout()).await?)
 }
 
-async fn connect_address(
-    address: &str,
-    timeout: Duration,
-    own: &OwnListeners,
-) -> Result<TcpStream, UpstreamError> {
-    let what = || format!("upstream proxy {address}");
-    // The proxy's own environment may name the proxy itself: never chain
-    // into ourselves.
-    if let Ok(resolved) = tokio::net::lookup_host(address).await {
-        let resolved: Vec<_> = resolved.collect();
-        if resolved.iter().any(|a| own.reaches(*a)) {
-            return Err(UpstreamError {
-                kind: UpstreamErrorKind::Refused,
-                target: what(),
-                detail: "the upstream proxy is this proxy itself (HTTP_PROXY/HTTPS_PROXY/ALL_PROXY in its environment name it); not chaining into a loop".into(),
-            });
-        }
+/// Whether the upstream proxy's address is one of our own listeners.
+async fn names_us(address: &str, own: &OwnListeners) -> bool {
+    match tokio::net::lookup_host(address).await {
+        Ok(mut resolved) => resolved.any(|a| own.reaches(a)),
+        Err(_) => false,
     }
+}
+
+/// The loop refusal for an upstream proxy that is this proxy itself.
+fn chain_into_self(request: Refusing<'_>, address: &str) -> BoxError {
+    Blocked::new(
+        Reason::Loop,
+        Source::Connector,
+        request.target.clone(),
+        request.protocol,
+        request.method,
+    )
+    .with_rule(Some(format!(
+        "the upstream proxy {address} (HTTP_PROXY/HTTPS_PROXY/ALL_PROXY in portcullis's own environment) is portcullis itself"
+    )))
+    .into()
+}
+
+async fn connect_address(address: &str, timeout: Duration) -> Result<TcpStream, UpstreamError> {
+    let what = || format!("upstream proxy {address}");
     match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
         Ok(Ok(stream)) => {
             let _ = stream.set_nodelay(true);
@@ -124,21 +136,28 @@ async fn connect_address(
 /// CONNECT client (which reads a bounded reply: 8 KiB, 100 headers).
 pub(crate) async fn tunnel(
     intercept: &Intercept,
-    target: &Target,
+    request: Refusing<'_>,
     dialer: &Dialer,
     came_through: &[http::HeaderValue],
 ) -> Result<TcpStream, BoxError> {
+    let target = request.target;
     let timeout = dialer.connect_timeout();
     let address = proxy_address(intercept)?;
-    let own = dialer.own().clone();
+    if names_us(&address, dialer.own()).await {
+        return Err(chain_into_self(request, &address));
+    }
     let via = dialer.own().via();
+    // What the upstream answered, kept so that its loop guard's refusal is
+    // passed on as a loop (hyper-util's error does not carry the answer).
+    let answer = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let recorded = answer.clone();
     let connect = tower::service_fn(move |_: Uri| {
         let address = address.clone();
-        let own = own.clone();
+        let recorded = recorded.clone();
         async move {
-            connect_address(&address, timeout, &own)
+            connect_address(&address, timeout)
                 .await
-                .map(TokioIo::new)
+                .map(|stream| TokioIo::new(Recording::new(stream, recorded)))
         }
     });
     // Earlier hops first, then us: a loop back through us is seen.
@@ -167,7 +186,7 @@ pub(crate) async fn tunnel(
         .into()
     };
     let error = match tokio::time::timeout(timeout, connector.oneshot(destination)).await {
-        Ok(Ok(io)) => return Ok(io.into_inner()),
+        Ok(Ok(io)) => return Ok(io.into_inner().into_inner()),
         Ok(Err(error)) => error,
         Err(_) => {
             return Err(upstream_error(
@@ -188,6 +207,26 @@ pub(crate) async fn tunnel(
         }
         cause = current.source();
     }
+    // The upstream is a portcullis whose loop guard saw us (an A→B→A
+    // chain): the request came round, and that is a loop here too.
+    let came_round = answer
+        .lock()
+        .map(|head| loop_refusal(&head))
+        .unwrap_or(false);
+    if came_round {
+        return Err(Blocked::new(
+            Reason::Loop,
+            Source::Connector,
+            target.clone(),
+            request.protocol,
+            request.method,
+        )
+        .with_rule(Some(format!(
+            "the upstream proxy {} sent the request back here",
+            display(intercept)
+        )))
+        .into());
+    }
     // A refusal (any status but 200, 407 included) or a malformed answer.
     Err(upstream_error(
         UpstreamErrorKind::Refused,
@@ -196,4 +235,82 @@ pub(crate) async fn tunnel(
             display(intercept)
         ),
     ))
+}
+
+/// Whether a CONNECT answer's head is a loop-guard refusal
+/// (`x-proxy-error: blocked-by-loop-guard`).
+fn loop_refusal(head: &[u8]) -> bool {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut response = httparse::Response::new(&mut headers);
+    if response.parse(head).is_err() || response.code != Some(403) {
+        return false;
+    }
+    response.headers.iter().any(|header| {
+        header.name.eq_ignore_ascii_case("x-proxy-error")
+            && header.value.eq_ignore_ascii_case(b"blocked-by-loop-guard")
+    })
+}
+
+/// The most of an upstream's answer kept: the head of a CONNECT answer.
+const RECORDED_MAX: usize = 8 * 1024;
+
+pin_project_lite::pin_project! {
+    /// A stream that keeps a copy of the first bytes it reads.
+    struct Recording {
+        #[pin]
+        stream: TcpStream,
+        recorded: Arc<std::sync::Mutex<Vec<u8>>>,
+    }
+}
+
+impl Recording {
+    fn new(stream: TcpStream, recorded: Arc<std::sync::Mutex<Vec<u8>>>) -> Recording {
+        Recording { stream, recorded }
+    }
+
+    fn into_inner(self) -> TcpStream {
+        self.stream
+    }
+}
+
+impl tokio::io::AsyncRead for Recording {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let polled = this.stream.poll_read(cx, buf);
+        if let Ok(mut recorded) = this.recorded.lock() {
+            let fresh = &buf.filled()[before..];
+            let room = RECORDED_MAX.saturating_sub(recorded.len());
+            recorded.extend_from_slice(&fresh[..fresh.len().min(room)]);
+        }
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for Recording {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.project().stream.poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.project().stream.poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.project().stream.poll_shutdown(cx)
+    }
 }
