@@ -54,7 +54,10 @@ type Composed<O, I> = <DefaultStack<BoxApprover, O, I> as Layer<Connector>>::Ser
 #[non_exhaustive]
 pub enum StartError {
     /// A listener could not be bound.
-    #[error("cannot listen on {address} (the {listener} listener): {source}{}", bind_hint(*listener, source))]
+    #[error(
+        "cannot listen on {address} (the {listener} listener): {source}{}",
+        bind_hint(listener, source)
+    )]
     Bind {
         /// Which listener: `HTTP`, `SOCKS5` or `metrics`.
         listener: &'static str,

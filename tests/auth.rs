@@ -1,7 +1,7 @@
 //! `[auth]` for `serve`: every listener asks for the configured credential
 //! (HTTP 407 with `Proxy-Authenticate`, SOCKS5 RFC 1929 only), and a reload
 //! of the file changes it.
-#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 
