@@ -1,7 +1,9 @@
 //! The `portcullis` command line: `serve` (default), `run`, `check`.
 //!
 //! Exit codes: 64 for bad usage or configuration (one line on stderr),
-//! 69 when the proxy cannot start; `check` exits 0 allow / 1 deny / 2 ask;
+//! 69 when the proxy cannot start; `check` exits 0 allow / 1 deny / 2 ask /
+//! 3 allowed but unresolvable (several targets: deny, then ask, then
+//! unresolvable wins);
 //! `run` exits with the child's status (128 + N when a signal N ended it).
 
 use std::ffi::OsString;
@@ -164,8 +166,13 @@ struct CheckArgs {
     /// https:// and host:port targets are CONNECTs.
     #[arg(long, value_name = "METHOD")]
     method: Option<String>,
-    /// A URL (http://host/…, https://host/…) or host:port.
-    target: String,
+    /// One object per target, a line each (`target`, `decision`, `reason`,
+    /// `rule`, `message`), instead of text.
+    #[arg(long)]
+    json: bool,
+    /// URLs (http://host/…, https://host/…) or host:port, one or more.
+    #[arg(required = true, value_name = "TARGET")]
+    targets: Vec<String>,
 }
 
 /// A configuration merged from every source, with where it came from.
@@ -942,13 +949,73 @@ pub(crate) async fn wait_forwarding_signals(
     }
 }
 
+/// `check`'s answer for one target.
+#[derive(Debug, serde::Serialize)]
+struct Verdict {
+    target: String,
+    /// allow, deny, ask, unresolvable (allowed, but the name does not
+    /// resolve, so a live request would fail), or error (exit 1).
+    decision: &'static str,
+    reason: Option<String>,
+    rule: Option<String>,
+    message: Option<String>,
+}
+
+impl Verdict {
+    /// The exit code of this verdict alone.
+    fn code(&self) -> u8 {
+        match self.decision {
+            "allow" => CHECK_ALLOW,
+            "ask" => CHECK_ASK,
+            "unresolvable" => CHECK_UNRESOLVABLE,
+            _ => CHECK_DENY,
+        }
+    }
+
+    fn text(&self) -> String {
+        let mut text = format!("{} {}", self.decision, self.target);
+        for (name, value) in [
+            ("reason", &self.reason),
+            ("rule", &self.rule),
+            ("message", &self.message),
+        ] {
+            if let Some(value) = value {
+                text.push_str(&format!("\n{name}: {value}"));
+            }
+        }
+        text
+    }
+}
+
+/// `check`'s exit codes: every target allowed.
+const CHECK_ALLOW: u8 = 0;
+/// A target is denied.
+const CHECK_DENY: u8 = 1;
+/// A target would be asked (and none is denied).
+const CHECK_ASK: u8 = 2;
+/// A target is allowed but its name does not resolve (and none is denied
+/// or asked).
+const CHECK_UNRESOLVABLE: u8 = 3;
+
+/// Several targets: deny wins, then ask, then unresolvable.
+fn combined_code(verdicts: &[Verdict]) -> u8 {
+    let codes: Vec<u8> = verdicts.iter().map(Verdict::code).collect();
+    [CHECK_DENY, CHECK_ASK, CHECK_UNRESOLVABLE]
+        .into_iter()
+        .find(|code| codes.contains(code))
+        .unwrap_or(CHECK_ALLOW)
+}
+
 async fn check(args: CheckArgs) -> ExitCode {
     let loaded = match args.options.load() {
         Ok(loaded) => loaded,
         Err(error) => return usage_error(&error),
     };
     let Prepared {
-        builder, approver, ..
+        builder,
+        approver,
+        rules,
+        ..
     } = match loaded.builder() {
         Ok(prepared) => prepared,
         Err(error) => return usage_error(&error),
@@ -957,57 +1024,139 @@ async fn check(args: CheckArgs) -> ExitCode {
     // request inside the tunnel, decided as the proxy will decide it.
     let network = &loaded.config.network;
     let intercepted = network.mitm && network.mode == Mode::Limited;
-    let request = match check_request(&args.target, args.method.as_deref(), intercepted) {
-        Ok(request) => request,
-        Err(error) => {
-            return usage_error(&format!(
-                "invalid target {:?}: {error} (use a URL or host:port)",
-                args.target
-            ))
+    // Every target is parsed before any is decided: a typo is a usage error.
+    let mut requests = Vec::with_capacity(args.targets.len());
+    for target in &args.targets {
+        match check_request(target, args.method.as_deref(), intercepted) {
+            Ok(request) => requests.push(request),
+            Err(error) => {
+                return usage_error(&format!(
+                    "invalid target {target:?}: {error} (use a URL or host:port)"
+                ))
+            }
         }
-    };
-    let Some(target) = request.extensions().get::<Target>().cloned() else {
-        return usage_error(&"the target could not be parsed");
-    };
-    // The decision is the stack's; the allowlist is read again only to
-    // name the entry that allowed it.
-    let decision = crate::transport::call_stack(builder.decision_service(), request).await;
-    let (text, code) = match decision {
-        Ok(_) => {
-            let rule = match loaded
-                .config
-                .policy(&loaded.origin)
-                .map(|p| p.decide(&target))
-            {
-                Ok(Decision::Allow { rule }) => rule,
-                _ => "allow_local_binding".to_owned(),
-            };
-            (format!("allow {target}\nrule: {rule}"), 0)
+    }
+    let policy = loaded.config.policy(&loaded.origin).ok();
+    let service = builder.decision_service();
+    let mut verdicts = Vec::with_capacity(requests.len());
+    for request in requests {
+        let (Some(target), Some(protocol)) = (
+            request.extensions().get::<Target>().cloned(),
+            request.extensions().get::<Protocol>().copied(),
+        ) else {
+            return usage_error(&"the target could not be parsed");
+        };
+        // The decision is the stack's; the allowlist and the rules file are
+        // read again only to name the entry that allowed it.
+        let decision = crate::transport::call_stack(service.clone(), request).await;
+        let verdict = match decision {
+            Ok(_) => Verdict {
+                decision: "allow",
+                rule: Some(allowing_rule(
+                    policy.as_ref(),
+                    rules.as_ref(),
+                    &target,
+                    protocol,
+                )),
+                target: target.to_string(),
+                reason: None,
+                message: None,
+            },
+            Err(error) => match find_blocked(error.as_ref()) {
+                Some(blocked) if blocked.decision == BlockDecision::Ask => Verdict {
+                    target: target.to_string(),
+                    decision: "ask",
+                    reason: Some(blocked.reason.to_string()),
+                    rule: None,
+                    message: Some(format!(
+                        "no allowlist entry or persisted rule answers; {} would be asked",
+                        approver.as_deref().unwrap_or("the approver"),
+                    )),
+                },
+                Some(blocked) => Verdict {
+                    target: target.to_string(),
+                    decision: "deny",
+                    reason: Some(blocked.reason.to_string()),
+                    rule: Some(blocked.rule.clone().unwrap_or_else(|| "none".into())),
+                    message: Some(blocked.message.clone()),
+                },
+                None if !unresolvable(error.as_ref()) => Verdict {
+                    target: target.to_string(),
+                    decision: "error",
+                    reason: None,
+                    rule: None,
+                    message: Some(error.to_string()),
+                },
+                None => Verdict {
+                    target: target.to_string(),
+                    decision: "unresolvable",
+                    reason: Some("unresolvable".into()),
+                    rule: Some(allowing_rule(
+                        policy.as_ref(),
+                        rules.as_ref(),
+                        &target,
+                        protocol,
+                    )),
+                    message: Some(format!(
+                        "the policy allows it, but a live request would fail: {error}"
+                    )),
+                },
+            },
+        };
+        verdicts.push(verdict);
+    }
+    let mut stdout = std::io::stdout().lock();
+    for (index, verdict) in verdicts.iter().enumerate() {
+        let line = if args.json {
+            serde_json::to_string(verdict).unwrap_or_default()
+        } else if index + 1 < verdicts.len() {
+            format!("{}\n", verdict.text())
+        } else {
+            verdict.text()
+        };
+        let _ = writeln!(stdout, "{line}");
+    }
+    ExitCode::from(combined_code(&verdicts))
+}
+
+/// Whether a decision failed only because the name does not resolve (or
+/// its lookup timed out).
+fn unresolvable(error: &(dyn std::error::Error + 'static)) -> bool {
+    matches!(
+        portcullis_middleware::ProxyErrorRef::find(error),
+        Some(portcullis_middleware::ProxyErrorRef::Upstream(upstream))
+            if matches!(
+                upstream.kind,
+                portcullis_middleware::UpstreamErrorKind::Unresolved
+                    | portcullis_middleware::UpstreamErrorKind::TimedOut
+            )
+    )
+}
+
+/// The entry that let `target` through: an allowlist entry, else the
+/// persisted rule (named with its file).
+fn allowing_rule(
+    policy: Option<&portcullis_middleware::NetworkPolicy>,
+    rules: Option<&RulesFile>,
+    target: &Target,
+    protocol: Protocol,
+) -> String {
+    if let Some(Decision::Allow { rule }) = policy.map(|p| p.decide(target)) {
+        return rule;
+    }
+    if let (Some(rules), Target::Host { host, port }) = (rules, target) {
+        let key = portcullis_middleware::ApprovalKey {
+            host: host.clone(),
+            protocol,
+            port: *port,
+        };
+        if let Some((portcullis_middleware::RuleDecision::Allow, name)) =
+            portcullis_middleware::RuleBook::lookup(rules, &key)
+        {
+            return name;
         }
-        Err(error) => match find_blocked(error.as_ref()) {
-            Some(blocked) if blocked.decision == BlockDecision::Ask => (
-                format!(
-                    "ask {target}\nreason: {}\napprover: {}\nmessage: no allowlist entry or persisted rule answers; {} would be asked",
-                    blocked.reason,
-                    approver.as_deref().unwrap_or("none"),
-                    approver.as_deref().unwrap_or("the approver"),
-                ),
-                2,
-            ),
-            Some(blocked) => (
-                format!(
-                    "deny {target}\nreason: {}\nrule: {}\nmessage: {}",
-                    blocked.reason,
-                    blocked.rule.as_deref().unwrap_or("none"),
-                    blocked.message
-                ),
-                1,
-            ),
-            None => (format!("unreachable {target}\nerror: {error}"), 1),
-        },
-    };
-    let _ = writeln!(std::io::stdout(), "{text}");
-    ExitCode::from(code)
+    }
+    "none named (allowed without a list entry)".to_owned()
 }
 
 /// The request a live client would send for `target`: an absolute-form

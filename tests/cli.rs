@@ -998,3 +998,97 @@ async fn portcullis_variables_without_a_table_are_not_configuration() {
     assert_eq!(code, Some(64));
     assert!(stderr.contains("did you mean network.mode?"), "{stderr}");
 }
+
+#[tokio::test]
+async fn check_takes_several_targets_speaks_json_and_names_persisted_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(
+        &rules,
+        "[[rule]]\nhost = \"**.example.org\"\nprotocol = \"https_connect\"\nport = 443\ndecision = \"allow\"\n",
+    )
+    .unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[dns]\nhosts = {{ \"gone.test\" = [], \"api.example.org\" = [\"1.2.3.4\"], \"ok.test\" = [\"1.2.3.5\"] }}\n[approval]\nmode = \"prompt\"\nrules_file = {:?}\n",
+            rules.display().to_string()
+        ),
+    )
+    .unwrap();
+    let base = ["check", "--config", config.to_str().unwrap()];
+    // A persisted rule is named with its file, not as allow_local_binding.
+    let (code, stdout, stderr) = output(portcullis().args(base).arg("api.example.org:443")).await;
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("rule: ")
+            && stdout.contains("rules.toml")
+            && stdout.contains("**.example.org"),
+        "{stdout}"
+    );
+    // Allowed but unresolvable has its own exit code.
+    let (code, stdout, _) =
+        output(
+            portcullis()
+                .args(base)
+                .args(["--allow", "gone.test", "gone.test:443"]),
+        )
+        .await;
+    assert_eq!(code, Some(3), "{stdout}");
+    assert!(stdout.starts_with("unresolvable gone.test:443"), "{stdout}");
+    // Several targets, one JSON object each; deny wins the exit code.
+    let (code, stdout, _) = output(portcullis().args(base).args([
+        "--json",
+        "--allow",
+        "gone.test",
+        "--allow",
+        "ok.test",
+        "--deny",
+        "bad.test",
+        "ok.test:443",
+        "gone.test:443",
+        "bad.test:80",
+        "ask.test:443",
+    ]))
+    .await;
+    assert_eq!(code, Some(1), "{stdout}");
+    let verdicts: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let decisions: Vec<&str> = verdicts
+        .iter()
+        .map(|v| v["decision"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        decisions,
+        ["allow", "unresolvable", "deny", "ask"],
+        "{stdout}"
+    );
+    assert_eq!(verdicts[0]["rule"], "allowed_domains: ok.test");
+    assert_eq!(verdicts[2]["reason"], "denied");
+    assert_eq!(verdicts[2]["rule"], "denied_domains: bad.test");
+    assert!(verdicts[2]["message"]
+        .as_str()
+        .unwrap()
+        .contains("bad.test"));
+    assert_eq!(verdicts[3]["reason"], "not_allowed");
+    // Without a deny, ask wins over unresolvable; all allowed is 0.
+    let (code, _, _) = output(portcullis().args(base).args([
+        "--allow",
+        "gone.test",
+        "gone.test:443",
+        "ask.test:443",
+    ]))
+    .await;
+    assert_eq!(code, Some(2));
+    let (code, _, _) = output(portcullis().args(base).args([
+        "--allow",
+        "ok.test",
+        "ok.test:443",
+        "api.example.org:443",
+    ]))
+    .await;
+    assert_eq!(code, Some(0));
+}

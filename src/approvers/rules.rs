@@ -25,6 +25,7 @@ use std::sync::{Arc, RwLock};
 
 use serde::Deserialize;
 
+use portcullis_middleware::policy::is_public_suffix;
 use portcullis_middleware::{ApprovalKey, BoxError, Host, Protocol, RuleBook, RuleDecision};
 
 /// A rules file that cannot be used.
@@ -96,25 +97,6 @@ fn protocol(name: &str) -> Option<Protocol> {
     })
 }
 
-/// Labels a public suffix may have: one (`com`), or two when the last is a
-/// two-letter country code and the first a common second level (`co.uk`,
-/// `com.au`). An approximation of the Public Suffix List, on the safe side
-/// for the suffixes people type.
-fn is_public_suffix(name: &str) -> bool {
-    let labels: Vec<&str> = name.split('.').collect();
-    match labels.as_slice() {
-        [_] => true,
-        [second, country] => {
-            country.len() == 2
-                && matches!(
-                    *second,
-                    "co" | "com" | "net" | "org" | "gov" | "ac" | "edu" | "ne" | "or" | "go"
-                )
-        }
-        _ => false,
-    }
-}
-
 fn host_rule(host: &str) -> Result<HostRule, String> {
     let (name, apex) = if let Some(rest) = host.strip_prefix("**.") {
         (rest, true)
@@ -133,7 +115,7 @@ fn host_rule(host: &str) -> Result<HostRule, String> {
     match Host::parse(name) {
         Ok(Host::Name(name)) if !is_public_suffix(&name) => Ok(HostRule::Below { name, apex }),
         Ok(Host::Name(_)) => Err(format!(
-            "host {host:?} is broader than one registrable domain; name the domain (*.example.com)"
+            "host {host:?} is broader than one registrable domain ({name:?} is a public suffix: anyone can register below it); name the domain (*.example.com, *.me.github.io)"
         )),
         Ok(Host::Ip(_)) => Err(format!("host {host:?}: an IP address takes no wildcard")),
         Err(e) => Err(format!("host {host:?}: {e}")),
@@ -388,6 +370,14 @@ decision = "deny"
             ("*", "http", "allow"),
             ("*.com", "http", "allow"),
             ("**.co.uk", "http", "allow"),
+            ("*.github.io", "http", "allow"),
+            ("*.s3.amazonaws.com", "https_connect", "allow"),
+            ("**.herokuapp.com", "http", "allow"),
+            ("*.workers.dev", "http", "allow"),
+            ("*.vercel.app", "http", "allow"),
+            ("*.ngrok.io", "http", "allow"),
+            ("*.me.uk", "http", "allow"),
+            ("*.k12.ca.us", "http", "allow"),
             ("a*.example.com", "http", "allow"),
             ("example.com", "ftp", "allow"),
             ("example.com", "http", "maybe"),

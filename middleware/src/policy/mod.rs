@@ -23,6 +23,7 @@
 mod address;
 mod matcher;
 mod pattern;
+mod suffix;
 
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -35,6 +36,7 @@ use arc_swap::ArcSwap;
 pub use address::{embedded_ipv4, is_local, is_metadata};
 pub use matcher::{MatchKind, PatternSet};
 pub use pattern::{HostPattern, IpNetwork, Pattern, PatternError};
+pub use suffix::is_public_suffix;
 
 use crate::error::Reason;
 use crate::target::{Host, Target};
