@@ -114,13 +114,26 @@ fn bound_strings(value: &mut Value, max: usize) {
     }
 }
 
+/// The reviewer's answer: exactly these four fields, every one required.
+/// Anything else (an extra field such as `"override": true`, a missing
+/// `rationale`, a second object) is not the documented answer and denies.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Verdict {
     decision: String,
     scope: String,
     risk_score: u8,
-    #[serde(default)]
     rationale: String,
+}
+
+/// Reads the reviewer's stdout as the one documented object.
+fn parse_verdict(output: &[u8], by: &str) -> Result<Verdict, BoxError> {
+    serde_json::from_slice(output).map_err(|e| {
+        format!(
+            "{by} did not answer with exactly {{\"decision\", \"scope\", \"risk_score\", \"rationale\"}}: {e}"
+        )
+        .into()
+    })
 }
 
 impl CommandApprover {
@@ -226,11 +239,7 @@ impl CommandApprover {
         if !status.success() {
             return Err(format!("{by} exited with {status}").into());
         }
-        let verdict: Verdict = serde_json::from_slice(&output).map_err(|e| {
-            format!(
-                "{by} did not answer with {{\"decision\", \"scope\", \"risk_score\", \"rationale\"}}: {e}"
-            )
-        })?;
+        let verdict = parse_verdict(&output, &by)?;
         if verdict.risk_score > 100 {
             return Err(format!(
                 "{by} gave a risk score of {}, above 100",
@@ -291,6 +300,29 @@ impl Service<ApprovalRequest> for CommandApprover {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_documented_answer_is_read() {
+        let good = br#"{"decision": "allow", "scope": "once", "risk_score": 5, "rationale": "docs"}"#;
+        assert!(parse_verdict(good, "r").is_ok());
+        for bad in [
+            // An extra field, even a harmless-looking one.
+            r#"{"decision": "allow", "scope": "once", "risk_score": 5, "rationale": "x", "override": true}"#,
+            // No rationale.
+            r#"{"decision": "allow", "scope": "once", "risk_score": 5}"#,
+            // No risk score.
+            r#"{"decision": "allow", "scope": "once", "rationale": "x"}"#,
+            // A field twice.
+            r#"{"decision": "deny", "decision": "allow", "scope": "once", "risk_score": 5, "rationale": "x"}"#,
+            // Two objects.
+            r#"{"decision": "allow", "scope": "once", "risk_score": 5, "rationale": "x"} {}"#,
+            // A wrong type.
+            r#"{"decision": "allow", "scope": "once", "risk_score": "5", "rationale": "x"}"#,
+        ] {
+            let error = parse_verdict(bad.as_bytes(), "./review.sh").unwrap_err();
+            assert!(error.to_string().contains("./review.sh did not answer"), "{bad}: {error}");
+        }
+    }
 
     #[test]
     fn long_strings_are_cut_and_marked() {
