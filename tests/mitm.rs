@@ -588,10 +588,11 @@ async fn git_clones_over_https_in_limited_mode_and_cannot_push() {
         .snapshot()
         .pop()
         .expect("the refusal is recorded");
+    // Refused at its start: `GET …/info/refs?service=git-receive-pack`.
     assert_eq!(last.blocked.reason, Reason::MethodNotAllowed);
-    assert_eq!(last.blocked.method, "POST");
+    assert_eq!(last.blocked.method, "GET");
     assert!(
-        last.blocked.message.contains(&format!("POST {ORIGIN}:")),
+        last.blocked.message.contains(&format!("GET {ORIGIN}:")),
         "{}",
         last.blocked.message
     );
@@ -649,4 +650,197 @@ async fn inner_requests_get_the_same_verdicts_as_every_other_path() {
         }
     }
     println!("{cases} inner-request cases agreed");
+}
+
+/// A body of pkt-lines, as git writes them.
+fn pkt_lines(lines: &[&str]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for line in lines {
+        match *line {
+            "0000" | "0001" => body.extend_from_slice(line.as_bytes()),
+            _ => body.extend_from_slice(format!("{:04x}{line}", line.len() + 4).as_bytes()),
+        }
+    }
+    body
+}
+
+fn gzipped(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(bytes).unwrap();
+    encoder.finish().unwrap()
+}
+
+#[tokio::test]
+async fn writes_dressed_as_git_fetches_and_override_channels_are_refused() {
+    let setup = setup(Mode::Limited, true).await;
+    let (proxy, ca) = (setup.proxy_url(), setup.our_ca());
+    let dir = tempfile::tempdir().unwrap();
+    let git_type = "Content-Type: application/x-git-upload-pack-request";
+    let oid = "0123456789abcdef0123456789abcdef01234567";
+    let fetch = pkt_lines(&[
+        "command=fetch",
+        "agent=git/2.47.3",
+        "0001",
+        &format!("want {oid}\n"),
+        "done\n",
+        "0000",
+    ]);
+    let write = |name: &str, bytes: &[u8]| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        format!("@{}", path.display())
+    };
+    let fetch_file = write("fetch", &fetch);
+    let fetch_gz_file = write("fetch.gz", &gzipped(&fetch));
+    let paste_file = write("paste", b"content=my+secret+paste");
+    let paste_gz_file = write("paste.gz", &gzipped(b"content=my+secret+paste"));
+    let status = |out: &CurlOutput| -> u16 {
+        // The last head: the CONNECT's own 200 comes first.
+        out.stdout
+            .split("\r\n\r\n")
+            .filter(|head| head.starts_with("HTTP/"))
+            .last()
+            .and_then(|head| head.split_whitespace().nth(1))
+            .and_then(|code| code.parse().ok())
+            .unwrap_or(0)
+    };
+    let post = |path: &str, file: &str, gzip: bool| {
+        let mut args = vec![
+            "-i".to_owned(),
+            "--cacert".to_owned(),
+            ca.clone(),
+            "-x".to_owned(),
+            proxy.clone(),
+            "-H".to_owned(),
+            git_type.to_owned(),
+            "--data-binary".to_owned(),
+            file.to_owned(),
+            setup.url(path),
+        ];
+        if gzip {
+            args.splice(0..0, ["-H".to_owned(), "Content-Encoding: gzip".to_owned()]);
+        }
+        args
+    };
+    let run = |args: Vec<String>| async move {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        curl(&args).await
+    };
+    // A real fetch request reaches the origin, plain or gzipped as git sends it.
+    for gzip in [false, true] {
+        let file = if gzip { &fetch_gz_file } else { &fetch_file };
+        let out = run(post("/owner/repo.git/git-upload-pack", file, gzip)).await;
+        assert_eq!(status(&out), 200, "gzip {gzip}: {}", out.stdout);
+        assert!(
+            out.stdout
+                .ends_with("hello POST /owner/repo.git/git-upload-pack"),
+            "{}",
+            out.stdout
+        );
+    }
+    // Anything else posted to a path ending in /git-upload-pack is a write.
+    for (path, file, gzip) in [
+        ("/api/paste/git-upload-pack", &paste_file, false),
+        ("/api/paste/git-upload-pack", &paste_gz_file, true),
+        ("/upload;/git-upload-pack", &fetch_file, false),
+        (
+            "/owner/repo.git/git-upload-pack?next=/upload",
+            &fetch_file,
+            false,
+        ),
+        ("/git-upload-pack", &fetch_file, false),
+    ] {
+        let out = run(post(path, file, gzip)).await;
+        assert_eq!(status(&out), 403, "{path} {file}: {}", out.stdout);
+        assert!(
+            out.stdout.contains("blocked-by-method-policy"),
+            "{}",
+            out.stdout
+        );
+    }
+    let last = setup.ring.snapshot().pop().unwrap();
+    assert_eq!(last.blocked.reason, Reason::MethodNotAllowed);
+    // Override channels and the start of a push.
+    for (path, header) in [
+        ("/repo.git/info/refs?service=git-receive-pack", None),
+        ("/items/1?_method=DELETE", None),
+        ("/items/1", Some("X-Method: DELETE")),
+        ("/items/1", Some("X-Forwarded-Method: PUT")),
+    ] {
+        let mut args = vec!["-i", "--cacert", &ca, "-x", &proxy];
+        if let Some(header) = header {
+            args.extend(["-H", header]);
+        }
+        let url = setup.url(path);
+        args.push(&url);
+        let out = curl(&args).await;
+        assert_eq!(status(&out), 403, "{path} {header:?}: {}", out.stdout);
+    }
+    let out = curl(&[
+        "--cacert",
+        &ca,
+        "-x",
+        &proxy,
+        &setup.url("/repo.git/info/refs?service=git-upload-pack"),
+    ])
+    .await;
+    assert!(
+        out.stdout.starts_with("hello GET"),
+        "the start of a fetch: {}",
+        out.stdout
+    );
+}
+
+#[tokio::test]
+async fn git_clones_a_repository_whose_fetch_request_git_gzips() {
+    let setup = setup(Mode::Limited, true).await;
+    let root = setup.git_root.path();
+    assert!(
+        git(&["init", "-q", "--bare", "many.git"], root, &[])
+            .await
+            .0
+    );
+    // 80 branches on 80 commits: the fetch wants 80 ids, over git's 1 KiB
+    // gzip threshold.
+    let mut stream = String::new();
+    for n in 0..80 {
+        let message = format!("commit {n}\n");
+        stream.push_str(&format!(
+            "commit refs/heads/b{n}\ncommitter t <t@t.test> 1700000000 +0000\ndata {}\n{message}\n",
+            message.len()
+        ));
+    }
+    let mut import = tokio::process::Command::new("git")
+        .args(["fast-import", "--quiet"])
+        .current_dir(root.join("many.git"))
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    import
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stream.as_bytes())
+        .await
+        .unwrap();
+    assert!(import.wait().await.unwrap().success());
+    let work = tempfile::tempdir().unwrap();
+    let (proxy, ca) = (setup.proxy_url(), setup.our_ca());
+    let through = [
+        ("HTTPS_PROXY", proxy.as_str()),
+        ("GIT_SSL_CAINFO", ca.as_str()),
+    ];
+    let url = setup.url("/git/many.git");
+    let (cloned, out) = git(
+        &["clone", "-q", "--mirror", &url, "clone.git"],
+        work.path(),
+        &through,
+    )
+    .await;
+    assert!(cloned, "{out}");
+    let (listed, branches) = git(&["branch", "--list"], &work.path().join("clone.git"), &[]).await;
+    assert!(listed);
+    assert_eq!(branches.lines().count(), 80, "{branches}");
+    assert_eq!(setup.ring.total(), 0, "nothing refused");
 }

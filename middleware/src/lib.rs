@@ -150,6 +150,7 @@
 pub mod approval;
 pub mod error;
 mod future;
+pub mod git;
 pub mod limited_mode;
 pub mod policy;
 pub mod policy_layer;
@@ -169,7 +170,7 @@ pub use error::{
     UpstreamError, UpstreamErrorKind,
 };
 pub use future::ResponseFuture;
-pub use limited_mode::{LimitedMode, LimitedModeLayer};
+pub use limited_mode::{LimitedMode, LimitedModeLayer, VerifyGitFetchBody};
 pub use policy::{
     Decision, Mode, NetworkPolicy, NetworkPolicyBuilder, Pattern, PatternSet, PolicyError,
     PolicyHandle,

@@ -5,13 +5,17 @@
 //!
 //! - any method but `GET`, `HEAD`, `OPTIONS` (compared exactly and case
 //!   sensitively: `get` is not `GET`) — `method_not_allowed`; git's
-//!   smart-HTTP fetch (`POST …/git-upload-pack` with git's content type) is
-//!   a read and passes unless the policy turns that off
+//!   smart-HTTP fetch (`POST <repository>/git-upload-pack` with git's
+//!   content type, no query, and a body the connector checks is an
+//!   upload-pack request: [`VerifyGitFetchBody`]) is a read and passes
+//!   unless the policy turns that off
 //!   ([`limited_allow_git_fetch`](crate::NetworkPolicyBuilder::limited_allow_git_fetch));
 //!   `git-receive-pack` (push) never does;
 //! - method-override headers (`x-http-method-override`, `x-http-method`,
-//!   `x-method-override`, `x-original-method`) and protocol upgrades —
-//!   `method_not_allowed`;
+//!   `x-method-override`, `x-original-method`, `x-method`,
+//!   `x-forwarded-method`), a `_method` query parameter, the start of a
+//!   push (`GET …/info/refs?service=git-receive-pack`) and protocol
+//!   upgrades — `method_not_allowed`;
 //! - a `GET`, `HEAD` or `OPTIONS` that carries a body ([`HasBody`], or a
 //!   non-zero `Content-Length`) — `method_not_allowed`: bodies are how
 //!   writes hide in reads;
@@ -58,12 +62,75 @@ use crate::policy::{Mode, PolicyHandle};
 use crate::request::{HasBody, Intercepted, RequestInfo};
 
 /// Headers that smuggle a different method past a method check.
-pub const METHOD_OVERRIDE_HEADERS: [HeaderName; 4] = [
+pub const METHOD_OVERRIDE_HEADERS: [HeaderName; 6] = [
     HeaderName::from_static("x-http-method-override"),
     HeaderName::from_static("x-http-method"),
     HeaderName::from_static("x-method-override"),
     HeaderName::from_static("x-original-method"),
+    HeaderName::from_static("x-method"),
+    HeaderName::from_static("x-forwarded-method"),
 ];
+
+/// The query parameter web frameworks (Rails, Laravel, Symfony, Express's
+/// method-override) read as the real method.
+const METHOD_OVERRIDE_PARAMETER: &str = "_method";
+
+/// The query's parameters, names and values percent-decoded.
+fn query_parameters(query: &str) -> impl Iterator<Item = (String, String)> + '_ {
+    query.split('&').map(|pair| {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (percent_decoded(name), percent_decoded(value))
+    })
+}
+
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        let escaped = bytes
+            .get(index + 1..index + 3)
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match (bytes[index], escaped) {
+            (b'%', Some(byte)) => {
+                decoded.push(byte);
+                index += 3;
+            }
+            (b'+', _) => {
+                decoded.push(b' ');
+                index += 1;
+            }
+            (byte, _) => {
+                decoded.push(byte);
+                index += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&decoded).into_owned()
+}
+
+/// Whether the query asks for another method (`?_method=DELETE`) or starts
+/// a push (`…/info/refs?service=git-receive-pack`).
+fn query_smuggles_a_write(path: &str, query: Option<&str>) -> bool {
+    let Some(query) = query else {
+        return false;
+    };
+    query_parameters(query).any(|(name, value)| {
+        name.trim().eq_ignore_ascii_case(METHOD_OVERRIDE_PARAMETER)
+            || (name == "service"
+                && value.trim() == crate::git::RECEIVE_PACK
+                && path.ends_with("/info/refs"))
+    })
+}
+
+/// The mark limited mode puts on a git fetch it let through: its body has
+/// not been seen yet. The innermost service must read the body and refuse
+/// the request unless it is an upload-pack request
+/// ([`check_upload_pack_request`](crate::git::check_upload_pack_request))
+/// before anything is sent; portcullis's connector does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VerifyGitFetchBody;
 
 /// Whether a request carries a body: a [`HasBody`] mark from the
 /// transport, or a non-zero `Content-Length`.
@@ -136,12 +203,15 @@ pub fn is_read_only(method: &Method) -> bool {
 /// The content type git sends with a smart-HTTP fetch.
 const GIT_UPLOAD_PACK_REQUEST: &str = "application/x-git-upload-pack-request";
 
-/// Whether this is git's smart-HTTP fetch: `POST <repo>/git-upload-pack`
+/// Whether this looks like git's smart-HTTP fetch: `POST
+/// <repository>/git-upload-pack` (a repository's path shape, no query)
 /// with git's content type. It asks for objects; it changes nothing.
-/// (`git-receive-pack`, a push, is not this.)
+/// (`git-receive-pack`, a push, is not this.) Its body is checked apart:
+/// see [`VerifyGitFetchBody`].
 pub fn is_git_fetch<B>(request: &Request<B>) -> bool {
     request.method() == Method::POST
-        && request.uri().path().ends_with("/git-upload-pack")
+        && crate::git::is_repository_path(request.uri().path(), "git-upload-pack")
+        && request.uri().query().is_none()
         && request
             .headers()
             .get(header::CONTENT_TYPE)
@@ -167,6 +237,7 @@ fn refusal<B>(
         || METHOD_OVERRIDE_HEADERS
             .iter()
             .any(|name| headers.contains_key(name))
+        || query_smuggles_a_write(request.uri().path(), request.uri().query())
         || headers.contains_key(header::UPGRADE)
     {
         Some(Reason::MethodNotAllowed)
@@ -203,7 +274,14 @@ where
             return ResponseFuture::inner(self.inner.call(request));
         }
         match refusal(&request, policy.limited_allows_git_fetch()) {
-            Ok(None) => ResponseFuture::inner(self.inner.call(request)),
+            Ok(None) => {
+                let mut request = request;
+                if request.method() == Method::POST {
+                    // Only a git fetch gets here with a POST.
+                    request.extensions_mut().insert(VerifyGitFetchBody);
+                }
+                ResponseFuture::inner(self.inner.call(request))
+            }
             Ok(Some(blocked)) => ResponseFuture::refused(blocked),
             Err(bad) => ResponseFuture::refused(bad),
         }
@@ -347,6 +425,11 @@ mod tests {
             git("/repo.git/git-upload-pack", "application/json"),
             git("/repo.git/git-upload-pack/extra", fetch),
             git("/repo.git/git-receive-pack", fetch),
+            git("/api/paste;/git-upload-pack", fetch),
+            git("/upload;/git-upload-pack", fetch),
+            git("/repo.git/git-upload-pack?next=/upload", fetch),
+            git("/git-upload-pack", fetch),
+            git("/a/../git-upload-pack", fetch),
         ] {
             let label = format!(
                 "{} {:?}",
@@ -368,6 +451,72 @@ mod tests {
         assert_eq!(
             outcome(strict, git("/repo.git/git-upload-pack", fetch)).await,
             Some(Reason::MethodNotAllowed)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_fetch_let_through_is_marked_for_its_body_check() {
+        let (mut service, mut mock) =
+            mock::spawn_layer::<Request<()>, Response<()>, _>(LimitedModeLayer::new(limited()));
+        mock.allow(2);
+        let fetch = git(
+            "/repo.git/git-upload-pack",
+            "application/x-git-upload-pack-request",
+        );
+        assert!(service.poll_ready().is_ready());
+        let response = service.call(fetch);
+        let (seen, send) = mock.next_request().await.unwrap();
+        assert_eq!(
+            seen.extensions().get::<VerifyGitFetchBody>(),
+            Some(&VerifyGitFetchBody)
+        );
+        send.send_response(Response::new(()));
+        response.await.unwrap();
+        assert!(service.poll_ready().is_ready());
+        let response = service.call(request("GET", Protocol::Http, &[]));
+        let (seen, send) = mock.next_request().await.unwrap();
+        assert_eq!(
+            seen.extensions().get::<VerifyGitFetchBody>(),
+            None,
+            "a GET has no body"
+        );
+        send.send_response(Response::new(()));
+        response.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn override_channels_and_the_start_of_a_push_are_refused() {
+        for (uri, headers) in [
+            ("https://example.com/", vec![("x-method", "DELETE")]),
+            ("https://example.com/", vec![("x-forwarded-method", "PUT")]),
+            ("https://example.com/items/1?_method=DELETE", vec![]),
+            ("https://example.com/items/1?a=1&%5Fmethod=delete", vec![]),
+            ("https://example.com/items/1?_METHOD=PUT", vec![]),
+            (
+                "https://example.com/repo.git/info/refs?service=git-receive-pack",
+                vec![],
+            ),
+            (
+                "https://example.com/repo.git/info/refs?service=git%2Dreceive%2Dpack",
+                vec![],
+            ),
+        ] {
+            let mut get = request("GET", Protocol::HttpsMitm, &headers);
+            *get.uri_mut() = uri.parse().unwrap();
+            assert_eq!(
+                outcome(limited(), get).await,
+                Some(Reason::MethodNotAllowed),
+                "{uri} {headers:?}"
+            );
+        }
+        let mut clone_start = request("GET", Protocol::HttpsMitm, &[]);
+        *clone_start.uri_mut() = "https://example.com/repo.git/info/refs?service=git-upload-pack"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            outcome(limited(), clone_start).await,
+            None,
+            "the start of a fetch"
         );
     }
 

@@ -303,7 +303,8 @@ mod tests {
 
     #[test]
     fn only_the_documented_answer_is_read() {
-        let good = br#"{"decision": "allow", "scope": "once", "risk_score": 5, "rationale": "docs"}"#;
+        let good =
+            br#"{"decision": "allow", "scope": "once", "risk_score": 5, "rationale": "docs"}"#;
         assert!(parse_verdict(good, "r").is_ok());
         for bad in [
             // An extra field, even a harmless-looking one.
@@ -320,7 +321,10 @@ mod tests {
             r#"{"decision": "allow", "scope": "once", "risk_score": "5", "rationale": "x"}"#,
         ] {
             let error = parse_verdict(bad.as_bytes(), "./review.sh").unwrap_err();
-            assert!(error.to_string().contains("./review.sh did not answer"), "{bad}: {error}");
+            assert!(
+                error.to_string().contains("./review.sh did not answer"),
+                "{bad}: {error}"
+            );
         }
     }
 

@@ -284,6 +284,13 @@ impl Connector {
         mut request: Request<Body>,
         info: RequestInfo,
     ) -> Result<Response<Body>, BoxError> {
+        if request
+            .extensions()
+            .get::<portcullis_middleware::VerifyGitFetchBody>()
+            .is_some()
+        {
+            request = verified_git_fetch(request, &info).await?;
+        }
         // Forward to the canonical authority: the host we checked is the host we dial.
         let uri = canonical_uri(request.uri(), &info.target)?;
         let plain_http = uri.scheme() == Some(&http::uri::Scheme::HTTP);
@@ -353,6 +360,82 @@ impl<'a> From<&'a RequestInfo> for Refusing<'a> {
             method: &info.method,
         }
     }
+}
+
+/// The largest git fetch request limited mode reads (after gzip) to check
+/// it: a negotiation of a very large repository stays well below.
+const GIT_FETCH_MAX_BYTES: usize = 16 << 20;
+
+/// Reads a git fetch's body whole (bounded), undoes git's gzip, and lets
+/// it through only if it is an upload-pack request; otherwise refuses it
+/// (`method_not_allowed`) before anything is dialled. The body is sent on
+/// as it came.
+async fn verified_git_fetch(
+    request: Request<Body>,
+    info: &RequestInfo,
+) -> Result<Request<Body>, BoxError> {
+    use http_body_util::BodyExt;
+    let refuse = |why: String| not_a_git_fetch(info, why);
+    let (parts, mut body) = request.into_parts();
+    let mut bytes = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        // A client's own failure (a malformed or stalled body) stays a 400.
+        if let Ok(data) = frame?.into_data() {
+            if bytes.len() + data.len() > GIT_FETCH_MAX_BYTES {
+                return Err(refuse(format!(
+                    "the body is over {} MiB",
+                    GIT_FETCH_MAX_BYTES >> 20
+                )));
+            }
+            bytes.extend_from_slice(&data);
+        }
+    }
+    let bytes = bytes.freeze();
+    let encoding = parts
+        .headers
+        .get(http::header::CONTENT_ENCODING)
+        .map(|value| value.as_bytes().to_ascii_lowercase());
+    let plain = match encoding.as_deref() {
+        None | Some(b"identity") => bytes.to_vec(),
+        Some(b"gzip" | b"x-gzip") => {
+            use std::io::Read;
+            let mut plain = Vec::new();
+            let read = flate2::read::GzDecoder::new(&bytes[..])
+                .take(GIT_FETCH_MAX_BYTES as u64 + 1)
+                .read_to_end(&mut plain);
+            match read {
+                Ok(length) if length > GIT_FETCH_MAX_BYTES => {
+                    return Err(refuse(format!(
+                        "the body is over {} MiB uncompressed",
+                        GIT_FETCH_MAX_BYTES >> 20
+                    )))
+                }
+                Ok(_) => plain,
+                Err(error) => return Err(refuse(format!("its gzip does not decode: {error}"))),
+            }
+        }
+        Some(other) => {
+            return Err(refuse(format!(
+                "content-encoding {:?} is not one git uses",
+                String::from_utf8_lossy(other)
+            )))
+        }
+    };
+    portcullis_middleware::git::check_upload_pack_request(&plain).map_err(refuse)?;
+    Ok(Request::from_parts(parts, body::full(bytes)))
+}
+
+fn not_a_git_fetch(info: &RequestInfo, why: String) -> BoxError {
+    Box::new(
+        Blocked::new(
+            Reason::MethodNotAllowed,
+            Source::LimitedMode,
+            info.target.clone(),
+            info.protocol,
+            &info.method,
+        )
+        .with_rule(Some(format!("limited mode: not a git fetch ({why})"))),
+    )
 }
 
 /// Gives a refusal made inside the pooled client the request's protocol and
