@@ -562,3 +562,74 @@ async fn heads_bodies_and_tunnels_are_bounded() {
         .unwrap();
     assert!(started.elapsed() >= Duration::from_millis(500));
 }
+
+#[tokio::test]
+async fn the_head_limit_is_exact_and_its_431_is_json() {
+    let limits = portcullis::Limits::default()
+        .max_header_bytes(16 * 1024)
+        .max_headers(50);
+    let proxy = proxy_with(allow(&["ok.test"]).build(), &[], |b| b.limits(limits)).await;
+    let addr = proxy.handle.http_addr();
+    // A head of exactly `size` bytes: the request line, Host, X-Pad.
+    let head_of = |size: usize| {
+        let fixed = "GET http://other.test/ HTTP/1.1\r\nHost: other.test\r\nX-Pad: \r\n\r\n".len();
+        let pad = "p".repeat(size - fixed);
+        format!("GET http://other.test/ HTTP/1.1\r\nHost: other.test\r\nX-Pad: {pad}\r\n\r\n")
+    };
+    let at_limit = head_of(16 * 1024);
+    assert_eq!(at_limit.len(), 16 * 1024);
+    let (_, head) = raw_exchange(addr, &at_limit).await;
+    assert!(
+        head.starts_with("HTTP/1.1 403"),
+        "at the limit the policy decides: {head}"
+    );
+    let over = head_of(16 * 1024 + 1);
+    let (mut stream, head) = raw_exchange(addr, &over).await;
+    assert!(head.starts_with("HTTP/1.1 431"), "one byte over: {head}");
+    let (_, headers, _) = parse_response(&head);
+    assert_eq!(headers["x-proxy-error"], "header-too-large");
+    assert_eq!(headers["content-type"], "application/json");
+    let mut body = vec![0u8; headers["content-length"].parse().unwrap()];
+    stream.read_exact(&mut body).await.unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["status"], "header_too_large");
+    assert!(
+        json["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_header_bytes"),
+        "{json}"
+    );
+    // One header of 30 KB (hyper alone let up to ~115 KB through at 64 KiB).
+    let (_, head) = raw_exchange(addr, &head_of(30 * 1024)).await;
+    assert!(
+        head.starts_with("HTTP/1.1 431") && head.contains("header-too-large"),
+        "{head}"
+    );
+    // Too many headers: 51 of a limit of 50.
+    let many: String = (0..49).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let (_, head) = raw_exchange(
+        addr,
+        &format!("GET http://other.test/ HTTP/1.1\r\nHost: other.test\r\n{many}\r\n"),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 403"), "50 headers: {head}");
+    let many: String = (0..50).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let (_, head) = raw_exchange(
+        addr,
+        &format!("GET http://other.test/ HTTP/1.1\r\nHost: other.test\r\n{many}\r\n"),
+    )
+    .await;
+    assert!(
+        head.starts_with("HTTP/1.1 431") && head.contains("header-too-large"),
+        "51 headers: {head}"
+    );
+    // A CONNECT head is counted the same way.
+    let pad = "p".repeat(17 * 1024);
+    let (_, head) = raw_exchange(
+        addr,
+        &format!("CONNECT ok.test:443 HTTP/1.1\r\nX-Pad: {pad}\r\n\r\n"),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 431"), "{head}");
+}

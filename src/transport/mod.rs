@@ -173,6 +173,49 @@ impl Credentials {
     }
 }
 
+/// The size of a request head as the client sent it: the request line
+/// (`METHOD SP target SP HTTP/1.1 CRLF`), each header as `name: value
+/// CRLF`, and the blank line. [`Limits::max_header_bytes`] is checked
+/// against this, exactly.
+pub(crate) fn head_size<B>(request: &Request<B>) -> usize {
+    let uri = request.uri();
+    let target = match (uri.scheme_str(), uri.authority()) {
+        (Some(scheme), Some(authority)) => {
+            scheme.len()
+                + "://".len()
+                + authority.as_str().len()
+                + uri.path_and_query().map_or(0, |p| p.as_str().len())
+        }
+        (None, Some(authority)) if uri.path_and_query().is_none() => authority.as_str().len(),
+        _ => uri.path_and_query().map_or(1, |p| p.as_str().len()),
+    };
+    let line = request.method().as_str().len() + 1 + target + 1 + "HTTP/1.1\r\n".len();
+    let headers: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + 2 + value.len() + 2)
+        .sum();
+    line + headers + 2
+}
+
+/// The read buffer hyper may fill while looking for the end of a head:
+/// twice our limit, so every head up to twice the limit reaches our exact
+/// check (a JSON 431), and a longer one is cut by hyper's own bare 431.
+pub(crate) fn read_buffer_cap(limits: &Limits) -> usize {
+    limits.max_header_bytes.max(8 * 1024).saturating_mul(2)
+}
+
+/// The most headers hyper parses: twice our limit, for the same reason.
+pub(crate) fn header_count_cap(limits: &Limits) -> usize {
+    limits.max_headers.saturating_mul(2)
+}
+
+/// Whether a parsed head is over the limits: the exact checks that a 431
+/// with a JSON body answers.
+pub(crate) fn head_over_limits<B>(request: &Request<B>, limits: &Limits) -> bool {
+    request.headers().len() > limits.max_headers || head_size(request) > limits.max_header_bytes
+}
+
 /// Compares without an early exit, so timing does not reveal the prefix.
 pub(crate) fn same_secret(given: &str, expected: &str) -> bool {
     let (given, expected) = (given.as_bytes(), expected.as_bytes());

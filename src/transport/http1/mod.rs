@@ -93,8 +93,8 @@ pub(crate) async fn serve(
                 let connection = http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(limits.header_read_timeout)
-                    .max_buf_size(limits.max_header_bytes.max(8 * 1024))
-                    .max_headers(limits.max_headers)
+                    .max_buf_size(crate::transport::read_buffer_cap(&limits))
+                    .max_headers(crate::transport::header_count_cap(&limits))
                     .serve_connection(TokioIo::new(stream), service)
                     .with_upgrades();
                 tokio::pin!(connection);
@@ -135,6 +135,9 @@ async fn route(
     drain: DrainGuard,
     settings: Arc<Settings>,
 ) -> Result<Response<Body>, Response<Body>> {
+    if crate::transport::head_over_limits(&request, &settings.limits) {
+        return Err(rescue::head_too_large(&settings.limits));
+    }
     if let Some(credentials) = settings.credentials.current() {
         if !authorized(&request, &credentials) {
             return Err(rescue::authentication_required());

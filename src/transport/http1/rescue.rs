@@ -114,6 +114,19 @@ pub(crate) fn authentication_required() -> Response<Body> {
     response
 }
 
+/// A 431: the request head is over `[limits] max_header_bytes` or
+/// `max_headers`.
+pub(crate) fn head_too_large(limits: &crate::Limits) -> Response<Body> {
+    json_response(
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        "header-too-large".into(),
+        serde_json::json!({"status": "header_too_large", "message": format!(
+            "portcullis refused the request: its head is over {} bytes or {} headers ([limits] max_header_bytes, max_headers); send smaller headers or raise the limit",
+            limits.max_header_bytes, limits.max_headers
+        )}),
+    )
+}
+
 /// A 400 with a reason.
 pub(crate) fn bad_request(message: &str) -> Response<Body> {
     json_response(

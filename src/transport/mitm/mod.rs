@@ -245,8 +245,8 @@ pub(crate) async fn serve<I>(
     if let Err(error) = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes.max(8 * 1024))
-        .max_headers(limits.max_headers)
+        .max_buf_size(crate::transport::read_buffer_cap(&limits))
+        .max_headers(crate::transport::header_count_cap(&limits))
         .serve_connection(TokioIo::new(tls), service)
         .await
     {
@@ -262,6 +262,9 @@ async fn inner_request(
     stack: ProxyService,
     limits: Limits,
 ) -> Response<Body> {
+    if crate::transport::head_over_limits(&request, &limits) {
+        return rescue::head_too_large(&limits);
+    }
     if request.method() == Method::CONNECT {
         return rescue::status(
             StatusCode::METHOD_NOT_ALLOWED,
