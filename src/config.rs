@@ -161,6 +161,10 @@ pub struct LimitsConfig {
     pub connect_timeout: f64,
     /// The most client connections served at once, per listener.
     pub max_connections: usize,
+    /// The most SOCKS5 UDP associations open at once.
+    pub max_udp_associations: usize,
+    /// The most SOCKS5 UDP associations one client address may hold.
+    pub max_udp_associations_per_client: usize,
     /// Seconds `serve` waits, on SIGTERM or SIGINT, for open connections and
     /// tunnels before cutting them (and exiting 1).
     pub shutdown_deadline: f64,
@@ -177,6 +181,8 @@ impl Default for LimitsConfig {
             tunnel_idle_timeout: 300.0,
             connect_timeout: 10.0,
             max_connections: 4096,
+            max_udp_associations: 1024,
+            max_udp_associations_per_client: 64,
             shutdown_deadline: 10.0,
         }
     }
@@ -580,7 +586,9 @@ impl Config {
             .body_idle_timeout(seconds("body_idle_timeout", limits.body_idle_timeout)?)
             .body_min_rate(limits.body_min_rate)
             .tunnel_idle_timeout(seconds("tunnel_idle_timeout", limits.tunnel_idle_timeout)?)
-            .max_connections(limits.max_connections);
+            .max_connections(limits.max_connections)
+            .max_udp_associations(limits.max_udp_associations)
+            .max_udp_associations_per_client(limits.max_udp_associations_per_client);
         Ok((kept, seconds("connect_timeout", limits.connect_timeout)?))
     }
 

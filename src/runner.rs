@@ -649,6 +649,7 @@ where
                 violations: self.violation_layer(),
                 limits: self.limits,
                 credentials: credentials.clone(),
+                udp_budget: Arc::default(),
             };
             tokio::spawn(transport::socks5::serve(
                 socks,

@@ -695,3 +695,58 @@ async fn an_association_keeps_at_most_1024_destinations() {
         Some(udp_datagram(echo, b"fresh"))
     );
 }
+
+/// Asks for an association from `from` (a loopback address); the reply code.
+async fn try_associate(socks: SocketAddr, from: &str) -> (TcpStream, u8) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let mut control = socket.connect(socks).await.unwrap();
+    greet(&mut control, &[0]).await;
+    control
+        .write_all(&[5, 3, 0, 1, 0, 0, 0, 0, 0, 0])
+        .await
+        .unwrap();
+    let mut reply = [0u8; 10];
+    control.read_exact(&mut reply).await.unwrap();
+    assert_eq!(reply[0], 5);
+    (control, reply[1])
+}
+
+#[tokio::test]
+async fn udp_associations_are_capped_per_client_and_in_all() {
+    let limits = portcullis::Limits::default()
+        .max_udp_associations(5)
+        .max_udp_associations_per_client(3);
+    let proxy = proxy_with(allow(&["127.0.0.1"]).build(), &[], |b| b.limits(limits)).await;
+    let socks = proxy.socks_addr();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let (control, code) = try_associate(socks, "127.0.0.1").await;
+        assert_eq!(code, 0);
+        held.push(control);
+    }
+    // A fourth from the same client: general failure (0x01).
+    let (_, code) = try_associate(socks, "127.0.0.1").await;
+    assert_eq!(code, 1, "past the per-client limit");
+    // Another client still has room, up to the total.
+    for _ in 0..2 {
+        let (control, code) = try_associate(socks, "127.0.0.2").await;
+        assert_eq!(code, 0);
+        held.push(control);
+    }
+    let (_, code) = try_associate(socks, "127.0.0.3").await;
+    assert_eq!(code, 1, "past the total");
+    // Closing an association gives its place back (bounded wait).
+    drop(held.remove(0));
+    let mut code = 1;
+    for _ in 0..50 {
+        let (control, answered) = try_associate(socks, "127.0.0.1").await;
+        code = answered;
+        if code == 0 {
+            held.push(control);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(code, 0, "a closed association's place is free again");
+}

@@ -64,6 +64,12 @@ pub struct Limits {
     /// new client is refused at once (HTTP 503, SOCKS5 0x01) and the log
     /// says so, well before the process runs out of file descriptors.
     pub max_connections: usize,
+    /// The most SOCKS5 UDP associations open at once, in all; past it an
+    /// `UDP ASSOCIATE` is refused with reply 0x01.
+    pub max_udp_associations: usize,
+    /// The most SOCKS5 UDP associations one client address may hold at
+    /// once; past it, reply 0x01.
+    pub max_udp_associations_per_client: usize,
 }
 
 impl Default for Limits {
@@ -76,6 +82,8 @@ impl Default for Limits {
             body_min_rate: 512,
             tunnel_idle_timeout: Duration::from_secs(300),
             max_connections: 4096,
+            max_udp_associations: 1024,
+            max_udp_associations_per_client: 64,
         }
     }
 }
@@ -115,6 +123,18 @@ impl Limits {
     /// Sets the most client connections served at once, per listener.
     pub fn max_connections(mut self, max: usize) -> Limits {
         self.max_connections = max.max(1);
+        self
+    }
+
+    /// Sets the most SOCKS5 UDP associations open at once, in all.
+    pub fn max_udp_associations(mut self, max: usize) -> Limits {
+        self.max_udp_associations = max;
+        self
+    }
+
+    /// Sets the most SOCKS5 UDP associations one client address may hold.
+    pub fn max_udp_associations_per_client(mut self, max: usize) -> Limits {
+        self.max_udp_associations_per_client = max;
         self
     }
 

@@ -11,6 +11,7 @@ pub(crate) mod rescue;
 mod udp;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use fast_socks5::server::{
@@ -52,6 +53,8 @@ pub(crate) struct Settings {
     /// When set, clients must authenticate with this username and password
     /// (RFC 1929) and no-auth is refused.
     pub(crate) credentials: LiveCredentials,
+    /// The UDP associations open, against `[limits]`.
+    pub(crate) udp_budget: Arc<udp::UdpBudget>,
 }
 
 impl std::fmt::Debug for Settings {
@@ -239,7 +242,20 @@ async fn handle(
             Ok(())
         }
         Command::UdpAssociate if settings.udp => {
-            udp::associate(proto, &address, client, local_ip, stack, settings.policy).await
+            let Some(ticket) = settings.udp_budget.take(client.ip(), &settings.limits) else {
+                proto.reply_error(&ReplyError::GeneralFailure).await?;
+                return Ok(());
+            };
+            udp::associate(
+                proto,
+                &address,
+                client,
+                local_ip,
+                stack,
+                settings.policy,
+                ticket,
+            )
+            .await
         }
         Command::UdpAssociate => {
             proto.reply_error(&ReplyError::CommandNotSupported).await?;

@@ -22,6 +22,8 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use fast_socks5::server::{run_udp_proxy_custom, states, Socks5ServerProtocol, SocksServerError};
 use fast_socks5::util::target_addr::TargetAddr;
@@ -35,7 +37,7 @@ use portcullis_middleware::{
 
 use super::target_of;
 use crate::connector::VettedAddresses;
-use crate::transport::{call_stack, synthesized_connect, ProxyService};
+use crate::transport::{call_stack, synthesized_connect, Limits, ProxyService};
 
 /// Largest UDP datagram relayed.
 const MAX_DATAGRAM: usize = 65_535;
@@ -46,7 +48,85 @@ const MAX_QUEUED: usize = 16;
 /// dropped (said once in the log).
 const MAX_DESTINATIONS: usize = 1024;
 
-/// Runs the relay of one association until the control connection closes.
+/// The UDP associations open, in all and per client address, against
+/// `[limits] max_udp_associations` and `max_udp_associations_per_client`.
+#[derive(Debug, Default)]
+pub(crate) struct UdpBudget {
+    open: Mutex<OpenAssociations>,
+}
+
+#[derive(Debug, Default)]
+struct OpenAssociations {
+    total: usize,
+    by_client: HashMap<IpAddr, usize>,
+    /// When a refusal was last logged: at most one line a second.
+    last_said: Option<Instant>,
+}
+
+/// One open association; dropping it gives the place back.
+#[derive(Debug)]
+pub(crate) struct UdpTicket {
+    budget: Arc<UdpBudget>,
+    client: IpAddr,
+}
+
+impl UdpBudget {
+    /// A place for one more association of `client`, or `None` (said in
+    /// the log, at most once a second) when a limit is reached.
+    pub(crate) fn take(self: &Arc<Self>, client: IpAddr, limits: &Limits) -> Option<UdpTicket> {
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let mine = open.by_client.get(&client).copied().unwrap_or(0);
+        let refused = if open.total >= limits.max_udp_associations {
+            Some(("max_udp_associations", limits.max_udp_associations))
+        } else if mine >= limits.max_udp_associations_per_client {
+            Some((
+                "max_udp_associations_per_client",
+                limits.max_udp_associations_per_client,
+            ))
+        } else {
+            None
+        };
+        if let Some((key, max)) = refused {
+            let now = Instant::now();
+            if open
+                .last_said
+                .is_none_or(|said| now.duration_since(said) >= Duration::from_secs(1))
+            {
+                open.last_said = Some(now);
+                tracing::warn!(%client, open = open.total, of_client = mine, "UDP ASSOCIATE refused (reply 0x01): {max} associations are open, the limit ([limits] {key}); close some or raise it");
+            }
+            return None;
+        }
+        open.total += 1;
+        *open.by_client.entry(client).or_insert(0) += 1;
+        Some(UdpTicket {
+            budget: self.clone(),
+            client,
+        })
+    }
+}
+
+impl Drop for UdpTicket {
+    fn drop(&mut self) {
+        let mut open = self
+            .budget
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        open.total = open.total.saturating_sub(1);
+        if let std::collections::hash_map::Entry::Occupied(mut entry) =
+            open.by_client.entry(self.client)
+        {
+            *entry.get_mut() -= 1;
+            if *entry.get() == 0 {
+                entry.remove();
+            }
+        }
+    }
+}
+
+/// Runs the relay of one association until the control connection closes;
+/// `ticket` holds its place in the budget until then.
 pub(super) async fn associate(
     proto: Socks5ServerProtocol<super::Replay<TcpStream>, states::CommandRead>,
     address: &TargetAddr,
@@ -54,7 +134,9 @@ pub(super) async fn associate(
     local_ip: IpAddr,
     stack: ProxyService,
     policy: PolicyHandle,
+    ticket: UdpTicket,
 ) -> Result<(), BoxError> {
+    let _ticket = ticket;
     // The ASSOCIATE address is the client's own (often 0.0.0.0:0), not a
     // destination. When it names a port (and an address), the association
     // belongs to exactly that sender; otherwise to the first datagram's.
@@ -171,24 +253,36 @@ impl Relay {
     }
 
     async fn run(mut self) -> Result<(), BoxError> {
-        let mut from_client = vec![0u8; MAX_DATAGRAM];
-        let mut from_v4 = vec![0u8; MAX_DATAGRAM];
-        let mut from_v6 = vec![0u8; MAX_DATAGRAM];
+        // One receive buffer for the three sockets, filled without being
+        // zeroed first: a small datagram touches one page of it, not 64 KiB
+        // (three zeroed buffers made an association cost ~43 KiB).
+        let mut buffer: Vec<u8> = Vec::with_capacity(MAX_DATAGRAM);
         loop {
-            tokio::select! {
-                received = self.peer.recv_from(&mut from_client) => {
-                    let (length, source) = received?;
-                    self.on_datagram(source, &from_client[..length]).await?;
+            let from = tokio::select! {
+                ready = self.peer.readable() => { ready?; Arrival::Client }
+                Some(decided) = self.decided_rx.recv() => {
+                    self.decided(decided).await?;
+                    continue;
                 }
-                Some(decided) = self.decided_rx.recv() => self.decided(decided).await?,
-                received = recv_optional(self.outbound_v4.as_ref(), &mut from_v4) => {
-                    let (length, source) = received?;
-                    self.reply(source, &from_v4[..length]).await;
-                }
-                received = recv_optional(self.outbound_v6.as_ref(), &mut from_v6) => {
-                    let (length, source) = received?;
-                    self.reply(source, &from_v6[..length]).await;
-                }
+                ready = readable_optional(self.outbound_v4.as_ref()) => { ready?; Arrival::V4 }
+                ready = readable_optional(self.outbound_v6.as_ref()) => { ready?; Arrival::V6 }
+            };
+            let socket = match from {
+                Arrival::Client => Some(&self.peer),
+                Arrival::V4 => self.outbound_v4.as_ref(),
+                Arrival::V6 => self.outbound_v6.as_ref(),
+            };
+            let Some(socket) = socket else { continue };
+            buffer.clear();
+            let source = match socket.try_recv_buf_from(&mut buffer) {
+                Ok((_, source)) => source,
+                // Readiness can be spurious.
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(error) => return Err(error.into()),
+            };
+            match from {
+                Arrival::Client => self.on_datagram(source, &buffer).await?,
+                Arrival::V4 | Arrival::V6 => self.reply(source, &buffer).await,
             }
         }
     }
@@ -362,12 +456,17 @@ impl Relay {
     }
 }
 
-async fn recv_optional(
-    socket: Option<&UdpSocket>,
-    buffer: &mut [u8],
-) -> std::io::Result<(usize, SocketAddr)> {
+/// Which socket a datagram is waiting on.
+#[derive(Debug, Clone, Copy)]
+enum Arrival {
+    Client,
+    V4,
+    V6,
+}
+
+async fn readable_optional(socket: Option<&UdpSocket>) -> std::io::Result<()> {
     match socket {
-        Some(socket) => socket.recv_from(buffer).await,
+        Some(socket) => socket.readable().await,
         None => std::future::pending().await,
     }
 }
