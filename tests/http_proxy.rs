@@ -633,3 +633,50 @@ async fn the_head_limit_is_exact_and_its_431_is_json() {
     .await;
     assert!(head.starts_with("HTTP/1.1 431"), "{head}");
 }
+
+#[tokio::test]
+async fn an_origin_that_resets_or_closes_is_upstream_unreachable() {
+    // Three origins: one resets after reading (plain HTTP sent to a TLS
+    // port ends like this), one closes without a word, one answers bytes
+    // that are not HTTP.
+    async fn origin_that(behaviour: &'static str) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut buffer = [0u8; 1024];
+                let _ = stream.read(&mut buffer).await;
+                match behaviour {
+                    "reset" => {
+                        let _ = stream.set_zero_linger();
+                    }
+                    "junk" => {
+                        let _ = stream.write_all(b"\x16\x03\x01\x00\x02\x02\x28").await;
+                    }
+                    _ => {}
+                }
+                drop(stream);
+            }
+        });
+        addr
+    }
+    let proxy = proxy(allow(&["127.0.0.1"]), &[]).await;
+    for behaviour in ["reset", "close", "junk"] {
+        let origin = origin_that(behaviour).await;
+        let out = curl(&["-i", "-x", &proxy.http_url(), &format!("http://{origin}/")]).await;
+        let (status, headers, body) = parse_response(&out.stdout);
+        assert_eq!(status, 502, "{behaviour}: {}", out.stdout);
+        assert_eq!(
+            headers["x-proxy-error"], "upstream-unreachable",
+            "{behaviour}"
+        );
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let message = json["message"].as_str().unwrap();
+        assert!(
+            message.contains(&origin.to_string()),
+            "{behaviour}: {message}"
+        );
+        assert!(message.contains("speaking HTTP"), "{behaviour}: {message}");
+        assert!(!message.contains("SendRequest"), "{behaviour}: {message}");
+    }
+}

@@ -329,7 +329,7 @@ impl Connector {
                 }
                 Ok(response.map(body::boxed))
             }
-            Err(error) => Err(relabel(error.into(), &info)),
+            Err(error) => Err(relabel(origin_failure(error.into(), &info), &info)),
         }
     }
 }
@@ -436,6 +436,57 @@ fn not_a_git_fetch(info: &RequestInfo, why: String) -> BoxError {
         )
         .with_rule(Some(format!("limited mode: not a git fetch ({why})"))),
     )
+}
+
+/// A failure of the pooled client that is none of ours (the origin reset
+/// the connection, closed it before answering, or answered something that
+/// is not HTTP) is the origin's: `upstream-unreachable`, saying what
+/// happened. Our own errors inside it (a refusal, the client's bad body, a
+/// dial failure) pass unchanged.
+fn origin_failure(error: BoxError, info: &RequestInfo) -> BoxError {
+    if portcullis_middleware::ProxyErrorRef::find(error.as_ref()).is_some() {
+        return error;
+    }
+    let mut io = None;
+    let mut hyper_error = None;
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error.as_ref());
+    while let Some(current) = cause {
+        if let Some(found) = current.downcast_ref::<std::io::Error>() {
+            io = io.or(Some(found));
+        }
+        if let Some(found) = current.downcast_ref::<hyper::Error>() {
+            hyper_error = hyper_error.or(Some(found));
+        }
+        cause = current.source();
+    }
+    let hint = "(is it speaking HTTP on that port? plain HTTP sent to a TLS port ends like this)";
+    let upstream = match (io, hyper_error) {
+        (Some(io), _) => {
+            use std::io::ErrorKind as K;
+            let mut upstream = portcullis_middleware::UpstreamError::from_io(&info.target, io);
+            if matches!(
+                io.kind(),
+                K::ConnectionReset | K::ConnectionAborted | K::UnexpectedEof | K::BrokenPipe
+            ) {
+                upstream.detail =
+                    format!("the origin ended the connection before answering: {io} {hint}");
+            }
+            upstream
+        }
+        (None, Some(hyper_error)) if hyper_error.is_parse() => {
+            portcullis_middleware::UpstreamError {
+                kind: portcullis_middleware::UpstreamErrorKind::Refused,
+                target: info.target.to_string(),
+                detail: format!("the origin's answer is not HTTP/1: {hyper_error} {hint}"),
+            }
+        }
+        (None, _) => portcullis_middleware::UpstreamError {
+            kind: portcullis_middleware::UpstreamErrorKind::Refused,
+            target: info.target.to_string(),
+            detail: format!("the origin closed the connection before answering {hint}"),
+        },
+    };
+    upstream.into()
 }
 
 /// Gives a refusal made inside the pooled client the request's protocol and
