@@ -639,17 +639,21 @@ async fn serve(args: ServeArgs) -> ExitCode {
     if let Ok(usr1) = usr1 {
         tokio::spawn(dump_violations_on_usr1(usr1, proxy.violations().clone()));
     }
-    signals.wait().await;
+    let stopped = signals.wait().await;
+    if stopped == Stopped::TerminalGone {
+        tracing::info!("the terminal hung up: stopping, as a shell job would");
+    }
     tracing::info!("shutting down: no new connections; waiting up to {deadline:?} for open ones");
     let cut = proxy.shutdown(deadline).await;
     if let Some(path) = &args.env_file {
         let _ = std::fs::remove_file(path);
     }
-    // 0 when everything finished; 1 when the deadline cut something.
-    if cut == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
+    match (stopped, cut) {
+        // 128 + SIGHUP, as a shell reports a job its hangup ended.
+        (Stopped::TerminalGone, _) => ExitCode::from(129),
+        // 0 when everything finished; 1 when the deadline cut something.
+        (Stopped::Asked, 0) => ExitCode::SUCCESS,
+        (Stopped::Asked, _) => ExitCode::FAILURE,
     }
 }
 
@@ -673,31 +677,78 @@ async fn dump_violations_on_usr1(
     }
 }
 
-/// SIGINT and SIGTERM, listened for from the moment they are installed.
+/// SIGINT and SIGTERM, listened for from the moment they are installed;
+/// and SIGHUP when it means that `serve`'s terminal hung up.
 struct ShutdownSignals {
     interrupt: std::io::Result<tokio::signal::unix::Signal>,
     terminate: std::io::Result<tokio::signal::unix::Signal>,
+    /// Set when `serve` started with a controlling terminal (and SIGHUP was
+    /// not ignored, as under `nohup`): a SIGHUP after which the terminal
+    /// cannot be opened any more is the terminal closing, and ends `serve`
+    /// as it ends a shell job. Any other SIGHUP reloads (`reload::watch`).
+    hangup: Option<tokio::signal::unix::Signal>,
+}
+
+/// Why `serve` stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stopped {
+    /// SIGINT or SIGTERM.
+    Asked,
+    /// Its terminal hung up.
+    TerminalGone,
+}
+
+/// Whether this process has a controlling terminal it can open.
+fn terminal_present() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/tty")
+        .is_ok()
 }
 
 impl ShutdownSignals {
     fn install() -> ShutdownSignals {
         use tokio::signal::unix::{signal, SignalKind};
+        // Read before any handler is installed: `nohup` leaves SIGHUP ignored.
+        let hangup_ends = terminal_present() && !crate::sys::hangup_ignored();
         ShutdownSignals {
             interrupt: signal(SignalKind::interrupt()),
             terminate: signal(SignalKind::terminate()),
+            hangup: hangup_ends
+                .then(|| signal(SignalKind::hangup()).ok())
+                .flatten(),
         }
     }
 
-    async fn wait(self) {
+    async fn wait(self) -> Stopped {
+        let mut hangup = self.hangup;
+        let terminal_gone = async {
+            match hangup.as_mut() {
+                Some(hangup) => {
+                    while hangup.recv().await.is_some() {
+                        if !terminal_present() {
+                            return;
+                        }
+                    }
+                    std::future::pending::<()>().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
         match (self.interrupt, self.terminate) {
             (Ok(mut interrupt), Ok(mut terminate)) => {
                 tokio::select! {
-                    _ = interrupt.recv() => {}
-                    _ = terminate.recv() => {}
+                    _ = interrupt.recv() => Stopped::Asked,
+                    _ = terminate.recv() => Stopped::Asked,
+                    () = terminal_gone => Stopped::TerminalGone,
                 }
             }
             _ => {
-                let _ = tokio::signal::ctrl_c().await;
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => Stopped::Asked,
+                    () = terminal_gone => Stopped::TerminalGone,
+                }
             }
         }
     }

@@ -61,3 +61,17 @@ pub(crate) fn loopback_up() -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// Whether SIGHUP is ignored in this process (as `nohup` leaves it), read
+/// from `/proc/self/status` (`SigIgn`, bit 0 for signal 1); no `unsafe`.
+pub(crate) fn hangup_ignored() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("SigIgn:"))
+                .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        })
+        .is_some_and(|mask| mask & 1 == 1)
+}

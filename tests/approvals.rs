@@ -376,15 +376,6 @@ async fn the_policy_reloads_live_without_cutting_tunnels_and_survives_a_broken_e
     );
 }
 
-fn tmux(socket: &str, args: &[&str]) -> String {
-    let output = std::process::Command::new("tmux")
-        .args(["-L", socket])
-        .args(args)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
 #[tokio::test]
 async fn the_prompt_asks_on_the_terminal_and_remembers_a_session_answer() {
     if std::process::Command::new("tmux")
@@ -397,16 +388,13 @@ async fn the_prompt_asks_on_the_terminal_and_remembers_a_session_answer() {
     }
     let origin = origin().await;
     let port = origin.addr.port();
-    let socket = format!("portcullis-test-{}", std::process::id());
     let command = format!(
         "{} serve --http 127.0.0.1:0 --no-socks --approve prompt --allow-local-binding --resolve asked.test=127.0.0.1 2>/dev/null",
         env!("CARGO_BIN_EXE_portcullis")
     );
-    tmux(
-        &socket,
-        &["new-session", "-d", "-x", "220", "-y", "50", &command],
-    );
-    let screen = || tmux(&socket, &["capture-pane", "-p", "-J"]);
+    // Killed when dropped, even if an assertion below fails.
+    let terminal = Tmux::start(&command);
+    let screen = || terminal.screen();
     let mut proxy = None;
     for _ in 0..100 {
         let text = screen();
@@ -433,12 +421,18 @@ async fn the_prompt_asks_on_the_terminal_and_remembers_a_session_answer() {
     }
     assert!(asked, "the question shows: {}", screen());
     assert!(screen().contains("GET asked.test:"), "{}", screen());
-    tmux(&socket, &["send-keys", "s", "Enter"]);
+    terminal.run(&["send-keys", "s", "Enter"]);
     let out = first.await.unwrap();
     assert_eq!(out.stdout, "hello /prompted", "{}", out.stderr);
     let again = curl(&["-x", &format!("http://{proxy}"), &url]).await;
     assert_eq!(again.stdout, "hello /prompted");
     let questions = screen().matches("allow [o]nce").count();
-    tmux(&socket, &["kill-server"]);
     assert_eq!(questions, 1, "the session answer is remembered");
+    // Closing its terminal stops serve: nothing is left holding a port.
+    let pid = terminal.pid().await;
+    terminal.hang_up();
+    assert!(
+        exits_within(pid, Duration::from_secs(15)).await,
+        "serve outlived its terminal"
+    );
 }

@@ -1092,3 +1092,40 @@ async fn check_takes_several_targets_speaks_json_and_names_persisted_rules() {
     .await;
     assert_eq!(code, Some(0));
 }
+
+#[tokio::test]
+async fn serve_reloads_on_sighup_but_stops_when_its_terminal_hangs_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let env_file = dir.path().join("env.sh");
+    let command = format!(
+        "{} serve --http 127.0.0.1:0 --no-socks --env-file {} 2>/dev/null",
+        env!("CARGO_BIN_EXE_portcullis"),
+        env_file.display()
+    );
+    let terminal = Tmux::start(&command);
+    let pid = terminal.pid().await;
+    for _ in 0..200 {
+        if env_file.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(env_file.exists(), "serve started: {}", terminal.screen());
+    // A SIGHUP while the terminal is there is a reload: serve stays.
+    let process = nix::unistd::Pid::from_raw(pid);
+    nix::sys::signal::kill(process, nix::sys::signal::Signal::SIGHUP).unwrap();
+    assert!(
+        !exits_within(pid, Duration::from_millis(800)).await,
+        "a SIGHUP with the terminal present reloads"
+    );
+    // The terminal closing ends it, as it ends a shell job; the env file goes.
+    terminal.hang_up();
+    assert!(
+        exits_within(pid, Duration::from_secs(15)).await,
+        "serve outlived its terminal"
+    );
+    assert!(
+        !env_file.exists(),
+        "serve removed its env file on the way out"
+    );
+}

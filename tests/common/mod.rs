@@ -356,3 +356,103 @@ pub async fn https_origin() -> (SocketAddr, String) {
     });
     (addr, pem)
 }
+
+/// A tmux server of the test's own (its own socket), killed when dropped,
+/// with the process it started, even when the test fails.
+pub struct Tmux {
+    socket: String,
+    pid_file: tempfile::NamedTempFile,
+}
+
+impl Tmux {
+    /// Starts `command` in a detached session of a new tmux server; the
+    /// command runs through `exec`, so its pid is the one recorded.
+    pub fn start(command: &str) -> Tmux {
+        let pid_file = tempfile::NamedTempFile::new().unwrap();
+        let socket = format!(
+            "portcullis-test-{}-{}",
+            std::process::id(),
+            NEXT_TMUX.fetch_add(1, Ordering::SeqCst)
+        );
+        let tmux = Tmux { socket, pid_file };
+        let wrapped = format!(
+            "echo $$ > {}; exec {command}",
+            tmux.pid_file.path().display()
+        );
+        tmux.run(&["new-session", "-d", "-x", "220", "-y", "50", &wrapped]);
+        tmux
+    }
+
+    /// Runs a tmux command on this server; its stdout.
+    pub fn run(&self, args: &[&str]) -> String {
+        let output = std::process::Command::new("tmux")
+            .args(["-L", &self.socket])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// The pane's text.
+    pub fn screen(&self) -> String {
+        self.run(&["capture-pane", "-p", "-J"])
+    }
+
+    /// The started command's pid, once it has written it (bounded wait).
+    pub async fn pid(&self) -> i32 {
+        for _ in 0..100 {
+            if let Ok(pid) = std::fs::read_to_string(self.pid_file.path())
+                .unwrap()
+                .trim()
+                .parse()
+            {
+                return pid;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the command in tmux did not start");
+    }
+
+    /// Closes the terminal: the whole tmux server goes, as when a terminal
+    /// window is closed.
+    pub fn hang_up(&self) {
+        self.run(&["kill-server"]);
+    }
+}
+
+static NEXT_TMUX: AtomicUsize = AtomicUsize::new(0);
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        self.hang_up();
+        let pid = std::fs::read_to_string(self.pid_file.path())
+            .ok()
+            .and_then(|text| text.trim().parse::<i32>().ok());
+        if let Some(pid) = pid {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// Whether process `pid` is gone (or a zombie nobody reaped), within
+/// `wait`.
+pub async fn exits_within(pid: i32, wait: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + wait;
+    while tokio::time::Instant::now() < deadline {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Gone, or a zombie (state Z after the command name).
+        if status.is_empty()
+            || status
+                .rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
