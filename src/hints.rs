@@ -8,7 +8,7 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-use portcullis_middleware::{Blocked, Host, Reason, Target};
+use portcullis_middleware::{Blocked, Host, LocalKind, Reason, Target};
 
 /// Where the person reading a refusal changes what is allowed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -32,31 +32,46 @@ impl Fixes {
         }
         let target = &blocked.target;
         let host = target.host_string();
-        let why_and_fix = match (blocked.reason, target) {
-            (Reason::NotAllowed, Target::Host { .. }) => match self {
-                Fixes::Flags => format!("the host is not in the allowlist; add --allow {host}"),
-                Fixes::File(file) => format!(
+        let why_and_fix =
+            match (blocked.reason, target) {
+                (Reason::NotAllowed, Target::Host { .. }) => match self {
+                    Fixes::Flags => format!("the host is not in the allowlist; add --allow {host}"),
+                    Fixes::File(file) => format!(
                     "the host is not in allowed_domains; add \"{host}\" to allowed_domains in {}",
                     file.display()
                 ),
-                Fixes::Keys => return None,
-            },
-            (Reason::NotAllowedLocal, Target::Host { host: ip, port }) => {
-                let exact = exact(ip, *port);
-                match self {
-                    Fixes::Flags => format!(
-                        "it is a local or private address; allow that exact address with --allow {exact}, or pass --allow-local-binding"
+                    Fixes::Keys => return None,
+                },
+                (Reason::NotAllowedLocal, Target::Host { .. }) => {
+                    match (LocalKind::of(target), self) {
+                    (_, Fixes::Keys) => return None,
+                    (LocalKind::Metadata(exact), Fixes::Flags) => format!(
+                        "it is a cloud metadata address; only --allow {exact} (naming it exactly) unlocks it, --allow-local-binding does not"
                     ),
-                    Fixes::File(file) => format!(
-                        "it is a local or private address; add \"{exact}\" to allowed_domains, or set allow_local_binding = true, in {}",
+                    (LocalKind::Metadata(exact), Fixes::File(file)) => format!(
+                        "it is a cloud metadata address; only \"{exact}\" in allowed_domains (naming it exactly) unlocks it, allow_local_binding does not, in {}",
                         file.display()
                     ),
-                    Fixes::Keys => return None,
+                    (LocalKind::Localhost(exact), Fixes::Flags) => format!(
+                        "{host} is this machine; allow it with --allow {exact} (or --allow {host})"
+                    ),
+                    (LocalKind::Localhost(exact), Fixes::File(file)) => format!(
+                        "{host} is this machine; add \"{exact}\" (or \"{host}\") to allowed_domains in {}",
+                        file.display()
+                    ),
+                    (LocalKind::Address(exact), Fixes::Flags) => format!(
+                        "it is a local or private address; allow that exact address with --allow {exact}, or pass --allow-local-binding with an --allow that covers it"
+                    ),
+                    (LocalKind::Address(exact), Fixes::File(file)) => format!(
+                        "it is a local or private address; add \"{exact}\" to allowed_domains, or set allow_local_binding = true with an allowed_domains entry that covers it, in {}",
+                        file.display()
+                    ),
+                    (_, _) => return None,
                 }
-            }
-            (Reason::Denied, _) => {
-                let rule = blocked.rule.as_deref().unwrap_or("denied_domains");
-                match self {
+                }
+                (Reason::Denied, _) => {
+                    let rule = blocked.rule.as_deref().unwrap_or("denied_domains");
+                    match self {
                     Fixes::Flags => format!(
                         "it matches the denylist ({rule}); drop the --deny that names it (deny wins over --allow)"
                     ),
@@ -66,22 +81,22 @@ impl Fixes {
                     ),
                     Fixes::Keys => return None,
                 }
-            }
-            (Reason::MethodNotAllowed, _) => {
-                let method = blocked.method.escape_debug();
-                let fix = match self {
-                    Fixes::Flags => "run without --mode limited".to_owned(),
-                    Fixes::File(file) => {
-                        format!("set mode = \"full\" in [network] in {}", file.display())
-                    }
-                    Fixes::Keys => return None,
-                };
-                return Some(format!(
+                }
+                (Reason::MethodNotAllowed, _) => {
+                    let method = blocked.method.escape_debug();
+                    let fix = match self {
+                        Fixes::Flags => "run without --mode limited".to_owned(),
+                        Fixes::File(file) => {
+                            format!("set mode = \"full\" in [network] in {}", file.display())
+                        }
+                        Fixes::Keys => return None,
+                    };
+                    return Some(format!(
                     "portcullis refused {method} {target}: limited mode allows only GET, HEAD and OPTIONS (and no SOCKS5); {fix} to allow it"
                 ));
-            }
-            (Reason::MitmRequired, _) => {
-                let fix = match self {
+                }
+                (Reason::MitmRequired, _) => {
+                    let fix = match self {
                     Fixes::Flags => "pass --mitm (under run the child is given the CA; elsewhere clients must trust the one `portcullis ca` prints), or run without --mode limited".to_owned(),
                     Fixes::File(file) => format!(
                         "set mitm = true in [network] in {} (clients must trust the CA `portcullis ca` prints), or mode = \"full\"",
@@ -89,30 +104,32 @@ impl Fixes {
                     ),
                     Fixes::Keys => return None,
                 };
-                return Some(format!(
+                    return Some(format!(
                     "portcullis refused CONNECT {target}: limited mode needs HTTPS interception to see methods; {fix}"
                 ));
-            }
-            (
-                Reason::ApprovalDenied | Reason::ApprovalTimedOut | Reason::ApprovalFailed,
-                Target::Host { .. },
-            ) => {
-                let what = match blocked.reason {
-                    Reason::ApprovalDenied => "the approver denied it",
-                    Reason::ApprovalTimedOut => "no approval arrived in time",
-                    _ => "the approver failed, so the request was denied (fail closed)",
-                };
-                match self {
-                    Fixes::Flags => format!("{what}; add --allow {host} if it should be reachable"),
-                    Fixes::File(file) => format!(
+                }
+                (
+                    Reason::ApprovalDenied | Reason::ApprovalTimedOut | Reason::ApprovalFailed,
+                    Target::Host { .. },
+                ) => {
+                    let what = match blocked.reason {
+                        Reason::ApprovalDenied => "the approver denied it",
+                        Reason::ApprovalTimedOut => "no approval arrived in time",
+                        _ => "the approver failed, so the request was denied (fail closed)",
+                    };
+                    match self {
+                        Fixes::Flags => {
+                            format!("{what}; add --allow {host} if it should be reachable")
+                        }
+                        Fixes::File(file) => format!(
                         "{what}; add \"{host}\" to allowed_domains in {} if it should be reachable",
                         file.display()
                     ),
-                    Fixes::Keys => return None,
+                        Fixes::Keys => return None,
+                    }
                 }
-            }
-            _ => return None,
-        };
+                _ => return None,
+            };
         Some(format!("portcullis refused {target}: {why_and_fix}"))
     }
 
@@ -196,6 +213,24 @@ mod tests {
             .rephrase(&local)
             .unwrap()
             .contains("--allow [::1]:8080, or pass --allow-local-binding"));
+        // Metadata: only the exact entry; allow_local_binding never unlocks it.
+        let metadata = refusal(Reason::NotAllowedLocal, "169.254.169.254:80");
+        for fixes in [Fixes::Flags, Fixes::File("/etc/p.toml".into())] {
+            let message = fixes.rephrase(&metadata).unwrap();
+            assert!(message.contains("169.254.169.254:80"), "{message}");
+            assert!(message.contains("does not"), "{message}");
+        }
+        assert!(
+            metadata.message.contains("allow_local_binding does not"),
+            "{}",
+            metadata.message
+        );
+        let localhost = refusal(Reason::NotAllowedLocal, "localhost:8080");
+        let message = Fixes::Flags.rephrase(&localhost).unwrap();
+        assert!(
+            message.contains("--allow localhost:8080") && !message.contains("address"),
+            "{message}"
+        );
         let limited = refusal(Reason::MitmRequired, "x.test:443");
         assert!(Fixes::Flags
             .rephrase(&limited)

@@ -1129,3 +1129,31 @@ async fn serve_reloads_on_sighup_but_stops_when_its_terminal_hangs_up() {
         "serve removed its env file on the way out"
     );
 }
+
+#[tokio::test]
+async fn a_busy_port_names_its_listener_and_the_fix() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = taken.local_addr().unwrap().to_string();
+    let (code, _, stderr) =
+        output(portcullis().args(["serve", "--no-socks", "--http", &address])).await;
+    assert_eq!(code, Some(69), "{stderr}");
+    assert!(
+        stderr.contains("the HTTP listener") && stderr.contains("--http 127.0.0.1:0"),
+        "{stderr}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("m.toml");
+    std::fs::write(&config, format!("[metrics]\nlisten = \"{address}\"\n")).unwrap();
+    let (code, _, stderr) = output(
+        portcullis()
+            .args(["serve", "--no-socks", "--http", "127.0.0.1:0", "--config"])
+            .arg(&config),
+    )
+    .await;
+    assert_eq!(code, Some(69), "{stderr}");
+    assert!(
+        stderr.contains("the metrics listener") && stderr.contains("[metrics] listen"),
+        "{stderr}"
+    );
+    drop(taken);
+}

@@ -276,6 +276,46 @@ impl fmt::Display for Blocked {
 
 impl StdError for Blocked {}
 
+/// What kind of local destination a `not_allowed_local` refusal is about,
+/// with the exact `host:port` entry that would allow it: the fix differs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LocalKind {
+    /// A cloud metadata address: only an entry naming it exactly unlocks
+    /// it.
+    Metadata(String),
+    /// `localhost`: an allowlist entry naming it allows it.
+    Localhost(String),
+    /// Any other local or private address: an exact entry, or
+    /// `allow_local_binding` with an entry that covers it.
+    Address(String),
+}
+
+impl LocalKind {
+    /// The kind of `target`, with its exact entry (`IP:PORT`, IPv6 in
+    /// brackets).
+    pub fn of(target: &Target) -> LocalKind {
+        let exact = match target {
+            Target::Host {
+                host: crate::Host::Ip(std::net::IpAddr::V6(v6)),
+                port,
+            } => format!("[{v6}]:{port}"),
+            other => other.to_string(),
+        };
+        match target {
+            Target::Host {
+                host: crate::Host::Ip(ip),
+                ..
+            } if crate::policy::is_metadata(*ip) => LocalKind::Metadata(exact),
+            Target::Host {
+                host: crate::Host::Name(_),
+                ..
+            } => LocalKind::Localhost(exact),
+            _ => LocalKind::Address(exact),
+        }
+    }
+}
+
 fn default_message(reason: Reason, target: &Target, method: &http::Method) -> String {
     let host = target.host_string();
     match reason {
@@ -284,12 +324,20 @@ fn default_message(reason: Reason, target: &Target, method: &http::Method) -> St
                 "portcullis refused unix socket {host}: it is not in allow_unix_sockets; add it to the config"
             ),
             Target::Host { .. } => format!(
-                "portcullis refused {target}: the host is not in allowed_domains; add it there (or pass --allow {host})"
+                "portcullis refused {target}: the host is not in allowed_domains; add \"{host}\" there"
             ),
         },
-        Reason::NotAllowedLocal => format!(
-            "portcullis refused {target}: it is a local or private address; allow that exact address (for example --allow {host}) or set allow_local_binding = true"
-        ),
+        Reason::NotAllowedLocal => match LocalKind::of(target) {
+            LocalKind::Metadata(exact) => format!(
+                "portcullis refused {target}: it is a cloud metadata address; only an allowed_domains entry naming that exact address (\"{exact}\") unlocks it, allow_local_binding does not"
+            ),
+            LocalKind::Localhost(exact) => format!(
+                "portcullis refused {target}: {host} is this machine; add \"{exact}\" (or \"{host}\") to allowed_domains to allow it"
+            ),
+            LocalKind::Address(exact) => format!(
+                "portcullis refused {target}: it is a local or private address; add \"{exact}\" to allowed_domains, or set allow_local_binding = true with an allowed_domains entry that covers it"
+            ),
+        },
         Reason::Denied => format!(
             "portcullis refused {target}: the host is in denied_domains; remove it from the denylist to allow it"
         ),

@@ -166,8 +166,8 @@ pub use approval::{
     RuleDecision,
 };
 pub use error::{
-    find_blocked, BadRequest, BlockDecision, Blocked, BoxError, ProxyErrorRef, Reason, Source,
-    UpstreamError, UpstreamErrorKind,
+    find_blocked, BadRequest, BlockDecision, Blocked, BoxError, LocalKind, ProxyErrorRef, Reason,
+    Source, UpstreamError, UpstreamErrorKind,
 };
 pub use future::ResponseFuture;
 pub use limited_mode::{LimitedMode, LimitedModeLayer, VerifyGitFetchBody};

@@ -21,6 +21,12 @@ pub enum PatternError {
     /// The CIDR range was malformed.
     #[error("the CIDR range is malformed (expected ADDRESS/PREFIX, e.g. 10.0.0.0/8)")]
     InvalidCidr,
+    /// A host with a path (`example.com/path`): patterns match hosts only.
+    #[error("a pattern is a host, not a host and a path: use {host:?} (paths are not matched)")]
+    HostWithPath {
+        /// The host before the path.
+        host: String,
+    },
     /// A URL where a host was expected.
     #[error("a pattern is a host, not a URL: did you mean {suggestion}?")]
     Url {
@@ -209,7 +215,13 @@ fn parse_host_pattern(text: &str) -> Result<HostPattern, PatternError> {
         return Err(PatternError::MisplacedWildcard);
     }
     if let Some((address, prefix)) = text.split_once('/') {
-        let address: IpAddr = address.parse().map_err(|_| PatternError::InvalidCidr)?;
+        // `example.com/path`: a host and a path, not a range.
+        let Ok(address) = address.parse::<IpAddr>() else {
+            return Err(match Host::parse(address) {
+                Ok(Host::Name(name)) => PatternError::HostWithPath { host: name },
+                _ => PatternError::InvalidCidr,
+            });
+        };
         if prefix.is_empty() || prefix.len() > 3 || !prefix.bytes().all(|b| b.is_ascii_digit()) {
             return Err(PatternError::InvalidCidr);
         }
@@ -303,10 +315,16 @@ mod tests {
             Err(PatternError::InvalidCidr)
         );
         assert_eq!(Pattern::parse("10.0.0.0/"), Err(PatternError::InvalidCidr));
-        assert_eq!(
-            Pattern::parse("example.com/8"),
-            Err(PatternError::InvalidCidr)
-        );
+        for with_path in ["example.com/8", "example.com/path", "example.com/a/b"] {
+            assert_eq!(
+                Pattern::parse(with_path),
+                Err(PatternError::HostWithPath {
+                    host: "example.com".into()
+                }),
+                "{with_path}"
+            );
+        }
+        assert_eq!(Pattern::parse("10.0.0.0/x"), Err(PatternError::InvalidCidr));
         assert_eq!(
             Pattern::parse("example.com:0"),
             Err(PatternError::Host(TargetError::InvalidPort))
