@@ -274,13 +274,15 @@ impl Options {
 impl Loaded {
     /// A proxy builder for this configuration (listeners from the config).
     pub fn builder(&self) -> Result<Prepared, ConfigError> {
-        self.builder_recording(None)
+        self.builder_recording(None, None)
     }
 
-    /// The same, also handing every refusal to `sink`.
+    /// The same, also handing every refusal to `tally` (the `run`
+    /// summary) and `learned` (`run --learn`).
     fn builder_recording(
         &self,
         tally: Option<crate::summary::Tally>,
+        learned: Option<crate::learn::Learned>,
     ) -> Result<Prepared, ConfigError> {
         let config = &self.config;
         let origin = &self.origin;
@@ -299,6 +301,9 @@ impl Loaded {
         }
         if let Some(tally) = tally {
             violations = violations.with_sink(tally);
+        }
+        if let Some(learned) = learned {
+            violations = violations.with_sink(learned);
         }
         let socks = if config.network.enable_socks5 {
             Some(config.socks_addr(origin)?)
@@ -545,7 +550,7 @@ async fn start(
     let Prepared {
         mut builder, rules, ..
     } = loaded
-        .builder_recording(tally)
+        .builder_recording(tally, learn.clone())
         .map_err(|e| usage_error(&e))?;
     if loaded.config.network.mitm {
         let ca = load_ca(&loaded.config, &loaded.origin)?;
@@ -757,15 +762,28 @@ impl ShutdownSignals {
 async fn run(args: RunArgs) -> ExitCode {
     // SIGHUP goes to the child under `run`; files are still watched.
     let tally = crate::summary::Tally::default();
-    let learned = args
-        .learn
-        .as_ref()
-        .map(|_| crate::learn::Learned::default());
+    let loaded = args.options.load().ok();
     let isolate = args.isolate
-        || args
-            .options
-            .load()
-            .is_ok_and(|loaded| loaded.config.run.isolate);
+        || loaded
+            .as_ref()
+            .is_some_and(|loaded| loaded.config.run.isolate);
+    // The learn file is checked before anything runs: a path that cannot
+    // be written fails now, not after the command did its work.
+    if let Some(path) = &args.learn {
+        if let Err(error) = crate::learn::Learned::check_writable(path) {
+            return usage_error(&format!(
+                "--learn {}: cannot write there ({error}); name a file in a folder you can write",
+                path.display()
+            ));
+        }
+    }
+    let learned = args.learn.as_ref().map(|_| {
+        crate::learn::Learned::new(
+            loaded
+                .as_ref()
+                .is_some_and(|loaded| loaded.config.network.allow_local_binding),
+        )
+    });
     let mut options = args.options.clone();
     if learned.is_some() {
         // Every public destination; local, private and metadata addresses
@@ -848,10 +866,15 @@ async fn run(args: RunArgs) -> ExitCode {
             Err(error) => {
                 let _ = writeln!(
                     std::io::stderr(),
-                    "portcullis: cannot write {}: {error}",
+                    "portcullis: cannot write the learn file {}: {error}",
                     path.display()
                 );
-                return ExitCode::from(EXIT_UNAVAILABLE);
+                // The command's own failure comes first; a success that
+                // could not be recorded is not one.
+                return match &status {
+                    Ok(status) if !status.success() => ExitCode::from(exit_code(*status)),
+                    _ => ExitCode::from(EXIT_UNAVAILABLE),
+                };
             }
         }
     }

@@ -7,7 +7,11 @@
 //!
 //! [`LearnLayer`] sits just outside the connector (an inner layer): it sees
 //! only what the policy let through, and keeps a destination once the
-//! connector reached it.
+//! connector reached it, or notes a name that did not resolve. [`Learned`]
+//! is also a violation sink: a local destination that was refused is
+//! written as the exact `IP:PORT` entry the next run needs (a cloud
+//! metadata address only as a comment: it is never unlocked for you), and
+//! `allow_local_binding = true` is kept when the learning run had it.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -19,7 +23,7 @@ use std::task::{Context, Poll};
 use http::Request;
 use tower::{Layer, Service};
 
-use portcullis_middleware::Target;
+use portcullis_middleware::{Host, Target};
 
 /// Destinations kept; more are counted, not listed.
 const MAX_LEARNED: usize = 10_000;
@@ -32,9 +36,36 @@ pub(crate) struct Learned(Arc<Mutex<Reached>>);
 struct Reached {
     destinations: BTreeMap<(Vec<String>, u16), u64>,
     dropped: u64,
+    /// Refused local destinations: the entry that allows each, and why.
+    local: BTreeMap<String, String>,
+    /// Cloud metadata addresses the command tried: comments only.
+    metadata: BTreeMap<String, u64>,
+    /// Names that did not resolve: comments only.
+    unresolved: BTreeMap<String, u64>,
+    allow_local_binding: bool,
 }
 
 impl Learned {
+    /// A learning run; `allow_local_binding` as it was given.
+    pub(crate) fn new(allow_local_binding: bool) -> Learned {
+        let learned = Learned::default();
+        learned.reached().allow_local_binding = allow_local_binding;
+        learned
+    }
+
+    fn reached(&self) -> std::sync::MutexGuard<'_, Reached> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn note_unresolved(&self, target: &Target) {
+        let mut reached = self.reached();
+        if reached.unresolved.len() < MAX_LEARNED {
+            *reached.unresolved.entry(target.to_string()).or_insert(0) += 1;
+        }
+    }
+
     fn note(&self, target: &Target) {
         let (Target::Host { .. }, Some(port)) = (target, target.port()) else {
             return;
@@ -79,13 +110,20 @@ impl Learned {
             "# Written by `portcullis run --learn` for: {}\n# Every destination the command reached, with how many requests or\n# connections; pass this file back with `portcullis run --config FILE -- ...`.\n",
             command.replace('\n', " ")
         );
+        if reached.allow_local_binding {
+            text.push_str("# The command ran with --allow-local-binding.\n");
+        }
         if reached.dropped > 0 {
             text.push_str(&format!(
                 "# {} more destinations were reached and not listed (the list keeps {MAX_LEARNED}).\n",
                 reached.dropped
             ));
         }
-        text.push_str("[network]\nallowed_domains = [\n");
+        text.push_str("[network]\n");
+        if reached.allow_local_binding {
+            text.push_str("allow_local_binding = true\n");
+        }
+        text.push_str("allowed_domains = [\n");
         let mut group: Option<String> = None;
         for ((labels, port), count) in &reached.destinations {
             let (host, domain) = if labels.first().map(String::as_str) == Some("~") {
@@ -110,16 +148,125 @@ impl Learned {
             let quoted = format!("{pattern:?},");
             text.push_str(&format!("  {quoted:<44} # {count}\n"));
         }
+        if !reached.local.is_empty() {
+            text.push_str(
+                "  # local addresses (refused while learning: each exact entry allows it)\n",
+            );
+            for (entry, why) in &reached.local {
+                let quoted = format!("{entry:?},");
+                text.push_str(&format!("  {quoted:<44} # {}\n", why.replace('\n', " ")));
+            }
+        }
         text.push_str("]\n");
+        if !reached.metadata.is_empty() {
+            text.push_str("# Cloud metadata addresses the command tried (not allowed; add one only if you mean it):\n");
+            for (entry, count) in &reached.metadata {
+                text.push_str(&format!("#   {entry:?}  # {count}\n"));
+            }
+        }
+        if !reached.unresolved.is_empty() {
+            text.push_str(
+                "# Names that did not resolve (the command could not have reached them):\n",
+            );
+            for (entry, count) in &reached.unresolved {
+                text.push_str(&format!(
+                    "#   {:?}  # {count}\n",
+                    entry.escape_debug().to_string()
+                ));
+            }
+        }
         text
     }
 
-    /// Writes the learn file (whole, or not at all).
+    /// Fails unless `path` can be written (its folder exists and takes a
+    /// new file): checked before the command runs.
+    pub(crate) fn check_writable(path: &Path) -> std::io::Result<()> {
+        if path.is_dir() {
+            return Err(std::io::Error::other("it is a directory"));
+        }
+        let directory = match path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => Path::new("."),
+        };
+        tempfile::NamedTempFile::new_in(directory).map(drop)
+    }
+
+    /// Writes the learn file (whole, by rename, or not at all).
     pub(crate) fn write(&self, path: &Path, command: &str) -> std::io::Result<()> {
-        crate::transport::mitm::write_atomically(path, self.toml(command).as_bytes(), 0o644)
-            .map_err(|error| std::io::Error::other(error.to_string()))
+        use std::io::Write;
+        let directory = match path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => Path::new("."),
+        };
+        let mut file = tempfile::NamedTempFile::new_in(directory)?;
+        file.write_all(self.toml(command).as_bytes())?;
+        file.as_file().sync_all()?;
+        file.persist(path).map(drop).map_err(|error| error.error)
     }
 }
+
+/// Refused local destinations become the exact entries the next run needs.
+impl portcullis_middleware::ViolationSink for Learned {
+    fn record(&self, violation: &portcullis_middleware::Violation) {
+        let blocked = &violation.blocked;
+        if blocked.reason != portcullis_middleware::Reason::NotAllowedLocal {
+            return;
+        }
+        let Target::Host { host, port } = &blocked.target else {
+            return;
+        };
+        let address = match (host, blocked.address) {
+            (Host::Ip(ip), _) => Some(*ip),
+            (Host::Name(_), resolved) => resolved,
+        };
+        let mut reached = self.reached();
+        if reached.local.len() >= MAX_LEARNED {
+            return;
+        }
+        match address {
+            Some(ip) if portcullis_middleware::policy::is_metadata(ip) => {
+                let entry = Target::host(Host::Ip(ip), *port).to_string();
+                *reached.metadata.entry(entry).or_insert(0) += 1;
+            }
+            Some(ip) => {
+                let entry = exact_entry(ip, *port);
+                let why = match host {
+                    Host::Name(name) => format!("{name} resolved to it"),
+                    Host::Ip(_) => "refused as local".to_owned(),
+                };
+                let reasons = reached.local.entry(entry).or_default();
+                if !reasons.split("; ").any(|known| known == why) {
+                    if !reasons.is_empty() {
+                        reasons.push_str("; ");
+                    }
+                    reasons.push_str(&why);
+                }
+                // The name itself must be allowed too.
+                if let Host::Name(_) = host {
+                    drop(reached);
+                    self.note(&blocked.target);
+                }
+            }
+            // `localhost`: the name is the entry.
+            None => {
+                reached
+                    .local
+                    .entry(blocked.target.to_string())
+                    .or_insert_with(|| "this machine".to_owned());
+            }
+        }
+    }
+}
+
+/// `IP:PORT` as an allowlist entry (IPv6 in brackets).
+fn exact_entry(ip: std::net::IpAddr, port: u16) -> String {
+    match ip {
+        std::net::IpAddr::V6(v6) => format!("[{v6}]:{port}"),
+        std::net::IpAddr::V4(v4) => format!("{v4}:{port}"),
+    }
+}
+
+impl Learned {}
 
 /// Records what the connector reached; see the [module docs](self).
 #[derive(Debug, Clone)]
@@ -143,12 +290,21 @@ pub(crate) struct Learn<S> {
     learned: Learned,
 }
 
+/// Whether the connector failed because the name does not resolve.
+fn unresolved<E: AsRef<dyn std::error::Error + Send + Sync>>(error: &E) -> bool {
+    matches!(
+        portcullis_middleware::ProxyErrorRef::find(error.as_ref()),
+        Some(portcullis_middleware::ProxyErrorRef::Upstream(upstream))
+            if upstream.kind == portcullis_middleware::UpstreamErrorKind::Unresolved
+    )
+}
+
 impl<S, B> Service<Request<B>> for Learn<S>
 where
     S: Service<Request<B>>,
     S::Future: Send + 'static,
     S::Response: Send + 'static,
-    S::Error: Send + 'static,
+    S::Error: AsRef<dyn std::error::Error + Send + Sync> + Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
@@ -164,8 +320,10 @@ where
         let future = self.inner.call(request);
         Box::pin(async move {
             let result = future.await;
-            if let (Ok(_), Some(target)) = (&result, target) {
-                learned.note(&target);
+            match (&result, target) {
+                (Ok(_), Some(target)) => learned.note(&target),
+                (Err(error), Some(target)) if unresolved(error) => learned.note_unresolved(&target),
+                _ => {}
             }
             result
         })

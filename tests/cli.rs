@@ -1157,3 +1157,119 @@ async fn a_busy_port_names_its_listener_and_the_fix() {
     );
     drop(taken);
 }
+
+#[tokio::test]
+async fn run_learn_checks_its_file_first_and_writes_what_the_next_run_needs() {
+    let origin = origin().await;
+    let port = origin.addr.port();
+    let dir = tempfile::tempdir().unwrap();
+    // A path that cannot be written: refused before the command runs.
+    let marker = dir.path().join("ran");
+    let (code, _, stderr) = output(
+        portcullis()
+            .args(["run", "--learn", "/proc/nope/l.toml", "--", "touch"])
+            .arg(&marker),
+    )
+    .await;
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(
+        stderr.contains("/proc/nope/l.toml") && !stderr.contains("CA"),
+        "{stderr}"
+    );
+    assert!(!marker.exists(), "the command did not run");
+
+    // Without --allow-local-binding: a local address and a name that
+    // resolves to one are refused while learning, and written as the
+    // exact entries that allow them; metadata only as a comment; a name
+    // that does not resolve as a comment.
+    let config = dir.path().join("dns.toml");
+    std::fs::write(&config, "[dns]\nhosts = { \"gone.test\" = [] }\n").unwrap();
+    let learned = dir.path().join("learned.toml");
+    let script = format!(
+        "curl -s http://127.0.0.1:{port}/a; curl -s http://svc.test:{port}/b; curl -s -m 5 http://169.254.169.254/latest; curl -s http://gone.test:{port}/; true"
+    );
+    let (code, _, stderr) = output(
+        portcullis()
+            .args(["run", "--config"])
+            .arg(&config)
+            .args(["--resolve", "svc.test=127.0.0.1", "--learn"])
+            .arg(&learned)
+            .args(["--", "sh", "-c", &script]),
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let written = std::fs::read_to_string(&learned).unwrap();
+    assert!(
+        written.contains(&format!("\"127.0.0.1:{port}\",")),
+        "{written}"
+    );
+    assert!(
+        written.contains(&format!("\"svc.test:{port}\",")),
+        "{written}"
+    );
+    assert!(written.contains("svc.test resolved to it"), "{written}");
+    assert!(!written.contains("allow_local_binding"), "{written}");
+    assert!(
+        written.contains("#   \"169.254.169.254:80\""),
+        "metadata as a comment: {written}"
+    );
+    assert!(
+        written.contains(&format!("#   \"gone.test:{port}\"")),
+        "{written}"
+    );
+    let parsed: toml::Value = toml::from_str(&written).unwrap();
+    let allowed: Vec<&str> = parsed["network"]["allowed_domains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(
+        !allowed.iter().any(|e| e.contains("169.254")),
+        "{allowed:?}"
+    );
+
+    // The next run under that file reaches both, with no flag.
+    let replay = format!("curl -sf http://127.0.0.1:{port}/a && curl -sf http://svc.test:{port}/b");
+    let (code, stdout, stderr) =
+        output(portcullis().args(["run", "--config"]).arg(&learned).args([
+            "--resolve",
+            "svc.test=127.0.0.1",
+            "--",
+            "sh",
+            "-c",
+            &replay,
+        ]))
+        .await;
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert_eq!(stdout, "hello /ahello /b");
+
+    // With --allow-local-binding, the file keeps it.
+    let (code, _, stderr) = output(
+        portcullis()
+            .args([
+                "run",
+                "--allow-local-binding",
+                "--resolve",
+                "svc.test=127.0.0.1",
+                "--learn",
+            ])
+            .arg(&learned)
+            .args(["--", "curl", "-sf", &format!("http://svc.test:{port}/c")]),
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let written = std::fs::read_to_string(&learned).unwrap();
+    assert!(written.contains("allow_local_binding = true"), "{written}");
+    let (code, stdout, stderr) =
+        output(portcullis().args(["run", "--config"]).arg(&learned).args([
+            "--resolve",
+            "svc.test=127.0.0.1",
+            "--",
+            "curl",
+            "-sf",
+            &format!("http://svc.test:{port}/c"),
+        ]))
+        .await;
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+}

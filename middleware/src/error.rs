@@ -162,6 +162,7 @@ impl serde::Serialize for Source {
 
 /// A request refused by policy: the one refusal type every layer returns.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Blocked {
     /// Why.
     pub reason: Reason,
@@ -179,6 +180,9 @@ pub struct Blocked {
     pub rule: Option<String>,
     /// A sentence for the user: what was refused, why, and what to change.
     pub message: String,
+    /// The address a name resolved to, when that address is what was
+    /// refused (`not_allowed_local` from the connector).
+    pub address: Option<std::net::IpAddr>,
 }
 
 impl Blocked {
@@ -200,7 +204,14 @@ impl Blocked {
             method: method.as_str().to_owned(),
             rule: None,
             message,
+            address: None,
         }
+    }
+
+    /// Sets the resolved address that was refused.
+    pub fn with_address(mut self, address: std::net::IpAddr) -> Blocked {
+        self.address = Some(address);
+        self
     }
 
     /// Sets the rule that decided, and mentions it in the message.
@@ -249,11 +260,12 @@ impl Blocked {
 
 /// The refusal as data (for JSON bodies and log files): `status`
 /// (`"blocked"`), `host`, `port`, `protocol`, `reason`, `decision`,
-/// `source`, `method`, `rule`, `message`.
+/// `source`, `method`, `rule`, `message`, and `address` when a name's
+/// resolved address was refused.
 impl serde::Serialize for Blocked {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
-        let mut object = serializer.serialize_struct("Blocked", 10)?;
+        let mut object = serializer.serialize_struct("Blocked", 11)?;
         object.serialize_field("status", "blocked")?;
         object.serialize_field("host", &self.target.host_string())?;
         object.serialize_field("port", &self.target.port())?;
@@ -264,6 +276,11 @@ impl serde::Serialize for Blocked {
         object.serialize_field("method", &self.method)?;
         object.serialize_field("rule", &self.rule)?;
         object.serialize_field("message", &self.message)?;
+        if let Some(address) = &self.address {
+            object.serialize_field("address", address)?;
+        } else {
+            object.skip_field("address")?;
+        }
         object.end()
     }
 }

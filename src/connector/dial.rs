@@ -232,7 +232,7 @@ impl Dialer {
                 let blocked = match (reason, host) {
                     (Reason::NotAllowedLocal, Host::Name(_)) => {
                         let message = self.fixes.resolved_local(request.target, address, port);
-                        blocked.with_message(message)
+                        blocked.with_message(message).with_address(address)
                     }
                     _ => blocked,
                 };
