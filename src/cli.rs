@@ -79,7 +79,7 @@ pub struct Options {
     #[arg(long, value_name = "ADDR")]
     socks: Option<String>,
     /// Do not serve SOCKS5.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "socks")]
     no_socks: bool,
     /// Add an allowlist pattern (repeatable).
     #[arg(long = "allow", value_name = "PATTERN")]
@@ -104,6 +104,10 @@ pub struct Options {
     /// terminal), command (the `[approval] command` reviewer).
     #[arg(long, value_enum, value_name = "MODE")]
     approve: Option<ApprovalMode>,
+    /// The reviewer program `--approve command` runs (implies it):
+    /// `[approval] command`. It must exist and be executable.
+    #[arg(long, value_name = "PROG")]
+    reviewer: Option<String>,
     /// Answer NAME with IP without DNS (repeatable), like curl's --resolve.
     #[arg(long = "resolve", value_name = "NAME=IP")]
     resolve: Vec<String>,
@@ -188,6 +192,13 @@ pub struct Loaded {
 }
 
 impl Options {
+    /// Says once, at start, what an `--allow '*'` means.
+    fn warn_allow_everything(&self) {
+        if self.allow.iter().any(|pattern| pattern == "*") {
+            tracing::warn!("--allow '*' allows every public destination: the allowlist no longer narrows anything (the denylist, local and metadata addresses still apply)");
+        }
+    }
+
     /// The config file named by `--config` or `PORTCULLIS_CONFIG`.
     pub fn config_path(&self) -> Option<&std::path::Path> {
         self.config.as_deref()
@@ -230,6 +241,10 @@ impl Options {
         }
         if self.no_upstream_proxy {
             network.allow_upstream_proxy = false;
+        }
+        if let Some(reviewer) = &self.reviewer {
+            config.approval.command = vec![reviewer.clone()];
+            config.approval.mode = ApprovalMode::Command;
         }
         if let Some(mode) = self.approve {
             config.approval.mode = mode;
@@ -611,6 +626,7 @@ async fn start(
 
 async fn serve(args: ServeArgs) -> ExitCode {
     let options = args.options;
+    options.warn_allow_everything();
     let deadline = match options
         .load()
         .and_then(|loaded| loaded.config.shutdown_deadline(&loaded.origin))
@@ -762,6 +778,7 @@ impl ShutdownSignals {
 async fn run(args: RunArgs) -> ExitCode {
     // SIGHUP goes to the child under `run`; files are still watched.
     let tally = crate::summary::Tally::default();
+    args.options.warn_allow_everything();
     let loaded = args.options.load().ok();
     let isolate = args.isolate
         || loaded

@@ -1273,3 +1273,73 @@ async fn run_learn_checks_its_file_first_and_writes_what_the_next_run_needs() {
         .await;
     assert_eq!(code, Some(0), "{stdout}{stderr}");
 }
+
+#[tokio::test]
+async fn flags_that_conflict_or_cannot_work_fail_at_start() {
+    let (code, _, stderr) =
+        output(portcullis().args(["serve", "--no-socks", "--socks", "127.0.0.1:0"])).await;
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(
+        stderr.contains("--no-socks") && stderr.contains("--socks"),
+        "{stderr}"
+    );
+    // A reviewer that is not there, or not executable, fails at start.
+    let dir = tempfile::tempdir().unwrap();
+    let not_executable = dir.path().join("review.sh");
+    std::fs::write(&not_executable, "#!/bin/sh\n").unwrap();
+    for reviewer in [
+        "/nonexistent/review.sh",
+        not_executable.to_str().unwrap(),
+        "no-such-reviewer-on-path",
+    ] {
+        let (code, _, stderr) =
+            output(portcullis().args(["run", "--reviewer", reviewer, "--", "true"])).await;
+        assert_eq!(code, Some(64), "{reviewer}: {stderr}");
+        assert!(
+            stderr.contains(reviewer) && stderr.contains("approval.command"),
+            "{stderr}"
+        );
+    }
+    // --reviewer names the program and implies --approve command.
+    let reviewer = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/reviewers/reviewer.sh"
+    );
+    let origin = origin().await;
+    let (code, stdout, stderr) = output(portcullis().env("XDG_DATA_HOME", dir.path()).args([
+        "run",
+        "--allow-local-binding",
+        "--resolve",
+        "session.test=127.0.0.1",
+        "--reviewer",
+        reviewer,
+        "--",
+        "curl",
+        "-s",
+        &format!("http://session.test:{}/reviewed", origin.addr.port()),
+    ]))
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout, "hello /reviewed", "{stderr}");
+    // `--allow '*'` says once what it means.
+    let (code, _, stderr) = output(portcullis().args(["run", "--allow", "*", "--", "true"])).await;
+    assert_eq!(code, Some(0));
+    assert_eq!(
+        stderr
+            .matches("--allow '*' allows every public destination")
+            .count(),
+        1,
+        "{stderr}"
+    );
+    let (_, _, stderr) = output(
+        portcullis()
+            .args(["run", "--learn"])
+            .arg(dir.path().join("l.toml"))
+            .args(["--", "true"]),
+    )
+    .await;
+    assert!(
+        !stderr.contains("--allow '*'"),
+        "--learn's own * is not the user's: {stderr}"
+    );
+}

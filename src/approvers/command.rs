@@ -126,6 +126,37 @@ struct Verdict {
     rationale: String,
 }
 
+/// Whether `program` can be run: a path (with a `/`) that is an executable
+/// file, or a name found as one on `PATH`. Checked at start, so a typo
+/// fails there and not at the first question.
+pub(crate) fn runnable(program: &str) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |path: &std::path::Path| {
+        std::fs::metadata(path)
+            .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        let path = std::path::Path::new(program);
+        return match std::fs::metadata(path) {
+            Err(error) => Err(format!("the reviewer {program:?} cannot be run: {error}")),
+            Ok(_) if executable(path) => Ok(()),
+            Ok(_) => Err(format!(
+                "the reviewer {program:?} is not an executable file (chmod +x it?)"
+            )),
+        };
+    }
+    let found = std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|directory| executable(&directory.join(program)))
+    });
+    if found {
+        Ok(())
+    } else {
+        Err(format!(
+            "the reviewer {program:?} is not an executable on PATH; give its path (./{program})"
+        ))
+    }
+}
+
 /// Reads the reviewer's stdout as the one documented object.
 fn parse_verdict(output: &[u8], by: &str) -> Result<Verdict, BoxError> {
     serde_json::from_slice(output).map_err(|e| {

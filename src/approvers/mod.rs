@@ -46,6 +46,13 @@ pub fn from_config(
                     message: "mode = \"command\" needs the reviewer program, e.g. command = [\"./review.sh\"]".into(),
                 });
             }
+            if let Err(message) = command::runnable(&approval.command[0]) {
+                return Err(ConfigError::Invalid {
+                    key: "approval.command".into(),
+                    origin: origin.to_owned(),
+                    message,
+                });
+            }
             let settings = command::ReviewerSettings {
                 command: approval.command.clone(),
                 risk_threshold: approval.risk_threshold,
