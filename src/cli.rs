@@ -420,7 +420,7 @@ pub fn main() -> ExitCode {
     };
     // Under `run`, RUST_LOG belongs to the child: only PORTCULLIS_LOG is ours.
     let (command, default_filter, read_rust_log) = match cli.command {
-        Some(Command::Run(args)) => (Command::Run(args), "warn", false),
+        Some(Command::Run(args)) => (Command::Run(args), "warn,portcullis::violation=off", false),
         // `check` answers on stdout; its refusal is not news for the log.
         Some(Command::Check(args)) => (Command::Check(args), "error", true),
         Some(command) => (command, "info", true),
@@ -777,7 +777,9 @@ impl ShutdownSignals {
 
 async fn run(args: RunArgs) -> ExitCode {
     // SIGHUP goes to the child under `run`; files are still watched.
-    let tally = crate::summary::Tally::default();
+    // Each refused destination is said once, as it happens, by the tally;
+    // the violation log's own line is not shown under `run`.
+    let tally = crate::summary::Tally::live();
     args.options.warn_allow_everything();
     let loaded = args.options.load().ok();
     let isolate = args.isolate

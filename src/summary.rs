@@ -1,7 +1,11 @@
-//! What `run` says on the way out: each refused destination once, with how
-//! many times, why, and the flag that would allow it.
+//! What `run` tells the person about refusals: one line as each refused
+//! destination is first refused, and on the way out each refused
+//! destination once, with how many times, why, and the flag that would
+//! allow it. Both come from the refusal's own message (already worded for
+//! flags under `run`), so the two never disagree.
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use portcullis_middleware::{Reason, Violation, ViolationSink};
@@ -9,47 +13,82 @@ use portcullis_middleware::{Reason, Violation, ViolationSink};
 /// Distinct destinations remembered; refusals past it are counted only.
 const MAX_DESTINATIONS: usize = 1000;
 
-/// Counts refusals per destination and reason.
+/// Counts refusals per destination and reason, and says each new one.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Tally {
     inner: Arc<Mutex<TallyInner>>,
+    /// Write a line to stderr when a destination is first refused.
+    live: bool,
 }
 
 #[derive(Debug, Default)]
 struct TallyInner {
-    /// (destination, reason) → (count, order of first sight, the fix the
-    /// first refusal's message named).
-    seen: HashMap<(String, Reason), (u64, usize, Option<String>)>,
+    /// (destination, reason) → (count, order of first sight, why and fix).
+    seen: HashMap<(String, Reason), (u64, usize, String)>,
     others: u64,
+}
+
+/// Control characters shown as escapes, nothing else touched: a line for
+/// a person, with no quotes turned into `\"`.
+fn printable(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            let shown: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            shown
+        })
+        .collect()
+}
+
+/// The refusal's "why; fix", without the "portcullis refused TARGET: "
+/// its standard messages start with.
+fn why_and_fix(message: &str, destination: &str) -> String {
+    let prefix_end = message
+        .strip_prefix("portcullis refused ")
+        .and_then(|rest| rest.find(&format!("{destination}: ")).map(|at| (rest, at)))
+        .map(|(rest, at)| &rest[at + destination.len() + 2..]);
+    printable(prefix_end.unwrap_or(message))
+}
+
+impl Tally {
+    /// A tally that also says each newly refused destination on stderr.
+    pub(crate) fn live() -> Tally {
+        Tally {
+            live: true,
+            ..Tally::default()
+        }
+    }
 }
 
 impl ViolationSink for Tally {
     fn record(&self, violation: &Violation) {
-        let destination = match violation.blocked.target.port() {
-            Some(port) => format!("{}:{port}", violation.blocked.target.host_string()),
-            None => violation.blocked.target.host_string(),
-        };
+        let blocked = &violation.blocked;
+        let destination = printable(&match blocked.target.port() {
+            Some(port) => format!("{}:{port}", blocked.target.host_string()),
+            None => blocked.target.host_string(),
+        });
         let mut inner = self
             .inner
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let order = inner.seen.len();
-        let key = (
-            destination.escape_debug().to_string(),
-            violation.blocked.reason,
-        );
+        let key = (destination.clone(), blocked.reason);
         match inner.seen.get_mut(&key) {
             Some((count, _, _)) => *count += 1,
             None if order < MAX_DESTINATIONS => {
-                // The message ends with its fix ("…; allow that address
-                // with --allow 10.0.0.5:443, or …"): the exact address is
-                // only there.
-                let fix = violation
-                    .blocked
-                    .message
-                    .split_once("; ")
-                    .map(|(_, fix)| fix.escape_debug().to_string());
-                inner.seen.insert(key, (1, order, fix));
+                let said = why_and_fix(&blocked.message, &destination);
+                if self.live {
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "portcullis: refused {} {destination} ({}) — {said}",
+                        printable(&blocked.method),
+                        blocked.protocol
+                    );
+                }
+                inner.seen.insert(key, (1, order, said));
             }
             None => inner.others += 1,
         }
@@ -68,15 +107,8 @@ impl Tally {
         entries.sort_by_key(|(_, (_, order, _))| *order);
         let mut lines: Vec<String> = entries
             .into_iter()
-            .map(|((destination, reason), (count, _, named))| {
-                let host = destination
-                    .rsplit_once(':')
-                    .map_or(destination.as_str(), |(host, _)| host);
-                let (why, mut fix) = advice(*reason, host);
-                if let (Reason::NotAllowedLocal, Some(named)) = (reason, named) {
-                    fix = named.clone();
-                }
-                format!("portcullis: refused {destination} ×{count} — {why}; {fix}")
+            .map(|((destination, _), (count, _, said))| {
+                format!("portcullis: refused {destination} ×{count} — {said}")
             })
             .collect();
         if inner.others > 0 {
@@ -89,30 +121,24 @@ impl Tally {
     }
 }
 
-fn advice(reason: Reason, host: &str) -> (&'static str, String) {
-    match reason {
-        Reason::NotAllowed => ("not in the allowlist", format!("add --allow {host}")),
-        Reason::NotAllowedLocal => (
-            "a local or private address",
-            "allow that exact address (--allow IP) or pass --allow-local-binding".to_owned(),
-        ),
-        Reason::Denied => ("in the denylist", "remove it from the denylist".to_owned()),
-        Reason::MethodNotAllowed => (
-            "a write in limited mode",
-            "use --mode full to allow writes".to_owned(),
-        ),
-        Reason::MitmRequired => (
-            "HTTPS in limited mode without interception",
-            "pass --mitm, or --mode full".to_owned(),
-        ),
-        Reason::ApprovalDenied | Reason::ApprovalTimedOut | Reason::ApprovalFailed => (
-            "not approved",
-            format!("add --allow {host} to skip the question"),
-        ),
-        Reason::Loop => (
-            "this proxy itself",
-            "point the client at the destination".to_owned(),
-        ),
-        _ => ("refused", "see the log for why".to_owned()),
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_standard_prefix_goes_and_nothing_is_quoted_twice() {
+        assert_eq!(
+            why_and_fix(
+                "portcullis refused a.test:443: the host is not in the allowlist; add --allow a.test",
+                "a.test:443"
+            ),
+            "the host is not in the allowlist; add --allow a.test"
+        );
+        assert_eq!(
+            why_and_fix("portcullis refused [::1]:80: localhost \"x\"", "[::1]:80"),
+            "localhost \"x\""
+        );
+        assert_eq!(why_and_fix("ask the team\n", "a.test:1"), "ask the team\\n");
     }
 }

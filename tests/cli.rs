@@ -18,8 +18,8 @@ async fn run_passes_the_environment_and_returns_the_exit_code() {
     assert_eq!(code, Some(7), "the child's exit code: {stderr}");
     assert_eq!(stdout, "hello /from-run 200\n403", "{stderr}");
     assert!(
-        stderr.contains("reason=\"not_allowed\""),
-        "refusals are logged on stderr: {stderr}"
+        stderr.contains("portcullis: refused GET example.com:80 (http) — the host is not in the allowlist; add --allow example.com"),
+        "refusals are said on stderr as they happen: {stderr}"
     );
     let (_, stdout, _) = output(portcullis().args([
         "run",
@@ -662,20 +662,23 @@ async fn run_ends_with_a_summary_of_what_it_refused() {
     ]))
     .await;
     assert_eq!(code, Some(0));
-    let summary: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.starts_with("portcullis: refused"))
-        .collect();
+    // Each destination once as it is first refused, then the summary:
+    // nothing else (no timestamped log line), and no escaped quotes.
+    let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(
-        summary,
+        lines,
         [
-            "portcullis: refused blocked.test:80 ×3 — not in the allowlist; add --allow blocked.test",
-            "portcullis: refused other.test:8080 ×1 — not in the allowlist; add --allow other.test",
+            "portcullis: refused GET blocked.test:80 (http) — the host is not in the allowlist; add --allow blocked.test",
+            "portcullis: refused GET other.test:8080 (http) — the host is not in the allowlist; add --allow other.test",
+            "portcullis: refused GET svc.test:9 (http) — it resolves to the local or private address 127.0.0.1; allow that address with --allow 127.0.0.1:9, or pass --allow-local-binding",
+            "portcullis: refused blocked.test:80 ×3 — the host is not in the allowlist; add --allow blocked.test",
+            "portcullis: refused other.test:8080 ×1 — the host is not in the allowlist; add --allow other.test",
             // The name is allowed; the address it resolved to is named.
-            "portcullis: refused svc.test:9 ×1 — a local or private address; allow that address with --allow 127.0.0.1:9, or pass --allow-local-binding",
+            "portcullis: refused svc.test:9 ×1 — it resolves to the local or private address 127.0.0.1; allow that address with --allow 127.0.0.1:9, or pass --allow-local-binding",
         ],
         "{stderr}"
     );
+    assert!(!stderr.contains("\\\""), "no escaped quotes: {stderr}");
     let (_, _, stderr) = output(portcullis().args(["run", "--no-auth", "--", "true"])).await;
     assert!(
         !stderr.contains("portcullis: refused"),

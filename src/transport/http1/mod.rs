@@ -119,12 +119,7 @@ pub(crate) async fn serve(
 
 /// Past the connection limit: a 503 saying so, then close.
 async fn refuse_busy(mut stream: tokio::net::TcpStream) {
-    let body = "{\"status\":\"busy\",\"message\":\"portcullis is serving as many connections as it allows ([limits] max_connections); try again shortly\"}\n";
-    let answer = format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nx-proxy-error: proxy-busy\r\ncontent-length: {}\r\nconnection: close\r\nretry-after: 1\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = tokio::io::AsyncWriteExt::write_all(&mut stream, answer.as_bytes()).await;
+    let _ = tokio::io::AsyncWriteExt::write_all(&mut stream, &rescue::busy_bytes()).await;
 }
 
 /// Handles one request; an `Err` is an answer of the transport's own.

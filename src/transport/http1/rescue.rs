@@ -50,7 +50,12 @@ pub(crate) fn http_response(error: &BoxError) -> Response<Body> {
             json_response(
                 status,
                 header.into(),
-                serde_json::json!({"status": "upstream_error", "kind": kind, "target": upstream.target, "message": upstream.to_string()}),
+                synthetic(
+                    "upstream_error",
+                    Some(kind),
+                    Some(&upstream.target),
+                    &upstream.to_string(),
+                ),
             )
         }
         _ => {
@@ -58,7 +63,12 @@ pub(crate) fn http_response(error: &BoxError) -> Response<Body> {
             json_response(
                 StatusCode::BAD_GATEWAY,
                 "proxy-error".into(),
-                serde_json::json!({"status": "error", "message": format!("portcullis could not complete the request: {error}")}),
+                synthetic(
+                    "error",
+                    None,
+                    None,
+                    &format!("portcullis could not complete the request: {error}"),
+                ),
             )
         }
     }
@@ -91,13 +101,43 @@ fn refusal_header(reason: Reason) -> Cow<'static, str> {
     })
 }
 
+/// The body of every answer that is not a refusal (400, 405, 407, 431,
+/// 502, 503, 504): one shape, `status` (a word), `kind` (the detail, or
+/// null), `target` (`host:port`, or null) and `message`.
+pub(crate) fn synthetic(
+    status: &str,
+    kind: Option<&str>,
+    target: Option<&str>,
+    message: &str,
+) -> serde_json::Value {
+    serde_json::json!({"status": status, "kind": kind, "target": target, "message": message})
+}
+
 /// An answer of the transport's own (a 405 for a nested CONNECT, …).
 pub(crate) fn status(status: StatusCode, header: &'static str, message: &str) -> Response<Body> {
     json_response(
         status,
         header.into(),
-        serde_json::json!({"status": "bad_request", "message": message}),
+        synthetic("bad_request", None, None, message),
     )
+}
+
+/// The whole 503 written to a client past the connection limit, before
+/// any HTTP is read: the same body shape as every other answer.
+pub(crate) fn busy_bytes() -> Vec<u8> {
+    let mut body = synthetic(
+        "busy",
+        None,
+        None,
+        "portcullis is serving as many connections as it allows ([limits] max_connections); try again shortly",
+    )
+    .to_string();
+    body.push('\n');
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n{X_PROXY_ERROR}: proxy-busy\r\ncontent-length: {}\r\nconnection: close\r\nretry-after: 1\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
 }
 
 /// A 407: this proxy needs the credentials it was started with.
@@ -105,7 +145,12 @@ pub(crate) fn authentication_required() -> Response<Body> {
     let mut response = json_response(
         StatusCode::PROXY_AUTHENTICATION_REQUIRED,
         "proxy-auth-required".into(),
-        serde_json::json!({"status": "auth_required", "message": "portcullis needs the proxy credentials it was started with: use the proxy URL it printed (http://user:password@host:port)"}),
+        synthetic(
+            "auth_required",
+            None,
+            None,
+            "portcullis needs the proxy credentials it was started with: use the proxy URL it printed (http://user:password@host:port)",
+        ),
     );
     response.headers_mut().insert(
         http::header::PROXY_AUTHENTICATE,
@@ -120,10 +165,15 @@ pub(crate) fn head_too_large(limits: &crate::Limits) -> Response<Body> {
     json_response(
         StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         "header-too-large".into(),
-        serde_json::json!({"status": "header_too_large", "message": format!(
-            "portcullis refused the request: its head is over {} bytes or {} headers ([limits] max_header_bytes, max_headers); send smaller headers or raise the limit",
-            limits.max_header_bytes, limits.max_headers
-        )}),
+        synthetic(
+            "header_too_large",
+            None,
+            None,
+            &format!(
+                "portcullis refused the request: its head is over {} bytes or {} headers ([limits] max_header_bytes, max_headers); send smaller headers or raise the limit",
+                limits.max_header_bytes, limits.max_headers
+            ),
+        ),
     )
 }
 
@@ -132,7 +182,7 @@ pub(crate) fn bad_request(message: &str) -> Response<Body> {
     json_response(
         StatusCode::BAD_REQUEST,
         "bad-request".into(),
-        serde_json::json!({"status": "bad_request", "message": message}),
+        synthetic("bad_request", None, None, message),
     )
 }
 
@@ -306,7 +356,42 @@ mod tests {
                 ] {
                     assert!(!json[field].is_null(), "{field} in {json}");
                 }
+            } else {
+                assert_synthetic_shape(&json);
             }
         }
+    }
+
+    /// Every answer that is not a refusal has exactly these keys.
+    fn assert_synthetic_shape(json: &serde_json::Value) {
+        let mut keys: Vec<&str> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["kind", "message", "status", "target"], "{json}");
+    }
+
+    #[tokio::test]
+    async fn the_transport_s_own_answers_share_the_shape() {
+        for response in [
+            authentication_required(),
+            bad_request("bad"),
+            head_too_large(&crate::Limits::default()),
+            status(StatusCode::METHOD_NOT_ALLOWED, "bad-request", "nested"),
+        ] {
+            let bytes = response.into_body().collect().await.unwrap().to_bytes();
+            assert_synthetic_shape(&serde_json::from_slice(&bytes).unwrap());
+        }
+        let busy = String::from_utf8(busy_bytes()).unwrap();
+        let (head, body) = busy.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 503") && head.contains("x-proxy-error: proxy-busy"));
+        assert!(
+            head.contains(&format!("content-length: {}", body.len())),
+            "{head}"
+        );
+        assert_synthetic_shape(&serde_json::from_str(body).unwrap());
     }
 }
