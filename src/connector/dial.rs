@@ -150,6 +150,20 @@ pub(crate) struct Refusing<'a> {
     pub(crate) method: &'a Method,
 }
 
+impl Refusing<'_> {
+    /// This request refused by the connector for `reason`, naming `rule`.
+    pub(crate) fn refused(&self, reason: Reason, rule: String) -> Blocked {
+        Blocked::new(
+            reason,
+            Source::Connector,
+            self.target.clone(),
+            self.protocol,
+            self.method,
+        )
+        .with_rule(Some(rule))
+    }
+}
+
 impl Dialer {
     /// A dialer checking answers against `policy`.
     pub(crate) fn new(
@@ -219,14 +233,7 @@ impl Dialer {
             let address = canonical_ip(address);
             if let Err(Decision::Deny { reason, rule }) = policy.check_resolved(host, address, port)
             {
-                let blocked = Blocked::new(
-                    reason,
-                    Source::Connector,
-                    request.target.clone(),
-                    request.protocol,
-                    request.method,
-                )
-                .with_rule(Some(rule));
+                let blocked = request.refused(reason, rule);
                 // The host is allowed; the address it resolved to is not. The
                 // fix names the address, not the host.
                 let blocked = match (reason, host) {
@@ -240,17 +247,12 @@ impl Dialer {
             }
             let vetted_address = SocketAddr::new(address, port);
             if self.own.reaches(vetted_address) {
-                return Err(Blocked::new(
-                    Reason::Loop,
-                    Source::Connector,
-                    request.target.clone(),
-                    request.protocol,
-                    request.method,
-                )
-                .with_rule(Some(format!(
-                    "portcullis's own listener at {vetted_address}"
-                )))
-                .into());
+                return Err(request
+                    .refused(
+                        Reason::Loop,
+                        format!("portcullis's own listener at {vetted_address}"),
+                    )
+                    .into());
             }
             vetted.push(vetted_address);
         }

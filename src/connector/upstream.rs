@@ -19,7 +19,7 @@ use tower::ServiceExt;
 
 use super::{Dialer, OwnListeners, Refusing};
 use portcullis_middleware::{
-    BadRequest, Blocked, BoxError, ProxyErrorRef, Reason, Source, UpstreamError, UpstreamErrorKind,
+    BadRequest, BoxError, ProxyErrorRef, Reason, UpstreamError, UpstreamErrorKind,
 };
 
 /// The upstream proxies to chain to.
@@ -103,17 +103,12 @@ async fn names_us(address: &str, own: &OwnListeners) -> bool {
 
 /// The loop refusal for an upstream proxy that is this proxy itself.
 fn chain_into_self(request: Refusing<'_>, address: &str) -> BoxError {
-    Blocked::new(
-        Reason::Loop,
-        Source::Connector,
-        request.target.clone(),
-        request.protocol,
-        request.method,
-    )
-    .with_rule(Some(format!(
-        "the upstream proxy {address} (HTTP_PROXY/HTTPS_PROXY/ALL_PROXY in portcullis's own environment) is portcullis itself"
-    )))
-    .into()
+    request
+        .refused(
+            Reason::Loop,
+            format!("the upstream proxy {address} (HTTP_PROXY/HTTPS_PROXY/ALL_PROXY in portcullis's own environment) is portcullis itself"),
+        )
+        .into()
 }
 
 async fn connect_address(address: &str, timeout: Duration) -> Result<TcpStream, UpstreamError> {
@@ -214,18 +209,15 @@ pub(crate) async fn tunnel(
         .map(|head| loop_refusal(&head))
         .unwrap_or(false);
     if came_round {
-        return Err(Blocked::new(
-            Reason::Loop,
-            Source::Connector,
-            target.clone(),
-            request.protocol,
-            request.method,
-        )
-        .with_rule(Some(format!(
-            "the upstream proxy {} sent the request back here",
-            display(intercept)
-        )))
-        .into());
+        return Err(request
+            .refused(
+                Reason::Loop,
+                format!(
+                    "the upstream proxy {} sent the request back here",
+                    display(intercept)
+                ),
+            )
+            .into());
     }
     // A refusal (any status but 200, 407 included) or a malformed answer.
     Err(upstream_error(
