@@ -356,11 +356,6 @@ impl<O, I> ProxyBuilder<O, I> {
         self
     }
 
-    /// Whether an approver is configured.
-    pub fn has_approver(&self) -> bool {
-        self.approval.is_some()
-    }
-
     /// Inserts a layer of your own just inside the violation log: it sees
     /// every request, and its refusals are logged. Layers added later sit
     /// further in. See [`DefaultStack::outer`].

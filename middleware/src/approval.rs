@@ -361,19 +361,9 @@ impl<A> ApprovalWaitLayer<A> {
         self
     }
 
-    /// Whether an approver is configured.
-    pub fn has_approver(&self) -> bool {
-        self.approver.is_some()
-    }
-
     /// How many questions are waiting for an answer now.
     pub fn pending(&self) -> usize {
         lock(&self.questions.pending).len()
-    }
-
-    /// Forgets every session answer.
-    pub fn clear_session(&self) {
-        lock(&self.questions.session).clear();
     }
 }
 

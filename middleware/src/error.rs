@@ -76,13 +76,6 @@ impl Reason {
             Reason::Custom(name) => name,
         }
     }
-
-    /// Whether an approver may turn this refusal into an allow: only an
-    /// allowlist miss is approvable; a denylist entry, a local address or a
-    /// method is never put to an approver.
-    pub fn is_approvable(self) -> bool {
-        self == Reason::NotAllowed
-    }
 }
 
 impl serde::Serialize for Reason {

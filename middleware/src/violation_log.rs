@@ -12,7 +12,9 @@
 //! - handed to each configured [`ViolationSink`], such as
 //!   [`JsonLinesSink`], which appends one JSON object a line to a file.
 //!
-//! It refuses nothing and passes every error on unchanged.
+//! It refuses nothing and passes every error on; a refusal's message is
+//! reworded only when a [`rephrase`](ViolationLogLayer::rephrase) hook is
+//! set (the binary's wording of the fix for flags or a config file).
 //!
 //! # Example
 //!

@@ -1,9 +1,11 @@
 //! The SOCKS5 listener: every `CONNECT` and every new `UDP ASSOCIATE`
 //! destination goes through the same stack as HTTP, as a synthesized
 //! `CONNECT host:port` request with protocol `socks5_tcp` or `socks5_udp`.
-//! No policy logic lives here; the stack's errors become reply codes in
-//! [`rescue`] only, and a malformed request is answered in `request`,
-//! which reads it before fast-socks5 does. `BIND` (and UDP when it is off) is answered 0x07; no acceptable
+//! The stack's errors become reply codes in [`rescue`] only, and a
+//! malformed request is answered in `request`, which reads it before
+//! fast-socks5 does. Two decisions are still made here rather than by a
+//! layer: limited mode's refusal of a whole `UDP ASSOCIATE`, and the UDP
+//! association limits of `[limits]`. `BIND` (and UDP when it is off) is answered 0x07; no acceptable
 //! authentication method `05 FF`. The UDP relay is in [`udp`].
 
 mod request;
