@@ -38,6 +38,8 @@ use portcullis_middleware::{find_blocked, BoxError, ClientAddr, Protocol, Target
 
 use crate::body::Body;
 use crate::connector::UpstreamConnection;
+use crate::metrics::Metrics;
+use std::sync::Arc;
 
 /// The tracing target of the access log.
 pub const ACCESS_TARGET: &str = "portcullis::access";
@@ -45,13 +47,20 @@ pub const ACCESS_TARGET: &str = "portcullis::access";
 /// The access log layer; see the [module docs](self).
 #[derive(Debug, Clone, Default)]
 pub struct AccessLogLayer {
-    _private: (),
+    /// Where allowed requests and bytes down are counted: the proxy's own
+    /// counters, or (alone) counters of this layer's.
+    metrics: Arc<Metrics>,
 }
 
 impl AccessLogLayer {
     /// The access log.
     pub fn new() -> AccessLogLayer {
         AccessLogLayer::default()
+    }
+
+    /// Counts into these metrics (a proxy's).
+    pub(crate) fn counting(metrics: Arc<Metrics>) -> AccessLogLayer {
+        AccessLogLayer { metrics }
     }
 }
 
@@ -64,14 +73,19 @@ impl<S> Layer<S> for AccessLogLayer {
     type Service = AccessLog<S>;
 
     fn layer(&self, inner: S) -> AccessLog<S> {
-        TraceLayer::new(Classify)
-            .make_span_with(AccessSpan)
-            .on_request(())
-            .on_response(AccessResponse)
-            .on_body_chunk(AccessBytes { total: 0 })
-            .on_eos(AccessEos)
-            .on_failure(AccessFailure)
-            .layer(inner)
+        TraceLayer::new(Classify {
+            metrics: self.metrics.clone(),
+        })
+        .make_span_with(AccessSpan)
+        .on_request(())
+        .on_response(AccessResponse)
+        .on_body_chunk(AccessBytes {
+            total: 0,
+            metrics: self.metrics.clone(),
+        })
+        .on_eos(AccessEos)
+        .on_failure(AccessFailure)
+        .layer(inner)
     }
 }
 
@@ -140,15 +154,16 @@ impl OnResponse<Body> for AccessResponse {
 }
 
 /// Counts the response body's bytes for the end-of-stream line.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct AccessBytes {
     total: u64,
+    metrics: Arc<Metrics>,
 }
 
 impl OnBodyChunk<bytes::Bytes> for AccessBytes {
     fn on_body_chunk(&mut self, chunk: &bytes::Bytes, _: Duration, span: &Span) {
         self.total += chunk.len() as u64;
-        crate::metrics::metrics().bytes(0, chunk.len() as u64);
+        self.metrics.bytes(0, chunk.len() as u64);
         span.record("bytes", self.total);
     }
 }
@@ -199,8 +214,10 @@ pub enum Failure {
 
 /// Classifies each request: bodies are watched to their end, except
 /// `CONNECT` (its body is the tunnel, outside the stack).
-#[derive(Debug, Clone, Copy)]
-pub struct Classify;
+#[derive(Debug, Clone)]
+pub struct Classify {
+    metrics: Arc<Metrics>,
+}
 
 impl MakeClassifier for Classify {
     type Classifier = ClassifyOne;
@@ -209,6 +226,7 @@ impl MakeClassifier for Classify {
 
     fn make_classifier<B>(&self, request: &Request<B>) -> ClassifyOne {
         ClassifyOne {
+            metrics: self.metrics.clone(),
             connect: request.method() == Method::CONNECT,
             protocol: request
                 .extensions()
@@ -219,8 +237,9 @@ impl MakeClassifier for Classify {
 }
 
 /// The classifier of one request.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ClassifyOne {
+    metrics: Arc<Metrics>,
     connect: bool,
     protocol: &'static str,
 }
@@ -231,7 +250,7 @@ impl ClassifyResponse for ClassifyOne {
 
     fn classify_response<B>(self, _: &Response<B>) -> ClassifiedResponse<Failure, EndOfStream> {
         // A response is an allowed request (a refusal is an error).
-        crate::metrics::metrics().allowed(self.protocol);
+        self.metrics.allowed(self.protocol);
         if self.connect {
             ClassifiedResponse::Ready(Ok(()))
         } else {

@@ -12,11 +12,12 @@
 //! | `portcullis_approvals_pending` | gauge | |
 //! | `portcullis_bytes_total` | counter | `direction` (`up`: to origins, through tunnels; `down`: to clients) |
 //!
-//! The counters are the process's: two proxies in one process add up.
+//! The counters belong to one proxy: two proxies started in one process
+//! count apart, each on its own listener.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use http::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -45,7 +46,7 @@ struct DirectionLabel {
     direction: &'static str,
 }
 
-/// The process's counters.
+/// One proxy's counters.
 #[derive(Debug)]
 pub(crate) struct Metrics {
     registry: Registry,
@@ -57,14 +58,14 @@ pub(crate) struct Metrics {
     bytes: Family<DirectionLabel, Counter>,
 }
 
-/// The process's counters, made on first use.
-pub(crate) fn metrics() -> &'static Metrics {
-    static METRICS: OnceLock<Metrics> = OnceLock::new();
-    METRICS.get_or_init(Metrics::new)
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics::new()
+    }
 }
 
 impl Metrics {
-    fn new() -> Metrics {
+    pub(crate) fn new() -> Metrics {
         let mut registry = Registry::with_prefix("portcullis");
         let allowed = Family::<ProtocolLabel, Counter>::default();
         registry.register(
@@ -137,15 +138,15 @@ impl Metrics {
     }
 
     /// Counts a connection open until the guard is dropped.
-    pub(crate) fn connection(&'static self) -> Open {
+    pub(crate) fn connection(&self) -> Open {
         self.connections_open.inc();
-        Open(&self.connections_open)
+        Open(self.connections_open.clone())
     }
 
     /// Counts a tunnel open until the guard is dropped.
-    pub(crate) fn tunnel(&'static self) -> Open {
+    pub(crate) fn tunnel(&self) -> Open {
         self.tunnels_open.inc();
-        Open(&self.tunnels_open)
+        Open(self.tunnels_open.clone())
     }
 
     /// The text exposition, with `pending` approvals read now.
@@ -162,7 +163,7 @@ impl Metrics {
 
 /// Decrements its gauge when dropped.
 #[derive(Debug)]
-pub(crate) struct Open(&'static Gauge);
+pub(crate) struct Open(Gauge);
 
 impl Drop for Open {
     fn drop(&mut self) {
@@ -174,6 +175,7 @@ impl Drop for Open {
 /// approvals waiting at each scrape.
 pub(crate) async fn serve(
     listener: TcpListener,
+    metrics: Arc<Metrics>,
     pending: Arc<dyn Fn() -> usize + Send + Sync>,
     mut shutdown: ShutdownSignal,
 ) {
@@ -190,11 +192,13 @@ pub(crate) async fn serve(
             () = shutdown.wait() => return,
         };
         let pending = pending.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let service =
                 hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
                     let pending = pending.clone();
-                    async move { Ok::<_, Infallible>(answer(&request, pending())) }
+                    let metrics = metrics.clone();
+                    async move { Ok::<_, Infallible>(answer(&request, &metrics, pending())) }
                 });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -205,13 +209,13 @@ pub(crate) async fn serve(
     }
 }
 
-fn answer<B>(request: &Request<B>, pending: usize) -> Response<Body> {
+fn answer<B>(request: &Request<B>, metrics: &Metrics, pending: usize) -> Response<Body> {
     let (status, content_type, text) =
         if request.method() == Method::GET && request.uri().path() == "/metrics" {
             (
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                metrics().render(pending),
+                metrics.render(pending),
             )
         } else {
             (

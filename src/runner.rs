@@ -121,6 +121,8 @@ pub struct ProxyBuilder<O = Identity, I = Identity> {
     all_proxy_socks: bool,
     fixes: Fixes,
     metrics_addr: Option<SocketAddr>,
+    /// This proxy's counters (never another proxy's in the same process).
+    metrics: Arc<crate::metrics::Metrics>,
     outer: O,
     inner: I,
 }
@@ -167,6 +169,7 @@ impl Proxy {
             all_proxy_socks: false,
             fixes: Fixes::Keys,
             metrics_addr: None,
+            metrics: Arc::default(),
             outer: Identity::new(),
             inner: Identity::new(),
         }
@@ -396,6 +399,7 @@ impl<O, I> ProxyBuilder<O, I> {
             all_proxy_socks: self.all_proxy_socks,
             fixes: self.fixes,
             metrics_addr: self.metrics_addr,
+            metrics: self.metrics,
             outer,
             inner,
         }
@@ -432,8 +436,9 @@ impl<O, I> ProxyBuilder<O, I> {
     }
 
     fn rephrasing(&self, layer: ViolationLogLayer) -> ViolationLogLayer {
-        let layer = layer.with_sink(|violation: &portcullis_middleware::Violation| {
-            crate::metrics::metrics().refused(violation.blocked.reason.as_str());
+        let metrics = self.metrics.clone();
+        let layer = layer.with_sink(move |violation: &portcullis_middleware::Violation| {
+            metrics.refused(violation.blocked.reason.as_str());
         });
         match self.fixes {
             Fixes::Keys => layer,
@@ -480,7 +485,9 @@ where
         // violation log inside.
         let logged = tower::ServiceBuilder::new()
             .map_response(|response: Response<_>| response.map(crate::body::boxed))
-            .layer(crate::access_log::AccessLogLayer::new())
+            .layer(crate::access_log::AccessLogLayer::counting(
+                self.metrics.clone(),
+            ))
             .service(stack.layer(connector));
         ProxyService::new(SetSensitiveRequestHeaders::new(logged, sensitive))
     }
@@ -618,7 +625,12 @@ where
                         .and_then(|a| a.as_ref().map(|a| a.pending()))
                         .unwrap_or(0)
                 });
-                tokio::spawn(crate::metrics::serve(listener, pending, shutdown.signal()));
+                tokio::spawn(crate::metrics::serve(
+                    listener,
+                    self.metrics.clone(),
+                    pending,
+                    shutdown.signal(),
+                ));
             }
         }
         let credentials = LiveCredentials::new(self.credentials.clone());
@@ -629,6 +641,7 @@ where
             own: self.own.clone(),
             limits: self.limits,
             credentials: credentials.clone(),
+            metrics: self.metrics.clone(),
         };
         tokio::spawn(transport::http1::serve(
             http,
@@ -645,6 +658,7 @@ where
                 limits: self.limits,
                 credentials: credentials.clone(),
                 udp_budget: Arc::default(),
+                metrics: self.metrics.clone(),
             };
             tokio::spawn(transport::socks5::serve(
                 socks,

@@ -196,3 +196,55 @@ async fn shutdown_lets_open_tunnels_finish_and_stops_accepting() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test]
+async fn two_proxies_in_one_process_count_apart() {
+    let origin = origin().await;
+    let with_metrics =
+        |b: portcullis::ProxyBuilder| b.metrics_addr(Some("127.0.0.1:0".parse().unwrap()));
+    let one = proxy_with(allow(&["127.0.0.1"]).build(), &[], with_metrics).await;
+    let two = proxy_with(allow(&["127.0.0.1"]).build(), &[], with_metrics).await;
+    for _ in 0..3 {
+        let out = curl(&[
+            "-x",
+            &one.http_url(),
+            &format!("http://{}/counted", origin.addr),
+        ])
+        .await;
+        assert_eq!(out.stdout, "hello /counted");
+    }
+    let out = curl(&["-x", &one.http_url(), "http://refused.test/"]).await;
+    assert!(out.stdout.contains("not_allowed"), "{}", out.stdout);
+    let scrape = |proxy: &common::TestProxy| {
+        let url = format!("http://{}/metrics", proxy.handle.metrics_addr().unwrap());
+        async move { curl(&[&url]).await.stdout }
+    };
+    let counted = |text: &str, metric: &str| -> u64 {
+        text.lines()
+            .filter(|line| line.starts_with(metric))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    };
+    let first = scrape(&one).await;
+    let second = scrape(&two).await;
+    assert_eq!(
+        counted(&first, "portcullis_requests_allowed_total"),
+        3,
+        "{first}"
+    );
+    assert_eq!(
+        counted(&first, "portcullis_requests_refused_total"),
+        1,
+        "{first}"
+    );
+    assert_eq!(
+        counted(&second, "portcullis_requests_allowed_total"),
+        0,
+        "{second}"
+    );
+    assert_eq!(
+        counted(&second, "portcullis_requests_refused_total"),
+        0,
+        "{second}"
+    );
+}

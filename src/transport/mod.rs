@@ -446,6 +446,7 @@ pub(crate) async fn accept_loop<F, Fut, R, RFut>(
     drain: DrainGuard,
     what: &'static str,
     max_connections: usize,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
     serve_one: F,
     refuse: R,
 ) where
@@ -470,7 +471,7 @@ pub(crate) async fn accept_loop<F, Fut, R, RFut>(
                     Ok(permit) => {
                         let guard = drain.open(format!("{what} client {client}"));
                         let serving = serve_one(stream, client, guard);
-                        let counted = crate::metrics::metrics().connection();
+                        let counted = metrics.connection();
                         tokio::spawn(async move {
                             serving.await;
                             drop(permit);

@@ -57,8 +57,13 @@ fn give_back(buffer: Box<[u8]>) {
 /// it (a peer closing is normal), or nothing moves for `idle`. A side that
 /// ends its sending half has the other side's sending half shut down, as
 /// `copy_bidirectional` does; no buffer is held while nothing moves.
-pub(crate) async fn tcp(client: &TcpStream, upstream: &TcpStream, idle: Duration) -> Moved {
-    let _open = crate::metrics::metrics().tunnel();
+pub(crate) async fn tcp(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    idle: Duration,
+    metrics: &crate::metrics::Metrics,
+) -> Moved {
+    let _open = metrics.tunnel();
     let start = Instant::now();
     let last = AtomicU64::new(0);
     let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
@@ -74,7 +79,7 @@ pub(crate) async fn tcp(client: &TcpStream, upstream: &TcpStream, idle: Duration
         down: down.into_inner(),
         duration: start.elapsed(),
     };
-    crate::metrics::metrics().bytes(moved.up, moved.down);
+    metrics.bytes(moved.up, moved.down);
     moved
 }
 
@@ -309,12 +314,17 @@ where
 
 /// Copies both ways until both sides are done, an error ends it (a peer
 /// closing is normal), or nothing moves for `idle`.
-pub(crate) async fn bidirectional<A, B>(client: &mut A, upstream: &mut B, idle: Duration) -> Moved
+pub(crate) async fn bidirectional<A, B>(
+    client: &mut A,
+    upstream: &mut B,
+    idle: Duration,
+    metrics: &crate::metrics::Metrics,
+) -> Moved
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let _open = crate::metrics::metrics().tunnel();
+    let _open = metrics.tunnel();
     let start = Instant::now();
     let last = AtomicU64::new(0);
     let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
@@ -337,7 +347,7 @@ where
         down: down.into_inner(),
         duration: start.elapsed(),
     };
-    crate::metrics::metrics().bytes(moved.up, moved.down);
+    metrics.bytes(moved.up, moved.down);
     moved
 }
 
@@ -395,6 +405,7 @@ impl<S: AsyncWrite + Unpin + ?Sized> AsyncWrite for Watched<'_, S> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::metrics::Metrics;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
@@ -417,7 +428,13 @@ mod tests {
         let (mut client, client_side) = pair().await;
         let (upstream_side, mut origin) = pair().await;
         let tunnel = tokio::spawn(async move {
-            tcp(&client_side, &upstream_side, Duration::from_secs(30)).await;
+            tcp(
+                &client_side,
+                &upstream_side,
+                Duration::from_secs(30),
+                &Metrics::default(),
+            )
+            .await;
         });
         let up = pattern(4 << 20, 1);
         let down = pattern(1 << 20, 7);
@@ -485,7 +502,13 @@ mod tests {
         let (mut client, client_side) = pair().await;
         let (upstream_side, mut origin) = pair().await;
         tokio::spawn(async move {
-            tcp(&client_side, &upstream_side, Duration::from_secs(30)).await;
+            tcp(
+                &client_side,
+                &upstream_side,
+                Duration::from_secs(30),
+                &Metrics::default(),
+            )
+            .await;
         });
         client.write_all(b"question").await.unwrap();
         client.shutdown().await.unwrap();
@@ -507,7 +530,13 @@ mod tests {
         let (mut client, client_side) = pair().await;
         let (upstream_side, _origin) = pair().await;
         let tunnel = tokio::spawn(async move {
-            tcp(&client_side, &upstream_side, Duration::from_secs(5)).await;
+            tcp(
+                &client_side,
+                &upstream_side,
+                Duration::from_secs(5),
+                &Metrics::default(),
+            )
+            .await;
         });
         client.write_all(b"x").await.unwrap();
         tokio::time::timeout(Duration::from_secs(60), tunnel)

@@ -54,6 +54,8 @@ pub(crate) struct Settings {
     pub(crate) limits: Limits,
     /// When set, every request must carry them in `Proxy-Authorization`.
     pub(crate) credentials: LiveCredentials,
+    /// This proxy's counters.
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Accepts connections until shutdown, serving each on its own task.
@@ -73,6 +75,7 @@ pub(crate) async fn serve(
         drain,
         "HTTP",
         max_connections,
+        settings.metrics.clone(),
         move |stream, client, drain| {
             let stack = stack.clone();
             let settings = settings.clone();
@@ -190,7 +193,9 @@ async fn route(
             match (on_upgrade.await, interceptor) {
                 (Ok(upgraded), None) => {
                     let idle = settings.limits.tunnel_idle_timeout;
-                    if let Some(moved) = splice_upgraded(upgraded, upstream, idle).await {
+                    if let Some(moved) =
+                        splice_upgraded(upgraded, upstream, idle, &settings.metrics).await
+                    {
                         moved.log(client, &target);
                     }
                 }
@@ -251,7 +256,13 @@ async fn route(
                         let mut client_io = TokioIo::new(client_io);
                         let mut upstream_io = TokioIo::new(upstream_io);
                         let idle = settings.limits.tunnel_idle_timeout;
-                        splice::bidirectional(&mut client_io, &mut upstream_io, idle).await;
+                        splice::bidirectional(
+                            &mut client_io,
+                            &mut upstream_io,
+                            idle,
+                            &settings.metrics,
+                        )
+                        .await;
                         // (Upgraded connections are logged by the access
                         // layer at their 101; their bytes are not counted.)
                     }
@@ -282,6 +293,7 @@ async fn splice_upgraded(
     upgraded: hyper::upgrade::Upgraded,
     upstream: tokio::net::TcpStream,
     idle: Duration,
+    metrics: &crate::metrics::Metrics,
 ) -> Option<splice::Moved> {
     match upgraded.downcast::<TokioIo<tokio::net::TcpStream>>() {
         Ok(parts) => {
@@ -296,11 +308,14 @@ async fn splice_upgraded(
                 }
             }
             drop(parts.read_buf);
-            Some(splice::tcp(&client, &upstream, idle).await)
+            Some(splice::tcp(&client, &upstream, idle, metrics).await)
         }
         Err(upgraded) => {
             let mut upstream = upstream;
-            Some(splice::bidirectional(&mut TokioIo::new(upgraded), &mut upstream, idle).await)
+            Some(
+                splice::bidirectional(&mut TokioIo::new(upgraded), &mut upstream, idle, metrics)
+                    .await,
+            )
         }
     }
 }

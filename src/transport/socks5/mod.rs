@@ -57,6 +57,8 @@ pub(crate) struct Settings {
     pub(crate) credentials: LiveCredentials,
     /// The UDP associations open, against `[limits]`.
     pub(crate) udp_budget: Arc<udp::UdpBudget>,
+    /// This proxy's counters.
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl std::fmt::Debug for Settings {
@@ -87,6 +89,7 @@ pub(crate) async fn serve(
         drain,
         "SOCKS5",
         max_connections,
+        settings.metrics.clone(),
         move |stream, client, drain| {
             let stack = stack.clone();
             let settings = settings.clone();
@@ -225,7 +228,7 @@ async fn handle(
     match command {
         Command::Connect(target) => {
             let idle = settings.limits.tunnel_idle_timeout;
-            connect(proto, target, client, stack, idle).await
+            connect(proto, target, client, stack, idle, &settings.metrics).await
         }
         // The ASSOCIATE address is the client's own (often 0.0.0.0:0), not a destination.
         Command::UdpAssociate if settings.udp && settings.policy.load().mode() == Mode::Limited => {
@@ -276,6 +279,7 @@ async fn connect(
     client: SocketAddr,
     stack: ProxyService,
     idle: Duration,
+    metrics: &crate::metrics::Metrics,
 ) -> Result<(), BoxError> {
     let request = synthesized_connect(&target, Protocol::Socks5Tcp, client)?;
     let upstream = match call_stack(stack, request).await {
@@ -298,7 +302,7 @@ async fn connect(
     let Some(client_stream) = proto.reply_success(bound).await?.into_inner() else {
         return Err("fast-socks5 read less of the request than was checked".into());
     };
-    splice::tcp(&client_stream, &upstream, idle)
+    splice::tcp(&client_stream, &upstream, idle, metrics)
         .await
         .log(client, &target);
     Ok(())
