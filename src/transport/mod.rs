@@ -435,6 +435,16 @@ impl Drop for DrainGuard {
     }
 }
 
+/// What an accept loop serves: its name for logs, its connection limit,
+/// and the proxy's counters.
+#[derive(Debug)]
+pub(crate) struct Listening {
+    /// `HTTP`, `SOCKS5`, …
+    pub(crate) what: &'static str,
+    pub(crate) max_connections: usize,
+    pub(crate) metrics: std::sync::Arc<crate::metrics::Metrics>,
+}
+
 /// Accepts on `listener` until shutdown starts, handing each connection
 /// (with a drain guard) to `serve_one` on its own task. At most
 /// `max_connections` are served at once; a client past that is handed to
@@ -444,9 +454,7 @@ pub(crate) async fn accept_loop<F, Fut, R, RFut>(
     listener: TcpListener,
     mut shutdown: ShutdownSignal,
     drain: DrainGuard,
-    what: &'static str,
-    max_connections: usize,
-    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    listening: Listening,
     serve_one: F,
     refuse: R,
 ) where
@@ -455,6 +463,11 @@ pub(crate) async fn accept_loop<F, Fut, R, RFut>(
     R: Fn(TcpStream) -> RFut,
     RFut: Future<Output = ()> + Send + 'static,
 {
+    let Listening {
+        what,
+        max_connections,
+        metrics,
+    } = listening;
     let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(max_connections));
     let mut last_said: Option<tokio::time::Instant> = None;
     let mut last_failure_said: Option<tokio::time::Instant> = None;

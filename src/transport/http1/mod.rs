@@ -36,7 +36,7 @@ use crate::connector::{OwnListeners, UpstreamConnection};
 use crate::transport::mitm::{self, Interceptor};
 use crate::transport::{
     accept_loop, call_stack, insert_model, splice, unix, Credentials, DrainGuard, Limits,
-    LiveCredentials, ProxyService, ShutdownSignal,
+    Listening, LiveCredentials, ProxyService, ShutdownSignal,
 };
 
 /// What the HTTP/1 listener needs besides the stack.
@@ -73,9 +73,11 @@ pub(crate) async fn serve(
         listener,
         signal,
         drain,
-        "HTTP",
-        max_connections,
-        settings.metrics.clone(),
+        Listening {
+            what: "HTTP",
+            max_connections,
+            metrics: settings.metrics.clone(),
+        },
         move |stream, client, drain| {
             let stack = stack.clone();
             let settings = settings.clone();

@@ -31,8 +31,8 @@ use portcullis_middleware::{
 
 use crate::connector::UpstreamConnection;
 use crate::transport::{
-    accept_loop, call_stack, splice, synthesized_connect, DrainGuard, Limits, LiveCredentials,
-    ProxyService, ShutdownSignal,
+    accept_loop, call_stack, splice, synthesized_connect, DrainGuard, Limits, Listening,
+    LiveCredentials, ProxyService, ShutdownSignal,
 };
 use request::{Command, Replay};
 
@@ -87,9 +87,11 @@ pub(crate) async fn serve(
         listener,
         shutdown,
         drain,
-        "SOCKS5",
-        max_connections,
-        settings.metrics.clone(),
+        Listening {
+            what: "SOCKS5",
+            max_connections,
+            metrics: settings.metrics.clone(),
+        },
         move |stream, client, drain| {
             let stack = stack.clone();
             let settings = settings.clone();
