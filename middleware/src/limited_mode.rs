@@ -19,7 +19,9 @@
 //! - a `GET`, `HEAD` or `OPTIONS` that carries a body ([`HasBody`], or a
 //!   non-zero `Content-Length`) — `method_not_allowed`: bodies are how
 //!   writes hide in reads;
-//! - every SOCKS5 request, whose methods cannot be seen — `method_not_allowed`;
+//! - every request over a tunnel that cannot be intercepted (SOCKS5, a
+//!   [`Protocol::Custom`](crate::Protocol::Custom) way in), whose methods
+//!   cannot be seen — `method_not_allowed`;
 //! - a `CONNECT` the transport will not intercept (no [`Intercepted`]
 //!   marker) — `mitm_required`. An intercepted tunnel's inner requests come
 //!   back through the stack as `https_mitm` and are checked one by one.
@@ -225,7 +227,9 @@ fn refusal<B>(
 ) -> Result<Option<Blocked>, crate::BadRequest> {
     let info = RequestInfo::from_request(request)?;
     let headers = request.headers();
-    let reason = if info.protocol.is_socks() {
+    // A tunnel whose requests cannot be made visible (SOCKS5, a custom
+    // way in): methods cannot be checked, so it is refused whole.
+    let reason = if info.protocol.is_tunnel() && !info.protocol.can_intercept() {
         Some(Reason::MethodNotAllowed)
     } else if info.method == Method::CONNECT {
         match request.extensions().get::<Intercepted>() {
@@ -389,6 +393,11 @@ mod tests {
             ),
             (
                 request("CONNECT", Socks5Udp, &[]),
+                Some(Reason::MethodNotAllowed),
+            ),
+            // A way in of an integrator's: its methods are not seen.
+            (
+                request("CONNECT", Custom("line"), &[]),
                 Some(Reason::MethodNotAllowed),
             ),
         ];

@@ -11,14 +11,19 @@ use std::net::SocketAddr;
 use crate::error::BadRequest;
 use crate::target::Target;
 
-/// The way a request entered the proxy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
+/// The way a request entered the proxy. Layers ask it what they need
+/// ([`methods_visible`](Protocol::methods_visible),
+/// [`is_tunnel`](Protocol::is_tunnel),
+/// [`is_intercepted`](Protocol::is_intercepted)) rather than naming
+/// transports, so a transport of your own
+/// ([`Custom`](Protocol::Custom)) is judged by what it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[non_exhaustive]
 pub enum Protocol {
     /// A plain HTTP/1 request in absolute form.
     Http,
-    /// An HTTP/1 `CONNECT` tunnel (TLS passes through unseen).
+    /// An HTTP/1 `CONNECT` tunnel (TLS passes through unseen, unless
+    /// intercepted).
     HttpsConnect,
     /// A request inside an intercepted (MITM) HTTPS tunnel.
     HttpsMitm,
@@ -28,6 +33,10 @@ pub enum Protocol {
     Socks5Udp,
     /// A plain HTTP request forwarded to a Unix socket (`x-unix-socket`).
     UnixSocket,
+    /// A way in of your own, by name (lower-case, `snake_case`, as it
+    /// should appear in logs): a byte stream to its target, whose methods
+    /// the stack cannot see (limited mode refuses it whole).
+    Custom(&'static str),
 }
 
 impl Protocol {
@@ -40,6 +49,7 @@ impl Protocol {
             Protocol::Socks5Tcp => "socks5_tcp",
             Protocol::Socks5Udp => "socks5_udp",
             Protocol::UnixSocket => "unix_socket",
+            Protocol::Custom(name) => name,
         }
     }
 
@@ -48,13 +58,38 @@ impl Protocol {
     pub fn is_tunnel(self) -> bool {
         matches!(
             self,
-            Protocol::HttpsConnect | Protocol::Socks5Tcp | Protocol::Socks5Udp
+            Protocol::HttpsConnect
+                | Protocol::Socks5Tcp
+                | Protocol::Socks5Udp
+                | Protocol::Custom(_)
         )
     }
 
-    /// Whether the request came in over SOCKS5.
-    pub fn is_socks(self) -> bool {
-        matches!(self, Protocol::Socks5Tcp | Protocol::Socks5Udp)
+    /// Whether each HTTP request (its method, path and headers) passes
+    /// through the stack, so a method or request rule can be applied.
+    pub fn methods_visible(self) -> bool {
+        matches!(
+            self,
+            Protocol::Http | Protocol::HttpsMitm | Protocol::UnixSocket
+        )
+    }
+
+    /// Whether a tunnel of this kind can be intercepted, so that its
+    /// requests become visible (an HTTP `CONNECT`).
+    pub fn can_intercept(self) -> bool {
+        self == Protocol::HttpsConnect
+    }
+
+    /// Whether the request came from inside an intercepted tunnel.
+    pub fn is_intercepted(self) -> bool {
+        self == Protocol::HttpsMitm
+    }
+}
+
+/// By name: `"http"`, `"https_connect"`, …, or a custom protocol's name.
+impl serde::Serialize for Protocol {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
     }
 }
 
@@ -112,5 +147,39 @@ impl RequestInfo {
             client: extensions.get::<ClientAddr>().map(|c| c.0),
             method: request.method().clone(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Protocol::{self, *};
+
+    #[test]
+    fn layers_ask_capabilities_not_names() {
+        // (protocol, tunnel, methods visible, can intercept, intercepted)
+        let table: [(Protocol, bool, bool, bool, bool); 7] = [
+            (Http, false, true, false, false),
+            (HttpsConnect, true, false, true, false),
+            (HttpsMitm, false, true, false, true),
+            (Socks5Tcp, true, false, false, false),
+            (Socks5Udp, true, false, false, false),
+            (UnixSocket, false, true, false, false),
+            (Custom("line"), true, false, false, false),
+        ];
+        for (protocol, tunnel, visible, intercept, intercepted) in table {
+            assert_eq!(protocol.is_tunnel(), tunnel, "{protocol}");
+            assert_eq!(protocol.methods_visible(), visible, "{protocol}");
+            assert_eq!(protocol.can_intercept(), intercept, "{protocol}");
+            assert_eq!(protocol.is_intercepted(), intercepted, "{protocol}");
+        }
+        assert_eq!(Custom("line").as_str(), "line");
+        assert_eq!(
+            serde_json::to_string(&Custom("line")).ok().as_deref(),
+            Some("\"line\"")
+        );
+        assert_eq!(
+            serde_json::to_string(&HttpsConnect).ok().as_deref(),
+            Some("\"https_connect\"")
+        );
     }
 }
