@@ -37,7 +37,7 @@ use tracing::Span;
 use portcullis_middleware::{find_blocked, BoxError, ClientAddr, Protocol, Target};
 
 use crate::body::Body;
-use crate::connector::UpstreamConnection;
+use crate::connector::Tunnel;
 use crate::metrics::Metrics;
 use std::sync::Arc;
 
@@ -135,7 +135,7 @@ pub struct AccessResponse;
 
 impl OnResponse<Body> for AccessResponse {
     fn on_response(self, response: &Response<Body>, latency: Duration, span: &Span) {
-        let tunnel = response.extensions().get::<UpstreamConnection>().is_some();
+        let tunnel = response.extensions().get::<Tunnel>().is_some();
         if tunnel || hyper::body::Body::is_end_stream(response.body()) {
             tracing::info!(
                 target: ACCESS_TARGET,

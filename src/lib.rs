@@ -48,6 +48,7 @@ pub mod env;
 pub mod hints;
 #[cfg(unix)]
 mod isolate;
+pub mod kit;
 mod learn;
 mod memory;
 mod metrics;

@@ -492,9 +492,12 @@ where
         ProxyService::new(SetSensitiveRequestHeaders::new(logged, sensitive))
     }
 
-    /// The stack the listeners serve, without listeners (for tests and
-    /// transports of your own).
-    pub fn build_service(&self) -> Result<ProxyService, StartError> {
+    /// The stack the listeners serve, built once by `start` after the
+    /// listeners are bound (so the loop guard knows them). Not public: a
+    /// stack built before `start` would know no listener and have a pool
+    /// of its own; a way in of your own gets the live one from
+    /// [`ProxyHandle::ingress`].
+    fn build_service(&self) -> Result<ProxyService, StartError> {
         let provider = self.crypto.clone();
         let mut roots = rustls::RootCertStore::empty();
         let (added, ignored) = roots.add_parsable_certificates(self.upstream_roots.clone());
@@ -643,6 +646,7 @@ where
             credentials: credentials.clone(),
             metrics: self.metrics.clone(),
         };
+        let ingress_service = service.clone();
         tokio::spawn(transport::http1::serve(
             http,
             service.clone(),
@@ -679,6 +683,9 @@ where
             ca_files,
             credentials,
             all_proxy_socks: self.all_proxy_socks,
+            service: ingress_service,
+            limits: self.limits,
+            metrics: self.metrics.clone(),
         })
     }
 }
@@ -696,6 +703,10 @@ pub struct ProxyHandle {
     all_proxy_socks: bool,
     violations: ViolationRing,
     policy: PolicyHandle,
+    /// The very stack the listeners serve (loop guard, pool and all).
+    service: ProxyService,
+    limits: Limits,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl ProxyHandle {
@@ -745,6 +756,19 @@ impl ProxyHandle {
     pub fn set_credentials(&self, credentials: Option<(String, String)>) {
         self.credentials
             .store(credentials.map(|(username, password)| Credentials { username, password }));
+    }
+
+    /// What a way in of your own needs: this proxy's own stack (the same
+    /// loop guard, policy, violation log and connection pool as its
+    /// listeners), its shutdown, its tunnel relay. See [`crate::kit`].
+    pub fn ingress(&self) -> crate::kit::Ingress {
+        crate::kit::Ingress::new(
+            self.service.clone(),
+            self.shutdown.guard(),
+            self.shutdown.signal(),
+            self.limits,
+            self.metrics.clone(),
+        )
     }
 
     /// The credential handle itself, for the reloader.

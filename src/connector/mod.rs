@@ -2,7 +2,7 @@
 //! policy forbids, dials exactly the vetted address, and forwards.
 //!
 //! - `CONNECT`-shaped requests (HTTP CONNECT, SOCKS5 CONNECT) get a `200`
-//!   response carrying the dialled stream in an [`UpstreamConnection`]
+//!   response carrying the dialled stream in an [`Tunnel`]
 //!   extension; the transport splices it to the client.
 //! - A SOCKS5 UDP destination is resolved and vetted, not dialled: the
 //!   response carries the [`VettedAddresses`] the relay may send to.
@@ -48,25 +48,28 @@ use upstream::UpstreamProxies;
 
 pub(crate) use dial::{Dialer, OwnListeners, Refusing};
 
-/// A dialled upstream stream handed from the connector to the transport.
-/// Cloning shares the one stream; [`UpstreamConnection::take`] moves it out.
+/// The dialled upstream of a `CONNECT`-shaped request: the connector
+/// answers such a request `200` with this in the response's extensions, and
+/// the transport [`take`](Tunnel::take)s the stream and relays the client
+/// to it. The origin is dialled once, by the connector, to exactly the
+/// address the policy vetted. Cloning shares the one stream.
 #[derive(Clone)]
-pub(crate) struct UpstreamConnection(Arc<Mutex<Option<TcpStream>>>);
+pub struct Tunnel(Arc<Mutex<Option<TcpStream>>>);
 
-impl fmt::Debug for UpstreamConnection {
+impl fmt::Debug for Tunnel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("UpstreamConnection")
+        f.write_str("Tunnel")
     }
 }
 
-impl UpstreamConnection {
+impl Tunnel {
     /// Wraps a stream.
-    pub(crate) fn new(stream: TcpStream) -> UpstreamConnection {
-        UpstreamConnection(Arc::new(Mutex::new(Some(stream))))
+    pub(crate) fn new(stream: TcpStream) -> Tunnel {
+        Tunnel(Arc::new(Mutex::new(Some(stream))))
     }
 
-    /// Takes the stream (once).
-    pub(crate) fn take(&self) -> Option<TcpStream> {
+    /// Takes the stream (once; `None` after).
+    pub fn take(&self) -> Option<TcpStream> {
         self.0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -272,9 +275,7 @@ impl Connector {
             }
         };
         let mut response = Response::new(body::empty());
-        response
-            .extensions_mut()
-            .insert(UpstreamConnection::new(stream));
+        response.extensions_mut().insert(Tunnel::new(stream));
         Ok(response)
     }
 

@@ -19,7 +19,7 @@
 pub(crate) mod http1;
 pub(crate) mod mitm;
 pub(crate) mod socks5;
-mod splice;
+pub(crate) mod splice;
 mod unix;
 
 use std::collections::BTreeMap;
@@ -350,10 +350,11 @@ impl Drop for Shutdown {
 
 /// Resolves when shutdown starts.
 #[derive(Clone, Debug)]
-pub(crate) struct ShutdownSignal(watch::Receiver<bool>);
+pub struct ShutdownSignal(watch::Receiver<bool>);
 
 impl ShutdownSignal {
-    pub(crate) async fn wait(&mut self) {
+    /// Waits until the proxy starts shutting down (at once if it has).
+    pub async fn wait(&mut self) {
         while !*self.0.borrow_and_update() {
             if self.0.changed().await.is_err() {
                 return;
@@ -399,7 +400,7 @@ impl OpenList {
 /// a connection cut at the deadline is named in the log; a plain clone
 /// (handed to each request on a connection) names nothing more.
 #[derive(Debug)]
-pub(crate) struct DrainGuard {
+pub struct DrainGuard {
     sender: mpsc::Sender<()>,
     open: Arc<OpenList>,
     entry: Option<u64>,
@@ -408,7 +409,7 @@ pub(crate) struct DrainGuard {
 impl DrainGuard {
     /// A guard for something new that is open, by `name` (its peer and what
     /// it carries, e.g. `HTTP client 127.0.0.1:5000`).
-    pub(crate) fn open(&self, name: String) -> DrainGuard {
+    pub fn open(&self, name: String) -> DrainGuard {
         DrainGuard {
             sender: self.sender.clone(),
             open: self.open.clone(),

@@ -32,7 +32,7 @@ use portcullis_middleware::{
 };
 
 use crate::body::{self, Body};
-use crate::connector::{OwnListeners, UpstreamConnection};
+use crate::connector::{OwnListeners, Tunnel};
 use crate::transport::mitm::{self, Interceptor};
 use crate::transport::{
     accept_loop, call_stack, insert_model, splice, unix, Credentials, DrainGuard, Limits,
@@ -184,7 +184,7 @@ async fn route(
         let mut response = call(stack.clone(), request).await?;
         let Some(upstream) = response
             .extensions_mut()
-            .remove::<UpstreamConnection>()
+            .remove::<Tunnel>()
             .and_then(|u| u.take())
         else {
             return Ok(response);

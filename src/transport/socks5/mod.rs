@@ -29,7 +29,7 @@ use portcullis_middleware::{
     ViolationLogLayer,
 };
 
-use crate::connector::UpstreamConnection;
+use crate::connector::Tunnel;
 use crate::transport::{
     accept_loop, call_stack, splice, synthesized_connect, DrainGuard, Limits, Listening,
     LiveCredentials, ProxyService, ShutdownSignal,
@@ -285,10 +285,7 @@ async fn connect(
 ) -> Result<(), BoxError> {
     let request = synthesized_connect(&target, Protocol::Socks5Tcp, client)?;
     let upstream = match call_stack(stack, request).await {
-        Ok(response) => response
-            .extensions()
-            .get::<UpstreamConnection>()
-            .and_then(UpstreamConnection::take),
+        Ok(response) => response.extensions().get::<Tunnel>().and_then(Tunnel::take),
         Err(error) => {
             proto.reply_error(&rescue::reply(&error)).await?;
             return Ok(());
