@@ -77,6 +77,9 @@ pub enum StartError {
     Metrics(String),
 }
 
+/// How many refusals a slow [`ProxyHandle::subscribe`]r may fall behind.
+const SUBSCRIBED_BACKLOG: usize = 1024;
+
 /// What to change when a listener's address is taken.
 fn bind_hint(listener: &str, error: &std::io::Error) -> &'static str {
     if error.kind() != std::io::ErrorKind::AddrInUse {
@@ -123,6 +126,8 @@ pub struct ProxyBuilder<O = Identity, I = Identity> {
     metrics_addr: Option<SocketAddr>,
     /// This proxy's counters (never another proxy's in the same process).
     metrics: Arc<crate::metrics::Metrics>,
+    /// Every refusal, for [`ProxyHandle::subscribe`].
+    refusals: tokio::sync::broadcast::Sender<portcullis_middleware::Violation>,
     outer: O,
     inner: I,
 }
@@ -170,6 +175,7 @@ impl Proxy {
             fixes: Fixes::Keys,
             metrics_addr: None,
             metrics: Arc::default(),
+            refusals: tokio::sync::broadcast::channel(SUBSCRIBED_BACKLOG).0,
             outer: Identity::new(),
             inner: Identity::new(),
         }
@@ -400,6 +406,7 @@ impl<O, I> ProxyBuilder<O, I> {
             fixes: self.fixes,
             metrics_addr: self.metrics_addr,
             metrics: self.metrics,
+            refusals: self.refusals,
             outer,
             inner,
         }
@@ -437,8 +444,13 @@ impl<O, I> ProxyBuilder<O, I> {
 
     fn rephrasing(&self, layer: ViolationLogLayer) -> ViolationLogLayer {
         let metrics = self.metrics.clone();
+        let refusals = self.refusals.clone();
         let layer = layer.with_sink(move |violation: &portcullis_middleware::Violation| {
             metrics.refused(violation.blocked.reason.as_str());
+            // Copied only when someone listens.
+            if refusals.receiver_count() > 0 {
+                let _ = refusals.send(violation.clone());
+            }
         });
         match self.fixes {
             Fixes::Keys => layer,
@@ -684,6 +696,7 @@ where
             credentials,
             all_proxy_socks: self.all_proxy_socks,
             service: ingress_service,
+            refusals: self.refusals.clone(),
             limits: self.limits,
             metrics: self.metrics.clone(),
         })
@@ -705,6 +718,7 @@ pub struct ProxyHandle {
     policy: PolicyHandle,
     /// The very stack the listeners serve (loop guard, pool and all).
     service: ProxyService,
+    refusals: tokio::sync::broadcast::Sender<portcullis_middleware::Violation>,
     limits: Limits,
     metrics: Arc<crate::metrics::Metrics>,
 }
@@ -756,6 +770,14 @@ impl ProxyHandle {
     pub fn set_credentials(&self, credentials: Option<(String, String)>) {
         self.credentials
             .store(credentials.map(|(username, password)| Credentials { username, password }));
+    }
+
+    /// Every refusal from now on, as it is recorded (the same ones the
+    /// violation log and ring see), for as long as the receiver is kept. A
+    /// receiver that falls more than 1,024 refusals behind skips the oldest
+    /// and is told how many (`RecvError::Lagged`).
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<portcullis_middleware::Violation> {
+        self.refusals.subscribe()
     }
 
     /// What a way in of your own needs: this proxy's own stack (the same

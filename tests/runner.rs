@@ -248,3 +248,27 @@ async fn two_proxies_in_one_process_count_apart() {
         "{second}"
     );
 }
+
+#[tokio::test]
+async fn refusals_can_be_subscribed_to_and_the_policy_updated_live() {
+    let origin = origin().await;
+    let proxy = proxy_with(NetworkPolicy::builder().build(), &[], |b| b).await;
+    let mut refusals = proxy.handle.subscribe();
+    let url = format!("http://{}/live", origin.addr);
+    let out = curl(&["-x", &proxy.http_url(), &url]).await;
+    assert!(out.stdout.contains("not_allowed_local"), "{}", out.stdout);
+    let seen = tokio::time::timeout(Duration::from_secs(5), refusals.recv())
+        .await
+        .expect("a refusal arrives")
+        .unwrap();
+    assert_eq!(seen.blocked.target.to_string(), origin.addr.to_string());
+    // Changed from what it is now; the next request sees it.
+    proxy
+        .handle
+        .policy()
+        .update(|policy| policy.allow("127.0.0.1"))
+        .unwrap();
+    let out = curl(&["-x", &proxy.http_url(), &url]).await;
+    assert_eq!(out.stdout, "hello /live");
+    assert!(refusals.try_recv().is_err(), "nothing more was refused");
+}

@@ -143,6 +143,14 @@ impl NetworkPolicy {
         NetworkPolicyBuilder::default()
     }
 
+    /// A builder that starts from this policy: add to it, or change its
+    /// settings, and build a new one.
+    pub fn to_builder(&self) -> NetworkPolicyBuilder {
+        NetworkPolicyBuilder {
+            policy: self.clone(),
+        }
+    }
+
     /// The mode.
     pub fn mode(&self) -> Mode {
         self.mode
@@ -411,6 +419,8 @@ pub struct PolicyHandle {
 struct Shared {
     current: ArcSwap<NetworkPolicy>,
     generation: AtomicU64,
+    /// Serialises [`PolicyHandle::update`]s, so none is lost to another.
+    writing: std::sync::Mutex<()>,
 }
 
 impl PolicyHandle {
@@ -420,6 +430,7 @@ impl PolicyHandle {
             shared: Arc::new(Shared {
                 current: ArcSwap::from_pointee(policy),
                 generation: AtomicU64::new(0),
+                writing: std::sync::Mutex::new(()),
             }),
         }
     }
@@ -431,8 +442,48 @@ impl PolicyHandle {
 
     /// Replaces the policy; the next request sees the new one.
     pub fn store(&self, policy: NetworkPolicy) {
+        let _writing = self
+            .shared
+            .writing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.replace(policy);
+    }
+
+    fn replace(&self, policy: NetworkPolicy) {
         self.shared.current.store(Arc::new(policy));
         self.shared.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Changes the live policy from what it is now: `change` gets a builder
+    /// of the current policy and returns the new one. Updates from several
+    /// threads apply one after the other (none is lost); an error leaves
+    /// the policy as it was.
+    ///
+    /// ```
+    /// use portcullis_middleware::{NetworkPolicy, PolicyHandle, Target};
+    /// use portcullis_middleware::policy::Decision;
+    ///
+    /// # fn main() -> Result<(), portcullis_middleware::policy::PolicyError> {
+    /// let handle = PolicyHandle::new(NetworkPolicy::builder().allow("a.example.com")?.build());
+    /// handle.update(|policy| policy.allow("b.example.com"))?;
+    /// let b = Target::parse_authority("b.example.com:443", None).unwrap();
+    /// assert!(matches!(handle.load().decide(&b), Decision::Allow { .. }));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn update<E>(
+        &self,
+        change: impl FnOnce(NetworkPolicyBuilder) -> Result<NetworkPolicyBuilder, E>,
+    ) -> Result<(), E> {
+        let _writing = self
+            .shared
+            .writing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let changed = change(self.load().to_builder())?;
+        self.replace(changed.build());
+        Ok(())
     }
 
     /// How many times the policy was replaced. Read it *before* deciding:
@@ -455,6 +506,36 @@ mod tests {
 
     fn target(authority: &str) -> Target {
         Target::parse_authority(authority, None).unwrap()
+    }
+
+    #[test]
+    fn updates_from_many_threads_are_all_kept_and_a_failed_one_changes_nothing() {
+        let handle = PolicyHandle::default();
+        let threads: Vec<_> = (0..8)
+            .map(|n| {
+                let handle = handle.clone();
+                std::thread::spawn(move || {
+                    for m in 0..20 {
+                        handle
+                            .update(|policy| policy.allow(&format!("h{n}-{m}.test")))
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        for n in 0..8 {
+            for m in 0..20 {
+                let decision = handle.load().decide(&target(&format!("h{n}-{m}.test:443")));
+                assert!(matches!(decision, Decision::Allow { .. }), "h{n}-{m}");
+            }
+        }
+        assert_eq!(handle.generation(), 160);
+        let error = handle.update(|policy| policy.deny("*")).unwrap_err();
+        assert_eq!(error, PolicyError::WildcardDeny);
+        assert_eq!(handle.generation(), 160, "a failed update stores nothing");
     }
 
     fn policy(allow: &[&str], deny: &[&str]) -> NetworkPolicyBuilder {
