@@ -176,6 +176,20 @@ pub struct Blocked {
     /// The address a name resolved to, when that address is what was
     /// refused (`not_allowed_local` from the connector).
     pub address: Option<std::net::IpAddr>,
+    /// The HTTP status a layer of yours wants for this refusal (a 4xx,
+    /// e.g. 429), and when to retry; `None`: 403, no `Retry-After`.
+    pub status_hint: Option<StatusHint>,
+}
+
+/// How a refusal should be answered over HTTP, when not with a plain 403:
+/// set by [`Blocked::with_status`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StatusHint {
+    /// A client-error status (4xx).
+    pub status: http::StatusCode,
+    /// The `Retry-After` to send, in whole seconds.
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl Blocked {
@@ -198,7 +212,39 @@ impl Blocked {
             rule: None,
             message,
             address: None,
+            status_hint: None,
         }
+    }
+
+    /// Answers this refusal over HTTP with `status` (a 4xx; anything else
+    /// is ignored and the answer stays 403) and, when given, a
+    /// `Retry-After` header: a rate limit is a 429 that says when to come
+    /// back. SOCKS5 still replies 0x02.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use portcullis_middleware::{Blocked, Protocol, Reason, Source, Target};
+    ///
+    /// # fn main() -> Result<(), portcullis_middleware::BoxError> {
+    /// let target = Target::parse_authority("api.example.com:443", None)?;
+    /// let refusal = Blocked::new(Reason::Custom("rate_limited"), Source::Layer("rate_limit"), target, Protocol::HttpsConnect, &http::Method::CONNECT)
+    ///     .with_status(http::StatusCode::TOO_MANY_REQUESTS, Some(Duration::from_secs(30)));
+    /// assert_eq!(refusal.status_hint.map(|hint| hint.status.as_u16()), Some(429));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn with_status(
+        mut self,
+        status: http::StatusCode,
+        retry_after: Option<std::time::Duration>,
+    ) -> Blocked {
+        if status.is_client_error() {
+            self.status_hint = Some(StatusHint {
+                status,
+                retry_after,
+            });
+        }
+        self
     }
 
     /// Sets the resolved address that was refused.

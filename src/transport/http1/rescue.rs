@@ -17,11 +17,21 @@ pub(crate) const X_PROXY_ERROR: &str = "x-proxy-error";
 /// warning in the log, never a silent close.
 pub(crate) fn http_response(error: &BoxError) -> Response<Body> {
     match ProxyErrorRef::find(error.as_ref()) {
-        Some(ProxyErrorRef::Blocked(blocked)) => json_response(
-            StatusCode::FORBIDDEN,
-            refusal_header(blocked.reason),
-            serde_json::to_value(blocked).unwrap_or_default(),
-        ),
+        Some(ProxyErrorRef::Blocked(blocked)) => {
+            let hint = blocked.status_hint;
+            let mut response = json_response(
+                hint.map_or(StatusCode::FORBIDDEN, |hint| hint.status),
+                refusal_header(blocked.reason),
+                serde_json::to_value(blocked).unwrap_or_default(),
+            );
+            if let Some(after) = hint.and_then(|hint| hint.retry_after) {
+                response.headers_mut().insert(
+                    http::header::RETRY_AFTER,
+                    HeaderValue::from(after.as_secs()),
+                );
+            }
+            response
+        }
         Some(ProxyErrorRef::BadRequest(bad)) => bad_request(&bad.message),
         Some(ProxyErrorRef::Upstream(upstream)) => {
             let (status, header, kind) = match upstream.kind {
@@ -372,6 +382,34 @@ mod tests {
             .collect();
         keys.sort_unstable();
         assert_eq!(keys, ["kind", "message", "status", "target"], "{json}");
+    }
+
+    #[tokio::test]
+    async fn a_layer_may_ask_for_another_4xx_and_a_retry_after() {
+        let target = Target::parse_authority("x.test:443", None).unwrap();
+        let limited = |status| -> BoxError {
+            Blocked::new(
+                Reason::Custom("rate_limited"),
+                Source::Layer("rate_limit"),
+                target.clone(),
+                Protocol::HttpsConnect,
+                &http::Method::CONNECT,
+            )
+            .with_status(status, Some(std::time::Duration::from_secs(30)))
+            .into()
+        };
+        let response = http_response(&limited(StatusCode::TOO_MANY_REQUESTS));
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[http::header::RETRY_AFTER], "30");
+        assert_eq!(response.headers()[X_PROXY_ERROR], "blocked-by-rate-limited");
+        let json: serde_json::Value =
+            serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes())
+                .unwrap();
+        assert_eq!(json["reason"], "rate_limited");
+        // Not a client error: the refusal stays a 403.
+        let response = http_response(&limited(StatusCode::OK));
+        assert_eq!(response.status(), StatusCode::FORBIDDEN);
+        assert!(response.headers().get(http::header::RETRY_AFTER).is_none());
     }
 
     #[tokio::test]
