@@ -272,3 +272,51 @@ async fn refusals_can_be_subscribed_to_and_the_policy_updated_live() {
     assert_eq!(out.stdout, "hello /live");
     assert!(refusals.try_recv().is_err(), "nothing more was refused");
 }
+
+#[tokio::test]
+async fn the_authenticated_user_reaches_the_layers_on_every_path() {
+    use portcullis::middleware::ProxyUser;
+    use std::sync::{Arc, Mutex};
+    let origin = origin().await;
+    let seen: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
+    let record = {
+        let seen = seen.clone();
+        tower::util::MapRequestLayer::new(move |request: http::Request<portcullis::body::Body>| {
+            let user = request.extensions().get::<ProxyUser>().map(|u| u.0.clone());
+            seen.lock().unwrap().push(user);
+            request
+        })
+    };
+    let handle = portcullis::Proxy::builder()
+        .socks_addr(Some("127.0.0.1:0".parse().unwrap()))
+        .policy(portcullis::middleware::PolicyHandle::new(
+            allow(&["127.0.0.1"]).build(),
+        ))
+        .credentials("alice", "pw")
+        .inner_layer(record)
+        .start()
+        .await
+        .unwrap();
+    let proxy = TestProxy {
+        handle,
+        ring: Default::default(),
+    };
+    let with_user = format!("http://alice:pw@{}", proxy.handle.http_addr());
+    let url = format!("http://{}/who", origin.addr);
+    assert_eq!(curl(&["-x", &with_user, &url]).await.stdout, "hello /who");
+    assert_eq!(
+        curl(&["-p", "-x", &with_user, &url]).await.stdout,
+        "hello /who"
+    );
+    let socks = format!("alice:pw@{}", proxy.socks_addr());
+    assert_eq!(
+        curl(&["--socks5-hostname", &socks, &url]).await.stdout,
+        "hello /who"
+    );
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert!(
+        seen.iter().all(|user| user.as_deref() == Some("alice")),
+        "{seen:?}"
+    );
+}

@@ -176,7 +176,7 @@ pub use policy::{
     PolicyHandle,
 };
 pub use policy_layer::{PolicyLayer, PolicyService};
-pub use request::{ClientAddr, HasBody, Intercepted, Protocol, RequestInfo};
+pub use request::{ClientAddr, HasBody, Intercepted, Protocol, ProxyUser, RequestInfo};
 pub use stack::{DefaultStack, ServiceBuilderExt};
 pub use strip_headers::{StripHeaders, StripHeadersLayer};
 pub use target::{Host, Target, TargetError};

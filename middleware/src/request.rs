@@ -99,6 +99,13 @@ impl fmt::Display for Protocol {
     }
 }
 
+/// The proxy user a client authenticated as (HTTP `Proxy-Authorization:
+/// Basic`, SOCKS5 username/password), in the extensions of each of its
+/// requests: an identity a layer can decide or count by. Absent when the
+/// proxy asks for no credential.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ProxyUser(pub String);
+
 /// The address of the client connection a request came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ClientAddr(pub SocketAddr);

@@ -246,6 +246,14 @@ pub(crate) fn same_secret(given: &str, expected: &str) -> bool {
     difference == 0
 }
 
+/// Who is asking: the client's address and, when it authenticated, the
+/// proxy user it gave.
+#[derive(Debug, Clone)]
+pub(crate) struct Peer {
+    pub(crate) addr: SocketAddr,
+    pub(crate) user: Option<portcullis_middleware::ProxyUser>,
+}
+
 /// Puts the request model into a request: the one place every ingress
 /// path goes through, so every layer reads the same three extensions.
 pub(crate) fn insert_model<B>(

@@ -27,7 +27,7 @@ use tokio::net::TcpListener;
 use portcullis_middleware::strip_headers::is_upgrade;
 use portcullis_middleware::target::default_port_for_scheme;
 use portcullis_middleware::{
-    Blocked, HasBody, Intercepted, Mode, PolicyHandle, Protocol, Reason, Source, Target,
+    Blocked, HasBody, Intercepted, Mode, PolicyHandle, Protocol, ProxyUser, Reason, Source, Target,
     ViolationLogLayer,
 };
 
@@ -36,7 +36,7 @@ use crate::connector::{OwnListeners, Tunnel};
 use crate::transport::mitm::{self, Interceptor};
 use crate::transport::{
     accept_loop, call_stack, insert_model, splice, unix, Credentials, DrainGuard, Limits,
-    Listening, LiveCredentials, ProxyService, ShutdownSignal,
+    Listening, LiveCredentials, Peer, ProxyService, ShutdownSignal,
 };
 
 /// What the HTTP/1 listener needs besides the stack.
@@ -138,10 +138,15 @@ async fn route(
     if crate::transport::head_over_limits(&request, &settings.limits) {
         return Err(rescue::head_too_large(&settings.limits));
     }
-    if let Some(credentials) = settings.credentials.current() {
-        if !authorized(&request, &credentials) {
-            return Err(rescue::authentication_required());
-        }
+    let user = match settings.credentials.current() {
+        Some(credentials) => match authorized(&request, &credentials) {
+            Some(user) => Some(ProxyUser(user)),
+            None => return Err(rescue::authentication_required()),
+        },
+        None => None,
+    };
+    if let Some(user) = &user {
+        request.extensions_mut().insert(user.clone());
     }
     if came_round(&request, &settings.own) {
         let target = if request.method() == Method::CONNECT {
@@ -208,7 +213,8 @@ async fn route(
                     let violations = settings.violations.clone();
                     let io = TokioIo::new(upgraded);
                     let limits = settings.limits;
-                    mitm::serve(io, target, client, interceptor, stack, violations, limits).await;
+                    let peer = Peer { addr: client, user };
+                    mitm::serve(io, target, peer, interceptor, stack, violations, limits).await;
                 }
                 (Err(error), _) => tracing::debug!(%error, "CONNECT upgrade failed"),
             }
@@ -322,29 +328,26 @@ async fn splice_upgraded(
     }
 }
 
-/// Whether `Proxy-Authorization: Basic` carries these credentials.
-fn authorized<B>(request: &Request<B>, credentials: &Credentials) -> bool {
+/// The user, when `Proxy-Authorization: Basic` carries these credentials.
+fn authorized<B>(request: &Request<B>, credentials: &Credentials) -> Option<String> {
     use base64::Engine;
-    let Some(value) = request
+    let value = request
         .headers()
         .get(header::PROXY_AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    else {
-        return false;
-    };
-    let Some((scheme, encoded)) = value.trim().split_once(' ') else {
-        return false;
-    };
+        .and_then(|v| v.to_str().ok())?;
+    let (scheme, encoded) = value.trim().split_once(' ')?;
     if !scheme.eq_ignore_ascii_case("basic") {
-        return false;
+        return None;
     }
-    let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(encoded.trim()) else {
-        return false;
-    };
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
     let decoded = String::from_utf8_lossy(&decoded);
     match decoded.split_once(':') {
-        Some((username, password)) => credentials.accept(username, password),
-        None => false,
+        Some((username, password)) if credentials.accept(username, password) => {
+            Some(username.to_owned())
+        }
+        _ => None,
     }
 }
 

@@ -24,7 +24,6 @@ mod ca;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -47,6 +46,7 @@ pub const BUNDLE_FILE: &str = "bundle.pem";
 use crate::body::{self, Body};
 use crate::env::CaFiles;
 use crate::transport::http1::rescue;
+use crate::transport::Peer;
 use crate::transport::{call_stack, insert_model, Limits, ProxyService};
 
 /// The default number of hosts whose leaf certificates are kept.
@@ -193,7 +193,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub(crate) async fn serve<I>(
     io: I,
     target: Target,
-    client: SocketAddr,
+    peer: Peer,
     interceptor: Arc<Interceptor>,
     stack: ProxyService,
     violations: ViolationLogLayer,
@@ -201,6 +201,7 @@ pub(crate) async fn serve<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let client = peer.addr;
     let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);
     let start = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor).await {
         Ok(Ok(start)) => start,
@@ -240,7 +241,8 @@ pub(crate) async fn serve<I>(
     let service = hyper::service::service_fn(move |request| {
         let target = target.clone();
         let stack = stack.clone();
-        async move { Ok::<_, Infallible>(inner_request(request, target, client, stack, limits).await) }
+        let peer = peer.clone();
+        async move { Ok::<_, Infallible>(inner_request(request, target, peer, stack, limits).await) }
     });
     if let Err(error) = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -258,7 +260,7 @@ pub(crate) async fn serve<I>(
 async fn inner_request(
     request: Request<Incoming>,
     target: Target,
-    client: SocketAddr,
+    peer: Peer,
     stack: ProxyService,
     limits: Limits,
 ) -> Response<Body> {
@@ -291,7 +293,10 @@ async fn inner_request(
         parts,
         body::client_body(incoming, limits.body_idle_timeout, limits.body_min_rate),
     );
-    insert_model(&mut request, target, Protocol::HttpsMitm, client);
+    insert_model(&mut request, target, Protocol::HttpsMitm, peer.addr);
+    if let Some(user) = peer.user {
+        request.extensions_mut().insert(user);
+    }
     if has_body {
         request.extensions_mut().insert(HasBody);
     }

@@ -25,14 +25,14 @@ use fast_socks5::ReplyError;
 use tokio::net::{TcpListener, TcpStream};
 
 use portcullis_middleware::{
-    Blocked, BoxError, Host, Mode, PolicyHandle, Protocol, Reason, Source, Target,
+    Blocked, BoxError, Host, Mode, PolicyHandle, Protocol, ProxyUser, Reason, Source, Target,
     ViolationLogLayer,
 };
 
 use crate::connector::Tunnel;
 use crate::transport::{
     accept_loop, call_stack, splice, synthesized_connect, DrainGuard, Limits, Listening,
-    LiveCredentials, ProxyService, ShutdownSignal,
+    LiveCredentials, Peer, ProxyService, ShutdownSignal,
 };
 use request::{Command, Replay};
 
@@ -183,11 +183,11 @@ async fn handle(
         } else {
             &no_auth
         };
-        let mut stream = match Socks5ServerProtocol::start(stream)
+        let (mut stream, user) = match Socks5ServerProtocol::start(stream)
             .negotiate_auth(methods)
             .await?
         {
-            StandardAuthenticationStarted::NoAuthentication(auth) => auth.into_inner(),
+            StandardAuthenticationStarted::NoAuthentication(auth) => (auth.into_inner(), None),
             StandardAuthenticationStarted::PasswordAuthentication(auth) => {
                 let (user, pass, auth) = auth.read_username_password().await?;
                 let accepted = credentials
@@ -197,7 +197,7 @@ async fn handle(
                     auth.reject().await?;
                     return Err(SocksServerError::AuthenticationRejected);
                 }
-                auth.accept().await?.into_inner()
+                (auth.accept().await?.into_inner(), Some(ProxyUser(user)))
             }
         };
         let request = match request::read(&mut stream).await {
@@ -222,15 +222,16 @@ async fn handle(
         ))
         .read_command()
         .await
-        .map(|(proto, _, address)| Ok((proto, command, address)))
+        .map(|(proto, _, address)| Ok((proto, command, address, user)))
     };
-    let (proto, command, address) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+    let (proto, command, address, user) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
         .await
         .map_err(|_| "SOCKS5 handshake timed out")???;
     match command {
         Command::Connect(target) => {
             let idle = settings.limits.tunnel_idle_timeout;
-            connect(proto, target, client, stack, idle, &settings.metrics).await
+            let peer = Peer { addr: client, user };
+            connect(proto, target, peer, stack, idle, &settings.metrics).await
         }
         // The ASSOCIATE address is the client's own (often 0.0.0.0:0), not a destination.
         Command::UdpAssociate if settings.udp && settings.policy.load().mode() == Mode::Limited => {
@@ -256,7 +257,7 @@ async fn handle(
             udp::associate(
                 proto,
                 &address,
-                client,
+                Peer { addr: client, user },
                 local_ip,
                 stack,
                 settings.policy,
@@ -278,12 +279,16 @@ async fn handle(
 async fn connect(
     proto: Socks5ServerProtocol<Replay<TcpStream>, states::CommandRead>,
     target: Target,
-    client: SocketAddr,
+    peer: Peer,
     stack: ProxyService,
     idle: Duration,
     metrics: &crate::metrics::Metrics,
 ) -> Result<(), BoxError> {
-    let request = synthesized_connect(&target, Protocol::Socks5Tcp, client)?;
+    let client = peer.addr;
+    let mut request = synthesized_connect(&target, Protocol::Socks5Tcp, client)?;
+    if let Some(user) = peer.user {
+        request.extensions_mut().insert(user);
+    }
     let upstream = match call_stack(stack, request).await {
         Ok(response) => response.extensions().get::<Tunnel>().and_then(Tunnel::take),
         Err(error) => {

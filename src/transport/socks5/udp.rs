@@ -32,12 +32,12 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 
 use portcullis_middleware::{
-    find_blocked, ApprovedOnce, BoxError, PolicyHandle, Protocol, Source, Target,
+    find_blocked, ApprovedOnce, BoxError, PolicyHandle, Protocol, ProxyUser, Source, Target,
 };
 
 use super::target_of;
 use crate::connector::VettedAddresses;
-use crate::transport::{call_stack, synthesized_connect, Limits, ProxyService};
+use crate::transport::{call_stack, synthesized_connect, Limits, Peer, ProxyService};
 
 /// Largest UDP datagram relayed.
 const MAX_DATAGRAM: usize = 65_535;
@@ -130,13 +130,14 @@ impl Drop for UdpTicket {
 pub(super) async fn associate(
     proto: Socks5ServerProtocol<super::Replay<TcpStream>, states::CommandRead>,
     address: &TargetAddr,
-    client: SocketAddr,
+    peer: Peer,
     local_ip: IpAddr,
     stack: ProxyService,
     policy: PolicyHandle,
     ticket: UdpTicket,
 ) -> Result<(), BoxError> {
     let _ticket = ticket;
+    let client = peer.addr;
     // The ASSOCIATE address is the client's own (often 0.0.0.0:0), not a
     // destination. When it names a port (and an address), the association
     // belongs to exactly that sender; otherwise to the first datagram's.
@@ -148,11 +149,11 @@ pub(super) async fn associate(
         local_ip,
         move |socket| async move {
             let std_socket: std::net::UdpSocket = socket.into();
-            let peer = UdpSocket::from_std(std_socket).map_err(|error| {
+            let peer_socket = UdpSocket::from_std(std_socket).map_err(|error| {
                 tracing::debug!(%error, "UDP relay socket");
                 SocksServerError::Bug("UDP relay socket")
             })?;
-            Relay::new(peer, client, declared, stack, policy)
+            Relay::new(peer_socket, peer, declared, stack, policy)
                 .run()
                 .await
                 .map_err(|error| {
@@ -213,6 +214,8 @@ enum Outcome {
 struct Relay {
     peer: UdpSocket,
     client: SocketAddr,
+    /// The proxy user the client authenticated as, put on each decision.
+    user: Option<ProxyUser>,
     stack: ProxyService,
     policy: PolicyHandle,
     client_udp: Option<SocketAddr>,
@@ -229,7 +232,7 @@ struct Relay {
 impl Relay {
     fn new(
         peer: UdpSocket,
-        client: SocketAddr,
+        who: Peer,
         declared: Option<SocketAddr>,
         stack: ProxyService,
         policy: PolicyHandle,
@@ -237,7 +240,8 @@ impl Relay {
         let (decided_tx, decided_rx) = mpsc::unbounded_channel();
         Relay {
             peer,
-            client,
+            client: who.addr,
+            user: who.user,
             stack,
             policy,
             client_udp: declared,
@@ -355,28 +359,34 @@ impl Relay {
     fn decide(&self, target: Target, generation: u64) {
         let stack = self.stack.clone();
         let client = self.client;
+        let user = self.user.clone();
         let decided = self.decided_tx.clone();
         tokio::spawn(async move {
             let outcome = match synthesized_connect(&target, Protocol::Socks5Udp, client) {
-                Ok(request) => match call_stack(stack, request).await {
-                    Ok(response) => {
-                        let address = response
-                            .extensions()
-                            .get::<VettedAddresses>()
-                            .and_then(|vetted| vetted.0.first().copied());
-                        let once = response.extensions().get::<ApprovedOnce>().is_some();
-                        match address {
-                            Some(address) => Outcome::Allowed { address, once },
-                            None => Outcome::Refused { cache: false },
-                        }
+                Ok(mut request) => {
+                    if let Some(user) = user {
+                        request.extensions_mut().insert(user);
                     }
-                    // Refused: the violation log has it. An approver's no is
-                    // for the datagrams that waited; it may be asked again.
-                    Err(error) => Outcome::Refused {
-                        cache: find_blocked(error.as_ref())
-                            .is_some_and(|blocked| blocked.source != Source::Approval),
-                    },
-                },
+                    match call_stack(stack, request).await {
+                        Ok(response) => {
+                            let address = response
+                                .extensions()
+                                .get::<VettedAddresses>()
+                                .and_then(|vetted| vetted.0.first().copied());
+                            let once = response.extensions().get::<ApprovedOnce>().is_some();
+                            match address {
+                                Some(address) => Outcome::Allowed { address, once },
+                                None => Outcome::Refused { cache: false },
+                            }
+                        }
+                        // Refused: the violation log has it. An approver's no is
+                        // for the datagrams that waited; it may be asked again.
+                        Err(error) => Outcome::Refused {
+                            cache: find_blocked(error.as_ref())
+                                .is_some_and(|blocked| blocked.source != Source::Approval),
+                        },
+                    }
+                }
                 Err(_) => Outcome::Refused { cache: true },
             };
             // The association may be gone; then nobody is waiting.
