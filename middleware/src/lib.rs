@@ -152,6 +152,7 @@ pub mod error;
 mod future;
 pub mod git;
 pub mod limited_mode;
+pub mod loop_guard;
 pub mod policy;
 pub mod policy_layer;
 pub mod request;
@@ -171,6 +172,7 @@ pub use error::{
 };
 pub use future::ResponseFuture;
 pub use limited_mode::{LimitedMode, LimitedModeLayer, VerifyGitFetchBody};
+pub use loop_guard::{CameRound, LoopGuard, LoopGuardLayer};
 pub use policy::{
     Decision, Mode, NetworkPolicy, NetworkPolicyBuilder, Pattern, PatternSet, PolicyError,
     PolicyHandle,

@@ -5,7 +5,8 @@
 //!
 //! 1. [`ViolationLog`] — outermost, so it sees every refusal: from each
 //!    layer below, from your own layers, and from the connector's check of
-//!    resolved addresses.
+//!    resolved addresses. Just inside it, [`LoopGuard`] refuses a request
+//!    its transport marked as having come round to this proxy.
 //! 2. [`StripHeaders`] — hop-by-hop and control headers never reach the
 //!    origin; everything the policy needs is already in extensions.
 //! 3. [`PolicyService`] — the domain/IP decision. Denials are final; an
@@ -49,6 +50,7 @@ use tower_layer::{Identity, Layer, Stack};
 
 use crate::approval::{ApprovalWait, ApprovalWaitLayer, DenyApprover};
 use crate::limited_mode::{LimitedMode, LimitedModeLayer};
+use crate::loop_guard::{LoopGuard, LoopGuardLayer};
 use crate::policy::PolicyHandle;
 use crate::policy_layer::{PolicyLayer, PolicyService};
 use crate::strip_headers::{StripHeaders, StripHeadersLayer};
@@ -171,12 +173,14 @@ where
     I: Layer<S>,
     O: Layer<StripHeaders<PolicyService<LimitedMode<ApprovalWait<I::Service, A>>>>>,
 {
-    type Service = ViolationLog<O::Service>;
+    type Service = ViolationLog<LoopGuard<O::Service>>;
 
     fn layer(&self, connector: S) -> Self::Service {
         ServiceBuilder::new()
             // 1. Outermost: every refusal below, the connector's included, passes here.
             .layer(self.violations.clone())
+            // A request the transport saw come round to us: refused, on the record.
+            .layer(LoopGuardLayer::new())
             // Integrator layers that should see (and may refuse) every request.
             .layer(&self.outer)
             // 2. Hop-by-hop and control headers never reach the origin.

@@ -27,7 +27,7 @@ use tokio::net::TcpListener;
 use portcullis_middleware::strip_headers::is_upgrade;
 use portcullis_middleware::target::default_port_for_scheme;
 use portcullis_middleware::{
-    Blocked, HasBody, Intercepted, Mode, PolicyHandle, Protocol, ProxyUser, Reason, Source, Target,
+    CameRound, HasBody, Intercepted, Mode, PolicyHandle, Protocol, ProxyUser, Target,
     ViolationLogLayer,
 };
 
@@ -149,28 +149,10 @@ async fn route(
         request.extensions_mut().insert(user.clone());
     }
     if came_round(&request, &settings.own) {
-        let target = if request.method() == Method::CONNECT {
-            connect_target(&request)
-        } else {
-            absolute_form_target(&request)
-        };
-        if let Ok(target) = target {
-            let protocol = if request.method() == Method::CONNECT {
-                Protocol::HttpsConnect
-            } else {
-                Protocol::Http
-            };
-            let blocked = Blocked::new(
-                Reason::Loop,
-                Source::Transport,
-                target,
-                protocol,
-                request.method(),
-            )
-            .with_rule(Some("Via names this proxy".to_owned()));
-            settings.violations.record(Some(client), &blocked);
-            return Err(rescue::http_response(&blocked.into()));
-        }
+        // The stack's loop guard refuses it, on the record like any refusal.
+        request.extensions_mut().insert(CameRound {
+            rule: "Via names this proxy".to_owned(),
+        });
     }
     if request.method() == Method::CONNECT {
         let target = connect_target(&request).map_err(|m| rescue::bad_request(&m))?;
