@@ -739,7 +739,7 @@ async fn udp_associations_are_capped_per_client_and_in_all() {
     // Closing an association gives its place back (bounded wait).
     drop(held.remove(0));
     let mut code = 1;
-    for _ in 0..50 {
+    for _ in 0..250 {
         let (control, answered) = try_associate(socks, "127.0.0.1").await;
         code = answered;
         if code == 0 {
