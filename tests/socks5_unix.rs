@@ -750,3 +750,46 @@ async fn udp_associations_are_capped_per_client_and_in_all() {
     }
     assert_eq!(code, 0, "a closed association's place is free again");
 }
+
+#[tokio::test]
+async fn a_write_dressed_as_a_git_fetch_to_a_unix_socket_is_refused_in_limited_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = unix_origin(dir.path()).await;
+    let canonical = std::fs::canonicalize(&socket).unwrap();
+    let policy = NetworkPolicy::builder()
+        .mode(Mode::Limited)
+        .allow_unix_socket(&canonical)
+        .unwrap()
+        .build();
+    let proxy = proxy_with(policy, &[], |b| b).await;
+    let header = format!("x-unix-socket: {}", socket.display());
+    let post = |body: &'static str| {
+        let (url, header) = (proxy.http_url(), header.clone());
+        async move {
+            curl(&[
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-x",
+                &url,
+                "-H",
+                &header,
+                "-H",
+                "Content-Type: application/x-git-upload-pack-request",
+                "--data-binary",
+                body,
+                "http://localhost/owner/repo.git/git-upload-pack",
+            ])
+            .await
+            .stdout
+        }
+    };
+    // A real fetch request reaches the socket; a paste does not.
+    assert_eq!(post("0011command=fetch0000").await, "200");
+    assert_eq!(post("content=my+secret+paste").await, "403");
+    let last = proxy.ring.snapshot().pop().unwrap();
+    assert_eq!(last.blocked.reason, Reason::MethodNotAllowed);
+    assert_eq!(last.blocked.protocol, Protocol::UnixSocket);
+}

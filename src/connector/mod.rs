@@ -285,13 +285,7 @@ impl Connector {
         mut request: Request<Body>,
         info: RequestInfo,
     ) -> Result<Response<Body>, BoxError> {
-        if request
-            .extensions()
-            .get::<portcullis_middleware::VerifyGitFetchBody>()
-            .is_some()
-        {
-            request = verified_git_fetch(request, &info).await?;
-        }
+        request = checked_git_fetch(request, &info).await?;
         // Forward to the canonical authority: the host we checked is the host we dial.
         let uri = canonical_uri(request.uri(), &info.target)?;
         let plain_http = uri.scheme() == Some(&http::uri::Scheme::HTTP);
@@ -366,6 +360,24 @@ impl<'a> From<&'a RequestInfo> for Refusing<'a> {
 /// The largest git fetch request limited mode reads (after gzip) to check
 /// it: a negotiation of a very large repository stays well below.
 const GIT_FETCH_MAX_BYTES: usize = 16 << 20;
+
+/// The request as it may go on: a git fetch limited mode admitted
+/// ([`VerifyGitFetchBody`](portcullis_middleware::VerifyGitFetchBody)) only
+/// once its body is checked; any other request as it is.
+async fn checked_git_fetch(
+    request: Request<Body>,
+    info: &RequestInfo,
+) -> Result<Request<Body>, BoxError> {
+    if request
+        .extensions()
+        .get::<portcullis_middleware::VerifyGitFetchBody>()
+        .is_some()
+    {
+        verified_git_fetch(request, info).await
+    } else {
+        Ok(request)
+    }
+}
 
 /// Reads a git fetch's body whole (bounded), undoes git's gzip, and lets
 /// it through only if it is an upload-pack request; otherwise refuses it
@@ -557,7 +569,11 @@ impl Service<Request<Body>> for Connector {
             return Box::pin(vet(this.dialer, info));
         };
         match info.target.clone() {
-            Target::Unix(path) => Box::pin(unix::forward(request, path)),
+            Target::Unix(path) => Box::pin(async move {
+                // A git fetch to a socket is checked like one to a host.
+                let request = checked_git_fetch(request, &info).await?;
+                unix::forward(request, path).await
+            }),
             Target::Host { .. } if info.protocol == Protocol::Socks5Udp => {
                 Box::pin(vet(this.dialer, info))
             }
