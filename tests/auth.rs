@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::io::AsyncBufReadExt;
 
-use common::{curl, origin, output, portcullis, raw_exchange, terminate};
+use common::{curl, curl_status, origin, output, portcullis, raw_exchange, terminate};
 
 fn config(password: &str) -> String {
     format!(
@@ -86,18 +86,8 @@ async fn serve_enforces_auth_on_every_listener_and_reloads_it() {
     let out = curl(&["-x", &with_credential, &url]).await;
     assert_eq!(out.stdout, "hello /guarded");
     let wrong = format!("http://alice:wrong@{}", bare.trim_start_matches("http://"));
-    let out = curl(&[
-        "-s",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        "-x",
-        &wrong,
-        &url,
-    ])
-    .await;
-    assert_eq!(out.stdout, "407", "a wrong password");
+    let out = curl_status(&["-x", &wrong, &url]).await;
+    assert_eq!(out, "407", "a wrong password");
 
     // CONNECT without the credential: 407 before anything is dialled.
     let (_, head) = raw_exchange(
@@ -127,36 +117,16 @@ async fn serve_enforces_auth_on_every_listener_and_reloads_it() {
     let renewed = format!("http://alice:n3w@{}", bare.trim_start_matches("http://"));
     let mut status = String::new();
     for _ in 0..100 {
-        let out = curl(&[
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "-x",
-            &renewed,
-            &url,
-        ])
-        .await;
-        status = out.stdout;
+        let out = curl_status(&["-x", &renewed, &url]).await;
+        status = out;
         if status == "200" {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(status, "200", "the reloaded credential");
-    let out = curl(&[
-        "-s",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        "-x",
-        &with_credential,
-        &url,
-    ])
-    .await;
-    assert_eq!(out.stdout, "407", "the old credential after the reload");
+    let out = curl_status(&["-x", &with_credential, &url]).await;
+    assert_eq!(out, "407", "the old credential after the reload");
     let (status, _) = terminate(&mut child).await;
     assert!(status.success());
 }

@@ -766,12 +766,7 @@ async fn a_write_dressed_as_a_git_fetch_to_a_unix_socket_is_refused_in_limited_m
     let post = |body: &'static str| {
         let (url, header) = (proxy.http_url(), header.clone());
         async move {
-            curl(&[
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
+            curl_status(&[
                 "-x",
                 &url,
                 "-H",
@@ -783,7 +778,6 @@ async fn a_write_dressed_as_a_git_fetch_to_a_unix_socket_is_refused_in_limited_m
                 "http://localhost/owner/repo.git/git-upload-pack",
             ])
             .await
-            .stdout
         }
     };
     // A real fetch request reaches the socket; a paste does not.

@@ -197,6 +197,14 @@ pub async fn curl(args: &[&str]) -> CurlOutput {
     }
 }
 
+/// The status code curl gets for `args` (its output is dropped): `"200"`,
+/// `"407"`, …
+pub async fn curl_status(args: &[&str]) -> String {
+    let mut all = vec!["-s", "-o", "/dev/null", "-w", "%{http_code}"];
+    all.extend_from_slice(args);
+    curl(&all).await.stdout
+}
+
 /// Splits `curl -i` output into status, headers and body.
 pub fn parse_response(text: &str) -> (u16, HashMap<String, String>, String) {
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((text, ""));
