@@ -1300,7 +1300,7 @@ fn check_request(
             if intercepted {
                 request
                     .extensions_mut()
-                    .insert(portcullis_middleware::Intercepted);
+                    .insert(portcullis_middleware::Interceptable);
             }
             Ok(request)
         }

@@ -650,9 +650,7 @@ where
         }
         let credentials = LiveCredentials::new(self.credentials.clone());
         let settings = transport::http1::Settings {
-            policy: self.policy.clone(),
             interceptor,
-            violations: self.violation_layer(),
             own: self.own.clone(),
             limits: self.limits,
             credentials: credentials.clone(),
@@ -669,8 +667,7 @@ where
         if let Some(socks) = socks {
             let settings = transport::socks5::Settings {
                 udp: self.socks_udp,
-                policy: self.policy.clone(),
-                violations: self.violation_layer(),
+                policy_generation: self.policy.generation_counter(),
                 limits: self.limits,
                 credentials: credentials.clone(),
                 udp_budget: Arc::default(),

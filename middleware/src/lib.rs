@@ -171,14 +171,16 @@ pub use error::{
     Source, UpstreamError, UpstreamErrorKind,
 };
 pub use future::ResponseFuture;
-pub use limited_mode::{LimitedMode, LimitedModeLayer, VerifyGitFetchBody};
-pub use loop_guard::{CameRound, LoopGuard, LoopGuardLayer};
+pub use limited_mode::{LimitedMode, LimitedModeFuture, LimitedModeLayer, VerifyGitFetchBody};
+pub use loop_guard::{CameRound, LoopGuard, LoopGuardLayer, NotTls};
 pub use policy::{
     Decision, Mode, NetworkPolicy, NetworkPolicyBuilder, Pattern, PatternSet, PolicyError,
-    PolicyHandle,
+    PolicyGeneration, PolicyHandle,
 };
 pub use policy_layer::{PolicyLayer, PolicyService};
-pub use request::{ClientAddr, HasBody, Intercepted, Protocol, ProxyUser, RequestInfo};
+pub use request::{
+    ClientAddr, HasBody, Intercept, Interceptable, Protocol, ProxyUser, RequestInfo, UdpAssociation,
+};
 pub use stack::{DefaultStack, ServiceBuilderExt};
 pub use strip_headers::{StripHeaders, StripHeadersLayer};
 pub use target::{Host, Target, TargetError};

@@ -22,9 +22,13 @@
 //! - every request over a tunnel that cannot be intercepted (SOCKS5, a
 //!   [`Protocol::Custom`](crate::Protocol::Custom) way in), whose methods
 //!   cannot be seen — `method_not_allowed`;
-//! - a `CONNECT` the transport will not intercept (no [`Intercepted`]
-//!   marker) — `mitm_required`. An intercepted tunnel's inner requests come
-//!   back through the stack as `https_mitm` and are checked one by one.
+//! - a `CONNECT` the transport cannot intercept (no [`Interceptable`]
+//!   offer) — `mitm_required`. One it can intercept passes, and the
+//!   response carries this layer's [`Intercept`] answer: the transport
+//!   terminates the tunnel's TLS and sends each request inside back through
+//!   the stack as `https_mitm`, checked one by one;
+//! - a SOCKS5 `UDP ASSOCIATE` ([`UdpAssociation`](crate::UdpAssociation))
+//!   — `method_not_allowed`, as every tunnel whose methods cannot be seen.
 //!
 //! The transports answer these refusals as the README's refusal table says
 //! (a 403 with a JSON body on HTTP, reply 0x02 on SOCKS5).
@@ -52,16 +56,19 @@
 //! # }
 //! ```
 
+use std::future::Future;
+use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use http::{header, HeaderName, Method, Request};
+use http::{header, HeaderName, Method, Request, Response};
+use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::error::{Blocked, BoxError, Reason, Source};
 use crate::future::ResponseFuture;
 use crate::policy::{Mode, PolicyHandle};
-use crate::request::{HasBody, Intercepted, RequestInfo};
+use crate::request::{HasBody, Intercept, Interceptable, RequestInfo};
 
 /// Headers that smuggle a different method past a method check.
 pub const METHOD_OVERRIDE_HEADERS: [HeaderName; 6] = [
@@ -232,7 +239,7 @@ fn refusal<B>(
     let reason = if info.protocol.is_tunnel() && !info.protocol.can_intercept() {
         Some(Reason::MethodNotAllowed)
     } else if info.method == Method::CONNECT {
-        match request.extensions().get::<Intercepted>() {
+        match request.extensions().get::<Interceptable>() {
             Some(_) => None,
             None => Some(Reason::MitmRequired),
         }
@@ -259,14 +266,44 @@ fn refusal<B>(
     }))
 }
 
-impl<S, B> Service<Request<B>> for LimitedMode<S>
+pin_project! {
+    /// [`LimitedMode`]'s response future: the inner service's response,
+    /// with the [`Intercept`] answer on a `CONNECT` it let through.
+    #[derive(Debug)]
+    pub struct LimitedModeFuture<F> {
+        #[pin]
+        inner: ResponseFuture<F>,
+        intercept: bool,
+    }
+}
+
+impl<F, R, E> Future for LimitedModeFuture<F>
 where
-    S: Service<Request<B>>,
+    F: Future<Output = Result<Response<R>, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<Response<R>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let intercept = *this.intercept;
+        this.inner.poll(cx).map_ok(|mut response| {
+            if intercept {
+                response.extensions_mut().insert(Intercept);
+            }
+            response
+        })
+    }
+}
+
+impl<S, B, R> Service<Request<B>> for LimitedMode<S>
+where
+    S: Service<Request<B>, Response = Response<R>>,
     S::Error: Into<BoxError>,
 {
-    type Response = S::Response;
+    type Response = Response<R>;
     type Error = BoxError;
-    type Future = ResponseFuture<S::Future>;
+    type Future = LimitedModeFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
@@ -274,21 +311,25 @@ where
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let policy = self.policy.load();
-        if policy.mode() == Mode::Full {
-            return ResponseFuture::inner(self.inner.call(request));
-        }
-        match refusal(&request, policy.limited_allows_git_fetch()) {
-            Ok(None) => {
-                let mut request = request;
-                if request.method() == Method::POST {
-                    // Only a git fetch gets here with a POST.
-                    request.extensions_mut().insert(VerifyGitFetchBody);
+        let (inner, intercept) = if policy.mode() == Mode::Full {
+            (ResponseFuture::inner(self.inner.call(request)), false)
+        } else {
+            match refusal(&request, policy.limited_allows_git_fetch()) {
+                Ok(None) => {
+                    let mut request = request;
+                    if request.method() == Method::POST {
+                        // Only a git fetch gets here with a POST.
+                        request.extensions_mut().insert(VerifyGitFetchBody);
+                    }
+                    // Only an interceptable CONNECT gets here as a CONNECT.
+                    let intercept = request.method() == Method::CONNECT;
+                    (ResponseFuture::inner(self.inner.call(request)), intercept)
                 }
-                ResponseFuture::inner(self.inner.call(request))
+                Ok(Some(blocked)) => (ResponseFuture::refused(blocked), false),
+                Err(bad) => (ResponseFuture::refused(bad), false),
             }
-            Ok(Some(blocked)) => ResponseFuture::refused(blocked),
-            Err(bad) => ResponseFuture::refused(bad),
-        }
+        };
+        LimitedModeFuture { inner, intercept }
     }
 }
 
@@ -341,11 +382,47 @@ mod tests {
         }
     }
 
+    /// Whether the response to `request` carries the [`Intercept`] answer.
+    async fn asks_to_intercept(policy: PolicyHandle, request: Request<()>) -> bool {
+        let (mut service, mut mock) =
+            mock::spawn_layer::<Request<()>, Response<()>, _>(LimitedModeLayer::new(policy));
+        mock.allow(1);
+        assert!(service.poll_ready().is_ready());
+        let response = service.call(request);
+        let (_, send) = mock.next_request().await.unwrap();
+        send.send_response(Response::new(()));
+        response
+            .await
+            .unwrap()
+            .extensions()
+            .get::<Intercept>()
+            .is_some()
+    }
+
+    #[tokio::test]
+    async fn limited_mode_asks_to_intercept_an_interceptable_connect_and_nothing_else() {
+        let interceptable = || {
+            let mut connect = request("CONNECT", Protocol::HttpsConnect, &[]);
+            connect.extensions_mut().insert(Interceptable);
+            connect
+        };
+        assert!(asks_to_intercept(limited(), interceptable()).await);
+        let full = PolicyHandle::new(NetworkPolicy::builder().build());
+        assert!(!asks_to_intercept(full, interceptable()).await);
+        assert!(!asks_to_intercept(limited(), request("GET", Protocol::Http, &[])).await);
+        let mut association = request("CONNECT", Protocol::Socks5Udp, &[]);
+        association.extensions_mut().insert(crate::UdpAssociation);
+        assert_eq!(
+            outcome(limited(), association).await,
+            Some(Reason::MethodNotAllowed)
+        );
+    }
+
     #[tokio::test]
     async fn table() {
         use Protocol::*;
         let mut intercepted = request("CONNECT", HttpsConnect, &[]);
-        intercepted.extensions_mut().insert(Intercepted);
+        intercepted.extensions_mut().insert(Interceptable);
         let cases: Vec<(Request<()>, Option<Reason>)> = vec![
             (request("GET", Http, &[]), None),
             (request("HEAD", Http, &[]), None),

@@ -1,10 +1,13 @@
-//! The loop guard: refuses a request that has come round to this proxy.
+//! The loop guard: refuses what only a transport can see — a request that
+//! has come round to this proxy, or an intercepted tunnel that is not TLS.
 //!
 //! A transport knows things about a request that no header parse in a
 //! layer should repeat: that its `Via` names this very proxy (it went out
-//! through another proxy and came back). It says so with the [`CameRound`]
-//! mark in the request's extensions, and this layer refuses the request —
-//! reason `loop`, on the record like every other refusal — so no transport
+//! through another proxy and came back), or that the tunnel it was asked
+//! to intercept did not start with a TLS ClientHello. It says so with a
+//! mark in the request's extensions ([`CameRound`], [`NotTls`]), and this
+//! layer refuses the request — reason `loop` or `tls_required`, source
+//! `transport`, on the record like every other refusal — so no transport
 //! builds a refusal of its own. (A destination that *is* one of our
 //! listeners is refused by the connector, which sees the address it would
 //! dial.)
@@ -13,6 +16,7 @@
 //! | --- | --- |
 //! | HTTP/1 (absolute-form, `CONNECT`) | 403, `x-proxy-error: blocked-by-loop-guard` |
 //! | SOCKS5 | reply 0x02 |
+//! | an intercepted tunnel that is not TLS | the tunnel is closed |
 //!
 //! # Example
 //!
@@ -56,6 +60,13 @@ pub struct CameRound {
     pub rule: String,
 }
 
+/// The transport's mark on an intercepted tunnel that did not start with a
+/// TLS ClientHello: its bytes are never relayed opaquely. The transport
+/// sends a synthesized `CONNECT` (protocol `https_mitm`) with this mark so
+/// the refusal is decided, and recorded, here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct NotTls;
+
 /// Configures [`LoopGuard`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LoopGuardLayer {
@@ -77,7 +88,8 @@ impl<S> Layer<S> for LoopGuardLayer {
     }
 }
 
-/// Refuses requests marked [`CameRound`]; see the [module docs](self).
+/// Refuses requests marked [`CameRound`] or [`NotTls`]; see the
+/// [module docs](self).
 #[derive(Debug, Clone)]
 pub struct LoopGuard<S> {
     inner: S,
@@ -119,19 +131,22 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let Some(mark) = request.extensions().get::<CameRound>() else {
-            return ResponseFuture::inner(self.inner.call(request));
+        let extensions = request.extensions();
+        let (reason, rule) = match (extensions.get::<CameRound>(), extensions.get::<NotTls>()) {
+            (Some(mark), _) => (Reason::Loop, Some(mark.rule.clone())),
+            (None, Some(NotTls)) => (Reason::TlsRequired, None),
+            (None, None) => return ResponseFuture::inner(self.inner.call(request)),
         };
         match RequestInfo::from_request(&request) {
             Ok(info) => ResponseFuture::refused(
                 Blocked::new(
-                    Reason::Loop,
+                    reason,
                     Source::Transport,
                     info.target,
                     info.protocol,
                     &info.method,
                 )
-                .with_rule(Some(mark.rule.clone())),
+                .with_rule(rule),
             ),
             Err(bad) => ResponseFuture::refused(bad),
         }
@@ -175,6 +190,21 @@ mod tests {
         let blocked = find_blocked(error.as_ref()).unwrap();
         assert_eq!(blocked.reason, Reason::Loop);
         assert_eq!(blocked.rule.as_deref(), Some("Via names this proxy"));
+        assert!(mock.poll_request().is_pending(), "never reached inner");
+    }
+
+    #[tokio::test]
+    async fn a_tunnel_marked_not_tls_is_refused_as_tls_required() {
+        let (mut service, mut mock) =
+            mock::spawn_layer::<Request<()>, Response<()>, _>(LoopGuardLayer::new());
+        mock.allow(1);
+        assert!(service.poll_ready().is_ready());
+        let mut marked = request(false);
+        marked.extensions_mut().insert(NotTls);
+        let error = service.call(marked).await.unwrap_err();
+        let blocked = find_blocked(error.as_ref()).unwrap();
+        assert_eq!(blocked.reason, Reason::TlsRequired);
+        assert_eq!(blocked.source, Source::Transport);
         assert!(mock.poll_request().is_pending(), "never reached inner");
     }
 

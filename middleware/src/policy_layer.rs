@@ -9,7 +9,8 @@
 //! [`ApprovalWait`](crate::ApprovalWait) layer below resolves it. Denials and
 //! local-address refusals are final and never reach an approver. A request
 //! without a [`Target`] is a [`BadRequest`]
-//! (fail closed).
+//! (fail closed). A SOCKS5 association ([`UdpAssociation`]) names no
+//! destination and passes: each of its datagrams is decided on its own.
 //!
 //! The transports answer these refusals as the README's refusal table says
 //! (a 403 with a JSON body on HTTP, reply 0x02 on SOCKS5).
@@ -48,7 +49,7 @@ use crate::error::{BadRequest, Reason};
 use crate::error::{BlockDecision, Blocked, BoxError, Source};
 use crate::future::ResponseFuture;
 use crate::policy::{Decision, PolicyHandle};
-use crate::request::Protocol;
+use crate::request::{Protocol, UdpAssociation};
 use crate::target::Target;
 
 /// Configures [`PolicyService`].
@@ -142,6 +143,10 @@ where
                 "the request carries no Protocol extension",
             ));
         };
+        if extensions.get::<UdpAssociation>().is_some() {
+            // No destination yet: each datagram is decided on its own.
+            return ResponseFuture::inner(self.inner.call(request));
+        }
         let (reason, rule) = match self.layer.policy.load().decide(target) {
             Decision::Allow { .. } => return ResponseFuture::inner(self.inner.call(request)),
             Decision::Miss if self.layer.ask_on_miss && target.host_ref().is_some() => {
@@ -233,6 +238,20 @@ mod tests {
             !matches!(mock.poll_request(), std::task::Poll::Ready(Some(_))),
             "no refused request reached inner"
         );
+    }
+
+    #[tokio::test]
+    async fn an_association_names_no_destination_and_passes() {
+        let (mut service, mut mock) =
+            mock::spawn_layer::<Request<&str>, Response<()>, _>(PolicyLayer::new(handle()));
+        mock.allow(1);
+        assert!(service.poll_ready().is_ready());
+        let mut association = request("127.0.0.1:443");
+        association.extensions_mut().insert(UdpAssociation);
+        let response = service.call(association);
+        let (_, send) = mock.next_request().await.unwrap();
+        send.send_response(Response::new(()));
+        response.await.unwrap();
     }
 
     #[tokio::test]

@@ -110,10 +110,27 @@ pub struct ProxyUser(pub String);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ClientAddr(pub SocketAddr);
 
-/// Marks a `CONNECT` whose tunnel the transport will intercept (MITM), so
-/// that limited mode can let it through and check each inner request.
+/// The transport's offer, on a `CONNECT`: it can intercept this tunnel
+/// (terminate its TLS and send each request inside back through the
+/// stack) if a layer asks. Without it, a layer that must see methods
+/// refuses the tunnel (limited mode: `mitm_required`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Intercepted;
+pub struct Interceptable;
+
+/// A layer's answer, in the extensions of the stack's response to an
+/// [`Interceptable`] `CONNECT`: intercept this tunnel rather than relay it
+/// opaquely. Limited mode asks for it; the transport decides nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Intercept;
+
+/// Marks a SOCKS5 `UDP ASSOCIATE` sent through the stack as a synthesized
+/// request (protocol `socks5_udp`, method `CONNECT`, the client's address as
+/// its [`Target`]). It names no destination: the policy passes it, each
+/// datagram is decided on its own later; limited mode refuses it whole
+/// (datagrams carry no method), and the connector answers it without
+/// dialling anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct UdpAssociation;
 
 /// Marks a request that carries a body (the transport saw one coming), so
 /// that limited mode can refuse a read that carries one: bodies are how

@@ -564,6 +564,14 @@ impl Service<Request<Body>> for Connector {
             Ok(info) => info,
             Err(error) => return Box::pin(async move { Err(error) }),
         };
+        if request
+            .extensions()
+            .get::<portcullis_middleware::UdpAssociation>()
+            .is_some()
+        {
+            // An association names no destination; nothing to dial.
+            return Box::pin(async { Ok(Response::new(body::empty())) });
+        }
         let this = self.clone();
         let Some(client) = this.client.clone() else {
             return Box::pin(vet(this.dialer, info));

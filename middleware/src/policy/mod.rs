@@ -492,6 +492,29 @@ impl PolicyHandle {
     pub fn generation(&self) -> u64 {
         self.shared.generation.load(Ordering::Acquire)
     }
+
+    /// A read-only view of [`generation`](PolicyHandle::generation), for
+    /// code that caches decisions but must not read or change the policy
+    /// itself (a transport: the SOCKS5 UDP relay).
+    pub fn generation_counter(&self) -> PolicyGeneration {
+        PolicyGeneration {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// How many times a [`PolicyHandle`]'s policy was replaced, and nothing
+/// else about it: see [`PolicyHandle::generation_counter`].
+#[derive(Debug, Clone)]
+pub struct PolicyGeneration {
+    shared: Arc<Shared>,
+}
+
+impl PolicyGeneration {
+    /// The generation now; read it *before* deciding.
+    pub fn get(&self) -> u64 {
+        self.shared.generation.load(Ordering::Acquire)
+    }
 }
 
 impl Default for PolicyHandle {

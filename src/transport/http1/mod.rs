@@ -27,8 +27,7 @@ use tokio::net::TcpListener;
 use portcullis_middleware::strip_headers::is_upgrade;
 use portcullis_middleware::target::default_port_for_scheme;
 use portcullis_middleware::{
-    CameRound, HasBody, Intercepted, Mode, PolicyHandle, Protocol, ProxyUser, Target,
-    ViolationLogLayer,
+    CameRound, HasBody, Intercept, Interceptable, Protocol, ProxyUser, Target,
 };
 
 use crate::body::{self, Body};
@@ -42,12 +41,9 @@ use crate::transport::{
 /// What the HTTP/1 listener needs besides the stack.
 #[derive(Debug, Clone)]
 pub(crate) struct Settings {
-    /// The live policy: a CONNECT is intercepted only in limited mode.
-    pub(crate) policy: PolicyHandle,
-    /// HTTPS interception, when `mitm` is on.
+    /// HTTPS interception, when `mitm` is on: offered on every CONNECT,
+    /// used when the stack asks for it.
     pub(crate) interceptor: Option<Arc<Interceptor>>,
-    /// Where a tunnel closed for not speaking TLS, or a loop, is recorded.
-    pub(crate) violations: ViolationLogLayer,
     /// Who we are: a request whose `Via` names us has come round a loop.
     pub(crate) own: OwnListeners,
     /// Head size and count, timeouts.
@@ -159,13 +155,10 @@ async fn route(
         let on_upgrade = hyper::upgrade::on(&mut request);
         let (parts, _) = request.into_parts();
         let mut request = Request::from_parts(parts, body::empty());
-        // Limited mode sees methods only by intercepting; full mode never does.
-        let interceptor = settings
-            .interceptor
-            .clone()
-            .filter(|_| settings.policy.load().mode() == Mode::Limited);
-        if interceptor.is_some() {
-            request.extensions_mut().insert(Intercepted);
+        // We offer to intercept when we can; a layer decides (limited mode
+        // asks, to see methods) and says so in the response.
+        if settings.interceptor.is_some() {
+            request.extensions_mut().insert(Interceptable);
         }
         insert_model(&mut request, target.clone(), Protocol::HttpsConnect, client);
         let mut response = call(stack.clone(), request).await?;
@@ -175,6 +168,14 @@ async fn route(
             .and_then(|u| u.take())
         else {
             return Ok(response);
+        };
+        let interceptor = match response.extensions().get::<Intercept>() {
+            Some(Intercept) => match settings.interceptor.clone() {
+                Some(interceptor) => Some(interceptor),
+                // Asked without our offer: never relay it opaquely.
+                None => return Err(rescue::cannot_intercept()),
+            },
+            None => None,
         };
         let tunnel = drain.open(format!("CONNECT tunnel from {client} to {target}"));
         drop(drain);
@@ -192,11 +193,10 @@ async fn route(
                     // The dial proved the origin reachable; requests inside
                     // go through the stack and the connector's own pool.
                     drop(upstream);
-                    let violations = settings.violations.clone();
                     let io = TokioIo::new(upgraded);
                     let limits = settings.limits;
                     let peer = Peer { addr: client, user };
-                    mitm::serve(io, target, peer, interceptor, stack, violations, limits).await;
+                    mitm::serve(io, target, peer, interceptor, stack, limits).await;
                 }
                 (Err(error), _) => tracing::debug!(%error, "CONNECT upgrade failed"),
             }

@@ -187,6 +187,21 @@ pub(crate) fn head_too_large(limits: &crate::Limits) -> Response<Body> {
     )
 }
 
+/// A 502: a layer asked to intercept a tunnel this listener cannot
+/// intercept (no `mitm` CA). Never relayed opaquely instead.
+pub(crate) fn cannot_intercept() -> Response<Body> {
+    json_response(
+        StatusCode::BAD_GATEWAY,
+        "proxy-error".into(),
+        synthetic(
+            "error",
+            Some("cannot_intercept"),
+            None,
+            "portcullis was asked to intercept this tunnel but this listener has no interception CA; turn interception on ([mitm] / --mitm) or remove the layer that asks for it",
+        ),
+    )
+}
+
 /// A 400 with a reason.
 pub(crate) fn bad_request(message: &str) -> Response<Body> {
     json_response(

@@ -1,4 +1,5 @@
-//! HTTPS interception for limited mode: a `CONNECT` the policy allows is
+//! HTTPS interception, when the stack asks for it (limited mode does, to see
+//! methods): a `CONNECT` the policy allows is
 //! answered `200` (after the upstream was dialled), then the client's TLS is
 //! terminated here with a leaf certificate for the CONNECT target, signed by
 //! the local [`CertificateAuthority`], and every request inside goes through
@@ -11,7 +12,7 @@
 //!
 //! | what the client sends | answer |
 //! | --- | --- |
-//! | bytes that are not a TLS ClientHello | the connection is closed; a `tls_required` violation is logged |
+//! | bytes that are not a TLS ClientHello | the connection is closed; the stack's loop guard refuses a synthesized request marked [`NotTls`], so a `tls_required` violation is logged |
 //! | a nested `CONNECT` | 405 |
 //! | a `Host` or absolute-form authority other than the CONNECT target | 400 |
 //! | anything else | whatever the stack answers (a refusal is the usual 403 JSON) |
@@ -33,9 +34,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::LazyConfigAcceptor;
 
-use portcullis_middleware::{
-    Blocked, BoxError, HasBody, Protocol, Reason, Source, Target, ViolationLogLayer,
-};
+use portcullis_middleware::{BoxError, HasBody, NotTls, Protocol, Target};
 
 pub(crate) use ca::write_atomically;
 pub use ca::{CaError, CertificateAuthority, CA_CERT_FILE, CA_KEY_FILE};
@@ -196,7 +195,6 @@ pub(crate) async fn serve<I>(
     peer: Peer,
     interceptor: Arc<Interceptor>,
     stack: ProxyService,
-    violations: ViolationLogLayer,
     limits: Limits,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -206,16 +204,21 @@ pub(crate) async fn serve<I>(
     let start = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor).await {
         Ok(Ok(start)) => start,
         Ok(Err(error)) => {
-            // Not TLS: never passed on opaquely, and on the record.
-            let blocked = Blocked::new(
-                Reason::TlsRequired,
-                Source::Transport,
-                target,
-                Protocol::HttpsMitm,
-                &Method::CONNECT,
-            );
+            // Not TLS: never passed on opaquely. The stack refuses it, on
+            // the record like any refusal; the tunnel closes either way.
             tracing::debug!(%error, "intercepted tunnel did not start with a TLS ClientHello");
-            violations.record(Some(client), &blocked);
+            let Ok(mut request) =
+                crate::transport::synthesized_connect(&target, Protocol::HttpsMitm, client)
+            else {
+                return;
+            };
+            request.extensions_mut().insert(NotTls);
+            if let Some(user) = peer.user {
+                request.extensions_mut().insert(user);
+            }
+            if call_stack(stack, request).await.is_ok() {
+                tracing::warn!(%client, %target, "the stack let a tunnel that is not TLS through; closed anyway");
+            }
             return;
         }
         Err(_) => {

@@ -3,10 +3,12 @@
 //! `CONNECT host:port` request with protocol `socks5_tcp` or `socks5_udp`.
 //! The stack's errors become reply codes in [`rescue`] only, and a
 //! malformed request is answered in `request`, which reads it before
-//! fast-socks5 does. Two decisions are still made here rather than by a
-//! layer: limited mode's refusal of a whole `UDP ASSOCIATE`, and the UDP
-//! association limits of `[limits]`. `BIND` (and UDP when it is off) is answered 0x07; no acceptable
-//! authentication method `05 FF`. The UDP relay is in [`udp`].
+//! fast-socks5 does. A `UDP ASSOCIATE` goes through the stack first as a
+//! request marked [`UdpAssociation`] (limited mode refuses it whole); the
+//! association limits of `[limits]` are a resource bound like the
+//! connection limit, answered 0x01 by [`rescue::busy`]. `BIND` (and UDP
+//! when it is off) is answered 0x07; no acceptable authentication method
+//! `05 FF`. The UDP relay is in [`udp`].
 
 mod request;
 pub(crate) mod rescue;
@@ -25,8 +27,7 @@ use fast_socks5::ReplyError;
 use tokio::net::{TcpListener, TcpStream};
 
 use portcullis_middleware::{
-    Blocked, BoxError, Host, Mode, PolicyHandle, Protocol, ProxyUser, Reason, Source, Target,
-    ViolationLogLayer,
+    BoxError, Host, PolicyGeneration, Protocol, ProxyUser, Target, UdpAssociation,
 };
 
 use crate::connector::Tunnel;
@@ -44,12 +45,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 pub(crate) struct Settings {
     /// Whether UDP ASSOCIATE is served.
     pub(crate) udp: bool,
-    /// The live policy: its mode (limited mode refuses `UDP ASSOCIATE` at
-    /// the request) and, in the UDP relay, its generation (a cached
-    /// per-destination decision is dropped when the policy changes).
-    pub(crate) policy: PolicyHandle,
-    /// Where a refused `UDP ASSOCIATE` is recorded.
-    pub(crate) violations: ViolationLogLayer,
+    /// The policy's generation: the UDP relay drops a cached
+    /// per-destination decision when the policy changes.
+    pub(crate) policy_generation: PolicyGeneration,
     /// The tunnel idle timeout.
     pub(crate) limits: Limits,
     /// When set, clients must authenticate with this username and password
@@ -233,25 +231,22 @@ async fn handle(
             let peer = Peer { addr: client, user };
             connect(proto, target, peer, stack, idle, &settings.metrics).await
         }
-        // The ASSOCIATE address is the client's own (often 0.0.0.0:0), not a destination.
-        Command::UdpAssociate if settings.udp && settings.policy.load().mode() == Mode::Limited => {
-            // Datagrams carry no method to check: refused whole, as SOCKS5
-            // CONNECT is (by the stack) in limited mode.
-            let target = Target::host(Host::Ip(client.ip()), client.port());
-            let blocked = Blocked::new(
-                Reason::MethodNotAllowed,
-                Source::LimitedMode,
-                target,
-                Protocol::Socks5Udp,
-                &http::Method::CONNECT,
-            );
-            settings.violations.record(Some(client), &blocked);
-            proto.reply_error(&ReplyError::ConnectionNotAllowed).await?;
-            Ok(())
-        }
         Command::UdpAssociate if settings.udp => {
+            // The ASSOCIATE address is the client's own (often 0.0.0.0:0),
+            // not a destination: the stack sees the association itself
+            // (limited mode refuses it), then each datagram's destination.
+            let target = Target::host(Host::Ip(client.ip()), client.port());
+            let mut request = synthesized_connect(&target, Protocol::Socks5Udp, client)?;
+            request.extensions_mut().insert(UdpAssociation);
+            if let Some(user) = user.clone() {
+                request.extensions_mut().insert(user);
+            }
+            if let Err(error) = call_stack(stack.clone(), request).await {
+                proto.reply_error(&rescue::reply(&error)).await?;
+                return Ok(());
+            }
             let Some(ticket) = settings.udp_budget.take(client.ip(), &settings.limits) else {
-                proto.reply_error(&ReplyError::GeneralFailure).await?;
+                proto.reply_error(&rescue::busy()).await?;
                 return Ok(());
             };
             udp::associate(
@@ -260,7 +255,7 @@ async fn handle(
                 Peer { addr: client, user },
                 local_ip,
                 stack,
-                settings.policy,
+                settings.policy_generation,
                 ticket,
             )
             .await

@@ -24,6 +24,12 @@ pub(crate) fn reply(error: &BoxError) -> ReplyError {
     }
 }
 
+/// The reply past a resource bound of `[limits]` (the UDP associations a
+/// client may hold): general failure, 0x01, as past the connection limit.
+pub(crate) fn busy() -> ReplyError {
+    ReplyError::GeneralFailure
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -32,7 +32,7 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 
 use portcullis_middleware::{
-    find_blocked, ApprovedOnce, BoxError, PolicyHandle, Protocol, ProxyUser, Source, Target,
+    find_blocked, ApprovedOnce, BoxError, PolicyGeneration, Protocol, ProxyUser, Source, Target,
 };
 
 use super::target_of;
@@ -133,7 +133,7 @@ pub(super) async fn associate(
     peer: Peer,
     local_ip: IpAddr,
     stack: ProxyService,
-    policy: PolicyHandle,
+    policy: PolicyGeneration,
     ticket: UdpTicket,
 ) -> Result<(), BoxError> {
     let _ticket = ticket;
@@ -217,7 +217,7 @@ struct Relay {
     /// The proxy user the client authenticated as, put on each decision.
     user: Option<ProxyUser>,
     stack: ProxyService,
-    policy: PolicyHandle,
+    policy: PolicyGeneration,
     client_udp: Option<SocketAddr>,
     destinations: HashMap<Target, Destination>,
     remotes: HashSet<SocketAddr>,
@@ -235,7 +235,7 @@ impl Relay {
         who: Peer,
         declared: Option<SocketAddr>,
         stack: ProxyService,
-        policy: PolicyHandle,
+        policy: PolicyGeneration,
     ) -> Relay {
         let (decided_tx, decided_rx) = mpsc::unbounded_channel();
         Relay {
@@ -307,7 +307,7 @@ impl Relay {
             return Ok(());
         };
         self.client_udp = Some(source);
-        let generation = self.policy.generation();
+        let generation = self.policy.get();
         let full = self.destinations.len() >= MAX_DESTINATIONS;
         match self.destinations.get_mut(&target) {
             Some(Destination::Allowed {
