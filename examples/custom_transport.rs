@@ -59,7 +59,7 @@ async fn handle(
             return Ok(());
         }
     };
-    let request = kit::connect_request(&target, LINE, client)?;
+    let request = kit::RequestModel::new(target.clone(), LINE, client).connect()?;
     match ingress.call(request).await {
         Ok(response) => {
             // The connector dialled the vetted address once; take it.

@@ -24,6 +24,7 @@ use portcullis_middleware::{
 };
 
 use crate::body::Body;
+use crate::transport::model::RequestModel;
 
 use crate::approvers::rules::RulesFile;
 use crate::config::{ApprovalMode, Config, ConfigError};
@@ -1131,6 +1132,7 @@ async fn check(args: CheckArgs) -> ExitCode {
     }
     let policy = loaded.config.policy(&loaded.origin).ok();
     let service = builder.decision_service();
+    let fixes = builder.fixes().clone();
     let mut verdicts = Vec::with_capacity(requests.len());
     for request in requests {
         let (Some(target), Some(protocol)) = (
@@ -1171,7 +1173,7 @@ async fn check(args: CheckArgs) -> ExitCode {
                     decision: "deny",
                     reason: Some(blocked.reason.to_string()),
                     rule: Some(blocked.rule.clone().unwrap_or_else(|| "none".into())),
-                    message: Some(blocked.message.clone()),
+                    message: Some(fixes.message(blocked)),
                 },
                 None if !unresolvable(error.as_ref()) => Verdict {
                     target: target.to_string(),
@@ -1286,7 +1288,7 @@ fn check_request(
                 .uri(uri)
                 .body(crate::body::empty())
                 .map_err(|e| e.to_string())?;
-            crate::transport::insert_model(&mut request, parsed, protocol, client);
+            RequestModel::new(parsed, protocol, client).apply(&mut request);
             Ok(request)
         }
         _ if method.is_some_and(|m| m != "CONNECT") => Err(
@@ -1294,15 +1296,13 @@ fn check_request(
                 .into(),
         ),
         _ => {
-            let mut request =
-                crate::transport::synthesized_connect(&parsed, Protocol::HttpsConnect, client)
-                    .map_err(|e| e.to_string())?;
-            if intercepted {
-                request
-                    .extensions_mut()
-                    .insert(portcullis_middleware::Interceptable);
-            }
-            Ok(request)
+            let model = RequestModel::new(parsed, Protocol::HttpsConnect, client);
+            let model = if intercepted {
+                model.mark(portcullis_middleware::Interceptable)
+            } else {
+                model
+            };
+            model.connect().map_err(|e| e.to_string())
         }
     }
 }

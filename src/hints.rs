@@ -1,9 +1,12 @@
 //! Refusal messages that name the fix where the reader is: the flag under
 //! `run` (or `serve` without a config file), the key and the file under
 //! `--config`, the config key when portcullis is a library. The middleware
-//! writes the key form; [`Fixes::rephrase`] rewords the built-in refusals
-//! (never a message a layer of yours wrote) through
-//! [`ViolationLogLayer::rephrase`](crate::middleware::ViolationLogLayer::rephrase).
+//! writes the key form; [`Fixes::message`] — the one renderer — rewords
+//! the built-in refusals (never a message someone wrote:
+//! [`Blocked::message_written`]) at the edges: the HTTP answer, the
+//! violation log's record
+//! ([`ViolationLogLayer::wording`](crate::middleware::ViolationLogLayer::wording)),
+//! the `run` summary and `check`. The refusal itself is never changed.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -24,10 +27,19 @@ pub enum Fixes {
 }
 
 impl Fixes {
+    /// The message for `blocked` here: the refusal's own, reworded when it
+    /// is a built-in refusal whose fix reads differently in this context.
+    /// The one renderer: the HTTP body, the violation log line and file,
+    /// the `run` summary and `check` all word a refusal with it.
+    pub fn message(&self, blocked: &Blocked) -> String {
+        self.rephrase(blocked)
+            .unwrap_or_else(|| blocked.message.clone())
+    }
+
     /// The message `blocked` should carry here, if it is a built-in refusal
-    /// whose fix reads differently in this context.
+    /// whose fix reads differently in this context (`None`: its own).
     pub fn rephrase(&self, blocked: &Blocked) -> Option<String> {
-        if *self == Fixes::Keys || !has_standard_message(blocked) {
+        if *self == Fixes::Keys || blocked.message_written() {
             return None;
         }
         let target = &blocked.target;
@@ -161,22 +173,6 @@ fn exact(host: &Host, port: u16) -> String {
         Host::Ip(IpAddr::V6(v6)) => format!("[{v6}]:{port}"),
         other => format!("{other}:{port}"),
     }
-}
-
-/// Whether `blocked` carries the middleware's own message (not one a layer
-/// or an approver wrote).
-fn has_standard_message(blocked: &Blocked) -> bool {
-    let Ok(method) = http::Method::from_bytes(blocked.method.as_bytes()) else {
-        return false;
-    };
-    let standard = Blocked::new(
-        blocked.reason,
-        blocked.source,
-        blocked.target.clone(),
-        blocked.protocol,
-        &method,
-    );
-    standard.message == blocked.message
 }
 
 #[cfg(test)]

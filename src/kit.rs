@@ -4,9 +4,13 @@
 //!
 //! A transport parses its own wire, then:
 //!
-//! 1. builds the request model — [`connect_request`] for a byte stream to
-//!    a target (or [`insert_model`] into an HTTP request it parsed), with
-//!    a [`Protocol`] ([`Protocol::Custom`] for a protocol of its own);
+//! 1. builds the [`RequestModel`] — [`connect`](RequestModel::connect)
+//!    for a byte stream to a target (or [`apply`](RequestModel::apply) it
+//!    to an HTTP request it parsed), with a [`Protocol`](crate::middleware::Protocol)
+//!    ([`Protocol::Custom`](crate::middleware::Protocol::Custom) for a
+//!    protocol of its own) and the marks only
+//!    it can know; the built-in transports and `check` go through the same
+//!    step;
 //! 2. drives the running proxy's own stack through an [`Ingress`]
 //!    ([`ProxyHandle::ingress`](crate::ProxyHandle::ingress)): the same loop guard, policy, approvals,
 //!    violation log and connection pool as every other way in;
@@ -27,50 +31,27 @@
 //! future `Send`.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use http::{Request, Response};
 use tokio::net::TcpStream;
 
-use portcullis_middleware::{BoxError, Protocol, Target};
+use portcullis_middleware::BoxError;
 
 use crate::body::Body;
 use crate::metrics::Metrics;
 use crate::transport::{self, Limits, ProxyService};
 
 pub use crate::connector::Tunnel;
+pub use crate::transport::model::RequestModel;
 pub use crate::transport::{DrainGuard, ShutdownSignal};
-
-/// Puts the request model (target, protocol, client address) into a
-/// request a transport parsed: every layer reads these, never the Host
-/// header.
-pub fn insert_model<B>(
-    request: &mut Request<B>,
-    target: Target,
-    protocol: Protocol,
-    client: SocketAddr,
-) {
-    transport::insert_model(request, target, protocol, client);
-}
-
-/// A `CONNECT host:port` request with an empty body and the model in its
-/// extensions: what SOCKS5 sends through the stack for each destination,
-/// and what a byte-stream transport of your own sends.
-pub fn connect_request(
-    target: &Target,
-    protocol: Protocol,
-    client: SocketAddr,
-) -> Result<Request<Body>, BoxError> {
-    transport::synthesized_connect(target, protocol, client)
-}
 
 /// The HTTP answer to an error from the stack: a refusal's 403 with its
 /// JSON body and `x-proxy-error`, a 400, a 502 or 504, as the built-in
 /// HTTP transport answers.
 pub fn http_response(error: &BoxError) -> Response<Body> {
-    transport::http1::rescue::http_response(error)
+    transport::http1::rescue::http_response(error, &crate::hints::Fixes::Keys)
 }
 
 /// The SOCKS5 reply code for an error from the stack (0x02 for a refusal,

@@ -300,6 +300,11 @@ impl<O, I> ProxyBuilder<O, I> {
         self
     }
 
+    /// How this proxy words refusals (see [`refusal_fixes`](Self::refusal_fixes)).
+    pub fn fixes(&self) -> &Fixes {
+        &self.fixes
+    }
+
     /// Serves the Prometheus metrics at `GET /metrics` on this loopback
     /// address (port 0 for an ephemeral one); off by default. See
     /// [`ProxyHandle::metrics_addr`].
@@ -437,12 +442,10 @@ impl<O, I> ProxyBuilder<O, I> {
         )
     }
 
-    /// The violation log, rewording built-in refusals for `fixes`.
+    /// The violation log: counted per reason, published to subscribers,
+    /// each record worded for `fixes`.
     fn violation_layer(&self) -> ViolationLogLayer {
-        self.rephrasing(self.violations.clone())
-    }
-
-    fn rephrasing(&self, layer: ViolationLogLayer) -> ViolationLogLayer {
+        let layer = self.violations.clone();
         let metrics = self.metrics.clone();
         let refusals = self.refusals.clone();
         let layer = layer.with_sink(move |violation: &portcullis_middleware::Violation| {
@@ -456,7 +459,7 @@ impl<O, I> ProxyBuilder<O, I> {
             Fixes::Keys => layer,
             _ => {
                 let fixes = self.fixes.clone();
-                layer.rephrase(move |blocked| fixes.rephrase(blocked))
+                layer.wording(move |blocked| fixes.rephrase(blocked))
             }
         }
     }
@@ -561,7 +564,7 @@ where
         self.compose(
             Connector::vet_only(self.dialer()),
             approval,
-            self.rephrasing(ViolationLogLayer::new(ViolationRing::new(0))),
+            ViolationLogLayer::new(ViolationRing::new(0)),
         )
     }
 
@@ -655,6 +658,7 @@ where
             limits: self.limits,
             credentials: credentials.clone(),
             metrics: self.metrics.clone(),
+            fixes: self.fixes.clone(),
         };
         let ingress_service = service.clone();
         tokio::spawn(transport::http1::serve(

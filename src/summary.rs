@@ -79,7 +79,7 @@ impl ViolationSink for Tally {
         match inner.seen.get_mut(&key) {
             Some((count, _, _)) => *count += 1,
             None if order < MAX_DESTINATIONS => {
-                let said = why_and_fix(&blocked.message, &destination);
+                let said = why_and_fix(&violation.message, &destination);
                 if self.live {
                     let _ = writeln!(
                         std::io::stderr(),

@@ -172,6 +172,10 @@ pub struct Blocked {
     /// The rule that decided, as written in the configuration, if one did.
     pub rule: Option<String>,
     /// A sentence for the user: what was refused, why, and what to change.
+    /// The standard one names the builder/config key to change; an
+    /// application words it for its own reader at its edges (portcullis
+    /// names a flag under `run`, a key and its file under `--config`),
+    /// unless someone wrote it with [`with_message`](Blocked::with_message).
     pub message: String,
     /// The address a name resolved to, when that address is what was
     /// refused (`not_allowed_local` from the connector).
@@ -179,6 +183,9 @@ pub struct Blocked {
     /// The HTTP status a layer of yours wants for this refusal (a 4xx,
     /// e.g. 429), and when to retry; `None`: 403, no `Retry-After`.
     pub status_hint: Option<StatusHint>,
+    /// Whether [`message`](Blocked::message) was written by a layer or an
+    /// approver rather than made for the reason.
+    written: bool,
 }
 
 /// How a refusal should be answered over HTTP, when not with a plain 403:
@@ -213,7 +220,16 @@ impl Blocked {
             message,
             address: None,
             status_hint: None,
+            written: false,
         }
+    }
+
+    /// Whether the message was written with
+    /// [`with_message`](Blocked::with_message) (by a layer, an approver, the
+    /// connector) rather than made for the reason: a renderer keeps a
+    /// written message as it is.
+    pub fn message_written(&self) -> bool {
+        self.written
     }
 
     /// Answers this refusal over HTTP with `status` (a 4xx; anything else
@@ -293,6 +309,7 @@ impl Blocked {
     /// ```
     pub fn with_message(mut self, message: impl Into<String>) -> Blocked {
         self.message = message.into();
+        self.written = true;
         self
     }
 }
@@ -402,7 +419,7 @@ fn default_message(reason: Reason, target: &Target, method: &http::Method) -> St
             method.as_str().escape_debug()
         ),
         Reason::MitmRequired => format!(
-            "portcullis refused CONNECT {target}: limited mode needs HTTPS interception to see methods; set mitm = true in [network] (clients must trust the CA that `portcullis ca` prints) or use mode = \"full\""
+            "portcullis refused CONNECT {target}: limited mode needs HTTPS interception to see methods; set mitm = true in [network] (clients must trust its CA) or use mode = \"full\""
         ),
         Reason::Loop => format!(
             "portcullis refused {target}: it is this proxy itself, so the request would loop; point the client at the destination, not at the proxy"

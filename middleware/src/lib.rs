@@ -185,6 +185,6 @@ pub use stack::{DefaultStack, ServiceBuilderExt};
 pub use strip_headers::{StripHeaders, StripHeadersLayer};
 pub use target::{Host, Target, TargetError};
 pub use violation_log::{
-    JsonLinesSink, Rephrase, Violation, ViolationLog, ViolationLogLayer, ViolationRing,
-    ViolationSink,
+    JsonLinesSink, Violation, ViolationLog, ViolationLogLayer, ViolationRecord, ViolationRing,
+    ViolationSink, Wording,
 };

@@ -12,9 +12,11 @@
 //! - handed to each configured [`ViolationSink`], such as
 //!   [`JsonLinesSink`], which appends one JSON object a line to a file.
 //!
-//! It refuses nothing and passes every error on; a refusal's message is
-//! reworded only when a [`rephrase`](ViolationLogLayer::rephrase) hook is
-//! set (the binary's wording of the fix for flags or a config file).
+//! It refuses nothing and passes every error on unchanged. What it records
+//! is a [`Violation`]: the refusal as data, plus the message worded for
+//! whoever reads the log — the refusal's own, unless a
+//! [`wording`](ViolationLogLayer::wording) hook words it (the binary names
+//! the fix as a flag under `run`, a key and its file under `--config`).
 //!
 //! # Example
 //!
@@ -77,19 +79,72 @@ pub struct Violation {
     pub client: Option<SocketAddr>,
     /// The refusal.
     pub blocked: Blocked,
+    /// Its message, as worded for the log's reader (see
+    /// [`ViolationLogLayer::wording`]).
+    pub message: String,
 }
 
 impl Violation {
-    /// The JSON object written by [`JsonLinesSink`]: the refusal's fields
-    /// (see [`Blocked`]'s `Serialize`) plus `time_unix_ms` and `client`.
-    pub fn to_json(&self) -> serde_json::Value {
-        let mut value = serde_json::to_value(&self.blocked).unwrap_or_default();
-        if let Some(object) = value.as_object_mut() {
-            object.insert("time_unix_ms".into(), self.unix_ms.into());
-            object.insert("client".into(), self.client.map(|c| c.to_string()).into());
+    /// The record [`JsonLinesSink`] writes, as its own type.
+    pub fn record(&self) -> ViolationRecord<'_> {
+        let blocked = &self.blocked;
+        ViolationRecord {
+            time_unix_ms: self.unix_ms,
+            client: self.client.map(|c| c.to_string()),
+            status: "blocked",
+            host: blocked.target.host_string(),
+            port: blocked.target.port(),
+            protocol: blocked.protocol.as_str(),
+            reason: blocked.reason.as_str(),
+            decision: blocked.decision.as_str(),
+            source: blocked.source.as_str(),
+            method: &blocked.method,
+            rule: blocked.rule.as_deref(),
+            message: &self.message,
+            address: blocked.address,
         }
-        value
     }
+
+    /// The JSON object written by [`JsonLinesSink`]: see [`ViolationRecord`].
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self.record()).unwrap_or_default()
+    }
+}
+
+/// One line of the violations file: `time_unix_ms`, `client`, `status`
+/// (`"blocked"`), `host`, `port`, `protocol`, `reason`, `decision`,
+/// `source`, `method`, `rule`, `message` (as worded for the log's reader),
+/// and `address` when a name's resolved address was refused. Its own type:
+/// the HTTP answer's body may change without changing the file's format.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ViolationRecord<'a> {
+    /// When, in milliseconds since the Unix epoch.
+    pub time_unix_ms: u64,
+    /// The client, when known.
+    pub client: Option<String>,
+    /// Always `"blocked"`.
+    pub status: &'static str,
+    /// The destination's host (or socket path).
+    pub host: String,
+    /// The destination's port (none for a socket).
+    pub port: Option<u16>,
+    /// How the request came in.
+    pub protocol: &'a str,
+    /// Why.
+    pub reason: &'a str,
+    /// `deny` or `ask`.
+    pub decision: &'a str,
+    /// Which part of the proxy refused.
+    pub source: &'a str,
+    /// The request method.
+    pub method: &'a str,
+    /// The rule that decided, if one did.
+    pub rule: Option<&'a str>,
+    /// What was refused, why, and what to change.
+    pub message: &'a str,
+    /// The refused address a name resolved to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address: Option<std::net::IpAddr>,
 }
 
 /// Receives every violation; implemented for closures.
@@ -220,12 +275,12 @@ struct Recorder {
     ring: ViolationRing,
     sinks: Vec<Arc<dyn ViolationSink>>,
     throttle: Throttle,
-    rephrase: Option<Rephrase>,
+    wording: Option<Wording>,
 }
 
-/// Rewords a refusal's message before it is recorded and returned (`None`
-/// keeps it); see [`ViolationLogLayer::rephrase`].
-pub type Rephrase = Arc<dyn Fn(&Blocked) -> Option<String> + Send + Sync>;
+/// Words a refusal for the log's reader (`None` keeps its own message);
+/// see [`ViolationLogLayer::wording`].
+pub type Wording = Arc<dyn Fn(&Blocked) -> Option<String> + Send + Sync>;
 
 /// The default time between two log lines about one destination and
 /// reason; the refusals between are counted, not logged.
@@ -297,27 +352,27 @@ impl fmt::Debug for Recorder {
 }
 
 impl Recorder {
-    fn reworded(&self, blocked: &Blocked) -> Option<String> {
-        self.rephrase
-            .as_ref()
-            .and_then(|rephrase| rephrase(blocked))
-    }
-
     fn record(&self, client: Option<SocketAddr>, blocked: &Blocked) {
         let unix_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
             .unwrap_or(0);
+        let message = self
+            .wording
+            .as_ref()
+            .and_then(|wording| wording(blocked))
+            .unwrap_or_else(|| blocked.message.clone());
         let violation = Violation {
             unix_ms,
             client,
             blocked: blocked.clone(),
+            message,
         };
         let client_addr = client.map(|c| c.to_string()).unwrap_or_default();
         let host = blocked.target.host_string().escape_debug().to_string();
         let port = blocked.target.port().unwrap_or(0);
         let method = blocked.method.escape_debug().to_string();
-        let message = blocked.message.escape_debug().to_string();
+        let message = violation.message.escape_debug().to_string();
         // Every refusal reaches the ring and the sinks; the log says each
         // destination once per interval, with how many it did not repeat.
         if let Some(repeated) = self.throttle.admit(&host, port, blocked.reason.as_str()) {
@@ -360,7 +415,7 @@ impl ViolationLogLayer {
                 ring,
                 sinks: Vec::new(),
                 throttle: Throttle::new(DEFAULT_LOG_INTERVAL),
-                rephrase: None,
+                wording: None,
             }),
         }
     }
@@ -374,7 +429,7 @@ impl ViolationLogLayer {
                 ring: self.recorder.ring.clone(),
                 sinks,
                 throttle: Throttle::new(self.recorder.throttle.interval),
-                rephrase: self.recorder.rephrase.clone(),
+                wording: self.recorder.wording.clone(),
             }),
         }
     }
@@ -389,39 +444,28 @@ impl ViolationLogLayer {
                 ring: self.recorder.ring.clone(),
                 sinks: self.recorder.sinks.clone(),
                 throttle: Throttle::new(interval),
-                rephrase: self.recorder.rephrase.clone(),
+                wording: self.recorder.wording.clone(),
             }),
         }
     }
 
-    /// Rewords refusals before they are recorded and returned: `rephrase`
-    /// gets each refusal and returns its new message, or `None` to keep it.
-    /// The bundled binary uses it to name the fix where the reader is (a
-    /// command-line flag under `run`, the key and the file under `serve
-    /// --config`) instead of the config key alone.
-    pub fn rephrase(
+    /// Words each record's message for the log's reader: `wording` gets
+    /// the refusal and returns the message to record, or `None` to keep
+    /// its own. The error passed on is never changed. The bundled binary
+    /// gives its one renderer here (a command-line flag under `run`, the
+    /// key and its file under `serve --config`), and the same renderer to
+    /// its transports for the answers they send.
+    pub fn wording(
         self,
-        rephrase: impl Fn(&Blocked) -> Option<String> + Send + Sync + 'static,
+        wording: impl Fn(&Blocked) -> Option<String> + Send + Sync + 'static,
     ) -> ViolationLogLayer {
         ViolationLogLayer {
             recorder: Arc::new(Recorder {
                 ring: self.recorder.ring.clone(),
                 sinks: self.recorder.sinks.clone(),
                 throttle: Throttle::new(self.recorder.throttle.interval),
-                rephrase: Some(Arc::new(rephrase)),
+                wording: Some(Arc::new(wording)),
             }),
-        }
-    }
-
-    /// Records a refusal made outside the stack (a transport closing an
-    /// intercepted tunnel that did not speak TLS), exactly as the layer
-    /// records one from below it.
-    pub fn record(&self, client: Option<SocketAddr>, blocked: &Blocked) {
-        match self.recorder.reworded(blocked) {
-            Some(message) => self
-                .recorder
-                .record(client, &blocked.clone().with_message(message)),
-            None => self.recorder.record(client, blocked),
         }
     }
 
@@ -517,18 +561,7 @@ where
         let this = self.project();
         this.future.poll(cx).map(|result| {
             result.map_err(|error| {
-                let mut error: BoxError = error.into();
-                if this.recorder.rephrase.is_some() {
-                    error = match error.downcast::<Blocked>() {
-                        Ok(mut blocked) => {
-                            if let Some(message) = this.recorder.reworded(&blocked) {
-                                blocked.message = message;
-                            }
-                            blocked
-                        }
-                        Err(other) => other,
-                    };
-                }
+                let error: BoxError = error.into();
                 if let Some(blocked) = find_blocked(error.as_ref()) {
                     this.recorder.record(*this.client, blocked);
                 }
@@ -557,13 +590,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn rephrase_rewords_what_is_recorded_and_what_is_returned() {
+    async fn wording_words_the_record_and_leaves_the_error_as_refused() {
         let ring = ViolationRing::new(4);
-        let layer = ViolationLogLayer::new(ring.clone()).rephrase(|blocked: &Blocked| {
-            (blocked.target.to_string() == "a.test:80").then(|| "reworded".to_owned())
+        let layer = ViolationLogLayer::new(ring.clone()).wording(|blocked: &Blocked| {
+            (blocked.target.to_string() == "a.test:80").then(|| "worded".to_owned())
         });
-        let (mut service, mut mock) =
-            mock::spawn_layer::<Request<()>, Response<()>, _>(layer.clone());
+        let (mut service, mut mock) = mock::spawn_layer::<Request<()>, Response<()>, _>(layer);
         for host in ["a.test:80", "b.test:80"] {
             mock.allow(1);
             assert!(service.poll_ready().is_ready());
@@ -571,23 +603,14 @@ mod tests {
             let (_, send) = mock.next_request().await.unwrap();
             send.send_error(blocked(host));
             let error = response.await.unwrap_err();
-            let message = find_blocked(error.as_ref()).unwrap().message.clone();
-            assert_eq!(
-                message == "reworded",
-                host == "a.test:80",
-                "{host}: {message}"
-            );
+            let returned = find_blocked(error.as_ref()).unwrap();
+            assert_eq!(returned, &blocked(host), "the error passes unchanged");
         }
-        // A refusal recorded from outside the stack is reworded too.
-        layer.record(None, &blocked("a.test:80"));
-        let messages: Vec<String> = ring
-            .snapshot()
-            .iter()
-            .map(|v| v.blocked.message.clone())
-            .collect();
-        assert_eq!(messages[0], "reworded");
-        assert_ne!(messages[1], "reworded");
-        assert_eq!(messages[2], "reworded");
+        let records = ring.snapshot();
+        assert_eq!(records[0].message, "worded");
+        assert_eq!(records[0].blocked, blocked("a.test:80"));
+        assert_eq!(records[1].message, blocked("b.test:80").message);
+        assert_eq!(records[0].to_json()["message"], "worded");
     }
 
     #[tokio::test]
@@ -677,7 +700,7 @@ mod tests {
                 ring: ViolationRing::default(),
                 sinks: Vec::new(),
                 throttle: Throttle::new(DEFAULT_LOG_INTERVAL),
-                rephrase: None,
+                wording: None,
             };
             let mut refusal = blocked("evil.test:443");
             refusal.method = "GE\u{1b}T".to_owned();
@@ -756,6 +779,7 @@ mod tests {
                     unix_ms: i,
                     client: None,
                     blocked: blocked("a.test:80"),
+                    message: "m".into(),
                 };
                 sink.record(&violation);
             }
@@ -781,6 +805,7 @@ mod tests {
             unix_ms: 1,
             client: None,
             blocked: blocked("a.test:80"),
+            message: "m".into(),
         };
         sink.record(&violation);
         sink.record(&violation);

@@ -18,6 +18,7 @@
 
 pub(crate) mod http1;
 pub(crate) mod mitm;
+pub(crate) mod model;
 pub(crate) mod socks5;
 pub(crate) mod splice;
 mod unix;
@@ -35,7 +36,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tower::util::BoxCloneService;
 
-use portcullis_middleware::{BoxError, ClientAddr, Protocol, Target};
+use portcullis_middleware::BoxError;
 
 use crate::body::Body;
 
@@ -254,31 +255,39 @@ pub(crate) struct Peer {
     pub(crate) user: Option<portcullis_middleware::ProxyUser>,
 }
 
-/// Puts the request model into a request: the one place every ingress
-/// path goes through, so every layer reads the same three extensions.
-pub(crate) fn insert_model<B>(
-    request: &mut Request<B>,
-    target: Target,
-    protocol: Protocol,
-    client: SocketAddr,
-) {
-    let extensions = request.extensions_mut();
-    extensions.insert(target);
-    extensions.insert(protocol);
-    extensions.insert(ClientAddr(client));
+/// The hyper HTTP/1 server every HTTP ingress serves with (the listener
+/// and each intercepted tunnel): one place for the header timeout and the
+/// head caps of `[limits]`.
+pub(crate) fn http1_server(limits: &Limits) -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(read_buffer_cap(limits))
+        .max_headers(header_count_cap(limits));
+    builder
 }
 
-/// A `CONNECT host:port` request with an empty body and the model in its
-/// extensions: what SOCKS5 (TCP and each UDP destination) and `check` send
-/// through the stack.
-pub(crate) fn synthesized_connect(
-    target: &Target,
-    protocol: Protocol,
-    client: SocketAddr,
-) -> Result<Request<Body>, BoxError> {
-    let mut request = Request::connect(target.to_string()).body(crate::body::empty())?;
-    insert_model(&mut request, target.clone(), protocol, client);
-    Ok(request)
+/// The destination a request's `Host` header names, if it has one: at most
+/// one, ASCII, a valid authority (with `default_port` when it names none).
+/// Each HTTP ingress compares it with the target it dials.
+pub(crate) fn host_header<B>(
+    request: &Request<B>,
+    default_port: u16,
+) -> Result<Option<portcullis_middleware::Target>, String> {
+    let mut hosts = request.headers().get_all(http::header::HOST).iter();
+    let Some(host) = hosts.next() else {
+        return Ok(None);
+    };
+    if hosts.next().is_some() {
+        return Err("more than one Host header".to_owned());
+    }
+    let host = host
+        .to_str()
+        .map_err(|_| "the Host header is not valid ASCII".to_owned())?;
+    portcullis_middleware::Target::parse_authority(host, Some(default_port))
+        .map(Some)
+        .map_err(|e| format!("invalid Host header: {e}"))
 }
 
 /// Drives the stack with one request. The future is boxed here, with its

@@ -20,22 +20,21 @@ use std::time::Duration;
 
 use http::{header, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use portcullis_middleware::strip_headers::is_upgrade;
 use portcullis_middleware::target::default_port_for_scheme;
-use portcullis_middleware::{
-    CameRound, HasBody, Intercept, Interceptable, Protocol, ProxyUser, Target,
-};
+use portcullis_middleware::{CameRound, Intercept, Interceptable, Protocol, ProxyUser, Target};
 
 use crate::body::{self, Body};
 use crate::connector::{OwnListeners, Tunnel};
+use crate::hints::Fixes;
 use crate::transport::mitm::{self, Interceptor};
+use crate::transport::model::RequestModel;
 use crate::transport::{
-    accept_loop, call_stack, insert_model, splice, unix, Credentials, DrainGuard, Limits,
-    Listening, LiveCredentials, Peer, ProxyService, ShutdownSignal,
+    accept_loop, call_stack, splice, unix, Credentials, DrainGuard, Limits, Listening,
+    LiveCredentials, Peer, ProxyService, ShutdownSignal,
 };
 
 /// What the HTTP/1 listener needs besides the stack.
@@ -52,6 +51,8 @@ pub(crate) struct Settings {
     pub(crate) credentials: LiveCredentials,
     /// This proxy's counters.
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
+    /// How refusals are worded in the answers.
+    pub(crate) fixes: Fixes,
 }
 
 /// Accepts connections until shutdown, serving each on its own task.
@@ -91,11 +92,7 @@ pub(crate) async fn serve(
                     );
                     async move { Ok::<_, Infallible>(route.await.unwrap_or_else(|refused| refused)) }
                 });
-                let connection = http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(limits.header_read_timeout)
-                    .max_buf_size(crate::transport::read_buffer_cap(&limits))
-                    .max_headers(crate::transport::header_count_cap(&limits))
+                let connection = crate::transport::http1_server(&limits)
                     .serve_connection(TokioIo::new(stream), service)
                     .with_upgrades();
                 tokio::pin!(connection);
@@ -141,15 +138,18 @@ async fn route(
         },
         None => None,
     };
-    if let Some(user) = &user {
-        request.extensions_mut().insert(user.clone());
-    }
-    if came_round(&request, &settings.own) {
-        // The stack's loop guard refuses it, on the record like any refusal.
-        request.extensions_mut().insert(CameRound {
-            rule: "Via names this proxy".to_owned(),
-        });
-    }
+    // The stack's loop guard refuses a request that came round, on the
+    // record like any refusal.
+    let came_round = came_round(&request, &settings.own).then(|| CameRound {
+        rule: "Via names this proxy".to_owned(),
+    });
+    let model = |target, protocol| {
+        let model = RequestModel::new(target, protocol, client).user(user.clone());
+        match came_round.clone() {
+            Some(mark) => model.mark(mark),
+            None => model,
+        }
+    };
     if request.method() == Method::CONNECT {
         let target = connect_target(&request).map_err(|m| rescue::bad_request(&m))?;
         let on_upgrade = hyper::upgrade::on(&mut request);
@@ -157,11 +157,12 @@ async fn route(
         let mut request = Request::from_parts(parts, body::empty());
         // We offer to intercept when we can; a layer decides (limited mode
         // asks, to see methods) and says so in the response.
+        let mut model = model(target.clone(), Protocol::HttpsConnect);
         if settings.interceptor.is_some() {
-            request.extensions_mut().insert(Interceptable);
+            model = model.mark(Interceptable);
         }
-        insert_model(&mut request, target.clone(), Protocol::HttpsConnect, client);
-        let mut response = call(stack.clone(), request).await?;
+        model.apply(&mut request);
+        let mut response = call(stack.clone(), request, &settings.fixes).await?;
         let Some(upstream) = response
             .extensions_mut()
             .remove::<Tunnel>()
@@ -194,9 +195,12 @@ async fn route(
                     // go through the stack and the connector's own pool.
                     drop(upstream);
                     let io = TokioIo::new(upgraded);
-                    let limits = settings.limits;
+                    let answers = mitm::Answers {
+                        limits: settings.limits,
+                        fixes: settings.fixes.clone(),
+                    };
                     let peer = Peer { addr: client, user };
-                    mitm::serve(io, target, peer, interceptor, stack, limits).await;
+                    mitm::serve(io, target, peer, interceptor, stack, answers).await;
                 }
                 (Err(error), _) => tracing::debug!(%error, "CONNECT upgrade failed"),
             }
@@ -231,11 +235,10 @@ async fn route(
     let name = client_upgrade
         .as_ref()
         .map(|_| format!("upgraded connection from {client} to {target}"));
-    insert_model(&mut request, target, protocol, client);
-    if has_body {
-        request.extensions_mut().insert(HasBody);
-    }
-    let mut response = call(stack, request).await?;
+    model(target, protocol)
+        .has_body(has_body)
+        .apply(&mut request);
+    let mut response = call(stack, request, &settings.fixes).await?;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {
             let upstream_upgrade = hyper::upgrade::on(&mut response);
@@ -268,10 +271,11 @@ async fn route(
 async fn call(
     stack: ProxyService,
     request: Request<Body>,
+    fixes: &Fixes,
 ) -> Result<Response<Body>, Response<Body>> {
     match call_stack(stack, request).await {
         Ok(response) => Ok(response),
-        Err(error) => Err(rescue::http_response(&error)),
+        Err(error) => Err(rescue::http_response(&error, fixes)),
     }
 }
 
@@ -366,17 +370,8 @@ fn absolute_form_target<B>(request: &Request<B>) -> Result<Target, String> {
         return Err("portcullis is a forward proxy: send absolute-form requests (GET http://host/path), for example by setting HTTP_PROXY".to_owned());
     };
     let target = Target::from_uri(uri).map_err(|e| format!("invalid request target: {e}"))?;
-    let mut hosts = request.headers().get_all(header::HOST).iter();
-    if let Some(host) = hosts.next() {
-        if hosts.next().is_some() {
-            return Err("more than one Host header".to_owned());
-        }
-        let default_port = default_port_for_scheme(scheme).map_err(|e| e.to_string())?;
-        let host = host
-            .to_str()
-            .map_err(|_| "the Host header is not valid ASCII".to_owned())?;
-        let host_target = Target::parse_authority(host, Some(default_port))
-            .map_err(|e| format!("invalid Host header: {e}"))?;
+    let default_port = default_port_for_scheme(scheme).map_err(|e| e.to_string())?;
+    if let Some(host_target) = crate::transport::host_header(request, default_port)? {
         if host_target != target {
             return Err(format!(
                 "the Host header ({host_target}) does not match the request target ({target})"

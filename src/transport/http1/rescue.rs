@@ -8,6 +8,7 @@ use http::{HeaderValue, Response, StatusCode};
 use portcullis_middleware::{BoxError, ProxyErrorRef, Reason, UpstreamErrorKind};
 
 use crate::body::{self, Body};
+use crate::hints::Fixes;
 
 /// The response header naming why the proxy refused a request.
 pub(crate) const X_PROXY_ERROR: &str = "x-proxy-error";
@@ -15,14 +16,18 @@ pub(crate) const X_PROXY_ERROR: &str = "x-proxy-error";
 /// Turns an error from the stack into an HTTP response. Every body is one
 /// JSON object and a newline; an error that is none of ours is a 502 and a
 /// warning in the log, never a silent close.
-pub(crate) fn http_response(error: &BoxError) -> Response<Body> {
+pub(crate) fn http_response(error: &BoxError, fixes: &Fixes) -> Response<Body> {
     match ProxyErrorRef::find(error.as_ref()) {
         Some(ProxyErrorRef::Blocked(blocked)) => {
             let hint = blocked.status_hint;
+            let mut body = serde_json::to_value(blocked).unwrap_or_default();
+            if let Some(message) = fixes.rephrase(blocked) {
+                body["message"] = message.into();
+            }
             let mut response = json_response(
                 hint.map_or(StatusCode::FORBIDDEN, |hint| hint.status),
                 refusal_header(blocked.reason),
-                serde_json::to_value(blocked).unwrap_or_default(),
+                body,
             );
             if let Some(after) = hint.and_then(|hint| hint.retry_after) {
                 response.headers_mut().insert(
@@ -364,7 +369,7 @@ mod tests {
             ("something else".into(), 502, "proxy-error", "error"),
         ];
         for (error, status, header, body_status) in cases {
-            let response = http_response(&error);
+            let response = http_response(&error, &Fixes::Keys);
             assert_eq!(response.status().as_u16(), status, "{error}");
             assert_eq!(response.headers()[X_PROXY_ERROR], header, "{error}");
             assert_eq!(
@@ -413,7 +418,7 @@ mod tests {
             .with_status(status, Some(std::time::Duration::from_secs(30)))
             .into()
         };
-        let response = http_response(&limited(StatusCode::TOO_MANY_REQUESTS));
+        let response = http_response(&limited(StatusCode::TOO_MANY_REQUESTS), &Fixes::Keys);
         assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(response.headers()[http::header::RETRY_AFTER], "30");
         assert_eq!(response.headers()[X_PROXY_ERROR], "blocked-by-rate-limited");
@@ -422,7 +427,7 @@ mod tests {
                 .unwrap();
         assert_eq!(json["reason"], "rate_limited");
         // Not a client error: the refusal stays a 403.
-        let response = http_response(&limited(StatusCode::OK));
+        let response = http_response(&limited(StatusCode::OK), &Fixes::Keys);
         assert_eq!(response.status(), StatusCode::FORBIDDEN);
         assert!(response.headers().get(http::header::RETRY_AFTER).is_none());
     }

@@ -28,13 +28,13 @@ use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use http::{header, Method, Request, Response, StatusCode, Uri};
+use http::{Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::LazyConfigAcceptor;
 
-use portcullis_middleware::{BoxError, HasBody, NotTls, Protocol, Target};
+use portcullis_middleware::{BoxError, NotTls, Protocol, Target};
 
 pub(crate) use ca::write_atomically;
 pub use ca::{CaError, CertificateAuthority, CA_CERT_FILE, CA_KEY_FILE};
@@ -45,8 +45,9 @@ pub const BUNDLE_FILE: &str = "bundle.pem";
 use crate::body::{self, Body};
 use crate::env::CaFiles;
 use crate::transport::http1::rescue;
+use crate::transport::model::RequestModel;
 use crate::transport::Peer;
-use crate::transport::{call_stack, insert_model, Limits, ProxyService};
+use crate::transport::{call_stack, Limits, ProxyService};
 
 /// The default number of hosts whose leaf certificates are kept.
 pub const DEFAULT_LEAF_CACHE_SIZE: usize = 1024;
@@ -187,6 +188,14 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// What an intercepted tunnel answers by: the head and body limits, and
+/// how refusals are worded.
+#[derive(Debug, Clone)]
+pub(crate) struct Answers {
+    pub(crate) limits: Limits,
+    pub(crate) fixes: crate::hints::Fixes,
+}
+
 /// Serves one intercepted tunnel: terminates the client's TLS and sends
 /// every request inside through `stack`.
 pub(crate) async fn serve<I>(
@@ -195,7 +204,7 @@ pub(crate) async fn serve<I>(
     peer: Peer,
     interceptor: Arc<Interceptor>,
     stack: ProxyService,
-    limits: Limits,
+    answers: Answers,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -207,15 +216,13 @@ pub(crate) async fn serve<I>(
             // Not TLS: never passed on opaquely. The stack refuses it, on
             // the record like any refusal; the tunnel closes either way.
             tracing::debug!(%error, "intercepted tunnel did not start with a TLS ClientHello");
-            let Ok(mut request) =
-                crate::transport::synthesized_connect(&target, Protocol::HttpsMitm, client)
+            let Ok(request) = RequestModel::new(target.clone(), Protocol::HttpsMitm, client)
+                .user(peer.user)
+                .mark(NotTls)
+                .connect()
             else {
                 return;
             };
-            request.extensions_mut().insert(NotTls);
-            if let Some(user) = peer.user {
-                request.extensions_mut().insert(user);
-            }
             if call_stack(stack, request).await.is_ok() {
                 tracing::warn!(%client, %target, "the stack let a tunnel that is not TLS through; closed anyway");
             }
@@ -241,20 +248,16 @@ pub(crate) async fn serve<I>(
         }
         Err(_) => return,
     };
+    let server = crate::transport::http1_server(&answers.limits);
+    let answers = Arc::new(answers);
     let service = hyper::service::service_fn(move |request| {
         let target = target.clone();
         let stack = stack.clone();
         let peer = peer.clone();
-        async move { Ok::<_, Infallible>(inner_request(request, target, peer, stack, limits).await) }
+        let answers = answers.clone();
+        async move { Ok::<_, Infallible>(inner_request(request, target, peer, stack, &answers).await) }
     });
-    if let Err(error) = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(crate::transport::read_buffer_cap(&limits))
-        .max_headers(crate::transport::header_count_cap(&limits))
-        .serve_connection(TokioIo::new(tls), service)
-        .await
-    {
+    if let Err(error) = server.serve_connection(TokioIo::new(tls), service).await {
         tracing::debug!(%error, %client, "intercepted connection ended with an error");
     }
 }
@@ -265,10 +268,11 @@ async fn inner_request(
     target: Target,
     peer: Peer,
     stack: ProxyService,
-    limits: Limits,
+    answers: &Answers,
 ) -> Response<Body> {
-    if crate::transport::head_over_limits(&request, &limits) {
-        return rescue::head_too_large(&limits);
+    let limits = &answers.limits;
+    if crate::transport::head_over_limits(&request, limits) {
+        return rescue::head_too_large(limits);
     }
     if request.method() == Method::CONNECT {
         return rescue::status(
@@ -296,16 +300,13 @@ async fn inner_request(
         parts,
         body::client_body(incoming, limits.body_idle_timeout, limits.body_min_rate),
     );
-    insert_model(&mut request, target, Protocol::HttpsMitm, peer.addr);
-    if let Some(user) = peer.user {
-        request.extensions_mut().insert(user);
-    }
-    if has_body {
-        request.extensions_mut().insert(HasBody);
-    }
+    RequestModel::new(target, Protocol::HttpsMitm, peer.addr)
+        .user(peer.user)
+        .has_body(has_body)
+        .apply(&mut request);
     match call_stack(stack, request).await {
         Ok(response) => response,
-        Err(error) => rescue::http_response(&error),
+        Err(error) => rescue::http_response(&error, &answers.fixes),
     }
 }
 
@@ -321,16 +322,7 @@ fn same_authority<B>(request: &Request<B>, target: &Target) -> Result<(), String
             ));
         }
     }
-    let mut hosts = request.headers().get_all(header::HOST).iter();
-    if let Some(host) = hosts.next() {
-        if hosts.next().is_some() {
-            return Err("more than one Host header".into());
-        }
-        let host = host
-            .to_str()
-            .map_err(|_| "the Host header is not valid ASCII".to_owned())?;
-        let named = Target::parse_authority(host, Some(443))
-            .map_err(|e| format!("invalid Host header: {e}"))?;
+    if let Some(named) = crate::transport::host_header(request, 443)? {
         if &named != target {
             return Err(format!(
                 "the Host header ({named}) does not match the tunnel's target ({target})"

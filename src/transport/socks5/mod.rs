@@ -31,9 +31,10 @@ use portcullis_middleware::{
 };
 
 use crate::connector::Tunnel;
+use crate::transport::model::RequestModel;
 use crate::transport::{
-    accept_loop, call_stack, splice, synthesized_connect, DrainGuard, Limits, Listening,
-    LiveCredentials, Peer, ProxyService, ShutdownSignal,
+    accept_loop, call_stack, splice, DrainGuard, Limits, Listening, LiveCredentials, Peer,
+    ProxyService, ShutdownSignal,
 };
 use request::{Command, Replay};
 
@@ -236,11 +237,10 @@ async fn handle(
             // not a destination: the stack sees the association itself
             // (limited mode refuses it), then each datagram's destination.
             let target = Target::host(Host::Ip(client.ip()), client.port());
-            let mut request = synthesized_connect(&target, Protocol::Socks5Udp, client)?;
-            request.extensions_mut().insert(UdpAssociation);
-            if let Some(user) = user.clone() {
-                request.extensions_mut().insert(user);
-            }
+            let request = RequestModel::new(target, Protocol::Socks5Udp, client)
+                .user(user.clone())
+                .mark(UdpAssociation)
+                .connect()?;
             if let Err(error) = call_stack(stack.clone(), request).await {
                 proto.reply_error(&rescue::reply(&error)).await?;
                 return Ok(());
@@ -280,10 +280,9 @@ async fn connect(
     metrics: &crate::metrics::Metrics,
 ) -> Result<(), BoxError> {
     let client = peer.addr;
-    let mut request = synthesized_connect(&target, Protocol::Socks5Tcp, client)?;
-    if let Some(user) = peer.user {
-        request.extensions_mut().insert(user);
-    }
+    let request = RequestModel::new(target.clone(), Protocol::Socks5Tcp, client)
+        .user(peer.user)
+        .connect()?;
     let upstream = match call_stack(stack, request).await {
         Ok(response) => response.extensions().get::<Tunnel>().and_then(Tunnel::take),
         Err(error) => {

@@ -37,7 +37,8 @@ use portcullis_middleware::{
 
 use super::target_of;
 use crate::connector::VettedAddresses;
-use crate::transport::{call_stack, synthesized_connect, Limits, Peer, ProxyService};
+use crate::transport::model::RequestModel;
+use crate::transport::{call_stack, Limits, Peer, ProxyService};
 
 /// Largest UDP datagram relayed.
 const MAX_DATAGRAM: usize = 65_535;
@@ -362,11 +363,9 @@ impl Relay {
         let user = self.user.clone();
         let decided = self.decided_tx.clone();
         tokio::spawn(async move {
-            let outcome = match synthesized_connect(&target, Protocol::Socks5Udp, client) {
-                Ok(mut request) => {
-                    if let Some(user) = user {
-                        request.extensions_mut().insert(user);
-                    }
+            let model = RequestModel::new(target.clone(), Protocol::Socks5Udp, client).user(user);
+            let outcome = match model.connect() {
+                Ok(request) => {
                     match call_stack(stack, request).await {
                         Ok(response) => {
                             let address = response
