@@ -176,16 +176,16 @@ async fn run_command(command: &[OsString]) -> ExitCode {
     let Some((program, arguments)) = command.split_first() else {
         return ExitCode::from(64);
     };
-    let signals = crate::cli::ForwardedSignals::install();
+    let signals = crate::child::ForwardedSignals::install();
     let mut child = match tokio::process::Command::new(program)
         .args(arguments)
         .spawn()
     {
         Ok(child) => child,
-        Err(error) => return crate::cli::cannot_run(program, &error),
+        Err(error) => return crate::child::cannot_run(program, &error),
     };
-    match crate::cli::wait_forwarding_signals(&mut child, signals).await {
-        Ok(status) => ExitCode::from(crate::cli::exit_code(status)),
+    match crate::child::wait_forwarding_signals(&mut child, signals).await {
+        Ok(status) => ExitCode::from(crate::child::exit_code(status)),
         Err(_) => ExitCode::from(70),
     }
 }

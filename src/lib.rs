@@ -41,6 +41,7 @@
 pub mod access_log;
 pub mod approvers;
 pub mod body;
+mod child;
 pub mod cli;
 pub mod config;
 mod connector;
@@ -52,7 +53,6 @@ pub mod kit;
 mod learn;
 mod memory;
 mod metrics;
-mod reload;
 pub mod runner;
 mod summary;
 mod sys;

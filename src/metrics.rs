@@ -29,7 +29,6 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
 use crate::body::{self, Body};
-use crate::transport::ShutdownSignal;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProtocolLabel {
@@ -171,14 +170,15 @@ impl Drop for Open {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until shutdown; `pending` reads the
-/// approvals waiting at each scrape.
+/// Serves `GET /metrics` on `listener` until `shutdown` resolves;
+/// `pending` reads the approvals waiting at each scrape.
 pub(crate) async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     pending: Arc<dyn Fn() -> usize + Send + Sync>,
-    mut shutdown: ShutdownSignal,
+    shutdown: impl std::future::Future<Output = ()>,
 ) {
+    tokio::pin!(shutdown);
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -189,7 +189,7 @@ pub(crate) async fn serve(
                     continue;
                 }
             },
-            () = shutdown.wait() => return,
+            () = &mut shutdown => return,
         };
         let pending = pending.clone();
         let metrics = metrics.clone();

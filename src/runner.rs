@@ -647,7 +647,10 @@ where
                     listener,
                     self.metrics.clone(),
                     pending,
-                    shutdown.signal(),
+                    {
+                        let mut signal = shutdown.signal();
+                        async move { signal.wait().await }
+                    },
                 ));
             }
         }

@@ -7,13 +7,13 @@
 //! rules, and (for `serve`) the `[auth]` credential. Listener addresses, DNS answers, interception and the approval
 //! mode are read at start only.
 
+use super::args::Options;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use portcullis_middleware::PolicyHandle;
 
 use crate::approvers::rules::RulesFile;
-use crate::cli::Options;
 use crate::transport::{Credentials, LiveCredentials};
 
 /// How often the files are looked at.
@@ -27,14 +27,17 @@ fn stamp(path: Option<&Path>) -> Stamp {
 }
 
 /// Reloads the policy (from `options`, flags applied again) and `rules`
-/// whenever their files change, until the process ends.
+/// whenever their files change, until the process ends. `serving` (for
+/// `serve`): the live `[auth]` credential, reloaded with the file, and
+/// SIGHUP reloads too.
 pub(crate) async fn watch(
     options: Options,
     policy: PolicyHandle,
-    credentials: Option<LiveCredentials>,
     rules: Option<RulesFile>,
-    hangup: bool,
+    serving: Option<LiveCredentials>,
 ) {
+    let hangup = serving.is_some();
+    let credentials = serving;
     let config: Option<PathBuf> = options.config_path().map(Path::to_owned);
     let rules_path = rules.as_ref().map(|r| r.path().to_owned());
     let mut seen = (stamp(config.as_deref()), stamp(rules_path.as_deref()));

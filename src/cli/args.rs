@@ -1,0 +1,150 @@
+//! The command line's shape: clap types, nothing else.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::ApprovalMode;
+
+/// A local network-policy proxy.
+#[derive(Debug, Parser)]
+#[command(
+    name = "portcullis",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub(super) command: Option<Command>,
+    #[command(flatten)]
+    pub(super) serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub(super) enum Command {
+    /// Serve the proxy (the default) and print the proxy environment.
+    Serve(ServeArgs),
+    /// Run a command with its network going through the proxy.
+    Run(RunArgs),
+    /// Print the policy's decision for a URL or host:port.
+    Check(CheckArgs),
+    /// Print the HTTPS interception CA's path and certificate (creating the
+    /// CA if there is none), for clients to trust.
+    Ca(CaArgs),
+}
+
+/// Options shared by every subcommand; flags win over the config file and
+/// the environment, and list flags add to the configured lists.
+#[derive(Debug, Clone, Default, Args)]
+pub struct Options {
+    /// TOML configuration file.
+    #[arg(long, value_name = "FILE", env = "PORTCULLIS_CONFIG")]
+    pub(super) config: Option<PathBuf>,
+    /// HTTP listener address (IP:PORT; port 0 for an ephemeral port).
+    #[arg(long, value_name = "ADDR")]
+    pub(super) http: Option<String>,
+    /// SOCKS5 listener address (IP:PORT).
+    #[arg(long, value_name = "ADDR")]
+    pub(super) socks: Option<String>,
+    /// Do not serve SOCKS5.
+    #[arg(long, conflicts_with = "socks")]
+    pub(super) no_socks: bool,
+    /// Add an allowlist pattern (repeatable).
+    #[arg(long = "allow", value_name = "PATTERN")]
+    pub(super) allow: Vec<String>,
+    /// Add a denylist pattern (repeatable).
+    #[arg(long = "deny", value_name = "PATTERN")]
+    pub(super) deny: Vec<String>,
+    /// full, or limited (GET/HEAD/OPTIONS only).
+    #[arg(long, value_enum)]
+    pub(super) mode: Option<ModeArg>,
+    /// Allow local/private addresses for allowlisted hosts.
+    #[arg(long)]
+    pub(super) allow_local_binding: bool,
+    /// Intercept HTTPS in limited mode (clients must trust `portcullis ca`).
+    #[arg(long)]
+    pub(super) mitm: bool,
+    /// Do not chain through the proxy named by this process's own
+    /// HTTP_PROXY/HTTPS_PROXY/ALL_PROXY (allow_upstream_proxy = false).
+    #[arg(long)]
+    pub(super) no_upstream_proxy: bool,
+    /// Who answers an allowlist miss: deny (nobody), prompt (this
+    /// terminal), command (the `[approval] command` reviewer).
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub(super) approve: Option<ApprovalMode>,
+    /// The reviewer program `--approve command` runs (implies it):
+    /// `[approval] command`. It must exist and be executable.
+    #[arg(long, value_name = "PROG")]
+    pub(super) reviewer: Option<String>,
+    /// Answer NAME with IP without DNS (repeatable), like curl's --resolve.
+    #[arg(long = "resolve", value_name = "NAME=IP")]
+    pub(super) resolve: Vec<String>,
+    /// Append every refusal to FILE as one JSON line.
+    #[arg(long, value_name = "FILE")]
+    pub(super) violations_log: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub(super) enum ModeArg {
+    Full,
+    Limited,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct RunArgs {
+    #[command(flatten)]
+    pub(super) options: Options,
+    /// Do not require the per-run proxy credential (for clients that cannot
+    /// send credentials from the proxy URL).
+    #[arg(long)]
+    pub(super) no_auth: bool,
+    /// Learn the allowlist: allow every public destination, then write the
+    /// ones the command reached to FILE as a `[network]` table for
+    /// `--config FILE`. Local and private addresses stay refused.
+    #[arg(long, value_name = "FILE")]
+    pub(super) learn: Option<PathBuf>,
+    /// Run the command in its own network namespace whose only way out is
+    /// the proxy: direct connections and DNS fail (Linux; `[run] isolate`).
+    #[arg(long)]
+    pub(super) isolate: bool,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub(super) command: Vec<OsString>,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct ServeArgs {
+    #[command(flatten)]
+    pub(super) options: Options,
+    /// Also write the proxy environment (`export NAME='VALUE'` lines) to
+    /// FILE once listening — whole, by rename, mode 0600 — and remove it on
+    /// exit: `portcullis serve --env-file env.sh & … . ./env.sh`.
+    #[arg(long, value_name = "FILE")]
+    pub(super) env_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct CaArgs {
+    /// TOML configuration file (for `[mitm] ca_dir`).
+    #[arg(long, value_name = "FILE", env = "PORTCULLIS_CONFIG")]
+    pub(super) config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct CheckArgs {
+    #[command(flatten)]
+    pub(super) options: Options,
+    /// The method of an http:// request (limited mode decides on it);
+    /// https:// and host:port targets are CONNECTs.
+    #[arg(long, value_name = "METHOD")]
+    pub(super) method: Option<String>,
+    /// One object per target, a line each (`target`, `decision`, `reason`,
+    /// `rule`, `message`), instead of text.
+    #[arg(long)]
+    pub(super) json: bool,
+    /// URLs (http://host/…, https://host/…) or host:port, one or more.
+    #[arg(required = true, value_name = "TARGET")]
+    pub(super) targets: Vec<String>,
+}

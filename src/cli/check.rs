@@ -1,0 +1,281 @@
+//! `portcullis check`: what the proxy would decide, without a proxy.
+
+use super::args::CheckArgs;
+use super::load::Prepared;
+use super::usage_error;
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::ExitCode;
+
+use http::Request;
+use portcullis_middleware::policy::Decision;
+use portcullis_middleware::{find_blocked, BlockDecision, Mode, Protocol, Target};
+
+use crate::body::Body;
+use crate::transport::model::RequestModel;
+
+use crate::approvers::rules::RulesFile;
+
+/// `check`'s answer for one target.
+#[derive(Debug, serde::Serialize)]
+pub(super) struct Verdict {
+    target: String,
+    /// allow, deny, ask, unresolvable (allowed, but the name does not
+    /// resolve, so a live request would fail), or error (exit 1).
+    decision: &'static str,
+    reason: Option<String>,
+    rule: Option<String>,
+    message: Option<String>,
+}
+
+impl Verdict {
+    /// The exit code of this verdict alone.
+    fn code(&self) -> u8 {
+        match self.decision {
+            "allow" => CHECK_ALLOW,
+            "ask" => CHECK_ASK,
+            "unresolvable" => CHECK_UNRESOLVABLE,
+            _ => CHECK_DENY,
+        }
+    }
+
+    fn text(&self) -> String {
+        let mut text = format!("{} {}", self.decision, self.target);
+        for (name, value) in [
+            ("reason", &self.reason),
+            ("rule", &self.rule),
+            ("message", &self.message),
+        ] {
+            if let Some(value) = value {
+                text.push_str(&format!("\n{name}: {value}"));
+            }
+        }
+        text
+    }
+}
+
+/// `check`'s exit codes: every target allowed.
+pub(super) const CHECK_ALLOW: u8 = 0;
+/// A target is denied.
+pub(super) const CHECK_DENY: u8 = 1;
+/// A target would be asked (and none is denied).
+pub(super) const CHECK_ASK: u8 = 2;
+/// A target is allowed but its name does not resolve (and none is denied
+/// or asked).
+pub(super) const CHECK_UNRESOLVABLE: u8 = 3;
+
+/// Several targets: deny wins, then ask, then unresolvable.
+pub(super) fn combined_code(verdicts: &[Verdict]) -> u8 {
+    let codes: Vec<u8> = verdicts.iter().map(Verdict::code).collect();
+    [CHECK_DENY, CHECK_ASK, CHECK_UNRESOLVABLE]
+        .into_iter()
+        .find(|code| codes.contains(code))
+        .unwrap_or(CHECK_ALLOW)
+}
+
+pub(super) async fn check(args: CheckArgs) -> ExitCode {
+    let loaded = match args.options.load() {
+        Ok(loaded) => loaded,
+        Err(error) => return usage_error(&error),
+    };
+    let Prepared {
+        builder,
+        approver,
+        rules,
+        ..
+    } = match loaded.builder() {
+        Ok(prepared) => prepared,
+        Err(error) => return usage_error(&error),
+    };
+    // With interception in limited mode, what an https:// URL asks is the
+    // request inside the tunnel, decided as the proxy will decide it.
+    let network = &loaded.config.network;
+    let intercepted = network.mitm && network.mode == Mode::Limited;
+    // Every target is parsed before any is decided: a typo is a usage error.
+    let mut requests = Vec::with_capacity(args.targets.len());
+    for target in &args.targets {
+        match check_request(target, args.method.as_deref(), intercepted) {
+            Ok(request) => requests.push(request),
+            Err(error) => {
+                return usage_error(&format!(
+                    "invalid target {target:?}: {error} (use a URL or host:port)"
+                ))
+            }
+        }
+    }
+    let policy = loaded.config.policy(&loaded.origin).ok();
+    let service = builder.decision_service();
+    let fixes = builder.fixes().clone();
+    let mut verdicts = Vec::with_capacity(requests.len());
+    for request in requests {
+        let (Some(target), Some(protocol)) = (
+            request.extensions().get::<Target>().cloned(),
+            request.extensions().get::<Protocol>().copied(),
+        ) else {
+            return usage_error(&"the target could not be parsed");
+        };
+        // The decision is the stack's; the allowlist and the rules file are
+        // read again only to name the entry that allowed it.
+        let decision = crate::transport::call_stack(service.clone(), request).await;
+        let verdict = match decision {
+            Ok(_) => Verdict {
+                decision: "allow",
+                rule: Some(allowing_rule(
+                    policy.as_ref(),
+                    rules.as_ref(),
+                    &target,
+                    protocol,
+                )),
+                target: target.to_string(),
+                reason: None,
+                message: None,
+            },
+            Err(error) => match find_blocked(error.as_ref()) {
+                Some(blocked) if blocked.decision == BlockDecision::Ask => Verdict {
+                    target: target.to_string(),
+                    decision: "ask",
+                    reason: Some(blocked.reason.to_string()),
+                    rule: None,
+                    message: Some(format!(
+                        "no allowlist entry or persisted rule answers; {} would be asked",
+                        approver.as_deref().unwrap_or("the approver"),
+                    )),
+                },
+                Some(blocked) => Verdict {
+                    target: target.to_string(),
+                    decision: "deny",
+                    reason: Some(blocked.reason.to_string()),
+                    rule: Some(blocked.rule.clone().unwrap_or_else(|| "none".into())),
+                    message: Some(fixes.message(blocked)),
+                },
+                None if !unresolvable(error.as_ref()) => Verdict {
+                    target: target.to_string(),
+                    decision: "error",
+                    reason: None,
+                    rule: None,
+                    message: Some(error.to_string()),
+                },
+                None => Verdict {
+                    target: target.to_string(),
+                    decision: "unresolvable",
+                    reason: Some("unresolvable".into()),
+                    rule: Some(allowing_rule(
+                        policy.as_ref(),
+                        rules.as_ref(),
+                        &target,
+                        protocol,
+                    )),
+                    message: Some(format!(
+                        "the policy allows it, but a live request would fail: {error}"
+                    )),
+                },
+            },
+        };
+        verdicts.push(verdict);
+    }
+    let mut stdout = std::io::stdout().lock();
+    for (index, verdict) in verdicts.iter().enumerate() {
+        let line = if args.json {
+            serde_json::to_string(verdict).unwrap_or_default()
+        } else if index + 1 < verdicts.len() {
+            format!("{}\n", verdict.text())
+        } else {
+            verdict.text()
+        };
+        let _ = writeln!(stdout, "{line}");
+    }
+    ExitCode::from(combined_code(&verdicts))
+}
+
+/// Whether a decision failed only because the name does not resolve (or
+/// its lookup timed out).
+pub(super) fn unresolvable(error: &(dyn std::error::Error + 'static)) -> bool {
+    matches!(
+        portcullis_middleware::ProxyErrorRef::find(error),
+        Some(portcullis_middleware::ProxyErrorRef::Upstream(upstream))
+            if matches!(
+                upstream.kind,
+                portcullis_middleware::UpstreamErrorKind::Unresolved
+                    | portcullis_middleware::UpstreamErrorKind::TimedOut
+            )
+    )
+}
+
+/// The entry that let `target` through: an allowlist entry, else the
+/// persisted rule (named with its file).
+pub(super) fn allowing_rule(
+    policy: Option<&portcullis_middleware::NetworkPolicy>,
+    rules: Option<&RulesFile>,
+    target: &Target,
+    protocol: Protocol,
+) -> String {
+    if let Some(Decision::Allow { rule }) = policy.map(|p| p.decide(target)) {
+        return rule;
+    }
+    if let (Some(rules), Target::Host { host, port }) = (rules, target) {
+        let key = portcullis_middleware::ApprovalKey {
+            host: host.clone(),
+            protocol,
+            port: *port,
+        };
+        if let Some((portcullis_middleware::RuleDecision::Allow, name)) =
+            portcullis_middleware::RuleBook::lookup(rules, &key)
+        {
+            return name;
+        }
+    }
+    "none named (allowed without a list entry)".to_owned()
+}
+
+/// The request a live client would send for `target`: an absolute-form
+/// request for an `http://` URL (with `method`, GET by default), a `CONNECT`
+/// for `host:port`, and for an `https://` URL a `CONNECT` — or, when the
+/// proxy intercepts, the request inside the tunnel (protocol `https_mitm`).
+pub(super) fn check_request(
+    target: &str,
+    method: Option<&str>,
+    intercepted: bool,
+) -> Result<Request<Body>, String> {
+    let client = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
+    let (uri, parsed) = if target.contains("://") {
+        let uri: http::Uri = target
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| e.to_string())?;
+        let parsed = Target::from_uri(&uri).map_err(|e| e.to_string())?;
+        (Some(uri), parsed)
+    } else {
+        let parsed = Target::parse_authority(target, None).map_err(|e| e.to_string())?;
+        (None, parsed)
+    };
+    let protocol = match uri.as_ref().and_then(http::Uri::scheme_str) {
+        Some("http") => Protocol::Http,
+        Some(_) if intercepted => Protocol::HttpsMitm,
+        _ => Protocol::HttpsConnect,
+    };
+    match uri {
+        Some(uri) if protocol != Protocol::HttpsConnect => {
+            let method = http::Method::from_bytes(method.unwrap_or("GET").as_bytes())
+                .map_err(|e| e.to_string())?;
+            let mut request = Request::builder()
+                .method(method)
+                .uri(uri)
+                .body(crate::body::empty())
+                .map_err(|e| e.to_string())?;
+            RequestModel::new(parsed, protocol, client).apply(&mut request);
+            Ok(request)
+        }
+        _ if method.is_some_and(|m| m != "CONNECT") => Err(
+            "this target is a CONNECT tunnel whose methods are not seen; --method is for http:// URLs (and https:// ones when the proxy intercepts)"
+                .into(),
+        ),
+        _ => {
+            let model = RequestModel::new(parsed, Protocol::HttpsConnect, client);
+            let model = if intercepted {
+                model.mark(portcullis_middleware::Interceptable)
+            } else {
+                model
+            };
+            model.connect().map_err(|e| e.to_string())
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! Flags and files merged into one configuration, and the builder made
+//! from it.
+
+use super::announce_upstream;
+use super::args::{ModeArg, Options};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use portcullis_middleware::{JsonLinesSink, Mode, PolicyHandle, ViolationLogLayer, ViolationRing};
+
+use crate::approvers::rules::RulesFile;
+use crate::config::{ApprovalMode, Config, ConfigError};
+use crate::resolve::{StaticResolver, SystemResolver};
+use crate::runner::{Proxy, ProxyBuilder};
+use crate::upstream::UpstreamProxies;
+
+/// A configuration merged from every source, with where it came from.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The configuration.
+    pub config: Config,
+    /// The file (or "defaults") for messages.
+    pub origin: String,
+    /// The config file, if one was named: refusals then name their fix as
+    /// a key in it; otherwise as a flag.
+    pub file: Option<PathBuf>,
+}
+
+impl Options {
+    /// Says once, at start, what an `--allow '*'` means.
+    pub(super) fn warn_allow_everything(&self) {
+        if self.allow.iter().any(|pattern| pattern == "*") {
+            tracing::warn!("--allow '*' allows every public destination: the allowlist no longer narrows anything (the denylist, local and metadata addresses still apply)");
+        }
+    }
+
+    /// The config file named by `--config` or `PORTCULLIS_CONFIG`.
+    pub fn config_path(&self) -> Option<&std::path::Path> {
+        self.config.as_deref()
+    }
+
+    /// Loads the configuration and applies the flags.
+    pub fn load(&self) -> Result<Loaded, ConfigError> {
+        let mut config = Config::load(self.config.as_deref())?;
+        let origin = match &self.config {
+            Some(path) => path.display().to_string(),
+            None => "defaults, environment and flags".to_owned(),
+        };
+        let network = &mut config.network;
+        if let Some(http) = &self.http {
+            network.proxy_url = http.clone();
+            // An ephemeral HTTP port with no SOCKS address asked for: SOCKS
+            // is ephemeral too, so a second instance does not collide on 8081.
+            if let (Ok(address), None) = (http.parse::<SocketAddr>(), &self.socks) {
+                if address.port() == 0 {
+                    network.socks_url = format!("socks5://{}", SocketAddr::new(address.ip(), 0));
+                }
+            }
+        }
+        if let Some(socks) = &self.socks {
+            network.socks_url = socks.clone();
+        }
+        if self.no_socks {
+            network.enable_socks5 = false;
+        }
+        network.allowed_domains.extend(self.allow.iter().cloned());
+        network.denied_domains.extend(self.deny.iter().cloned());
+        if let Some(mode) = self.mode {
+            network.mode = match mode {
+                ModeArg::Full => Mode::Full,
+                ModeArg::Limited => Mode::Limited,
+            };
+        }
+        if self.mitm {
+            network.mitm = true;
+        }
+        if self.no_upstream_proxy {
+            network.allow_upstream_proxy = false;
+        }
+        if let Some(reviewer) = &self.reviewer {
+            config.approval.command = vec![reviewer.clone()];
+            config.approval.mode = ApprovalMode::Command;
+        }
+        if let Some(mode) = self.approve {
+            config.approval.mode = mode;
+        }
+        if self.allow_local_binding {
+            network.allow_local_binding = true;
+        }
+        for entry in &self.resolve {
+            let invalid = |message: String| ConfigError::Invalid {
+                key: "--resolve".into(),
+                origin: "the command line".into(),
+                message,
+            };
+            let (name, ip) = entry
+                .split_once('=')
+                .ok_or_else(|| invalid(format!("{entry:?} is not NAME=IP")))?;
+            ip.parse::<IpAddr>().map_err(|_| {
+                invalid(format!(
+                    "{entry:?}: {ip:?} is not an IP address (NAME=IP, e.g. svc.test=127.0.0.1)"
+                ))
+            })?;
+            portcullis_middleware::Host::parse(name)
+                .map_err(|e| invalid(format!("{entry:?}: {name:?} is not a host name: {e}")))?;
+            config
+                .dns
+                .hosts
+                .entry(name.to_owned())
+                .or_default()
+                .push(ip.to_owned());
+        }
+        if let Some(file) = &self.violations_log {
+            config.log.violations_file = Some(file.clone());
+        }
+        Ok(Loaded {
+            config,
+            origin,
+            file: self.config.clone(),
+        })
+    }
+}
+
+impl Loaded {
+    /// A proxy builder for this configuration (listeners from the config).
+    pub fn builder(&self) -> Result<Prepared, ConfigError> {
+        self.builder_recording(None, None)
+    }
+
+    /// The same, also handing every refusal to `tally` (the `run`
+    /// summary) and `learned` (`run --learn`).
+    pub(super) fn builder_recording(
+        &self,
+        tally: Option<crate::summary::Tally>,
+        learned: Option<crate::learn::Learned>,
+    ) -> Result<Prepared, ConfigError> {
+        let config = &self.config;
+        let origin = &self.origin;
+        let policy = config.policy(origin)?;
+        let hosts = config.dns_hosts(origin)?;
+        let resolver = StaticResolver::new(hosts, Arc::new(SystemResolver));
+        let ring = ViolationRing::default();
+        let mut violations = ViolationLogLayer::new(ring.clone());
+        if let Some(file) = &config.log.violations_file {
+            let sink = JsonLinesSink::open(file).map_err(|e| ConfigError::Invalid {
+                key: "log.violations_file".into(),
+                origin: origin.clone(),
+                message: format!("cannot open {}: {e}", file.display()),
+            })?;
+            violations = violations.with_sink(sink);
+        }
+        if let Some(tally) = tally {
+            violations = violations.with_sink(tally);
+        }
+        if let Some(learned) = learned {
+            violations = violations.with_sink(learned);
+        }
+        let socks = if config.network.enable_socks5 {
+            Some(config.socks_addr(origin)?)
+        } else {
+            None
+        };
+        let upstream = config
+            .network
+            .allow_upstream_proxy
+            .then(UpstreamProxies::from_env);
+        if upstream.is_some() {
+            announce_upstream();
+        }
+        let (limits, connect_timeout) = config.limits(origin)?;
+        let fixes = match &self.file {
+            Some(file) => crate::hints::Fixes::File(file.clone()),
+            None => crate::hints::Fixes::Flags,
+        };
+        let mut builder = Proxy::builder()
+            .refusal_fixes(fixes)
+            .metrics_addr(config.metrics.address(origin)?)
+            .http_addr(config.http_addr(origin)?)
+            .socks_addr(socks)
+            .socks_udp(config.network.enable_socks5_udp)
+            .dangerously_allow_non_loopback(config.network.dangerously_allow_non_loopback_proxy)
+            .force_loopback(config.grants_unix_sockets())
+            .policy(PolicyHandle::new(policy))
+            .resolver(Arc::new(resolver))
+            .resolve_timeout(config.dns_timeout(origin)?)
+            .upstream(upstream)
+            .upstream_roots(config.upstream_roots(origin)?)
+            .limits(limits)
+            .connect_timeout(connect_timeout)
+            .all_proxy_socks(config.network.all_proxy == crate::config::AllProxy::Socks5h)
+            .leaf_cache_size(config.mitm.leaf_cache_size)
+            .violations(violations);
+        if let Some((username, password)) = config.auth.credential(origin)? {
+            builder = builder.credentials(username, password);
+        }
+        let (builder, rules, approver) = match crate::approvers::from_config(config, origin, &ring)?
+        {
+            None => (builder, None, None),
+            Some((approver, name)) => {
+                let path = config.rules_file(origin)?;
+                let rules = RulesFile::load(&path).map_err(|e| ConfigError::Invalid {
+                    key: "approval.rules_file".into(),
+                    origin: origin.clone(),
+                    message: e.to_string(),
+                })?;
+                let builder = builder
+                    .approver(approver, config.approval_timeout(origin)?)
+                    .approval_limits(config.approval.max_pending, config.approval.max_session)
+                    .rules(Arc::new(rules.clone()));
+                (builder, Some(rules), Some(name))
+            }
+        };
+        Ok(Prepared {
+            builder,
+            ring,
+            rules,
+            approver,
+        })
+    }
+}
+
+/// A builder for the configuration, and what the binary keeps beside it.
+#[derive(Debug)]
+pub struct Prepared {
+    /// The proxy, ready to start.
+    pub builder: ProxyBuilder,
+    /// The violation ring it records into.
+    pub ring: ViolationRing,
+    /// The persisted rules, when an approver is configured.
+    pub rules: Option<RulesFile>,
+    /// Who answers allowlist misses, for messages.
+    pub approver: Option<String>,
+}

@@ -1,0 +1,186 @@
+//! The `portcullis` command line: `serve` (default), `run`, `check`.
+//!
+//! Exit codes: 64 for bad usage or configuration (one line on stderr),
+//! 69 when the proxy cannot start; `check` exits 0 allow / 1 deny / 2 ask /
+//! 3 allowed but unresolvable (several targets: deny, then ask, then
+//! unresolvable wins);
+//! `run` exits with the child's status (128 + N when a signal N ended it).
+//!
+//! One module per job: `args` (clap types), `load` (flags and files
+//! merged into a configuration and a builder), `start` (the proxy for
+//! `serve` and `run`), `serve`, `run`, `check`, `ca`, and `reload` (the
+//! live policy); the child process is `crate::child`'s.
+
+use std::ffi::OsString;
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+
+use clap::Parser;
+
+mod args;
+mod ca;
+mod check;
+mod load;
+mod reload;
+mod run;
+mod serve;
+mod start;
+
+pub use args::{Cli, Options};
+pub use load::{Loaded, Prepared};
+
+use args::Command;
+use ca::ca;
+use check::check;
+use run::run;
+use serve::serve;
+
+/// EX_USAGE.
+pub const EXIT_USAGE: u8 = 64;
+/// EX_UNAVAILABLE.
+pub const EXIT_UNAVAILABLE: u8 = 69;
+
+/// Parses the command line and runs; the binary's whole `main`.
+pub fn main() -> ExitCode {
+    // `run --isolate`'s bridge: before anything starts a thread.
+    #[cfg(unix)]
+    {
+        let arguments: Vec<OsString> = std::env::args_os().skip(1).collect();
+        if arguments
+            .first()
+            .is_some_and(|a| a == crate::isolate::BRIDGE)
+        {
+            return crate::isolate::bridge_main(&arguments[1..]);
+        }
+    }
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            let code = if error.use_stderr() { EXIT_USAGE } else { 0 };
+            let _ = error.print();
+            return ExitCode::from(code);
+        }
+    };
+    // Under `run`, RUST_LOG belongs to the child: only PORTCULLIS_LOG is ours.
+    let (command, default_filter, read_rust_log) = match cli.command {
+        Some(Command::Run(args)) => (Command::Run(args), "warn,portcullis::violation=off", false),
+        // `check` answers on stdout; its refusal is not news for the log.
+        Some(Command::Check(args)) => (Command::Check(args), "error", true),
+        Some(command) => (command, "info", true),
+        None => (Command::Serve(cli.serve), "info", true),
+    };
+    init_tracing(default_filter, read_rust_log);
+    raise_fd_limit();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!(%error, "cannot start the async runtime");
+            return ExitCode::from(EXIT_UNAVAILABLE);
+        }
+    };
+    runtime.block_on(async move {
+        match command {
+            Command::Serve(args) => serve(args).await,
+            Command::Run(args) => run(args).await,
+            Command::Check(args) => check(args).await,
+            Command::Ca(args) => ca(args),
+        }
+    })
+}
+
+/// Starts logging to stderr, filtered by `PORTCULLIS_LOG`, else (not under
+/// `run`) `RUST_LOG`, else `default_filter`.
+fn init_tracing(default_filter: &str, read_rust_log: bool) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let directives = std::env::var("PORTCULLIS_LOG")
+        .ok()
+        .or_else(|| {
+            read_rust_log
+                .then(|| std::env::var("RUST_LOG").ok())
+                .flatten()
+        })
+        .unwrap_or_else(|| default_filter.to_owned());
+    // fast-socks5 logs network-supplied bytes raw (a SOCKS domain, even the
+    // password bytes) at debug level: its events never reach our log,
+    // whatever the directives say (a directive naming it is dropped, and
+    // `fast_socks5=off` is added). Its failures reach us as errors anyway.
+    // One global filter, so a disabled callsite costs nothing per request
+    // (per-layer filters made the registry build every span).
+    let ours: Vec<&str> = directives
+        .split(',')
+        .filter(|directive| !directive.contains("fast_socks5"))
+        .collect();
+    let ours = ours.join(",");
+    let filter = tracing_subscriber::EnvFilter::try_new(&ours)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let filter = match "fast_socks5=off".parse() {
+        Ok(off) => filter.add_directive(off),
+        Err(_) => filter,
+    };
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(layer)
+        .try_init();
+}
+
+/// 128 random bits as hex, from the operating system's randomness (through
+/// the standard library's hasher keys).
+fn random_secret() -> String {
+    use std::hash::BuildHasher;
+    let half = || std::collections::hash_map::RandomState::new().hash_one(std::process::id());
+    format!("{:016x}{:016x}", half(), half())
+}
+
+/// Says, once at start, which proxy this one chains through: an inherited
+/// HTTP_PROXY silently making every refusal somebody else's is how `--allow`
+/// "does nothing".
+fn announce_upstream() {
+    for name in [
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ] {
+        if let Some(value) = std::env::var(name).ok().filter(|v| !v.is_empty()) {
+            // Never print a password from the URL.
+            let shown = match value.split_once("://") {
+                Some((scheme, rest)) => match rest.rsplit_once('@') {
+                    Some((_, host)) => format!("{scheme}://…@{host}"),
+                    None => value.clone(),
+                },
+                None => value.clone(),
+            };
+            tracing::warn!("chaining through {shown} (from {name} in portcullis's own environment); pass --no-upstream-proxy or set allow_upstream_proxy = false to go direct");
+            return;
+        }
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit: each tunnel holds
+/// two descriptors, and the default soft limit (often 1024) is reached long
+/// before the machine is busy.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                Ok(()) => tracing::debug!(from = soft, to = hard, "raised the open-file limit"),
+                Err(error) => tracing::debug!(%error, "could not raise the open-file limit"),
+            }
+        }
+    }
+}
+
+fn usage_error(error: &dyn std::fmt::Display) -> ExitCode {
+    let _ = writeln!(std::io::stderr(), "portcullis: {error}");
+    ExitCode::from(EXIT_USAGE)
+}

@@ -1,0 +1,166 @@
+//! `portcullis run -- COMMAND`: a proxy for one command.
+
+use super::args::RunArgs;
+use super::start::{start, ForRun, Purpose};
+use super::{usage_error, EXIT_UNAVAILABLE};
+use crate::child::{cannot_run, exit_code, wait_forwarding_signals, ForwardedSignals};
+use std::ffi::OsString;
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::runner::ProxyHandle;
+
+pub(super) async fn run(args: RunArgs) -> ExitCode {
+    // SIGHUP goes to the child under `run`; files are still watched.
+    // Each refused destination is said once, as it happens, by the tally;
+    // the violation log's own line is not shown under `run`.
+    let tally = crate::summary::Tally::live();
+    args.options.warn_allow_everything();
+    let loaded = args.options.load().ok();
+    let isolate = args.isolate
+        || loaded
+            .as_ref()
+            .is_some_and(|loaded| loaded.config.run.isolate);
+    // The learn file is checked before anything runs: a path that cannot
+    // be written fails now, not after the command did its work.
+    if let Some(path) = &args.learn {
+        if let Err(error) = crate::learn::Learned::check_writable(path) {
+            return usage_error(&format!(
+                "--learn {}: cannot write there ({error}); name a file in a folder you can write",
+                path.display()
+            ));
+        }
+    }
+    let learned = args.learn.as_ref().map(|_| {
+        crate::learn::Learned::new(
+            loaded
+                .as_ref()
+                .is_some_and(|loaded| loaded.config.network.allow_local_binding),
+        )
+    });
+    let mut options = args.options.clone();
+    if learned.is_some() {
+        // Every public destination; local, private and metadata addresses
+        // are still refused by the policy, and the denylist still wins.
+        options.allow.push("*".to_owned());
+    }
+    let for_run = ForRun {
+        credential: !args.no_auth,
+        isolated: isolate,
+        tally: tally.clone(),
+        learn: learned.clone(),
+    };
+    let proxy = match start(&options, Purpose::Run(for_run)).await {
+        Ok(proxy) => proxy,
+        Err(code) => return code,
+    };
+    let Some((program, arguments)) = args.command.split_first() else {
+        return usage_error(&"run needs a command after --");
+    };
+    // Under --isolate the command runs inside the bridge (this binary, in
+    // its own namespace), which the sockets in `bridges` connect to the proxy.
+    let (mut command, bridges) = if isolate {
+        match isolated_command(&proxy, &args.command) {
+            Ok(isolated) => isolated,
+            Err(error) => {
+                let _ = writeln!(std::io::stderr(), "portcullis: {error}");
+                proxy.shutdown(Duration::ZERO).await;
+                return ExitCode::from(EXIT_UNAVAILABLE);
+            }
+        }
+    } else {
+        let mut command = tokio::process::Command::new(program);
+        command.args(arguments);
+        (command, None)
+    };
+    command.envs(proxy.child_env());
+    if isolate {
+        command.env("PORTCULLIS_ISOLATED", "1");
+        command.env("PORTCULLIS_SOCKS_UDP", "off");
+    }
+    // Listening before the child exists, so no signal meant for it is lost.
+    let signals = ForwardedSignals::install();
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(error) => {
+            proxy.shutdown(Duration::ZERO).await;
+            return cannot_run(program, &error);
+        }
+    };
+    let status = wait_forwarding_signals(&mut child, signals).await;
+    proxy.shutdown(Duration::from_secs(1)).await;
+    drop(bridges);
+    // Each refused destination once, with the flag that would allow it.
+    let mut stderr = std::io::stderr().lock();
+    for line in tally.lines() {
+        let _ = writeln!(stderr, "{line}");
+    }
+    drop(stderr);
+    if let (Some(path), Some(learned)) = (&args.learn, &learned) {
+        let command: Vec<String> = args
+            .command
+            .iter()
+            .map(|part| part.to_string_lossy().into_owned())
+            .collect();
+        match learned.write(path, &command.join(" ")) {
+            Ok(()) => {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "portcullis: wrote the allowlist this command needed ({} destination{}) to {}; run it again with --config {}",
+                    learned.len(),
+                    if learned.len() == 1 { "" } else { "s" },
+                    path.display(),
+                    path.display()
+                );
+            }
+            Err(error) => {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "portcullis: cannot write the learn file {}: {error}",
+                    path.display()
+                );
+                // The command's own failure comes first; a success that
+                // could not be recorded is not one.
+                return match &status {
+                    Ok(status) if !status.success() => ExitCode::from(exit_code(*status)),
+                    _ => ExitCode::from(EXIT_UNAVAILABLE),
+                };
+            }
+        }
+    }
+    match status {
+        Ok(status) => ExitCode::from(exit_code(status)),
+        Err(error) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "portcullis: waiting for the command failed: {error}"
+            );
+            ExitCode::from(EXIT_UNAVAILABLE)
+        }
+    }
+}
+
+/// The bridge command that runs `command` isolated, and the sockets it
+/// reaches the proxy through.
+#[cfg(unix)]
+pub(super) fn isolated_command(
+    proxy: &ProxyHandle,
+    command: &[OsString],
+) -> Result<(tokio::process::Command, Option<crate::isolate::Bridges>), String> {
+    if !cfg!(target_os = "linux") {
+        return Err("--isolate needs Linux network namespaces; run without --isolate".into());
+    }
+    let bridges = crate::isolate::Bridges::start(proxy.http_addr(), proxy.socks_addr())
+        .map_err(|e| e.to_string())?;
+    let exe = std::env::current_exe()
+        .map_err(|e| format!("--isolate re-runs portcullis and cannot find it: {e}"))?;
+    let mut bridge = tokio::process::Command::new(exe);
+    bridge.args(crate::isolate::bridge_arguments(
+        bridges.dir(),
+        proxy.http_addr(),
+        proxy.socks_addr(),
+        command,
+    ));
+    Ok((bridge, Some(bridges)))
+}
