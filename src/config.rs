@@ -36,7 +36,7 @@ pub struct Config {
     /// `[approval]`: who is asked about allowlist misses.
     pub approval: ApprovalConfig,
     /// `[limits]`: sizes and timeouts.
-    pub limits: LimitsConfig,
+    pub limits: crate::Limits,
     /// `[auth]`: credentials clients must present.
     pub auth: AuthConfig,
     /// `[metrics]`: the Prometheus endpoint.
@@ -140,54 +140,6 @@ impl AuthConfig {
     }
 }
 
-/// `[limits]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LimitsConfig {
-    /// Seconds a client may take to send a request head.
-    pub header_read_timeout: f64,
-    /// The largest request head, in bytes (at least 8192).
-    pub max_header_bytes: usize,
-    /// The most headers a request may have.
-    pub max_headers: usize,
-    /// Seconds a request body may go without a byte.
-    pub body_idle_timeout: f64,
-    /// The slowest average a request body may keep after its first
-    /// `body_idle_timeout`, in bytes a second (0: no minimum).
-    pub body_min_rate: u64,
-    /// Seconds a tunnel may go with no byte either way.
-    pub tunnel_idle_timeout: f64,
-    /// Seconds a connection to an upstream may take.
-    pub connect_timeout: f64,
-    /// The most client connections served at once, per listener.
-    pub max_connections: usize,
-    /// The most SOCKS5 UDP associations open at once.
-    pub max_udp_associations: usize,
-    /// The most SOCKS5 UDP associations one client address may hold.
-    pub max_udp_associations_per_client: usize,
-    /// Seconds `serve` waits, on SIGTERM or SIGINT, for open connections and
-    /// tunnels before cutting them (and exiting 1).
-    pub shutdown_deadline: f64,
-}
-
-impl Default for LimitsConfig {
-    fn default() -> LimitsConfig {
-        LimitsConfig {
-            header_read_timeout: 30.0,
-            max_header_bytes: 64 * 1024,
-            max_headers: 100,
-            body_idle_timeout: 60.0,
-            body_min_rate: 512,
-            tunnel_idle_timeout: 300.0,
-            connect_timeout: 10.0,
-            max_connections: 4096,
-            max_udp_associations: 1024,
-            max_udp_associations_per_client: 64,
-            shutdown_deadline: 10.0,
-        }
-    }
-}
-
 /// Who answers an allowlist miss.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -223,7 +175,8 @@ pub struct ApprovalConfig {
     /// A reviewer's *allow* counts only below this risk score (0–100).
     pub risk_threshold: u8,
     /// Seconds an approver has to answer; no answer denies.
-    pub timeout: f64,
+    #[serde(with = "crate::units::positive_seconds")]
+    pub timeout: Duration,
     /// The persisted rules; default `rules.toml` in the data directory.
     pub rules_file: Option<PathBuf>,
     /// Questions that may wait at once; further ones are refused.
@@ -246,7 +199,7 @@ impl Default for ApprovalConfig {
             mode: ApprovalMode::Deny,
             command: Vec::new(),
             risk_threshold: 80,
-            timeout: 60.0,
+            timeout: Duration::from_secs(60),
             rules_file: None,
             max_pending: 64,
             max_session: 4096,
@@ -388,7 +341,8 @@ pub fn data_dir() -> Option<PathBuf> {
 #[serde(deny_unknown_fields, default)]
 pub struct DnsConfig {
     /// Seconds a lookup may take.
-    pub timeout: f64,
+    #[serde(with = "crate::units::lookup_seconds")]
+    pub timeout: Duration,
     /// Static answers, like curl's `--resolve`: `{ "name.test" = ["127.0.0.1"] }`.
     pub hosts: BTreeMap<String, Vec<String>>,
 }
@@ -396,7 +350,7 @@ pub struct DnsConfig {
 impl Default for DnsConfig {
     fn default() -> DnsConfig {
         DnsConfig {
-            timeout: 5.0,
+            timeout: Duration::from_secs(5),
             hosts: BTreeMap::new(),
         }
     }
@@ -559,68 +513,6 @@ impl Config {
             })
     }
 
-    /// `[limits]` as the transports keep them, and the connect timeout.
-    pub fn limits(&self, origin: &str) -> Result<(crate::Limits, Duration), ConfigError> {
-        let seconds = |key: &str, value: f64| {
-            Duration::try_from_secs_f64(value)
-                .ok()
-                .filter(|d| !d.is_zero())
-                .ok_or_else(|| ConfigError::Invalid {
-                    key: format!("limits.{key}"),
-                    origin: origin.to_owned(),
-                    message: format!("{value} is not a positive number of seconds"),
-                })
-        };
-        let limits = &self.limits;
-        if limits.max_header_bytes < 8192 {
-            return Err(ConfigError::Invalid {
-                key: "limits.max_header_bytes".into(),
-                origin: origin.to_owned(),
-                message: format!("{} is below the least, 8192", limits.max_header_bytes),
-            });
-        }
-        let kept = crate::Limits::default()
-            .header_read_timeout(seconds("header_read_timeout", limits.header_read_timeout)?)
-            .max_header_bytes(limits.max_header_bytes)
-            .max_headers(limits.max_headers)
-            .body_idle_timeout(seconds("body_idle_timeout", limits.body_idle_timeout)?)
-            .body_min_rate(limits.body_min_rate)
-            .tunnel_idle_timeout(seconds("tunnel_idle_timeout", limits.tunnel_idle_timeout)?)
-            .max_connections(limits.max_connections)
-            .max_udp_associations(limits.max_udp_associations)
-            .max_udp_associations_per_client(limits.max_udp_associations_per_client);
-        Ok((kept, seconds("connect_timeout", limits.connect_timeout)?))
-    }
-
-    /// `[limits] shutdown_deadline` as a duration (zero allowed: cut at once).
-    pub fn shutdown_deadline(&self, origin: &str) -> Result<Duration, ConfigError> {
-        Duration::try_from_secs_f64(self.limits.shutdown_deadline).map_err(|_| {
-            ConfigError::Invalid {
-                key: "limits.shutdown_deadline".into(),
-                origin: origin.to_owned(),
-                message: format!(
-                    "{} is not a number of seconds",
-                    self.limits.shutdown_deadline
-                ),
-            }
-        })
-    }
-
-    /// `[approval] timeout` as a duration.
-    pub fn approval_timeout(&self, origin: &str) -> Result<Duration, ConfigError> {
-        Duration::try_from_secs_f64(self.approval.timeout)
-            .ok()
-            .filter(|d| !d.is_zero())
-            .ok_or_else(|| ConfigError::Invalid {
-                key: "approval.timeout".into(),
-                origin: origin.to_owned(),
-                message: format!(
-                    "{} is not a positive number of seconds",
-                    self.approval.timeout
-                ),
-            })
-    }
-
     /// The certificates of `[mitm] upstream_ca_files`.
     pub fn upstream_roots(
         &self,
@@ -772,19 +664,6 @@ impl Config {
         }
         Ok(hosts)
     }
-
-    /// The lookup timeout.
-    pub fn dns_timeout(&self, origin: &str) -> Result<Duration, ConfigError> {
-        let seconds = self.dns.timeout;
-        if !(seconds.is_finite() && seconds > 0.0 && seconds <= 300.0) {
-            return Err(ConfigError::Invalid {
-                key: "dns.timeout".into(),
-                origin: origin.to_owned(),
-                message: format!("{seconds} is not a number of seconds between 0 and 300"),
-            });
-        }
-        Ok(Duration::from_secs_f64(seconds))
-    }
 }
 
 /// Parses `scheme://ip:port`, `ip:port` or `localhost:port`.
@@ -867,6 +746,34 @@ mod tests {
     }
 
     #[test]
+    fn values_with_units_are_checked_as_they_are_read_naming_key_and_file() {
+        assert_eq!(
+            load_error("[limits]\nheader_read_timeout = -1\n"),
+            "FILE: limits.header_read_timeout must be a positive number of seconds, not signed int `-1`"
+        );
+        assert_eq!(
+            load_error("[limits]\nmax_header_bytes = 100\n"),
+            "FILE: limits.max_header_bytes must be a number of bytes of at least 8192, not unsigned int `100`"
+        );
+        assert_eq!(
+            load_error("[dns]\ntimeout = 301\n"),
+            "FILE: dns.timeout must be a number of seconds above 0 and at most 300, not signed int `301`"
+        );
+        assert_eq!(
+            load_error("[approval]\ntimeout = 0\n"),
+            "FILE: approval.timeout must be a positive number of seconds, not signed int `0`"
+        );
+        let config =
+            Config::from_toml("[limits]\nshutdown_deadline = 0\nconnect_timeout = 2.5\n").unwrap();
+        assert_eq!(config.limits.shutdown_deadline, Duration::ZERO);
+        assert_eq!(config.limits.connect_timeout, Duration::from_millis(2500));
+        assert_eq!(
+            config.limits.max_headers,
+            crate::Limits::default().max_headers
+        );
+    }
+
+    #[test]
     fn complete_defaults() {
         let config = Config::default();
         let expected = NetworkConfig {
@@ -893,7 +800,7 @@ mod tests {
         assert_eq!(
             config.dns,
             DnsConfig {
-                timeout: 5.0,
+                timeout: Duration::from_secs(5),
                 hosts: BTreeMap::new()
             }
         );
@@ -934,10 +841,7 @@ mod tests {
         assert_eq!(policy.mode(), Mode::Limited);
         assert_eq!(policy.allowed().len(), 3);
         assert_eq!(policy.denied().len(), 2);
-        assert_eq!(
-            config.dns_timeout("t").unwrap(),
-            Duration::from_millis(1500)
-        );
+        assert_eq!(config.dns.timeout, Duration::from_millis(1500));
         assert_eq!(
             config.dns_hosts("t").unwrap()["svc.test"],
             vec![IpAddr::V4(Ipv4Addr::LOCALHOST)]

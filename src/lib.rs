@@ -57,6 +57,7 @@ pub mod runner;
 mod summary;
 mod sys;
 mod transport;
+mod units;
 
 /// Entry points for `fuzz/` only (built with `--cfg fuzzing`).
 #[cfg(fuzzing)]

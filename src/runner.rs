@@ -100,6 +100,15 @@ fn bind_hint(listener: &str, error: &std::io::Error) -> &'static str {
 /// [`DefaultStack::outer`] and [`DefaultStack::inner`]; the whole stack is
 /// type-erased once, where the transports take it.
 pub struct ProxyBuilder<O = Identity, I = Identity> {
+    /// Everything but the layers: one value, moved whole when a layer is
+    /// added (a new setting is a field here and a setter, nothing else).
+    settings: Settings,
+    outer: O,
+    inner: I,
+}
+
+/// A [`ProxyBuilder`]'s settings.
+struct Settings {
     http_addr: SocketAddr,
     socks_addr: Option<SocketAddr>,
     socks_udp: bool,
@@ -109,7 +118,6 @@ pub struct ProxyBuilder<O = Identity, I = Identity> {
     policy: PolicyHandle,
     resolver: Arc<dyn Resolve>,
     resolve_timeout: Duration,
-    connect_timeout: Duration,
     upstream: Option<Arc<UpstreamProxies>>,
     crypto: Arc<rustls::crypto::CryptoProvider>,
     mitm: Option<Arc<CertificateAuthority>>,
@@ -128,16 +136,14 @@ pub struct ProxyBuilder<O = Identity, I = Identity> {
     metrics: Arc<crate::metrics::Metrics>,
     /// Every refusal, for [`ProxyHandle::subscribe`].
     refusals: tokio::sync::broadcast::Sender<portcullis_middleware::Violation>,
-    outer: O,
-    inner: I,
 }
 
 impl<O, I> fmt::Debug for ProxyBuilder<O, I> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ProxyBuilder")
-            .field("http_addr", &self.http_addr)
-            .field("socks_addr", &self.socks_addr)
-            .field("allow_non_loopback", &self.allow_non_loopback)
+            .field("http_addr", &self.settings.http_addr)
+            .field("socks_addr", &self.settings.socks_addr)
+            .field("allow_non_loopback", &self.settings.allow_non_loopback)
             .finish_non_exhaustive()
     }
 }
@@ -151,31 +157,32 @@ impl Proxy {
     /// policy that refuses everything, the system resolver, no upstream proxy.
     pub fn builder() -> ProxyBuilder {
         ProxyBuilder {
-            http_addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
-            socks_addr: None,
-            socks_udp: true,
-            credentials: None,
-            allow_non_loopback: false,
-            force_loopback: false,
-            policy: PolicyHandle::default(),
-            resolver: Arc::new(SystemResolver),
-            resolve_timeout: Duration::from_secs(5),
-            connect_timeout: Duration::from_secs(10),
-            upstream: None,
-            crypto: Arc::new(rustls::crypto::ring::default_provider()),
-            mitm: None,
-            leaf_cache_size: DEFAULT_LEAF_CACHE_SIZE,
-            upstream_roots: Vec::new(),
-            violations: ViolationLogLayer::default(),
-            approval: None,
-            rules: None,
-            own: OwnListeners::default(),
-            limits: Limits::default(),
-            all_proxy_socks: false,
-            fixes: Fixes::Keys,
-            metrics_addr: None,
-            metrics: Arc::default(),
-            refusals: tokio::sync::broadcast::channel(SUBSCRIBED_BACKLOG).0,
+            settings: Settings {
+                http_addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
+                socks_addr: None,
+                socks_udp: true,
+                credentials: None,
+                allow_non_loopback: false,
+                force_loopback: false,
+                policy: PolicyHandle::default(),
+                resolver: Arc::new(SystemResolver),
+                resolve_timeout: Duration::from_secs(5),
+                upstream: None,
+                crypto: Arc::new(rustls::crypto::ring::default_provider()),
+                mitm: None,
+                leaf_cache_size: DEFAULT_LEAF_CACHE_SIZE,
+                upstream_roots: Vec::new(),
+                violations: ViolationLogLayer::default(),
+                approval: None,
+                rules: None,
+                own: OwnListeners::default(),
+                limits: Limits::default(),
+                all_proxy_socks: false,
+                fixes: Fixes::Keys,
+                metrics_addr: None,
+                metrics: Arc::default(),
+                refusals: tokio::sync::broadcast::channel(SUBSCRIBED_BACKLOG).0,
+            },
             outer: Identity::new(),
             inner: Identity::new(),
         }
@@ -185,19 +192,19 @@ impl Proxy {
 impl<O, I> ProxyBuilder<O, I> {
     /// The HTTP listener address (port 0: ephemeral).
     pub fn http_addr(mut self, address: SocketAddr) -> ProxyBuilder<O, I> {
-        self.http_addr = address;
+        self.settings.http_addr = address;
         self
     }
 
     /// Serves SOCKS5 on this address (port 0: ephemeral); `None` turns it off.
     pub fn socks_addr(mut self, address: Option<SocketAddr>) -> ProxyBuilder<O, I> {
-        self.socks_addr = address;
+        self.settings.socks_addr = address;
         self
     }
 
     /// Whether SOCKS5 UDP ASSOCIATE is served (default: yes).
     pub fn socks_udp(mut self, enabled: bool) -> ProxyBuilder<O, I> {
-        self.socks_udp = enabled;
+        self.settings.socks_udp = enabled;
         self
     }
 
@@ -210,7 +217,7 @@ impl<O, I> ProxyBuilder<O, I> {
         username: impl Into<String>,
         password: impl Into<String>,
     ) -> ProxyBuilder<O, I> {
-        self.credentials = Some(Credentials {
+        self.settings.credentials = Some(Credentials {
             username: username.into(),
             password: password.into(),
         });
@@ -220,44 +227,45 @@ impl<O, I> ProxyBuilder<O, I> {
     /// Allows binding non-loopback addresses (otherwise they are clamped to
     /// 127.0.0.1 with a warning).
     pub fn dangerously_allow_non_loopback(mut self, allow: bool) -> ProxyBuilder<O, I> {
-        self.allow_non_loopback = allow;
+        self.settings.allow_non_loopback = allow;
         self
     }
 
     /// Forces loopback listeners whatever else is set (any Unix socket
     /// permission does this).
     pub fn force_loopback(mut self, force: bool) -> ProxyBuilder<O, I> {
-        self.force_loopback = force;
+        self.settings.force_loopback = force;
         self
     }
 
     /// The live policy.
     pub fn policy(mut self, policy: PolicyHandle) -> ProxyBuilder<O, I> {
-        self.policy = policy;
+        self.settings.policy = policy;
         self
     }
 
     /// The resolver the connector uses.
     pub fn resolver(mut self, resolver: Arc<dyn Resolve>) -> ProxyBuilder<O, I> {
-        self.resolver = resolver;
+        self.settings.resolver = resolver;
         self
     }
 
     /// How long a name lookup may take (default 5 s).
     pub fn resolve_timeout(mut self, timeout: Duration) -> ProxyBuilder<O, I> {
-        self.resolve_timeout = timeout;
+        self.settings.resolve_timeout = timeout;
         self
     }
 
-    /// How long a connect may take (default 10 s).
+    /// How long a connect may take (default 10 s): [`Limits::connect_timeout`]
+    /// (a later [`limits`](Self::limits) replaces it).
     pub fn connect_timeout(mut self, timeout: Duration) -> ProxyBuilder<O, I> {
-        self.connect_timeout = timeout;
+        self.settings.limits.connect_timeout = timeout;
         self
     }
 
     /// Chains through these upstream proxies.
     pub fn upstream(mut self, upstream: Option<UpstreamProxies>) -> ProxyBuilder<O, I> {
-        self.upstream = upstream.map(Arc::new);
+        self.settings.upstream = upstream.map(Arc::new);
         self
     }
 
@@ -268,7 +276,7 @@ impl<O, I> ProxyBuilder<O, I> {
         mut self,
         provider: Arc<rustls::crypto::CryptoProvider>,
     ) -> ProxyBuilder<O, I> {
-        self.crypto = provider;
+        self.settings.crypto = provider;
         self
     }
 
@@ -276,46 +284,46 @@ impl<O, I> ProxyBuilder<O, I> {
     /// request inside an allowed `CONNECT` goes through the stack as
     /// `https_mitm`. Full mode never intercepts.
     pub fn mitm(mut self, ca: Option<Arc<CertificateAuthority>>) -> ProxyBuilder<O, I> {
-        self.mitm = ca;
+        self.settings.mitm = ca;
         self
     }
 
     /// How many hosts' interception leaves are kept (default 1024).
     pub fn leaf_cache_size(mut self, size: usize) -> ProxyBuilder<O, I> {
-        self.leaf_cache_size = size;
+        self.settings.leaf_cache_size = size;
         self
     }
 
     /// Also trusts these CA certificates for TLS to origins (beside the
     /// system's roots, which honour `SSL_CERT_FILE` and `SSL_CERT_DIR`).
     pub fn upstream_roots(mut self, roots: Vec<CertificateDer<'static>>) -> ProxyBuilder<O, I> {
-        self.upstream_roots = roots;
+        self.settings.upstream_roots = roots;
         self
     }
 
     /// How refusals name their fix: config keys (the default), flags, or
     /// keys in a named file; see [`Fixes`].
     pub fn refusal_fixes(mut self, fixes: Fixes) -> ProxyBuilder<O, I> {
-        self.fixes = fixes;
+        self.settings.fixes = fixes;
         self
     }
 
     /// How this proxy words refusals (see [`refusal_fixes`](Self::refusal_fixes)).
     pub fn fixes(&self) -> &Fixes {
-        &self.fixes
+        &self.settings.fixes
     }
 
     /// Serves the Prometheus metrics at `GET /metrics` on this loopback
     /// address (port 0 for an ephemeral one); off by default. See
     /// [`ProxyHandle::metrics_addr`].
     pub fn metrics_addr(mut self, address: Option<SocketAddr>) -> ProxyBuilder<O, I> {
-        self.metrics_addr = address;
+        self.settings.metrics_addr = address;
         self
     }
 
     /// Records violations with this layer.
     pub fn violations(mut self, violations: ViolationLogLayer) -> ProxyBuilder<O, I> {
-        self.violations = violations;
+        self.settings.violations = violations;
         self
     }
 
@@ -336,14 +344,15 @@ impl<O, I> ProxyBuilder<O, I> {
                 .map_err(Into::into)
                 .service(approver),
         );
-        self.approval = Some(ApprovalWaitLayer::new(approver, timeout));
+        self.settings.approval = Some(ApprovalWaitLayer::new(approver, timeout));
         self
     }
 
     /// Bounds the questions: at most `max_pending` wait at once, at most
     /// `max_session` keys are remembered (defaults 64 and 4096).
     pub fn approval_limits(mut self, max_pending: usize, max_session: usize) -> ProxyBuilder<O, I> {
-        self.approval = self
+        self.settings.approval = self
+            .settings
             .approval
             .map(|layer| layer.max_pending(max_pending).max_session(max_session));
         self
@@ -353,20 +362,20 @@ impl<O, I> ProxyBuilder<O, I> {
     /// when it answers *always*. They answer only with an approver; `check`
     /// reads them too.
     pub fn rules(mut self, rules: Arc<dyn RuleBook>) -> ProxyBuilder<O, I> {
-        self.rules = Some(rules);
+        self.settings.rules = Some(rules);
         self
     }
 
     /// The bounds the transports keep (head size, timeouts); see [`Limits`].
     pub fn limits(mut self, limits: Limits) -> ProxyBuilder<O, I> {
-        self.limits = limits;
+        self.settings.limits = limits;
         self
     }
 
     /// Whether the child's `ALL_PROXY` is the SOCKS5 URL (codex's choice)
     /// instead of the HTTP one (the default; see [`crate::env`]).
     pub fn all_proxy_socks(mut self, socks: bool) -> ProxyBuilder<O, I> {
-        self.all_proxy_socks = socks;
+        self.settings.all_proxy_socks = socks;
         self
     }
 
@@ -387,31 +396,7 @@ impl<O, I> ProxyBuilder<O, I> {
     fn map_layers<O2, I2>(self, f: impl FnOnce(O, I) -> (O2, I2)) -> ProxyBuilder<O2, I2> {
         let (outer, inner) = f(self.outer, self.inner);
         ProxyBuilder {
-            http_addr: self.http_addr,
-            socks_addr: self.socks_addr,
-            socks_udp: self.socks_udp,
-            credentials: self.credentials,
-            allow_non_loopback: self.allow_non_loopback,
-            force_loopback: self.force_loopback,
-            policy: self.policy,
-            resolver: self.resolver,
-            resolve_timeout: self.resolve_timeout,
-            connect_timeout: self.connect_timeout,
-            upstream: self.upstream,
-            crypto: self.crypto,
-            mitm: self.mitm,
-            leaf_cache_size: self.leaf_cache_size,
-            upstream_roots: self.upstream_roots,
-            violations: self.violations,
-            approval: self.approval,
-            rules: self.rules,
-            own: self.own,
-            limits: self.limits,
-            all_proxy_socks: self.all_proxy_socks,
-            fixes: self.fixes,
-            metrics_addr: self.metrics_addr,
-            metrics: self.metrics,
-            refusals: self.refusals,
+            settings: self.settings,
             outer,
             inner,
         }
@@ -419,10 +404,10 @@ impl<O, I> ProxyBuilder<O, I> {
 
     fn clamp(&self, address: SocketAddr, what: &str) -> SocketAddr {
         let loopback = address.ip().is_loopback();
-        if loopback || (self.allow_non_loopback && !self.force_loopback) {
+        if loopback || (self.settings.allow_non_loopback && !self.settings.force_loopback) {
             return address;
         }
-        let reason = if self.force_loopback {
+        let reason = if self.settings.force_loopback {
             "unix socket forwarding is allowed"
         } else {
             "dangerously_allow_non_loopback_proxy is off"
@@ -433,21 +418,21 @@ impl<O, I> ProxyBuilder<O, I> {
 
     fn dialer(&self) -> Dialer {
         Dialer::new(
-            self.policy.clone(),
-            self.resolver.clone(),
-            self.resolve_timeout,
-            self.connect_timeout,
-            self.own.clone(),
-            self.fixes.clone(),
+            self.settings.policy.clone(),
+            self.settings.resolver.clone(),
+            self.settings.resolve_timeout,
+            self.settings.limits.connect_timeout,
+            self.settings.own.clone(),
+            self.settings.fixes.clone(),
         )
     }
 
     /// The violation log: counted per reason, published to subscribers,
     /// each record worded for `fixes`.
     fn violation_layer(&self) -> ViolationLogLayer {
-        let layer = self.violations.clone();
-        let metrics = self.metrics.clone();
-        let refusals = self.refusals.clone();
+        let layer = self.settings.violations.clone();
+        let metrics = self.settings.metrics.clone();
+        let refusals = self.settings.refusals.clone();
         let layer = layer.with_sink(move |violation: &portcullis_middleware::Violation| {
             metrics.refused(violation.blocked.reason.as_str());
             // Copied only when someone listens.
@@ -455,10 +440,10 @@ impl<O, I> ProxyBuilder<O, I> {
                 let _ = refusals.send(violation.clone());
             }
         });
-        match self.fixes {
+        match self.settings.fixes {
             Fixes::Keys => layer,
             _ => {
-                let fixes = self.fixes.clone();
+                let fixes = self.settings.fixes.clone();
                 layer.wording(move |blocked| fixes.rephrase(blocked))
             }
         }
@@ -485,10 +470,10 @@ where
         approval: ApprovalWaitLayer<BoxApprover>,
         violations: ViolationLogLayer,
     ) -> ProxyService {
-        let stack = DefaultStack::new(self.policy.clone())
+        let stack = DefaultStack::new(self.settings.policy.clone())
             .violations(violations)
             .approval_layer(approval)
-            .ask_on_miss(self.approval.is_some())
+            .ask_on_miss(self.settings.approval.is_some())
             .layers(self.outer.clone(), self.inner.clone());
         // Credentials never show in a log or trace of a request.
         let sensitive = [
@@ -501,7 +486,7 @@ where
         let logged = tower::ServiceBuilder::new()
             .map_response(|response: Response<_>| response.map(crate::body::boxed))
             .layer(crate::access_log::AccessLogLayer::counting(
-                self.metrics.clone(),
+                self.settings.metrics.clone(),
             ))
             .service(stack.layer(connector));
         ProxyService::new(SetSensitiveRequestHeaders::new(logged, sensitive))
@@ -513,9 +498,10 @@ where
     /// of its own; a way in of your own gets the live one from
     /// [`ProxyHandle::ingress`].
     fn build_service(&self) -> Result<ProxyService, StartError> {
-        let provider = self.crypto.clone();
+        let provider = self.settings.crypto.clone();
         let mut roots = rustls::RootCertStore::empty();
-        let (added, ignored) = roots.add_parsable_certificates(self.upstream_roots.clone());
+        let (added, ignored) =
+            roots.add_parsable_certificates(self.settings.upstream_roots.clone());
         if ignored > 0 {
             tracing::warn!(
                 added,
@@ -537,12 +523,13 @@ where
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        let connector = Connector::new(self.dialer(), tls, self.upstream.clone());
+        let connector = Connector::new(self.dialer(), tls, self.settings.upstream.clone());
         let approval = self
+            .settings
             .approval
             .clone()
             .unwrap_or_else(ApprovalWaitLayer::without_approver);
-        let approval = match &self.rules {
+        let approval = match &self.settings.rules {
             Some(rules) => approval.rules(rules.clone()),
             None => approval,
         };
@@ -557,7 +544,7 @@ where
     /// but not recorded in the configured ring or files. `portcullis check`
     /// is built on this.
     pub fn decision_service(&self) -> ProxyService {
-        let approval = match (&self.rules, self.approval.is_some()) {
+        let approval = match (&self.settings.rules, self.settings.approval.is_some()) {
             (Some(rules), true) => ApprovalWaitLayer::without_approver().rules(rules.clone()),
             _ => ApprovalWaitLayer::without_approver(),
         };
@@ -570,7 +557,7 @@ where
 
     /// Binds the listeners (before anything else starts), then serves them.
     pub async fn start(mut self) -> Result<ProxyHandle, StartError> {
-        let http_addr = self.clamp(self.http_addr, "HTTP");
+        let http_addr = self.clamp(self.settings.http_addr, "HTTP");
         let http = TcpListener::bind(http_addr)
             .await
             .map_err(|source| StartError::Bind {
@@ -578,7 +565,7 @@ where
                 address: http_addr,
                 source,
             })?;
-        let socks = match self.socks_addr {
+        let socks = match self.settings.socks_addr {
             Some(address) => {
                 let address = self.clamp(address, "SOCKS5");
                 Some(
@@ -593,7 +580,7 @@ where
             }
             None => None,
         };
-        let metrics = match self.metrics_addr {
+        let metrics = match self.settings.metrics_addr {
             Some(address) => {
                 let address =
                     crate::metrics::check_address(address).map_err(StartError::Metrics)?;
@@ -618,24 +605,24 @@ where
             .chain(socks_addr)
             .chain(metrics_addr)
             .collect();
-        self.own = OwnListeners::new(&listening);
+        self.settings.own = OwnListeners::new(&listening);
         let service = self.build_service()?;
-        let ca_files = match &self.mitm {
+        let ca_files = match &self.settings.mitm {
             Some(ca) => Some(transport::mitm::trust_files(ca)?),
             None => None,
         };
-        let interceptor = self.mitm.clone().map(|ca| {
+        let interceptor = self.settings.mitm.clone().map(|ca| {
             Arc::new(Interceptor::new(
                 ca,
-                self.crypto.clone(),
-                self.leaf_cache_size,
+                self.settings.crypto.clone(),
+                self.settings.leaf_cache_size,
             ))
         });
         let shutdown = Shutdown::new();
         if let Some(listener) = metrics {
             {
                 // The layer holds the approver, which is Send but not Sync.
-                let approval = std::sync::Mutex::new(self.approval.clone());
+                let approval = std::sync::Mutex::new(self.settings.approval.clone());
                 let pending = Arc::new(move || {
                     approval
                         .lock()
@@ -645,7 +632,7 @@ where
                 });
                 tokio::spawn(crate::metrics::serve(
                     listener,
-                    self.metrics.clone(),
+                    self.settings.metrics.clone(),
                     pending,
                     {
                         let mut signal = shutdown.signal();
@@ -654,14 +641,14 @@ where
                 ));
             }
         }
-        let credentials = LiveCredentials::new(self.credentials.clone());
+        let credentials = LiveCredentials::new(self.settings.credentials.clone());
         let settings = transport::http1::Settings {
             interceptor,
-            own: self.own.clone(),
-            limits: self.limits,
+            own: self.settings.own.clone(),
+            limits: self.settings.limits,
             credentials: credentials.clone(),
-            metrics: self.metrics.clone(),
-            fixes: self.fixes.clone(),
+            metrics: self.settings.metrics.clone(),
+            fixes: self.settings.fixes.clone(),
         };
         let ingress_service = service.clone();
         tokio::spawn(transport::http1::serve(
@@ -673,12 +660,12 @@ where
         ));
         if let Some(socks) = socks {
             let settings = transport::socks5::Settings {
-                udp: self.socks_udp,
-                policy_generation: self.policy.generation_counter(),
-                limits: self.limits,
+                udp: self.settings.socks_udp,
+                policy_generation: self.settings.policy.generation_counter(),
+                limits: self.settings.limits,
                 credentials: credentials.clone(),
                 udp_budget: Arc::default(),
-                metrics: self.metrics.clone(),
+                metrics: self.settings.metrics.clone(),
             };
             tokio::spawn(transport::socks5::serve(
                 socks,
@@ -694,15 +681,15 @@ where
             socks_addr,
             metrics_addr,
             shutdown,
-            violations: self.violations.ring().clone(),
-            policy: self.policy,
+            violations: self.settings.violations.ring().clone(),
+            policy: self.settings.policy,
             ca_files,
             credentials,
-            all_proxy_socks: self.all_proxy_socks,
+            all_proxy_socks: self.settings.all_proxy_socks,
             service: ingress_service,
-            refusals: self.refusals.clone(),
-            limits: self.limits,
-            metrics: self.metrics.clone(),
+            refusals: self.settings.refusals.clone(),
+            limits: self.settings.limits,
+            metrics: self.settings.metrics.clone(),
         })
     }
 }

@@ -33,9 +33,7 @@ pub fn from_config(
     Ok(match approval.mode {
         ApprovalMode::Deny => None,
         ApprovalMode::Prompt => Some((
-            BoxApprover::new(prompt::PromptApprover::new(
-                config.approval_timeout(origin)?,
-            )),
+            BoxApprover::new(prompt::PromptApprover::new(config.approval.timeout)),
             "the prompt on this terminal".to_owned(),
         )),
         ApprovalMode::Command => {

@@ -168,7 +168,6 @@ impl Loaded {
         if upstream.is_some() {
             announce_upstream();
         }
-        let (limits, connect_timeout) = config.limits(origin)?;
         let fixes = match &self.file {
             Some(file) => crate::hints::Fixes::File(file.clone()),
             None => crate::hints::Fixes::Flags,
@@ -183,11 +182,10 @@ impl Loaded {
             .force_loopback(config.grants_unix_sockets())
             .policy(PolicyHandle::new(policy))
             .resolver(Arc::new(resolver))
-            .resolve_timeout(config.dns_timeout(origin)?)
+            .resolve_timeout(config.dns.timeout)
             .upstream(upstream)
             .upstream_roots(config.upstream_roots(origin)?)
-            .limits(limits)
-            .connect_timeout(connect_timeout)
+            .limits(config.limits)
             .all_proxy_socks(config.network.all_proxy == crate::config::AllProxy::Socks5h)
             .leaf_cache_size(config.mitm.leaf_cache_size)
             .violations(violations);
@@ -205,7 +203,7 @@ impl Loaded {
                     message: e.to_string(),
                 })?;
                 let builder = builder
-                    .approver(approver, config.approval_timeout(origin)?)
+                    .approver(approver, config.approval.timeout)
                     .approval_limits(config.approval.max_pending, config.approval.max_session)
                     .rules(Arc::new(rules.clone()));
                 (builder, Some(rules), Some(name))

@@ -12,7 +12,7 @@ pub(super) async fn serve(args: ServeArgs) -> ExitCode {
     options.warn_allow_everything();
     let deadline = match options
         .load()
-        .and_then(|loaded| loaded.config.shutdown_deadline(&loaded.origin))
+        .map(|loaded| loaded.config.limits.shutdown_deadline)
     {
         Ok(deadline) => deadline,
         Err(error) => return usage_error(&error),

@@ -41,18 +41,24 @@ use portcullis_middleware::BoxError;
 use crate::body::Body;
 
 /// The bounds every transport keeps. Defaults are generous for people and
-/// tight for abuse; `[limits]` in the config changes them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// tight for abuse. This is the config's `[limits]` table itself: it is
+/// deserialized straight from the file (seconds as durations, each checked
+/// as it is read), and its defaults are written here only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 #[non_exhaustive]
 pub struct Limits {
     /// How long a client may take to send a request head (HTTP/1).
+    #[serde(with = "crate::units::positive_seconds")]
     pub header_read_timeout: Duration,
     /// The largest request head read (HTTP/1; at least 8 KiB).
+    #[serde(with = "crate::units::head_bytes")]
     pub max_header_bytes: usize,
     /// The most headers a request may have (HTTP/1).
     pub max_headers: usize,
     /// How long a request body may go without a byte before the request is
     /// refused (400).
+    #[serde(with = "crate::units::positive_seconds")]
     pub body_idle_timeout: Duration,
     /// The slowest average a request body may keep, in bytes a second,
     /// after its first `body_idle_timeout` (mod_reqtimeout's `MinRate`);
@@ -60,7 +66,11 @@ pub struct Limits {
     pub body_min_rate: u64,
     /// How long a tunnel (CONNECT, SOCKS5) may go with no byte either way
     /// before it is closed.
+    #[serde(with = "crate::units::positive_seconds")]
     pub tunnel_idle_timeout: Duration,
+    /// How long a connection to an origin or an upstream proxy may take.
+    #[serde(with = "crate::units::positive_seconds")]
+    pub connect_timeout: Duration,
     /// The most client connections served at once, per listener; past it a
     /// new client is refused at once (HTTP 503, SOCKS5 0x01) and the log
     /// says so, well before the process runs out of file descriptors.
@@ -71,6 +81,11 @@ pub struct Limits {
     /// The most SOCKS5 UDP associations one client address may hold at
     /// once; past it, reply 0x01.
     pub max_udp_associations_per_client: usize,
+    /// How long `serve` waits, on SIGTERM or SIGINT, for open connections
+    /// and tunnels before cutting them (0: at once). A library user passes
+    /// its own deadline to `ProxyHandle::shutdown`.
+    #[serde(with = "crate::units::seconds_or_zero")]
+    pub shutdown_deadline: Duration,
 }
 
 impl Default for Limits {
@@ -82,9 +97,11 @@ impl Default for Limits {
             body_idle_timeout: Duration::from_secs(60),
             body_min_rate: 512,
             tunnel_idle_timeout: Duration::from_secs(300),
+            connect_timeout: Duration::from_secs(10),
             max_connections: 4096,
             max_udp_associations: 1024,
             max_udp_associations_per_client: 64,
+            shutdown_deadline: Duration::from_secs(10),
         }
     }
 }
@@ -98,7 +115,19 @@ impl Limits {
 
     /// Sets the largest request head (raised to 8 KiB if smaller).
     pub fn max_header_bytes(mut self, bytes: usize) -> Limits {
-        self.max_header_bytes = bytes.max(8 * 1024);
+        self.max_header_bytes = bytes.max(crate::units::head_bytes::LEAST);
+        self
+    }
+
+    /// Sets how long a connection to an origin or upstream may take.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Limits {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Sets how long `serve` waits for open connections at shutdown.
+    pub fn shutdown_deadline(mut self, deadline: Duration) -> Limits {
+        self.shutdown_deadline = deadline;
         self
     }
 
