@@ -61,32 +61,8 @@ pub struct RunConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
     /// `IP:PORT` on loopback, e.g. `127.0.0.1:9464`.
-    pub listen: Option<String>,
-}
-
-impl MetricsConfig {
-    /// The listen address, checked: loopback only.
-    pub fn address(&self, origin: &str) -> Result<Option<SocketAddr>, ConfigError> {
-        let Some(listen) = &self.listen else {
-            return Ok(None);
-        };
-        let invalid = |message: String| ConfigError::Invalid {
-            key: "metrics.listen".into(),
-            origin: origin.to_owned(),
-            message,
-        };
-        let address: SocketAddr = listen.parse().map_err(|_| {
-            invalid(format!(
-                "{listen:?} is not IP:PORT (for example 127.0.0.1:9464)"
-            ))
-        })?;
-        if !address.ip().is_loopback() {
-            return Err(invalid(format!(
-                "{address} is not a loopback address: metrics are served on loopback only"
-            )));
-        }
-        Ok(Some(address))
-    }
+    #[serde(with = "crate::units::loopback_listen")]
+    pub listen: Option<SocketAddr>,
 }
 
 /// `[auth]`: when both are set, every client must present them (HTTP
@@ -228,9 +204,11 @@ pub struct NetworkConfig {
     /// Whether the proxy runs at all.
     pub enabled: bool,
     /// The HTTP listener, `http://127.0.0.1:3128` (port 0: ephemeral).
-    pub proxy_url: String,
+    #[serde(with = "crate::units::http_listen")]
+    pub proxy_url: SocketAddr,
     /// The SOCKS5 listener, `socks5://127.0.0.1:8081`.
-    pub socks_url: String,
+    #[serde(with = "crate::units::socks_listen")]
+    pub socks_url: SocketAddr,
     /// Serve SOCKS5.
     pub enable_socks5: bool,
     /// Serve SOCKS5 UDP ASSOCIATE.
@@ -281,8 +259,8 @@ impl Default for NetworkConfig {
     fn default() -> NetworkConfig {
         NetworkConfig {
             enabled: true,
-            proxy_url: "http://127.0.0.1:3128".to_owned(),
-            socks_url: "socks5://127.0.0.1:8081".to_owned(),
+            proxy_url: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 3128),
+            socks_url: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8081),
             enable_socks5: true,
             enable_socks5_udp: true,
             allow_upstream_proxy: true,
@@ -344,7 +322,7 @@ pub struct DnsConfig {
     #[serde(with = "crate::units::lookup_seconds")]
     pub timeout: Duration,
     /// Static answers, like curl's `--resolve`: `{ "name.test" = ["127.0.0.1"] }`.
-    pub hosts: BTreeMap<String, Vec<String>>,
+    pub hosts: BTreeMap<String, Vec<IpAddr>>,
 }
 
 impl Default for DnsConfig {
@@ -620,26 +598,6 @@ impl Config {
             || !network.unix_sockets.is_empty()
     }
 
-    /// The HTTP listener address.
-    pub fn http_addr(&self, origin: &str) -> Result<SocketAddr, ConfigError> {
-        listener_addr(
-            &self.network.proxy_url,
-            &["http"],
-            "network.proxy_url",
-            origin,
-        )
-    }
-
-    /// The SOCKS5 listener address.
-    pub fn socks_addr(&self, origin: &str) -> Result<SocketAddr, ConfigError> {
-        listener_addr(
-            &self.network.socks_url,
-            &["socks5", "socks5h", "http"],
-            "network.socks_url",
-            origin,
-        )
-    }
-
     /// The static DNS answers.
     pub fn dns_hosts(&self, origin: &str) -> Result<HashMap<String, Vec<IpAddr>>, ConfigError> {
         let mut hosts = HashMap::new();
@@ -651,54 +609,10 @@ impl Config {
                     origin: origin.to_owned(),
                     message: e.to_string(),
                 })?;
-            let mut parsed = Vec::new();
-            for address in addresses {
-                let ip: IpAddr = address.parse().map_err(|_| ConfigError::Invalid {
-                    key: key.clone(),
-                    origin: origin.to_owned(),
-                    message: format!("{address:?} is not an IP address"),
-                })?;
-                parsed.push(ip);
-            }
-            hosts.insert(host.to_string(), parsed);
+            hosts.insert(host.to_string(), addresses.clone());
         }
         Ok(hosts)
     }
-}
-
-/// Parses `scheme://ip:port`, `ip:port` or `localhost:port`.
-fn listener_addr(
-    url: &str,
-    schemes: &[&str],
-    key: &str,
-    origin: &str,
-) -> Result<SocketAddr, ConfigError> {
-    let invalid = |message: String| ConfigError::Invalid {
-        key: key.to_owned(),
-        origin: origin.to_owned(),
-        message,
-    };
-    let rest = match url.split_once("://") {
-        Some((scheme, rest)) if schemes.contains(&scheme) => rest,
-        Some((scheme, _)) => {
-            return Err(invalid(format!(
-                "scheme {scheme:?} is not one of {schemes:?}"
-            )))
-        }
-        None => url,
-    };
-    let rest = rest.trim_end_matches('/');
-    if let Some(port) = rest.strip_prefix("localhost:") {
-        let port: u16 = port
-            .parse()
-            .map_err(|_| invalid(format!("{url:?} has no valid port")))?;
-        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
-    }
-    rest.parse().map_err(|_| {
-        invalid(format!(
-            "{url:?} is not IP:PORT (for example http://127.0.0.1:3128)"
-        ))
-    })
 }
 
 #[cfg(test)]
@@ -763,8 +677,20 @@ mod tests {
             load_error("[approval]\ntimeout = 0\n"),
             "FILE: approval.timeout must be a positive number of seconds, not signed int `0`"
         );
-        let config =
-            Config::from_toml("[limits]\nshutdown_deadline = 0\nconnect_timeout = 2.5\n").unwrap();
+        assert_eq!(
+            load_error("[network]\nsocks_url = \"ftp://127.0.0.1:1\"\n"),
+            "FILE: network.socks_url must be IP:PORT or socks5|socks5h|http://IP:PORT, not string \"ftp://127.0.0.1:1\""
+        );
+        assert_eq!(
+            load_error("[metrics]\nlisten = \"0.0.0.0:9464\"\n"),
+            "FILE: metrics.listen must be a loopback IP:PORT (for example 127.0.0.1:9464), not string \"0.0.0.0:9464\""
+        );
+        let config = Config::from_toml(
+            "[network]\nproxy_url = \"localhost:0\"\nsocks_url = \"127.0.0.1:9\"\n[limits]\nshutdown_deadline = 0\nconnect_timeout = 2.5\n",
+        )
+        .unwrap();
+        assert_eq!(config.network.proxy_url, "127.0.0.1:0".parse().unwrap());
+        assert_eq!(config.network.socks_url, "127.0.0.1:9".parse().unwrap());
         assert_eq!(config.limits.shutdown_deadline, Duration::ZERO);
         assert_eq!(config.limits.connect_timeout, Duration::from_millis(2500));
         assert_eq!(
@@ -778,8 +704,8 @@ mod tests {
         let config = Config::default();
         let expected = NetworkConfig {
             enabled: true,
-            proxy_url: "http://127.0.0.1:3128".into(),
-            socks_url: "socks5://127.0.0.1:8081".into(),
+            proxy_url: "127.0.0.1:3128".parse().unwrap(),
+            socks_url: "127.0.0.1:8081".parse().unwrap(),
             enable_socks5: true,
             enable_socks5_udp: true,
             allow_upstream_proxy: true,
@@ -809,14 +735,6 @@ mod tests {
             LogConfig {
                 violations_file: None
             }
-        );
-        assert_eq!(
-            config.http_addr("defaults").unwrap(),
-            "127.0.0.1:3128".parse().unwrap()
-        );
-        assert_eq!(
-            config.socks_addr("defaults").unwrap(),
-            "127.0.0.1:8081".parse().unwrap()
         );
         assert_eq!(Config::from_toml("").unwrap(), config);
     }
@@ -879,12 +797,9 @@ mod tests {
             .contains("network.allowed_domains[0]"));
         let missing = Config::load(Some(Path::new("/nonexistent/portcullis.toml"))).unwrap_err();
         assert!(missing.to_string().contains("does not exist"));
-        let config =
-            Config::from_toml("[network]\nproxy_url = \"http://example.com:80\"\n").unwrap();
-        assert!(config
-            .http_addr("f")
+        let error = Config::from_toml("[network]\nproxy_url = \"http://example.com:80\"\n")
             .unwrap_err()
-            .to_string()
-            .contains("network.proxy_url"));
+            .to_string();
+        assert!(error.contains("network.proxy_url"), "{error}");
     }
 }

@@ -4,6 +4,7 @@
 //! code downstream sees an `f64`.
 
 use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use serde::de::{self, Unexpected, Visitor};
@@ -135,6 +136,124 @@ pub(crate) mod head_bytes {
         Ok(bytes)
     }
 }
+
+/// Parses a listener address: `scheme://IP:PORT` (one of `schemes`),
+/// `IP:PORT` or `localhost:PORT`. The same parse reads the config file and
+/// the `--http`/`--socks` flags.
+pub(crate) fn listen_address(text: &str, schemes: &[&str]) -> Result<SocketAddr, String> {
+    let rest = match text.split_once("://") {
+        Some((scheme, rest)) if schemes.contains(&scheme) => rest,
+        Some((scheme, _)) => return Err(format!("scheme {scheme:?} is not one of {schemes:?}")),
+        None => text,
+    };
+    let rest = rest.trim_end_matches('/');
+    if let Some(port) = rest.strip_prefix("localhost:") {
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("{text:?} has no valid port"))?;
+        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+    }
+    rest.parse()
+        .map_err(|_| format!("{text:?} is not IP:PORT (for example 127.0.0.1:3128)"))
+}
+
+struct ListenVisitor {
+    schemes: &'static [&'static str],
+    loopback_only: bool,
+}
+
+impl Visitor<'_> for ListenVisitor {
+    type Value = SocketAddr;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.loopback_only {
+            f.write_str("a loopback IP:PORT (for example 127.0.0.1:9464)")
+        } else {
+            write!(f, "IP:PORT or {}://IP:PORT", self.schemes.join("|"))
+        }
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<SocketAddr, E> {
+        let address = listen_address(text, self.schemes)
+            .map_err(|_| E::invalid_value(Unexpected::Str(text), &self))?;
+        if self.loopback_only && !address.ip().is_loopback() {
+            return Err(E::invalid_value(Unexpected::Str(text), &self));
+        }
+        Ok(address)
+    }
+}
+
+/// `network.proxy_url`: `http://IP:PORT` or `IP:PORT`.
+pub(crate) mod http_listen {
+    pub(crate) fn serialize<S: serde::Serializer>(
+        address: &std::net::SocketAddr,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&format_args!("http://{address}"))
+    }
+
+    pub(crate) fn deserialize<'de, D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<std::net::SocketAddr, D::Error> {
+        deserializer.deserialize_str(super::ListenVisitor {
+            schemes: super::HTTP_SCHEMES,
+            loopback_only: false,
+        })
+    }
+}
+
+/// `network.socks_url`: `socks5://IP:PORT` (or `socks5h`, `http`) or `IP:PORT`.
+pub(crate) mod socks_listen {
+    pub(crate) fn serialize<S: serde::Serializer>(
+        address: &std::net::SocketAddr,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&format_args!("socks5://{address}"))
+    }
+
+    pub(crate) fn deserialize<'de, D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<std::net::SocketAddr, D::Error> {
+        deserializer.deserialize_str(super::ListenVisitor {
+            schemes: super::SOCKS_SCHEMES,
+            loopback_only: false,
+        })
+    }
+}
+
+/// `metrics.listen`: a loopback `IP:PORT`, or absent.
+pub(crate) mod loopback_listen {
+    pub(crate) fn serialize<S: serde::Serializer>(
+        address: &Option<std::net::SocketAddr>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match address {
+            Some(address) => serializer.collect_str(address),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    pub(crate) fn deserialize<'de, D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<std::net::SocketAddr>, D::Error> {
+        use serde::de::Visitor;
+        use serde::Deserialize;
+        match Option::<String>::deserialize(deserializer)? {
+            Some(text) => super::ListenVisitor {
+                schemes: &[],
+                loopback_only: true,
+            }
+            .visit_str(&text)
+            .map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+/// The schemes `network.proxy_url` and `--http` may name.
+pub(crate) const HTTP_SCHEMES: &[&str] = &["http"];
+/// The schemes `network.socks_url` and `--socks` may name.
+pub(crate) const SOCKS_SCHEMES: &[&str] = &["socks5", "socks5h", "http"];
 
 #[cfg(test)]
 mod tests {

@@ -1,6 +1,7 @@
 //! The command line's shape: clap types, nothing else.
 
 use std::ffi::OsString;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -43,11 +44,11 @@ pub struct Options {
     #[arg(long, value_name = "FILE", env = "PORTCULLIS_CONFIG")]
     pub(super) config: Option<PathBuf>,
     /// HTTP listener address (IP:PORT; port 0 for an ephemeral port).
-    #[arg(long, value_name = "ADDR")]
-    pub(super) http: Option<String>,
+    #[arg(long, value_name = "ADDR", value_parser = http_listen)]
+    pub(super) http: Option<SocketAddr>,
     /// SOCKS5 listener address (IP:PORT).
-    #[arg(long, value_name = "ADDR")]
-    pub(super) socks: Option<String>,
+    #[arg(long, value_name = "ADDR", value_parser = socks_listen)]
+    pub(super) socks: Option<SocketAddr>,
     /// Do not serve SOCKS5.
     #[arg(long, conflicts_with = "socks")]
     pub(super) no_socks: bool,
@@ -147,4 +148,14 @@ pub(super) struct CheckArgs {
     /// URLs (http://host/…, https://host/…) or host:port, one or more.
     #[arg(required = true, value_name = "TARGET")]
     pub(super) targets: Vec<String>,
+}
+
+/// `--http`: read as `network.proxy_url` is.
+fn http_listen(text: &str) -> Result<SocketAddr, String> {
+    crate::units::listen_address(text, crate::units::HTTP_SCHEMES)
+}
+
+/// `--socks`: read as `network.socks_url` is.
+fn socks_listen(text: &str) -> Result<SocketAddr, String> {
+    crate::units::listen_address(text, crate::units::SOCKS_SCHEMES)
 }

@@ -48,18 +48,16 @@ impl Options {
             None => "defaults, environment and flags".to_owned(),
         };
         let network = &mut config.network;
-        if let Some(http) = &self.http {
-            network.proxy_url = http.clone();
+        if let Some(http) = self.http {
+            network.proxy_url = http;
             // An ephemeral HTTP port with no SOCKS address asked for: SOCKS
             // is ephemeral too, so a second instance does not collide on 8081.
-            if let (Ok(address), None) = (http.parse::<SocketAddr>(), &self.socks) {
-                if address.port() == 0 {
-                    network.socks_url = format!("socks5://{}", SocketAddr::new(address.ip(), 0));
-                }
+            if http.port() == 0 && self.socks.is_none() {
+                network.socks_url = SocketAddr::new(http.ip(), 0);
             }
         }
-        if let Some(socks) = &self.socks {
-            network.socks_url = socks.clone();
+        if let Some(socks) = self.socks {
+            network.socks_url = socks;
         }
         if self.no_socks {
             network.enable_socks5 = false;
@@ -97,7 +95,7 @@ impl Options {
             let (name, ip) = entry
                 .split_once('=')
                 .ok_or_else(|| invalid(format!("{entry:?} is not NAME=IP")))?;
-            ip.parse::<IpAddr>().map_err(|_| {
+            let ip = ip.parse::<IpAddr>().map_err(|_| {
                 invalid(format!(
                     "{entry:?}: {ip:?} is not an IP address (NAME=IP, e.g. svc.test=127.0.0.1)"
                 ))
@@ -109,7 +107,7 @@ impl Options {
                 .hosts
                 .entry(name.to_owned())
                 .or_default()
-                .push(ip.to_owned());
+                .push(ip);
         }
         if let Some(file) = &self.violations_log {
             config.log.violations_file = Some(file.clone());
@@ -157,7 +155,7 @@ impl Loaded {
             violations = violations.with_sink(learned);
         }
         let socks = if config.network.enable_socks5 {
-            Some(config.socks_addr(origin)?)
+            Some(config.network.socks_url)
         } else {
             None
         };
@@ -174,8 +172,8 @@ impl Loaded {
         };
         let mut builder = Proxy::builder()
             .refusal_fixes(fixes)
-            .metrics_addr(config.metrics.address(origin)?)
-            .http_addr(config.http_addr(origin)?)
+            .metrics_addr(config.metrics.listen)
+            .http_addr(config.network.proxy_url)
             .socks_addr(socks)
             .socks_udp(config.network.enable_socks5_udp)
             .dangerously_allow_non_loopback(config.network.dangerously_allow_non_loopback_proxy)
