@@ -175,10 +175,10 @@ impl Default for ApprovalConfig {
             mode: ApprovalMode::Deny,
             command: Vec::new(),
             risk_threshold: 80,
-            timeout: Duration::from_secs(60),
+            timeout: portcullis_middleware::approval::DEFAULT_APPROVAL_TIMEOUT,
             rules_file: None,
-            max_pending: 64,
-            max_session: 4096,
+            max_pending: portcullis_middleware::approval::DEFAULT_MAX_PENDING,
+            max_session: portcullis_middleware::approval::DEFAULT_MAX_SESSION,
             max_field_bytes: 2048,
             max_output_bytes: 64 * 1024,
             context_entries: 20,
@@ -299,7 +299,7 @@ impl Default for MitmConfig {
         MitmConfig {
             ca_dir: None,
             upstream_ca_files: Vec::new(),
-            leaf_cache_size: 1024,
+            leaf_cache_size: crate::mitm::DEFAULT_LEAF_CACHE_SIZE,
         }
     }
 }
@@ -328,7 +328,7 @@ pub struct DnsConfig {
 impl Default for DnsConfig {
     fn default() -> DnsConfig {
         DnsConfig {
-            timeout: Duration::from_secs(5),
+            timeout: crate::resolve::DEFAULT_TIMEOUT,
             hosts: BTreeMap::new(),
         }
     }

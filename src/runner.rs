@@ -166,7 +166,7 @@ impl Proxy {
                 force_loopback: false,
                 policy: PolicyHandle::default(),
                 resolver: Arc::new(SystemResolver),
-                resolve_timeout: Duration::from_secs(5),
+                resolve_timeout: crate::resolve::DEFAULT_TIMEOUT,
                 upstream: None,
                 crypto: Arc::new(rustls::crypto::ring::default_provider()),
                 mitm: None,
@@ -306,6 +306,11 @@ impl<O, I> ProxyBuilder<O, I> {
     pub fn refusal_fixes(mut self, fixes: Fixes) -> ProxyBuilder<O, I> {
         self.settings.fixes = fixes;
         self
+    }
+
+    /// The live policy this proxy will decide by.
+    pub fn policy_handle(&self) -> &PolicyHandle {
+        &self.settings.policy
     }
 
     /// How this proxy words refusals (see [`refusal_fixes`](Self::refusal_fixes)).

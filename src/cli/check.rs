@@ -103,7 +103,8 @@ pub(super) async fn check(args: CheckArgs) -> ExitCode {
             }
         }
     }
-    let policy = loaded.config.policy(&loaded.origin).ok();
+    // The very policy the builder holds: its patterns compiled once.
+    let policy = builder.policy_handle().load();
     let service = builder.decision_service();
     let fixes = builder.fixes().clone();
     let mut verdicts = Vec::with_capacity(requests.len());
@@ -120,12 +121,7 @@ pub(super) async fn check(args: CheckArgs) -> ExitCode {
         let verdict = match decision {
             Ok(_) => Verdict {
                 decision: "allow",
-                rule: Some(allowing_rule(
-                    policy.as_ref(),
-                    rules.as_ref(),
-                    &target,
-                    protocol,
-                )),
+                rule: Some(allowing_rule(&policy, rules.as_ref(), &target, protocol)),
                 target: target.to_string(),
                 reason: None,
                 message: None,
@@ -159,12 +155,7 @@ pub(super) async fn check(args: CheckArgs) -> ExitCode {
                     target: target.to_string(),
                     decision: "unresolvable",
                     reason: Some("unresolvable".into()),
-                    rule: Some(allowing_rule(
-                        policy.as_ref(),
-                        rules.as_ref(),
-                        &target,
-                        protocol,
-                    )),
+                    rule: Some(allowing_rule(&policy, rules.as_ref(), &target, protocol)),
                     message: Some(format!(
                         "the policy allows it, but a live request would fail: {error}"
                     )),
@@ -204,12 +195,12 @@ pub(super) fn unresolvable(error: &(dyn std::error::Error + 'static)) -> bool {
 /// The entry that let `target` through: an allowlist entry, else the
 /// persisted rule (named with its file).
 pub(super) fn allowing_rule(
-    policy: Option<&portcullis_middleware::NetworkPolicy>,
+    policy: &portcullis_middleware::NetworkPolicy,
     rules: Option<&RulesFile>,
     target: &Target,
     protocol: Protocol,
 ) -> String {
-    if let Some(Decision::Allow { rule }) = policy.map(|p| p.decide(target)) {
+    if let Decision::Allow { rule } = policy.decide(target) {
         return rule;
     }
     if let (Some(rules), Target::Host { host, port }) = (rules, target) {

@@ -9,6 +9,10 @@ use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
+/// How long a name lookup may take unless told otherwise (`[dns] timeout`,
+/// `ProxyBuilder::resolve_timeout`).
+pub const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The future of a lookup.
 pub type ResolveFuture = Pin<Box<dyn Future<Output = io::Result<Vec<IpAddr>>> + Send>>;
 

@@ -120,7 +120,7 @@ async fn refuse_busy(mut stream: TcpStream) {
     }
     let mut request = [0u8; 64];
     let _ = stream.read(&mut request).await;
-    let _ = stream.write_all(&[5, 1, 0, 1, 0, 0, 0, 0, 0, 0]).await;
+    let _ = stream.write_all(&rescue::busy_reply_bytes()).await;
 }
 
 /// The fuzz target `socks5_request`: our request reader, then fast-socks5

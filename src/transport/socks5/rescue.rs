@@ -30,6 +30,12 @@ pub(crate) fn busy() -> ReplyError {
     ReplyError::GeneralFailure
 }
 
+/// The whole reply written past the connection limit, before any of the
+/// session is handled by fast-socks5: [`busy`]'s code, no bound address.
+pub(crate) fn busy_reply_bytes() -> [u8; 10] {
+    [5, busy().as_u8(), 0, 1, 0, 0, 0, 0, 0, 0]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
