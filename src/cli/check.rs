@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use http::Request;
 use portcullis_middleware::policy::Decision;
-use portcullis_middleware::{find_blocked, BlockDecision, Mode, Protocol, Target};
+use portcullis_middleware::{find_blocked, BlockDecision, Intercept, Protocol, Target};
 
 use crate::body::Body;
 use crate::transport::model::RequestModel;
@@ -87,14 +87,14 @@ pub(super) async fn check(args: CheckArgs) -> ExitCode {
         Ok(prepared) => prepared,
         Err(error) => return usage_error(&error),
     };
-    // With interception in limited mode, what an https:// URL asks is the
-    // request inside the tunnel, decided as the proxy will decide it.
-    let network = &loaded.config.network;
-    let intercepted = network.mitm && network.mode == Mode::Limited;
+    // With interception on, the proxy offers to intercept each CONNECT and
+    // the stack decides whether it does (limited mode asks); when it does,
+    // what an https:// URL asks is the request inside the tunnel.
+    let can_intercept = loaded.config.network.mitm;
     // Every target is parsed before any is decided: a typo is a usage error.
     let mut requests = Vec::with_capacity(args.targets.len());
     for target in &args.targets {
-        match check_request(target, args.method.as_deref(), intercepted) {
+        match check_request(target, args.method.as_deref(), can_intercept) {
             Ok(request) => requests.push(request),
             Err(error) => {
                 return usage_error(&format!(
@@ -108,16 +108,29 @@ pub(super) async fn check(args: CheckArgs) -> ExitCode {
     let service = builder.decision_service();
     let fixes = builder.fixes().clone();
     let mut verdicts = Vec::with_capacity(requests.len());
-    for request in requests {
-        let (Some(target), Some(protocol)) = (
-            request.extensions().get::<Target>().cloned(),
-            request.extensions().get::<Protocol>().copied(),
-        ) else {
+    for Probe { first, inside } in requests {
+        let model = |request: &Request<Body>| {
+            (
+                request.extensions().get::<Target>().cloned(),
+                request.extensions().get::<Protocol>().copied(),
+            )
+        };
+        let (mut target, mut protocol) = model(&first);
+        // The decision is the stack's: the CONNECT first, then, when the
+        // stack asks to intercept it, the request inside (as the proxy
+        // would). The allowlist and the rules file are read again only to
+        // name the entry that allowed it.
+        let mut decision = crate::transport::call_stack(service.clone(), first).await;
+        let intercepted = decision
+            .as_ref()
+            .is_ok_and(|response| response.extensions().get::<Intercept>().is_some());
+        if let (true, Some(inside)) = (intercepted, inside) {
+            (target, protocol) = model(&inside);
+            decision = crate::transport::call_stack(service.clone(), inside).await;
+        }
+        let (Some(target), Some(protocol)) = (target, protocol) else {
             return usage_error(&"the target could not be parsed");
         };
-        // The decision is the stack's; the allowlist and the rules file are
-        // read again only to name the entry that allowed it.
-        let decision = crate::transport::call_stack(service.clone(), request).await;
         let verdict = match decision {
             Ok(_) => Verdict {
                 decision: "allow",
@@ -218,15 +231,23 @@ pub(super) fn allowing_rule(
     "none named (allowed without a list entry)".to_owned()
 }
 
-/// The request a live client would send for `target`: an absolute-form
-/// request for an `http://` URL (with `method`, GET by default), a `CONNECT`
-/// for `host:port`, and for an `https://` URL a `CONNECT` — or, when the
-/// proxy intercepts, the request inside the tunnel (protocol `https_mitm`).
+/// What `check` sends through the stack for one target, as a live client
+/// and the proxy would: the first request (an absolute-form request for an
+/// `http://` URL, with `method`, GET by default; a `CONNECT` for
+/// `host:port` or an `https://` URL, offered for interception when the
+/// proxy can intercept), and for an `https://` URL the proxy can
+/// intercept, the request inside the tunnel (protocol `https_mitm`), sent
+/// only if the stack asks to intercept.
+pub(super) struct Probe {
+    first: Request<Body>,
+    inside: Option<Request<Body>>,
+}
+
 pub(super) fn check_request(
     target: &str,
     method: Option<&str>,
-    intercepted: bool,
-) -> Result<Request<Body>, String> {
+    can_intercept: bool,
+) -> Result<Probe, String> {
     let client = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
     let (uri, parsed) = if target.contains("://") {
         let uri: http::Uri = target
@@ -238,35 +259,39 @@ pub(super) fn check_request(
         let parsed = Target::parse_authority(target, None).map_err(|e| e.to_string())?;
         (None, parsed)
     };
-    let protocol = match uri.as_ref().and_then(http::Uri::scheme_str) {
-        Some("http") => Protocol::Http,
-        Some(_) if intercepted => Protocol::HttpsMitm,
-        _ => Protocol::HttpsConnect,
+    let request = |uri: http::Uri, protocol: Protocol| -> Result<Request<Body>, String> {
+        let method = http::Method::from_bytes(method.unwrap_or("GET").as_bytes())
+            .map_err(|e| e.to_string())?;
+        let mut request = Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(crate::body::empty())
+            .map_err(|e| e.to_string())?;
+        RequestModel::new(parsed.clone(), protocol, client).apply(&mut request);
+        Ok(request)
     };
-    match uri {
-        Some(uri) if protocol != Protocol::HttpsConnect => {
-            let method = http::Method::from_bytes(method.unwrap_or("GET").as_bytes())
-                .map_err(|e| e.to_string())?;
-            let mut request = Request::builder()
-                .method(method)
-                .uri(uri)
-                .body(crate::body::empty())
-                .map_err(|e| e.to_string())?;
-            RequestModel::new(parsed, protocol, client).apply(&mut request);
-            Ok(request)
+    let inside = match uri {
+        Some(uri) if uri.scheme_str() == Some("http") => {
+            return Ok(Probe {
+                first: request(uri, Protocol::Http)?,
+                inside: None,
+            })
         }
-        _ if method.is_some_and(|m| m != "CONNECT") => Err(
+        Some(uri) if can_intercept => Some(request(uri, Protocol::HttpsMitm)?),
+        _ if method.is_some_and(|m| m != "CONNECT") => return Err(
             "this target is a CONNECT tunnel whose methods are not seen; --method is for http:// URLs (and https:// ones when the proxy intercepts)"
                 .into(),
         ),
-        _ => {
-            let model = RequestModel::new(parsed, Protocol::HttpsConnect, client);
-            let model = if intercepted {
-                model.mark(portcullis_middleware::Interceptable)
-            } else {
-                model
-            };
-            model.connect().map_err(|e| e.to_string())
-        }
-    }
+        _ => None,
+    };
+    let model = RequestModel::new(parsed.clone(), Protocol::HttpsConnect, client);
+    let model = if can_intercept {
+        model.mark(portcullis_middleware::Interceptable)
+    } else {
+        model
+    };
+    Ok(Probe {
+        first: model.connect().map_err(|e| e.to_string())?,
+        inside,
+    })
 }
