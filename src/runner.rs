@@ -687,6 +687,7 @@ where
             metrics_addr,
             shutdown,
             violations: self.settings.violations.ring().clone(),
+            violation_log: self.settings.violations.clone(),
             policy: self.settings.policy,
             ca_files,
             credentials,
@@ -711,6 +712,8 @@ pub struct ProxyHandle {
     credentials: LiveCredentials,
     all_proxy_socks: bool,
     violations: ViolationRing,
+    /// The violation log, to flush its sinks at shutdown.
+    violation_log: ViolationLogLayer,
     policy: PolicyHandle,
     /// The very stack the listeners serve (loop guard, pool and all).
     service: ProxyService,
@@ -816,6 +819,9 @@ impl ProxyHandle {
                 );
             }
         }
+        // Every refusal recorded is stored before the proxy is gone.
+        let log = self.violation_log.clone();
+        let _ = tokio::task::spawn_blocking(move || log.flush()).await;
         cut.len()
     }
 }

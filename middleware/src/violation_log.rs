@@ -152,6 +152,11 @@ pub trait ViolationSink: Send + Sync + 'static {
     /// Records one violation. Must not block for long: it runs on the
     /// request path.
     fn record(&self, violation: &Violation);
+
+    /// Waits until every violation recorded so far is stored (a file
+    /// written, a queue drained). Called when a proxy shuts down; the
+    /// default does nothing.
+    fn flush(&self) {}
 }
 
 impl<F> ViolationSink for F
@@ -163,47 +168,103 @@ where
     }
 }
 
-/// Appends each violation as one JSON line to a file. Inside a tokio
-/// runtime the write happens on its blocking pool, so a slow disk never
-/// stalls a runtime thread on the refusal path (a runtime waits for those
-/// writes when it shuts down, so none is lost); outside one, it writes at
-/// once. Each line is one `write` to a file opened for appending; lines
-/// written concurrently may land a few milliseconds out of order (each
-/// carries its `unix_ms`).
+/// Appends each violation as one JSON line to a file, from a thread of
+/// its own, so a slow disk never stalls the refusal path. Lines are
+/// written in the order they were recorded, each with one `write` to a
+/// file opened for appending. [`flush`](JsonLinesSink::flush) waits until
+/// every line recorded so far is written; when the last clone is dropped,
+/// the thread writes what is queued and ends, and the drop waits for it.
+/// Nothing recorded is lost, however the runtime shuts down.
 #[derive(Debug, Clone)]
 pub struct JsonLinesSink {
-    file: Arc<Mutex<File>>,
+    writer: Arc<Writer>,
 }
 
-impl JsonLinesSink {
-    /// Opens (creating, appending to) `path`.
-    pub fn open(path: &Path) -> std::io::Result<JsonLinesSink> {
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
-        Ok(JsonLinesSink {
-            file: Arc::new(Mutex::new(file)),
-        })
+enum Line {
+    Write(String),
+    /// Answered once every line before it is written.
+    Flush(std::sync::mpsc::Sender<()>),
+}
+
+#[derive(Debug)]
+struct Writer {
+    queue: Mutex<Option<std::sync::mpsc::Sender<Line>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl fmt::Debug for Line {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Line")
     }
 }
 
-fn append_line(file: &Mutex<File>, line: &str) {
-    let mut file = file
+impl Drop for Writer {
+    fn drop(&mut self) {
+        // Closing the queue ends the thread once it has written the rest.
+        drop(lock(&self.queue).take());
+        if let Some(thread) = lock(&self.thread).take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
         .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Err(error) = file.write_all(line.as_bytes()) {
-        tracing::warn!(target: VIOLATION_TARGET, %error, "could not append to the violations file");
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl JsonLinesSink {
+    /// Opens (creating, appending to) `path`, and starts its writer.
+    pub fn open(path: &Path) -> std::io::Result<JsonLinesSink> {
+        let mut file: File = OpenOptions::new().create(true).append(true).open(path)?;
+        let (queue, lines) = std::sync::mpsc::channel::<Line>();
+        let thread = std::thread::Builder::new()
+            .name("portcullis-violations".into())
+            .spawn(move || {
+                for line in lines {
+                    match line {
+                        Line::Write(text) => {
+                            if let Err(error) = file.write_all(text.as_bytes()) {
+                                tracing::warn!(target: VIOLATION_TARGET, %error, "could not append to the violations file");
+                            }
+                        }
+                        Line::Flush(done) => {
+                            let _ = done.send(());
+                        }
+                    }
+                }
+            })?;
+        Ok(JsonLinesSink {
+            writer: Arc::new(Writer {
+                queue: Mutex::new(Some(queue)),
+                thread: Mutex::new(Some(thread)),
+            }),
+        })
+    }
+
+    /// Waits until every line recorded so far is written.
+    pub fn flush(&self) {
+        let (done, wait) = std::sync::mpsc::channel();
+        let sent = lock(&self.writer.queue)
+            .as_ref()
+            .is_some_and(|queue| queue.send(Line::Flush(done)).is_ok());
+        if sent {
+            let _ = wait.recv();
+        }
     }
 }
 
 impl ViolationSink for JsonLinesSink {
+    fn flush(&self) {
+        JsonLinesSink::flush(self);
+    }
+
     fn record(&self, violation: &Violation) {
         let mut line = violation.to_json().to_string();
         line.push('\n');
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                let file = self.file.clone();
-                drop(runtime.spawn_blocking(move || append_line(&file, &line)));
-            }
-            Err(_) => append_line(&self.file, &line),
+        if let Some(queue) = lock(&self.writer.queue).as_ref() {
+            let _ = queue.send(Line::Write(line));
         }
     }
 }
@@ -466,6 +527,14 @@ impl ViolationLogLayer {
                 throttle: Throttle::new(self.recorder.throttle.interval),
                 wording: Some(Arc::new(wording)),
             }),
+        }
+    }
+
+    /// Waits until every sink has stored what it was given
+    /// ([`ViolationSink::flush`]); blocks the calling thread.
+    pub fn flush(&self) {
+        for sink in &self.recorder.sinks {
+            sink.flush();
         }
     }
 
@@ -773,23 +842,27 @@ mod tests {
             .worker_threads(2)
             .build()
             .unwrap();
-        runtime.block_on(async {
-            for i in 0..200 {
+        let recording = sink.clone();
+        runtime.block_on(async move {
+            for i in 0..2000 {
                 let violation = Violation {
                     unix_ms: i,
                     client: None,
                     blocked: blocked("a.test:80"),
                     message: "m".into(),
                 };
-                sink.record(&violation);
+                recording.record(&violation);
             }
         });
-        // Dropping the runtime waits for its blocking writes.
+        // The runtime going away loses nothing: the sink's own thread
+        // writes, and dropping the last sink waits for it.
         drop(runtime);
+        drop(sink);
         let text = std::fs::read_to_string(&path).unwrap();
-        assert_eq!(text.lines().count(), 200);
-        for line in text.lines() {
-            let _: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(text.lines().count(), 2000);
+        for (index, line) in text.lines().enumerate() {
+            let value: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert_eq!(value["time_unix_ms"], index, "in order");
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -809,6 +882,7 @@ mod tests {
         };
         sink.record(&violation);
         sink.record(&violation);
+        sink.flush();
         let text = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<serde_json::Value> = text
             .lines()
