@@ -19,6 +19,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+use portcullis_middleware::request_rules::{RequestRules, RuleBlock, RuleEntry};
 use portcullis_middleware::{Mode, NetworkPolicy, Pattern};
 
 /// Everything the binary reads.
@@ -43,6 +44,34 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// `[run]`: how `portcullis run` runs its command.
     pub run: RunConfig,
+    /// `[[rules]]`: per-host request rules (methods and paths).
+    pub rules: Vec<RuleConfig>,
+}
+
+/// One `[[rules]]` block: the requests a host may receive.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// The host pattern (the allowlist's syntax), no broader than one
+    /// registrable domain.
+    pub host: String,
+    /// Requests that may go (at least one entry).
+    pub allow: Vec<RuleEntryConfig>,
+    /// Requests that may not, whatever `allow` says.
+    #[serde(default)]
+    pub deny: Vec<RuleEntryConfig>,
+}
+
+/// One `allow` or `deny` entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RuleEntryConfig {
+    /// Methods (HTTP tokens); absent: any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub methods: Option<Vec<String>>,
+    /// Path globs (`*` one segment, `**` any); absent: any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paths: Option<Vec<String>>,
 }
 
 /// `[run]`.
@@ -375,7 +404,18 @@ fn figment_message(error: &figment::Error) -> String {
 /// (`default.`) and nests backticks.
 fn one_error(error: &figment::Error) -> String {
     use figment::error::Kind;
-    let key = error.path.join(".");
+    // `rules[0].allow[1]`, as the other messages write array entries.
+    let key = error.path.iter().fold(String::new(), |mut key, part| {
+        if !key.is_empty() && !part.is_empty() && part.chars().all(|c| c.is_ascii_digit()) {
+            key.push_str(&format!("[{part}]"));
+        } else {
+            if !key.is_empty() {
+                key.push('.');
+            }
+            key.push_str(part);
+        }
+        key
+    });
     let place = match error.metadata.as_ref() {
         Some(metadata) => match &metadata.source {
             Some(figment::Source::File(path)) => format!("{}: ", path.display()),
@@ -587,7 +627,54 @@ impl Config {
                 .allow_unix_socket(canonical)
                 .map_err(|e| invalid(key.to_owned(), e.to_string()))?;
         }
-        Ok(builder.build())
+        Ok(builder.request_rules(self.request_rules(origin)?).build())
+    }
+
+    /// Whether the proxy has an interception CA: `mitm` on, or request
+    /// rules (whose hosts are intercepted in any mode).
+    pub fn intercepts(&self) -> bool {
+        self.network.mitm || !self.rules.is_empty()
+    }
+
+    /// `[[rules]]`, compiled.
+    pub fn request_rules(&self, origin: &str) -> Result<RequestRules, ConfigError> {
+        let invalid = |key: String, message: String| ConfigError::Invalid {
+            key,
+            origin: origin.to_owned(),
+            message,
+        };
+        let mut blocks = Vec::with_capacity(self.rules.len());
+        for (index, rule) in self.rules.iter().enumerate() {
+            let name = format!("rules[{index}]");
+            let block = RuleBlock::new(&rule.host, name.clone())
+                .map_err(|e| invalid(format!("{name}.host"), format!("{:?}: {e}", rule.host)))?;
+            if let Some(why) = too_broad_for_rules(block.host()) {
+                return Err(invalid(
+                    format!("{name}.host"),
+                    format!("{:?} {why}", rule.host),
+                ));
+            }
+            if rule.allow.is_empty() {
+                return Err(invalid(
+                    format!("{name}.allow"),
+                    "a host with rules is allowed request by request: give at least one allow entry".into(),
+                ));
+            }
+            let mut block = block;
+            for (list, entries) in [("allow", &rule.allow), ("deny", &rule.deny)] {
+                for (position, entry) in entries.iter().enumerate() {
+                    let key = format!("{name}.{list}[{position}]");
+                    let compiled = rule_entry(entry)
+                        .map_err(|(field, e)| invalid(format!("{key}{field}"), e))?;
+                    block = match list {
+                        "allow" => block.allow(compiled),
+                        _ => block.deny(compiled),
+                    };
+                }
+            }
+            blocks.push(block);
+        }
+        Ok(RequestRules::new(blocks))
     }
 
     /// Whether any Unix socket permission is granted (forces loopback).
@@ -612,6 +699,40 @@ impl Config {
             hosts.insert(host.to_string(), addresses.clone());
         }
         Ok(hosts)
+    }
+}
+
+/// One `allow`/`deny` entry, compiled; the error names the field.
+fn rule_entry(entry: &RuleEntryConfig) -> Result<RuleEntry, (&'static str, String)> {
+    if entry.methods.is_none() && entry.paths.is_none() {
+        return Err(("", "an entry names methods, paths or both".into()));
+    }
+    let mut compiled = RuleEntry::new();
+    if let Some(methods) = &entry.methods {
+        compiled = compiled
+            .methods(methods)
+            .map_err(|e| (".methods", e.to_string()))?;
+    }
+    if let Some(paths) = &entry.paths {
+        compiled = compiled
+            .paths(paths)
+            .map_err(|e| (".paths", e.to_string()))?;
+    }
+    Ok(compiled)
+}
+
+/// Why a host pattern is too broad to carry request rules, if it is: rules
+/// belong to one registrable domain (or one address or network).
+fn too_broad_for_rules(pattern: &Pattern) -> Option<&'static str> {
+    use portcullis_middleware::policy::HostPattern;
+    match &pattern.host {
+        HostPattern::Any => Some("matches every host; rules belong to one domain"),
+        HostPattern::Subdomains(name) | HostPattern::ApexAndSubdomains(name)
+            if portcullis_middleware::policy::is_public_suffix(name) || !name.contains('.') =>
+        {
+            Some("spans a public suffix (everyone's domains); rules belong to one registrable domain")
+        }
+        _ => None,
     }
 }
 

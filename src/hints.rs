@@ -107,6 +107,27 @@ impl Fixes {
                     "portcullis refused {method} {target}: limited mode allows only GET, HEAD and OPTIONS (and no SOCKS5); {fix} to allow it"
                 ));
                 }
+                (Reason::RuleDenied | Reason::RuleNotMatched, _) => {
+                    let Fixes::File(file) = self else {
+                        return None;
+                    };
+                    let method = blocked.method.escape_debug();
+                    let rule = blocked.rule.as_deref().unwrap_or("[[rules]]");
+                    let (why, fix) = match blocked.reason {
+                        Reason::RuleDenied => (
+                            "a deny entry of its request rules matches",
+                            "change that entry",
+                        ),
+                        _ => (
+                            "its request rules allow no such request",
+                            "add an allow entry to that block",
+                        ),
+                    };
+                    return Some(format!(
+                        "portcullis refused {method} {target}: {why} ({rule}); {fix} in {}",
+                        file.display()
+                    ));
+                }
                 (Reason::MitmRequired, _) => {
                     let fix = match self {
                     Fixes::Flags => "pass --mitm (under run the child is given the CA; elsewhere clients must trust the one `portcullis ca` prints), or run without --mode limited".to_owned(),

@@ -25,6 +25,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use common::*;
+use portcullis::middleware::request_rules::{RequestRules, RuleBlock, RuleEntry};
 use portcullis::middleware::{
     Mode, NetworkPolicy, PolicyHandle, Protocol, Reason, ViolationLogLayer, ViolationRing,
 };
@@ -199,6 +200,10 @@ impl Setup {
 /// A proxy in `mode` with interception on, allowing the origin (a name that
 /// resolves to 127.0.0.1, so local binding is allowed for it).
 async fn setup(mode: Mode, mitm: bool) -> Setup {
+    setup_with(mode, mitm, RequestRules::default()).await
+}
+
+async fn setup_with(mode: Mode, mitm: bool, rules: RequestRules) -> Setup {
     let pki = origin_pki();
     let git_root = tempfile::tempdir().unwrap();
     let origin = https_origin(&pki, git_root.path().to_owned()).await;
@@ -209,6 +214,7 @@ async fn setup(mode: Mode, mitm: bool) -> Setup {
         .allow_local_binding(true)
         .allow(ORIGIN)
         .unwrap()
+        .request_rules(rules)
         .build();
     let mut hosts: HashMap<String, Vec<IpAddr>> = HashMap::new();
     hosts.insert(ORIGIN.into(), vec!["127.0.0.1".parse().unwrap()]);
@@ -843,4 +849,134 @@ async fn git_clones_a_repository_whose_fetch_request_git_gzips() {
     assert!(listed);
     assert_eq!(branches.lines().count(), 80, "{branches}");
     assert_eq!(setup.ring.total(), 0, "nothing refused");
+}
+
+/// Rules for `host`: any GET, POST under /issues/, never /secret/.
+fn origin_rules(host: &str) -> RequestRules {
+    RequestRules::new(vec![RuleBlock::new(host, "rules[0]")
+        .unwrap()
+        .allow(RuleEntry::new().methods(["GET"]).unwrap())
+        .allow(
+            RuleEntry::new()
+                .methods(["POST"])
+                .unwrap()
+                .paths(["/issues/**"])
+                .unwrap(),
+        )
+        .deny(RuleEntry::new().paths(["/secret/**"]).unwrap())])
+}
+
+#[tokio::test]
+async fn full_mode_intercepts_a_host_with_rules_and_decides_each_request() {
+    let setup = setup_with(Mode::Full, true, origin_rules(ORIGIN)).await;
+    let (proxy, ca) = (setup.proxy_url(), setup.our_ca());
+    let request = |args: &[&str]| {
+        let mut all = vec!["-i", "--path-as-is", "--cacert", &ca, "-x", &proxy];
+        all.extend_from_slice(args);
+        let all: Vec<String> = all.into_iter().map(str::to_owned).collect();
+        async move {
+            let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+            let out = curl(&refs).await;
+            // The proxy's CONNECT answer comes first; the origin's after it.
+            let inner = out
+                .stdout
+                .split("\r\n\r\n")
+                .skip(1)
+                .collect::<Vec<_>>()
+                .join("\r\n\r\n");
+            (parse_response(&inner), out.stderr)
+        }
+    };
+    // Our CA signed what the client saw: the tunnel is intercepted in full mode.
+    let ((status, _, body), stderr) = request(&[&setup.url("/repos/x")]).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "hello GET /repos/x"),
+        "{stderr}"
+    );
+    let ((status, _, body), _) = request(&["-d", "x", &setup.url("/issues/2")]).await;
+    assert_eq!((status, body.as_str()), (200, "hello POST /issues/2"));
+    let ((status, headers, body), _) = request(&["-d", "x", &setup.url("/pulls/2")]).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(headers["x-proxy-error"], "blocked-by-request-rule");
+    for path in [
+        "/secret/x",
+        "/repos/../secret/x",
+        "/%2e%2e/secret/x",
+        "/Secret/x",
+        "/secret%2Fx",
+    ] {
+        let ((status, headers, body), _) = request(&[&setup.url(path)]).await;
+        assert_eq!(status, 403, "{path}: {body}");
+        assert_eq!(
+            headers["x-proxy-error"], "blocked-by-request-rule",
+            "{path}"
+        );
+        assert!(!body.contains("hello"), "{path} reached the origin");
+    }
+    let last = setup.ring.snapshot().pop().unwrap();
+    assert_eq!(last.blocked.protocol, Protocol::HttpsMitm);
+}
+
+#[tokio::test]
+async fn full_mode_leaves_a_host_without_rules_unseen() {
+    // Rules for another host only: this one's tunnel is relayed as is, so
+    // the client sees the origin's own certificate, not ours.
+    let setup = setup_with(Mode::Full, true, origin_rules("elsewhere.test")).await;
+    let proxy = setup.proxy_url();
+    let origin_ca = setup.origin_ca_file().display().to_string();
+    let out = curl(&[
+        "--cacert",
+        &origin_ca,
+        "-x",
+        &proxy,
+        "-X",
+        "DELETE",
+        &setup.url("/secret/x"),
+    ])
+    .await;
+    assert_eq!(out.stdout, "hello DELETE /secret/x", "{}", out.stderr);
+    let out = curl(&["--cacert", &setup.our_ca(), "-x", &proxy, &setup.url("/")]).await;
+    assert_eq!(out.code, Some(60), "our CA did not sign it: {}", out.stderr);
+}
+
+#[tokio::test]
+async fn limited_mode_and_rules_compose_inside_the_tunnel() {
+    let setup = setup_with(Mode::Limited, true, origin_rules(ORIGIN)).await;
+    let (proxy, ca) = (setup.proxy_url(), setup.our_ca());
+    let status = |args: Vec<String>| {
+        let (proxy, ca) = (proxy.clone(), ca.clone());
+        async move {
+            let mut all: Vec<String> = vec![
+                "-s".into(),
+                "-o".into(),
+                "/dev/null".into(),
+                "-w".into(),
+                "%{http_code}".into(),
+                "--cacert".into(),
+                ca,
+                "-x".into(),
+                proxy,
+            ];
+            all.extend(args);
+            let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+            curl(&refs).await.stdout
+        }
+    };
+    assert_eq!(status(vec![setup.url("/repos/x")]).await, "200");
+    // Rules would allow it; limited mode does not.
+    assert_eq!(
+        status(vec!["-d".into(), "x".into(), setup.url("/issues/2")]).await,
+        "403"
+    );
+    assert_eq!(
+        setup.ring.snapshot().pop().unwrap().blocked.reason,
+        Reason::MethodNotAllowed
+    );
+    // Limited mode would allow it; the rules do not.
+    assert_eq!(status(vec![setup.url("/secret/x")]).await, "403");
+    assert_eq!(
+        setup.ring.snapshot().pop().unwrap().blocked.reason,
+        Reason::RuleDenied
+    );
 }

@@ -50,6 +50,11 @@ pub enum Reason {
     ApprovalTimedOut,
     /// The approver failed (crashed, malformed answer, any error).
     ApprovalFailed,
+    /// The host has request rules and no `allow` entry matches the request
+    /// (or its path cannot be matched safely).
+    RuleNotMatched,
+    /// A request rule's `deny` entry matches the request.
+    RuleDenied,
     /// A reason of an integrator's own layer, by name (use lower-case ASCII
     /// letters, digits and `_`, like the built-in names). The transports
     /// answer it like the built-in reasons: a 403 on HTTP with
@@ -73,6 +78,8 @@ impl Reason {
             Reason::ApprovalDenied => "approval_denied",
             Reason::ApprovalTimedOut => "approval_timed_out",
             Reason::ApprovalFailed => "approval_failed",
+            Reason::RuleNotMatched => "rule_not_matched",
+            Reason::RuleDenied => "rule_denied",
             Reason::Custom(name) => name,
         }
     }
@@ -123,6 +130,8 @@ pub enum Source {
     Policy,
     /// The limited-mode method restriction.
     LimitedMode,
+    /// The request rules.
+    RequestRules,
     /// The approval wait (an approver's answer, a timeout or a failure).
     Approval,
     /// The connector's check of resolved addresses.
@@ -139,6 +148,7 @@ impl Source {
         match self {
             Source::Policy => "policy",
             Source::LimitedMode => "limited_mode",
+            Source::RequestRules => "request_rules",
             Source::Approval => "approval",
             Source::Connector => "connector",
             Source::Transport => "transport",
@@ -435,6 +445,14 @@ fn default_message(reason: Reason, target: &Target, method: &http::Method) -> St
         ),
         Reason::ApprovalFailed => format!(
             "portcullis refused {target}: the approver failed, so the request was denied (fail closed); check the approver, or add the host to allowed_domains"
+        ),
+        Reason::RuleNotMatched => format!(
+            "portcullis refused {} {target}: the host has request rules and none allows this request; add an allow entry to its [[rules]] block",
+            method.as_str().escape_debug()
+        ),
+        Reason::RuleDenied => format!(
+            "portcullis refused {} {target}: a deny entry of the host's request rules matches; change its [[rules]] block to allow it",
+            method.as_str().escape_debug()
         ),
         Reason::Custom(name) => format!("portcullis refused {target}: {name}"),
     }

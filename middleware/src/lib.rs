@@ -156,6 +156,7 @@ pub mod loop_guard;
 pub mod policy;
 pub mod policy_layer;
 pub mod request;
+pub mod request_rules;
 pub mod stack;
 pub mod strip_headers;
 pub mod target;

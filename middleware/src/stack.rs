@@ -12,7 +12,9 @@
 //! 3. [`PolicyService`] — the domain/IP decision. Denials are final; an
 //!    allowlist miss becomes *ask* when an approver is configured.
 //! 4. [`LimitedMode`] — method restriction, after the host is known to be
-//!    allowed, so a denied host is reported as denied, not as a bad method.
+//!    allowed, so a denied host is reported as denied, not as a bad method;
+//!    then the per-host [request rules](crate::request_rules) (methods and
+//!    paths), which narrow the same way.
 //! 5. [`ApprovalWait`] — resolves *ask* last, so no human is asked about a
 //!    request that limited mode would refuse anyway.
 //!
@@ -53,6 +55,7 @@ use crate::limited_mode::{LimitedMode, LimitedModeLayer};
 use crate::loop_guard::{LoopGuard, LoopGuardLayer};
 use crate::policy::PolicyHandle;
 use crate::policy_layer::{PolicyLayer, PolicyService};
+use crate::request_rules::{RequestRulesLayer, RequestRulesService};
 use crate::strip_headers::{StripHeaders, StripHeadersLayer};
 use crate::violation_log::{ViolationLog, ViolationLogLayer};
 
@@ -171,7 +174,9 @@ impl<S, A, O, I> Layer<S> for DefaultStack<A, O, I>
 where
     A: Clone,
     I: Layer<S>,
-    O: Layer<StripHeaders<PolicyService<LimitedMode<ApprovalWait<I::Service, A>>>>>,
+    O: Layer<
+        StripHeaders<PolicyService<LimitedMode<RequestRulesService<ApprovalWait<I::Service, A>>>>>,
+    >,
 {
     type Service = ViolationLog<LoopGuard<O::Service>>;
 
@@ -189,6 +194,8 @@ where
             .layer(PolicyLayer::new(self.policy.clone()).ask_on_miss(self.ask_on_miss))
             // 4. Method restriction, once the host is known to be allowed.
             .layer(LimitedModeLayer::new(self.policy.clone()))
+            // 4b. Request rules (methods and paths per host): they narrow too.
+            .layer(RequestRulesLayer::new(self.policy.clone()))
             // 5. Resolve *ask* last: no one is asked about what would be refused anyway.
             .layer(self.approval.clone())
             // Integrator layers that should see only allowed requests.

@@ -90,7 +90,7 @@ pub(super) async fn check(args: CheckArgs) -> ExitCode {
     // With interception on, the proxy offers to intercept each CONNECT and
     // the stack decides whether it does (limited mode asks); when it does,
     // what an https:// URL asks is the request inside the tunnel.
-    let can_intercept = loaded.config.network.mitm;
+    let can_intercept = loaded.config.intercepts();
     // Every target is parsed before any is decided: a typo is a usage error.
     let mut requests = Vec::with_capacity(args.targets.len());
     for target in &args.targets {

@@ -57,11 +57,13 @@ pub(super) async fn start(options: &Options, purpose: Purpose) -> Result<ProxyHa
     } = loaded
         .builder_recording(tally, learn.clone())
         .map_err(|e| usage_error(&e))?;
-    if loaded.config.network.mitm {
+    // Hosts with request rules are intercepted in any mode: their rules
+    // need the requests inside the tunnel.
+    if loaded.config.intercepts() {
         let ca = load_ca(&loaded.config, &loaded.origin)?;
-        if loaded.config.network.mode == Mode::Full {
+        if loaded.config.network.mode == Mode::Full && loaded.config.rules.is_empty() {
             tracing::info!(
-                "mitm is on, but mode is full: nothing is intercepted until mode = \"limited\""
+                "mitm is on, but mode is full: nothing is intercepted until mode = \"limited\" or a host has [[rules]]"
             );
         }
         builder = builder.mitm(Some(Arc::new(ca)));

@@ -146,6 +146,64 @@ impl PatternSet {
         first_for_port(&node.exact, port).and_then(|i| self.patterns.get(i as usize))
     }
 
+    /// Every pattern matching `host:port` (not only the most specific), by
+    /// index in insertion order: what request rules use, where every
+    /// block whose host matches applies.
+    pub fn find_all(&self, host: &Host, port: u16) -> Vec<usize> {
+        let mut found = Vec::new();
+        let mut take = |rules: &[RuleRef]| {
+            found.extend(
+                rules
+                    .iter()
+                    .filter(|r| r.matches_port(port))
+                    .map(|r| r.index as usize),
+            );
+        };
+        match host {
+            Host::Name(name) => {
+                let mut node = &self.root;
+                let mut labels = name.rsplit('.').peekable();
+                while let Some(label) = labels.next() {
+                    match node.children.get(label) {
+                        Some(child) => node = child,
+                        None => break,
+                    }
+                    if labels.peek().is_some() {
+                        take(&node.subdomains);
+                    } else {
+                        take(&node.exact);
+                    }
+                    take(&node.apex_and_subdomains);
+                }
+            }
+            Host::Ip(ip) => {
+                if let Some(rules) = self.exact_ips.get(ip) {
+                    take(rules);
+                }
+                match ip {
+                    IpAddr::V4(v4) => {
+                        for (prefix, map) in &self.v4_ranges {
+                            if let Some(rules) = map.get(&mask_v4(u32::from(*v4), *prefix)) {
+                                take(rules);
+                            }
+                        }
+                    }
+                    IpAddr::V6(v6) => {
+                        for (prefix, map) in &self.v6_ranges {
+                            if let Some(rules) = map.get(&mask_v6(u128::from(*v6), *prefix)) {
+                                take(rules);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        take(&self.any);
+        found.sort_unstable();
+        found.dedup();
+        found
+    }
+
     fn find_name(&self, name: &str, port: u16) -> Option<(u32, MatchKind)> {
         let mut best = None;
         let mut node = &self.root;
@@ -232,6 +290,29 @@ mod tests {
     fn matched(set: &PatternSet, host: &str, port: u16) -> Option<String> {
         set.find(&Host::parse(host).unwrap(), port)
             .map(|(p, _)| p.text.clone())
+    }
+
+    #[test]
+    fn find_all_returns_every_matching_pattern_in_order() {
+        let s = set(&[
+            "*.github.com",
+            "api.github.com",
+            "**.github.com",
+            "api.github.com:8443",
+            "*",
+            "10.0.0.0/8",
+            "10.1.2.3",
+        ]);
+        let host = |h: &str| Host::parse(h).unwrap();
+        assert_eq!(s.find_all(&host("api.github.com"), 443), vec![0, 1, 2, 4]);
+        assert_eq!(
+            s.find_all(&host("api.github.com"), 8443),
+            vec![0, 1, 2, 3, 4]
+        );
+        assert_eq!(s.find_all(&host("github.com"), 443), vec![2, 4]);
+        assert_eq!(s.find_all(&host("a.b.github.com"), 443), vec![0, 2, 4]);
+        assert_eq!(s.find_all(&host("10.1.2.3"), 80), vec![4, 5, 6]);
+        assert_eq!(s.find_all(&host("example.org"), 80), vec![4]);
     }
 
     #[test]

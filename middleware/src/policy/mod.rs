@@ -135,6 +135,8 @@ pub struct NetworkPolicy {
     allow_all_unix_sockets: bool,
     /// Stored negated so that the default (git fetch allowed) is `false`.
     refuse_git_fetch: bool,
+    /// Per-host request rules (methods and paths).
+    request_rules: crate::request_rules::RequestRules,
 }
 
 impl NetworkPolicy {
@@ -154,6 +156,11 @@ impl NetworkPolicy {
     /// The mode.
     pub fn mode(&self) -> Mode {
         self.mode
+    }
+
+    /// The per-host request rules (empty unless set).
+    pub fn request_rules(&self) -> &crate::request_rules::RequestRules {
+        &self.request_rules
     }
 
     /// Whether limited mode counts git's smart-HTTP fetch
@@ -369,6 +376,16 @@ impl NetworkPolicyBuilder {
     /// Sets the mode.
     pub fn mode(mut self, mode: Mode) -> NetworkPolicyBuilder {
         self.policy.mode = mode;
+        self
+    }
+
+    /// Sets the per-host request rules; see
+    /// [`request_rules`](crate::request_rules).
+    pub fn request_rules(
+        mut self,
+        rules: crate::request_rules::RequestRules,
+    ) -> NetworkPolicyBuilder {
+        self.policy.request_rules = rules;
         self
     }
 

@@ -1,0 +1,849 @@
+//! Request rules: per host, which methods and paths may go through.
+//!
+//! A [`RequestRules`] holds rule blocks, each for a host pattern (the
+//! allowlist's syntax) with `allow` and `deny` entries. An entry matches a
+//! request when its methods (if it names any) hold the request's method and
+//! one of its paths (if it names any) matches the request's normalised
+//! path. Every block whose host pattern matches applies:
+//!
+//! - a request matching a `deny` entry of any of them is refused,
+//!   `rule_denied`;
+//! - otherwise it goes on only if each of them has an `allow` entry that
+//!   matches; else it is refused, `rule_not_matched`, naming the block.
+//!
+//! Rules narrow, never widen: the host must still pass the allowlist, and
+//! limited mode still applies. A host without rules is untouched.
+//!
+//! **Paths** are matched after normalisation: each segment is
+//! percent-decoded, empty segments (`//`) and `.` are dropped, `..` removes
+//! the segment before it, so `/repos/acme/../x` is `/x` and `/%2e%2e/` is a
+//! `..`. A path holding an encoded `/` or `\` (`%2F`, `%5C`) or a raw `\` is
+//! refused: origins read those differently. In a glob, `*` is one segment
+//! and `**` any number of segments (none included); every other segment is
+//! compared as written. `deny` entries compare paths and methods ignoring
+//! ASCII case (a case trick never reaches a denied path); `allow` entries
+//! compare exactly.
+//!
+//! **Tunnels.** Rules need the requests: a `CONNECT` to a host with rules
+//! that the transport can intercept ([`Interceptable`])
+//! passes, with the [`Intercept`] answer on its response,
+//! in any mode; one it cannot (SOCKS5, a UDP destination, a way in of your
+//! own) is refused `mitm_required`, naming the rules.
+//!
+//! The layer reads the rules from the live policy
+//! ([`NetworkPolicyBuilder::request_rules`](crate::NetworkPolicyBuilder::request_rules)),
+//! so a reload changes them with the lists.
+//!
+//! # Example
+//!
+//! ```
+//! use http::{Request, Response};
+//! use portcullis_middleware::request_rules::{RequestRules, RequestRulesLayer, RuleBlock, RuleEntry};
+//! use portcullis_middleware::{find_blocked, NetworkPolicy, PolicyHandle, Protocol, Reason, Target};
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), portcullis_middleware::BoxError> {
+//! let rules = RequestRules::new(vec![RuleBlock::new("api.example.com", "rules[0]")?
+//!     .allow(RuleEntry::new().methods(["GET"])?)
+//!     .allow(RuleEntry::new().methods(["POST"])?.paths(["/repos/acme/*/issues/**"])?)
+//!     .deny(RuleEntry::new().paths(["/user/keys/**"])?)]);
+//! let policy = PolicyHandle::new(NetworkPolicy::builder().request_rules(rules).build());
+//! let service = ServiceBuilder::new()
+//!     .layer(RequestRulesLayer::new(policy))
+//!     .service(service_fn(|_: Request<()>| async { Ok::<_, portcullis_middleware::BoxError>(Response::new(())) }));
+//!
+//! let mut request = Request::post("http://api.example.com/repos/acme/../../user/keys/1").body(())?;
+//! request.extensions_mut().insert(Target::parse_authority("api.example.com:80", None)?);
+//! request.extensions_mut().insert(Protocol::Http);
+//! let error = service.oneshot(request).await.unwrap_err();
+//! assert_eq!(find_blocked(error.as_ref()).map(|b| b.reason), Some(Reason::RuleDenied));
+//! # Ok(())
+//! # }
+//! ```
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Method, Request, Response};
+use pin_project_lite::pin_project;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::error::{Blocked, BoxError, Reason, Source};
+use crate::future::ResponseFuture;
+use crate::policy::{Pattern, PatternError, PatternSet, PolicyHandle};
+use crate::request::{Intercept, Interceptable, RequestInfo, UdpAssociation};
+use crate::target::Target;
+
+/// Why a rule could not be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RuleError {
+    /// The host pattern is not valid.
+    #[error("{0}")]
+    Host(#[from] PatternError),
+    /// A method is not an HTTP token.
+    #[error("{0:?} is not an HTTP method (a token such as GET or POST)")]
+    Method(String),
+    /// A path glob is not valid.
+    #[error("{glob:?} is not a path glob: {why}")]
+    Path {
+        /// The glob as written.
+        glob: String,
+        /// What is wrong.
+        why: &'static str,
+    },
+    /// An entry names neither methods nor paths, or names an empty list.
+    #[error("{0}")]
+    Empty(&'static str),
+}
+
+/// One segment of a path glob.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Literal(String),
+    /// `*`: exactly one segment.
+    One,
+    /// `**`: any number of segments, none included.
+    Any,
+}
+
+/// A glob on the normalised path: `/repos/*/issues/**`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathGlob {
+    segments: Vec<Segment>,
+    text: String,
+}
+
+impl PathGlob {
+    /// Parses a glob: it starts with `/`; `*` is one segment, `**` any
+    /// number; `.`, `..`, empty segments and `*` inside a segment are
+    /// refused (the path it is matched against never holds them).
+    pub fn parse(text: &str) -> Result<PathGlob, RuleError> {
+        let bad = |why| RuleError::Path {
+            glob: text.to_owned(),
+            why,
+        };
+        let Some(rest) = text.strip_prefix('/') else {
+            return Err(bad("it must start with /"));
+        };
+        let mut segments = Vec::new();
+        if !rest.is_empty() {
+            for segment in rest.split('/') {
+                segments.push(match segment {
+                    "" => return Err(bad("it has an empty segment (//, or a trailing /)")),
+                    "." | ".." => return Err(bad("it has a . or .. segment")),
+                    "*" => Segment::One,
+                    "**" => Segment::Any,
+                    _ if segment.contains('*') => {
+                        return Err(bad("* and ** stand for whole segments only"))
+                    }
+                    _ if segment.contains(['%', '\\', '?', '#']) => {
+                        return Err(bad("write segments decoded, without %, \\, ? or #"))
+                    }
+                    literal => Segment::Literal(literal.to_owned()),
+                });
+            }
+        }
+        Ok(PathGlob {
+            segments,
+            text: text.to_owned(),
+        })
+    }
+
+    /// Whether the normalised `path` matches, comparing literals exactly or
+    /// ignoring ASCII case.
+    fn matches(&self, path: &[String], ignore_case: bool) -> bool {
+        matches(&self.segments, path, ignore_case)
+    }
+}
+
+impl fmt::Display for PathGlob {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+fn matches(glob: &[Segment], path: &[String], ignore_case: bool) -> bool {
+    match glob.split_first() {
+        None => path.is_empty(),
+        Some((Segment::Any, rest)) => (0..=path.len()).any(|skip| {
+            path.get(skip..)
+                .is_some_and(|tail| matches(rest, tail, ignore_case))
+        }),
+        Some((segment, rest)) => match path.split_first() {
+            None => false,
+            Some((first, tail)) => {
+                let here = match segment {
+                    Segment::One => true,
+                    Segment::Literal(literal) if ignore_case => literal.eq_ignore_ascii_case(first),
+                    Segment::Literal(literal) => literal == first,
+                    Segment::Any => false,
+                };
+                here && matches(rest, tail, ignore_case)
+            }
+        },
+    }
+}
+
+/// A request path, normalised for matching: its segments, decoded, with
+/// `//`, `.` and `..` resolved. `Err` for a path origins read differently
+/// (an encoded `/` or `\`, a raw `\`, a decoded NUL).
+pub fn normalise_path(path: &str) -> Result<Vec<String>, &'static str> {
+    if path.contains('\\') {
+        return Err("the path holds a \\");
+    }
+    let mut segments: Vec<String> = Vec::new();
+    for raw in path.split('/') {
+        let decoded = percent_decode(raw);
+        if decoded.contains(['/', '\\', '\0']) {
+            return Err("the path holds an encoded /, \\ or NUL (%2F, %5C, %00)");
+        }
+        match decoded.as_str() {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            _ => segments.push(decoded),
+        }
+    }
+    Ok(segments)
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while let Some(&byte) = bytes.get(index) {
+        let escaped = bytes
+            .get(index + 1..index + 3)
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match (byte, escaped) {
+            (b'%', Some(value)) => {
+                decoded.push(value);
+                index += 3;
+            }
+            _ => {
+                decoded.push(byte);
+                index += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&decoded).into_owned()
+}
+
+/// One `allow` or `deny` entry: methods and paths, each optional (absent:
+/// any), at least one given.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RuleEntry {
+    methods: Option<Vec<Method>>,
+    paths: Option<Vec<PathGlob>>,
+}
+
+impl RuleEntry {
+    /// An entry that matches everything until methods or paths narrow it.
+    pub fn new() -> RuleEntry {
+        RuleEntry::default()
+    }
+
+    /// The methods it matches (HTTP tokens, compared as written).
+    pub fn methods<I, S>(mut self, methods: I) -> Result<RuleEntry, RuleError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let mut parsed = Vec::new();
+        for method in methods {
+            let method = method.as_ref();
+            parsed.push(
+                Method::from_bytes(method.as_bytes())
+                    .map_err(|_| RuleError::Method(method.to_owned()))?,
+            );
+        }
+        if parsed.is_empty() {
+            return Err(RuleError::Empty(
+                "methods is empty; leave it out to match any method",
+            ));
+        }
+        self.methods = Some(parsed);
+        Ok(self)
+    }
+
+    /// The path globs it matches (any of them).
+    pub fn paths<I, S>(mut self, paths: I) -> Result<RuleEntry, RuleError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let parsed = paths
+            .into_iter()
+            .map(|glob| PathGlob::parse(glob.as_ref()))
+            .collect::<Result<Vec<_>, _>>()?;
+        if parsed.is_empty() {
+            return Err(RuleError::Empty(
+                "paths is empty; leave it out to match any path",
+            ));
+        }
+        self.paths = Some(parsed);
+        Ok(self)
+    }
+
+    fn matches(&self, method: &Method, path: &[String], ignore_case: bool) -> bool {
+        let method_matches = self.methods.as_ref().is_none_or(|methods| {
+            methods.iter().any(|m| {
+                if ignore_case {
+                    m.as_str().eq_ignore_ascii_case(method.as_str())
+                } else {
+                    m == method
+                }
+            })
+        });
+        method_matches
+            && self
+                .paths
+                .as_ref()
+                .is_none_or(|paths| paths.iter().any(|glob| glob.matches(path, ignore_case)))
+    }
+}
+
+impl fmt::Display for RuleEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts = Vec::new();
+        if let Some(methods) = &self.methods {
+            let names: Vec<&str> = methods.iter().map(Method::as_str).collect();
+            parts.push(format!("methods {}", names.join(", ")));
+        }
+        if let Some(paths) = &self.paths {
+            let globs: Vec<&str> = paths.iter().map(|g| g.text.as_str()).collect();
+            parts.push(format!("paths {}", globs.join(", ")));
+        }
+        if parts.is_empty() {
+            f.write_str("everything")
+        } else {
+            f.write_str(&parts.join(" and "))
+        }
+    }
+}
+
+/// The rules for one host pattern.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleBlock {
+    host: Pattern,
+    name: String,
+    allow: Vec<RuleEntry>,
+    deny: Vec<RuleEntry>,
+}
+
+impl RuleBlock {
+    /// A block for `host` (the allowlist's pattern syntax), named `name` in
+    /// refusals (the config says `rules[0]`).
+    pub fn new(host: &str, name: impl Into<String>) -> Result<RuleBlock, RuleError> {
+        Ok(RuleBlock {
+            host: Pattern::parse(host)?,
+            name: name.into(),
+            allow: Vec::new(),
+            deny: Vec::new(),
+        })
+    }
+
+    /// Adds an `allow` entry.
+    pub fn allow(mut self, entry: RuleEntry) -> RuleBlock {
+        self.allow.push(entry);
+        self
+    }
+
+    /// Adds a `deny` entry.
+    pub fn deny(mut self, entry: RuleEntry) -> RuleBlock {
+        self.deny.push(entry);
+        self
+    }
+
+    /// The host pattern.
+    pub fn host(&self) -> &Pattern {
+        &self.host
+    }
+}
+
+/// Rule blocks, looked up by host; see the [module docs](self).
+#[derive(Debug, Clone, Default)]
+pub struct RequestRules {
+    hosts: PatternSet,
+    blocks: Arc<[RuleBlock]>,
+}
+
+impl PartialEq for RequestRules {
+    fn eq(&self, other: &RequestRules) -> bool {
+        self.blocks == other.blocks
+    }
+}
+
+impl Eq for RequestRules {}
+
+/// What the rules say about one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuleVerdict {
+    /// No block's host matches: the rules say nothing.
+    NoRules,
+    /// An `allow` entry matches (and no `deny`): the block and entry names.
+    Allowed(String),
+    /// Refused: the reason and the rule that decided (for the refusal).
+    Refused(Reason, String),
+}
+
+impl RequestRules {
+    /// Rules made of `blocks`.
+    pub fn new(blocks: Vec<RuleBlock>) -> RequestRules {
+        let mut hosts = PatternSet::new();
+        for block in &blocks {
+            hosts.insert(block.host.clone());
+        }
+        RequestRules {
+            hosts,
+            blocks: blocks.into(),
+        }
+    }
+
+    /// Whether there are no rules.
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+    }
+
+    /// The blocks.
+    pub fn blocks(&self) -> &[RuleBlock] {
+        &self.blocks
+    }
+
+    fn blocks_for<'a>(&'a self, target: &Target) -> Vec<(usize, &'a RuleBlock)> {
+        let Target::Host { host, port } = target else {
+            return Vec::new();
+        };
+        self.hosts
+            .find_all(host, *port)
+            .into_iter()
+            .filter_map(|index| self.blocks.get(index).map(|block| (index, block)))
+            .collect()
+    }
+
+    /// Whether any block's host matches `target`.
+    pub fn covers(&self, target: &Target) -> bool {
+        !self.blocks.is_empty() && !self.blocks_for(target).is_empty()
+    }
+
+    /// The verdict for `method` on `path` (as sent, not yet normalised) to
+    /// `target`.
+    pub fn decide(&self, target: &Target, method: &Method, path: &str) -> RuleVerdict {
+        if self.blocks.is_empty() {
+            return RuleVerdict::NoRules;
+        }
+        let blocks = self.blocks_for(target);
+        let Some((_, first)) = blocks.first() else {
+            return RuleVerdict::NoRules;
+        };
+        let segments = match normalise_path(path) {
+            Ok(segments) => segments,
+            Err(why) => {
+                return RuleVerdict::Refused(
+                    Reason::RuleNotMatched,
+                    format!("{} ({}): {why}", first.name, first.host),
+                )
+            }
+        };
+        for (_, block) in &blocks {
+            for (index, entry) in block.deny.iter().enumerate() {
+                if entry.matches(method, &segments, true) {
+                    return RuleVerdict::Refused(
+                        Reason::RuleDenied,
+                        format!("{}.deny[{index}] ({}): {entry}", block.name, block.host),
+                    );
+                }
+            }
+        }
+        // Every block that covers the host must allow it: rules narrow.
+        let mut allowed_by = Vec::new();
+        for (_, block) in &blocks {
+            let found = block
+                .allow
+                .iter()
+                .enumerate()
+                .find(|(_, entry)| entry.matches(method, &segments, false));
+            match found {
+                Some((index, entry)) => allowed_by.push(format!(
+                    "{}.allow[{index}] ({}): {entry}",
+                    block.name, block.host
+                )),
+                None => {
+                    return RuleVerdict::Refused(
+                        Reason::RuleNotMatched,
+                        format!(
+                            "{} ({}): no allow entry matches {} /{}",
+                            block.name,
+                            block.host,
+                            method.as_str().escape_debug(),
+                            segments.join("/").escape_debug()
+                        ),
+                    )
+                }
+            }
+        }
+        RuleVerdict::Allowed(allowed_by.join("; "))
+    }
+}
+
+/// Configures [`RequestRulesService`].
+#[derive(Debug, Clone)]
+pub struct RequestRulesLayer {
+    policy: PolicyHandle,
+}
+
+impl RequestRulesLayer {
+    /// Reads the rules from `policy` per request.
+    pub fn new(policy: PolicyHandle) -> RequestRulesLayer {
+        RequestRulesLayer { policy }
+    }
+}
+
+impl<S> Layer<S> for RequestRulesLayer {
+    type Service = RequestRulesService<S>;
+
+    fn layer(&self, inner: S) -> RequestRulesService<S> {
+        RequestRulesService {
+            inner,
+            policy: self.policy.clone(),
+        }
+    }
+}
+
+/// Decides each request by the request rules; see the [module docs](self).
+#[derive(Debug, Clone)]
+pub struct RequestRulesService<S> {
+    inner: S,
+    policy: PolicyHandle,
+}
+
+pin_project! {
+    /// [`RequestRulesService`]'s response future: the inner response, with
+    /// the [`Intercept`] answer on a `CONNECT` to a host with rules.
+    #[derive(Debug)]
+    pub struct RequestRulesFuture<F> {
+        #[pin]
+        inner: ResponseFuture<F>,
+        intercept: bool,
+    }
+}
+
+impl<F, R, E> Future for RequestRulesFuture<F>
+where
+    F: Future<Output = Result<Response<R>, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<Response<R>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let intercept = *this.intercept;
+        this.inner.poll(cx).map_ok(|mut response| {
+            if intercept {
+                response.extensions_mut().insert(Intercept);
+            }
+            response
+        })
+    }
+}
+
+impl<S, B, R> Service<Request<B>> for RequestRulesService<S>
+where
+    S: Service<Request<B>, Response = Response<R>>,
+    S::Error: Into<BoxError>,
+{
+    type Response = Response<R>;
+    type Error = BoxError;
+    type Future = RequestRulesFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let policy = self.policy.load();
+        let rules = policy.request_rules();
+        let refuse = |error: BoxError| RequestRulesFuture {
+            inner: ResponseFuture::refused(error),
+            intercept: false,
+        };
+        if rules.is_empty() || request.extensions().get::<UdpAssociation>().is_some() {
+            return RequestRulesFuture {
+                inner: ResponseFuture::inner(self.inner.call(request)),
+                intercept: false,
+            };
+        }
+        let info = match RequestInfo::from_request(&request) {
+            Ok(info) => info,
+            Err(bad) => return refuse(bad.into()),
+        };
+        if !rules.covers(&info.target) {
+            return RequestRulesFuture {
+                inner: ResponseFuture::inner(self.inner.call(request)),
+                intercept: false,
+            };
+        }
+        let blocked = |reason, rule: String| {
+            Blocked::new(
+                reason,
+                Source::RequestRules,
+                info.target.clone(),
+                info.protocol,
+                &info.method,
+            )
+            .with_rule(Some(rule))
+        };
+        if info.method == Method::CONNECT || info.protocol.is_tunnel() {
+            let offered = info.method == Method::CONNECT
+                && request.extensions().get::<Interceptable>().is_some();
+            if !offered {
+                let names: Vec<String> = rules
+                    .blocks_for(&info.target)
+                    .iter()
+                    .map(|(_, block)| format!("{} ({})", block.name, block.host))
+                    .collect();
+                return refuse(
+                    blocked(Reason::MitmRequired, names.join(", "))
+                        .with_message(format!(
+                            "portcullis refused {} {}: it has request rules ({}), which are checked only on requests portcullis can see; reach it over HTTP, or over an HTTPS CONNECT portcullis can intercept",
+                            info.method.as_str().escape_debug(),
+                            info.target,
+                            names.join(", ")
+                        ))
+                        .into(),
+                );
+            }
+            return RequestRulesFuture {
+                inner: ResponseFuture::inner(self.inner.call(request)),
+                intercept: true,
+            };
+        }
+        match rules.decide(&info.target, &info.method, request.uri().path()) {
+            RuleVerdict::NoRules | RuleVerdict::Allowed(_) => RequestRulesFuture {
+                inner: ResponseFuture::inner(self.inner.call(request)),
+                intercept: false,
+            },
+            RuleVerdict::Refused(reason, rule) => refuse(blocked(reason, rule).into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{find_blocked, NetworkPolicy, Protocol};
+    use tower_test::mock;
+
+    fn rules() -> RequestRules {
+        RequestRules::new(vec![
+            RuleBlock::new("api.github.com", "rules[0]")
+                .unwrap()
+                .allow(RuleEntry::new().methods(["GET", "HEAD"]).unwrap())
+                .allow(
+                    RuleEntry::new()
+                        .methods(["POST", "PATCH"])
+                        .unwrap()
+                        .paths(["/repos/acme/widgets/issues/**"])
+                        .unwrap(),
+                )
+                .deny(RuleEntry::new().paths(["/user/keys/**"]).unwrap()),
+            RuleBlock::new("*.github.com", "rules[1]")
+                .unwrap()
+                .allow(RuleEntry::new())
+                .deny(RuleEntry::new().paths(["/admin/**"]).unwrap()),
+        ])
+    }
+
+    fn target(authority: &str) -> Target {
+        Target::parse_authority(authority, None).unwrap()
+    }
+
+    fn verdict(method: &str, path: &str) -> RuleVerdict {
+        rules().decide(
+            &target("api.github.com:443"),
+            &Method::from_bytes(method.as_bytes()).unwrap(),
+            path,
+        )
+    }
+
+    fn reason(method: &str, path: &str) -> Option<Reason> {
+        match verdict(method, path) {
+            RuleVerdict::Refused(reason, _) => Some(reason),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn paths_are_normalised_before_matching() {
+        assert_eq!(normalise_path("/a//b/./c/../d").unwrap(), ["a", "b", "d"]);
+        assert_eq!(normalise_path("/%2e%2e/x/%2E/y").unwrap(), ["x", "y"]);
+        assert_eq!(normalise_path("/../../x").unwrap(), ["x"]);
+        assert!(normalise_path("/a%2Fb").is_err());
+        assert!(normalise_path("/a%5cb").is_err());
+        assert!(normalise_path("/a\\b").is_err());
+        assert!(normalise_path("/a%00").is_err());
+        assert_eq!(normalise_path("/caf%C3%A9").unwrap(), ["café"]);
+    }
+
+    #[test]
+    fn globs() {
+        let glob = PathGlob::parse("/repos/*/issues/**").unwrap();
+        let path = |p: &str| normalise_path(p).unwrap();
+        assert!(glob.matches(&path("/repos/acme/issues"), false));
+        assert!(glob.matches(&path("/repos/acme/issues/1/comments"), false));
+        assert!(!glob.matches(&path("/repos/acme/pulls/1"), false));
+        assert!(!glob.matches(&path("/repos/issues"), false));
+        assert!(!glob.matches(&path("/Repos/acme/issues"), false));
+        assert!(glob.matches(&path("/Repos/acme/issues"), true));
+        assert!(PathGlob::parse("/").unwrap().matches(&path("/"), false));
+        for bad in ["repos", "/a//b", "/a/", "/a*", "/../x", "/a%2Fb", "/a?b"] {
+            assert!(PathGlob::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn deny_wins_then_allow_then_not_matched() {
+        assert_eq!(reason("GET", "/repos/acme/widgets"), None);
+        assert_eq!(
+            reason("POST", "/repos/acme/widgets/issues/3/comments"),
+            None
+        );
+        assert_eq!(
+            reason("POST", "/repos/acme/other/issues"),
+            Some(Reason::RuleNotMatched)
+        );
+        assert_eq!(
+            reason("DELETE", "/repos/acme/widgets"),
+            Some(Reason::RuleNotMatched)
+        );
+        // Deny wins over an allow, through every trick on the path.
+        for path in [
+            "/user/keys/1",
+            "/repos/acme/../../user/keys/1",
+            "/%2e%2e/user/keys",
+            "//user//keys/",
+            "/USER/Keys/1",
+            "/user/%6beys/1",
+        ] {
+            assert_eq!(reason("GET", path), Some(Reason::RuleDenied), "{path}");
+        }
+        // An encoded separator is never matched against anything.
+        assert_eq!(
+            reason("GET", "/user%2Fkeys/1"),
+            Some(Reason::RuleNotMatched)
+        );
+        // A less specific block's deny applies too: rules narrow.
+        assert_eq!(reason("GET", "/admin/x"), Some(Reason::RuleDenied));
+        // Methods: allow compares exactly, deny ignores case.
+        assert_eq!(reason("get", "/repos"), Some(Reason::RuleNotMatched));
+        match verdict("POST", "/repos/acme/widgets/issues") {
+            RuleVerdict::Allowed(rule) => assert!(rule.starts_with("rules[0].allow[1]"), "{rule}"),
+            other => panic!("{other:?}"),
+        }
+        match verdict("GET", "/user/keys") {
+            RuleVerdict::Refused(_, rule) => {
+                assert_eq!(
+                    rule,
+                    "rules[0].deny[0] (api.github.com): paths /user/keys/**"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            rules().decide(&target("example.com:443"), &Method::DELETE, "/"),
+            RuleVerdict::NoRules
+        );
+    }
+
+    fn request(method: &str, uri: &str, protocol: Protocol, authority: &str) -> Request<()> {
+        let mut request = Request::builder().method(method).uri(uri).body(()).unwrap();
+        request.extensions_mut().insert(target(authority));
+        request.extensions_mut().insert(protocol);
+        request
+    }
+
+    async fn outcome(request: Request<()>) -> Result<bool, Reason> {
+        let policy = PolicyHandle::new(NetworkPolicy::builder().request_rules(rules()).build());
+        let (mut service, mut mock) =
+            mock::spawn_layer::<Request<()>, Response<()>, _>(RequestRulesLayer::new(policy));
+        mock.allow(1);
+        assert!(service.poll_ready().is_ready());
+        let response = service.call(request);
+        match mock.poll_request() {
+            Poll::Ready(Some((_, send))) => {
+                send.send_response(Response::new(()));
+                let response = response.await.unwrap();
+                Ok(response.extensions().get::<Intercept>().is_some())
+            }
+            _ => Err(find_blocked(response.await.unwrap_err().as_ref())
+                .unwrap()
+                .reason),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_layer_decides_requests_and_asks_to_intercept_ruled_tunnels() {
+        use Protocol::*;
+        let url = "https://api.github.com/user/keys";
+        assert_eq!(
+            outcome(request("GET", url, HttpsMitm, "api.github.com:443")).await,
+            Err(Reason::RuleDenied)
+        );
+        assert_eq!(
+            outcome(request(
+                "GET",
+                "http://api.github.com/x",
+                Http,
+                "api.github.com:80"
+            ))
+            .await,
+            Ok(false)
+        );
+        // A ruled host's CONNECT: intercepted when offered, refused when not.
+        let mut offered = request(
+            "CONNECT",
+            "api.github.com:443",
+            HttpsConnect,
+            "api.github.com:443",
+        );
+        offered.extensions_mut().insert(Interceptable);
+        assert_eq!(outcome(offered).await, Ok(true));
+        assert_eq!(
+            outcome(request(
+                "CONNECT",
+                "api.github.com:443",
+                HttpsConnect,
+                "api.github.com:443"
+            ))
+            .await,
+            Err(Reason::MitmRequired)
+        );
+        assert_eq!(
+            outcome(request(
+                "CONNECT",
+                "api.github.com:443",
+                Socks5Tcp,
+                "api.github.com:443"
+            ))
+            .await,
+            Err(Reason::MitmRequired)
+        );
+        // A host without rules: untouched, never intercepted.
+        let mut other = request(
+            "CONNECT",
+            "example.com:443",
+            HttpsConnect,
+            "example.com:443",
+        );
+        other.extensions_mut().insert(Interceptable);
+        assert_eq!(outcome(other).await, Ok(false));
+    }
+}

@@ -1,0 +1,264 @@
+//! Request rules end to end on loopback: absolute-form HTTP, SOCKS5, the
+//! config's `[[rules]]` and its errors, and `check`. (Intercepted CONNECT,
+//! in full and limited mode, is in `tests/mitm.rs`.)
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use portcullis::middleware::request_rules::{RequestRules, RuleBlock, RuleEntry};
+use portcullis::middleware::{Mode, Reason};
+
+/// Rules for 127.0.0.1: any GET, POST only under /issues/, never /secret/.
+fn rules() -> RequestRules {
+    RequestRules::new(vec![RuleBlock::new("127.0.0.1", "rules[0]")
+        .unwrap()
+        .allow(RuleEntry::new().methods(["GET", "HEAD"]).unwrap())
+        .allow(
+            RuleEntry::new()
+                .methods(["POST"])
+                .unwrap()
+                .paths(["/issues/**"])
+                .unwrap(),
+        )
+        .deny(RuleEntry::new().paths(["/secret/**"]).unwrap())])
+}
+
+#[tokio::test]
+async fn absolute_form_http_is_decided_request_by_request() {
+    let origin = origin().await;
+    let policy = allow(&["127.0.0.1"]).request_rules(rules()).build();
+    let proxy = proxy_with(policy, &[], |b| b).await;
+    let base = format!("http://{}", origin.addr);
+    let proxy_url = proxy.http_url();
+    let via = |args: Vec<String>| {
+        let proxy_url = proxy_url.clone();
+        async move {
+            let mut all: Vec<String> =
+                vec!["-i".into(), "--path-as-is".into(), "-x".into(), proxy_url];
+            all.extend(args);
+            let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+            parse_response(&curl(&refs).await.stdout)
+        }
+    };
+    let (status, _, body) = via(vec![format!("{base}/repos/x")]).await;
+    assert_eq!((status, body.as_str()), (200, "hello /repos/x"));
+    let (status, _, body) = via(vec![
+        "-d".into(),
+        "x".into(),
+        format!("{base}/issues/1/comments"),
+    ])
+    .await;
+    assert_eq!((status, body.as_str()), (200, "hello /issues/1/comments"));
+
+    let (status, headers, body) =
+        via(vec!["-d".into(), "x".into(), format!("{base}/pulls/1")]).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(headers["x-proxy-error"], "blocked-by-request-rule");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["reason"], "rule_not_matched");
+    assert_eq!(json["source"], "request_rules");
+    assert!(
+        json["rule"]
+            .as_str()
+            .unwrap()
+            .starts_with("rules[0] (127.0.0.1)"),
+        "{json}"
+    );
+
+    // No spelling of a denied path reaches the origin.
+    for path in [
+        "/secret/key",
+        "/repos/../secret/key",
+        "/%2e%2e/secret/key",
+        "/repos/%2E%2E/secret/key",
+        "//secret//key",
+        "/SECRET/key",
+        "/%73ecret/key",
+        "/secret%2Fkey",
+        "/./secret/./key",
+    ] {
+        let (status, headers, body) = via(vec![format!("{base}{path}")]).await;
+        assert_eq!(status, 403, "{path}: {body}");
+        assert_eq!(
+            headers["x-proxy-error"], "blocked-by-request-rule",
+            "{path}"
+        );
+        assert!(!body.contains("hello"), "{path} reached the origin");
+    }
+    let last = proxy.ring.snapshot().pop().unwrap();
+    assert_eq!(last.blocked.reason, Reason::RuleDenied);
+}
+
+#[tokio::test]
+async fn a_ruled_host_is_never_reached_unseen_and_other_hosts_are_untouched() {
+    let origin = origin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let other = "localhost";
+    let policy = allow(&["127.0.0.1", "localhost"])
+        .request_rules(rules())
+        .build();
+    let proxy = proxy_with(policy, &[], |b| b).await;
+    // SOCKS5 cannot show the requests: refused (reply 0x02, curl's 97).
+    let url = format!("http://{}/repos/x", origin.addr);
+    let out = curl(&["--socks5", &proxy.socks_addr().to_string(), &url]).await;
+    assert_eq!(out.code, Some(97), "{}", out.stderr);
+    let last = proxy.ring.snapshot().pop().unwrap();
+    assert_eq!(last.blocked.reason, Reason::MitmRequired);
+    assert!(
+        last.blocked.message.contains("rules[0]"),
+        "{}",
+        last.blocked.message
+    );
+    // A CONNECT the proxy cannot intercept (no CA): refused, not relayed.
+    let (_, head) = raw_exchange(
+        proxy.handle.http_addr(),
+        &format!("CONNECT {} HTTP/1.1\r\n\r\n", origin.addr),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    // A host without rules: every method, every path, every way in.
+    let port = origin.addr.port();
+    let unruled = format!("http://{other}:{port}/secret/x");
+    assert_eq!(
+        curl_status(&["-x", &proxy.http_url(), "-X", "DELETE", &unruled]).await,
+        "200"
+    );
+    let out = curl(&[
+        "--socks5-hostname",
+        &proxy.socks_addr().to_string(),
+        &unruled,
+    ])
+    .await;
+    assert_eq!(out.stdout, "hello /secret/x", "{}", out.stderr);
+    drop(dir);
+}
+
+#[tokio::test]
+async fn limited_mode_and_rules_compose() {
+    let origin = origin().await;
+    let policy = allow(&["127.0.0.1"])
+        .request_rules(rules())
+        .mode(Mode::Limited)
+        .build();
+    let proxy = proxy_with(policy, &[], |b| b).await;
+    let base = format!("http://{}", origin.addr);
+    // Rules allow a POST under /issues/; limited mode does not.
+    let out = curl(&[
+        "-i",
+        "-x",
+        &proxy.http_url(),
+        "-d",
+        "x",
+        &format!("{base}/issues/1"),
+    ])
+    .await;
+    let (status, headers, _) = parse_response(&out.stdout);
+    assert_eq!(
+        (status, headers["x-proxy-error"].as_str()),
+        (403, "blocked-by-method-policy")
+    );
+    // Limited mode allows a GET; the rules deny /secret/.
+    let out = curl(&["-i", "-x", &proxy.http_url(), &format!("{base}/secret/x")]).await;
+    let (status, headers, _) = parse_response(&out.stdout);
+    assert_eq!(
+        (status, headers["x-proxy-error"].as_str()),
+        (403, "blocked-by-request-rule")
+    );
+}
+
+#[tokio::test]
+async fn config_rules_are_checked_naming_key_and_file_and_check_decides_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let bad = [
+        (
+            "[[rules]]\nhost = \"x.test\"\nallow = []\n",
+            "rules[0].allow",
+        ),
+        (
+            "[[rules]]\nhost = \"x.test\"\nallow = [{ methods = [\"G T\"] }]\n",
+            "rules[0].allow[0].methods",
+        ),
+        (
+            "[[rules]]\nhost = \"x.test\"\nallow = [{ paths = [\"repos\"] }]\n",
+            "rules[0].allow[0].paths",
+        ),
+        (
+            "[[rules]]\nhost = \"x.test\"\nallow = [{}]\n",
+            "rules[0].allow[0]",
+        ),
+        (
+            "[[rules]]\nhost = \"*.github.io\"\nallow = [{ methods = [\"GET\"] }]\n",
+            "rules[0].host",
+        ),
+        (
+            "[[rules]]\nhost = \"*\"\nallow = [{ methods = [\"GET\"] }]\n",
+            "rules[0].host",
+        ),
+        (
+            "[[rules]]\nhost = \"x.test\"\nallow = [{ method = [\"GET\"] }]\n",
+            "rules[0].allow[0].method",
+        ),
+        (
+            "[[rules]]\nhost = \"x.test\"\nallow = [{ methods = [\"GET\"] }]\nenforced = true\n",
+            "rules[0].enforced",
+        ),
+    ];
+    for (index, (text, key)) in bad.iter().enumerate() {
+        let path = write(&format!("bad{index}.toml"), text);
+        let (code, _, stderr) = output(
+            portcullis()
+                .args(["check", "--config"])
+                .arg(&path)
+                .arg("http://x.test/"),
+        )
+        .await;
+        assert_eq!(code, Some(64), "{text}: {stderr}");
+        assert!(
+            stderr.contains(key) && stderr.contains(&path.display().to_string()),
+            "{text}: {stderr}"
+        );
+    }
+    let config = write(
+        "good.toml",
+        "[network]\nallowed_domains = [\"x.test\"]\n[[rules]]\nhost = \"x.test\"\nallow = [{ methods = [\"GET\"] }]\ndeny = [{ paths = [\"/admin/**\"] }]\n",
+    );
+    let check = |args: Vec<String>| {
+        let config = config.clone();
+        async move {
+            output(
+                portcullis()
+                    .args(["check", "--json", "--resolve", "x.test=1.2.3.4", "--config"])
+                    .arg(&config)
+                    .args(args),
+            )
+            .await
+        }
+    };
+    let (code, stdout, stderr) = check(vec!["http://x.test/a".into()]).await;
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    let (code, stdout, _) = check(vec![
+        "--method".into(),
+        "POST".into(),
+        "http://x.test/a".into(),
+    ])
+    .await;
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(stdout.contains("rule_not_matched"), "{stdout}");
+    let (code, stdout, _) = check(vec!["http://x.test/x/../admin/y".into()]).await;
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(
+        stdout.contains("rule_denied") && stdout.contains("rules[0].deny[0]"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&config.display().to_string()),
+        "names the file: {stdout}"
+    );
+}
