@@ -113,9 +113,10 @@ pub(super) async fn check(args: CheckArgs) -> ExitCode {
             (
                 request.extensions().get::<Target>().cloned(),
                 request.extensions().get::<Protocol>().copied(),
+                (request.method().clone(), request.uri().path().to_owned()),
             )
         };
-        let (mut target, mut protocol) = model(&first);
+        let (mut target, mut protocol, mut seen) = model(&first);
         // The decision is the stack's: the CONNECT first, then, when the
         // stack asks to intercept it, the request inside (as the proxy
         // would). The allowlist and the rules file are read again only to
@@ -125,16 +126,28 @@ pub(super) async fn check(args: CheckArgs) -> ExitCode {
             .as_ref()
             .is_ok_and(|response| response.extensions().get::<Intercept>().is_some());
         if let (true, Some(inside)) = (intercepted, inside) {
-            (target, protocol) = model(&inside);
+            (target, protocol, seen) = model(&inside);
             decision = crate::transport::call_stack(service.clone(), inside).await;
         }
         let (Some(target), Some(protocol)) = (target, protocol) else {
             return usage_error(&"the target could not be parsed");
         };
+        // The request rule that let it through, when its host has rules.
+        let (method, path) = seen;
+        let rule_entry = match policy.request_rules().decide(&target, &method, &path) {
+            portcullis_middleware::request_rules::RuleVerdict::Allowed(entry)
+                if method != http::Method::CONNECT =>
+            {
+                format!("; {entry}")
+            }
+            _ => String::new(),
+        };
         let verdict = match decision {
             Ok(_) => Verdict {
                 decision: "allow",
-                rule: Some(allowing_rule(&policy, rules.as_ref(), &target, protocol)),
+                rule: Some(
+                    allowing_rule(&policy, rules.as_ref(), &target, protocol) + &rule_entry,
+                ),
                 target: target.to_string(),
                 reason: None,
                 message: None,
