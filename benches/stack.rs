@@ -62,5 +62,43 @@ fn per_request(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, per_request);
+/// One rule lookup and decision with 100 rule blocks: the host has a block
+/// of its own among 99 others, and its request is allowed by the last
+/// entry (the path is normalised and every entry tried).
+fn rule_lookup(c: &mut Criterion) {
+    use portcullis_middleware::request_rules::{RequestRules, RuleBlock, RuleEntry, RuleVerdict};
+    let mut blocks = Vec::new();
+    for index in 0..100 {
+        blocks.push(
+            RuleBlock::new(
+                &format!("api{index}.example.com"),
+                format!("rules[{index}]"),
+            )
+            .expect("a host")
+            .allow(RuleEntry::new().methods(["GET", "HEAD"]).expect("methods"))
+            .allow(
+                RuleEntry::new()
+                    .methods(["POST"])
+                    .expect("methods")
+                    .paths(["/repos/acme/*/issues/**"])
+                    .expect("paths"),
+            )
+            .deny(RuleEntry::new().paths(["/user/keys/**"]).expect("paths")),
+        );
+    }
+    let rules = RequestRules::new(blocks);
+    let target = portcullis_middleware::Target::parse_authority("api57.example.com:443", None)
+        .expect("a target");
+    let method = http::Method::POST;
+    let path = "/repos/acme/widgets/../widgets/issues/12/comments";
+    assert!(matches!(
+        rules.decide(&target, &method, path),
+        RuleVerdict::Allowed(_)
+    ));
+    c.bench_function("request_rules_decide_100_blocks", |b| {
+        b.iter(|| black_box(rules.decide(black_box(&target), &method, black_box(path))))
+    });
+}
+
+criterion_group!(benches, per_request, rule_lookup);
 criterion_main!(benches);

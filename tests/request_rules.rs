@@ -243,7 +243,10 @@ async fn config_rules_are_checked_naming_key_and_file_and_check_decides_them() {
     };
     let (code, stdout, stderr) = check(vec!["http://x.test/a".into()]).await;
     assert_eq!(code, Some(0), "{stdout}{stderr}");
-    assert!(stdout.contains("rules[0].allow[0] (x.test): methods GET"), "names the entry: {stdout}");
+    assert!(
+        stdout.contains("rules[0].allow[0] (x.test): methods GET"),
+        "names the entry: {stdout}"
+    );
     let (code, stdout, _) = check(vec![
         "--method".into(),
         "POST".into(),

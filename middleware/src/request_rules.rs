@@ -62,6 +62,7 @@
 //! # }
 //! ```
 
+use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -157,7 +158,7 @@ impl PathGlob {
 
     /// Whether the normalised `path` matches, comparing literals exactly or
     /// ignoring ASCII case.
-    fn matches(&self, path: &[String], ignore_case: bool) -> bool {
+    fn matches(&self, path: &[Cow<'_, str>], ignore_case: bool) -> bool {
         matches(&self.segments, path, ignore_case)
     }
 }
@@ -168,7 +169,7 @@ impl fmt::Display for PathGlob {
     }
 }
 
-fn matches(glob: &[Segment], path: &[String], ignore_case: bool) -> bool {
+fn matches(glob: &[Segment], path: &[Cow<'_, str>], ignore_case: bool) -> bool {
     match glob.split_first() {
         None => path.is_empty(),
         Some((Segment::Any, rest)) => (0..=path.len()).any(|skip| {
@@ -181,7 +182,7 @@ fn matches(glob: &[Segment], path: &[String], ignore_case: bool) -> bool {
                 let here = match segment {
                     Segment::One => true,
                     Segment::Literal(literal) if ignore_case => literal.eq_ignore_ascii_case(first),
-                    Segment::Literal(literal) => literal == first,
+                    Segment::Literal(literal) => literal == first.as_ref(),
                     Segment::Any => false,
                 };
                 here && matches(rest, tail, ignore_case)
@@ -193,17 +194,22 @@ fn matches(glob: &[Segment], path: &[String], ignore_case: bool) -> bool {
 /// A request path, normalised for matching: its segments, decoded, with
 /// `//`, `.` and `..` resolved. `Err` for a path origins read differently
 /// (an encoded `/` or `\`, a raw `\`, a decoded NUL).
-pub fn normalise_path(path: &str) -> Result<Vec<String>, &'static str> {
+pub fn normalise_path(path: &str) -> Result<Vec<Cow<'_, str>>, &'static str> {
     if path.contains('\\') {
         return Err("the path holds a \\");
     }
-    let mut segments: Vec<String> = Vec::new();
+    let mut segments: Vec<Cow<'_, str>> = Vec::new();
     for raw in path.split('/') {
-        let decoded = percent_decode(raw);
-        if decoded.contains(['/', '\\', '\0']) {
-            return Err("the path holds an encoded /, \\ or NUL (%2F, %5C, %00)");
-        }
-        match decoded.as_str() {
+        let decoded = if raw.contains('%') {
+            let decoded = percent_decode(raw);
+            if decoded.contains(['/', '\\', '\0']) {
+                return Err("the path holds an encoded /, \\ or NUL (%2F, %5C, %00)");
+            }
+            Cow::Owned(decoded)
+        } else {
+            Cow::Borrowed(raw)
+        };
+        match decoded.as_ref() {
             "" | "." => {}
             ".." => {
                 segments.pop();
@@ -293,7 +299,7 @@ impl RuleEntry {
         Ok(self)
     }
 
-    fn matches(&self, method: &Method, path: &[String], ignore_case: bool) -> bool {
+    fn matches(&self, method: &Method, path: &[Cow<'_, str>], ignore_case: bool) -> bool {
         let method_matches = self.methods.as_ref().is_none_or(|methods| {
             methods.iter().any(|m| {
                 if ignore_case {
@@ -389,8 +395,9 @@ impl Eq for RequestRules {}
 pub enum RuleVerdict {
     /// No block's host matches: the rules say nothing.
     NoRules,
-    /// An `allow` entry matches (and no `deny`): the block and entry names.
-    Allowed(String),
+    /// An `allow` entry matches (and no `deny`) in each block for the host,
+    /// as (block, entry) indexes: name them with [`RequestRules::describe`].
+    Allowed(Vec<(usize, usize)>),
     /// Refused: the reason and the rule that decided (for the refusal).
     Refused(Reason, String),
 }
@@ -464,18 +471,15 @@ impl RequestRules {
             }
         }
         // Every block that covers the host must allow it: rules narrow.
-        let mut allowed_by = Vec::new();
-        for (_, block) in &blocks {
+        let mut allowed_by = Vec::with_capacity(blocks.len());
+        for (block_index, block) in &blocks {
             let found = block
                 .allow
                 .iter()
                 .enumerate()
                 .find(|(_, entry)| entry.matches(method, &segments, false));
             match found {
-                Some((index, entry)) => allowed_by.push(format!(
-                    "{}.allow[{index}] ({}): {entry}",
-                    block.name, block.host
-                )),
+                Some((index, _)) => allowed_by.push((*block_index, index)),
                 None => {
                     return RuleVerdict::Refused(
                         Reason::RuleNotMatched,
@@ -490,7 +494,24 @@ impl RequestRules {
                 }
             }
         }
-        RuleVerdict::Allowed(allowed_by.join("; "))
+        RuleVerdict::Allowed(allowed_by)
+    }
+
+    /// Names the entries of an [`Allowed`](RuleVerdict::Allowed) verdict:
+    /// `rules[0].allow[1] (api.example.com): methods POST and paths /x/**`.
+    pub fn describe(&self, allowed_by: &[(usize, usize)]) -> String {
+        let names: Vec<String> = allowed_by
+            .iter()
+            .filter_map(|&(block, entry)| {
+                let block = self.blocks.get(block)?;
+                let entry_rule = block.allow.get(entry)?;
+                Some(format!(
+                    "{}.allow[{entry}] ({}): {entry_rule}",
+                    block.name, block.host
+                ))
+            })
+            .collect();
+        names.join("; ")
     }
 }
 
@@ -696,7 +717,9 @@ mod tests {
     #[test]
     fn globs() {
         let glob = PathGlob::parse("/repos/*/issues/**").unwrap();
-        let path = |p: &str| normalise_path(p).unwrap();
+        fn path(p: &str) -> Vec<Cow<'_, str>> {
+            normalise_path(p).unwrap()
+        }
         assert!(glob.matches(&path("/repos/acme/issues"), false));
         assert!(glob.matches(&path("/repos/acme/issues/1/comments"), false));
         assert!(!glob.matches(&path("/repos/acme/pulls/1"), false));
@@ -745,7 +768,10 @@ mod tests {
         // Methods: allow compares exactly, deny ignores case.
         assert_eq!(reason("get", "/repos"), Some(Reason::RuleNotMatched));
         match verdict("POST", "/repos/acme/widgets/issues") {
-            RuleVerdict::Allowed(rule) => assert!(rule.starts_with("rules[0].allow[1]"), "{rule}"),
+            RuleVerdict::Allowed(by) => {
+                let rule = rules().describe(&by);
+                assert!(rule.starts_with("rules[0].allow[1]"), "{rule}")
+            }
             other => panic!("{other:?}"),
         }
         match verdict("GET", "/user/keys") {

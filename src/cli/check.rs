@@ -135,19 +135,17 @@ pub(super) async fn check(args: CheckArgs) -> ExitCode {
         // The request rule that let it through, when its host has rules.
         let (method, path) = seen;
         let rule_entry = match policy.request_rules().decide(&target, &method, &path) {
-            portcullis_middleware::request_rules::RuleVerdict::Allowed(entry)
+            portcullis_middleware::request_rules::RuleVerdict::Allowed(by)
                 if method != http::Method::CONNECT =>
             {
-                format!("; {entry}")
+                format!("; {}", policy.request_rules().describe(&by))
             }
             _ => String::new(),
         };
         let verdict = match decision {
             Ok(_) => Verdict {
                 decision: "allow",
-                rule: Some(
-                    allowing_rule(&policy, rules.as_ref(), &target, protocol) + &rule_entry,
-                ),
+                rule: Some(allowing_rule(&policy, rules.as_ref(), &target, protocol) + &rule_entry),
                 target: target.to_string(),
                 reason: None,
                 message: None,
