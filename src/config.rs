@@ -60,6 +60,14 @@ pub struct RuleConfig {
     /// Requests that may not, whatever `allow` says.
     #[serde(default)]
     pub deny: Vec<RuleEntryConfig>,
+    /// `false`: audit mode — what this block would refuse goes through and
+    /// is recorded as a would-be refusal (decision `audit`).
+    #[serde(default = "enforced")]
+    pub enforce: bool,
+}
+
+fn enforced() -> bool {
+    true
 }
 
 /// One `allow` or `deny` entry.
@@ -672,7 +680,7 @@ impl Config {
                     };
                 }
             }
-            blocks.push(block);
+            blocks.push(if rule.enforce { block } else { block.audit() });
         }
         Ok(RequestRules::new(blocks))
     }

@@ -439,7 +439,9 @@ impl<O, I> ProxyBuilder<O, I> {
         let metrics = self.settings.metrics.clone();
         let refusals = self.settings.refusals.clone();
         let layer = layer.with_sink(move |violation: &portcullis_middleware::Violation| {
-            metrics.refused(violation.blocked.reason.as_str());
+            if violation.blocked.decision != portcullis_middleware::BlockDecision::Audit {
+                metrics.refused(violation.blocked.reason.as_str());
+            }
             // Copied only when someone listens.
             if refusals.receiver_count() > 0 {
                 let _ = refusals.send(violation.clone());

@@ -66,6 +66,10 @@ impl Tally {
 impl ViolationSink for Tally {
     fn record(&self, violation: &Violation) {
         let blocked = &violation.blocked;
+        // Audit mode refused nothing: not a refusal to report.
+        if blocked.decision == portcullis_middleware::BlockDecision::Audit {
+            return;
+        }
         let destination = printable(&match blocked.target.port() {
             Some(port) => format!("{}:{port}", blocked.target.host_string()),
             None => blocked.target.host_string(),

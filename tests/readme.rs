@@ -65,6 +65,15 @@ const PLANS: &[(&str, Plan)] = &[
         },
     ),
     (
+        "> rules.toml",
+        Plan::Run {
+            // --resolve keeps check off the network; the second line is
+            // refused by the rules.
+            lines: "",
+            expect: "reason: rule_not_matched",
+        },
+    ),
+    (
         "portcullis ca ",
         Plan::Run {
             // The second line clones from github.com.

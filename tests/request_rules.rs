@@ -8,7 +8,7 @@ mod common;
 
 use common::*;
 use portcullis::middleware::request_rules::{RequestRules, RuleBlock, RuleEntry};
-use portcullis::middleware::{Mode, Reason};
+use portcullis::middleware::{BlockDecision, Mode, Reason};
 
 /// Rules for 127.0.0.1: any GET, POST only under /issues/, never /secret/.
 fn rules() -> RequestRules {
@@ -133,6 +133,36 @@ async fn a_ruled_host_is_never_reached_unseen_and_other_hosts_are_untouched() {
     .await;
     assert_eq!(out.stdout, "hello /secret/x", "{}", out.stderr);
     drop(dir);
+}
+
+#[tokio::test]
+async fn audit_mode_lets_requests_through_and_records_what_it_would_refuse() {
+    let origin = origin().await;
+    let audit = RequestRules::new(vec![RuleBlock::new("127.0.0.1", "rules[0]")
+        .unwrap()
+        .allow(RuleEntry::new().methods(["GET"]).unwrap())
+        .deny(RuleEntry::new().paths(["/secret/**"]).unwrap())
+        .audit()]);
+    let policy = allow(&["127.0.0.1"]).request_rules(audit).build();
+    let proxy = proxy_with(policy, &[], |b| b).await;
+    let base = format!("http://{}", origin.addr);
+    let out = curl(&["-x", &proxy.http_url(), &format!("{base}/secret/x")]).await;
+    assert_eq!(out.stdout, "hello /secret/x", "{}", out.stderr);
+    let out = curl(&["-x", &proxy.http_url(), "-d", "x", &format!("{base}/write")]).await;
+    assert_eq!(out.stdout, "hello /write", "{}", out.stderr);
+    let records = proxy.ring.snapshot();
+    assert_eq!(records.len(), 2, "{records:?}");
+    assert_eq!(records[0].blocked.reason, Reason::RuleDenied);
+    assert_eq!(records[1].blocked.reason, Reason::RuleNotMatched);
+    for record in &records {
+        assert_eq!(record.blocked.decision, BlockDecision::Audit);
+        assert_eq!(record.to_json()["decision"], "audit");
+        assert!(record.message.contains("audit mode"), "{}", record.message);
+    }
+    // An allowed request is not recorded.
+    let out = curl(&["-x", &proxy.http_url(), &format!("{base}/fine")]).await;
+    assert_eq!(out.stdout, "hello /fine");
+    assert_eq!(proxy.ring.total(), 2);
 }
 
 #[tokio::test]

@@ -104,6 +104,9 @@ pub enum BlockDecision {
     Deny,
     /// The policy had no answer and nothing resolved the question.
     Ask,
+    /// Not refused: a rule in audit mode would have refused it, and it
+    /// went through (recorded, never answered).
+    Audit,
 }
 
 impl BlockDecision {
@@ -112,6 +115,7 @@ impl BlockDecision {
         match self {
             BlockDecision::Deny => "deny",
             BlockDecision::Ask => "ask",
+            BlockDecision::Audit => "audit",
         }
     }
 }

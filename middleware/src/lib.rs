@@ -186,6 +186,6 @@ pub use stack::{DefaultStack, ServiceBuilderExt};
 pub use strip_headers::{StripHeaders, StripHeadersLayer};
 pub use target::{Host, Target, TargetError};
 pub use violation_log::{
-    JsonLinesSink, Violation, ViolationLog, ViolationLogLayer, ViolationRecord, ViolationRing,
-    ViolationSink, Wording,
+    Audited, JsonLinesSink, Violation, ViolationLog, ViolationLogLayer, ViolationRecord,
+    ViolationRing, ViolationSink, Wording,
 };

@@ -74,11 +74,12 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::error::{Blocked, BoxError, Reason, Source};
+use crate::error::{BlockDecision, Blocked, BoxError, Reason, Source};
 use crate::future::ResponseFuture;
 use crate::policy::{Pattern, PatternError, PatternSet, PolicyHandle};
 use crate::request::{Intercept, Interceptable, RequestInfo, UdpAssociation};
 use crate::target::Target;
+use crate::violation_log::Audited;
 
 /// Why a rule could not be built.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -343,6 +344,7 @@ pub struct RuleBlock {
     name: String,
     allow: Vec<RuleEntry>,
     deny: Vec<RuleEntry>,
+    enforce: bool,
 }
 
 impl RuleBlock {
@@ -354,7 +356,16 @@ impl RuleBlock {
             name: name.into(),
             allow: Vec::new(),
             deny: Vec::new(),
+            enforce: true,
         })
+    }
+
+    /// Audit mode (`enforce = false`): a request this block would refuse
+    /// goes through, and the would-be refusal is recorded (decision
+    /// `audit`), so rules can be tried on real traffic first.
+    pub fn audit(mut self) -> RuleBlock {
+        self.enforce = false;
+        self
     }
 
     /// Adds an `allow` entry.
@@ -400,6 +411,9 @@ pub enum RuleVerdict {
     Allowed(Vec<(usize, usize)>),
     /// Refused: the reason and the rule that decided (for the refusal).
     Refused(Reason, String),
+    /// A block in audit mode would refuse it (and none enforcing does): it
+    /// goes through, recorded with the reason and rule.
+    Audited(Reason, String),
 }
 
 impl RequestRules {
@@ -448,25 +462,32 @@ impl RequestRules {
             return RuleVerdict::NoRules;
         }
         let blocks = self.blocks_for(target);
-        let Some((_, first)) = blocks.first() else {
+        if blocks.is_empty() {
             return RuleVerdict::NoRules;
-        };
+        }
+        // An enforcing block's refusal is returned at once; an auditing
+        // block's is kept, and reported only if nothing enforcing refuses.
+        let mut audited: Option<(Reason, String)> = None;
         let segments = match normalise_path(path) {
             Ok(segments) => segments,
             Err(why) => {
-                return RuleVerdict::Refused(
-                    Reason::RuleNotMatched,
-                    format!("{} ({}): {why}", first.name, first.host),
-                )
+                for (_, block) in &blocks {
+                    let rule = format!("{} ({}): {why}", block.name, block.host);
+                    if let Some(verdict) = judge(block, Reason::RuleNotMatched, rule, &mut audited)
+                    {
+                        return verdict;
+                    }
+                }
+                Vec::new()
             }
         };
         for (_, block) in &blocks {
             for (index, entry) in block.deny.iter().enumerate() {
                 if entry.matches(method, &segments, true) {
-                    return RuleVerdict::Refused(
-                        Reason::RuleDenied,
-                        format!("{}.deny[{index}] ({}): {entry}", block.name, block.host),
-                    );
+                    let rule = format!("{}.deny[{index}] ({}): {entry}", block.name, block.host);
+                    if let Some(verdict) = judge(block, Reason::RuleDenied, rule, &mut audited) {
+                        return verdict;
+                    }
                 }
             }
         }
@@ -476,25 +497,28 @@ impl RequestRules {
             let found = block
                 .allow
                 .iter()
-                .enumerate()
-                .find(|(_, entry)| entry.matches(method, &segments, false));
+                .position(|entry| entry.matches(method, &segments, false));
             match found {
-                Some((index, _)) => allowed_by.push((*block_index, index)),
+                Some(index) => allowed_by.push((*block_index, index)),
                 None => {
-                    return RuleVerdict::Refused(
-                        Reason::RuleNotMatched,
-                        format!(
-                            "{} ({}): no allow entry matches {} /{}",
-                            block.name,
-                            block.host,
-                            method.as_str().escape_debug(),
-                            segments.join("/").escape_debug()
-                        ),
-                    )
+                    let rule = format!(
+                        "{} ({}): no allow entry matches {} /{}",
+                        block.name,
+                        block.host,
+                        method.as_str().escape_debug(),
+                        segments.join("/").escape_debug()
+                    );
+                    if let Some(verdict) = judge(block, Reason::RuleNotMatched, rule, &mut audited)
+                    {
+                        return verdict;
+                    }
                 }
             }
         }
-        RuleVerdict::Allowed(allowed_by)
+        match audited {
+            Some((reason, rule)) => RuleVerdict::Audited(reason, rule),
+            None => RuleVerdict::Allowed(allowed_by),
+        }
     }
 
     /// Names the entries of an [`Allowed`](RuleVerdict::Allowed) verdict:
@@ -512,6 +536,22 @@ impl RequestRules {
             })
             .collect();
         names.join("; ")
+    }
+}
+
+/// An enforcing block's refusal, to return at once; an auditing block's is
+/// kept (the first) and `None` returned.
+fn judge(
+    block: &RuleBlock,
+    reason: Reason,
+    rule: String,
+    audited: &mut Option<(Reason, String)>,
+) -> Option<RuleVerdict> {
+    if block.enforce {
+        Some(RuleVerdict::Refused(reason, rule))
+    } else {
+        audited.get_or_insert((reason, rule));
+        None
     }
 }
 
@@ -554,6 +594,7 @@ pin_project! {
         #[pin]
         inner: ResponseFuture<F>,
         intercept: bool,
+        audited: Option<Blocked>,
     }
 }
 
@@ -567,9 +608,13 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let intercept = *this.intercept;
+        let audited = this.audited;
         this.inner.poll(cx).map_ok(|mut response| {
             if intercept {
                 response.extensions_mut().insert(Intercept);
+            }
+            if let Some(blocked) = audited.take() {
+                response.extensions_mut().insert(Audited(blocked));
             }
             response
         })
@@ -595,11 +640,13 @@ where
         let refuse = |error: BoxError| RequestRulesFuture {
             inner: ResponseFuture::refused(error),
             intercept: false,
+            audited: None,
         };
         if rules.is_empty() || request.extensions().get::<UdpAssociation>().is_some() {
             return RequestRulesFuture {
                 inner: ResponseFuture::inner(self.inner.call(request)),
                 intercept: false,
+                audited: None,
             };
         }
         let info = match RequestInfo::from_request(&request) {
@@ -610,6 +657,7 @@ where
             return RequestRulesFuture {
                 inner: ResponseFuture::inner(self.inner.call(request)),
                 intercept: false,
+                audited: None,
             };
         }
         let blocked = |reason, rule: String| {
@@ -645,14 +693,31 @@ where
             return RequestRulesFuture {
                 inner: ResponseFuture::inner(self.inner.call(request)),
                 intercept: true,
+                audited: None,
             };
         }
         match rules.decide(&info.target, &info.method, request.uri().path()) {
             RuleVerdict::NoRules | RuleVerdict::Allowed(_) => RequestRulesFuture {
                 inner: ResponseFuture::inner(self.inner.call(request)),
                 intercept: false,
+                audited: None,
             },
             RuleVerdict::Refused(reason, rule) => refuse(blocked(reason, rule).into()),
+            RuleVerdict::Audited(reason, rule) => {
+                let message = format!(
+                    "portcullis let {} {} through in audit mode; enforced, its request rules would refuse it ({reason}: {rule})",
+                    info.method.as_str().escape_debug(),
+                    info.target,
+                );
+                let audited = blocked(reason, rule)
+                    .with_decision(BlockDecision::Audit)
+                    .with_message(message);
+                RequestRulesFuture {
+                    inner: ResponseFuture::inner(self.inner.call(request)),
+                    intercept: false,
+                    audited: Some(audited),
+                }
+            }
         }
     }
 }
@@ -787,6 +852,46 @@ mod tests {
             rules().decide(&target("example.com:443"), &Method::DELETE, "/"),
             RuleVerdict::NoRules
         );
+    }
+
+    #[test]
+    fn an_auditing_block_lets_through_what_it_would_refuse_unless_another_enforces() {
+        let audit = |host: &str, name: &str| {
+            RuleBlock::new(host, name)
+                .unwrap()
+                .allow(RuleEntry::new().methods(["GET"]).unwrap())
+                .deny(RuleEntry::new().paths(["/admin/**"]).unwrap())
+                .audit()
+        };
+        let alone = RequestRules::new(vec![audit("x.test", "rules[0]")]);
+        let x = target("x.test:443");
+        assert!(matches!(
+            alone.decide(&x, &Method::GET, "/admin/a"),
+            RuleVerdict::Audited(Reason::RuleDenied, _)
+        ));
+        assert!(matches!(
+            alone.decide(&x, &Method::POST, "/a"),
+            RuleVerdict::Audited(Reason::RuleNotMatched, _)
+        ));
+        assert!(matches!(
+            alone.decide(&x, &Method::GET, "/a"),
+            RuleVerdict::Allowed(_)
+        ));
+        // An enforcing block for the same host still refuses.
+        let both = RequestRules::new(vec![
+            audit("x.test", "rules[0]"),
+            RuleBlock::new("x.test", "rules[1]")
+                .unwrap()
+                .allow(RuleEntry::new().methods(["GET"]).unwrap()),
+        ]);
+        assert!(matches!(
+            both.decide(&x, &Method::POST, "/a"),
+            RuleVerdict::Refused(Reason::RuleNotMatched, rule) if rule.starts_with("rules[1]")
+        ));
+        assert!(matches!(
+            both.decide(&x, &Method::GET, "/admin/a"),
+            RuleVerdict::Audited(Reason::RuleDenied, _)
+        ));
     }
 
     fn request(method: &str, uri: &str, protocol: Protocol, authority: &str) -> Request<()> {

@@ -585,9 +585,15 @@ impl<S> ViolationLog<S> {
     }
 }
 
-impl<S, B> Service<Request<B>> for ViolationLog<S>
+/// A would-be refusal a layer let through (audit mode), in the extensions
+/// of the response: the violation log records it (decision `audit`) and
+/// takes it out.
+#[derive(Debug, Clone)]
+pub struct Audited(pub Blocked);
+
+impl<S, B, R> Service<Request<B>> for ViolationLog<S>
 where
-    S: Service<Request<B>>,
+    S: Service<Request<B>, Response = http::Response<R>>,
     S::Error: Into<BoxError>,
 {
     type Response = S::Response;
@@ -619,16 +625,22 @@ pin_project! {
     }
 }
 
-impl<F, T, E> Future for ResponseFuture<F>
+impl<F, R, E> Future for ResponseFuture<F>
 where
-    F: Future<Output = Result<T, E>>,
+    F: Future<Output = Result<http::Response<R>, E>>,
     E: Into<BoxError>,
 {
-    type Output = Result<T, BoxError>;
+    type Output = Result<http::Response<R>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         this.future.poll(cx).map(|result| {
+            let result = result.map(|mut response| {
+                if let Some(Audited(blocked)) = response.extensions_mut().remove::<Audited>() {
+                    this.recorder.record(*this.client, &blocked);
+                }
+                response
+            });
             result.map_err(|error| {
                 let error: BoxError = error.into();
                 if let Some(blocked) = find_blocked(error.as_ref()) {
