@@ -1346,3 +1346,39 @@ async fn flags_that_conflict_or_cannot_work_fail_at_start() {
         "--learn's own * is not the user's: {stderr}"
     );
 }
+
+#[tokio::test]
+async fn log_lines_are_json_when_asked_and_a_bad_format_is_a_usage_error() {
+    let (code, _, stderr) = output(
+        portcullis()
+            .env("PORTCULLIS_LOG_FORMAT", "json")
+            .env("PORTCULLIS_LOG", "portcullis::violation=warn")
+            .args([
+                "run",
+                "--",
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "http://refused.test/",
+            ]),
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let line = stderr
+        .lines()
+        .find(|line| line.starts_with('{'))
+        .unwrap_or_else(|| panic!("no JSON line: {stderr}"));
+    let event: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(event["target"], "portcullis::violation");
+    assert_eq!(event["fields"]["reason"], "not_allowed");
+    assert_eq!(event["fields"]["dst.host"], "refused.test");
+    let (code, _, stderr) = output(
+        portcullis()
+            .env("PORTCULLIS_LOG_FORMAT", "xml")
+            .args(["check", "http://x.test/"]),
+    )
+    .await;
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(stderr.contains("PORTCULLIS_LOG_FORMAT"), "{stderr}");
+}

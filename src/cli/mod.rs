@@ -69,7 +69,9 @@ pub fn main() -> ExitCode {
         Some(command) => (command, "info", true),
         None => (Command::Serve(cli.serve), "info", true),
     };
-    init_tracing(default_filter, read_rust_log);
+    if let Err(error) = init_tracing(default_filter, read_rust_log) {
+        return usage_error(&error);
+    }
     raise_fd_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -93,7 +95,18 @@ pub fn main() -> ExitCode {
 
 /// Starts logging to stderr, filtered by `PORTCULLIS_LOG`, else (not under
 /// `run`) `RUST_LOG`, else `default_filter`.
-fn init_tracing(default_filter: &str, read_rust_log: bool) {
+/// `PORTCULLIS_LOG_FORMAT`: `text` (the default) or `json` (one JSON object
+/// a line, for log pipelines).
+fn init_tracing(default_filter: &str, read_rust_log: bool) -> Result<(), String> {
+    let json = match std::env::var("PORTCULLIS_LOG_FORMAT").ok().as_deref() {
+        None | Some("" | "text") => false,
+        Some("json") => true,
+        Some(other) => {
+            return Err(format!(
+                "PORTCULLIS_LOG_FORMAT is {other:?}; it is text or json"
+            ))
+        }
+    };
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     let directives = std::env::var("PORTCULLIS_LOG")
@@ -121,13 +134,22 @@ fn init_tracing(default_filter: &str, read_rust_log: bool) {
         Ok(off) => filter.add_directive(off),
         Err(_) => filter,
     };
-    let layer = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
+    let text = (!json).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+    });
+    let json = json.then(|| {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+    });
     let _ = tracing_subscriber::registry()
         .with(filter)
-        .with(layer)
+        .with(text)
+        .with(json)
         .try_init();
+    Ok(())
 }
 
 /// 128 random bits as hex, from the operating system's randomness (through

@@ -270,6 +270,8 @@ pub fn portcullis() -> tokio::process::Command {
         "NO_PROXY",
         "no_proxy",
         "PORTCULLIS_CONFIG",
+        "PORTCULLIS_LOG",
+        "PORTCULLIS_LOG_FORMAT",
     ] {
         command.env_remove(name);
     }
