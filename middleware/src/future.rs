@@ -62,3 +62,69 @@ where
         }
     }
 }
+
+pin_project! {
+    /// The response future of a layer that lets a request on with marks for
+    /// its response: the [`Intercept`](crate::Intercept) answer (limited
+    /// mode, request rules) and an [`Audited`](crate::Audited) would-be
+    /// refusal (request rules in audit mode).
+    #[derive(Debug)]
+    pub struct MarkedResponse<F> {
+        #[pin]
+        inner: ResponseFuture<F>,
+        intercept: bool,
+        audited: Option<crate::error::Blocked>,
+    }
+}
+
+impl<F> MarkedResponse<F> {
+    /// The inner service's future, unmarked.
+    pub(crate) fn inner(future: F) -> MarkedResponse<F> {
+        MarkedResponse::marked(future, false, None)
+    }
+
+    /// The inner service's future, its response marked.
+    pub(crate) fn marked(
+        future: F,
+        intercept: bool,
+        audited: Option<crate::error::Blocked>,
+    ) -> MarkedResponse<F> {
+        MarkedResponse {
+            inner: ResponseFuture::inner(future),
+            intercept,
+            audited,
+        }
+    }
+
+    /// A refusal decided in `call`.
+    pub(crate) fn refused(error: impl Into<BoxError>) -> MarkedResponse<F> {
+        MarkedResponse {
+            inner: ResponseFuture::refused(error),
+            intercept: false,
+            audited: None,
+        }
+    }
+}
+
+impl<F, R, E> Future for MarkedResponse<F>
+where
+    F: Future<Output = Result<http::Response<R>, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<http::Response<R>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let intercept = *this.intercept;
+        let audited = this.audited;
+        this.inner.poll(cx).map_ok(|mut response| {
+            if intercept {
+                response.extensions_mut().insert(crate::Intercept);
+            }
+            if let Some(blocked) = audited.take() {
+                response.extensions_mut().insert(crate::Audited(blocked));
+            }
+            response
+        })
+    }
+}

@@ -171,8 +171,8 @@ pub use error::{
     find_blocked, BadRequest, BlockDecision, Blocked, BoxError, LocalKind, ProxyErrorRef, Reason,
     Source, UpstreamError, UpstreamErrorKind,
 };
-pub use future::ResponseFuture;
-pub use limited_mode::{LimitedMode, LimitedModeFuture, LimitedModeLayer, VerifyGitFetchBody};
+pub use future::{MarkedResponse, ResponseFuture};
+pub use limited_mode::{LimitedMode, LimitedModeLayer, VerifyGitFetchBody};
 pub use loop_guard::{CameRound, LoopGuard, LoopGuardLayer, NotTls};
 pub use policy::{
     Decision, Mode, NetworkPolicy, NetworkPolicyBuilder, Pattern, PatternSet, PolicyError,

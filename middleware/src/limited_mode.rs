@@ -24,7 +24,7 @@
 //!   cannot be seen — `method_not_allowed`;
 //! - a `CONNECT` the transport cannot intercept (no [`Interceptable`]
 //!   offer) — `mitm_required`. One it can intercept passes, and the
-//!   response carries this layer's [`Intercept`] answer: the transport
+//!   response carries this layer's [`Intercept`](crate::Intercept) answer: the transport
 //!   terminates the tunnel's TLS and sends each request inside back through
 //!   the stack as `https_mitm`, checked one by one;
 //! - a SOCKS5 `UDP ASSOCIATE` ([`UdpAssociation`](crate::UdpAssociation))
@@ -56,19 +56,16 @@
 //! # }
 //! ```
 
-use std::future::Future;
-use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use http::{header, HeaderName, Method, Request, Response};
-use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::error::{Blocked, BoxError, Reason, Source};
-use crate::future::ResponseFuture;
+use crate::future::MarkedResponse;
 use crate::policy::{Mode, PolicyHandle};
-use crate::request::{HasBody, Intercept, Interceptable, RequestInfo};
+use crate::request::{HasBody, Interceptable, RequestInfo};
 
 /// Headers that smuggle a different method past a method check.
 pub const METHOD_OVERRIDE_HEADERS: [HeaderName; 6] = [
@@ -266,36 +263,6 @@ fn refusal<B>(
     }))
 }
 
-pin_project! {
-    /// [`LimitedMode`]'s response future: the inner service's response,
-    /// with the [`Intercept`] answer on a `CONNECT` it let through.
-    #[derive(Debug)]
-    pub struct LimitedModeFuture<F> {
-        #[pin]
-        inner: ResponseFuture<F>,
-        intercept: bool,
-    }
-}
-
-impl<F, R, E> Future for LimitedModeFuture<F>
-where
-    F: Future<Output = Result<Response<R>, E>>,
-    E: Into<BoxError>,
-{
-    type Output = Result<Response<R>, BoxError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let intercept = *this.intercept;
-        this.inner.poll(cx).map_ok(|mut response| {
-            if intercept {
-                response.extensions_mut().insert(Intercept);
-            }
-            response
-        })
-    }
-}
-
 impl<S, B, R> Service<Request<B>> for LimitedMode<S>
 where
     S: Service<Request<B>, Response = Response<R>>,
@@ -303,7 +270,7 @@ where
 {
     type Response = Response<R>;
     type Error = BoxError;
-    type Future = LimitedModeFuture<S::Future>;
+    type Future = MarkedResponse<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
@@ -311,9 +278,10 @@ where
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let policy = self.policy.load();
-        let (inner, intercept) = if policy.mode() == Mode::Full {
-            (ResponseFuture::inner(self.inner.call(request)), false)
-        } else {
+        if policy.mode() == Mode::Full {
+            return MarkedResponse::inner(self.inner.call(request));
+        }
+        {
             match refusal(&request, policy.limited_allows_git_fetch()) {
                 Ok(None) => {
                     let mut request = request;
@@ -323,20 +291,19 @@ where
                     }
                     // Only an interceptable CONNECT gets here as a CONNECT.
                     let intercept = request.method() == Method::CONNECT;
-                    (ResponseFuture::inner(self.inner.call(request)), intercept)
+                    MarkedResponse::marked(self.inner.call(request), intercept, None)
                 }
-                Ok(Some(blocked)) => (ResponseFuture::refused(blocked), false),
-                Err(bad) => (ResponseFuture::refused(bad), false),
+                Ok(Some(blocked)) => MarkedResponse::refused(blocked),
+                Err(bad) => MarkedResponse::refused(bad),
             }
-        };
-        LimitedModeFuture { inner, intercept }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{find_blocked, NetworkPolicy, Protocol, Target};
+    use crate::{find_blocked, Intercept, NetworkPolicy, Protocol, Target};
     use http::Response;
     use tower_test::mock;
 

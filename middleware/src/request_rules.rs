@@ -26,7 +26,7 @@
 //!
 //! **Tunnels.** Rules need the requests: a `CONNECT` to a host with rules
 //! that the transport can intercept ([`Interceptable`])
-//! passes, with the [`Intercept`] answer on its response,
+//! passes, with the [`Intercept`](crate::Intercept) answer on its response,
 //! in any mode; one it cannot (SOCKS5, a UDP destination, a way in of your
 //! own) is refused `mitm_required`, naming the rules.
 //!
@@ -64,22 +64,18 @@
 
 use std::borrow::Cow;
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Method, Request, Response};
-use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::error::{BlockDecision, Blocked, BoxError, Reason, Source};
-use crate::future::ResponseFuture;
+use crate::future::MarkedResponse;
 use crate::policy::{Pattern, PatternError, PatternSet, PolicyHandle};
-use crate::request::{Intercept, Interceptable, RequestInfo, UdpAssociation};
+use crate::request::{Interceptable, RequestInfo, UdpAssociation};
 use crate::target::Target;
-use crate::violation_log::Audited;
 
 /// Why a rule could not be built.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -586,41 +582,6 @@ pub struct RequestRulesService<S> {
     policy: PolicyHandle,
 }
 
-pin_project! {
-    /// [`RequestRulesService`]'s response future: the inner response, with
-    /// the [`Intercept`] answer on a `CONNECT` to a host with rules.
-    #[derive(Debug)]
-    pub struct RequestRulesFuture<F> {
-        #[pin]
-        inner: ResponseFuture<F>,
-        intercept: bool,
-        audited: Option<Blocked>,
-    }
-}
-
-impl<F, R, E> Future for RequestRulesFuture<F>
-where
-    F: Future<Output = Result<Response<R>, E>>,
-    E: Into<BoxError>,
-{
-    type Output = Result<Response<R>, BoxError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let intercept = *this.intercept;
-        let audited = this.audited;
-        this.inner.poll(cx).map_ok(|mut response| {
-            if intercept {
-                response.extensions_mut().insert(Intercept);
-            }
-            if let Some(blocked) = audited.take() {
-                response.extensions_mut().insert(Audited(blocked));
-            }
-            response
-        })
-    }
-}
-
 impl<S, B, R> Service<Request<B>> for RequestRulesService<S>
 where
     S: Service<Request<B>, Response = Response<R>>,
@@ -628,7 +589,7 @@ where
 {
     type Response = Response<R>;
     type Error = BoxError;
-    type Future = RequestRulesFuture<S::Future>;
+    type Future = MarkedResponse<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
@@ -637,28 +598,16 @@ where
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let policy = self.policy.load();
         let rules = policy.request_rules();
-        let refuse = |error: BoxError| RequestRulesFuture {
-            inner: ResponseFuture::refused(error),
-            intercept: false,
-            audited: None,
-        };
+        let refuse = |error: BoxError| MarkedResponse::refused(error);
         if rules.is_empty() || request.extensions().get::<UdpAssociation>().is_some() {
-            return RequestRulesFuture {
-                inner: ResponseFuture::inner(self.inner.call(request)),
-                intercept: false,
-                audited: None,
-            };
+            return MarkedResponse::marked(self.inner.call(request), false, None);
         }
         let info = match RequestInfo::from_request(&request) {
             Ok(info) => info,
             Err(bad) => return refuse(bad.into()),
         };
         if !rules.covers(&info.target) {
-            return RequestRulesFuture {
-                inner: ResponseFuture::inner(self.inner.call(request)),
-                intercept: false,
-                audited: None,
-            };
+            return MarkedResponse::marked(self.inner.call(request), false, None);
         }
         let blocked = |reason, rule: String| {
             Blocked::new(
@@ -690,18 +639,12 @@ where
                         .into(),
                 );
             }
-            return RequestRulesFuture {
-                inner: ResponseFuture::inner(self.inner.call(request)),
-                intercept: true,
-                audited: None,
-            };
+            return MarkedResponse::marked(self.inner.call(request), true, None);
         }
         match rules.decide(&info.target, &info.method, request.uri().path()) {
-            RuleVerdict::NoRules | RuleVerdict::Allowed(_) => RequestRulesFuture {
-                inner: ResponseFuture::inner(self.inner.call(request)),
-                intercept: false,
-                audited: None,
-            },
+            RuleVerdict::NoRules | RuleVerdict::Allowed(_) => {
+                MarkedResponse::marked(self.inner.call(request), false, None)
+            }
             RuleVerdict::Refused(reason, rule) => refuse(blocked(reason, rule).into()),
             RuleVerdict::Audited(reason, rule) => {
                 let message = format!(
@@ -712,11 +655,7 @@ where
                 let audited = blocked(reason, rule)
                     .with_decision(BlockDecision::Audit)
                     .with_message(message);
-                RequestRulesFuture {
-                    inner: ResponseFuture::inner(self.inner.call(request)),
-                    intercept: false,
-                    audited: Some(audited),
-                }
+                MarkedResponse::marked(self.inner.call(request), false, Some(audited))
             }
         }
     }
@@ -725,7 +664,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{find_blocked, NetworkPolicy, Protocol};
+    use crate::{find_blocked, Intercept, NetworkPolicy, Protocol};
     use tower_test::mock;
 
     fn rules() -> RequestRules {
