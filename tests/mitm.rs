@@ -25,7 +25,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use common::*;
-use portcullis::middleware::request_rules::{RequestRules, RuleBlock, RuleEntry};
+use portcullis::middleware::request_rules::RequestRules;
 use portcullis::middleware::{
     Mode, NetworkPolicy, PolicyHandle, Protocol, Reason, ViolationLogLayer, ViolationRing,
 };
@@ -851,24 +851,9 @@ async fn git_clones_a_repository_whose_fetch_request_git_gzips() {
     assert_eq!(setup.ring.total(), 0, "nothing refused");
 }
 
-/// Rules for `host`: any GET, POST under /issues/, never /secret/.
-fn origin_rules(host: &str) -> RequestRules {
-    RequestRules::new(vec![RuleBlock::new(host, "rules[0]")
-        .unwrap()
-        .allow(RuleEntry::new().methods(["GET"]).unwrap())
-        .allow(
-            RuleEntry::new()
-                .methods(["POST"])
-                .unwrap()
-                .paths(["/issues/**"])
-                .unwrap(),
-        )
-        .deny(RuleEntry::new().paths(["/secret/**"]).unwrap())])
-}
-
 #[tokio::test]
 async fn full_mode_intercepts_a_host_with_rules_and_decides_each_request() {
-    let setup = setup_with(Mode::Full, true, origin_rules(ORIGIN)).await;
+    let setup = setup_with(Mode::Full, true, sample_rules(ORIGIN)).await;
     let (proxy, ca) = (setup.proxy_url(), setup.our_ca());
     let request = |args: &[&str]| {
         let mut all = vec!["-i", "--path-as-is", "--cacert", &ca, "-x", &proxy];
@@ -922,7 +907,7 @@ async fn full_mode_intercepts_a_host_with_rules_and_decides_each_request() {
 async fn full_mode_leaves_a_host_without_rules_unseen() {
     // Rules for another host only: this one's tunnel is relayed as is, so
     // the client sees the origin's own certificate, not ours.
-    let setup = setup_with(Mode::Full, true, origin_rules("elsewhere.test")).await;
+    let setup = setup_with(Mode::Full, true, sample_rules("elsewhere.test")).await;
     let proxy = setup.proxy_url();
     let origin_ca = setup.origin_ca_file().display().to_string();
     let out = curl(&[
@@ -942,7 +927,7 @@ async fn full_mode_leaves_a_host_without_rules_unseen() {
 
 #[tokio::test]
 async fn limited_mode_and_rules_compose_inside_the_tunnel() {
-    let setup = setup_with(Mode::Limited, true, origin_rules(ORIGIN)).await;
+    let setup = setup_with(Mode::Limited, true, sample_rules(ORIGIN)).await;
     let (proxy, ca) = (setup.proxy_url(), setup.our_ca());
     let status = |args: Vec<String>| {
         let (proxy, ca) = (proxy.clone(), ca.clone());

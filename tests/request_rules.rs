@@ -10,25 +10,12 @@ use common::*;
 use portcullis::middleware::request_rules::{RequestRules, RuleBlock, RuleEntry};
 use portcullis::middleware::{BlockDecision, Mode, Reason};
 
-/// Rules for 127.0.0.1: any GET, POST only under /issues/, never /secret/.
-fn rules() -> RequestRules {
-    RequestRules::new(vec![RuleBlock::new("127.0.0.1", "rules[0]")
-        .unwrap()
-        .allow(RuleEntry::new().methods(["GET", "HEAD"]).unwrap())
-        .allow(
-            RuleEntry::new()
-                .methods(["POST"])
-                .unwrap()
-                .paths(["/issues/**"])
-                .unwrap(),
-        )
-        .deny(RuleEntry::new().paths(["/secret/**"]).unwrap())])
-}
-
 #[tokio::test]
 async fn absolute_form_http_is_decided_request_by_request() {
     let origin = origin().await;
-    let policy = allow(&["127.0.0.1"]).request_rules(rules()).build();
+    let policy = allow(&["127.0.0.1"])
+        .request_rules(sample_rules("127.0.0.1"))
+        .build();
     let proxy = proxy_with(policy, &[], |b| b).await;
     let base = format!("http://{}", origin.addr);
     let proxy_url = proxy.http_url();
@@ -97,7 +84,7 @@ async fn a_ruled_host_is_never_reached_unseen_and_other_hosts_are_untouched() {
     let dir = tempfile::tempdir().unwrap();
     let other = "localhost";
     let policy = allow(&["127.0.0.1", "localhost"])
-        .request_rules(rules())
+        .request_rules(sample_rules("127.0.0.1"))
         .build();
     let proxy = proxy_with(policy, &[], |b| b).await;
     // SOCKS5 cannot show the requests: refused (reply 0x02, curl's 97).
@@ -169,7 +156,7 @@ async fn audit_mode_lets_requests_through_and_records_what_it_would_refuse() {
 async fn limited_mode_and_rules_compose() {
     let origin = origin().await;
     let policy = allow(&["127.0.0.1"])
-        .request_rules(rules())
+        .request_rules(sample_rules("127.0.0.1"))
         .mode(Mode::Limited)
         .build();
     let proxy = proxy_with(policy, &[], |b| b).await;

@@ -466,3 +466,20 @@ pub async fn exits_within(pid: i32, wait: Duration) -> bool {
     }
     false
 }
+
+/// Request rules for `host`: any GET or HEAD, POST only under /issues/,
+/// never /secret/ (shared by the request-rules and interception tests).
+pub fn sample_rules(host: &str) -> portcullis::middleware::request_rules::RequestRules {
+    use portcullis::middleware::request_rules::{RequestRules, RuleBlock, RuleEntry};
+    RequestRules::new(vec![RuleBlock::new(host, "rules[0]")
+        .unwrap()
+        .allow(RuleEntry::new().methods(["GET", "HEAD"]).unwrap())
+        .allow(
+            RuleEntry::new()
+                .methods(["POST"])
+                .unwrap()
+                .paths(["/issues/**"])
+                .unwrap(),
+        )
+        .deny(RuleEntry::new().paths(["/secret/**"]).unwrap())])
+}
