@@ -82,6 +82,58 @@ pub struct Violation {
     /// Its message, as worded for the log's reader (see
     /// [`ViolationLogLayer::wording`]).
     pub message: String,
+    /// The request's path and query, query values redacted (see
+    /// [`loggable_path`]), when the request was seen as HTTP; `None` for a
+    /// tunnel (`CONNECT`, SOCKS5).
+    pub path: Option<String>,
+}
+
+/// The longest path a record keeps, in bytes; longer ones are cut (at a
+/// character boundary) and end in `...`.
+pub const MAX_LOGGED_PATH: usize = 2048;
+
+/// What a record says of a request's target: its path and query with every
+/// query value replaced by `REDACTED` (a token in a query string stays out
+/// of the logs; the keys stay, to tell requests apart), cut to
+/// [`MAX_LOGGED_PATH`]. `None` for `CONNECT` and for a target without a
+/// path (authority form).
+///
+/// ```
+/// use portcullis_middleware::loggable_path;
+/// let uri: http::Uri = "https://api.test/repos?token=s3cret&page=2&flag".parse().unwrap();
+/// assert_eq!(loggable_path(&http::Method::GET, &uri).as_deref(),
+///            Some("/repos?token=REDACTED&page=REDACTED&flag"));
+/// ```
+pub fn loggable_path(method: &http::Method, uri: &http::Uri) -> Option<String> {
+    if method == http::Method::CONNECT {
+        return None;
+    }
+    let path_and_query = uri.path_and_query()?;
+    let mut text = path_and_query.path().to_owned();
+    if let Some(query) = path_and_query.query() {
+        text.push('?');
+        for (index, pair) in query.split('&').enumerate() {
+            if index > 0 {
+                text.push('&');
+            }
+            match pair.split_once('=') {
+                Some((key, _)) => {
+                    text.push_str(key);
+                    text.push_str("=REDACTED");
+                }
+                None => text.push_str(pair),
+            }
+        }
+    }
+    if text.len() > MAX_LOGGED_PATH {
+        let mut end = MAX_LOGGED_PATH;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str("...");
+    }
+    Some(text)
 }
 
 impl Violation {
@@ -102,6 +154,7 @@ impl Violation {
             rule: blocked.rule.as_deref(),
             message: &self.message,
             address: blocked.address,
+            path: self.path.as_deref(),
         }
     }
 
@@ -114,7 +167,8 @@ impl Violation {
 /// One line of the violations file: `time_unix_ms`, `client`, `status`
 /// (`"blocked"`), `host`, `port`, `protocol`, `reason`, `decision`,
 /// `source`, `method`, `rule`, `message` (as worded for the log's reader),
-/// and `address` when a name's resolved address was refused. Its own type:
+/// `address` when a name's resolved address was refused, and `path` (query
+/// values redacted) when the request was seen as HTTP. Its own type:
 /// the HTTP answer's body may change without changing the file's format.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ViolationRecord<'a> {
@@ -145,6 +199,9 @@ pub struct ViolationRecord<'a> {
     /// The refused address a name resolved to.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub address: Option<std::net::IpAddr>,
+    /// The request's path and query, query values redacted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<&'a str>,
 }
 
 /// Receives every violation; implemented for closures.
@@ -168,16 +225,38 @@ where
     }
 }
 
-/// Appends each violation as one JSON line to a file, from a thread of
-/// its own, so a slow disk never stalls the refusal path. Lines are
-/// written in the order they were recorded, each with one `write` to a
-/// file opened for appending. [`flush`](JsonLinesSink::flush) waits until
-/// every line recorded so far is written; when the last clone is dropped,
-/// the thread writes what is queued and ends, and the drop waits for it.
-/// Nothing recorded is lost, however the runtime shuts down.
+/// A file that lines are appended to from a thread of its own, so a slow
+/// disk never stalls the request path. Lines are written in the order they
+/// were given, each with one `write` to a file opened for appending.
+/// [`flush`](LineFile::flush) waits until every line given so far is
+/// written; when the last clone is dropped, the thread writes what is
+/// queued and ends, and the drop waits for it. Nothing given is lost,
+/// however the runtime shuts down. [`JsonLinesSink`] writes violations
+/// with one; the binary's access file is another.
 #[derive(Debug, Clone)]
-pub struct JsonLinesSink {
+pub struct LineFile {
     writer: Arc<Writer>,
+}
+
+/// Renders one violation as the JSON object of its line; see
+/// [`JsonLinesSink::open_with`].
+pub type Render = Arc<dyn Fn(&Violation) -> serde_json::Value + Send + Sync>;
+
+/// Appends each violation as one JSON line to a [`LineFile`]: by default
+/// its [`ViolationRecord`]; [`open_with`](JsonLinesSink::open_with) takes
+/// another rendering (the binary's OCSF records).
+#[derive(Clone)]
+pub struct JsonLinesSink {
+    file: LineFile,
+    render: Render,
+}
+
+impl fmt::Debug for JsonLinesSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JsonLinesSink")
+            .field("file", &self.file)
+            .finish_non_exhaustive()
+    }
 }
 
 enum Line {
@@ -214,9 +293,9 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-impl JsonLinesSink {
+impl LineFile {
     /// Opens (creating, appending to) `path`, and starts its writer.
-    pub fn open(path: &Path) -> std::io::Result<JsonLinesSink> {
+    pub fn open(path: &Path) -> std::io::Result<LineFile> {
         let mut file: File = OpenOptions::new().create(true).append(true).open(path)?;
         let (queue, lines) = std::sync::mpsc::channel::<Line>();
         let thread = std::thread::Builder::new()
@@ -226,7 +305,7 @@ impl JsonLinesSink {
                     match line {
                         Line::Write(text) => {
                             if let Err(error) = file.write_all(text.as_bytes()) {
-                                tracing::warn!(target: VIOLATION_TARGET, %error, "could not append to the violations file");
+                                tracing::warn!(target: VIOLATION_TARGET, %error, "could not append to a log file");
                             }
                         }
                         Line::Flush(done) => {
@@ -235,7 +314,7 @@ impl JsonLinesSink {
                     }
                 }
             })?;
-        Ok(JsonLinesSink {
+        Ok(LineFile {
             writer: Arc::new(Writer {
                 queue: Mutex::new(Some(queue)),
                 thread: Mutex::new(Some(thread)),
@@ -243,7 +322,16 @@ impl JsonLinesSink {
         })
     }
 
-    /// Waits until every line recorded so far is written.
+    /// Queues `value` as one line (its JSON text and a newline).
+    pub fn write_json(&self, value: &serde_json::Value) {
+        let mut line = value.to_string();
+        line.push('\n');
+        if let Some(queue) = lock(&self.writer.queue).as_ref() {
+            let _ = queue.send(Line::Write(line));
+        }
+    }
+
+    /// Waits until every line given so far is written.
     pub fn flush(&self) {
         let (done, wait) = std::sync::mpsc::channel();
         let sent = lock(&self.writer.queue)
@@ -255,17 +343,34 @@ impl JsonLinesSink {
     }
 }
 
+impl JsonLinesSink {
+    /// Opens (creating, appending to) `path`, writing each violation's
+    /// [`ViolationRecord`].
+    pub fn open(path: &Path) -> std::io::Result<JsonLinesSink> {
+        JsonLinesSink::open_with(path, Arc::new(Violation::to_json))
+    }
+
+    /// Opens `path`, writing what `render` makes of each violation.
+    pub fn open_with(path: &Path, render: Render) -> std::io::Result<JsonLinesSink> {
+        Ok(JsonLinesSink {
+            file: LineFile::open(path)?,
+            render,
+        })
+    }
+
+    /// Waits until every line recorded so far is written.
+    pub fn flush(&self) {
+        self.file.flush();
+    }
+}
+
 impl ViolationSink for JsonLinesSink {
     fn flush(&self) {
         JsonLinesSink::flush(self);
     }
 
     fn record(&self, violation: &Violation) {
-        let mut line = violation.to_json().to_string();
-        line.push('\n');
-        if let Some(queue) = lock(&self.writer.queue).as_ref() {
-            let _ = queue.send(Line::Write(line));
-        }
+        self.file.write_json(&(self.render)(violation));
     }
 }
 
@@ -413,7 +518,7 @@ impl fmt::Debug for Recorder {
 }
 
 impl Recorder {
-    fn record(&self, client: Option<SocketAddr>, blocked: &Blocked) {
+    fn record(&self, client: Option<SocketAddr>, path: Option<&String>, blocked: &Blocked) {
         let unix_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -428,6 +533,7 @@ impl Recorder {
             client,
             blocked: blocked.clone(),
             message,
+            path: path.cloned(),
         };
         let client_addr = client.map(|c| c.to_string()).unwrap_or_default();
         let host = blocked.target.host_string().escape_debug().to_string();
@@ -606,9 +712,11 @@ where
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let client = request.extensions().get::<ClientAddr>().map(|c| c.0);
+        let path = loggable_path(request.method(), request.uri());
         ResponseFuture {
             future: self.inner.call(request),
             client,
+            path,
             recorder: self.recorder.clone(),
         }
     }
@@ -621,6 +729,7 @@ pin_project! {
         #[pin]
         future: F,
         client: Option<SocketAddr>,
+        path: Option<String>,
         recorder: Arc<Recorder>,
     }
 }
@@ -637,14 +746,16 @@ where
         this.future.poll(cx).map(|result| {
             let result = result.map(|mut response| {
                 if let Some(Audited(blocked)) = response.extensions_mut().remove::<Audited>() {
-                    this.recorder.record(*this.client, &blocked);
+                    this.recorder
+                        .record(*this.client, this.path.as_ref(), &blocked);
                 }
                 response
             });
             result.map_err(|error| {
                 let error: BoxError = error.into();
                 if let Some(blocked) = find_blocked(error.as_ref()) {
-                    this.recorder.record(*this.client, blocked);
+                    this.recorder
+                        .record(*this.client, this.path.as_ref(), blocked);
                 }
                 error
             })
@@ -731,6 +842,32 @@ mod tests {
         assert_eq!(json["reason"], "not_allowed");
     }
 
+    #[test]
+    fn loggable_paths_redact_query_values_and_stay_bounded() {
+        let get = http::Method::GET;
+        let uri = |text: &str| text.parse::<http::Uri>().unwrap();
+        assert_eq!(
+            loggable_path(&http::Method::CONNECT, &uri("a.test:443")),
+            None
+        );
+        assert_eq!(
+            loggable_path(&get, &uri("a.test:443")),
+            None,
+            "authority form"
+        );
+        assert_eq!(
+            loggable_path(&get, &uri("http://a.test/p?a=1&&b&c==2")).as_deref(),
+            Some("/p?a=REDACTED&&b&c=REDACTED")
+        );
+        let long = uri(&format!(
+            "http://a.test/{}",
+            "%C3%A9".repeat(MAX_LOGGED_PATH)
+        ));
+        let cut = loggable_path(&get, &long).unwrap();
+        assert_eq!(cut.len(), MAX_LOGGED_PATH + 3, "{cut}");
+        assert!(cut.ends_with("..."), "{cut}");
+    }
+
     #[tokio::test]
     async fn other_errors_and_successes_are_not_recorded() {
         let ring = ViolationRing::default();
@@ -786,9 +923,9 @@ mod tests {
             let mut refusal = blocked("evil.test:443");
             refusal.method = "GE\u{1b}T".to_owned();
             for _ in 0..5 {
-                recorder.record(Some("127.0.0.1:4000".parse().unwrap()), &refusal);
+                recorder.record(Some("127.0.0.1:4000".parse().unwrap()), None, &refusal);
             }
-            recorder.record(None, &blocked("other.test:443"));
+            recorder.record(None, None, &blocked("other.test:443"));
             assert_eq!(recorder.ring.total(), 6, "every refusal is kept");
         });
         let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
@@ -862,6 +999,7 @@ mod tests {
                     client: None,
                     blocked: blocked("a.test:80"),
                     message: "m".into(),
+                    path: None,
                 };
                 recording.record(&violation);
             }
@@ -891,6 +1029,7 @@ mod tests {
             client: None,
             blocked: blocked("a.test:80"),
             message: "m".into(),
+            path: Some("/x?k=REDACTED".into()),
         };
         sink.record(&violation);
         sink.record(&violation);
@@ -902,6 +1041,7 @@ mod tests {
             .collect();
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[1]["host"], "a.test");
+        assert_eq!(lines[1]["path"], "/x?k=REDACTED");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
