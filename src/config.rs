@@ -377,6 +377,12 @@ impl Default for DnsConfig {
 pub struct LogConfig {
     /// Append every refusal to this file as one JSON line.
     pub violations_file: Option<PathBuf>,
+    /// Append every allowed request and tunnel opened to this file as one
+    /// JSON line (off by default).
+    pub access_file: Option<PathBuf>,
+    /// How both files are written: `json` (our own fields, the default)
+    /// or `ocsf` (OCSF 1.8.0 events); see [`crate::records`].
+    pub format: crate::records::RecordFormat,
 }
 
 /// A configuration that cannot be used.
@@ -862,7 +868,9 @@ mod tests {
         assert_eq!(
             config.log,
             LogConfig {
-                violations_file: None
+                violations_file: None,
+                access_file: None,
+                format: crate::records::RecordFormat::Json,
             }
         );
         assert_eq!(Config::from_toml("").unwrap(), config);

@@ -53,6 +53,7 @@ pub mod kit;
 mod learn;
 mod memory;
 mod metrics;
+pub mod records;
 pub mod runner;
 mod summary;
 mod sys;

@@ -124,6 +124,8 @@ struct Settings {
     leaf_cache_size: usize,
     upstream_roots: Vec<CertificateDer<'static>>,
     violations: ViolationLogLayer,
+    /// Where allowed requests are recorded, if anywhere.
+    access_file: Option<crate::records::AccessFile>,
     approval: Option<ApprovalWaitLayer<BoxApprover>>,
     rules: Option<Arc<dyn RuleBook>>,
     /// The listeners once bound (never a destination) and this proxy's name.
@@ -173,6 +175,7 @@ impl Proxy {
                 leaf_cache_size: DEFAULT_LEAF_CACHE_SIZE,
                 upstream_roots: Vec::new(),
                 violations: ViolationLogLayer::default(),
+                access_file: None,
                 approval: None,
                 rules: None,
                 own: OwnListeners::default(),
@@ -329,6 +332,14 @@ impl<O, I> ProxyBuilder<O, I> {
     /// Records violations with this layer.
     pub fn violations(mut self, violations: ViolationLogLayer) -> ProxyBuilder<O, I> {
         self.settings.violations = violations;
+        self
+    }
+
+    /// Records every allowed request and every tunnel opened in `file`
+    /// (see [`records`](crate::records)); refusals go to the violation
+    /// log. Off by default.
+    pub fn access_file(mut self, file: crate::records::AccessFile) -> ProxyBuilder<O, I> {
+        self.settings.access_file = Some(file);
         self
     }
 
@@ -540,7 +551,13 @@ where
             Some(rules) => approval.rules(rules.clone()),
             None => approval,
         };
-        Ok(self.compose(connector, approval, self.violation_layer()))
+        let service = self.compose(connector, approval, self.violation_layer());
+        Ok(match &self.settings.access_file {
+            Some(file) => {
+                ProxyService::new(crate::records::AccessFileLayer::new(file.clone()).layer(service))
+            }
+            None => service,
+        })
     }
 
     /// The same stack over a connector that resolves and vets but never
@@ -690,6 +707,7 @@ where
             shutdown,
             violations: self.settings.violations.ring().clone(),
             violation_log: self.settings.violations.clone(),
+            access_file: self.settings.access_file,
             policy: self.settings.policy,
             ca_files,
             credentials,
@@ -716,6 +734,8 @@ pub struct ProxyHandle {
     violations: ViolationRing,
     /// The violation log, to flush its sinks at shutdown.
     violation_log: ViolationLogLayer,
+    /// The access file, to flush at shutdown.
+    access_file: Option<crate::records::AccessFile>,
     policy: PolicyHandle,
     /// The very stack the listeners serve (loop guard, pool and all).
     service: ProxyService,
@@ -823,7 +843,14 @@ impl ProxyHandle {
         }
         // Every refusal recorded is stored before the proxy is gone.
         let log = self.violation_log.clone();
-        let _ = tokio::task::spawn_blocking(move || log.flush()).await;
+        let access = self.access_file.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            log.flush();
+            if let Some(access) = access {
+                access.flush();
+            }
+        })
+        .await;
         cut.len()
     }
 }

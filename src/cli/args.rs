@@ -85,6 +85,9 @@ pub struct Options {
     /// Append every refusal to FILE as one JSON line.
     #[arg(long, value_name = "FILE")]
     pub(super) violations_log: Option<PathBuf>,
+    /// Append every allowed request and tunnel to FILE as one JSON line.
+    #[arg(long, value_name = "FILE")]
+    pub(super) access_log: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use portcullis_middleware::{JsonLinesSink, Mode, PolicyHandle, ViolationLogLayer, ViolationRing};
+use portcullis_middleware::{Mode, PolicyHandle, ViolationLogLayer, ViolationRing};
 
 use crate::approvers::rules::RulesFile;
 use crate::config::{ApprovalMode, Config, ConfigError};
@@ -112,6 +112,9 @@ impl Options {
         if let Some(file) = &self.violations_log {
             config.log.violations_file = Some(file.clone());
         }
+        if let Some(file) = &self.access_log {
+            config.log.access_file = Some(file.clone());
+        }
         Ok(Loaded {
             config,
             origin,
@@ -140,14 +143,25 @@ impl Loaded {
         let resolver = StaticResolver::new(hosts, Arc::new(SystemResolver));
         let ring = ViolationRing::default();
         let mut violations = ViolationLogLayer::new(ring.clone());
-        if let Some(file) = &config.log.violations_file {
-            let sink = JsonLinesSink::open(file).map_err(|e| ConfigError::Invalid {
-                key: "log.violations_file".into(),
+        let cannot_open =
+            |key: &str, file: &std::path::Path, error: std::io::Error| ConfigError::Invalid {
+                key: key.into(),
                 origin: origin.clone(),
-                message: format!("cannot open {}: {e}", file.display()),
-            })?;
+                message: format!("cannot open {}: {error}", file.display()),
+            };
+        let format = config.log.format;
+        if let Some(file) = &config.log.violations_file {
+            let sink = crate::records::violations_sink(file, format)
+                .map_err(|e| cannot_open("log.violations_file", file, e))?;
             violations = violations.with_sink(sink);
         }
+        let access_file = match &config.log.access_file {
+            Some(file) => Some(
+                crate::records::AccessFile::open(file, format)
+                    .map_err(|e| cannot_open("log.access_file", file, e))?,
+            ),
+            None => None,
+        };
         if let Some(tally) = tally {
             violations = violations.with_sink(tally);
         }
@@ -189,6 +203,9 @@ impl Loaded {
             .violations(violations);
         if let Some((username, password)) = config.auth.credential(origin)? {
             builder = builder.credentials(username, password);
+        }
+        if let Some(file) = access_file {
+            builder = builder.access_file(file);
         }
         let (builder, rules, approver) = match crate::approvers::from_config(config, origin, &ring)?
         {
