@@ -276,6 +276,9 @@ pub struct NetworkConfig {
     /// In limited mode, let git fetch and clone over smart HTTP
     /// (`POST …/git-upload-pack` is a read); push stays refused.
     pub limited_allow_git_fetch: bool,
+    /// `false` puts every `[[rules]]` block in audit mode (as `enforce =
+    /// false` in each): what they would refuse goes through, recorded.
+    pub enforce_rules: bool,
     /// What the child's `ALL_PROXY` names: `http` (default; every common
     /// client takes it) or `socks5h` (codex's choice).
     pub all_proxy: AllProxy,
@@ -312,6 +315,7 @@ impl Default for NetworkConfig {
             dangerously_allow_all_unix_sockets: false,
             mitm: false,
             limited_allow_git_fetch: true,
+            enforce_rules: true,
             all_proxy: AllProxy::Http,
         }
     }
@@ -686,7 +690,8 @@ impl Config {
                     };
                 }
             }
-            blocks.push(if rule.enforce { block } else { block.audit() });
+            let enforce = rule.enforce && self.network.enforce_rules;
+            blocks.push(if enforce { block } else { block.audit() });
         }
         Ok(RequestRules::new(blocks))
     }
@@ -855,6 +860,7 @@ mod tests {
             dangerously_allow_all_unix_sockets: false,
             mitm: false,
             limited_allow_git_fetch: true,
+            enforce_rules: true,
             all_proxy: AllProxy::Http,
         };
         assert_eq!(config.network, expected);

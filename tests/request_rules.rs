@@ -283,3 +283,40 @@ async fn config_rules_are_checked_naming_key_and_file_and_check_decides_them() {
         "names the file: {stdout}"
     );
 }
+
+#[tokio::test]
+async fn enforce_rules_false_puts_every_block_in_audit_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("audit.toml");
+    let rules = "[[rules]]\nhost = \"x.test\"\nallow = [{ methods = [\"GET\"] }]\n";
+    for (network, code, said) in [
+        ("", Some(1), "rule_not_matched"),
+        (
+            "enforce_rules = false\n",
+            Some(0),
+            "audit only: rules[0] (x.test): no allow entry matches POST /a",
+        ),
+    ] {
+        std::fs::write(
+            &config,
+            format!("[network]\nallowed_domains = [\"x.test\"]\n{network}\n{rules}"),
+        )
+        .unwrap();
+        let (exit, stdout, stderr) = output(
+            portcullis()
+                .args([
+                    "check",
+                    "--resolve",
+                    "x.test=1.2.3.4",
+                    "--method",
+                    "POST",
+                    "--config",
+                ])
+                .arg(&config)
+                .arg("http://x.test/a"),
+        )
+        .await;
+        assert_eq!(exit, code, "{network}: {stdout}{stderr}");
+        assert!(stdout.contains(said), "{network}: {stdout}");
+    }
+}

@@ -140,6 +140,9 @@ pub(super) async fn check(args: CheckArgs) -> ExitCode {
             {
                 format!("; {}", policy.request_rules().describe(&by))
             }
+            portcullis_middleware::request_rules::RuleVerdict::Audited(_, why) => {
+                format!("; audit only: {why} would be refused if enforced")
+            }
             _ => String::new(),
         };
         let verdict = match decision {
