@@ -12,6 +12,15 @@
 //! written as the exact `IP:PORT` entry the next run needs (a cloud
 //! metadata address only as a comment: it is never unlocked for you), and
 //! `allow_local_binding = true` is kept when the learning run had it.
+//!
+//! With interception (`run --learn FILE --mitm`), the learning run
+//! intercepts every HTTPS `CONNECT` (the child trusts the CA, as under
+//! `--mitm`), and FILE also gets a `[[rules]]` block per host that was
+//! reached over HTTP: for each method, the path prefixes it was used on —
+//! the first two segments of the normalised path, then `/**` when the path
+//! went deeper; past 16 prefixes for one method, the first segment only,
+//! and past 16 of those, `/**`. The rules narrow the next run to what this
+//! one did; widen them by hand where the command will need more.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -23,10 +32,19 @@ use std::task::{Context, Poll};
 use http::Request;
 use tower::{Layer, Service};
 
-use portcullis_middleware::{Host, Target};
+use std::collections::BTreeSet;
+
+use portcullis_middleware::request_rules::{normalise_path, PathGlob};
+use portcullis_middleware::{Host, Intercept, Interceptable, Protocol, Target};
 
 /// Destinations kept; more are counted, not listed.
 const MAX_LEARNED: usize = 10_000;
+
+/// Path prefixes kept per host and method before they are shortened.
+const MAX_PREFIXES: usize = 16;
+
+/// Segments a learned path prefix keeps.
+const PREFIX_DEPTH: usize = 2;
 
 /// What a learning run reached: `host:port` → requests or connections.
 #[derive(Debug, Clone, Default)]
@@ -43,7 +61,12 @@ struct Reached {
     /// Names that did not resolve: comments only.
     unresolved: BTreeMap<String, u64>,
     allow_local_binding: bool,
+    /// Under interception: host → method → (requests, path prefixes).
+    requests: Option<Requests>,
 }
+
+/// Host → method → (requests, path prefixes).
+type Requests = BTreeMap<String, BTreeMap<String, (u64, BTreeSet<String>)>>;
 
 impl Learned {
     /// A learning run; `allow_local_binding` as it was given.
@@ -51,6 +74,52 @@ impl Learned {
         let learned = Learned::default();
         learned.reached().allow_local_binding = allow_local_binding;
         learned
+    }
+
+    /// Also learns request rules: every `CONNECT` that can be intercepted
+    /// is, and each request's method and path prefix is kept per host.
+    pub(crate) fn with_requests(self) -> Learned {
+        self.reached().requests = Some(BTreeMap::new());
+        self
+    }
+
+    pub(crate) fn learns_requests(&self) -> bool {
+        self.reached().requests.is_some()
+    }
+
+    /// Under interception, how many hosts got request rules.
+    pub(crate) fn ruled_hosts(&self) -> Option<usize> {
+        self.reached().requests.as_ref().map(BTreeMap::len)
+    }
+
+    fn note_request(&self, target: &Target, method: &http::Method, path: &str) {
+        let Target::Host { .. } = target else {
+            return;
+        };
+        let prefix = path_prefix(path, PREFIX_DEPTH);
+        let mut reached = self.reached();
+        let Some(requests) = reached.requests.as_mut() else {
+            return;
+        };
+        let host = target.host_string();
+        if !requests.contains_key(&host) && requests.len() >= MAX_LEARNED {
+            return;
+        }
+        let methods = requests.entry(host).or_default();
+        let (count, prefixes) = methods.entry(method.as_str().to_owned()).or_default();
+        *count += 1;
+        // Already covered by a prefix shortened before: nothing to add.
+        if !prefixes.contains("/**") && !prefixes.contains(&shorten(&prefix)) {
+            prefixes.insert(prefix);
+        }
+        if prefixes.len() > MAX_PREFIXES {
+            let shorter: BTreeSet<String> = prefixes.iter().map(|prefix| shorten(prefix)).collect();
+            *prefixes = if shorter.len() > MAX_PREFIXES {
+                BTreeSet::from(["/**".to_owned()])
+            } else {
+                shorter
+            };
+        }
     }
 
     fn reached(&self) -> std::sync::MutexGuard<'_, Reached> {
@@ -175,6 +244,23 @@ impl Learned {
                 ));
             }
         }
+        if let Some(requests) = &reached.requests {
+            for (host, methods) in requests {
+                text.push_str(&format!(
+                    "\n[[rules]]\nhost = {}\nallow = [\n",
+                    toml_string(host)
+                ));
+                for (method, (count, prefixes)) in methods {
+                    let paths: Vec<String> = prefixes.iter().map(|p| toml_string(p)).collect();
+                    text.push_str(&format!(
+                        "  {{ methods = [{}], paths = [{}] }},  # {count}\n",
+                        toml_string(method),
+                        paths.join(", ")
+                    ));
+                }
+                text.push_str("]\n");
+            }
+        }
         text
     }
 
@@ -266,7 +352,48 @@ fn exact_entry(ip: std::net::IpAddr, port: u16) -> String {
     }
 }
 
-impl Learned {}
+/// A string as TOML writes it (quoted and escaped).
+fn toml_string(text: &str) -> String {
+    toml::Value::String(text.to_owned()).to_string()
+}
+
+/// The glob a learned path becomes: its first `depth` normalised segments,
+/// then `/**` when it went deeper (or a segment cannot be written in a
+/// glob); `/` for the root.
+fn path_prefix(path: &str, depth: usize) -> String {
+    let Ok(segments) = normalise_path(path) else {
+        return "/**".to_owned();
+    };
+    let mut prefix = String::new();
+    for (index, segment) in segments.iter().enumerate() {
+        let longer = format!("{prefix}/{segment}");
+        if index >= depth || PathGlob::parse(&longer).is_err() {
+            return format!("{prefix}/**");
+        }
+        prefix = longer;
+    }
+    if prefix.is_empty() {
+        "/".to_owned()
+    } else {
+        prefix
+    }
+}
+
+/// A learned prefix one segment shorter: `/a/b/**` and `/a/b` become
+/// `/a/**`; `/a`, `/a/**` and `/` become `/**`.
+fn shorten(prefix: &str) -> String {
+    let first = prefix
+        .trim_start_matches('/')
+        .split('/')
+        .next()
+        .unwrap_or("");
+    let deeper = prefix.trim_start_matches('/').contains('/');
+    if first.is_empty() || first == "**" || !deeper {
+        "/**".to_owned()
+    } else {
+        format!("/{first}/**")
+    }
+}
 
 /// Records what the connector reached; see the [module docs](self).
 #[derive(Debug, Clone)]
@@ -299,9 +426,9 @@ fn unresolved<E: AsRef<dyn std::error::Error + Send + Sync>>(error: &E) -> bool 
     )
 }
 
-impl<S, B> Service<Request<B>> for Learn<S>
+impl<S, B, R: Send + 'static> Service<Request<B>> for Learn<S>
 where
-    S: Service<Request<B>>,
+    S: Service<Request<B>, Response = http::Response<R>>,
     S::Future: Send + 'static,
     S::Response: Send + 'static,
     S::Error: AsRef<dyn std::error::Error + Send + Sync> + Send + 'static,
@@ -317,9 +444,28 @@ where
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let target = request.extensions().get::<Target>().cloned();
         let learned = self.learned.clone();
+        // Learning requests: ask for every CONNECT the transport offers
+        // to intercept, and keep each request seen as HTTP.
+        let requests = learned.learns_requests();
+        let intercept = requests
+            && request.method() == http::Method::CONNECT
+            && request.extensions().get::<Interceptable>().is_some();
+        let seen = (requests
+            && request.method() != http::Method::CONNECT
+            && request
+                .extensions()
+                .get::<Protocol>()
+                .is_some_and(|protocol| protocol.methods_visible()))
+        .then(|| (request.method().clone(), request.uri().path().to_owned()));
         let future = self.inner.call(request);
         Box::pin(async move {
-            let result = future.await;
+            let mut result = future.await;
+            if let (Ok(response), true) = (&mut result, intercept) {
+                response.extensions_mut().insert(Intercept);
+            }
+            if let (Ok(_), Some(target), Some((method, path))) = (&result, &target, seen) {
+                learned.note_request(target, &method, &path);
+            }
             match (&result, target) {
                 (Ok(_), Some(target)) => learned.note(&target),
                 (Err(error), Some(target)) if unresolved(error) => learned.note_unresolved(&target),
@@ -358,5 +504,48 @@ mod tests {
         let parsed: toml::Value = toml::from_str(&toml).unwrap();
         let allowed = parsed["network"]["allowed_domains"].as_array().unwrap();
         assert_eq!(allowed.len(), 4);
+        assert!(
+            parsed.get("rules").is_none(),
+            "no rules without interception"
+        );
+    }
+
+    #[test]
+    fn learned_paths_become_prefixes_that_shorten_past_the_limit() {
+        assert_eq!(path_prefix("/", 2), "/");
+        assert_eq!(path_prefix("/simple", 2), "/simple");
+        assert_eq!(path_prefix("/a/b", 2), "/a/b");
+        assert_eq!(path_prefix("/a/b/c", 2), "/a/b/**");
+        assert_eq!(path_prefix("/a/../b//c/./d", 2), "/b/c/**", "normalised");
+        assert_eq!(
+            path_prefix("/a%2Ab/c", 2),
+            "/**",
+            "a * cannot be written in a glob"
+        );
+        assert_eq!(path_prefix("/a/%2F", 2), "/**", "an encoded /");
+        let learned = Learned::default().with_requests();
+        let host = Target::parse_authority("api.test:443", None).unwrap();
+        let get = http::Method::GET;
+        for index in 0..MAX_PREFIXES {
+            learned.note_request(&host, &get, &format!("/repos/r{index}/x"));
+        }
+        learned.note_request(&host, &http::Method::POST, "/issues/1/comments");
+        let rules = |learned: &Learned| -> toml::Value {
+            let text = learned.toml("t");
+            toml::from_str::<toml::Value>(&text).unwrap()["rules"].clone()
+        };
+        let entries = rules(&learned)[0]["allow"].as_array().unwrap().clone();
+        assert_eq!(entries[0]["paths"].as_array().unwrap().len(), MAX_PREFIXES);
+        assert_eq!(entries[1]["paths"][0].as_str(), Some("/issues/1/**"));
+        learned.note_request(&host, &get, "/repos/one-more/x");
+        let entries = rules(&learned)[0]["allow"].as_array().unwrap().clone();
+        assert_eq!(entries[0]["paths"].as_array().unwrap().len(), 1);
+        assert_eq!(entries[0]["paths"][0].as_str(), Some("/repos/**"));
+        for index in 0..=MAX_PREFIXES {
+            learned.note_request(&host, &get, &format!("/top{index}/x/y"));
+        }
+        let entries = rules(&learned)[0]["allow"].as_array().unwrap().clone();
+        assert_eq!(entries[0]["paths"][0].as_str(), Some("/**"));
+        assert_eq!(entries[0]["methods"][0].as_str(), Some("GET"));
     }
 }

@@ -1382,3 +1382,110 @@ async fn log_lines_are_json_when_asked_and_a_bad_format_is_a_usage_error() {
     assert_eq!(code, Some(64), "{stderr}");
     assert!(stderr.contains("PORTCULLIS_LOG_FORMAT"), "{stderr}");
 }
+
+#[tokio::test]
+async fn learning_with_interception_writes_request_rules_the_next_run_enforces() {
+    let (origin, pem) = https_origin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let origin_ca = dir.path().join("origin.pem");
+    std::fs::write(&origin_ca, pem).unwrap();
+    let config = dir.path().join("p.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[mitm]\nca_dir = {:?}\nupstream_ca_files = [{:?}]\n",
+            dir.path().join("ca").display().to_string(),
+            origin_ca.display().to_string()
+        ),
+    )
+    .unwrap();
+    let learned = dir.path().join("learned.toml");
+    let base = format!("https://secure.test:{}", origin.port());
+    // A GET deep under /repos/acme, a GET of the root, a POST to /issues.
+    let script = format!(
+        "curl -sf {base}/repos/acme/widgets/issues/1?token=x >/dev/null && curl -sf {base}/ >/dev/null && curl -sf -X POST {base}/issues >/dev/null"
+    );
+    let run = |config: std::path::PathBuf, extra: Vec<String>, script: String| async move {
+        output(
+            portcullis()
+                .args(["run", "--config"])
+                .arg(&config)
+                .args([
+                    "--resolve",
+                    "secure.test=127.0.0.1",
+                    "--allow-local-binding",
+                ])
+                .args(extra)
+                .args(["--", "sh", "-c", &script]),
+        )
+        .await
+    };
+    let (code, _, stderr) = run(
+        config.clone(),
+        vec![
+            "--mitm".into(),
+            "--learn".into(),
+            learned.display().to_string(),
+        ],
+        script.clone(),
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("request rules for 1 host"), "{stderr}");
+    let written = std::fs::read_to_string(&learned).unwrap();
+    let parsed: toml::Value = toml::from_str(&written).unwrap();
+    let rules = parsed["rules"].as_array().unwrap();
+    assert_eq!(rules.len(), 1, "{written}");
+    assert_eq!(rules[0]["host"].as_str(), Some("secure.test"), "{written}");
+    let allow: Vec<(String, Vec<String>)> = rules[0]["allow"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|entry| {
+            let strings = |key: &str| -> Vec<String> {
+                entry[key]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_str().unwrap().to_owned())
+                    .collect()
+            };
+            (strings("methods").join(","), strings("paths"))
+        })
+        .collect();
+    assert_eq!(
+        allow,
+        [
+            (
+                "GET".to_owned(),
+                vec!["/".to_owned(), "/repos/acme/**".to_owned()]
+            ),
+            ("POST".to_owned(), vec!["/issues".to_owned()]),
+        ],
+        "{written}"
+    );
+    assert!(
+        !written.contains("\"/repos/acme/widgets/issues/1?token"),
+        "paths without queries: {written}"
+    );
+
+    // The learned file, replayed: the same requests pass (the ruled host
+    // is intercepted with no --mitm), another is refused by its rules.
+    // (Its [mitm] table is the test's: where the CA is, the origin's CA.)
+    let replay = dir.path().join("replay.toml");
+    std::fs::write(
+        &replay,
+        written + "\n" + &std::fs::read_to_string(&config).unwrap(),
+    )
+    .unwrap();
+    let (code, _, stderr) = run(replay.clone(), vec![], script).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let (code, stdout, stderr) = run(
+        replay,
+        vec![],
+        format!("curl -s -o /dev/null -w '%{{http_code}}' -X DELETE {base}/repos/acme/widgets"),
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout, "403", "{stderr}");
+}

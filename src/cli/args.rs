@@ -106,7 +106,9 @@ pub(super) struct RunArgs {
     pub(super) no_auth: bool,
     /// Learn the allowlist: allow every public destination, then write the
     /// ones the command reached to FILE as a `[network]` table for
-    /// `--config FILE`. Local and private addresses stay refused.
+    /// `--config FILE`. Local and private addresses stay refused. With
+    /// --mitm, HTTPS is intercepted and the methods and path prefixes each
+    /// host received are written as `[[rules]]` too.
     #[arg(long, value_name = "FILE")]
     pub(super) learn: Option<PathBuf>,
     /// Run the command in its own network namespace whose only way out is

@@ -33,11 +33,20 @@ pub(super) async fn run(args: RunArgs) -> ExitCode {
         }
     }
     let learned = args.learn.as_ref().map(|_| {
-        crate::learn::Learned::new(
+        let learned = crate::learn::Learned::new(
             loaded
                 .as_ref()
                 .is_some_and(|loaded| loaded.config.network.allow_local_binding),
-        )
+        );
+        // With interception, the requests too: `[[rules]]` per host.
+        let intercepting = loaded
+            .as_ref()
+            .is_some_and(|loaded| loaded.config.network.mitm);
+        if intercepting {
+            learned.with_requests()
+        } else {
+            learned
+        }
     });
     let mut options = args.options.clone();
     if learned.is_some() {
@@ -107,9 +116,14 @@ pub(super) async fn run(args: RunArgs) -> ExitCode {
             Ok(()) => {
                 let _ = writeln!(
                     std::io::stderr(),
-                    "portcullis: wrote the allowlist this command needed ({} destination{}) to {}; run it again with --config {}",
+                    "portcullis: wrote the allowlist this command needed ({} destination{}{}) to {}; run it again with --config {}",
                     learned.len(),
                     if learned.len() == 1 { "" } else { "s" },
+                    match learned.ruled_hosts() {
+                        None => String::new(),
+                        Some(1) => ", request rules for 1 host".to_owned(),
+                        Some(hosts) => format!(", request rules for {hosts} hosts"),
+                    },
                     path.display(),
                     path.display()
                 );

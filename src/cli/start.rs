@@ -61,7 +61,8 @@ pub(super) async fn start(options: &Options, purpose: Purpose) -> Result<ProxyHa
     // need the requests inside the tunnel.
     if loaded.config.intercepts() {
         let ca = load_ca(&loaded.config, &loaded.origin)?;
-        if loaded.config.network.mode == Mode::Full && loaded.config.rules.is_empty() {
+        let learning = learn.as_ref().is_some_and(|l| l.learns_requests());
+        if loaded.config.network.mode == Mode::Full && loaded.config.rules.is_empty() && !learning {
             tracing::info!(
                 "mitm is on, but mode is full: nothing is intercepted until mode = \"limited\" or a host has [[rules]]"
             );
