@@ -1,7 +1,11 @@
 //! Limited (read-only) mode: only `GET`, `HEAD` and `OPTIONS` get through.
 //!
 //! Reads the mode from the live policy per request. In `full` mode it
-//! refuses nothing. In `limited` mode it refuses, with [`Blocked`]:
+//! refuses nothing. In `limited` mode it decides each request by a preset
+//! of the request rules, [`RequestRules::limited`](crate::request_rules::RequestRules::limited),
+//! through the same engine as the
+//! [`RequestRulesLayer`](crate::request_rules::RequestRulesLayer): one block
+//! for every destination, which refuses, with [`Blocked`](crate::Blocked):
 //!
 //! - any method but `GET`, `HEAD`, `OPTIONS` (compared exactly and case
 //!   sensitively: `get` is not `GET`) — `method_not_allowed`; git's
@@ -22,7 +26,7 @@
 //! - every request over a tunnel that cannot be intercepted (SOCKS5, a
 //!   [`Protocol::Custom`](crate::Protocol::Custom) way in), whose methods
 //!   cannot be seen — `method_not_allowed`;
-//! - a `CONNECT` the transport cannot intercept (no [`Interceptable`]
+//! - a `CONNECT` the transport cannot intercept (no [`Interceptable`](crate::Interceptable)
 //!   offer) — `mitm_required`. One it can intercept passes, and the
 //!   response carries this layer's [`Intercept`](crate::Intercept) answer: the transport
 //!   terminates the tunnel's TLS and sends each request inside back through
@@ -62,10 +66,10 @@ use http::{header, HeaderName, Method, Request, Response};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::error::{Blocked, BoxError, Reason, Source};
+use crate::error::BoxError;
 use crate::future::MarkedResponse;
 use crate::policy::{Mode, PolicyHandle};
-use crate::request::{HasBody, Interceptable, RequestInfo};
+use crate::request::HasBody;
 
 /// Headers that smuggle a different method past a method check.
 pub const METHOD_OVERRIDE_HEADERS: [HeaderName; 6] = [
@@ -116,18 +120,23 @@ fn percent_decoded(text: &str) -> String {
     String::from_utf8_lossy(&decoded).into_owned()
 }
 
-/// Whether the query asks for another method (`?_method=DELETE`) or starts
-/// a push (`…/info/refs?service=git-receive-pack`).
-fn query_smuggles_a_write(path: &str, query: Option<&str>) -> bool {
-    let Some(query) = query else {
-        return false;
-    };
-    query_parameters(query).any(|(name, value)| {
-        name.trim().eq_ignore_ascii_case(METHOD_OVERRIDE_PARAMETER)
-            || (name == "service"
-                && value.trim() == crate::git::RECEIVE_PACK
-                && path.ends_with("/info/refs"))
-    })
+/// The methods a query asks for with `_method` parameters (the name
+/// trimmed and compared ignoring case, the value percent-decoded).
+pub(crate) fn method_overrides_in_query(query: Option<&str>) -> impl Iterator<Item = String> + '_ {
+    query
+        .into_iter()
+        .flat_map(query_parameters)
+        .filter(|(name, _)| name.trim().eq_ignore_ascii_case(METHOD_OVERRIDE_PARAMETER))
+        .map(|(_, value)| value)
+}
+
+/// Whether the request starts a push (`…/info/refs?service=git-receive-pack`).
+pub(crate) fn starts_a_push(path: &str, query: Option<&str>) -> bool {
+    path.ends_with("/info/refs")
+        && query.is_some_and(|query| {
+            query_parameters(query)
+                .any(|(name, value)| name == "service" && value.trim() == crate::git::RECEIVE_PACK)
+        })
 }
 
 /// The mark limited mode puts on a git fetch it let through: its body has
@@ -140,7 +149,7 @@ pub struct VerifyGitFetchBody;
 
 /// Whether a request carries a body: a [`HasBody`] mark from the
 /// transport, or a non-zero `Content-Length`.
-fn carries_body<B>(request: &Request<B>) -> bool {
+pub(crate) fn carries_body<B>(request: &Request<B>) -> bool {
     request.extensions().get::<HasBody>().is_some()
         || request
             .headers()
@@ -224,45 +233,6 @@ pub fn is_git_fetch<B>(request: &Request<B>) -> bool {
             .is_some_and(|value| value == GIT_UPLOAD_PACK_REQUEST)
 }
 
-/// The refusal limited mode makes of this request, if any.
-fn refusal<B>(
-    request: &Request<B>,
-    allow_git_fetch: bool,
-) -> Result<Option<Blocked>, crate::BadRequest> {
-    let info = RequestInfo::from_request(request)?;
-    let headers = request.headers();
-    // A tunnel whose requests cannot be made visible (SOCKS5, a custom
-    // way in): methods cannot be checked, so it is refused whole.
-    let reason = if info.protocol.is_tunnel() && !info.protocol.can_intercept() {
-        Some(Reason::MethodNotAllowed)
-    } else if info.method == Method::CONNECT {
-        match request.extensions().get::<Interceptable>() {
-            Some(_) => None,
-            None => Some(Reason::MitmRequired),
-        }
-    } else if (is_read_only(&info.method) && carries_body(request))
-        || !(is_read_only(&info.method) || allow_git_fetch && is_git_fetch(request))
-        || METHOD_OVERRIDE_HEADERS
-            .iter()
-            .any(|name| headers.contains_key(name))
-        || query_smuggles_a_write(request.uri().path(), request.uri().query())
-        || headers.contains_key(header::UPGRADE)
-    {
-        Some(Reason::MethodNotAllowed)
-    } else {
-        None
-    };
-    Ok(reason.map(|reason| {
-        Blocked::new(
-            reason,
-            Source::LimitedMode,
-            info.target,
-            info.protocol,
-            &info.method,
-        )
-    }))
-}
-
 impl<S, B, R> Service<Request<B>> for LimitedMode<S>
 where
     S: Service<Request<B>, Response = Response<R>>,
@@ -276,26 +246,19 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, request: Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let policy = self.policy.load();
         if policy.mode() == Mode::Full {
             return MarkedResponse::inner(self.inner.call(request));
         }
-        {
-            match refusal(&request, policy.limited_allows_git_fetch()) {
-                Ok(None) => {
-                    let mut request = request;
-                    if request.method() == Method::POST {
-                        // Only a git fetch gets here with a POST.
-                        request.extensions_mut().insert(VerifyGitFetchBody);
-                    }
-                    // Only an interceptable CONNECT gets here as a CONNECT.
-                    let intercept = request.method() == Method::CONNECT;
-                    MarkedResponse::marked(self.inner.call(request), intercept, None)
-                }
-                Ok(Some(blocked)) => MarkedResponse::refused(blocked),
-                Err(bad) => MarkedResponse::refused(bad),
+        // Limited mode is a preset of the request rules, decided by the
+        // same engine: see `RequestRules::limited`.
+        let preset = crate::request_rules::limited_preset(policy.limited_allows_git_fetch());
+        match crate::request_rules::decide_call(preset, &mut request) {
+            Ok(pass) => {
+                MarkedResponse::marked(self.inner.call(request), pass.intercept, pass.audited)
             }
+            Err(error) => MarkedResponse::refused(error),
         }
     }
 }
@@ -303,7 +266,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{find_blocked, Intercept, NetworkPolicy, Protocol, Target};
+    use crate::{find_blocked, Intercept, Interceptable, NetworkPolicy, Protocol, Reason, Target};
     use http::Response;
     use tower_test::mock;
 

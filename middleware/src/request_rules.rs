@@ -14,6 +14,18 @@
 //! Rules narrow, never widen: the host must still pass the allowlist, and
 //! limited mode still applies. A host without rules is untouched.
 //!
+//! **Methods** are the request's and every method it asks for another way:
+//! a method-override header
+//! ([`METHOD_OVERRIDE_HEADERS`](crate::limited_mode::METHOD_OVERRIDE_HEADERS))
+//! or a `_method` query parameter. An `allow` entry must hold each of
+//! them; a `deny` entry refuses any of them. A protocol upgrade
+//! (`Upgrade: websocket`) to a host with rules is refused: what follows is
+//! a stream no rule can see.
+//!
+//! **Limited mode** is a preset of these rules ([`RequestRules::limited`]):
+//! the [`LimitedModeLayer`](crate::LimitedModeLayer) decides by it with
+//! this module's engine.
+//!
 //! **Paths** are matched after normalisation: each segment is
 //! percent-decoded, empty segments (`//`) and `.` are dropped, `..` removes
 //! the segment before it, so `/repos/acme/../x` is `/x` and `/%2e%2e/` is a
@@ -246,6 +258,8 @@ fn percent_decode(text: &str) -> String {
 pub struct RuleEntry {
     methods: Option<Vec<Method>>,
     paths: Option<Vec<PathGlob>>,
+    /// Matches git's smart-HTTP fetch only (limited mode's preset).
+    git_fetch: bool,
 }
 
 impl RuleEntry {
@@ -296,21 +310,115 @@ impl RuleEntry {
         Ok(self)
     }
 
-    fn matches(&self, method: &Method, path: &[Cow<'_, str>], ignore_case: bool) -> bool {
-        let method_matches = self.methods.as_ref().is_none_or(|methods| {
-            methods.iter().any(|m| {
-                if ignore_case {
-                    m.as_str().eq_ignore_ascii_case(method.as_str())
-                } else {
-                    m == method
-                }
-            })
+    /// Git's smart-HTTP fetch: `POST <repository>/git-upload-pack` with
+    /// git's content type and no query (its body is checked apart: see
+    /// [`VerifyGitFetchBody`](crate::VerifyGitFetchBody)).
+    fn git_fetch() -> RuleEntry {
+        RuleEntry {
+            git_fetch: true,
+            ..RuleEntry::default()
+        }
+    }
+
+    /// Whether an `allow` entry takes the request: each method it asks
+    /// for (its own and any override) is one of the entry's.
+    fn allows(&self, asked: &Asked<'_>, path: &[Cow<'_, str>]) -> bool {
+        if self.git_fetch {
+            return asked.git_fetch && asked.overrides.is_empty();
+        }
+        let methods_match = self.methods.as_ref().is_none_or(|methods| {
+            methods.contains(asked.method)
+                && asked
+                    .overrides
+                    .iter()
+                    .all(|o| o.as_ref().is_some_and(|m| methods.contains(m)))
         });
-        method_matches
+        methods_match
             && self
                 .paths
                 .as_ref()
-                .is_none_or(|paths| paths.iter().any(|glob| glob.matches(path, ignore_case)))
+                .is_none_or(|paths| paths.iter().any(|glob| glob.matches(path, false)))
+    }
+
+    /// Whether a `deny` entry refuses the request: any method it asks for
+    /// is one of the entry's, ignoring case, as are paths.
+    fn denies(&self, asked: &Asked<'_>, path: &[Cow<'_, str>]) -> bool {
+        if self.git_fetch {
+            return asked.git_fetch;
+        }
+        let same = |m: &Method, asked: &Method| m.as_str().eq_ignore_ascii_case(asked.as_str());
+        let methods_match = self.methods.as_ref().is_none_or(|methods| {
+            methods.iter().any(|m| {
+                same(m, asked.method)
+                    || asked
+                        .overrides
+                        .iter()
+                        .flatten()
+                        .any(|overridden| same(m, overridden))
+            })
+        });
+        methods_match
+            && self
+                .paths
+                .as_ref()
+                .is_none_or(|paths| paths.iter().any(|glob| glob.matches(path, true)))
+    }
+}
+
+/// What a request asks for, as the rules see it.
+#[derive(Debug)]
+struct Asked<'a> {
+    method: &'a Method,
+    /// Methods asked for by an override header or a `_method` parameter
+    /// (`None`: not a method).
+    overrides: Vec<Option<Method>>,
+    path: &'a str,
+    /// Something only reads may not carry: a body on a read, an upgrade, an
+    /// override, the start of a push (limited mode's preset refuses it).
+    write_in_a_read: bool,
+    /// A protocol upgrade: the request becomes a stream no rule can see.
+    upgrade: bool,
+    git_fetch: bool,
+}
+
+impl<'a> Asked<'a> {
+    /// A request by its method and path alone.
+    fn bare(method: &'a Method, path: &'a str) -> Asked<'a> {
+        Asked {
+            method,
+            overrides: Vec::new(),
+            path,
+            write_in_a_read: false,
+            upgrade: false,
+            git_fetch: false,
+        }
+    }
+
+    fn of<B>(request: &'a Request<B>) -> Asked<'a> {
+        let headers = request.headers();
+        let mut overrides: Vec<Option<Method>> = crate::limited_mode::METHOD_OVERRIDE_HEADERS
+            .iter()
+            .flat_map(|name| headers.get_all(name))
+            .map(|value| Method::from_bytes(value.as_bytes().trim_ascii()).ok())
+            .collect();
+        overrides.extend(
+            crate::limited_mode::method_overrides_in_query(request.uri().query())
+                .map(|value| Method::from_bytes(value.trim().as_bytes()).ok()),
+        );
+        let upgrade = headers.contains_key(http::header::UPGRADE);
+        let method = request.method();
+        Asked {
+            method,
+            write_in_a_read: !overrides.is_empty()
+                || upgrade
+                || (crate::limited_mode::is_read_only(method)
+                    && crate::limited_mode::carries_body(request))
+                || crate::limited_mode::starts_a_push(request.uri().path(), request.uri().query()),
+            overrides,
+            path: request.uri().path(),
+            upgrade,
+            git_fetch: crate::limited_mode::is_git_fetch(request),
+        }
     }
 }
 
@@ -324,6 +432,9 @@ impl fmt::Display for RuleEntry {
         if let Some(paths) = &self.paths {
             let globs: Vec<&str> = paths.iter().map(|g| g.text.as_str()).collect();
             parts.push(format!("paths {}", globs.join(", ")));
+        }
+        if self.git_fetch {
+            parts.push("git fetch (POST …/git-upload-pack)".to_owned());
         }
         if parts.is_empty() {
             f.write_str("everything")
@@ -341,6 +452,9 @@ pub struct RuleBlock {
     allow: Vec<RuleEntry>,
     deny: Vec<RuleEntry>,
     enforce: bool,
+    /// Limited mode's preset: covers every destination, refuses anything
+    /// that hides a write in a read, and refuses as limited mode.
+    read_only: bool,
 }
 
 impl RuleBlock {
@@ -353,7 +467,60 @@ impl RuleBlock {
             allow: Vec::new(),
             deny: Vec::new(),
             enforce: true,
+            read_only: false,
         })
+    }
+
+    /// Limited mode's preset: every destination, `GET`, `HEAD` and
+    /// `OPTIONS` only (and git's fetch when `git_fetch`), nothing that
+    /// hides a write in a read.
+    fn read_only(git_fetch: bool) -> RuleBlock {
+        let reads = RuleEntry {
+            methods: Some(vec![Method::GET, Method::HEAD, Method::OPTIONS]),
+            ..RuleEntry::default()
+        };
+        let mut allow = vec![reads];
+        if git_fetch {
+            allow.push(RuleEntry::git_fetch());
+        }
+        RuleBlock {
+            host: Pattern {
+                host: crate::policy::HostPattern::Any,
+                port: None,
+                text: "*".to_owned(),
+            },
+            name: "mode = \"limited\"".to_owned(),
+            allow,
+            deny: Vec::new(),
+            enforce: true,
+            read_only: true,
+        }
+    }
+
+    /// Whether any entry names paths (only then does a path that cannot
+    /// be normalised matter).
+    fn uses_paths(&self) -> bool {
+        self.allow
+            .iter()
+            .chain(&self.deny)
+            .any(|e| e.paths.is_some())
+    }
+
+    /// The refusal this block makes.
+    fn refusal(&self, reason: Reason, rule: impl FnOnce() -> String) -> Refusal {
+        if self.read_only {
+            Refusal {
+                reason: Reason::MethodNotAllowed,
+                source: Source::LimitedMode,
+                rule: None,
+            }
+        } else {
+            Refusal {
+                reason,
+                source: Source::RequestRules,
+                rule: Some(rule()),
+            }
+        }
     }
 
     /// Audit mode (`enforce = false`): a request this block would refuse
@@ -387,6 +554,8 @@ impl RuleBlock {
 pub struct RequestRules {
     hosts: PatternSet,
     blocks: Arc<[RuleBlock]>,
+    /// Blocks that cover every destination (limited mode's preset).
+    universal: Vec<usize>,
 }
 
 impl PartialEq for RequestRules {
@@ -405,24 +574,73 @@ pub enum RuleVerdict {
     /// An `allow` entry matches (and no `deny`) in each block for the host,
     /// as (block, entry) indexes: name them with [`RequestRules::describe`].
     Allowed(Vec<(usize, usize)>),
-    /// Refused: the reason and the rule that decided (for the refusal).
-    Refused(Reason, String),
+    /// Refused.
+    Refused(Refusal),
     /// A block in audit mode would refuse it (and none enforcing does): it
-    /// goes through, recorded with the reason and rule.
-    Audited(Reason, String),
+    /// goes through, recorded with what would have refused it.
+    Audited(Refusal),
+}
+
+/// A refusal by the rules: why, which part refused (`request_rules`, or
+/// `limited_mode` for its preset), and the rule that decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// `rule_denied` or `rule_not_matched` (`method_not_allowed` for
+    /// limited mode's preset).
+    pub reason: Reason,
+    /// Which part of the proxy refused.
+    pub source: Source,
+    /// The entry or block that decided, as `rules[0].deny[1] (host): …`
+    /// (none for limited mode's preset).
+    pub rule: Option<String>,
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.rule {
+            Some(rule) => write!(f, "{}: {rule}", self.reason),
+            None => write!(f, "{}", self.reason),
+        }
+    }
 }
 
 impl RequestRules {
     /// Rules made of `blocks`.
     pub fn new(blocks: Vec<RuleBlock>) -> RequestRules {
         let mut hosts = PatternSet::new();
-        for block in &blocks {
-            hosts.insert(block.host.clone());
+        let mut universal = Vec::new();
+        for (index, block) in blocks.iter().enumerate() {
+            if block.read_only {
+                universal.push(index);
+                // Kept in step with the blocks' indexes; never matched.
+                hosts.insert(Pattern {
+                    host: crate::policy::HostPattern::Ip(std::net::IpAddr::V6(
+                        std::net::Ipv6Addr::UNSPECIFIED,
+                    )),
+                    port: Some(0),
+                    text: String::new(),
+                });
+            } else {
+                hosts.insert(block.host.clone());
+            }
         }
         RequestRules {
             hosts,
             blocks: blocks.into(),
+            universal,
         }
+    }
+
+    /// Limited mode as rules: one block covering every destination that
+    /// lets `GET`, `HEAD` and `OPTIONS` through (and, when `git_fetch`,
+    /// git's smart-HTTP fetch), and refuses — `method_not_allowed`, source
+    /// `limited_mode` — any other method, a read with a body, a method
+    /// override (header or `_method`), a protocol upgrade, the start of a
+    /// push, and every tunnel whose requests cannot be seen. The
+    /// [`LimitedModeLayer`](crate::LimitedModeLayer) decides by it, through
+    /// the same engine as `[[rules]]`.
+    pub fn limited(git_fetch: bool) -> RequestRules {
+        RequestRules::new(vec![RuleBlock::read_only(git_fetch)])
     }
 
     /// Whether there are no rules.
@@ -436,11 +654,12 @@ impl RequestRules {
     }
 
     fn blocks_for<'a>(&'a self, target: &Target) -> Vec<(usize, &'a RuleBlock)> {
-        let Target::Host { host, port } = target else {
-            return Vec::new();
-        };
-        self.hosts
-            .find_all(host, *port)
+        let mut indexes = self.universal.clone();
+        if let Target::Host { host, port } = target {
+            let named = self.hosts.find_all(host, *port);
+            indexes.extend(named.into_iter().filter(|i| !self.universal.contains(i)));
+        }
+        indexes
             .into_iter()
             .filter_map(|index| self.blocks.get(index).map(|block| (index, block)))
             .collect()
@@ -452,8 +671,24 @@ impl RequestRules {
     }
 
     /// The verdict for `method` on `path` (as sent, not yet normalised) to
-    /// `target`.
+    /// `target`, by method and path alone (no headers: see
+    /// [`decide_request`](RequestRules::decide_request)).
     pub fn decide(&self, target: &Target, method: &Method, path: &str) -> RuleVerdict {
+        self.verdict(target, &Asked::bare(method, path))
+    }
+
+    /// The verdict for `request` to `target`, as the layer decides it: also
+    /// each method it asks for through an override header
+    /// (`x-http-method-override`, …) or a `_method` parameter — every one
+    /// must be allowed, any one can be denied — and, for limited mode's
+    /// preset, whatever hides a write in a read. A protocol upgrade
+    /// (`Upgrade: websocket`) to a host with rules is refused: what
+    /// follows it is a stream no rule can see.
+    pub fn decide_request<B>(&self, target: &Target, request: &Request<B>) -> RuleVerdict {
+        self.verdict(target, &Asked::of(request))
+    }
+
+    fn verdict(&self, target: &Target, asked: &Asked<'_>) -> RuleVerdict {
         if self.blocks.is_empty() {
             return RuleVerdict::NoRules;
         }
@@ -461,16 +696,36 @@ impl RequestRules {
         if blocks.is_empty() {
             return RuleVerdict::NoRules;
         }
+        let method = asked.method;
         // An enforcing block's refusal is returned at once; an auditing
         // block's is kept, and reported only if nothing enforcing refuses.
-        let mut audited: Option<(Reason, String)> = None;
-        let segments = match normalise_path(path) {
+        let mut audited: Option<Refusal> = None;
+        for (_, block) in &blocks {
+            let hidden = if block.read_only {
+                asked.write_in_a_read
+            } else {
+                asked.upgrade
+            };
+            if hidden {
+                let refusal = block.refusal(Reason::RuleNotMatched, || {
+                    format!(
+                        "{} ({}): a protocol upgrade is a stream no rule can see",
+                        block.name, block.host
+                    )
+                });
+                if let Some(verdict) = judge(block, refusal, &mut audited) {
+                    return verdict;
+                }
+            }
+        }
+        let segments = match normalise_path(asked.path) {
             Ok(segments) => segments,
             Err(why) => {
-                for (_, block) in &blocks {
-                    let rule = format!("{} ({}): {why}", block.name, block.host);
-                    if let Some(verdict) = judge(block, Reason::RuleNotMatched, rule, &mut audited)
-                    {
+                for (_, block) in blocks.iter().filter(|(_, block)| block.uses_paths()) {
+                    let refusal = block.refusal(Reason::RuleNotMatched, || {
+                        format!("{} ({}): {why}", block.name, block.host)
+                    });
+                    if let Some(verdict) = judge(block, refusal, &mut audited) {
                         return verdict;
                     }
                 }
@@ -479,9 +734,11 @@ impl RequestRules {
         };
         for (_, block) in &blocks {
             for (index, entry) in block.deny.iter().enumerate() {
-                if entry.matches(method, &segments, true) {
-                    let rule = format!("{}.deny[{index}] ({}): {entry}", block.name, block.host);
-                    if let Some(verdict) = judge(block, Reason::RuleDenied, rule, &mut audited) {
+                if entry.denies(asked, &segments) {
+                    let refusal = block.refusal(Reason::RuleDenied, || {
+                        format!("{}.deny[{index}] ({}): {entry}", block.name, block.host)
+                    });
+                    if let Some(verdict) = judge(block, refusal, &mut audited) {
                         return verdict;
                     }
                 }
@@ -493,28 +750,51 @@ impl RequestRules {
             let found = block
                 .allow
                 .iter()
-                .position(|entry| entry.matches(method, &segments, false));
+                .position(|entry| entry.allows(asked, &segments));
             match found {
                 Some(index) => allowed_by.push((*block_index, index)),
                 None => {
-                    let rule = format!(
-                        "{} ({}): no allow entry matches {} /{}",
-                        block.name,
-                        block.host,
-                        method.as_str().escape_debug(),
-                        segments.join("/").escape_debug()
-                    );
-                    if let Some(verdict) = judge(block, Reason::RuleNotMatched, rule, &mut audited)
-                    {
+                    let refusal = block.refusal(Reason::RuleNotMatched, || {
+                        let overrides: Vec<String> = asked
+                            .overrides
+                            .iter()
+                            .map(|o| o.as_ref().map_or("(not a method)", Method::as_str))
+                            .map(|m| m.escape_debug().to_string())
+                            .collect();
+                        let overrides = if overrides.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" (overridden as {})", overrides.join(", "))
+                        };
+                        format!(
+                            "{} ({}): no allow entry matches {}{overrides} /{}",
+                            block.name,
+                            block.host,
+                            method.as_str().escape_debug(),
+                            segments.join("/").escape_debug()
+                        )
+                    });
+                    if let Some(verdict) = judge(block, refusal, &mut audited) {
                         return verdict;
                     }
                 }
             }
         }
         match audited {
-            Some((reason, rule)) => RuleVerdict::Audited(reason, rule),
+            Some(refusal) => RuleVerdict::Audited(refusal),
             None => RuleVerdict::Allowed(allowed_by),
         }
+    }
+
+    /// Whether an [`Allowed`](RuleVerdict::Allowed) verdict let a git
+    /// fetch through by its git entry (its body must then be checked).
+    fn by_git_fetch(&self, allowed_by: &[(usize, usize)]) -> bool {
+        allowed_by.iter().any(|&(block, entry)| {
+            self.blocks
+                .get(block)
+                .and_then(|block| block.allow.get(entry))
+                .is_some_and(|entry| entry.git_fetch)
+        })
     }
 
     /// Names the entries of an [`Allowed`](RuleVerdict::Allowed) verdict:
@@ -539,14 +819,13 @@ impl RequestRules {
 /// kept (the first) and `None` returned.
 fn judge(
     block: &RuleBlock,
-    reason: Reason,
-    rule: String,
-    audited: &mut Option<(Reason, String)>,
+    refusal: Refusal,
+    audited: &mut Option<Refusal>,
 ) -> Option<RuleVerdict> {
     if block.enforce {
-        Some(RuleVerdict::Refused(reason, rule))
+        Some(RuleVerdict::Refused(refusal))
     } else {
-        audited.get_or_insert((reason, rule));
+        audited.get_or_insert(refusal);
         None
     }
 }
@@ -595,69 +874,141 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, request: Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let policy = self.policy.load();
-        let rules = policy.request_rules();
-        let refuse = |error: BoxError| MarkedResponse::refused(error);
-        if rules.is_empty() || request.extensions().get::<UdpAssociation>().is_some() {
-            return MarkedResponse::marked(self.inner.call(request), false, None);
+        match decide_call(policy.request_rules(), &mut request) {
+            Ok(pass) => {
+                MarkedResponse::marked(self.inner.call(request), pass.intercept, pass.audited)
+            }
+            Err(error) => MarkedResponse::refused(error),
         }
-        let info = match RequestInfo::from_request(&request) {
-            Ok(info) => info,
-            Err(bad) => return refuse(bad.into()),
-        };
-        if !rules.covers(&info.target) {
-            return MarkedResponse::marked(self.inner.call(request), false, None);
+    }
+}
+
+/// What the engine lets through: whether to ask for interception, and a
+/// would-be refusal to record (audit mode).
+#[derive(Debug, Default)]
+pub(crate) struct Pass {
+    pub(crate) intercept: bool,
+    pub(crate) audited: Option<Blocked>,
+}
+
+/// The one decision of a call by `rules`, for the request-rules layer and
+/// limited mode's preset alike: a tunnel to a covered destination is
+/// intercepted when the transport offers it and refused when it cannot be
+/// seen; a request is judged by [`RequestRules::decide_request`]. A git
+/// fetch let through by its entry is marked for its body to be checked.
+pub(crate) fn decide_call<B>(
+    rules: &RequestRules,
+    request: &mut Request<B>,
+) -> Result<Pass, BoxError> {
+    if rules.is_empty() {
+        return Ok(Pass::default());
+    }
+    let info = RequestInfo::from_request(request)?;
+    let mut blocks = rules.blocks_for(&info.target);
+    if request.extensions().get::<UdpAssociation>().is_some() {
+        // Decided datagram by datagram, by destination: only a block
+        // covering everything (limited mode) refuses the association.
+        blocks.retain(|(_, block)| block.read_only);
+    }
+    if blocks.is_empty() {
+        return Ok(Pass::default());
+    }
+    let blocked = |refusal: Refusal| {
+        Blocked::new(
+            refusal.reason,
+            refusal.source,
+            info.target.clone(),
+            info.protocol,
+            &info.method,
+        )
+        .with_rule(refusal.rule)
+    };
+    if info.method == Method::CONNECT || info.protocol.is_tunnel() {
+        let seeable = !info.protocol.is_tunnel() || info.protocol.can_intercept();
+        let offered = info.method == Method::CONNECT
+            && seeable
+            && request.extensions().get::<Interceptable>().is_some();
+        if offered {
+            return Ok(Pass {
+                intercept: true,
+                audited: None,
+            });
         }
-        let blocked = |reason, rule: String| {
-            Blocked::new(
+        if blocks.iter().any(|(_, block)| block.read_only) {
+            // Limited mode: a CONNECT that could be intercepted needs the
+            // CA; any other tunnel's methods are never seen.
+            let reason = if seeable && info.method == Method::CONNECT {
+                Reason::MitmRequired
+            } else {
+                Reason::MethodNotAllowed
+            };
+            return Err(Blocked::new(
                 reason,
-                Source::RequestRules,
+                Source::LimitedMode,
                 info.target.clone(),
                 info.protocol,
                 &info.method,
             )
-            .with_rule(Some(rule))
-        };
-        if info.method == Method::CONNECT || info.protocol.is_tunnel() {
-            let offered = info.method == Method::CONNECT
-                && request.extensions().get::<Interceptable>().is_some();
-            if !offered {
-                let names: Vec<String> = rules
-                    .blocks_for(&info.target)
-                    .iter()
-                    .map(|(_, block)| format!("{} ({})", block.name, block.host))
-                    .collect();
-                return refuse(
-                    blocked(Reason::MitmRequired, names.join(", "))
-                        .with_message(format!(
-                            "portcullis refused {} {}: it has request rules ({}), which are checked only on requests portcullis can see; reach it over HTTP, or over an HTTPS CONNECT portcullis can intercept",
-                            info.method.as_str().escape_debug(),
-                            info.target,
-                            names.join(", ")
-                        ))
-                        .into(),
-                );
-            }
-            return MarkedResponse::marked(self.inner.call(request), true, None);
+            .into());
         }
-        match rules.decide(&info.target, &info.method, request.uri().path()) {
-            RuleVerdict::NoRules | RuleVerdict::Allowed(_) => {
-                MarkedResponse::marked(self.inner.call(request), false, None)
+        let names: Vec<String> = blocks
+            .iter()
+            .map(|(_, block)| format!("{} ({})", block.name, block.host))
+            .collect();
+        return Err(blocked(Refusal {
+            reason: Reason::MitmRequired,
+            source: Source::RequestRules,
+            rule: Some(names.join(", ")),
+        })
+        .with_message(format!(
+            "portcullis refused {} {}: it has request rules ({}), which are checked only on requests portcullis can see; reach it over HTTP, or over an HTTPS CONNECT portcullis can intercept",
+            info.method.as_str().escape_debug(),
+            info.target,
+            names.join(", ")
+        ))
+        .into());
+    }
+    match rules.decide_request(&info.target, request) {
+        RuleVerdict::NoRules => Ok(Pass::default()),
+        RuleVerdict::Allowed(by) => {
+            if rules.by_git_fetch(&by) {
+                request
+                    .extensions_mut()
+                    .insert(crate::limited_mode::VerifyGitFetchBody);
             }
-            RuleVerdict::Refused(reason, rule) => refuse(blocked(reason, rule).into()),
-            RuleVerdict::Audited(reason, rule) => {
-                let message = format!(
-                    "portcullis let {} {} through in audit mode; enforced, its request rules would refuse it ({reason}: {rule})",
-                    info.method.as_str().escape_debug(),
-                    info.target,
-                );
-                let audited = blocked(reason, rule)
-                    .with_decision(BlockDecision::Audit)
-                    .with_message(message);
-                MarkedResponse::marked(self.inner.call(request), false, Some(audited))
-            }
+            Ok(Pass::default())
         }
+        RuleVerdict::Refused(refusal) => Err(blocked(refusal).into()),
+        RuleVerdict::Audited(refusal) => {
+            let message = format!(
+                "portcullis let {} {} through in audit mode; enforced, its request rules would refuse it ({refusal})",
+                info.method.as_str().escape_debug(),
+                info.target,
+            );
+            Ok(Pass {
+                intercept: false,
+                audited: Some(
+                    blocked(refusal)
+                        .with_decision(BlockDecision::Audit)
+                        .with_message(message),
+                ),
+            })
+        }
+    }
+}
+
+/// Limited mode's preset, built once: see [`RequestRules::limited`].
+pub(crate) fn limited_preset(git_fetch: bool) -> &'static RequestRules {
+    static WITH_GIT_FETCH: std::sync::LazyLock<RequestRules> =
+        std::sync::LazyLock::new(|| RequestRules::limited(true));
+    static READS_ONLY: std::sync::LazyLock<RequestRules> =
+        std::sync::LazyLock::new(|| RequestRules::limited(false));
+    if git_fetch {
+        &WITH_GIT_FETCH
+    } else {
+        &READS_ONLY
     }
 }
 
@@ -701,7 +1052,7 @@ mod tests {
 
     fn reason(method: &str, path: &str) -> Option<Reason> {
         match verdict(method, path) {
-            RuleVerdict::Refused(reason, _) => Some(reason),
+            RuleVerdict::Refused(refusal) => Some(refusal.reason),
             _ => None,
         }
     }
@@ -779,7 +1130,9 @@ mod tests {
             other => panic!("{other:?}"),
         }
         match verdict("GET", "/user/keys") {
-            RuleVerdict::Refused(_, rule) => {
+            RuleVerdict::Refused(Refusal {
+                rule: Some(rule), ..
+            }) => {
                 assert_eq!(
                     rule,
                     "rules[0].deny[0] (api.github.com): paths /user/keys/**"
@@ -806,11 +1159,17 @@ mod tests {
         let x = target("x.test:443");
         assert!(matches!(
             alone.decide(&x, &Method::GET, "/admin/a"),
-            RuleVerdict::Audited(Reason::RuleDenied, _)
+            RuleVerdict::Audited(Refusal {
+                reason: Reason::RuleDenied,
+                ..
+            })
         ));
         assert!(matches!(
             alone.decide(&x, &Method::POST, "/a"),
-            RuleVerdict::Audited(Reason::RuleNotMatched, _)
+            RuleVerdict::Audited(Refusal {
+                reason: Reason::RuleNotMatched,
+                ..
+            })
         ));
         assert!(matches!(
             alone.decide(&x, &Method::GET, "/a"),
@@ -825,11 +1184,14 @@ mod tests {
         ]);
         assert!(matches!(
             both.decide(&x, &Method::POST, "/a"),
-            RuleVerdict::Refused(Reason::RuleNotMatched, rule) if rule.starts_with("rules[1]")
+            RuleVerdict::Refused(Refusal { reason: Reason::RuleNotMatched, rule: Some(rule), .. }) if rule.starts_with("rules[1]")
         ));
         assert!(matches!(
             both.decide(&x, &Method::GET, "/admin/a"),
-            RuleVerdict::Audited(Reason::RuleDenied, _)
+            RuleVerdict::Audited(Refusal {
+                reason: Reason::RuleDenied,
+                ..
+            })
         ));
     }
 
@@ -915,5 +1277,148 @@ mod tests {
         );
         other.extensions_mut().insert(Interceptable);
         assert_eq!(outcome(other).await, Ok(false));
+    }
+
+    fn with_headers(mut request: Request<()>, headers: &[(&'static str, &str)]) -> Request<()> {
+        for (name, value) in headers {
+            request
+                .headers_mut()
+                .append(*name, http::HeaderValue::from_str(value).unwrap());
+        }
+        request
+    }
+
+    #[tokio::test]
+    async fn method_overrides_and_upgrades_cannot_slip_past_rules() {
+        use Protocol::*;
+        let get = |uri: &str, headers: &[(&'static str, &str)]| {
+            with_headers(
+                request("GET", uri, HttpsMitm, "api.github.com:443"),
+                headers,
+            )
+        };
+        let repo = "https://api.github.com/repos/acme/x";
+        assert_eq!(outcome(get(repo, &[])).await, Ok(false));
+        assert_eq!(
+            outcome(get(repo, &[("x-http-method-override", "DELETE")])).await,
+            Err(Reason::RuleNotMatched),
+            "every method asked for must be allowed"
+        );
+        assert_eq!(
+            outcome(get(repo, &[("x-http-method-override", "HEAD")])).await,
+            Ok(false),
+            "an override to an allowed method is one"
+        );
+        assert_eq!(
+            outcome(get(&format!("{repo}?_method=PUT"), &[])).await,
+            Err(Reason::RuleNotMatched)
+        );
+        assert_eq!(
+            outcome(get(repo, &[("upgrade", "websocket")])).await,
+            Err(Reason::RuleNotMatched),
+            "an upgrade becomes a stream no rule sees"
+        );
+        // A deny entry catches an overridden method, any case.
+        let rules = RequestRules::new(vec![RuleBlock::new("api.test", "rules[0]")
+            .unwrap()
+            .allow(RuleEntry::new())
+            .deny(RuleEntry::new().methods(["DELETE"]).unwrap())]);
+        let target = target("api.test:443");
+        let overridden = with_headers(
+            request(
+                "POST",
+                "https://api.test/a?_method=delete",
+                HttpsMitm,
+                "api.test:443",
+            ),
+            &[],
+        );
+        assert!(matches!(
+            rules.decide_request(&target, &overridden),
+            RuleVerdict::Refused(Refusal {
+                reason: Reason::RuleDenied,
+                ..
+            })
+        ));
+        // Without globs, a path that cannot be normalised is no reason to refuse.
+        let encoded = request("GET", "https://api.test/a%2Fb", HttpsMitm, "api.test:443");
+        assert!(matches!(
+            rules.decide_request(&target, &encoded),
+            RuleVerdict::Allowed(_)
+        ));
+    }
+
+    #[test]
+    fn limited_mode_is_a_preset_of_the_rules() {
+        use Protocol::*;
+        let limited = RequestRules::limited(true);
+        let decide = |request: Request<()>| {
+            let target = request.extensions().get::<Target>().cloned().unwrap();
+            limited.decide_request(&target, &request)
+        };
+        let refused_as_limited_mode = |verdict: RuleVerdict| {
+            matches!(
+                verdict,
+                RuleVerdict::Refused(Refusal {
+                    reason: Reason::MethodNotAllowed,
+                    source: Source::LimitedMode,
+                    rule: None
+                })
+            )
+        };
+        let get = request("GET", "http://any.test/a%2Fb", Http, "any.test:80");
+        assert!(
+            matches!(decide(get), RuleVerdict::Allowed(_)),
+            "every host, any path"
+        );
+        let mut socket = request("GET", "/v1/x", UnixSocket, "any.test:80");
+        socket
+            .extensions_mut()
+            .insert(Target::unix("/run/app.sock").unwrap());
+        assert!(
+            matches!(decide(socket), RuleVerdict::Allowed(_)),
+            "and sockets"
+        );
+        assert!(refused_as_limited_mode(decide(request(
+            "POST",
+            "http://any.test/",
+            Http,
+            "any.test:80"
+        ))));
+        let overridden = with_headers(
+            request("GET", "http://any.test/", Http, "any.test:80"),
+            &[("x-http-method-override", "GET")],
+        );
+        assert!(
+            refused_as_limited_mode(decide(overridden)),
+            "any override, even to a read"
+        );
+        let fetch = with_headers(
+            request(
+                "POST",
+                "https://git.test/acme/x.git/git-upload-pack",
+                HttpsMitm,
+                "git.test:443",
+            ),
+            &[("content-type", "application/x-git-upload-pack-request")],
+        );
+        match decide(fetch) {
+            RuleVerdict::Allowed(by) => assert!(limited.by_git_fetch(&by)),
+            other => panic!("{other:?}"),
+        }
+        let without_git = RequestRules::limited(false);
+        let fetch = with_headers(
+            request(
+                "POST",
+                "https://git.test/acme/x.git/git-upload-pack",
+                HttpsMitm,
+                "git.test:443",
+            ),
+            &[("content-type", "application/x-git-upload-pack-request")],
+        );
+        let target = target("git.test:443");
+        assert!(refused_as_limited_mode(
+            without_git.decide_request(&target, &fetch)
+        ));
     }
 }

@@ -140,7 +140,8 @@ pub(super) async fn check(args: CheckArgs) -> ExitCode {
             {
                 format!("; {}", policy.request_rules().describe(&by))
             }
-            portcullis_middleware::request_rules::RuleVerdict::Audited(_, why) => {
+            portcullis_middleware::request_rules::RuleVerdict::Audited(refusal) => {
+                let why = refusal.rule.unwrap_or_default();
                 format!("; audit only: {why} would be refused if enforced")
             }
             _ => String::new(),
