@@ -320,3 +320,51 @@ async fn enforce_rules_false_puts_every_block_in_audit_mode() {
         assert!(stdout.contains(said), "{network}: {stdout}");
     }
 }
+
+#[tokio::test]
+async fn rules_added_by_a_reload_fail_closed_without_a_ca_and_say_so() {
+    let origin = origin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("p.toml");
+    let lists = "[network]\nallowed_domains = [\"svc.test\"]\nallow_local_binding = true\n[dns]\nhosts = { \"svc.test\" = [\"127.0.0.1\"] }\n";
+    std::fs::write(&config, lists).unwrap();
+    let mut child = portcullis()
+        .args(["serve", "--config"])
+        .arg(&config)
+        .args(["--http", "127.0.0.1:0", "--no-socks"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let proxy = format!("http://{}", served_http_address(&mut child).await);
+    let url = format!("http://svc.test:{}/", origin.addr.port());
+    assert_eq!(curl_status(&["-p", "-x", &proxy, &url]).await, "200");
+    std::fs::write(
+        &config,
+        format!("{lists}[[rules]]\nhost = \"svc.test\"\nallow = [{{ methods = [\"GET\"] }}]\n"),
+    )
+    .unwrap();
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    // The reload lands within a poll or the signal (bounded wait).
+    let mut status = String::new();
+    for _ in 0..50 {
+        let tunnel = ["-o", "/dev/null", "-w", "%{http_connect}", "-p", "-x", &proxy, &url];
+        status = curl(&tunnel).await.stdout;
+        if status == "403" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, "403", "a ruled host is never reached unseen");
+    assert_eq!(
+        curl_status(&["-x", &proxy, &url]).await,
+        "200",
+        "plain HTTP is checked directly"
+    );
+    let (_, stderr) = terminate(&mut child).await;
+    assert!(
+        stderr.contains("started without interception") && stderr.contains("mitm_required"),
+        "{stderr}"
+    );
+}

@@ -29,12 +29,14 @@ fn stamp(path: Option<&Path>) -> Stamp {
 /// Reloads the policy (from `options`, flags applied again) and `rules`
 /// whenever their files change, until the process ends. `serving` (for
 /// `serve`): the live `[auth]` credential, reloaded with the file, and
-/// SIGHUP reloads too.
+/// SIGHUP reloads too. `intercepting`: whether this proxy started with a
+/// CA (a reload cannot add one).
 pub(crate) async fn watch(
     options: Options,
     policy: PolicyHandle,
     rules: Option<RulesFile>,
     serving: Option<LiveCredentials>,
+    intercepting: bool,
 ) {
     let hangup = serving.is_some();
     let credentials = serving;
@@ -58,7 +60,7 @@ pub(crate) async fn watch(
         };
         let now = (stamp(config.as_deref()), stamp(rules_path.as_deref()));
         if forced || now.0 != seen.0 {
-            reload_policy(&options, &policy, credentials.as_ref());
+            reload_policy(&options, &policy, credentials.as_ref(), intercepting);
         }
         if let (Some(rules), true) = (&rules, forced || now.1 != seen.1) {
             match rules.reload() {
@@ -70,7 +72,12 @@ pub(crate) async fn watch(
     }
 }
 
-fn reload_policy(options: &Options, policy: &PolicyHandle, credentials: Option<&LiveCredentials>) {
+fn reload_policy(
+    options: &Options,
+    policy: &PolicyHandle,
+    credentials: Option<&LiveCredentials>,
+    intercepting: bool,
+) {
     let loaded = match options.load() {
         Ok(loaded) => loaded,
         Err(error) => {
@@ -98,6 +105,12 @@ fn reload_policy(options: &Options, policy: &PolicyHandle, credentials: Option<&
                     .store(auth.map(|(username, password)| Credentials { username, password }));
             }
             tracing::info!(file = %loaded.origin, "policy reloaded");
+            if !intercepting && !loaded.config.rules.is_empty() {
+                tracing::warn!(
+                    file = %loaded.origin,
+                    "[[rules]] now name hosts, but this proxy started without interception (no CA): an HTTPS CONNECT to those hosts is refused mitm_required until it is restarted"
+                );
+            }
         }
         Err(error) => {
             tracing::warn!("config not reloaded, keeping the policy in force: {error}")

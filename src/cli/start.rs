@@ -112,6 +112,7 @@ pub(super) async fn start(options: &Options, purpose: Purpose) -> Result<ProxyHa
         proxy.policy().clone(),
         rules,
         serving,
+        loaded.config.intercepts(),
     ));
     Ok(proxy)
 }
