@@ -1387,18 +1387,7 @@ async fn log_lines_are_json_when_asked_and_a_bad_format_is_a_usage_error() {
 async fn learning_with_interception_writes_request_rules_the_next_run_enforces() {
     let (origin, pem) = https_origin().await;
     let dir = tempfile::tempdir().unwrap();
-    let origin_ca = dir.path().join("origin.pem");
-    std::fs::write(&origin_ca, pem).unwrap();
-    let config = dir.path().join("p.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[mitm]\nca_dir = {:?}\nupstream_ca_files = [{:?}]\n",
-            dir.path().join("ca").display().to_string(),
-            origin_ca.display().to_string()
-        ),
-    )
-    .unwrap();
+    let config = mitm_config(dir.path(), &pem);
     let learned = dir.path().join("learned.toml");
     let base = format!("https://secure.test:{}", origin.port());
     // A GET deep under /repos/acme, a GET of the root, a POST to /issues.

@@ -172,18 +172,7 @@ async fn interception_works_inside_unchanged() {
     }
     let (origin, pem) = https_origin().await;
     let dir = tempfile::tempdir().unwrap();
-    let origin_ca = dir.path().join("origin.pem");
-    std::fs::write(&origin_ca, pem).unwrap();
-    let config = dir.path().join("p.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[mitm]\nca_dir = {:?}\nupstream_ca_files = [{:?}]\n",
-            dir.path().join("ca").display().to_string(),
-            origin_ca.display().to_string()
-        ),
-    )
-    .unwrap();
+    let config = mitm_config(dir.path(), &pem);
     // curl trusts portcullis's CA through the exported variables; the
     // proxy trusts the origin's.
     let url = format!("https://secure.test:{}/", origin.port());

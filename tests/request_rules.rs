@@ -349,7 +349,16 @@ async fn rules_added_by_a_reload_fail_closed_without_a_ca_and_say_so() {
     // The reload lands within a poll or the signal (bounded wait).
     let mut status = String::new();
     for _ in 0..50 {
-        let tunnel = ["-o", "/dev/null", "-w", "%{http_connect}", "-p", "-x", &proxy, &url];
+        let tunnel = [
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_connect}",
+            "-p",
+            "-x",
+            &proxy,
+            &url,
+        ];
         status = curl(&tunnel).await.stdout;
         if status == "403" {
             break;

@@ -1393,32 +1393,25 @@ mod tests {
             refused_as_limited_mode(decide(overridden)),
             "any override, even to a read"
         );
-        let fetch = with_headers(
-            request(
-                "POST",
-                "https://git.test/acme/x.git/git-upload-pack",
-                HttpsMitm,
-                "git.test:443",
-            ),
-            &[("content-type", "application/x-git-upload-pack-request")],
-        );
-        match decide(fetch) {
+        let fetch = || {
+            with_headers(
+                request(
+                    "POST",
+                    "https://git.test/acme/x.git/git-upload-pack",
+                    HttpsMitm,
+                    "git.test:443",
+                ),
+                &[("content-type", "application/x-git-upload-pack-request")],
+            )
+        };
+        match decide(fetch()) {
             RuleVerdict::Allowed(by) => assert!(limited.by_git_fetch(&by)),
             other => panic!("{other:?}"),
         }
         let without_git = RequestRules::limited(false);
-        let fetch = with_headers(
-            request(
-                "POST",
-                "https://git.test/acme/x.git/git-upload-pack",
-                HttpsMitm,
-                "git.test:443",
-            ),
-            &[("content-type", "application/x-git-upload-pack-request")],
-        );
         let target = target("git.test:443");
         assert!(refused_as_limited_mode(
-            without_git.decide_request(&target, &fetch)
+            without_git.decide_request(&target, &fetch())
         ));
     }
 }

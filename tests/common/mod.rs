@@ -326,6 +326,25 @@ pub async fn output(command: &mut tokio::process::Command) -> (Option<i32>, Stri
     )
 }
 
+/// A config file in `dir` with only a `[mitm]` table: the CA in `dir/ca`,
+/// and `pem` (an origin's certificate, as [`https_origin`] gives it)
+/// trusted for upstreams.
+pub fn mitm_config(dir: &std::path::Path, pem: &str) -> std::path::PathBuf {
+    let origin_ca = dir.join("origin.pem");
+    std::fs::write(&origin_ca, pem).unwrap();
+    let config = dir.join("p.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[mitm]\nca_dir = {:?}\nupstream_ca_files = [{:?}]\n",
+            dir.join("ca").display().to_string(),
+            origin_ca.display().to_string()
+        ),
+    )
+    .unwrap();
+    config
+}
+
 /// An HTTPS origin for `secure.test` with a self-signed certificate; the
 /// PEM is what clients trust.
 pub async fn https_origin() -> (SocketAddr, String) {
