@@ -55,6 +55,9 @@ pub enum Reason {
     RuleNotMatched,
     /// A request rule's `deny` entry matches the request.
     RuleDenied,
+    /// A credential's placeholder was headed somewhere its secret may not
+    /// go (another host, or plain HTTP).
+    CredentialMismatch,
     /// A reason of an integrator's own layer, by name (use lower-case ASCII
     /// letters, digits and `_`, like the built-in names). The transports
     /// answer it like the built-in reasons: a 403 on HTTP with
@@ -80,6 +83,7 @@ impl Reason {
             Reason::ApprovalFailed => "approval_failed",
             Reason::RuleNotMatched => "rule_not_matched",
             Reason::RuleDenied => "rule_denied",
+            Reason::CredentialMismatch => "credential_mismatch",
             Reason::Custom(name) => name,
         }
     }
@@ -136,6 +140,8 @@ pub enum Source {
     LimitedMode,
     /// The request rules.
     RequestRules,
+    /// The credential guard (a placeholder headed elsewhere).
+    Credentials,
     /// The approval wait (an approver's answer, a timeout or a failure).
     Approval,
     /// The connector's check of resolved addresses.
@@ -153,6 +159,7 @@ impl Source {
             Source::Policy => "policy",
             Source::LimitedMode => "limited_mode",
             Source::RequestRules => "request_rules",
+            Source::Credentials => "credentials",
             Source::Approval => "approval",
             Source::Connector => "connector",
             Source::Transport => "transport",
@@ -456,6 +463,10 @@ fn default_message(reason: Reason, target: &Target, method: &http::Method) -> St
         ),
         Reason::RuleDenied => format!(
             "portcullis refused {} {target}: a deny entry of the host's request rules matches; change its [[rules]] block to allow it",
+            method.as_str().escape_debug()
+        ),
+        Reason::CredentialMismatch => format!(
+            "portcullis refused {} {target}: it carries a credential's placeholder, whose secret is only sent to that credential's hosts over TLS; send it there, or drop it from this request",
             method.as_str().escape_debug()
         ),
         Reason::Custom(name) => format!("portcullis refused {target}: {name}"),

@@ -148,6 +148,7 @@
 #![forbid(unsafe_code)]
 
 pub mod approval;
+pub mod credentials;
 pub mod error;
 mod future;
 pub mod git;

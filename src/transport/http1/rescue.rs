@@ -98,6 +98,7 @@ fn refusal_header(reason: Reason) -> Cow<'static, str> {
         Reason::MitmRequired | Reason::TlsRequired => "blocked-by-mitm-required",
         Reason::Loop => "blocked-by-loop-guard",
         Reason::RuleNotMatched | Reason::RuleDenied => "blocked-by-request-rule",
+        Reason::CredentialMismatch => "blocked-by-credential-guard",
         Reason::ApprovalDenied | Reason::ApprovalTimedOut | Reason::ApprovalFailed => {
             "blocked-by-policy"
         }
@@ -271,6 +272,12 @@ mod tests {
     #[tokio::test]
     async fn every_error_has_its_answer() {
         let cases: Vec<(BoxError, u16, &str, &str)> = vec![
+            (
+                blocked(Reason::CredentialMismatch),
+                403,
+                "blocked-by-credential-guard",
+                "blocked",
+            ),
             (
                 blocked(Reason::NotAllowed),
                 403,
