@@ -126,6 +126,8 @@ struct Settings {
     violations: ViolationLogLayer,
     /// Where allowed requests are recorded, if anywhere.
     access_file: Option<crate::records::AccessFile>,
+    /// Secrets added for their hosts (`[[credentials]]`).
+    injected: portcullis_middleware::credentials::Credentials,
     approval: Option<ApprovalWaitLayer<BoxApprover>>,
     rules: Option<Arc<dyn RuleBook>>,
     /// The listeners once bound (never a destination) and this proxy's name.
@@ -176,6 +178,7 @@ impl Proxy {
                 upstream_roots: Vec::new(),
                 violations: ViolationLogLayer::default(),
                 access_file: None,
+                injected: Default::default(),
                 approval: None,
                 rules: None,
                 own: OwnListeners::default(),
@@ -332,6 +335,19 @@ impl<O, I> ProxyBuilder<O, I> {
     /// Records violations with this layer.
     pub fn violations(mut self, violations: ViolationLogLayer) -> ProxyBuilder<O, I> {
         self.settings.violations = violations;
+        self
+    }
+
+    /// Adds these credentials' secrets to requests for their hosts, and
+    /// refuses their placeholders anywhere else (see
+    /// [`credentials`](portcullis_middleware::credentials)). A `CONNECT` to
+    /// a credential's host is intercepted when a CA is set
+    /// ([`mitm`](ProxyBuilder::mitm)).
+    pub fn inject_credentials(
+        mut self,
+        credentials: portcullis_middleware::credentials::Credentials,
+    ) -> ProxyBuilder<O, I> {
+        self.settings.injected = credentials;
         self
     }
 
@@ -492,6 +508,9 @@ where
             .violations(violations)
             .approval_layer(approval)
             .ask_on_miss(self.settings.approval.is_some())
+            .credentials(portcullis_middleware::credentials::CredentialLayer::new(
+                self.settings.injected.clone(),
+            ))
             .layers(self.outer.clone(), self.inner.clone());
         // Credentials never show in a log or trace of a request.
         let sensitive = [

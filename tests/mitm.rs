@@ -104,6 +104,13 @@ async fn answer(request: Request<Incoming>, git_root: PathBuf) -> Response<Full<
     if request.uri().path().starts_with("/git/") {
         return git_http_backend(request, &git_root).await;
     }
+    if request.uri().path() == "/whoami" {
+        let auth = request
+            .headers()
+            .get("authorization")
+            .map_or("none", |v| v.to_str().unwrap_or("?"));
+        return Response::new(Full::new(Bytes::from(format!("auth {auth}"))));
+    }
     let text = format!("hello {} {}", request.method(), request.uri().path());
     Response::new(Full::new(Bytes::from(text)))
 }
@@ -204,6 +211,15 @@ async fn setup(mode: Mode, mitm: bool) -> Setup {
 }
 
 async fn setup_with(mode: Mode, mitm: bool, rules: RequestRules) -> Setup {
+    setup_injecting(mode, mitm, rules, Default::default()).await
+}
+
+async fn setup_injecting(
+    mode: Mode,
+    mitm: bool,
+    rules: RequestRules,
+    credentials: portcullis::middleware::credentials::Credentials,
+) -> Setup {
     let pki = origin_pki();
     let git_root = tempfile::tempdir().unwrap();
     let origin = https_origin(&pki, git_root.path().to_owned()).await;
@@ -228,6 +244,7 @@ async fn setup_with(mode: Mode, mitm: bool, rules: RequestRules) -> Setup {
         .violations(ViolationLogLayer::new(ring.clone()))
         .upstream_roots(vec![pki.ca_der.clone()])
         .mitm(mitm.then_some(ca))
+        .inject_credentials(credentials)
         .start()
         .await
         .unwrap();
@@ -964,4 +981,60 @@ async fn limited_mode_and_rules_compose_inside_the_tunnel() {
         setup.ring.snapshot().pop().unwrap().blocked.reason,
         Reason::RuleDenied
     );
+}
+
+#[tokio::test]
+async fn a_credential_is_added_on_its_host_and_its_placeholder_refused_elsewhere() {
+    use portcullis::middleware::credentials::{Credential, Credentials, Injection, StaticSecrets};
+    const PLACEHOLDER: &str = "ghp_PLACEHOLDERplaceholderPLACEHOLDER0000";
+    let secrets = StaticSecrets::default();
+    secrets.set("origin", "ghp_REAL_SECRET");
+    let credential = Credential::new(
+        "origin",
+        Injection::header("authorization", "Bearer {secret}").unwrap(),
+    )
+    .host(ORIGIN)
+    .unwrap()
+    .placeholder(PLACEHOLDER);
+    let credentials = Credentials::new(vec![credential], Arc::new(secrets));
+    // Full mode, no rules: the credential's host is intercepted for it.
+    let setup = setup_injecting(Mode::Full, true, RequestRules::default(), credentials).await;
+    let (proxy, ca) = (setup.proxy_url(), setup.our_ca());
+    let bearer = format!("authorization: Bearer {PLACEHOLDER}");
+    let out = curl(&[
+        "--cacert",
+        &ca,
+        "-x",
+        &proxy,
+        "-H",
+        &bearer,
+        &setup.url("/whoami"),
+    ])
+    .await;
+    assert_eq!(out.stdout, "auth Bearer ghp_REAL_SECRET", "{}", out.stderr);
+    let out = curl(&["--cacert", &ca, "-x", &proxy, &setup.url("/whoami")]).await;
+    assert_eq!(
+        out.stdout, "auth Bearer ghp_REAL_SECRET",
+        "added when absent"
+    );
+    // The placeholder, over plain HTTP to the same host: refused, named.
+    let plain = format!("http://{ORIGIN}:{}/whoami", setup.origin.port());
+    let out = curl(&["-i", "-x", &proxy, "-H", &bearer, &plain]).await;
+    let (status, headers, body) = parse_response(&out.stdout);
+    assert_eq!(status, 403, "{}", out.stdout);
+    assert_eq!(headers["x-proxy-error"], "blocked-by-credential-guard");
+    assert!(
+        body.contains("credential_mismatch") && body.contains("\\\"origin\\\""),
+        "{body}"
+    );
+    assert!(
+        !body.contains("ghp_REAL") && !body.contains(PLACEHOLDER),
+        "{body}"
+    );
+    let refusal = setup.ring.snapshot().pop().unwrap();
+    assert_eq!(
+        refusal.blocked.reason,
+        portcullis::middleware::Reason::CredentialMismatch
+    );
+    assert!(!format!("{refusal:?}").contains("ghp_REAL"));
 }

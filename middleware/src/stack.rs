@@ -1,7 +1,7 @@
 //! The default stack, in one place, and the pieces to build another.
 //!
 //! [`DefaultStack`] is a [`Layer`] that wraps a connector (the innermost
-//! service, which dials) in the five layers, outermost first:
+//! service, which dials) in the six layers, outermost first:
 //!
 //! 1. [`ViolationLog`] — outermost, so it sees every refusal: from each
 //!    layer below, from your own layers, and from the connector's check of
@@ -17,6 +17,9 @@
 //!    paths), which narrow the same way.
 //! 5. [`ApprovalWait`] — resolves *ask* last, so no human is asked about a
 //!    request that limited mode would refuse anyway.
+//! 6. [`CredentialService`] — on a request every layer above allowed,
+//!    adds a credential's secret for its hosts, and refuses a placeholder
+//!    headed anywhere else ([`credentials`](crate::credentials)).
 //!
 //! Your own layers go in with [`DefaultStack::outer`] (between the violation
 //! log and the header stripping: they see every request, and their refusals
@@ -51,6 +54,7 @@ use tower::ServiceBuilder;
 use tower_layer::{Identity, Layer, Stack};
 
 use crate::approval::{ApprovalWait, ApprovalWaitLayer, DenyApprover};
+use crate::credentials::{CredentialLayer, CredentialService};
 use crate::limited_mode::{LimitedMode, LimitedModeLayer};
 use crate::loop_guard::{LoopGuard, LoopGuardLayer};
 use crate::policy::PolicyHandle;
@@ -67,6 +71,7 @@ pub struct DefaultStack<A = DenyApprover, O = Identity, I = Identity> {
     strip_headers: StripHeadersLayer,
     approval: ApprovalWaitLayer<A>,
     ask_on_miss: bool,
+    credentials: CredentialLayer,
     outer: O,
     inner: I,
 }
@@ -81,6 +86,7 @@ impl DefaultStack {
             strip_headers: StripHeadersLayer::new(),
             approval: ApprovalWaitLayer::without_approver(),
             ask_on_miss: false,
+            credentials: CredentialLayer::default(),
             outer: Identity::new(),
             inner: Identity::new(),
         }
@@ -101,6 +107,7 @@ impl<A, O, I> DefaultStack<A, O, I> {
             strip_headers: self.strip_headers,
             approval,
             ask_on_miss: true,
+            credentials: self.credentials,
             outer: self.outer,
             inner: self.inner,
         }
@@ -120,6 +127,13 @@ impl<A, O, I> DefaultStack<A, O, I> {
     /// Records violations with this layer (its ring and sinks).
     pub fn violations(mut self, violations: ViolationLogLayer) -> DefaultStack<A, O, I> {
         self.violations = violations;
+        self
+    }
+
+    /// Injects and guards these credentials (none by default); see
+    /// [`credentials`](crate::credentials).
+    pub fn credentials(mut self, credentials: CredentialLayer) -> DefaultStack<A, O, I> {
+        self.credentials = credentials;
         self
     }
 
@@ -159,6 +173,7 @@ impl<A, O, I> DefaultStack<A, O, I> {
             strip_headers: self.strip_headers,
             approval: self.approval,
             ask_on_miss: self.ask_on_miss,
+            credentials: self.credentials,
             outer,
             inner,
         }
@@ -175,7 +190,11 @@ where
     A: Clone,
     I: Layer<S>,
     O: Layer<
-        StripHeaders<PolicyService<LimitedMode<RequestRulesService<ApprovalWait<I::Service, A>>>>>,
+        StripHeaders<
+            PolicyService<
+                LimitedMode<RequestRulesService<ApprovalWait<CredentialService<I::Service>, A>>>,
+            >,
+        >,
     >,
 {
     type Service = ViolationLog<LoopGuard<O::Service>>;
@@ -198,6 +217,9 @@ where
             .layer(RequestRulesLayer::new(self.policy.clone()))
             // 5. Resolve *ask* last: no one is asked about what would be refused anyway.
             .layer(self.approval.clone())
+            // 6. Credentials: only on a fully allowed request; a placeholder
+            //    headed anywhere but its hosts is refused.
+            .layer(self.credentials.clone())
             // Integrator layers that should see only allowed requests.
             .layer(&self.inner)
             .service(connector)
