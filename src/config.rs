@@ -46,6 +46,65 @@ pub struct Config {
     pub run: RunConfig,
     /// `[[rules]]`: per-host request rules (methods and paths).
     pub rules: Vec<RuleConfig>,
+    /// `[[credentials]]`: secrets added for their hosts.
+    pub credentials: Vec<CredentialConfig>,
+}
+
+/// One `[[credentials]]` block: a secret, the hosts it is added for, and how.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialConfig {
+    /// Its name, in logs and refusals (never the value).
+    pub name: String,
+    /// Exact hosts, or one registrable domain (`**.example.com`).
+    pub hosts: Vec<String>,
+    /// The header set (default `Authorization`).
+    #[serde(default = "authorization")]
+    pub header: String,
+    /// The header's value, holding `{secret}` (or `basic`).
+    #[serde(default)]
+    pub value: Option<String>,
+    /// HTTP Basic with this username and the secret as password (git).
+    #[serde(default)]
+    pub basic: Option<BasicConfig>,
+    /// Where the secret comes from: exactly one of `env`, `file`, `command`.
+    pub source: SourceConfig,
+    /// The child's variable that gets a placeholder shaped like the secret.
+    #[serde(default)]
+    pub placeholder_env: Option<String>,
+    /// Replace a header the request already has with another value.
+    #[serde(default)]
+    pub replace: bool,
+    /// Also add the secret over plain HTTP.
+    #[serde(default)]
+    pub allow_plaintext: bool,
+}
+
+fn authorization() -> String {
+    "Authorization".to_owned()
+}
+
+/// `basic = { username = "…" }`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BasicConfig {
+    /// The Basic username.
+    pub username: String,
+}
+
+/// `source = { env = "…" }`, `{ file = "…" }` or `{ command = [...] }`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// A variable of portcullis's own environment (removed from the child's).
+    #[serde(default)]
+    pub env: Option<String>,
+    /// A file (`~/` is the home directory); a trailing newline is dropped.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    /// A program and its arguments (no shell), whose stdout is the secret.
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
 }
 
 /// One `[[rules]]` block: the requests a host may receive.
@@ -399,6 +458,17 @@ pub enum ConfigError {
     /// figment could not read or type-check the sources.
     #[error("{}", figment_message(.0))]
     Figment(Box<figment::Error>),
+    /// A secret could not be read (exit 69: the configuration is fine, its
+    /// source is not there).
+    #[error("cannot read {key} (from {origin}): {message}")]
+    Unavailable {
+        /// The dotted key, e.g. `credentials[0].source`.
+        key: String,
+        /// Where the configuration came from.
+        origin: String,
+        /// What went wrong (never the value).
+        message: String,
+    },
     /// A value is well-typed but invalid.
     #[error("invalid {key} (from {origin}): {message}")]
     Invalid {
@@ -648,10 +718,50 @@ impl Config {
         Ok(builder.request_rules(self.request_rules(origin)?).build())
     }
 
-    /// Whether the proxy has an interception CA: `mitm` on, or request
-    /// rules (whose hosts are intercepted in any mode).
+    /// Whether the proxy has an interception CA: `mitm` on, request
+    /// rules or credentials (whose hosts are intercepted in any mode).
     pub fn intercepts(&self) -> bool {
-        self.network.mitm || !self.rules.is_empty()
+        self.network.mitm || !self.rules.is_empty() || !self.credentials.is_empty()
+    }
+
+    /// Checks `[[credentials]]` without reading a secret: names given and
+    /// unique, hosts given and no broader than one registrable domain.
+    pub fn check_credentials(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |key: String, message: String| ConfigError::Invalid {
+            key,
+            origin: origin.to_owned(),
+            message,
+        };
+        let mut names = std::collections::HashSet::new();
+        for (index, credential) in self.credentials.iter().enumerate() {
+            let key = format!("credentials[{index}]");
+            if credential.name.is_empty() || !names.insert(credential.name.as_str()) {
+                return Err(invalid(
+                    format!("{key}.name"),
+                    format!(
+                        "{:?}: give each credential a name of its own",
+                        credential.name
+                    ),
+                ));
+            }
+            if credential.hosts.is_empty() {
+                return Err(invalid(
+                    format!("{key}.hosts"),
+                    "name at least one host the secret is sent to".into(),
+                ));
+            }
+            for (position, host) in credential.hosts.iter().enumerate() {
+                let pattern = Pattern::parse(host)
+                    .map_err(|e| invalid(format!("{key}.hosts[{position}]"), e.to_string()))?;
+                if let Some(why) = too_broad_for_rules(&pattern) {
+                    return Err(invalid(
+                        format!("{key}.hosts[{position}]"),
+                        format!("{host:?} {why}"),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// `[[rules]]`, compiled.

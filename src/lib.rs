@@ -55,6 +55,7 @@ mod memory;
 mod metrics;
 pub mod records;
 pub mod runner;
+pub mod secrets;
 mod summary;
 mod sys;
 mod transport;

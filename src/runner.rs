@@ -128,6 +128,8 @@ struct Settings {
     access_file: Option<crate::records::AccessFile>,
     /// Secrets added for their hosts (`[[credentials]]`).
     injected: portcullis_middleware::credentials::Credentials,
+    /// Variables a child gets (placeholders) and must not get (secrets).
+    child_variables: (Vec<(String, String)>, Vec<String>),
     approval: Option<ApprovalWaitLayer<BoxApprover>>,
     rules: Option<Arc<dyn RuleBook>>,
     /// The listeners once bound (never a destination) and this proxy's name.
@@ -179,6 +181,7 @@ impl Proxy {
                 violations: ViolationLogLayer::default(),
                 access_file: None,
                 injected: Default::default(),
+                child_variables: Default::default(),
                 approval: None,
                 rules: None,
                 own: OwnListeners::default(),
@@ -348,6 +351,19 @@ impl<O, I> ProxyBuilder<O, I> {
         credentials: portcullis_middleware::credentials::Credentials,
     ) -> ProxyBuilder<O, I> {
         self.settings.injected = credentials;
+        self
+    }
+
+    /// What [`ProxyHandle::child_env`] adds (`set`: a credential's
+    /// placeholder in its variable) and what a child must not inherit
+    /// (`removed`: a secret's variable; see
+    /// [`ProxyHandle::child_env_removed`]).
+    pub fn child_variables(
+        mut self,
+        set: Vec<(String, String)>,
+        removed: Vec<String>,
+    ) -> ProxyBuilder<O, I> {
+        self.settings.child_variables = (set, removed);
         self
     }
 
@@ -727,6 +743,7 @@ where
             violations: self.settings.violations.ring().clone(),
             violation_log: self.settings.violations.clone(),
             access_file: self.settings.access_file,
+            child_variables: self.settings.child_variables,
             policy: self.settings.policy,
             ca_files,
             credentials,
@@ -755,6 +772,8 @@ pub struct ProxyHandle {
     violation_log: ViolationLogLayer,
     /// The access file, to flush at shutdown.
     access_file: Option<crate::records::AccessFile>,
+    /// Placeholders a child gets; variables it must not inherit.
+    child_variables: (Vec<(String, String)>, Vec<String>),
     policy: PolicyHandle,
     /// The very stack the listeners serve (loop guard, pool and all).
     service: ProxyService,
@@ -795,13 +814,21 @@ impl ProxyHandle {
         let credentials = current
             .as_deref()
             .map(|c| (c.username.as_str(), c.password.as_str()));
-        crate::env::proxy_env(&crate::env::ProxyEnv {
+        let mut env = crate::env::proxy_env(&crate::env::ProxyEnv {
             http: self.http_addr,
             socks: self.socks_addr,
             ca: self.ca_files.as_ref(),
             credentials,
             all_proxy_socks: self.all_proxy_socks,
-        })
+        });
+        env.extend(self.child_variables.0.iter().cloned());
+        env
+    }
+
+    /// Variables a child must not inherit from this process: the ones a
+    /// credential's secret is read from (`source.env`).
+    pub fn child_env_removed(&self) -> &[String] {
+        &self.child_variables.1
     }
 
     /// Changes the credential clients must present (`None`: none), from

@@ -85,7 +85,7 @@ pub(super) async fn check(args: CheckArgs) -> ExitCode {
         ..
     } = match loaded.builder() {
         Ok(prepared) => prepared,
-        Err(error) => return usage_error(&error),
+        Err(error) => return super::config_error(&error),
     };
     // With interception on, the proxy offers to intercept each CONNECT and
     // the stack decides whether it does (limited mode asks); when it does,

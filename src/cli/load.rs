@@ -207,6 +207,13 @@ impl Loaded {
         if let Some(file) = access_file {
             builder = builder.access_file(file);
         }
+        config.check_credentials(origin)?;
+        if !config.credentials.is_empty() {
+            let loaded = crate::secrets::load(&config.credentials, origin)?;
+            builder = builder
+                .inject_credentials(loaded.credentials)
+                .child_variables(loaded.placeholders, loaded.removed);
+        }
         let (builder, rules, approver) = match crate::approvers::from_config(config, origin, &ring)?
         {
             None => (builder, None, None),

@@ -1,7 +1,7 @@
 //! The `portcullis` command line: `serve` (default), `run`, `check`.
 //!
 //! Exit codes: 64 for bad usage or configuration (one line on stderr),
-//! 69 when the proxy cannot start; `check` exits 0 allow / 1 deny / 2 ask /
+//! 69 when the proxy cannot start (or a credential's secret cannot be read); `check` exits 0 allow / 1 deny / 2 ask /
 //! 3 allowed but unresolvable (several targets: deny, then ask, then
 //! unresolvable wins);
 //! `run` exits with the child's status (128 + N when a signal N ended it).
@@ -152,14 +152,6 @@ fn init_tracing(default_filter: &str, read_rust_log: bool) -> Result<(), String>
     Ok(())
 }
 
-/// 128 random bits as hex, from the operating system's randomness (through
-/// the standard library's hasher keys).
-fn random_secret() -> String {
-    use std::hash::BuildHasher;
-    let half = || std::collections::hash_map::RandomState::new().hash_one(std::process::id());
-    format!("{:016x}{:016x}", half(), half())
-}
-
 /// Says, once at start, which proxy this one chains through: an inherited
 /// HTTP_PROXY silently making every refusal somebody else's is how `--allow`
 /// "does nothing".
@@ -199,6 +191,18 @@ fn raise_fd_limit() {
                 Err(error) => tracing::debug!(%error, "could not raise the open-file limit"),
             }
         }
+    }
+}
+
+/// A configuration that cannot be used: exit 64, or 69 when it is fine
+/// but a secret it names cannot be read.
+fn config_error(error: &crate::config::ConfigError) -> ExitCode {
+    match error {
+        crate::config::ConfigError::Unavailable { .. } => {
+            let _ = writeln!(std::io::stderr(), "portcullis: {error}");
+            ExitCode::from(EXIT_UNAVAILABLE)
+        }
+        _ => usage_error(error),
     }
 }
 

@@ -83,6 +83,9 @@ pub(super) async fn run(args: RunArgs) -> ExitCode {
         command.args(arguments);
         (command, None)
     };
+    for name in proxy.child_env_removed() {
+        command.env_remove(name);
+    }
     command.envs(proxy.child_env());
     if isolate {
         command.env("PORTCULLIS_ISOLATED", "1");

@@ -3,7 +3,8 @@
 use super::args::Options;
 use super::ca::load_ca;
 use super::load::Prepared;
-use super::{random_secret, usage_error, EXIT_UNAVAILABLE};
+use super::{usage_error, EXIT_UNAVAILABLE};
+use crate::secrets::random_secret;
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
@@ -56,7 +57,19 @@ pub(super) async fn start(options: &Options, purpose: Purpose) -> Result<ProxyHa
         mut builder, rules, ..
     } = loaded
         .builder_recording(tally, learn.clone())
-        .map_err(|e| usage_error(&e))?;
+        .map_err(|e| super::config_error(&e))?;
+    if !loaded.config.credentials.is_empty() {
+        // Holding secrets: no same-user process may read our memory or
+        // environment (/proc/PID/environ, ptrace, core dumps).
+        #[cfg(target_os = "linux")]
+        if let Err(error) = nix::sys::prctl::set_dumpable(false) {
+            let _ = writeln!(
+                std::io::stderr(),
+                "portcullis: cannot make this process non-dumpable ({error}); refusing to hold secrets"
+            );
+            return Err(ExitCode::from(EXIT_UNAVAILABLE));
+        }
+    }
     // Hosts with request rules are intercepted in any mode: their rules
     // need the requests inside the tunnel.
     if loaded.config.intercepts() {

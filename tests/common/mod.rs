@@ -371,12 +371,21 @@ pub async fn https_origin() -> (SocketAddr, String) {
                 let Ok(tls) = acceptor.accept(stream).await else {
                     return;
                 };
-                let service =
-                    hyper::service::service_fn(|_request: Request<hyper::body::Incoming>| async {
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
-                            b"secure hello",
-                        ))))
-                    });
+                // `/whoami` answers the Authorization header it got.
+                let service = hyper::service::service_fn(
+                    |request: Request<hyper::body::Incoming>| async move {
+                        let body = if request.uri().path() == "/whoami" {
+                            let auth = request
+                                .headers()
+                                .get("authorization")
+                                .map_or("none", |v| v.to_str().unwrap_or("?"));
+                            Bytes::from(format!("auth {auth}"))
+                        } else {
+                            Bytes::from_static(b"secure hello")
+                        };
+                        Ok::<_, Infallible>(Response::new(Full::new(body)))
+                    },
+                );
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tls), service)
                     .await;

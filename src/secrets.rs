@@ -1,0 +1,226 @@
+//! `[[credentials]]`: secrets the proxy adds for their hosts, read from
+//! where the configuration says (`env`, `file` or `command`), kept in
+//! memory only; and the placeholders a child gets instead.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use portcullis_middleware::credentials::{
+    Credential, CredentialError, Credentials, Injection, StaticSecrets,
+};
+
+use crate::config::{ConfigError, CredentialConfig};
+
+/// How long a `source.command` may take.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Token prefixes kept in a placeholder, so clients that check a token's
+/// shape still start (longest first).
+const PREFIXES: [&str; 16] = [
+    "github_pat_",
+    "sk-ant-api03-",
+    "sk-proj-",
+    "sk-ant-",
+    "glpat-",
+    "xoxb-",
+    "xoxp-",
+    "ghp_",
+    "gho_",
+    "ghu_",
+    "ghs_",
+    "ghr_",
+    "hf_",
+    "sk-",
+    "AKIA",
+    "npm_",
+];
+
+/// The credentials of a configuration, their secrets, and what a child
+/// gets in their place.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// For the stack.
+    pub credentials: Credentials,
+    /// Variables the child gets: each `placeholder_env` and its placeholder.
+    pub placeholders: Vec<(String, String)>,
+    /// Variables the child must not get: each `source.env`.
+    pub removed: Vec<String>,
+}
+
+/// Reads every credential's secret and makes its placeholder. `origin`
+/// names the file in errors.
+pub fn load(list: &[CredentialConfig], origin: &str) -> Result<Loaded, ConfigError> {
+    let secrets = StaticSecrets::default();
+    let mut credentials = Vec::with_capacity(list.len());
+    let mut placeholders = Vec::new();
+    let mut removed = Vec::new();
+    for (index, config) in list.iter().enumerate() {
+        let key = format!("credentials[{index}]");
+        let invalid = |field: &str, message: String| ConfigError::Invalid {
+            key: format!("{key}{field}"),
+            origin: origin.to_owned(),
+            message,
+        };
+        let injection = match (&config.value, &config.basic) {
+            (Some(template), None) => Injection::header(&config.header, template),
+            (None, Some(basic)) => Injection::basic(&basic.username),
+            _ => {
+                return Err(invalid(
+                    "",
+                    "give either value (a header template with {secret}) or basic = { username = \"…\" }".into(),
+                ))
+            }
+        }
+        .map_err(|e: CredentialError| invalid("", e.to_string()))?;
+        let secret =
+            read(&config.source, &config.name).map_err(|message| ConfigError::Unavailable {
+                key: format!("{key}.source"),
+                origin: origin.to_owned(),
+                message,
+            })?;
+        let placeholder = placeholder_for(&secret);
+        let mut credential = Credential::new(config.name.clone(), injection)
+            .placeholder(placeholder.clone())
+            .replace(config.replace)
+            .allow_plaintext(config.allow_plaintext);
+        for (position, host) in config.hosts.iter().enumerate() {
+            credential = credential
+                .host(host)
+                .map_err(|e| invalid(&format!(".hosts[{position}]"), e.to_string()))?;
+        }
+        secrets.set(&config.name, secret);
+        if let Some(name) = &config.source.env {
+            removed.push(name.clone());
+        }
+        if let Some(name) = &config.placeholder_env {
+            placeholders.push((name.clone(), placeholder));
+        }
+        credentials.push(credential);
+    }
+    Ok(Loaded {
+        credentials: Credentials::new(credentials, Arc::new(secrets)),
+        placeholders,
+        removed,
+    })
+}
+
+/// The secret, from its one source; the error says why not (never the
+/// value).
+fn read(source: &crate::config::SourceConfig, name: &str) -> Result<String, String> {
+    let secret = match (&source.env, &source.file, &source.command) {
+        (Some(variable), None, None) => std::env::var(variable).map_err(|_| {
+            format!("credential {name:?}: the variable {variable} is not set (or not UTF-8) in portcullis's environment")
+        })?,
+        (None, Some(file), None) => {
+            let path = expand_home(file);
+            std::fs::read_to_string(&path)
+                .map_err(|e| format!("credential {name:?}: cannot read {}: {e}", path.display()))?
+        }
+        (None, None, Some(command)) => run(command, name)?,
+        _ => {
+            return Err(format!(
+                "credential {name:?}: give exactly one of env, file or command"
+            ))
+        }
+    };
+    let secret = secret.trim_end_matches(['\n', '\r']).to_owned();
+    if secret.is_empty() {
+        return Err(format!("credential {name:?}: the secret is empty"));
+    }
+    Ok(secret)
+}
+
+fn expand_home(path: &std::path::Path) -> PathBuf {
+    match (path.strip_prefix("~"), std::env::var_os("HOME")) {
+        (Ok(rest), Some(home)) => PathBuf::from(home).join(rest),
+        _ => path.to_owned(),
+    }
+}
+
+/// Runs `command` (no shell) for its stdout, within [`COMMAND_TIMEOUT`].
+fn run(command: &[String], name: &str) -> Result<String, String> {
+    let Some((program, arguments)) = command.split_first() else {
+        return Err(format!("credential {name:?}: source.command is empty"));
+    };
+    let mut child = std::process::Command::new(program)
+        .args(arguments)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("credential {name:?}: cannot run {program}: {e}"))?;
+    let started = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => break,
+            Ok(Some(status)) => {
+                return Err(format!("credential {name:?}: {program} failed ({status})"))
+            }
+            Ok(None) if started.elapsed() > COMMAND_TIMEOUT => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "credential {name:?}: {program} did not finish within {}s",
+                    COMMAND_TIMEOUT.as_secs()
+                ));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => return Err(format!("credential {name:?}: {program}: {e}")),
+        }
+    }
+    let mut output = String::new();
+    if let Some(mut stdout) = child.stdout.take() {
+        stdout
+            .read_to_string(&mut output)
+            .map_err(|e| format!("credential {name:?}: {program}'s output: {e}"))?;
+    }
+    Ok(output)
+}
+
+/// 128 random bits as hex, from the operating system's randomness (through
+/// the standard library's hasher keys).
+pub(crate) fn random_secret() -> String {
+    use std::hash::BuildHasher;
+    let half = || std::collections::hash_map::RandomState::new().hash_one(std::process::id());
+    format!("{:016x}{:016x}", half(), half())
+}
+
+/// A per-start stand-in shaped like `secret`: its known prefix kept, the
+/// rest random letters and digits, as long as the secret (at least 32).
+pub fn placeholder_for(secret: &str) -> String {
+    let prefix = PREFIXES
+        .iter()
+        .find(|prefix| secret.starts_with(*prefix))
+        .copied()
+        .unwrap_or("");
+    let length = secret.chars().count().max(32);
+    let mut placeholder = prefix.to_owned();
+    while placeholder.len() < length {
+        placeholder.push_str(&random_secret());
+    }
+    placeholder.truncate(length);
+    if placeholder == secret {
+        // Not in this universe; still, never hand out the secret.
+        placeholder.replace_range(prefix.len().., &"0".repeat(length - prefix.len()));
+    }
+    placeholder
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_keep_the_shape_and_never_the_secret() {
+        let secret = "ghp_0123456789abcdefghijABCDEFGHIJ012345";
+        let placeholder = placeholder_for(secret);
+        assert!(placeholder.starts_with("ghp_"), "{placeholder}");
+        assert_eq!(placeholder.len(), secret.len());
+        assert_ne!(placeholder, secret);
+        assert_ne!(placeholder_for(secret), placeholder, "per start");
+        assert_eq!(placeholder_for("short").len(), 32);
+        assert!(placeholder_for("sk-proj-abc").starts_with("sk-proj-"));
+    }
+}

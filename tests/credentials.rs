@@ -1,0 +1,200 @@
+//! `[[credentials]]` through the binary: the child holds a placeholder, the
+//! origin gets the secret, the placeholder is refused anywhere else, and the
+//! secret is in no log, no record and no child's reach.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+
+const SECRET: &str = "ghp_REALsecretREALsecretREALsecret012345";
+
+#[tokio::test]
+async fn the_child_holds_a_placeholder_and_the_origin_gets_the_secret() {
+    let (secure, pem) = https_origin().await;
+    let plain = origin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = mitm_config(dir.path(), &pem);
+    let violations = dir.path().join("violations.jsonl");
+    let access = dir.path().join("access.jsonl");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        r#"
+[network]
+allowed_domains = ["secure.test", "other.test"]
+allow_local_binding = true
+
+[dns]
+hosts = {{ "secure.test" = ["127.0.0.1"], "other.test" = ["127.0.0.1"] }}
+
+[log]
+violations_file = {violations:?}
+access_file = {access:?}
+
+[[credentials]]
+name = "github"
+hosts = ["secure.test"]
+value = "Bearer {{secret}}"
+source = {{ env = "TEST_TOKEN" }}
+placeholder_env = "GITHUB_TOKEN"
+"#
+    ));
+    std::fs::write(&config, text).unwrap();
+    let script = format!(
+        "echo \"$GITHUB_TOKEN\"; \
+         curl -s -H \"Authorization: Bearer $GITHUB_TOKEN\" https://secure.test:{}/whoami; echo; \
+         curl -s -o /dev/null -w '%{{http_code}}' -H \"X-Token: $GITHUB_TOKEN\" http://other.test:{}/; echo; \
+         env | grep -c REALsecret; true",
+        secure.port(),
+        plain.addr.port()
+    );
+    let (code, stdout, stderr) = output(
+        portcullis()
+            .env("TEST_TOKEN", SECRET)
+            .env("PORTCULLIS_LOG", "trace")
+            .args(["run", "--config"])
+            .arg(&config)
+            .args(["--", "sh", "-c", &script]),
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 4, "{stdout}");
+    let placeholder = lines[0];
+    assert!(
+        placeholder.starts_with("ghp_")
+            && placeholder.len() == SECRET.len()
+            && placeholder != SECRET,
+        "the child gets a placeholder shaped like the token: {stdout}"
+    );
+    assert_eq!(
+        lines[1],
+        format!("auth Bearer {SECRET}"),
+        "the origin gets the secret: {stderr}"
+    );
+    assert_eq!(
+        lines[2], "403",
+        "the placeholder headed elsewhere is refused"
+    );
+    assert_eq!(lines[3], "0", "no variable of the child holds the secret");
+    assert!(
+        !stderr.contains("REALsecret"),
+        "not in any log line, even at trace"
+    );
+    assert!(
+        stderr.contains("credential_mismatch") || stderr.contains("placeholder"),
+        "{stderr}"
+    );
+    for file in [&violations, &access] {
+        let text = std::fs::read_to_string(file).unwrap();
+        assert!(!text.contains("REALsecret"), "{}: {text}", file.display());
+        assert!(!text.contains(placeholder), "{}: {text}", file.display());
+    }
+    assert!(std::fs::read_to_string(&violations)
+        .unwrap()
+        .contains("credential_mismatch"));
+}
+
+#[tokio::test]
+async fn a_secret_that_cannot_be_read_stops_the_start_naming_the_credential() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    for (source, code, said) in [
+        (
+            "{ env = \"NO_SUCH_TOKEN_VARIABLE\" }",
+            69,
+            "NO_SUCH_TOKEN_VARIABLE",
+        ),
+        ("{ command = [\"false\"] }", 69, "false failed"),
+        (
+            "{ file = \"/nonexistent/token\" }",
+            69,
+            "/nonexistent/token",
+        ),
+        ("{ env = \"A\", file = \"/x\" }", 69, "exactly one"),
+    ] {
+        std::fs::write(
+            &config,
+            format!("[[credentials]]\nname = \"gh\"\nhosts = [\"api.test\"]\nvalue = \"Bearer {{secret}}\"\nsource = {source}\n"),
+        )
+        .unwrap();
+        let (exit, _, stderr) = output(
+            portcullis()
+                .env_remove("NO_SUCH_TOKEN_VARIABLE")
+                .args(["run", "--config"])
+                .arg(&config)
+                .args(["--", "true"]),
+        )
+        .await;
+        assert_eq!(exit, Some(code), "{source}: {stderr}");
+        assert!(
+            stderr.contains("credentials[0].source")
+                && stderr.contains("\"gh\"")
+                && stderr.contains(said),
+            "{source}: {stderr}"
+        );
+    }
+    for (block, key) in [
+        ("name = \"gh\"\nhosts = [\"*.github.io\"]\nvalue = \"{secret}\"\nsource = { env = \"PATH\" }\n", "credentials[0].hosts[0]"),
+        ("name = \"gh\"\nhosts = []\nvalue = \"{secret}\"\nsource = { env = \"PATH\" }\n", "credentials[0].hosts"),
+        ("name = \"gh\"\nhosts = [\"a.test\"]\nvalue = \"Bearer\"\nsource = { env = \"PATH\" }\n", "credentials[0]"),
+        ("name = \"gh\"\nhosts = [\"a.test\"]\nvalue = \"{secret}\"\nsource = { env = \"PATH\" }\nsecret = \"x\"\n", "credentials[0].secret"),
+    ] {
+        std::fs::write(&config, format!("[[credentials]]\n{block}")).unwrap();
+        let (exit, _, stderr) = output(
+            portcullis()
+                .args(["run", "--config"])
+                .arg(&config)
+                .args(["--", "true"]),
+        )
+        .await;
+        assert_eq!(exit, Some(64), "{block}: {stderr}");
+        assert!(stderr.contains(key) && stderr.contains("c.toml"), "{block}: {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn a_proxy_holding_secrets_cannot_be_read_by_its_child() {
+    // Root reads any process's memory: the proxy runs as nobody here (as a
+    // user would run it), where only its non-dumpable flag stops a
+    // same-user child reading /proc/<proxy>/environ.
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let home = dir.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        "[[credentials]]\nname = \"gh\"\nhosts = [\"api.test\"]\nvalue = \"Bearer {secret}\"\nsource = { env = \"TEST_TOKEN\" }\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let binary = env!("CARGO_BIN_EXE_portcullis");
+    let mut command = if nix::unistd::Uid::effective().is_root() {
+        let nobody = nix::unistd::Uid::from_raw(65534);
+        nix::unistd::chown(&home, Some(nobody), Some(nix::unistd::Gid::from_raw(65534))).unwrap();
+        let mut command = tokio::process::Command::new("setpriv");
+        command.args(["--reuid=65534", "--regid=65534", "--clear-groups", binary]);
+        command
+    } else {
+        tokio::process::Command::new(binary)
+    };
+    command
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap())
+        .env("HOME", &home)
+        .env("XDG_DATA_HOME", &home)
+        .env("TEST_TOKEN", SECRET)
+        .args(["run", "--config"])
+        .arg(&config)
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "cat /proc/$PPID/environ >/dev/null 2>&1 && echo readable || echo unreadable",
+        ]);
+    let (code, stdout, stderr) = output(&mut command).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout.trim(), "unreadable", "{stderr}");
+}
