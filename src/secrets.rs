@@ -47,12 +47,14 @@ pub struct Loaded {
     pub placeholders: Vec<(String, String)>,
     /// Variables the child must not get: each `source.env`.
     pub removed: Vec<String>,
+    /// The secrets themselves, for a reload to refresh.
+    pub store: Arc<StaticSecrets>,
 }
 
 /// Reads every credential's secret and makes its placeholder. `origin`
 /// names the file in errors.
 pub fn load(list: &[CredentialConfig], origin: &str) -> Result<Loaded, ConfigError> {
-    let secrets = StaticSecrets::default();
+    let secrets = Arc::new(StaticSecrets::default());
     let mut credentials = Vec::with_capacity(list.len());
     let mut placeholders = Vec::new();
     let mut removed = Vec::new();
@@ -100,10 +102,32 @@ pub fn load(list: &[CredentialConfig], origin: &str) -> Result<Loaded, ConfigErr
         credentials.push(credential);
     }
     Ok(Loaded {
-        credentials: Credentials::new(credentials, Arc::new(secrets)),
+        credentials: Credentials::new(credentials, secrets.clone()),
         placeholders,
         removed,
+        store: secrets,
     })
+}
+
+/// On reload: reads each credential's secret again into `store`; one that
+/// cannot be read keeps the secret in force, and the log says why. What
+/// else changed in `[[credentials]]` (hosts, new credentials) applies after
+/// a restart, and the log says that too.
+pub fn refresh(started: &[CredentialConfig], now: &[CredentialConfig], store: &StaticSecrets) {
+    if started != now {
+        tracing::warn!(
+            "[[credentials]] changed: their hosts, headers and new credentials apply after a restart; only the secrets of the credentials this proxy started with are read again"
+        );
+    }
+    for credential in now {
+        if !started.iter().any(|s| s.name == credential.name) {
+            continue;
+        }
+        match read(&credential.source, &credential.name) {
+            Ok(secret) => store.set(&credential.name, secret),
+            Err(why) => tracing::warn!("{why}; keeping the secret in force"),
+        }
+    }
 }
 
 /// The secret, from its one source; the error says why not (never the

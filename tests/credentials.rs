@@ -198,3 +198,55 @@ async fn a_proxy_holding_secrets_cannot_be_read_by_its_child() {
     assert_eq!(code, Some(0), "{stderr}");
     assert_eq!(stdout.trim(), "unreadable", "{stderr}");
 }
+
+#[tokio::test]
+async fn a_reload_reads_the_secrets_again_and_keeps_one_it_cannot_read() {
+    let (secure, pem) = https_origin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = mitm_config(dir.path(), &pem);
+    let token = dir.path().join("token");
+    std::fs::write(&token, "first-secret-value\n").unwrap();
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "[network]\nallowed_domains = [\"secure.test\"]\nallow_local_binding = true\n[dns]\nhosts = {{ \"secure.test\" = [\"127.0.0.1\"] }}\n[[credentials]]\nname = \"svc\"\nhosts = [\"secure.test\"]\nvalue = \"Token {{secret}}\"\nsource = {{ file = {token:?} }}\n"
+    ));
+    std::fs::write(&config, text).unwrap();
+    let mut child = portcullis()
+        .args(["serve", "--config"])
+        .arg(&config)
+        .args(["--http", "127.0.0.1:0", "--no-socks"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let proxy = format!("http://{}", served_http_address(&mut child).await);
+    let ca = dir.path().join("ca").join("ca.pem").display().to_string();
+    let url = format!("https://secure.test:{}/whoami", secure.port());
+    let whoami = || {
+        let (proxy, ca, url) = (proxy.clone(), ca.clone(), url.clone());
+        async move { curl(&["--cacert", &ca, "-x", &proxy, &url]).await.stdout }
+    };
+    assert_eq!(whoami().await, "auth Token first-secret-value");
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    let hang_up = || nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    std::fs::write(&token, "second-secret-value\n").unwrap();
+    hang_up();
+    // The reload lands soon after the signal (bounded wait).
+    let mut seen = String::new();
+    for _ in 0..50 {
+        seen = whoami().await;
+        if seen != "auth Token first-secret-value" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen, "auth Token second-secret-value");
+    // A secret that cannot be read: the one in force stays.
+    std::fs::remove_file(&token).unwrap();
+    hang_up();
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(whoami().await, "auth Token second-secret-value");
+    let (_, stderr) = terminate(&mut child).await;
+    assert!(stderr.contains("keeping the secret in force"), "{stderr}");
+    assert!(!stderr.contains("secret-value"), "{stderr}");
+}

@@ -208,11 +208,13 @@ impl Loaded {
             builder = builder.access_file(file);
         }
         config.check_credentials(origin)?;
+        let mut secrets = None;
         if !config.credentials.is_empty() {
             let loaded = crate::secrets::load(&config.credentials, origin)?;
             builder = builder
                 .inject_credentials(loaded.credentials)
                 .child_variables(loaded.placeholders, loaded.removed);
+            secrets = Some(loaded.store);
         }
         let (builder, rules, approver) = match crate::approvers::from_config(config, origin, &ring)?
         {
@@ -236,6 +238,7 @@ impl Loaded {
             ring,
             rules,
             approver,
+            secrets,
         })
     }
 }
@@ -251,4 +254,6 @@ pub struct Prepared {
     pub rules: Option<RulesFile>,
     /// Who answers allowlist misses, for messages.
     pub approver: Option<String>,
+    /// The credentials' secrets, for a reload to read again.
+    pub secrets: Option<Arc<portcullis_middleware::credentials::StaticSecrets>>,
 }

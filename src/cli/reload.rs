@@ -29,14 +29,14 @@ fn stamp(path: Option<&Path>) -> Stamp {
 /// Reloads the policy (from `options`, flags applied again) and `rules`
 /// whenever their files change, until the process ends. `serving` (for
 /// `serve`): the live `[auth]` credential, reloaded with the file, and
-/// SIGHUP reloads too. `intercepting`: whether this proxy started with a
-/// CA (a reload cannot add one).
+/// SIGHUP reloads too. `started`: what this proxy started with that a
+/// reload cannot change, but can say about (and the secrets it reads again).
 pub(crate) async fn watch(
     options: Options,
     policy: PolicyHandle,
     rules: Option<RulesFile>,
     serving: Option<LiveCredentials>,
-    intercepting: bool,
+    started: Started,
 ) {
     let hangup = serving.is_some();
     let credentials = serving;
@@ -60,7 +60,7 @@ pub(crate) async fn watch(
         };
         let now = (stamp(config.as_deref()), stamp(rules_path.as_deref()));
         if forced || now.0 != seen.0 {
-            reload_policy(&options, &policy, credentials.as_ref(), intercepting);
+            reload_policy(&options, &policy, credentials.as_ref(), &started);
         }
         if let (Some(rules), true) = (&rules, forced || now.1 != seen.1) {
             match rules.reload() {
@@ -72,11 +72,21 @@ pub(crate) async fn watch(
     }
 }
 
+/// What a proxy started with, for its reloads.
+pub(crate) struct Started {
+    /// Whether it has a CA (a reload cannot add one).
+    pub(crate) intercepting: bool,
+    /// Its `[[credentials]]` as configured at start.
+    pub(crate) credentials: Vec<crate::config::CredentialConfig>,
+    /// Their secrets, read again on each reload.
+    pub(crate) secrets: Option<std::sync::Arc<portcullis_middleware::credentials::StaticSecrets>>,
+}
+
 fn reload_policy(
     options: &Options,
     policy: &PolicyHandle,
     credentials: Option<&LiveCredentials>,
-    intercepting: bool,
+    started: &Started,
 ) {
     let loaded = match options.load() {
         Ok(loaded) => loaded,
@@ -105,7 +115,10 @@ fn reload_policy(
                     .store(auth.map(|(username, password)| Credentials { username, password }));
             }
             tracing::info!(file = %loaded.origin, "policy reloaded");
-            if !intercepting && !loaded.config.rules.is_empty() {
+            if let Some(secrets) = &started.secrets {
+                crate::secrets::refresh(&started.credentials, &loaded.config.credentials, secrets);
+            }
+            if !started.intercepting && !loaded.config.rules.is_empty() {
                 tracing::warn!(
                     file = %loaded.origin,
                     "[[rules]] now name hosts, but this proxy started without interception (no CA): an HTTPS CONNECT to those hosts is refused mitm_required until it is restarted"

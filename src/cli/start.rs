@@ -54,7 +54,10 @@ pub(super) async fn start(options: &Options, purpose: Purpose) -> Result<ProxyHa
         )));
     }
     let Prepared {
-        mut builder, rules, ..
+        mut builder,
+        rules,
+        secrets,
+        ..
     } = loaded
         .builder_recording(tally, learn.clone())
         .map_err(|e| super::config_error(&e))?;
@@ -125,7 +128,11 @@ pub(super) async fn start(options: &Options, purpose: Purpose) -> Result<ProxyHa
         proxy.policy().clone(),
         rules,
         serving,
-        loaded.config.intercepts(),
+        super::reload::Started {
+            intercepting: loaded.config.intercepts(),
+            credentials: loaded.config.credentials.clone(),
+            secrets,
+        },
     ));
     Ok(proxy)
 }
