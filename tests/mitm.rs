@@ -14,6 +14,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
+use base64::Engine;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -34,6 +35,9 @@ use portcullis::resolve::{StaticResolver, SystemResolver};
 use portcullis::{Proxy, ProxyHandle};
 
 const ORIGIN: &str = "origin.test";
+
+/// The secret `/private/` asks for, as the password of `x-access-token`.
+const GIT_SECRET: &str = "gho_GITsecretGITsecretGITsecret000000000";
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -104,6 +108,31 @@ async fn answer(request: Request<Incoming>, git_root: PathBuf) -> Response<Full<
     if request.uri().path().starts_with("/git/") {
         return git_http_backend(request, &git_root).await;
     }
+    // `/private/git/…`: the same repositories, for a Basic credential only.
+    if let Some(rest) = request.uri().path().strip_prefix("/private") {
+        let expected = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD
+                .encode(format!("x-access-token:{GIT_SECRET}"))
+        );
+        if request.headers().get("authorization").map(|v| v.as_bytes()) != Some(expected.as_bytes())
+        {
+            let mut refused = Response::new(Full::new(Bytes::from_static(b"who are you?")));
+            *refused.status_mut() = StatusCode::UNAUTHORIZED;
+            refused.headers_mut().insert(
+                "www-authenticate",
+                http::HeaderValue::from_static("Basic realm=\"git\""),
+            );
+            return refused;
+        }
+        let target = match request.uri().query() {
+            Some(query) => format!("{rest}?{query}"),
+            None => rest.to_owned(),
+        };
+        let (mut parts, body) = request.into_parts();
+        parts.uri = target.parse().unwrap();
+        return git_http_backend(Request::from_parts(parts, body), &git_root).await;
+    }
     if request.uri().path() == "/whoami" {
         let auth = request
             .headers()
@@ -113,6 +142,42 @@ async fn answer(request: Request<Incoming>, git_root: PathBuf) -> Response<Full<
     }
     let text = format!("hello {} {}", request.method(), request.uri().path());
     Response::new(Full::new(Bytes::from(text)))
+}
+
+/// A bare repository `repo.git` in `root` with one commit (`README`:
+/// "hello"), pushes allowed, served by http-backend over TLS.
+async fn seed_repository(root: &Path, work: &Path, author: &[(&str, &str)]) {
+    assert!(
+        git(&["init", "-q", "--bare", "repo.git"], root, &[])
+            .await
+            .0
+    );
+    assert!(
+        git(
+            &["config", "http.receivepack", "true"],
+            &root.join("repo.git"),
+            &[]
+        )
+        .await
+        .0
+    );
+    assert!(git(&["init", "-q", "seed"], work, &[]).await.0);
+    let seed = work.join("seed");
+    std::fs::write(seed.join("README"), "hello\n").unwrap();
+    assert!(git(&["add", "README"], &seed, &[]).await.0);
+    assert!(git(&["commit", "-q", "-m", "first"], &seed, author).await.0);
+    let bare = root.join("repo.git").display().to_string();
+    let (pushed, out) = git(&["push", "-q", &bare, "HEAD:refs/heads/main"], &seed, &[]).await;
+    assert!(pushed, "{out}");
+    assert!(
+        git(
+            &["symbolic-ref", "HEAD", "refs/heads/main"],
+            &root.join("repo.git"),
+            &[]
+        )
+        .await
+        .0
+    );
 }
 
 /// Runs `git http-backend` as a CGI program for one request.
@@ -543,42 +608,7 @@ async fn git_clones_over_https_in_limited_mode_and_cannot_push() {
         ("GIT_COMMITTER_NAME", "t"),
         ("GIT_COMMITTER_EMAIL", "t@t.test"),
     ];
-    // A bare repository with one commit, served by http-backend over TLS.
-    assert!(
-        git(&["init", "-q", "--bare", "repo.git"], root, &[])
-            .await
-            .0
-    );
-    assert!(
-        git(
-            &["config", "http.receivepack", "true"],
-            &root.join("repo.git"),
-            &[]
-        )
-        .await
-        .0
-    );
-    assert!(git(&["init", "-q", "seed"], work.path(), &[]).await.0);
-    let seed = work.path().join("seed");
-    std::fs::write(seed.join("README"), "hello\n").unwrap();
-    assert!(git(&["add", "README"], &seed, &[]).await.0);
-    assert!(
-        git(&["commit", "-q", "-m", "first"], &seed, &author)
-            .await
-            .0
-    );
-    let bare = root.join("repo.git").display().to_string();
-    let (pushed, out) = git(&["push", "-q", &bare, "HEAD:refs/heads/main"], &seed, &[]).await;
-    assert!(pushed, "{out}");
-    assert!(
-        git(
-            &["symbolic-ref", "HEAD", "refs/heads/main"],
-            &root.join("repo.git"),
-            &[]
-        )
-        .await
-        .0
-    );
+    seed_repository(root, work.path(), &author).await;
 
     let proxy = setup.proxy_url();
     let ca = setup.our_ca();
@@ -1037,4 +1067,64 @@ async fn a_credential_is_added_on_its_host_and_its_placeholder_refused_elsewhere
         portcullis::middleware::Reason::CredentialMismatch
     );
     assert!(!format!("{refusal:?}").contains("ghp_REAL"));
+}
+
+#[tokio::test]
+async fn git_clones_a_private_repository_with_a_placeholder_in_its_url() {
+    use portcullis::middleware::credentials::{Credential, Credentials, Injection, StaticSecrets};
+    const PLACEHOLDER: &str = "gho_PLACEHOLDERplaceholderPLACEHOLDER0000";
+    let secrets = StaticSecrets::default();
+    secrets.set("git", GIT_SECRET);
+    let credential = Credential::new("git", Injection::basic("x-access-token").unwrap())
+        .host(ORIGIN)
+        .unwrap()
+        .placeholder(PLACEHOLDER);
+    let credentials = Credentials::new(vec![credential], Arc::new(secrets));
+    let setup = setup_injecting(Mode::Full, true, RequestRules::default(), credentials).await;
+    let work = tempfile::tempdir().unwrap();
+    let author = [
+        ("GIT_AUTHOR_NAME", "t"),
+        ("GIT_AUTHOR_EMAIL", "t@t.test"),
+        ("GIT_COMMITTER_NAME", "t"),
+        ("GIT_COMMITTER_EMAIL", "t@t.test"),
+    ];
+    seed_repository(setup.git_root.path(), work.path(), &author).await;
+    let (proxy, ca) = (setup.proxy_url(), setup.our_ca());
+    let through = [
+        ("HTTPS_PROXY", proxy.as_str()),
+        ("GIT_SSL_CAINFO", ca.as_str()),
+    ];
+    // The origin wants the secret; git has only the placeholder, in its URL.
+    let url = format!(
+        "https://x-access-token:{PLACEHOLDER}@{ORIGIN}:{}/private/git/repo.git",
+        setup.origin.port()
+    );
+    let (cloned, out) = git(&["clone", "-q", &url, "clone"], work.path(), &through).await;
+    assert!(cloned, "{out}");
+    assert_eq!(
+        std::fs::read_to_string(work.path().join("clone").join("README")).unwrap(),
+        "hello\n"
+    );
+    // Without the proxy's credential (intercepted all the same, in limited
+    // mode), the origin refuses the placeholder.
+    let bare = setup_injecting(
+        Mode::Limited,
+        true,
+        RequestRules::default(),
+        Default::default(),
+    )
+    .await;
+    let elsewhere = tempfile::tempdir().unwrap();
+    seed_repository(bare.git_root.path(), elsewhere.path(), &author).await;
+    let (proxy, ca) = (bare.proxy_url(), bare.our_ca());
+    let through = [
+        ("HTTPS_PROXY", proxy.as_str()),
+        ("GIT_SSL_CAINFO", ca.as_str()),
+    ];
+    let url = format!(
+        "https://x-access-token:{PLACEHOLDER}@{ORIGIN}:{}/private/git/repo.git",
+        bare.origin.port()
+    );
+    let (cloned, out) = git(&["clone", "-q", &url, "again"], work.path(), &through).await;
+    assert!(!cloned && out.contains("Authentication failed"), "{out}");
 }
