@@ -450,14 +450,6 @@ where
                 .iter()
                 .filter(|credential| credential.covers(&info.target))
         };
-        if info.method == Method::CONNECT || info.protocol.is_tunnel() {
-            // A credential's host is intercepted when it can be, so its
-            // requests can carry the secret.
-            let intercept = info.method == Method::CONNECT
-                && request.extensions().get::<Interceptable>().is_some()
-                && covering().next().is_some();
-            return MarkedResponse::marked(self.inner.call(request), intercept, None);
-        }
         let tls = info.protocol.is_intercepted();
         for credential in self.credentials.list.iter() {
             let Some(placeholder) = &credential.placeholder else {
@@ -494,6 +486,14 @@ where
                     .with_message(message),
                 );
             }
+        }
+        if info.method == Method::CONNECT || info.protocol.is_tunnel() {
+            // A credential's host is intercepted when it can be, so its
+            // requests can carry the secret.
+            let intercept = info.method == Method::CONNECT
+                && request.extensions().get::<Interceptable>().is_some()
+                && covering().next().is_some();
+            return MarkedResponse::marked(self.inner.call(request), intercept, None);
         }
         for credential in self.credentials.list.iter() {
             if !credential.covers(&info.target) || !(tls || credential.allow_plaintext) {
@@ -671,6 +671,18 @@ mod tests {
                 "{uri}"
             );
         }
+        // On a tunnel's own request too (where it can be seen at all).
+        assert_eq!(
+            outcome(request(
+                "CONNECT",
+                "paste.test:443",
+                HttpsConnect,
+                &[("x-token", PLACEHOLDER)]
+            ))
+            .await
+            .unwrap_err(),
+            Reason::CredentialMismatch
+        );
         // Hidden in a Basic header, too.
         let hidden = basic("me", PLACEHOLDER);
         assert_eq!(
