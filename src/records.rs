@@ -103,12 +103,15 @@ pub struct Access {
     /// From the request to the last byte of the answer (a tunnel: to its
     /// opening), in milliseconds.
     pub duration_ms: u64,
+    /// The credentials the proxy added, as (name, place), never a value.
+    pub credentials: Vec<(String, String)>,
 }
 
 impl Access {
     /// Its line in the JSON-lines format: `time_unix_ms`, `client`,
     /// `status` (`"allowed"`), `host`, `port`, `protocol`, `method`,
-    /// `path`, `code`, `bytes`, `duration_ms`.
+    /// `path`, `code`, `bytes`, `duration_ms`, and `credentials` (`[{name,
+    /// place}]`) when the proxy added any.
     pub fn to_json(&self) -> Value {
         let mut line = json!({
             "time_unix_ms": self.unix_ms,
@@ -127,8 +130,18 @@ impl Access {
         if let Some(bytes) = self.bytes {
             line["bytes"] = json!(bytes);
         }
+        if !self.credentials.is_empty() {
+            line["credentials"] = credentials_json(&self.credentials);
+        }
         line
     }
+}
+
+fn credentials_json(credentials: &[(String, String)]) -> Value {
+    credentials
+        .iter()
+        .map(|(name, place)| json!({ "name": name, "place": place }))
+        .collect()
 }
 
 /// The access file: one line per allowed request and per tunnel opened.
@@ -319,6 +332,9 @@ fn event(event: &Event<'_>) -> Value {
         }
         Outcome::Allowed(access) => {
             fields.insert("duration".into(), json!(access.duration_ms));
+            if !access.credentials.is_empty() {
+                unmapped.insert("credentials".into(), credentials_json(&access.credentials));
+            }
             if http {
                 let mut response = json!({ "code": access.status });
                 if let Some(bytes) = access.bytes {
@@ -489,6 +505,7 @@ where
             status: 0,
             bytes: None,
             duration_ms: 0,
+            credentials: Vec::new(),
         });
         AccessFuture {
             future: self.inner.call(request),
@@ -522,6 +539,12 @@ where
             return std::task::Poll::Ready(Ok(response));
         };
         access.status = response.status().as_u16();
+        if let Some(injected) = response
+            .extensions()
+            .get::<portcullis_middleware::credentials::Injected>()
+        {
+            access.credentials.clone_from(&injected.0);
+        }
         let tunnel = access.method == http::Method::CONNECT.as_str()
             || response.extensions().get::<Tunnel>().is_some();
         if tunnel || hyper::body::Body::is_end_stream(response.body()) {

@@ -93,6 +93,17 @@ placeholder_env = "GITHUB_TOKEN"
     assert!(std::fs::read_to_string(&violations)
         .unwrap()
         .contains("credential_mismatch"));
+    let records = std::fs::read_to_string(&access).unwrap();
+    let whoami: serde_json::Value = records
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+        .find(|record| record["path"] == "/whoami")
+        .expect("the request is recorded");
+    assert_eq!(
+        whoami["credentials"],
+        serde_json::json!([{ "name": "github", "place": "header:authorization" }]),
+        "the record names the credential and where it went"
+    );
 }
 
 #[tokio::test]

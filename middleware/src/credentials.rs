@@ -338,6 +338,12 @@ impl Credentials {
     }
 }
 
+/// On a response: the credentials added to its request, by name and
+/// place (`header:authorization`), never by value. The binary's access
+/// file records them.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Injected(pub Vec<(String, String)>);
+
 /// Adds [`CredentialService`]; see the [module docs](self).
 #[derive(Debug, Clone, Default)]
 pub struct CredentialLayer {
@@ -400,7 +406,7 @@ fn decoded_basic(value: &str) -> Option<String> {
 }
 
 /// What to set the credential's header to, if anything.
-fn injected(
+fn header_value(
     credential: &Credential,
     secret: &str,
     current: Option<&HeaderValue>,
@@ -495,6 +501,7 @@ where
                 && covering().next().is_some();
             return MarkedResponse::marked(self.inner.call(request), intercept, None);
         }
+        let mut injected = Injected::default();
         for credential in self.credentials.list.iter() {
             if !credential.covers(&info.target) || !(tls || credential.allow_plaintext) {
                 continue;
@@ -505,21 +512,28 @@ where
             };
             let name = credential.injection.header_name().clone();
             let current = request.headers().get(&name);
-            let Some(value) = injected(credential, secret.expose(), current) else {
+            let Some(value) = header_value(credential, secret.expose(), current) else {
                 continue;
             };
             match HeaderValue::from_str(&value) {
                 Ok(mut value) => {
                     value.set_sensitive(true);
                     request.headers_mut().insert(name.clone(), value);
-                    tracing::debug!(credential = %credential.name, place = %format!("header:{name}"), target = %info.target, "credential injected");
+                    let place = format!("header:{name}");
+                    tracing::debug!(credential = %credential.name, place = %place, target = %info.target, "credential injected");
+                    injected.0.push((credential.name.clone(), place));
                 }
                 Err(_) => {
                     tracing::warn!(credential = %credential.name, "the secret cannot be sent in a header (a control character): the request goes without it");
                 }
             }
         }
-        MarkedResponse::marked(self.inner.call(request), false, None)
+        let future = MarkedResponse::marked(self.inner.call(request), false, None);
+        if injected.0.is_empty() {
+            future
+        } else {
+            future.injected(injected)
+        }
     }
 }
 

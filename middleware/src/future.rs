@@ -74,6 +74,7 @@ pin_project! {
         inner: ResponseFuture<F>,
         intercept: bool,
         audited: Option<crate::error::Blocked>,
+        injected: Option<crate::credentials::Injected>,
     }
 }
 
@@ -93,7 +94,14 @@ impl<F> MarkedResponse<F> {
             inner: ResponseFuture::inner(future),
             intercept,
             audited,
+            injected: None,
         }
+    }
+
+    /// Also says, on the response, which credentials were added.
+    pub(crate) fn injected(mut self, injected: crate::credentials::Injected) -> MarkedResponse<F> {
+        self.injected = Some(injected);
+        self
     }
 
     /// A refusal decided in `call`.
@@ -102,6 +110,7 @@ impl<F> MarkedResponse<F> {
             inner: ResponseFuture::refused(error),
             intercept: false,
             audited: None,
+            injected: None,
         }
     }
 }
@@ -117,7 +126,11 @@ where
         let this = self.project();
         let intercept = *this.intercept;
         let audited = this.audited;
+        let injected = this.injected;
         this.inner.poll(cx).map_ok(|mut response| {
+            if let Some(injected) = injected.take() {
+                response.extensions_mut().insert(injected);
+            }
             if intercept {
                 response.extensions_mut().insert(crate::Intercept);
             }
