@@ -222,15 +222,7 @@ async fn a_reload_reads_the_secrets_again_and_keeps_one_it_cannot_read() {
         "[network]\nallowed_domains = [\"secure.test\"]\nallow_local_binding = true\n[dns]\nhosts = {{ \"secure.test\" = [\"127.0.0.1\"] }}\n[[credentials]]\nname = \"svc\"\nhosts = [\"secure.test\"]\nvalue = \"Token {{secret}}\"\nsource = {{ file = {token:?} }}\n"
     ));
     std::fs::write(&config, text).unwrap();
-    let mut child = portcullis()
-        .args(["serve", "--config"])
-        .arg(&config)
-        .args(["--http", "127.0.0.1:0", "--no-socks"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let proxy = format!("http://{}", served_http_address(&mut child).await);
+    let (mut child, proxy) = serve_config(&config).await;
     let ca = dir.path().join("ca").join("ca.pem").display().to_string();
     let url = format!("https://secure.test:{}/whoami", secure.port());
     let whoami = || {

@@ -1089,17 +1089,24 @@ async fn git_clones_a_private_repository_with_a_placeholder_in_its_url() {
         ("GIT_COMMITTER_EMAIL", "t@t.test"),
     ];
     seed_repository(setup.git_root.path(), work.path(), &author).await;
-    let (proxy, ca) = (setup.proxy_url(), setup.our_ca());
-    let through = [
-        ("HTTPS_PROXY", proxy.as_str()),
-        ("GIT_SSL_CAINFO", ca.as_str()),
-    ];
-    // The origin wants the secret; git has only the placeholder, in its URL.
-    let url = format!(
-        "https://x-access-token:{PLACEHOLDER}@{ORIGIN}:{}/private/git/repo.git",
-        setup.origin.port()
-    );
-    let (cloned, out) = git(&["clone", "-q", &url, "clone"], work.path(), &through).await;
+    // git, through `setup`'s proxy, with only the placeholder in its URL.
+    let clone = |setup: &Setup, into: &'static str| {
+        let (proxy, ca) = (setup.proxy_url(), setup.our_ca());
+        let url = format!(
+            "https://x-access-token:{PLACEHOLDER}@{ORIGIN}:{}/private/git/repo.git",
+            setup.origin.port()
+        );
+        let work = work.path().to_owned();
+        async move {
+            let through = [
+                ("HTTPS_PROXY", proxy.as_str()),
+                ("GIT_SSL_CAINFO", ca.as_str()),
+            ];
+            git(&["clone", "-q", &url, into], &work, &through).await
+        }
+    };
+    // The origin wants the secret.
+    let (cloned, out) = clone(&setup, "clone").await;
     assert!(cloned, "{out}");
     assert_eq!(
         std::fs::read_to_string(work.path().join("clone").join("README")).unwrap(),
@@ -1116,15 +1123,6 @@ async fn git_clones_a_private_repository_with_a_placeholder_in_its_url() {
     .await;
     let elsewhere = tempfile::tempdir().unwrap();
     seed_repository(bare.git_root.path(), elsewhere.path(), &author).await;
-    let (proxy, ca) = (bare.proxy_url(), bare.our_ca());
-    let through = [
-        ("HTTPS_PROXY", proxy.as_str()),
-        ("GIT_SSL_CAINFO", ca.as_str()),
-    ];
-    let url = format!(
-        "https://x-access-token:{PLACEHOLDER}@{ORIGIN}:{}/private/git/repo.git",
-        bare.origin.port()
-    );
-    let (cloned, out) = git(&["clone", "-q", &url, "again"], work.path(), &through).await;
+    let (cloned, out) = clone(&bare, "again").await;
     assert!(!cloned && out.contains("Authentication failed"), "{out}");
 }

@@ -328,15 +328,7 @@ async fn rules_added_by_a_reload_fail_closed_without_a_ca_and_say_so() {
     let config = dir.path().join("p.toml");
     let lists = "[network]\nallowed_domains = [\"svc.test\"]\nallow_local_binding = true\n[dns]\nhosts = { \"svc.test\" = [\"127.0.0.1\"] }\n";
     std::fs::write(&config, lists).unwrap();
-    let mut child = portcullis()
-        .args(["serve", "--config"])
-        .arg(&config)
-        .args(["--http", "127.0.0.1:0", "--no-socks"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let proxy = format!("http://{}", served_http_address(&mut child).await);
+    let (mut child, proxy) = serve_config(&config).await;
     let url = format!("http://svc.test:{}/", origin.addr.port());
     assert_eq!(curl_status(&["-p", "-x", &proxy, &url]).await, "200");
     std::fs::write(

@@ -296,6 +296,21 @@ pub async fn served_http_address(child: &mut tokio::process::Child) -> std::net:
         .unwrap()
 }
 
+/// `serve --config CONFIG` on an ephemeral HTTP port, no SOCKS5, its
+/// stderr piped (for [`terminate`]): the child and its proxy URL.
+pub async fn serve_config(config: &std::path::Path) -> (tokio::process::Child, String) {
+    let mut child = portcullis()
+        .args(["serve", "--config"])
+        .arg(config)
+        .args(["--http", "127.0.0.1:0", "--no-socks"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let proxy = format!("http://{}", served_http_address(&mut child).await);
+    (child, proxy)
+}
+
 /// Sends SIGTERM to a `serve` child and waits (bounded) for it: its exit
 /// status and whatever it wrote to a piped stderr.
 pub async fn terminate(child: &mut tokio::process::Child) -> (std::process::ExitStatus, String) {
