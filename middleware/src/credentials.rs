@@ -758,10 +758,10 @@ mod tests {
             &[],
         );
         offered.extensions_mut().insert(Interceptable);
-        assert_eq!(outcome(offered).await.unwrap().1, true);
+        assert!(outcome(offered).await.unwrap().1);
         let mut other = request("CONNECT", "paste.test:443", Protocol::HttpsConnect, &[]);
         other.extensions_mut().insert(Interceptable);
-        assert_eq!(outcome(other).await.unwrap().1, false);
+        assert!(!outcome(other).await.unwrap().1);
     }
 
     #[test]
