@@ -475,7 +475,7 @@ where
                     )
                 };
                 let message = format!(
-                    "portcullis refused {} {}: it carries the placeholder of credential {:?} ({place}) {why}; the secret is only sent to its hosts over TLS",
+                    "portcullis refused {} {}: it carries the placeholder of credential {:?} ({place}) {why}; the secret is only sent to its hosts over TLS: send the request there over HTTPS, or add this host to the credential's hosts if it should get the secret",
                     info.method.as_str().escape_debug(),
                     info.target,
                     credential.name,
