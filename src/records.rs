@@ -149,6 +149,8 @@ fn credentials_json(credentials: &[(String, String)]) -> Value {
 pub struct AccessFile {
     file: LineFile,
     format: RecordFormat,
+    /// Strings never written (credentials' placeholders), and their stand-ins.
+    masks: Arc<[(String, String)]>,
 }
 
 impl AccessFile {
@@ -157,11 +159,30 @@ impl AccessFile {
         Ok(AccessFile {
             file: LineFile::open(path)?,
             format,
+            masks: Arc::from(Vec::new()),
         })
+    }
+
+    /// Never writes these strings in a path: each is written as its
+    /// stand-in (see `Credentials::masks`).
+    pub fn masking(mut self, masks: Vec<(String, String)>) -> AccessFile {
+        self.masks = masks.into();
+        self
     }
 
     /// Queues one record.
     pub fn record(&self, access: &Access) {
+        let masked;
+        let access = match &access.path {
+            Some(path) if !self.masks.is_empty() => {
+                masked = Access {
+                    path: Some(portcullis_middleware::masked(path, &self.masks)),
+                    ..access.clone()
+                };
+                &masked
+            }
+            _ => access,
+        };
         let line = match self.format {
             RecordFormat::Json => access.to_json(),
             RecordFormat::Ocsf => ocsf_access(access),

@@ -44,7 +44,11 @@ placeholder_env = "GITHUB_TOKEN"
         "echo \"$GITHUB_TOKEN\"; \
          curl -s -H \"Authorization: Bearer $GITHUB_TOKEN\" https://secure.test:{}/whoami; echo; \
          curl -s -o /dev/null -w '%{{http_code}}' -H \"X-Token: $GITHUB_TOKEN\" http://other.test:{}/; echo; \
+         curl -s -o /dev/null https://secure.test:{}/echo/$GITHUB_TOKEN; \
+         curl -s -o /dev/null http://other.test:{}/paste/$GITHUB_TOKEN; \
          env | grep -c REALsecret; true",
+        secure.port(),
+        plain.addr.port(),
         secure.port(),
         plain.addr.port()
     );
@@ -93,7 +97,13 @@ placeholder_env = "GITHUB_TOKEN"
     assert!(std::fs::read_to_string(&violations)
         .unwrap()
         .contains("credential_mismatch"));
+    let masked = std::fs::read_to_string(&violations).unwrap();
+    assert!(
+        masked.contains("/paste/{credential:github}"),
+        "a placeholder in a path is recorded by name: {masked}"
+    );
     let records = std::fs::read_to_string(&access).unwrap();
+    assert!(records.contains("/echo/{credential:github}"), "{records}");
     let whoami: serde_json::Value = records
         .lines()
         .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())

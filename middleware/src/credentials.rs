@@ -278,6 +278,11 @@ impl Credential {
         self
     }
 
+    /// Its placeholder, if it has one.
+    pub fn placeholder_text(&self) -> Option<&str> {
+        self.placeholder.as_deref()
+    }
+
     /// Its name.
     pub fn name(&self) -> &str {
         &self.name
@@ -336,6 +341,18 @@ impl Credentials {
     pub fn list(&self) -> &[Credential] {
         &self.list
     }
+
+    /// Each placeholder and its stand-in in records, `{credential:NAME}`:
+    /// for [`ViolationLogLayer::masking`](crate::ViolationLogLayer::masking).
+    pub fn masks(&self) -> Vec<(String, String)> {
+        self.list
+            .iter()
+            .filter_map(|credential| {
+                let placeholder = credential.placeholder.clone()?;
+                Some((placeholder, format!("{{credential:{}}}", credential.name)))
+            })
+            .collect()
+    }
 }
 
 /// On a response: the credentials added to its request, by name and
@@ -380,13 +397,20 @@ fn carries(request: &Request<impl Sized>, placeholder: &str) -> Option<String> {
     if request.uri().to_string().contains(placeholder) {
         return Some("url".to_owned());
     }
+    let needle = placeholder.as_bytes();
+    if needle.is_empty() {
+        return None;
+    }
     for (name, value) in request.headers() {
-        let Ok(text) = value.to_str() else {
-            continue;
-        };
-        if text.contains(placeholder)
-            || decoded_basic(text).is_some_and(|d| d.contains(placeholder))
-        {
+        // Bytes, not text: a header with other bytes in it hides nothing.
+        let raw = value.as_bytes();
+        let inside = raw.windows(needle.len()).any(|window| window == needle);
+        let in_basic = value
+            .to_str()
+            .ok()
+            .and_then(decoded_basic)
+            .is_some_and(|decoded| decoded.contains(placeholder));
+        if inside || in_basic {
             return Some(format!("header:{name}"));
         }
     }
@@ -695,6 +719,17 @@ mod tests {
             ))
             .await
             .unwrap_err(),
+            Reason::CredentialMismatch
+        );
+        // Beside bytes that are not text, too.
+        let mut opaque = request("GET", "https://paste.test/", HttpsMitm, &[]);
+        let mut raw = b"\xff ".to_vec();
+        raw.extend_from_slice(PLACEHOLDER.as_bytes());
+        opaque
+            .headers_mut()
+            .insert("x-blob", HeaderValue::from_bytes(&raw).unwrap());
+        assert_eq!(
+            outcome(opaque).await.unwrap_err(),
             Reason::CredentialMismatch
         );
         // Hidden in a Basic header, too.

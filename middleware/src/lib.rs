@@ -187,6 +187,6 @@ pub use stack::{DefaultStack, ServiceBuilderExt};
 pub use strip_headers::{StripHeaders, StripHeadersLayer};
 pub use target::{Host, Target, TargetError};
 pub use violation_log::{
-    loggable_path, Audited, JsonLinesSink, LineFile, Render, Violation, ViolationLog,
+    loggable_path, masked, Audited, JsonLinesSink, LineFile, Render, Violation, ViolationLog,
     ViolationLogLayer, ViolationRecord, ViolationRing, ViolationSink, Wording, MAX_LOGGED_PATH,
 };

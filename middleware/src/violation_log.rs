@@ -442,6 +442,19 @@ struct Recorder {
     sinks: Vec<Arc<dyn ViolationSink>>,
     throttle: Throttle,
     wording: Option<Wording>,
+    /// Text never recorded, and what stands in its place.
+    masks: Arc<[(String, String)]>,
+}
+
+/// `text` with each masked string replaced by its stand-in.
+pub fn masked(text: &str, masks: &[(String, String)]) -> String {
+    let mut text = text.to_owned();
+    for (secret, stand_in) in masks {
+        if !secret.is_empty() && text.contains(secret.as_str()) {
+            text = text.replace(secret.as_str(), stand_in);
+        }
+    }
+    text
 }
 
 /// Words a refusal for the log's reader (`None` keeps its own message);
@@ -533,7 +546,7 @@ impl Recorder {
             client,
             blocked: blocked.clone(),
             message,
-            path: path.cloned(),
+            path: path.map(|path| masked(path, &self.masks)),
         };
         let client_addr = client.map(|c| c.to_string()).unwrap_or_default();
         let host = blocked.target.host_string().escape_debug().to_string();
@@ -583,6 +596,7 @@ impl ViolationLogLayer {
                 sinks: Vec::new(),
                 throttle: Throttle::new(DEFAULT_LOG_INTERVAL),
                 wording: None,
+                masks: Arc::from(Vec::new()),
             }),
         }
     }
@@ -597,6 +611,7 @@ impl ViolationLogLayer {
                 sinks,
                 throttle: Throttle::new(self.recorder.throttle.interval),
                 wording: self.recorder.wording.clone(),
+                masks: self.recorder.masks.clone(),
             }),
         }
     }
@@ -612,6 +627,7 @@ impl ViolationLogLayer {
                 sinks: self.recorder.sinks.clone(),
                 throttle: Throttle::new(interval),
                 wording: self.recorder.wording.clone(),
+                masks: self.recorder.masks.clone(),
             }),
         }
     }
@@ -632,6 +648,22 @@ impl ViolationLogLayer {
                 sinks: self.recorder.sinks.clone(),
                 throttle: Throttle::new(self.recorder.throttle.interval),
                 wording: Some(Arc::new(wording)),
+                masks: self.recorder.masks.clone(),
+            }),
+        }
+    }
+
+    /// Never records these strings in a request's path: each is written as
+    /// its stand-in (the binary masks credentials' placeholders as
+    /// `{credential:NAME}`).
+    pub fn masking(self, masks: Vec<(String, String)>) -> ViolationLogLayer {
+        ViolationLogLayer {
+            recorder: Arc::new(Recorder {
+                ring: self.recorder.ring.clone(),
+                sinks: self.recorder.sinks.clone(),
+                throttle: Throttle::new(self.recorder.throttle.interval),
+                wording: self.recorder.wording.clone(),
+                masks: masks.into(),
             }),
         }
     }
@@ -919,6 +951,7 @@ mod tests {
                 sinks: Vec::new(),
                 throttle: Throttle::new(DEFAULT_LOG_INTERVAL),
                 wording: None,
+                masks: Arc::from(Vec::new()),
             };
             let mut refusal = blocked("evil.test:443");
             refusal.method = "GE\u{1b}T".to_owned();

@@ -141,8 +141,19 @@ impl Loaded {
         let policy = config.policy(origin)?;
         let hosts = config.dns_hosts(origin)?;
         let resolver = StaticResolver::new(hosts, Arc::new(SystemResolver));
+        // Secrets first: their placeholders are masked in every record.
+        config.check_credentials(origin)?;
+        let secrets = if config.credentials.is_empty() {
+            None
+        } else {
+            Some(crate::secrets::load(&config.credentials, origin)?)
+        };
+        let masks = secrets
+            .as_ref()
+            .map(|loaded| loaded.credentials.masks())
+            .unwrap_or_default();
         let ring = ViolationRing::default();
-        let mut violations = ViolationLogLayer::new(ring.clone());
+        let mut violations = ViolationLogLayer::new(ring.clone()).masking(masks.clone());
         let cannot_open =
             |key: &str, file: &std::path::Path, error: std::io::Error| ConfigError::Invalid {
                 key: key.into(),
@@ -158,7 +169,8 @@ impl Loaded {
         let access_file = match &config.log.access_file {
             Some(file) => Some(
                 crate::records::AccessFile::open(file, format)
-                    .map_err(|e| cannot_open("log.access_file", file, e))?,
+                    .map_err(|e| cannot_open("log.access_file", file, e))?
+                    .masking(masks),
             ),
             None => None,
         };
@@ -207,15 +219,15 @@ impl Loaded {
         if let Some(file) = access_file {
             builder = builder.access_file(file);
         }
-        config.check_credentials(origin)?;
-        let mut secrets = None;
-        if !config.credentials.is_empty() {
-            let loaded = crate::secrets::load(&config.credentials, origin)?;
-            builder = builder
-                .inject_credentials(loaded.credentials)
-                .child_variables(loaded.placeholders, loaded.removed);
-            secrets = Some(loaded.store);
-        }
+        let secrets = match secrets {
+            Some(loaded) => {
+                builder = builder
+                    .inject_credentials(loaded.credentials)
+                    .child_variables(loaded.placeholders, loaded.removed);
+                Some(loaded.store)
+            }
+            None => None,
+        };
         let (builder, rules, approver) = match crate::approvers::from_config(config, origin, &ring)?
         {
             None => (builder, None, None),
