@@ -6,7 +6,8 @@
 //! | what | class | `activity_id` |
 //! | --- | --- | --- |
 //! | a request seen as HTTP (plain, intercepted, Unix socket) | HTTP Activity, 4002 | its method: 1 Connect … 9 Patch, 99 other |
-//! | a tunnel (`CONNECT` passed through, SOCKS5 TCP/UDP) | Network Activity, 4001 | 1 Open (allowed, audited), 5 Refuse |
+//! | a tunnel (`CONNECT` passed through, SOCKS5 TCP/UDP, a connection captured under `run --isolate`) | Network Activity, 4001 | 1 Open (allowed, audited), 5 Refuse |
+//! | a DNS question under `run --isolate` (protocol `dns`) | DNS Activity, 4003 | 1 Query, with `query.hostname` and `rcode_id` 0 NoError or 5 Refused |
 //!
 //! Every event carries the base event's required fields (`activity_id`,
 //! `category_uid` 4, `class_uid`, `type_uid` = class × 100 + activity,
@@ -246,6 +247,7 @@ pub fn ocsf_access(access: &Access) -> Value {
 
 const HTTP_ACTIVITY: u32 = 4002;
 const NETWORK_ACTIVITY: u32 = 4001;
+const DNS_ACTIVITY: u32 = 4003;
 
 /// HTTP Activity's `activity_id` for a method, and its name.
 fn http_activity(method: &str) -> (u32, &'static str) {
@@ -264,7 +266,8 @@ fn http_activity(method: &str) -> (u32, &'static str) {
 }
 
 fn event(event: &Event<'_>) -> Value {
-    let http = !event.protocol.is_tunnel();
+    let dns = event.protocol.is_lookup();
+    let http = !dns && !event.protocol.is_tunnel();
     let (refused, audit) = match &event.outcome {
         Outcome::Refused(blocked, _) => (
             blocked.decision != BlockDecision::Audit,
@@ -272,12 +275,15 @@ fn event(event: &Event<'_>) -> Value {
         ),
         Outcome::Allowed(_) => (false, false),
     };
-    let (class_uid, class_name) = if http {
+    let (class_uid, class_name) = if dns {
+        (DNS_ACTIVITY, "DNS Activity")
+    } else if http {
         (HTTP_ACTIVITY, "HTTP Activity")
     } else {
         (NETWORK_ACTIVITY, "Network Activity")
     };
     let (activity_id, activity_name) = match (http, refused) {
+        _ if dns => (1, "Query"),
         (true, _) => http_activity(event.method),
         (false, true) => (5, "Refuse"),
         (false, false) => (1, "Open"),
@@ -365,7 +371,24 @@ fn event(event: &Event<'_>) -> Value {
             }
         }
     }
-    if http {
+    if dns {
+        // The question names no port: the destination is the name alone.
+        fields.insert(
+            "dst_endpoint".into(),
+            json!({ "hostname": event.target.host_string() }),
+        );
+        fields.insert(
+            "query".into(),
+            json!({ "hostname": event.target.host_string() }),
+        );
+        let (rcode_id, rcode) = if refused {
+            (5, "Refused")
+        } else {
+            (0, "NoError")
+        };
+        fields.insert("rcode_id".into(), json!(rcode_id));
+        fields.insert("rcode".into(), json!(rcode));
+    } else if http {
         fields.insert("http_request".into(), http_request(event));
     } else {
         let transport = if event.protocol == Protocol::Socks5Udp {
@@ -703,5 +726,21 @@ mod tests {
         assert_eq!(event["type_uid"], 400105);
         assert_eq!(event["connection_info"]["protocol_name"], "udp");
         assert_eq!(event["firewall_rule"]["name"], "not_allowed");
+    }
+
+    #[test]
+    fn a_refused_dns_question_is_dns_activity() {
+        let host = portcullis_middleware::target::Host::parse("exfil.refused.test").unwrap();
+        let event = ocsf_violation(&violation(Target::host(host, 0), Protocol::Dns, None));
+        assert_eq!(event["class_uid"], 4003);
+        assert_eq!(event["type_uid"], 400301);
+        assert_eq!(event["query"]["hostname"], "exfil.refused.test");
+        assert_eq!(event["rcode_id"], 5);
+        assert_eq!(
+            event["dst_endpoint"],
+            serde_json::json!({ "hostname": "exfil.refused.test" })
+        );
+        assert!(event.get("http_request").is_none());
+        assert_eq!(event["unmapped"]["protocol"], "dns");
     }
 }

@@ -353,6 +353,8 @@ mod tests {
         use Protocol::*;
         let mut intercepted = request("CONNECT", HttpsConnect, &[]);
         intercepted.extensions_mut().insert(Interceptable);
+        let mut captured = request("CONNECT", Transparent, &[]);
+        captured.extensions_mut().insert(Interceptable);
         let cases: Vec<(Request<()>, Option<Reason>)> = vec![
             (request("GET", Http, &[]), None),
             (request("HEAD", Http, &[]), None),
@@ -397,6 +399,14 @@ mod tests {
             (
                 request("CONNECT", Socks5Tcp, &[]),
                 Some(Reason::MethodNotAllowed),
+            ),
+            // A DNS question opens nothing; the connection after it is
+            // judged. A captured connection is intercepted like a CONNECT.
+            (request("CONNECT", Dns, &[]), None),
+            (captured, None),
+            (
+                request("CONNECT", Transparent, &[]),
+                Some(Reason::MitmRequired),
             ),
             (
                 request("CONNECT", Socks5Udp, &[]),

@@ -11,6 +11,8 @@
 //! without a [`Target`] is a [`BadRequest`]
 //! (fail closed). A SOCKS5 association ([`UdpAssociation`]) names no
 //! destination and passes: each of its datagrams is decided on its own.
+//! A DNS question (protocol [`Dns`](Protocol::Dns)) is decided by name on
+//! any port ([`NetworkPolicy::decide_lookup`]).
 //!
 //! The transports answer these refusals as the README's refusal table says
 //! (a 403 with a JSON body on HTTP, reply 0x02 on SOCKS5).
@@ -147,7 +149,12 @@ where
             // No destination yet: each datagram is decided on its own.
             return ResponseFuture::inner(self.inner.call(request));
         }
-        let (reason, rule) = match self.layer.policy.load().decide(target) {
+        let policy = self.layer.policy.load();
+        let decision = match (protocol.is_lookup(), target) {
+            (true, Target::Host { host, .. }) => policy.decide_lookup(host),
+            _ => policy.decide(target),
+        };
+        let (reason, rule) = match decision {
             Decision::Allow { .. } => return ResponseFuture::inner(self.inner.call(request)),
             Decision::Miss if self.layer.ask_on_miss && target.host_ref().is_some() => {
                 request.extensions_mut().insert(AwaitingApproval);
@@ -238,6 +245,54 @@ mod tests {
             !matches!(mock.poll_request(), std::task::Poll::Ready(Some(_))),
             "no refused request reached inner"
         );
+    }
+
+    #[tokio::test]
+    async fn a_dns_question_is_decided_by_name_on_any_port() {
+        let policy = PolicyHandle::new(
+            NetworkPolicy::builder()
+                .allow("api.example.com:8443")
+                .unwrap()
+                .allow("ssh.example.com")
+                .unwrap()
+                .deny("ssh.example.com:22")
+                .unwrap()
+                .deny("*.bad.example.com")
+                .unwrap()
+                .build(),
+        );
+        let (mut service, mut mock) =
+            mock::spawn_layer::<Request<&str>, Response<()>, _>(PolicyLayer::new(policy));
+        let question = |name: &str| {
+            let mut request = Request::connect(format!("{name}:0")).body("").unwrap();
+            let host = crate::target::Host::parse(name).unwrap();
+            request.extensions_mut().insert(Target::host(host, 0));
+            request.extensions_mut().insert(Protocol::Dns);
+            request
+        };
+        // Allowed on one port: answered. Denied on one port only: answered.
+        for name in ["api.example.com", "ssh.example.com"] {
+            mock.allow(1);
+            assert!(service.poll_ready().is_ready());
+            let response = service.call(question(name));
+            let (seen, send) = mock.next_request().await.unwrap();
+            assert_eq!(seen.extensions().get::<Protocol>(), Some(&Protocol::Dns));
+            send.send_response(Response::new(()));
+            response.await.unwrap();
+        }
+        for (name, reason) in [
+            ("x.bad.example.com", Reason::Denied),
+            ("other.test", Reason::NotAllowed),
+            ("localhost", Reason::NotAllowedLocal),
+            ("127.0.0.1", Reason::NotAllowed),
+        ] {
+            mock.allow(1);
+            assert!(service.poll_ready().is_ready());
+            let error = service.call(question(name)).await.unwrap_err();
+            let blocked = find_blocked(error.as_ref()).expect("a Blocked");
+            assert_eq!(blocked.reason, reason, "{name}");
+            assert_eq!(blocked.protocol, Protocol::Dns);
+        }
     }
 
     #[tokio::test]

@@ -33,6 +33,17 @@ pub enum Protocol {
     Socks5Udp,
     /// A plain HTTP request forwarded to a Unix socket (`x-unix-socket`).
     UnixSocket,
+    /// A TCP connection captured under `run --isolate` (any address, any
+    /// port), by the name its address maps to when the program resolved it
+    /// through the policy DNS server, else by IP: a byte stream like a
+    /// `CONNECT`, which can be intercepted when it carries TLS.
+    Transparent,
+    /// A DNS question asked under `run --isolate`, as a synthesized request
+    /// for the name with port 0 ("any port"): the name is answered only when
+    /// a connection to it on some port could be allowed. Nothing is dialled
+    /// and no resolver is asked; the connection that follows is decided on
+    /// its own.
+    Dns,
     /// A way in of your own, by name (lower-case, `snake_case`, as it
     /// should appear in logs): a byte stream to its target, whose methods
     /// the stack cannot see (limited mode refuses it whole).
@@ -49,6 +60,8 @@ impl Protocol {
             Protocol::Socks5Tcp => "socks5_tcp",
             Protocol::Socks5Udp => "socks5_udp",
             Protocol::UnixSocket => "unix_socket",
+            Protocol::Transparent => "transparent",
+            Protocol::Dns => "dns",
             Protocol::Custom(name) => name,
         }
     }
@@ -61,6 +74,7 @@ impl Protocol {
             Protocol::HttpsConnect
                 | Protocol::Socks5Tcp
                 | Protocol::Socks5Udp
+                | Protocol::Transparent
                 | Protocol::Custom(_)
         )
     }
@@ -77,7 +91,13 @@ impl Protocol {
     /// Whether a tunnel of this kind can be intercepted, so that its
     /// requests become visible (an HTTP `CONNECT`).
     pub fn can_intercept(self) -> bool {
-        self == Protocol::HttpsConnect
+        matches!(self, Protocol::HttpsConnect | Protocol::Transparent)
+    }
+
+    /// Whether the request is a name lookup ([`Dns`](Protocol::Dns)): it
+    /// names a host but opens nothing, so only the host is decided.
+    pub fn is_lookup(self) -> bool {
+        self == Protocol::Dns
     }
 
     /// Whether the request came from inside an intercepted tunnel.
@@ -181,13 +201,15 @@ mod tests {
     #[test]
     fn layers_ask_capabilities_not_names() {
         // (protocol, tunnel, methods visible, can intercept, intercepted)
-        let table: [(Protocol, bool, bool, bool, bool); 7] = [
+        let table: [(Protocol, bool, bool, bool, bool); 9] = [
             (Http, false, true, false, false),
             (HttpsConnect, true, false, true, false),
             (HttpsMitm, false, true, false, true),
             (Socks5Tcp, true, false, false, false),
             (Socks5Udp, true, false, false, false),
             (UnixSocket, false, true, false, false),
+            (Transparent, true, false, true, false),
+            (Dns, false, false, false, false),
             (Custom("line"), true, false, false, false),
         ];
         for (protocol, tunnel, visible, intercept, intercepted) in table {

@@ -906,6 +906,11 @@ pub(crate) fn decide_call<B>(
         return Ok(Pass::default());
     }
     let info = RequestInfo::from_request(request)?;
+    if info.protocol.is_lookup() {
+        // A DNS question opens nothing: the rules judge the connection and
+        // the requests that follow (limited mode's preset included).
+        return Ok(Pass::default());
+    }
     let mut blocks = rules.blocks_for(&info.target);
     if request.extensions().get::<UdpAssociation>().is_some() {
         // Decided datagram by datagram, by destination: only a block
@@ -1268,6 +1273,26 @@ mod tests {
             .await,
             Err(Reason::MitmRequired)
         );
+        // A DNS question for a ruled host is answered: the rules judge what
+        // follows. A captured connection is intercepted like a CONNECT.
+        assert_eq!(
+            outcome(request(
+                "CONNECT",
+                "api.github.com:0",
+                Dns,
+                "api.github.com:443"
+            ))
+            .await,
+            Ok(false)
+        );
+        let mut captured = request(
+            "CONNECT",
+            "api.github.com:443",
+            Transparent,
+            "api.github.com:443",
+        );
+        captured.extensions_mut().insert(Interceptable);
+        assert_eq!(outcome(captured).await, Ok(true));
         // A host without rules: untouched, never intercepted.
         let mut other = request(
             "CONNECT",

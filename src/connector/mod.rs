@@ -572,6 +572,11 @@ impl Service<Request<Body>> for Connector {
             // An association names no destination; nothing to dial.
             return Box::pin(async { Ok(Response::new(body::empty())) });
         }
+        if info.protocol.is_lookup() {
+            // A DNS question the stack let through: the transport answers
+            // it; nothing is resolved or dialled until a connection comes.
+            return Box::pin(async { Ok(Response::new(body::empty())) });
+        }
         let this = self.clone();
         let Some(client) = this.client.clone() else {
             return Box::pin(vet(this.dialer, info));

@@ -17,9 +17,14 @@ struct RuleRef {
     index: u32,
 }
 
+/// The port a lookup passes to match a pattern on any port: 0 is never a
+/// destination's port (targets and patterns refuse it), so it stands for
+/// "some port" (a DNS question names no port).
+pub(super) const ANY_PORT: u16 = 0;
+
 impl RuleRef {
     fn matches_port(&self, port: u16) -> bool {
-        self.port.is_none_or(|p| p == port)
+        port == ANY_PORT || self.port.is_none_or(|p| p == port)
     }
 }
 

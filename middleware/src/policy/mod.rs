@@ -192,6 +192,50 @@ impl NetworkPolicy {
         }
     }
 
+    /// Decides a DNS question for `host` (protocol `dns`): a name is answered
+    /// when a connection to it on some port could be allowed. A denylist
+    /// entry refuses it unless the entry is scoped to a port (the other
+    /// ports may still be allowed); an allowlist entry on any port allows
+    /// it; a local name needs what a connection to it needs. Nothing is
+    /// resolved: the connection that follows is decided on its own.
+    pub fn decide_lookup(&self, host: &Host) -> Decision {
+        let portless_deny = self
+            .denied
+            .find_all(host, matcher::ANY_PORT)
+            .into_iter()
+            .filter_map(|index| self.denied.patterns().get(index))
+            .find(|pattern| pattern.port.is_none());
+        if let Some(pattern) = portless_deny {
+            return Decision::Deny {
+                reason: Reason::Denied,
+                rule: format!("denied_domains: {pattern}"),
+            };
+        }
+        if let Host::Ip(_) = host {
+            return Decision::Deny {
+                reason: Reason::NotAllowed,
+                rule: "a DNS question names a host, not an address".to_owned(),
+            };
+        }
+        if host.is_localhost_name() {
+            if let Some(rule) = self.local_unlock(host, matcher::ANY_PORT) {
+                return Decision::Allow { rule };
+            }
+            if !self.allow_local_binding {
+                return Decision::Deny {
+                    reason: Reason::NotAllowedLocal,
+                    rule: "local/private address (allow_local_binding = false)".to_owned(),
+                };
+            }
+        }
+        match self.allowed.find(host, matcher::ANY_PORT) {
+            Some((pattern, _)) => Decision::Allow {
+                rule: format!("allowed_domains: {pattern}"),
+            },
+            None => Decision::Miss,
+        }
+    }
+
     fn decide_unix(&self, path: &std::path::Path) -> Decision {
         if !path.is_absolute() {
             return Decision::Deny {
