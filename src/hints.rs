@@ -163,6 +163,11 @@ impl Fixes {
                 }
                 _ => return None,
             };
+        if blocked.protocol.is_lookup() {
+            return Some(format!(
+                "portcullis refused a DNS question for {host}: {why_and_fix}"
+            ));
+        }
         Some(format!("portcullis refused {target}: {why_and_fix}"))
     }
 

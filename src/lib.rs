@@ -41,6 +41,8 @@
 pub mod access_log;
 pub mod approvers;
 pub mod body;
+#[cfg(unix)]
+mod capture;
 mod child;
 pub mod cli;
 pub mod config;

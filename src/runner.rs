@@ -702,7 +702,7 @@ where
         }
         let credentials = LiveCredentials::new(self.settings.credentials.clone());
         let settings = transport::http1::Settings {
-            interceptor,
+            interceptor: interceptor.clone(),
             own: self.settings.own.clone(),
             limits: self.settings.limits,
             credentials: credentials.clone(),
@@ -752,6 +752,8 @@ where
             refusals: self.settings.refusals.clone(),
             limits: self.settings.limits,
             metrics: self.settings.metrics.clone(),
+            interceptor,
+            fixes: self.settings.fixes.clone(),
         })
     }
 }
@@ -780,9 +782,30 @@ pub struct ProxyHandle {
     refusals: tokio::sync::broadcast::Sender<portcullis_middleware::Violation>,
     limits: Limits,
     metrics: Arc<crate::metrics::Metrics>,
+    /// HTTPS interception, for a transport started later (capture).
+    interceptor: Option<Arc<Interceptor>>,
+    fixes: Fixes,
 }
 
 impl ProxyHandle {
+    /// Interception, when this proxy has a CA.
+    pub(crate) fn interceptor(&self) -> Option<Arc<Interceptor>> {
+        self.interceptor.clone()
+    }
+
+    /// How an intercepted tunnel answers.
+    pub(crate) fn answers(&self) -> transport::mitm::Answers {
+        transport::mitm::Answers {
+            limits: self.limits,
+            fixes: self.fixes.clone(),
+        }
+    }
+
+    /// This proxy's counters.
+    pub(crate) fn metrics(&self) -> Arc<crate::metrics::Metrics> {
+        self.metrics.clone()
+    }
+
     /// The HTTP listener's address.
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr

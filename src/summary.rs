@@ -70,7 +70,9 @@ impl ViolationSink for Tally {
         if blocked.decision == portcullis_middleware::BlockDecision::Audit {
             return;
         }
+        let lookup = blocked.protocol.is_lookup();
         let destination = printable(&match blocked.target.port() {
+            _ if lookup => format!("{} (DNS)", blocked.target.host_string()),
             Some(port) => format!("{}:{port}", blocked.target.host_string()),
             None => blocked.target.host_string(),
         });
@@ -83,6 +85,19 @@ impl ViolationSink for Tally {
         match inner.seen.get_mut(&key) {
             Some((count, _, _)) => *count += 1,
             None if order < MAX_DESTINATIONS => {
+                if lookup {
+                    let question = format!(
+                        "a DNS question for {}",
+                        printable(&blocked.target.host_string())
+                    );
+                    let said = why_and_fix(&violation.message, &question);
+                    if self.live {
+                        let _ =
+                            writeln!(std::io::stderr(), "portcullis: refused {question} — {said}");
+                    }
+                    inner.seen.insert(key, (1, order, said));
+                    return;
+                }
                 let said = why_and_fix(&violation.message, &destination);
                 if self.live {
                     let _ = writeln!(

@@ -1,6 +1,9 @@
-//! `run --isolate`: inside, the proxy is the only way out. Skipped, with the
-//! reason printed, where this system refuses unprivileged user and network
-//! namespaces — unless `PORTCULLIS_ISOLATE_REQUIRED=1` (CI sets it).
+//! `run --isolate`: inside, the proxy is the only way out, and everything
+//! goes to it — what uses the proxy variables, and what ignores them
+//! (captured, protocol `transparent`), and every DNS question (the policy
+//! DNS server, protocol `dns`). Skipped, with the reason printed, where this
+//! system refuses unprivileged user and network namespaces — unless
+//! `PORTCULLIS_ISOLATE_REQUIRED=1` (CI sets it).
 
 #![allow(
     clippy::unwrap_used,
@@ -54,7 +57,7 @@ async fn isolated(script: &str) -> (Option<i32>, String, String) {
 }
 
 #[tokio::test]
-async fn inside_only_the_proxy_reaches_out() {
+async fn inside_every_way_out_goes_through_the_policy() {
     if !namespaces_available().await {
         return;
     }
@@ -64,11 +67,12 @@ async fn inside_only_the_proxy_reaches_out() {
         r#"
 curl -s http://127.0.0.1:{port}/through; echo
 curl -s --proxy "$SOCKS_PROXY" http://ok.test:{port}/socks; echo
-curl -s -m 5 --noproxy '*' http://127.0.0.1:{port}/direct >/dev/null; echo "noproxy-exit-$?"
+curl -s -m 5 --noproxy '*' http://127.0.0.1:{port}/direct; echo
+curl -s -m 5 --noproxy '*' http://127.0.0.2:{port}/direct >/dev/null; echo "refused-exit-$?"
 python3 -c 'import socket
 s = socket.socket(); s.settimeout(5)
 try:
-    s.connect(("127.0.0.1", {port})); print("raw-connected")
+    s.connect(("127.0.0.3", {port})); s.sendall(b"x"); print("raw-open" if s.recv(1) else "raw-closed")
 except OSError as e:
     print("raw-failed")'
 curl -s -o /dev/null -w "%{{http_code}}\n" http://refused.test/
@@ -84,33 +88,42 @@ exit 7
         Some(&"hello /socks"),
         "SOCKS5 through the bridge: {stdout}{stderr}"
     );
-    let direct = lines.get(2).copied().unwrap_or("");
-    assert!(
-        direct.starts_with("noproxy-exit-") && direct != "noproxy-exit-0",
-        "curl --noproxy '*' must not reach the origin: {stdout}"
-    );
     assert_eq!(
-        lines.get(3),
-        Some(&"raw-failed"),
-        "a raw socket must not reach the origin: {stdout}"
+        lines.get(2),
+        Some(&"hello /direct"),
+        "curl --noproxy '*' to an allowed address is captured and let through: {stdout}{stderr}"
     );
-    assert_eq!(lines.get(4), Some(&"403"), "{stdout}");
-    assert_eq!(lines.get(5), Some(&"udp-off"), "{stdout}");
+    let refused = lines.get(3).copied().unwrap_or("");
+    assert!(
+        refused.starts_with("refused-exit-") && refused != "refused-exit-0",
+        "curl --noproxy '*' to a refused address must not reach the origin: {stdout}"
+    );
+    assert_ne!(
+        lines.get(4),
+        Some(&"raw-open"),
+        "a raw socket to a refused address must not reach the origin: {stdout}"
+    );
+    assert_eq!(lines.get(5), Some(&"403"), "{stdout}");
+    assert_eq!(lines.get(6), Some(&"udp-off"), "{stdout}");
     assert_eq!(code, Some(7), "the command's exit code: {stderr}");
     assert!(
         stderr.contains("portcullis: refused refused.test:80 ×1"),
         "the refusal summary: {stderr}"
     );
-    // Only the two allowed requests reached the origin: direct attempts
-    // never connected.
+    assert!(
+        stderr.contains("portcullis: refused 127.0.0.2:") && stderr.contains("(transparent)"),
+        "the captured refusal is said: {stderr}"
+    );
+    // Only the three allowed requests reached the origin: refused
+    // attempts never connected.
     assert_eq!(
         origin.connections.load(std::sync::atomic::Ordering::SeqCst),
-        2
+        3
     );
 }
 
 #[tokio::test]
-async fn node_fetch_cannot_go_direct() {
+async fn node_fetch_goes_through_the_policy_without_proxy_support() {
     if !namespaces_available().await {
         return;
     }
@@ -126,16 +139,26 @@ async fn node_fetch_cannot_go_direct() {
     }
     let origin = origin().await;
     let port = origin.addr.port();
-    // node before 24 ignores the proxy variables: outside a namespace its
-    // fetch would reach the origin; inside it cannot.
+    // node before 24 ignores the proxy variables: its fetch resolves the
+    // name through the policy DNS server and is captured.
+    let fetch = |url: String| {
+        format!("NODE_USE_ENV_PROXY= node -e 'fetch(\"{url}\").then(r => r.text()).then(t => console.log(t), () => console.log(\"unreachable\"))'")
+    };
     let script = format!(
-        "NODE_USE_ENV_PROXY= node -e 'fetch(\"http://127.0.0.1:{port}/node\").then(() => console.log(\"reached\"), () => console.log(\"unreachable\"))'"
+        "{}; {}",
+        fetch(format!("http://ok.test:{port}/node")),
+        fetch(format!("http://refused.test:{port}/node"))
     );
     let (_, stdout, stderr) = isolated(&script).await;
-    assert_eq!(stdout.trim(), "unreachable", "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines, ["hello /node", "unreachable"], "{stderr}");
+    assert!(
+        stderr.contains("portcullis: refused refused.test (DNS)"),
+        "the refused name is recorded: {stderr}"
+    );
     assert_eq!(
         origin.connections.load(std::sync::atomic::Ordering::SeqCst),
-        0
+        1
     );
 }
 
@@ -209,4 +232,201 @@ async fn interception_works_inside_unchanged() {
         ["secure hello", "403"],
         "a read through, a write refused: {stderr}"
     );
+}
+
+/// A UDP socket outside the namespace that counts every datagram: a DNS
+/// server that must hear nothing.
+async fn listening_dns_server() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+) {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let address = socket.local_addr().unwrap();
+    let heard = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = heard.clone();
+    let task = tokio::spawn(async move {
+        let mut buffer = [0u8; 2048];
+        while socket.recv_from(&mut buffer).await.is_ok() {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    (address, heard, task)
+}
+
+#[tokio::test]
+async fn names_are_answered_only_when_allowed_and_captured_connections_are_recorded() {
+    if !namespaces_available().await {
+        return;
+    }
+    let origin = origin().await;
+    let port = origin.addr.port();
+    let (dns, heard, listener) = listening_dns_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let access = dir.path().join("access.jsonl");
+    let dns_port = dns.port();
+    let script = format!(
+        r#"
+getent hosts allowed.test | cut -d' ' -f1 | head -1
+getent hosts exfil-secret.refused.test; echo "refused-exit-$?"
+python3 -c 'import socket
+q = bytes.fromhex("abcd01000001000000000000") + b"\x04leak\x07refused\x04test\x00\x00\x01\x00\x01"
+for port in (53, {dns_port}):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)
+    try:
+        s.sendto(q, ("127.0.0.1", port)); print("answer", s.recv(512)[3] & 15)
+    except OSError as e:
+        print("no answer")'
+curl -s -m 5 --noproxy '*' http://allowed.test:{port}/captured; echo
+curl -s -m 5 -6 --noproxy '*' http://allowed.test:{port}/six; echo
+curl -s -m 5 --noproxy '*' http://refused.test:{port}/ >/dev/null; echo "curl-refused-exit-$?"
+curl -s -m 5 --noproxy '*' -H 'Host: refused.test' http://allowed.test:{port}/fronted >/dev/null; echo "fronted-exit-$?"
+python3 -c 'import socket
+s = socket.create_connection(("allowed.test", {port}), timeout=5)
+s.sendall(b"GET /raw HTTP/1.0\r\nHost: allowed.test\r\n\r\n"); print(s.recv(64).split(b"\r\n")[0].decode())'
+"#
+    );
+    let (code, stdout, stderr) = output(
+        portcullis()
+            .args([
+                "run",
+                "--isolate",
+                "--allow",
+                "allowed.test",
+                "--resolve",
+                "allowed.test=127.0.0.1",
+                "--resolve",
+                "refused.test=127.0.0.1",
+                "--allow-local-binding",
+                "--access-log",
+            ])
+            .arg(&access)
+            .args(["--", "sh", "-c", &script]),
+    )
+    .await;
+    listener.abort();
+    assert_eq!(code, Some(0), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(
+        lines
+            .first()
+            .is_some_and(|a| a.starts_with("198.18.") || a.starts_with("fd70:")),
+        "a synthetic address for an allowed name: {stdout}{stderr}"
+    );
+    assert_eq!(lines.get(1), Some(&"refused-exit-2"), "{stdout}");
+    // Our server refuses (rcode 5); the one outside hears nothing.
+    assert_eq!(lines.get(2), Some(&"answer 5"), "{stdout}");
+    assert_eq!(lines.get(3), Some(&"no answer"), "{stdout}");
+    assert_eq!(heard.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert_eq!(lines.get(4), Some(&"hello /captured"), "{stdout}{stderr}");
+    assert_eq!(lines.get(5), Some(&"hello /six"), "IPv6: {stdout}{stderr}");
+    assert_ne!(lines.get(6), Some(&"curl-refused-exit-0"), "{stdout}");
+    assert_ne!(lines.get(7), Some(&"fronted-exit-0"), "{stdout}");
+    assert_eq!(lines.get(8), Some(&"HTTP/1.0 200 OK"), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("portcullis: refused exfil-secret.refused.test (DNS)")
+            && stderr.contains("portcullis: refused refused.test (DNS)"),
+        "refused names are said: {stderr}"
+    );
+    // The host side dialled only the loopback origin: once per allowed
+    // request, and once for the fronted one, whose name was allowed but
+    // whose bytes never went (closed at its Host header); every captured
+    // connection is recorded as such.
+    assert_eq!(
+        origin.connections.load(std::sync::atomic::Ordering::SeqCst),
+        4
+    );
+    let records = std::fs::read_to_string(&access).unwrap();
+    let transparent = records
+        .lines()
+        .filter(|line| line.contains(r#""protocol":"transparent""#))
+        .count();
+    // Recorded at open: the four the policy let through, the fronted one
+    // (closed later, at its Host header) among them.
+    assert_eq!(transparent, 4, "{records}");
+    assert!(records.contains(r#""protocol":"dns""#), "{records}");
+}
+
+#[tokio::test]
+async fn https_is_captured_passed_through_and_intercepted_where_ruled() {
+    if !namespaces_available().await {
+        return;
+    }
+    let (origin, pem) = https_origin().await;
+    let port = origin.port();
+    let dir = tempfile::tempdir().unwrap();
+    let origin_pem = dir.path().join("origin.pem");
+    std::fs::write(&origin_pem, &pem).unwrap();
+    let script = format!(
+        r#"
+curl -s -m 5 --noproxy '*' --cacert {pem} https://secure.test:{port}/; echo
+curl -s -m 5 --noproxy '*' -k --connect-to other.test:{port}:secure.test:{port} https://other.test:{port}/ >/dev/null; echo "sni-exit-$?"
+"#,
+        pem = origin_pem.display()
+    );
+    let full = |config: Option<std::path::PathBuf>| {
+        let mut command = portcullis();
+        command.args(["run", "--isolate"]);
+        if let Some(config) = config {
+            command.arg("--config").arg(config);
+        }
+        command.args([
+            "--allow",
+            "secure.test",
+            "--allow",
+            "other.test",
+            "--resolve",
+            "secure.test=127.0.0.1",
+            "--resolve",
+            "other.test=127.0.0.1",
+            "--allow-local-binding",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ]);
+        command
+    };
+    // Full mode, no rules: TLS passes through unseen with the origin's own
+    // certificate; an SNI naming another host than the address is closed
+    // (even for a client that would accept any certificate: -k).
+    let (code, stdout, stderr) = output(&mut full(None)).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.first(), Some(&"secure hello"), "{stdout}{stderr}");
+    assert_ne!(lines.get(1), Some(&"sni-exit-0"), "{stdout}");
+    assert!(
+        stderr.is_empty() || !stderr.contains("panicked"),
+        "{stderr}"
+    );
+
+    // A host with rules is intercepted: the child trusts our CA (exported),
+    // a GET passes and a POST is refused by the rule.
+    let config = mitm_config(dir.path(), &pem);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("\n[[rules]]\nhost = \"secure.test\"\nallow = [ { methods = [\"GET\"] } ]\n");
+    std::fs::write(&config, text).unwrap();
+    let script = format!(
+        "curl -s -m 5 --noproxy '*' https://secure.test:{port}/; echo; curl -s -m 5 -o /dev/null -w '%{{http_code}}\\n' --noproxy '*' -X POST https://secure.test:{port}/"
+    );
+    let (code, stdout, stderr) = output(
+        portcullis()
+            .args(["run", "--isolate", "--config"])
+            .arg(&config)
+            .args([
+                "--allow",
+                "secure.test",
+                "--resolve",
+                "secure.test=127.0.0.1",
+                "--allow-local-binding",
+                "--",
+                "sh",
+                "-c",
+                &script,
+            ]),
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines, ["secure hello", "403"], "{stderr}");
 }

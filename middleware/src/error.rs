@@ -229,7 +229,16 @@ impl Blocked {
         protocol: Protocol,
         method: &http::Method,
     ) -> Blocked {
-        let message = default_message(reason, &target, method);
+        let mut message = default_message(reason, &target, method);
+        if protocol.is_lookup() {
+            // A question names no port: said as what it is.
+            if let Some(rest) = message.strip_prefix(&format!("portcullis refused {target}:")) {
+                message = format!(
+                    "portcullis refused a DNS question for {}:{rest}",
+                    target.host_string()
+                );
+            }
+        }
         Blocked {
             reason,
             decision: BlockDecision::Deny,

@@ -170,6 +170,9 @@ pub(super) fn isolated_command(
     }
     let bridges = crate::isolate::Bridges::start(proxy.http_addr(), proxy.socks_addr())
         .map_err(|e| e.to_string())?;
+    // Connections and DNS questions the bridge captures come here.
+    crate::capture::start(proxy, bridges.dir())
+        .map_err(|e| format!("--isolate could not listen for captured connections: {e}"))?;
     let exe = std::env::current_exe()
         .map_err(|e| format!("--isolate re-runs portcullis and cannot find it: {e}"))?;
     let mut bridge = tokio::process::Command::new(exe);

@@ -16,6 +16,28 @@
 //! maps the invoking user and group to themselves, brings up loopback, and
 //! only then starts a one-thread runtime. SOCKS5 UDP is not offered under
 //! `--isolate`: its relay address would be outside.
+//!
+//! # Capture
+//!
+//! The bridge also captures what ignores the proxy variables. With its
+//! capabilities inside its own user namespace it routes every address to
+//! loopback and redirects every TCP connection to one capture listener
+//! ([`netlink`]), and points the child's `/etc/resolv.conf` at a policy DNS
+//! server on 127.0.0.1:53 (a bind mount in a new mount namespace). Each
+//! captured connection goes to the proxy's `capture.sock` after a line
+//! naming its source and original destination (`SO_ORIGINAL_DST`), or,
+//! when it was dialled to one of the bridge's own ports, to that port's
+//! socket; each DNS question (UDP, or TCP to port 53) goes to `dns.sock`.
+//! The proxy decides both ([`crate::capture`]). Other UDP finds nothing
+//! listening and is refused (port unreachable), so QUIC falls back to TCP.
+//! Where the kernel refuses a part of this (no nftables, no mount
+//! namespace), the bridge says so once and the command runs with the
+//! bridge ports only: never unisolated.
+
+#[cfg(target_os = "linux")]
+mod capture;
+#[cfg(target_os = "linux")]
+mod netlink;
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -123,6 +145,13 @@ pub(crate) fn bridge_main(arguments: &[OsString]) -> ExitCode {
         Err(error) => return fail(IsolateError::Setup(format!("a runtime: {error}"))),
     };
     runtime.block_on(async move {
+        #[cfg(target_os = "linux")]
+        if let Err(why) = capture::start(&dir, http, socks).await {
+            let _ = writeln!(
+                std::io::stderr(),
+                "portcullis: --isolate captures only what uses the proxy variables here: {why}"
+            );
+        }
         for (port, name) in [(http, "http.sock"), (socks, "socks.sock")] {
             if port == 0 {
                 continue;
@@ -197,7 +226,10 @@ fn enter_namespace() -> Result<(), IsolateError> {
     use nix::sched::{unshare, CloneFlags};
     let uid = nix::unistd::getuid();
     let gid = nix::unistd::getgid();
-    unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNET)
+    // A mount namespace too, for the child's resolv.conf; where one is
+    // refused, isolation still holds without it (capture says what is lost).
+    unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWNS)
+        .or_else(|_| unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNET))
         .map_err(|e| IsolateError::Unshare(format!("unshare: {e}")))?;
     let write = |path: &str, text: String| {
         std::fs::write(path, text).map_err(|e| IsolateError::Setup(format!("{path}: {e}")))

@@ -1,0 +1,39 @@
+//! The proxy's half of capture under `run --isolate`: two Unix sockets in
+//! the run's private directory, beside the bridge's `http.sock` and
+//! `socks.sock`. The bridge inside the namespace sends every TCP
+//! connection the child opens to `capture.sock` ([`tcp`]) and every DNS
+//! question to `dns.sock` ([`dns`]); both are decided here, through the
+//! proxy's own stack, with the one map between names and synthetic
+//! addresses ([`names`]) they share.
+
+pub(crate) mod dns;
+pub(crate) mod names;
+pub(crate) mod tcp;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::net::UnixListener;
+
+use crate::runner::ProxyHandle;
+
+/// The socket captured TCP connections arrive on.
+pub(crate) const CAPTURE_SOCKET: &str = "capture.sock";
+/// The socket DNS questions arrive on.
+pub(crate) const DNS_SOCKET: &str = "dns.sock";
+
+/// Listens on `capture.sock` and `dns.sock` in `dir` for `proxy`.
+pub(crate) fn start(proxy: &ProxyHandle, dir: &Path) -> std::io::Result<()> {
+    let names = Arc::new(names::SyntheticNames::default());
+    let capture = UnixListener::bind(dir.join(CAPTURE_SOCKET))?;
+    let dns = UnixListener::bind(dir.join(DNS_SOCKET))?;
+    let settings = tcp::Settings {
+        names: names.clone(),
+        interceptor: proxy.interceptor(),
+        answers: proxy.answers(),
+        metrics: proxy.metrics(),
+    };
+    tokio::spawn(tcp::serve(capture, proxy.ingress(), settings));
+    tokio::spawn(dns::serve(dns, proxy.ingress(), names));
+    Ok(())
+}

@@ -1,0 +1,282 @@
+//! Captured TCP connections. The bridge inside the namespace sends each
+//! connection the child opened (to any address, any port) to `capture.sock`
+//! after one line, `SOURCE DESTINATION\n` (socket addresses, the
+//! destination as the child dialled it). Here it becomes a synthesized
+//! `CONNECT` through the proxy's stack with protocol `transparent`:
+//!
+//! | the child dialled | decided as |
+//! | --- | --- |
+//! | a synthetic address our DNS server gave | the name it maps to, on that port |
+//! | a synthetic address never given | refused (closed) |
+//! | any other address | that IP, on that port |
+//!
+//! Once allowed: when a layer asks to intercept (request rules,
+//! credentials, limited mode), the TLS inside is terminated as on a
+//! `CONNECT` and each request goes through the stack; otherwise the first
+//! bytes the child sends are checked before they go on — a TLS ClientHello
+//! whose SNI names another host than the mapped name, or an HTTP request
+//! whose `Host` does, closes the connection (no fronting one name behind
+//! another) — and the rest is relayed.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixListener, UnixStream};
+
+use portcullis_middleware::target::{canonical_ip, Host};
+use portcullis_middleware::{Intercept, Interceptable, Protocol, Target};
+
+use super::names::SyntheticNames;
+use crate::kit::{Ingress, RequestModel, Tunnel};
+use crate::transport::mitm::{self, Interceptor};
+use crate::transport::{splice, Peer};
+
+/// The longest first line the bridge sends.
+const MAX_LINE: u64 = 128;
+/// The most bytes read while looking for an SNI or a `Host`.
+const MAX_FIRST_BYTES: usize = 16 * 1024;
+
+/// What the capture transport needs besides the stack.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub(crate) names: Arc<SyntheticNames>,
+    pub(crate) interceptor: Option<Arc<Interceptor>>,
+    pub(crate) answers: mitm::Answers,
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
+}
+
+/// Serves `capture.sock` until the proxy stops.
+pub(crate) async fn serve(listener: UnixListener, ingress: Ingress, settings: Settings) {
+    let settings = Arc::new(settings);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = ingress.stopping() => return,
+        };
+        let Ok((stream, _)) = accepted else { continue };
+        let ingress = ingress.clone();
+        let settings = settings.clone();
+        tokio::spawn(async move {
+            if let Err(why) = serve_one(stream, &ingress, &settings).await {
+                tracing::debug!("captured connection closed: {why}");
+            }
+        });
+    }
+}
+
+async fn serve_one(
+    stream: UnixStream,
+    ingress: &Ingress,
+    settings: &Settings,
+) -> Result<(), String> {
+    let limits = settings.answers.limits;
+    let mut stream = stream;
+    let line = tokio::time::timeout(limits.header_read_timeout, read_line(&mut stream))
+        .await
+        .map_err(|_| "no destination line in time".to_owned())??;
+    let (source, destination) = parse_line(&line)?;
+    let ip = canonical_ip(destination.ip());
+    let target = if SyntheticNames::is_synthetic(ip) {
+        let Some(name) = settings.names.name(ip) else {
+            tracing::warn!(%destination, "a captured connection to a synthetic address our DNS server never gave: refused");
+            return Err("unknown synthetic address".to_owned());
+        };
+        let host = Host::parse(&name).map_err(|e| e.to_string())?;
+        Target::host(host, destination.port())
+    } else {
+        Target::from_ip(ip, destination.port()).map_err(|e| e.to_string())?
+    };
+    let mut model = RequestModel::new(target.clone(), Protocol::Transparent, source);
+    if settings.interceptor.is_some() {
+        model = model.mark(Interceptable);
+    }
+    let request = model.connect().map_err(|e| e.to_string())?;
+    // A refusal is recorded by the stack; the child sees the connection close.
+    let mut response = ingress
+        .call(request)
+        .await
+        .map_err(|e| format!("refused: {e}"))?;
+    let upstream = response
+        .extensions_mut()
+        .remove::<Tunnel>()
+        .and_then(|tunnel| tunnel.take())
+        .ok_or_else(|| "the stack gave no tunnel".to_owned())?;
+    let guard = ingress.open(format!("captured connection from {source} to {target}"));
+    if response.extensions().get::<Intercept>().is_some() {
+        let Some(interceptor) = settings.interceptor.clone() else {
+            return Err("asked to intercept without a CA".to_owned());
+        };
+        drop(upstream);
+        let peer = Peer {
+            addr: source,
+            user: None,
+        };
+        mitm::serve(
+            stream,
+            target,
+            peer,
+            interceptor,
+            ingress.service(),
+            settings.answers.clone(),
+        )
+        .await;
+        drop(guard);
+        return Ok(());
+    }
+    let mut upstream = upstream;
+    let first = first_bytes(&mut stream, &upstream, &target, limits.header_read_timeout).await?;
+    if !first.is_empty() {
+        upstream
+            .write_all(&first)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let moved = splice::bidirectional(
+        &mut stream,
+        &mut upstream,
+        limits.tunnel_idle_timeout,
+        &settings.metrics,
+    )
+    .await;
+    moved.log(source, &target);
+    drop(guard);
+    Ok(())
+}
+
+/// The first line, read a byte at a time so that none of the child's
+/// bytes after it are taken.
+async fn read_line(stream: &mut UnixStream) -> Result<String, String> {
+    let mut line = Vec::new();
+    loop {
+        let byte = stream.read_u8().await.map_err(|e| e.to_string())?;
+        if byte == b'\n' {
+            return String::from_utf8(line).map_err(|_| "a bad destination line".to_owned());
+        }
+        if line.len() as u64 >= MAX_LINE {
+            return Err("a destination line too long".to_owned());
+        }
+        line.push(byte);
+    }
+}
+
+fn parse_line(line: &str) -> Result<(SocketAddr, SocketAddr), String> {
+    let (source, destination) = line
+        .trim_end()
+        .split_once(' ')
+        .ok_or_else(|| "a bad destination line".to_owned())?;
+    let parse = |text: &str| {
+        text.parse::<SocketAddr>()
+            .map_err(|_| format!("a bad address in the destination line: {:?}", text))
+    };
+    Ok((parse(source)?, parse(destination)?))
+}
+
+/// The child's first bytes, read and checked before they go on: when it
+/// speaks first with TLS, the SNI must name the target; with HTTP, the
+/// `Host` must. When the server speaks first, nothing is read here.
+async fn first_bytes(
+    client: &mut UnixStream,
+    upstream: &TcpStream,
+    target: &Target,
+    timeout: Duration,
+) -> Result<Vec<u8>, String> {
+    let Some(Host::Name(name)) = target.host_ref() else {
+        // Dialled by address: decided by that address; nothing to agree with.
+        return Ok(Vec::new());
+    };
+    tokio::select! {
+        biased;
+        ready = client.readable() => ready.map_err(|e| e.to_string())?,
+        ready = upstream.readable() => {
+            ready.map_err(|e| e.to_string())?;
+            return Ok(Vec::new());
+        }
+    }
+    let mut buffer = Vec::with_capacity(2048);
+    let mut tls = rustls::server::Acceptor::default();
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let mut chunk = [0u8; 4096];
+        let read = tokio::time::timeout_at(deadline, client.read(&mut chunk))
+            .await
+            .map_err(|_| "the first bytes did not come in time".to_owned())?
+            .map_err(|e| e.to_string())?;
+        let Some(chunk) = chunk.get(..read) else {
+            return Err("a bad read".to_owned());
+        };
+        if chunk.is_empty() {
+            return Ok(buffer);
+        }
+        buffer.extend_from_slice(chunk);
+        match classify(&buffer, chunk, &mut tls)? {
+            Named::Incomplete if buffer.len() < MAX_FIRST_BYTES => continue,
+            Named::Incomplete => {
+                return Err("no complete ClientHello or request head in 16 KiB".to_owned())
+            }
+            Named::Nothing => return Ok(buffer),
+            Named::Host(named) => {
+                let named = named.trim_end_matches('.').to_ascii_lowercase();
+                if named == *name {
+                    return Ok(buffer);
+                }
+                tracing::warn!(%target, named = %named.escape_debug(), "a captured connection named another host than the address it dialled maps to: closed");
+                return Err(format!("{named:?} is not {name}"));
+            }
+        }
+    }
+}
+
+enum Named {
+    Incomplete,
+    Nothing,
+    Host(String),
+}
+
+/// What host the bytes so far name: an SNI, a `Host` header, or nothing
+/// (another protocol, or TLS without SNI).
+fn classify(
+    buffer: &[u8],
+    chunk: &[u8],
+    tls: &mut rustls::server::Acceptor,
+) -> Result<Named, String> {
+    match buffer.first() {
+        Some(0x16) => {
+            tls.read_tls(&mut &chunk[..]).map_err(|e| e.to_string())?;
+            match tls.accept() {
+                Ok(None) => Ok(Named::Incomplete),
+                Ok(Some(accepted)) => Ok(accepted
+                    .client_hello()
+                    .server_name()
+                    .map_or(Named::Nothing, |sni| Named::Host(sni.to_owned()))),
+                Err((error, _)) => Err(format!("not a TLS ClientHello: {error}")),
+            }
+        }
+        Some(byte) if byte.is_ascii_uppercase() => {
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut request = httparse::Request::new(&mut headers);
+            match request.parse(buffer) {
+                Ok(httparse::Status::Partial) => Ok(Named::Incomplete),
+                Ok(httparse::Status::Complete(_)) => {
+                    let host = request
+                        .headers
+                        .iter()
+                        .find(|h| h.name.eq_ignore_ascii_case("host"))
+                        .map(|h| String::from_utf8_lossy(h.value).into_owned());
+                    match host {
+                        Some(host) => {
+                            let authority = Target::parse_authority(host.trim(), Some(80))
+                                .map_err(|e| format!("a bad Host header: {e}"))?;
+                            Ok(Named::Host(authority.host_string()))
+                        }
+                        None => Ok(Named::Nothing),
+                    }
+                }
+                // Not HTTP after all: another protocol, passed on.
+                Err(_) => Ok(Named::Nothing),
+            }
+        }
+        _ => Ok(Named::Nothing),
+    }
+}
