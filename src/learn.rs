@@ -442,7 +442,16 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let target = request.extensions().get::<Target>().cloned();
+        // A DNS question is not a destination: the connection after it is.
+        let lookup = request
+            .extensions()
+            .get::<Protocol>()
+            .is_some_and(|protocol| protocol.is_lookup());
+        let target = request
+            .extensions()
+            .get::<Target>()
+            .cloned()
+            .filter(|_| !lookup);
         let learned = self.learned.clone();
         // Learning requests: ask for every CONNECT the transport offers
         // to intercept, and keep each request seen as HTTP.

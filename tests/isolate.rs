@@ -430,3 +430,50 @@ curl -s -m 5 --noproxy '*' -k --connect-to other.test:{port}:secure.test:{port} 
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines, ["secure hello", "403"], "{stderr}");
 }
+
+#[tokio::test]
+async fn captured_plain_http_is_judged_request_by_request_where_it_must_be() {
+    if !namespaces_available().await {
+        return;
+    }
+    let origin = origin().await;
+    let port = origin.addr.port();
+    // Limited mode, no CA: captured plain HTTP is served request by
+    // request (a GET passes, a POST is refused with the usual answer, a
+    // Host naming another host is a 400); HTTPS cannot be seen, so it is
+    // refused and recorded.
+    let script = format!(
+        r#"
+curl -s -m 5 --noproxy '*' http://ok.test:{port}/read; echo
+curl -s -m 5 --noproxy '*' -o /dev/null -w '%{{http_code}}\n' -X POST http://ok.test:{port}/write
+curl -s -m 5 --noproxy '*' -o /dev/null -w '%{{http_code}}\n' -H 'Host: other.test:{port}' http://ok.test:{port}/fronted
+curl -s -m 5 --noproxy '*' -k https://ok.test:{port}/ >/dev/null; echo "https-exit-$?"
+"#
+    );
+    let (code, stdout, stderr) = output(portcullis().args([
+        "run",
+        "--isolate",
+        "--mode",
+        "limited",
+        "--allow",
+        "ok.test",
+        "--resolve",
+        "ok.test=127.0.0.1",
+        "--allow-local-binding",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]))
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.first(), Some(&"hello /read"), "{stdout}{stderr}");
+    assert_eq!(lines.get(1), Some(&"403"), "{stdout}{stderr}");
+    assert_eq!(lines.get(2), Some(&"400"), "{stdout}{stderr}");
+    assert_ne!(lines.get(3), Some(&"https-exit-0"), "{stdout}");
+    assert!(
+        stderr.contains("(transparent)") && stderr.contains("mitm"),
+        "the unseen HTTPS is refused and said: {stderr}"
+    );
+}

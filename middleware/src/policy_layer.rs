@@ -12,7 +12,9 @@
 //! (fail closed). A SOCKS5 association ([`UdpAssociation`]) names no
 //! destination and passes: each of its datagrams is decided on its own.
 //! A DNS question (protocol [`Dns`](Protocol::Dns)) is decided by name on
-//! any port ([`NetworkPolicy::decide_lookup`]).
+//! any port ([`NetworkPolicy::decide_lookup`]); with an approver, a
+//! question for a name the allowlist misses is answered, and the connection
+//! that follows is what asks.
 //!
 //! The transports answer these refusals as the README's refusal table says
 //! (a 403 with a JSON body on HTTP, reply 0x02 on SOCKS5).
@@ -156,6 +158,11 @@ where
         };
         let (reason, rule) = match decision {
             Decision::Allow { .. } => return ResponseFuture::inner(self.inner.call(request)),
+            // A question for a name an approver may allow is answered; the
+            // connection that follows asks (one question per destination).
+            Decision::Miss if self.layer.ask_on_miss && protocol.is_lookup() => {
+                return ResponseFuture::inner(self.inner.call(request))
+            }
             Decision::Miss if self.layer.ask_on_miss && target.host_ref().is_some() => {
                 request.extensions_mut().insert(AwaitingApproval);
                 return ResponseFuture::inner(self.inner.call(request));
@@ -293,6 +300,28 @@ mod tests {
             assert_eq!(blocked.reason, reason, "{name}");
             assert_eq!(blocked.protocol, Protocol::Dns);
         }
+        // With an approver, a missed name is answered without asking: the
+        // connection that follows asks. A denied one is still refused.
+        let policy = PolicyHandle::new(
+            NetworkPolicy::builder()
+                .deny("bad.example.com")
+                .unwrap()
+                .build(),
+        );
+        let (mut service, mut mock) = mock::spawn_layer::<Request<&str>, Response<()>, _>(
+            PolicyLayer::new(policy).ask_on_miss(true),
+        );
+        mock.allow(1);
+        assert!(service.poll_ready().is_ready());
+        let response = service.call(question("other.test"));
+        let (seen, send) = mock.next_request().await.unwrap();
+        assert!(seen.extensions().get::<AwaitingApproval>().is_none());
+        send.send_response(Response::new(()));
+        response.await.unwrap();
+        mock.allow(1);
+        assert!(service.poll_ready().is_ready());
+        let error = service.call(question("bad.example.com")).await.unwrap_err();
+        assert_eq!(find_blocked(error.as_ref()).unwrap().reason, Reason::Denied);
     }
 
     #[tokio::test]

@@ -12,7 +12,9 @@
 //!
 //! Once allowed: when a layer asks to intercept (request rules,
 //! credentials, limited mode), the TLS inside is terminated as on a
-//! `CONNECT` and each request goes through the stack; otherwise the first
+//! `CONNECT` (with the CA; without one it is closed) and each request goes
+//! through the stack, and plain HTTP is served request by request
+//! (protocol `http`, its `Host` held to the mapped name); otherwise the first
 //! bytes the child sends are checked before they go on — a TLS ClientHello
 //! whose SNI names another host than the mapped name, or an HTTP request
 //! whose `Host` does, closes the connection (no fronting one name behind
@@ -88,11 +90,12 @@ async fn serve_one(
     } else {
         Target::from_ip(ip, destination.port()).map_err(|e| e.to_string())?
     };
-    let mut model = RequestModel::new(target.clone(), Protocol::Transparent, source);
-    if settings.interceptor.is_some() {
-        model = model.mark(Interceptable);
-    }
-    let request = model.connect().map_err(|e| e.to_string())?;
+    // Always offered: plain HTTP can be served request by request without
+    // a CA; TLS needs one (refused below when there is none).
+    let request = RequestModel::new(target.clone(), Protocol::Transparent, source)
+        .mark(Interceptable)
+        .connect()
+        .map_err(|e| e.to_string())?;
     // A refusal is recorded by the stack; the child sees the connection close.
     let mut response = ingress
         .call(request)
@@ -105,23 +108,45 @@ async fn serve_one(
         .ok_or_else(|| "the stack gave no tunnel".to_owned())?;
     let guard = ingress.open(format!("captured connection from {source} to {target}"));
     if response.extensions().get::<Intercept>().is_some() {
-        let Some(interceptor) = settings.interceptor.clone() else {
-            return Err("asked to intercept without a CA".to_owned());
-        };
         drop(upstream);
         let peer = Peer {
             addr: source,
             user: None,
         };
-        mitm::serve(
-            stream,
-            target,
-            peer,
-            interceptor,
-            ingress.service(),
-            settings.answers.clone(),
-        )
-        .await;
+        // TLS is terminated as on a CONNECT; plain HTTP is served request
+        // by request; anything else is refused by the TLS path (recorded).
+        let first = tokio::time::timeout(limits.header_read_timeout, peek_first_byte(&stream))
+            .await
+            .map_err(|_| "no first byte in time".to_owned())??;
+        let answers = settings.answers.clone();
+        match (first, settings.interceptor.clone()) {
+            (Some(byte), _) if byte.is_ascii_uppercase() => {
+                mitm::serve_plain(stream, target, peer, ingress.service(), answers).await;
+            }
+            (_, Some(interceptor)) => {
+                mitm::serve(
+                    stream,
+                    target,
+                    peer,
+                    interceptor,
+                    ingress.service(),
+                    answers,
+                )
+                .await;
+            }
+            (_, None) => {
+                // Asked again without the offer, the stack refuses it
+                // (mitm_required) and records why.
+                let refused = RequestModel::new(target.clone(), Protocol::Transparent, source)
+                    .connect()
+                    .map(|request| ingress.call(request));
+                if let Ok(refused) = refused {
+                    if refused.await.is_ok() {
+                        tracing::warn!(%target, "the stack let a captured connection through that it had asked to intercept; closed anyway");
+                    }
+                }
+            }
+        }
         drop(guard);
         return Ok(());
     }
@@ -143,6 +168,29 @@ async fn serve_one(
     moved.log(source, &target);
     drop(guard);
     Ok(())
+}
+
+/// The child's first byte, left in the socket (`None`: it closed).
+async fn peek_first_byte(stream: &UnixStream) -> Result<Option<u8>, String> {
+    use std::os::fd::AsRawFd;
+    loop {
+        stream.readable().await.map_err(|e| e.to_string())?;
+        let mut byte = [0u8; 1];
+        let peeked = stream.try_io(tokio::io::Interest::READABLE, || {
+            nix::sys::socket::recv(
+                stream.as_raw_fd(),
+                &mut byte,
+                nix::sys::socket::MsgFlags::MSG_PEEK,
+            )
+            .map_err(std::io::Error::from)
+        });
+        match peeked {
+            Ok(0) => return Ok(None),
+            Ok(_) => return Ok(byte.first().copied()),
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(error) => return Err(error.to_string()),
+        }
+    }
 }
 
 /// The first line, read a byte at a time so that none of the child's

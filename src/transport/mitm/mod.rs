@@ -248,6 +248,36 @@ pub(crate) async fn serve<I>(
         }
         Err(_) => return,
     };
+    serve_requests(tls, target, peer, stack, answers, Protocol::HttpsMitm).await;
+}
+
+/// Serves a captured plain-HTTP connection request by request (protocol
+/// `http`), for a destination whose requests a layer must see (request
+/// rules, credentials): each goes through the stack with its authority
+/// forced to `target`, as inside an intercepted tunnel.
+pub(crate) async fn serve_plain<I>(
+    io: I,
+    target: Target,
+    peer: Peer,
+    stack: ProxyService,
+    answers: Answers,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    serve_requests(io, target, peer, stack, answers, Protocol::Http).await;
+}
+
+async fn serve_requests<I>(
+    io: I,
+    target: Target,
+    peer: Peer,
+    stack: ProxyService,
+    answers: Answers,
+    protocol: Protocol,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let client = peer.addr;
     let server = crate::transport::http1_server(&answers.limits);
     let answers = Arc::new(answers);
     let service = hyper::service::service_fn(move |request| {
@@ -255,9 +285,13 @@ pub(crate) async fn serve<I>(
         let stack = stack.clone();
         let peer = peer.clone();
         let answers = answers.clone();
-        async move { Ok::<_, Infallible>(inner_request(request, target, peer, stack, &answers).await) }
+        async move {
+            Ok::<_, Infallible>(
+                inner_request(request, target, peer, stack, &answers, protocol).await,
+            )
+        }
     });
-    if let Err(error) = server.serve_connection(TokioIo::new(tls), service).await {
+    if let Err(error) = server.serve_connection(TokioIo::new(io), service).await {
         tracing::debug!(%error, %client, "intercepted connection ended with an error");
     }
 }
@@ -269,6 +303,7 @@ async fn inner_request(
     peer: Peer,
     stack: ProxyService,
     answers: &Answers,
+    protocol: Protocol,
 ) -> Response<Body> {
     let limits = &answers.limits;
     if crate::transport::head_over_limits(&request, limits) {
@@ -281,7 +316,12 @@ async fn inner_request(
             "a CONNECT inside an intercepted tunnel is not allowed",
         );
     }
-    if let Err(message) = same_authority(&request, &target) {
+    let (scheme, default_port) = if protocol.is_intercepted() {
+        ("https", 443)
+    } else {
+        ("http", 80)
+    };
+    if let Err(message) = same_authority(&request, &target, default_port) {
         return rescue::bad_request(&message);
     }
     let path = request
@@ -289,7 +329,7 @@ async fn inner_request(
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_owned();
-    let uri: Uri = match format!("https://{target}{path}").parse() {
+    let uri: Uri = match format!("{scheme}://{target}{path}").parse() {
         Ok(uri) => uri,
         Err(error) => return rescue::bad_request(&format!("invalid request target: {error}")),
     };
@@ -300,7 +340,7 @@ async fn inner_request(
         parts,
         body::client_body(incoming, limits.body_idle_timeout, limits.body_min_rate),
     );
-    RequestModel::new(target, Protocol::HttpsMitm, peer.addr)
+    RequestModel::new(target, protocol, peer.addr)
         .user(peer.user)
         .has_body(has_body)
         .apply(&mut request);
@@ -312,9 +352,13 @@ async fn inner_request(
 
 /// The request's `Host` and authority, when present, must name the CONNECT
 /// target: the host we checked is the host we dial.
-fn same_authority<B>(request: &Request<B>, target: &Target) -> Result<(), String> {
+fn same_authority<B>(
+    request: &Request<B>,
+    target: &Target,
+    default_port: u16,
+) -> Result<(), String> {
     if let Some(authority) = request.uri().authority() {
-        let named = Target::parse_authority(authority.as_str(), Some(443))
+        let named = Target::parse_authority(authority.as_str(), Some(default_port))
             .map_err(|e| format!("invalid request target: {e}"))?;
         if &named != target {
             return Err(format!(
@@ -322,7 +366,7 @@ fn same_authority<B>(request: &Request<B>, target: &Target) -> Result<(), String
             ));
         }
     }
-    if let Some(named) = crate::transport::host_header(request, 443)? {
+    if let Some(named) = crate::transport::host_header(request, default_port)? {
         if &named != target {
             return Err(format!(
                 "the Host header ({named}) does not match the tunnel's target ({target})"
