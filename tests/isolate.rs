@@ -284,6 +284,15 @@ curl -s -m 5 --noproxy '*' -H 'Host: refused.test' http://allowed.test:{port}/fr
 python3 -c 'import socket
 s = socket.create_connection(("allowed.test", {port}), timeout=5)
 s.sendall(b"GET /raw HTTP/1.0\r\nHost: allowed.test\r\n\r\n"); print(s.recv(64).split(b"\r\n")[0].decode())'
+python3 -c 'import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)
+s.connect(("192.0.2.1", 443)); s.send(b"quic?")
+try:
+    s.recv(16); print("udp-answered")
+except ConnectionRefusedError:
+    print("udp-refused")
+except OSError:
+    print("udp-silent")'
 "#
     );
     let (code, stdout, stderr) = output(
@@ -323,6 +332,9 @@ s.sendall(b"GET /raw HTTP/1.0\r\nHost: allowed.test\r\n\r\n"); print(s.recv(64).
     assert_ne!(lines.get(6), Some(&"curl-refused-exit-0"), "{stdout}");
     assert_ne!(lines.get(7), Some(&"fronted-exit-0"), "{stdout}");
     assert_eq!(lines.get(8), Some(&"HTTP/1.0 200 OK"), "{stdout}{stderr}");
+    // Other UDP (QUIC on 443 here) is refused at once, so clients fall
+    // back to TCP.
+    assert_eq!(lines.get(9), Some(&"udp-refused"), "{stdout}{stderr}");
     assert!(
         stderr.contains("portcullis: refused exfil-secret.refused.test (DNS)")
             && stderr.contains("portcullis: refused refused.test (DNS)"),

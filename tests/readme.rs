@@ -39,7 +39,8 @@ const PLANS: &[(&str, Plan)] = &[
             // `cargo build` made this binary; `cargo fetch` would reach crates.io.
             lines: "http://127.0.0.1:8000/",
             // Nothing listens there: the proxy's own 502 proves the way;
-            // under --isolate curl cannot even try (exit 7, says nothing).
+            // under --isolate curl's direct connection is captured and
+            // refused (not_allowed_local: no --allow there).
             // The port is swapped for one this test holds closed: another
             // program may well serve :8000 on this machine.
             expect: "portcullis could not reach 127.0.0.1:8000",
