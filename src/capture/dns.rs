@@ -37,22 +37,17 @@ const MAX_LINE: u64 = 64;
 
 /// Serves `dns.sock` until the proxy stops.
 pub(crate) async fn serve(listener: UnixListener, ingress: Ingress, names: Arc<SyntheticNames>) {
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = ingress.stopping() => return,
-        };
-        let Ok((stream, _)) = accepted else { continue };
-        let ingress = ingress.clone();
+    super::accept_each(listener, ingress, move |stream, ingress| {
         let names = names.clone();
-        tokio::spawn(async move {
+        async move {
             let guard = ingress.open("DNS questions from the isolated command");
             if let Err(error) = serve_one(stream, &ingress, &names).await {
                 tracing::debug!(%error, "DNS connection from the bridge ended");
             }
             drop(guard);
-        });
-    }
+        }
+    })
+    .await;
 }
 
 async fn serve_one(

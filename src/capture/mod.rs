@@ -22,6 +22,23 @@ pub(crate) const CAPTURE_SOCKET: &str = "capture.sock";
 /// The socket DNS questions arrive on.
 pub(crate) const DNS_SOCKET: &str = "dns.sock";
 
+/// Accepts on `listener` until the proxy stops, handling each connection
+/// on its own task.
+async fn accept_each<F, Fut>(listener: UnixListener, ingress: crate::kit::Ingress, handle: F)
+where
+    F: Fn(tokio::net::UnixStream, crate::kit::Ingress) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = ingress.stopping() => return,
+        };
+        let Ok((stream, _)) = accepted else { continue };
+        tokio::spawn(handle(stream, ingress.clone()));
+    }
+}
+
 /// Listens on `capture.sock` and `dns.sock` in `dir` for `proxy`.
 pub(crate) fn start(proxy: &ProxyHandle, dir: &Path) -> std::io::Result<()> {
     let names = Arc::new(names::SyntheticNames::default());

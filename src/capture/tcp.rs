@@ -52,20 +52,15 @@ pub(crate) struct Settings {
 /// Serves `capture.sock` until the proxy stops.
 pub(crate) async fn serve(listener: UnixListener, ingress: Ingress, settings: Settings) {
     let settings = Arc::new(settings);
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = ingress.stopping() => return,
-        };
-        let Ok((stream, _)) = accepted else { continue };
-        let ingress = ingress.clone();
+    super::accept_each(listener, ingress, move |stream, ingress| {
         let settings = settings.clone();
-        tokio::spawn(async move {
+        async move {
             if let Err(why) = serve_one(stream, &ingress, &settings).await {
                 tracing::debug!("captured connection closed: {why}");
             }
-        });
-    }
+        }
+    })
+    .await;
 }
 
 async fn serve_one(
