@@ -145,13 +145,8 @@ pub(crate) fn bridge_main(arguments: &[OsString]) -> ExitCode {
         Err(error) => return fail(IsolateError::Setup(format!("a runtime: {error}"))),
     };
     runtime.block_on(async move {
-        #[cfg(target_os = "linux")]
-        if let Err(why) = capture::start(&dir, http, socks).await {
-            let _ = writeln!(
-                std::io::stderr(),
-                "portcullis: --isolate captures only what uses the proxy variables here: {why}"
-            );
-        }
+        // The bridge ports first: the capture listener's ephemeral port
+        // must not take one of them.
         for (port, name) in [(http, "http.sock"), (socks, "socks.sock")] {
             if port == 0 {
                 continue;
@@ -167,6 +162,13 @@ pub(crate) fn bridge_main(arguments: &[OsString]) -> ExitCode {
                     )))
                 }
             }
+        }
+        #[cfg(target_os = "linux")]
+        if let Err(why) = capture::start(&dir, http, socks).await {
+            let _ = writeln!(
+                std::io::stderr(),
+                "portcullis: --isolate captures only what uses the proxy variables here: {why}"
+            );
         }
         run_command(&command).await
     })
