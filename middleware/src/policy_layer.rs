@@ -12,7 +12,7 @@
 //! (fail closed). A SOCKS5 association ([`UdpAssociation`]) names no
 //! destination and passes: each of its datagrams is decided on its own.
 //! A DNS question (protocol [`Dns`](Protocol::Dns)) is decided by name on
-//! any port ([`NetworkPolicy::decide_lookup`]); with an approver, a
+//! any port ([`NetworkPolicy::decide_lookup`](crate::NetworkPolicy::decide_lookup)); with an approver, a
 //! question for a name the allowlist misses is answered, and the connection
 //! that follows is what asks.
 //!
