@@ -57,6 +57,79 @@ pub(crate) fn client_body(incoming: hyper::body::Incoming, idle: Duration, min_r
         .boxed_unsync()
 }
 
+/// The most of an HTTP/2 request body read after nobody wants it.
+const DRAIN_LIMIT: u64 = 64 * 1024;
+
+/// `body`, read to its end (up to 64 KiB more, on a task of its own) when it
+/// is dropped unfinished. An HTTP/2 origin may answer without reading a
+/// request body; the pool then drops it, and a client stream dropped while
+/// its last DATA frame is in flight is reset under the response still
+/// being relayed (curl: "Stream error in the HTTP/2 framing layer").
+/// Reading the rest first lets the stream end as it should.
+pub(crate) fn drained_when_dropped(body: Body) -> Body {
+    Drained { inner: Some(body) }.boxed_unsync()
+}
+
+struct Drained {
+    inner: Option<Body>,
+}
+
+impl hyper::body::Body for Drained {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            self.inner = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner
+            .as_ref()
+            .is_none_or(hyper::body::Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.as_ref().map_or_else(
+            || hyper::body::SizeHint::with_exact(0),
+            hyper::body::Body::size_hint,
+        )
+    }
+}
+
+impl Drop for Drained {
+    fn drop(&mut self) {
+        let Some(mut rest) = self.inner.take() else {
+            return;
+        };
+        if hyper::body::Body::is_end_stream(&rest) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            let mut read = 0u64;
+            // Each frame waits at most the body's own idle timeout.
+            while let Some(Ok(frame)) = rest.frame().await {
+                read += frame.data_ref().map_or(0, |d| d.len() as u64);
+                if read > DRAIN_LIMIT {
+                    break;
+                }
+            }
+        });
+    }
+}
+
 /// A body arrived slower than its minimum rate.
 #[derive(Debug, thiserror::Error)]
 #[error("the request body arrived at under {min_rate} bytes a second ({received} bytes in {elapsed:?}); raise [limits] body_min_rate or set it to 0")]

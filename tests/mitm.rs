@@ -71,15 +71,18 @@ fn origin_pki() -> OriginPki {
     }
 }
 
-/// An HTTPS origin on loopback: `/git/…` is git's smart HTTP (http-backend
-/// over `git_root`), anything else answers `hello <METHOD> <path>`.
+/// An HTTPS origin on loopback, speaking HTTP/2 (offered first by ALPN) or
+/// HTTP/1.1: `/git/…` is git's smart HTTP (http-backend over `git_root`),
+/// anything else answers `hello <METHOD> <path>`; every answer says the
+/// version it was asked in (`x-origin-version`).
 async fn https_origin(pki: &OriginPki, git_root: PathBuf) -> SocketAddr {
-    let config = rustls::ServerConfig::builder_with_provider(provider())
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_no_client_auth()
         .with_single_cert(pki.chain.clone(), pki.key.clone_key())
         .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -91,17 +94,72 @@ async fn https_origin(pki: &OriginPki, git_root: PathBuf) -> SocketAddr {
                 let Ok(tls) = acceptor.accept(stream).await else {
                     return;
                 };
-                let service = hyper::service::service_fn(move |request| {
+                let service = hyper::service::service_fn(move |request: Request<Incoming>| {
                     let git_root = git_root.clone();
-                    async move { Ok::<_, Infallible>(answer(request, git_root).await) }
+                    let version = format!("{:?}", request.version());
+                    async move {
+                        let mut response = if request.uri().path() == "/issues/stream" {
+                            streamed(request).await.map(http_body_util::Either::Right)
+                        } else {
+                            answer(request, git_root)
+                                .await
+                                .map(http_body_util::Either::Left)
+                        };
+                        response
+                            .headers_mut()
+                            .insert("x-origin-version", version.parse().unwrap());
+                        Ok::<_, Infallible>(response)
+                    }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tls), service)
-                    .await;
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection_with_upgrades(TokioIo::new(tls), service)
+                .await;
             });
         }
     });
     addr
+}
+
+/// A body of frames given in advance: data, then trailers if any.
+struct Frames(std::collections::VecDeque<hyper::body::Frame<Bytes>>);
+
+impl From<Vec<hyper::body::Frame<Bytes>>> for Frames {
+    fn from(frames: Vec<hyper::body::Frame<Bytes>>) -> Frames {
+        Frames(frames.into())
+    }
+}
+
+impl hyper::body::Body for Frames {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        std::task::Poll::Ready(self.0.pop_front().map(Ok))
+    }
+}
+
+/// `/issues/stream`, gRPC-like: the request body is read to its trailers; the
+/// answer is three data frames, then trailers (`grpc-status: 0` and the
+/// request's `x-echo` trailer given back).
+async fn streamed(request: Request<Incoming>) -> Response<Frames> {
+    let collected = request.into_body().collect().await.unwrap();
+    let echo = collected
+        .trailers()
+        .and_then(|t| t.get("x-echo").cloned())
+        .unwrap_or(http::HeaderValue::from_static("none"));
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    trailers.insert("x-echo", echo);
+    Response::new(Frames::from(vec![
+        hyper::body::Frame::data(Bytes::from_static(b"one ")),
+        hyper::body::Frame::data(Bytes::from_static(b"two ")),
+        hyper::body::Frame::data(Bytes::from_static(b"three")),
+        hyper::body::Frame::trailers(trailers),
+    ]))
 }
 
 async fn answer(request: Request<Incoming>, git_root: PathBuf) -> Response<Full<Bytes>> {
@@ -361,7 +419,8 @@ async fn curl_reads_through_an_intercepted_tunnel_and_cannot_write() {
         .unwrap()
         .contains("POST origin.test"));
 
-    // A Host naming another server inside the tunnel is a 400.
+    // A Host naming another server inside the tunnel is a 400 (curl speaks
+    // HTTP/2 in the tunnel, offered by ALPN: `:authority` is its Host).
     let out = curl(&[
         "-i",
         "--cacert",
@@ -373,7 +432,7 @@ async fn curl_reads_through_an_intercepted_tunnel_and_cannot_write() {
         &setup.url("/"),
     ])
     .await;
-    assert!(out.stdout.contains("HTTP/1.1 400"), "{}", out.stdout);
+    assert!(out.stdout.contains("HTTP/2 400"), "{}", out.stdout);
 
     // Without our CA the client refuses our certificate.
     let out = curl(&["-x", &proxy, &setup.url("/")]).await;
@@ -441,6 +500,14 @@ async fn without_interception_limited_mode_refuses_connect_and_full_mode_never_i
 
 /// Opens a CONNECT tunnel and a TLS session inside it that trusts our CA.
 async fn tls_tunnel(setup: &Setup) -> tokio_rustls::client::TlsStream<TcpStream> {
+    tls_tunnel_offering(setup, &[]).await
+}
+
+/// The same, offering `alpn` in the ClientHello.
+async fn tls_tunnel_offering(
+    setup: &Setup,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<TcpStream> {
     let authority = format!("{ORIGIN}:{}", setup.origin.port());
     let (stream, head) = raw_exchange(
         setup.proxy.http_addr(),
@@ -452,11 +519,12 @@ async fn tls_tunnel(setup: &Setup) -> tokio_rustls::client::TlsStream<TcpStream>
     let ca_pem = std::fs::read_to_string(setup.our_ca()).unwrap();
     let der = pem::parse(ca_pem).unwrap().into_contents();
     roots.add(CertificateDer::from(der)).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(provider())
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     connector
         .connect(ServerName::try_from(ORIGIN).unwrap(), stream)
@@ -926,8 +994,12 @@ async fn full_mode_intercepts_a_host_with_rules_and_decides_each_request() {
         (200, "hello GET /repos/x"),
         "{stderr}"
     );
-    let ((status, _, body), _) = request(&["-d", "x", &setup.url("/issues/2")]).await;
-    assert_eq!((status, body.as_str()), (200, "hello POST /issues/2"));
+    let ((status, _, body), stderr) = request(&["-d", "x", &setup.url("/issues/2")]).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "hello POST /issues/2"),
+        "{stderr}"
+    );
     let ((status, headers, body), _) = request(&["-d", "x", &setup.url("/pulls/2")]).await;
     assert_eq!(status, 403, "{body}");
     assert_eq!(headers["x-proxy-error"], "blocked-by-request-rule");
@@ -1125,4 +1197,124 @@ async fn git_clones_a_private_repository_with_a_placeholder_in_its_url() {
     seed_repository(bare.git_root.path(), elsewhere.path(), &author).await;
     let (cloned, out) = clone(&bare, "again").await;
     assert!(!cloned && out.contains("Authentication failed"), "{out}");
+}
+
+#[tokio::test]
+async fn http2_both_ways_through_interception_and_a_refused_stream_fails_alone() {
+    for (mode, rules, refused) in [
+        (Mode::Full, sample_rules(ORIGIN), "/secret/x"),
+        (Mode::Limited, RequestRules::default(), "/write"),
+    ] {
+        let setup = setup_with(mode, true, rules).await;
+        let (proxy, ca) = (setup.proxy_url(), setup.our_ca());
+        // One curl, one tunnel, three streams: the middle one is refused
+        // (a rule, or limited mode's POST) and the connection goes on.
+        let method = if mode == Mode::Limited { "POST" } else { "GET" };
+        let common = [
+            "--http2",
+            "--cacert",
+            &ca,
+            "-x",
+            &proxy,
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_version} %{response_code} %{num_connects}\\n",
+        ];
+        let (first, second, third) = (
+            setup.url("/repos/a"),
+            setup.url(refused),
+            setup.url("/repos/b"),
+        );
+        let mut args: Vec<&str> = common.to_vec();
+        args.push(&first);
+        args.push("--next");
+        args.extend(common);
+        args.extend(["-X", method, &second, "--next"]);
+        args.extend(common);
+        args.push(&third);
+        let out = curl(&args).await;
+        let lines: Vec<&str> = out.stdout.lines().collect();
+        assert_eq!(
+            lines,
+            ["2 200 1", "2 403 0", "2 200 0"],
+            "{mode:?}: {}",
+            out.stderr
+        );
+        // The origin was asked in HTTP/2 too.
+        let out = curl(&[
+            "--http2",
+            "-s",
+            "-i",
+            "--cacert",
+            &ca,
+            "-x",
+            &proxy,
+            &setup.url("/repos/c"),
+        ])
+        .await;
+        let inner = out.stdout.split("\r\n\r\n").nth(1).unwrap_or("");
+        assert!(inner.starts_with("HTTP/2 200"), "{mode:?}: {}", out.stdout);
+        assert!(
+            inner.contains("x-origin-version: HTTP/2.0"),
+            "{mode:?}: {}",
+            out.stdout
+        );
+        let last = setup.ring.snapshot().pop().unwrap();
+        assert_eq!(last.blocked.protocol, Protocol::HttpsMitm);
+    }
+}
+
+#[tokio::test]
+async fn trailers_and_streamed_frames_pass_both_ways_over_http2() {
+    let setup = setup_with(Mode::Full, true, sample_rules(ORIGIN)).await;
+    let tls = tls_tunnel_offering(&setup, &[b"h2"]).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-echo", http::HeaderValue::from_static("from-the-client"));
+    // (The sample rules allow POST under /issues/.)
+    let request = Request::post(setup.url("/issues/stream"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Frames::from(vec![
+            hyper::body::Frame::data(Bytes::from_static(b"\0\0\0\0\0")),
+            hyper::body::Frame::trailers(trailers),
+        ]))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert_eq!(response.headers()["x-origin-version"], "HTTP/2.0");
+    let collected = response.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().expect("trailers came back");
+    assert_eq!(collected.to_bytes(), "one two three");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(trailers["x-echo"], "from-the-client");
+    // A stream the rules refuse fails alone; the connection serves on.
+    let refused = sender
+        .send_request(
+            Request::get(setup.url("/secret/x"))
+                .body(Frames::from(vec![]))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 403);
+    let again = sender
+        .send_request(
+            Request::get(setup.url("/repos/z"))
+                .body(Frames::from(vec![]))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 200);
 }

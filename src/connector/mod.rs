@@ -226,6 +226,7 @@ impl Connector {
             .with_tls_config(tls)
             .https_or_http()
             .enable_http1()
+            .enable_http2()
             .wrap_connector(vetted);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
@@ -305,6 +306,9 @@ impl Connector {
             }
         }
         *request.uri_mut() = uri;
+        // Whatever the client spoke (HTTP/2 inside an intercepted tunnel),
+        // the pool speaks what the origin offers: h2 by ALPN, else 1.1.
+        *request.version_mut() = http::Version::HTTP_11;
         match client.request(request).await {
             Ok(mut response) => {
                 // A refusal that came from the upstream proxy says so: its

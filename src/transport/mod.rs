@@ -297,6 +297,34 @@ pub(crate) fn http1_server(limits: &Limits) -> hyper::server::conn::http1::Build
     builder
 }
 
+/// The most HTTP/2 streams a client may have open at once on one
+/// intercepted connection (each is a request through the stack); past it
+/// the client waits, as RFC 9113 has it.
+pub(crate) const MAX_CONCURRENT_STREAMS: u32 = 100;
+
+/// The server inside an intercepted tunnel: HTTP/1.1 with the same bounds
+/// as [`http1_server`], or HTTP/2 when the client negotiated `h2` (at most
+/// [`MAX_CONCURRENT_STREAMS`] streams, head lists capped by
+/// `[limits] max_header_bytes`, flow control keeping buffers bounded).
+pub(crate) fn intercepted_server(
+    limits: &Limits,
+) -> hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor> {
+    let mut builder =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(read_buffer_cap(limits))
+        .max_headers(header_count_cap(limits));
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    builder
+}
+
 /// The destination a request's `Host` header names, if it has one: at most
 /// one, ASCII, a valid authority (with `default_port` when it names none).
 /// Each HTTP ingress compares it with the target it dials.

@@ -155,7 +155,7 @@ impl Interceptor {
                 .with_safe_default_protocol_versions()?
                 .with_no_client_auth()
                 .with_single_cert(chain, key)?;
-            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
             tracing::debug!(target = %for_target, elapsed = ?started.elapsed(), "made an interception leaf");
             Ok(Arc::new(config))
         })
@@ -278,7 +278,7 @@ async fn serve_requests<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let client = peer.addr;
-    let server = crate::transport::http1_server(&answers.limits);
+    let server = crate::transport::intercepted_server(&answers.limits);
     let answers = Arc::new(answers);
     let service = hyper::service::service_fn(move |request| {
         let target = target.clone();
@@ -291,7 +291,10 @@ async fn serve_requests<I>(
             )
         }
     });
-    if let Err(error) = server.serve_connection(TokioIo::new(io), service).await {
+    if let Err(error) = server
+        .serve_connection_with_upgrades(TokioIo::new(io), service)
+        .await
+    {
         tracing::debug!(%error, %client, "intercepted connection ended with an error");
     }
 }
@@ -336,10 +339,11 @@ async fn inner_request(
     let (mut parts, incoming) = request.into_parts();
     parts.uri = uri;
     let has_body = !hyper::body::Body::is_end_stream(&incoming);
-    let mut request = Request::from_parts(
-        parts,
-        body::client_body(incoming, limits.body_idle_timeout, limits.body_min_rate),
-    );
+    let mut body = body::client_body(incoming, limits.body_idle_timeout, limits.body_min_rate);
+    if parts.version == http::Version::HTTP_2 {
+        body = body::drained_when_dropped(body);
+    }
+    let mut request = Request::from_parts(parts, body);
     RequestModel::new(target, protocol, peer.addr)
         .user(peer.user)
         .has_body(has_body)
