@@ -798,6 +798,7 @@ impl ProxyHandle {
         transport::mitm::Answers {
             limits: self.limits,
             fixes: self.fixes.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 

@@ -98,7 +98,9 @@ async fn https_origin(pki: &OriginPki, git_root: PathBuf) -> SocketAddr {
                     let git_root = git_root.clone();
                     let version = format!("{:?}", request.version());
                     async move {
-                        let mut response = if request.uri().path() == "/issues/stream" {
+                        let mut response = if request.uri().path() == "/ws/echo" {
+                            websocket_echo(request)
+                        } else if request.uri().path() == "/issues/stream" {
                             streamed(request).await.map(http_body_util::Either::Right)
                         } else {
                             answer(request, git_root)
@@ -140,6 +142,46 @@ impl hyper::body::Body for Frames {
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
         std::task::Poll::Ready(self.0.pop_front().map(Ok))
     }
+}
+
+/// `/ws/echo`: a WebSocket that sends back every message it gets.
+fn websocket_echo(
+    mut request: Request<Incoming>,
+) -> Response<http_body_util::Either<Full<Bytes>, Frames>> {
+    use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+    let Some(key) = request.headers().get("sec-websocket-key").cloned() else {
+        let mut refused = Response::new(http_body_util::Either::Left(Full::new(
+            Bytes::from_static(b"not a websocket"),
+        )));
+        *refused.status_mut() = StatusCode::BAD_REQUEST;
+        return refused;
+    };
+    let upgrade = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        use futures_util::{SinkExt, StreamExt};
+        let Ok(upgraded) = upgrade.await else { return };
+        let mut socket = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            tokio_tungstenite::tungstenite::protocol::Role::Server,
+            None,
+        )
+        .await;
+        while let Some(Ok(message)) = socket.next().await {
+            if (message.is_binary() || message.is_text()) && socket.send(message).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut response = Response::new(http_body_util::Either::Left(Full::new(Bytes::new())));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert("upgrade", http::HeaderValue::from_static("websocket"));
+    headers.insert("connection", http::HeaderValue::from_static("upgrade"));
+    headers.insert(
+        "sec-websocket-accept",
+        derive_accept_key(key.as_bytes()).parse().unwrap(),
+    );
+    response
 }
 
 /// `/issues/stream`, gRPC-like: the request body is read to its trailers; the
@@ -337,11 +379,32 @@ async fn setup_with(mode: Mode, mitm: bool, rules: RequestRules) -> Setup {
     setup_injecting(mode, mitm, rules, Default::default()).await
 }
 
+async fn setup_limited(mode: Mode, rules: RequestRules, limits: portcullis::Limits) -> Setup {
+    setup_full(mode, true, rules, Default::default(), limits).await
+}
+
 async fn setup_injecting(
     mode: Mode,
     mitm: bool,
     rules: RequestRules,
     credentials: portcullis::middleware::credentials::Credentials,
+) -> Setup {
+    setup_full(
+        mode,
+        mitm,
+        rules,
+        credentials,
+        portcullis::Limits::default(),
+    )
+    .await
+}
+
+async fn setup_full(
+    mode: Mode,
+    mitm: bool,
+    rules: RequestRules,
+    credentials: portcullis::middleware::credentials::Credentials,
+    limits: portcullis::Limits,
 ) -> Setup {
     let pki = origin_pki();
     let git_root = tempfile::tempdir().unwrap();
@@ -368,6 +431,7 @@ async fn setup_injecting(
         .upstream_roots(vec![pki.ca_der.clone()])
         .mitm(mitm.then_some(ca))
         .inject_credentials(credentials)
+        .limits(limits)
         .start()
         .await
         .unwrap();
@@ -1317,4 +1381,72 @@ async fn trailers_and_streamed_frames_pass_both_ways_over_http2() {
         .await
         .unwrap();
     assert_eq!(again.status(), 200);
+}
+
+#[tokio::test]
+async fn a_websocket_through_interception_round_trips_a_megabyte_and_idles_out() {
+    use futures_util::{SinkExt, StreamExt};
+    use portcullis::middleware::request_rules::{RuleBlock, RuleEntry};
+    use tokio_tungstenite::tungstenite::Message;
+    // Reads everywhere, and WebSockets only under /ws/ (an upgrade needs an
+    // entry that names its paths).
+    let rules = RequestRules::new(vec![RuleBlock::new(ORIGIN, "rules[0]")
+        .unwrap()
+        .allow(RuleEntry::new().methods(["GET"]).unwrap())
+        .allow(
+            RuleEntry::new()
+                .methods(["GET"])
+                .unwrap()
+                .paths(["/ws/**"])
+                .unwrap(),
+        )]);
+    let mut limits = portcullis::Limits::default();
+    limits.tunnel_idle_timeout = Duration::from_secs(1);
+    let setup = setup_limited(Mode::Full, rules, limits).await;
+    let url = format!("wss://{ORIGIN}:{}/ws/echo", setup.origin.port());
+    let tls = tls_tunnel_offering(&setup, &[b"http/1.1"]).await;
+    let (mut socket, response) = tokio_tungstenite::client_async(url.as_str(), tls)
+        .await
+        .expect("the WebSocket handshake goes through the stack");
+    assert_eq!(response.status(), 101);
+    let megabyte: Vec<u8> = (0..1024 * 1024).map(|i| (i % 251) as u8).collect();
+    socket
+        .send(Message::binary(megabyte.clone()))
+        .await
+        .unwrap();
+    let echoed = tokio::time::timeout(Duration::from_secs(10), socket.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(echoed.into_data().as_ref(), megabyte.as_slice());
+    // Nothing moves for the tunnel idle timeout: the stream is closed.
+    let started = std::time::Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(10), socket.next())
+        .await
+        .expect("the idle stream is closed");
+    assert!(!matches!(ended, Some(Ok(Message::Binary(_)))), "{ended:?}");
+    assert!(started.elapsed() >= Duration::from_millis(900));
+
+    // A path no entry names for upgrades is refused before any stream.
+    let tls = tls_tunnel_offering(&setup, &[b"http/1.1"]).await;
+    let refused = format!("wss://{ORIGIN}:{}/other", setup.origin.port());
+    let error = tokio_tungstenite::client_async(refused.as_str(), tls)
+        .await
+        .expect_err("refused by the rules");
+    assert!(error.to_string().contains("403"), "{error}");
+
+    // Limited mode refuses every upgrade.
+    let setup = setup_limited(
+        Mode::Limited,
+        RequestRules::default(),
+        portcullis::Limits::default(),
+    )
+    .await;
+    let tls = tls_tunnel_offering(&setup, &[b"http/1.1"]).await;
+    let url = format!("wss://{ORIGIN}:{}/ws/echo", setup.origin.port());
+    let error = tokio_tungstenite::client_async(url.as_str(), tls)
+        .await
+        .expect_err("limited mode refuses upgrades");
+    assert!(error.to_string().contains("403"), "{error}");
 }

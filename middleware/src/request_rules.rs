@@ -19,8 +19,9 @@
 //! ([`METHOD_OVERRIDE_HEADERS`](crate::limited_mode::METHOD_OVERRIDE_HEADERS))
 //! or a `_method` query parameter. An `allow` entry must hold each of
 //! them; a `deny` entry refuses any of them. A protocol upgrade
-//! (`Upgrade: websocket`) to a host with rules is refused: what follows is
-//! a stream no rule can see.
+//! (`Upgrade: websocket`) is judged by its method and path like any
+//! request, but only an `allow` entry that names paths lets it through:
+//! what follows it is a stream no rule can see (limited mode refuses it).
 //!
 //! **Limited mode** is a preset of these rules ([`RequestRules::limited`]):
 //! the [`LimitedModeLayer`](crate::LimitedModeLayer) decides by it with
@@ -682,8 +683,8 @@ impl RequestRules {
     /// (`x-http-method-override`, …) or a `_method` parameter — every one
     /// must be allowed, any one can be denied — and, for limited mode's
     /// preset, whatever hides a write in a read. A protocol upgrade
-    /// (`Upgrade: websocket`) to a host with rules is refused: what
-    /// follows it is a stream no rule can see.
+    /// (`Upgrade: websocket`) is allowed only by an entry that names its
+    /// paths: what follows it is a stream no rule can see.
     pub fn decide_request<B>(&self, target: &Target, request: &Request<B>) -> RuleVerdict {
         self.verdict(target, &Asked::of(request))
     }
@@ -700,13 +701,8 @@ impl RequestRules {
         // An enforcing block's refusal is returned at once; an auditing
         // block's is kept, and reported only if nothing enforcing refuses.
         let mut audited: Option<Refusal> = None;
-        for (_, block) in &blocks {
-            let hidden = if block.read_only {
-                asked.write_in_a_read
-            } else {
-                asked.upgrade
-            };
-            if hidden {
+        for (_, block) in blocks.iter().filter(|(_, block)| block.read_only) {
+            if asked.write_in_a_read {
                 let refusal = block.refusal(Reason::RuleNotMatched, || {
                     format!(
                         "{} ({}): a protocol upgrade is a stream no rule can see",
@@ -750,7 +746,11 @@ impl RequestRules {
             let found = block
                 .allow
                 .iter()
-                .position(|entry| entry.allows(asked, &segments));
+                // An upgrade (a WebSocket) becomes a stream no rule sees:
+                // only an entry that names its paths lets it through.
+                .position(|entry| {
+                    entry.allows(asked, &segments) && (!asked.upgrade || entry.paths.is_some())
+                });
             match found {
                 Some(index) => allowed_by.push((*block_index, index)),
                 None => {
@@ -766,8 +766,13 @@ impl RequestRules {
                         } else {
                             format!(" (overridden as {})", overrides.join(", "))
                         };
+                        let upgrade = if asked.upgrade {
+                            " (a protocol upgrade: allowed only by an entry that names its paths)"
+                        } else {
+                            ""
+                        };
                         format!(
-                            "{} ({}): no allow entry matches {}{overrides} /{}",
+                            "{} ({}): no allow entry matches {}{overrides} /{}{upgrade}",
                             block.name,
                             block.host,
                             method.as_str().escape_debug(),
@@ -1343,6 +1348,44 @@ mod tests {
             Err(Reason::RuleNotMatched),
             "an upgrade becomes a stream no rule sees"
         );
+        // An upgrade passes only an allow entry that names its paths, and a
+        // deny entry still refuses it.
+        let ws = RequestRules::new(vec![RuleBlock::new("api.test", "rules[0]")
+            .unwrap()
+            .allow(RuleEntry::new().methods(["GET"]).unwrap())
+            .allow(
+                RuleEntry::new()
+                    .methods(["GET"])
+                    .unwrap()
+                    .paths(["/ws/**"])
+                    .unwrap(),
+            )
+            .deny(RuleEntry::new().paths(["/ws/admin/**"]).unwrap())]);
+        let upgrade = |path: &str| {
+            Request::get(format!("https://api.test{path}"))
+                .header("upgrade", "websocket")
+                .body(())
+                .unwrap()
+        };
+        let api = target("api.test:443");
+        assert!(matches!(
+            ws.decide_request(&api, &upgrade("/ws/chat")),
+            RuleVerdict::Allowed(_)
+        ));
+        assert!(matches!(
+            ws.decide_request(&api, &upgrade("/other")),
+            RuleVerdict::Refused(Refusal {
+                reason: Reason::RuleNotMatched,
+                ..
+            })
+        ));
+        assert!(matches!(
+            ws.decide_request(&api, &upgrade("/ws/admin/x")),
+            RuleVerdict::Refused(Refusal {
+                reason: Reason::RuleDenied,
+                ..
+            })
+        ));
         // A deny entry catches an overridden method, any case.
         let rules = RequestRules::new(vec![RuleBlock::new("api.test", "rules[0]")
             .unwrap()

@@ -196,6 +196,9 @@ pub struct Connector {
     dialer: Arc<Dialer>,
     /// `None`: vet only, dial nothing.
     client: Option<HttpClient>,
+    /// HTTP/1.1 only, for upgrades (a WebSocket): an `Upgrade` header has
+    /// no meaning on an HTTP/2 connection.
+    upgrades: Option<HttpClient>,
     upstream: Option<Arc<UpstreamProxies>>,
 }
 
@@ -223,18 +226,27 @@ impl Connector {
             upstream: upstream.clone(),
         };
         let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
+            .with_tls_config(tls.clone())
             .https_or_http()
             .enable_http1()
             .enable_http2()
-            .wrap_connector(vetted);
+            .wrap_connector(vetted.clone());
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(64)
             .build(https);
+        let http1 = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(vetted);
+        let upgrades = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(0)
+            .build(http1);
         Connector {
             dialer,
             client: Some(client),
+            upgrades: Some(upgrades),
             upstream,
         }
     }
@@ -247,6 +259,7 @@ impl Connector {
         Connector {
             dialer: Arc::new(dialer),
             client: None,
+            upgrades: None,
             upstream: None,
         }
     }
@@ -582,7 +595,13 @@ impl Service<Request<Body>> for Connector {
             return Box::pin(async { Ok(Response::new(body::empty())) });
         }
         let this = self.clone();
-        let Some(client) = this.client.clone() else {
+        let upgrading = portcullis_middleware::strip_headers::is_upgrade(request.headers());
+        let client = if upgrading {
+            this.upgrades.clone()
+        } else {
+            this.client.clone()
+        };
+        let Some(client) = client else {
             return Box::pin(vet(this.dialer, info));
         };
         match info.target.clone() {

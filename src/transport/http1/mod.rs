@@ -198,6 +198,7 @@ async fn route(
                     let answers = mitm::Answers {
                         limits: settings.limits,
                         fixes: settings.fixes.clone(),
+                        metrics: settings.metrics.clone(),
                     };
                     let peer = Peer { addr: client, user };
                     mitm::serve(io, target, peer, interceptor, stack, answers).await;

@@ -194,6 +194,8 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub(crate) struct Answers {
     pub(crate) limits: Limits,
     pub(crate) fixes: crate::hints::Fixes,
+    /// Counts the bytes of an upgraded connection (a WebSocket).
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Serves one intercepted tunnel: terminates the client's TLS and sends
@@ -300,8 +302,11 @@ async fn serve_requests<I>(
 }
 
 /// One request inside the tunnel; never fails (errors become responses).
+/// An upgrade (a WebSocket, over HTTP/1.1) goes through the stack like any
+/// request; answered `101`, the two connections become one byte stream,
+/// closed after the tunnel idle timeout, its bytes counted and logged.
 async fn inner_request(
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
     target: Target,
     peer: Peer,
     stack: ProxyService,
@@ -336,6 +341,8 @@ async fn inner_request(
         Ok(uri) => uri,
         Err(error) => return rescue::bad_request(&format!("invalid request target: {error}")),
     };
+    let client_upgrade = portcullis_middleware::strip_headers::is_upgrade(request.headers())
+        .then(|| hyper::upgrade::on(&mut request));
     let (mut parts, incoming) = request.into_parts();
     parts.uri = uri;
     let has_body = !hyper::body::Body::is_end_stream(&incoming);
@@ -344,14 +351,40 @@ async fn inner_request(
         body = body::drained_when_dropped(body);
     }
     let mut request = Request::from_parts(parts, body);
-    RequestModel::new(target, protocol, peer.addr)
+    RequestModel::new(target.clone(), protocol, peer.addr)
         .user(peer.user)
         .has_body(has_body)
         .apply(&mut request);
-    match call_stack(stack, request).await {
+    let mut response = match call_stack(stack, request).await {
         Ok(response) => response,
-        Err(error) => rescue::http_response(&error, &answers.fixes),
+        Err(error) => return rescue::http_response(&error, &answers.fixes),
+    };
+    if let (StatusCode::SWITCHING_PROTOCOLS, Some(client_upgrade)) =
+        (response.status(), client_upgrade)
+    {
+        let upstream_upgrade = hyper::upgrade::on(&mut response);
+        let idle = limits.tunnel_idle_timeout;
+        let metrics = answers.metrics.clone();
+        let client = peer.addr;
+        tokio::spawn(async move {
+            match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                Ok((client_io, upstream_io)) => {
+                    let moved = crate::transport::splice::bidirectional(
+                        &mut TokioIo::new(client_io),
+                        &mut TokioIo::new(upstream_io),
+                        idle,
+                        &metrics,
+                    )
+                    .await;
+                    moved.log(client, &target);
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "upgrade inside an intercepted tunnel failed")
+                }
+            }
+        });
     }
+    response
 }
 
 /// The request's `Host` and authority, when present, must name the CONNECT
