@@ -98,14 +98,20 @@ async fn https_origin(pki: &OriginPki, git_root: PathBuf) -> SocketAddr {
                     let git_root = git_root.clone();
                     let version = format!("{:?}", request.version());
                     async move {
-                        let mut response = if request.uri().path() == "/ws/echo" {
+                        let path = request.uri().path().to_owned();
+                        let mut response = if path == "/ws/echo" {
                             websocket_echo(request)
-                        } else if request.uri().path() == "/issues/stream" {
-                            streamed(request).await.map(http_body_util::Either::Right)
+                                .map(|b| b.map_err(|e| match e {}).boxed_unsync())
+                        } else if path == "/issues/stream" {
+                            streamed(request)
+                                .await
+                                .map(|b| b.map_err(|e| match e {}).boxed_unsync())
+                        } else if path.starts_with("/test.Echo/") {
+                            grpc::serve(request).await
                         } else {
                             answer(request, git_root)
                                 .await
-                                .map(http_body_util::Either::Left)
+                                .map(|b| b.map_err(|e| match e {}).boxed_unsync())
                         };
                         response
                             .headers_mut()
@@ -145,14 +151,10 @@ impl hyper::body::Body for Frames {
 }
 
 /// `/ws/echo`: a WebSocket that sends back every message it gets.
-fn websocket_echo(
-    mut request: Request<Incoming>,
-) -> Response<http_body_util::Either<Full<Bytes>, Frames>> {
+fn websocket_echo(mut request: Request<Incoming>) -> Response<Full<Bytes>> {
     use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
     let Some(key) = request.headers().get("sec-websocket-key").cloned() else {
-        let mut refused = Response::new(http_body_util::Either::Left(Full::new(
-            Bytes::from_static(b"not a websocket"),
-        )));
+        let mut refused = Response::new(Full::new(Bytes::from_static(b"not a websocket")));
         *refused.status_mut() = StatusCode::BAD_REQUEST;
         return refused;
     };
@@ -172,7 +174,7 @@ fn websocket_echo(
             }
         }
     });
-    let mut response = Response::new(http_body_util::Either::Left(Full::new(Bytes::new())));
+    let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let headers = response.headers_mut();
     headers.insert("upgrade", http::HeaderValue::from_static("websocket"));
@@ -182,6 +184,110 @@ fn websocket_echo(
         derive_accept_key(key.as_bytes()).parse().unwrap(),
     );
     response
+}
+
+/// A gRPC service without generated code: `test.Echo` with `Unary` (the
+/// message reversed) and `Stream` (the message three times, then the OK
+/// status in trailers), over a codec of raw bytes.
+mod grpc {
+    use super::*;
+    use bytes::{Buf, BufMut};
+    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+    use tonic::Status;
+
+    pub(super) type Boxed =
+        http_body_util::combinators::UnsyncBoxBody<Bytes, portcullis::middleware::BoxError>;
+
+    #[derive(Debug, Clone, Copy, Default)]
+    pub(super) struct Raw;
+
+    impl Codec for Raw {
+        type Encode = Vec<u8>;
+        type Decode = Vec<u8>;
+        type Encoder = Raw;
+        type Decoder = Raw;
+        fn encoder(&mut self) -> Raw {
+            Raw
+        }
+        fn decoder(&mut self) -> Raw {
+            Raw
+        }
+    }
+
+    impl Encoder for Raw {
+        type Item = Vec<u8>;
+        type Error = Status;
+        fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+            dst.put_slice(&item);
+            Ok(())
+        }
+    }
+
+    impl Decoder for Raw {
+        type Item = Vec<u8>;
+        type Error = Status;
+        fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
+            let length = src.remaining();
+            Ok(Some(src.copy_to_bytes(length).to_vec()))
+        }
+    }
+
+    struct Unary;
+
+    impl tonic::server::UnaryService<Vec<u8>> for Unary {
+        type Response = Vec<u8>;
+        type Future = std::future::Ready<Result<tonic::Response<Vec<u8>>, Status>>;
+        fn call(&mut self, request: tonic::Request<Vec<u8>>) -> Self::Future {
+            let mut message = request.into_inner();
+            message.reverse();
+            std::future::ready(Ok(tonic::Response::new(message)))
+        }
+    }
+
+    struct Streaming;
+
+    impl tonic::server::ServerStreamingService<Vec<u8>> for Streaming {
+        type Response = Vec<u8>;
+        type ResponseStream =
+            futures_util::stream::Iter<std::vec::IntoIter<Result<Vec<u8>, Status>>>;
+        type Future = std::future::Ready<Result<tonic::Response<Self::ResponseStream>, Status>>;
+        fn call(&mut self, request: tonic::Request<Vec<u8>>) -> Self::Future {
+            let message = request.into_inner();
+            let replies = vec![Ok(message.clone()), Ok(message.clone()), Ok(message)];
+            std::future::ready(Ok(tonic::Response::new(futures_util::stream::iter(
+                replies,
+            ))))
+        }
+    }
+
+    pub(super) async fn serve(request: Request<Incoming>) -> Response<Boxed> {
+        let mut grpc = tonic::server::Grpc::new(Raw);
+        let response = match request.uri().path() {
+            "/test.Echo/Unary" => grpc.unary(Unary, request).await,
+            "/test.Echo/Stream" => grpc.server_streaming(Streaming, request).await,
+            _ => Status::unimplemented("no such method").into_http(),
+        };
+        response.map(|body| body.map_err(Into::into).boxed_unsync())
+    }
+
+    /// A client for `test.Echo` over one HTTP/2 connection's sender.
+    pub(super) fn client(
+        sender: hyper::client::conn::http2::SendRequest<tonic::body::Body>,
+        origin: http::Uri,
+    ) -> tonic::client::Grpc<
+        impl tower::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<Incoming>,
+                Error = hyper::Error,
+                Future = impl Send,
+            > + Clone,
+    > {
+        let service = tower::service_fn(move |request: http::Request<tonic::body::Body>| {
+            let mut sender = sender.clone();
+            async move { sender.send_request(request).await }
+        });
+        tonic::client::Grpc::with_origin(service, origin)
+    }
 }
 
 /// `/issues/stream`, gRPC-like: the request body is read to its trailers; the
@@ -1449,4 +1555,89 @@ async fn a_websocket_through_interception_round_trips_a_megabyte_and_idles_out()
         .await
         .expect_err("limited mode refuses upgrades");
     assert!(error.to_string().contains("403"), "{error}");
+}
+
+#[tokio::test]
+async fn grpc_unary_and_server_streaming_calls_pass_an_intercepted_host_with_rules() {
+    use futures_util::StreamExt;
+    use portcullis::middleware::request_rules::{RuleBlock, RuleEntry};
+    // gRPC is POST to /package.Service/Method: only test.Echo's Unary and
+    // Stream are allowed.
+    let rules = RequestRules::new(vec![RuleBlock::new(ORIGIN, "rules[0]").unwrap().allow(
+        RuleEntry::new()
+            .methods(["POST"])
+            .unwrap()
+            .paths(["/test.Echo/Unary", "/test.Echo/Stream"])
+            .unwrap(),
+    )]);
+    let setup = setup_with(Mode::Full, true, rules).await;
+    let tls = tls_tunnel_offering(&setup, &[b"h2"]).await;
+    let (sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let origin: http::Uri = format!("https://{ORIGIN}:{}", setup.origin.port())
+        .parse()
+        .unwrap();
+    let mut client = grpc::client(sender, origin);
+    let path = |p: &'static str| http::uri::PathAndQuery::from_static(p);
+
+    client.ready().await.unwrap();
+    let reply = client
+        .unary(
+            tonic::Request::new(b"ping".to_vec()),
+            path("/test.Echo/Unary"),
+            grpc::Raw,
+        )
+        .await
+        .expect("a unary call, its status from the trailers");
+    assert_eq!(reply.into_inner(), b"gnip");
+
+    client.ready().await.unwrap();
+    let mut stream = client
+        .server_streaming(
+            tonic::Request::new(b"tick".to_vec()),
+            path("/test.Echo/Stream"),
+            grpc::Raw,
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    let mut messages = Vec::new();
+    while let Some(message) = stream.next().await {
+        messages.push(message.expect("each streamed message"));
+    }
+    assert_eq!(messages, vec![b"tick".to_vec(); 3]);
+    // The status came in the trailers, and they were read.
+    assert!(stream.trailers().await.unwrap().is_some());
+
+    // A method the rules do not allow fails that call only.
+    client.ready().await.unwrap();
+    let refused = client
+        .unary(
+            tonic::Request::new(b"x".to_vec()),
+            path("/test.Echo/Admin"),
+            grpc::Raw,
+        )
+        .await
+        .expect_err("refused by the rules");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("rules[0]"), "{refused:?}");
+    assert_eq!(
+        refused.metadata().get("x-proxy-error").unwrap(),
+        "blocked-by-request-rule"
+    );
+    client.ready().await.unwrap();
+    let again = client
+        .unary(
+            tonic::Request::new(b"ab".to_vec()),
+            path("/test.Echo/Unary"),
+            grpc::Raw,
+        )
+        .await
+        .unwrap();
+    assert_eq!(again.into_inner(), b"ba");
 }

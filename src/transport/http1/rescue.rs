@@ -16,6 +16,42 @@ pub(crate) const X_PROXY_ERROR: &str = "x-proxy-error";
 /// Turns an error from the stack into an HTTP response. Every body is one
 /// JSON object and a newline; an error that is none of ours is a 502 and a
 /// warning in the log, never a silent close.
+/// The same refusal as a gRPC client reads one: a trailers-only answer
+/// (`200`, `content-type: application/grpc`, `grpc-status` 7
+/// PERMISSION_DENIED for a refusal, 3 INVALID_ARGUMENT for a bad request,
+/// 14 UNAVAILABLE for an upstream failure) with the message in
+/// `grpc-message` (percent-encoded) and the usual `x-proxy-error`.
+pub(crate) fn grpc_response(error: &BoxError, fixes: &Fixes) -> Response<Body> {
+    let plain = http_response(error, fixes);
+    let (code, message) = match ProxyErrorRef::find(error.as_ref()) {
+        Some(ProxyErrorRef::Blocked(blocked)) => (7, fixes.message(blocked)),
+        Some(ProxyErrorRef::BadRequest(bad)) => (3, bad.message.clone()),
+        _ => (14, error.to_string()),
+    };
+    let mut response = Response::new(crate::body::empty());
+    let headers = response.headers_mut();
+    if let Some(refusal) = plain.headers().get("x-proxy-error") {
+        headers.insert("x-proxy-error", refusal.clone());
+    }
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert("grpc-status", HeaderValue::from(code));
+    // gRPC's percent-encoding: printable ASCII but `%` stays as is.
+    let encoded: String = message
+        .bytes()
+        .map(|byte| match byte {
+            b' '..=b'~' if byte != b'%' => char::from(byte).to_string(),
+            _ => format!("%{byte:02X}"),
+        })
+        .collect();
+    if let Ok(value) = HeaderValue::from_str(&encoded) {
+        headers.insert("grpc-message", value);
+    }
+    response
+}
+
 pub(crate) fn http_response(error: &BoxError, fixes: &Fixes) -> Response<Body> {
     match ProxyErrorRef::find(error.as_ref()) {
         Some(ProxyErrorRef::Blocked(blocked)) => {

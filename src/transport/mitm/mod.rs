@@ -343,6 +343,11 @@ async fn inner_request(
     };
     let client_upgrade = portcullis_middleware::strip_headers::is_upgrade(request.headers())
         .then(|| hyper::upgrade::on(&mut request));
+    // A gRPC client reads a refusal from grpc-status, not from a 403 body.
+    let grpc = request
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes().starts_with(b"application/grpc"));
     let (mut parts, incoming) = request.into_parts();
     parts.uri = uri;
     let has_body = !hyper::body::Body::is_end_stream(&incoming);
@@ -357,6 +362,7 @@ async fn inner_request(
         .apply(&mut request);
     let mut response = match call_stack(stack, request).await {
         Ok(response) => response,
+        Err(error) if grpc => return rescue::grpc_response(&error, &answers.fixes),
         Err(error) => return rescue::http_response(&error, &answers.fixes),
     };
     if let (StatusCode::SWITCHING_PROTOCOLS, Some(client_upgrade)) =
