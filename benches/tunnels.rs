@@ -12,6 +12,9 @@
 //! cargo bench --bench tunnels -- tls PROXY|direct ORIGIN CONNS SECONDS CA_PEM NAME
 //!                                   # keep-alive HTTPS GETs/s over CONNS connections (through
 //!                                   # PROXY's CONNECT, or direct), trusting CA_PEM for NAME
+//! cargo bench --bench tunnels -- h2 PROXY|direct ORIGIN STREAMS SECONDS CA_PEM NAME
+//!                                   # HTTPS GETs/s over STREAMS concurrent HTTP/2 streams
+//!                                   # on one connection (through PROXY's CONNECT, or direct)
 //! ```
 
 #![allow(
@@ -259,6 +262,86 @@ async fn tls_gets(
     total
 }
 
+/// GETs over `streams` concurrent HTTP/2 streams of one TLS connection
+/// (ALPN `h2`) for `duration`: through `proxy`'s CONNECT when given, else
+/// straight to `origin`. Returns the answers received.
+async fn h2_gets(
+    proxy: Option<SocketAddr>,
+    origin: &Arc<str>,
+    streams: usize,
+    duration: Duration,
+    ca: &str,
+    name: &str,
+) -> u64 {
+    use http_body_util::{BodyExt, Empty};
+    let mut roots = rustls::RootCertStore::empty();
+    let der = pem::parse(ca).expect("a PEM certificate").into_contents();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(der))
+        .expect("a CA certificate");
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("TLS versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let stream = match proxy {
+        Some(proxy) => tunnel(proxy, origin, false).await,
+        None => TcpStream::connect(&**origin).await,
+    };
+    let Ok(stream) = stream else { return 0 };
+    let name = rustls::pki_types::ServerName::try_from(name.to_owned()).expect("a name");
+    let Ok(tls) = connector.connect(name, stream).await else {
+        eprintln!("a TLS handshake failed");
+        return 0;
+    };
+    if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+        eprintln!("the server did not choose h2");
+        return 0;
+    }
+    let Ok((sender, connection)) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    else {
+        eprintln!("the HTTP/2 handshake failed");
+        return 0;
+    };
+    tokio::spawn(connection);
+    let deadline = Instant::now() + duration;
+    let uri: http::Uri = format!("https://{origin}/").parse().expect("a URI");
+    let mut tasks = Vec::new();
+    for _ in 0..streams {
+        let mut sender = sender.clone();
+        let uri = uri.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut done = 0u64;
+            while Instant::now() < deadline {
+                let request = http::Request::get(uri.clone())
+                    .body(Empty::<bytes::Bytes>::new())
+                    .expect("a request");
+                let Ok(response) = sender.send_request(request).await else {
+                    break;
+                };
+                if response.into_body().collect().await.is_err() {
+                    break;
+                }
+                done += 1;
+            }
+            done
+        }));
+    }
+    let mut total = 0;
+    for task in tasks {
+        total += task.await.unwrap_or(0);
+    }
+    total
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let args: Vec<String> = std::env::args()
@@ -342,6 +425,22 @@ async fn main() {
             let name = args[6].clone();
             let direct = args[1] == "direct";
             let done = tls_gets(
+                (!direct).then_some(proxy),
+                &origin,
+                count,
+                Duration::from_secs(seconds),
+                &ca,
+                &name,
+            )
+            .await;
+            println!("{:.0}", done as f64 / seconds as f64);
+        }
+        "h2" => {
+            let seconds: u64 = args[4].parse().expect("SECONDS");
+            let ca = std::fs::read_to_string(&args[5]).expect("CA_PEM");
+            let name = args[6].clone();
+            let direct = args[1] == "direct";
+            let done = h2_gets(
                 (!direct).then_some(proxy),
                 &origin,
                 count,

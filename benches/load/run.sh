@@ -54,7 +54,7 @@ worker_processes 1; daemon off; pid $W/nginx.pid; error_log $W/logs/nerr.log cri
 events { worker_connections 16384; }
 http { access_log off; sendfile on; keepalive_requests 1000000;
   server { listen $ORIGIN; root $W/www; location = / { return 200 "ok\n"; } }
-  server { listen $ORIGIN_TLS ssl; ssl_certificate $W/tls.pem; ssl_certificate_key $W/tls.key;
+  server { listen $ORIGIN_TLS ssl http2; ssl_certificate $W/tls.pem; ssl_certificate_key $W/tls.key;
     location = / { return 200 "ok\n"; } } }
 NG
 nginx -c "$W/nginx.conf" -p "$W" & pids+=($!)
@@ -129,6 +129,9 @@ c_us=$(tunnels plain 127.0.0.1:13129 $ORIGIN "$CONNS" "$DUR" tunnel)
 echo "== small keep-alive HTTPS GETs: direct TLS and through interception" >&2
 m_direct=$(tunnels tls direct $ORIGIN_TLS "$CONNS" "$DUR" ca.pem 127.0.0.1)
 m_us=$(tunnels tls 127.0.0.1:13130 $ORIGIN_TLS "$CONNS" "$DUR" pca/ca.pem 127.0.0.1)
+echo "== small HTTPS GETs over 50 HTTP/2 streams on one connection: direct h2 and through interception" >&2
+h2_direct=$(tunnels h2 direct $ORIGIN_TLS 50 "$DUR" ca.pem 127.0.0.1)
+h2_us=$(tunnels h2 127.0.0.1:13130 $ORIGIN_TLS 50 "$DUR" pca/ca.pem 127.0.0.1)
 echo "== bulk ${BIG_MB} MiB" >&2
 b_d1=$(bulk - direct); b_squid=$(bulk 127.0.0.1:13128 connect); b_tiny=$(bulk 127.0.0.1:18888 connect)
 b_us=$(bulk 127.0.0.1:13129 connect); s_us=$(bulk 127.0.0.1:11080 socks)
@@ -166,6 +169,7 @@ echo "| --- | --- | --- | --- | --- | --- | --- |"
 echo "| small keep-alive GETs/s, $CONNS conns (direct: $g_d1 before, $g_d2 after) | $g_direct | $g_squid | $g_tiny | $g_us | $(ratio "$g_us" "$g_direct") | $(ratio "$g_us" "$g_squid") |"
 echo "| the same GETs inside one CONNECT tunnel per connection (no per-request work: the relay ceiling) | $c_direct | $c_squid | $c_tiny | $c_us | $(ratio "$c_us" "$c_direct") | $(ratio "$c_us" "$c_squid") |"
 echo "| small keep-alive HTTPS GETs/s, $CONNS conns: direct TLS vs intercepted (limited mode) | $m_direct | – | – | $m_us | $(ratio "$m_us" "$m_direct") | – |"
+echo "| small HTTPS GETs/s, 50 HTTP/2 streams on one connection: direct h2 vs intercepted (limited mode) | $h2_direct | – | – | $h2_us | $(ratio "$h2_us" "$h2_direct") | – |"
 echo "| CONNECT bulk MB/s ($BIG_MB MiB; direct: $b_d1 before, $b_d2 after) | $b_direct | $b_squid | $b_tiny | $b_us | $(ratio "$b_us" "$b_direct") | $(ratio "$b_us" "$b_squid") |"
 echo "| SOCKS5 bulk MB/s | $b_direct | – | – | $s_us | $(ratio "$s_us" "$b_direct") | – |"
 echo "| CONNECT handshake p50 / p99 ms | – | ${h_squid/ / \/ } | ${h_tiny/ / \/ } | ${h_us/ / \/ } | – | – |"
