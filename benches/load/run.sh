@@ -7,6 +7,11 @@
 # It builds portcullis (release), installs nginx, squid, tinyproxy and wrk
 # from the distribution when missing, starts an nginx origin and the
 # proxies, and prints one table with the ratio to direct (and to squid).
+# It also measures what a shared machine blurs least: each process's own
+# CPU (user + system from /proc/PID/stat) per forwarded GET, per GB relayed
+# and per tunnel opened, beside nginx and haproxy as keep-alive reverse
+# proxies (the floor for a proxy that parses every request), squid and
+# tinyproxy, and prints the ratios (the lower of ROUNDS rounds, 2).
 # Knobs: DUR (seconds per wrk run, 8), CONNS (50), BIG_MB (512), HANDSHAKES
 # (10000), HOLD (tunnels held for RSS: 10000, or 9000 when the hard file
 # limit is under 21000), BURSTS (10) of BURST (2000) active tunnels.
@@ -19,7 +24,8 @@ HANDSHAKES=${HANDSHAKES:-10000}; BURSTS=${BURSTS:-10}; BURST=${BURST:-2000}
 hard=$(ulimit -Hn); [ "$hard" = unlimited ] && hard=1048576
 HOLD=${HOLD:-$(( hard >= 21000 ? 10000 : (hard - 1000) / 2 > 9000 ? 9000 : (hard - 1000) / 2 ))}
 
-need=""; for t in nginx tinyproxy squid wrk curl; do command -v $t >/dev/null || need="$need $t"; done
+ROUNDS=${ROUNDS:-2}
+need=""; for t in nginx tinyproxy squid wrk curl haproxy; do command -v $t >/dev/null || need="$need $t"; done
 if [ -n "$need" ]; then
   echo "== installing:$need" >&2
   pk=$(echo "$need" | sed 's/nginx/nginx-light/')
@@ -58,6 +64,33 @@ http { access_log off; sendfile on; keepalive_requests 1000000;
     location = / { return 200 "ok\n"; } } }
 NG
 nginx -c "$W/nginx.conf" -p "$W" & pids+=($!)
+# nginx and haproxy as keep-alive reverse proxies in front of the origin,
+# one worker each: the CPU-per-request anchors.
+cat > rp.conf <<NG
+worker_processes 1; daemon off; pid $W/rp.pid; error_log $W/logs/rp.log crit;
+events { worker_connections 16384; }
+http { access_log off; keepalive_requests 1000000;
+  upstream o { server $ORIGIN; keepalive 64; keepalive_requests 1000000; }
+  server { listen 127.0.0.1:18081; location / { proxy_pass http://o; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
+NG
+nginx -c "$W/rp.conf" -p "$W" & pids+=($!)
+cat > haproxy.cfg <<HA
+global
+  nbthread 1
+  maxconn 16384
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  http-reuse always
+frontend f
+  bind 127.0.0.1:18082
+  default_backend b
+backend b
+  server o $ORIGIN
+HA
+haproxy -f "$W/haproxy.cfg" -db >/dev/null 2>&1 & pids+=($!); haproxy_pid=$!
 cat > tinyproxy.conf <<TP
 Port 18888
 Listen 127.0.0.1
@@ -91,7 +124,10 @@ PORTCULLIS_LOG=warn "$PORTCULLIS" serve --http 127.0.0.1:13129 --socks 127.0.0.1
 printf '[mitm]\nca_dir = "%s/pca"\nupstream_ca_files = ["%s/ca.pem"]\n' "$W" "$W" > mitm.toml
 PORTCULLIS_LOG=warn "$PORTCULLIS" serve --config mitm.toml --http 127.0.0.1:13130 --no-socks \
   --mode limited --mitm --allow 127.0.0.1 >/dev/null 2>&1 & pids+=($!)
+# A third, with the access log on (serve's default), for its CPU row.
+"$PORTCULLIS" serve --http 127.0.0.1:13131 --no-socks --allow 127.0.0.1 >/dev/null 2>&1 & pids+=($!); logged_pid=$!
 sleep 2
+rp_pid=$(pgrep -P "$(cat "$W/rp.pid")" | head -1)
 
 cat > abs.lua <<'LUA'
 local target = os.getenv("ABS_URL")
@@ -114,6 +150,40 @@ bulk() {
   awk -v s="$s" 'BEGIN{printf "%.0f", s/1048576}'
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b > 0) printf "%.2f×", a/b; else printf "-" }'; }
+hz=$(getconf CLK_TCK)
+ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+# CPU µs per GET of PID while wrk sends small keep-alive GETs to ADDR
+# (abs: absolute-form, as to a forward proxy; rev: origin-form, as to a
+# reverse proxy): prints "GETs/s µs".
+cpu_gets() {
+  local a b out n r
+  a=$(ticks "$3")
+  if [ "$1" = abs ]; then out=$(ABS_URL="http://$ORIGIN/" wrk -t1 -c"$CONNS" -d"${DUR}s" -s abs.lua "http://$2/" 2>&1)
+  else out=$(wrk -t1 -c"$CONNS" -d"${DUR}s" "http://$2/" 2>&1); fi
+  b=$(ticks "$3")
+  n=$(echo "$out" | awk '/requests in/ {print $1}')
+  r=$(echo "$out" | awk '/Requests\/sec/ {printf "%.0f", $2}')
+  awk -v a="$a" -v b="$b" -v n="${n:-0}" -v hz="$hz" -v r="${r:-0}" \
+    'BEGIN{ if (n > 0) printf "%s %.1f", r, (b-a)/hz*1e6/n; else printf "0 0" }'
+}
+# The lower CPU of ROUNDS rounds (and its GETs/s).
+best_cpu_gets() {
+  local best="" line
+  for _ in $(seq "$ROUNDS"); do
+    line=$(cpu_gets "$@")
+    if [ -z "$best" ] || awk -v a="${line#* }" -v b="${best#* }" 'BEGIN{exit !(a < b)}'; then best=$line; fi
+  done
+  echo "$best"
+}
+# CPU ms of PID per GB fetched through ADDR's CONNECT (or SOCKS5).
+cpu_bulk() {
+  local a b
+  a=$(ticks "$3")
+  if [ "$1" = socks ]; then curl -s -o /dev/null --socks5-hostname "$2" "http://$ORIGIN/big"
+  else curl -s -p -o /dev/null -x "http://$2" "http://$ORIGIN/big"; fi
+  b=$(ticks "$3")
+  awk -v a="$a" -v b="$b" -v hz="$hz" -v mb="$BIG_MB" 'BEGIN{printf "%.0f", (b-a)/hz*1e3/(mb/1024)}'
+}
 tunnels() { "$PROBER" "$@"; }
 
 echo "== small keep-alive GETs ($CONNS connections, ${DUR}s each)" >&2
@@ -121,6 +191,18 @@ echo "== small keep-alive GETs ($CONNS connections, ${DUR}s each)" >&2
 # more between two runs than the proxies differ.
 g_d1=$(rps direct); g_squid=$(rps 127.0.0.1:13128); g_tiny=$(rps 127.0.0.1:18888); g_us=$(rps 127.0.0.1:13129)
 g_d2=$(rps direct); g_direct=$(( (${g_d1:-0} + ${g_d2:-0}) / 2 ))
+echo "== CPU per forwarded GET (the lower of $ROUNDS rounds)" >&2
+set -- $(best_cpu_gets rev 127.0.0.1:18081 "$rp_pid"); cpu_nginx=$2; cpu_nginx_rps=$1
+set -- $(best_cpu_gets rev 127.0.0.1:18082 "$haproxy_pid"); cpu_haproxy=$2; cpu_haproxy_rps=$1
+set -- $(best_cpu_gets abs 127.0.0.1:13128 "$squid_pid"); cpu_squid=$2; cpu_squid_rps=$1
+set -- $(best_cpu_gets abs 127.0.0.1:18888 "$tinyproxy_pid"); cpu_tiny=$2; cpu_tiny_rps=$1
+set -- $(best_cpu_gets abs 127.0.0.1:13129 "$portcullis_pid"); cpu_us=$2; cpu_us_rps=$1
+set -- $(best_cpu_gets abs 127.0.0.1:13131 "$logged_pid"); cpu_logged=$2; cpu_logged_rps=$1
+echo "== CPU per GB relayed (CONNECT, SOCKS5)" >&2
+gb_squid=$(cpu_bulk connect 127.0.0.1:13128 "$squid_pid")
+gb_tiny=$(cpu_bulk connect 127.0.0.1:18888 "$tinyproxy_pid")
+gb_us=$(cpu_bulk connect 127.0.0.1:13129 "$portcullis_pid")
+gb_socks=$(cpu_bulk socks 127.0.0.1:11080 "$portcullis_pid")
 echo "== small keep-alive GETs inside a CONNECT tunnel (a byte relay: the ceiling for any proxy)" >&2
 c_direct=$(tunnels plain direct $ORIGIN "$CONNS" "$DUR")
 c_squid=$(tunnels plain 127.0.0.1:13128 $ORIGIN "$CONNS" "$DUR" tunnel)
@@ -137,9 +219,15 @@ b_d1=$(bulk - direct); b_squid=$(bulk 127.0.0.1:13128 connect); b_tiny=$(bulk 12
 b_us=$(bulk 127.0.0.1:13129 connect); s_us=$(bulk 127.0.0.1:11080 socks)
 b_d2=$(bulk - direct); b_direct=$(( (${b_d1:-0} + ${b_d2:-0}) / 2 ))
 echo "== CONNECT handshakes ($HANDSHAKES, batches of 100)" >&2
-h_squid=$(tunnels handshake 127.0.0.1:13128 $ORIGIN "$HANDSHAKES")
-h_tiny=$(tunnels handshake 127.0.0.1:18888 $ORIGIN "$HANDSHAKES")
-h_us=$(tunnels handshake 127.0.0.1:13129 $ORIGIN "$HANDSHAKES")
+# CPU µs per tunnel opened, from the same batches.
+handshakes() { # ADDR PID -> "p50 p99 µs_per_tunnel"
+  local a b out
+  a=$(ticks "$2"); out=$(tunnels handshake "$1" $ORIGIN "$HANDSHAKES"); b=$(ticks "$2")
+  echo "$out $(awk -v a="$a" -v b="$b" -v hz="$hz" -v n="$HANDSHAKES" 'BEGIN{printf "%.0f", (b-a)/hz*1e6/n}')"
+}
+set -- $(handshakes 127.0.0.1:13128 "$squid_pid"); h_squid="$1 $2"; t_squid=$3
+set -- $(handshakes 127.0.0.1:18888 "$tinyproxy_pid"); h_tiny="$1 $2"; t_tiny=$3
+set -- $(handshakes 127.0.0.1:13129 "$portcullis_pid"); h_us="$1 $2"; t_us=$3
 echo "== $HOLD tunnels held" >&2
 r_squid=$(tunnels hold 127.0.0.1:13128 $ORIGIN "$HOLD" "$squid_pid" || echo -)
 r_tiny=$(tunnels hold 127.0.0.1:18888 $ORIGIN "$HOLD" "$tinyproxy_pid" || echo -)
@@ -177,3 +265,14 @@ echo "| RSS KiB per held tunnel ($HOLD held, each used once) | – | $r_squid | 
 echo "| RSS MiB after $BURSTS bursts of $BURST active tunnels | – | – | – | $a_us | – | – |"
 echo "| \`run -- true\` ms (\`true\`: $true_ms ms) | – | – | – | $run_ms | – | – |"
 echo "| \`run --isolate -- true\` ms (capture set up; interleaved with the row above) | – | – | – | $isolate_ms | – | – |"
+echo
+echo "Each process's own CPU (user + system), the lower of $ROUNDS rounds:"
+echo
+echo "| proxy | GETs/s | CPU µs per GET | portcullis / this | CPU ms per GB (CONNECT) | CPU µs per tunnel opened |"
+echo "| --- | --- | --- | --- | --- | --- |"
+echo "| nginx, reverse proxy, upstream keepalive, 1 worker | $cpu_nginx_rps | $cpu_nginx | $(ratio "$cpu_us" "$cpu_nginx") | – | – |"
+echo "| haproxy, reverse proxy, http-reuse always, 1 thread | $cpu_haproxy_rps | $cpu_haproxy | $(ratio "$cpu_us" "$cpu_haproxy") | – | – |"
+echo "| squid | $cpu_squid_rps | $cpu_squid | $(ratio "$cpu_us" "$cpu_squid") | $gb_squid | $t_squid |"
+echo "| tinyproxy | $cpu_tiny_rps | $cpu_tiny | $(ratio "$cpu_us" "$cpu_tiny") | $gb_tiny | $t_tiny |"
+echo "| portcullis, absolute-form, policy on, access log off | $cpu_us_rps | $cpu_us | 1.00× | $gb_us (SOCKS5: $gb_socks) | $t_us |"
+echo "| portcullis, access log on | $cpu_logged_rps | $cpu_logged | $(ratio "$cpu_logged" "$cpu_us") of the row above | – | – |"
