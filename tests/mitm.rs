@@ -99,7 +99,16 @@ async fn https_origin(pki: &OriginPki, git_root: PathBuf) -> SocketAddr {
                     let version = format!("{:?}", request.version());
                     async move {
                         let path = request.uri().path().to_owned();
-                        let mut response = if path == "/ws/echo" {
+                        // As nginx: over HTTP/2 a `host` beside `:authority`
+                        // is a duplicate, refused.
+                        let duplicate_host = request.version() == http::Version::HTTP_2
+                            && request.headers().contains_key(http::header::HOST);
+                        let mut response = if duplicate_host {
+                            let mut refused =
+                                Response::new(Full::new(Bytes::from_static(b"duplicate host")));
+                            *refused.status_mut() = StatusCode::BAD_REQUEST;
+                            refused.map(|b| b.map_err(|e| match e {}).boxed_unsync())
+                        } else if path == "/ws/echo" {
                             websocket_echo(request)
                                 .map(|b| b.map_err(|e| match e {}).boxed_unsync())
                         } else if path == "/issues/stream" {

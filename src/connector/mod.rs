@@ -322,6 +322,10 @@ impl Connector {
         // Whatever the client spoke (HTTP/2 inside an intercepted tunnel),
         // the pool speaks what the origin offers: h2 by ALPN, else 1.1.
         *request.version_mut() = http::Version::HTTP_11;
+        // The host is the URI's authority (the vetted target): the pool
+        // writes it as `Host` on HTTP/1.1 and as `:authority` on HTTP/2,
+        // where a `Host` beside it is a duplicate (nginx answers 400).
+        request.headers_mut().remove(http::header::HOST);
         match client.request(request).await {
             Ok(mut response) => {
                 // A refusal that came from the upstream proxy says so: its
