@@ -77,7 +77,7 @@ nginx -c "$W/rp.conf" -p "$W" & pids+=($!)
 cat > haproxy.cfg <<HA
 global
   nbthread 1
-  maxconn 16384
+  maxconn 4096
 defaults
   mode http
   timeout connect 5s
