@@ -163,6 +163,8 @@ cpu_gets() {
   b=$(ticks "$3")
   n=$(echo "$out" | awk '/requests in/ {print $1}')
   r=$(echo "$out" | awk '/Requests\/sec/ {printf "%.0f", $2}')
+  # A refusal is cheaper than a forward: a run that measured refusals says so.
+  echo "$out" | awk -v who="$2" '/Non-2xx/ {print "warning: " $NF " answers from " who " were not 2xx" > "/dev/stderr"}'
   awk -v a="$a" -v b="$b" -v n="${n:-0}" -v hz="$hz" -v r="${r:-0}" \
     'BEGIN{ if (n > 0) printf "%s %.1f", r, (b-a)/hz*1e6/n; else printf "0 0" }'
 }

@@ -195,10 +195,12 @@ pub struct Connector {
     /// Shared: the connector is cloned for every request.
     dialer: Arc<Dialer>,
     /// `None`: vet only, dial nothing.
-    client: Option<HttpClient>,
+    /// Behind an `Arc`: the connector is cloned for every request, the
+    /// pool's handles need not be.
+    client: Option<Arc<HttpClient>>,
     /// HTTP/1.1 only, for upgrades (a WebSocket): an `Upgrade` header has
     /// no meaning on an HTTP/2 connection.
-    upgrades: Option<HttpClient>,
+    upgrades: Option<Arc<HttpClient>>,
     upstream: Option<Arc<UpstreamProxies>>,
 }
 
@@ -245,8 +247,8 @@ impl Connector {
             .build(http1);
         Connector {
             dialer,
-            client: Some(client),
-            upgrades: Some(upgrades),
+            client: Some(Arc::new(client)),
+            upgrades: Some(Arc::new(upgrades)),
             upstream,
         }
     }
@@ -295,7 +297,7 @@ impl Connector {
 
     async fn forward(
         self,
-        client: HttpClient,
+        client: Arc<HttpClient>,
         mut request: Request<Body>,
         info: RequestInfo,
     ) -> Result<Response<Body>, BoxError> {
