@@ -195,12 +195,10 @@ pub struct Connector {
     /// Shared: the connector is cloned for every request.
     dialer: Arc<Dialer>,
     /// `None`: vet only, dial nothing.
-    /// Behind an `Arc`: the connector is cloned for every request, the
-    /// pool's handles need not be.
-    client: Option<Arc<HttpClient>>,
+    client: Option<HttpClient>,
     /// HTTP/1.1 only, for upgrades (a WebSocket): an `Upgrade` header has
     /// no meaning on an HTTP/2 connection.
-    upgrades: Option<Arc<HttpClient>>,
+    upgrades: Option<HttpClient>,
     upstream: Option<Arc<UpstreamProxies>>,
 }
 
@@ -247,8 +245,8 @@ impl Connector {
             .build(http1);
         Connector {
             dialer,
-            client: Some(Arc::new(client)),
-            upgrades: Some(Arc::new(upgrades)),
+            client: Some(client),
+            upgrades: Some(upgrades),
             upstream,
         }
     }
@@ -297,7 +295,7 @@ impl Connector {
 
     async fn forward(
         self,
-        client: Arc<HttpClient>,
+        client: HttpClient,
         mut request: Request<Body>,
         info: RequestInfo,
     ) -> Result<Response<Body>, BoxError> {
