@@ -222,19 +222,7 @@ async fn tls_gets(
     ca: &str,
     name: &str,
 ) -> u64 {
-    let mut roots = rustls::RootCertStore::empty();
-    let der = pem::parse(ca).expect("a PEM certificate").into_contents();
-    roots
-        .add(rustls::pki_types::CertificateDer::from(der))
-        .expect("a CA certificate");
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("TLS versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let connector = tls_connector(ca, &[]);
     let deadline = Instant::now() + duration;
     let mut tasks = Vec::new();
     for _ in 0..conns {
@@ -262,18 +250,8 @@ async fn tls_gets(
     total
 }
 
-/// GETs over `streams` concurrent HTTP/2 streams of one TLS connection
-/// (ALPN `h2`) for `duration`: through `proxy`'s CONNECT when given, else
-/// straight to `origin`. Returns the answers received.
-async fn h2_gets(
-    proxy: Option<SocketAddr>,
-    origin: &Arc<str>,
-    streams: usize,
-    duration: Duration,
-    ca: &str,
-    name: &str,
-) -> u64 {
-    use http_body_util::{BodyExt, Empty};
+/// A TLS client trusting only `ca` (PEM), offering `alpn`.
+fn tls_connector(ca: &str, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
     let mut roots = rustls::RootCertStore::empty();
     let der = pem::parse(ca).expect("a PEM certificate").into_contents();
     roots
@@ -286,8 +264,23 @@ async fn h2_gets(
     .expect("TLS versions")
     .with_root_certificates(roots)
     .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// GETs over `streams` concurrent HTTP/2 streams of one TLS connection
+/// (ALPN `h2`) for `duration`: through `proxy`'s CONNECT when given, else
+/// straight to `origin`. Returns the answers received.
+async fn h2_gets(
+    proxy: Option<SocketAddr>,
+    origin: &Arc<str>,
+    streams: usize,
+    duration: Duration,
+    ca: &str,
+    name: &str,
+) -> u64 {
+    use http_body_util::{BodyExt, Empty};
+    let connector = tls_connector(ca, &[b"h2"]);
     let stream = match proxy {
         Some(proxy) => tunnel(proxy, origin, false).await,
         None => TcpStream::connect(&**origin).await,
@@ -419,36 +412,17 @@ async fn main() {
             let done = plain_gets(proxy, &origin, count, Duration::from_secs(seconds), via).await;
             println!("{:.0}", done as f64 / seconds as f64);
         }
-        "tls" => {
+        "tls" | "h2" => {
             let seconds: u64 = args[4].parse().expect("SECONDS");
             let ca = std::fs::read_to_string(&args[5]).expect("CA_PEM");
             let name = args[6].clone();
-            let direct = args[1] == "direct";
-            let done = tls_gets(
-                (!direct).then_some(proxy),
-                &origin,
-                count,
-                Duration::from_secs(seconds),
-                &ca,
-                &name,
-            )
-            .await;
-            println!("{:.0}", done as f64 / seconds as f64);
-        }
-        "h2" => {
-            let seconds: u64 = args[4].parse().expect("SECONDS");
-            let ca = std::fs::read_to_string(&args[5]).expect("CA_PEM");
-            let name = args[6].clone();
-            let direct = args[1] == "direct";
-            let done = h2_gets(
-                (!direct).then_some(proxy),
-                &origin,
-                count,
-                Duration::from_secs(seconds),
-                &ca,
-                &name,
-            )
-            .await;
+            let through = (args[1] != "direct").then_some(proxy);
+            let duration = Duration::from_secs(seconds);
+            let done = if what == "tls" {
+                tls_gets(through, &origin, count, duration, &ca, &name).await
+            } else {
+                h2_gets(through, &origin, count, duration, &ca, &name).await
+            };
             println!("{:.0}", done as f64 / seconds as f64);
         }
         other => eprintln!("unknown measure {other}"),
