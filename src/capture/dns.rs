@@ -21,7 +21,7 @@ use std::sync::Arc;
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA};
 use hickory_proto::rr::{DNSClass, RData, Record, RecordType};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 
 use portcullis_middleware::target::Host;
@@ -32,8 +32,6 @@ use crate::kit::{Ingress, RequestModel};
 
 /// How long an answer is cached: the map holds for the whole run.
 const TTL: u32 = 300;
-/// The longest first line (an address) the bridge sends.
-const MAX_LINE: u64 = 64;
 
 /// Serves `dns.sock` until the proxy stops.
 pub(crate) async fn serve(listener: UnixListener, ingress: Ingress, names: Arc<SyntheticNames>) {
@@ -55,10 +53,12 @@ async fn serve_one(
     ingress: &Ingress,
     names: &SyntheticNames,
 ) -> std::io::Result<()> {
+    let mut stream = stream;
+    let line = super::read_line(&mut stream)
+        .await
+        .map_err(std::io::Error::other)?;
     let (read, mut write) = stream.into_split();
     let mut read = BufReader::new(read);
-    let mut line = String::new();
-    (&mut read).take(MAX_LINE).read_line(&mut line).await?;
     let client: SocketAddr = line
         .trim_end()
         .parse()

@@ -22,6 +22,26 @@ pub(crate) const CAPTURE_SOCKET: &str = "capture.sock";
 /// The socket DNS questions arrive on.
 pub(crate) const DNS_SOCKET: &str = "dns.sock";
 
+/// The longest first line the bridge sends (addresses).
+const MAX_LINE: usize = 128;
+
+/// The bridge's first line on either socket, read a byte at a time so that
+/// none of the child's bytes after it are taken.
+async fn read_line(stream: &mut tokio::net::UnixStream) -> Result<String, String> {
+    use tokio::io::AsyncReadExt;
+    let mut line = Vec::new();
+    loop {
+        let byte = stream.read_u8().await.map_err(|e| e.to_string())?;
+        if byte == b'\n' {
+            return String::from_utf8(line).map_err(|_| "a bad first line".to_owned());
+        }
+        if line.len() >= MAX_LINE {
+            return Err("a first line too long".to_owned());
+        }
+        line.push(byte);
+    }
+}
+
 /// Accepts on `listener` until the proxy stops, handling each connection
 /// on its own task.
 async fn accept_each<F, Fut>(listener: UnixListener, ingress: crate::kit::Ingress, handle: F)

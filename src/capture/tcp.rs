@@ -35,8 +35,6 @@ use crate::kit::{Ingress, RequestModel, Tunnel};
 use crate::transport::mitm::{self, Interceptor};
 use crate::transport::{splice, Peer};
 
-/// The longest first line the bridge sends.
-const MAX_LINE: u64 = 128;
 /// The most bytes read while looking for an SNI or a `Host`.
 const MAX_FIRST_BYTES: usize = 16 * 1024;
 
@@ -70,7 +68,7 @@ async fn serve_one(
 ) -> Result<(), String> {
     let limits = settings.answers.limits;
     let mut stream = stream;
-    let line = tokio::time::timeout(limits.header_read_timeout, read_line(&mut stream))
+    let line = tokio::time::timeout(limits.header_read_timeout, super::read_line(&mut stream))
         .await
         .map_err(|_| "no destination line in time".to_owned())??;
     let (source, destination) = parse_line(&line)?;
@@ -185,22 +183,6 @@ async fn peek_first_byte(stream: &UnixStream) -> Result<Option<u8>, String> {
             Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(error) => return Err(error.to_string()),
         }
-    }
-}
-
-/// The first line, read a byte at a time so that none of the child's
-/// bytes after it are taken.
-async fn read_line(stream: &mut UnixStream) -> Result<String, String> {
-    let mut line = Vec::new();
-    loop {
-        let byte = stream.read_u8().await.map_err(|e| e.to_string())?;
-        if byte == b'\n' {
-            return String::from_utf8(line).map_err(|_| "a bad destination line".to_owned());
-        }
-        if line.len() as u64 >= MAX_LINE {
-            return Err("a destination line too long".to_owned());
-        }
-        line.push(byte);
     }
 }
 

@@ -312,6 +312,32 @@ where
     }
 }
 
+/// Relays an upgraded connection (a `101`, a WebSocket) once both sides
+/// have switched: the client's and the upstream's upgrades, spliced with
+/// the tunnel idle timeout and counted. `None` when either upgrade failed.
+pub(crate) async fn upgraded(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    idle: Duration,
+    metrics: &crate::metrics::Metrics,
+) -> Option<Moved> {
+    match tokio::try_join!(client, upstream) {
+        Ok((client, upstream)) => Some(
+            bidirectional(
+                &mut hyper_util::rt::TokioIo::new(client),
+                &mut hyper_util::rt::TokioIo::new(upstream),
+                idle,
+                metrics,
+            )
+            .await,
+        ),
+        Err(error) => {
+            tracing::debug!(%error, "upgrade failed");
+            None
+        }
+    }
+}
+
 /// Copies both ways until both sides are done, an error ends it (a peer
 /// closing is normal), or nothing moves for `idle`.
 pub(crate) async fn bidirectional<A, B>(

@@ -245,23 +245,10 @@ async fn route(
             let upstream_upgrade = hyper::upgrade::on(&mut response);
             let upgraded = drain.open(name.unwrap_or_default());
             tokio::spawn(async move {
-                match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                    Ok((client_io, upstream_io)) => {
-                        let mut client_io = TokioIo::new(client_io);
-                        let mut upstream_io = TokioIo::new(upstream_io);
-                        let idle = settings.limits.tunnel_idle_timeout;
-                        splice::bidirectional(
-                            &mut client_io,
-                            &mut upstream_io,
-                            idle,
-                            &settings.metrics,
-                        )
-                        .await;
-                        // (Upgraded connections are logged by the access
-                        // layer at their 101; their bytes are not counted.)
-                    }
-                    Err(error) => tracing::debug!(%error, "upgrade failed"),
-                }
+                let idle = settings.limits.tunnel_idle_timeout;
+                // (Logged by the access layer at its 101; the bytes are
+                // counted in the metrics.)
+                splice::upgraded(client_upgrade, upstream_upgrade, idle, &settings.metrics).await;
                 drop(upgraded);
             });
         }

@@ -373,20 +373,15 @@ async fn inner_request(
         let metrics = answers.metrics.clone();
         let client = peer.addr;
         tokio::spawn(async move {
-            match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                Ok((client_io, upstream_io)) => {
-                    let moved = crate::transport::splice::bidirectional(
-                        &mut TokioIo::new(client_io),
-                        &mut TokioIo::new(upstream_io),
-                        idle,
-                        &metrics,
-                    )
-                    .await;
-                    moved.log(client, &target);
-                }
-                Err(error) => {
-                    tracing::debug!(%error, "upgrade inside an intercepted tunnel failed")
-                }
+            let moved = crate::transport::splice::upgraded(
+                client_upgrade,
+                upstream_upgrade,
+                idle,
+                &metrics,
+            )
+            .await;
+            if let Some(moved) = moved {
+                moved.log(client, &target);
             }
         });
     }
