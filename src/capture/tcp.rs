@@ -75,7 +75,7 @@ async fn serve_one(
     let ip = canonical_ip(destination.ip());
     let target = if SyntheticNames::is_synthetic(ip) {
         let Some(name) = settings.names.name(ip) else {
-            tracing::warn!(%destination, "a captured connection to a synthetic address our DNS server never gave: refused");
+            tracing::warn!(%destination, "a captured connection to a synthetic address our DNS server never gave: refused; connect by name (resolved inside the run), not by a remembered 198.18/fd70 address");
             return Err("unknown synthetic address".to_owned());
         };
         let host = Host::parse(&name).map_err(|e| e.to_string())?;
@@ -246,7 +246,7 @@ async fn first_bytes(
                 if named == *name {
                     return Ok(buffer);
                 }
-                tracing::warn!(%target, named = %named.escape_debug(), "a captured connection named another host than the address it dialled maps to: closed");
+                tracing::warn!(%target, named = %named.escape_debug(), "a captured connection named another host than the address it dialled maps to: closed; connect to the host you name (its own DNS answer), and allow it if it is not");
                 return Err(format!("{named:?} is not {name}"));
             }
         }
