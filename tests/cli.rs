@@ -1478,3 +1478,46 @@ async fn learning_with_interception_writes_request_rules_the_next_run_enforces()
     assert_eq!(code, Some(0), "{stderr}");
     assert_eq!(stdout, "403", "{stderr}");
 }
+
+/// The runtime's threads (tokio names them `tokio-rt-worker`) of a `serve`
+/// that has served nothing yet: its workers (the blocking pool, which
+/// shares the name, starts no thread before the first lookup).
+fn worker_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter(|task| {
+            let comm = task.as_ref().unwrap().path().join("comm");
+            std::fs::read_to_string(comm).is_ok_and(|name| name.starts_with("tokio-rt-worker"))
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn threads_come_from_the_flag_then_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("portcullis.toml");
+    std::fs::write(&config, "[runtime]\nthreads = 3\n").unwrap();
+    let (mut child, _) = serve_config(&config).await;
+    assert_eq!(worker_threads(child.id().unwrap()), 3);
+    terminate(&mut child).await;
+
+    let mut child = portcullis()
+        .args(["serve", "--threads", "1", "--config"])
+        .arg(&config)
+        .args(["--http", "127.0.0.1:0", "--no-socks"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    served_http_address(&mut child).await;
+    assert_eq!(worker_threads(child.id().unwrap()), 1);
+    terminate(&mut child).await;
+
+    // Zero is bad usage, from either place.
+    let (code, _, stderr) = output(portcullis().args(["serve", "--threads", "0"])).await;
+    assert_eq!(code, Some(64), "{stderr}");
+    std::fs::write(&config, "[runtime]\nthreads = 0\n").unwrap();
+    let (code, _, stderr) = output(portcullis().arg("serve").arg("--config").arg(&config)).await;
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(stderr.contains("runtime.threads"), "{stderr}");
+}

@@ -14,7 +14,8 @@ use crate::config::ApprovalMode;
     name = "portcullis",
     version,
     about,
-    args_conflicts_with_subcommands = true
+    args_conflicts_with_subcommands = true,
+    help_template = "{name} {version} (--version)\n{about-with-newline}\n{usage-heading} {usage}\n\n{all-args}{after-help}"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -34,6 +35,18 @@ pub(super) enum Command {
     /// Print the HTTPS interception CA's path and certificate (creating the
     /// CA if there is none), for clients to trust.
     Ca(CaArgs),
+    /// Print a completion script for SHELL: `source <(portcullis
+    /// completions bash)`, or save it where the shell looks.
+    Completions(CompletionsArgs),
+    /// Print the manual page (roff): `portcullis man | man -l -`.
+    Man,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub(super) shell: clap_complete::Shell,
 }
 
 /// Options shared by every subcommand; flags win over the config file and
@@ -88,6 +101,9 @@ pub struct Options {
     /// Append every allowed request and tunnel to FILE as one JSON line.
     #[arg(long, value_name = "FILE")]
     pub(super) access_log: Option<PathBuf>,
+    /// Worker threads (`[runtime] threads`; default: one per core).
+    #[arg(long, value_name = "N", env = "PORTCULLIS_THREADS")]
+    pub(super) threads: Option<std::num::NonZeroUsize>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

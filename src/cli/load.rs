@@ -115,6 +115,9 @@ impl Options {
         if let Some(file) = &self.access_log {
             config.log.access_file = Some(file.clone());
         }
+        if let Some(threads) = self.threads {
+            config.runtime.threads = Some(threads);
+        }
         Ok(Loaded {
             config,
             origin,

@@ -63,6 +63,8 @@ pub fn main() -> ExitCode {
     };
     // Under `run`, RUST_LOG belongs to the child: only PORTCULLIS_LOG is ours.
     let (command, default_filter, read_rust_log) = match cli.command {
+        Some(Command::Completions(args)) => return completions(args.shell),
+        Some(Command::Man) => return manual(),
         Some(Command::Run(args)) => (Command::Run(args), "warn,portcullis::violation=off", false),
         // `check` answers on stdout; its refusal is not news for the log.
         Some(Command::Check(args)) => (Command::Check(args), "error", true),
@@ -73,10 +75,11 @@ pub fn main() -> ExitCode {
         return usage_error(&error);
     }
     raise_fd_limit();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = worker_threads(&command) {
+        runtime.worker_threads(threads.get());
+    }
+    let runtime = match runtime.enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             tracing::error!(%error, "cannot start the async runtime");
@@ -89,7 +92,128 @@ pub fn main() -> ExitCode {
             Command::Run(args) => run(args).await,
             Command::Check(args) => check(args).await,
             Command::Ca(args) => ca(args),
+            Command::Completions(args) => completions(args.shell),
+            Command::Man => manual(),
         }
+    })
+}
+
+/// `portcullis completions SHELL`: the script, generated from the same
+/// clap definitions that parse the command line.
+fn completions(shell: clap_complete::Shell) -> ExitCode {
+    let mut command = <Cli as clap::CommandFactory>::command();
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut command, "portcullis", &mut script);
+    write_stdout(&script)
+}
+
+/// `portcullis man`: the manual page, one roff document with a section per
+/// subcommand.
+fn manual() -> ExitCode {
+    let command = <Cli as clap::CommandFactory>::command();
+    let mut page = Vec::new();
+    if let Err(error) = manual_page(command, &mut page) {
+        let _ = writeln!(
+            std::io::stderr(),
+            "portcullis: cannot write the manual: {error}"
+        );
+        return ExitCode::from(EXIT_UNAVAILABLE);
+    }
+    write_stdout(&page)
+}
+
+fn manual_page(command: clap::Command, out: &mut Vec<u8>) -> std::io::Result<()> {
+    clap_mangen::Man::new(command.clone()).render(out)?;
+    for sub in command.get_subcommands().filter(|s| s.get_name() != "help") {
+        let name = format!("portcullis {}", sub.get_name());
+        let _ = writeln!(out, ".SH \"{}\"", name.to_uppercase());
+        let sub = sub.clone().display_name(name.clone()).bin_name(name);
+        clap_mangen::Man::new(sub.clone()).render_synopsis_section(out)?;
+        clap_mangen::Man::new(sub.clone()).render_description_section(out)?;
+        if sub.get_arguments().any(|a| !a.is_hide_set()) {
+            clap_mangen::Man::new(sub).render_options_section(out)?;
+        }
+    }
+    let mut roff = roff::Roff::new();
+    for (heading, entries) in MANUAL_SECTIONS {
+        roff.control("SH", [*heading]);
+        for (term, text) in *entries {
+            roff.control("TP", [] as [&str; 0]);
+            roff.text([roff::bold(*term)]);
+            roff.text([roff::roman(*text)]);
+        }
+    }
+    roff.to_writer(out)
+}
+
+/// What the manual says besides the options: (heading, [(term, text)]).
+const MANUAL_SECTIONS: &[(&str, &[(&str, &str)])] = &[
+    (
+        "EXIT STATUS",
+        &[
+            ("0", "serve stopped by SIGTERM or SIGINT with every open connection finished; check: allowed."),
+            ("1", "serve: the shutdown deadline cut open connections; check: denied."),
+            ("2", "check: the policy would ask."),
+            ("3", "check: allowed but the name does not resolve."),
+            ("64", "Bad usage or configuration: one line naming the key and the file."),
+            ("69", "The proxy cannot start (a listener address in use, a credential's secret unreadable)."),
+            ("129", "serve: its terminal hung up."),
+            ("N", "run: the command's own status (128 + N when signal N ended it)."),
+        ],
+    ),
+    (
+        "ENVIRONMENT",
+        &[
+            ("PORTCULLIS_CONFIG", "The TOML configuration file (--config)."),
+            ("PORTCULLIS_LOG", "The log filter, in RUST_LOG syntax (default info; warn under run)."),
+            ("PORTCULLIS_LOG_FORMAT", "text (the default) or json: one JSON object a line on stderr."),
+            ("PORTCULLIS_THREADS", "Worker threads (--threads)."),
+            ("PORTCULLIS_<TABLE>__<KEY>", "Any configuration key, e.g. PORTCULLIS_NETWORK__MODE=limited."),
+        ],
+    ),
+    (
+        "FILES",
+        &[
+            ("$XDG_DATA_HOME/portcullis", "The interception CA (ca.pem, ca.key) and rules.toml, the answers remembered from approvals (default ~/.local/share/portcullis)."),
+        ],
+    ),
+    (
+        "SIGNALS",
+        &[
+            ("SIGHUP", "serve: read the configuration again (or stop, when its terminal hung up)."),
+            ("SIGTERM, SIGINT", "Stop accepting, wait for open connections up to [limits] shutdown_deadline, then exit."),
+            ("SIGUSR1", "serve: write the most recent refusals to the log."),
+        ],
+    ),
+];
+
+fn write_stdout(bytes: &[u8]) -> ExitCode {
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(bytes).and_then(|()| stdout.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        // A closed pipe (`| head`) is the reader's choice, not an error.
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(error) => {
+            let _ = writeln!(std::io::stderr(), "portcullis: cannot write: {error}");
+            ExitCode::from(EXIT_UNAVAILABLE)
+        }
+    }
+}
+
+/// `--threads`, else `[runtime] threads`; `None`: one per core. A
+/// configuration that does not load is the command's to report.
+fn worker_threads(command: &Command) -> Option<std::num::NonZeroUsize> {
+    let options = match command {
+        Command::Serve(args) => &args.options,
+        Command::Run(args) => &args.options,
+        Command::Check(args) => &args.options,
+        Command::Ca(_) | Command::Completions(_) | Command::Man => return None,
+    };
+    options.threads.or_else(|| {
+        options
+            .load()
+            .ok()
+            .and_then(|loaded| loaded.config.runtime.threads)
     })
 }
 
