@@ -87,6 +87,14 @@ const PLANS: &[(&str, Plan)] = &[
         Plan::Skip("cargo test builds the examples; running them rebuilds in another profile (run by hand)"),
     ),
     (
+        "cargo install --locked --path .",
+        Plan::Skip("run by the_install_section_installs_and_uninstalls, from the checkout"),
+    ),
+    (
+        "portcullis completions bash",
+        Plan::Skip("tests/packaging.rs loads each script in its shell and renders the page"),
+    ),
+    (
         "cargo bench --bench policy",
         Plan::Skip("a benchmark; the security suite it names is part of cargo test"),
     ),
@@ -181,4 +189,60 @@ async fn every_readme_shell_block_runs_or_says_why_not() {
     }
     println!("{ran} README blocks run, {skipped} listed as not runnable here");
     assert!(ran >= 4);
+}
+
+/// The README's install block, run as written from the checkout, into a
+/// temporary `CARGO_INSTALL_ROOT` (its `bin` first on `PATH`): the binary
+/// lands there and answers, and `cargo uninstall` takes it away again. The
+/// build goes to its own target directory, unoptimised (the profile's
+/// settings from the environment: the commands are the README's).
+#[tokio::test]
+async fn the_install_section_installs_and_uninstalls() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let block = sh_blocks(&readme)
+        .into_iter()
+        .find(|b| b.contains("cargo install --locked --path ."))
+        .expect("the README has an install block");
+    let root = tempfile::tempdir().unwrap();
+    let path = format!(
+        "{}:{}",
+        root.path().join("bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let target = concat!(env!("CARGO_MANIFEST_DIR"), "/target/readme-install");
+    let script = format!(
+        "set -e\n{block}test ! -e \"$CARGO_INSTALL_ROOT/bin/portcullis\" && echo uninstalled\n"
+    );
+    let mut shell = tokio::process::Command::new("sh");
+    shell
+        .args(["-c", &script])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("CARGO_INSTALL_ROOT", root.path())
+        .env("PATH", path)
+        .env("CARGO_TARGET_DIR", target)
+        .env("CARGO_PROFILE_RELEASE_LTO", "off")
+        .env("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "16")
+        .env("CARGO_PROFILE_RELEASE_OPT_LEVEL", "0")
+        .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
+        .env("CARGO_TERM_COLOR", "never")
+        .env_remove("PORTCULLIS_CONFIG")
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(1200), shell.output())
+        .await
+        .expect("installed within 20 minutes")
+        .unwrap();
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "{script}\n{printed}");
+    let version = format!("portcullis {}", env!("CARGO_PKG_VERSION"));
+    assert!(
+        printed.contains(&version),
+        "the installed binary answers: {printed}"
+    );
+    assert!(printed.contains("Installed package"), "{printed}");
+    assert!(printed.contains("uninstalled"), "{printed}");
 }
