@@ -11,7 +11,8 @@
 # CPU (user + system from /proc/PID/stat) per forwarded GET, per GB relayed
 # and per tunnel opened, beside nginx and haproxy as keep-alive reverse
 # proxies (the floor for a proxy that parses every request), squid and
-# tinyproxy, and prints the ratios (the lower of ROUNDS rounds, 2).
+# tinyproxy, and prints the ratios (the lower of ROUNDS rounds, 2); socat,
+# a plain TCP relay, is the reference for CPU per GB.
 # Knobs: DUR (seconds per wrk run, 8), CONNS (50), BIG_MB (512), HANDSHAKES
 # (10000), HOLD (tunnels held for RSS: 10000, or 9000 when the hard file
 # limit is under 21000), BURSTS (10) of BURST (2000) active tunnels.
@@ -25,7 +26,7 @@ hard=$(ulimit -Hn); [ "$hard" = unlimited ] && hard=1048576
 HOLD=${HOLD:-$(( hard >= 21000 ? 10000 : (hard - 1000) / 2 > 9000 ? 9000 : (hard - 1000) / 2 ))}
 
 ROUNDS=${ROUNDS:-2}
-need=""; for t in nginx tinyproxy squid wrk curl haproxy; do command -v $t >/dev/null || need="$need $t"; done
+need=""; for t in nginx tinyproxy squid wrk curl haproxy socat; do command -v $t >/dev/null || need="$need $t"; done
 if [ -n "$need" ]; then
   echo "== installing:$need" >&2
   pk=$(echo "$need" | sed 's/nginx/nginx-light/')
@@ -116,6 +117,9 @@ max_filedescriptors 65536
 workers 1
 SQ
 squid -N -f "$W/squid.conf" >/dev/null 2>&1 & pids+=($!); squid_pid=$!
+# socat as a plain TCP relay to the origin: the reference for CPU per GB
+# (a process per connection, reaped, so its children's time counts).
+socat TCP-LISTEN:18091,bind=127.0.0.1,reuseaddr,fork TCP:$ORIGIN >/dev/null 2>&1 & pids+=($!); socat_pid=$!
 # The access log off (warn): what an operator who keeps it on pays is in
 # the README's note.
 PORTCULLIS_LOG=warn "$PORTCULLIS" serve --http 127.0.0.1:13129 --socks 127.0.0.1:11080 \
@@ -202,6 +206,10 @@ set -- $(best_cpu_gets abs 127.0.0.1:13129 "$portcullis_pid"); cpu_us=$2; cpu_us
 set -- $(best_cpu_gets abs 127.0.0.1:13131 "$logged_pid"); cpu_logged=$2; cpu_logged_rps=$1
 echo "== CPU per GB relayed (CONNECT, SOCKS5)" >&2
 gb_squid=$(cpu_bulk connect 127.0.0.1:13128 "$squid_pid")
+a=$(awk '{print $14+$15+$16+$17}' "/proc/$socat_pid/stat")
+curl -s -o /dev/null "http://127.0.0.1:18091/big"; sleep 0.2
+b=$(awk '{print $14+$15+$16+$17}' "/proc/$socat_pid/stat")
+gb_socat=$(awk -v a="$a" -v b="$b" -v hz="$hz" -v mb="$BIG_MB" 'BEGIN{printf "%.0f", (b-a)/hz*1e3/(mb/1024)}')
 gb_tiny=$(cpu_bulk connect 127.0.0.1:18888 "$tinyproxy_pid")
 gb_us=$(cpu_bulk connect 127.0.0.1:13129 "$portcullis_pid")
 gb_socks=$(cpu_bulk socks 127.0.0.1:11080 "$portcullis_pid")
@@ -274,6 +282,7 @@ echo "| proxy | GETs/s | CPU µs per GET | portcullis / this | CPU ms per GB (CO
 echo "| --- | --- | --- | --- | --- | --- |"
 echo "| nginx, reverse proxy, upstream keepalive, 1 worker | $cpu_nginx_rps | $cpu_nginx | $(ratio "$cpu_us" "$cpu_nginx") | – | – |"
 echo "| haproxy, reverse proxy, http-reuse always, 1 thread | $cpu_haproxy_rps | $cpu_haproxy | $(ratio "$cpu_us" "$cpu_haproxy") | – | – |"
+echo "| socat, a plain TCP relay (the per-GB reference) | – | – | $(ratio "$gb_us" "$gb_socat") per GB | $gb_socat | – |"
 echo "| squid | $cpu_squid_rps | $cpu_squid | $(ratio "$cpu_us" "$cpu_squid") | $gb_squid | $t_squid |"
 echo "| tinyproxy | $cpu_tiny_rps | $cpu_tiny | $(ratio "$cpu_us" "$cpu_tiny") | $gb_tiny | $t_tiny |"
 echo "| portcullis, absolute-form, policy on, access log off | $cpu_us_rps | $cpu_us | 1.00× | $gb_us (SOCKS5: $gb_socks) | $t_us |"
