@@ -142,6 +142,110 @@ async fn raw_http1_connect_against_a_live_listener() {
     assert!(head.starts_with("HTTP/1.1 400"), "{head}");
 }
 
+/// Sends a keep-alive GET for `url` on `stream` and reads the answer:
+/// its head and body.
+async fn get_on(stream: &mut tokio::net::TcpStream, url: &str) -> (String, String) {
+    let authority = url.trim_start_matches("http://").split('/').next().unwrap();
+    stream
+        .write_all(format!("GET {url} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(stream).await;
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).await.unwrap();
+    (head, String::from_utf8(body).unwrap())
+}
+
+#[tokio::test]
+async fn each_client_connection_keeps_its_own_origin_connection_and_leaves_it_for_the_next() {
+    let origin = origin().await;
+    let proxy = proxy(allow(&["127.0.0.1"]), &[]).await;
+    let url = |path: &str| format!("http://{}{path}", origin.addr);
+    let connect = || tokio::net::TcpStream::connect(proxy.handle.http_addr());
+    let (mut first, mut second) = (connect().await.unwrap(), connect().await.unwrap());
+    // Interleaved on two client connections: two origin connections, each
+    // carrying its own client's requests.
+    for round in 0..3 {
+        for client in [&mut first, &mut second] {
+            let (head, body) = get_on(client, &url(&format!("/{round}"))).await;
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+            assert_eq!(body, format!("hello /{round}"));
+        }
+    }
+    assert_eq!(origin.connections.load(Ordering::SeqCst), 2);
+    // Both clients gone: the next client connection takes one of theirs.
+    drop((first, second));
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let mut third = connect().await.unwrap();
+    let (head, _) = get_on(&mut third, &url("/3")).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(
+        origin.connections.load(Ordering::SeqCst),
+        2,
+        "an idle origin connection is reused"
+    );
+}
+
+#[tokio::test]
+async fn a_get_meeting_an_origin_s_idle_close_is_sent_again_on_a_new_connection() {
+    // Answers one request per connection; a second request on it is met
+    // by a close, as an origin closing an idle connection just as the next
+    // request arrives (the request was written: only a GET can be sent
+    // again).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let server = tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let _ = read_head(&mut stream).await;
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await;
+                let mut next = [0u8; 1];
+                let _ =
+                    tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut next))
+                        .await;
+            });
+        }
+    });
+    let proxy = proxy(allow(&["127.0.0.1"]), &[]).await;
+    let mut client = tokio::net::TcpStream::connect(proxy.handle.http_addr())
+        .await
+        .unwrap();
+    for _ in 0..20 {
+        let (head, body) = get_on(&mut client, &format!("http://{origin}/")).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}{body}");
+        assert_eq!(body, "ok");
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 20);
+    // A POST is never sent twice: the origin's close is the answer.
+    client
+        .write_all(
+            format!(
+                "POST http://{origin}/ HTTP/1.1\r\nHost: {origin}\r\nContent-Length: 1\r\n\r\nx"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let head = read_head(&mut client).await;
+    assert!(head.starts_with("HTTP/1.1 502"), "{head}");
+    assert_eq!(accepted.load(Ordering::SeqCst), 20, "not sent again");
+    server.abort();
+}
+
 #[tokio::test]
 async fn upstream_connections_are_kept_alive_and_reused() {
     let origin = origin().await;

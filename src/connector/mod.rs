@@ -6,9 +6,13 @@
 //!   extension; the transport splices it to the client.
 //! - A SOCKS5 UDP destination is resolved and vetted, not dialled: the
 //!   response carries the [`VettedAddresses`] the relay may send to.
-//! - Plain HTTP requests go through a pooled HTTP/1 client whose connector is
-//!   the same vetted dialer, so keep-alive connections are reused across
-//!   client requests and every new connection is vetted.
+//! - Plain HTTP requests from the HTTP/1 listener go over the origin
+//!   connection their client connection keeps ([`KeptUpstream`], in
+//!   `kept`): dialled by the same vetted dialer, reused for that client's
+//!   next requests, and left for the next client when it goes. Other plain
+//!   HTTP (intercepted, chained through an upstream proxy, upgrades) goes
+//!   through a pooled HTTP/1 and HTTP/2 client whose connector is the same
+//!   vetted dialer, so every new connection is vetted either way.
 //! - `x-unix-socket` requests are forwarded over the socket (origin-form,
 //!   HTTP/1), in [`unix`].
 //!
@@ -18,6 +22,7 @@
 //! whose approval stage asked nobody fails closed.
 
 mod dial;
+mod kept;
 pub mod resolve;
 mod unix;
 pub mod upstream;
@@ -47,6 +52,8 @@ use crate::body::{self, Body};
 use upstream::UpstreamProxies;
 
 pub(crate) use dial::{Dialer, OwnListeners, Refusing};
+use kept::IdleOrigins;
+pub(crate) use kept::KeptUpstream;
 
 /// The dialled upstream of a `CONNECT`-shaped request: the connector
 /// answers such a request `200` with this in the response's extensions, and
@@ -200,6 +207,9 @@ pub struct Connector {
     /// no meaning on an HTTP/2 connection.
     upgrades: Option<HttpClient>,
     upstream: Option<Arc<UpstreamProxies>>,
+    /// Origin connections the HTTP/1 listener's ended client connections
+    /// kept ([`KeptUpstream`]).
+    idle: Arc<IdleOrigins>,
 }
 
 impl fmt::Debug for Connector {
@@ -248,6 +258,7 @@ impl Connector {
             client: Some(client),
             upgrades: Some(upgrades),
             upstream,
+            idle: Arc::default(),
         }
     }
 
@@ -261,6 +272,7 @@ impl Connector {
             client: None,
             upgrades: None,
             upstream: None,
+            idle: Arc::default(),
         }
     }
 
@@ -300,6 +312,17 @@ impl Connector {
         info: RequestInfo,
     ) -> Result<Response<Body>, BoxError> {
         request = checked_git_fetch(request, &info).await?;
+        // Plain HTTP from a client connection that keeps its own origin
+        // connection (the HTTP/1 listener's), when nothing is chained.
+        if let Some(kept) = request.extensions().get::<KeptUpstream>().cloned() {
+            let chained = self.upstream.as_ref().is_some_and(|u| !u.is_empty());
+            if !chained
+                && request.uri().scheme() == Some(&http::uri::Scheme::HTTP)
+                && !portcullis_middleware::strip_headers::is_upgrade(request.headers())
+            {
+                return kept.forward(&self.dialer, &self.idle, request, &info).await;
+            }
+        }
         // Forward to the canonical authority: the host we checked is the host we dial.
         let uri = canonical_uri(request.uri(), &info.target)?;
         let plain_http = uri.scheme() == Some(&http::uri::Scheme::HTTP);

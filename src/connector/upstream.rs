@@ -25,6 +25,8 @@ use portcullis_middleware::{
 /// The upstream proxies to chain to.
 pub struct UpstreamProxies {
     matcher: Matcher,
+    /// Whether any proxy is named at all (else nothing is intercepted).
+    named: bool,
 }
 
 impl fmt::Debug for UpstreamProxies {
@@ -36,8 +38,20 @@ impl fmt::Debug for UpstreamProxies {
 impl UpstreamProxies {
     /// Reads the proxy variables of this process's environment.
     pub fn from_env() -> UpstreamProxies {
+        // The variables `Matcher::from_env` reads for proxies.
+        let named = [
+            "HTTP_PROXY",
+            "http_proxy",
+            "HTTPS_PROXY",
+            "https_proxy",
+            "ALL_PROXY",
+            "all_proxy",
+        ]
+        .iter()
+        .any(|name| std::env::var_os(name).is_some_and(|value| !value.is_empty()));
         UpstreamProxies {
             matcher: Matcher::from_env(),
+            named,
         }
     }
 
@@ -48,12 +62,21 @@ impl UpstreamProxies {
                 .all(proxy.to_owned())
                 .no(no_proxy.to_owned())
                 .build(),
+            named: !proxy.is_empty(),
         }
     }
 
     /// The upstream proxy for this destination, if any.
     pub fn for_uri(&self, uri: &Uri) -> Option<Intercept> {
+        if !self.named {
+            return None;
+        }
         self.matcher.intercept(uri)
+    }
+
+    /// Whether no upstream proxy is named: nothing is chained.
+    pub fn is_empty(&self) -> bool {
+        !self.named
     }
 }
 

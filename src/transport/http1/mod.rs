@@ -28,7 +28,7 @@ use portcullis_middleware::target::default_port_for_scheme;
 use portcullis_middleware::{CameRound, Intercept, Interceptable, Protocol, ProxyUser, Target};
 
 use crate::body::{self, Body};
-use crate::connector::{OwnListeners, Tunnel};
+use crate::connector::{KeptUpstream, OwnListeners, Tunnel};
 use crate::hints::Fixes;
 use crate::transport::mitm::{self, Interceptor};
 use crate::transport::model::RequestModel;
@@ -82,7 +82,10 @@ pub(crate) async fn serve(
             let mut shutdown = shutdown.clone();
             async move {
                 let service_drain = drain.clone();
-                let service = hyper::service::service_fn(move |request| {
+                // This connection's own origin connection for plain HTTP.
+                let kept = KeptUpstream::default();
+                let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+                    request.extensions_mut().insert(kept.clone());
                     let route = route(
                         request,
                         client,

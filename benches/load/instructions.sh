@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Instructions per forwarded GET, counted by callgrind: portcullis (policy
+# on, access log off, one worker thread) beside nginx as a keep-alive reverse
+# proxy. Unlike CPU time, the count does not move with what else the machine
+# is doing, so two builds can be compared to the percent. From the
+# repository:
+#
+#     bash benches/load/instructions.sh [BIN]
+#
+# Each proxy serves N1 and then N2 GETs on one keep-alive connection from
+# python's http.client; the difference of the two totals over N2 - N1 is the
+# per-request figure (start-up and shutdown cancel out). Needs valgrind,
+# nginx, python3 and curl (installed when missing).
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+N1=${N1:-500}; N2=${N2:-2500}
+need=""; for t in valgrind nginx python3 curl; do command -v $t >/dev/null || need="$need $t"; done
+if [ -n "$need" ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(echo "$need" | sed 's/nginx/nginx-light/')) >/dev/null
+fi
+BIN=${1:-}
+if [ -z "$BIN" ]; then (cd "$repo" && cargo build --release --quiet); BIN="$repo/target/release/portcullis"; fi
+W=$(mktemp -d); chmod 755 "$W"; mkdir -p "$W/logs"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
+trap cleanup EXIT
+cat > "$W/origin.conf" <<NG
+worker_processes 1; daemon off; pid $W/origin.pid; error_log $W/logs/o.log crit;
+events { worker_connections 1024; }
+http { access_log off; keepalive_requests 1000000; server { listen 127.0.0.1:28080; location = / { return 200 "ok\n"; } } }
+NG
+cat > "$W/rp.conf" <<NG
+worker_processes 1; daemon off; master_process off; pid $W/rp.pid; error_log $W/logs/rp.log crit;
+events { worker_connections 1024; }
+http { access_log off; keepalive_requests 1000000;
+  upstream o { server 127.0.0.1:28080; keepalive 64; keepalive_requests 1000000; }
+  server { listen 127.0.0.1:28081; location / { proxy_pass http://o; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
+NG
+nginx -c "$W/origin.conf" -p "$W" & pids+=($!)
+cat > "$W/drive.py" <<'PY'
+import http.client, sys
+port, n, absolute = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "abs"
+c = http.client.HTTPConnection("127.0.0.1", port)
+target = "http://127.0.0.1:28080/" if absolute else "/"
+for _ in range(n):
+    c.request("GET", target, headers={"Host": "127.0.0.1:28080"})
+    r = c.getresponse(); r.read()
+    assert r.status == 200, r.status
+PY
+# count NAME PORT FORM N COMMAND...: the instructions of COMMAND serving N GETs.
+count() {
+  local port=$1 form=$2 n=$3; shift 3
+  valgrind --tool=callgrind --callgrind-out-file="$W/cg.%p" "$@" >/dev/null 2>"$W/vg.err" & local pid=$!
+  for _ in $(seq 200); do curl -s -o /dev/null "http://127.0.0.1:$port/" 2>/dev/null && break; sleep 0.2; done
+  python3 "$W/drive.py" "$port" "$n" "$form"
+  kill -TERM "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true
+  awk '/^totals:/ {print $2}' "$W/cg.$pid"
+}
+us() { PORTCULLIS_THREADS=1 PORTCULLIS_LOG=warn count 28199 abs "$1" "$BIN" serve --http 127.0.0.1:28199 --no-socks --allow 127.0.0.1; }
+rp() { count 28081 rev "$1" nginx -c "$W/rp.conf" -p "$W"; }
+us1=$(us "$N1"); us2=$(us "$N2"); ng1=$(rp "$N1"); ng2=$(rp "$N2")
+awk -v a="$us1" -v b="$us2" -v c="$ng1" -v d="$ng2" -v n=$((N2 - N1)) 'BEGIN{
+  u=(b-a)/n; g=(d-c)/n
+  printf "instructions per forwarded GET (callgrind, %d GETs): portcullis %.0f, nginx reverse proxy %.0f, ratio %.2f×\n", n, u, g, u/g }'
