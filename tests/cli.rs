@@ -262,18 +262,7 @@ async fn live_verdict(flags: &[&str], request: &str) -> (String, String) {
     if (200..300).contains(&status) {
         return ("allow".into(), String::new());
     }
-    let length: usize = head
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("content-length: ")
-                .map(|v| v.trim().parse().unwrap())
-        })
-        .unwrap_or(0);
-    let mut body = vec![0u8; length];
-    tokio::io::AsyncReadExt::read_exact(&mut stream, &mut body)
-        .await
-        .unwrap();
+    let body = read_body(&mut stream, &head).await;
     let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
     (
         "deny".into(),

@@ -119,16 +119,7 @@ async fn raw_http1_connect_against_a_live_listener() {
             .contains("x-proxy-error: blocked-by-allowlist"),
         "{head}"
     );
-    let length: usize = head
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("content-length: ")
-                .map(|v| v.trim().parse().unwrap())
-        })
-        .unwrap();
-    let mut body = vec![0u8; length];
-    refused.read_exact(&mut body).await.unwrap();
+    let body = read_body(&mut refused, &head).await;
     let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(json["protocol"], "https_connect");
     assert_eq!(json["port"], 443);
@@ -151,16 +142,7 @@ async fn get_on(stream: &mut tokio::net::TcpStream, url: &str) -> (String, Strin
         .await
         .unwrap();
     let head = read_head(stream).await;
-    let length: usize = head
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("content-length: ")
-                .map(|v| v.trim().parse().unwrap())
-        })
-        .unwrap_or(0);
-    let mut body = vec![0u8; length];
-    stream.read_exact(&mut body).await.unwrap();
+    let body = read_body(stream, &head).await;
     (head, String::from_utf8(body).unwrap())
 }
 

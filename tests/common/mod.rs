@@ -245,6 +245,22 @@ pub async fn read_head<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> Strin
     String::from_utf8_lossy(&head).into_owned()
 }
 
+/// The body after `head` on `stream`, as long as its `Content-Length` says
+/// (empty without one).
+pub async fn read_body<S: tokio::io::AsyncRead + Unpin>(stream: &mut S, head: &str) -> Vec<u8> {
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).await.unwrap();
+    body
+}
+
 /// A loopback port that refuses connections for the rest of the test run:
 /// a socket is bound to it and never listens (so a connect gets RST), and it
 /// is kept, so neither another test nor the kernel (as an ephemeral source
