@@ -24,7 +24,7 @@ use hyper_util::rt::TokioIo;
 
 use portcullis_middleware::{BadRequest, BoxError, HasBody, Host, RequestInfo, Target};
 
-use super::{origin_failure, relabel, Dialer, Refusing};
+use super::{first_cause, origin_failure, relabel, Dialer, Refusing};
 use crate::body::{self, Body};
 
 /// One client connection's origin connection (empty until its first plain
@@ -242,23 +242,16 @@ fn head_of(request: &Request<Body>) -> Request<Body> {
 
 /// The connection ended before any answer came (not a malformed answer).
 fn closed_before_answering(error: &hyper::Error) -> bool {
-    use std::error::Error as _;
-    if error.is_incomplete_message() || error.is_canceled() || error.is_closed() {
-        return true;
-    }
-    let mut cause = error.source();
-    while let Some(current) = cause {
-        if let Some(io) = current.downcast_ref::<std::io::Error>() {
-            return matches!(
+    use std::io::ErrorKind as K;
+    error.is_incomplete_message()
+        || error.is_canceled()
+        || error.is_closed()
+        || first_cause::<std::io::Error>(error).is_some_and(|io| {
+            matches!(
                 io.kind(),
-                std::io::ErrorKind::ConnectionReset
-                    | std::io::ErrorKind::BrokenPipe
-                    | std::io::ErrorKind::UnexpectedEof
-            );
-        }
-        cause = current.source();
-    }
-    false
+                K::ConnectionReset | K::BrokenPipe | K::UnexpectedEof
+            )
+        })
 }
 
 /// A new HTTP/1 connection to the vetted address of `host`; its driver runs

@@ -504,18 +504,8 @@ fn origin_failure(error: BoxError, info: &RequestInfo) -> BoxError {
     if portcullis_middleware::ProxyErrorRef::find(error.as_ref()).is_some() {
         return error;
     }
-    let mut io = None;
-    let mut hyper_error = None;
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error.as_ref());
-    while let Some(current) = cause {
-        if let Some(found) = current.downcast_ref::<std::io::Error>() {
-            io = io.or(Some(found));
-        }
-        if let Some(found) = current.downcast_ref::<hyper::Error>() {
-            hyper_error = hyper_error.or(Some(found));
-        }
-        cause = current.source();
-    }
+    let io = first_cause::<std::io::Error>(error.as_ref());
+    let hyper_error = first_cause::<hyper::Error>(error.as_ref());
     let hint = "(is it speaking HTTP on that port? plain HTTP sent to a TLS port ends like this)";
     let upstream = match (io, hyper_error) {
         (Some(io), _) => {
@@ -544,6 +534,21 @@ fn origin_failure(error: BoxError, info: &RequestInfo) -> BoxError {
         },
     };
     upstream.into()
+}
+
+/// The first error of type `T` in `error`'s chain of sources (itself
+/// included).
+fn first_cause<'a, T: std::error::Error + 'static>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut cause = Some(error);
+    while let Some(current) = cause {
+        if let Some(found) = current.downcast_ref::<T>() {
+            return Some(found);
+        }
+        cause = current.source();
+    }
+    None
 }
 
 /// Gives a refusal made inside the pooled client the request's protocol and
