@@ -201,11 +201,12 @@ type HttpClient = Client<hyper_rustls::HttpsConnector<VettedConnector>, Body>;
 pub struct Connector {
     /// Shared: the connector is cloned for every request.
     dialer: Arc<Dialer>,
-    /// `None`: vet only, dial nothing.
-    client: Option<HttpClient>,
+    /// `None`: vet only, dial nothing. (Behind an `Arc`: the connector is
+    /// cloned for every request, a hyper client is several `Arc`s.)
+    client: Option<Arc<HttpClient>>,
     /// HTTP/1.1 only, for upgrades (a WebSocket): an `Upgrade` header has
     /// no meaning on an HTTP/2 connection.
-    upgrades: Option<HttpClient>,
+    upgrades: Option<Arc<HttpClient>>,
     upstream: Option<Arc<UpstreamProxies>>,
     /// Origin connections the HTTP/1 listener's ended client connections
     /// kept ([`KeptUpstream`]).
@@ -255,8 +256,8 @@ impl Connector {
             .build(http1);
         Connector {
             dialer,
-            client: Some(client),
-            upgrades: Some(upgrades),
+            client: Some(Arc::new(client)),
+            upgrades: Some(Arc::new(upgrades)),
             upstream,
             idle: Arc::default(),
         }
@@ -307,7 +308,7 @@ impl Connector {
 
     async fn forward(
         self,
-        client: HttpClient,
+        client: Arc<HttpClient>,
         mut request: Request<Body>,
         info: RequestInfo,
     ) -> Result<Response<Body>, BoxError> {
