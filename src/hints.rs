@@ -107,7 +107,7 @@ impl Fixes {
                     "portcullis refused {method} {target}: limited mode allows only GET, HEAD and OPTIONS (and no SOCKS5); {fix} to allow it"
                 ));
                 }
-                (Reason::RuleDenied | Reason::RuleNotMatched, _) => {
+                (Reason::RuleDenied | Reason::RuleNotMatched | Reason::AmbiguousPath, _) => {
                     let Fixes::File(file) = self else {
                         return None;
                     };
@@ -117,6 +117,10 @@ impl Fixes {
                         Reason::RuleDenied => (
                             "a deny entry of its request rules matches",
                             "change that entry",
+                        ),
+                        Reason::AmbiguousPath => (
+                            "its path can mean two things to some origin, so its request rules cannot judge it",
+                            "send the path plainly encoded (no double encoding, %u, encoded / or ;, or segment ending in . or a space); the rules are",
                         ),
                         _ => (
                             "its request rules allow no such request",

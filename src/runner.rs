@@ -799,6 +799,7 @@ impl ProxyHandle {
             limits: self.limits,
             fixes: self.fixes.clone(),
             metrics: self.metrics.clone(),
+            drain: None,
         }
     }
 

@@ -420,8 +420,11 @@ curl -s -m 5 --noproxy '*' -k --connect-to other.test:{port}:secure.test:{port} 
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.first(), Some(&"secure hello"), "{stdout}{stderr}");
     assert_ne!(lines.get(1), Some(&"sni-exit-0"), "{stdout}");
+    // A recorded refusal with its own reason, in the run's summary.
     assert!(
-        stderr.contains("named another host than the address it dialled maps to"),
+        stderr.contains("refused secure.test")
+            && stderr.contains("names another host than the one its address maps to")
+            && stderr.contains("\"other.test\""),
         "the fronted connection is closed and said: {stderr}"
     );
 

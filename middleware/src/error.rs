@@ -55,6 +55,13 @@ pub enum Reason {
     RuleNotMatched,
     /// A request rule's `deny` entry matches the request.
     RuleDenied,
+    /// The host has request rules that name paths, and the request's path
+    /// can mean two things to some origin (double encoding, `%u`, an
+    /// encoded `/`, a segment ending in `.`, …), so no rule can judge it.
+    AmbiguousPath,
+    /// A captured connection's first bytes (TLS SNI, HTTP `Host`) named
+    /// another host than the one its address maps to.
+    HostMismatch,
     /// A credential's placeholder was headed somewhere its secret may not
     /// go (another host, or plain HTTP).
     CredentialMismatch,
@@ -83,6 +90,8 @@ impl Reason {
             Reason::ApprovalFailed => "approval_failed",
             Reason::RuleNotMatched => "rule_not_matched",
             Reason::RuleDenied => "rule_denied",
+            Reason::AmbiguousPath => "ambiguous_path",
+            Reason::HostMismatch => "host_mismatch",
             Reason::CredentialMismatch => "credential_mismatch",
             Reason::Custom(name) => name,
         }
@@ -455,7 +464,10 @@ fn default_message(reason: Reason, target: &Target, method: &http::Method) -> St
             "portcullis refused {target}: it is this proxy itself, so the request would loop; point the client at the destination, not at the proxy"
         ),
         Reason::TlsRequired => format!(
-            "portcullis closed the tunnel to {target}: limited mode intercepts HTTPS and the client did not start TLS; only HTTPS can go through an intercepted CONNECT"
+            "portcullis closed the tunnel to {target}: portcullis intercepts it to see its requests (limited mode, request rules or a credential for the host) and the client did not start TLS; only HTTPS can go through an intercepted tunnel (send plain HTTP as an absolute-form request to the proxy instead)"
+        ),
+        Reason::HostMismatch => format!(
+            "portcullis refused {target}: the connection's TLS SNI or HTTP Host names another host than the one its address maps to; connect to the host you name (by the name, resolved inside the run), and allow that host if it is not"
         ),
         Reason::ApprovalDenied => format!(
             "portcullis refused {target}: the approver denied it; add it to allowed_domains if it should be reachable"
@@ -472,6 +484,10 @@ fn default_message(reason: Reason, target: &Target, method: &http::Method) -> St
         ),
         Reason::RuleDenied => format!(
             "portcullis refused {} {target}: a deny entry of the host's request rules matches; change its [[rules]] block to allow it",
+            method.as_str().escape_debug()
+        ),
+        Reason::AmbiguousPath => format!(
+            "portcullis refused {} {target}: the host has request rules on paths, and this path can mean two things to some origin; send it plainly encoded (no double encoding, %u, encoded / or ;, or segment ending in . or a space)",
             method.as_str().escape_debug()
         ),
         Reason::CredentialMismatch => format!(

@@ -75,6 +75,7 @@ pin_project! {
         intercept: bool,
         audited: Option<crate::error::Blocked>,
         injected: Option<crate::credentials::Injected>,
+        frames_only: bool,
     }
 }
 
@@ -95,7 +96,15 @@ impl<F> MarkedResponse<F> {
             intercept,
             audited,
             injected: None,
+            frames_only: false,
         }
+    }
+
+    /// Also says, on the response, that an upgrade must carry WebSocket
+    /// frames only ([`WebSocketFramesOnly`](crate::WebSocketFramesOnly)).
+    pub(crate) fn frames_only(mut self, frames_only: bool) -> MarkedResponse<F> {
+        self.frames_only = frames_only;
+        self
     }
 
     /// Also says, on the response, which credentials were added.
@@ -111,6 +120,7 @@ impl<F> MarkedResponse<F> {
             intercept: false,
             audited: None,
             injected: None,
+            frames_only: false,
         }
     }
 }
@@ -127,12 +137,16 @@ where
         let intercept = *this.intercept;
         let audited = this.audited;
         let injected = this.injected;
+        let frames_only = *this.frames_only;
         this.inner.poll(cx).map_ok(|mut response| {
             if let Some(injected) = injected.take() {
                 response.extensions_mut().insert(injected);
             }
             if intercept {
                 response.extensions_mut().insert(crate::Intercept);
+            }
+            if frames_only {
+                response.extensions_mut().insert(crate::WebSocketFramesOnly);
             }
             if let Some(blocked) = audited.take() {
                 response.extensions_mut().insert(crate::Audited(blocked));

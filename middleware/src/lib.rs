@@ -174,14 +174,15 @@ pub use error::{
 };
 pub use future::{MarkedResponse, ResponseFuture};
 pub use limited_mode::{LimitedMode, LimitedModeLayer, VerifyGitFetchBody};
-pub use loop_guard::{CameRound, LoopGuard, LoopGuardLayer, NotTls};
+pub use loop_guard::{CameRound, LoopGuard, LoopGuardLayer, NamedAnotherHost, NotTls};
 pub use policy::{
     Decision, Mode, NetworkPolicy, NetworkPolicyBuilder, Pattern, PatternSet, PolicyError,
     PolicyGeneration, PolicyHandle,
 };
 pub use policy_layer::{PolicyLayer, PolicyService};
 pub use request::{
-    ClientAddr, HasBody, Intercept, Interceptable, Protocol, ProxyUser, RequestInfo, UdpAssociation,
+    ClientAddr, HasBody, Intercept, Interceptable, Protocol, ProxyUser, RequestInfo,
+    UdpAssociation, WebSocketFramesOnly,
 };
 pub use stack::{DefaultStack, ServiceBuilderExt};
 pub use strip_headers::{StripHeaders, StripHeadersLayer};

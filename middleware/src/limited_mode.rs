@@ -120,23 +120,59 @@ fn percent_decoded(text: &str) -> String {
     String::from_utf8_lossy(&decoded).into_owned()
 }
 
-/// The methods a query asks for with `_method` parameters (the name
-/// trimmed and compared ignoring case, the value percent-decoded).
+/// The methods a query asks for with `_method` parameters: the name
+/// compared as PHP and the frameworks read it ([`is_method_override_name`]),
+/// the value percent-decoded.
 pub(crate) fn method_overrides_in_query(query: Option<&str>) -> impl Iterator<Item = String> + '_ {
     query
         .into_iter()
         .flat_map(query_parameters)
-        .filter(|(name, _)| name.trim().eq_ignore_ascii_case(METHOD_OVERRIDE_PARAMETER))
+        .filter(|(name, _)| is_method_override_name(name))
         .map(|(_, value)| value)
 }
 
-/// Whether the request starts a push (`…/info/refs?service=git-receive-pack`).
-pub(crate) fn starts_a_push(path: &str, query: Option<&str>) -> bool {
-    path.ends_with("/info/refs")
-        && query.is_some_and(|query| {
-            query_parameters(query)
-                .any(|(name, value)| name == "service" && value.trim() == crate::git::RECEIVE_PACK)
+/// Whether a parameter name (decoded) is read as `_method` by some
+/// framework: ASCII case ignored, leading white space dropped, an array
+/// suffix (`_method[]`, `_method[x]`) dropped, and `.`, ` ` and `[` read as
+/// `_` (PHP renames `.method` to `_method`).
+pub fn is_method_override_name(name: &str) -> bool {
+    let name = name.trim_start();
+    let name = match name.find('[') {
+        // `a[…]…`: PHP makes an array named `a`.
+        Some(open) if name.get(open..).is_some_and(|rest| rest.contains(']')) => {
+            name.get(..open).unwrap_or(name)
+        }
+        _ => name,
+    };
+    let name = name.trim_end();
+    name.len() == METHOD_OVERRIDE_PARAMETER.len()
+        && name
+            .chars()
+            .map(|c| match c {
+                '.' | ' ' | '[' => '_',
+                c => c.to_ascii_lowercase(),
+            })
+            .eq(METHOD_OVERRIDE_PARAMETER.chars())
+}
+
+/// The parameters of an `application/x-www-form-urlencoded` body (the
+/// query's syntax), names and values percent-decoded.
+pub(crate) fn form_parameters(body: &str) -> impl Iterator<Item = (String, String)> + '_ {
+    query_parameters(body)
+}
+
+/// Whether the request starts a push: its query asks for
+/// `service=git-receive-pack`. The path is not consulted: a push's first
+/// request (`…/info/refs?service=git-receive-pack`) has spellings the path
+/// alone would miss (`/info/refs/`, `/info/%72efs`, `/info/refs;x`), and no
+/// read asks for that service.
+pub(crate) fn starts_a_push(query: Option<&str>) -> bool {
+    query.is_some_and(|query| {
+        query_parameters(query).any(|(name, value)| {
+            name.trim().eq_ignore_ascii_case("service")
+                && value.trim().eq_ignore_ascii_case(crate::git::RECEIVE_PACK)
         })
+    })
 }
 
 /// The mark limited mode puts on a git fetch it let through: its body has
@@ -254,7 +290,7 @@ where
         // Limited mode is a preset of the request rules, decided by the
         // same engine: see `RequestRules::limited`.
         let preset = crate::request_rules::limited_preset(policy.limited_allows_git_fetch());
-        match crate::request_rules::decide_call(preset, &mut request) {
+        match crate::request_rules::decide_call(preset, None, &mut request) {
             Ok(pass) => {
                 MarkedResponse::marked(self.inner.call(request), pass.intercept, pass.audited)
             }

@@ -67,6 +67,17 @@ pub struct CameRound {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct NotTls;
 
+/// The transport's mark on a captured connection whose first bytes (a TLS
+/// SNI, an HTTP `Host`) name another host than the one its address maps
+/// to: the policy judged one host and the bytes ask for another. The
+/// transport sends a synthesized `CONNECT` with this mark so the refusal
+/// (`host_mismatch`) is decided, and recorded, here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedAnotherHost {
+    /// The host the bytes name (escaped for a log line by the writer).
+    pub named: String,
+}
+
 /// Configures [`LoopGuard`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LoopGuardLayer {
@@ -88,7 +99,7 @@ impl<S> Layer<S> for LoopGuardLayer {
     }
 }
 
-/// Refuses requests marked [`CameRound`] or [`NotTls`]; see the
+/// Refuses requests marked [`CameRound`], [`NotTls`] or [`NamedAnotherHost`]; see the
 /// [module docs](self).
 #[derive(Debug, Clone)]
 pub struct LoopGuard<S> {
@@ -132,10 +143,18 @@ where
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let extensions = request.extensions();
-        let (reason, rule) = match (extensions.get::<CameRound>(), extensions.get::<NotTls>()) {
-            (Some(mark), _) => (Reason::Loop, Some(mark.rule.clone())),
-            (None, Some(NotTls)) => (Reason::TlsRequired, None),
-            (None, None) => return ResponseFuture::inner(self.inner.call(request)),
+        let (reason, rule) = match (
+            extensions.get::<CameRound>(),
+            extensions.get::<NotTls>(),
+            extensions.get::<NamedAnotherHost>(),
+        ) {
+            (Some(mark), _, _) => (Reason::Loop, Some(mark.rule.clone())),
+            (None, Some(NotTls), _) => (Reason::TlsRequired, None),
+            (None, None, Some(named)) => (
+                Reason::HostMismatch,
+                Some(format!("the connection names {:?}", named.named)),
+            ),
+            (None, None, None) => return ResponseFuture::inner(self.inner.call(request)),
         };
         match RequestInfo::from_request(&request) {
             Ok(info) => ResponseFuture::refused(

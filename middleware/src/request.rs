@@ -143,6 +143,15 @@ pub struct Interceptable;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Intercept;
 
+/// A layer's answer, in the extensions of the stack's response to a
+/// WebSocket upgrade it let through to a host with request rules: once the
+/// origin switches protocols, every byte both ways must be a WebSocket
+/// frame (masked from the client, unmasked from the origin). The
+/// transport closes the connection at the first byte that is not; no rule
+/// can judge an arbitrary stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WebSocketFramesOnly;
+
 /// Marks a SOCKS5 `UDP ASSOCIATE` sent through the stack as a synthesized
 /// request (protocol `socks5_udp`, method `CONNECT`, the client's address as
 /// its [`Target`]). It names no destination: the policy passes it, each

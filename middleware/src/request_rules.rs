@@ -201,28 +201,44 @@ fn matches(glob: &[Segment], path: &[Cow<'_, str>], ignore_case: bool) -> bool {
     }
 }
 
-/// A request path, normalised for matching: its segments, decoded, with
-/// `//`, `.` and `..` resolved. `Err` for a path origins read differently
-/// (an encoded `/` or `\`, a raw `\`, a decoded NUL).
+/// A request path, normalised for matching: its segments, each with its
+/// `;` parameters dropped and then percent-decoded, with `//`, `.` and
+/// `..` resolved (`..;` is `..`, as Tomcat, Jetty and Spring read it).
+///
+/// `Err` names why the path can mean two things to some origin, so no rule
+/// can judge it: an encoded `/`, `\`, `;` or NUL, a raw `\`, an escape
+/// encoded twice (`%252e`, `%25%32%65`: decoded once, still an escape), an
+/// IIS `%u` escape, a `%` not
+/// followed by two hex digits, bytes that are not UTF-8 once decoded
+/// (overlong `%c0%ae` included), a control character, or a segment ending
+/// in `.` or white space (Windows servers drop those).
 pub fn normalise_path(path: &str) -> Result<Vec<Cow<'_, str>>, &'static str> {
     if path.contains('\\') {
         return Err("the path holds a \\");
     }
     let mut segments: Vec<Cow<'_, str>> = Vec::new();
     for raw in path.split('/') {
+        // Servlet containers read `;…` as the segment's parameters.
+        let raw = raw.split_once(';').map_or(raw, |(segment, _)| segment);
         let decoded = if raw.contains('%') {
-            let decoded = percent_decode(raw);
-            if decoded.contains(['/', '\\', '\0']) {
-                return Err("the path holds an encoded /, \\ or NUL (%2F, %5C, %00)");
+            let decoded = percent_decode_strict(raw)?;
+            if decoded.contains(['/', '\\', ';', '\0']) {
+                return Err("the path holds an encoded /, \\, ; or NUL (%2F, %5C, %3B, %00)");
             }
             Cow::Owned(decoded)
         } else {
             Cow::Borrowed(raw)
         };
+        if decoded.chars().any(char::is_control) {
+            return Err("the path holds a control character");
+        }
         match decoded.as_ref() {
             "" | "." => {}
             ".." => {
                 segments.pop();
+            }
+            segment if segment.ends_with(|c: char| c == '.' || c.is_whitespace()) => {
+                return Err("a segment ends in . or white space (Windows servers drop it)");
             }
             _ => segments.push(decoded),
         }
@@ -230,27 +246,45 @@ pub fn normalise_path(path: &str) -> Result<Vec<Cow<'_, str>>, &'static str> {
     Ok(segments)
 }
 
-fn percent_decode(text: &str) -> String {
+/// Percent-decodes one segment, refusing what origins decode differently.
+fn percent_decode_strict(text: &str) -> Result<String, &'static str> {
     let bytes = text.as_bytes();
     let mut decoded = Vec::with_capacity(bytes.len());
     let mut index = 0;
     while let Some(&byte) = bytes.get(index) {
-        let escaped = bytes
-            .get(index + 1..index + 3)
-            .and_then(|hex| std::str::from_utf8(hex).ok())
-            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
-        match (byte, escaped) {
-            (b'%', Some(value)) => {
-                decoded.push(value);
-                index += 3;
-            }
-            _ => {
-                decoded.push(byte);
-                index += 1;
-            }
+        if byte != b'%' {
+            decoded.push(byte);
+            index += 1;
+            continue;
         }
+        let hex = |at: usize| -> Option<u8> {
+            let pair = bytes.get(at..at + 2)?;
+            u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()
+        };
+        let Some(value) = hex(index + 1) else {
+            return Err(match bytes.get(index + 1) {
+                Some(b'u' | b'U') => "the path holds a %u escape (IIS reads it as UTF-16)",
+                _ => "the path holds a % that is not followed by two hex digits",
+            });
+        };
+        decoded.push(value);
+        index += 3;
     }
-    String::from_utf8_lossy(&decoded).into_owned()
+    // Decoded once, an escape left (`%252e` is `%2e`, and so is
+    // `%25%32%65`) is what an origin that decodes twice reads again.
+    let again = decoded.windows(3).any(|w| {
+        w.first() == Some(&b'%')
+            && (w
+                .get(1..3)
+                .is_some_and(|pair| pair.iter().all(u8::is_ascii_hexdigit))
+                || matches!(w.get(1), Some(b'u' | b'U')))
+    });
+    if again {
+        return Err("the path is percent-encoded twice (decoded once, it still holds an escape)");
+    }
+    String::from_utf8(decoded).map_err(|_| {
+        "the path decodes to bytes that are not UTF-8 (an overlong or broken sequence)"
+    })
 }
 
 /// One `allow` or `deny` entry: methods and paths, each optional (absent:
@@ -379,6 +413,9 @@ struct Asked<'a> {
     write_in_a_read: bool,
     /// A protocol upgrade: the request becomes a stream no rule can see.
     upgrade: bool,
+    /// The upgrade is to WebSocket (`Upgrade: websocket`, that token
+    /// alone): the only one a host with rules lets through.
+    websocket: bool,
     git_fetch: bool,
 }
 
@@ -391,8 +428,19 @@ impl<'a> Asked<'a> {
             path,
             write_in_a_read: false,
             upgrade: false,
+            websocket: false,
             git_fetch: false,
         }
+    }
+
+    /// Also the methods a body names (`_method` in a form or JSON body).
+    fn with_body_overrides(mut self, methods: &[String]) -> Asked<'a> {
+        self.overrides.extend(
+            methods
+                .iter()
+                .map(|value| Method::from_bytes(value.trim().as_bytes()).ok()),
+        );
+        self
     }
 
     fn of<B>(request: &'a Request<B>) -> Asked<'a> {
@@ -407,6 +455,8 @@ impl<'a> Asked<'a> {
                 .map(|value| Method::from_bytes(value.trim().as_bytes()).ok()),
         );
         let upgrade = headers.contains_key(http::header::UPGRADE);
+        let websocket = crate::strip_headers::upgrade_token(headers)
+            .is_some_and(|token| token.eq_ignore_ascii_case("websocket"));
         let method = request.method();
         Asked {
             method,
@@ -414,10 +464,11 @@ impl<'a> Asked<'a> {
                 || upgrade
                 || (crate::limited_mode::is_read_only(method)
                     && crate::limited_mode::carries_body(request))
-                || crate::limited_mode::starts_a_push(request.uri().path(), request.uri().query()),
+                || crate::limited_mode::starts_a_push(request.uri().query()),
             overrides,
             path: request.uri().path(),
             upgrade,
+            websocket,
             git_fetch: crate::limited_mode::is_git_fetch(request),
         }
     }
@@ -718,7 +769,7 @@ impl RequestRules {
             Ok(segments) => segments,
             Err(why) => {
                 for (_, block) in blocks.iter().filter(|(_, block)| block.uses_paths()) {
-                    let refusal = block.refusal(Reason::RuleNotMatched, || {
+                    let refusal = block.refusal(Reason::AmbiguousPath, || {
                         format!("{} ({}): {why}", block.name, block.host)
                     });
                     if let Some(verdict) = judge(block, refusal, &mut audited) {
@@ -749,7 +800,8 @@ impl RequestRules {
                 // An upgrade (a WebSocket) becomes a stream no rule sees:
                 // only an entry that names its paths lets it through.
                 .position(|entry| {
-                    entry.allows(asked, &segments) && (!asked.upgrade || entry.paths.is_some())
+                    entry.allows(asked, &segments)
+                        && (!asked.upgrade || (asked.websocket && entry.paths.is_some()))
                 });
             match found {
                 Some(index) => allowed_by.push((*block_index, index)),
@@ -766,10 +818,10 @@ impl RequestRules {
                         } else {
                             format!(" (overridden as {})", overrides.join(", "))
                         };
-                        let upgrade = if asked.upgrade {
-                            " (a protocol upgrade: allowed only by an entry that names its paths)"
-                        } else {
-                            ""
+                        let upgrade = match (asked.upgrade, asked.websocket) {
+                            (true, true) => " (a WebSocket upgrade: allowed only by an entry that names its paths)",
+                            (true, false) => " (a protocol upgrade other than Upgrade: websocket, which a host with request rules never lets through)",
+                            (false, _) => "",
                         };
                         format!(
                             "{} ({}): no allow entry matches {}{overrides} /{}{upgrade}",
@@ -881,13 +933,223 @@ where
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let policy = self.policy.load();
-        match decide_call(policy.request_rules(), &mut request) {
+        match decide_call(policy.request_rules(), Some(&policy), &mut request) {
             Ok(pass) => {
                 MarkedResponse::marked(self.inner.call(request), pass.intercept, pass.audited)
+                    .frames_only(pass.frames_only)
             }
             Err(error) => MarkedResponse::refused(error),
         }
     }
+}
+
+/// How a request body names fields, when frameworks read a `_method`
+/// field from it as the real method (Rails and Symfony from forms, Laravel
+/// from forms and JSON).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BodyForm {
+    /// `application/x-www-form-urlencoded`.
+    UrlEncoded,
+    /// `multipart/form-data` (the boundary is in the `Content-Type`).
+    Multipart,
+    /// `application/json` or any `…+json`.
+    Json,
+}
+
+impl BodyForm {
+    /// The form of a body with these headers: judged on every
+    /// `Content-Type` value by its media type, ignoring case and
+    /// parameters; `None` when none is a form or JSON.
+    pub fn of(headers: &http::HeaderMap) -> Option<BodyForm> {
+        headers
+            .get_all(http::header::CONTENT_TYPE)
+            .iter()
+            .filter_map(|value| {
+                let value = String::from_utf8_lossy(value.as_bytes()).to_ascii_lowercase();
+                let essence = value.split(';').next().unwrap_or("").trim().to_owned();
+                match essence.as_str() {
+                    "application/x-www-form-urlencoded" => Some(BodyForm::UrlEncoded),
+                    "multipart/form-data" => Some(BodyForm::Multipart),
+                    "application/json" => Some(BodyForm::Json),
+                    other if other.starts_with("application/") && other.ends_with("+json") => {
+                        Some(BodyForm::Json)
+                    }
+                    _ => None,
+                }
+            })
+            .next()
+    }
+}
+
+/// The methods an `application/x-www-form-urlencoded` body asks for with a
+/// `_method` field (the name read as PHP and the frameworks read it).
+pub fn method_overrides_in_form(body: &[u8]) -> Vec<String> {
+    let body = String::from_utf8_lossy(body);
+    crate::limited_mode::form_parameters(&body)
+        .filter(|(name, _)| crate::limited_mode::is_method_override_name(name))
+        .map(|(_, value)| value)
+        .collect()
+}
+
+/// The methods a JSON body asks for with a top-level `_method` key (each
+/// one, when the key is repeated; each string of an array; a value that is
+/// not a string as a non-method, which no `allow` entry holds). A body that
+/// is not a JSON object names none: no framework reads a field from it.
+pub fn method_overrides_in_json(body: &[u8]) -> Vec<String> {
+    struct Overrides(Vec<String>);
+    impl<'de> serde::Deserialize<'de> for Overrides {
+        fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            struct Visitor;
+            impl<'de> serde::de::Visitor<'de> for Visitor {
+                type Value = Overrides;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("a JSON object")
+                }
+                fn visit_map<A: serde::de::MapAccess<'de>>(
+                    self,
+                    mut map: A,
+                ) -> Result<Overrides, A::Error> {
+                    let mut found = Vec::new();
+                    while let Some(key) = map.next_key::<String>()? {
+                        let value: serde_json::Value = map.next_value()?;
+                        if !crate::limited_mode::is_method_override_name(&key) {
+                            continue;
+                        }
+                        match value {
+                            serde_json::Value::String(method) => found.push(method),
+                            serde_json::Value::Array(items) => {
+                                found.extend(items.into_iter().map(|item| match item {
+                                    serde_json::Value::String(method) => method,
+                                    _ => String::new(),
+                                }))
+                            }
+                            _ => found.push(String::new()),
+                        }
+                    }
+                    Ok(Overrides(found))
+                }
+            }
+            deserializer.deserialize_map(Visitor)
+        }
+    }
+    serde_json::from_slice::<Overrides>(body)
+        .map(|overrides| overrides.0)
+        .unwrap_or_default()
+}
+
+/// The mark the request-rules layer puts on a request it let through to a
+/// host whose rules name methods, when the request carries a form,
+/// multipart or JSON body ([`BodyForm`]): frameworks read a `_method` field
+/// there as the real method, so the body has not been judged yet. The
+/// innermost service must read the body (bounded), find the methods it
+/// names ([`method_overrides_in_form`], [`method_overrides_in_json`], the
+/// `_method` parts of a multipart body) and [`decide`](VerifyBodyMethod::decide)
+/// before anything is sent, and [`refuse_unread`](VerifyBodyMethod::refuse_unread)
+/// a body it cannot read within its bound; portcullis's connector does.
+#[derive(Debug, Clone)]
+pub struct VerifyBodyMethod {
+    policy: Arc<crate::policy::NetworkPolicy>,
+    form: BodyForm,
+}
+
+impl VerifyBodyMethod {
+    /// How the body names its fields.
+    pub fn form(&self) -> &BodyForm {
+        &self.form
+    }
+
+    /// The request judged again with the methods its body names: `Err`
+    /// with the refusal, `Ok(Some(_))` with a would-be refusal to record
+    /// (audit mode), `Ok(None)` to let it go on.
+    pub fn decide<B>(
+        &self,
+        request: &Request<B>,
+        body_methods: &[String],
+    ) -> Result<Option<Blocked>, BoxError> {
+        let info = RequestInfo::from_request(request)?;
+        let asked = Asked::of(request).with_body_overrides(body_methods);
+        match self.policy.request_rules().verdict(&info.target, &asked) {
+            RuleVerdict::NoRules | RuleVerdict::Allowed(_) => Ok(None),
+            RuleVerdict::Refused(refusal) => Err(refusal_of(&info, refusal).into()),
+            RuleVerdict::Audited(refusal) => Ok(Some(audited_of(&info, refusal))),
+        }
+    }
+
+    /// The refusal of a request whose body could not be judged (`why`: over
+    /// the bound, or not readable as its `Content-Type` says).
+    pub fn refuse_unread<B>(&self, request: &Request<B>, why: &str) -> BoxError {
+        let info = match RequestInfo::from_request(request) {
+            Ok(info) => info,
+            Err(error) => return error.into(),
+        };
+        let names: Vec<String> = self
+            .policy
+            .request_rules()
+            .blocks_for(&info.target)
+            .iter()
+            .filter(|(_, block)| !block.read_only)
+            .map(|(_, block)| format!("{} ({})", block.name, block.host))
+            .collect();
+        refusal_of(
+            &info,
+            Refusal {
+                reason: Reason::RuleNotMatched,
+                source: Source::RequestRules,
+                rule: Some(format!(
+                    "{}: its body could name another method (_method) and {why}",
+                    names.join(", ")
+                )),
+            },
+        )
+        .into()
+    }
+}
+
+/// Whether a request the rules let through must have its body judged:
+/// it carries a form or JSON body and some block covering it names methods.
+fn body_method_mark<B>(
+    policy: &Arc<crate::policy::NetworkPolicy>,
+    blocks: &[(usize, &RuleBlock)],
+    request: &Request<B>,
+) -> Option<VerifyBodyMethod> {
+    let names_methods = blocks.iter().any(|(_, block)| {
+        !block.read_only
+            && block
+                .allow
+                .iter()
+                .chain(&block.deny)
+                .any(|entry| entry.methods.is_some())
+    });
+    if !names_methods || !crate::limited_mode::carries_body(request) {
+        return None;
+    }
+    Some(VerifyBodyMethod {
+        policy: Arc::clone(policy),
+        form: BodyForm::of(request.headers())?,
+    })
+}
+
+fn refusal_of(info: &RequestInfo, refusal: Refusal) -> Blocked {
+    Blocked::new(
+        refusal.reason,
+        refusal.source,
+        info.target.clone(),
+        info.protocol,
+        &info.method,
+    )
+    .with_rule(refusal.rule)
+}
+
+fn audited_of(info: &RequestInfo, refusal: Refusal) -> Blocked {
+    let message = format!(
+        "portcullis let {} {} through in audit mode; enforced, its request rules would refuse it ({refusal})",
+        info.method.as_str().escape_debug(),
+        info.target,
+    );
+    refusal_of(info, refusal)
+        .with_decision(BlockDecision::Audit)
+        .with_message(message)
 }
 
 /// What the engine lets through: whether to ask for interception, and a
@@ -896,6 +1158,8 @@ where
 pub(crate) struct Pass {
     pub(crate) intercept: bool,
     pub(crate) audited: Option<Blocked>,
+    /// An upgrade let through to a host with rules: WebSocket frames only.
+    pub(crate) frames_only: bool,
 }
 
 /// The one decision of a call by `rules`, for the request-rules layer and
@@ -905,6 +1169,7 @@ pub(crate) struct Pass {
 /// fetch let through by its entry is marked for its body to be checked.
 pub(crate) fn decide_call<B>(
     rules: &RequestRules,
+    policy: Option<&Arc<crate::policy::NetworkPolicy>>,
     request: &mut Request<B>,
 ) -> Result<Pass, BoxError> {
     if rules.is_empty() {
@@ -925,16 +1190,7 @@ pub(crate) fn decide_call<B>(
     if blocks.is_empty() {
         return Ok(Pass::default());
     }
-    let blocked = |refusal: Refusal| {
-        Blocked::new(
-            refusal.reason,
-            refusal.source,
-            info.target.clone(),
-            info.protocol,
-            &info.method,
-        )
-        .with_rule(refusal.rule)
-    };
+    let blocked = |refusal: Refusal| refusal_of(&info, refusal);
     if info.method == Method::CONNECT || info.protocol.is_tunnel() {
         let seeable = !info.protocol.is_tunnel() || info.protocol.can_intercept();
         let offered = info.method == Method::CONNECT
@@ -943,7 +1199,7 @@ pub(crate) fn decide_call<B>(
         if offered {
             return Ok(Pass {
                 intercept: true,
-                audited: None,
+                ..Pass::default()
             });
         }
         if blocks.iter().any(|(_, block)| block.read_only) {
@@ -980,33 +1236,28 @@ pub(crate) fn decide_call<B>(
         ))
         .into());
     }
-    match rules.decide_request(&info.target, request) {
-        RuleVerdict::NoRules => Ok(Pass::default()),
+    let mut pass = match rules.decide_request(&info.target, request) {
+        RuleVerdict::NoRules => return Ok(Pass::default()),
         RuleVerdict::Allowed(by) => {
             if rules.by_git_fetch(&by) {
                 request
                     .extensions_mut()
                     .insert(crate::limited_mode::VerifyGitFetchBody);
             }
-            Ok(Pass::default())
+            Pass::default()
         }
-        RuleVerdict::Refused(refusal) => Err(blocked(refusal).into()),
-        RuleVerdict::Audited(refusal) => {
-            let message = format!(
-                "portcullis let {} {} through in audit mode; enforced, its request rules would refuse it ({refusal})",
-                info.method.as_str().escape_debug(),
-                info.target,
-            );
-            Ok(Pass {
-                intercept: false,
-                audited: Some(
-                    blocked(refusal)
-                        .with_decision(BlockDecision::Audit)
-                        .with_message(message),
-                ),
-            })
-        }
+        RuleVerdict::Refused(refusal) => return Err(blocked(refusal).into()),
+        RuleVerdict::Audited(refusal) => Pass {
+            audited: Some(audited_of(&info, refusal)),
+            ..Pass::default()
+        },
+    };
+    pass.frames_only = crate::strip_headers::is_upgrade(request.headers())
+        && blocks.iter().any(|(_, block)| !block.read_only);
+    if let Some(mark) = policy.and_then(|policy| body_method_mark(policy, &blocks, request)) {
+        request.extensions_mut().insert(mark);
     }
+    Ok(pass)
 }
 
 /// Limited mode's preset, built once: see [`RequestRules::limited`].
@@ -1068,6 +1319,82 @@ mod tests {
     }
 
     #[test]
+    fn parameters_are_dropped_and_ambiguous_spellings_refused() {
+        assert_eq!(normalise_path("/a;x=1/b").unwrap(), ["a", "b"]);
+        assert_eq!(normalise_path("/a/..;/b").unwrap(), ["b"]);
+        assert_eq!(normalise_path("/a/%2e%2e;x/b").unwrap(), ["b"]);
+        assert_eq!(normalise_path("/a;").unwrap(), ["a"]);
+        assert_eq!(normalise_path("/100%25").unwrap(), ["100%"]);
+        for ambiguous in [
+            "/%252e%252e/x",
+            "/%25%32%65",
+            "/%c0%ae%c0%ae/x",
+            "/%ff",
+            "/%u002e",
+            "/%U002E",
+            "/a%",
+            "/a%zz",
+            "/a%3bb",
+            "/a.",
+            "/a./b",
+            "/a%20",
+            "/a%09/b",
+            "/a%0d%0a",
+            "/a%c2%a0",
+            "/...",
+        ] {
+            assert!(normalise_path(ambiguous).is_err(), "{ambiguous}");
+        }
+    }
+
+    #[test]
+    fn override_fields_are_read_as_the_frameworks_read_them() {
+        use crate::limited_mode::is_method_override_name;
+        for name in [
+            "_method",
+            "_METHOD",
+            ".method",
+            " _method",
+            "_method[]",
+            "_method[0]",
+            "[method",
+            "_method ",
+        ] {
+            assert!(is_method_override_name(name), "{name:?}");
+        }
+        for name in ["method", "x_method", "_methods", "_method[", "__method"] {
+            assert!(!is_method_override_name(name), "{name}");
+        }
+        assert_eq!(
+            method_overrides_in_form(b"a=1&_method=DELETE&.method=PUT"),
+            ["DELETE", "PUT"]
+        );
+        assert_eq!(method_overrides_in_form(b"_method=PATCH+ME"), ["PATCH ME"]);
+        assert_eq!(
+            method_overrides_in_json(br#"{"_method":"POST","x":{"_method":"no"},"_method":"DELETE","_method[]":["PUT"]}"#),
+            ["POST", "DELETE", "PUT"]
+        );
+        assert_eq!(method_overrides_in_json(br#"{"_method": 7}"#), [""]);
+        assert!(method_overrides_in_json(b"[1, 2]").is_empty());
+        assert!(method_overrides_in_json(b"not json").is_empty());
+        let form = |value: &str| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(http::header::CONTENT_TYPE, value.parse().unwrap());
+            BodyForm::of(&headers)
+        };
+        assert_eq!(
+            form("Application/X-WWW-Form-Urlencoded; charset=utf-8"),
+            Some(BodyForm::UrlEncoded)
+        );
+        assert_eq!(
+            form("multipart/form-data; boundary=x"),
+            Some(BodyForm::Multipart)
+        );
+        assert_eq!(form("application/vnd.api+json"), Some(BodyForm::Json));
+        assert_eq!(form("text/plain"), None);
+    }
+
+    #[test]
     fn paths_are_normalised_before_matching() {
         assert_eq!(normalise_path("/a//b/./c/../d").unwrap(), ["a", "b", "d"]);
         assert_eq!(normalise_path("/%2e%2e/x/%2E/y").unwrap(), ["x", "y"]);
@@ -1124,10 +1451,7 @@ mod tests {
             assert_eq!(reason("GET", path), Some(Reason::RuleDenied), "{path}");
         }
         // An encoded separator is never matched against anything.
-        assert_eq!(
-            reason("GET", "/user%2Fkeys/1"),
-            Some(Reason::RuleNotMatched)
-        );
+        assert_eq!(reason("GET", "/user%2Fkeys/1"), Some(Reason::AmbiguousPath));
         // A less specific block's deny applies too: rules narrow.
         assert_eq!(reason("GET", "/admin/x"), Some(Reason::RuleDenied));
         // Methods: allow compares exactly, deny ignores case.

@@ -207,6 +207,19 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
         && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
 }
 
+/// The protocol an upgrade asks for: the `Upgrade` header's value when it
+/// is one header naming one protocol (`websocket`, `h2c`), trimmed; `None`
+/// when there is none, several, or a list.
+pub fn upgrade_token(headers: &HeaderMap) -> Option<&str> {
+    let mut values = headers.get_all(header::UPGRADE).iter();
+    let value = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    let token = value.to_str().ok()?.trim();
+    (!token.is_empty() && !token.contains([',', ' ', '\t'])).then_some(token)
+}
+
 /// Removes hop-by-hop headers; with `keep_upgrade`, leaves `Upgrade` and
 /// sets `Connection: upgrade`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {

@@ -28,7 +28,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixListener, UnixStream};
 
 use portcullis_middleware::target::{canonical_ip, Host};
-use portcullis_middleware::{Intercept, Interceptable, Protocol, Target};
+use portcullis_middleware::{Intercept, Interceptable, NamedAnotherHost, Protocol, Target};
 
 use super::names::SyntheticNames;
 use crate::kit::{Ingress, RequestModel, Tunnel};
@@ -111,7 +111,8 @@ async fn serve_one(
         let first = tokio::time::timeout(limits.header_read_timeout, peek_first_byte(&stream))
             .await
             .map_err(|_| "no first byte in time".to_owned())??;
-        let answers = settings.answers.clone();
+        let mut answers = settings.answers.clone();
+        answers.drain = Some(guard.clone());
         match (first, settings.interceptor.clone()) {
             (Some(byte), _) if byte.is_ascii_uppercase() => {
                 mitm::serve_plain(stream, target, peer, ingress.service(), answers).await;
@@ -144,7 +145,29 @@ async fn serve_one(
         return Ok(());
     }
     let mut upstream = upstream;
-    let first = first_bytes(&mut stream, &upstream, &target, limits.header_read_timeout).await?;
+    let first = match first_bytes(&mut stream, &upstream, &target, limits.header_read_timeout)
+        .await?
+    {
+        Ok(first) => first,
+        Err(named) => {
+            // Refused by the stack (host_mismatch), on the record like any
+            // refusal; the connection closes either way.
+            drop(upstream);
+            let refused = RequestModel::new(target.clone(), Protocol::Transparent, source)
+                .mark(NamedAnotherHost {
+                    named: named.clone(),
+                })
+                .connect()
+                .map(|request| ingress.call(request));
+            if let Ok(refused) = refused {
+                if refused.await.is_ok() {
+                    tracing::warn!(%target, "the stack let a captured connection through that named another host; closed anyway");
+                }
+            }
+            drop(guard);
+            return Err(format!("{named:?} is not {target}"));
+        }
+    };
     if !first.is_empty() {
         upstream
             .write_all(&first)
@@ -200,23 +223,24 @@ fn parse_line(line: &str) -> Result<(SocketAddr, SocketAddr), String> {
 
 /// The child's first bytes, read and checked before they go on: when it
 /// speaks first with TLS, the SNI must name the target; with HTTP, the
-/// `Host` must. When the server speaks first, nothing is read here.
+/// `Host` must (`Ok(Err(named))` when it names another). When the server
+/// speaks first, nothing is read here.
 async fn first_bytes(
     client: &mut UnixStream,
     upstream: &TcpStream,
     target: &Target,
     timeout: Duration,
-) -> Result<Vec<u8>, String> {
+) -> Result<Result<Vec<u8>, String>, String> {
     let Some(Host::Name(name)) = target.host_ref() else {
         // Dialled by address: decided by that address; nothing to agree with.
-        return Ok(Vec::new());
+        return Ok(Ok(Vec::new()));
     };
     tokio::select! {
         biased;
         ready = client.readable() => ready.map_err(|e| e.to_string())?,
         ready = upstream.readable() => {
             ready.map_err(|e| e.to_string())?;
-            return Ok(Vec::new());
+            return Ok(Ok(Vec::new()));
         }
     }
     let mut buffer = Vec::with_capacity(2048);
@@ -232,7 +256,7 @@ async fn first_bytes(
             return Err("a bad read".to_owned());
         };
         if chunk.is_empty() {
-            return Ok(buffer);
+            return Ok(Ok(buffer));
         }
         buffer.extend_from_slice(chunk);
         match classify(&buffer, chunk, &mut tls)? {
@@ -240,14 +264,13 @@ async fn first_bytes(
             Named::Incomplete => {
                 return Err("no complete ClientHello or request head in 16 KiB".to_owned())
             }
-            Named::Nothing => return Ok(buffer),
+            Named::Nothing => return Ok(Ok(buffer)),
             Named::Host(named) => {
                 let named = named.trim_end_matches('.').to_ascii_lowercase();
                 if named == *name {
-                    return Ok(buffer);
+                    return Ok(Ok(buffer));
                 }
-                tracing::warn!(%target, named = %named.escape_debug(), "a captured connection named another host than the address it dialled maps to: closed; connect to the host you name (its own DNS answer), and allow it if it is not");
-                return Err(format!("{named:?} is not {name}"));
+                return Ok(Err(named));
             }
         }
     }

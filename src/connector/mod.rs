@@ -42,6 +42,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tower::Service;
 
+use portcullis_middleware::request_rules::VerifyBodyMethod;
 use portcullis_middleware::target::default_port_for_scheme;
 use portcullis_middleware::{
     AwaitingApproval, BadRequest, BlockDecision, Blocked, BoxError, Host, Protocol, Reason,
@@ -312,7 +313,8 @@ impl Connector {
         mut request: Request<Body>,
         info: RequestInfo,
     ) -> Result<Response<Body>, BoxError> {
-        request = checked_git_fetch(request, &info).await?;
+        let (checked, audited) = checked_body(request, &info).await?;
+        request = checked;
         // Plain HTTP from a client connection that keeps its own origin
         // connection (the HTTP/1 listener's), when nothing is chained.
         if let Some(kept) = request.extensions().get::<KeptUpstream>().cloned() {
@@ -321,7 +323,10 @@ impl Connector {
                 && request.uri().scheme() == Some(&http::uri::Scheme::HTTP)
                 && !portcullis_middleware::strip_headers::is_upgrade(request.headers())
             {
-                return kept.forward(&self.dialer, &self.idle, request, &info).await;
+                return kept
+                    .forward(&self.dialer, &self.idle, request, &info)
+                    .await
+                    .map(|response| with_audited(response, audited));
             }
         }
         // Forward to the canonical authority: the host we checked is the host we dial.
@@ -367,11 +372,108 @@ impl Connector {
                         }
                     }
                 }
-                Ok(response.map(body::boxed))
+                Ok(with_audited(response.map(body::boxed), audited))
             }
             Err(error) => Err(relabel(origin_failure(error.into(), &info), &info)),
         }
     }
+}
+
+/// What a client's upgrade asked for: the protocol, and a WebSocket's key.
+#[derive(Debug)]
+struct AskedUpgrade {
+    token: Option<String>,
+    key: Option<http::HeaderValue>,
+}
+
+impl AskedUpgrade {
+    fn of(headers: &http::HeaderMap) -> AskedUpgrade {
+        AskedUpgrade {
+            token: portcullis_middleware::strip_headers::upgrade_token(headers).map(str::to_owned),
+            key: headers.get(http::header::SEC_WEBSOCKET_KEY).cloned(),
+        }
+    }
+}
+
+/// An origin's `101 Switching Protocols` goes back to the client only when
+/// it switches to what the client asked for: the same `Upgrade` token and,
+/// for a WebSocket, the `Sec-WebSocket-Accept` its key calls for. Anything
+/// else is the origin's failure (502), and dropping the response closes
+/// the origin's connection.
+fn switched_as_asked(
+    asked: Option<AskedUpgrade>,
+    response: Response<Body>,
+    target: &Target,
+) -> Result<Response<Body>, BoxError> {
+    if response.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+        return Ok(response);
+    }
+    let failed = |detail: String| -> BoxError {
+        Box::new(portcullis_middleware::UpstreamError {
+            kind: portcullis_middleware::UpstreamErrorKind::Refused,
+            target: target.to_string(),
+            detail,
+        })
+    };
+    let Some(asked) = asked else {
+        return Err(failed(
+            "the origin answered 101 Switching Protocols to a request that asked for no upgrade"
+                .to_owned(),
+        ));
+    };
+    let answered = portcullis_middleware::strip_headers::upgrade_token(response.headers());
+    let same = match (&asked.token, answered) {
+        (Some(asked), Some(answered)) => asked.eq_ignore_ascii_case(answered),
+        _ => false,
+    };
+    if !same {
+        return Err(failed(format!(
+            "the origin switched protocols to {:?}, not to the {:?} the client asked for",
+            answered.unwrap_or("(no single Upgrade token)"),
+            asked
+                .token
+                .as_deref()
+                .unwrap_or("(no single Upgrade token)"),
+        )));
+    }
+    if asked
+        .token
+        .as_deref()
+        .is_some_and(|token| token.eq_ignore_ascii_case("websocket"))
+    {
+        let expected = asked
+            .key
+            .as_ref()
+            .map(|key| tungstenite::handshake::derive_accept_key(key.as_bytes()));
+        let accept = response
+            .headers()
+            .get(http::header::SEC_WEBSOCKET_ACCEPT)
+            .and_then(|value| value.to_str().ok());
+        if expected.is_none() || expected.as_deref() != accept {
+            return Err(failed(
+                "the origin's Sec-WebSocket-Accept does not answer the client's Sec-WebSocket-Key"
+                    .to_owned(),
+            ));
+        }
+    }
+    Ok(response)
+}
+
+/// The response, carrying a would-be refusal the connector found in audit
+/// mode (for the violation log), unless a layer above already put one there.
+fn with_audited(mut response: Response<Body>, audited: Option<Blocked>) -> Response<Body> {
+    if let Some(blocked) = audited {
+        if response
+            .extensions()
+            .get::<portcullis_middleware::Audited>()
+            .is_none()
+        {
+            response
+                .extensions_mut()
+                .insert(portcullis_middleware::Audited(blocked));
+        }
+    }
+    response
 }
 
 /// The URI a forwarded request goes out with: its scheme, path and query,
@@ -402,26 +504,94 @@ impl<'a> From<&'a RequestInfo> for Refusing<'a> {
     }
 }
 
-/// The largest git fetch request limited mode reads (after gzip) to check
-/// it: a negotiation of a very large repository stays well below.
-const GIT_FETCH_MAX_BYTES: usize = 16 << 20;
+/// The largest body the connector reads whole to judge it (a git fetch
+/// in limited mode, a form or JSON body that could name another method),
+/// after gzip: a negotiation of a very large repository stays well below.
+const JUDGED_BODY_MAX_BYTES: usize = 16 << 20;
 
 /// The request as it may go on: a git fetch limited mode admitted
 /// ([`VerifyGitFetchBody`](portcullis_middleware::VerifyGitFetchBody)) only
-/// once its body is checked; any other request as it is.
-async fn checked_git_fetch(
+/// once its body is checked, a body the request rules must judge
+/// ([`VerifyBodyMethod`]) only once its `_method` fields are; any other
+/// request as it is. A would-be refusal of a rule in audit mode is returned
+/// beside it, for the response.
+async fn checked_body(
     request: Request<Body>,
     info: &RequestInfo,
-) -> Result<Request<Body>, BoxError> {
-    if request
+) -> Result<(Request<Body>, Option<Blocked>), BoxError> {
+    let request = if request
         .extensions()
         .get::<portcullis_middleware::VerifyGitFetchBody>()
         .is_some()
     {
-        verified_git_fetch(request, info).await
+        verified_git_fetch(request, info).await?
     } else {
-        Ok(request)
+        request
+    };
+    match request.extensions().get::<VerifyBodyMethod>().cloned() {
+        Some(mark) => verified_body_method(request, &mark).await,
+        None => Ok((request, None)),
     }
+}
+
+/// A body read whole, within [`JUDGED_BODY_MAX_BYTES`]: as it came (to
+/// send on) and with its gzip undone (to judge).
+struct WholeBody {
+    parts: http::request::Parts,
+    sent: bytes::Bytes,
+    plain: Vec<u8>,
+}
+
+/// Reads a body whole (bounded) and undoes gzip; `Err` says why it could
+/// not be judged. A client's own failure (a malformed or stalled body)
+/// stays its error (a 400).
+async fn read_whole_body(request: Request<Body>) -> Result<Result<WholeBody, String>, BoxError> {
+    use http_body_util::BodyExt;
+    let (parts, mut body) = request.into_parts();
+    let mut bytes = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            if bytes.len() + data.len() > JUDGED_BODY_MAX_BYTES {
+                return Ok(Err(format!(
+                    "the body is over {} MiB",
+                    JUDGED_BODY_MAX_BYTES >> 20
+                )));
+            }
+            bytes.extend_from_slice(&data);
+        }
+    }
+    let sent = bytes.freeze();
+    let encoding = parts
+        .headers
+        .get(http::header::CONTENT_ENCODING)
+        .map(|value| value.as_bytes().to_ascii_lowercase());
+    let plain = match encoding.as_deref() {
+        None | Some(b"identity") => sent.to_vec(),
+        Some(b"gzip" | b"x-gzip") => {
+            use std::io::Read;
+            let mut plain = Vec::new();
+            let read = flate2::read::GzDecoder::new(&sent[..])
+                .take(JUDGED_BODY_MAX_BYTES as u64 + 1)
+                .read_to_end(&mut plain);
+            match read {
+                Ok(length) if length > JUDGED_BODY_MAX_BYTES => {
+                    return Ok(Err(format!(
+                        "the body is over {} MiB uncompressed",
+                        JUDGED_BODY_MAX_BYTES >> 20
+                    )))
+                }
+                Ok(_) => plain,
+                Err(error) => return Ok(Err(format!("its gzip does not decode: {error}"))),
+            }
+        }
+        Some(other) => {
+            return Ok(Err(format!(
+                "content-encoding {:?} is not one portcullis can undo to judge it",
+                String::from_utf8_lossy(other)
+            )))
+        }
+    };
+    Ok(Ok(WholeBody { parts, sent, plain }))
 }
 
 /// Reads a git fetch's body whole (bounded), undoes git's gzip, and lets
@@ -432,55 +602,87 @@ async fn verified_git_fetch(
     request: Request<Body>,
     info: &RequestInfo,
 ) -> Result<Request<Body>, BoxError> {
-    use http_body_util::BodyExt;
     let refuse = |why: String| not_a_git_fetch(info, why);
-    let (parts, mut body) = request.into_parts();
-    let mut bytes = bytes::BytesMut::new();
-    while let Some(frame) = body.frame().await {
-        // A client's own failure (a malformed or stalled body) stays a 400.
-        if let Ok(data) = frame?.into_data() {
-            if bytes.len() + data.len() > GIT_FETCH_MAX_BYTES {
-                return Err(refuse(format!(
-                    "the body is over {} MiB",
-                    GIT_FETCH_MAX_BYTES >> 20
-                )));
-            }
-            bytes.extend_from_slice(&data);
+    let whole = read_whole_body(request).await?.map_err(refuse)?;
+    portcullis_middleware::git::check_upload_pack_request(&whole.plain).map_err(refuse)?;
+    Ok(Request::from_parts(whole.parts, body::full(whole.sent)))
+}
+
+/// Reads a form, multipart or JSON body whole (bounded) and judges the
+/// request again with the methods its `_method` fields name; a body that
+/// cannot be read within the bound, or does not parse as its multipart
+/// `Content-Type` says, is refused (it could hide one). The body is sent on
+/// as it came.
+async fn verified_body_method(
+    request: Request<Body>,
+    mark: &VerifyBodyMethod,
+) -> Result<(Request<Body>, Option<Blocked>), BoxError> {
+    use portcullis_middleware::request_rules::{
+        method_overrides_in_form, method_overrides_in_json, BodyForm,
+    };
+    let head = request_head(&request);
+    let whole = match read_whole_body(request).await? {
+        Ok(whole) => whole,
+        Err(why) => return Err(mark.refuse_unread(&head, &why)),
+    };
+    let methods = match mark.form() {
+        BodyForm::UrlEncoded => method_overrides_in_form(&whole.plain),
+        BodyForm::Json => method_overrides_in_json(&whole.plain),
+        _ => match multipart_method_overrides(&whole.parts.headers, whole.plain).await {
+            Ok(methods) => methods,
+            Err(why) => return Err(mark.refuse_unread(&head, &why)),
+        },
+    };
+    let audited = mark.decide(&head, &methods)?;
+    Ok((
+        Request::from_parts(whole.parts, body::full(whole.sent)),
+        audited,
+    ))
+}
+
+/// The request without its body, for deciding on its head again.
+fn request_head(request: &Request<Body>) -> Request<()> {
+    let mut head = Request::new(());
+    *head.method_mut() = request.method().clone();
+    *head.uri_mut() = request.uri().clone();
+    *head.headers_mut() = request.headers().clone();
+    *head.extensions_mut() = request.extensions().clone();
+    head
+}
+
+/// The values of a multipart body's `_method` parts.
+async fn multipart_method_overrides(
+    headers: &http::HeaderMap,
+    body: Vec<u8>,
+) -> Result<Vec<String>, String> {
+    let content_type = headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default();
+    let boundary = multer::parse_boundary(content_type)
+        .map_err(|error| format!("its multipart Content-Type has no usable boundary: {error}"))?;
+    let stream = futures_util::stream::once(async move {
+        Ok::<_, std::convert::Infallible>(bytes::Bytes::from(body))
+    });
+    let mut multipart = multer::Multipart::new(stream, boundary);
+    let mut methods = Vec::new();
+    loop {
+        let field = match multipart.next_field().await {
+            Ok(Some(field)) => field,
+            Ok(None) => return Ok(methods),
+            Err(error) => return Err(format!("it does not parse as multipart: {error}")),
+        };
+        let named = field
+            .name()
+            .is_some_and(portcullis_middleware::limited_mode::is_method_override_name);
+        let text = field
+            .text()
+            .await
+            .map_err(|error| format!("it does not parse as multipart: {error}"))?;
+        if named {
+            methods.push(text);
         }
     }
-    let bytes = bytes.freeze();
-    let encoding = parts
-        .headers
-        .get(http::header::CONTENT_ENCODING)
-        .map(|value| value.as_bytes().to_ascii_lowercase());
-    let plain = match encoding.as_deref() {
-        None | Some(b"identity") => bytes.to_vec(),
-        Some(b"gzip" | b"x-gzip") => {
-            use std::io::Read;
-            let mut plain = Vec::new();
-            let read = flate2::read::GzDecoder::new(&bytes[..])
-                .take(GIT_FETCH_MAX_BYTES as u64 + 1)
-                .read_to_end(&mut plain);
-            match read {
-                Ok(length) if length > GIT_FETCH_MAX_BYTES => {
-                    return Err(refuse(format!(
-                        "the body is over {} MiB uncompressed",
-                        GIT_FETCH_MAX_BYTES >> 20
-                    )))
-                }
-                Ok(_) => plain,
-                Err(error) => return Err(refuse(format!("its gzip does not decode: {error}"))),
-            }
-        }
-        Some(other) => {
-            return Err(refuse(format!(
-                "content-encoding {:?} is not one git uses",
-                String::from_utf8_lossy(other)
-            )))
-        }
-    };
-    portcullis_middleware::git::check_upload_pack_request(&plain).map_err(refuse)?;
-    Ok(Request::from_parts(parts, body::full(bytes)))
 }
 
 fn not_a_git_fetch(info: &RequestInfo, why: String) -> BoxError {
@@ -637,11 +839,13 @@ impl Service<Request<Body>> for Connector {
         let Some(client) = client else {
             return Box::pin(vet(this.dialer, info));
         };
+        let asked = upgrading.then(|| AskedUpgrade::of(request.headers()));
         match info.target.clone() {
             Target::Unix(path) => Box::pin(async move {
                 // A git fetch to a socket is checked like one to a host.
-                let request = checked_git_fetch(request, &info).await?;
-                unix::forward(request, path).await
+                let (request, audited) = checked_body(request, &info).await?;
+                let response = unix::forward(request, path).await?;
+                switched_as_asked(asked, with_audited(response, audited), &info.target)
             }),
             Target::Host { .. } if info.protocol == Protocol::Socks5Udp => {
                 Box::pin(vet(this.dialer, info))
@@ -658,7 +862,11 @@ impl Service<Request<Body>> for Connector {
                     .collect();
                 Box::pin(this.tunnel(info, host, port, via))
             }
-            Target::Host { .. } => Box::pin(this.forward(client, request, info)),
+            Target::Host { .. } => Box::pin(async move {
+                let target = info.target.clone();
+                let response = this.forward(client, request, info).await?;
+                switched_as_asked(asked, response, &target)
+            }),
         }
     }
 }

@@ -22,6 +22,7 @@ pub(crate) mod model;
 pub(crate) mod socks5;
 pub(crate) mod splice;
 mod unix;
+pub(crate) mod websocket;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -435,6 +436,21 @@ impl ShutdownSignal {
             }
         }
     }
+}
+
+/// An answer that closes the HTTP/1 connection after it (`Connection:
+/// close`): what a failed upgrade gets, since the client's next bytes were
+/// meant for another protocol.
+pub(crate) fn closing(
+    mut response: http::Response<crate::body::Body>,
+) -> http::Response<crate::body::Body> {
+    if response.version() < http::Version::HTTP_2 {
+        response.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+    }
+    response
 }
 
 /// What is open, by a name for the log should shutdown have to cut it.

@@ -318,14 +318,26 @@ where
 pub(crate) async fn upgraded(
     client: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
+    frames_only: bool,
     idle: Duration,
     metrics: &crate::metrics::Metrics,
 ) -> Option<Moved> {
+    use crate::transport::websocket::{FramesOnly, Sender};
+    use hyper_util::rt::TokioIo;
     match tokio::try_join!(client, upstream) {
+        Ok((client, upstream)) if frames_only => Some(
+            bidirectional(
+                &mut FramesOnly::new(TokioIo::new(client), Sender::Client),
+                &mut FramesOnly::new(TokioIo::new(upstream), Sender::Origin),
+                idle,
+                metrics,
+            )
+            .await,
+        ),
         Ok((client, upstream)) => Some(
             bidirectional(
-                &mut hyper_util::rt::TokioIo::new(client),
-                &mut hyper_util::rt::TokioIo::new(upstream),
+                &mut TokioIo::new(client),
+                &mut TokioIo::new(upstream),
                 idle,
                 metrics,
             )

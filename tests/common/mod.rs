@@ -89,10 +89,23 @@ async fn answer(mut request: Request<Incoming>) -> Result<Response<Full<Bytes>>,
                 }
             }
         });
+        // `/ws-switches-to-h2c` and `/ws-bad-accept` answer as a broken or
+        // hostile origin would: another protocol, a wrong accept key.
+        let key = request
+            .headers()
+            .get("sec-websocket-key")
+            .map(|key| tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes()))
+            .unwrap_or_default();
+        let (upgrade, accept) = match request.uri().path() {
+            "/ws-switches-to-h2c" => ("h2c", key),
+            "/ws-bad-accept" => ("websocket", "c29tZXRoaW5nIGVsc2U=".to_owned()),
+            _ => ("websocket", key),
+        };
         return Ok(Response::builder()
             .status(StatusCode::SWITCHING_PROTOCOLS)
             .header("connection", "upgrade")
-            .header("upgrade", "websocket")
+            .header("upgrade", upgrade)
+            .header("sec-websocket-accept", accept)
             .body(Full::new(Bytes::new()))
             .unwrap());
     }

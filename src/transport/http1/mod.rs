@@ -202,6 +202,7 @@ async fn route(
                         limits: settings.limits,
                         fixes: settings.fixes.clone(),
                         metrics: settings.metrics.clone(),
+                        drain: Some(tunnel.clone()),
                     };
                     let peer = Peer { addr: client, user };
                     mitm::serve(io, target, peer, interceptor, stack, answers).await;
@@ -242,16 +243,33 @@ async fn route(
     model(target, protocol)
         .has_body(has_body)
         .apply(&mut request);
-    let mut response = call(stack, request, &settings.fixes).await?;
+    let asked_upgrade = client_upgrade.is_some();
+    let mut response = match call(stack, request, &settings.fixes).await {
+        Ok(response) => response,
+        // An upgrade that failed leaves nothing to keep the connection for.
+        Err(refused) if asked_upgrade => return Err(crate::transport::closing(refused)),
+        Err(refused) => return Err(refused),
+    };
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {
             let upstream_upgrade = hyper::upgrade::on(&mut response);
+            let frames_only = response
+                .extensions()
+                .get::<portcullis_middleware::WebSocketFramesOnly>()
+                .is_some();
             let upgraded = drain.open(name.unwrap_or_default());
             tokio::spawn(async move {
                 let idle = settings.limits.tunnel_idle_timeout;
                 // (Logged by the access layer at its 101; the bytes are
                 // counted in the metrics.)
-                splice::upgraded(client_upgrade, upstream_upgrade, idle, &settings.metrics).await;
+                splice::upgraded(
+                    client_upgrade,
+                    upstream_upgrade,
+                    frames_only,
+                    idle,
+                    &settings.metrics,
+                )
+                .await;
                 drop(upgraded);
             });
         }

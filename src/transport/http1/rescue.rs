@@ -133,7 +133,9 @@ fn refusal_header(reason: Reason) -> Cow<'static, str> {
         Reason::MethodNotAllowed => "blocked-by-method-policy",
         Reason::MitmRequired | Reason::TlsRequired => "blocked-by-mitm-required",
         Reason::Loop => "blocked-by-loop-guard",
-        Reason::RuleNotMatched | Reason::RuleDenied => "blocked-by-request-rule",
+        Reason::RuleNotMatched | Reason::RuleDenied | Reason::AmbiguousPath => {
+            "blocked-by-request-rule"
+        }
         Reason::CredentialMismatch => "blocked-by-credential-guard",
         Reason::ApprovalDenied | Reason::ApprovalTimedOut | Reason::ApprovalFailed => {
             "blocked-by-policy"

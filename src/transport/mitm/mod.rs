@@ -196,6 +196,9 @@ pub(crate) struct Answers {
     pub(crate) fixes: crate::hints::Fixes,
     /// Counts the bytes of an upgraded connection (a WebSocket).
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
+    /// Held by an upgraded connection (a WebSocket), which outlives the
+    /// tunnel's HTTP connection, so shutdown waits for it too.
+    pub(crate) drain: Option<crate::transport::DrainGuard>,
 }
 
 /// Serves one intercepted tunnel: terminates the client's TLS and sends
@@ -360,22 +363,36 @@ async fn inner_request(
         .user(peer.user)
         .has_body(has_body)
         .apply(&mut request);
+    let asked_upgrade = client_upgrade.is_some();
     let mut response = match call_stack(stack, request).await {
         Ok(response) => response,
         Err(error) if grpc => return rescue::grpc_response(&error, &answers.fixes),
+        Err(error) if asked_upgrade => {
+            // An upgrade that failed leaves nothing to keep the connection for.
+            return crate::transport::closing(rescue::http_response(&error, &answers.fixes));
+        }
         Err(error) => return rescue::http_response(&error, &answers.fixes),
     };
     if let (StatusCode::SWITCHING_PROTOCOLS, Some(client_upgrade)) =
         (response.status(), client_upgrade)
     {
         let upstream_upgrade = hyper::upgrade::on(&mut response);
+        let frames_only = response
+            .extensions()
+            .get::<portcullis_middleware::WebSocketFramesOnly>()
+            .is_some();
         let idle = limits.tunnel_idle_timeout;
         let metrics = answers.metrics.clone();
         let client = peer.addr;
+        let held = answers
+            .drain
+            .as_ref()
+            .map(|drain| drain.open(format!("upgraded connection from {client} to {target}")));
         tokio::spawn(async move {
             let moved = crate::transport::splice::upgraded(
                 client_upgrade,
                 upstream_upgrade,
+                frames_only,
                 idle,
                 &metrics,
             )
@@ -383,6 +400,7 @@ async fn inner_request(
             if let Some(moved) = moved {
                 moved.log(client, &target);
             }
+            drop(held);
         });
     }
     response
