@@ -127,12 +127,20 @@ pub(crate) async fn answer(
         // The stack recorded it (protocol `dns`); the child learns nothing.
         return refuse(ResponseCode::Refused);
     }
-    let Some((v4, v6)) = names.addresses(&name) else {
-        tracing::warn!(
-            "the policy DNS server has given out {} names; {name} is answered SERVFAIL",
-            super::names::MAX_NAMES
-        );
-        return refuse(ResponseCode::ServFail);
+    let (v4, v6) = match names.addresses(&name) {
+        Ok(addresses) => addresses,
+        Err(full) => {
+            if full.worth_logging() {
+                tracing::warn!(
+                    refused = full.refused,
+                    "the policy DNS server has given out its {} names; new names are answered SERVFAIL ({} so far, the latest {}; logged at 1, 10, 100, …)",
+                    super::names::MAX_NAMES,
+                    full.refused,
+                    name.escape_debug(),
+                );
+            }
+            return refuse(ResponseCode::ServFail);
+        }
     };
     let mut response = Message::response(id, OpCode::Query);
     response.metadata.recursion_desired = message.metadata.recursion_desired;

@@ -33,12 +33,34 @@ pub(crate) struct SyntheticNames {
 struct Table {
     by_name: HashMap<String, u32>,
     by_index: Vec<String>,
+    /// New names refused since the table filled up.
+    turned_away: u64,
+}
+
+/// What [`SyntheticNames::addresses`] says of a name it could not map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TableFull {
+    /// How many new names have been refused so far, this one included.
+    pub(crate) refused: u64,
+}
+
+impl TableFull {
+    /// Whether this refusal is worth a log line: the first, then each
+    /// power of ten, so a child asking for names in a loop cannot flood the
+    /// log (the count in each line says how many were refused).
+    pub(crate) fn worth_logging(self) -> bool {
+        let mut count = self.refused;
+        while count >= 10 && count % 10 == 0 {
+            count /= 10;
+        }
+        count == 1
+    }
 }
 
 impl SyntheticNames {
     /// The addresses of `name` (canonical: lower-case, no trailing dot),
-    /// given one if it has none; `None` when the table is full.
-    pub(crate) fn addresses(&self, name: &str) -> Option<(Ipv4Addr, Ipv6Addr)> {
+    /// given one if it has none; `Err` when the table is full.
+    pub(crate) fn addresses(&self, name: &str) -> Result<(Ipv4Addr, Ipv6Addr), TableFull> {
         let mut table = self
             .inner
             .lock()
@@ -46,17 +68,20 @@ impl SyntheticNames {
         let index = match table.by_name.get(name) {
             Some(index) => *index,
             None => {
-                if table.by_index.len() >= MAX_NAMES {
-                    return None;
-                }
+                let index = u32::try_from(table.by_index.len() + 1).ok();
+                let Some(index) = index.filter(|_| table.by_index.len() < MAX_NAMES) else {
+                    table.turned_away += 1;
+                    return Err(TableFull {
+                        refused: table.turned_away,
+                    });
+                };
                 // Index 0 would be the range's network address: start at 1.
-                let index = u32::try_from(table.by_index.len() + 1).ok()?;
                 table.by_index.push(name.to_owned());
                 table.by_name.insert(name.to_owned(), index);
                 index
             }
         };
-        Some(addresses_of(index))
+        Ok(addresses_of(index))
     }
 
     /// The name an address was given, when it is one of ours.
@@ -124,5 +149,22 @@ mod tests {
         assert!(!SyntheticNames::is_synthetic(
             "fd70:6f72:7464::1".parse().unwrap()
         ));
+    }
+
+    #[test]
+    fn a_full_table_refuses_new_names_and_logs_at_powers_of_ten() {
+        let names = SyntheticNames::default();
+        for index in 0..MAX_NAMES {
+            names.addresses(&format!("n{index}.test")).unwrap();
+        }
+        // Names already mapped keep their addresses.
+        assert!(names.addresses("n0.test").is_ok());
+        let logged: Vec<u64> = (0..466)
+            .map(|index| names.addresses(&format!("new{index}.test")).unwrap_err())
+            .filter(|full| full.worth_logging())
+            .map(|full| full.refused)
+            .collect();
+        assert_eq!(logged, [1, 10, 100]);
+        assert_eq!(names.addresses("one-more.test").unwrap_err().refused, 467);
     }
 }
