@@ -109,6 +109,75 @@ pub fn load(list: &[CredentialConfig], origin: &str) -> Result<Loaded, ConfigErr
     })
 }
 
+/// Takes the values of the variables `names` out of this process's
+/// original environment block — what `/proc/PID/environ` shows to any
+/// process allowed to read it (root included) — and keeps them readable to
+/// this process alone (a heap copy, as `setenv` makes it). Call it before
+/// any other thread starts: it changes the environment. Returns how many
+/// values it cleared.
+///
+/// The block is found from `/proc/self/stat` (`env_start`, `env_end`) and
+/// rewritten through `/proc/self/mem`: each `NAME=value` of `names` keeps
+/// its `NAME=` and has its value overwritten with NUL bytes.
+#[cfg(target_os = "linux")]
+pub fn scrub_from_environ_block(names: &[String]) -> Result<usize, String> {
+    use std::os::unix::fs::FileExt;
+    let present: Vec<(&String, std::ffi::OsString)> = names
+        .iter()
+        .filter_map(|name| std::env::var_os(name).map(|value| (name, value)))
+        .collect();
+    if present.is_empty() {
+        return Ok(0);
+    }
+    let stat = std::fs::read_to_string("/proc/self/stat")
+        .map_err(|e| format!("cannot read /proc/self/stat: {e}"))?;
+    // Fields after the command name, which is in parentheses and may hold
+    // anything: env_start and env_end are fields 50 and 51.
+    let after_name = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .ok_or("cannot parse /proc/self/stat")?;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let field = |number: usize| -> Result<u64, String> {
+        fields
+            .get(number - 3)
+            .and_then(|text| text.parse().ok())
+            .ok_or_else(|| format!("/proc/self/stat has no field {number}"))
+    };
+    let (start, end) = (field(50)?, field(51)?);
+    let length = usize::try_from(end.saturating_sub(start)).map_err(|e| e.to_string())?;
+    let memory = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/proc/self/mem")
+        .map_err(|e| format!("cannot open /proc/self/mem: {e}"))?;
+    let mut block = vec![0u8; length];
+    memory
+        .read_exact_at(&mut block, start)
+        .map_err(|e| format!("cannot read the environment block: {e}"))?;
+    // Heap copies first, so the program still reads the values.
+    for (name, value) in &present {
+        std::env::set_var(name, value);
+    }
+    let mut cleared = 0;
+    let mut offset = 0usize;
+    for entry in block.split(|&byte| byte == 0) {
+        let entry_length = entry.len();
+        if let Some(equals) = entry.iter().position(|&byte| byte == b'=') {
+            let name = entry.get(..equals).unwrap_or_default();
+            if present.iter().any(|(wanted, _)| wanted.as_bytes() == name) {
+                let zeros = vec![0u8; entry_length - equals - 1];
+                memory
+                    .write_all_at(&zeros, start + (offset + equals + 1) as u64)
+                    .map_err(|e| format!("cannot overwrite the environment block: {e}"))?;
+                cleared += 1;
+            }
+        }
+        offset += entry_length + 1;
+    }
+    Ok(cleared)
+}
+
 /// On reload: reads each credential's secret again into `store`; one that
 /// cannot be read keeps the secret in force, and the log says why. What
 /// else changed in `[[credentials]]` (hosts, new credentials) applies after

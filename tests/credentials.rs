@@ -1,7 +1,7 @@
 //! `[[credentials]]` through the binary: the child holds a placeholder, the
 //! origin gets the secret, the placeholder is refused anywhere else, and the
 //! secret is in no log, no record and no child's reach.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
 
 mod common;
 
@@ -218,6 +218,47 @@ async fn a_proxy_holding_secrets_cannot_be_read_by_its_child() {
     let (code, stdout, stderr) = output(&mut command).await;
     assert_eq!(code, Some(0), "{stderr}");
     assert_eq!(stdout.trim(), "unreadable", "{stderr}");
+}
+
+#[tokio::test]
+async fn a_root_child_finds_no_secret_in_run_s_environment_and_is_warned() {
+    // As root (the review's case) the child may read /proc/<run>/environ:
+    // the variable's value must be gone from it, not just from the child's
+    // own environment. The proxy still injects the secret it read.
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: needs root (a root child reading the proxy's /proc files)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        "[[credentials]]\nname = \"gh\"\nhosts = [\"api.test\"]\nvalue = \"Bearer {secret}\"\nsource = { env = \"TEST_TOKEN\" }\n",
+    )
+    .unwrap();
+    let script = "tr '\\0' '\\n' < /proc/$PPID/environ > environ.txt; tr '\\0' '\\n' < /proc/$PPID/cmdline > cmdline.txt; grep -c '^TEST_TOKEN=$' environ.txt";
+    let (code, stdout, stderr) = output(
+        portcullis()
+            .current_dir(dir.path())
+            .env("TEST_TOKEN", SECRET)
+            .env("XDG_DATA_HOME", dir.path())
+            .args(["run", "--config"])
+            .arg(&config)
+            .args(["--", "sh", "-c", script]),
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    // The name stays (the block keeps its shape), the value is gone.
+    assert_eq!(stdout.trim(), "1", "{stderr}");
+    for file in ["environ.txt", "cmdline.txt"] {
+        let seen = std::fs::read(dir.path().join(file)).unwrap();
+        assert!(
+            !seen.windows(SECRET.len()).any(|w| w == SECRET.as_bytes()),
+            "{file} of the run process holds the secret"
+        );
+    }
+    let warnings = stderr.matches("runs as root without --isolate").count();
+    assert_eq!(warnings, 1, "{stderr}");
 }
 
 #[tokio::test]

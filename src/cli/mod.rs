@@ -75,6 +75,12 @@ pub fn main() -> ExitCode {
         return usage_error(&error);
     }
     raise_fd_limit();
+    // Before any thread starts: secrets read from our environment leave
+    // the block /proc/PID/environ shows (a root child could read it).
+    #[cfg(target_os = "linux")]
+    if let Err(code) = scrub_secret_variables(&command) {
+        return code;
+    }
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(threads) = worker_threads(&command) {
         runtime.worker_threads(threads.get());
@@ -196,6 +202,48 @@ fn write_stdout(bytes: &[u8]) -> ExitCode {
         Err(error) => {
             let _ = writeln!(std::io::stderr(), "portcullis: cannot write: {error}");
             ExitCode::from(EXIT_UNAVAILABLE)
+        }
+    }
+}
+
+/// Clears the values of the variables `[[credentials]]` read secrets from
+/// (`source.env`) out of this process's original environment block, for
+/// `serve` and `run`. Under `run` a failure stops it (exit 69): the child
+/// could read the block; `serve` says so and goes on. A configuration
+/// that does not load is the command's to report.
+#[cfg(target_os = "linux")]
+fn scrub_secret_variables(command: &Command) -> Result<(), ExitCode> {
+    let (options, under_run) = match command {
+        Command::Serve(args) => (&args.options, false),
+        Command::Run(args) => (&args.options, true),
+        _ => return Ok(()),
+    };
+    let Ok(loaded) = options.load() else {
+        return Ok(());
+    };
+    let names: Vec<String> = loaded
+        .config
+        .credentials
+        .iter()
+        .filter_map(|credential| credential.source.env.clone())
+        .collect();
+    match crate::secrets::scrub_from_environ_block(&names) {
+        Ok(_) => Ok(()),
+        Err(error) if under_run => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "portcullis: cannot clear the credential variables ({}) from this process's environment block, which the command could read ({error}); read the secrets from a file or a command (source.file, source.command) instead",
+                names.join(", ")
+            );
+            Err(ExitCode::from(EXIT_UNAVAILABLE))
+        }
+        Err(error) => {
+            tracing::warn!(
+                "cannot clear the credential variables ({}) from this process's environment block: {error}; a process allowed to read /proc/{}/environ can read them",
+                names.join(", "),
+                std::process::id()
+            );
+            Ok(())
         }
     }
 }

@@ -64,6 +64,16 @@ pub(super) async fn run(args: RunArgs) -> ExitCode {
         Ok(proxy) => proxy,
         Err(code) => return code,
     };
+    let holds_secrets = loaded
+        .as_ref()
+        .is_some_and(|loaded| !loaded.config.credentials.is_empty());
+    #[cfg(unix)]
+    if holds_secrets && !isolate && nix::unistd::geteuid().is_root() {
+        let _ = writeln!(
+            std::io::stderr(),
+            "portcullis: warning: the command runs as root without --isolate, so it can read this process's memory, credential secrets included; run it with --isolate, or as an unprivileged user"
+        );
+    }
     let Some((program, arguments)) = args.command.split_first() else {
         return usage_error(&"run needs a command after --");
     };
