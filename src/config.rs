@@ -150,6 +150,10 @@ pub struct RunConfig {
     /// Run the command in its own network namespace, whose only way out is
     /// the proxy (Linux; `--isolate`).
     pub isolate: bool,
+    /// Under `isolate`, the machine's Unix sockets the command may connect
+    /// to (`--allow-unix-socket`); others it did not create inside the run
+    /// are refused. `"*"` opens every one.
+    pub unix_sockets: Vec<PathBuf>,
 }
 
 /// `[runtime]`: how many threads serve the proxy.

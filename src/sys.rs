@@ -6,6 +6,12 @@
 //! - [`loopback_up`]: `SIOCGIFFLAGS`/`SIOCSIFFLAGS` on `lo`, to bring up
 //!   loopback in the network namespace `run --isolate` makes (nix has no
 //!   safe wrapper for interface flags).
+//! - [`seccomp`]: the seccomp user-notification calls `run --isolate` uses
+//!   to decide the child's `connect`s (installing a filter in the child
+//!   before `exec`, receiving and answering notifications, `pidfd_open`,
+//!   `pidfd_getfd`); neither nix nor a maintained crate wraps user
+//!   notification (seccompiler has no notify action; libseccomp's crate
+//!   links the C library, which the distroless image does not carry).
 
 #![allow(unsafe_code)]
 
@@ -74,4 +80,327 @@ pub(crate) fn hangup_ignored() -> bool {
                 .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
         })
         .is_some_and(|mask| mask & 1 == 1)
+}
+
+/// Seccomp user notification: the child's `connect`s go to a supervisor.
+#[cfg(target_os = "linux")]
+pub(crate) mod seccomp {
+    use std::io;
+    use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+    use std::sync::Arc;
+
+    use nix::libc;
+
+    /// One BPF instruction of a seccomp filter.
+    pub(crate) type Instruction = libc::sock_filter;
+
+    /// An instruction that loads or returns (`jt`, `jf` unused).
+    pub(crate) fn statement(code: u16, k: u32) -> Instruction {
+        libc::sock_filter {
+            code,
+            jt: 0,
+            jf: 0,
+            k,
+        }
+    }
+
+    /// A conditional jump: `jt` and `jf` instructions ahead.
+    pub(crate) fn jump(code: u16, k: u32, jt: u8, jf: u8) -> Instruction {
+        libc::sock_filter { code, jt, jf, k }
+    }
+
+    /// Arranges for the child `command` makes to install `program` (with a
+    /// listener) just before `exec`, send the listener over `channel`
+    /// (`SCM_RIGHTS`) and close its own copy, so the program it runs never
+    /// holds it. `no_new_privs` is set first, as an unprivileged filter
+    /// needs. A failure stops the spawn with that error.
+    pub(crate) fn filter_before_exec(
+        command: &mut tokio::process::Command,
+        program: Arc<[Instruction]>,
+        channel: OwnedFd,
+    ) {
+        let hook = move || -> io::Result<()> {
+            // Only system calls below, on memory allocated before the fork:
+            // this runs between fork and exec, where only async-signal-safe
+            // work is allowed.
+            let listener = install(&program)?;
+            let sent = send_fd(channel.as_raw_fd(), listener);
+            // SAFETY: `listener` is the descriptor seccomp just returned,
+            // owned by nothing else in this process.
+            unsafe { libc::close(listener) };
+            sent
+        };
+        // SAFETY: the hook only makes system calls (prctl, seccomp,
+        // sendmsg, close) on data prepared before the fork — no allocation,
+        // no lock — which is what pre_exec requires.
+        unsafe {
+            command.pre_exec(hook);
+        }
+    }
+
+    /// `no_new_privs`, then the filter with a listener; the listener's
+    /// descriptor. Waits for the supervisor ignoring non-fatal signals
+    /// where the kernel can (5.19+).
+    fn install(program: &[Instruction]) -> io::Result<RawFd> {
+        let length = u16::try_from(program.len())
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let fprog = libc::sock_fprog {
+            len: length,
+            filter: program.as_ptr().cast_mut(),
+        };
+        // SAFETY: prctl with PR_SET_NO_NEW_PRIVS reads only its integer
+        // arguments.
+        if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut flags =
+            libc::SECCOMP_FILTER_FLAG_NEW_LISTENER | libc::SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV;
+        loop {
+            // SAFETY: `fprog` points at `program`, which outlives the call;
+            // the kernel copies the filter before returning.
+            let result = unsafe {
+                libc::syscall(
+                    libc::SYS_seccomp,
+                    libc::SECCOMP_SET_MODE_FILTER,
+                    flags,
+                    &fprog as *const libc::sock_fprog,
+                )
+            };
+            if result >= 0 {
+                return RawFd::try_from(result)
+                    .map_err(|_| io::Error::from(io::ErrorKind::InvalidData));
+            }
+            let error = io::Error::last_os_error();
+            if error.raw_os_error() == Some(libc::EINVAL)
+                && flags & libc::SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV != 0
+            {
+                flags &= !libc::SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV;
+                continue;
+            }
+            return Err(error);
+        }
+    }
+
+    /// Sends `fd` over the Unix socket `channel` with `SCM_RIGHTS`, using
+    /// only the stack (async-signal-safe).
+    fn send_fd(channel: RawFd, fd: RawFd) -> io::Result<()> {
+        const SPACE: usize = 32;
+        #[repr(C, align(8))]
+        struct Control([u8; SPACE]);
+        let mut control = Control([0; SPACE]);
+        let mut byte = [0u8; 1];
+        let mut iov = libc::iovec {
+            iov_base: byte.as_mut_ptr().cast(),
+            iov_len: 1,
+        };
+        // SAFETY: msghdr is plain old data; zeroes are a valid value.
+        let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
+        message.msg_iov = &mut iov;
+        message.msg_iovlen = 1;
+        message.msg_control = control.0.as_mut_ptr().cast();
+        // SAFETY: CMSG_SPACE computes a size from a constant.
+        let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
+        if space > SPACE {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        message.msg_controllen = space as _;
+        // SAFETY: `message` has a control buffer of `space` bytes, aligned
+        // for cmsghdr, so CMSG_FIRSTHDR returns a header inside it, and
+        // CMSG_DATA a place for one descriptor after that header.
+        unsafe {
+            let header = libc::CMSG_FIRSTHDR(&message);
+            if header.is_null() {
+                return Err(io::Error::from(io::ErrorKind::InvalidInput));
+            }
+            (*header).cmsg_level = libc::SOL_SOCKET;
+            (*header).cmsg_type = libc::SCM_RIGHTS;
+            (*header).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
+            std::ptr::write_unaligned(libc::CMSG_DATA(header).cast::<RawFd>(), fd);
+        }
+        // SAFETY: every pointer in `message` points at live stack memory of
+        // the lengths it states.
+        if unsafe { libc::sendmsg(channel, &message, 0) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Receives one descriptor sent with `SCM_RIGHTS` over `channel`.
+    pub(crate) fn receive_fd(channel: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+        use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+        let mut byte = [0u8; 1];
+        let mut iov = [io::IoSliceMut::new(&mut byte)];
+        let mut space = nix::cmsg_space!([RawFd; 1]);
+        let message = recvmsg::<()>(
+            channel.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .map_err(io::Error::from)?;
+        for control in message.cmsgs().map_err(io::Error::from)? {
+            if let ControlMessageOwned::ScmRights(fds) = control {
+                if let Some(&fd) = fds.first() {
+                    // SAFETY: SCM_RIGHTS just installed `fd` in this
+                    // process; nothing else owns it.
+                    return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+                }
+            }
+        }
+        Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "no descriptor came",
+        ))
+    }
+
+    /// Whether this kernel has what the supervisor needs: seccomp user
+    /// notification (5.0) and `pidfd_getfd` (5.6). `Err` names what is
+    /// missing.
+    pub(crate) fn available() -> Result<(), String> {
+        let action: u32 = libc::SECCOMP_RET_USER_NOTIF;
+        // SAFETY: SECCOMP_GET_ACTION_AVAIL reads one u32.
+        let result = unsafe {
+            libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_GET_ACTION_AVAIL,
+                0,
+                &action as *const u32,
+            )
+        };
+        if result != 0 {
+            return Err(format!(
+                "seccomp user notification: {}",
+                io::Error::last_os_error()
+            ));
+        }
+        let probe = std::fs::File::open("/proc/self/stat")
+            .map_err(|error| format!("/proc/self/stat: {error}"))?;
+        copy_descriptor(std::process::id(), probe.as_raw_fd())
+            .map(drop)
+            .map_err(|error| format!("pidfd_getfd: {error}"))
+    }
+
+    /// One notification: the calling task and its system call.
+    pub(crate) fn receive(listener: BorrowedFd<'_>) -> io::Result<libc::seccomp_notif> {
+        // SAFETY: seccomp_notif is plain old data; the kernel requires it
+        // zeroed before SECCOMP_IOCTL_NOTIF_RECV.
+        let mut notification: libc::seccomp_notif = unsafe { std::mem::zeroed() };
+        // SAFETY: `notification` is a writable seccomp_notif, as this
+        // ioctl fills.
+        let result = unsafe {
+            libc::ioctl(
+                listener.as_raw_fd(),
+                libc::SECCOMP_IOCTL_NOTIF_RECV,
+                &mut notification as *mut libc::seccomp_notif,
+            )
+        };
+        if result < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(notification)
+    }
+
+    /// Answers notification `id`: the call returns `value`, or fails with
+    /// `errno` when it is not 0.
+    pub(crate) fn respond(
+        listener: BorrowedFd<'_>,
+        id: u64,
+        value: i64,
+        errno: i32,
+    ) -> io::Result<()> {
+        let mut response = libc::seccomp_notif_resp {
+            id,
+            val: value,
+            error: if errno == 0 { 0 } else { -errno },
+            flags: 0,
+        };
+        // SAFETY: `response` is a seccomp_notif_resp, as this ioctl reads.
+        let result = unsafe {
+            libc::ioctl(
+                listener.as_raw_fd(),
+                libc::SECCOMP_IOCTL_NOTIF_SEND,
+                &mut response as *mut libc::seccomp_notif_resp,
+            )
+        };
+        if result < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Whether notification `id` still waits (its task did not die, so a
+    /// pid read from it still names that task).
+    pub(crate) fn still_waiting(listener: BorrowedFd<'_>, id: u64) -> bool {
+        let mut id = id;
+        // SAFETY: the ioctl reads one u64.
+        unsafe {
+            libc::ioctl(
+                listener.as_raw_fd(),
+                libc::SECCOMP_IOCTL_NOTIF_ID_VALID,
+                &mut id as *mut u64,
+            ) == 0
+        }
+    }
+
+    /// `connect(fd, address)` with the address as raw bytes (a
+    /// `sockaddr` of any family, as read from the caller).
+    pub(crate) fn connect_raw(fd: BorrowedFd<'_>, address: &[u8]) -> io::Result<()> {
+        let length = libc::socklen_t::try_from(address.len())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: the kernel copies `length` bytes from `address`, which
+        // is that long; a sockaddr needs no alignment for the copy.
+        let result = unsafe {
+            libc::connect(
+                fd.as_raw_fd(),
+                address.as_ptr().cast::<libc::sockaddr>(),
+                length,
+            )
+        };
+        if result < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// `PIDFD_THREAD` (Linux 6.9): a pidfd for one thread, not its group.
+    const PIDFD_THREAD: libc::c_uint = libc::O_EXCL as libc::c_uint;
+
+    /// A copy, in this process, of descriptor `fd` of task `pid` (a
+    /// thread id, as a notification names the caller): the thread's own
+    /// table where the kernel can open a thread (6.9+), else its thread
+    /// group's.
+    pub(crate) fn copy_descriptor(pid: u32, fd: RawFd) -> io::Result<OwnedFd> {
+        let open = |pid: u32, flags: libc::c_uint| {
+            // SAFETY: pidfd_open takes a pid and flags, returns a new
+            // descriptor or -1.
+            unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, flags) }
+        };
+        let mut pidfd = open(pid, PIDFD_THREAD);
+        if pidfd < 0 {
+            let group = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .ok()
+                .and_then(|status| {
+                    status
+                        .lines()
+                        .find_map(|line| line.strip_prefix("Tgid:"))
+                        .and_then(|tgid| tgid.trim().parse::<u32>().ok())
+                })
+                .ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))?;
+            pidfd = open(group, 0);
+        }
+        if pidfd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `pidfd` is a descriptor the kernel just returned, owned
+        // by nothing else.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
+        // SAFETY: pidfd_getfd takes a pidfd, a descriptor number and flags,
+        // and returns a new descriptor or -1.
+        let copy = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+        if copy < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: as above: a new descriptor, ours alone.
+        Ok(unsafe { OwnedFd::from_raw_fd(copy as RawFd) })
+    }
 }

@@ -34,17 +34,28 @@ use crate::kit::{Ingress, RequestModel};
 const TTL: u32 = 300;
 
 /// Serves `dns.sock` until the proxy stops.
-pub(crate) async fn serve(listener: UnixListener, ingress: Ingress, names: Arc<SyntheticNames>) {
-    super::accept_each(listener, ingress, move |stream, ingress| {
-        let names = names.clone();
-        async move {
-            let guard = ingress.open("DNS questions from the isolated command");
-            if let Err(error) = serve_one(stream, &ingress, &names).await {
-                tracing::debug!(%error, "DNS connection from the bridge ended");
+pub(crate) async fn serve(
+    listener: UnixListener,
+    ingress: Ingress,
+    peer: crate::isolate::BridgePeer,
+    names: Arc<SyntheticNames>,
+) {
+    super::accept_each(
+        listener,
+        ingress,
+        peer,
+        super::DNS_SOCKET,
+        move |stream, ingress| {
+            let names = names.clone();
+            async move {
+                let guard = ingress.open("DNS questions from the isolated command");
+                if let Err(error) = serve_one(stream, &ingress, &names).await {
+                    tracing::debug!(%error, "DNS connection from the bridge ended");
+                }
+                drop(guard);
             }
-            drop(guard);
-        }
-    })
+        },
+    )
     .await;
 }
 

@@ -44,8 +44,13 @@ async fn read_line(stream: &mut tokio::net::UnixStream) -> Result<String, String
 
 /// Accepts on `listener` until the proxy stops, handling each connection
 /// on its own task.
-async fn accept_each<F, Fut>(listener: UnixListener, ingress: crate::kit::Ingress, handle: F)
-where
+async fn accept_each<F, Fut>(
+    listener: UnixListener,
+    ingress: crate::kit::Ingress,
+    peer: crate::isolate::BridgePeer,
+    socket: &'static str,
+    handle: F,
+) where
     F: Fn(tokio::net::UnixStream, crate::kit::Ingress) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
@@ -55,12 +60,21 @@ where
             () = ingress.stopping() => return,
         };
         let Ok((stream, _)) = accepted else { continue };
+        // Only this run's bridge: no other process borrows its policy.
+        if !peer.admits(&stream, socket) {
+            continue;
+        }
         tokio::spawn(handle(stream, ingress.clone()));
     }
 }
 
-/// Listens on `capture.sock` and `dns.sock` in `dir` for `proxy`.
-pub(crate) fn start(proxy: &ProxyHandle, dir: &Path) -> std::io::Result<()> {
+/// Listens on `capture.sock` and `dns.sock` in `dir` for `proxy`, taking
+/// connections from `peer` (the run's bridge) only.
+pub(crate) fn start(
+    proxy: &ProxyHandle,
+    dir: &Path,
+    peer: &crate::isolate::BridgePeer,
+) -> std::io::Result<()> {
     let names = Arc::new(names::SyntheticNames::default());
     let capture = UnixListener::bind(dir.join(CAPTURE_SOCKET))?;
     let dns = UnixListener::bind(dir.join(DNS_SOCKET))?;
@@ -70,7 +84,7 @@ pub(crate) fn start(proxy: &ProxyHandle, dir: &Path) -> std::io::Result<()> {
         answers: proxy.answers(),
         metrics: proxy.metrics(),
     };
-    tokio::spawn(tcp::serve(capture, proxy.ingress(), settings));
-    tokio::spawn(dns::serve(dns, proxy.ingress(), names));
+    tokio::spawn(tcp::serve(capture, proxy.ingress(), peer.clone(), settings));
+    tokio::spawn(dns::serve(dns, proxy.ingress(), peer.clone(), names));
     Ok(())
 }

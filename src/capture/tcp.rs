@@ -48,16 +48,27 @@ pub(crate) struct Settings {
 }
 
 /// Serves `capture.sock` until the proxy stops.
-pub(crate) async fn serve(listener: UnixListener, ingress: Ingress, settings: Settings) {
+pub(crate) async fn serve(
+    listener: UnixListener,
+    ingress: Ingress,
+    peer: crate::isolate::BridgePeer,
+    settings: Settings,
+) {
     let settings = Arc::new(settings);
-    super::accept_each(listener, ingress, move |stream, ingress| {
-        let settings = settings.clone();
-        async move {
-            if let Err(why) = serve_one(stream, &ingress, &settings).await {
-                tracing::debug!("captured connection closed: {why}");
+    super::accept_each(
+        listener,
+        ingress,
+        peer,
+        super::CAPTURE_SOCKET,
+        move |stream, ingress| {
+            let settings = settings.clone();
+            async move {
+                if let Err(why) = serve_one(stream, &ingress, &settings).await {
+                    tracing::debug!("captured connection closed: {why}");
+                }
             }
-        }
-    })
+        },
+    )
     .await;
 }
 

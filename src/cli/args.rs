@@ -131,6 +131,12 @@ pub(super) struct RunArgs {
     /// the proxy: direct connections and DNS fail (Linux; `[run] isolate`).
     #[arg(long)]
     pub(super) isolate: bool,
+    /// Under --isolate, let the command connect to this Unix socket of the
+    /// machine (a Docker or ssh-agent socket; repeatable). Others it did
+    /// not create inside the run are refused; '*' opens every one (no
+    /// confinement, printed). `[run] unix_sockets` adds to these.
+    #[arg(long = "allow-unix-socket", value_name = "PATH")]
+    pub(super) allow_unix_socket: Vec<PathBuf>,
     /// The command and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub(super) command: Vec<OsString>,

@@ -80,7 +80,23 @@ pub(super) async fn run(args: RunArgs) -> ExitCode {
     // Under --isolate the command runs inside the bridge (this binary, in
     // its own namespace), which the sockets in `bridges` connect to the proxy.
     let (mut command, bridges) = if isolate {
-        match isolated_command(&proxy, &args.command) {
+        let mut unix_sockets: Vec<std::path::PathBuf> = loaded
+            .as_ref()
+            .map(|loaded| loaded.config.run.unix_sockets.clone())
+            .unwrap_or_default();
+        unix_sockets.extend(args.allow_unix_socket.iter().cloned());
+        // Named from here: the bridge and the command may be elsewhere.
+        let unix_sockets: Vec<std::path::PathBuf> = unix_sockets
+            .into_iter()
+            .map(|path| {
+                if path.as_os_str() == "*" {
+                    path
+                } else {
+                    std::path::absolute(&path).unwrap_or(path)
+                }
+            })
+            .collect();
+        match isolated_command(&proxy, &unix_sockets, &args.command) {
             Ok(isolated) => isolated,
             Err(error) => {
                 let _ = writeln!(std::io::stderr(), "portcullis: {error}");
@@ -110,6 +126,10 @@ pub(super) async fn run(args: RunArgs) -> ExitCode {
             return cannot_run(program, &error);
         }
     };
+    // The bridge's sockets take connections from the bridge alone.
+    if let (Some(bridges), Some(pid)) = (&bridges, child.id()) {
+        bridges.peer().started(pid);
+    }
     let status = wait_forwarding_signals(&mut child, signals).await;
     proxy.shutdown(Duration::from_secs(1)).await;
     drop(bridges);
@@ -173,6 +193,7 @@ pub(super) async fn run(args: RunArgs) -> ExitCode {
 #[cfg(unix)]
 pub(super) fn isolated_command(
     proxy: &ProxyHandle,
+    unix_sockets: &[std::path::PathBuf],
     command: &[OsString],
 ) -> Result<(tokio::process::Command, Option<crate::isolate::Bridges>), String> {
     if !cfg!(target_os = "linux") {
@@ -181,7 +202,7 @@ pub(super) fn isolated_command(
     let bridges = crate::isolate::Bridges::start(proxy.http_addr(), proxy.socks_addr())
         .map_err(|e| e.to_string())?;
     // Connections and DNS questions the bridge captures come here.
-    crate::capture::start(proxy, bridges.dir())
+    crate::capture::start(proxy, bridges.dir(), bridges.peer())
         .map_err(|e| format!("--isolate could not listen for captured connections: {e}"))?;
     let exe = std::env::current_exe()
         .map_err(|e| format!("--isolate re-runs portcullis and cannot find it: {e}"))?;
@@ -190,6 +211,7 @@ pub(super) fn isolated_command(
         bridges.dir(),
         proxy.http_addr(),
         proxy.socks_addr(),
+        unix_sockets,
         command,
     ));
     Ok((bridge, Some(bridges)))

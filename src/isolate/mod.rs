@@ -38,6 +38,8 @@
 mod capture;
 #[cfg(target_os = "linux")]
 mod netlink;
+#[cfg(target_os = "linux")]
+pub(crate) mod unix_sockets;
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -61,11 +63,45 @@ pub(crate) enum IsolateError {
     Setup(String),
 }
 
+/// The one process the outside sockets (`http.sock`, `socks.sock`,
+/// `capture.sock`, `dns.sock`) take connections from: this run's bridge,
+/// known by its process id once it is started and checked on each
+/// connection with `SO_PEERCRED`. Any other process — a root program
+/// outside, another run's command or bridge — is refused, so no one can
+/// borrow this run's policy, and nothing is accepted before the bridge
+/// exists.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct BridgePeer(std::sync::Arc<std::sync::OnceLock<u32>>);
+
+impl BridgePeer {
+    /// The bridge has started as process `pid`.
+    pub(crate) fn started(&self, pid: u32) {
+        let _ = self.0.set(pid);
+    }
+
+    /// Whether `stream` comes from the bridge; says why not when not.
+    pub(crate) fn admits(&self, stream: &UnixStream, socket: &str) -> bool {
+        let peer = stream.peer_cred().ok().and_then(|cred| cred.pid());
+        let admitted = match (self.0.get(), peer) {
+            (Some(&bridge), Some(pid)) => u32::try_from(pid).is_ok_and(|pid| pid == bridge),
+            _ => false,
+        };
+        if !admitted {
+            tracing::warn!(
+                peer = ?peer,
+                "refused a connection to this run's {socket} from a process that is not its bridge: only the isolated command's own bridge may use it"
+            );
+        }
+        admitted
+    }
+}
+
 /// The outside half: Unix sockets in a private directory, each forwarding
 /// to one of the proxy's listeners. Removed with the directory on drop.
 #[derive(Debug)]
 pub(crate) struct Bridges {
     dir: tempfile::TempDir,
+    peer: BridgePeer,
 }
 
 impl Bridges {
@@ -79,24 +115,38 @@ impl Bridges {
             .prefix("portcullis-isolate-")
             .tempdir()
             .map_err(|e| IsolateError::Setup(format!("a private directory: {e}")))?;
+        let peer = BridgePeer::default();
         for (name, target) in
             std::iter::once(("http.sock", http)).chain(socks.map(|s| ("socks.sock", s)))
         {
             let listener = UnixListener::bind(dir.path().join(name))
                 .map_err(|e| IsolateError::Setup(format!("{name}: {e}")))?;
-            tokio::spawn(forward_unix(listener, target));
+            tokio::spawn(forward_unix(listener, target, peer.clone(), name));
         }
-        Ok(Bridges { dir })
+        Ok(Bridges { dir, peer })
     }
 
     /// The directory holding the sockets.
     pub(crate) fn dir(&self) -> &Path {
         self.dir.path()
     }
+
+    /// Who may connect to the sockets: say the bridge's pid once started.
+    pub(crate) fn peer(&self) -> &BridgePeer {
+        &self.peer
+    }
 }
 
-async fn forward_unix(listener: UnixListener, target: SocketAddr) {
+async fn forward_unix(
+    listener: UnixListener,
+    target: SocketAddr,
+    peer: BridgePeer,
+    name: &'static str,
+) {
     while let Ok((mut inside, _)) = listener.accept().await {
+        if !peer.admits(&inside, name) {
+            continue;
+        }
         tokio::spawn(async move {
             if let Ok(mut proxy) = TcpStream::connect(target).await {
                 let _ = proxy.set_nodelay(true);
@@ -106,11 +156,17 @@ async fn forward_unix(listener: UnixListener, target: SocketAddr) {
     }
 }
 
-/// The arguments that start the bridge for `command`.
+/// The flag that opens a Unix socket to the command, on `run` and on the
+/// bridge alike.
+const ALLOW_UNIX_SOCKET: &str = "--allow-unix-socket";
+
+/// The arguments that start the bridge for `command`, with the Unix
+/// sockets the user opened to it (`*`: every one).
 pub(crate) fn bridge_arguments(
     sockets: &Path,
     http: SocketAddr,
     socks: Option<SocketAddr>,
+    unix_sockets: &[PathBuf],
     command: &[OsString],
 ) -> Vec<OsString> {
     let mut arguments: Vec<OsString> = vec![
@@ -118,8 +174,12 @@ pub(crate) fn bridge_arguments(
         sockets.as_os_str().to_owned(),
         http.port().to_string().into(),
         socks.map_or(0, |s| s.port()).to_string().into(),
-        "--".into(),
     ];
+    for path in unix_sockets {
+        arguments.push(ALLOW_UNIX_SOCKET.into());
+        arguments.push(path.as_os_str().to_owned());
+    }
+    arguments.push("--".into());
     arguments.extend(command.iter().cloned());
     arguments
 }
@@ -131,11 +191,19 @@ pub(crate) fn bridge_main(arguments: &[OsString]) -> ExitCode {
         let _ = writeln!(std::io::stderr(), "portcullis: {error}");
         ExitCode::from(70)
     };
-    let Some((dir, http, socks, command)) = parse(arguments) else {
+    let Some((dir, http, socks, unix_sockets, command)) = parse(arguments) else {
         return fail(IsolateError::Setup("the bridge's arguments".into()));
     };
     if let Err(error) = enter_namespace() {
         return fail(error);
+    }
+    // The command may run as the same user (root in the namespace): it
+    // must not trace or read the bridge, which decides its connections.
+    #[cfg(target_os = "linux")]
+    if let Err(error) = nix::sys::prctl::set_dumpable(false) {
+        return fail(IsolateError::Setup(format!(
+            "making the bridge non-dumpable: {error}"
+        )));
     }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -170,23 +238,38 @@ pub(crate) fn bridge_main(arguments: &[OsString]) -> ExitCode {
                 "portcullis: --isolate captures only what uses the proxy variables here: {why}"
             );
         }
-        run_command(&command).await
+        run_command(&command, &unix_sockets).await
     })
 }
 
-fn parse(arguments: &[OsString]) -> Option<(PathBuf, u16, u16, Vec<OsString>)> {
-    let [dir, http, socks, separator, command @ ..] = arguments else {
+/// What the bridge was given: the sockets' directory, the two ports, the
+/// Unix sockets opened to the command, and the command.
+type BridgeArguments = (PathBuf, u16, u16, Vec<PathBuf>, Vec<OsString>);
+
+fn parse(arguments: &[OsString]) -> Option<BridgeArguments> {
+    let [dir, http, socks, rest @ ..] = arguments else {
         return None;
     };
-    if separator != "--" || command.is_empty() {
-        return None;
+    let mut unix_sockets = Vec::new();
+    let mut rest = rest;
+    loop {
+        match rest {
+            [flag, path, tail @ ..] if flag == ALLOW_UNIX_SOCKET => {
+                unix_sockets.push(PathBuf::from(path));
+                rest = tail;
+            }
+            [separator, command @ ..] if separator == "--" && !command.is_empty() => {
+                return Some((
+                    PathBuf::from(dir),
+                    http.to_str()?.parse().ok()?,
+                    socks.to_str()?.parse().ok()?,
+                    unix_sockets,
+                    command.to_vec(),
+                ));
+            }
+            _ => return None,
+        }
     }
-    Some((
-        PathBuf::from(dir),
-        http.to_str()?.parse().ok()?,
-        socks.to_str()?.parse().ok()?,
-        command.to_vec(),
-    ))
 }
 
 async fn forward_tcp(listener: TcpListener, socket: PathBuf) {
@@ -202,22 +285,87 @@ async fn forward_tcp(listener: TcpListener, socket: PathBuf) {
 }
 
 /// Runs the command with inherited stdio, passing signals on as plain
-/// `run` does, and exits as it did.
-async fn run_command(command: &[OsString]) -> ExitCode {
+/// `run` does, and exits as it did. Its `connect`s are decided here
+/// ([`unix_sockets`]) unless every Unix socket was opened (`*`).
+async fn run_command(command: &[OsString], unix_sockets: &[PathBuf]) -> ExitCode {
     let Some((program, arguments)) = command.split_first() else {
         return ExitCode::from(64);
     };
+    let mut spawning = tokio::process::Command::new(program);
+    spawning.args(arguments);
+    #[cfg(target_os = "linux")]
+    let supervised = match confine_unix_sockets(&mut spawning, unix_sockets) {
+        Ok(supervised) => supervised,
+        Err(error) => {
+            let _ = writeln!(std::io::stderr(), "portcullis: {error}");
+            return ExitCode::from(69);
+        }
+    };
     let signals = crate::child::ForwardedSignals::install();
-    let mut child = match tokio::process::Command::new(program)
-        .args(arguments)
-        .spawn()
-    {
+    let spawned = spawning.spawn();
+    // Drops our copy of the child's end of the listener channel.
+    drop(spawning);
+    let mut child = match spawned {
         Ok(child) => child,
         Err(error) => return crate::child::cannot_run(program, &error),
     };
+    #[cfg(target_os = "linux")]
+    if let Some((channel, opened)) = supervised {
+        let supervising = crate::sys::seccomp::receive_fd(std::os::fd::AsFd::as_fd(&channel))
+            .and_then(|listener| unix_sockets::supervise(listener, opened));
+        if let Err(error) = supervising {
+            let _ = writeln!(
+                std::io::stderr(),
+                "portcullis: --isolate could not supervise the command's connections ({error}); stopping it"
+            );
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            return ExitCode::from(69);
+        }
+    }
     match crate::child::wait_forwarding_signals(&mut child, signals).await {
         Ok(status) => ExitCode::from(crate::child::exit_code(status)),
         Err(_) => ExitCode::from(70),
+    }
+}
+
+/// Arranges for `command` to run under the [`unix_sockets`] filter, unless
+/// every socket was opened (`*`): the channel its listener will come back
+/// on, and what was opened. `Err` when this kernel cannot confine it.
+#[cfg(target_os = "linux")]
+fn confine_unix_sockets(
+    command: &mut tokio::process::Command,
+    opened: &[PathBuf],
+) -> Result<Option<(std::os::fd::OwnedFd, unix_sockets::OpenedSockets)>, String> {
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    let opened = unix_sockets::OpenedSockets::new(opened.iter().cloned());
+    if opened.any() {
+        let _ = writeln!(
+            std::io::stderr(),
+            "portcullis: --allow-unix-socket '*': the command may connect to every Unix socket on this machine, a way past the policy (no confinement)"
+        );
+        return Ok(None);
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    return Err("--isolate confines Unix sockets on x86_64 and aarch64 only; pass --allow-unix-socket '*' to run with every Unix socket open".to_owned());
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    {
+        crate::sys::seccomp::available().map_err(|missing| {
+            format!("--isolate cannot keep the command from this machine's Unix sockets: this kernel lacks {missing}; pass --allow-unix-socket '*' to run with every Unix socket open (printed, never silent)")
+        })?;
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::Stream,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| format!("--isolate: a socket pair: {e}"))?;
+        crate::sys::seccomp::filter_before_exec(
+            command,
+            std::sync::Arc::from(unix_sockets::filter()),
+            theirs,
+        );
+        Ok(Some((ours, opened)))
     }
 }
 
