@@ -783,6 +783,16 @@ async fn inside_the_tunnel_nested_connect_mismatched_hosts_and_plaintext_are_ref
     let last = setup.ring.snapshot().pop().expect("recorded");
     assert_eq!(last.blocked.reason, Reason::TlsRequired);
     assert_eq!(last.blocked.protocol, Protocol::HttpsMitm);
+    // Interception is not only limited mode's (rules and credentials too):
+    // the wording does not blame a mode.
+    assert!(
+        last.blocked
+            .message
+            .contains("intercepts it to see its requests")
+            && !last.blocked.message.contains("limited mode intercepts"),
+        "{}",
+        last.blocked.message
+    );
 }
 
 #[tokio::test]
@@ -1564,6 +1574,33 @@ async fn a_websocket_through_interception_round_trips_a_megabyte_and_idles_out()
         .await
         .expect_err("limited mode refuses upgrades");
     assert!(error.to_string().contains("403"), "{error}");
+}
+
+#[tokio::test]
+async fn shutdown_waits_for_a_websocket_inside_an_intercepted_tunnel() {
+    use futures_util::{SinkExt, StreamExt};
+    use portcullis::middleware::request_rules::{RuleBlock, RuleEntry};
+    use tokio_tungstenite::tungstenite::Message;
+    let rules = RequestRules::new(vec![RuleBlock::new(ORIGIN, "rules[0]").unwrap().allow(
+        RuleEntry::new()
+            .methods(["GET"])
+            .unwrap()
+            .paths(["/ws/**"])
+            .unwrap(),
+    )]);
+    let setup = setup_limited(Mode::Full, rules, portcullis::Limits::default()).await;
+    let url = format!("wss://{ORIGIN}:{}/ws/echo", setup.origin.port());
+    let tls = tls_tunnel_offering(&setup, &[b"http/1.1"]).await;
+    let (mut socket, _) = tokio_tungstenite::client_async(url.as_str(), tls)
+        .await
+        .unwrap();
+    socket.send(Message::text("hello")).await.unwrap();
+    let echoed = socket.next().await.unwrap().unwrap();
+    assert_eq!(echoed.into_text().unwrap().as_str(), "hello");
+    // The tunnel's HTTP connection ended with the upgrade; the WebSocket
+    // still holds the drain, so shutdown waits for it and cuts it.
+    let cut = setup.proxy.shutdown(Duration::from_millis(300)).await;
+    assert_eq!(cut, 1, "the open WebSocket was held by the drain and cut");
 }
 
 #[tokio::test]

@@ -37,7 +37,7 @@ const TTL: u32 = 300;
 pub(crate) async fn serve(
     listener: UnixListener,
     ingress: Ingress,
-    peer: crate::isolate::BridgePeer,
+    peer: super::BridgePeer,
     names: Arc<SyntheticNames>,
 ) {
     super::accept_each(

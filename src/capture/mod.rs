@@ -42,12 +42,45 @@ async fn read_line(stream: &mut tokio::net::UnixStream) -> Result<String, String
     }
 }
 
+/// The one process the outside sockets (`http.sock`, `socks.sock`,
+/// `capture.sock`, `dns.sock`) take connections from: this run's bridge,
+/// known by its process id once it is started and checked on each
+/// connection with `SO_PEERCRED`. Any other process — a root program
+/// outside, another run's command or bridge — is refused, so no one can
+/// borrow this run's policy, and nothing is accepted before the bridge
+/// exists.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct BridgePeer(std::sync::Arc<std::sync::OnceLock<u32>>);
+
+impl BridgePeer {
+    /// The bridge has started as process `pid`.
+    pub(crate) fn started(&self, pid: u32) {
+        let _ = self.0.set(pid);
+    }
+
+    /// Whether `stream` comes from the bridge; says why not when not.
+    pub(crate) fn admits(&self, stream: &tokio::net::UnixStream, socket: &str) -> bool {
+        let peer = stream.peer_cred().ok().and_then(|cred| cred.pid());
+        let admitted = match (self.0.get(), peer) {
+            (Some(&bridge), Some(pid)) => u32::try_from(pid).is_ok_and(|pid| pid == bridge),
+            _ => false,
+        };
+        if !admitted {
+            tracing::warn!(
+                peer = ?peer,
+                "refused a connection to this run's {socket} from a process that is not its bridge: only the isolated command's own bridge may use it"
+            );
+        }
+        admitted
+    }
+}
+
 /// Accepts on `listener` until the proxy stops, handling each connection
 /// on its own task.
 async fn accept_each<F, Fut>(
     listener: UnixListener,
     ingress: crate::kit::Ingress,
-    peer: crate::isolate::BridgePeer,
+    peer: BridgePeer,
     socket: &'static str,
     handle: F,
 ) where
@@ -70,11 +103,7 @@ async fn accept_each<F, Fut>(
 
 /// Listens on `capture.sock` and `dns.sock` in `dir` for `proxy`, taking
 /// connections from `peer` (the run's bridge) only.
-pub(crate) fn start(
-    proxy: &ProxyHandle,
-    dir: &Path,
-    peer: &crate::isolate::BridgePeer,
-) -> std::io::Result<()> {
+pub(crate) fn start(proxy: &ProxyHandle, dir: &Path, peer: &BridgePeer) -> std::io::Result<()> {
     let names = Arc::new(names::SyntheticNames::default());
     let capture = UnixListener::bind(dir.join(CAPTURE_SOCKET))?;
     let dns = UnixListener::bind(dir.join(DNS_SOCKET))?;

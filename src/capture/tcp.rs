@@ -51,7 +51,7 @@ pub(crate) struct Settings {
 pub(crate) async fn serve(
     listener: UnixListener,
     ingress: Ingress,
-    peer: crate::isolate::BridgePeer,
+    peer: super::BridgePeer,
     settings: Settings,
 ) {
     let settings = Arc::new(settings);

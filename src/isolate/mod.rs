@@ -49,6 +49,8 @@ use std::process::ExitCode;
 
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
+use crate::capture::BridgePeer;
+
 /// The hidden subcommand's name.
 pub(crate) const BRIDGE: &str = "__bridge";
 
@@ -61,39 +63,6 @@ pub(crate) enum IsolateError {
     /// Something else in the setup failed.
     #[error("--isolate could not set up the namespace: {0}")]
     Setup(String),
-}
-
-/// The one process the outside sockets (`http.sock`, `socks.sock`,
-/// `capture.sock`, `dns.sock`) take connections from: this run's bridge,
-/// known by its process id once it is started and checked on each
-/// connection with `SO_PEERCRED`. Any other process — a root program
-/// outside, another run's command or bridge — is refused, so no one can
-/// borrow this run's policy, and nothing is accepted before the bridge
-/// exists.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct BridgePeer(std::sync::Arc<std::sync::OnceLock<u32>>);
-
-impl BridgePeer {
-    /// The bridge has started as process `pid`.
-    pub(crate) fn started(&self, pid: u32) {
-        let _ = self.0.set(pid);
-    }
-
-    /// Whether `stream` comes from the bridge; says why not when not.
-    pub(crate) fn admits(&self, stream: &UnixStream, socket: &str) -> bool {
-        let peer = stream.peer_cred().ok().and_then(|cred| cred.pid());
-        let admitted = match (self.0.get(), peer) {
-            (Some(&bridge), Some(pid)) => u32::try_from(pid).is_ok_and(|pid| pid == bridge),
-            _ => false,
-        };
-        if !admitted {
-            tracing::warn!(
-                peer = ?peer,
-                "refused a connection to this run's {socket} from a process that is not its bridge: only the isolated command's own bridge may use it"
-            );
-        }
-        admitted
-    }
 }
 
 /// The outside half: Unix sockets in a private directory, each forwarding
