@@ -28,6 +28,16 @@
 //!   namespace); `io_uring_setup` fails with `ENOSYS` (its requests bypass
 //!   seccomp); system calls of another ABI (x32, i386) fail with `ENOSYS`.
 //!
+//! Why seccomp user notification: Landlock confines abstract sockets
+//! (ABI 6) but not a `connect` to a pathname socket on the kernels we run
+//! on, and a mount-namespace view cannot hide every path a socket may sit
+//! at (home directories, `/run/user`, `/tmp`) without hiding the files the
+//! command needs. A supervisor that makes the call itself, on a copy of the
+//! descriptor, is exact and leaves no window; its cost is a round trip to
+//! the bridge per `connect` (tens of microseconds), paid only under
+//! `--isolate`. sandbox-runtime refuses `socket(AF_UNIX)` outright (a test
+//! suite's own socket breaks); codex's filter lets Unix sockets through.
+//!
 //! `socketpair`, and sockets the command binds and connects to itself, work
 //! as before. A connection the bridge made carries the bridge's process id
 //! in the listener's `SO_PEERCRED`, not the caller's (same user and group).
