@@ -8,8 +8,13 @@
 //! every request, plain HTTP included, when `ALL_PROXY` is a SOCKS URL and the
 //! `socksio` package is missing; every common client understands the HTTP
 //! URL. The SOCKS5 URL (`socks5h://`: names resolved by the proxy) is
-//! exported as `SOCKS_PROXY`/`socks_proxy`, and `[network] all_proxy =
-//! "socks5h"` puts it in `ALL_PROXY` as codex does. `NODE_USE_ENV_PROXY=1`
+//! exported as `PORTCULLIS_SOCKS_URL`, a name no client reads as a proxy:
+//! python's `websockets` (14+) prefers any `*_proxy` variable naming a
+//! SOCKS proxy (it reads `socks_proxy` and `SOCKS_PROXY` through
+//! `urllib.request.getproxies`) and then fails without `python-socks`,
+//! while no other common client reads `socks_proxy` at all. `[network]
+//! all_proxy = "socks5h"` puts it in `ALL_PROXY` as codex does, and then in
+//! `SOCKS_PROXY`/`socks_proxy` too. `NODE_USE_ENV_PROXY=1`
 //! makes node (24 and later) honour the variables in its built-in `fetch`.
 //!
 //! One departure from codex: `NO_PROXY` is set to the empty string, not to
@@ -73,8 +78,11 @@ pub fn proxy_env(settings: &ProxyEnv<'_>) -> Vec<(String, String)> {
     set("ALL_PROXY", &all_url);
     set("all_proxy", &all_url);
     if let Some(socks_url) = &socks_url {
-        set("SOCKS_PROXY", socks_url);
-        set("socks_proxy", socks_url);
+        set("PORTCULLIS_SOCKS_URL", socks_url);
+        if all_proxy_socks {
+            set("SOCKS_PROXY", socks_url);
+            set("socks_proxy", socks_url);
+        }
     }
     set("NODE_USE_ENV_PROXY", "1");
     set("NO_PROXY", "");
@@ -163,9 +171,14 @@ mod tests {
             "ALL_PROXY is the HTTP URL, which httpx takes without socksio"
         );
         assert_eq!(
-            get(&with, "SOCKS_PROXY").as_deref(),
+            get(&with, "PORTCULLIS_SOCKS_URL").as_deref(),
             Some("socks5h://127.0.0.1:8081")
         );
+        // No `*_proxy` names SOCKS by default: websockets would pick it.
+        assert!(with.iter().all(
+            |(name, value)| !(name.to_ascii_lowercase().ends_with("_proxy")
+                && value.starts_with("socks"))
+        ));
         assert_eq!(get(&with, "NODE_USE_ENV_PROXY").as_deref(), Some("1"));
         let codex = proxy_env(&ProxyEnv {
             all_proxy_socks: true,
@@ -173,6 +186,10 @@ mod tests {
         });
         assert_eq!(
             get(&codex, "all_proxy").as_deref(),
+            Some("socks5h://127.0.0.1:8081")
+        );
+        assert_eq!(
+            get(&codex, "socks_proxy").as_deref(),
             Some("socks5h://127.0.0.1:8081")
         );
         assert_eq!(

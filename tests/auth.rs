@@ -53,7 +53,7 @@ async fn serve_enforces_auth_on_every_listener_and_reloads_it() {
     let mut lines = Vec::new();
     while !lines
         .iter()
-        .any(|l: &String| l.starts_with("export SOCKS_PROXY="))
+        .any(|l: &String| l.starts_with("export PORTCULLIS_SOCKS_URL="))
     {
         let line = tokio::time::timeout(Duration::from_secs(30), reader.next_line())
             .await
@@ -68,7 +68,7 @@ async fn serve_enforces_auth_on_every_listener_and_reloads_it() {
         with_credential.starts_with("http://alice:s3cret@127.0.0.1:"),
         "{with_credential}"
     );
-    let socks_with_credential = exported(&lines, "SOCKS_PROXY");
+    let socks_with_credential = exported(&lines, "PORTCULLIS_SOCKS_URL");
     let bare = format!("http://{}", with_credential.rsplit_once('@').unwrap().1);
     let socks_bare = socks_with_credential.rsplit_once('@').unwrap().1.to_owned();
     let url = format!("http://{}/guarded", origin.addr);

@@ -26,7 +26,7 @@ async fn run_passes_the_environment_and_returns_the_exit_code() {
         "--",
         "sh",
         "-c",
-        "echo $ALL_PROXY; echo $SOCKS_PROXY",
+        "echo $ALL_PROXY; echo $PORTCULLIS_SOCKS_URL",
     ]))
     .await;
     let mut lines = stdout.lines();
@@ -220,7 +220,7 @@ async fn bad_usage_and_bad_config_exit_64_with_one_line() {
         "--",
         "sh",
         "-c",
-        "echo $HTTP_PROXY $SOCKS_PROXY",
+        "echo $HTTP_PROXY $PORTCULLIS_SOCKS_URL",
     ]))
     .await;
     assert!(stdout.starts_with("http://127.0.0.1:"), "{stdout}");
@@ -443,13 +443,13 @@ async fn run_guards_its_proxy_with_a_credential_that_clients_send() {
     let script = format!(
         r#"
 curl -s "{url}"; echo
-curl -s --socks5-hostname "${{SOCKS_PROXY#socks5h://}}" "{url}" >/dev/null && echo socks-with-credential-ok
+curl -s --socks5-hostname "${{PORTCULLIS_SOCKS_URL#socks5h://}}" "{url}" >/dev/null && echo socks-with-credential-ok
 python3 -c 'import urllib.request; print(urllib.request.urlopen("{url}").read().decode())'
 python3 -c 'import requests; print(requests.get("{url}").text)' 2>/dev/null || echo "requests: not installed"
 python3 -c 'import httpx; print(httpx.get("{url}").text)' 2>/dev/null || echo "httpx: not installed"
 bare="http://${{HTTP_PROXY##*@}}"
 curl -s -o /dev/null -w "%{{http_code}}\n" -x "$bare" "{url}"
-curl -s --socks5-hostname "${{SOCKS_PROXY##*@}}" "{url}" >/dev/null; echo "socks-without-credential-exit-$?"
+curl -s --socks5-hostname "${{PORTCULLIS_SOCKS_URL##*@}}" "{url}" >/dev/null; echo "socks-without-credential-exit-$?"
 "#
     );
     let (code, stdout, stderr) =

@@ -148,8 +148,8 @@ async fn curl_over_http_connect_and_socks5h() {
         r#"
 curl -sS http://files.test:{plain}/hello.txt; echo
 curl -sS --cacert {ca} https://secure.test:{port}/; echo
-curl -sS --proxy "$SOCKS_PROXY" http://files.test:{plain}/hello.txt; echo
-curl -sS --proxy "$SOCKS_PROXY" --cacert {ca} https://secure.test:{port}/; echo
+curl -sS --proxy "$PORTCULLIS_SOCKS_URL" http://files.test:{plain}/hello.txt; echo
+curl -sS --proxy "$PORTCULLIS_SOCKS_URL" --cacert {ca} https://secure.test:{port}/; echo
 "#,
         ca = ca.display(),
         port = secure.port()
@@ -236,6 +236,90 @@ python3 -c 'import httpx; print(httpx.Client().get("{url}").text)'
             "all-proxy-is-http",
             "plain hello",
             "plain hello",
+            "plain hello"
+        ],
+        "{stderr}"
+    );
+}
+
+/// A WebSocket echo server on loopback (tokio-tungstenite), for clients to
+/// reach through the proxy.
+async fn websocket_echo() -> SocketAddr {
+    use futures_util::{SinkExt, StreamExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut socket) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                while let Some(Ok(message)) = socket.next().await {
+                    if (message.is_text() || message.is_binary())
+                        && socket.send(message).await.is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn python_websockets_and_aiohttp_work_without_extra_packages() {
+    if !available(
+        "python websockets (14+) and aiohttp",
+        "python3 -c 'import websockets, aiohttp; assert int(websockets.__version__.split(\".\")[0]) >= 14'",
+    )
+    .await
+    {
+        return;
+    }
+    // websockets prefers any *_proxy variable naming a SOCKS proxy and then
+    // needs python-socks; none is exported, so it takes HTTPS_PROXY (a
+    // CONNECT). The names resolve only at the proxy (--resolve), so an
+    // answer proves the request went through it.
+    let python_socks = tokio::process::Command::new("python3")
+        .args(["-c", "import python_socks"])
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .unwrap();
+    if python_socks.success() {
+        println!("note: python-socks is installed here; the test still checks no *_proxy is SOCKS");
+    }
+    let echo = websocket_echo().await.port();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("hello.txt"), "plain hello").unwrap();
+    let port = files(dir.path().to_owned()).await.port();
+    let script = format!(
+        r#"
+env | grep -i '_proxy=socks' || echo no-socks-proxy-variable
+python3 -c '
+import asyncio
+from websockets.asyncio.client import connect
+async def main():
+    async with connect("ws://files.test:{echo}/") as ws:
+        await ws.send("through the proxy"); print(await ws.recv())
+asyncio.run(main())'
+python3 -c '
+import asyncio, aiohttp
+async def main():
+    async with aiohttp.ClientSession(trust_env=True) as session:
+        async with session.get("http://files.test:{port}/hello.txt") as response:
+            print(await response.text())
+asyncio.run(main())'
+"#
+    );
+    let (stdout, stderr) = run(&script, &[]).await;
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "no-socks-proxy-variable",
+            "through the proxy",
             "plain hello"
         ],
         "{stderr}"

@@ -82,7 +82,7 @@ async fn inside_every_way_out_goes_through_the_policy() {
     let script = format!(
         r#"
 curl -s http://127.0.0.1:{port}/through; echo
-curl -s --proxy "$SOCKS_PROXY" http://ok.test:{port}/socks; echo
+curl -s --proxy "$PORTCULLIS_SOCKS_URL" http://ok.test:{port}/socks; echo
 curl -s -m 5 --noproxy '*' http://127.0.0.1:{port}/direct; echo
 curl -s -m 5 --noproxy '*' http://127.0.0.2:{port}/direct >/dev/null; echo "refused-exit-$?"
 python3 -c 'import socket

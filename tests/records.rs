@@ -38,7 +38,7 @@ async fn serve(config: &Path) -> (tokio::process::Child, SocketAddr, SocketAddr)
                 .map(|a| a.parse::<SocketAddr>().unwrap())
         };
         http = http.or_else(|| address("export HTTP_PROXY='http://"));
-        socks = socks.or_else(|| address("export SOCKS_PROXY='socks5h://"));
+        socks = socks.or_else(|| address("export PORTCULLIS_SOCKS_URL='socks5h://"));
     }
     (child, http.unwrap(), socks.unwrap())
 }

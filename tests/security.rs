@@ -291,7 +291,7 @@ async fn no_network_byte_forges_a_log_line_at_any_level() {
         }
         exports.push_str(&line);
         if let Some(rest) = line
-            .strip_prefix("export SOCKS_PROXY='socks5h://")
+            .strip_prefix("export PORTCULLIS_SOCKS_URL='socks5h://")
             .or_else(|| line.strip_prefix("export ALL_PROXY='socks5h://"))
         {
             socks = rest
