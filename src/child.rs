@@ -83,3 +83,106 @@ pub(crate) async fn wait_forwarding_signals(
         }
     }
 }
+
+/// Makes this process the reaper of its orphaned descendants
+/// (`PR_SET_CHILD_SUBREAPER`), so a process the command left running
+/// (`sh -c 'server &'`) stays findable as ours; [`end_descendants`] ends
+/// them when the command is done.
+#[cfg(target_os = "linux")]
+pub(crate) fn become_subreaper() {
+    if let Err(error) = nix::sys::prctl::set_child_subreaper(true) {
+        tracing::debug!(%error, "cannot become a subreaper: processes the command leaves behind may outlive it");
+    }
+}
+
+/// Ends every process still running below this one (what the command left
+/// behind): SIGTERM, up to `grace` to go, then SIGKILL; each reaped.
+/// Returns how many there were.
+#[cfg(target_os = "linux")]
+pub(crate) async fn end_descendants(grace: std::time::Duration) -> usize {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let first = descendants();
+    for pid in &first {
+        let _ = kill(Pid::from_raw(*pid), Signal::SIGTERM);
+    }
+    let deadline = tokio::time::Instant::now() + grace;
+    loop {
+        reap(&first);
+        if descendants().is_empty() || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // Those that ignored SIGTERM, and any they started meanwhile.
+    for _ in 0..3 {
+        let left = descendants();
+        if left.is_empty() {
+            break;
+        }
+        for pid in &left {
+            let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        reap(&left);
+    }
+    first.len()
+}
+
+/// Reaps those of `pids` that are our children and have exited.
+#[cfg(target_os = "linux")]
+fn reap(pids: &[i32]) {
+    use nix::sys::wait::{waitpid, WaitPidFlag};
+    use nix::unistd::Pid;
+    for pid in pids {
+        let _ = waitpid(Pid::from_raw(*pid), Some(WaitPidFlag::WNOHANG));
+    }
+}
+
+/// Every live (not zombie) process whose parent chain reaches this one.
+#[cfg(target_os = "linux")]
+fn descendants() -> Vec<i32> {
+    let me = i32::try_from(std::process::id()).unwrap_or(i32::MAX);
+    let mut parents: Vec<(i32, i32)> = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            // After the command name (in parentheses): state, then ppid.
+            let mut fields = stat
+                .rsplit_once(')')
+                .map(|(_, rest)| rest)
+                .unwrap_or("")
+                .split_whitespace();
+            let (Some(state), Some(ppid)) =
+                (fields.next(), fields.next().and_then(|p| p.parse().ok()))
+            else {
+                continue;
+            };
+            if state != "Z" && state != "X" {
+                parents.push((pid, ppid));
+            }
+        }
+    }
+    let mut found = vec![me];
+    let mut index = 0;
+    while let Some(&parent) = found.get(index) {
+        found.extend(
+            parents
+                .iter()
+                .filter(|(_, ppid)| *ppid == parent)
+                .map(|(pid, _)| *pid),
+        );
+        index += 1;
+    }
+    found.retain(|pid| *pid != me);
+    found
+}

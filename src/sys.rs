@@ -6,6 +6,11 @@
 //! - [`loopback_up`]: `SIOCGIFFLAGS`/`SIOCSIFFLAGS` on `lo`, to bring up
 //!   loopback in the network namespace `run --isolate` makes (nix has no
 //!   safe wrapper for interface flags).
+//! - [`die_with_parent`]: `PR_SET_PDEATHSIG` in the child between fork and
+//!   exec (a pre-exec hook is `unsafe` in std).
+//! - [`new_pid_namespace_before_exec`] and [`fork_single_threaded`]:
+//!   `run --isolate`'s PID namespace (an unshare between fork and exec, and
+//!   the fork that makes its process 1).
 //! - [`seccomp`]: the seccomp user-notification calls `run --isolate` uses
 //!   to decide the child's `connect`s (installing a filter in the child
 //!   before `exec`, receiving and answering notifications, `pidfd_open`,
@@ -80,6 +85,101 @@ pub(crate) fn hangup_ignored() -> bool {
                 .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
         })
         .is_some_and(|mask| mask & 1 == 1)
+}
+
+/// Arranges for the child `command` makes to be killed (SIGKILL) when
+/// this process dies, even by SIGKILL (`PR_SET_PDEATHSIG`); a child whose
+/// parent is already gone by then does not start. The death signal follows
+/// the thread that spawns: spawn from a thread that lives as long as the
+/// process (the main thread, which runs `block_on`).
+#[cfg(target_os = "linux")]
+pub(crate) fn die_with_parent(command: &mut tokio::process::Command) {
+    use nix::libc;
+    let parent = std::process::id();
+    let hook = move || -> std::io::Result<()> {
+        // SAFETY: prctl with PR_SET_PDEATHSIG reads only its integers.
+        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: getppid has no arguments and cannot fail.
+        let now = unsafe { libc::getppid() };
+        // 0: the parent is outside this child's PID namespace (the first
+        // process of a new one), where it cannot be compared.
+        if now != 0 && u32::try_from(now).ok() != Some(parent) {
+            // The parent died before the signal was armed.
+            return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+        }
+        Ok(())
+    };
+    // SAFETY: the hook makes two system calls on captured integers — no
+    // allocation, no lock — as pre_exec requires.
+    unsafe {
+        command.pre_exec(hook);
+    }
+}
+
+/// Arranges for the child `command` makes to start a PID namespace for its
+/// own children (`unshare(CLONE_NEWPID)` between fork and exec, while it
+/// still holds this process's capabilities): its first child is that
+/// namespace's process 1. The bridge cannot do this for itself: a process
+/// whose children go to another PID namespace can no longer start threads.
+#[cfg(target_os = "linux")]
+pub(crate) fn new_pid_namespace_before_exec(command: &mut tokio::process::Command) {
+    use nix::libc;
+    let hook = || -> std::io::Result<()> {
+        // SAFETY: unshare takes one integer.
+        if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    // SAFETY: one system call, no allocation or lock, as pre_exec requires.
+    unsafe {
+        command.pre_exec(hook);
+    }
+}
+
+/// Arranges for the child `command` makes to start with no signal
+/// blocked: an init that waits for signals with them blocked must not hand
+/// that mask to the command (std leaves it as it is).
+#[cfg(target_os = "linux")]
+pub(crate) fn unblocked_signals_before_exec(command: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    let hook = || -> std::io::Result<()> {
+        nix::sys::signal::SigSet::empty()
+            .thread_set_mask()
+            .map_err(std::io::Error::from)
+    };
+    // SAFETY: one pthread_sigmask call on a mask built on the stack — no
+    // allocation or lock — as pre_exec requires.
+    unsafe {
+        command.pre_exec(hook);
+    }
+}
+
+/// `fork()`, for a process that has exactly one thread (checked): `None`
+/// in the child, the child's pid in the parent.
+#[cfg(target_os = "linux")]
+pub(crate) fn fork_single_threaded() -> std::io::Result<Option<nix::unistd::Pid>> {
+    let threads = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("Threads:"))
+                .and_then(|n| n.trim().parse::<u32>().ok())
+        });
+    if threads != Some(1) {
+        return Err(std::io::Error::other(
+            "fork needs a process with one thread",
+        ));
+    }
+    // SAFETY: with a single thread there is no lock another thread could
+    // hold across the fork, so the child may run any code.
+    match unsafe { nix::unistd::fork() }.map_err(std::io::Error::from)? {
+        nix::unistd::ForkResult::Child => Ok(None),
+        nix::unistd::ForkResult::Parent { child } => Ok(Some(child)),
+    }
 }
 
 /// Seccomp user notification: the child's `connect`s go to a supervisor.

@@ -52,6 +52,10 @@ pub fn main() -> ExitCode {
         {
             return crate::isolate::bridge_main(&arguments[1..]);
         }
+        #[cfg(target_os = "linux")]
+        if arguments.first().is_some_and(|a| a == crate::isolate::INIT) {
+            return crate::isolate::init_main(&arguments[1..]);
+        }
     }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

@@ -117,6 +117,13 @@ pub(super) async fn run(args: RunArgs) -> ExitCode {
         command.env("PORTCULLIS_ISOLATED", "1");
         command.env("PORTCULLIS_SOCKS_UDP", "off");
     }
+    // The command (or the bridge) dies with us, even by SIGKILL; what it
+    // leaves running is ours to end (see below).
+    #[cfg(target_os = "linux")]
+    {
+        crate::sys::die_with_parent(&mut command);
+        crate::child::become_subreaper();
+    }
     // Listening before the child exists, so no signal meant for it is lost.
     let signals = ForwardedSignals::install();
     let mut child = match command.spawn() {
@@ -131,6 +138,14 @@ pub(super) async fn run(args: RunArgs) -> ExitCode {
         bridges.peer().started(pid);
     }
     let status = wait_forwarding_signals(&mut child, signals).await;
+    // Nothing the command started outlives it (`sh -c 'server &'`).
+    #[cfg(target_os = "linux")]
+    {
+        let ended = crate::child::end_descendants(Duration::from_secs(1)).await;
+        if ended > 0 {
+            tracing::info!("ended {ended} process(es) the command left running");
+        }
+    }
     proxy.shutdown(Duration::from_secs(1)).await;
     drop(bridges);
     // Each refused destination once, with the flag that would allow it.

@@ -80,10 +80,14 @@ impl Bridges {
         http: SocketAddr,
         socks: Option<SocketAddr>,
     ) -> Result<Bridges, IsolateError> {
+        remove_stale_directories();
         let dir = tempfile::Builder::new()
-            .prefix("portcullis-isolate-")
+            .prefix(DIRECTORY_PREFIX)
             .tempdir()
             .map_err(|e| IsolateError::Setup(format!("a private directory: {e}")))?;
+        // Whose it is, so a later run can tell it was left by a run that died.
+        std::fs::write(dir.path().join(OWNER_FILE), std::process::id().to_string())
+            .map_err(|e| IsolateError::Setup(format!("{OWNER_FILE}: {e}")))?;
         let peer = BridgePeer::default();
         for (name, target) in
             std::iter::once(("http.sock", http)).chain(socks.map(|s| ("socks.sock", s)))
@@ -103,6 +107,50 @@ impl Bridges {
     /// Who may connect to the sockets: say the bridge's pid once started.
     pub(crate) fn peer(&self) -> &BridgePeer {
         &self.peer
+    }
+}
+
+/// The private directories' name prefix, in the temporary directory.
+const DIRECTORY_PREFIX: &str = "portcullis-isolate-";
+/// The file in each naming the `run` process it belongs to.
+const OWNER_FILE: &str = "owner";
+
+/// Removes the directories a `run --isolate` that died (SIGKILL, a crash)
+/// left in the temporary directory: ours (same user), whose owner process
+/// is gone — or, with no owner file, older than a minute (one being made
+/// right now has none yet).
+fn remove_stale_directories() {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    let me = nix::unistd::geteuid().as_raw();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let ours = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|name| name.starts_with(DIRECTORY_PREFIX));
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if !ours || !meta.is_dir() || meta.uid() != me {
+            continue;
+        }
+        let stale = match std::fs::read_to_string(path.join(OWNER_FILE)) {
+            Ok(owner) => owner.trim().parse::<i32>().is_ok_and(|pid| {
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+                    == Err(nix::errno::Errno::ESRCH)
+            }),
+            Err(_) => meta
+                .modified()
+                .ok()
+                .and_then(|modified| modified.elapsed().ok())
+                .is_some_and(|age| age > std::time::Duration::from_secs(60)),
+        };
+        if stale && std::fs::remove_dir_all(&path).is_ok() {
+            tracing::debug!(dir = %path.display(), "removed a directory a run that died left behind");
+        }
     }
 }
 
@@ -260,8 +308,25 @@ async fn run_command(command: &[OsString], unix_sockets: &[PathBuf]) -> ExitCode
     let Some((program, arguments)) = command.split_first() else {
         return ExitCode::from(64);
     };
-    let mut spawning = tokio::process::Command::new(program);
-    spawning.args(arguments);
+    // Under the PID namespace's first process (`__init`), where there is one.
+    let mut spawning = match std::env::current_exe() {
+        Ok(exe) => {
+            let mut init = tokio::process::Command::new(exe);
+            init.arg(INIT).arg("--").arg(program).args(arguments);
+            #[cfg(target_os = "linux")]
+            crate::sys::new_pid_namespace_before_exec(&mut init);
+            init
+        }
+        Err(error) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "portcullis: --isolate: no PID namespace ({error}); what the command leaves running is ended when it exits, but may outlive a killed run"
+            );
+            let mut plain = tokio::process::Command::new(program);
+            plain.args(arguments);
+            plain
+        }
+    };
     #[cfg(target_os = "linux")]
     let supervised = match confine_unix_sockets(&mut spawning, unix_sockets) {
         Ok(supervised) => supervised,
@@ -270,6 +335,12 @@ async fn run_command(command: &[OsString], unix_sockets: &[PathBuf]) -> ExitCode
             return ExitCode::from(69);
         }
     };
+    // The command dies with the bridge, even by SIGKILL.
+    #[cfg(target_os = "linux")]
+    {
+        crate::sys::die_with_parent(&mut spawning);
+        crate::child::become_subreaper();
+    }
     let signals = crate::child::ForwardedSignals::install();
     let spawned = spawning.spawn();
     // Drops our copy of the child's end of the listener channel.
@@ -292,9 +363,25 @@ async fn run_command(command: &[OsString], unix_sockets: &[PathBuf]) -> ExitCode
             return ExitCode::from(69);
         }
     }
-    match crate::child::wait_forwarding_signals(&mut child, signals).await {
+    let status = crate::child::wait_forwarding_signals(&mut child, signals).await;
+    // Nothing the command started outlives it.
+    #[cfg(target_os = "linux")]
+    crate::child::end_descendants(std::time::Duration::from_secs(1)).await;
+    match status {
         Ok(status) => ExitCode::from(crate::child::exit_code(status)),
         Err(_) => ExitCode::from(70),
+    }
+}
+
+/// Whether this process's children start a PID namespace of their own:
+/// `pid_for_children` names another namespace — or none yet, which the
+/// kernel says (`ENOENT`) of a namespace no process has entered.
+fn in_own_pid_namespace() -> bool {
+    let own = std::fs::read_link("/proc/self/ns/pid");
+    match (own, std::fs::read_link("/proc/self/ns/pid_for_children")) {
+        (Ok(own), Ok(children)) => own != children,
+        (Ok(_), Err(error)) => error.kind() == std::io::ErrorKind::NotFound,
+        _ => false,
     }
 }
 
@@ -357,6 +444,169 @@ fn enter_namespace() -> Result<(), IsolateError> {
     write("/proc/self/uid_map", format!("{uid} {uid} 1\n"))?;
     write("/proc/self/gid_map", format!("{gid} {gid} 1\n"))?;
     crate::sys::loopback_up().map_err(|e| IsolateError::Setup(format!("bringing up lo: {e}")))
+}
+
+/// The hidden subcommand the bridge runs the command under: the first
+/// process of the command's PID namespace.
+#[cfg(target_os = "linux")]
+pub(crate) const INIT: &str = "__init";
+
+/// `portcullis __init -- CMD…`, started by the bridge with its children
+/// in a new PID namespace ([`crate::sys::new_pid_namespace_before_exec`]).
+/// It forks that namespace's process 1, which starts the command, passes
+/// on signals and reaps every orphan the namespace hands it, and exits as
+/// the command did — at which the kernel ends whatever else still runs in
+/// the namespace, so nothing the command started outlives it. This first
+/// process waits for process 1 and passes signals on to it (process 1
+/// takes only signals it handles). Both are single-threaded: `sigwait` on
+/// blocked signals, `SIGCHLD` included. Where the namespace could not be
+/// made, the command runs under this process directly.
+#[cfg(target_os = "linux")]
+pub(crate) fn init_main(arguments: &[OsString]) -> ExitCode {
+    let [separator, program, rest @ ..] = arguments else {
+        return ExitCode::from(64);
+    };
+    if separator != "--" {
+        return ExitCode::from(64);
+    }
+    let signals = match Forwarding::block() {
+        Ok(signals) => signals,
+        Err(error) => {
+            let _ = writeln!(std::io::stderr(), "portcullis: --isolate init: {error}");
+            return ExitCode::from(70);
+        }
+    };
+    if !in_own_pid_namespace() {
+        return signals.run(program, rest);
+    }
+    // Held open by this process alone: process 1 reads end-of-file once we
+    // are gone, whatever its parent id says from inside (0).
+    let Ok((alive_read, alive_write)) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) else {
+        return ExitCode::from(70);
+    };
+    match crate::sys::fork_single_threaded() {
+        // Process 1 of the namespace: dies with us (SIGKILL), and with it
+        // the whole namespace — also when we died before it armed that.
+        Ok(None) => {
+            drop(alive_write);
+            if nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).is_err() {
+                return ExitCode::from(70);
+            }
+            if parent_gone(&alive_read) {
+                return ExitCode::from(70);
+            }
+            drop(alive_read);
+            signals.run(program, rest)
+        }
+        Ok(Some(first)) => {
+            drop(alive_read);
+            let code = signals.wait_for(first);
+            drop(alive_write);
+            code
+        }
+        Err(error) => {
+            let _ = writeln!(std::io::stderr(), "portcullis: --isolate init: {error}");
+            ExitCode::from(70)
+        }
+    }
+}
+
+/// Whether the write end of `alive` is closed (its holder is gone): a
+/// read that does not wait.
+#[cfg(target_os = "linux")]
+fn parent_gone(alive: &std::os::fd::OwnedFd) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(
+        std::os::fd::AsFd::as_fd(alive),
+        PollFlags::POLLIN,
+    )];
+    match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(0) => false,
+        Ok(_) => fds[0]
+            .revents()
+            .is_some_and(|events| events.intersects(PollFlags::POLLHUP | PollFlags::POLLIN)),
+        Err(_) => true,
+    }
+}
+
+/// The signals an init passes on, blocked, and SIGCHLD, waited for with
+/// `sigwait` in one thread.
+#[cfg(target_os = "linux")]
+struct Forwarding {
+    set: nix::sys::signal::SigSet,
+    /// SIGINT too: not on a terminal, which would send it to the command.
+    interrupt: bool,
+}
+
+#[cfg(target_os = "linux")]
+impl Forwarding {
+    fn block() -> nix::Result<Forwarding> {
+        use nix::sys::signal::{SigSet, Signal};
+        use std::io::IsTerminal;
+        let mut set = SigSet::empty();
+        for signal in [
+            Signal::SIGTERM,
+            Signal::SIGHUP,
+            Signal::SIGQUIT,
+            Signal::SIGINT,
+            Signal::SIGCHLD,
+        ] {
+            set.add(signal);
+        }
+        set.thread_block()?;
+        Ok(Forwarding {
+            set,
+            interrupt: !std::io::stdin().is_terminal(),
+        })
+    }
+
+    /// Starts the command (with no signal blocked) and waits for it,
+    /// reaping orphans and passing signals on; its exit status.
+    fn run(&self, program: &OsString, arguments: &[OsString]) -> ExitCode {
+        let mut command = std::process::Command::new(program);
+        command.args(arguments);
+        crate::sys::unblocked_signals_before_exec(&mut command);
+        let child = match command.spawn() {
+            Ok(child) => child,
+            Err(error) => return crate::child::cannot_run(program, &error),
+        };
+        let command = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
+        self.wait_for(command)
+    }
+
+    /// Waits for `child`, reaping any other child, passing signals on to
+    /// it; exits as it did (128 + the signal when one ended it).
+    fn wait_for(&self, child: nix::unistd::Pid) -> ExitCode {
+        use nix::sys::signal::{kill, Signal};
+        use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+        loop {
+            // Reap first: a child may have ended before we waited.
+            loop {
+                match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::Exited(pid, code)) if pid == child => {
+                        return ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1));
+                    }
+                    Ok(WaitStatus::Signaled(pid, signal, _)) if pid == child => {
+                        return ExitCode::from(
+                            u8::try_from((128 + signal as i32) & 0xff).unwrap_or(1),
+                        );
+                    }
+                    Ok(WaitStatus::StillAlive) => break,
+                    Ok(_) => continue,
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(_) => return ExitCode::from(70),
+                }
+            }
+            match self.set.wait() {
+                Ok(Signal::SIGCHLD) => {}
+                Ok(Signal::SIGINT) if !self.interrupt => {}
+                Ok(signal) => {
+                    let _ = kill(child, signal);
+                }
+                Err(_) => return ExitCode::from(70),
+            }
+        }
+    }
 }
 
 #[cfg(not(target_os = "linux"))]
