@@ -185,6 +185,76 @@ async fn node_fetch_goes_through_the_policy_without_proxy_support() {
 }
 
 #[tokio::test]
+async fn a_refused_captured_connection_is_answered_in_its_own_protocol() {
+    if !namespaces_available().await {
+        return;
+    }
+    // 127.0.0.2 is a local address nothing allows: refused at the
+    // connection, before any byte goes anywhere.
+    let origin = origin().await;
+    let port = origin.addr.port();
+    let node = tokio::process::Command::new("node")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .await
+        .is_ok_and(|s| s.success());
+    let mut script = format!(
+        r#"
+curl -s -i --noproxy '*' http://127.0.0.2:{port}/plain | head -2 | tr -d '\r'
+curl -s --noproxy '*' https://127.0.0.2:{port}/; echo "tls-exit-$?"
+"#
+    );
+    if node {
+        // node 20's fetch ignores the proxy variables: captured, and it must
+        // settle either way (it used to hang and exit 13).
+        script.push_str(&format!(
+            r#"
+NODE_USE_ENV_PROXY= node --input-type=module -e 'const r = await fetch("http://127.0.0.2:{port}/x"); console.log("node", r.status, (await r.json()).reason)'
+NODE_USE_ENV_PROXY= node --input-type=module -e 'try {{ await fetch("https://127.0.0.2:{port}/x"); console.log("node-tls passed") }} catch (e) {{ console.log("node-tls", e.cause?.code) }}'
+"#
+        ));
+    } else {
+        println!("note: node is not installed; only curl is checked");
+    }
+    let (code, stdout, stderr) =
+        output(portcullis().args(["run", "--isolate", "--", "sh", "-c", &script])).await;
+    if capture_refused(&stderr) {
+        return;
+    }
+    assert_eq!(code, Some(0), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines.first(),
+        Some(&"HTTP/1.1 403 Forbidden"),
+        "{stdout}{stderr}"
+    );
+    assert_eq!(
+        lines.get(1),
+        Some(&"x-proxy-error: blocked-by-allowlist"),
+        "{stdout}"
+    );
+    // curl's 35: the TLS handshake failed on our access_denied alert.
+    assert_eq!(lines.get(2), Some(&"tls-exit-35"), "{stdout}");
+    if node {
+        assert_eq!(
+            lines.get(3),
+            Some(&"node 403 not_allowed_local"),
+            "{stdout}{stderr}"
+        );
+        assert_eq!(
+            lines.get(4),
+            Some(&"node-tls ERR_SSL_TLSV1_ALERT_ACCESS_DENIED"),
+            "{stdout}{stderr}"
+        );
+    }
+    assert_eq!(
+        origin.connections.load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+}
+
+#[tokio::test]
 async fn run_isolate_in_the_config_isolates_too() {
     if !namespaces_available().await {
         return;

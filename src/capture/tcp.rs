@@ -100,11 +100,21 @@ async fn serve_one(
         .mark(Interceptable)
         .connect()
         .map_err(|e| e.to_string())?;
-    // A refusal is recorded by the stack; the child sees the connection close.
-    let mut response = ingress
-        .call(request)
-        .await
-        .map_err(|e| format!("refused: {e}"))?;
+    // A refusal is recorded by the stack; the child is told in its own
+    // protocol where it has one, and the connection closes.
+    let mut response = match ingress.call(request).await {
+        Ok(response) => response,
+        Err(error) => {
+            answer_refusal(
+                stream,
+                &error,
+                &settings.answers.fixes,
+                limits.header_read_timeout,
+            )
+            .await;
+            return Err(format!("refused: {error}"));
+        }
+    };
     let upstream = response
         .extensions_mut()
         .remove::<Tunnel>()
@@ -195,6 +205,64 @@ async fn serve_one(
     moved.log(source, &target);
     drop(guard);
     Ok(())
+}
+
+/// A TLS alert record: fatal (2), `access_denied` (49), TLS 1.2's record
+/// version (what a 1.3 peer accepts before the handshake).
+const ACCESS_DENIED_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 49];
+
+/// Tells a refused captured connection why, as the HTTP listener would: an
+/// HTTP request gets the same 403 (JSON body, `x-proxy-error`) and the
+/// connection closes; a TLS ClientHello gets a fatal `access_denied` alert
+/// (no certificate is made for a refused host); anything else, or nothing
+/// within `wait`, is just closed.
+async fn answer_refusal(
+    stream: UnixStream,
+    error: &portcullis_middleware::BoxError,
+    fixes: &crate::hints::Fixes,
+    wait: Duration,
+) {
+    use http_body_util::BodyExt;
+    let first =
+        tokio::time::timeout(wait.min(Duration::from_secs(5)), peek_first_byte(&stream)).await;
+    let Ok(Ok(Some(first))) = first else {
+        return;
+    };
+    if first == 0x16 {
+        let mut stream = stream;
+        // The ClientHello is read (and dropped) first, so closing with it
+        // unread does not cut the alert short.
+        let mut hello = vec![0u8; MAX_FIRST_BYTES];
+        let _ = tokio::time::timeout(Duration::from_millis(200), stream.read(&mut hello)).await;
+        let _ = stream.write_all(&ACCESS_DENIED_ALERT).await;
+        let _ = stream.shutdown().await;
+        return;
+    }
+    if !first.is_ascii_uppercase() {
+        return;
+    }
+    let answer = crate::transport::http1::rescue::http_response(error, fixes);
+    let (parts, body) = answer.into_parts();
+    let Ok(body) = body.collect().await.map(|collected| collected.to_bytes()) else {
+        return;
+    };
+    let (status, headers) = (parts.status, parts.headers);
+    let service = hyper::service::service_fn(move |_request| {
+        let mut response = http::Response::new(crate::body::full(body.clone()));
+        *response.status_mut() = status;
+        *response.headers_mut() = headers.clone();
+        response.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+        async move { Ok::<_, std::convert::Infallible>(response) }
+    });
+    let served = hyper::server::conn::http1::Builder::new()
+        .keep_alive(false)
+        .header_read_timeout(wait)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    let _ = tokio::time::timeout(wait, served).await;
 }
 
 /// The child's first byte, left in the socket (`None`: it closed).
