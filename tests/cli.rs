@@ -231,6 +231,60 @@ async fn bad_usage_and_bad_config_exit_64_with_one_line() {
 }
 
 /// The first word of `check`'s answer and its `reason:` line.
+#[tokio::test]
+async fn what_a_new_user_gets_wrong_is_said_not_swallowed() {
+    // `run curl …` without `--`: clap's error, and how to write it.
+    let (code, _, stderr) = output(portcullis().args(["run", "curl", "http://x.test/"])).await;
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(
+        stderr.contains("tip: put -- between run's options and the command: portcullis run [OPTIONS] -- curl http://x.test/"),
+        "{stderr}"
+    );
+    // A wildcard over a public suffix allows everyone's domains: said.
+    let (code, _, stderr) = output(portcullis().args([
+        "run",
+        "--allow",
+        "*.com",
+        "--allow",
+        "**.github.io",
+        "--allow",
+        "*.example.com",
+        "--",
+        "true",
+    ]))
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains(r#"--allow "*.com" allows every domain anyone can register under the public suffix "com""#), "{stderr}");
+    assert!(
+        stderr.contains(r#"the public suffix "github.io""#),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("example.com"),
+        "a registrable domain is not warned about: {stderr}"
+    );
+    // Globs with alternatives or classes never matched: refused, naming the key.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        "[[rules]]\nhost = \"api.test\"\nallow = [ { paths = [\"/repos/{a,b}/**\"] } ]\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = output(
+        portcullis()
+            .args(["check", "--config"])
+            .arg(&config)
+            .arg("http://api.test/"),
+    )
+    .await;
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(
+        stderr.contains("rules[0]") && stderr.contains("c.toml") && stderr.contains("{a,b}"),
+        "{stderr}"
+    );
+}
+
 fn check_verdict(stdout: &str) -> (String, String) {
     let verdict = stdout
         .split_whitespace()

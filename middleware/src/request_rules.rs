@@ -156,6 +156,11 @@ impl PathGlob {
                     _ if segment.contains(['%', '\\', '?', '#']) => {
                         return Err(bad("write segments decoded, without %, \\, ? or #"))
                     }
+                    _ if segment.contains(['{', '}', '[', ']']) => {
+                        return Err(bad(
+                            "globs have no {a,b} alternatives or [..] classes (they would never match); write one path per alternative",
+                        ))
+                    }
                     literal => Segment::Literal(literal.to_owned()),
                 });
             }
@@ -1419,7 +1424,9 @@ mod tests {
         assert!(!glob.matches(&path("/Repos/acme/issues"), false));
         assert!(glob.matches(&path("/Repos/acme/issues"), true));
         assert!(PathGlob::parse("/").unwrap().matches(&path("/"), false));
-        for bad in ["repos", "/a//b", "/a/", "/a*", "/../x", "/a%2Fb", "/a?b"] {
+        for bad in [
+            "repos", "/a//b", "/a/", "/a*", "/../x", "/a%2Fb", "/a?b", "/{a,b}", "/[b", "/a]",
+        ] {
             assert!(PathGlob::parse(bad).is_err(), "{bad}");
         }
     }

@@ -33,6 +33,22 @@ impl Options {
         if self.allow.iter().any(|pattern| pattern == "*") {
             tracing::warn!("--allow '*' allows every public destination: the allowlist no longer narrows anything (the denylist, local and metadata addresses still apply)");
         }
+        for pattern in &self.allow {
+            // `*.com`, `**.co.uk`, `*.github.io`: every domain anyone can
+            // register under a public suffix.
+            let host = pattern.split(':').next().unwrap_or(pattern);
+            let below = host
+                .strip_prefix("**.")
+                .or_else(|| host.strip_prefix("*."))
+                .map(|suffix| suffix.trim_end_matches('.').to_ascii_lowercase());
+            if let Some(suffix) = below {
+                if portcullis_middleware::policy::is_public_suffix(&suffix) {
+                    tracing::warn!(
+                        "--allow {pattern:?} allows every domain anyone can register under the public suffix {suffix:?}: the allowlist barely narrows anything; name the domains themselves"
+                    );
+                }
+            }
+        }
     }
 
     /// The config file named by `--config` or `PORTCULLIS_CONFIG`.

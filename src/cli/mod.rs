@@ -62,6 +62,9 @@ pub fn main() -> ExitCode {
         Err(error) => {
             let code = if error.use_stderr() { EXIT_USAGE } else { 0 };
             let _ = error.print();
+            if let Some(tip) = usage_tip(&error) {
+                let _ = writeln!(std::io::stderr(), "\n{tip}");
+            }
             return ExitCode::from(code);
         }
     };
@@ -106,6 +109,37 @@ pub fn main() -> ExitCode {
             Command::Man => manual(),
         }
     })
+}
+
+/// A tip for a usage error clap cannot give: `run` without the `--` that
+/// separates the command (`portcullis run curl …`).
+fn usage_tip(error: &clap::Error) -> Option<String> {
+    use clap::error::ErrorKind;
+    if !matches!(
+        error.kind(),
+        ErrorKind::UnknownArgument | ErrorKind::MissingRequiredArgument
+    ) {
+        return None;
+    }
+    let arguments: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let run = arguments.iter().position(|a| a == "run")?;
+    if arguments.iter().any(|a| a == "--") {
+        return None;
+    }
+    let command: Vec<String> = arguments
+        .get(run + 1..)
+        .unwrap_or_default()
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    Some(format!(
+        "tip: put -- between run's options and the command: portcullis run [OPTIONS] -- {}",
+        if command.is_empty() {
+            "CMD [ARGS]…".to_owned()
+        } else {
+            command.join(" ")
+        }
+    ))
 }
 
 /// `portcullis completions SHELL`: the script, generated from the same
