@@ -285,6 +285,49 @@ async fn what_a_new_user_gets_wrong_is_said_not_swallowed() {
     );
 }
 
+#[tokio::test]
+async fn a_client_that_does_not_trust_the_ca_is_told_once_what_to_give_it() {
+    let origin = origin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[network]\nmode = \"limited\"\nmitm = true\nallowed_domains = [\"secure.test\"]\nallow_local_binding = true\n[mitm]\nca_dir = {:?}\n[dns]\nhosts = {{ \"secure.test\" = [\"127.0.0.1\"] }}\n",
+            dir.path().join("ca").display().to_string()
+        ),
+    )
+    .unwrap();
+    let (mut child, proxy) = serve_config(&config).await;
+    // curl with only the system's roots: it rejects our leaf (unknown CA),
+    // twice; the proxy says so once, with the file to give it.
+    for _ in 0..2 {
+        let out = curl(&[
+            "-x",
+            &proxy,
+            &format!("https://secure.test:{}/", origin.addr.port()),
+        ])
+        .await;
+        assert_eq!(out.code, Some(60), "{}", out.stderr);
+    }
+    let (_, stderr) = terminate(&mut child).await;
+    assert_eq!(
+        stderr
+            .matches("rejected portcullis's interception certificate")
+            .count(),
+        1,
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("does not trust the portcullis CA"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&dir.path().join("ca").join("ca.pem").display().to_string()),
+        "{stderr}"
+    );
+}
+
 fn check_verdict(stdout: &str) -> (String, String) {
     let verdict = stdout
         .split_whitespace()

@@ -59,7 +59,13 @@ pub(crate) struct Interceptor {
     ca: Arc<CertificateAuthority>,
     provider: Arc<rustls::crypto::CryptoProvider>,
     leaves: Mutex<LeafCache>,
+    /// Clients already told they do not trust the CA (bounded).
+    distrusting: Mutex<std::collections::HashSet<std::net::IpAddr>>,
 }
+
+/// How many distrusting clients are remembered; past it the set starts
+/// over (a flood of clients is worth a line each).
+const DISTRUSTING_REMEMBERED: usize = 1024;
 
 impl std::fmt::Debug for Interceptor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -97,6 +103,52 @@ impl Interceptor {
                 clock: 0,
                 entries: HashMap::new(),
             }),
+            distrusting: Mutex::new(std::collections::HashSet::new()),
+        }
+    }
+
+    /// Says once per client address that a client rejected our leaf
+    /// because it does not trust the CA, and how to make it trust it;
+    /// other handshake failures stay debug lines.
+    fn handshake_failed(
+        &self,
+        client: std::net::SocketAddr,
+        target: &Target,
+        error: &std::io::Error,
+    ) {
+        use rustls::AlertDescription as Alert;
+        let alert = error
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            .and_then(|rustls_error| match rustls_error {
+                rustls::Error::AlertReceived(
+                    alert @ (Alert::UnknownCA
+                    | Alert::BadCertificate
+                    | Alert::CertificateUnknown
+                    | Alert::UnsupportedCertificate
+                    | Alert::AccessDenied),
+                ) => Some(*alert),
+                _ => None,
+            });
+        let Some(alert) = alert else {
+            tracing::debug!(%error, %client, "intercepted TLS handshake failed");
+            return;
+        };
+        let first = {
+            let mut told = lock(&self.distrusting);
+            if told.len() >= DISTRUSTING_REMEMBERED {
+                told.clear();
+            }
+            told.insert(client.ip())
+        };
+        if first {
+            tracing::warn!(
+                %client,
+                %target,
+                ?alert,
+                "a client rejected portcullis's interception certificate for {target} ({alert:?}): it does not trust the portcullis CA. Give it {} (or the bundle with the system's roots that `portcullis ca` names: SSL_CERT_FILE, REQUESTS_CA_BUNDLE, NODE_EXTRA_CA_CERTS); under `portcullis run --mitm` the command gets them",
+                self.ca.cert_path().display()
+            );
         }
     }
 
@@ -248,7 +300,7 @@ pub(crate) async fn serve<I>(
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, start.into_stream(config)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(error)) => {
-            tracing::debug!(%error, %client, "intercepted TLS handshake failed (does the client trust the portcullis CA?)");
+            interceptor.handshake_failed(client, &target, &error);
             return;
         }
         Err(_) => return,
