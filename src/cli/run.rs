@@ -128,6 +128,14 @@ pub(super) async fn run(args: RunArgs) -> ExitCode {
     let signals = ForwardedSignals::install();
     let mut child = match command.spawn() {
         Ok(child) => child,
+        Err(error) if bridges.is_some() => {
+            proxy.shutdown(Duration::ZERO).await;
+            let _ = writeln!(
+                std::io::stderr(),
+                "portcullis: --isolate cannot start its bridge (this binary, re-run): {error}"
+            );
+            return ExitCode::from(EXIT_UNAVAILABLE);
+        }
         Err(error) => {
             proxy.shutdown(Duration::ZERO).await;
             return cannot_run(program, &error);
@@ -219,7 +227,7 @@ pub(super) fn isolated_command(
     // Connections and DNS questions the bridge captures come here.
     crate::capture::start(proxy, bridges.dir(), bridges.peer())
         .map_err(|e| format!("--isolate could not listen for captured connections: {e}"))?;
-    let exe = std::env::current_exe()
+    let exe = crate::isolate::own_executable()
         .map_err(|e| format!("--isolate re-runs portcullis and cannot find it: {e}"))?;
     let mut bridge = tokio::process::Command::new(exe);
     bridge.args(crate::isolate::bridge_arguments(

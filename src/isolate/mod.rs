@@ -65,6 +65,19 @@ pub(crate) enum IsolateError {
     Setup(String),
 }
 
+/// This binary, to run again (the bridge, its init): `/proc/self/exe`
+/// rather than its path, which may sit in a directory its user cannot
+/// search once its privileges are dropped (the magic link is followed
+/// without searching it).
+pub(crate) fn own_executable() -> std::io::Result<PathBuf> {
+    let magic = Path::new("/proc/self/exe");
+    if magic.exists() {
+        Ok(magic.to_path_buf())
+    } else {
+        std::env::current_exe()
+    }
+}
+
 /// The outside half: Unix sockets in a private directory, each forwarding
 /// to one of the proxy's listeners. Removed with the directory on drop.
 #[derive(Debug)]
@@ -309,7 +322,7 @@ async fn run_command(command: &[OsString], unix_sockets: &[PathBuf]) -> ExitCode
         return ExitCode::from(64);
     };
     // Under the PID namespace's first process (`__init`), where there is one.
-    let mut spawning = match std::env::current_exe() {
+    let mut spawning = match own_executable() {
         Ok(exe) => {
             let mut init = tokio::process::Command::new(exe);
             init.arg(INIT).arg("--").arg(program).args(arguments);
