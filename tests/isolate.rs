@@ -84,7 +84,7 @@ async fn inside_every_way_out_goes_through_the_policy() {
 curl -s http://127.0.0.1:{port}/through; echo
 curl -s --proxy "$PORTCULLIS_SOCKS_URL" http://ok.test:{port}/socks; echo
 curl -s -m 5 --noproxy '*' http://127.0.0.1:{port}/direct; echo
-curl -s -m 5 --noproxy '*' http://127.0.0.2:{port}/direct >/dev/null; echo "refused-exit-$?"
+curl -s -m 5 --noproxy '*' -o /dev/null -w "refused-%{{http_code}}" http://127.0.0.2:{port}/direct; echo
 python3 -c 'import socket
 s = socket.socket(); s.settimeout(5)
 try:
@@ -112,10 +112,12 @@ exit 7
         Some(&"hello /direct"),
         "curl --noproxy '*' to an allowed address is captured and let through: {stdout}{stderr}"
     );
-    let refused = lines.get(3).copied().unwrap_or("");
-    assert!(
-        refused.starts_with("refused-exit-") && refused != "refused-exit-0",
-        "curl --noproxy '*' to a refused address must not reach the origin: {stdout}"
+    // Refused, and told so in HTTP (the listener's 403), never reaching
+    // the origin (counted below).
+    assert_eq!(
+        lines.get(3),
+        Some(&"refused-403"),
+        "curl --noproxy '*' to a refused address gets the refusal: {stdout}"
     );
     assert_ne!(
         lines.get(4),
@@ -264,7 +266,7 @@ async fn run_isolate_in_the_config_isolates_too() {
     let config = dir.path().join("p.toml");
     std::fs::write(&config, "[run]\nisolate = true\n").unwrap();
     let script = format!(
-        "curl -s -m 5 --noproxy '*' http://{}/ >/dev/null; echo \"exit-$?\"; echo \"isolated-$PORTCULLIS_ISOLATED\"",
+        "curl -s -m 5 --noproxy '*' -o /dev/null -w '%{{http_code}}' http://{}/; echo; echo \"isolated-$PORTCULLIS_ISOLATED\"",
         origin.addr
     );
     let (code, stdout, stderr) = output(
@@ -276,8 +278,14 @@ async fn run_isolate_in_the_config_isolates_too() {
     .await;
     assert_eq!(code, Some(0), "{stderr}");
     let lines: Vec<&str> = stdout.lines().collect();
-    assert_ne!(lines.first(), Some(&"exit-0"), "{stdout}");
+    // Captured and refused (a loopback address nothing allows): the
+    // refusal's 403, and the origin never saw it.
+    assert_eq!(lines.first(), Some(&"403"), "{stdout}");
     assert_eq!(lines.get(1), Some(&"isolated-1"), "{stdout}");
+    assert_eq!(
+        origin.connections.load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
 }
 
 /// `run --isolate` with `secure.test` allowed (on loopback), `flags` and,
