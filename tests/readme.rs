@@ -246,3 +246,39 @@ async fn the_install_section_installs_and_uninstalls() {
     assert!(printed.contains("Installed package"), "{printed}");
     assert!(printed.contains("uninstalled"), "{printed}");
 }
+
+#[test]
+fn every_file_a_readme_line_installs_is_in_the_checkout() {
+    // `sudo install … SOURCE DESTINATION` lines (the service block) cannot
+    // run here, but what they copy must exist: a newcomer copies them as
+    // written.
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let mut checked = 0;
+    for line in readme.lines() {
+        let Some(rest) = line.trim().strip_prefix("sudo install ") else {
+            continue;
+        };
+        let command = rest.split('#').next().unwrap_or(rest);
+        let words: Vec<&str> = command
+            .split_whitespace()
+            .filter(|w| !w.starts_with('-'))
+            .collect();
+        // The mode's value, then the sources, then the destination.
+        let Some((_, sources)) = words.split_last() else {
+            continue;
+        };
+        for source in sources
+            .iter()
+            .filter(|w| w.contains('/') || w.contains('.'))
+        {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(source);
+            assert!(
+                path.exists(),
+                "the README installs {source}, which the checkout does not have: {line}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 2, "the service block's install lines were found");
+}
