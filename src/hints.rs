@@ -97,15 +97,24 @@ impl Fixes {
                 (Reason::MethodNotAllowed, _) => {
                     let method = blocked.method.escape_debug();
                     let fix = match self {
-                        Fixes::Flags => "run without --mode limited".to_owned(),
+                        // A flag wins over the config and the environment,
+                        // wherever limited mode came from.
+                        Fixes::Flags => "pass --mode full".to_owned(),
                         Fixes::File(file) => {
                             format!("set mode = \"full\" in [network] in {}", file.display())
                         }
                         Fixes::Keys => return None,
                     };
+                    // What limited mode saw, when it was not the method
+                    // itself (a push's start, an override, a body, …).
+                    let why = match blocked.rule.as_deref() {
+                        Some(rule) if rule.starts_with("limited mode refuses") => rule.to_owned(),
+                        _ => "limited mode allows only GET, HEAD and OPTIONS (and no SOCKS5)"
+                            .to_owned(),
+                    };
                     return Some(format!(
-                    "portcullis refused {method} {target}: limited mode allows only GET, HEAD and OPTIONS (and no SOCKS5); {fix} to allow it"
-                ));
+                        "portcullis refused {method} {target}: {why}; {fix} to allow it"
+                    ));
                 }
                 (Reason::RuleDenied | Reason::RuleNotMatched | Reason::AmbiguousPath, _) => {
                     let Fixes::File(file) = self else {
@@ -134,7 +143,7 @@ impl Fixes {
                 }
                 (Reason::MitmRequired, _) => {
                     let fix = match self {
-                    Fixes::Flags => "pass --mitm (under run the child is given the CA; elsewhere clients must trust the one `portcullis ca` prints), or run without --mode limited".to_owned(),
+                    Fixes::Flags => "pass --mitm (under run the child is given the CA; elsewhere clients must trust the one `portcullis ca` prints), or --mode full".to_owned(),
                     Fixes::File(file) => format!(
                         "set mitm = true in [network] in {} (clients must trust the CA `portcullis ca` prints), or mode = \"full\"",
                         file.display()

@@ -674,7 +674,13 @@ async fn without_interception_limited_mode_refuses_connect_and_full_mode_never_i
         &full.url("/w"),
     ])
     .await;
-    assert_eq!(out.stdout, "hello POST /w", "full mode writes");
+    assert_eq!(
+        out.stdout,
+        "hello POST /w",
+        "full mode writes: curl {:?} {}",
+        out.code,
+        out.stderr
+    );
 }
 
 /// Opens a CONNECT tunnel and a TLS session inside it that trusts our CA.

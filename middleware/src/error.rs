@@ -310,10 +310,22 @@ impl Blocked {
 
     /// Sets the rule that decided, and mentions it in the message.
     pub fn with_rule(mut self, rule: Option<String>) -> Blocked {
-        // A configured entry is worth naming; the local-address check already
-        // explains itself in the message.
-        if let (Some(rule), false) = (&rule, self.reason == Reason::NotAllowedLocal) {
-            self.message.push_str(&format!(" (rule: {rule})"));
+        // Limited mode refusing what hid in a read (a push's start, an
+        // override, a body) says that, not "only GET, HEAD and OPTIONS".
+        match (&rule, self.reason) {
+            (Some(rule), Reason::MethodNotAllowed) if rule.starts_with("limited mode refuses") => {
+                self.message = format!(
+                    "portcullis refused {} {}: {rule}; use mode = \"full\" to allow it",
+                    self.method.escape_debug(),
+                    self.target
+                );
+            }
+            // A configured entry is worth naming; the local-address check
+            // already explains itself in the message.
+            (Some(rule), reason) if reason != Reason::NotAllowedLocal => {
+                self.message.push_str(&format!(" (rule: {rule})"));
+            }
+            _ => {}
         }
         self.rule = rule;
         self

@@ -413,9 +413,10 @@ struct Asked<'a> {
     /// (`None`: not a method).
     overrides: Vec<Option<Method>>,
     path: &'a str,
-    /// Something only reads may not carry: a body on a read, an upgrade, an
-    /// override, the start of a push (limited mode's preset refuses it).
-    write_in_a_read: bool,
+    /// Something only reads may not carry, named: a body on a read, an
+    /// upgrade, an override, the start of a push (limited mode's preset
+    /// refuses it, saying which).
+    write_in_a_read: Option<&'static str>,
     /// A protocol upgrade: the request becomes a stream no rule can see.
     upgrade: bool,
     /// The upgrade is to WebSocket (`Upgrade: websocket`, that token
@@ -431,7 +432,7 @@ impl<'a> Asked<'a> {
             method,
             overrides: Vec::new(),
             path,
-            write_in_a_read: false,
+            write_in_a_read: None,
             upgrade: false,
             websocket: false,
             git_fetch: false,
@@ -465,11 +466,19 @@ impl<'a> Asked<'a> {
         let method = request.method();
         Asked {
             method,
-            write_in_a_read: !overrides.is_empty()
-                || upgrade
-                || (crate::limited_mode::is_read_only(method)
-                    && crate::limited_mode::carries_body(request))
-                || crate::limited_mode::starts_a_push(request.uri().query()),
+            write_in_a_read: if crate::limited_mode::starts_a_push(request.uri().query()) {
+                Some("the start of a git push (service=git-receive-pack)")
+            } else if !overrides.is_empty() {
+                Some("a method override (an X-HTTP-Method-Override-style header or _method)")
+            } else if upgrade {
+                Some("a protocol upgrade (a stream no method check can see)")
+            } else if crate::limited_mode::is_read_only(method)
+                && crate::limited_mode::carries_body(request)
+            {
+                Some("a body on a read (how writes hide in reads)")
+            } else {
+                None
+            },
             overrides,
             path: request.uri().path(),
             upgrade,
@@ -758,13 +767,12 @@ impl RequestRules {
         // block's is kept, and reported only if nothing enforcing refuses.
         let mut audited: Option<Refusal> = None;
         for (_, block) in blocks.iter().filter(|(_, block)| block.read_only) {
-            if asked.write_in_a_read {
-                let refusal = block.refusal(Reason::RuleNotMatched, || {
-                    format!(
-                        "{} ({}): a protocol upgrade is a stream no rule can see",
-                        block.name, block.host
-                    )
-                });
+            if let Some(what) = asked.write_in_a_read {
+                // Limited mode says which write hid in the read.
+                let refusal = Refusal {
+                    rule: Some(format!("limited mode refuses {what}")),
+                    ..block.refusal(Reason::RuleNotMatched, String::new)
+                };
                 if let Some(verdict) = judge(block, refusal, &mut audited) {
                     return verdict;
                 }
@@ -1761,7 +1769,7 @@ mod tests {
                 RuleVerdict::Refused(Refusal {
                     reason: Reason::MethodNotAllowed,
                     source: Source::LimitedMode,
-                    rule: None
+                    ..
                 })
             )
         };
@@ -1788,9 +1796,15 @@ mod tests {
             request("GET", "http://any.test/", Http, "any.test:80"),
             &[("x-http-method-override", "GET")],
         );
+        let verdict = decide(overridden);
         assert!(
-            refused_as_limited_mode(decide(overridden)),
+            refused_as_limited_mode(verdict.clone()),
             "any override, even to a read"
+        );
+        // Saying what hid in the read, not "only GET, HEAD and OPTIONS".
+        assert!(
+            matches!(&verdict, RuleVerdict::Refused(Refusal { rule: Some(rule), .. }) if rule.contains("a method override")),
+            "{verdict:?}"
         );
         let fetch = || {
             with_headers(
