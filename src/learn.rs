@@ -169,6 +169,16 @@ impl Learned {
             .len()
     }
 
+    /// The local addresses listed as well (refused while learning; each
+    /// entry written allows it next time).
+    pub(crate) fn local_len(&self) -> usize {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .local
+            .len()
+    }
+
     /// The TOML written to the learn file.
     pub(crate) fn toml(&self, command: &str) -> String {
         let reached = self

@@ -1067,6 +1067,34 @@ async fn run_learn_writes_the_allowlist_the_command_needed() {
 }
 
 #[tokio::test]
+async fn the_learn_summary_counts_every_entry_it_wrote() {
+    // A local address is refused while learning but written as an entry:
+    // the summary counts it, so "2 destinations" never hides a third line.
+    let origin = origin().await;
+    let port = origin.addr.port();
+    let dir = tempfile::tempdir().unwrap();
+    let learned = dir.path().join("learned.toml");
+    let script = format!("curl -s http://127.0.0.1:{port}/ >/dev/null; true");
+    let (code, _, stderr) = output(
+        portcullis()
+            .args(["run", "--learn"])
+            .arg(&learned)
+            .args(["--", "sh", "-c", &script]),
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let written = std::fs::read_to_string(&learned).unwrap();
+    assert!(
+        written.contains(&format!("\"127.0.0.1:{port}\",")),
+        "{written}"
+    );
+    assert!(
+        stderr.contains("(0 destinations, and 1 local address it was refused)"),
+        "{stderr}\n{written}"
+    );
+}
+
+#[tokio::test]
 async fn portcullis_variables_without_a_table_are_not_configuration() {
     // PORTCULLIS_LOG is the log filter, PORTCULLIS_ISOLATED is exported by
     // `run --isolate`: neither is a config key (those are TABLE__KEY).

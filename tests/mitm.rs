@@ -675,11 +675,9 @@ async fn without_interception_limited_mode_refuses_connect_and_full_mode_never_i
     ])
     .await;
     assert_eq!(
-        out.stdout,
-        "hello POST /w",
+        out.stdout, "hello POST /w",
         "full mode writes: curl {:?} {}",
-        out.code,
-        out.stderr
+        out.code, out.stderr
     );
 }
 

@@ -170,11 +170,17 @@ pub(super) async fn run(args: RunArgs) -> ExitCode {
             .collect();
         match learned.write(path, &command.join(" ")) {
             Ok(()) => {
+                let local = learned.local_len();
                 let _ = writeln!(
                     std::io::stderr(),
-                    "portcullis: wrote the allowlist this command needed ({} destination{}{}) to {}; run it again with --config {}",
+                    "portcullis: wrote the allowlist this command needed ({} destination{}{}{}) to {}; run it again with --config {}",
                     learned.len(),
                     if learned.len() == 1 { "" } else { "s" },
+                    match local {
+                        0 => String::new(),
+                        1 => ", and 1 local address it was refused".to_owned(),
+                        n => format!(", and {n} local addresses it was refused"),
+                    },
                     match learned.ruled_hosts() {
                         None => String::new(),
                         Some(1) => ", request rules for 1 host".to_owned(),
