@@ -52,8 +52,9 @@ pub struct Loaded {
 }
 
 /// Reads every credential's secret and makes its placeholder. `origin`
-/// names the file in errors.
-pub fn load(list: &[CredentialConfig], origin: &str) -> Result<Loaded, ConfigError> {
+/// names the file in errors. Without `read` (for `check`, which sends
+/// nothing) no secret is read: each is a marker naming the credential.
+pub fn load(list: &[CredentialConfig], origin: &str, read: bool) -> Result<Loaded, ConfigError> {
     let secrets = Arc::new(StaticSecrets::default());
     let mut credentials = Vec::with_capacity(list.len());
     let mut placeholders = Vec::new();
@@ -76,12 +77,33 @@ pub fn load(list: &[CredentialConfig], origin: &str) -> Result<Loaded, ConfigErr
             }
         }
         .map_err(|e: CredentialError| invalid("", e.to_string()))?;
-        let secret =
-            read(&config.source, &config.name).map_err(|message| ConfigError::Unavailable {
-                key: format!("{key}.source"),
-                origin: origin.to_owned(),
-                message,
-            })?;
+        let secret = if read {
+            read_secret(&config.source, &config.name).map_err(|message| {
+                ConfigError::Unavailable {
+                    key: format!("{key}.source"),
+                    origin: origin.to_owned(),
+                    message,
+                }
+            })?
+        } else {
+            let source = &config.source;
+            let sources = [
+                source.env.is_some(),
+                source.file.is_some(),
+                source.command.is_some(),
+            ];
+            if sources.iter().filter(|given| **given).count() != 1 {
+                return Err(ConfigError::Unavailable {
+                    key: format!("{key}.source"),
+                    origin: origin.to_owned(),
+                    message: format!(
+                        "credential {:?}: give exactly one of env, file or command",
+                        config.name
+                    ),
+                });
+            }
+            format!("unread-by-check-{}", config.name)
+        };
         let placeholder = placeholder_for(&secret);
         let mut credential = Credential::new(config.name.clone(), injection)
             .placeholder(placeholder.clone())
@@ -192,7 +214,7 @@ pub fn refresh(started: &[CredentialConfig], now: &[CredentialConfig], store: &S
         if !started.iter().any(|s| s.name == credential.name) {
             continue;
         }
-        match read(&credential.source, &credential.name) {
+        match read_secret(&credential.source, &credential.name) {
             Ok(secret) => store.set(&credential.name, secret),
             Err(why) => tracing::warn!("{why}; keeping the secret in force"),
         }
@@ -201,7 +223,7 @@ pub fn refresh(started: &[CredentialConfig], now: &[CredentialConfig], store: &S
 
 /// The secret, from its one source; the error says why not (never the
 /// value).
-fn read(source: &crate::config::SourceConfig, name: &str) -> Result<String, String> {
+fn read_secret(source: &crate::config::SourceConfig, name: &str) -> Result<String, String> {
     let secret = match (&source.env, &source.file, &source.command) {
         (Some(variable), None, None) => std::env::var(variable).map_err(|_| {
             format!("credential {name:?}: the variable {variable} is not set (or not UTF-8) in portcullis's environment")

@@ -421,6 +421,8 @@ async fn the_prompt_asks_on_the_terminal_and_remembers_a_session_answer() {
     }
     assert!(asked, "the question shows: {}", screen());
     assert!(screen().contains("GET asked.test:"), "{}", screen());
+    // The question says how to answer: a letter is not enough alone.
+    assert!(screen().contains("a letter, then Enter"), "{}", screen());
     terminal.run(&["send-keys", "s", "Enter"]);
     let out = first.await.unwrap();
     assert_eq!(out.stdout, "hello /prompted", "{}", out.stderr);

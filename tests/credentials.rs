@@ -154,6 +154,29 @@ async fn a_secret_that_cannot_be_read_stops_the_start_naming_the_credential() {
                 && stderr.contains(said),
             "{source}: {stderr}"
         );
+        // `check` sends nothing, so it reads no secret; a source that is not
+        // exactly one is still a mistake it names.
+        let (exit, stdout, stderr) = output(
+            portcullis()
+                .env_remove("NO_SUCH_TOKEN_VARIABLE")
+                .args(["check", "--config"])
+                .arg(&config)
+                .arg("api.test:443"),
+        )
+        .await;
+        if said == "exactly one" {
+            assert_eq!(exit, Some(69), "{source}: {stderr}");
+            assert!(stderr.contains("credentials[0].source"), "{stderr}");
+        } else {
+            assert!(
+                stderr.is_empty() || !stderr.contains("credentials[0].source"),
+                "check read the secret: {source}: {stderr}"
+            );
+            assert!(
+                stdout.contains("api.test:443"),
+                "{source}: {stdout}{stderr}"
+            );
+        }
     }
     for (block, key) in [
         ("name = \"gh\"\nhosts = [\"*.github.io\"]\nvalue = \"{secret}\"\nsource = { env = \"PATH\" }\n", "credentials[0].hosts[0]"),

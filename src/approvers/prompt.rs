@@ -7,7 +7,7 @@
 //!
 //! ```text
 //! portcullis: GET api.example.com:443 over https_connect (client 127.0.0.1:50312) is not in the allowlist.
-//!   allow [o]nce, for this [s]ession, [a]lways / [d]eny, deny a[l]ways? (deny if no answer within 60s)
+//!   allow [o]nce, for this [s]ession, [a]lways / [d]eny, deny a[l]ways? (a letter, then Enter; deny if no answer within 60s)
 //! ```
 //!
 //! Every string is escaped before it is printed (no terminal escape from the
@@ -73,7 +73,7 @@ pub(crate) fn question(request: &ApprovalRequest, timeout: Duration) -> String {
         .client
         .map_or_else(|| "unknown".to_owned(), |c| c.to_string());
     format!(
-        "\r\nportcullis: {} {}:{} over {} (client {}) is not in the allowlist.\r\n  allow [o]nce, for this [s]ession, [a]lways / [d]eny, deny a[l]ways? (deny if no answer within {}s) ",
+        "\r\nportcullis: {} {}:{} over {} (client {}) is not in the allowlist.\r\n  allow [o]nce, for this [s]ession, [a]lways / [d]eny, deny a[l]ways? (a letter, then Enter; deny if no answer within {}s) ",
         escape(&request.method),
         escape(&request.key.host.to_string()),
         request.key.port,

@@ -83,7 +83,7 @@ pub(super) async fn check(args: CheckArgs) -> ExitCode {
         approver,
         rules,
         ..
-    } = match loaded.builder() {
+    } = match loaded.builder_without_secrets() {
         Ok(prepared) => prepared,
         Err(error) => return super::config_error(&error),
     };

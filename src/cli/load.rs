@@ -148,12 +148,28 @@ impl Loaded {
         self.builder_recording(None, None)
     }
 
+    /// The same for `check`, which sends nothing: the credentials' secrets
+    /// are not read (no `source.command` runs, no variable or file is
+    /// needed); each stands for itself with a marker.
+    pub(super) fn builder_without_secrets(&self) -> Result<Prepared, ConfigError> {
+        self.build(None, None, false)
+    }
+
     /// The same, also handing every refusal to `tally` (the `run`
     /// summary) and `learned` (`run --learn`).
     pub(super) fn builder_recording(
         &self,
         tally: Option<crate::summary::Tally>,
         learned: Option<crate::learn::Learned>,
+    ) -> Result<Prepared, ConfigError> {
+        self.build(tally, learned, true)
+    }
+
+    fn build(
+        &self,
+        tally: Option<crate::summary::Tally>,
+        learned: Option<crate::learn::Learned>,
+        read_secrets: bool,
     ) -> Result<Prepared, ConfigError> {
         let config = &self.config;
         let origin = &self.origin;
@@ -165,7 +181,11 @@ impl Loaded {
         let secrets = if config.credentials.is_empty() {
             None
         } else {
-            Some(crate::secrets::load(&config.credentials, origin)?)
+            Some(crate::secrets::load(
+                &config.credentials,
+                origin,
+                read_secrets,
+            )?)
         };
         let masks = secrets
             .as_ref()
