@@ -18,25 +18,6 @@ use std::process::Stdio;
 
 use common::*;
 
-async fn namespaces_available() -> bool {
-    let ok = tokio::process::Command::new("unshare")
-        .args(["-Urn", "true"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .await
-        .is_ok_and(|s| s.success());
-    if !ok {
-        let required = std::env::var("PORTCULLIS_ISOLATE_REQUIRED").is_ok_and(|v| v == "1");
-        assert!(
-            !required,
-            "unshare -Urn is refused here, and isolation is required"
-        );
-        println!("skipped: this system refuses unprivileged user and network namespaces (unshare -Urn true failed)");
-    }
-    ok
-}
-
 /// Whether the bridge said capture is refused here (the kernel allows the
 /// namespaces but not nftables or a mount namespace): those tests are
 /// skipped, with the reason printed — unless isolation is required (CI).

@@ -22,25 +22,6 @@ use std::sync::Arc;
 
 use common::*;
 
-async fn namespaces_available() -> bool {
-    let ok = tokio::process::Command::new("unshare")
-        .args(["-Urn", "true"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .await
-        .is_ok_and(|s| s.success());
-    if !ok {
-        let required = std::env::var("PORTCULLIS_ISOLATE_REQUIRED").is_ok_and(|v| v == "1");
-        assert!(
-            !required,
-            "unshare -Urn is refused here, and isolation is required"
-        );
-        println!("skipped: this system refuses unprivileged user and network namespaces");
-    }
-    ok
-}
-
 /// A listener on the host at `path` that answers each connection with a
 /// line and counts them; stopped when the returned task is aborted.
 fn host_listener(path: &Path) -> (Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {

@@ -73,24 +73,6 @@ async fn all_gone(marker: &str, wait: Duration) -> bool {
     }
 }
 
-async fn namespaces_available() -> bool {
-    let ok = tokio::process::Command::new("unshare")
-        .args(["-Urn", "true"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .await
-        .is_ok_and(|s| s.success());
-    if !ok {
-        assert!(
-            std::env::var("PORTCULLIS_ISOLATE_REQUIRED").is_err(),
-            "unshare -Urn is refused here, and isolation is required"
-        );
-        println!("skipped: this system refuses unprivileged user and network namespaces");
-    }
-    ok
-}
-
 /// Kills everything holding `marker` (a failed test must not leave them).
 fn clean_up(marker: &str) {
     for pid in with_marker(marker) {

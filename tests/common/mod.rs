@@ -555,3 +555,27 @@ pub fn sample_rules(host: &str) -> portcullis::middleware::request_rules::Reques
         )
         .deny(RuleEntry::new().paths(["/secret/**"]).unwrap())])
 }
+
+/// Whether unprivileged user and network namespaces work here (`unshare
+/// -Urn true`): `run --isolate` needs them. When they do not, the test is
+/// skipped saying why — unless `PORTCULLIS_ISOLATE_REQUIRED=1` (CI sets it),
+/// where that fails the test.
+#[allow(clippy::print_stdout, dead_code)]
+pub async fn namespaces_available() -> bool {
+    let ok = tokio::process::Command::new("unshare")
+        .args(["-Urn", "true"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .await
+        .is_ok_and(|s| s.success());
+    if !ok {
+        let required = std::env::var("PORTCULLIS_ISOLATE_REQUIRED").is_ok_and(|v| v == "1");
+        assert!(
+            !required,
+            "unshare -Urn is refused here, and isolation is required"
+        );
+        println!("skipped: this system refuses unprivileged user and network namespaces (unshare -Urn true failed)");
+    }
+    ok
+}
