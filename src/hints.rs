@@ -163,12 +163,17 @@ impl Fixes {
                         Reason::ApprovalTimedOut => "no approval arrived in time",
                         _ => "the approver failed, so the request was denied (fail closed)",
                     };
+                    let detail = blocked
+                        .rule
+                        .as_deref()
+                        .map(|rule| format!(" ({rule})"))
+                        .unwrap_or_default();
                     match self {
                         Fixes::Flags => {
-                            format!("{what}; add --allow {host} if it should be reachable")
+                            format!("{what}; add --allow {host} if it should be reachable{detail}")
                         }
                         Fixes::File(file) => format!(
-                        "{what}; add \"{host}\" to allowed_domains in {} if it should be reachable",
+                        "{what}; add \"{host}\" to allowed_domains in {} if it should be reachable{detail}",
                         file.display()
                     ),
                         Fixes::Keys => return None,

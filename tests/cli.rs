@@ -1438,6 +1438,25 @@ async fn flags_that_conflict_or_cannot_work_fail_at_start() {
     .await;
     assert_eq!(code, Some(0), "{stderr}");
     assert_eq!(stdout, "hello /reviewed", "{stderr}");
+    // A reviewer's refusal under run names the flag, with why it refused.
+    let (_, _, stderr) = output(portcullis().env("XDG_DATA_HOME", dir.path()).args([
+        "run",
+        "--allow-local-binding",
+        "--resolve",
+        "other.test=127.0.0.1",
+        "--reviewer",
+        reviewer,
+        "--",
+        "curl",
+        "-s",
+        &format!("http://other.test:{}/reviewed", origin.addr.port()),
+    ]))
+    .await;
+    assert!(
+        stderr.contains("add --allow other.test if it should be reachable (denied by"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("allowed_domains"), "{stderr}");
     // `--allow '*'` says once what it means.
     let (code, _, stderr) = output(portcullis().args(["run", "--allow", "*", "--", "true"])).await;
     assert_eq!(code, Some(0));

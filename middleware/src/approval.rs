@@ -517,17 +517,19 @@ where
     }
 }
 
-/// The refusal of a request the approval stage turned down.
+/// The refusal of a request the approval stage turned down: what decided
+/// (`denied by …`, `no answer within …`, the approver's failure) is its
+/// rule, and the message stays the built-in one, so each edge words the
+/// fix for where its reader is (`--allow` under `run`, the key in a file).
 fn refusal(reason: Reason, detail: &str, info: RequestInfo) -> Blocked {
-    let blocked = Blocked::new(
+    Blocked::new(
         reason,
         Source::Approval,
         info.target,
         info.protocol,
         &info.method,
-    );
-    let message = format!("{} ({detail})", blocked.message);
-    blocked.with_message(message)
+    )
+    .with_rule(Some(detail.to_owned()))
 }
 
 /// Marks a response to a request that an approver let through with *allow
