@@ -24,6 +24,9 @@ pub enum Fixes {
     Flags,
     /// Keys, in this config file.
     File(PathBuf),
+    /// Flags (`run` with `--config FILE`), and this file for what only a
+    /// file holds: request rules.
+    FlagsWithFile(PathBuf),
 }
 
 impl Fixes {
@@ -42,6 +45,14 @@ impl Fixes {
         if *self == Fixes::Keys || blocked.message_written() {
             return None;
         }
+        if let Fixes::FlagsWithFile(file) = self {
+            return match blocked.reason {
+                Reason::RuleDenied | Reason::RuleNotMatched | Reason::AmbiguousPath => {
+                    Fixes::File(file.clone()).rephrase(blocked)
+                }
+                _ => Fixes::Flags.rephrase(blocked),
+            };
+        }
         let target = &blocked.target;
         let host = target.host_string();
         let why_and_fix =
@@ -52,7 +63,7 @@ impl Fixes {
                     "the host is not in allowed_domains; add \"{host}\" to allowed_domains in {}",
                     file.display()
                 ),
-                    Fixes::Keys => return None,
+                    Fixes::Keys | Fixes::FlagsWithFile(_) => return None,
                 },
                 (Reason::NotAllowedLocal, Target::Host { .. }) => {
                     match (LocalKind::of(target), self) {
@@ -91,7 +102,7 @@ impl Fixes {
                         "it matches the denylist ({rule}); remove that entry from {} (deny wins over any allow)",
                         file.display()
                     ),
-                    Fixes::Keys => return None,
+                    Fixes::Keys | Fixes::FlagsWithFile(_) => return None,
                 }
                 }
                 (Reason::MethodNotAllowed, _) => {
@@ -103,7 +114,7 @@ impl Fixes {
                         Fixes::File(file) => {
                             format!("set mode = \"full\" in [network] in {}", file.display())
                         }
-                        Fixes::Keys => return None,
+                        Fixes::Keys | Fixes::FlagsWithFile(_) => return None,
                     };
                     // What limited mode saw, when it was not the method
                     // itself (a push's start, an override, a body, …).
@@ -148,7 +159,7 @@ impl Fixes {
                         "set mitm = true in [network] in {} (clients must trust the CA `portcullis ca` prints), or mode = \"full\"",
                         file.display()
                     ),
-                    Fixes::Keys => return None,
+                    Fixes::Keys | Fixes::FlagsWithFile(_) => return None,
                 };
                     return Some(format!(
                     "portcullis refused CONNECT {target}: limited mode needs HTTPS interception to see methods; {fix}"
@@ -176,7 +187,7 @@ impl Fixes {
                         "{what}; add \"{host}\" to allowed_domains in {} if it should be reachable{detail}",
                         file.display()
                     ),
-                        Fixes::Keys => return None,
+                        Fixes::Keys | Fixes::FlagsWithFile(_) => return None,
                     }
                 }
                 _ => return None,
@@ -197,7 +208,7 @@ impl Fixes {
             Fixes::Keys => {
                 format!("add \"{exact}\" to allowed_domains, or set allow_local_binding = true")
             }
-            Fixes::Flags => {
+            Fixes::Flags | Fixes::FlagsWithFile(_) => {
                 format!("allow that address with --allow {exact}, or pass --allow-local-binding")
             }
             Fixes::File(file) => format!(

@@ -808,6 +808,30 @@ async fn refusals_name_the_fix_where_the_user_is() {
         !stdout.contains("approve"),
         "no approver, no approval hint: {stdout}"
     );
+    // Under run with --config: flags for the lists, but request rules live
+    // only in the file, so their refusals name it.
+    let origin = origin().await;
+    let ruled = dir.path().join("rules.toml");
+    std::fs::write(
+        &ruled,
+        "[network]\nallowed_domains = [\"127.0.0.1\"]\nallow_local_binding = true\n[[rules]]\nhost = \"127.0.0.1\"\nallow = [ { methods = [\"GET\"] } ]\n",
+    )
+    .unwrap();
+    let (_, _, stderr) = output(
+        portcullis()
+            .args(["run", "--config"])
+            .arg(&ruled)
+            .args(["--", "curl", "-s", "-d", "x"])
+            .arg(format!("http://{}/", origin.addr)),
+    )
+    .await;
+    assert!(
+        stderr.contains(&format!(
+            "add an allow entry to that block in {}",
+            ruled.display()
+        )),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]

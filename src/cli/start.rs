@@ -87,8 +87,12 @@ pub(super) async fn start(options: &Options, purpose: Purpose) -> Result<ProxyHa
     }
     if let Purpose::Run(run) = &purpose {
         // Under `run` the command line is at hand: refusals name flags,
-        // even when a config file is also given (flags add to it).
-        builder = builder.refusal_fixes(crate::hints::Fixes::Flags);
+        // even when a config file is also given (flags add to it) — but
+        // request rules live only in that file, so theirs name it.
+        builder = builder.refusal_fixes(match options.config_path() {
+            Some(file) => crate::hints::Fixes::FlagsWithFile(file.to_path_buf()),
+            None => crate::hints::Fixes::Flags,
+        });
         // `run` listens on ephemeral loopback ports unless told otherwise.
         let loopback = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
         if options.http.is_none() {
