@@ -1607,6 +1607,89 @@ async fn shutdown_waits_for_a_websocket_inside_an_intercepted_tunnel() {
     assert_eq!(cut, 1, "the open WebSocket was held by the drain and cut");
 }
 
+/// A TLS origin that answers once per connection with `answer` and then
+/// drops the connection without `close_notify` (as some servers do).
+async fn origin_without_close_notify(pki: &OriginPki, answer: &'static [u8]) -> SocketAddr {
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(pki.chain.clone(), pki.key.clone_key())
+        .unwrap();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let _ = read_head(&mut tls).await;
+                let _ = tls.write_all(answer).await;
+                let _ = tls.flush().await;
+                // Dropped, not shut down: the TCP stream ends with no
+                // close_notify.
+                drop(tls);
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_origin_that_ends_tls_without_close_notify_is_read_to_its_end() {
+    let setup = setup(Mode::Limited, true).await;
+    // A body that runs to the connection's end: complete at that end, as
+    // curl and browsers read it (an HTTP/2 client saw INTERNAL_ERROR).
+    let ended = origin_without_close_notify(
+        &setup.pki,
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nthe whole body",
+    )
+    .await;
+    for http in ["--http1.1", "--http2"] {
+        let out = curl(&[
+            http,
+            "--cacert",
+            &setup.our_ca(),
+            "-x",
+            &setup.proxy_url(),
+            &format!("https://{ORIGIN}:{}/", ended.port()),
+        ])
+        .await;
+        assert_eq!(
+            (out.code, out.stdout.as_str()),
+            (Some(0), "the whole body"),
+            "{http}: {}",
+            out.stderr
+        );
+    }
+    // A body its Content-Length says is longer: still the origin's
+    // failure, never passed off as complete.
+    let cut = origin_without_close_notify(
+        &setup.pki,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part",
+    )
+    .await;
+    let out = curl(&[
+        "--http2",
+        "--cacert",
+        &setup.our_ca(),
+        "-x",
+        &setup.proxy_url(),
+        &format!("https://{ORIGIN}:{}/", cut.port()),
+    ])
+    .await;
+    assert_ne!(
+        out.code,
+        Some(0),
+        "a cut body is not complete: {}",
+        out.stderr
+    );
+}
+
 #[tokio::test]
 async fn grpc_unary_and_server_streaming_calls_pass_an_intercepted_host_with_rules() {
     use futures_util::StreamExt;

@@ -22,6 +22,7 @@
 //! whose approval stage asked nobody fails closed.
 
 mod dial;
+mod eof;
 mod kept;
 pub mod resolve;
 mod unix;
@@ -192,7 +193,7 @@ impl Service<Uri> for VettedConnector {
     }
 }
 
-type HttpClient = Client<hyper_rustls::HttpsConnector<VettedConnector>, Body>;
+type HttpClient = Client<eof::EofTolerant<hyper_rustls::HttpsConnector<VettedConnector>>, Body>;
 
 /// The innermost service of the stack: resolves once, vets every answer,
 /// dials exactly the vetted address, pools upstream HTTP/1 connections, and
@@ -243,6 +244,7 @@ impl Connector {
             .enable_http1()
             .enable_http2()
             .wrap_connector(vetted.clone());
+        let https = eof::EofTolerant(https);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(64)
@@ -252,6 +254,7 @@ impl Connector {
             .https_or_http()
             .enable_http1()
             .wrap_connector(vetted);
+        let http1 = eof::EofTolerant(http1);
         let upgrades = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(0)
             .build(http1);
