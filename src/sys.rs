@@ -73,17 +73,22 @@ pub(crate) fn loopback_up() -> std::io::Result<()> {
     Ok(())
 }
 
+/// One field of `/proc/<process>/status` (`self`, or a pid), trimmed:
+/// `status_field("self", "Threads")`.
+pub(crate) fn status_field(process: &str, name: &str) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{process}/status")).ok()?;
+    status.lines().find_map(|line| {
+        line.strip_prefix(name)
+            .and_then(|rest| rest.strip_prefix(':'))
+            .map(|value| value.trim().to_owned())
+    })
+}
+
 /// Whether SIGHUP is ignored in this process (as `nohup` leaves it), read
 /// from `/proc/self/status` (`SigIgn`, bit 0 for signal 1); no `unsafe`.
 pub(crate) fn hangup_ignored() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix("SigIgn:"))
-                .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
-        })
+    status_field("self", "SigIgn")
+        .and_then(|mask| u64::from_str_radix(&mask, 16).ok())
         .is_some_and(|mask| mask & 1 == 1)
 }
 
@@ -161,14 +166,7 @@ pub(crate) fn unblocked_signals_before_exec(command: &mut std::process::Command)
 /// in the child, the child's pid in the parent.
 #[cfg(target_os = "linux")]
 pub(crate) fn fork_single_threaded() -> std::io::Result<Option<nix::unistd::Pid>> {
-    let threads = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix("Threads:"))
-                .and_then(|n| n.trim().parse::<u32>().ok())
-        });
+    let threads = status_field("self", "Threads").and_then(|n| n.parse::<u32>().ok());
     if threads != Some(1) {
         return Err(std::io::Error::other(
             "fork needs a process with one thread",
@@ -477,14 +475,8 @@ pub(crate) mod seccomp {
         };
         let mut pidfd = open(pid, PIDFD_THREAD);
         if pidfd < 0 {
-            let group = std::fs::read_to_string(format!("/proc/{pid}/status"))
-                .ok()
-                .and_then(|status| {
-                    status
-                        .lines()
-                        .find_map(|line| line.strip_prefix("Tgid:"))
-                        .and_then(|tgid| tgid.trim().parse::<u32>().ok())
-                })
+            let group = super::status_field(&pid.to_string(), "Tgid")
+                .and_then(|tgid| tgid.parse::<u32>().ok())
                 .ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))?;
             pidfd = open(group, 0);
         }
