@@ -214,16 +214,11 @@ async fn a_proxy_holding_secrets_cannot_be_read_by_its_child() {
     )
     .unwrap();
     std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let binary = env!("CARGO_BIN_EXE_portcullis");
-    let mut command = if nix::unistd::Uid::effective().is_root() {
+    if nix::unistd::Uid::effective().is_root() {
         let nobody = nix::unistd::Uid::from_raw(65534);
         nix::unistd::chown(&home, Some(nobody), Some(nix::unistd::Gid::from_raw(65534))).unwrap();
-        let mut command = tokio::process::Command::new("setpriv");
-        command.args(["--reuid=65534", "--regid=65534", "--clear-groups", binary]);
-        command
-    } else {
-        tokio::process::Command::new(binary)
-    };
+    }
+    let mut command = portcullis_unprivileged();
     command
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap())

@@ -64,13 +64,10 @@ async fn isolated_shell(
     unprivileged: bool,
     home: &Path,
 ) -> (Option<i32>, String, String) {
-    let binary = env!("CARGO_BIN_EXE_portcullis");
-    let mut command = if unprivileged && nix::unistd::Uid::effective().is_root() {
-        let mut command = tokio::process::Command::new("setpriv");
-        command.args(["--reuid=65534", "--regid=65534", "--clear-groups", binary]);
-        command
+    let mut command = if unprivileged {
+        portcullis_unprivileged()
     } else {
-        tokio::process::Command::new(binary)
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
     };
     command
         .env_clear()

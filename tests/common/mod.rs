@@ -579,3 +579,18 @@ pub async fn namespaces_available() -> bool {
     }
     ok
 }
+
+/// This build's `portcullis`, run as nobody (uid and gid 65534, through
+/// `setpriv`) when the tests run as root — as a user would run it — and as
+/// the current user otherwise. The environment is the caller's to set.
+#[allow(dead_code)]
+pub fn portcullis_unprivileged() -> tokio::process::Command {
+    let binary = env!("CARGO_BIN_EXE_portcullis");
+    if nix::unistd::Uid::effective().is_root() {
+        let mut command = tokio::process::Command::new("setpriv");
+        command.args(["--reuid=65534", "--regid=65534", "--clear-groups", binary]);
+        command
+    } else {
+        tokio::process::Command::new(binary)
+    }
+}
