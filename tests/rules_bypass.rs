@@ -380,6 +380,11 @@ async fn a_body_too_large_to_judge_is_refused_on_a_host_whose_rules_name_methods
     assert_eq!(status, 403, "{body}");
     assert_eq!(reason_of(&body), "rule_not_matched", "{body}");
     assert!(body.contains("over 16 MiB"), "{body}");
+    // The fix is the body's, not a rules entry's.
+    assert!(
+        body.contains("send a body of at most 16 MiB") && !body.contains("add an allow entry"),
+        "{body}"
+    );
 }
 
 #[tokio::test]

@@ -1104,6 +1104,12 @@ impl VerifyBodyMethod {
             .filter(|(_, block)| !block.read_only)
             .map(|(_, block)| format!("{} ({})", block.name, block.host))
             .collect();
+        let message = format!(
+            "portcullis refused {} {}: its request rules ({}) name methods, and a form or JSON body can name another one (_method), but this body could not be judged: {why}; send a body of at most 16 MiB that parses as its Content-Type says",
+            info.method.as_str().escape_debug(),
+            info.target,
+            names.join(", ")
+        );
         refusal_of(
             &info,
             Refusal {
@@ -1115,6 +1121,8 @@ impl VerifyBodyMethod {
                 )),
             },
         )
+        // Written: the fix is the body's, not a rules entry's.
+        .with_message(message)
         .into()
     }
 }
