@@ -148,12 +148,70 @@ pub struct RuleEntryConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct RunConfig {
     /// Run the command in its own network namespace, whose only way out is
-    /// the proxy (Linux; `--isolate`).
-    pub isolate: bool,
+    /// the proxy (Linux; `--isolate`): `true`, or `"best-effort"` to run
+    /// with what the system allows where neither namespaces nor the
+    /// Landlock fallback can be had (`--isolate=best-effort`).
+    pub isolate: Isolation,
     /// Under `isolate`, the machine's Unix sockets the command may connect
     /// to (`--allow-unix-socket`); others it did not create inside the run
     /// are refused. `"*"` opens every one.
     pub unix_sockets: Vec<PathBuf>,
+}
+
+/// `[run] isolate`: `false`, `true`, or `"best-effort"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Isolation {
+    /// The command shares the machine's network (`false`).
+    #[default]
+    Off,
+    /// Isolated: namespaces, else Landlock and seccomp, else refused
+    /// (`true`).
+    On,
+    /// As `On`, but where neither can be had the command runs with what
+    /// the system allows, said once (`"best-effort"`).
+    BestEffort,
+}
+
+impl Isolation {
+    /// Whether the command is to be isolated at all.
+    pub fn enabled(self) -> bool {
+        self != Isolation::Off
+    }
+}
+
+impl Serialize for Isolation {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Isolation::Off => serializer.serialize_bool(false),
+            Isolation::On => serializer.serialize_bool(true),
+            Isolation::BestEffort => serializer.serialize_str("best-effort"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Isolation {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Isolation;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("true, false or \"best-effort\"")
+            }
+            fn visit_bool<E: serde::de::Error>(self, value: bool) -> Result<Isolation, E> {
+                Ok(if value { Isolation::On } else { Isolation::Off })
+            }
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Isolation, E> {
+                match value {
+                    "best-effort" => Ok(Isolation::BestEffort),
+                    // From the environment, a bool arrives as text.
+                    "true" => Ok(Isolation::On),
+                    "false" => Ok(Isolation::Off),
+                    other => Err(E::invalid_value(serde::de::Unexpected::Str(other), &self)),
+                }
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 /// `[runtime]`: how many threads serve the proxy.

@@ -11,6 +11,11 @@
 //! - [`new_pid_namespace_before_exec`] and [`fork_single_threaded`]:
 //!   `run --isolate`'s PID namespace (an unshare between fork and exec, and
 //!   the fork that makes its process 1).
+//! - [`exit_now`]: `_exit` in the child of a fork (no destructor of the
+//!   parent's runs twice).
+//! - [`landlock`]: the Landlock ABI probe and `landlock_restrict_self`
+//!   between fork and exec (the `landlock` crate builds the ruleset; its
+//!   `restrict_self` is not documented as safe between fork and exec).
 //! - [`seccomp`]: the seccomp user-notification calls `run --isolate` uses
 //!   to decide the child's `connect`s (installing a filter in the child
 //!   before `exec`, receiving and answering notifications, `pidfd_open`,
@@ -177,6 +182,70 @@ pub(crate) fn fork_single_threaded() -> std::io::Result<Option<nix::unistd::Pid>
     match unsafe { nix::unistd::fork() }.map_err(std::io::Error::from)? {
         nix::unistd::ForkResult::Child => Ok(None),
         nix::unistd::ForkResult::Parent { child } => Ok(Some(child)),
+    }
+}
+
+/// Ends this process at once with `code` (`_exit`): for the child of a
+/// fork, which must not run the parent's destructors or `atexit` handlers.
+#[cfg(target_os = "linux")]
+pub(crate) fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit takes an integer and does not return.
+    unsafe { nix::libc::_exit(code) }
+}
+
+/// Landlock, beside the `landlock` crate: the ABI probe and entering a
+/// ruleset between fork and exec.
+#[cfg(target_os = "linux")]
+pub(crate) mod landlock {
+    use std::io;
+    use std::os::fd::{AsRawFd, OwnedFd};
+
+    use nix::libc;
+
+    /// The Landlock ABI version this kernel offers; `Err` with the errno
+    /// where none (`ENOSYS`: not built in; `EOPNOTSUPP`: not enabled).
+    pub(crate) fn abi() -> io::Result<i64> {
+        const LANDLOCK_CREATE_RULESET_VERSION: libc::c_uint = 1;
+        // SAFETY: with a null attribute, size 0 and the VERSION flag the
+        // call reads nothing and returns the ABI version.
+        let version = unsafe {
+            libc::syscall(
+                libc::SYS_landlock_create_ruleset,
+                std::ptr::null::<libc::c_void>(),
+                0usize,
+                LANDLOCK_CREATE_RULESET_VERSION,
+            )
+        };
+        if version < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(version)
+    }
+
+    /// Arranges for the child `command` makes to enter the domain of
+    /// `ruleset` just before `exec` (`no_new_privs`, then
+    /// `landlock_restrict_self`); a failure stops the spawn.
+    pub(crate) fn restrict_before_exec(command: &mut tokio::process::Command, ruleset: OwnedFd) {
+        let hook = move || -> io::Result<()> {
+            // SAFETY: prctl with PR_SET_NO_NEW_PRIVS reads only its integers.
+            if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: landlock_restrict_self takes a ruleset descriptor
+            // (open for the closure's life) and flags.
+            let entered = unsafe {
+                libc::syscall(libc::SYS_landlock_restrict_self, ruleset.as_raw_fd(), 0u32)
+            };
+            if entered != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        };
+        // SAFETY: the hook makes two system calls on a descriptor opened
+        // before the fork — no allocation, no lock — as pre_exec requires.
+        unsafe {
+            command.pre_exec(hook);
+        }
     }
 }
 
@@ -418,6 +487,50 @@ pub(crate) mod seccomp {
                 listener.as_raw_fd(),
                 libc::SECCOMP_IOCTL_NOTIF_SEND,
                 &mut response as *mut libc::seccomp_notif_resp,
+            )
+        };
+        if result < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Lets notification `id`'s call go on in the kernel as the caller
+    /// made it (`SECCOMP_USER_NOTIF_FLAG_CONTINUE`): only for calls whose
+    /// arguments no longer matter once checked, or that something else
+    /// (Landlock) still checks in the kernel.
+    pub(crate) fn respond_continue(listener: BorrowedFd<'_>, id: u64) -> io::Result<()> {
+        let mut response = libc::seccomp_notif_resp {
+            id,
+            val: 0,
+            error: 0,
+            flags: libc::SECCOMP_USER_NOTIF_FLAG_CONTINUE as u32,
+        };
+        // SAFETY: `response` is a seccomp_notif_resp, as this ioctl reads.
+        let result = unsafe {
+            libc::ioctl(
+                listener.as_raw_fd(),
+                libc::SECCOMP_IOCTL_NOTIF_SEND,
+                &mut response as *mut libc::seccomp_notif_resp,
+            )
+        };
+        if result < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// `bind(fd, address)` with the address as raw bytes.
+    pub(crate) fn bind_raw(fd: BorrowedFd<'_>, address: &[u8]) -> io::Result<()> {
+        let length = libc::socklen_t::try_from(address.len())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: the kernel copies `length` bytes from `address`, which
+        // is that long.
+        let result = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                address.as_ptr().cast::<libc::sockaddr>(),
+                length,
             )
         };
         if result < 0 {

@@ -128,9 +128,18 @@ pub(super) struct RunArgs {
     #[arg(long, value_name = "FILE")]
     pub(super) learn: Option<PathBuf>,
     /// Run the command in its own network namespace whose only way out is
-    /// the proxy: direct connections and DNS fail (Linux; `[run] isolate`).
-    #[arg(long)]
-    pub(super) isolate: bool,
+    /// the proxy: direct connections and DNS are captured and decided
+    /// (Linux; `[run] isolate`). Where user namespaces are refused, it is
+    /// fenced with Landlock and seccomp instead, or refused;
+    /// `--isolate=best-effort` runs it with what the system allows.
+    #[arg(
+        long,
+        value_name = "HOW",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "strict"
+    )]
+    pub(super) isolate: Option<IsolateHow>,
     /// Under --isolate, let the command connect to this Unix socket of the
     /// machine (a Docker or ssh-agent socket; repeatable). Others it did
     /// not create inside the run are refused; '*' opens every one (no
@@ -140,6 +149,16 @@ pub(super) struct RunArgs {
     /// The command and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub(super) command: Vec<OsString>,
+}
+
+/// How `--isolate` holds where it cannot have all it needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(super) enum IsolateHow {
+    /// Namespaces, else Landlock and seccomp, else refuse to start.
+    Strict,
+    /// As strict, but where neither can be had, run with what the system
+    /// allows and say what is missing.
+    BestEffort,
 }
 
 #[derive(Debug, Args)]

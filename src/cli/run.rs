@@ -18,10 +18,18 @@ pub(super) async fn run(args: RunArgs) -> ExitCode {
     let tally = crate::summary::Tally::live();
     args.options.warn_allow_everything();
     let loaded = args.options.load().ok();
-    let isolate = args.isolate
-        || loaded
+    // The flag, else the config: `--isolate` is strict even where the
+    // file says best-effort.
+    let isolation = match args.isolate {
+        Some(super::args::IsolateHow::Strict) => crate::config::Isolation::On,
+        Some(super::args::IsolateHow::BestEffort) => crate::config::Isolation::BestEffort,
+        None => loaded
             .as_ref()
-            .is_some_and(|loaded| loaded.config.run.isolate);
+            .map_or(crate::config::Isolation::Off, |loaded| {
+                loaded.config.run.isolate
+            }),
+    };
+    let isolate = isolation.enabled();
     // The learn file is checked before anything runs: a path that cannot
     // be written fails now, not after the command did its work.
     if let Some(path) = &args.learn {
@@ -96,7 +104,8 @@ pub(super) async fn run(args: RunArgs) -> ExitCode {
                 }
             })
             .collect();
-        match isolated_command(&proxy, &unix_sockets, &args.command) {
+        let best_effort = isolation == crate::config::Isolation::BestEffort;
+        match isolated_command(&proxy, &unix_sockets, best_effort, &args.command) {
             Ok(isolated) => isolated,
             Err(error) => {
                 let _ = writeln!(std::io::stderr(), "portcullis: {error}");
@@ -223,6 +232,7 @@ pub(super) async fn run(args: RunArgs) -> ExitCode {
 pub(super) fn isolated_command(
     proxy: &ProxyHandle,
     unix_sockets: &[std::path::PathBuf],
+    best_effort: bool,
     command: &[OsString],
 ) -> Result<(tokio::process::Command, Option<crate::isolate::Bridges>), String> {
     if !cfg!(target_os = "linux") {
@@ -241,6 +251,7 @@ pub(super) fn isolated_command(
         proxy.http_addr(),
         proxy.socks_addr(),
         unix_sockets,
+        best_effort,
         command,
     ));
     Ok((bridge, Some(bridges)))

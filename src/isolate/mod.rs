@@ -37,7 +37,13 @@
 #[cfg(target_os = "linux")]
 mod capture;
 #[cfg(target_os = "linux")]
+pub(crate) mod host_network;
+#[cfg(target_os = "linux")]
+pub(crate) mod landlock;
+#[cfg(target_os = "linux")]
 mod netlink;
+#[cfg(target_os = "linux")]
+mod sock_diag;
 #[cfg(target_os = "linux")]
 pub(crate) mod unix_sockets;
 
@@ -189,6 +195,8 @@ async fn forward_unix(
 /// The flag that opens a Unix socket to the command, on `run` and on the
 /// bridge alike.
 const ALLOW_UNIX_SOCKET: &str = "--allow-unix-socket";
+/// The bridge's flag for `--isolate=best-effort`.
+const BEST_EFFORT: &str = "--best-effort";
 
 /// The arguments that start the bridge for `command`, with the Unix
 /// sockets the user opened to it (`*`: every one).
@@ -197,6 +205,7 @@ pub(crate) fn bridge_arguments(
     http: SocketAddr,
     socks: Option<SocketAddr>,
     unix_sockets: &[PathBuf],
+    best_effort: bool,
     command: &[OsString],
 ) -> Vec<OsString> {
     let mut arguments: Vec<OsString> = vec![
@@ -208,6 +217,9 @@ pub(crate) fn bridge_arguments(
     for path in unix_sockets {
         arguments.push(ALLOW_UNIX_SOCKET.into());
         arguments.push(path.as_os_str().to_owned());
+    }
+    if best_effort {
+        arguments.push(BEST_EFFORT.into());
     }
     arguments.push("--".into());
     arguments.extend(command.iter().cloned());
@@ -221,12 +233,21 @@ pub(crate) fn bridge_main(arguments: &[OsString]) -> ExitCode {
         let _ = writeln!(std::io::stderr(), "portcullis: {error}");
         ExitCode::from(70)
     };
-    let Some((dir, http, socks, unix_sockets, command)) = parse(arguments) else {
+    let Some(bridge) = parse(arguments) else {
         return fail(IsolateError::Setup("the bridge's arguments".into()));
     };
-    if let Err(error) = enter_namespace() {
-        return fail(error);
-    }
+    let confinement = match namespaces_usable() {
+        Ok(()) => {
+            if let Err(error) = enter_namespace() {
+                return fail(error);
+            }
+            Confinement::Namespace
+        }
+        Err(refused) => match fence(&refused, &bridge) {
+            Ok(fence) => fence,
+            Err(code) => return code,
+        },
+    };
     // The command may run as the same user (root in the namespace): it
     // must not trace or read the bridge, which decides its connections.
     #[cfg(target_os = "linux")]
@@ -243,16 +264,20 @@ pub(crate) fn bridge_main(arguments: &[OsString]) -> ExitCode {
         Err(error) => return fail(IsolateError::Setup(format!("a runtime: {error}"))),
     };
     runtime.block_on(async move {
+        if !matches!(confinement, Confinement::Namespace) {
+            // On the machine's network the proxy's own ports are the way out.
+            return run_command(&bridge, confinement).await;
+        }
         // The bridge ports first: the capture listener's ephemeral port
         // must not take one of them.
-        for (port, name) in [(http, "http.sock"), (socks, "socks.sock")] {
+        for (port, name) in [(bridge.http, "http.sock"), (bridge.socks, "socks.sock")] {
             if port == 0 {
                 continue;
             }
             let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
             match TcpListener::bind(address).await {
                 Ok(listener) => {
-                    tokio::spawn(forward_tcp(listener, dir.join(name)));
+                    tokio::spawn(forward_tcp(listener, bridge.dir.join(name)));
                 }
                 Err(error) => {
                     return fail(IsolateError::Setup(format!(
@@ -262,25 +287,38 @@ pub(crate) fn bridge_main(arguments: &[OsString]) -> ExitCode {
             }
         }
         #[cfg(target_os = "linux")]
-        if let Err(why) = capture::start(&dir, http, socks).await {
+        if let Err(why) = capture::start(&bridge.dir, bridge.http, bridge.socks).await {
             let _ = writeln!(
                 std::io::stderr(),
                 "portcullis: --isolate captures only what uses the proxy variables here: {why}"
             );
         }
-        run_command(&command, &unix_sockets).await
+        run_command(&bridge, confinement).await
     })
 }
 
-/// What the bridge was given: the sockets' directory, the two ports, the
-/// Unix sockets opened to the command, and the command.
-type BridgeArguments = (PathBuf, u16, u16, Vec<PathBuf>, Vec<OsString>);
+/// What the bridge was given.
+struct BridgeArguments {
+    /// The directory of the run's sockets outside.
+    dir: PathBuf,
+    /// The proxy's HTTP port.
+    http: u16,
+    /// The proxy's SOCKS5 port (0: none).
+    socks: u16,
+    /// The Unix sockets opened to the command.
+    unix_sockets: Vec<PathBuf>,
+    /// `--isolate=best-effort`.
+    best_effort: bool,
+    /// The command and its arguments.
+    command: Vec<OsString>,
+}
 
 fn parse(arguments: &[OsString]) -> Option<BridgeArguments> {
     let [dir, http, socks, rest @ ..] = arguments else {
         return None;
     };
     let mut unix_sockets = Vec::new();
+    let mut best_effort = false;
     let mut rest = rest;
     loop {
         match rest {
@@ -288,18 +326,40 @@ fn parse(arguments: &[OsString]) -> Option<BridgeArguments> {
                 unix_sockets.push(PathBuf::from(path));
                 rest = tail;
             }
+            [flag, tail @ ..] if flag == BEST_EFFORT => {
+                best_effort = true;
+                rest = tail;
+            }
             [separator, command @ ..] if separator == "--" && !command.is_empty() => {
-                return Some((
-                    PathBuf::from(dir),
-                    http.to_str()?.parse().ok()?,
-                    socks.to_str()?.parse().ok()?,
+                return Some(BridgeArguments {
+                    dir: PathBuf::from(dir),
+                    http: http.to_str()?.parse().ok()?,
+                    socks: socks.to_str()?.parse().ok()?,
                     unix_sockets,
-                    command.to_vec(),
-                ));
+                    best_effort,
+                    command: command.to_vec(),
+                });
             }
             _ => return None,
         }
     }
+}
+
+/// How the command is kept to the proxy.
+enum Confinement {
+    /// Its own user, network, mount and PID namespaces (the bridge is in
+    /// the first three already).
+    Namespace,
+    /// The machine's network, where namespaces are refused: Landlock and
+    /// the seccomp supervisor, each where the kernel has it (both, unless
+    /// `--isolate=best-effort`).
+    Fence {
+        /// The Landlock ruleset to enter before `exec`.
+        #[cfg(target_os = "linux")]
+        landlock: Option<std::os::fd::OwnedFd>,
+        /// Whether the seccomp supervisor decides the command's sockets.
+        seccomp: bool,
+    },
 }
 
 async fn forward_tcp(listener: TcpListener, socket: PathBuf) {
@@ -316,37 +376,65 @@ async fn forward_tcp(listener: TcpListener, socket: PathBuf) {
 
 /// Runs the command with inherited stdio, passing signals on as plain
 /// `run` does, and exits as it did. Its `connect`s are decided here
-/// ([`unix_sockets`]) unless every Unix socket was opened (`*`).
-async fn run_command(command: &[OsString], unix_sockets: &[PathBuf]) -> ExitCode {
-    let Some((program, arguments)) = command.split_first() else {
+/// ([`unix_sockets`]) unless every Unix socket was opened (`*`) in its own
+/// namespace; on the machine's network, under the fence.
+async fn run_command(bridge: &BridgeArguments, confinement: Confinement) -> ExitCode {
+    let Some((program, arguments)) = bridge.command.split_first() else {
         return ExitCode::from(64);
     };
-    // Under the PID namespace's first process (`__init`), where there is one.
-    let mut spawning = match own_executable() {
-        Ok(exe) => {
+    #[cfg(target_os = "linux")]
+    let network = match &confinement {
+        Confinement::Namespace => Some(unix_sockets::Network::Own),
+        Confinement::Fence { seccomp: true, .. } => Some(unix_sockets::Network::Machine {
+            proxy_ports: [bridge.http, bridge.socks],
+        }),
+        Confinement::Fence { seccomp: false, .. } => None,
+    };
+    // Under the PID namespace's first process (`__init`), where there is
+    // one: a new PID namespace needs the user namespace's capabilities.
+    let own_init = match (&confinement, own_executable()) {
+        (Confinement::Namespace, Ok(exe)) => Some(exe),
+        (Confinement::Namespace, Err(error)) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "portcullis: --isolate: no PID namespace ({error}); what the command leaves running is ended when it exits, but may outlive a killed run"
+            );
+            None
+        }
+        (Confinement::Fence { .. }, _) => None,
+    };
+    let mut spawning = match own_init {
+        Some(exe) => {
             let mut init = tokio::process::Command::new(exe);
             init.arg(INIT).arg("--").arg(program).args(arguments);
             #[cfg(target_os = "linux")]
             crate::sys::new_pid_namespace_before_exec(&mut init);
             init
         }
-        Err(error) => {
-            let _ = writeln!(
-                std::io::stderr(),
-                "portcullis: --isolate: no PID namespace ({error}); what the command leaves running is ended when it exits, but may outlive a killed run"
-            );
+        None => {
             let mut plain = tokio::process::Command::new(program);
             plain.args(arguments);
             plain
         }
     };
     #[cfg(target_os = "linux")]
-    let supervised = match confine_unix_sockets(&mut spawning, unix_sockets) {
-        Ok(supervised) => supervised,
-        Err(error) => {
-            let _ = writeln!(std::io::stderr(), "portcullis: {error}");
-            return ExitCode::from(69);
-        }
+    if let Confinement::Fence {
+        landlock: Some(ruleset),
+        ..
+    } = confinement
+    {
+        landlock::restrict_before_exec(&mut spawning, ruleset);
+    }
+    #[cfg(target_os = "linux")]
+    let supervised = match network {
+        Some(network) => match confine_sockets(&mut spawning, &bridge.unix_sockets, network) {
+            Ok(supervised) => supervised.map(|(channel, opened)| (channel, opened, network)),
+            Err(error) => {
+                let _ = writeln!(std::io::stderr(), "portcullis: {error}");
+                return ExitCode::from(69);
+            }
+        },
+        None => None,
     };
     // The command dies with the bridge, even by SIGKILL.
     #[cfg(target_os = "linux")]
@@ -363,9 +451,9 @@ async fn run_command(command: &[OsString], unix_sockets: &[PathBuf]) -> ExitCode
         Err(error) => return crate::child::cannot_run(program, &error),
     };
     #[cfg(target_os = "linux")]
-    if let Some((channel, opened)) = supervised {
+    if let Some((channel, opened, network)) = supervised {
         let supervising = crate::sys::seccomp::receive_fd(std::os::fd::AsFd::as_fd(&channel))
-            .and_then(|listener| unix_sockets::supervise(listener, opened));
+            .and_then(|listener| unix_sockets::supervise(listener, opened, network));
         if let Err(error) = supervising {
             let _ = writeln!(
                 std::io::stderr(),
@@ -398,13 +486,15 @@ fn in_own_pid_namespace() -> bool {
     }
 }
 
-/// Arranges for `command` to run under the [`unix_sockets`] filter, unless
-/// every socket was opened (`*`): the channel its listener will come back
-/// on, and what was opened. `Err` when this kernel cannot confine it.
+/// Arranges for `command` to run under the [`unix_sockets`] filter — in
+/// its own namespace, unless every socket was opened (`*`): the channel
+/// its listener will come back on, and what was opened. `Err` when this
+/// kernel cannot confine it.
 #[cfg(target_os = "linux")]
-fn confine_unix_sockets(
+fn confine_sockets(
     command: &mut tokio::process::Command,
     opened: &[PathBuf],
+    network: unix_sockets::Network,
 ) -> Result<Option<(std::os::fd::OwnedFd, unix_sockets::OpenedSockets)>, String> {
     use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
     let opened = unix_sockets::OpenedSockets::new(opened.iter().cloned());
@@ -413,7 +503,9 @@ fn confine_unix_sockets(
             std::io::stderr(),
             "portcullis: --allow-unix-socket '*': the command may connect to every Unix socket on this machine, a way past the policy (no confinement)"
         );
-        return Ok(None);
+        if network == unix_sockets::Network::Own {
+            return Ok(None);
+        }
     }
     #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     return Err("--isolate confines Unix sockets on x86_64 and aarch64 only; pass --allow-unix-socket '*' to run with every Unix socket open".to_owned());
@@ -422,6 +514,8 @@ fn confine_unix_sockets(
         crate::sys::seccomp::available().map_err(|missing| {
             format!("--isolate cannot keep the command from this machine's Unix sockets: this kernel lacks {missing}; pass --allow-unix-socket '*' to run with every Unix socket open (printed, never silent)")
         })?;
+        let program = unix_sockets::filter(network)
+            .map_err(|error| format!("--isolate: its seccomp filter: {error}"))?;
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
             SockType::Stream,
@@ -429,13 +523,122 @@ fn confine_unix_sockets(
             SockFlag::SOCK_CLOEXEC,
         )
         .map_err(|e| format!("--isolate: a socket pair: {e}"))?;
-        crate::sys::seccomp::filter_before_exec(
-            command,
-            std::sync::Arc::from(unix_sockets::filter()),
-            theirs,
-        );
+        crate::sys::seccomp::filter_before_exec(command, std::sync::Arc::from(program), theirs);
         Ok(Some((ours, opened)))
     }
+}
+
+/// Whether a user and network namespace can be made and set up here,
+/// tried in a child (fork), so that a refusal half-way — Ubuntu's AppArmor
+/// lets `unshare` succeed and then denies the namespace's capabilities —
+/// leaves this process where it was. `Err` says what was refused.
+#[cfg(target_os = "linux")]
+fn namespaces_usable() -> Result<(), String> {
+    use std::io::Read;
+    let (mut read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map(|(read, write)| (std::fs::File::from(read), write))
+        .map_err(|e| format!("a pipe: {e}"))?;
+    match crate::sys::fork_single_threaded() {
+        Ok(None) => {
+            // The child: one try, its error (if any) to the parent, and out.
+            let code = match enter_namespace() {
+                Ok(()) => 0,
+                Err(error) => {
+                    let text = match error {
+                        IsolateError::Unshare(why) | IsolateError::Setup(why) => why,
+                    };
+                    let _ = std::fs::File::from(write).write_all(text.as_bytes());
+                    1
+                }
+            };
+            crate::sys::exit_now(code)
+        }
+        Ok(Some(child)) => {
+            drop(write);
+            let mut why = String::new();
+            let _ = read.read_to_string(&mut why);
+            let status = nix::sys::wait::waitpid(child, None);
+            match status {
+                Ok(nix::sys::wait::WaitStatus::Exited(_, 0)) => Ok(()),
+                _ if !why.is_empty() => Err(why),
+                other => Err(format!("the namespace probe ended with {other:?}")),
+            }
+        }
+        Err(error) => Err(format!("a namespace probe: {error}")),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn namespaces_usable() -> Result<(), String> {
+    Err("network namespaces exist on Linux only".to_owned())
+}
+
+/// The fence for a command on the machine's network, where `refused`
+/// says why no namespace could be made: Landlock and the seccomp
+/// supervisor, said once. Without both, refused (exit 69) unless
+/// `--isolate=best-effort`, which takes what there is and says what is
+/// missing.
+#[cfg(target_os = "linux")]
+fn fence(refused: &str, bridge: &BridgeArguments) -> Result<Confinement, ExitCode> {
+    let landlock = landlock::ruleset(&[bridge.http, bridge.socks]);
+    let seccomp = if cfg!(any(target_arch = "x86_64", target_arch = "aarch64")) {
+        crate::sys::seccomp::available()
+    } else {
+        Err("a seccomp filter for this architecture (x86_64 and aarch64 only)".to_owned())
+    };
+    let say = |line: String| {
+        let _ = writeln!(std::io::stderr(), "portcullis: {line}");
+    };
+    let what = "the command runs on the machine's network: TCP only to the proxy and to servers it starts on loopback, no UDP or raw sockets, listening on loopback only, and only the Unix sockets it creates or you open. Without namespaces, connections and DNS that ignore the proxy variables are refused, not captured (no policy DNS, no transparent capture), and what it starts in the background may outlive a killed run";
+    match (landlock, seccomp) {
+        (Ok((ruleset, coverage)), Ok(())) => {
+            say(format!(
+                "--isolate: this system refuses user namespaces ({refused}); fenced with Landlock and seccomp instead, {what}{}",
+                if coverage.scopes { "." } else { "; signals to your other processes are not scoped (Landlock ABI 6, Linux 6.12)." }
+            ));
+            Ok(Confinement::Fence {
+                landlock: Some(ruleset),
+                seccomp: true,
+            })
+        }
+        (landlock, seccomp) => {
+            let missing: Vec<String> = [landlock.as_ref().err(), seccomp.as_ref().err()]
+                .into_iter()
+                .flatten()
+                .cloned()
+                .collect();
+            let missing = missing.join("; ");
+            if !bridge.best_effort {
+                say(format!(
+                    "--isolate cannot confine the command: this system refuses user namespaces ({refused}), and the fallback needs Landlock network rules and seccomp user notification: {missing}. Allow unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1; on Ubuntu 24.04, kernel.apparmor_restrict_unprivileged_userns=0 or an AppArmor profile for portcullis), or pass --isolate=best-effort to run with what there is"
+                ));
+                return Err(ExitCode::from(69));
+            }
+            let has_seccomp = seccomp.is_ok();
+            let ruleset = landlock.ok().map(|(ruleset, _)| ruleset);
+            say(match (&ruleset, has_seccomp) {
+                (None, true) => format!(
+                    "--isolate=best-effort: this system refuses user namespaces ({refused}) and {missing}: fenced with seccomp alone, {what}; without Landlock, the command can trace and signal your other processes"
+                ),
+                (Some(_), false) => format!(
+                    "--isolate=best-effort: this system refuses user namespaces ({refused}) and {missing}: fenced with Landlock alone: TCP only to the proxy's port numbers (on any host), no TCP bind; UDP and the machine's Unix sockets are NOT confined"
+                ),
+                _ => format!(
+                    "--isolate=best-effort: this system refuses user namespaces ({refused}) and {missing}: the command is NOT isolated (as under plain run: it may reach the network directly)"
+                ),
+            });
+            Ok(Confinement::Fence {
+                landlock: ruleset,
+                seccomp: has_seccomp,
+            })
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn fence(refused: &str, _bridge: &BridgeArguments) -> Result<Confinement, ExitCode> {
+    let _ = writeln!(std::io::stderr(), "portcullis: --isolate: {refused}");
+    Err(ExitCode::from(69))
 }
 
 /// A new user namespace (the invoking user and group mapped to themselves)

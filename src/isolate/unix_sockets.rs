@@ -51,10 +51,12 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use nix::libc;
 
+use super::host_network::{self, Answer, Memory};
+use super::sock_diag;
 use crate::sys::seccomp::{self, Instruction};
 
 /// What the user opened: paths (each compared by the inode it names at
@@ -119,54 +121,194 @@ fn errno(code: i32) -> u32 {
     libc::SECCOMP_RET_ERRNO | (code as u32 & libc::SECCOMP_RET_DATA)
 }
 
-/// The filter the command runs under; see the [module docs](self).
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-pub(crate) fn filter() -> Vec<Instruction> {
-    use seccomp::{jump, statement};
-    let number = |n: libc::c_long| n as u32;
-    vec![
-        // 0: another ABI (i386 through int 0x80) is refused outright.
-        statement(LOAD_WORD, ARCH),
-        jump(JUMP_EQUAL, AUDIT_ARCH, 1, 0),
-        statement(RETURN, libc::SECCOMP_RET_KILL_PROCESS),
-        // 3: x32 numbers on x86_64 (none on aarch64: never matches).
-        statement(LOAD_WORD, NR),
-        jump(JUMP_AT_LEAST, X32_SYSCALL_BIT, 0, 1),
-        statement(RETURN, errno(libc::ENOSYS)),
-        // 6: connect goes to the bridge.
-        jump(JUMP_EQUAL, number(libc::SYS_connect), 0, 1),
-        statement(RETURN, libc::SECCOMP_RET_USER_NOTIF),
-        // 8: io_uring would bypass this filter.
-        jump(JUMP_EQUAL, number(libc::SYS_io_uring_setup), 0, 1),
-        statement(RETURN, errno(libc::ENOSYS)),
-        // 10: socket and socketpair are judged by family and type.
-        jump(JUMP_EQUAL, number(libc::SYS_socket), 2, 0),
-        jump(JUMP_EQUAL, number(libc::SYS_socketpair), 1, 0),
-        statement(RETURN, libc::SECCOMP_RET_ALLOW),
-        // 13: the family.
-        statement(LOAD_WORD, argument(0)),
-        jump(JUMP_EQUAL, libc::AF_UNIX as u32, 5, 0),
-        jump(JUMP_EQUAL, libc::AF_INET as u32, 3, 0),
-        jump(JUMP_EQUAL, libc::AF_INET6 as u32, 2, 0),
-        jump(JUMP_EQUAL, libc::AF_NETLINK as u32, 1, 0),
-        statement(RETURN, errno(libc::EAFNOSUPPORT)),
-        // 19: IPv4, IPv6, netlink.
-        statement(RETURN, libc::SECCOMP_RET_ALLOW),
-        // 20: Unix: no datagrams.
-        statement(LOAD_WORD, argument(1)),
-        statement(AND, SOCK_TYPE_MASK),
-        jump(JUMP_EQUAL, libc::SOCK_DGRAM as u32, 0, 1),
-        statement(RETURN, errno(libc::EACCES)),
-        statement(RETURN, libc::SECCOMP_RET_ALLOW),
-    ]
+/// Where the command's network is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Network {
+    /// The run's own network namespace: TCP, abstract sockets and the
+    /// namespace's listeners are the run's alone.
+    Own,
+    /// The machine's, where no namespace could be made: the supervisor
+    /// decides TCP, `bind`, `listen` and abstract sockets too
+    /// ([`super::host_network`]); `proxy_ports` are the proxy's.
+    Machine {
+        /// The proxy's HTTP and SOCKS5 ports (0: none).
+        proxy_ports: [u16; 2],
+    },
 }
 
-/// Decides every `connect` of the command until no process under the
-/// filter is left: a thread of the bridge's own, one short thread per call
-/// (a blocking connect must not hold up the others).
-pub(crate) fn supervise(listener: OwnedFd, opened: OpenedSockets) -> io::Result<()> {
+/// One step of a filter being written: an instruction, a jump to labels,
+/// or a label (`None`: the next instruction).
+enum Step {
+    Do(Instruction),
+    If {
+        code: u16,
+        k: u32,
+        then: Option<&'static str>,
+        otherwise: Option<&'static str>,
+    },
+    Label(&'static str),
+}
+
+/// The program `steps` spell, jumps resolved (forward only, as BPF has).
+fn assemble(steps: &[Step]) -> Result<Vec<Instruction>, String> {
+    let mut labels = std::collections::HashMap::new();
+    let mut at = 0usize;
+    for step in steps {
+        match step {
+            Step::Label(name) => {
+                labels.insert(*name, at);
+            }
+            _ => at += 1,
+        }
+    }
+    let mut program = Vec::with_capacity(at);
+    for step in steps {
+        match step {
+            Step::Label(_) => {}
+            Step::Do(instruction) => program.push(*instruction),
+            Step::If {
+                code,
+                k,
+                then,
+                otherwise,
+            } => {
+                let here = program.len() + 1;
+                let offset = |label: &Option<&'static str>| -> Result<u8, String> {
+                    let Some(name) = label else { return Ok(0) };
+                    let target = labels
+                        .get(name)
+                        .ok_or_else(|| format!("the filter has no label {name}"))?;
+                    target
+                        .checked_sub(here)
+                        .and_then(|offset| u8::try_from(offset).ok())
+                        .ok_or_else(|| format!("the filter cannot jump to {name}"))
+                };
+                program.push(seccomp::jump(*code, *k, offset(then)?, offset(otherwise)?));
+            }
+        }
+    }
+    Ok(program)
+}
+
+/// The filter the command runs under; see the [module docs](self) and,
+/// on the machine's network, [`super::host_network`].
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+pub(crate) fn filter(network: Network) -> Result<Vec<Instruction>, String> {
+    use seccomp::statement;
+    use Step::{Do, If, Label};
+    let number = |n: libc::c_long| n as u32;
+    let when = |code: u16, k: u32, then: &'static str| If {
+        code,
+        k,
+        then: Some(then),
+        otherwise: None,
+    };
+    let unless = |code: u16, k: u32, otherwise: &'static str| If {
+        code,
+        k,
+        then: None,
+        otherwise: Some(otherwise),
+    };
+    let machine = matches!(network, Network::Machine { .. });
+    let mut steps = vec![
+        // Another ABI (i386 through int 0x80) is refused outright.
+        Do(statement(LOAD_WORD, ARCH)),
+        when(JUMP_EQUAL, AUDIT_ARCH, "native"),
+        Do(statement(RETURN, libc::SECCOMP_RET_KILL_PROCESS)),
+        Label("native"),
+        // x32 numbers on x86_64 (none on aarch64: never matches).
+        Do(statement(LOAD_WORD, NR)),
+        unless(JUMP_AT_LEAST, X32_SYSCALL_BIT, "not x32"),
+        Do(statement(RETURN, errno(libc::ENOSYS))),
+        Label("not x32"),
+        // connect goes to the bridge.
+        when(JUMP_EQUAL, number(libc::SYS_connect), "notify"),
+        // io_uring would bypass this filter.
+        unless(JUMP_EQUAL, number(libc::SYS_io_uring_setup), "not io_uring"),
+        Do(statement(RETURN, errno(libc::ENOSYS))),
+        Label("not io_uring"),
+    ];
+    if machine {
+        steps.extend([
+            // bind and listen go to the bridge too.
+            when(JUMP_EQUAL, number(libc::SYS_bind), "notify"),
+            when(JUMP_EQUAL, number(libc::SYS_listen), "notify"),
+            // TCP Fast Open connects from a send, past connect.
+            unless(JUMP_EQUAL, number(libc::SYS_sendto), "not sendto"),
+            Do(statement(LOAD_WORD, argument(3))),
+            Do(statement(AND, libc::MSG_FASTOPEN as u32)),
+            when(JUMP_EQUAL, 0, "allow"),
+            Do(statement(RETURN, errno(libc::EACCES))),
+            Label("not sendto"),
+            unless(JUMP_EQUAL, number(libc::SYS_sendmsg), "not sendmsg"),
+            Do(statement(LOAD_WORD, argument(2))),
+            Do(statement(AND, libc::MSG_FASTOPEN as u32)),
+            when(JUMP_EQUAL, 0, "allow"),
+            Do(statement(RETURN, errno(libc::EACCES))),
+            Label("not sendmsg"),
+            unless(JUMP_EQUAL, number(libc::SYS_sendmmsg), "not sendmmsg"),
+            Do(statement(LOAD_WORD, argument(3))),
+            Do(statement(AND, libc::MSG_FASTOPEN as u32)),
+            when(JUMP_EQUAL, 0, "allow"),
+            Do(statement(RETURN, errno(libc::EACCES))),
+            Label("not sendmmsg"),
+        ]);
+    }
+    steps.extend([
+        // socket and socketpair are judged by family and type.
+        when(JUMP_EQUAL, number(libc::SYS_socket), "socket"),
+        when(JUMP_EQUAL, number(libc::SYS_socketpair), "socket"),
+        Do(statement(RETURN, libc::SECCOMP_RET_ALLOW)),
+        Label("socket"),
+        Do(statement(LOAD_WORD, argument(0))),
+        when(JUMP_EQUAL, libc::AF_UNIX as u32, "unix"),
+        when(JUMP_EQUAL, libc::AF_NETLINK as u32, "allow"),
+        when(JUMP_EQUAL, libc::AF_INET as u32, "inet"),
+        when(JUMP_EQUAL, libc::AF_INET6 as u32, "inet"),
+        Do(statement(RETURN, errno(libc::EAFNOSUPPORT))),
+        Label("inet"),
+    ]);
+    if machine {
+        // On the machine's network: TCP only (no UDP, raw, SCTP or MPTCP).
+        steps.extend([
+            Do(statement(LOAD_WORD, argument(1))),
+            Do(statement(AND, SOCK_TYPE_MASK)),
+            unless(JUMP_EQUAL, libc::SOCK_STREAM as u32, "refuse"),
+            Do(statement(LOAD_WORD, argument(2))),
+            when(JUMP_EQUAL, 0, "allow"),
+            when(JUMP_EQUAL, libc::IPPROTO_TCP as u32, "allow"),
+            Label("refuse"),
+            Do(statement(RETURN, errno(libc::EACCES))),
+        ]);
+    } else {
+        steps.push(Do(statement(RETURN, libc::SECCOMP_RET_ALLOW)));
+    }
+    steps.extend([
+        // Unix: no datagrams.
+        Label("unix"),
+        Do(statement(LOAD_WORD, argument(1))),
+        Do(statement(AND, SOCK_TYPE_MASK)),
+        unless(JUMP_EQUAL, libc::SOCK_DGRAM as u32, "allow"),
+        Do(statement(RETURN, errno(libc::EACCES))),
+        Label("allow"),
+        Do(statement(RETURN, libc::SECCOMP_RET_ALLOW)),
+        Label("notify"),
+        Do(statement(RETURN, libc::SECCOMP_RET_USER_NOTIF)),
+    ]);
+    assemble(&steps)
+}
+
+/// Decides every `connect` of the command (and, on the machine's network,
+/// every `bind` and `listen`) until no process under the filter is left:
+/// a thread of the bridge's own, one short thread per call (a blocking
+/// connect must not hold up the others).
+pub(crate) fn supervise(
+    listener: OwnedFd,
+    opened: OpenedSockets,
+    network: Network,
+) -> io::Result<()> {
     let listener = Arc::new(listener);
-    let said = Arc::new(Mutex::new(Vec::<PathBuf>::new()));
+    let memory = Arc::new(Memory::default());
     std::thread::Builder::new()
         .name("unix-socket-supervisor".into())
         .spawn(move || loop {
@@ -182,13 +324,20 @@ pub(crate) fn supervise(listener: OwnedFd, opened: OpenedSockets) -> io::Result<
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => return,
             };
-            let (shared, opened, said) = (listener.clone(), opened.clone(), said.clone());
+            let (shared, opened, memory) = (listener.clone(), opened.clone(), memory.clone());
             let spawned = std::thread::Builder::new()
                 .name("unix-socket-connect".into())
                 .spawn(move || {
-                    let (value, errno) = decide(shared.as_fd(), &notification, &opened, &said);
+                    let answer = decide(shared.as_fd(), &notification, &opened, network, &memory);
                     // The caller may have gone meanwhile: nothing to answer.
-                    let _ = seccomp::respond(shared.as_fd(), notification.id, value, errno);
+                    let _ = match answer {
+                        Answer::Done(value, errno) => {
+                            seccomp::respond(shared.as_fd(), notification.id, value, errno)
+                        }
+                        Answer::Continue => {
+                            seccomp::respond_continue(shared.as_fd(), notification.id)
+                        }
+                    };
                 });
             if spawned.is_err() {
                 let _ = seccomp::respond(listener.as_fd(), notification.id, -1, libc::EAGAIN);
@@ -209,51 +358,87 @@ fn no_task_left(listener: BorrowedFd<'_>) -> bool {
     }
 }
 
-/// The answer to one `connect(fd, address, length)`: `(0, 0)` when the
-/// bridge connected the caller's socket, `(-1, errno)` otherwise.
+/// The answer to one `connect(fd, address, length)`, `bind(fd, address,
+/// length)` or `listen(fd, backlog)`: made here on a copy of the caller's
+/// socket (`Done(0, 0)` when it succeeded), refused, or let go on.
 fn decide(
     listener: BorrowedFd<'_>,
     notification: &libc::seccomp_notif,
     opened: &OpenedSockets,
-    said: &Mutex<Vec<PathBuf>>,
-) -> (i64, i32) {
-    let failed = |errno: i32| (-1, errno);
+    network: Network,
+    memory: &Memory,
+) -> Answer {
     let pid = notification.pid;
+    let call = libc::c_long::from(notification.data.nr);
     let args = notification.data.args;
     let Ok(fd) = i32::try_from(args[0]) else {
-        return failed(libc::EBADF);
+        return Answer::failed(libc::EBADF);
     };
+    if call == libc::SYS_listen {
+        let socket = match seccomp::copy_descriptor(pid, fd) {
+            Ok(socket) => socket,
+            Err(error) => return Answer::from_result(Err(error)),
+        };
+        if !seccomp::still_waiting(listener, notification.id) {
+            return Answer::failed(libc::EINTR);
+        }
+        // The kernel reads the backlog as an int.
+        return host_network::listen(&socket, args[1] as i32, memory);
+    }
     let length = (args[2] & 0xffff_ffff) as usize;
     // What the kernel itself would refuse before looking.
     if !(2..=std::mem::size_of::<libc::sockaddr_storage>()).contains(&length) {
-        return failed(libc::EINVAL);
+        return Answer::failed(libc::EINVAL);
     }
     let mut address = vec![0u8; length];
     let read = std::fs::File::open(format!("/proc/{pid}/mem"))
         .and_then(|memory| memory.read_exact_at(&mut address, args[1]));
     if read.is_err() {
-        return failed(libc::EFAULT);
+        return Answer::failed(libc::EFAULT);
     }
     let socket = match seccomp::copy_descriptor(pid, fd) {
         Ok(socket) => socket,
-        Err(error) => return failed(error.raw_os_error().unwrap_or(libc::EBADF)),
+        Err(error) => return Answer::failed(error.raw_os_error().unwrap_or(libc::EBADF)),
     };
     // The pid still names the caller (it did not die and get reused).
     if !seccomp::still_waiting(listener, notification.id) {
-        return failed(libc::EINTR);
+        return Answer::failed(libc::EINTR);
+    }
+    if call == libc::SYS_bind {
+        return match network {
+            Network::Machine { .. } => host_network::bind(&socket, &address, memory),
+            Network::Own => Answer::Continue,
+        };
     }
     let family = u16::from_ne_bytes([address[0], address[1]]);
-    let pathname = family == libc::AF_UNIX as u16 && address.get(2).is_some_and(|&b| b != 0);
-    let result = if pathname {
-        let raw = &address[2..];
-        let path = raw.split(|&b| b == 0).next().unwrap_or_default();
-        connect_pathname(&socket, pid, OsStr::from_bytes(path), opened, said)
-    } else {
-        seccomp::connect_raw(socket.as_fd(), &address)
-    };
-    match result {
-        Ok(()) => (0, 0),
-        Err(error) => failed(error.raw_os_error().unwrap_or(libc::ECONNREFUSED)),
+    let unix = family == libc::AF_UNIX as u16;
+    match (network, address.get(2)) {
+        // A pathname.
+        (_, Some(&first)) if unix && first != 0 => {
+            let raw = &address[2..];
+            let path = raw.split(|&b| b == 0).next().unwrap_or_default();
+            let result = connect_pathname(
+                &socket,
+                pid,
+                OsStr::from_bytes(path),
+                opened,
+                network,
+                memory,
+            );
+            Answer::from_result(result.map_err(|error| {
+                io::Error::from_raw_os_error(error.raw_os_error().unwrap_or(libc::ECONNREFUSED))
+            }))
+        }
+        // An abstract name: the machine's, without a namespace.
+        (Network::Machine { .. }, Some(_)) if unix && !opened.any() => {
+            host_network::connect_abstract(&socket, &address, &address[3..], memory)
+        }
+        (Network::Machine { proxy_ports }, _)
+            if family == libc::AF_INET as u16 || family == libc::AF_INET6 as u16 =>
+        {
+            host_network::connect_tcp(&socket, &address, &proxy_ports, memory)
+        }
+        _ => Answer::from_result(seccomp::connect_raw(socket.as_fd(), &address)),
     }
 }
 
@@ -264,7 +449,8 @@ fn connect_pathname(
     pid: u32,
     path: &OsStr,
     opened: &OpenedSockets,
-    said: &Mutex<Vec<PathBuf>>,
+    network: Network,
+    memory: &Memory,
 ) -> io::Result<()> {
     use nix::fcntl::{open, OFlag};
     use nix::sys::stat::Mode;
@@ -276,21 +462,19 @@ fn connect_pathname(
         return Err(io::Error::from_raw_os_error(libc::ECONNREFUSED));
     }
     let (device, inode) = (meta.st_dev, meta.st_ino);
-    if !(opened.names(device, inode) || bound_inside(device, inode)) {
+    let ours = opened.any()
+        || opened.names(device, inode)
+        || match network {
+            Network::Own => bound_inside(device, inode),
+            Network::Machine { .. } => host_network::file_listened_by_run(device, inode, memory),
+        };
+    if !ours {
         let path = PathBuf::from(path);
-        let mut said = said
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !said.contains(&path) {
-            // The bridge has no log of its own: its stderr is the user's.
-            let _ = writeln!(
-                io::stderr(),
-                "portcullis: refused a connection to the Unix socket {}: it was not created inside this run (--isolate); pass --allow-unix-socket {} (or add it to [run] unix_sockets) to open it",
-                path.display(),
-                path.display()
-            );
-            said.push(path);
-        }
+        memory.say_once(&path.display().to_string(), || format!(
+            "refused a connection to the Unix socket {}: it was not created inside this run (--isolate); pass --allow-unix-socket {} (or add it to [run] unix_sockets) to open it",
+            path.display(),
+            path.display()
+        ));
         return Err(io::Error::from_raw_os_error(libc::EACCES));
     }
     let target =
@@ -320,14 +504,11 @@ fn as_seen_by(pid: u32, path: &Path) -> PathBuf {
 /// Whether a socket listening in this network namespace — the run's — is
 /// bound to the file `(device, inode)` (`sock_diag`, `UNIX_DIAG_VFS`).
 fn bound_inside(device: u64, inode: u64) -> bool {
-    match listening_files() {
-        Ok(files) => files.iter().any(|&(kernel_device, bound_inode)| {
-            // UNIX_DIAG_VFS holds the kernel's dev_t (major << 20 | minor)
-            // and the inode's low 32 bits.
-            let (major, minor) = (kernel_device >> 20, kernel_device & 0xf_ffff);
-            u64::from(major) == nix::sys::stat::major(device)
-                && u64::from(minor) == nix::sys::stat::minor(device)
-                && u64::from(bound_inode) == inode & 0xffff_ffff
+    match sock_diag::unix_listeners() {
+        Ok(listeners) => listeners.iter().any(|listener| {
+            listener
+                .file
+                .is_some_and(|file| sock_diag::same_file(file, device, inode))
         }),
         Err(error) => {
             let _ = writeln!(
@@ -339,66 +520,24 @@ fn bound_inside(device: u64, inode: u64) -> bool {
     }
 }
 
-/// `(device, inode)` of the file of every listening Unix socket in this
-/// network namespace.
-fn listening_files() -> Result<Vec<(u32, u32)>, String> {
-    use netlink_packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST};
-    use netlink_packet_sock_diag::constants::TCP_LISTEN;
-    use netlink_packet_sock_diag::unix::{nlas::Nla, ShowFlags, StateFlags, UnixRequest};
-    use netlink_packet_sock_diag::SockDiagMessage;
-    use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr};
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-    let mut socket = Socket::new(NETLINK_SOCK_DIAG).map_err(|e| e.to_string())?;
-    socket.bind_auto().map_err(|e| e.to_string())?;
-    socket
-        .connect(&SocketAddr::new(0, 0))
-        .map_err(|e| e.to_string())?;
-    let mut request = NetlinkMessage::from(SockDiagMessage::UnixRequest(UnixRequest {
-        state_flags: StateFlags::LISTEN,
-        inode: 0,
-        show_flags: ShowFlags::VFS,
-        cookie: [0xff; 8],
-    }));
-    request.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    request.finalize();
-    let mut buffer = vec![0u8; request.header.length as usize];
-    request.serialize(&mut buffer);
-    socket.send(&buffer, 0).map_err(|e| e.to_string())?;
-    let mut files = Vec::new();
-    let mut received = Vec::with_capacity(1 << 16);
-    loop {
-        received.clear();
-        socket.recv(&mut received, 0).map_err(|e| e.to_string())?;
-        let mut offset = 0;
-        while offset < received.len() {
-            let bytes = received.get(offset..).unwrap_or_default();
-            let message =
-                NetlinkMessage::<SockDiagMessage>::deserialize(bytes).map_err(|e| e.to_string())?;
-            let length = message.header.length as usize;
-            match message.payload {
-                NetlinkPayload::Done(_) => return Ok(files),
-                NetlinkPayload::Error(error) => return Err(format!("sock_diag: {error:?}")),
-                NetlinkPayload::InnerMessage(SockDiagMessage::UnixResponse(response))
-                    if response.header.state == TCP_LISTEN =>
-                {
-                    for nla in &response.nlas {
-                        if let Nla::Vfs(vfs) = nla {
-                            // Vfs keeps its fields private: read them back
-                            // from its wire form (inode, then device).
-                            let mut raw = [0u8; 8];
-                            netlink_packet_core::Emitable::emit(vfs, &mut raw);
-                            let inode = u32::from_ne_bytes([raw[0], raw[1], raw[2], raw[3]]);
-                            let device = u32::from_ne_bytes([raw[4], raw[5], raw[6], raw[7]]);
-                            files.push((device, inode));
-                        }
-                    }
-                }
-                _ => {}
-            }
-            if length == 0 {
-                break;
-            }
-            offset += length;
-        }
+    #[test]
+    fn both_filters_assemble() {
+        let own = filter(Network::Own).unwrap();
+        let machine = filter(Network::Machine {
+            proxy_ports: [1, 2],
+        })
+        .unwrap();
+        assert!(machine.len() > own.len());
+        assert!(assemble(&[Step::If {
+            code: JUMP_EQUAL,
+            k: 0,
+            then: Some("nowhere"),
+            otherwise: None,
+        }])
+        .is_err());
     }
 }

@@ -594,3 +594,77 @@ pub fn portcullis_unprivileged() -> tokio::process::Command {
         tokio::process::Command::new(binary)
     }
 }
+
+/// A system call a simulated kernel or container refuses: its number, an
+/// argument that must hold a value for the refusal (`(index, value)`, low
+/// 32 bits), and the errno it fails with.
+#[allow(dead_code)]
+pub type Refusal = (i64, Option<(u32, u32)>, i32);
+
+/// Arranges for `command`'s process, and everything it starts, to see the
+/// `refused` system calls fail — as a kernel without them, or a container
+/// or LSM that denies them, would — through a seccomp filter installed
+/// just before `exec` (`no_new_privs` first).
+#[allow(dead_code, unsafe_code)]
+pub fn refusing(command: &mut tokio::process::Command, refused: &[Refusal]) {
+    use nix::libc;
+    let statement = |code: u16, k: u32| libc::sock_filter {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let jump = |k: u32, jt: u8, jf: u8| libc::sock_filter {
+        code: 0x15, // BPF_JMP | BPF_JEQ | BPF_K
+        jt,
+        jf,
+        k,
+    };
+    const LOAD: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+    const RETURN: u16 = 0x06;
+    let mut program = Vec::new();
+    for &(number, argument, errno) in refused {
+        program.push(statement(LOAD, 0));
+        let fail = statement(RETURN, libc::SECCOMP_RET_ERRNO | errno as u32);
+        match argument {
+            None => {
+                program.push(jump(number as u32, 0, 1));
+                program.push(fail);
+            }
+            Some((index, value)) => {
+                program.push(jump(number as u32, 0, 3));
+                program.push(statement(LOAD, 16 + 8 * index));
+                program.push(jump(value, 0, 1));
+                program.push(fail);
+            }
+        }
+    }
+    program.push(statement(RETURN, libc::SECCOMP_RET_ALLOW));
+    let hook = move || -> std::io::Result<()> {
+        let fprog = libc::sock_fprog {
+            len: program.len() as u16,
+            filter: program.as_ptr().cast_mut(),
+        };
+        // SAFETY: prctl and seccomp read their integers and the program,
+        // which outlives the call; nothing is allocated between fork and
+        // exec.
+        unsafe {
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::syscall(
+                    libc::SYS_seccomp,
+                    libc::SECCOMP_SET_MODE_FILTER,
+                    0,
+                    &fprog as *const libc::sock_fprog,
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    };
+    // SAFETY: the hook makes two system calls on memory prepared before
+    // the fork, as pre_exec requires.
+    unsafe {
+        command.pre_exec(hook);
+    }
+}
