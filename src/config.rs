@@ -981,6 +981,29 @@ mod tests {
             "{far}"
         );
         assert!(!far.contains("default."), "{far}");
+        assert_eq!(
+            load_error("[run]\nisolate = \"yes\"\n"),
+            "FILE: run.isolate must be true, false or \"best-effort\", not string \"yes\""
+        );
+    }
+
+    #[test]
+    fn run_isolate_is_a_bool_or_best_effort() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("p.toml");
+        for (text, wanted) in [
+            ("true", Isolation::On),
+            ("false", Isolation::Off),
+            ("\"best-effort\"", Isolation::BestEffort),
+        ] {
+            std::fs::write(&path, format!("[run]\nisolate = {text}\n"))
+                .unwrap_or_else(|e| panic!("{e}"));
+            let config = Config::load(Some(&path)).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(config.run.isolate, wanted, "{text}");
+            // And back as written.
+            let written = toml::to_string(&config.run).unwrap_or_else(|e| panic!("{e}"));
+            assert!(written.contains(&format!("isolate = {text}")), "{written}");
+        }
     }
 
     #[test]

@@ -240,6 +240,29 @@ async fn what_a_new_user_gets_wrong_is_said_not_swallowed() {
         stderr.contains("tip: put -- between run's options and the command: portcullis run [OPTIONS] -- curl http://x.test/"),
         "{stderr}"
     );
+    // With options first, they stay before the `--`.
+    let (code, _, stderr) = output(portcullis().args([
+        "run",
+        "--isolate",
+        "--allow",
+        "x.test",
+        "curl",
+        "-s",
+        "http://x.test/",
+    ]))
+    .await;
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(
+        stderr.contains("portcullis run --isolate --allow x.test -- curl -s http://x.test/"),
+        "{stderr}"
+    );
+    // `--isolate=` takes a named strictness only.
+    let (code, _, stderr) = output(portcullis().args(["run", "--isolate=yes", "--", "true"])).await;
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(
+        stderr.contains("[possible values: strict, best-effort]"),
+        "{stderr}"
+    );
     // A wildcard over a public suffix allows everyone's domains: said.
     let (code, _, stderr) = output(portcullis().args([
         "run",

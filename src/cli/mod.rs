@@ -126,14 +126,29 @@ fn usage_tip(error: &clap::Error) -> Option<String> {
     if arguments.iter().any(|a| a == "--") {
         return None;
     }
-    let command: Vec<String> = arguments
+    let after: Vec<String> = arguments
         .get(run + 1..)
         .unwrap_or_default()
         .iter()
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
+    // The command starts at the argument clap could not place; what comes
+    // before it are run's own options.
+    let unexpected = match error.get(clap::error::ContextKind::InvalidArg) {
+        Some(clap::error::ContextValue::String(argument)) => Some(argument.clone()),
+        _ => None,
+    };
+    let split = unexpected
+        .and_then(|argument| after.iter().position(|a| *a == argument))
+        .unwrap_or(0);
+    let (options, command) = after.split_at(split);
     Some(format!(
-        "tip: put -- between run's options and the command: portcullis run [OPTIONS] -- {}",
+        "tip: put -- between run's options and the command: portcullis run {}-- {}",
+        if options.is_empty() {
+            "[OPTIONS] ".to_owned()
+        } else {
+            format!("{} ", options.join(" "))
+        },
         if command.is_empty() {
             "CMD [ARGS]…".to_owned()
         } else {

@@ -33,6 +33,18 @@
 //! Where the kernel refuses a part of this (no nftables, no mount
 //! namespace), the bridge says so once and the command runs with the
 //! bridge ports only: never unisolated.
+//!
+//! # Without user namespaces
+//!
+//! Where the namespace cannot be had — `unshare` refused, or made and then
+//! its capabilities denied (Ubuntu 24.04's AppArmor) — which the bridge
+//! learns from a forked child before touching its own namespaces, the
+//! command runs on the machine's network, fenced by [`landlock`] and the
+//! seccomp supervisor ([`unix_sockets`], [`host_network`]): TCP only to
+//! the run's own loopback listeners (the proxy's among them), no UDP, no
+//! listening beyond loopback. No capture and no PID namespace there: said
+//! once at start. Without both fences `--isolate` refuses to start unless
+//! `--isolate=best-effort`.
 
 #[cfg(target_os = "linux")]
 mod capture;
