@@ -1,36 +1,74 @@
 //! Inserting layers of your own into the default stack: a per-client
 //! concurrency limit next to the connector, and an outer layer that refuses
-//! requests without a team header (its refusals are logged like any other).
+//! requests without a team header — written as the built-in layers are: a
+//! `Layer` + `Service` pair whose future is the crate's `ResponseFuture`
+//! (refuse or pass on), the refusal a `Blocked` with a reason of its own
+//! (`Reason::Custom`) and its message (`with_message`, which the proxy
+//! keeps as written). Its refusals are logged like any other.
 //!
 //! Run: `cargo run --example custom_layer`
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+use std::task::{Context, Poll};
+
 use http::{Request, Response};
 use portcullis_middleware::{
-    find_blocked, BlockDecision, Blocked, BoxError, DefaultStack, NetworkPolicy, PolicyHandle,
-    Protocol, Reason, RequestInfo, Source, Target, ViolationLogLayer, ViolationRing,
+    find_blocked, Blocked, BoxError, DefaultStack, NetworkPolicy, PolicyHandle, Protocol, Reason,
+    RequestInfo, ResponseFuture, Source, Target, ViolationLogLayer, ViolationRing,
 };
-use tower::filter::FilterLayer;
 use tower::limit::ConcurrencyLimitLayer;
-use tower::{service_fn, Layer, ServiceExt};
+use tower::{service_fn, Layer, Service, ServiceExt};
 
-/// Refuses any request without an `x-team` header, as a typed `Blocked`.
-fn require_team(request: Request<()>) -> Result<Request<()>, BoxError> {
-    if request.headers().contains_key("x-team") {
-        return Ok(request);
+/// Refuses any request without an `x-team` header.
+#[derive(Clone, Debug, Default)]
+struct RequireTeamLayer;
+
+impl<S> Layer<S> for RequireTeamLayer {
+    type Service = RequireTeam<S>;
+
+    fn layer(&self, inner: S) -> RequireTeam<S> {
+        RequireTeam { inner }
     }
-    let info = RequestInfo::from_request(&request)?;
-    let mut blocked = Blocked::new(
-        Reason::NotAllowed,
-        Source::Policy,
-        info.target,
-        info.protocol,
-        &info.method,
-    )
-    .with_decision(BlockDecision::Deny);
-    blocked.message = "this proxy needs an x-team header".to_owned();
-    Err(blocked.into())
+}
+
+/// The service [`RequireTeamLayer`] makes.
+#[derive(Clone, Debug)]
+struct RequireTeam<S> {
+    inner: S,
+}
+
+impl<S, B> Service<Request<B>> for RequireTeam<S>
+where
+    S: Service<Request<B>>,
+    S::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        if request.headers().contains_key("x-team") {
+            return ResponseFuture::inner(self.inner.call(request));
+        }
+        match RequestInfo::from_request(&request) {
+            Ok(info) => ResponseFuture::refused(
+                Blocked::new(
+                    Reason::Custom("no_team"),
+                    Source::Layer("require_team"),
+                    info.target,
+                    info.protocol,
+                    &info.method,
+                )
+                .with_message("this proxy needs an x-team header; send one naming your team"),
+            ),
+            Err(error) => ResponseFuture::refused(error),
+        }
+    }
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -40,7 +78,7 @@ async fn main() -> Result<(), BoxError> {
     let network = service_fn(|_: Request<()>| async { Ok::<_, BoxError>(Response::new(())) });
     let stack = DefaultStack::new(policy)
         .violations(ViolationLogLayer::new(ring.clone()))
-        .outer(FilterLayer::new(require_team))
+        .outer(RequireTeamLayer)
         .inner(ConcurrencyLimitLayer::new(8))
         .layer(network);
 
@@ -57,7 +95,11 @@ async fn main() -> Result<(), BoxError> {
             Ok(response) => println!("team {team:?}: allowed ({})", response.status()),
             Err(error) => println!(
                 "team {team:?}: refused: {}",
-                find_blocked(error.as_ref()).map_or(error.to_string(), |b| b.message.clone())
+                find_blocked(error.as_ref()).map_or(error.to_string(), |b| format!(
+                    "{} ({})",
+                    b.message,
+                    b.reason.as_str()
+                ))
             ),
         }
     }

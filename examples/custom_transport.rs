@@ -73,7 +73,11 @@ async fn handle(
         }
         Err(error) => {
             let answer = match find_blocked(error.as_ref()) {
-                Some(blocked) => format!("ERR {}: {}\n", blocked.reason, blocked.message),
+                Some(blocked) => format!(
+                    "ERR {}: {}\n",
+                    blocked.reason,
+                    ingress.refusal_message(blocked)
+                ),
                 None => format!("ERR error: {error}\n"),
             };
             stream.write_all(answer.as_bytes()).await?;

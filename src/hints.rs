@@ -1,6 +1,7 @@
 //! Refusal messages that name the fix where the reader is: the flag under
 //! `run` (or `serve` without a config file), the key and the file under
-//! `--config`, the config key when portcullis is a library. The middleware
+//! `--config`, the builder method when portcullis is a library (or words
+//! of the integrator's own: [`Fixes::custom`]). The middleware
 //! writes the key form; [`Fixes::message`] — the one renderer — rewords
 //! the built-in refusals (never a message someone wrote:
 //! [`Blocked::message_written`]) at the edges: the HTTP answer, the
@@ -10,6 +11,7 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use portcullis_middleware::{Blocked, Host, LocalKind, Reason, Target};
 
@@ -17,9 +19,17 @@ use portcullis_middleware::{Blocked, Host, LocalKind, Reason, Target};
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Fixes {
-    /// Config keys (`allowed_domains`, `allow_local_binding`): the default.
-    #[default]
+    /// Config keys (`allowed_domains`, `allow_local_binding`): the words
+    /// the middleware writes.
     Keys,
+    /// The library's builder methods (`NetworkPolicyBuilder::allow`,
+    /// `PolicyHandle::update`, `Mode::Full`): the default of a proxy built
+    /// in code ([`ProxyBuilder`](crate::ProxyBuilder)).
+    #[default]
+    Api,
+    /// Words of your own ([`Fixes::custom`]), the builder methods where
+    /// they have none.
+    Custom(Wording),
     /// Command-line flags (`--allow`, `--allow-local-binding`, `--mitm`).
     Flags,
     /// Keys, in this config file.
@@ -29,7 +39,50 @@ pub enum Fixes {
     FlagsWithFile(PathBuf),
 }
 
+/// A wording hook for refusals: given a built-in refusal (never a message
+/// someone wrote), its message here, or `None` for the library's own
+/// ([`Fixes::Api`]). Compared by identity.
+#[derive(Clone)]
+pub struct Wording(Arc<WordingFn>);
+
+/// What a [`Wording`] calls.
+type WordingFn = dyn Fn(&Blocked) -> Option<String> + Send + Sync;
+
+impl std::fmt::Debug for Wording {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Wording(..)")
+    }
+}
+
+impl PartialEq for Wording {
+    fn eq(&self, other: &Wording) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Wording {}
+
 impl Fixes {
+    /// Refusals worded by `wording`: it gets each built-in refusal and
+    /// returns its message, or `None` to keep the library's wording. Every
+    /// edge uses it — the HTTP answer, the violation log, `subscribe()`'s
+    /// copies keep the refusal itself, [`Ingress::http_response`](crate::kit::Ingress::http_response).
+    ///
+    /// ```
+    /// use portcullis::hints::Fixes;
+    /// use portcullis::middleware::Reason;
+    ///
+    /// let fixes = Fixes::custom(|blocked| {
+    ///     (blocked.reason == Reason::NotAllowed).then(|| {
+    ///         format!("{} is not on the team's list; ask #platform to add it", blocked.target)
+    ///     })
+    /// });
+    /// # let _ = fixes;
+    /// ```
+    pub fn custom(wording: impl Fn(&Blocked) -> Option<String> + Send + Sync + 'static) -> Fixes {
+        Fixes::Custom(Wording(Arc::new(wording)))
+    }
+
     /// The message for `blocked` here: the refusal's own, reworded when it
     /// is a built-in refusal whose fix reads differently in this context.
     /// The one renderer: the HTTP body, the violation log line and file,
@@ -42,16 +95,22 @@ impl Fixes {
     /// The message `blocked` should carry here, if it is a built-in refusal
     /// whose fix reads differently in this context (`None`: its own).
     pub fn rephrase(&self, blocked: &Blocked) -> Option<String> {
-        if *self == Fixes::Keys || blocked.message_written() {
+        if blocked.message_written() {
             return None;
         }
-        if let Fixes::FlagsWithFile(file) = self {
-            return match blocked.reason {
-                Reason::RuleDenied | Reason::RuleNotMatched | Reason::AmbiguousPath => {
-                    Fixes::File(file.clone()).rephrase(blocked)
-                }
-                _ => Fixes::Flags.rephrase(blocked),
-            };
+        match self {
+            Fixes::Keys => return None,
+            Fixes::Api => return api_wording(blocked),
+            Fixes::Custom(wording) => return (wording.0)(blocked).or_else(|| api_wording(blocked)),
+            Fixes::FlagsWithFile(file) => {
+                return match blocked.reason {
+                    Reason::RuleDenied | Reason::RuleNotMatched | Reason::AmbiguousPath => {
+                        Fixes::File(file.clone()).rephrase(blocked)
+                    }
+                    _ => Fixes::Flags.rephrase(blocked),
+                };
+            }
+            Fixes::Flags | Fixes::File(_) => {}
         }
         let target = &blocked.target;
         let host = target.host_string();
@@ -63,7 +122,7 @@ impl Fixes {
                     "the host is not in allowed_domains; add \"{host}\" to allowed_domains in {}",
                     file.display()
                 ),
-                    Fixes::Keys | Fixes::FlagsWithFile(_) => return None,
+                    _ => return None,
                 },
                 (Reason::NotAllowedLocal, Target::Host { .. }) => {
                     match (LocalKind::of(target), self) {
@@ -102,7 +161,7 @@ impl Fixes {
                         "it matches the denylist ({rule}); remove that entry from {} (deny wins over any allow)",
                         file.display()
                     ),
-                    Fixes::Keys | Fixes::FlagsWithFile(_) => return None,
+                    _ => return None,
                 }
                 }
                 (Reason::MethodNotAllowed, _) => {
@@ -114,7 +173,7 @@ impl Fixes {
                         Fixes::File(file) => {
                             format!("set mode = \"full\" in [network] in {}", file.display())
                         }
-                        Fixes::Keys | Fixes::FlagsWithFile(_) => return None,
+                        _ => return None,
                     };
                     // What limited mode saw, when it was not the method
                     // itself (a push's start, an override, a body, …).
@@ -159,7 +218,7 @@ impl Fixes {
                         "set mitm = true in [network] in {} (clients must trust the CA `portcullis ca` prints), or mode = \"full\"",
                         file.display()
                     ),
-                    Fixes::Keys | Fixes::FlagsWithFile(_) => return None,
+                    _ => return None,
                 };
                     return Some(format!(
                     "portcullis refused CONNECT {target}: limited mode needs HTTPS interception to see methods; {fix}"
@@ -187,7 +246,7 @@ impl Fixes {
                         "{what}; add \"{host}\" to allowed_domains in {} if it should be reachable{detail}",
                         file.display()
                     ),
-                        Fixes::Keys | Fixes::FlagsWithFile(_) => return None,
+                        _ => return None,
                     }
                 }
                 _ => return None,
@@ -208,6 +267,9 @@ impl Fixes {
             Fixes::Keys => {
                 format!("add \"{exact}\" to allowed_domains, or set allow_local_binding = true")
             }
+            Fixes::Api | Fixes::Custom(_) => format!(
+                "allow that address (NetworkPolicyBuilder::allow(\"{exact}\")), or allow_local_binding(true)"
+            ),
             Fixes::Flags | Fixes::FlagsWithFile(_) => {
                 format!("allow that address with --allow {exact}, or pass --allow-local-binding")
             }
@@ -220,6 +282,99 @@ impl Fixes {
             "portcullis refused {target}: it resolves to the local or private address {address}; {fix}"
         )
     }
+}
+
+/// A built-in refusal worded by the library's API: the builder method
+/// that changes it (`None`: the middleware's words hold as they are).
+fn api_wording(blocked: &Blocked) -> Option<String> {
+    let target = &blocked.target;
+    let host = target.host_string();
+    let on_running = "(PolicyHandle::update on a running proxy)";
+    let why_and_fix = match (blocked.reason, target) {
+        (Reason::NotAllowed, Target::Host { .. }) => format!(
+            "the host is not in the allowlist; allow it with NetworkPolicyBuilder::allow(\"{host}\") {on_running}"
+        ),
+        (Reason::NotAllowedLocal, Target::Host { .. }) => match LocalKind::of(target) {
+            LocalKind::Metadata(exact) => format!(
+                "it is a cloud metadata address; only NetworkPolicyBuilder::allow(\"{exact}\") (naming it exactly) unlocks it, allow_local_binding(true) does not"
+            ),
+            LocalKind::Localhost(exact) => format!(
+                "{host} is this machine; allow it with NetworkPolicyBuilder::allow(\"{exact}\") {on_running}"
+            ),
+            LocalKind::Address(exact) => format!(
+                "it is a local or private address; allow that exact address with NetworkPolicyBuilder::allow(\"{exact}\"), or allow_local_binding(true) with an allow that covers it"
+            ),
+            _ => return None,
+        },
+        (Reason::Denied, _) => {
+            let rule = blocked.rule.as_deref().unwrap_or("the denylist");
+            let pattern = rule.strip_prefix("denied_domains: ").unwrap_or(rule);
+            format!(
+                "it matches the denylist ({rule}); remove it with NetworkPolicyBuilder::remove_denied(\"{pattern}\") {on_running} (deny wins over any allow)"
+            )
+        }
+        (Reason::MethodNotAllowed, _) => {
+            let method = blocked.method.escape_debug();
+            let why = match blocked.rule.as_deref() {
+                Some(rule) if rule.starts_with("limited mode refuses") => rule.to_owned(),
+                _ => "limited mode allows only GET, HEAD and OPTIONS (and no SOCKS5)".to_owned(),
+            };
+            return Some(format!(
+                "portcullis refused {method} {target}: {why}; NetworkPolicyBuilder::mode(Mode::Full) allows it"
+            ));
+        }
+        (Reason::RuleDenied | Reason::RuleNotMatched | Reason::AmbiguousPath, _) => {
+            let method = blocked.method.escape_debug();
+            let rule = blocked.rule.as_deref().unwrap_or("its rules");
+            let (why, fix) = match blocked.reason {
+                Reason::RuleDenied => (
+                    "a deny entry of its request rules matches",
+                    "change that RuleBlock (NetworkPolicyBuilder::rules_block replaces it by name)",
+                ),
+                Reason::AmbiguousPath => (
+                    "its path can mean two things to some origin, so its request rules cannot judge it",
+                    "send the path plainly encoded (no double encoding, %u, encoded / or ;, or segment ending in . or a space)",
+                ),
+                _ => (
+                    "its request rules allow no such request",
+                    "add a RuleEntry to that RuleBlock (NetworkPolicyBuilder::rules_block replaces it by name)",
+                ),
+            };
+            return Some(format!(
+                "portcullis refused {method} {target}: {why} ({rule}); {fix}"
+            ));
+        }
+        (Reason::MitmRequired, _) => {
+            return Some(format!(
+                "portcullis refused CONNECT {target}: limited mode needs HTTPS interception to see methods; give the proxy a CA clients trust (ProxyBuilder::mitm), or NetworkPolicyBuilder::mode(Mode::Full)"
+            ));
+        }
+        (
+            Reason::ApprovalDenied | Reason::ApprovalTimedOut | Reason::ApprovalFailed,
+            Target::Host { .. },
+        ) => {
+            let what = match blocked.reason {
+                Reason::ApprovalDenied => "the approver denied it",
+                Reason::ApprovalTimedOut => "no approval arrived in time",
+                _ => "the approver failed, so the request was denied (fail closed)",
+            };
+            let detail = blocked
+                .rule
+                .as_deref()
+                .map(|rule| format!(" ({rule})"))
+                .unwrap_or_default();
+            format!(
+                "{what}; allow it with NetworkPolicyBuilder::allow(\"{host}\") {on_running} if it should be reachable{detail}"
+            )
+        }
+        _ => return None,
+    };
+    if blocked.protocol.is_lookup() {
+        return Some(format!(
+            "portcullis refused a DNS question for {host}: {why_and_fix}"
+        ));
+    }
+    Some(format!("portcullis refused {target}: {why_and_fix}"))
 }
 
 /// `IP:PORT` as a pattern (IPv6 bracketed).

@@ -26,22 +26,30 @@
 //! [`Ingress::open`] for each connection; `ProxyHandle::shutdown` waits for
 //! them, as it waits for its own listeners'.
 //!
-//! A layer in the stack must be `Clone + Send` (tower's `Buffer` makes one
-//! of a layer that is not: `ServiceBuilder::new().buffer(…)`), and its
-//! future `Send`.
+//! A layer in the stack must make a `Clone + Send` service with a `Send`
+//! future ([`StackLayers`](crate::StackLayers) names the requirement for
+//! generic code); tower's `Buffer` makes one of a service that is not
+//! `Clone`: `ServiceBuilder::new().buffer(1024)`, with tower's `buffer`
+//! feature enabled in your `Cargo.toml` (`tower = { version = "0.5",
+//! features = ["buffer"] }`).
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use http::{Request, Response};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tower::{Service, ServiceExt};
 
 use portcullis_middleware::BoxError;
 
 use crate::body::Body;
+use crate::connector::OwnListeners;
 use crate::metrics::Metrics;
-use crate::transport::{self, Limits, ProxyService};
+use crate::transport::{self, Limits, ProxyService, Shutdown};
 
 pub use crate::connector::Tunnel;
 pub use crate::transport::model::RequestModel;
@@ -49,7 +57,9 @@ pub use crate::transport::{DrainGuard, ShutdownSignal};
 
 /// The HTTP answer to an error from the stack: a refusal's 403 with its
 /// JSON body and `x-proxy-error`, a 400, a 502 or 504, as the built-in
-/// HTTP transport answers.
+/// HTTP transport answers — the refusal worded by config keys
+/// ([`Fixes::Keys`](crate::hints::Fixes::Keys)).
+/// [`Ingress::http_response`] words it as the running proxy does.
 pub fn http_response(error: &BoxError) -> Response<Body> {
     transport::http1::rescue::http_response(error, &crate::hints::Fixes::Keys)
 }
@@ -75,6 +85,8 @@ pub struct Ingress {
     signal: ShutdownSignal,
     limits: Limits,
     metrics: Arc<Metrics>,
+    own: OwnListeners,
+    fixes: crate::hints::Fixes,
 }
 
 impl Ingress {
@@ -84,6 +96,8 @@ impl Ingress {
         signal: ShutdownSignal,
         limits: Limits,
         metrics: Arc<Metrics>,
+        own: OwnListeners,
+        fixes: crate::hints::Fixes,
     ) -> Ingress {
         Ingress {
             service: Arc::new(Mutex::new(service)),
@@ -91,6 +105,61 @@ impl Ingress {
             signal,
             limits,
             metrics,
+            own,
+            fixes,
+        }
+    }
+
+    /// The HTTP answer to an error from the stack, as [`http_response`],
+    /// the refusal worded as this proxy words them
+    /// ([`ProxyBuilder::refusal_fixes`](crate::ProxyBuilder::refusal_fixes)).
+    pub fn http_response(&self, error: &BoxError) -> Response<Body> {
+        transport::http1::rescue::http_response(error, &self.fixes)
+    }
+
+    /// A refusal's message worded as this proxy words them, for an answer
+    /// in your wire's own words (`blocked.message` holds the middleware's,
+    /// which names config keys).
+    pub fn refusal_message(&self, blocked: &portcullis_middleware::Blocked) -> String {
+        self.fixes.message(blocked)
+    }
+
+    /// An `Ingress` over `service` instead of a running proxy's stack: a
+    /// test seam, so a way in of your own can be unit-tested against a
+    /// `tower_test::mock::pair` (or any stand-in) without sockets to a real
+    /// stack. Default limits, metrics of its own, no loop guard. The
+    /// [`StandaloneShutdown`] does for it what `ProxyHandle::shutdown`
+    /// does for a proxy's.
+    pub fn standalone<S>(service: S) -> (Ingress, StandaloneShutdown)
+    where
+        S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        let shutdown = Shutdown::new();
+        let service = ProxyService::new(service.map_err(Into::into));
+        let ingress = Ingress::new(
+            service,
+            shutdown.guard(),
+            shutdown.signal(),
+            Limits::default(),
+            Arc::new(Metrics::new()),
+            OwnListeners::default(),
+            crate::hints::Fixes::default(),
+        );
+        (ingress, StandaloneShutdown(shutdown))
+    }
+
+    /// Tells the proxy's loop guard that a listener of yours is bound at
+    /// `address`: a request whose destination reaches it (that address, or
+    /// its port on loopback or any of this host's addresses when it is
+    /// bound to all of them) is refused as a loop, as for the proxy's own
+    /// listeners. Counts while the returned guard lives: drop it when the
+    /// listener closes, and register the new address when it is rebound.
+    pub fn listening_on(&self, address: SocketAddr) -> Listening {
+        Listening {
+            number: self.own.register(address),
+            own: self.own.clone(),
         }
     }
 
@@ -126,7 +195,9 @@ impl Ingress {
     /// Relays bytes both ways between a client and the upstream a
     /// [`Tunnel`] gave, until both ends close or nothing moves for the
     /// proxy's tunnel idle timeout; returns the bytes moved (to the
-    /// upstream, to the client). Counted in the proxy's metrics.
+    /// upstream, to the client). Counted in the proxy's metrics. Between
+    /// two TCP sockets it splices in the kernel; [`relay_stream`](Self::relay_stream)
+    /// takes any stream.
     pub async fn relay(&self, client: &TcpStream, upstream: &TcpStream) -> (u64, u64) {
         let moved = transport::splice::tcp(
             client,
@@ -137,4 +208,129 @@ impl Ingress {
         .await;
         (moved.up, moved.down)
     }
+
+    /// As [`relay`](Self::relay), for any client and upstream streams (a
+    /// TLS stream, a `Unix` socket, a stream behind a PROXY-protocol
+    /// header), first sending the upstream `already_read`: the bytes a way
+    /// in read from the client before it knew where they go (a PROXY line
+    /// it consumed is not among them; a ClientHello it only peeked at is
+    /// still in the stream). The bytes moved count `already_read`.
+    pub async fn relay_stream<C, U>(
+        &self,
+        client: &mut C,
+        already_read: &[u8],
+        upstream: &mut U,
+    ) -> (u64, u64)
+    where
+        C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+        U: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    {
+        if !already_read.is_empty() && upstream.write_all(already_read).await.is_err() {
+            return (0, 0);
+        }
+        let moved = transport::splice::bidirectional(
+            client,
+            upstream,
+            self.limits.tunnel_idle_timeout,
+            &self.metrics,
+        )
+        .await;
+        (moved.up + already_read.len() as u64, moved.down)
+    }
+}
+
+/// A listener of yours known to the loop guard, from
+/// [`Ingress::listening_on`]; forgotten when dropped.
+#[derive(Debug)]
+pub struct Listening {
+    own: OwnListeners,
+    number: u64,
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        self.own.forget(self.number);
+    }
+}
+
+/// The shutdown of an [`Ingress::standalone`].
+#[derive(Debug)]
+pub struct StandaloneShutdown(Shutdown);
+
+impl StandaloneShutdown {
+    /// Makes [`Ingress::stopping`] resolve, waits up to `deadline` for
+    /// every `Ingress` clone and every guard from [`Ingress::open`] to be
+    /// dropped, and returns how many were still open.
+    pub async fn shutdown(self, deadline: Duration) -> usize {
+        self.0.drain(deadline).await.len()
+    }
+}
+
+/// The first `n` bytes the peer sent on `stream`, without consuming them
+/// (`MSG_PEEK`): waits until that many have arrived, for at most
+/// `deadline`. For a way in that decides by what the client sends first
+/// (a TLS ClientHello's SNI, a PROXY-protocol line) and then relays the
+/// stream whole. Fails with `UnexpectedEof` when the peer closes first and
+/// `TimedOut` at the deadline; `n` above 64 KiB is refused
+/// (`InvalidInput`).
+pub async fn peek_at_least(
+    stream: &TcpStream,
+    n: usize,
+    deadline: Duration,
+) -> std::io::Result<Vec<u8>> {
+    use std::io::{Error, ErrorKind};
+    use tokio::io::Interest;
+    const MOST: usize = 64 * 1024;
+    if n > MOST {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("peek_at_least: at most {MOST} bytes"),
+        ));
+    }
+    let mut buffer = vec![0u8; n];
+    let waiting = async {
+        loop {
+            let ready = stream.ready(Interest::READABLE).await?;
+            // Fewer than `n` bytes: clear readiness and wait for more (the
+            // next arrival is a new readiness event).
+            let peeked = stream.try_io(Interest::READABLE, || {
+                let got = peek_now(stream, &mut buffer)?;
+                if got >= n || got == 0 || ready.is_read_closed() {
+                    Ok(got)
+                } else {
+                    Err(ErrorKind::WouldBlock.into())
+                }
+            });
+            match peeked {
+                Ok(got) if got >= n => return Ok(()),
+                Ok(_) => {
+                    return Err(Error::new(
+                        ErrorKind::UnexpectedEof,
+                        format!("the peer closed before sending {n} bytes"),
+                    ))
+                }
+                Err(error) if error.kind() == ErrorKind::WouldBlock => continue,
+                Err(error) => return Err(error),
+            }
+        }
+    };
+    match tokio::time::timeout(deadline, waiting).await {
+        Ok(Ok(())) => Ok(buffer),
+        Ok(Err(error)) => Err(error),
+        Err(_) => Err(Error::new(
+            ErrorKind::TimedOut,
+            format!("fewer than {n} bytes arrived within {deadline:?}"),
+        )),
+    }
+}
+
+/// One `recv(MSG_PEEK)` without waiting, into `buffer`.
+fn peek_now(stream: &TcpStream, buffer: &mut [u8]) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    nix::sys::socket::recv(
+        stream.as_raw_fd(),
+        buffer,
+        nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+    )
+    .map_err(std::io::Error::from)
 }

@@ -49,6 +49,69 @@ pub type BoxApprover = BoxCloneService<ApprovalRequest, ApprovalAnswer, BoxError
 /// layers `O` and inner layers `I`.
 type Composed<O, I> = <DefaultStack<BoxApprover, O, I> as Layer<Connector>>::Service;
 
+/// Layers a proxy can start with: your outer layers `O` and inner layers
+/// `I`, as the pair `(O, I)`, when the default stack around the connector
+/// with them is a `Clone + Send + 'static` service of `Request<Body>`
+/// answering `Response<Body>` or a [`BoxError`], with a `Send` future —
+/// which is what a tower layer whose service is `Clone` and whose future
+/// is `Send` gives. Implemented for every pair that qualifies; generic code
+/// names it instead of spelling the stack:
+///
+/// ```
+/// use portcullis::{ProxyBuilder, ProxyHandle, StackLayers, StartError};
+///
+/// async fn start_with<O, I>(builder: ProxyBuilder<O, I>) -> Result<ProxyHandle, StartError>
+/// where
+///     (O, I): StackLayers,
+/// {
+///     builder.start().await
+/// }
+/// ```
+///
+/// A layer whose service is not `Clone` (tower's `RateLimit`, say) is made
+/// one by `tower::buffer::BufferLayer` (tower's `buffer` feature):
+/// `ServiceBuilder::new().buffer(1024).layer(RateLimitLayer::new(…))`.
+pub trait StackLayers: Clone {
+    /// The default stack with these layers, around the connector.
+    #[doc(hidden)]
+    type Stack: Service<
+            Request<Body>,
+            Response = Response<Body>,
+            Error = BoxError,
+            Future = Self::StackFuture,
+        > + Clone
+        + Send
+        + 'static;
+    /// Its future.
+    #[doc(hidden)]
+    type StackFuture: std::future::Future<Output = Result<Response<Body>, BoxError>>
+        + Send
+        + 'static;
+    /// `base` (the default stack, configured) with these layers, around
+    /// `connector`.
+    #[doc(hidden)]
+    fn around(&self, base: DefaultStack<BoxApprover>, connector: Connector) -> Self::Stack;
+}
+
+impl<O, I> StackLayers for (O, I)
+where
+    O: Clone,
+    I: Clone,
+    DefaultStack<BoxApprover, O, I>: Layer<Connector>,
+    Composed<O, I>: Service<Request<Body>, Response = Response<Body>, Error = BoxError>
+        + Clone
+        + Send
+        + 'static,
+    <Composed<O, I> as Service<Request<Body>>>::Future: Send + 'static,
+{
+    type Stack = Composed<O, I>;
+    type StackFuture = <Composed<O, I> as Service<Request<Body>>>::Future;
+
+    fn around(&self, base: DefaultStack<BoxApprover>, connector: Connector) -> Self::Stack {
+        base.layers(self.0.clone(), self.1.clone()).layer(connector)
+    }
+}
+
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -103,8 +166,8 @@ pub struct ProxyBuilder<O = Identity, I = Identity> {
     /// Everything but the layers: one value, moved whole when a layer is
     /// added (a new setting is a field here and a setter, nothing else).
     settings: Settings,
-    outer: O,
-    inner: I,
+    /// Your outer and inner layers.
+    layers: (O, I),
 }
 
 /// A [`ProxyBuilder`]'s settings.
@@ -187,13 +250,12 @@ impl Proxy {
                 own: OwnListeners::default(),
                 limits: Limits::default(),
                 all_proxy_socks: false,
-                fixes: Fixes::Keys,
+                fixes: Fixes::Api,
                 metrics_addr: None,
                 metrics: Arc::default(),
                 refusals: tokio::sync::broadcast::channel(SUBSCRIBED_BACKLOG).0,
             },
-            outer: Identity::new(),
-            inner: Identity::new(),
+            layers: (Identity::new(), Identity::new()),
         }
     }
 }
@@ -310,8 +372,9 @@ impl<O, I> ProxyBuilder<O, I> {
         self
     }
 
-    /// How refusals name their fix: config keys (the default), flags, or
-    /// keys in a named file; see [`Fixes`].
+    /// How refusals name their fix: the library's builder methods (the
+    /// default), words of your own ([`Fixes::custom`]), config keys, flags,
+    /// or keys in a named file; see [`Fixes`].
     pub fn refusal_fixes(mut self, fixes: Fixes) -> ProxyBuilder<O, I> {
         self.settings.fixes = fixes;
         self
@@ -442,11 +505,10 @@ impl<O, I> ProxyBuilder<O, I> {
     }
 
     fn map_layers<O2, I2>(self, f: impl FnOnce(O, I) -> (O2, I2)) -> ProxyBuilder<O2, I2> {
-        let (outer, inner) = f(self.outer, self.inner);
+        let (outer, inner) = f(self.layers.0, self.layers.1);
         ProxyBuilder {
             settings: self.settings,
-            outer,
-            inner,
+            layers: (outer, inner),
         }
     }
 
@@ -502,14 +564,7 @@ impl<O, I> ProxyBuilder<O, I> {
 
 impl<O, I> ProxyBuilder<O, I>
 where
-    O: Clone,
-    I: Clone,
-    DefaultStack<BoxApprover, O, I>: Layer<Connector>,
-    Composed<O, I>: Service<Request<Body>, Response = Response<Body>, Error = BoxError>
-        + Clone
-        + Send
-        + 'static,
-    <Composed<O, I> as Service<Request<Body>>>::Future: Send + 'static,
+    (O, I): StackLayers,
 {
     /// The one composition: the default stack, with your layers, around
     /// `connector`, erased once. The live proxy and `check` both come from
@@ -520,14 +575,13 @@ where
         approval: ApprovalWaitLayer<BoxApprover>,
         violations: ViolationLogLayer,
     ) -> ProxyService {
-        let stack = DefaultStack::new(self.settings.policy.clone())
+        let base = DefaultStack::new(self.settings.policy.clone())
             .violations(violations)
             .approval_layer(approval)
             .ask_on_miss(self.settings.approval.is_some())
             .credentials(portcullis_middleware::credentials::CredentialLayer::new(
                 self.settings.injected.clone(),
-            ))
-            .layers(self.outer.clone(), self.inner.clone());
+            ));
         // Credentials never show in a log or trace of a request.
         let sensitive = [
             http::header::PROXY_AUTHORIZATION,
@@ -541,7 +595,7 @@ where
             .layer(crate::access_log::AccessLogLayer::counting(
                 self.settings.metrics.clone(),
             ))
-            .service(stack.layer(connector));
+            .service(self.layers.around(base, connector));
         ProxyService::new(SetSensitiveRequestHeaders::new(logged, sensitive))
     }
 
@@ -754,6 +808,7 @@ where
             metrics: self.settings.metrics.clone(),
             interceptor,
             fixes: self.settings.fixes.clone(),
+            own: self.settings.own.clone(),
         })
     }
 }
@@ -785,6 +840,8 @@ pub struct ProxyHandle {
     /// HTTPS interception, for a transport started later (capture).
     interceptor: Option<Arc<Interceptor>>,
     fixes: Fixes,
+    /// The loop guard's listeners, which a way in of yours joins.
+    own: OwnListeners,
 }
 
 impl ProxyHandle {
@@ -882,6 +939,8 @@ impl ProxyHandle {
             self.shutdown.signal(),
             self.limits,
             self.metrics.clone(),
+            self.own.clone(),
+            self.fixes.clone(),
         )
     }
 

@@ -10,7 +10,49 @@ use pin_project_lite::pin_project;
 use crate::error::BoxError;
 
 pin_project! {
-    /// Either the inner service's future, or a refusal decided in `call`.
+    /// Either the inner service's future, or a refusal decided in `call`:
+    /// the response future of a layer that refuses or passes on, as the
+    /// built-in ones are (tower's `Either` is not a `Future`). Its output's
+    /// error is a [`BoxError`], so a refusal is any error — a
+    /// [`Blocked`](crate::Blocked) for one the proxy renders and records.
+    ///
+    /// ```
+    /// use std::task::{Context, Poll};
+    /// use http::Request;
+    /// use portcullis_middleware::{Blocked, BoxError, Reason, RequestInfo, ResponseFuture, Source};
+    /// use tower::Service;
+    ///
+    /// /// Refuses requests without an `x-team` header.
+    /// #[derive(Clone)]
+    /// struct RequireTeam<S>(S);
+    ///
+    /// impl<S, B> Service<Request<B>> for RequireTeam<S>
+    /// where
+    ///     S: Service<Request<B>>,
+    ///     S::Error: Into<BoxError>,
+    /// {
+    ///     type Response = S::Response;
+    ///     type Error = BoxError;
+    ///     type Future = ResponseFuture<S::Future>;
+    ///
+    ///     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+    ///         self.0.poll_ready(cx).map_err(Into::into)
+    ///     }
+    ///
+    ///     fn call(&mut self, request: Request<B>) -> Self::Future {
+    ///         if request.headers().contains_key("x-team") {
+    ///             return ResponseFuture::inner(self.0.call(request));
+    ///         }
+    ///         match RequestInfo::from_request(&request) {
+    ///             Ok(info) => ResponseFuture::refused(
+    ///                 Blocked::new(Reason::Custom("no_team"), Source::Layer("require_team"), info.target, info.protocol, &info.method)
+    ///                     .with_message("this proxy needs an x-team header"),
+    ///             ),
+    ///             Err(error) => ResponseFuture::refused(error),
+    ///         }
+    ///     }
+    /// }
+    /// ```
     #[derive(Debug)]
     pub struct ResponseFuture<F> {
         #[pin]
@@ -28,13 +70,16 @@ pin_project! {
 }
 
 impl<F> ResponseFuture<F> {
-    pub(crate) fn inner(future: F) -> ResponseFuture<F> {
+    /// Passes on: the inner service's `future`, its error boxed.
+    pub fn inner(future: F) -> ResponseFuture<F> {
         ResponseFuture {
             state: State::Inner { future },
         }
     }
 
-    pub(crate) fn refused(error: impl Into<BoxError>) -> ResponseFuture<F> {
+    /// Refuses: resolves at once to `error` (a [`Blocked`](crate::Blocked)
+    /// for a refusal the proxy renders, records and words).
+    pub fn refused(error: impl Into<BoxError>) -> ResponseFuture<F> {
         ResponseFuture {
             state: State::Refused {
                 error: Some(error.into()),

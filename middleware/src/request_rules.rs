@@ -613,6 +613,11 @@ impl RuleBlock {
     pub fn host(&self) -> &Pattern {
         &self.host
     }
+
+    /// The block's name, as refusals cite it.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
 }
 
 /// Rule blocks, looked up by host; see the [module docs](self).

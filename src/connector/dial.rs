@@ -9,7 +9,9 @@
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
 use std::time::Duration;
 
 use http::Method;
@@ -38,13 +40,18 @@ pub(crate) struct Dialer {
 }
 
 /// This proxy's own listeners, and every address that reaches them: a
-/// destination among them is a loop.
+/// destination among them is a loop. Listeners added later (a way in of
+/// an integrator's, [`Ingress::listening_on`](crate::kit::Ingress::listening_on))
+/// count while they are registered; clones share them.
 #[derive(Debug, Clone)]
 pub(crate) struct OwnListeners {
-    ports: Arc<[u16]>,
-    /// The listeners' own addresses and the host's interface addresses,
-    /// read when the listeners were bound.
-    interfaces: Arc<[IpAddr]>,
+    /// What a dial reads, without a lock: the listeners bound at the start
+    /// and those registered since.
+    known: Arc<ArcSwap<Known>>,
+    /// The listeners bound at the start.
+    base: Arc<Known>,
+    /// The listeners registered since the start.
+    added: Arc<Mutex<Registered>>,
     /// Reads the host's interface addresses now: an address added after
     /// the start (a VPN, DHCP, a container bridge) reaches a listener on
     /// `0.0.0.0` too, so a destination on one of our ports that is not in
@@ -53,6 +60,19 @@ pub(crate) struct OwnListeners {
     /// This proxy's name in `Via` headers sent to upstream proxies; a
     /// request arriving with it has come round a loop.
     token: Arc<str>,
+}
+
+/// Listeners registered after the start: the next number, and each
+/// listener's number and address.
+type Registered = (u64, Vec<(u64, SocketAddr)>);
+
+/// Listeners' ports and the addresses that reach them.
+#[derive(Debug, Default, Clone)]
+struct Known {
+    ports: Vec<u16>,
+    /// The listeners' own addresses and the host's interface addresses,
+    /// read when the listeners were bound.
+    interfaces: Vec<IpAddr>,
 }
 
 impl Default for OwnListeners {
@@ -97,12 +117,57 @@ impl OwnListeners {
         if !addresses.is_empty() {
             interfaces.extend(read_interfaces());
         }
-        OwnListeners {
+        let base = Known {
             ports: addresses.iter().map(SocketAddr::port).collect(),
-            interfaces: interfaces.into(),
+            interfaces,
+        };
+        OwnListeners {
+            known: Arc::new(ArcSwap::from_pointee(base.clone())),
+            base: Arc::new(base),
+            added: Arc::default(),
             read_interfaces,
             token: instance_token(),
         }
+    }
+
+    /// Adds a listener bound at `address`; its number, to
+    /// [`forget`](Self::forget) it.
+    pub(crate) fn register(&self, address: SocketAddr) -> u64 {
+        let mut added = self
+            .added
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let number = added.0;
+        added.0 += 1;
+        added.1.push((number, address));
+        self.publish(&added.1);
+        number
+    }
+
+    /// Removes the listener registered as `number`.
+    pub(crate) fn forget(&self, number: u64) {
+        let mut added = self
+            .added
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        added.1.retain(|(n, _)| *n != number);
+        self.publish(&added.1);
+    }
+
+    /// Makes the start's listeners and `added` what dials read.
+    fn publish(&self, added: &[(u64, SocketAddr)]) {
+        let mut known = (*self.base).clone();
+        for (_, address) in added {
+            if !known.ports.contains(&address.port()) {
+                known.ports.push(address.port());
+            }
+            known.interfaces.push(address.ip());
+        }
+        // A proxy started with no listener read no interface yet.
+        if self.base.ports.is_empty() && !added.is_empty() {
+            known.interfaces.extend((self.read_interfaces)());
+        }
+        self.known.store(Arc::new(known));
     }
 
     /// The `Via` value this process adds to what it sends to an upstream
@@ -120,13 +185,14 @@ impl OwnListeners {
     /// Whether dialling `address` would reach one of our listeners. Only a
     /// destination on one of our ports costs a look at the interfaces.
     pub(crate) fn reaches(&self, address: SocketAddr) -> bool {
-        if !self.ports.contains(&address.port()) {
+        let known = self.known.load();
+        if !known.ports.contains(&address.port()) {
             return false;
         }
         let ip = canonical_ip(address.ip());
         ip.is_loopback()
             || ip.is_unspecified()
-            || self.interfaces.contains(&ip)
+            || known.interfaces.contains(&ip)
             || (self.read_interfaces)()
                 .into_iter()
                 .any(|found| canonical_ip(found) == ip)

@@ -72,8 +72,12 @@ impl fmt::Debug for Tunnel {
 }
 
 impl Tunnel {
-    /// Wraps a stream.
-    pub(crate) fn new(stream: TcpStream) -> Tunnel {
+    /// Wraps a dialled stream. The connector makes these; a stand-in
+    /// stack in a test of your own way in
+    /// ([`Ingress::standalone`](crate::kit::Ingress::standalone)) answers a
+    /// `CONNECT`-shaped request `200` with one in the response's
+    /// extensions, as the connector does.
+    pub fn new(stream: TcpStream) -> Tunnel {
         Tunnel(Arc::new(Mutex::new(Some(stream))))
     }
 

@@ -103,6 +103,15 @@ pub enum PolicyError {
     /// A Unix socket path that is not absolute.
     #[error("unix socket path {0:?} must be absolute")]
     RelativeSocket(String),
+    /// What was to be removed is not there.
+    #[error("{what} is not in {list}, so it cannot be removed")]
+    NotListed {
+        /// The list: `allowed_domains`, `denied_domains`, `[[rules]]` or
+        /// `allow_unix_sockets`.
+        list: &'static str,
+        /// The entry, as given.
+        what: String,
+    },
 }
 
 /// What the policy says about a target.
@@ -446,6 +455,78 @@ impl NetworkPolicyBuilder {
         Ok(self)
     }
 
+    /// Removes an allowlist pattern (as written or in any spelling that
+    /// parses to it: `Example.COM` removes `example.com`); every other
+    /// setting stays. `NotListed` when it is not there.
+    pub fn remove_allowed(mut self, pattern: &str) -> Result<NetworkPolicyBuilder, PolicyError> {
+        let parsed = parse_in(List::Allowed, pattern)?;
+        self.policy.allowed =
+            without(&self.policy.allowed, &parsed).ok_or_else(|| PolicyError::NotListed {
+                list: List::Allowed.key(),
+                what: pattern.to_owned(),
+            })?;
+        Ok(self)
+    }
+
+    /// Removes a denylist pattern; `NotListed` when it is not there.
+    pub fn remove_denied(mut self, pattern: &str) -> Result<NetworkPolicyBuilder, PolicyError> {
+        let parsed = parse_in(List::Denied, pattern)?;
+        self.policy.denied =
+            without(&self.policy.denied, &parsed).ok_or_else(|| PolicyError::NotListed {
+                list: List::Denied.key(),
+                what: pattern.to_owned(),
+            })?;
+        Ok(self)
+    }
+
+    /// Adds a request-rules block, or replaces the block of the same
+    /// [`name`](crate::request_rules::RuleBlock::name) where there is one
+    /// (in its place: order decides nothing, but refusals list blocks in
+    /// it). The other blocks and settings stay.
+    pub fn rules_block(mut self, block: crate::request_rules::RuleBlock) -> NetworkPolicyBuilder {
+        let mut blocks = self.policy.request_rules.blocks().to_vec();
+        match blocks.iter_mut().find(|b| b.name() == block.name()) {
+            Some(same) => *same = block,
+            None => blocks.push(block),
+        }
+        self.policy.request_rules = crate::request_rules::RequestRules::new(blocks);
+        self
+    }
+
+    /// Removes the request-rules block named `name`; `NotListed` when
+    /// there is none.
+    pub fn remove_rules_block(mut self, name: &str) -> Result<NetworkPolicyBuilder, PolicyError> {
+        let blocks = self.policy.request_rules.blocks();
+        if !blocks.iter().any(|b| b.name() == name) {
+            return Err(PolicyError::NotListed {
+                list: "[[rules]]",
+                what: name.to_owned(),
+            });
+        }
+        let kept = blocks
+            .iter()
+            .filter(|b| b.name() != name)
+            .cloned()
+            .collect();
+        self.policy.request_rules = crate::request_rules::RequestRules::new(kept);
+        Ok(self)
+    }
+
+    /// Removes one allowed Unix socket; `NotListed` when it is not there.
+    pub fn remove_unix_socket(
+        mut self,
+        path: impl AsRef<std::path::Path>,
+    ) -> Result<NetworkPolicyBuilder, PolicyError> {
+        let path = path.as_ref();
+        if !self.policy.unix_sockets.remove(path) {
+            return Err(PolicyError::NotListed {
+                list: "allow_unix_sockets",
+                what: path.display().to_string(),
+            });
+        }
+        Ok(self)
+    }
+
     /// Allows every Unix socket.
     pub fn dangerously_allow_all_unix_sockets(mut self, allow: bool) -> NetworkPolicyBuilder {
         self.policy.allow_all_unix_sockets = allow;
@@ -456,6 +537,21 @@ impl NetworkPolicyBuilder {
     pub fn build(self) -> NetworkPolicy {
         self.policy
     }
+}
+
+/// `set` without `pattern` (rebuilt: removal is rare); `None` when it is
+/// not there.
+fn without(set: &PatternSet, pattern: &Pattern) -> Option<PatternSet> {
+    // What it matches, not how it was written.
+    let same = |other: &&Pattern| other.host == pattern.host && other.port == pattern.port;
+    if !set.patterns().iter().any(|other| same(&other)) {
+        return None;
+    }
+    let mut kept = PatternSet::new();
+    for other in set.patterns().iter().filter(|other| !same(other)) {
+        kept.insert(other.clone());
+    }
+    Some(kept)
 }
 
 fn parse_in(list: List, pattern: &str) -> Result<Pattern, PolicyError> {
@@ -587,6 +683,152 @@ impl Default for PolicyHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A policy with every setting away from its default.
+    fn everything() -> NetworkPolicy {
+        use crate::request_rules::{RequestRules, RuleBlock, RuleEntry};
+        let block = RuleBlock::new("api.example.com", "api")
+            .unwrap_or_else(|e| panic!("{e}"))
+            .allow(
+                RuleEntry::new()
+                    .methods(["GET"])
+                    .unwrap_or_else(|e| panic!("{e}")),
+            );
+        NetworkPolicy::builder()
+            .allow_all([
+                "a.example.com",
+                "*.b.example.com",
+                "10.0.0.0/8",
+                "api.example.com",
+            ])
+            .and_then(|b| b.deny("evil.example.com"))
+            .and_then(|b| b.allow_unix_socket("/run/x.sock"))
+            .unwrap_or_else(|e| panic!("{e}"))
+            .allow_local_binding(true)
+            .limited_allow_git_fetch(false)
+            .mode(Mode::Limited)
+            .dangerously_allow_all_unix_sockets(true)
+            .request_rules(RequestRules::new(vec![block]))
+            .build()
+    }
+
+    /// Every field, named: a field added to `NetworkPolicy` breaks this
+    /// until it is compared here too.
+    fn assert_same(a: &NetworkPolicy, b: &NetworkPolicy) {
+        let NetworkPolicy {
+            allowed,
+            denied,
+            allow_local_binding,
+            mode,
+            unix_sockets,
+            allow_all_unix_sockets,
+            refuse_git_fetch,
+            request_rules,
+        } = a;
+        assert_eq!(allowed.patterns(), b.allowed.patterns());
+        assert_eq!(denied.patterns(), b.denied.patterns());
+        assert_eq!(*allow_local_binding, b.allow_local_binding);
+        assert_eq!(*mode, b.mode);
+        assert_eq!(*unix_sockets, b.unix_sockets);
+        assert_eq!(*allow_all_unix_sockets, b.allow_all_unix_sockets);
+        assert_eq!(*refuse_git_fetch, b.refuse_git_fetch);
+        assert_eq!(*request_rules, b.request_rules);
+    }
+
+    #[test]
+    fn to_builder_then_build_is_the_identity_on_every_field() {
+        let policy = everything();
+        assert_same(&policy, &policy.to_builder().build());
+        assert_same(
+            &NetworkPolicy::default(),
+            &NetworkPolicy::default().to_builder().build(),
+        );
+    }
+
+    #[test]
+    fn entries_are_removed_and_every_other_setting_stays() {
+        let handle = PolicyHandle::new(everything());
+        handle
+            .update(|policy| {
+                policy
+                    .remove_allowed("A.Example.COM")?
+                    .remove_denied("evil.example.com")?
+                    .remove_rules_block("api")?
+                    .remove_unix_socket("/run/x.sock")
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
+        let now = handle.load();
+        assert_eq!(now.mode(), Mode::Limited);
+        assert!(now.allow_local_binding());
+        assert!(!now.limited_allows_git_fetch());
+        assert!(now.allow_all_unix_sockets);
+        assert!(now.request_rules().is_empty());
+        assert!(now.denied().is_empty());
+        let allowed: Vec<String> = now
+            .allowed()
+            .patterns()
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        assert_eq!(
+            allowed,
+            ["*.b.example.com", "10.0.0.0/8", "api.example.com"]
+        );
+        assert!(matches!(
+            now.decide(&target("a.example.com:443")),
+            Decision::Miss
+        ));
+        assert!(matches!(
+            now.decide(&target("x.b.example.com:443")),
+            Decision::Allow { .. }
+        ));
+        // What is not there cannot be removed, and the policy stays.
+        let before = handle.generation();
+        let error = handle
+            .update(|policy| policy.remove_allowed("nowhere.example.com"))
+            .err();
+        assert_eq!(
+            error.map(|e| e.to_string()).as_deref(),
+            Some("nowhere.example.com is not in allowed_domains, so it cannot be removed")
+        );
+        assert_eq!(handle.generation(), before);
+        assert!(handle
+            .update(|policy| policy.remove_rules_block("api"))
+            .is_err());
+    }
+
+    #[test]
+    fn a_rules_block_is_added_or_replaced_by_name() {
+        use crate::request_rules::{RuleBlock, RuleEntry};
+        let handle = PolicyHandle::new(everything());
+        let writes = RuleBlock::new("api.example.com", "api")
+            .unwrap_or_else(|e| panic!("{e}"))
+            .allow(
+                RuleEntry::new()
+                    .methods(["POST"])
+                    .unwrap_or_else(|e| panic!("{e}")),
+            );
+        let other = RuleBlock::new("other.example.com", "other").unwrap_or_else(|e| panic!("{e}"));
+        handle
+            .update(|policy| Ok::<_, PolicyError>(policy.rules_block(writes).rules_block(other)))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let now = handle.load();
+        let names: Vec<&str> = now
+            .request_rules()
+            .blocks()
+            .iter()
+            .map(|b| b.name())
+            .collect();
+        assert_eq!(names, ["api", "other"]);
+        let post =
+            now.request_rules()
+                .decide(&target("api.example.com:443"), &http::Method::POST, "/");
+        assert!(
+            matches!(post, crate::request_rules::RuleVerdict::Allowed { .. }),
+            "{post:?}"
+        );
+        assert_eq!(now.mode(), Mode::Limited);
+    }
 
     fn target(authority: &str) -> Target {
         Target::parse_authority(authority, None).unwrap()
