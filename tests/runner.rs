@@ -320,3 +320,60 @@ async fn the_authenticated_user_reaches_the_layers_on_every_path() {
         "{seen:?}"
     );
 }
+
+/// A proxy built in code words its refusals by the library's API, not by
+/// config keys; a wording hook of the integrator's reaches the HTTP answer
+/// and the violation log alike, and its `None` keeps the API wording.
+#[tokio::test]
+async fn refusals_of_a_proxy_built_in_code_name_the_api_or_the_integrator_s_words() {
+    let proxy = proxy_with(
+        NetworkPolicy::builder().allow("ok.test").unwrap().build(),
+        &[],
+        |b| b,
+    )
+    .await;
+    let out = curl(&["-x", &proxy.http_url(), "http://elsewhere.test/"]).await;
+    assert!(
+        out.stdout
+            .contains(r#"allow it with NetworkPolicyBuilder::allow(\"elsewhere.test\")"#),
+        "{}",
+        out.stdout
+    );
+    assert!(!out.stdout.contains("allowed_domains"), "{}", out.stdout);
+
+    let proxy = proxy_with(
+        NetworkPolicy::builder()
+            .allow("ok.test")
+            .unwrap()
+            .deny("bad.test")
+            .unwrap()
+            .build(),
+        &[],
+        |b| {
+            b.refusal_fixes(portcullis::hints::Fixes::custom(|blocked| {
+                (blocked.reason == portcullis::middleware::Reason::NotAllowed)
+                    .then(|| format!("{} is not on the team list; ask #platform", blocked.target))
+            }))
+        },
+    )
+    .await;
+    let out = curl(&["-x", &proxy.http_url(), "http://elsewhere.test/"]).await;
+    assert!(
+        out.stdout
+            .contains("elsewhere.test:80 is not on the team list; ask #platform"),
+        "{}",
+        out.stdout
+    );
+    let logged = proxy.ring.snapshot().pop().unwrap();
+    assert_eq!(
+        logged.message,
+        "elsewhere.test:80 is not on the team list; ask #platform"
+    );
+    // The hook's None: the library's own words.
+    let out = curl(&["-x", &proxy.http_url(), "http://bad.test/"]).await;
+    assert!(
+        out.stdout.contains("NetworkPolicyBuilder::remove_denied"),
+        "{}",
+        out.stdout
+    );
+}
