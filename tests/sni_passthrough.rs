@@ -249,7 +249,10 @@ async fn relay_stream_sends_what_was_already_read_first_over_any_stream() {
     });
     client.write_all(b"second").await.unwrap();
     let mut echoed = [0u8; 12];
-    client.read_exact(&mut echoed).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut echoed))
+        .await
+        .expect("what was already read, then the rest, came back")
+        .unwrap();
     assert_eq!(&echoed, b"first second");
     drop(client);
     let (up, down) = tokio::time::timeout(Duration::from_secs(5), relaying)

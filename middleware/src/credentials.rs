@@ -355,11 +355,7 @@ impl Credentials {
     }
 }
 
-/// On a response: the credentials added to its request, by name and
-/// place (`header:authorization`), never by value. The binary's access
-/// file records them.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Injected(pub Vec<(String, String)>);
+pub use crate::request::Injected;
 
 /// Adds [`CredentialService`]; see the [module docs](self).
 #[derive(Debug, Clone, Default)]

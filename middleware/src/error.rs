@@ -18,7 +18,7 @@
 use std::error::Error as StdError;
 use std::fmt;
 
-use crate::request::Protocol;
+use crate::protocol::Protocol;
 use crate::target::Target;
 
 /// The error type every layer returns.
@@ -430,7 +430,7 @@ impl LocalKind {
             Target::Host {
                 host: crate::Host::Ip(ip),
                 ..
-            } if crate::policy::is_metadata(*ip) => LocalKind::Metadata(exact),
+            } if crate::address::is_metadata(*ip) => LocalKind::Metadata(exact),
             Target::Host {
                 host: crate::Host::Name(_),
                 ..

@@ -119,7 +119,7 @@ pin_project! {
         inner: ResponseFuture<F>,
         intercept: bool,
         audited: Option<crate::error::Blocked>,
-        injected: Option<crate::credentials::Injected>,
+        injected: Option<crate::request::Injected>,
         frames_only: bool,
     }
 }
@@ -153,7 +153,7 @@ impl<F> MarkedResponse<F> {
     }
 
     /// Also says, on the response, which credentials were added.
-    pub(crate) fn injected(mut self, injected: crate::credentials::Injected) -> MarkedResponse<F> {
+    pub(crate) fn injected(mut self, injected: crate::request::Injected) -> MarkedResponse<F> {
         self.injected = Some(injected);
         self
     }

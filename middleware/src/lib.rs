@@ -147,17 +147,22 @@
 
 #![forbid(unsafe_code)]
 
+pub mod address;
 pub mod approval;
 pub mod credentials;
 pub mod error;
 mod future;
 pub mod git;
+pub mod inspect;
 pub mod limited_mode;
 pub mod loop_guard;
+pub mod pattern;
 pub mod policy;
 pub mod policy_layer;
+pub mod protocol;
 pub mod request;
 pub mod request_rules;
+pub mod request_rules_layer;
 pub mod stack;
 pub mod strip_headers;
 pub mod target;
@@ -184,6 +189,7 @@ pub use request::{
     ClientAddr, HasBody, Intercept, Interceptable, Protocol, ProxyUser, RequestInfo,
     UdpAssociation, WebSocketFramesOnly,
 };
+pub use request_rules_layer::{RequestRulesLayer, RequestRulesService};
 pub use stack::{DefaultStack, ServiceBuilderExt};
 pub use strip_headers::{StripHeaders, StripHeadersLayer};
 pub use target::{Host, Target, TargetError};

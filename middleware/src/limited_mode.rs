@@ -4,7 +4,7 @@
 //! refuses nothing. In `limited` mode it decides each request by a preset
 //! of the request rules, [`RequestRules::limited`](crate::request_rules::RequestRules::limited),
 //! through the same engine as the
-//! [`RequestRulesLayer`](crate::request_rules::RequestRulesLayer): one block
+//! [`RequestRulesLayer`](crate::request_rules_layer::RequestRulesLayer): one block
 //! for every destination, which refuses, with [`Blocked`](crate::Blocked):
 //!
 //! - any method but `GET`, `HEAD`, `OPTIONS` (compared exactly and case
@@ -20,7 +20,7 @@
 //!   `x-forwarded-method`), a `_method` query parameter, the start of a
 //!   push (`GET …/info/refs?service=git-receive-pack`) and protocol
 //!   upgrades — `method_not_allowed`;
-//! - a `GET`, `HEAD` or `OPTIONS` that carries a body ([`HasBody`], or a
+//! - a `GET`, `HEAD` or `OPTIONS` that carries a body ([`HasBody`](crate::HasBody), or a
 //!   non-zero `Content-Length`) — `method_not_allowed`: bodies are how
 //!   writes hide in reads;
 //! - every request over a tunnel that cannot be intercepted (SOCKS5, a
@@ -62,136 +62,18 @@
 
 use std::task::{Context, Poll};
 
-use http::{header, HeaderName, Method, Request, Response};
+use http::{Request, Response};
 use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::error::BoxError;
 use crate::future::MarkedResponse;
 use crate::policy::{Mode, PolicyHandle};
-use crate::request::HasBody;
 
-/// Headers that smuggle a different method past a method check.
-pub const METHOD_OVERRIDE_HEADERS: [HeaderName; 6] = [
-    HeaderName::from_static("x-http-method-override"),
-    HeaderName::from_static("x-http-method"),
-    HeaderName::from_static("x-method-override"),
-    HeaderName::from_static("x-original-method"),
-    HeaderName::from_static("x-method"),
-    HeaderName::from_static("x-forwarded-method"),
-];
-
-/// The query parameter web frameworks (Rails, Laravel, Symfony, Express's
-/// method-override) read as the real method.
-const METHOD_OVERRIDE_PARAMETER: &str = "_method";
-
-/// The query's parameters, names and values percent-decoded.
-fn query_parameters(query: &str) -> impl Iterator<Item = (String, String)> + '_ {
-    query.split('&').map(|pair| {
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        (percent_decoded(name), percent_decoded(value))
-    })
-}
-
-fn percent_decoded(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut index = 0;
-    while index < bytes.len() {
-        let escaped = bytes
-            .get(index + 1..index + 3)
-            .and_then(|hex| std::str::from_utf8(hex).ok())
-            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
-        match (bytes[index], escaped) {
-            (b'%', Some(byte)) => {
-                decoded.push(byte);
-                index += 3;
-            }
-            (b'+', _) => {
-                decoded.push(b' ');
-                index += 1;
-            }
-            (byte, _) => {
-                decoded.push(byte);
-                index += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&decoded).into_owned()
-}
-
-/// The methods a query asks for with `_method` parameters: the name
-/// compared as PHP and the frameworks read it ([`is_method_override_name`]),
-/// the value percent-decoded.
-pub(crate) fn method_overrides_in_query(query: Option<&str>) -> impl Iterator<Item = String> + '_ {
-    query
-        .into_iter()
-        .flat_map(query_parameters)
-        .filter(|(name, _)| is_method_override_name(name))
-        .map(|(_, value)| value)
-}
-
-/// Whether a parameter name (decoded) is read as `_method` by some
-/// framework: ASCII case ignored, leading white space dropped, an array
-/// suffix (`_method[]`, `_method[x]`) dropped, and `.`, ` ` and `[` read as
-/// `_` (PHP renames `.method` to `_method`).
-pub fn is_method_override_name(name: &str) -> bool {
-    let name = name.trim_start();
-    let name = match name.find('[') {
-        // `a[…]…`: PHP makes an array named `a`.
-        Some(open) if name.get(open..).is_some_and(|rest| rest.contains(']')) => {
-            name.get(..open).unwrap_or(name)
-        }
-        _ => name,
-    };
-    let name = name.trim_end();
-    name.len() == METHOD_OVERRIDE_PARAMETER.len()
-        && name
-            .chars()
-            .map(|c| match c {
-                '.' | ' ' | '[' => '_',
-                c => c.to_ascii_lowercase(),
-            })
-            .eq(METHOD_OVERRIDE_PARAMETER.chars())
-}
-
-/// The parameters of an `application/x-www-form-urlencoded` body (the
-/// query's syntax), names and values percent-decoded.
-pub(crate) fn form_parameters(body: &str) -> impl Iterator<Item = (String, String)> + '_ {
-    query_parameters(body)
-}
-
-/// Whether the request starts a push: its query asks for
-/// `service=git-receive-pack`. The path is not consulted: a push's first
-/// request (`…/info/refs?service=git-receive-pack`) has spellings the path
-/// alone would miss (`/info/refs/`, `/info/%72efs`, `/info/refs;x`), and no
-/// read asks for that service.
-pub(crate) fn starts_a_push(query: Option<&str>) -> bool {
-    query.is_some_and(|query| {
-        query_parameters(query).any(|(name, value)| {
-            name.trim().eq_ignore_ascii_case("service")
-                && value.trim().eq_ignore_ascii_case(crate::git::RECEIVE_PACK)
-        })
-    })
-}
-
-/// The mark limited mode puts on a git fetch it let through: its body has
-/// not been seen yet. The innermost service must read the body and refuse
-/// the request unless it is an upload-pack request
-/// ([`check_upload_pack_request`](crate::git::check_upload_pack_request))
-/// before anything is sent; portcullis's connector does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct VerifyGitFetchBody;
-
-/// Whether a request carries a body: a [`HasBody`] mark from the
-/// transport, or a non-zero `Content-Length`.
-pub(crate) fn carries_body<B>(request: &Request<B>) -> bool {
-    request.extensions().get::<HasBody>().is_some()
-        || request
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .is_some_and(|length| length.as_bytes() != b"0")
-}
+pub use crate::inspect::{
+    is_git_fetch, is_method_override_name, is_read_only, METHOD_OVERRIDE_HEADERS,
+};
+pub use crate::request::VerifyGitFetchBody;
 
 /// Configures [`LimitedMode`].
 #[derive(Debug, Clone)]
@@ -246,29 +128,6 @@ impl<S> LimitedMode<S> {
     }
 }
 
-/// Whether limited mode lets this method through.
-pub fn is_read_only(method: &Method) -> bool {
-    *method == Method::GET || *method == Method::HEAD || *method == Method::OPTIONS
-}
-
-/// The content type git sends with a smart-HTTP fetch.
-const GIT_UPLOAD_PACK_REQUEST: &str = "application/x-git-upload-pack-request";
-
-/// Whether this looks like git's smart-HTTP fetch: `POST
-/// <repository>/git-upload-pack` (a repository's path shape, no query)
-/// with git's content type. It asks for objects; it changes nothing.
-/// (`git-receive-pack`, a push, is not this.) Its body is checked apart:
-/// see [`VerifyGitFetchBody`].
-pub fn is_git_fetch<B>(request: &Request<B>) -> bool {
-    request.method() == Method::POST
-        && crate::git::is_repository_path(request.uri().path(), "git-upload-pack")
-        && request.uri().query().is_none()
-        && request
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .is_some_and(|value| value == GIT_UPLOAD_PACK_REQUEST)
-}
-
 impl<S, B, R> Service<Request<B>> for LimitedMode<S>
 where
     S: Service<Request<B>, Response = Response<R>>,
@@ -290,7 +149,7 @@ where
         // Limited mode is a preset of the request rules, decided by the
         // same engine: see `RequestRules::limited`.
         let preset = crate::request_rules::limited_preset(policy.limited_allows_git_fetch());
-        match crate::request_rules::decide_call(preset, None, &mut request) {
+        match crate::request_rules::decide_call(preset, &mut request) {
             Ok(pass) => {
                 MarkedResponse::marked(self.inner.call(request), pass.intercept, pass.audited)
             }
@@ -302,6 +161,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::request::HasBody;
     use crate::{find_blocked, Intercept, Interceptable, NetworkPolicy, Protocol, Reason, Target};
     use http::Response;
     use tower_test::mock;

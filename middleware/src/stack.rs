@@ -59,7 +59,7 @@ use crate::limited_mode::{LimitedMode, LimitedModeLayer};
 use crate::loop_guard::{LoopGuard, LoopGuardLayer};
 use crate::policy::PolicyHandle;
 use crate::policy_layer::{PolicyLayer, PolicyService};
-use crate::request_rules::{RequestRulesLayer, RequestRulesService};
+use crate::request_rules_layer::{RequestRulesLayer, RequestRulesService};
 use crate::strip_headers::{StripHeaders, StripHeadersLayer};
 use crate::violation_log::{ViolationLog, ViolationLogLayer};
 

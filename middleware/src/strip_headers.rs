@@ -44,6 +44,9 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::error::BoxError;
+use crate::inspect::connection_tokens;
+
+pub use crate::inspect::{is_upgrade, upgrade_token};
 
 /// The proxy's own control header naming a Unix socket.
 pub const X_UNIX_SOCKET: HeaderName = HeaderName::from_static("x-unix-socket");
@@ -188,36 +191,6 @@ where
             Err(error) => Err(error.into()),
         })
     }
-}
-
-fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .map(str::trim)
-        .filter(|token| !token.is_empty())
-}
-
-/// Whether a request asks for a protocol upgrade (`Connection: upgrade` and
-/// an `Upgrade` header).
-pub fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
-        && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
-}
-
-/// The protocol an upgrade asks for: the `Upgrade` header's value when it
-/// is one header naming one protocol (`websocket`, `h2c`), trimmed; `None`
-/// when there is none, several, or a list.
-pub fn upgrade_token(headers: &HeaderMap) -> Option<&str> {
-    let mut values = headers.get_all(header::UPGRADE).iter();
-    let value = values.next()?;
-    if values.next().is_some() {
-        return None;
-    }
-    let token = value.to_str().ok()?.trim();
-    (!token.is_empty() && !token.contains([',', ' ', '\t'])).then_some(token)
 }
 
 /// Removes hop-by-hop headers; with `keep_upgrade`, leaves `Upgrade` and

@@ -20,9 +20,6 @@
 //! [`PolicyHandle`] holds the live policy; layers load a snapshot per request,
 //! so [`PolicyHandle::store`] changes the very next decision.
 
-mod address;
-mod matcher;
-mod pattern;
 mod suffix;
 
 use std::collections::HashSet;
@@ -33,9 +30,8 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-pub use address::{embedded_ipv4, is_local, is_metadata};
-pub use matcher::{MatchKind, PatternSet};
-pub use pattern::{HostPattern, IpNetwork, Pattern, PatternError};
+pub use crate::address::{embedded_ipv4, is_local, is_metadata};
+pub use crate::pattern::{HostPattern, IpNetwork, MatchKind, Pattern, PatternError, PatternSet};
 pub use suffix::is_public_suffix;
 
 use crate::error::Reason;
@@ -210,7 +206,7 @@ impl NetworkPolicy {
     pub fn decide_lookup(&self, host: &Host) -> Decision {
         let portless_deny = self
             .denied
-            .find_all(host, matcher::ANY_PORT)
+            .find_all(host, crate::pattern::ANY_PORT)
             .into_iter()
             .filter_map(|index| self.denied.patterns().get(index))
             .find(|pattern| pattern.port.is_none());
@@ -227,7 +223,7 @@ impl NetworkPolicy {
             };
         }
         if host.is_localhost_name() {
-            if let Some(rule) = self.local_unlock(host, matcher::ANY_PORT) {
+            if let Some(rule) = self.local_unlock(host, crate::pattern::ANY_PORT) {
                 return Decision::Allow { rule };
             }
             if !self.allow_local_binding {
@@ -237,7 +233,7 @@ impl NetworkPolicy {
                 };
             }
         }
-        match self.allowed.find(host, matcher::ANY_PORT) {
+        match self.allowed.find(host, crate::pattern::ANY_PORT) {
             Some((pattern, _)) => Decision::Allow {
                 rule: format!("allowed_domains: {pattern}"),
             },

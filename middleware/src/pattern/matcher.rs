@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use super::pattern::{mask_v4, mask_v6, HostPattern, Pattern};
+use super::{mask_v4, mask_v6, HostPattern, Pattern};
 use crate::target::Host;
 
 #[derive(Debug, Clone, Copy)]
@@ -20,7 +20,7 @@ struct RuleRef {
 /// The port a lookup passes to match a pattern on any port: 0 is never a
 /// destination's port (targets and patterns refuse it), so it stands for
 /// "some port" (a DNS question names no port).
-pub(super) const ANY_PORT: u16 = 0;
+pub(crate) const ANY_PORT: u16 = 0;
 
 impl RuleRef {
     fn matches_port(&self, port: u16) -> bool {

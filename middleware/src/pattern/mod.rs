@@ -1,9 +1,16 @@
-//! Host patterns as written in `allowed_domains` and `denied_domains`.
+//! Host patterns as written in `allowed_domains` and `denied_domains`,
+//! and [`PatternSet`], a compiled list of them: data, below the policy and
+//! the request rules, which both name hosts with them.
+
+mod matcher;
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::target::{canonical_ip, parse_port, Host, TargetError};
+
+pub(crate) use matcher::ANY_PORT;
+pub use matcher::{MatchKind, PatternSet};
 
 /// Why a pattern was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

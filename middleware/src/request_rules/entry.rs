@@ -1,0 +1,227 @@
+//! One `allow` or `deny` entry, and what a request asks for as the
+//! entries see it.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use http::{Method, Request};
+
+use super::path::PathGlob;
+use super::RuleError;
+
+/// One `allow` or `deny` entry: methods and paths, each optional (absent:
+/// any), at least one given.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RuleEntry {
+    pub(super) methods: Option<Vec<Method>>,
+    pub(super) paths: Option<Vec<PathGlob>>,
+    /// Matches git's smart-HTTP fetch only (limited mode's preset).
+    pub(super) git_fetch: bool,
+}
+
+impl RuleEntry {
+    /// An entry that matches everything until methods or paths narrow it.
+    pub fn new() -> RuleEntry {
+        RuleEntry::default()
+    }
+
+    /// The methods it matches (HTTP tokens, compared as written).
+    pub fn methods<I, S>(mut self, methods: I) -> Result<RuleEntry, RuleError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let mut parsed = Vec::new();
+        for method in methods {
+            let method = method.as_ref();
+            parsed.push(
+                Method::from_bytes(method.as_bytes())
+                    .map_err(|_| RuleError::Method(method.to_owned()))?,
+            );
+        }
+        if parsed.is_empty() {
+            return Err(RuleError::Empty(
+                "methods is empty; leave it out to match any method",
+            ));
+        }
+        self.methods = Some(parsed);
+        Ok(self)
+    }
+
+    /// The path globs it matches (any of them).
+    pub fn paths<I, S>(mut self, paths: I) -> Result<RuleEntry, RuleError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let parsed = paths
+            .into_iter()
+            .map(|glob| PathGlob::parse(glob.as_ref()))
+            .collect::<Result<Vec<_>, _>>()?;
+        if parsed.is_empty() {
+            return Err(RuleError::Empty(
+                "paths is empty; leave it out to match any path",
+            ));
+        }
+        self.paths = Some(parsed);
+        Ok(self)
+    }
+
+    /// Git's smart-HTTP fetch: `POST <repository>/git-upload-pack` with
+    /// git's content type and no query (its body is checked apart: see
+    /// [`VerifyGitFetchBody`](crate::VerifyGitFetchBody)).
+    pub(super) fn git_fetch() -> RuleEntry {
+        RuleEntry {
+            git_fetch: true,
+            ..RuleEntry::default()
+        }
+    }
+
+    /// Whether an `allow` entry takes the request: each method it asks
+    /// for (its own and any override) is one of the entry's.
+    pub(super) fn allows(&self, asked: &Asked<'_>, path: &[Cow<'_, str>]) -> bool {
+        if self.git_fetch {
+            return asked.git_fetch && asked.overrides.is_empty();
+        }
+        let methods_match = self.methods.as_ref().is_none_or(|methods| {
+            methods.contains(asked.method)
+                && asked
+                    .overrides
+                    .iter()
+                    .all(|o| o.as_ref().is_some_and(|m| methods.contains(m)))
+        });
+        methods_match
+            && self
+                .paths
+                .as_ref()
+                .is_none_or(|paths| paths.iter().any(|glob| glob.matches(path, false)))
+    }
+
+    /// Whether a `deny` entry refuses the request: any method it asks for
+    /// is one of the entry's, ignoring case, as are paths.
+    pub(super) fn denies(&self, asked: &Asked<'_>, path: &[Cow<'_, str>]) -> bool {
+        if self.git_fetch {
+            return asked.git_fetch;
+        }
+        let same = |m: &Method, asked: &Method| m.as_str().eq_ignore_ascii_case(asked.as_str());
+        let methods_match = self.methods.as_ref().is_none_or(|methods| {
+            methods.iter().any(|m| {
+                same(m, asked.method)
+                    || asked
+                        .overrides
+                        .iter()
+                        .flatten()
+                        .any(|overridden| same(m, overridden))
+            })
+        });
+        methods_match
+            && self
+                .paths
+                .as_ref()
+                .is_none_or(|paths| paths.iter().any(|glob| glob.matches(path, true)))
+    }
+}
+
+/// What a request asks for, as the rules see it.
+#[derive(Debug)]
+pub(super) struct Asked<'a> {
+    pub(super) method: &'a Method,
+    /// Methods asked for by an override header or a `_method` parameter
+    /// (`None`: not a method).
+    pub(super) overrides: Vec<Option<Method>>,
+    pub(super) path: &'a str,
+    /// Something only reads may not carry, named: a body on a read, an
+    /// upgrade, an override, the start of a push (limited mode's preset
+    /// refuses it, saying which).
+    pub(super) write_in_a_read: Option<&'static str>,
+    /// A protocol upgrade: the request becomes a stream no rule can see.
+    pub(super) upgrade: bool,
+    /// The upgrade is to WebSocket (`Upgrade: websocket`, that token
+    /// alone): the only one a host with rules lets through.
+    pub(super) websocket: bool,
+    pub(super) git_fetch: bool,
+}
+
+impl<'a> Asked<'a> {
+    /// A request by its method and path alone.
+    pub(super) fn bare(method: &'a Method, path: &'a str) -> Asked<'a> {
+        Asked {
+            method,
+            overrides: Vec::new(),
+            path,
+            write_in_a_read: None,
+            upgrade: false,
+            websocket: false,
+            git_fetch: false,
+        }
+    }
+
+    /// Also the methods a body names (`_method` in a form or JSON body).
+    pub(super) fn with_body_overrides(mut self, methods: &[String]) -> Asked<'a> {
+        self.overrides.extend(
+            methods
+                .iter()
+                .map(|value| Method::from_bytes(value.trim().as_bytes()).ok()),
+        );
+        self
+    }
+
+    pub(super) fn of<B>(request: &'a Request<B>) -> Asked<'a> {
+        let headers = request.headers();
+        let mut overrides: Vec<Option<Method>> = crate::inspect::METHOD_OVERRIDE_HEADERS
+            .iter()
+            .flat_map(|name| headers.get_all(name))
+            .map(|value| Method::from_bytes(value.as_bytes().trim_ascii()).ok())
+            .collect();
+        overrides.extend(
+            crate::inspect::method_overrides_in_query(request.uri().query())
+                .map(|value| Method::from_bytes(value.trim().as_bytes()).ok()),
+        );
+        let upgrade = headers.contains_key(http::header::UPGRADE);
+        let websocket = crate::inspect::upgrade_token(headers)
+            .is_some_and(|token| token.eq_ignore_ascii_case("websocket"));
+        let method = request.method();
+        Asked {
+            method,
+            write_in_a_read: if crate::inspect::starts_a_push(request.uri().query()) {
+                Some("the start of a git push (service=git-receive-pack)")
+            } else if !overrides.is_empty() {
+                Some("a method override (an X-HTTP-Method-Override-style header or _method)")
+            } else if upgrade {
+                Some("a protocol upgrade (a stream no method check can see)")
+            } else if crate::inspect::is_read_only(method) && crate::inspect::carries_body(request)
+            {
+                Some("a body on a read (how writes hide in reads)")
+            } else {
+                None
+            },
+            overrides,
+            path: request.uri().path(),
+            upgrade,
+            websocket,
+            git_fetch: crate::inspect::is_git_fetch(request),
+        }
+    }
+}
+
+impl fmt::Display for RuleEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts = Vec::new();
+        if let Some(methods) = &self.methods {
+            let names: Vec<&str> = methods.iter().map(Method::as_str).collect();
+            parts.push(format!("methods {}", names.join(", ")));
+        }
+        if let Some(paths) = &self.paths {
+            let globs: Vec<&str> = paths.iter().map(|g| g.text.as_str()).collect();
+            parts.push(format!("paths {}", globs.join(", ")));
+        }
+        if self.git_fetch {
+            parts.push("git fetch (POST …/git-upload-pack)".to_owned());
+        }
+        if parts.is_empty() {
+            f.write_str("everything")
+        } else {
+            f.write_str(&parts.join(" and "))
+        }
+    }
+}

@@ -1,0 +1,413 @@
+//! Request rules: per host, which methods and paths may go through.
+//!
+//! A [`RequestRules`] holds rule blocks, each for a host pattern (the
+//! allowlist's syntax) with `allow` and `deny` entries. An entry matches a
+//! request when its methods (if it names any) hold the request's method and
+//! one of its paths (if it names any) matches the request's normalised
+//! path. Every block whose host pattern matches applies:
+//!
+//! - a request matching a `deny` entry of any of them is refused,
+//!   `rule_denied`;
+//! - otherwise it goes on only if each of them has an `allow` entry that
+//!   matches; else it is refused, `rule_not_matched`, naming the block.
+//!
+//! Rules narrow, never widen: the host must still pass the allowlist, and
+//! limited mode still applies. A host without rules is untouched.
+//!
+//! **Methods** are the request's and every method it asks for another way:
+//! a method-override header
+//! ([`METHOD_OVERRIDE_HEADERS`](crate::inspect::METHOD_OVERRIDE_HEADERS))
+//! or a `_method` query parameter. An `allow` entry must hold each of
+//! them; a `deny` entry refuses any of them. A protocol upgrade
+//! (`Upgrade: websocket`) is judged by its method and path like any
+//! request, but only an `allow` entry that names paths lets it through:
+//! what follows it is a stream no rule can see (limited mode refuses it).
+//!
+//! **Limited mode** is a preset of these rules ([`RequestRules::limited`]):
+//! the [`LimitedModeLayer`](crate::LimitedModeLayer) decides by it with
+//! this module's engine.
+//!
+//! **Paths** are matched after normalisation: each segment is
+//! percent-decoded, empty segments (`//`) and `.` are dropped, `..` removes
+//! the segment before it, so `/repos/acme/../x` is `/x` and `/%2e%2e/` is a
+//! `..`. A path holding an encoded `/` or `\` (`%2F`, `%5C`) or a raw `\` is
+//! refused: origins read those differently. In a glob, `*` is one segment
+//! and `**` any number of segments (none included); every other segment is
+//! compared as written. `deny` entries compare paths and methods ignoring
+//! ASCII case (a case trick never reaches a denied path); `allow` entries
+//! compare exactly.
+//!
+//! **Tunnels.** Rules need the requests: a `CONNECT` to a host with rules
+//! that the transport can intercept ([`Interceptable`](crate::Interceptable))
+//! passes, with the [`Intercept`](crate::Intercept) answer on its response,
+//! in any mode; one it cannot (SOCKS5, a UDP destination, a way in of your
+//! own) is refused `mitm_required`, naming the rules.
+//!
+//! The layer, [`RequestRulesLayer`](crate::request_rules_layer::RequestRulesLayer),
+//! reads the rules from the live policy
+//! ([`NetworkPolicyBuilder::request_rules`](crate::NetworkPolicyBuilder::request_rules)),
+//! so a reload changes them with the lists. This module is the data and
+//! the decisions, below the policy that holds them.
+//!
+//! # Example
+//!
+//! ```
+//! use http::{Request, Response};
+//! use portcullis_middleware::request_rules::{RequestRules, RuleBlock, RuleEntry};
+//! use portcullis_middleware::RequestRulesLayer;
+//! use portcullis_middleware::{find_blocked, NetworkPolicy, PolicyHandle, Protocol, Reason, Target};
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), portcullis_middleware::BoxError> {
+//! let rules = RequestRules::new(vec![RuleBlock::new("api.example.com", "rules[0]")?
+//!     .allow(RuleEntry::new().methods(["GET"])?)
+//!     .allow(RuleEntry::new().methods(["POST"])?.paths(["/repos/acme/*/issues/**"])?)
+//!     .deny(RuleEntry::new().paths(["/user/keys/**"])?)]);
+//! let policy = PolicyHandle::new(NetworkPolicy::builder().request_rules(rules).build());
+//! let service = ServiceBuilder::new()
+//!     .layer(RequestRulesLayer::new(policy))
+//!     .service(service_fn(|_: Request<()>| async { Ok::<_, portcullis_middleware::BoxError>(Response::new(())) }));
+//!
+//! let mut request = Request::post("http://api.example.com/repos/acme/../../user/keys/1").body(())?;
+//! request.extensions_mut().insert(Target::parse_authority("api.example.com:80", None)?);
+//! request.extensions_mut().insert(Protocol::Http);
+//! let error = service.oneshot(request).await.unwrap_err();
+//! assert_eq!(find_blocked(error.as_ref()).map(|b| b.reason), Some(Reason::RuleDenied));
+//! # Ok(())
+//! # }
+//! ```
+
+mod block;
+mod body;
+mod call;
+mod entry;
+mod path;
+
+use std::fmt;
+use std::sync::Arc;
+
+use http::{Method, Request};
+
+use crate::error::{Reason, Source};
+use crate::pattern::{Pattern, PatternError, PatternSet};
+use crate::target::Target;
+
+pub use block::RuleBlock;
+pub use body::{method_overrides_in_form, method_overrides_in_json, BodyForm, VerifyBodyMethod};
+pub(crate) use call::{decide_call, limited_preset};
+pub use entry::RuleEntry;
+pub use path::{normalise_path, PathGlob};
+
+use entry::Asked;
+
+/// Why a rule could not be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RuleError {
+    /// The host pattern is not valid.
+    #[error("{0}")]
+    Host(#[from] PatternError),
+    /// A method is not an HTTP token.
+    #[error("{0:?} is not an HTTP method (a token such as GET or POST)")]
+    Method(String),
+    /// A path glob is not valid.
+    #[error("{glob:?} is not a path glob: {why}")]
+    Path {
+        /// The glob as written.
+        glob: String,
+        /// What is wrong.
+        why: &'static str,
+    },
+    /// An entry names neither methods nor paths, or names an empty list.
+    #[error("{0}")]
+    Empty(&'static str),
+}
+
+/// Rule blocks, looked up by host; see the [module docs](self).
+#[derive(Debug, Clone, Default)]
+pub struct RequestRules {
+    hosts: PatternSet,
+    blocks: Arc<[RuleBlock]>,
+    /// Blocks that cover every destination (limited mode's preset).
+    universal: Vec<usize>,
+}
+
+impl PartialEq for RequestRules {
+    fn eq(&self, other: &RequestRules) -> bool {
+        self.blocks == other.blocks
+    }
+}
+
+impl Eq for RequestRules {}
+
+/// What the rules say about one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuleVerdict {
+    /// No block's host matches: the rules say nothing.
+    NoRules,
+    /// An `allow` entry matches (and no `deny`) in each block for the host,
+    /// as (block, entry) indexes: name them with [`RequestRules::describe`].
+    Allowed(Vec<(usize, usize)>),
+    /// Refused.
+    Refused(Refusal),
+    /// A block in audit mode would refuse it (and none enforcing does): it
+    /// goes through, recorded with what would have refused it.
+    Audited(Refusal),
+}
+
+/// A refusal by the rules: why, which part refused (`request_rules`, or
+/// `limited_mode` for its preset), and the rule that decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// `rule_denied` or `rule_not_matched` (`method_not_allowed` for
+    /// limited mode's preset).
+    pub reason: Reason,
+    /// Which part of the proxy refused.
+    pub source: Source,
+    /// The entry or block that decided, as `rules[0].deny[1] (host): …`
+    /// (none for limited mode's preset).
+    pub rule: Option<String>,
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.rule {
+            Some(rule) => write!(f, "{}: {rule}", self.reason),
+            None => write!(f, "{}", self.reason),
+        }
+    }
+}
+
+impl RequestRules {
+    /// Rules made of `blocks`.
+    pub fn new(blocks: Vec<RuleBlock>) -> RequestRules {
+        let mut hosts = PatternSet::new();
+        let mut universal = Vec::new();
+        for (index, block) in blocks.iter().enumerate() {
+            if block.read_only {
+                universal.push(index);
+                // Kept in step with the blocks' indexes; never matched.
+                hosts.insert(Pattern {
+                    host: crate::pattern::HostPattern::Ip(std::net::IpAddr::V6(
+                        std::net::Ipv6Addr::UNSPECIFIED,
+                    )),
+                    port: Some(0),
+                    text: String::new(),
+                });
+            } else {
+                hosts.insert(block.host.clone());
+            }
+        }
+        RequestRules {
+            hosts,
+            blocks: blocks.into(),
+            universal,
+        }
+    }
+
+    /// Limited mode as rules: one block covering every destination that
+    /// lets `GET`, `HEAD` and `OPTIONS` through (and, when `git_fetch`,
+    /// git's smart-HTTP fetch), and refuses — `method_not_allowed`, source
+    /// `limited_mode` — any other method, a read with a body, a method
+    /// override (header or `_method`), a protocol upgrade, the start of a
+    /// push, and every tunnel whose requests cannot be seen. The
+    /// [`LimitedModeLayer`](crate::LimitedModeLayer) decides by it, through
+    /// the same engine as `[[rules]]`.
+    pub fn limited(git_fetch: bool) -> RequestRules {
+        RequestRules::new(vec![RuleBlock::read_only(git_fetch)])
+    }
+
+    /// Whether there are no rules.
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+    }
+
+    /// The blocks.
+    pub fn blocks(&self) -> &[RuleBlock] {
+        &self.blocks
+    }
+
+    fn blocks_for<'a>(&'a self, target: &Target) -> Vec<(usize, &'a RuleBlock)> {
+        let mut indexes = self.universal.clone();
+        if let Target::Host { host, port } = target {
+            let named = self.hosts.find_all(host, *port);
+            indexes.extend(named.into_iter().filter(|i| !self.universal.contains(i)));
+        }
+        indexes
+            .into_iter()
+            .filter_map(|index| self.blocks.get(index).map(|block| (index, block)))
+            .collect()
+    }
+
+    /// Whether any block's host matches `target`.
+    pub fn covers(&self, target: &Target) -> bool {
+        !self.blocks.is_empty() && !self.blocks_for(target).is_empty()
+    }
+
+    /// The verdict for `method` on `path` (as sent, not yet normalised) to
+    /// `target`, by method and path alone (no headers: see
+    /// [`decide_request`](RequestRules::decide_request)).
+    pub fn decide(&self, target: &Target, method: &Method, path: &str) -> RuleVerdict {
+        self.verdict(target, &Asked::bare(method, path))
+    }
+
+    /// The verdict for `request` to `target`, as the layer decides it: also
+    /// each method it asks for through an override header
+    /// (`x-http-method-override`, …) or a `_method` parameter — every one
+    /// must be allowed, any one can be denied — and, for limited mode's
+    /// preset, whatever hides a write in a read. A protocol upgrade
+    /// (`Upgrade: websocket`) is allowed only by an entry that names its
+    /// paths: what follows it is a stream no rule can see.
+    pub fn decide_request<B>(&self, target: &Target, request: &Request<B>) -> RuleVerdict {
+        self.verdict(target, &Asked::of(request))
+    }
+
+    fn verdict(&self, target: &Target, asked: &Asked<'_>) -> RuleVerdict {
+        if self.blocks.is_empty() {
+            return RuleVerdict::NoRules;
+        }
+        let blocks = self.blocks_for(target);
+        if blocks.is_empty() {
+            return RuleVerdict::NoRules;
+        }
+        let method = asked.method;
+        // An enforcing block's refusal is returned at once; an auditing
+        // block's is kept, and reported only if nothing enforcing refuses.
+        let mut audited: Option<Refusal> = None;
+        for (_, block) in blocks.iter().filter(|(_, block)| block.read_only) {
+            if let Some(what) = asked.write_in_a_read {
+                // Limited mode says which write hid in the read.
+                let refusal = Refusal {
+                    rule: Some(format!("limited mode refuses {what}")),
+                    ..block.refusal(Reason::RuleNotMatched, String::new)
+                };
+                if let Some(verdict) = judge(block, refusal, &mut audited) {
+                    return verdict;
+                }
+            }
+        }
+        let segments = match normalise_path(asked.path) {
+            Ok(segments) => segments,
+            Err(why) => {
+                for (_, block) in blocks.iter().filter(|(_, block)| block.uses_paths()) {
+                    let refusal = block.refusal(Reason::AmbiguousPath, || {
+                        format!("{} ({}): {why}", block.name, block.host)
+                    });
+                    if let Some(verdict) = judge(block, refusal, &mut audited) {
+                        return verdict;
+                    }
+                }
+                Vec::new()
+            }
+        };
+        for (_, block) in &blocks {
+            for (index, entry) in block.deny.iter().enumerate() {
+                if entry.denies(asked, &segments) {
+                    let refusal = block.refusal(Reason::RuleDenied, || {
+                        format!("{}.deny[{index}] ({}): {entry}", block.name, block.host)
+                    });
+                    if let Some(verdict) = judge(block, refusal, &mut audited) {
+                        return verdict;
+                    }
+                }
+            }
+        }
+        // Every block that covers the host must allow it: rules narrow.
+        let mut allowed_by = Vec::with_capacity(blocks.len());
+        for (block_index, block) in &blocks {
+            let found = block
+                .allow
+                .iter()
+                // An upgrade (a WebSocket) becomes a stream no rule sees:
+                // only an entry that names its paths lets it through.
+                .position(|entry| {
+                    entry.allows(asked, &segments)
+                        && (!asked.upgrade || (asked.websocket && entry.paths.is_some()))
+                });
+            match found {
+                Some(index) => allowed_by.push((*block_index, index)),
+                None => {
+                    let refusal = block.refusal(Reason::RuleNotMatched, || {
+                        let overrides: Vec<String> = asked
+                            .overrides
+                            .iter()
+                            .map(|o| o.as_ref().map_or("(not a method)", Method::as_str))
+                            .map(|m| m.escape_debug().to_string())
+                            .collect();
+                        let overrides = if overrides.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" (overridden as {})", overrides.join(", "))
+                        };
+                        let upgrade = match (asked.upgrade, asked.websocket) {
+                            (true, true) => " (a WebSocket upgrade: allowed only by an entry that names its paths)",
+                            (true, false) => " (a protocol upgrade other than Upgrade: websocket, which a host with request rules never lets through)",
+                            (false, _) => "",
+                        };
+                        format!(
+                            "{} ({}): no allow entry matches {}{overrides} /{}{upgrade}",
+                            block.name,
+                            block.host,
+                            method.as_str().escape_debug(),
+                            segments.join("/").escape_debug()
+                        )
+                    });
+                    if let Some(verdict) = judge(block, refusal, &mut audited) {
+                        return verdict;
+                    }
+                }
+            }
+        }
+        match audited {
+            Some(refusal) => RuleVerdict::Audited(refusal),
+            None => RuleVerdict::Allowed(allowed_by),
+        }
+    }
+
+    /// Whether an [`Allowed`](RuleVerdict::Allowed) verdict let a git
+    /// fetch through by its git entry (its body must then be checked).
+    fn by_git_fetch(&self, allowed_by: &[(usize, usize)]) -> bool {
+        allowed_by.iter().any(|&(block, entry)| {
+            self.blocks
+                .get(block)
+                .and_then(|block| block.allow.get(entry))
+                .is_some_and(|entry| entry.git_fetch)
+        })
+    }
+
+    /// Names the entries of an [`Allowed`](RuleVerdict::Allowed) verdict:
+    /// `rules[0].allow[1] (api.example.com): methods POST and paths /x/**`.
+    pub fn describe(&self, allowed_by: &[(usize, usize)]) -> String {
+        let names: Vec<String> = allowed_by
+            .iter()
+            .filter_map(|&(block, entry)| {
+                let block = self.blocks.get(block)?;
+                let entry_rule = block.allow.get(entry)?;
+                Some(format!(
+                    "{}.allow[{entry}] ({}): {entry_rule}",
+                    block.name, block.host
+                ))
+            })
+            .collect();
+        names.join("; ")
+    }
+}
+
+/// An enforcing block's refusal, to return at once; an auditing block's is
+/// kept (the first) and `None` returned.
+fn judge(
+    block: &RuleBlock,
+    refusal: Refusal,
+    audited: &mut Option<Refusal>,
+) -> Option<RuleVerdict> {
+    if block.enforce {
+        Some(RuleVerdict::Refused(refusal))
+    } else {
+        audited.get_or_insert(refusal);
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests;
