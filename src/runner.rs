@@ -579,9 +579,11 @@ where
             .violations(violations)
             .approval_layer(approval)
             .ask_on_miss(self.settings.approval.is_some())
-            .credentials(portcullis_middleware::credentials::CredentialLayer::new(
-                self.settings.injected.clone(),
-            ));
+            .credentials(
+                portcullis_middleware::credentials::InjectCredentialsLayer::new(
+                    self.settings.injected.clone(),
+                ),
+            );
         // Credentials never show in a log or trace of a request.
         let sensitive = [
             http::header::PROXY_AUTHORIZATION,

@@ -8,7 +8,7 @@
 //! itself comes from a [`SecretStore`] (plug a vault in; [`StaticSecrets`]
 //! holds them in memory), looked up per request, so a store can rotate.
 //!
-//! [`CredentialLayer`] sits innermost, after every decision layer, and for
+//! [`InjectCredentialsLayer`] sits innermost, after every decision layer, and for
 //! each request:
 //!
 //! - **guards placeholders**: a request carrying a credential's placeholder
@@ -34,7 +34,7 @@
 //!
 //! ```
 //! use http::{Request, Response};
-//! use portcullis_middleware::credentials::{Credential, CredentialLayer, Credentials, Injection, StaticSecrets};
+//! use portcullis_middleware::credentials::{Credential, InjectCredentialsLayer, Credentials, Injection, StaticSecrets};
 //! use portcullis_middleware::{find_blocked, Protocol, Reason, Target};
 //! use std::sync::Arc;
 //! use tower::{service_fn, ServiceBuilder, ServiceExt};
@@ -46,7 +46,7 @@
 //!     .placeholder("ghp_placeholder000000000000000000000000");
 //! let secrets = StaticSecrets::default();
 //! secrets.set("github", "ghp_the_real_token");
-//! let layer = CredentialLayer::new(Credentials::new(vec![github], Arc::new(secrets)));
+//! let layer = InjectCredentialsLayer::new(Credentials::new(vec![github], Arc::new(secrets)));
 //! let service = ServiceBuilder::new().layer(layer).service(service_fn(|request: Request<()>| async move {
 //!     // The origin sees the secret.
 //!     assert_eq!(request.headers()["authorization"], "Bearer ghp_the_real_token");
@@ -302,7 +302,7 @@ impl Credential {
     }
 }
 
-/// The credentials a [`CredentialLayer`] applies, and their secrets.
+/// The credentials a [`InjectCredentialsLayer`] applies, and their secrets.
 #[derive(Clone)]
 pub struct Credentials {
     list: Arc<[Credential]>,
@@ -357,24 +357,24 @@ impl Credentials {
 
 pub use crate::request::Injected;
 
-/// Adds [`CredentialService`]; see the [module docs](self).
+/// Adds [`InjectCredentials`]; see the [module docs](self).
 #[derive(Debug, Clone, Default)]
-pub struct CredentialLayer {
+pub struct InjectCredentialsLayer {
     credentials: Credentials,
 }
 
-impl CredentialLayer {
+impl InjectCredentialsLayer {
     /// Applies `credentials`.
-    pub fn new(credentials: Credentials) -> CredentialLayer {
-        CredentialLayer { credentials }
+    pub fn new(credentials: Credentials) -> InjectCredentialsLayer {
+        InjectCredentialsLayer { credentials }
     }
 }
 
-impl<S> Layer<S> for CredentialLayer {
-    type Service = CredentialService<S>;
+impl<S> Layer<S> for InjectCredentialsLayer {
+    type Service = InjectCredentials<S>;
 
-    fn layer(&self, inner: S) -> CredentialService<S> {
-        CredentialService {
+    fn layer(&self, inner: S) -> InjectCredentials<S> {
+        InjectCredentials {
             inner,
             credentials: self.credentials.clone(),
         }
@@ -383,7 +383,7 @@ impl<S> Layer<S> for CredentialLayer {
 
 /// Guards placeholders and injects secrets; see the [module docs](self).
 #[derive(Debug, Clone)]
-pub struct CredentialService<S> {
+pub struct InjectCredentials<S> {
     inner: S,
     credentials: Credentials,
 }
@@ -449,7 +449,7 @@ fn header_value(
         .then(|| credential.injection.render(secret))
 }
 
-impl<S, B, R> Service<Request<B>> for CredentialService<S>
+impl<S, B, R> Service<Request<B>> for InjectCredentials<S>
 where
     S: Service<Request<B>, Response = Response<R>>,
     S::Error: Into<BoxError>,
@@ -609,8 +609,9 @@ mod tests {
 
     /// The headers the origin got, or the refusal.
     async fn outcome(request: Request<()>) -> Result<(http::HeaderMap, bool), Reason> {
-        let (mut service, mut handle) =
-            mock::spawn_layer::<Request<()>, Response<()>, _>(CredentialLayer::new(credentials()));
+        let (mut service, mut handle) = mock::spawn_layer::<Request<()>, Response<()>, _>(
+            InjectCredentialsLayer::new(credentials()),
+        );
         handle.allow(1);
         assert!(service.poll_ready().is_ready());
         let response = service.call(request);

@@ -13,7 +13,7 @@
 //! | --- | --- | --- |
 //! | [`ViolationLog`] | [`violation_log`] | nothing; records every refusal |
 //! | [`StripHeaders`] | [`strip_headers`] | nothing; removes hop-by-hop headers |
-//! | [`PolicyService`] | [`policy_layer`] | `denied`, `not_allowed_local`, `not_allowed` |
+//! | [`Policy`] | [`policy_layer`] | `denied`, `not_allowed_local`, `not_allowed` |
 //! | [`LimitedMode`] | [`limited_mode`] | `method_not_allowed`, `mitm_required` |
 //! | [`ApprovalWait`] | [`approval`] | `approval_denied`, `approval_timed_out`, `approval_failed` |
 //!
@@ -184,12 +184,36 @@ pub use policy::{
     Decision, Mode, NetworkPolicy, NetworkPolicyBuilder, Pattern, PatternSet, PolicyError,
     PolicyGeneration, PolicyHandle,
 };
-pub use policy_layer::{PolicyLayer, PolicyService};
+pub use policy_layer::{Policy, PolicyLayer};
 pub use request::{
     ClientAddr, HasBody, Intercept, Interceptable, Protocol, ProxyUser, RequestInfo,
     UdpAssociation, WebSocketFramesOnly,
 };
-pub use request_rules_layer::{RequestRulesLayer, RequestRulesService};
+pub use request_rules_layer::{EnforceRules, EnforceRulesLayer};
+
+/// The names before the layers were paired as tower pairs them (`Foo<S>`
+/// and `FooLayer`); each says what it was renamed.
+mod renamed {
+    /// Renamed [`Policy`](crate::Policy).
+    #[deprecated(note = "renamed Policy: services are Foo<S> beside FooLayer, as in tower")]
+    pub type PolicyService<S> = crate::Policy<S>;
+    /// Renamed [`EnforceRules`](crate::EnforceRules).
+    #[deprecated(note = "renamed EnforceRules (with EnforceRulesLayer)")]
+    pub type RequestRulesService<S> = crate::EnforceRules<S>;
+    /// Renamed [`EnforceRulesLayer`](crate::EnforceRulesLayer).
+    #[deprecated(note = "renamed EnforceRulesLayer (with EnforceRules)")]
+    pub type RequestRulesLayer = crate::EnforceRulesLayer;
+    /// Renamed [`InjectCredentials`](crate::credentials::InjectCredentials).
+    #[deprecated(note = "renamed InjectCredentials (with InjectCredentialsLayer)")]
+    pub type CredentialService<S> = crate::credentials::InjectCredentials<S>;
+    /// Renamed [`InjectCredentialsLayer`](crate::credentials::InjectCredentialsLayer).
+    #[deprecated(note = "renamed InjectCredentialsLayer (with InjectCredentials)")]
+    pub type CredentialLayer = crate::credentials::InjectCredentialsLayer;
+}
+#[allow(deprecated)]
+pub use renamed::{
+    CredentialLayer, CredentialService, PolicyService, RequestRulesLayer, RequestRulesService,
+};
 pub use stack::{DefaultStack, ServiceBuilderExt};
 pub use strip_headers::{StripHeaders, StripHeadersLayer};
 pub use target::{Host, Target, TargetError};

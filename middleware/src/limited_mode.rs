@@ -4,7 +4,7 @@
 //! refuses nothing. In `limited` mode it decides each request by a preset
 //! of the request rules, [`RequestRules::limited`](crate::request_rules::RequestRules::limited),
 //! through the same engine as the
-//! [`RequestRulesLayer`](crate::request_rules_layer::RequestRulesLayer): one block
+//! [`EnforceRulesLayer`](crate::request_rules_layer::EnforceRulesLayer): one block
 //! for every destination, which refuses, with [`Blocked`](crate::Blocked):
 //!
 //! - any method but `GET`, `HEAD`, `OPTIONS` (compared exactly and case

@@ -56,7 +56,7 @@ use crate::policy::{Decision, PolicyHandle};
 use crate::request::{Protocol, UdpAssociation};
 use crate::target::Target;
 
-/// Configures [`PolicyService`].
+/// Configures [`Policy`].
 #[derive(Debug, Clone)]
 pub struct PolicyLayer {
     policy: PolicyHandle,
@@ -81,10 +81,10 @@ impl PolicyLayer {
 }
 
 impl<S> Layer<S> for PolicyLayer {
-    type Service = PolicyService<S>;
+    type Service = Policy<S>;
 
-    fn layer(&self, inner: S) -> PolicyService<S> {
-        PolicyService {
+    fn layer(&self, inner: S) -> Policy<S> {
+        Policy {
             inner,
             layer: self.clone(),
         }
@@ -93,14 +93,14 @@ impl<S> Layer<S> for PolicyLayer {
 
 /// Enforces the domain/IP policy; see the [module docs](self).
 #[derive(Debug, Clone)]
-pub struct PolicyService<S> {
+pub struct Policy<S> {
     inner: S,
     layer: PolicyLayer,
 }
 
-impl<S> PolicyService<S> {
+impl<S> Policy<S> {
     /// Wraps `inner`.
-    pub fn new(inner: S, policy: PolicyHandle) -> PolicyService<S> {
+    pub fn new(inner: S, policy: PolicyHandle) -> Policy<S> {
         PolicyLayer::new(policy).layer(inner)
     }
 
@@ -120,7 +120,7 @@ impl<S> PolicyService<S> {
     }
 }
 
-impl<S, B> Service<Request<B>> for PolicyService<S>
+impl<S, B> Service<Request<B>> for Policy<S>
 where
     S: Service<Request<B>>,
     S::Error: Into<BoxError>,

@@ -13,24 +13,24 @@ use crate::future::MarkedResponse;
 use crate::policy::PolicyHandle;
 use crate::request_rules::decide_call;
 
-/// Configures [`RequestRulesService`].
+/// Configures [`EnforceRules`].
 #[derive(Debug, Clone)]
-pub struct RequestRulesLayer {
+pub struct EnforceRulesLayer {
     policy: PolicyHandle,
 }
 
-impl RequestRulesLayer {
+impl EnforceRulesLayer {
     /// Reads the rules from `policy` per request.
-    pub fn new(policy: PolicyHandle) -> RequestRulesLayer {
-        RequestRulesLayer { policy }
+    pub fn new(policy: PolicyHandle) -> EnforceRulesLayer {
+        EnforceRulesLayer { policy }
     }
 }
 
-impl<S> Layer<S> for RequestRulesLayer {
-    type Service = RequestRulesService<S>;
+impl<S> Layer<S> for EnforceRulesLayer {
+    type Service = EnforceRules<S>;
 
-    fn layer(&self, inner: S) -> RequestRulesService<S> {
-        RequestRulesService {
+    fn layer(&self, inner: S) -> EnforceRules<S> {
+        EnforceRules {
             inner,
             policy: self.policy.clone(),
         }
@@ -39,12 +39,12 @@ impl<S> Layer<S> for RequestRulesLayer {
 
 /// Decides each request by the request rules; see [`request_rules`](crate::request_rules).
 #[derive(Debug, Clone)]
-pub struct RequestRulesService<S> {
+pub struct EnforceRules<S> {
     inner: S,
     policy: PolicyHandle,
 }
 
-impl<S, B, R> Service<Request<B>> for RequestRulesService<S>
+impl<S, B, R> Service<Request<B>> for EnforceRules<S>
 where
     S: Service<Request<B>, Response = Response<R>>,
     S::Error: Into<BoxError>,

@@ -9,7 +9,7 @@
 //!    its transport marked as having come round to this proxy.
 //! 2. [`StripHeaders`] — hop-by-hop and control headers never reach the
 //!    origin; everything the policy needs is already in extensions.
-//! 3. [`PolicyService`] — the domain/IP decision. Denials are final; an
+//! 3. [`Policy`] — the domain/IP decision. Denials are final; an
 //!    allowlist miss becomes *ask* when an approver is configured.
 //! 4. [`LimitedMode`] — method restriction, after the host is known to be
 //!    allowed, so a denied host is reported as denied, not as a bad method;
@@ -17,7 +17,7 @@
 //!    paths), which narrow the same way.
 //! 5. [`ApprovalWait`] — resolves *ask* last, so no human is asked about a
 //!    request that limited mode would refuse anyway.
-//! 6. [`CredentialService`] — on a request every layer above allowed,
+//! 6. [`InjectCredentials`] — on a request every layer above allowed,
 //!    adds a credential's secret for its hosts, and refuses a placeholder
 //!    headed anywhere else ([`credentials`](crate::credentials)).
 //!
@@ -54,12 +54,12 @@ use tower::ServiceBuilder;
 use tower_layer::{Identity, Layer, Stack};
 
 use crate::approval::{ApprovalWait, ApprovalWaitLayer, DenyApprover};
-use crate::credentials::{CredentialLayer, CredentialService};
+use crate::credentials::{InjectCredentials, InjectCredentialsLayer};
 use crate::limited_mode::{LimitedMode, LimitedModeLayer};
 use crate::loop_guard::{LoopGuard, LoopGuardLayer};
 use crate::policy::PolicyHandle;
-use crate::policy_layer::{PolicyLayer, PolicyService};
-use crate::request_rules_layer::{RequestRulesLayer, RequestRulesService};
+use crate::policy_layer::{Policy, PolicyLayer};
+use crate::request_rules_layer::{EnforceRules, EnforceRulesLayer};
 use crate::strip_headers::{StripHeaders, StripHeadersLayer};
 use crate::violation_log::{ViolationLog, ViolationLogLayer};
 
@@ -71,7 +71,7 @@ pub struct DefaultStack<A = DenyApprover, O = Identity, I = Identity> {
     strip_headers: StripHeadersLayer,
     approval: ApprovalWaitLayer<A>,
     ask_on_miss: bool,
-    credentials: CredentialLayer,
+    credentials: InjectCredentialsLayer,
     outer: O,
     inner: I,
 }
@@ -86,7 +86,7 @@ impl DefaultStack {
             strip_headers: StripHeadersLayer::new(),
             approval: ApprovalWaitLayer::without_approver(),
             ask_on_miss: false,
-            credentials: CredentialLayer::default(),
+            credentials: InjectCredentialsLayer::default(),
             outer: Identity::new(),
             inner: Identity::new(),
         }
@@ -132,7 +132,7 @@ impl<A, O, I> DefaultStack<A, O, I> {
 
     /// Injects and guards these credentials (none by default); see
     /// [`credentials`](crate::credentials).
-    pub fn credentials(mut self, credentials: CredentialLayer) -> DefaultStack<A, O, I> {
+    pub fn credentials(mut self, credentials: InjectCredentialsLayer) -> DefaultStack<A, O, I> {
         self.credentials = credentials;
         self
     }
@@ -191,9 +191,7 @@ where
     I: Layer<S>,
     O: Layer<
         StripHeaders<
-            PolicyService<
-                LimitedMode<RequestRulesService<ApprovalWait<CredentialService<I::Service>, A>>>,
-            >,
+            Policy<LimitedMode<EnforceRules<ApprovalWait<InjectCredentials<I::Service>, A>>>>,
         >,
     >,
 {
@@ -214,7 +212,7 @@ where
             // 4. Method restriction, once the host is known to be allowed.
             .layer(LimitedModeLayer::new(self.policy.clone()))
             // 4b. Request rules (methods and paths per host): they narrow too.
-            .layer(RequestRulesLayer::new(self.policy.clone()))
+            .layer(EnforceRulesLayer::new(self.policy.clone()))
             // 5. Resolve *ask* last: no one is asked about what would be refused anyway.
             .layer(self.approval.clone())
             // 6. Credentials: only on a fully allowed request; a placeholder
@@ -249,7 +247,7 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed {
         -> ServiceBuilder<Stack<ViolationLogLayer, L>>;
     /// Adds [`StripHeaders`] with the default configuration.
     fn strip_headers(self) -> ServiceBuilder<Stack<StripHeadersLayer, L>>;
-    /// Adds [`PolicyService`]; `ask_on_miss` when an approval layer follows.
+    /// Adds [`Policy`]; `ask_on_miss` when an approval layer follows.
     fn policy(
         self,
         policy: PolicyHandle,

@@ -1,6 +1,6 @@
 //! Resolves *ask* decisions by waiting for an approver.
 //!
-//! The [`PolicyService`](crate::PolicyService) marks an allowlist miss
+//! The [`Policy`](crate::Policy) marks an allowlist miss
 //! [`AwaitingApproval`] when an approver is configured; this layer holds such
 //! a request until the approver answers. Requests without the mark pass
 //! straight through, without a heap allocation.

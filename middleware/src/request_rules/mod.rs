@@ -43,7 +43,7 @@
 //! in any mode; one it cannot (SOCKS5, a UDP destination, a way in of your
 //! own) is refused `mitm_required`, naming the rules.
 //!
-//! The layer, [`RequestRulesLayer`](crate::request_rules_layer::RequestRulesLayer),
+//! The layer, [`EnforceRulesLayer`](crate::request_rules_layer::EnforceRulesLayer),
 //! reads the rules from the live policy
 //! ([`NetworkPolicyBuilder::request_rules`](crate::NetworkPolicyBuilder::request_rules)),
 //! so a reload changes them with the lists. This module is the data and
@@ -54,7 +54,7 @@
 //! ```
 //! use http::{Request, Response};
 //! use portcullis_middleware::request_rules::{RequestRules, RuleBlock, RuleEntry};
-//! use portcullis_middleware::RequestRulesLayer;
+//! use portcullis_middleware::EnforceRulesLayer;
 //! use portcullis_middleware::{find_blocked, NetworkPolicy, PolicyHandle, Protocol, Reason, Target};
 //! use tower::{service_fn, ServiceBuilder, ServiceExt};
 //!
@@ -66,7 +66,7 @@
 //!     .deny(RuleEntry::new().paths(["/user/keys/**"])?)]);
 //! let policy = PolicyHandle::new(NetworkPolicy::builder().request_rules(rules).build());
 //! let service = ServiceBuilder::new()
-//!     .layer(RequestRulesLayer::new(policy))
+//!     .layer(EnforceRulesLayer::new(policy))
 //!     .service(service_fn(|_: Request<()>| async { Ok::<_, portcullis_middleware::BoxError>(Response::new(())) }));
 //!
 //! let mut request = Request::post("http://api.example.com/repos/acme/../../user/keys/1").body(())?;

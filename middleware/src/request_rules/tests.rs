@@ -1,7 +1,7 @@
 //! The request rules' unit tests.
 use super::*;
 use crate::request::Interceptable;
-use crate::{find_blocked, Intercept, NetworkPolicy, PolicyHandle, Protocol, RequestRulesLayer};
+use crate::{find_blocked, EnforceRulesLayer, Intercept, NetworkPolicy, PolicyHandle, Protocol};
 use http::Response;
 use std::borrow::Cow;
 use std::task::Poll;
@@ -271,7 +271,7 @@ fn request(method: &str, uri: &str, protocol: Protocol, authority: &str) -> Requ
 async fn outcome(request: Request<()>) -> Result<bool, Reason> {
     let policy = PolicyHandle::new(NetworkPolicy::builder().request_rules(rules()).build());
     let (mut service, mut mock) =
-        mock::spawn_layer::<Request<()>, Response<()>, _>(RequestRulesLayer::new(policy));
+        mock::spawn_layer::<Request<()>, Response<()>, _>(EnforceRulesLayer::new(policy));
     mock.allow(1);
     assert!(service.poll_ready().is_ready());
     let response = service.call(request);
