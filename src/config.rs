@@ -391,10 +391,10 @@ pub struct NetworkConfig {
     pub allow_local_binding: bool,
     /// `full` or `limited`.
     pub mode: Mode,
-    /// Allowlist patterns.
-    pub allowed_domains: Vec<String>,
-    /// Denylist patterns.
-    pub denied_domains: Vec<String>,
+    /// Allowlist patterns, parsed as they are read.
+    pub allowed_domains: Vec<Pattern>,
+    /// Denylist patterns, parsed as they are read.
+    pub denied_domains: Vec<Pattern>,
     /// Map form: pattern → `allow` / `deny`.
     pub domains: BTreeMap<String, DomainAction>,
     /// Unix sockets that `x-unix-socket` may name (absolute paths).
@@ -735,33 +735,35 @@ impl Config {
             .allow_local_binding(network.allow_local_binding)
             .mode(network.mode)
             .dangerously_allow_all_unix_sockets(network.dangerously_allow_all_unix_sockets);
-        let mut allowed: Vec<(String, &str)> = Vec::new();
-        let mut denied: Vec<(String, &str)> = Vec::new();
-        for (index, pattern) in network.allowed_domains.iter().enumerate() {
-            allowed.push((format!("network.allowed_domains[{index}]"), pattern));
-        }
-        for (index, pattern) in network.denied_domains.iter().enumerate() {
-            denied.push((format!("network.denied_domains[{index}]"), pattern));
-        }
-        for (pattern, action) in &network.domains {
-            let key = format!("network.domains.\"{pattern}\"");
+        // The lists were parsed as they were read; the map form's keys
+        // are parsed here.
+        let mut allowed: Vec<(String, Pattern)> = network
+            .allowed_domains
+            .iter()
+            .enumerate()
+            .map(|(index, pattern)| (format!("network.allowed_domains[{index}]"), pattern.clone()))
+            .collect();
+        let mut denied: Vec<(String, Pattern)> = network
+            .denied_domains
+            .iter()
+            .enumerate()
+            .map(|(index, pattern)| (format!("network.denied_domains[{index}]"), pattern.clone()))
+            .collect();
+        for (text, action) in &network.domains {
+            let key = format!("network.domains.\"{text}\"");
+            let pattern =
+                Pattern::parse(text).map_err(|e| invalid(key.clone(), format!("{text:?}: {e}")))?;
             match action {
                 DomainAction::Allow => allowed.push((key, pattern)),
                 DomainAction::Deny => denied.push((key, pattern)),
             }
         }
-        for (key, pattern) in allowed {
-            Pattern::parse(pattern)
-                .map_err(|e| invalid(key.clone(), format!("{pattern:?}: {e}")))?;
-            builder = builder
-                .allow(pattern)
-                .map_err(|e| invalid(key, e.to_string()))?;
+        for (_, pattern) in allowed {
+            builder = builder.allow_pattern(pattern);
         }
         for (key, pattern) in denied {
-            Pattern::parse(pattern)
-                .map_err(|e| invalid(key.clone(), format!("{pattern:?}: {e}")))?;
             builder = builder
-                .deny(pattern)
+                .deny_pattern(pattern)
                 .map_err(|e| invalid(key, e.to_string()))?;
         }
         let sockets = network
@@ -1139,12 +1141,17 @@ mod tests {
             error.contains("network.denied_domains[1]") && error.contains("bad.toml"),
             "{error}"
         );
-        let config = Config::from_toml("[network]\nallowed_domains = [\"a.*.com\"]\n").unwrap();
-        assert!(config
-            .policy("f")
-            .unwrap_err()
-            .to_string()
-            .contains("network.allowed_domains[0]"));
+        // A list entry is parsed as it is read: the error names its place.
+        std::fs::write(
+            &path,
+            "[network]\nallowed_domains = [\"ok.test\", \"a.*.com\"]\n",
+        )
+        .unwrap();
+        let error = Config::load(Some(&path)).unwrap_err().to_string();
+        assert!(
+            error.contains("bad.toml: network.allowed_domains[1]: \"a.*.com\": a wildcard"),
+            "{error}"
+        );
         let missing = Config::load(Some(Path::new("/nonexistent/portcullis.toml"))).unwrap_err();
         assert!(missing.to_string().contains("does not exist"));
         let error = Config::from_toml("[network]\nproxy_url = \"http://example.com:80\"\n")

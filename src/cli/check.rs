@@ -90,11 +90,15 @@ pub(super) async fn check(args: CheckArgs) -> ExitCode {
     // With interception on, the proxy offers to intercept each CONNECT and
     // the stack decides whether it does (limited mode asks); when it does,
     // what an https:// URL asks is the request inside the tunnel.
-    let can_intercept = loaded.config.intercepts();
+    let interception = if loaded.config.intercepts() {
+        Interception::Offered
+    } else {
+        Interception::Unavailable
+    };
     // Every target is parsed before any is decided: a typo is a usage error.
     let mut requests = Vec::with_capacity(args.targets.len());
     for target in &args.targets {
-        match check_request(target, args.method.as_deref(), can_intercept) {
+        match check_request(target, args.method.as_deref(), interception) {
             Ok(request) => requests.push(request),
             Err(error) => {
                 return usage_error(&format!(
@@ -258,11 +262,21 @@ pub(super) struct Probe {
     inside: Option<Request<Body>>,
 }
 
+/// Whether the proxy checked can intercept HTTPS (it has a CA).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Interception {
+    /// Each `CONNECT` is offered for interception; the stack decides.
+    Offered,
+    /// No CA: tunnels stay opaque.
+    Unavailable,
+}
+
 pub(super) fn check_request(
     target: &str,
     method: Option<&str>,
-    can_intercept: bool,
+    interception: Interception,
 ) -> Result<Probe, String> {
+    let can_intercept = interception == Interception::Offered;
     let client = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
     let (uri, parsed) = if target.contains("://") {
         let uri: http::Uri = target

@@ -78,8 +78,22 @@ impl Options {
         if self.no_socks {
             network.enable_socks5 = false;
         }
-        network.allowed_domains.extend(self.allow.iter().cloned());
-        network.denied_domains.extend(self.deny.iter().cloned());
+        // Flags are parsed here, once, as the file's lists were.
+        for (flag, texts, list) in [
+            ("--allow", &self.allow, &mut network.allowed_domains),
+            ("--deny", &self.deny, &mut network.denied_domains),
+        ] {
+            for text in texts {
+                let pattern = portcullis_middleware::Pattern::parse(text).map_err(|error| {
+                    ConfigError::Invalid {
+                        key: flag.to_owned(),
+                        origin: "the command line".into(),
+                        message: format!("{text:?}: {error}"),
+                    }
+                })?;
+                list.push(pattern);
+            }
+        }
         if let Some(mode) = self.mode {
             network.mode = match mode {
                 ModeArg::Full => Mode::Full,

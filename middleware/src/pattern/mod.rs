@@ -179,6 +179,24 @@ impl Pattern {
     }
 }
 
+/// As written (`"*.example.com"`).
+impl serde::Serialize for Pattern {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.text)
+    }
+}
+
+/// Parsed once, as it is read: a configuration list of patterns is typed
+/// from the start, and a bad entry fails at its own place in the list
+/// (`network.allowed_domains[2]: "a.*.com": …`).
+impl<'de> serde::Deserialize<'de> for Pattern {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Pattern, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Pattern::parse(&text)
+            .map_err(|error| serde::de::Error::custom(format!("{text:?}: {error}")))
+    }
+}
+
 impl fmt::Display for Pattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.text)

@@ -397,6 +397,21 @@ impl NetworkPolicyBuilder {
         Ok(self)
     }
 
+    /// Adds an allowlist pattern already parsed (from a typed configuration).
+    pub fn allow_pattern(mut self, pattern: Pattern) -> NetworkPolicyBuilder {
+        self.policy.allowed.insert(pattern);
+        self
+    }
+
+    /// Adds a denylist pattern already parsed (`*` is refused).
+    pub fn deny_pattern(mut self, pattern: Pattern) -> Result<NetworkPolicyBuilder, PolicyError> {
+        if pattern.is_any() {
+            return Err(PolicyError::WildcardDeny);
+        }
+        self.policy.denied.insert(pattern);
+        Ok(self)
+    }
+
     /// Adds several allowlist patterns.
     pub fn allow_all<'a>(
         mut self,
