@@ -16,15 +16,22 @@
 //!    violation log and connection pool as every other way in;
 //! 3. on success of a `CONNECT`-shaped request, takes the dialled stream
 //!    from the response's [`Tunnel`] extension and [`relay`](Ingress::relay)s
-//!    the client to it (the idle timeout and counters of the proxy);
+//!    the client to it (the idle timeout and counters of the proxy), or
+//!    [`relay_stream`](Ingress::relay_stream)s any stream, with the bytes it
+//!    already read sent first;
 //! 4. on failure, answers with its wire's words for the error:
-//!    [`http_response`] or [`socks5_reply_code`] for the built-in wires, or
-//!    its own from [`find_blocked`](crate::middleware::find_blocked).
+//!    [`Ingress::http_response`] or [`socks5_reply_code`] for the built-in
+//!    wires, or its own from [`find_blocked`](crate::middleware::find_blocked)
+//!    and [`Ingress::refusal_message`].
 //!
-//! It joins graceful shutdown by stopping its accept loop when
-//! [`Ingress::stopping`] resolves and holding a guard from
-//! [`Ingress::open`] for each connection; `ProxyHandle::shutdown` waits for
-//! them, as it waits for its own listeners'.
+//! It registers its listener with [`Ingress::listening_on`], so the loop
+//! guard refuses what would come back to it; decides by what a client
+//! sends first with [`peek_at_least`]; joins graceful shutdown by stopping
+//! its accept loop when [`Ingress::stopping`] resolves and holding a guard
+//! from [`Ingress::open`] for each connection (`ProxyHandle::shutdown`
+//! waits for them, as it waits for its own listeners'); and is unit-tested
+//! against a mock stack with [`Ingress::standalone`] (see
+//! `examples/sni_passthrough.rs` and its test).
 //!
 //! A layer in the stack must make a `Clone + Send` service with a `Send`
 //! future ([`StackLayers`](crate::StackLayers) names the requirement for
