@@ -50,6 +50,24 @@ pub struct Config {
     pub rules: Vec<RuleConfig>,
     /// `[[credentials]]`: secrets added for their hosts.
     pub credentials: Vec<CredentialConfig>,
+    /// `[scan]`: secrets in requests (off unless set).
+    pub scan: ScanConfig,
+}
+
+/// `[scan]`: what a request carries that must not leave (see
+/// `portcullis_middleware::scan`): token formats, and the values of the
+/// environment variables named in `secret_env`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScanConfig {
+    /// `off` (the default), `audit` (recorded, let through) or `deny`
+    /// (refused, `secret_detected`).
+    pub action: portcullis_middleware::scan::ScanAction,
+    /// Environment variables whose values are secrets, looked for raw and
+    /// encoded (read from `run`'s or `serve`'s environment).
+    pub secret_env: Vec<String>,
+    /// Hosts whose requests are not scanned (the allowlist's patterns).
+    pub skip_hosts: Vec<Pattern>,
 }
 
 /// One `[[credentials]]` block: a secret, the hosts it is added for, and how.
@@ -791,7 +809,42 @@ impl Config {
                 .allow_unix_socket(canonical)
                 .map_err(|e| invalid(key.to_owned(), e.to_string()))?;
         }
-        Ok(builder.request_rules(self.request_rules(origin)?).build())
+        Ok(builder
+            .request_rules(self.request_rules(origin)?)
+            .scan(self.scan_policy())
+            .build())
+    }
+
+    /// `[scan]` as the policy holds it: the built-in token formats, and the
+    /// value of each variable `secret_env` names (one that is not set, or
+    /// too short to look for, is said once).
+    fn scan_policy(&self) -> portcullis_middleware::scan::ScanPolicy {
+        use portcullis_middleware::scan::{ScanAction, ScanPolicy, Scanner, SHORTEST_KNOWN};
+        let scan = &self.scan;
+        if scan.action == ScanAction::Off {
+            return ScanPolicy::default();
+        }
+        let mut scanner = Scanner::builtin();
+        for name in &scan.secret_env {
+            match std::env::var(name) {
+                Ok(value) if scanner.known_value(name, &value) => {}
+                Ok(_) => tracing::warn!(
+                    "[scan] secret_env names {name}, whose value is shorter than {SHORTEST_KNOWN} bytes: not looked for (it would match ordinary text)"
+                ),
+                Err(_) => tracing::warn!(
+                    "[scan] secret_env names {name}, which is not set here: nothing to look for"
+                ),
+            }
+        }
+        let mut skip_hosts = portcullis_middleware::PatternSet::new();
+        for pattern in &scan.skip_hosts {
+            skip_hosts.insert(pattern.clone());
+        }
+        ScanPolicy {
+            scanner,
+            action: scan.action,
+            skip_hosts,
+        }
     }
 
     /// Whether the proxy has an interception CA: `mitm` on, request

@@ -583,6 +583,17 @@ where
             return std::task::Poll::Ready(Ok(response));
         };
         access.status = response.status().as_u16();
+        // Let through in audit mode though it carries a secret: its path
+        // may hold it, and is not recorded.
+        if response
+            .extensions()
+            .get::<portcullis_middleware::Audited>()
+            .is_some_and(|audited| {
+                audited.0.reason == portcullis_middleware::Reason::SecretDetected
+            })
+        {
+            access.path = None;
+        }
         if let Some(injected) = response
             .extensions()
             .get::<portcullis_middleware::credentials::Injected>()

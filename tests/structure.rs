@@ -172,6 +172,7 @@ fn no_import_cycle_in_the_middleware_data_below_decisions_below_layers() {
         "loop_guard",
         "policy_layer",
         "request_rules_layer",
+        "scan_layer",
         "strip_headers",
         "violation_log",
         "stack",
@@ -186,6 +187,7 @@ fn no_import_cycle_in_the_middleware_data_below_decisions_below_layers() {
         "protocol",
         "request",
         "request_rules",
+        "scan",
         "target",
     ];
     let mut upward = Vec::new();

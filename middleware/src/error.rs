@@ -65,6 +65,9 @@ pub enum Reason {
     /// A credential's placeholder was headed somewhere its secret may not
     /// go (another host, or plain HTTP).
     CredentialMismatch,
+    /// The request carries a secret (a token format, or a value the proxy
+    /// knows), in its path, query or a header; see [`scan`](crate::scan).
+    SecretDetected,
     /// A reason of an integrator's own layer, by name (use lower-case ASCII
     /// letters, digits and `_`, like the built-in names). The transports
     /// answer it like the built-in reasons: a 403 on HTTP with
@@ -93,6 +96,7 @@ impl Reason {
             Reason::AmbiguousPath => "ambiguous_path",
             Reason::HostMismatch => "host_mismatch",
             Reason::CredentialMismatch => "credential_mismatch",
+            Reason::SecretDetected => "secret_detected",
             Reason::Custom(name) => name,
         }
     }
@@ -504,6 +508,10 @@ fn default_message(reason: Reason, target: &Target, method: &http::Method) -> St
         ),
         Reason::CredentialMismatch => format!(
             "portcullis refused {} {target}: it carries a credential's placeholder, whose secret is only sent to that credential's hosts over TLS; send it there, or drop it from this request",
+            method.as_str().escape_debug()
+        ),
+        Reason::SecretDetected => format!(
+            "portcullis refused {} {target}: it carries what looks like a secret; remove it from the request, or set [scan] action = \"audit\" (or add the host to [scan] skip_hosts) if it is not one",
             method.as_str().escape_debug()
         ),
         Reason::Custom(name) => format!("portcullis refused {target}: {name}"),

@@ -163,6 +163,8 @@ pub mod protocol;
 pub mod request;
 pub mod request_rules;
 pub mod request_rules_layer;
+pub mod scan;
+pub mod scan_layer;
 pub mod stack;
 pub mod strip_headers;
 pub mod target;
@@ -190,6 +192,7 @@ pub use request::{
     UdpAssociation, WebSocketFramesOnly,
 };
 pub use request_rules_layer::{EnforceRules, EnforceRulesLayer};
+pub use scan_layer::{ScanSecrets, ScanSecretsLayer};
 
 /// The names before the layers were paired as tower pairs them (`Foo<S>`
 /// and `FooLayer`); each says what it was renamed.

@@ -60,6 +60,7 @@ use crate::loop_guard::{LoopGuard, LoopGuardLayer};
 use crate::policy::PolicyHandle;
 use crate::policy_layer::{Policy, PolicyLayer};
 use crate::request_rules_layer::{EnforceRules, EnforceRulesLayer};
+use crate::scan_layer::{ScanSecrets, ScanSecretsLayer};
 use crate::strip_headers::{StripHeaders, StripHeadersLayer};
 use crate::violation_log::{ViolationLog, ViolationLogLayer};
 
@@ -191,7 +192,11 @@ where
     I: Layer<S>,
     O: Layer<
         StripHeaders<
-            Policy<LimitedMode<EnforceRules<ApprovalWait<InjectCredentials<I::Service>, A>>>>,
+            Policy<
+                LimitedMode<
+                    EnforceRules<ScanSecrets<ApprovalWait<InjectCredentials<I::Service>, A>>>,
+                >,
+            >,
         >,
     >,
 {
@@ -213,6 +218,9 @@ where
             .layer(LimitedModeLayer::new(self.policy.clone()))
             // 4b. Request rules (methods and paths per host): they narrow too.
             .layer(EnforceRulesLayer::new(self.policy.clone()))
+            // 4c. Secrets in the request as the program sent it: before
+            //     anyone is asked, and before credentials are added.
+            .layer(ScanSecretsLayer::new(self.policy.clone()))
             // 5. Resolve *ask* last: no one is asked about what would be refused anyway.
             .layer(self.approval.clone())
             // 6. Credentials: only on a fully allowed request; a placeholder

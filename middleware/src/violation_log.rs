@@ -546,7 +546,11 @@ impl Recorder {
             client,
             blocked: blocked.clone(),
             message,
-            path: path.map(|path| masked(path, &self.masks)),
+            // A request refused (or audited) for a secret may carry it in
+            // its path: never recorded.
+            path: path
+                .filter(|_| blocked.reason != crate::error::Reason::SecretDetected)
+                .map(|path| masked(path, &self.masks)),
         };
         let client_addr = client.map(|c| c.to_string()).unwrap_or_default();
         let host = blocked.target.host_string().escape_debug().to_string();
@@ -776,12 +780,12 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         this.future.poll(cx).map(|result| {
-            let result = result.map(|mut response| {
-                if let Some(Audited(blocked)) = response.extensions_mut().remove::<Audited>() {
+            let result = result.inspect(|response| {
+                // Left on the response: the access log reads it too.
+                if let Some(Audited(blocked)) = response.extensions().get::<Audited>() {
                     this.recorder
-                        .record(*this.client, this.path.as_ref(), &blocked);
+                        .record(*this.client, this.path.as_ref(), blocked);
                 }
-                response
             });
             result.map_err(|error| {
                 let error: BoxError = error.into();

@@ -142,6 +142,8 @@ pub struct NetworkPolicy {
     refuse_git_fetch: bool,
     /// Per-host request rules (methods and paths).
     request_rules: crate::request_rules::RequestRules,
+    /// Secret scanning (off by default).
+    scan: crate::scan::ScanPolicy,
 }
 
 impl NetworkPolicy {
@@ -156,6 +158,11 @@ impl NetworkPolicy {
         NetworkPolicyBuilder {
             policy: self.clone(),
         }
+    }
+
+    /// Secret scanning; see [`scan`](crate::scan).
+    pub fn scan(&self) -> &crate::scan::ScanPolicy {
+        &self.scan
     }
 
     /// The mode.
@@ -453,6 +460,12 @@ impl NetworkPolicyBuilder {
         self
     }
 
+    /// Sets secret scanning; see [`scan`](crate::scan).
+    pub fn scan(mut self, scan: crate::scan::ScanPolicy) -> NetworkPolicyBuilder {
+        self.policy.scan = scan;
+        self
+    }
+
     /// Allows one Unix socket, by absolute (already canonical) path.
     pub fn allow_unix_socket(
         mut self,
@@ -720,6 +733,11 @@ mod tests {
             .mode(Mode::Limited)
             .dangerously_allow_all_unix_sockets(true)
             .request_rules(RequestRules::new(vec![block]))
+            .scan(crate::scan::ScanPolicy {
+                scanner: crate::scan::Scanner::builtin(),
+                action: crate::scan::ScanAction::Audit,
+                skip_hosts: crate::pattern::PatternSet::new(),
+            })
             .build()
     }
 
@@ -735,6 +753,7 @@ mod tests {
             allow_all_unix_sockets,
             refuse_git_fetch,
             request_rules,
+            scan,
         } = a;
         assert_eq!(allowed.patterns(), b.allowed.patterns());
         assert_eq!(denied.patterns(), b.denied.patterns());
@@ -744,6 +763,7 @@ mod tests {
         assert_eq!(*allow_all_unix_sockets, b.allow_all_unix_sockets);
         assert_eq!(*refuse_git_fetch, b.refuse_git_fetch);
         assert_eq!(*request_rules, b.request_rules);
+        assert_eq!(*scan, b.scan);
     }
 
     #[test]

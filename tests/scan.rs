@@ -1,0 +1,172 @@
+//! `[scan]`: secrets in the path, the query and the headers of what a
+//! program sends through `run`, found with real clients (curl, python
+//! requests): token formats, and a value named in `secret_env` raw and
+//! encoded; refused as `secret_detected` naming the detector and the place,
+//! never the value — in the answer and in every record; audit mode lets it
+//! through and records it; ordinary traffic and documentation examples
+//! pass untouched.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::*;
+
+const GITHUB: &str = "ghp_R2d2C3poR2d2C3poR2d2C3poR2d2C3po1234";
+const KNOWN: &str = "hunter2-very-secret-value";
+
+/// `run --config` with `[scan] action` and the records in `dir`, running
+/// `script` with `MY_SECRET` set: exit code, stdout, stderr.
+async fn scanned(
+    action: &str,
+    dir: &std::path::Path,
+    script: &str,
+) -> (Option<i32>, String, String) {
+    let config = dir.join("scan.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[network]\nallowed_domains = [\"127.0.0.1\"]\nallow_local_binding = true\n\n[scan]\naction = \"{action}\"\nsecret_env = [\"MY_SECRET\"]\n\n[log]\nviolations_file = {:?}\naccess_file = {:?}\n",
+            dir.join("violations.jsonl"),
+            dir.join("access.jsonl"),
+        ),
+    )
+    .unwrap();
+    output(
+        portcullis()
+            .env("MY_SECRET", KNOWN)
+            .args(["run", "--config"])
+            .arg(&config)
+            .args(["--", "sh", "-c", script]),
+    )
+    .await
+}
+
+fn records(dir: &std::path::Path) -> String {
+    let mut text = String::new();
+    for name in ["violations.jsonl", "access.jsonl"] {
+        text.push_str(&std::fs::read_to_string(dir.join(name)).unwrap_or_default());
+    }
+    text
+}
+
+#[tokio::test]
+async fn secrets_are_refused_where_they_are_and_never_recorded() {
+    let origin = origin().await;
+    let base = format!("http://127.0.0.1:{}", origin.addr.port());
+    let dir = tempfile::tempdir().unwrap();
+    let basic = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(format!("me:{GITHUB}"))
+    };
+    let known_b64 = {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("x={KNOWN}"))
+    };
+    let known_hex: String = KNOWN.bytes().map(|b| format!("{b:02x}")).collect();
+    let script = format!(
+        r#"
+curl -s -o /dev/null -w "query %{{http_code}}\n" "{base}/?t={GITHUB}"
+curl -s -o /dev/null -w "path %{{http_code}}\n" "{base}/repos/{GITHUB}/x"
+curl -s -o /dev/null -w "header %{{http_code}}\n" -H "X-Key: AKIAZ7QWERTY2345ABCD" "{base}/"
+curl -s -o /dev/null -w "basic %{{http_code}}\n" -H "Authorization: Basic {basic}" "{base}/"
+curl -s -o /dev/null -w "known-b64 %{{http_code}}\n" "{base}/?d={known_b64}"
+curl -s -o /dev/null -w "known-hex %{{http_code}}\n" "{base}/{known_hex}"
+curl -s -o /dev/null -w "known-percent %{{http_code}}\n" "{base}/?v=hunter2%2Dvery%2Dsecret%2Dvalue"
+python3 -c 'import os, urllib.request
+r = urllib.request.Request("{base}/py", headers={{"X-Api-Key": os.environ["MY_SECRET"]}})
+try:
+    urllib.request.urlopen(r); print("python 200")
+except urllib.error.HTTPError as e:
+    print("python", e.code, e.headers.get("x-proxy-error"))'
+curl -s -D - -o /dev/null "{base}/?t={GITHUB}" | tr -d '\r' | grep -i '^x-proxy-error'
+curl -s "{base}/?t={GITHUB}"; echo
+curl -s -o /dev/null -w "example %{{http_code}}\n" "{base}/?k=AKIAIOSFODNN7EXAMPLE"
+curl -s -o /dev/null -w "uuid %{{http_code}}\n" "{base}/items/8c6f1f0e-6a0f-4b8e-9a39-3b0f3c1d2e4f"
+curl -s -o /dev/null -w "names %{{http_code}}\n" "{base}/search?q=MY_SECRET+GITHUB_TOKEN"
+curl -s -o /dev/null -w "plain %{{http_code}}\n" -H "Authorization: Bearer not-a-known-token-format" "{base}/"
+"#
+    );
+    let (code, stdout, stderr) = scanned("deny", dir.path(), &script).await;
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    for (name, wanted) in [
+        ("query", "403"),
+        ("path", "403"),
+        ("header", "403"),
+        ("basic", "403"),
+        ("known-b64", "403"),
+        ("known-hex", "403"),
+        ("known-percent", "403"),
+        ("example", "200"),
+        ("uuid", "200"),
+        ("names", "200"),
+        ("plain", "200"),
+    ] {
+        assert!(
+            stdout.contains(&format!("{name} {wanted}\n")),
+            "{name} should be {wanted}:\n{stdout}\n{stderr}"
+        );
+    }
+    assert!(
+        stdout.contains("python 403 blocked-by-secret-scan"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("x-proxy-error: blocked-by-secret-scan"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(r#""reason":"secret_detected""#)
+            && stdout.contains("it carries a secret: github_token in the query string"),
+        "{stdout}"
+    );
+    // The value is nowhere: not in an answer, a record or the summary.
+    let recorded = records(dir.path());
+    assert!(recorded.contains("secret_detected"), "{recorded}");
+    assert!(
+        recorded.contains("known:MY_SECRET in the query string (base64)")
+            && recorded.contains("known:MY_SECRET in the URL path (hex)")
+            && recorded.contains("known:MY_SECRET in the x-api-key header"),
+        "{recorded}"
+    );
+    for text in [&stdout, &stderr, &recorded] {
+        assert!(!text.contains(GITHUB), "{text}");
+        assert!(!text.contains(KNOWN), "{text}");
+        assert!(!text.contains(&known_hex), "{text}");
+    }
+    assert!(origin.connections.load(std::sync::atomic::Ordering::SeqCst) > 0);
+}
+
+#[tokio::test]
+async fn audit_mode_lets_it_through_and_records_where_not_what() {
+    let origin = origin().await;
+    let base = format!("http://127.0.0.1:{}", origin.addr.port());
+    let dir = tempfile::tempdir().unwrap();
+    let script =
+        format!(r#"curl -s -o /dev/null -w "path %{{http_code}}\n" "{base}/repos/{GITHUB}/x""#);
+    let (code, stdout, stderr) = scanned("audit", dir.path(), &script).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("path 200"), "{stdout}\n{stderr}");
+    let recorded = records(dir.path());
+    assert!(
+        recorded.contains(r#""decision":"audit""#)
+            && recorded.contains("github_token in the URL path"),
+        "{recorded}"
+    );
+    // The access record keeps the request, without its path.
+    assert!(recorded.contains(r#""code":200"#), "{recorded}");
+    assert!(!recorded.contains(GITHUB), "{recorded}");
+    assert!(!stderr.contains(GITHUB), "{stderr}");
+}
+
+#[tokio::test]
+async fn scanning_is_off_unless_set() {
+    let origin = origin().await;
+    let base = format!("http://127.0.0.1:{}", origin.addr.port());
+    let dir = tempfile::tempdir().unwrap();
+    let script =
+        format!(r#"curl -s -o /dev/null -w "query %{{http_code}}\n" "{base}/?t={GITHUB}""#);
+    let (code, stdout, stderr) = scanned("off", dir.path(), &script).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("query 200"), "{stdout}\n{stderr}");
+}
