@@ -170,3 +170,65 @@ async fn scanning_is_off_unless_set() {
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stdout.contains("query 200"), "{stdout}\n{stderr}");
 }
+
+/// The scan sees intercepted HTTPS requests too, and runs before the
+/// credentials are added: the placeholder a program holds (shaped like the
+/// token) passes, the origin gets the secret, and another real-looking
+/// token is refused.
+#[tokio::test]
+async fn intercepted_requests_are_scanned_before_credentials_are_added() {
+    const SECRET: &str = "ghp_REALsecretREALsecretREALsecret012345";
+    const OTHER: &str = "ghp_OTHERsecretOTHERsecretOTHERsecret012";
+    let (secure, pem) = https_origin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = mitm_config(dir.path(), &pem);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(
+        r#"
+[network]
+allowed_domains = ["secure.test"]
+allow_local_binding = true
+
+[dns]
+hosts = { "secure.test" = ["127.0.0.1"] }
+
+[scan]
+action = "deny"
+
+[[credentials]]
+name = "github"
+hosts = ["secure.test"]
+value = "Bearer {secret}"
+source = { env = "TEST_TOKEN" }
+placeholder_env = "GITHUB_TOKEN"
+"#,
+    );
+    std::fs::write(&config, text).unwrap();
+    let port = secure.port();
+    let script = format!(
+        r#"curl -s -H "Authorization: Bearer $GITHUB_TOKEN" https://secure.test:{port}/whoami; echo
+curl -s -o /dev/null -w "other %{{http_code}}\n" -H "X-Other: {OTHER}" https://secure.test:{port}/"#
+    );
+    let (code, stdout, stderr) = output(
+        portcullis()
+            .env("TEST_TOKEN", SECRET)
+            .args(["run", "--config"])
+            .arg(&config)
+            .args(["--", "sh", "-c", &script]),
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stdout.contains(&format!("auth Bearer {SECRET}")),
+        "the placeholder passed the scan and the secret was added after it: {stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("other 403"), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("github_token in the x-other header"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains(OTHER) && !stderr.contains(SECRET),
+        "{stderr}"
+    );
+}

@@ -368,6 +368,16 @@ impl InjectCredentialsLayer {
     pub fn new(credentials: Credentials) -> InjectCredentialsLayer {
         InjectCredentialsLayer { credentials }
     }
+
+    /// The placeholders a program holds in place of the secrets: tokens
+    /// shaped like the real ones, which no scan should take for secrets.
+    pub fn placeholders(&self) -> Vec<String> {
+        self.credentials
+            .masks()
+            .into_iter()
+            .map(|(placeholder, _)| placeholder)
+            .collect()
+    }
 }
 
 impl<S> Layer<S> for InjectCredentialsLayer {

@@ -68,11 +68,13 @@ impl Eq for ScanPolicy {}
 
 impl ScanPolicy {
     /// The finding in `request` for `target`, when scanning is on and the
-    /// host is not skipped.
+    /// host is not skipped. `not_secrets` are tokens shaped like secrets
+    /// that are not (a credential's placeholder).
     pub fn finding<B>(
         &self,
         target: &crate::target::Target,
         request: &Request<B>,
+        not_secrets: &[String],
     ) -> Option<Finding> {
         if self.action == ScanAction::Off {
             return None;
@@ -82,7 +84,7 @@ impl ScanPolicy {
                 return None;
             }
         }
-        self.scanner.scan_request(request)
+        self.scanner.scan_request_except(request, not_secrets)
     }
 }
 
@@ -294,26 +296,53 @@ impl Scanner {
 
     /// The first secret in `request`'s path, query or headers.
     pub fn scan_request<B>(&self, request: &Request<B>) -> Option<Finding> {
+        self.scan_request_except(request, &[])
+    }
+
+    /// The same, taking none of `not_secrets` (tokens shaped like secrets
+    /// that are not: a credential's placeholder) for one.
+    pub fn scan_request_except<B>(
+        &self,
+        request: &Request<B>,
+        not_secrets: &[String],
+    ) -> Option<Finding> {
         if self.is_empty() {
             return None;
         }
         let uri = request.uri();
-        if let Some(found) = self.scan_field(uri.path().as_bytes(), Location::Path) {
+        if let Some(found) =
+            self.scan_field_except(uri.path().as_bytes(), Location::Path, not_secrets)
+        {
             return Some(found);
         }
         if let Some(query) = uri.query() {
-            if let Some(found) = self.scan_field(query.as_bytes(), Location::Query) {
+            if let Some(found) =
+                self.scan_field_except(query.as_bytes(), Location::Query, not_secrets)
+            {
                 return Some(found);
             }
         }
         request.headers().iter().find_map(|(name, value)| {
-            self.scan_field(value.as_bytes(), Location::Header(name.as_str().to_owned()))
+            self.scan_field_except(
+                value.as_bytes(),
+                Location::Header(name.as_str().to_owned()),
+                not_secrets,
+            )
         })
     }
 
     /// The first secret in one field, in any of the views the module docs
     /// list.
     pub fn scan_field(&self, raw: &[u8], location: Location) -> Option<Finding> {
+        self.scan_field_except(raw, location, &[])
+    }
+
+    fn scan_field_except(
+        &self,
+        raw: &[u8],
+        location: Location,
+        not_secrets: &[String],
+    ) -> Option<Finding> {
         let decoded = percent_decode(raw);
         let folded = fold(&decoded);
         let mut views: Vec<(Cow<'_, [u8]>, Option<&'static str>)> =
@@ -335,17 +364,22 @@ impl Scanner {
         }
         views.extend(inner);
         views.iter().find_map(|(view, encoding)| {
-            self.find_in(view).map(|(detector, form_encoding)| Finding {
-                detector,
-                location: location.clone(),
-                encoding: form_encoding.or(*encoding),
-            })
+            self.find_in(view, not_secrets)
+                .map(|(detector, form_encoding)| Finding {
+                    detector,
+                    location: location.clone(),
+                    encoding: form_encoding.or(*encoding),
+                })
         })
     }
 
     /// The first detector that matches `text`, and the encoding a known
     /// value was found in.
-    fn find_in(&self, text: &[u8]) -> Option<(String, Option<&'static str>)> {
+    fn find_in(
+        &self,
+        text: &[u8],
+        not_secrets: &[String],
+    ) -> Option<(String, Option<&'static str>)> {
         for known in self.known.iter() {
             for (form, encoding) in &known.forms {
                 if contains(text, form) {
@@ -362,7 +396,7 @@ impl Scanner {
                     .get(1)
                     .or_else(|| captures.get(0))
                     .map_or("", |m| m.as_str());
-                !is_example(token)
+                !is_example(token) && !not_secrets.iter().any(|other| other == token)
             });
             if real {
                 return Some(((*name).to_owned(), None));

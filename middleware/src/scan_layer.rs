@@ -3,6 +3,7 @@
 //! It sits before the credentials are added, so a secret the proxy injects
 //! never trips it.
 
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
@@ -19,12 +20,24 @@ use crate::scan::ScanAction;
 #[derive(Debug, Clone)]
 pub struct ScanSecretsLayer {
     policy: PolicyHandle,
+    placeholders: Arc<[String]>,
 }
 
 impl ScanSecretsLayer {
     /// Reads the scanning settings from `policy` per request.
     pub fn new(policy: PolicyHandle) -> ScanSecretsLayer {
-        ScanSecretsLayer { policy }
+        ScanSecretsLayer {
+            policy,
+            placeholders: Arc::from(Vec::new()),
+        }
+    }
+
+    /// Tokens that are not secrets though shaped like them: the
+    /// placeholders of the credentials the stack adds further in
+    /// ([`InjectCredentialsLayer::placeholders`](crate::credentials::InjectCredentialsLayer::placeholders)).
+    pub fn placeholders(mut self, placeholders: Vec<String>) -> ScanSecretsLayer {
+        self.placeholders = Arc::from(placeholders);
+        self
     }
 }
 
@@ -35,6 +48,7 @@ impl<S> Layer<S> for ScanSecretsLayer {
         ScanSecrets {
             inner,
             policy: self.policy.clone(),
+            placeholders: self.placeholders.clone(),
         }
     }
 }
@@ -44,6 +58,7 @@ impl<S> Layer<S> for ScanSecretsLayer {
 pub struct ScanSecrets<S> {
     inner: S,
     policy: PolicyHandle,
+    placeholders: Arc<[String]>,
 }
 
 impl<S, B, R> Service<Request<B>> for ScanSecrets<S>
@@ -69,7 +84,7 @@ where
             Ok(info) => info,
             Err(error) => return MarkedResponse::refused(error),
         };
-        let Some(finding) = scan.finding(&info.target, &request) else {
+        let Some(finding) = scan.finding(&info.target, &request, &self.placeholders) else {
             return MarkedResponse::inner(self.inner.call(request));
         };
         let method = info.method.as_str().escape_debug().to_string();
