@@ -68,6 +68,10 @@ pub struct ScanConfig {
     pub secret_env: Vec<String>,
     /// Hosts whose requests are not scanned (the allowlist's patterns).
     pub skip_hosts: Vec<Pattern>,
+    /// The largest request body inspected, in bytes, after its
+    /// `Content-Encoding` is undone (0: 1 MiB). A larger one is refused
+    /// (`not_inspected`) under `deny`, recorded under `audit`.
+    pub max_body: usize,
 }
 
 /// One `[[credentials]]` block: a secret, the hosts it is added for, and how.
@@ -844,6 +848,7 @@ impl Config {
             scanner,
             action: scan.action,
             skip_hosts,
+            max_body: scan.max_body,
         }
     }
 

@@ -22,11 +22,21 @@ async fn scanned(
     dir: &std::path::Path,
     script: &str,
 ) -> (Option<i32>, String, String) {
+    scanned_with(action, "", dir, script).await
+}
+
+/// The same, with more `[scan]` keys.
+async fn scanned_with(
+    action: &str,
+    extra: &str,
+    dir: &std::path::Path,
+    script: &str,
+) -> (Option<i32>, String, String) {
     let config = dir.join("scan.toml");
     std::fs::write(
         &config,
         format!(
-            "[network]\nallowed_domains = [\"127.0.0.1\"]\nallow_local_binding = true\n\n[scan]\naction = \"{action}\"\nsecret_env = [\"MY_SECRET\"]\n\n[log]\nviolations_file = {:?}\naccess_file = {:?}\n",
+            "[network]\nallowed_domains = [\"127.0.0.1\"]\nallow_local_binding = true\n\n[scan]\naction = \"{action}\"\nsecret_env = [\"MY_SECRET\"]\n{extra}\n\n[log]\nviolations_file = {:?}\naccess_file = {:?}\n",
             dir.join("violations.jsonl"),
             dir.join("access.jsonl"),
         ),
@@ -231,4 +241,95 @@ curl -s -o /dev/null -w "other %{{http_code}}\n" -H "X-Other: {OTHER}" https://s
         !stderr.contains(OTHER) && !stderr.contains(SECRET),
         "{stderr}"
     );
+}
+
+/// Bodies: a form, JSON with its escapes, NDJSON, gzip and deflate,
+/// multipart, a known value base64'd inside JSON — each refused naming the
+/// body; ordinary bodies pass; a body over `max_body` is refused
+/// (`not_inspected`) under deny and let through under audit.
+#[tokio::test]
+async fn bodies_are_scanned_decoded_and_bounded() {
+    let origin = origin().await;
+    let base = format!("http://127.0.0.1:{}", origin.addr.port());
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    let known_b64 = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(KNOWN)
+    };
+    let escaped: String = GITHUB
+        .chars()
+        .map(|c| format!("\\u{:04x}", c as u32))
+        .collect();
+    let script = format!(
+        r#"
+post() {{ name=$1; shift; curl -s -o /dev/null -w "$name %{{http_code}}\n" "$@" "{base}/upload"; }}
+post form -d "token={GITHUB}"
+printf '{{"note":"{escaped}"}}' > {d}/escaped.json
+post json-escaped -H "Content-Type: application/json" --data-binary @{d}/escaped.json
+printf '{{"a":1}}\n{{"t":"{GITHUB}"}}\n' > {d}/lines.ndjson
+post ndjson -H "Content-Type: application/x-ndjson" --data-binary @{d}/lines.ndjson
+printf 'key={GITHUB}' | gzip > {d}/body.gz
+post gzip -H "Content-Encoding: gzip" --data-binary @{d}/body.gz
+python3 -c 'import zlib,sys; sys.stdout.buffer.write(zlib.compress(b"key={GITHUB}"))' > {d}/body.zz
+post deflate -H "Content-Encoding: deflate" --data-binary @{d}/body.zz
+printf 'config\nsecret = {GITHUB}\n' > {d}/notes.txt
+post multipart -F "file=@{d}/notes.txt"
+post known-json -H "Content-Type: application/json" -d '{{"blob":"{known_b64}"}}'
+post benign-json -H "Content-Type: application/json" -d '{{"name":"build","id":"8c6f1f0e-6a0f-4b8e-9a39-3b0f3c1d2e4f","key":"AKIAIOSFODNN7EXAMPLE"}}'
+post benign-form -d "q=GITHUB_TOKEN&page=2"
+head -c 20000 /dev/zero | tr '\0' 'a' > {d}/big.txt
+post big --data-binary @{d}/big.txt
+"#
+    );
+    let (code, stdout, stderr) =
+        scanned_with("deny", "max_body = 16384", dir.path(), &script).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    for (name, wanted) in [
+        ("form", "403"),
+        ("json-escaped", "403"),
+        ("ndjson", "403"),
+        ("gzip", "403"),
+        ("deflate", "403"),
+        ("multipart", "403"),
+        ("known-json", "403"),
+        ("benign-json", "200"),
+        ("benign-form", "200"),
+        ("big", "403"),
+    ] {
+        assert!(
+            stdout.contains(&format!("{name} {wanted}\n")),
+            "{name} should be {wanted}:\n{stdout}\n{stderr}"
+        );
+    }
+    let recorded = records(dir.path());
+    assert!(
+        recorded.contains("github_token in the body (JSON-escaped)"),
+        "{recorded}"
+    );
+    assert!(
+        recorded.contains("known:MY_SECRET in the body (base64)"),
+        "{recorded}"
+    );
+    assert!(
+        recorded.contains(r#""reason":"not_inspected""#) && recorded.contains("over 16 KiB"),
+        "{recorded}"
+    );
+    assert!(
+        !recorded.contains(GITHUB) && !recorded.contains(KNOWN),
+        "{recorded}"
+    );
+
+    // Audit: the big body goes on untouched, recorded as not inspected.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    let script = format!(
+        r#"head -c 20000 /dev/zero | tr '\0' 'a' > {d}/big.txt
+curl -s -o /dev/null -w "big %{{http_code}}\n" --data-binary @{d}/big.txt "{base}/upload""#
+    );
+    let (code, stdout, stderr) =
+        scanned_with("audit", "max_body = 16384", dir.path(), &script).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("big 200"), "{stdout}\n{stderr}");
+    assert!(records(dir.path()).contains(r#""decision":"audit""#));
 }

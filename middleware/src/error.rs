@@ -68,6 +68,9 @@ pub enum Reason {
     /// The request carries a secret (a token format, or a value the proxy
     /// knows), in its path, query or a header; see [`scan`](crate::scan).
     SecretDetected,
+    /// Secret scanning is on and the request's body could not be inspected
+    /// (over `[scan] max_body`, or an encoding portcullis cannot undo).
+    NotInspected,
     /// A reason of an integrator's own layer, by name (use lower-case ASCII
     /// letters, digits and `_`, like the built-in names). The transports
     /// answer it like the built-in reasons: a 403 on HTTP with
@@ -97,6 +100,7 @@ impl Reason {
             Reason::HostMismatch => "host_mismatch",
             Reason::CredentialMismatch => "credential_mismatch",
             Reason::SecretDetected => "secret_detected",
+            Reason::NotInspected => "not_inspected",
             Reason::Custom(name) => name,
         }
     }
@@ -512,6 +516,10 @@ fn default_message(reason: Reason, target: &Target, method: &http::Method) -> St
         ),
         Reason::SecretDetected => format!(
             "portcullis refused {} {target}: it carries what looks like a secret; remove it from the request, or set [scan] action = \"audit\" (or add the host to [scan] skip_hosts) if it is not one",
+            method.as_str().escape_debug()
+        ),
+        Reason::NotInspected => format!(
+            "portcullis refused {} {target}: secret scanning is on and its body could not be inspected; send a smaller body (or raise [scan] max_body), or add the host to [scan] skip_hosts",
             method.as_str().escape_debug()
         ),
         Reason::Custom(name) => format!("portcullis refused {target}: {name}"),

@@ -192,7 +192,7 @@ pub use request::{
     UdpAssociation, WebSocketFramesOnly,
 };
 pub use request_rules_layer::{EnforceRules, EnforceRulesLayer};
-pub use scan_layer::{ScanSecrets, ScanSecretsLayer};
+pub use scan_layer::{ScanBody, ScanSecrets, ScanSecretsLayer};
 
 /// The names before the layers were paired as tower pairs them (`Foo<S>`
 /// and `FooLayer`); each says what it was renamed.

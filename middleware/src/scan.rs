@@ -54,19 +54,49 @@ pub struct ScanPolicy {
     pub action: ScanAction,
     /// Hosts whose requests are not scanned (the allowlist's patterns).
     pub skip_hosts: crate::pattern::PatternSet,
+    /// The largest body inspected (after its `Content-Encoding` is
+    /// undone); a larger one is refused (`not_inspected`) under `deny`,
+    /// recorded and let through under `audit`. 0: [`DEFAULT_MAX_BODY`].
+    pub max_body: usize,
 }
+
+/// The largest body inspected unless [`ScanPolicy::max_body`] says.
+pub const DEFAULT_MAX_BODY: usize = 1 << 20;
 
 impl PartialEq for ScanPolicy {
     fn eq(&self, other: &ScanPolicy) -> bool {
         self.scanner == other.scanner
             && self.action == other.action
             && self.skip_hosts.patterns() == other.skip_hosts.patterns()
+            && self.max_body == other.max_body
     }
 }
 
 impl Eq for ScanPolicy {}
 
 impl ScanPolicy {
+    /// The largest body inspected.
+    pub fn body_limit(&self) -> usize {
+        if self.max_body == 0 {
+            DEFAULT_MAX_BODY
+        } else {
+            self.max_body
+        }
+    }
+
+    /// Whether `target` is scanned at all.
+    pub fn covers(&self, target: &crate::target::Target) -> bool {
+        if self.action == ScanAction::Off {
+            return false;
+        }
+        match target {
+            crate::target::Target::Host { host, port } => {
+                self.skip_hosts.find(host, *port).is_none()
+            }
+            _ => true,
+        }
+    }
+
     /// The finding in `request` for `target`, when scanning is on and the
     /// host is not skipped. `not_secrets` are tokens shaped like secrets
     /// that are not (a credential's placeholder).
@@ -76,13 +106,8 @@ impl ScanPolicy {
         request: &Request<B>,
         not_secrets: &[String],
     ) -> Option<Finding> {
-        if self.action == ScanAction::Off {
+        if !self.covers(target) {
             return None;
-        }
-        if let crate::target::Target::Host { host, port } = target {
-            if self.skip_hosts.find(host, *port).is_some() {
-                return None;
-            }
         }
         self.scanner.scan_request_except(request, not_secrets)
     }
@@ -97,6 +122,8 @@ pub enum Location {
     Query,
     /// A header, by name.
     Header(String),
+    /// The body.
+    Body,
 }
 
 impl fmt::Display for Location {
@@ -105,6 +132,7 @@ impl fmt::Display for Location {
             Location::Path => f.write_str("the URL path"),
             Location::Query => f.write_str("the query string"),
             Location::Header(name) => write!(f, "the {name} header"),
+            Location::Body => f.write_str("the body"),
         }
     }
 }
@@ -331,6 +359,24 @@ impl Scanner {
         })
     }
 
+    /// The first secret in a request body (its `Content-Encoding` already
+    /// undone): as a field, and, when it is JSON or NDJSON, in every string
+    /// it holds with its escapes (`\u0067`) undone.
+    pub fn scan_body(&self, body: &[u8], not_secrets: &[String]) -> Option<Finding> {
+        if let Some(found) = self.scan_field_except(body, Location::Body, not_secrets) {
+            return Some(found);
+        }
+        let strings = json_strings(body);
+        if strings.is_empty() {
+            return None;
+        }
+        self.scan_field_except(strings.join("\n").as_bytes(), Location::Body, not_secrets)
+            .map(|found| Finding {
+                encoding: found.encoding.or(Some("JSON-escaped")),
+                ..found
+            })
+    }
+
     /// The first secret in one field, in any of the views the module docs
     /// list.
     pub fn scan_field(&self, raw: &[u8], location: Location) -> Option<Finding> {
@@ -553,6 +599,40 @@ fn base64_runs(text: &[u8]) -> Vec<Vec<u8>> {
         }
     }
     found
+}
+
+/// Every string (keys too) of a JSON document, or of each line of NDJSON,
+/// unescaped; empty when the body is neither.
+fn json_strings(body: &[u8]) -> Vec<String> {
+    fn collect(value: &serde_json::Value, into: &mut Vec<String>) {
+        match value {
+            serde_json::Value::String(text) => into.push(text.clone()),
+            serde_json::Value::Array(items) => items.iter().for_each(|item| collect(item, into)),
+            serde_json::Value::Object(map) => {
+                for (key, item) in map {
+                    into.push(key.clone());
+                    collect(item, into);
+                }
+            }
+            _ => {}
+        }
+    }
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if !matches!(first, Some(b'{' | b'[' | b'"')) {
+        return Vec::new();
+    }
+    let mut strings = Vec::new();
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(value) => collect(&value, &mut strings),
+        Err(_) => {
+            for line in body.split(|&b| b == b'\n') {
+                if let Ok(value) = serde_json::from_slice::<serde_json::Value>(line) {
+                    collect(&value, &mut strings);
+                }
+            }
+        }
+    }
+    strings
 }
 
 /// Whether `needle` occurs in `haystack`.

@@ -74,7 +74,7 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, request: Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let policy = self.policy.load();
         let scan = policy.scan();
         if scan.action == ScanAction::Off {
@@ -85,39 +85,121 @@ where
             Err(error) => return MarkedResponse::refused(error),
         };
         let Some(finding) = scan.finding(&info.target, &request, &self.placeholders) else {
+            // The body is read (bounded) and judged by the connector,
+            // before anything is sent.
+            if scan.covers(&info.target) && crate::inspect::carries_body(&request) {
+                request.extensions_mut().insert(ScanBody {
+                    scan: scan.clone(),
+                    placeholders: self.placeholders.clone(),
+                });
+            }
             return MarkedResponse::inner(self.inner.call(request));
         };
-        let method = info.method.as_str().escape_debug().to_string();
-        let blocked = Blocked::new(
+        match verdict(
+            scan.action,
+            &info,
             Reason::SecretDetected,
-            Source::Layer("secret_scan"),
-            info.target.clone(),
-            info.protocol,
-            &info.method,
-        )
-        .with_rule(Some(finding.to_string()));
-        match scan.action {
-            ScanAction::Audit => {
-                let message = format!(
-                    "portcullis let {method} {} through in audit mode; it carries a secret: {finding}, which [scan] action = \"deny\" refuses",
-                    info.target
-                );
-                let audited = blocked
-                    .with_decision(BlockDecision::Audit)
-                    .with_message(message);
-                MarkedResponse::marked(self.inner.call(request), false, Some(audited))
-            }
-            _ => {
-                let message = format!(
-                    "portcullis refused {method} {}: it carries a secret: {finding} (the value is not recorded); remove it from the request, or, if it is not a secret, set [scan] action = \"audit\" or add the host to [scan] skip_hosts",
-                    info.target
-                );
-                MarkedResponse::refused(
-                    blocked
-                        .with_decision(BlockDecision::Deny)
-                        .with_message(message),
-                )
-            }
+            &finding.to_string(),
+        ) {
+            Ok(audited) => MarkedResponse::marked(self.inner.call(request), false, audited),
+            Err(refused) => MarkedResponse::refused(refused),
         }
+    }
+}
+
+/// What `action` makes of a finding (`what`: the detector and the place,
+/// or why a body was not inspected): a refusal, or an audit record.
+fn verdict(
+    action: ScanAction,
+    info: &RequestInfo,
+    reason: Reason,
+    what: &str,
+) -> Result<Option<Blocked>, BoxError> {
+    let method = info.method.as_str().escape_debug().to_string();
+    let blocked = Blocked::new(
+        reason,
+        Source::Layer("secret_scan"),
+        info.target.clone(),
+        info.protocol,
+        &info.method,
+    )
+    .with_rule(Some(what.to_owned()));
+    let (found, fix) = match reason {
+        Reason::NotInspected => (
+            format!("its body could not be inspected ({what})"),
+            "send a smaller body (or raise [scan] max_body), or add the host to [scan] skip_hosts",
+        ),
+        _ => (
+            format!("it carries a secret: {what} (the value is not recorded)"),
+            "remove it from the request, or, if it is not a secret, set [scan] action = \"audit\" or add the host to [scan] skip_hosts",
+        ),
+    };
+    match action {
+        ScanAction::Audit => {
+            let message = format!(
+                "portcullis let {method} {} through in audit mode; {found}, which [scan] action = \"deny\" refuses",
+                info.target
+            );
+            Ok(Some(
+                blocked
+                    .with_decision(BlockDecision::Audit)
+                    .with_message(message),
+            ))
+        }
+        _ => {
+            let message = format!(
+                "portcullis refused {method} {}: {found}; {fix}",
+                info.target
+            );
+            Err(blocked
+                .with_decision(BlockDecision::Deny)
+                .with_message(message)
+                .into())
+        }
+    }
+}
+
+/// The mark [`ScanSecrets`] puts on a request with a body it could not
+/// see: the innermost service must read the body (at most
+/// [`limit`](ScanBody::limit) bytes once its `Content-Encoding` is undone)
+/// and [`decide`](ScanBody::decide) before anything is sent, or
+/// [`unread`](ScanBody::unread) a body it could not read so; portcullis's
+/// connector does.
+#[derive(Debug, Clone)]
+pub struct ScanBody {
+    scan: crate::scan::ScanPolicy,
+    placeholders: Arc<[String]>,
+}
+
+impl ScanBody {
+    /// The most bytes to read, decoded.
+    pub fn limit(&self) -> usize {
+        self.scan.body_limit()
+    }
+
+    /// The request judged by its body (decoded): `Err` with the refusal,
+    /// `Ok(Some(_))` with an audit record, `Ok(None)` to let it go on.
+    pub fn decide<B>(
+        &self,
+        request: &Request<B>,
+        body: &[u8],
+    ) -> Result<Option<Blocked>, BoxError> {
+        let info = RequestInfo::from_request(request)?;
+        match self.scan.scanner.scan_body(body, &self.placeholders) {
+            Some(finding) => verdict(
+                self.scan.action,
+                &info,
+                Reason::SecretDetected,
+                &finding.to_string(),
+            ),
+            None => Ok(None),
+        }
+    }
+
+    /// A body that could not be read within the limit or decoded (`why`):
+    /// refused (`not_inspected`) under `deny`, recorded under `audit`.
+    pub fn unread<B>(&self, request: &Request<B>, why: &str) -> Result<Option<Blocked>, BoxError> {
+        let info = RequestInfo::from_request(request)?;
+        verdict(self.scan.action, &info, Reason::NotInspected, why)
     }
 }

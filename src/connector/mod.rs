@@ -535,9 +535,60 @@ async fn checked_body(
     } else {
         request
     };
-    match request.extensions().get::<VerifyBodyMethod>().cloned() {
-        Some(mark) => verified_body_method(request, &mark).await,
-        None => Ok((request, None)),
+    let (request, audited) = match request.extensions().get::<VerifyBodyMethod>().cloned() {
+        Some(mark) => verified_body_method(request, &mark).await?,
+        None => (request, None),
+    };
+    match request
+        .extensions()
+        .get::<portcullis_middleware::ScanBody>()
+        .cloned()
+    {
+        Some(mark) => {
+            let (request, found) = scanned_body(request, &mark).await?;
+            Ok((request, audited.or(found)))
+        }
+        None => Ok((request, audited)),
+    }
+}
+
+/// Reads a body whole (at most the scan's limit, decoded) and scans it for
+/// secrets; one that cannot be read so is judged as not inspected. The
+/// body is sent on as it came.
+async fn scanned_body(
+    request: Request<Body>,
+    mark: &portcullis_middleware::ScanBody,
+) -> Result<(Request<Body>, Option<Blocked>), BoxError> {
+    let head = request_head(&request);
+    // Known too large before a byte is read: an audit lets it on untouched.
+    let declared = request
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if let Some(length) = declared.filter(|&length| length > mark.limit() as u64) {
+        let why = format!("the body is {length} bytes, over {}", size(mark.limit()));
+        return Ok((request, mark.unread(&head, &why)?));
+    }
+    match read_whole_body(request, mark.limit()).await? {
+        Ok(whole) => {
+            let audited = mark.decide(&head, &whole.plain)?;
+            Ok((
+                Request::from_parts(whole.parts, body::full(whole.sent)),
+                audited,
+            ))
+        }
+        Err(why) => {
+            // Only an audit lets an unread body on; it was consumed, so the
+            // request cannot be sent whole: refuse it anyway.
+            let audited = mark.unread(&head, &why)?;
+            match audited {
+                Some(blocked) => Err(blocked
+                    .with_decision(portcullis_middleware::BlockDecision::Deny)
+                    .into()),
+                None => Err(format!("the body could not be read: {why}").into()),
+            }
+        }
     }
 }
 
@@ -552,17 +603,17 @@ struct WholeBody {
 /// Reads a body whole (bounded) and undoes gzip; `Err` says why it could
 /// not be judged. A client's own failure (a malformed or stalled body)
 /// stays its error (a 400).
-async fn read_whole_body(request: Request<Body>) -> Result<Result<WholeBody, String>, BoxError> {
+async fn read_whole_body(
+    request: Request<Body>,
+    max: usize,
+) -> Result<Result<WholeBody, String>, BoxError> {
     use http_body_util::BodyExt;
     let (parts, mut body) = request.into_parts();
     let mut bytes = bytes::BytesMut::new();
     while let Some(frame) = body.frame().await {
         if let Ok(data) = frame?.into_data() {
-            if bytes.len() + data.len() > JUDGED_BODY_MAX_BYTES {
-                return Ok(Err(format!(
-                    "the body is over {} MiB",
-                    JUDGED_BODY_MAX_BYTES >> 20
-                )));
+            if bytes.len() + data.len() > max {
+                return Ok(Err(format!("the body is over {}", size(max))));
             }
             bytes.extend_from_slice(&data);
         }
@@ -574,21 +625,26 @@ async fn read_whole_body(request: Request<Body>) -> Result<Result<WholeBody, Str
         .map(|value| value.as_bytes().to_ascii_lowercase());
     let plain = match encoding.as_deref() {
         None | Some(b"identity") => sent.to_vec(),
-        Some(b"gzip" | b"x-gzip") => {
+        Some(name @ (b"gzip" | b"x-gzip" | b"deflate")) => {
             use std::io::Read;
             let mut plain = Vec::new();
-            let read = flate2::read::GzDecoder::new(&sent[..])
-                .take(JUDGED_BODY_MAX_BYTES as u64 + 1)
-                .read_to_end(&mut plain);
+            let mut decoder: Box<dyn Read + '_> = if name == b"deflate" {
+                Box::new(flate2::read::ZlibDecoder::new(&sent[..]))
+            } else {
+                Box::new(flate2::read::GzDecoder::new(&sent[..]))
+            };
+            let read = (&mut decoder).take(max as u64 + 1).read_to_end(&mut plain);
             match read {
-                Ok(length) if length > JUDGED_BODY_MAX_BYTES => {
-                    return Ok(Err(format!(
-                        "the body is over {} MiB uncompressed",
-                        JUDGED_BODY_MAX_BYTES >> 20
-                    )))
+                Ok(length) if length > max => {
+                    return Ok(Err(format!("the body is over {} decoded", size(max))))
                 }
                 Ok(_) => plain,
-                Err(error) => return Ok(Err(format!("its gzip does not decode: {error}"))),
+                Err(error) => {
+                    return Ok(Err(format!(
+                        "its {} does not decode: {error}",
+                        String::from_utf8_lossy(name)
+                    )))
+                }
             }
         }
         Some(other) => {
@@ -601,6 +657,17 @@ async fn read_whole_body(request: Request<Body>) -> Result<Result<WholeBody, Str
     Ok(Ok(WholeBody { parts, sent, plain }))
 }
 
+/// `max` bytes as a person reads them (`16 MiB`, `1 KiB`).
+fn size(max: usize) -> String {
+    if max >= 1 << 20 && max % (1 << 20) == 0 {
+        format!("{} MiB", max >> 20)
+    } else if max >= 1 << 10 && max % (1 << 10) == 0 {
+        format!("{} KiB", max >> 10)
+    } else {
+        format!("{max} bytes")
+    }
+}
+
 /// Reads a git fetch's body whole (bounded), undoes git's gzip, and lets
 /// it through only if it is an upload-pack request; otherwise refuses it
 /// (`method_not_allowed`) before anything is dialled. The body is sent on
@@ -610,7 +677,9 @@ async fn verified_git_fetch(
     info: &RequestInfo,
 ) -> Result<Request<Body>, BoxError> {
     let refuse = |why: String| not_a_git_fetch(info, why);
-    let whole = read_whole_body(request).await?.map_err(refuse)?;
+    let whole = read_whole_body(request, JUDGED_BODY_MAX_BYTES)
+        .await?
+        .map_err(refuse)?;
     portcullis_middleware::git::check_upload_pack_request(&whole.plain).map_err(refuse)?;
     Ok(Request::from_parts(whole.parts, body::full(whole.sent)))
 }
@@ -628,7 +697,7 @@ async fn verified_body_method(
         method_overrides_in_form, method_overrides_in_json, BodyForm,
     };
     let head = request_head(&request);
-    let whole = match read_whole_body(request).await? {
+    let whole = match read_whole_body(request, JUDGED_BODY_MAX_BYTES).await? {
         Ok(whole) => whole,
         Err(why) => return Err(mark.refuse_unread(&head, &why)),
     };

@@ -737,6 +737,7 @@ mod tests {
                 scanner: crate::scan::Scanner::builtin(),
                 action: crate::scan::ScanAction::Audit,
                 skip_hosts: crate::pattern::PatternSet::new(),
+                max_body: 4096,
             })
             .build()
     }

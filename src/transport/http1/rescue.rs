@@ -137,7 +137,7 @@ fn refusal_header(reason: Reason) -> Cow<'static, str> {
             "blocked-by-request-rule"
         }
         Reason::CredentialMismatch => "blocked-by-credential-guard",
-        Reason::SecretDetected => "blocked-by-secret-scan",
+        Reason::SecretDetected | Reason::NotInspected => "blocked-by-secret-scan",
         Reason::ApprovalDenied | Reason::ApprovalTimedOut | Reason::ApprovalFailed => {
             "blocked-by-policy"
         }
