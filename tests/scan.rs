@@ -319,6 +319,16 @@ post big --data-binary @{d}/big.txt
         !recorded.contains(GITHUB) && !recorded.contains(KNOWN),
         "{recorded}"
     );
+    // gzip and deflate were undone and judged, not refused as unreadable.
+    assert!(
+        !recorded.contains("can undo") && !recorded.contains("does not decode"),
+        "{recorded}"
+    );
+    assert_eq!(
+        recorded.matches(r#""reason":"not_inspected""#).count(),
+        1,
+        "only the big body: {recorded}"
+    );
 
     // Audit: the big body goes on untouched, recorded as not inspected.
     let dir = tempfile::tempdir().unwrap();
