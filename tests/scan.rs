@@ -343,3 +343,29 @@ curl -s -o /dev/null -w "big %{{http_code}}\n" --data-binary @{d}/big.txt "{base
     assert!(stdout.contains("big 200"), "{stdout}\n{stderr}");
     assert!(records(dir.path()).contains(r#""decision":"audit""#));
 }
+
+/// `check` answers as the proxy would: the scan is in its stack.
+#[tokio::test]
+async fn check_names_the_finding() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("scan.toml");
+    std::fs::write(
+        &config,
+        "[network]\nallowed_domains = [\"api.test\"]\n\n[scan]\naction = \"deny\"\n",
+    )
+    .unwrap();
+    let (code, stdout, stderr) = output(
+        portcullis()
+            .args(["check", "--config"])
+            .arg(&config)
+            .arg(format!("http://api.test/?t={GITHUB}")),
+    )
+    .await;
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("reason: secret_detected")
+            && stdout.contains("rule: github_token in the query string"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains(GITHUB), "{stdout}");
+}
