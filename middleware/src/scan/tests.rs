@@ -1,0 +1,91 @@
+//! The scanner's unit tests.
+use super::*;
+use base64::Engine;
+
+fn scan(uri: &str, headers: &[(&str, &str)], scanner: &Scanner) -> Option<Finding> {
+    let mut request = Request::get(uri);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    scanner.scan_request(&request.body(()).unwrap_or_else(|e| panic!("{e}")))
+}
+
+const GITHUB: &str = "ghp_R2d2C3poR2d2C3poR2d2C3poR2d2C3po1234";
+
+#[test]
+fn token_formats_are_found_in_path_query_and_headers_and_named() {
+    let scanner = Scanner::builtin();
+    let found = scan(&format!("http://x.test/?t={GITHUB}"), &[], &scanner);
+    assert_eq!(
+        found.map(|f| (f.detector, f.location)),
+        Some(("github_token".into(), Location::Query))
+    );
+    let found = scan(&format!("http://x.test/a/{GITHUB}/b"), &[], &scanner);
+    assert_eq!(found.map(|f| f.location), Some(Location::Path));
+    let found = scan(
+        "http://x.test/",
+        &[("x-key", "AKIAZ7QWERTY2345ABCD")],
+        &scanner,
+    );
+    assert_eq!(
+        found.map(|f| (f.detector, f.location)),
+        Some(("aws_access_key_id".into(), Location::Header("x-key".into())))
+    );
+    // Inside Basic credentials: base64 decoded and searched.
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("me:{GITHUB}"));
+    let found = scan(
+        "http://x.test/",
+        &[("authorization", &format!("Basic {basic}"))],
+        &scanner,
+    );
+    assert_eq!(found.map(|f| f.encoding), Some(Some("base64")));
+    // Split by zero-width characters.
+    let split = "ghp_R2d2C3po%E2%80%8BR2d2C3poR2d2C3poR2d2C3po1234";
+    assert!(scan(&format!("http://x.test/?t={split}"), &[], &scanner).is_some());
+}
+
+#[test]
+fn documentation_examples_and_ordinary_text_pass() {
+    let scanner = Scanner::builtin();
+    for uri in [
+        "http://x.test/?key=AKIAIOSFODNN7EXAMPLE",
+        "http://x.test/items/8c6f1f0e-6a0f-4b8e-9a39-3b0f3c1d2e4f",
+        "http://x.test/?token=ghp_xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+        "http://x.test/search?q=AWS_SECRET_ACCESS_KEY+and+GITHUB_TOKEN",
+        "http://x.test/img?data=iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg",
+    ] {
+        assert_eq!(scan(uri, &[("user-agent", "curl/8.5.0")], &scanner), None, "{uri}");
+    }
+}
+
+#[test]
+fn a_known_value_is_found_raw_and_in_every_encoding() {
+    let mut scanner = Scanner::none();
+    let secret = "s3cr3t-Value/with+chars=";
+    assert!(scanner.known_value("API_SECRET", secret));
+    assert!(!scanner.known_value("SHORT", "abc"));
+    let named = |found: Option<Finding>| found.map(|f| f.detector);
+    assert_eq!(
+        named(scan(&format!("http://x.test/?v={secret}"), &[], &scanner)),
+        Some("known:API_SECRET".into())
+    );
+    let percent: String = secret.bytes().map(|b| format!("%{b:02X}")).collect();
+    assert!(scan(&format!("http://x.test/?v={percent}"), &[], &scanner).is_some());
+    for prefix in ["", "a", "ab", "abc"] {
+        let text = format!("{prefix}{secret}");
+        for engine in [
+            &base64::engine::general_purpose::STANDARD,
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        ] {
+            let encoded = engine.encode(text.as_bytes());
+            let found = scan("http://x.test/", &[("x-data", &encoded)], &scanner);
+            assert!(found.is_some(), "{prefix:?} {encoded}");
+        }
+    }
+    let hex: String = secret.bytes().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(
+        scan(&format!("http://x.test/{hex}"), &[], &scanner).map(|f| f.encoding),
+        Some(Some("hex"))
+    );
+    assert_eq!(scan("http://x.test/?v=s3cr3t", &[], &scanner), None);
+}
