@@ -205,6 +205,9 @@ hosts = { "secure.test" = ["127.0.0.1"] }
 [scan]
 action = "deny"
 
+[log]
+violations_file = "VIOLATIONS"
+
 [[credentials]]
 name = "github"
 hosts = ["secure.test"]
@@ -213,11 +216,19 @@ source = { env = "TEST_TOKEN" }
 placeholder_env = "GITHUB_TOKEN"
 "#,
     );
+    let violations = dir.path().join("violations.jsonl");
+    let text = text.replace("VIOLATIONS", violations.to_str().unwrap());
     std::fs::write(&config, text).unwrap();
     let port = secure.port();
+    // The secret itself, base64'd: a program that found it elsewhere.
+    let leaked = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(format!("token={SECRET}"))
+    };
     let script = format!(
         r#"curl -s -H "Authorization: Bearer $GITHUB_TOKEN" https://secure.test:{port}/whoami; echo
-curl -s -o /dev/null -w "other %{{http_code}}\n" -H "X-Other: {OTHER}" https://secure.test:{port}/"#
+curl -s -o /dev/null -w "other %{{http_code}}\n" -H "X-Other: {OTHER}" https://secure.test:{port}/
+curl -s -o /dev/null -w "leak %{{http_code}}\n" -H "X-Leak: {leaked}" https://secure.test:{port}/"#
     );
     let (code, stdout, stderr) = output(
         portcullis()
@@ -233,6 +244,16 @@ curl -s -o /dev/null -w "other %{{http_code}}\n" -H "X-Other: {OTHER}" https://s
         "the placeholder passed the scan and the secret was added after it: {stdout}\n{stderr}"
     );
     assert!(stdout.contains("other 403"), "{stdout}\n{stderr}");
+    assert!(stdout.contains("leak 403"), "{stdout}\n{stderr}");
+    let recorded = std::fs::read_to_string(&violations).unwrap();
+    assert!(
+        recorded.contains("credential:github in the x-leak header (base64)"),
+        "the credential's own secret, by value: {recorded}"
+    );
+    assert!(
+        !recorded.contains(SECRET) && !recorded.contains(&leaked),
+        "{recorded}"
+    );
     assert!(
         stderr.contains("github_token in the x-other header"),
         "{stderr}"

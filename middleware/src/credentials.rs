@@ -342,6 +342,19 @@ impl Credentials {
         &self.list
     }
 
+    /// Each credential's name and its secret now (the store's, which a
+    /// reload may change): what a secret scan looks for by value.
+    pub fn current_secrets(&self) -> Vec<(String, Secret)> {
+        self.list
+            .iter()
+            .filter_map(|credential| {
+                self.store
+                    .secret(&credential.name)
+                    .map(|secret| (credential.name.clone(), secret))
+            })
+            .collect()
+    }
+
     /// Each placeholder and its stand-in in records, `{credential:NAME}`:
     /// for [`ViolationLogLayer::masking`](crate::ViolationLogLayer::masking).
     pub fn masks(&self) -> Vec<(String, String)> {
@@ -367,6 +380,11 @@ impl InjectCredentialsLayer {
     /// Applies `credentials`.
     pub fn new(credentials: Credentials) -> InjectCredentialsLayer {
         InjectCredentialsLayer { credentials }
+    }
+
+    /// The credentials this layer adds.
+    pub fn credentials(&self) -> &Credentials {
+        &self.credentials
     }
 
     /// The placeholders a program holds in place of the secrets: tokens

@@ -21,6 +21,7 @@ use crate::scan::ScanAction;
 pub struct ScanSecretsLayer {
     policy: PolicyHandle,
     placeholders: Arc<[String]>,
+    credentials: Option<crate::credentials::Credentials>,
 }
 
 impl ScanSecretsLayer {
@@ -29,7 +30,20 @@ impl ScanSecretsLayer {
         ScanSecretsLayer {
             policy,
             placeholders: Arc::from(Vec::new()),
+            credentials: None,
         }
+    }
+
+    /// The credentials the stack adds further in: their placeholders are
+    /// not secrets, and their secrets (as the store holds them at each
+    /// request) are looked for by value (`credential:NAME`).
+    pub fn credentials(
+        mut self,
+        layer: &crate::credentials::InjectCredentialsLayer,
+    ) -> ScanSecretsLayer {
+        self.placeholders = Arc::from(layer.placeholders());
+        self.credentials = (!layer.credentials().is_empty()).then(|| layer.credentials().clone());
+        self
     }
 
     /// Tokens that are not secrets though shaped like them: the
@@ -49,6 +63,7 @@ impl<S> Layer<S> for ScanSecretsLayer {
             inner,
             policy: self.policy.clone(),
             placeholders: self.placeholders.clone(),
+            credentials: self.credentials.clone(),
         }
     }
 }
@@ -59,6 +74,7 @@ pub struct ScanSecrets<S> {
     inner: S,
     policy: PolicyHandle,
     placeholders: Arc<[String]>,
+    credentials: Option<crate::credentials::Credentials>,
 }
 
 impl<S, B, R> Service<Request<B>> for ScanSecrets<S>
@@ -83,6 +99,21 @@ where
         let info = match RequestInfo::from_request(&request) {
             Ok(info) => info,
             Err(error) => return MarkedResponse::refused(error),
+        };
+        // The credentials' secrets as they are now (a reload may rotate them).
+        let with_secrets;
+        let scan = match &self.credentials {
+            Some(credentials) if scan.covers(&info.target) => {
+                let mut augmented = scan.clone();
+                for (name, secret) in credentials.current_secrets() {
+                    augmented
+                        .scanner
+                        .known_value(&format!("credential:{name}"), secret.expose());
+                }
+                with_secrets = augmented;
+                &with_secrets
+            }
+            _ => scan,
         };
         let Some(finding) = scan.finding(&info.target, &request, &self.placeholders) else {
             // The body is read (bounded) and judged by the connector,

@@ -247,9 +247,14 @@ impl Scanner {
         if value.len() < SHORTEST_KNOWN {
             return false;
         }
+        let name = if name.starts_with("credential:") {
+            name.to_owned()
+        } else {
+            format!("known:{name}")
+        };
         let mut known = (*self.known).clone();
         known.push(Known {
-            name: format!("known:{name}"),
+            name,
             forms: encodings(value.as_bytes()),
         });
         self.known = Arc::new(known);
