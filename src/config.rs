@@ -853,9 +853,13 @@ impl Config {
     }
 
     /// Whether the proxy has an interception CA: `mitm` on, request
-    /// rules or credentials (whose hosts are intercepted in any mode).
+    /// rules or credentials (whose hosts are intercepted in any mode), or
+    /// secret scanning (every tunnel it covers is intercepted to be seen).
     pub fn intercepts(&self) -> bool {
-        self.network.mitm || !self.rules.is_empty() || !self.credentials.is_empty()
+        self.network.mitm
+            || !self.rules.is_empty()
+            || !self.credentials.is_empty()
+            || self.scan.action != portcullis_middleware::scan::ScanAction::Off
     }
 
     /// Checks `[[credentials]]` without reading a secret: names given and

@@ -390,3 +390,59 @@ async fn check_names_the_finding() {
     );
     assert!(!stdout.contains(GITHUB), "{stdout}");
 }
+
+/// With scanning on, every HTTPS tunnel it covers is intercepted, so a
+/// secret in an HTTPS query to an allowed host is seen; `skip_hosts`
+/// leaves a host's tunnels opaque (a client that pins its certificate):
+/// the client then meets the origin's own certificate.
+#[tokio::test]
+async fn scanning_intercepts_https_to_see_it_and_skip_hosts_pass_through() {
+    let (secure, pem) = https_origin().await;
+    let port = secure.port();
+    let run = |skip: &'static str, script: String| {
+        let dir = tempfile::tempdir().unwrap();
+        let config = mitm_config(dir.path(), &pem);
+        let mut text = std::fs::read_to_string(&config).unwrap();
+        text.push_str(&format!(
+            "\n[network]\nallowed_domains = [\"secure.test\"]\nallow_local_binding = true\n\n[dns]\nhosts = {{ \"secure.test\" = [\"127.0.0.1\"] }}\n\n[scan]\naction = \"deny\"\n{skip}\n"
+        ));
+        std::fs::write(&config, text).unwrap();
+        async move {
+            let result = output(
+                portcullis()
+                    .args(["run", "--config"])
+                    .arg(&config)
+                    .args(["--", "sh", "-c", &script]),
+            )
+            .await;
+            drop(dir);
+            result
+        }
+    };
+    // Intercepted: the child trusts the proxy's CA; the secret is seen.
+    let script = format!(
+        r#"curl -s -o /dev/null -w "secret %{{http_code}}\n" "https://secure.test:{port}/?t={GITHUB}"
+curl -s "https://secure.test:{port}/"; echo
+curl -s -o /dev/null --proxy "$PORTCULLIS_SOCKS_URL" "https://secure.test:{port}/"; echo "socks $?""#
+    );
+    let (code, stdout, stderr) = run("", script).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("secret 403\n"), "{stdout}\n{stderr}");
+    assert!(stdout.contains("secure hello"), "{stdout}\n{stderr}");
+    // Over SOCKS5 the tunnel cannot be seen: refused, saying so.
+    assert!(stdout.contains("socks 97\n"), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("this tunnel cannot be intercepted"),
+        "{stderr}"
+    );
+    // Skipped: the origin's own certificate (untrusted by the child: curl
+    // exit 60), and with -k the secret goes through unseen.
+    let script = format!(
+        r#"curl -s -o /dev/null "https://secure.test:{port}/"; echo "verify $?"
+curl -k -s -o /dev/null -w "secret %{{http_code}}\n" "https://secure.test:{port}/?t={GITHUB}""#
+    );
+    let (code, stdout, stderr) = run("skip_hosts = [\"secure.test\"]", script).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("verify 60\n"), "{stdout}\n{stderr}");
+    assert!(stdout.contains("secret 200\n"), "{stdout}\n{stderr}");
+}

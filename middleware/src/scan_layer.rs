@@ -13,7 +13,7 @@ use tower_service::Service;
 use crate::error::{BlockDecision, Blocked, BoxError, Reason, Source};
 use crate::future::MarkedResponse;
 use crate::policy::PolicyHandle;
-use crate::request::RequestInfo;
+use crate::request::{Interceptable, RequestInfo};
 use crate::scan::ScanAction;
 
 /// Adds [`ScanSecrets`].
@@ -116,6 +116,23 @@ where
             _ => scan,
         };
         let Some(finding) = scan.finding(&info.target, &request, &self.placeholders) else {
+            // A tunnel: its requests are scanned only if it is intercepted.
+            if scan.covers(&info.target)
+                && (info.method == http::Method::CONNECT || info.protocol.is_tunnel())
+                && !info.protocol.is_lookup()
+            {
+                let offered = info.method == http::Method::CONNECT
+                    && (!info.protocol.is_tunnel() || info.protocol.can_intercept())
+                    && request.extensions().get::<Interceptable>().is_some();
+                if offered {
+                    return MarkedResponse::marked(self.inner.call(request), true, None);
+                }
+                let why = "secret scanning is on and this tunnel cannot be intercepted (no CA, or a way in such as SOCKS5 whose requests cannot be seen); add the host to [scan] skip_hosts to let it through unseen";
+                return match verdict(scan.action, &info, Reason::NotInspected, why) {
+                    Ok(audited) => MarkedResponse::marked(self.inner.call(request), false, audited),
+                    Err(refused) => MarkedResponse::refused(refused),
+                };
+            }
             // The body is read (bounded) and judged by the connector,
             // before anything is sent.
             if scan.covers(&info.target) && crate::inspect::carries_body(&request) {
@@ -156,6 +173,10 @@ fn verdict(
     )
     .with_rule(Some(what.to_owned()));
     let (found, fix) = match reason {
+        Reason::NotInspected if what.contains("tunnel") => (
+            format!("it could not be inspected: {what}"),
+            "or give the proxy a CA its clients trust ([network] mitm = true)",
+        ),
         Reason::NotInspected => (
             format!("its body could not be inspected ({what})"),
             "send a smaller body (or raise [scan] max_body), or add the host to [scan] skip_hosts",
