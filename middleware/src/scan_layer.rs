@@ -115,6 +115,30 @@ where
             }
             _ => scan,
         };
+        // The labels a wildcard let the program choose: seen on every way
+        // in, tunnels and DNS questions included.
+        if let Some((name, base)) = chosen_base(&policy, &info.target) {
+            if let Some(finding) = scan.scanner.scan_host(name, &base, &self.placeholders) {
+                // The name itself holds the data: records show the fixed
+                // domain only.
+                let mut shown = info.clone();
+                if let crate::target::Target::Host { port, .. } = info.target {
+                    shown.target = crate::target::Target::Host {
+                        host: crate::target::Host::Name(format!("{{redacted}}.{base}")),
+                        port,
+                    };
+                }
+                return match verdict(
+                    scan.action,
+                    &shown,
+                    Reason::SecretDetected,
+                    &finding.to_string(),
+                ) {
+                    Ok(audited) => MarkedResponse::marked(self.inner.call(request), false, audited),
+                    Err(refused) => MarkedResponse::refused(refused),
+                };
+            }
+        }
         let Some(finding) = scan.finding(&info.target, &request, &self.placeholders) else {
             // A tunnel: its requests are scanned only if it is intercepted.
             if scan.covers(&info.target)
@@ -153,6 +177,33 @@ where
             Err(refused) => MarkedResponse::refused(refused),
         }
     }
+}
+
+/// The name of `target` and the domain its allowlist entry fixed, when a
+/// wildcard let the rest be chosen: `*.example.com` and `**.example.com`
+/// fix `example.com`; `*` fixes only the registrable domain.
+fn chosen_base<'a>(
+    policy: &crate::policy::NetworkPolicy,
+    target: &'a crate::target::Target,
+) -> Option<(&'a str, String)> {
+    use crate::pattern::{HostPattern, MatchKind};
+    use crate::target::{Host, Target};
+    let Target::Host { host, port } = target else {
+        return None;
+    };
+    let Host::Name(name) = host else {
+        return None;
+    };
+    let (pattern, kind) = policy.allowed().find(host, *port)?;
+    let base = match (kind, &pattern.host) {
+        (
+            MatchKind::Wildcard,
+            HostPattern::Subdomains(base) | HostPattern::ApexAndSubdomains(base),
+        ) => base.clone(),
+        (MatchKind::Any, _) => psl::domain_str(name)?.to_owned(),
+        _ => return None,
+    };
+    Some((name.as_str(), base))
 }
 
 /// What `action` makes of a finding (`what`: the detector and the place,

@@ -30,6 +30,7 @@ use std::sync::Arc;
 
 mod decode;
 mod formats;
+mod host;
 
 use http::Request;
 
@@ -129,6 +130,8 @@ pub enum Location {
     Header(String),
     /// The body.
     Body,
+    /// The host name's labels a program chose.
+    Host,
 }
 
 impl fmt::Display for Location {
@@ -138,6 +141,7 @@ impl fmt::Display for Location {
             Location::Query => f.write_str("the query string"),
             Location::Header(name) => write!(f, "the {name} header"),
             Location::Body => f.write_str("the body"),
+            Location::Host => f.write_str("the host name"),
         }
     }
 }
@@ -300,6 +304,24 @@ impl Scanner {
                 Location::Header(name.as_str().to_owned()),
                 not_secrets,
             )
+        })
+    }
+
+    /// A secret, or data encoded, in the labels of `name` a program chose
+    /// left of `base`: known values and token formats in the labels
+    /// joined, then the shape of the labels (32+ characters of hex, or of
+    /// high-entropy base32 or base64, or 100+ characters in all).
+    pub fn scan_host(&self, name: &str, base: &str, not_secrets: &[String]) -> Option<Finding> {
+        let chosen = host::chosen(name, base)?;
+        let joined: String = chosen.split('.').collect();
+        if let Some(found) = self.scan_field_except(joined.as_bytes(), Location::Host, not_secrets)
+        {
+            return Some(found);
+        }
+        host::looks_encoded(chosen).map(|why| Finding {
+            detector: format!("encoded_hostname ({why})"),
+            location: Location::Host,
+            encoding: None,
         })
     }
 
