@@ -391,6 +391,47 @@ async fn check_names_the_finding() {
     assert!(!stdout.contains(GITHUB), "{stdout}");
 }
 
+/// What scanning leaves unseen is said: `check` marks a `skip_hosts` host,
+/// and the start names them.
+#[tokio::test]
+async fn the_hosts_left_unseen_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("scan.toml");
+    std::fs::write(
+        &config,
+        "[network]\nallowed_domains = [\"a.test\", \"b.test\"]\nallow_local_binding = true\n\n[dns]\nhosts = { \"a.test\" = [\"127.0.0.1\"], \"b.test\" = [\"127.0.0.1\"] }\n\n[scan]\naction = \"deny\"\nskip_hosts = [\"b.test\"]\n",
+    )
+    .unwrap();
+    let (code, stdout, stderr) = output(
+        portcullis()
+            .args(["check", "--config"])
+            .arg(&config)
+            .args(["https://a.test/", "https://b.test/"]),
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("rule: allowed_domains: a.test\n")
+            && stdout.contains(
+                "rule: allowed_domains: b.test; not scanned for secrets ([scan] skip_hosts)"
+            ),
+        "{stdout}"
+    );
+    let (code, _, stderr) = output(
+        portcullis()
+            .env("PORTCULLIS_LOG", "info")
+            .args(["run", "--config"])
+            .arg(&config)
+            .args(["--", "true"]),
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains("except to b.test ([scan] skip_hosts), which pass unseen"),
+        "{stderr}"
+    );
+}
+
 /// With scanning on, every HTTPS tunnel it covers is intercepted, so a
 /// secret in an HTTPS query to an allowed host is seen; `skip_hosts`
 /// leaves a host's tunnels opaque (a client that pins its certificate):

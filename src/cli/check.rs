@@ -150,10 +150,22 @@ pub(super) async fn check(args: CheckArgs) -> ExitCode {
             }
             _ => String::new(),
         };
+        // What secret scanning will not see of an allowed request.
+        let unscanned = if policy.scan().action != portcullis_middleware::scan::ScanAction::Off
+            && !policy.scan().covers(&target)
+        {
+            "; not scanned for secrets ([scan] skip_hosts)"
+        } else {
+            ""
+        };
         let verdict = match decision {
             Ok(_) => Verdict {
                 decision: "allow",
-                rule: Some(allowing_rule(&policy, rules.as_ref(), &target, protocol) + &rule_entry),
+                rule: Some(
+                    allowing_rule(&policy, rules.as_ref(), &target, protocol)
+                        + &rule_entry
+                        + unscanned,
+                ),
                 target: target.to_string(),
                 reason: None,
                 message: None,
@@ -187,7 +199,9 @@ pub(super) async fn check(args: CheckArgs) -> ExitCode {
                     target: target.to_string(),
                     decision: "unresolvable",
                     reason: Some("unresolvable".into()),
-                    rule: Some(allowing_rule(&policy, rules.as_ref(), &target, protocol)),
+                    rule: Some(
+                        allowing_rule(&policy, rules.as_ref(), &target, protocol) + unscanned,
+                    ),
                     message: Some(format!(
                         "the policy allows it, but a live request would fail: {error}"
                     )),

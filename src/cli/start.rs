@@ -78,7 +78,32 @@ pub(super) async fn start(options: &Options, purpose: Purpose) -> Result<ProxyHa
     if loaded.config.intercepts() {
         let ca = load_ca(&loaded.config, &loaded.origin)?;
         let learning = learn.as_ref().is_some_and(|l| l.learns_requests());
-        if loaded.config.network.mode == Mode::Full && loaded.config.rules.is_empty() && !learning {
+        let scanning = loaded.config.scan.action != portcullis_middleware::scan::ScanAction::Off;
+        if scanning {
+            let skipped: Vec<String> = loaded
+                .config
+                .scan
+                .skip_hosts
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            tracing::info!(
+                "secret scanning is on: every HTTPS tunnel is intercepted to be seen{}",
+                if skipped.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        ", except to {} ([scan] skip_hosts), which pass unseen",
+                        skipped.join(", ")
+                    )
+                }
+            );
+        }
+        if loaded.config.network.mode == Mode::Full
+            && loaded.config.rules.is_empty()
+            && !learning
+            && !scanning
+        {
             tracing::info!(
                 "mitm is on, but mode is full: nothing is intercepted until mode = \"limited\" or a host has [[rules]]"
             );
