@@ -228,16 +228,7 @@ impl Fixes {
                     Reason::ApprovalDenied | Reason::ApprovalTimedOut | Reason::ApprovalFailed,
                     Target::Host { .. },
                 ) => {
-                    let what = match blocked.reason {
-                        Reason::ApprovalDenied => "the approver denied it",
-                        Reason::ApprovalTimedOut => "no approval arrived in time",
-                        _ => "the approver failed, so the request was denied (fail closed)",
-                    };
-                    let detail = blocked
-                        .rule
-                        .as_deref()
-                        .map(|rule| format!(" ({rule})"))
-                        .unwrap_or_default();
+                    let (what, detail) = approval_outcome(blocked);
                     match self {
                         Fixes::Flags => {
                             format!("{what}; add --allow {host} if it should be reachable{detail}")
@@ -282,6 +273,22 @@ impl Fixes {
             "portcullis refused {target}: it resolves to the local or private address {address}; {fix}"
         )
     }
+}
+
+/// What an approval refusal says happened, and what decided it
+/// (` (denied by …)`), as every wording puts it.
+fn approval_outcome(blocked: &Blocked) -> (&'static str, String) {
+    let what = match blocked.reason {
+        Reason::ApprovalDenied => "the approver denied it",
+        Reason::ApprovalTimedOut => "no approval arrived in time",
+        _ => "the approver failed, so the request was denied (fail closed)",
+    };
+    let detail = blocked
+        .rule
+        .as_deref()
+        .map(|rule| format!(" ({rule})"))
+        .unwrap_or_default();
+    (what, detail)
 }
 
 /// A built-in refusal worded by the library's API: the builder method
@@ -353,16 +360,7 @@ fn api_wording(blocked: &Blocked) -> Option<String> {
             Reason::ApprovalDenied | Reason::ApprovalTimedOut | Reason::ApprovalFailed,
             Target::Host { .. },
         ) => {
-            let what = match blocked.reason {
-                Reason::ApprovalDenied => "the approver denied it",
-                Reason::ApprovalTimedOut => "no approval arrived in time",
-                _ => "the approver failed, so the request was denied (fail closed)",
-            };
-            let detail = blocked
-                .rule
-                .as_deref()
-                .map(|rule| format!(" ({rule})"))
-                .unwrap_or_default();
+            let (what, detail) = approval_outcome(blocked);
             format!(
                 "{what}; allow it with NetworkPolicyBuilder::allow(\"{host}\") {on_running} if it should be reachable{detail}"
             )

@@ -475,24 +475,15 @@ pub(crate) mod seccomp {
         value: i64,
         errno: i32,
     ) -> io::Result<()> {
-        let mut response = libc::seccomp_notif_resp {
-            id,
-            val: value,
-            error: if errno == 0 { 0 } else { -errno },
-            flags: 0,
-        };
-        // SAFETY: `response` is a seccomp_notif_resp, as this ioctl reads.
-        let result = unsafe {
-            libc::ioctl(
-                listener.as_raw_fd(),
-                libc::SECCOMP_IOCTL_NOTIF_SEND,
-                &mut response as *mut libc::seccomp_notif_resp,
-            )
-        };
-        if result < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        send_response(
+            listener,
+            libc::seccomp_notif_resp {
+                id,
+                val: value,
+                error: if errno == 0 { 0 } else { -errno },
+                flags: 0,
+            },
+        )
     }
 
     /// Lets notification `id`'s call go on in the kernel as the caller
@@ -500,12 +491,21 @@ pub(crate) mod seccomp {
     /// arguments no longer matter once checked, or that something else
     /// (Landlock) still checks in the kernel.
     pub(crate) fn respond_continue(listener: BorrowedFd<'_>, id: u64) -> io::Result<()> {
-        let mut response = libc::seccomp_notif_resp {
-            id,
-            val: 0,
-            error: 0,
-            flags: libc::SECCOMP_USER_NOTIF_FLAG_CONTINUE as u32,
-        };
+        send_response(
+            listener,
+            libc::seccomp_notif_resp {
+                id,
+                val: 0,
+                error: 0,
+                flags: libc::SECCOMP_USER_NOTIF_FLAG_CONTINUE as u32,
+            },
+        )
+    }
+
+    fn send_response(
+        listener: BorrowedFd<'_>,
+        mut response: libc::seccomp_notif_resp,
+    ) -> io::Result<()> {
         // SAFETY: `response` is a seccomp_notif_resp, as this ioctl reads.
         let result = unsafe {
             libc::ioctl(
