@@ -399,22 +399,24 @@ async fn the_hosts_left_unseen_are_named() {
     let config = dir.path().join("scan.toml");
     std::fs::write(
         &config,
-        "[network]\nallowed_domains = [\"a.test\", \"b.test\"]\nallow_local_binding = true\n\n[dns]\nhosts = { \"a.test\" = [\"127.0.0.1\"], \"b.test\" = [\"127.0.0.1\"] }\n\n[scan]\naction = \"deny\"\nskip_hosts = [\"b.test\"]\n",
+        "[network]\nallowed_domains = [\"a.test\", \"b.test\", \"**.cdn.test\"]\nallow_local_binding = true\n\n[dns]\nhosts = { \"a.test\" = [\"127.0.0.1\"], \"b.test\" = [\"127.0.0.1\"], \"0123456789abcdef0123456789abcdef0123.cdn.test\" = [\"127.0.0.1\"] }\n\n[scan]\naction = \"deny\"\nskip_hosts = [\"b.test\", \"**.cdn.test\"]\n",
     )
     .unwrap();
-    let (code, stdout, stderr) = output(
-        portcullis()
-            .args(["check", "--config"])
-            .arg(&config)
-            .args(["https://a.test/", "https://b.test/"]),
-    )
-    .await;
+    let (code, stdout, stderr) =
+        output(portcullis().args(["check", "--config"]).arg(&config).args([
+            "https://a.test/",
+            "https://b.test/",
+            // A skipped host's labels are not judged either.
+            "https://0123456789abcdef0123456789abcdef0123.cdn.test/",
+        ]))
+        .await;
     assert_eq!(code, Some(0), "{stdout}{stderr}");
     assert!(
         stdout.contains("rule: allowed_domains: a.test\n")
             && stdout.contains(
                 "rule: allowed_domains: b.test; not scanned for secrets ([scan] skip_hosts)"
-            ),
+            )
+            && stdout.contains("allow 0123456789abcdef0123456789abcdef0123.cdn.test:443"),
         "{stdout}"
     );
     let (code, _, stderr) = output(
@@ -427,7 +429,7 @@ async fn the_hosts_left_unseen_are_named() {
     .await;
     assert_eq!(code, Some(0), "{stderr}");
     assert!(
-        stderr.contains("except to b.test ([scan] skip_hosts), which pass unseen"),
+        stderr.contains("except to b.test, **.cdn.test ([scan] skip_hosts), which pass unseen"),
         "{stderr}"
     );
 }

@@ -117,7 +117,12 @@ where
         };
         // The labels a wildcard let the program choose: seen on every way
         // in, tunnels and DNS questions included.
-        if let Some((name, base)) = chosen_base(&policy, &info.target) {
+        let chosen = if scan.covers(&info.target) {
+            chosen_base(&policy, &info.target)
+        } else {
+            None
+        };
+        if let Some((name, base)) = chosen {
             if let Some(finding) = scan.scanner.scan_host(name, &base, &self.placeholders) {
                 // The name itself holds the data: records show the fixed
                 // domain only.
