@@ -3,7 +3,7 @@
 //! It sits before the credentials are added, so a secret the proxy injects
 //! never trips it.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
@@ -22,7 +22,16 @@ pub struct ScanSecretsLayer {
     policy: PolicyHandle,
     placeholders: Arc<[String]>,
     credentials: Option<crate::credentials::Credentials>,
+    augmented: Arc<Mutex<Option<Augmented>>>,
 }
+
+/// The policy's scan with the credentials' secrets added, and what it was
+/// built from: the policy's generation and the secrets then.
+type Augmented = (
+    u64,
+    Vec<(String, crate::credentials::Secret)>,
+    Arc<crate::scan::ScanPolicy>,
+);
 
 impl ScanSecretsLayer {
     /// Reads the scanning settings from `policy` per request.
@@ -31,6 +40,7 @@ impl ScanSecretsLayer {
             policy,
             placeholders: Arc::from(Vec::new()),
             credentials: None,
+            augmented: Arc::default(),
         }
     }
 
@@ -64,6 +74,7 @@ impl<S> Layer<S> for ScanSecretsLayer {
             policy: self.policy.clone(),
             placeholders: self.placeholders.clone(),
             credentials: self.credentials.clone(),
+            augmented: self.augmented.clone(),
         }
     }
 }
@@ -75,6 +86,39 @@ pub struct ScanSecrets<S> {
     policy: PolicyHandle,
     placeholders: Arc<[String]>,
     credentials: Option<crate::credentials::Credentials>,
+    augmented: Arc<Mutex<Option<Augmented>>>,
+}
+
+impl<S> ScanSecrets<S> {
+    /// `scan` with each credential's secret as the store holds it now
+    /// (`credential:NAME`): built again only when the policy (its
+    /// `generation`) or a secret changed, not per request.
+    fn with_secrets(
+        &self,
+        generation: u64,
+        scan: &crate::scan::ScanPolicy,
+        credentials: &crate::credentials::Credentials,
+    ) -> Arc<crate::scan::ScanPolicy> {
+        let secrets = credentials.current_secrets();
+        let mut cache = self
+            .augmented
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((built_at, built_from, built)) = cache.as_ref() {
+            if *built_at == generation && *built_from == secrets {
+                return built.clone();
+            }
+        }
+        let mut augmented = scan.clone();
+        for (name, secret) in &secrets {
+            augmented
+                .scanner
+                .known_value(&format!("credential:{name}"), secret.expose());
+        }
+        let built = Arc::new(augmented);
+        *cache = Some((generation, secrets, built.clone()));
+        built
+    }
 }
 
 impl<S, B, R> Service<Request<B>> for ScanSecrets<S>
@@ -91,6 +135,8 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        // Read before the policy: a cache built under it is never newer.
+        let generation = self.policy.generation();
         let policy = self.policy.load();
         let scan = policy.scan();
         if scan.action == ScanAction::Off {
@@ -101,17 +147,12 @@ where
             Err(error) => return MarkedResponse::refused(error),
         };
         // The credentials' secrets as they are now (a reload may rotate them).
-        let with_secrets;
+        // The credentials' secrets as they are now (a reload may rotate them).
+        let augmented;
         let scan = match &self.credentials {
             Some(credentials) if scan.covers(&info.target) => {
-                let mut augmented = scan.clone();
-                for (name, secret) in credentials.current_secrets() {
-                    augmented
-                        .scanner
-                        .known_value(&format!("credential:{name}"), secret.expose());
-                }
-                with_secrets = augmented;
-                &with_secrets
+                augmented = self.with_secrets(generation, scan, credentials);
+                &*augmented
             }
             _ => scan,
         };

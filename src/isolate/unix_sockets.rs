@@ -233,26 +233,23 @@ pub(crate) fn filter(network: Network) -> Result<Vec<Instruction>, String> {
             // bind and listen go to the bridge too.
             when(JUMP_EQUAL, number(libc::SYS_bind), "notify"),
             when(JUMP_EQUAL, number(libc::SYS_listen), "notify"),
-            // TCP Fast Open connects from a send, past connect.
-            unless(JUMP_EQUAL, number(libc::SYS_sendto), "not sendto"),
-            Do(statement(LOAD_WORD, argument(3))),
-            Do(statement(AND, libc::MSG_FASTOPEN as u32)),
-            when(JUMP_EQUAL, 0, "allow"),
-            Do(statement(RETURN, errno(libc::EACCES))),
-            Label("not sendto"),
-            unless(JUMP_EQUAL, number(libc::SYS_sendmsg), "not sendmsg"),
-            Do(statement(LOAD_WORD, argument(2))),
-            Do(statement(AND, libc::MSG_FASTOPEN as u32)),
-            when(JUMP_EQUAL, 0, "allow"),
-            Do(statement(RETURN, errno(libc::EACCES))),
-            Label("not sendmsg"),
-            unless(JUMP_EQUAL, number(libc::SYS_sendmmsg), "not sendmmsg"),
-            Do(statement(LOAD_WORD, argument(3))),
-            Do(statement(AND, libc::MSG_FASTOPEN as u32)),
-            when(JUMP_EQUAL, 0, "allow"),
-            Do(statement(RETURN, errno(libc::EACCES))),
-            Label("not sendmmsg"),
         ]);
+        // TCP Fast Open connects from a send, past connect: each send call
+        // with MSG_FASTOPEN in its flags argument is refused.
+        for (call, flags, next) in [
+            (libc::SYS_sendto, 3, "not sendto"),
+            (libc::SYS_sendmsg, 2, "not sendmsg"),
+            (libc::SYS_sendmmsg, 3, "not sendmmsg"),
+        ] {
+            steps.extend([
+                unless(JUMP_EQUAL, number(call), next),
+                Do(statement(LOAD_WORD, argument(flags))),
+                Do(statement(AND, libc::MSG_FASTOPEN as u32)),
+                when(JUMP_EQUAL, 0, "allow"),
+                Do(statement(RETURN, errno(libc::EACCES))),
+                Label(next),
+            ]);
+        }
     }
     steps.extend([
         // socket and socketpair are judged by family and type.
