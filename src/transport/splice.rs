@@ -318,36 +318,42 @@ where
 pub(crate) async fn upgraded(
     client: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
-    frames_only: bool,
+    relay: crate::transport::websocket::Relay,
     idle: Duration,
     metrics: &crate::metrics::Metrics,
 ) -> Option<Moved> {
-    use crate::transport::websocket::{FramesOnly, Sender};
+    use crate::transport::websocket::{FramesOnly, Relay, Sender};
+    use crate::transport::websocket_scan::ScannedFrames;
     use hyper_util::rt::TokioIo;
-    match tokio::try_join!(client, upstream) {
-        Ok((client, upstream)) if frames_only => Some(
-            bidirectional(
-                &mut FramesOnly::new(TokioIo::new(client), Sender::Client),
-                &mut FramesOnly::new(TokioIo::new(upstream), Sender::Origin),
-                idle,
-                metrics,
-            )
-            .await,
-        ),
-        Ok((client, upstream)) => Some(
-            bidirectional(
-                &mut TokioIo::new(client),
-                &mut TokioIo::new(upstream),
-                idle,
-                metrics,
-            )
-            .await,
-        ),
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(both) => both,
         Err(error) => {
             tracing::debug!(%error, "upgrade failed");
-            None
+            return None;
         }
-    }
+    };
+    let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+    Some(match relay {
+        Relay::Scanned(judge, deflate) => {
+            bidirectional(
+                &mut ScannedFrames::new(client, *judge, deflate),
+                &mut FramesOnly::new(upstream, Sender::Origin),
+                idle,
+                metrics,
+            )
+            .await
+        }
+        Relay::FramesOnly => {
+            bidirectional(
+                &mut FramesOnly::new(client, Sender::Client),
+                &mut FramesOnly::new(upstream, Sender::Origin),
+                idle,
+                metrics,
+            )
+            .await
+        }
+        Relay::Anything => bidirectional(&mut client, &mut upstream, idle, metrics).await,
+    })
 }
 
 /// Copies both ways until both sides are done, an error ends it (a peer

@@ -18,7 +18,7 @@ use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
 use tungstenite::protocol::frame::FrameHeader;
 
 /// The longest frame header: 2 bytes, 8 of extended length, 4 of mask.
-const MAX_HEADER: usize = 14;
+pub(crate) const MAX_HEADER: usize = 14;
 
 /// Who sends the frames a [`FrameCheck`] follows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,23 +84,32 @@ impl FrameCheck {
     }
 
     fn check(&self, header: &FrameHeader, length: u64) -> Result<(), String> {
-        if header.rsv2 || header.rsv3 {
-            return Err("a frame with RSV2 or RSV3 set (no extension uses them)".to_owned());
+        refuse_header(self.sender, header, length)
+    }
+}
+
+/// Why a frame's header cannot be a WebSocket frame from `sender`.
+pub(crate) fn refuse_header(
+    sender: Sender,
+    header: &FrameHeader,
+    length: u64,
+) -> Result<(), String> {
+    if header.rsv2 || header.rsv3 {
+        return Err("a frame with RSV2 or RSV3 set (no extension uses them)".to_owned());
+    }
+    match (sender, header.mask.is_some()) {
+        (Sender::Client, false) => return Err("a client frame without a mask".to_owned()),
+        (Sender::Origin, true) => return Err("an origin frame with a mask".to_owned()),
+        _ => {}
+    }
+    match header.opcode {
+        OpCode::Data(Data::Reserved(code)) | OpCode::Control(Control::Reserved(code)) => {
+            Err(format!("a frame with the reserved opcode {code:#x}"))
         }
-        match (self.sender, header.mask.is_some()) {
-            (Sender::Client, false) => return Err("a client frame without a mask".to_owned()),
-            (Sender::Origin, true) => return Err("an origin frame with a mask".to_owned()),
-            _ => {}
+        OpCode::Control(_) if !header.is_final || length > 125 => {
+            Err("a control frame fragmented or over 125 bytes".to_owned())
         }
-        match header.opcode {
-            OpCode::Data(Data::Reserved(code)) | OpCode::Control(Control::Reserved(code)) => {
-                Err(format!("a frame with the reserved opcode {code:#x}"))
-            }
-            OpCode::Control(_) if !header.is_final || length > 125 => {
-                Err("a control frame fragmented or over 125 bytes".to_owned())
-            }
-            _ => Ok(()),
-        }
+        _ => Ok(()),
     }
 }
 
@@ -234,5 +243,44 @@ mod tests {
         let mut deflated = frame(1, b"x", true);
         deflated[0] |= 0x40;
         assert!(!refused(&deflated, Sender::Client));
+    }
+}
+
+/// What an upgraded connection's relay reads, from the marks on the
+/// `101`: anything, WebSocket frames only, or frames whose client
+/// messages are judged.
+#[derive(Debug, Clone)]
+pub(crate) enum Relay {
+    Anything,
+    FramesOnly,
+    /// `deflate`: the response agreed permessage-deflate.
+    Scanned(Box<portcullis_middleware::ScanFrames>, bool),
+}
+
+impl Relay {
+    pub(crate) fn of<B>(response: &http::Response<B>) -> Relay {
+        let extensions = response.extensions();
+        if let Some(judge) = extensions.get::<portcullis_middleware::ScanFrames>() {
+            let deflate = response
+                .headers()
+                .get_all(http::header::SEC_WEBSOCKET_EXTENSIONS)
+                .iter()
+                .filter_map(|value| value.to_str().ok())
+                .flat_map(|value| value.split(','))
+                .any(|offer| {
+                    offer
+                        .split(';')
+                        .next()
+                        .is_some_and(|name| name.trim().eq_ignore_ascii_case("permessage-deflate"))
+                });
+            return Relay::Scanned(Box::new(judge.clone()), deflate);
+        }
+        if extensions
+            .get::<portcullis_middleware::WebSocketFramesOnly>()
+            .is_some()
+        {
+            return Relay::FramesOnly;
+        }
+        Relay::Anything
     }
 }

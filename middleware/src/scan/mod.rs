@@ -1,6 +1,6 @@
 //! Secret scanning: what a request carries that must not leave, found in
 //! the request *as the program sent it* — its path, its query and every
-//! header (bodies and WebSocket frames are not read yet).
+//! header, its body and the WebSocket messages a client sends.
 //!
 //! Two kinds of detector:
 //!
@@ -132,6 +132,9 @@ pub enum Location {
     Body,
     /// The host name's labels a program chose.
     Host,
+    /// A WebSocket message the client sent (its fragments joined, its
+    /// compression undone).
+    Message,
 }
 
 impl fmt::Display for Location {
@@ -142,6 +145,7 @@ impl fmt::Display for Location {
             Location::Header(name) => write!(f, "the {name} header"),
             Location::Body => f.write_str("the body"),
             Location::Host => f.write_str("the host name"),
+            Location::Message => f.write_str("a WebSocket message"),
         }
     }
 }
@@ -329,14 +333,25 @@ impl Scanner {
     /// undone): as a field, and, when it is JSON or NDJSON, in every string
     /// it holds with its escapes (`\u0067`) undone.
     pub fn scan_body(&self, body: &[u8], not_secrets: &[String]) -> Option<Finding> {
-        if let Some(found) = self.scan_field_except(body, Location::Body, not_secrets) {
+        self.scan_content(body, Location::Body, not_secrets)
+    }
+
+    /// The first secret in content (a body, a WebSocket message) found at
+    /// `location`, as [`scan_body`](Self::scan_body) searches.
+    pub fn scan_content(
+        &self,
+        body: &[u8],
+        location: Location,
+        not_secrets: &[String],
+    ) -> Option<Finding> {
+        if let Some(found) = self.scan_field_except(body, location.clone(), not_secrets) {
             return Some(found);
         }
         let strings = json_strings(body);
         if strings.is_empty() {
             return None;
         }
-        self.scan_field_except(strings.join("\n").as_bytes(), Location::Body, not_secrets)
+        self.scan_field_except(strings.join("\n").as_bytes(), location, not_secrets)
             .map(|found| Finding {
                 encoding: found.encoding.or(Some("JSON-escaped")),
                 ..found

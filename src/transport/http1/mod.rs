@@ -253,10 +253,7 @@ async fn route(
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {
             let upstream_upgrade = hyper::upgrade::on(&mut response);
-            let frames_only = response
-                .extensions()
-                .get::<portcullis_middleware::WebSocketFramesOnly>()
-                .is_some();
+            let relay = crate::transport::websocket::Relay::of(&response);
             let upgraded = drain.open(name.unwrap_or_default());
             tokio::spawn(async move {
                 let idle = settings.limits.tunnel_idle_timeout;
@@ -265,7 +262,7 @@ async fn route(
                 splice::upgraded(
                     client_upgrade,
                     upstream_upgrade,
-                    frames_only,
+                    relay,
                     idle,
                     &settings.metrics,
                 )

@@ -12,7 +12,8 @@
 //!
 //! | what the client sends | answer |
 //! | --- | --- |
-//! | bytes that are not a TLS ClientHello | the connection is closed; the stack's loop guard refuses a synthesized request marked [`NotTls`], so a `tls_required` violation is logged |
+//! | plain HTTP/1 (a method, a space: `ws://` clients that always `CONNECT`) | every request goes through the stack as protocol `http`, as a captured plain connection does |
+//! | bytes that are neither a TLS ClientHello nor HTTP/1 | the connection is closed; the stack's loop guard refuses a synthesized request marked [`NotTls`], so a `tls_required` violation is logged |
 //! | a nested `CONNECT` | 405 |
 //! | a `Host` or absolute-form authority other than the CONNECT target | 400 |
 //! | anything else | whatever the stack answers (a refusal is the usual 403 JSON) |
@@ -31,7 +32,7 @@ use std::time::{Duration, Instant};
 use http::{Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio_rustls::LazyConfigAcceptor;
 
 use portcullis_middleware::{BoxError, NotTls, Protocol, Target};
@@ -46,6 +47,7 @@ use crate::body::{self, Body};
 use crate::env::CaFiles;
 use crate::transport::http1::rescue;
 use crate::transport::model::RequestModel;
+use crate::transport::replay::Replay;
 use crate::transport::Peer;
 use crate::transport::{call_stack, Limits, ProxyService};
 
@@ -266,6 +268,30 @@ pub(crate) async fn serve<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let client = peer.addr;
+    let mut io = io;
+    let head = match tokio::time::timeout(HANDSHAKE_TIMEOUT, first_bytes(&mut io)).await {
+        Ok(Ok(head)) => head,
+        Ok(Err(error)) => {
+            tracing::debug!(%error, %client, "intercepted tunnel: reading its first bytes failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%client, "intercepted tunnel: nothing sent in time");
+            return;
+        }
+    };
+    if head.is_empty() {
+        return;
+    }
+    let plain_http = starts_like_http1(&head);
+    let io = Replay::new(head, io);
+    if plain_http {
+        // Plain HTTP inside the tunnel (a `ws://` client that always
+        // CONNECTs): every request goes through the stack as protocol
+        // `http`, so nothing in it passes unread.
+        serve_requests(io, target, peer, stack, answers, Protocol::Http).await;
+        return;
+    }
     let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);
     let start = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor).await {
         Ok(Ok(start)) => start,
@@ -306,6 +332,45 @@ pub(crate) async fn serve<I>(
         Err(_) => return,
     };
     serve_requests(tls, target, peer, stack, answers, Protocol::HttpsMitm).await;
+}
+
+/// The longest request method looked for before a tunnel's bytes are
+/// taken for something other than HTTP/1.
+const LONGEST_METHOD: usize = 16;
+
+/// Reads the first bytes of a tunnel: enough to tell a TLS record (its
+/// first byte) from an HTTP/1 request line (a method and a space). Empty
+/// if the client closed without sending anything.
+async fn first_bytes<I: AsyncRead + Unpin>(io: &mut I) -> std::io::Result<Vec<u8>> {
+    let mut head = Vec::with_capacity(LONGEST_METHOD + 1);
+    let mut byte = [0u8; LONGEST_METHOD + 1];
+    loop {
+        let want = LONGEST_METHOD + 1 - head.len();
+        let n = io.read(&mut byte[..want]).await?;
+        if n == 0 {
+            return Ok(head);
+        }
+        head.extend_from_slice(&byte[..n]);
+        let decided = head[0] == TLS_HANDSHAKE_RECORD
+            || head.len() > LONGEST_METHOD
+            || head.contains(&b' ')
+            || !head.iter().all(u8::is_ascii_uppercase);
+        if decided {
+            return Ok(head);
+        }
+    }
+}
+
+/// The content type of a TLS handshake record: a ClientHello starts with it.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// Whether a tunnel's first bytes are an HTTP/1 request line's start: a
+/// method of uppercase letters, then a space.
+fn starts_like_http1(head: &[u8]) -> bool {
+    let Some(space) = head.iter().position(|&b| b == b' ') else {
+        return false;
+    };
+    (1..=LONGEST_METHOD).contains(&space) && head[..space].iter().all(u8::is_ascii_uppercase)
 }
 
 /// Serves a captured plain-HTTP connection request by request (protocol
@@ -429,10 +494,7 @@ async fn inner_request(
         (response.status(), client_upgrade)
     {
         let upstream_upgrade = hyper::upgrade::on(&mut response);
-        let frames_only = response
-            .extensions()
-            .get::<portcullis_middleware::WebSocketFramesOnly>()
-            .is_some();
+        let relay = crate::transport::websocket::Relay::of(&response);
         let idle = limits.tunnel_idle_timeout;
         let metrics = answers.metrics.clone();
         let client = peer.addr;
@@ -444,7 +506,7 @@ async fn inner_request(
             let moved = crate::transport::splice::upgraded(
                 client_upgrade,
                 upstream_upgrade,
-                frames_only,
+                relay,
                 idle,
                 &metrics,
             )

@@ -32,11 +32,12 @@ use portcullis_middleware::{
 
 use crate::connector::Tunnel;
 use crate::transport::model::RequestModel;
+use crate::transport::replay::Replay;
 use crate::transport::{
     accept_loop, call_stack, splice, DrainGuard, Limits, Listening, LiveCredentials, Peer,
     ProxyService, ShutdownSignal,
 };
-use request::{Command, Replay};
+use request::Command;
 
 /// How long a client has to finish the handshake and send its command.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
