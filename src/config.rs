@@ -163,6 +163,15 @@ pub struct RuleEntryConfig {
     /// Path globs (`*` one segment, `**` any); absent: any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paths: Option<Vec<String>>,
+    /// Query parameters → glob on their decoded values (`*` any run); in
+    /// `allow` the parameters let through (`"*"` names the rest), in
+    /// `deny` any one matching refuses; absent: any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<std::collections::BTreeMap<String, String>>,
+    /// Header names → glob on their values; in `allow` required, in
+    /// `deny` any one matching refuses; absent: any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// `[run]`.
@@ -971,8 +980,15 @@ impl Config {
 
 /// One `allow`/`deny` entry, compiled; the error names the field.
 fn rule_entry(entry: &RuleEntryConfig) -> Result<RuleEntry, (&'static str, String)> {
-    if entry.methods.is_none() && entry.paths.is_none() {
-        return Err(("", "an entry names methods, paths or both".into()));
+    if entry.methods.is_none()
+        && entry.paths.is_none()
+        && entry.query.is_none()
+        && entry.headers.is_none()
+    {
+        return Err((
+            "",
+            "an entry names at least one of methods, paths, query or headers".into(),
+        ));
     }
     let mut compiled = RuleEntry::new();
     if let Some(methods) = &entry.methods {
@@ -984,6 +1000,16 @@ fn rule_entry(entry: &RuleEntryConfig) -> Result<RuleEntry, (&'static str, Strin
         compiled = compiled
             .paths(paths)
             .map_err(|e| (".paths", e.to_string()))?;
+    }
+    if let Some(query) = &entry.query {
+        compiled = compiled
+            .query(query)
+            .map_err(|e| (".query", e.to_string()))?;
+    }
+    if let Some(headers) = &entry.headers {
+        compiled = compiled
+            .headers(headers)
+            .map_err(|e| (".headers", e.to_string()))?;
     }
     Ok(compiled)
 }

@@ -226,6 +226,14 @@ async fn config_rules_are_checked_naming_key_and_file_and_check_decides_them() {
             "[[rules]]\nhost = \"x.test\"\nallow = [{ methods = [\"GET\"] }]\nenforced = true\n",
             "rules[0].enforced",
         ),
+        (
+            "[[rules]]\nhost = \"x.test\"\nallow = [{ methods = [\"GET\"] }]\ndeny = [{ headers = { \"bad name\" = \"*\" } }]\n",
+            "rules[0].deny[0].headers",
+        ),
+        (
+            "[[rules]]\nhost = \"x.test\"\nallow = [{ query = {} }]\n",
+            "rules[0].allow[0].query",
+        ),
     ];
     for (index, (text, key)) in bad.iter().enumerate() {
         let path = write(&format!("bad{index}.toml"), text);
@@ -244,7 +252,7 @@ async fn config_rules_are_checked_naming_key_and_file_and_check_decides_them() {
     }
     let config = write(
         "good.toml",
-        "[network]\nallowed_domains = [\"x.test\"]\n[[rules]]\nhost = \"x.test\"\nallow = [{ methods = [\"GET\"] }]\ndeny = [{ paths = [\"/admin/**\"] }]\n",
+        "[network]\nallowed_domains = [\"x.test\"]\n[[rules]]\nhost = \"x.test\"\nallow = [{ methods = [\"GET\"] }, { methods = [\"GET\"], paths = [\"/search\"], query = { q = \"*\" } }]\ndeny = [{ paths = [\"/admin/**\"] }, { query = { token = \"*\" } }]\n",
     );
     let check = |args: Vec<String>| {
         let config = config.clone();
@@ -281,6 +289,18 @@ async fn config_rules_are_checked_naming_key_and_file_and_check_decides_them() {
     assert!(
         stdout.contains(&config.display().to_string()),
         "names the file: {stdout}"
+    );
+    let (code, stdout, _) = check(vec!["http://x.test/a?Token=1".into()]).await;
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(
+        stdout.contains("rule_denied") && stdout.contains("rules[0].deny[1]"),
+        "{stdout}"
+    );
+    let (code, stdout, _) = check(vec!["http://x.test/search?q=1".into()]).await;
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(
+        stdout.contains("rules[0].allow[0]"),
+        "the first entry that matches: {stdout}"
     );
 }
 
@@ -368,4 +388,127 @@ async fn rules_added_by_a_reload_fail_closed_without_a_ca_and_say_so() {
         stderr.contains("started without interception") && stderr.contains("mitm_required"),
         "{stderr}"
     );
+}
+
+/// `query` and `headers` matchers, through curl and python requests: an
+/// allow entry's `query` lets only the parameters it names through (a
+/// parameter added to carry data is refused), a deny entry finds a
+/// parameter by its decoded name ignoring case, and headers are required
+/// (allow) or refused (deny) by their values.
+#[tokio::test]
+async fn query_and_header_matchers_decide_with_real_clients() {
+    let origin = origin().await;
+    let rules = RequestRules::new(vec![RuleBlock::new("127.0.0.1", "rules[0]")
+        .unwrap()
+        .allow(
+            RuleEntry::new()
+                .methods(["GET"])
+                .unwrap()
+                .paths(["/search"])
+                .unwrap()
+                .query([("q", "*"), ("page", "*")])
+                .unwrap(),
+        )
+        .allow(
+            RuleEntry::new()
+                .methods(["POST"])
+                .unwrap()
+                .headers([("content-type", "application/json*")])
+                .unwrap(),
+        )
+        .deny(RuleEntry::new().query([("access_token", "*")]).unwrap())
+        .deny(RuleEntry::new().headers([("x-debug", "*")]).unwrap())]);
+    let policy = allow(&["127.0.0.1"]).request_rules(rules).build();
+    let proxy = proxy_with(policy, &[], |b| b).await;
+    let base = format!("http://{}", origin.addr);
+    let proxy_url = proxy.http_url();
+    let via = |args: Vec<String>| {
+        let proxy_url = proxy_url.clone();
+        async move {
+            let mut all: Vec<String> = vec!["-i".into(), "-x".into(), proxy_url];
+            all.extend(args);
+            let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+            parse_response(&curl(&refs).await.stdout)
+        }
+    };
+    let (status, _, body) = via(vec![format!("{base}/search?q=rust&page=2")]).await;
+    assert_eq!((status, body.as_str()), (200, "hello /search"), "{body}");
+    let (status, _, body) = via(vec![format!("{base}/search")]).await;
+    assert_eq!(status, 200, "named parameters may be absent: {body}");
+
+    for (url, reason) in [
+        // A parameter the entry does not name, carrying data out.
+        ("/search?q=rust&leak=AKIA", "rule_not_matched"),
+        // Denied by name, however it is spelled.
+        ("/search?q=x&access_token=abc", "rule_denied"),
+        ("/search?q=x&Access%5FToken=abc", "rule_denied"),
+        ("/elsewhere?ACCESS_TOKEN=", "rule_denied"),
+    ] {
+        let (status, headers, body) = via(vec![format!("{base}{url}")]).await;
+        assert_eq!(status, 403, "{url}: {body}");
+        assert_eq!(headers["x-proxy-error"], "blocked-by-request-rule", "{url}");
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(json["reason"], reason, "{url}: {json}");
+        assert!(
+            !body.contains("AKIA") && !body.contains("abc"),
+            "values never told: {body}"
+        );
+    }
+    let (_, _, body) = via(vec![format!("{base}/search?q=rust&leak=AKIA")]).await;
+    assert!(
+        body.contains("with query parameters q, leak"),
+        "names the parameters: {body}"
+    );
+    let (status, _, body) = via(vec![
+        "-H".into(),
+        "X-Debug: on".into(),
+        format!("{base}/search?q=x"),
+    ])
+    .await;
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body.contains("rules[0].deny[1]") && body.contains("headers x-debug: *"),
+        "{body}"
+    );
+
+    let (status, _, body) = via(vec![
+        "-H".into(),
+        "Content-Type: application/json; charset=utf-8".into(),
+        "-d".into(),
+        "{}".into(),
+        format!("{base}/items"),
+    ])
+    .await;
+    assert_eq!((status, body.as_str()), (200, "hello /items"), "{body}");
+    let (status, _, body) = via(vec!["-d".into(), "a=1".into(), format!("{base}/items")]).await;
+    assert_eq!(status, 403, "a form is not JSON: {body}");
+
+    // python requests builds the query itself (`+` for a space).
+    let script = format!(
+        r#"
+import requests
+proxies = {{"http": "{proxy_url}"}}
+ok = requests.get("{base}/search", params={{"q": "a b", "page": "1"}}, proxies=proxies)
+leak = requests.get("{base}/search", params={{"q": "a", "debug": "x"}}, proxies=proxies)
+denied = requests.get("{base}/search", params={{"access_token": "t"}}, proxies=proxies)
+print(ok.status_code, leak.status_code, denied.status_code)
+"#
+    );
+    let out = tokio::process::Command::new("python3")
+        .args(["-c", &script])
+        .env_remove("HTTP_PROXY")
+        .env_remove("http_proxy")
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if out.status.success() {
+        assert_eq!(stdout.trim(), "200 403 403", "{stdout}");
+    } else {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            std::env::var_os("CI").is_none() && stderr.contains("No module named"),
+            "python requests: {stderr}"
+        );
+    }
 }

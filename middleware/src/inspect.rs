@@ -23,39 +23,11 @@ pub const METHOD_OVERRIDE_HEADERS: [HeaderName; 6] = [
 /// method-override) read as the real method.
 const METHOD_OVERRIDE_PARAMETER: &str = "_method";
 
-/// The query's parameters, names and values percent-decoded.
-fn query_parameters(query: &str) -> impl Iterator<Item = (String, String)> + '_ {
-    query.split('&').map(|pair| {
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        (percent_decoded(name), percent_decoded(value))
-    })
-}
-
-fn percent_decoded(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut index = 0;
-    while index < bytes.len() {
-        let escaped = bytes
-            .get(index + 1..index + 3)
-            .and_then(|hex| std::str::from_utf8(hex).ok())
-            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
-        match (bytes[index], escaped) {
-            (b'%', Some(byte)) => {
-                decoded.push(byte);
-                index += 3;
-            }
-            (b'+', _) => {
-                decoded.push(b' ');
-                index += 1;
-            }
-            (byte, _) => {
-                decoded.push(byte);
-                index += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&decoded).into_owned()
+/// The query's parameters, names and values percent-decoded (`+` is a
+/// space), as a form would read them.
+pub(crate) fn query_parameters(query: &str) -> impl Iterator<Item = (String, String)> + '_ {
+    form_urlencoded::parse(query.as_bytes())
+        .map(|(name, value)| (name.into_owned(), value.into_owned()))
 }
 
 /// The methods a query asks for with `_method` parameters: the name

@@ -117,7 +117,7 @@ pub(super) async fn check(args: CheckArgs) -> ExitCode {
             (
                 request.extensions().get::<Target>().cloned(),
                 request.extensions().get::<Protocol>().copied(),
-                (request.method().clone(), request.uri().path().to_owned()),
+                (request.method().clone(), request.uri().clone()),
             )
         };
         let (mut target, mut protocol, mut seen) = model(&first);
@@ -137,8 +137,10 @@ pub(super) async fn check(args: CheckArgs) -> ExitCode {
             return usage_error(&"the target could not be parsed");
         };
         // The request rule that let it through, when its host has rules.
-        let (method, path) = seen;
-        let rule_entry = match policy.request_rules().decide(&target, &method, &path) {
+        let (method, uri) = seen;
+        let mut asked = Request::new(());
+        (*asked.method_mut(), *asked.uri_mut()) = (method.clone(), uri);
+        let rule_entry = match policy.request_rules().decide_request(&target, &asked) {
             portcullis_middleware::request_rules::RuleVerdict::Allowed(by)
                 if method != http::Method::CONNECT =>
             {

@@ -70,6 +70,14 @@ impl RuleBlock {
             .any(|e| e.paths.is_some())
     }
 
+    /// Whether an entry of it matches on the query.
+    pub(super) fn uses_query(&self) -> bool {
+        self.allow
+            .iter()
+            .chain(&self.deny)
+            .any(|e| e.query.is_some())
+    }
+
     /// The refusal this block makes.
     pub(super) fn refusal(&self, reason: Reason, rule: impl FnOnce() -> String) -> Refusal {
         if self.read_only {

@@ -7,14 +7,18 @@ use std::fmt;
 use http::{Method, Request};
 
 use super::path::PathGlob;
+use super::value::{HeaderMatcher, QueryMatcher};
 use super::RuleError;
 
-/// One `allow` or `deny` entry: methods and paths, each optional (absent:
-/// any), at least one given.
+/// One `allow` or `deny` entry: methods, paths, query parameters and
+/// headers, each optional (absent: any), at least one given; a request
+/// matches when it matches each that is given.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RuleEntry {
     pub(super) methods: Option<Vec<Method>>,
     pub(super) paths: Option<Vec<PathGlob>>,
+    pub(super) query: Option<QueryMatcher>,
+    pub(super) headers: Option<HeaderMatcher>,
     /// Matches git's smart-HTTP fetch only (limited mode's preset).
     pub(super) git_fetch: bool,
 }
@@ -67,6 +71,37 @@ impl RuleEntry {
         Ok(self)
     }
 
+    /// The query parameters it matches, each a name and a glob on its
+    /// decoded values (`*` any run of characters). In an `allow` entry
+    /// these are the parameters it lets through: every parameter the
+    /// request sends must be named (`"*"` names any other) and each value
+    /// match, and a named one may be absent. In a `deny` entry any named
+    /// parameter whose value matches refuses (names and values compared
+    /// ignoring ASCII case).
+    pub fn query<I, K, V>(mut self, params: I) -> Result<RuleEntry, RuleError>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<str>,
+        V: AsRef<str>,
+    {
+        self.query = Some(QueryMatcher::new(params)?);
+        Ok(self)
+    }
+
+    /// The headers it matches, each a name and a glob on its values. In an
+    /// `allow` entry each named header must be sent, every value of it
+    /// matching; in a `deny` entry any value of a named header that
+    /// matches refuses (ignoring ASCII case).
+    pub fn headers<I, K, V>(mut self, headers: I) -> Result<RuleEntry, RuleError>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<str>,
+        V: AsRef<str>,
+    {
+        self.headers = Some(HeaderMatcher::new(headers)?);
+        Ok(self)
+    }
+
     /// Git's smart-HTTP fetch: `POST <repository>/git-upload-pack` with
     /// git's content type and no query (its body is checked apart: see
     /// [`VerifyGitFetchBody`](crate::VerifyGitFetchBody)).
@@ -95,6 +130,11 @@ impl RuleEntry {
                 .paths
                 .as_ref()
                 .is_none_or(|paths| paths.iter().any(|glob| glob.matches(path, false)))
+            && self.query.as_ref().is_none_or(|q| q.allows(asked.query))
+            && self
+                .headers
+                .as_ref()
+                .is_none_or(|h| h.allows(asked.headers))
     }
 
     /// Whether a `deny` entry refuses the request: any method it asks for
@@ -119,6 +159,11 @@ impl RuleEntry {
                 .paths
                 .as_ref()
                 .is_none_or(|paths| paths.iter().any(|glob| glob.matches(path, true)))
+            && self.query.as_ref().is_none_or(|q| q.denies(asked.query))
+            && self
+                .headers
+                .as_ref()
+                .is_none_or(|h| h.denies(asked.headers))
     }
 }
 
@@ -130,6 +175,10 @@ pub(super) struct Asked<'a> {
     /// (`None`: not a method).
     pub(super) overrides: Vec<Option<Method>>,
     pub(super) path: &'a str,
+    /// The query as sent (`None`: none, or not known: `check` by path).
+    pub(super) query: Option<&'a str>,
+    /// The headers (`None`: not known, `check` by method and path).
+    pub(super) headers: Option<&'a http::HeaderMap>,
     /// Something only reads may not carry, named: a body on a read, an
     /// upgrade, an override, the start of a push (limited mode's preset
     /// refuses it, saying which).
@@ -149,6 +198,8 @@ impl<'a> Asked<'a> {
             method,
             overrides: Vec::new(),
             path,
+            query: None,
+            headers: None,
             write_in_a_read: None,
             upgrade: false,
             websocket: false,
@@ -197,6 +248,8 @@ impl<'a> Asked<'a> {
             },
             overrides,
             path: request.uri().path(),
+            query: request.uri().query(),
+            headers: Some(headers),
             upgrade,
             websocket,
             git_fetch: crate::inspect::is_git_fetch(request),
@@ -214,6 +267,22 @@ impl fmt::Display for RuleEntry {
         if let Some(paths) = &self.paths {
             let globs: Vec<&str> = paths.iter().map(|g| g.text.as_str()).collect();
             parts.push(format!("paths {}", globs.join(", ")));
+        }
+        if let Some(query) = &self.query {
+            let params: Vec<String> = query
+                .params
+                .iter()
+                .map(|(name, glob)| format!("{}={glob}", name.escape_debug()))
+                .collect();
+            parts.push(format!("query {}", params.join(", ")));
+        }
+        if let Some(headers) = &self.headers {
+            let named: Vec<String> = headers
+                .headers
+                .iter()
+                .map(|(name, glob)| format!("{name}: {glob}"))
+                .collect();
+            parts.push(format!("headers {}", named.join(", ")));
         }
         if self.git_fetch {
             parts.push("git fetch (POST …/git-upload-pack)".to_owned());

@@ -27,6 +27,15 @@
 //! the [`LimitedModeLayer`](crate::LimitedModeLayer) decides by it with
 //! this module's engine.
 //!
+//! **Query parameters and headers** (`query`, `headers`: a name and a
+//! glob on its values, `*` any run of characters): an `allow` entry's
+//! `query` is the parameters it lets through — each one the request sends
+//! must be named (`"*"` names the rest) with every value matching — and
+//! its `headers` are required, every value matching; a `deny` entry
+//! refuses when any named parameter or header has a matching value,
+//! ignoring ASCII case. Parameters are compared decoded (`%41` and `+`
+//! undone), as the origin reads them.
+//!
 //! **Paths** are matched after normalisation: each segment is
 //! percent-decoded, empty segments (`//`) and `.` are dropped, `..` removes
 //! the segment before it, so `/repos/acme/../x` is `/x` and `/%2e%2e/` is a
@@ -83,6 +92,7 @@ mod body;
 mod call;
 mod entry;
 mod path;
+mod value;
 
 use std::fmt;
 use std::sync::Arc;
@@ -98,6 +108,7 @@ pub use body::{method_overrides_in_form, method_overrides_in_json, BodyForm, Ver
 pub(crate) use call::{decide_call, limited_preset};
 pub use entry::RuleEntry;
 pub use path::{normalise_path, PathGlob};
+pub use value::{HeaderMatcher, QueryMatcher, ValueGlob};
 
 use entry::Asked;
 
@@ -119,7 +130,11 @@ pub enum RuleError {
         /// What is wrong.
         why: &'static str,
     },
-    /// An entry names neither methods nor paths, or names an empty list.
+    /// A header name is not valid.
+    #[error("{0:?} is not a header name")]
+    Header(String),
+    /// An entry names none of methods, paths, query or headers, or names
+    /// an empty list.
     #[error("{0}")]
     Empty(&'static str),
 }
@@ -345,8 +360,22 @@ impl RequestRules {
                             (true, false) => " (a protocol upgrade other than Upgrade: websocket, which a host with request rules never lets through)",
                             (false, _) => "",
                         };
+                        // The parameters' names (never their values: a
+                        // value may be the secret being carried out).
+                        let names: Vec<String> = asked
+                            .query
+                            .into_iter()
+                            .flat_map(crate::inspect::query_parameters)
+                            .map(|(name, _)| name.escape_debug().to_string())
+                            .take(16)
+                            .collect();
+                        let query = if names.is_empty() || !block.uses_query() {
+                            String::new()
+                        } else {
+                            format!(" with query parameters {}", names.join(", "))
+                        };
                         format!(
-                            "{} ({}): no allow entry matches {}{overrides} /{}{upgrade}",
+                            "{} ({}): no allow entry matches {}{overrides} /{}{query}{upgrade}",
                             block.name,
                             block.host,
                             method.as_str().escape_debug(),
