@@ -172,6 +172,24 @@ pub struct RuleEntryConfig {
     /// `deny` any one matching refuses; absent: any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub headers: Option<std::collections::BTreeMap<String, String>>,
+    /// JSON-RPC calls in the body (MCP's among them); absent: any body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jsonrpc: Option<JsonRpcConfig>,
+}
+
+/// An entry's `jsonrpc`: what a JSON-RPC call must be.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct JsonRpcConfig {
+    /// JSON-RPC methods (globs: `notifications/*`); absent: any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub methods: Option<Vec<String>>,
+    /// MCP tools a `tools/call` may name (globs); absent: any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<Vec<String>>,
+    /// A `tools/call`'s arguments: JSON pointer → glob on the value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// `[run]`.
@@ -984,10 +1002,11 @@ fn rule_entry(entry: &RuleEntryConfig) -> Result<RuleEntry, (&'static str, Strin
         && entry.paths.is_none()
         && entry.query.is_none()
         && entry.headers.is_none()
+        && entry.jsonrpc.is_none()
     {
         return Err((
             "",
-            "an entry names at least one of methods, paths, query or headers".into(),
+            "an entry names at least one of methods, paths, query, headers or jsonrpc".into(),
         ));
     }
     let mut compiled = RuleEntry::new();
@@ -1010,6 +1029,26 @@ fn rule_entry(entry: &RuleEntryConfig) -> Result<RuleEntry, (&'static str, Strin
         compiled = compiled
             .headers(headers)
             .map_err(|e| (".headers", e.to_string()))?;
+    }
+    if let Some(jsonrpc) = &entry.jsonrpc {
+        use portcullis_middleware::request_rules::JsonRpcMatcher;
+        let mut matcher = JsonRpcMatcher::new();
+        if let Some(methods) = &jsonrpc.methods {
+            matcher = matcher
+                .methods(methods)
+                .map_err(|e| (".jsonrpc.methods", e.to_string()))?;
+        }
+        if let Some(tools) = &jsonrpc.tools {
+            matcher = matcher
+                .tools(tools)
+                .map_err(|e| (".jsonrpc.tools", e.to_string()))?;
+        }
+        if let Some(arguments) = &jsonrpc.arguments {
+            matcher = matcher
+                .arguments(arguments)
+                .map_err(|e| (".jsonrpc.arguments", e.to_string()))?;
+        }
+        compiled = compiled.jsonrpc(matcher);
     }
     Ok(compiled)
 }

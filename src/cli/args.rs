@@ -187,6 +187,16 @@ pub(super) struct CheckArgs {
     /// https:// and host:port targets are CONNECTs.
     #[arg(long, value_name = "METHOD")]
     pub(super) method: Option<String>,
+    /// A request body, judged as the proxy would judge it before sending
+    /// (JSON-RPC calls, `_method`, secrets); the method defaults to POST.
+    #[arg(long, value_name = "BODY", conflicts_with = "data_file")]
+    pub(super) data: Option<String>,
+    /// The request body from a file (`-`: standard input).
+    #[arg(long, value_name = "FILE")]
+    pub(super) data_file: Option<std::path::PathBuf>,
+    /// A request header, `Name: value` (repeatable).
+    #[arg(long = "header", short = 'H', value_name = "HEADER")]
+    pub(super) headers: Vec<String>,
     /// One object per target, a line each (`target`, `decision`, `reason`,
     /// `rule`, `message`), instead of text.
     #[arg(long)]

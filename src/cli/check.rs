@@ -95,10 +95,49 @@ pub(super) async fn check(args: CheckArgs) -> ExitCode {
     } else {
         Interception::Unavailable
     };
+    let body = match (&args.data, &args.data_file) {
+        (Some(data), _) => Some(bytes::Bytes::from(data.clone())),
+        (None, Some(path)) if path.as_os_str() == "-" => {
+            let mut data = Vec::new();
+            if let Err(error) = std::io::Read::read_to_end(&mut std::io::stdin(), &mut data) {
+                return usage_error(&format!("--data-file -: {error}"));
+            }
+            Some(data.into())
+        }
+        (None, Some(path)) => match std::fs::read(path) {
+            Ok(data) => Some(data.into()),
+            Err(error) => return usage_error(&format!("--data-file {}: {error}", path.display())),
+        },
+        (None, None) => None,
+    };
+    let mut headers = http::HeaderMap::new();
+    for header in &args.headers {
+        let parsed = header.split_once(':').and_then(|(name, value)| {
+            Some((
+                http::HeaderName::from_bytes(name.trim().as_bytes()).ok()?,
+                http::HeaderValue::from_str(value.trim()).ok()?,
+            ))
+        });
+        match parsed {
+            Some((name, value)) => {
+                headers.append(name, value);
+            }
+            None => {
+                return usage_error(&format!(
+                    "invalid --header {header:?}: write it as \"Name: value\""
+                ))
+            }
+        }
+    }
+    let method = args.method.as_deref().or(body.as_ref().map(|_| "POST"));
+    let content = Content {
+        body: body.clone(),
+        headers,
+    };
     // Every target is parsed before any is decided: a typo is a usage error.
     let mut requests = Vec::with_capacity(args.targets.len());
     for target in &args.targets {
-        match check_request(target, args.method.as_deref(), interception) {
+        match check_request(target, method, &content, interception) {
             Ok(request) => requests.push(request),
             Err(error) => {
                 return usage_error(&format!(
@@ -117,7 +156,11 @@ pub(super) async fn check(args: CheckArgs) -> ExitCode {
             (
                 request.extensions().get::<Target>().cloned(),
                 request.extensions().get::<Protocol>().copied(),
-                (request.method().clone(), request.uri().clone()),
+                (
+                    request.method().clone(),
+                    request.uri().clone(),
+                    request.headers().clone(),
+                ),
             )
         };
         let (mut target, mut protocol, mut seen) = model(&first);
@@ -137,10 +180,15 @@ pub(super) async fn check(args: CheckArgs) -> ExitCode {
             return usage_error(&"the target could not be parsed");
         };
         // The request rule that let it through, when its host has rules.
-        let (method, uri) = seen;
+        let (method, uri, headers) = seen;
         let mut asked = Request::new(());
-        (*asked.method_mut(), *asked.uri_mut()) = (method.clone(), uri);
-        let rule_entry = match policy.request_rules().decide_request(&target, &asked) {
+        (*asked.method_mut(), *asked.uri_mut(), *asked.headers_mut()) =
+            (method.clone(), uri, headers);
+        let rules_say = match &body {
+            Some(body) => policy.request_rules().decide_body(&target, &asked, body),
+            None => policy.request_rules().decide_request(&target, &asked),
+        };
+        let rule_entry = match rules_say {
             portcullis_middleware::request_rules::RuleVerdict::Allowed(by)
                 if method != http::Method::CONNECT =>
             {
@@ -287,9 +335,18 @@ pub(super) enum Interception {
     Unavailable,
 }
 
+/// What `check` sends beside the method: `--data`/`--data-file` and
+/// `--header`.
+#[derive(Debug, Default)]
+pub(super) struct Content {
+    pub(super) body: Option<bytes::Bytes>,
+    pub(super) headers: http::HeaderMap,
+}
+
 pub(super) fn check_request(
     target: &str,
     method: Option<&str>,
+    content: &Content,
     interception: Interception,
 ) -> Result<Probe, String> {
     let can_intercept = interception == Interception::Offered;
@@ -307,11 +364,21 @@ pub(super) fn check_request(
     let request = |uri: http::Uri, protocol: Protocol| -> Result<Request<Body>, String> {
         let method = http::Method::from_bytes(method.unwrap_or("GET").as_bytes())
             .map_err(|e| e.to_string())?;
+        let body = match &content.body {
+            Some(data) => crate::body::full(data.clone()),
+            None => crate::body::empty(),
+        };
         let mut request = Request::builder()
             .method(method)
             .uri(uri)
-            .body(crate::body::empty())
+            .body(body)
             .map_err(|e| e.to_string())?;
+        *request.headers_mut() = content.headers.clone();
+        if let Some(data) = &content.body {
+            request
+                .headers_mut()
+                .insert(http::header::CONTENT_LENGTH, data.len().into());
+        }
         RequestModel::new(parsed.clone(), protocol, client).apply(&mut request);
         Ok(request)
     };

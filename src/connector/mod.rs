@@ -697,19 +697,32 @@ async fn verified_body_method(
         method_overrides_in_form, method_overrides_in_json, BodyForm,
     };
     let head = request_head(&request);
-    let whole = match read_whole_body(request, JUDGED_BODY_MAX_BYTES).await? {
+    let mut whole = match read_whole_body(request, JUDGED_BODY_MAX_BYTES).await? {
         Ok(whole) => whole,
         Err(why) => return Err(mark.refuse_unread(&head, &why)),
     };
     let methods = match mark.form() {
         BodyForm::UrlEncoded => method_overrides_in_form(&whole.plain),
         BodyForm::Json => method_overrides_in_json(&whole.plain),
-        _ => match multipart_method_overrides(&whole.parts.headers, whole.plain).await {
-            Ok(methods) => methods,
-            Err(why) => return Err(mark.refuse_unread(&head, &why)),
-        },
+        _ => {
+            // The multipart reader takes the body: copied only when its
+            // calls are judged after.
+            let plain = if mark.reads_calls() {
+                whole.plain.clone()
+            } else {
+                std::mem::take(&mut whole.plain)
+            };
+            match multipart_method_overrides(&whole.parts.headers, plain).await {
+                Ok(methods) => methods,
+                Err(why) => return Err(mark.refuse_unread(&head, &why)),
+            }
+        }
     };
-    let audited = mark.decide(&head, &methods)?;
+    let audited = if mark.reads_calls() {
+        mark.decide_body(&head, &methods, &whole.plain)?
+    } else {
+        mark.decide(&head, &methods)?
+    };
     Ok((
         Request::from_parts(whole.parts, body::full(whole.sent)),
         audited,
@@ -913,7 +926,13 @@ impl Service<Request<Body>> for Connector {
             this.client.clone()
         };
         let Some(client) = client else {
-            return Box::pin(vet(this.dialer, info));
+            // Without the network (`check`): the body is judged as it
+            // would be before sending, then the destination vetted.
+            return Box::pin(async move {
+                let (_, audited) = checked_body(request, &info).await?;
+                let response = vet(this.dialer, info).await?;
+                Ok(with_audited(response, audited))
+            });
         };
         let asked = upgrading.then(|| AskedUpgrade::of(request.headers()));
         match info.target.clone() {

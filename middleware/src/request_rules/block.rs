@@ -78,6 +78,14 @@ impl RuleBlock {
             .any(|e| e.query.is_some())
     }
 
+    /// Whether an entry of it matches on JSON-RPC calls.
+    pub(super) fn uses_jsonrpc(&self) -> bool {
+        self.allow
+            .iter()
+            .chain(&self.deny)
+            .any(|e| e.jsonrpc.is_some())
+    }
+
     /// The refusal this block makes.
     pub(super) fn refusal(&self, reason: Reason, rule: impl FnOnce() -> String) -> Refusal {
         if self.read_only {

@@ -10,7 +10,8 @@ use crate::request::RequestInfo;
 
 use super::block::RuleBlock;
 use super::call::{audited_of, refusal_of};
-use super::entry::Asked;
+use super::entry::{Asked, Call};
+use super::jsonrpc::json_rpc_calls;
 use super::{Refusal, RequestRules, RuleVerdict};
 
 /// How a request body names fields, when frameworks read a `_method`
@@ -121,6 +122,8 @@ pub fn method_overrides_in_json(body: &[u8]) -> Vec<String> {
 pub struct VerifyBodyMethod {
     pub(super) rules: RequestRules,
     pub(super) form: BodyForm,
+    /// Some block names `jsonrpc`: the body's calls are judged too.
+    pub(super) calls: bool,
 }
 
 impl VerifyBodyMethod {
@@ -129,21 +132,67 @@ impl VerifyBodyMethod {
         &self.form
     }
 
+    /// Whether the rules judge the body's JSON-RPC calls (an entry names
+    /// `jsonrpc`): then [`decide_body`](Self::decide_body) must be given
+    /// the body.
+    pub fn reads_calls(&self) -> bool {
+        self.calls
+    }
+
     /// The request judged again with the methods its body names: `Err`
     /// with the refusal, `Ok(Some(_))` with a would-be refusal to record
-    /// (audit mode), `Ok(None)` to let it go on.
+    /// (audit mode), `Ok(None)` to let it go on. Without the body, an
+    /// entry that names `jsonrpc` matches no call (fail closed): use
+    /// [`decide_body`](Self::decide_body) when [`reads_calls`](Self::reads_calls).
     pub fn decide<B>(
         &self,
         request: &Request<B>,
         body_methods: &[String],
     ) -> Result<Option<Blocked>, BoxError> {
+        self.decide_calls(request, body_methods, None)
+    }
+
+    /// As [`decide`](Self::decide), with the body (its content coding
+    /// undone) for its JSON-RPC calls: a batch is judged call by call,
+    /// each needing an `allow` entry, any one refused by a `deny` entry.
+    pub fn decide_body<B>(
+        &self,
+        request: &Request<B>,
+        body_methods: &[String],
+        body: &[u8],
+    ) -> Result<Option<Blocked>, BoxError> {
+        let calls = if self.calls {
+            json_rpc_calls(body)
+        } else {
+            None
+        };
+        self.decide_calls(request, body_methods, calls.as_deref())
+    }
+
+    fn decide_calls<B>(
+        &self,
+        request: &Request<B>,
+        body_methods: &[String],
+        calls: Option<&[super::JsonRpcCall]>,
+    ) -> Result<Option<Blocked>, BoxError> {
         let info = RequestInfo::from_request(request)?;
-        let asked = Asked::of(request).with_body_overrides(body_methods);
-        match self.rules.verdict(&info.target, &asked) {
-            RuleVerdict::NoRules | RuleVerdict::Allowed(_) => Ok(None),
-            RuleVerdict::Refused(refusal) => Err(refusal_of(&info, refusal).into()),
-            RuleVerdict::Audited(refusal) => Ok(Some(audited_of(&info, refusal))),
+        let judged: Vec<Call<'_>> = match calls {
+            Some(calls) => calls.iter().map(Call::One).collect(),
+            None => vec![Call::None],
+        };
+        let mut audited = None;
+        for call in judged {
+            let mut asked = Asked::of(request).with_body_overrides(body_methods);
+            asked.call = call;
+            match self.rules.verdict(&info.target, &asked) {
+                RuleVerdict::NoRules | RuleVerdict::Allowed(_) => {}
+                RuleVerdict::Refused(refusal) => return Err(refusal_of(&info, refusal).into()),
+                RuleVerdict::Audited(refusal) => {
+                    audited.get_or_insert_with(|| audited_of(&info, refusal));
+                }
+            }
         }
+        Ok(audited)
     }
 
     /// The refusal of a request whose body could not be judged (`why`: over
@@ -160,8 +209,13 @@ impl VerifyBodyMethod {
             .filter(|(_, block)| !block.read_only)
             .map(|(_, block)| format!("{} ({})", block.name, block.host))
             .collect();
+        let what = if self.calls {
+            "judge JSON-RPC calls"
+        } else {
+            "name methods, and a form or JSON body can name another one (_method)"
+        };
         let message = format!(
-            "portcullis refused {} {}: its request rules ({}) name methods, and a form or JSON body can name another one (_method), but this body could not be judged: {why}; send a body of at most 16 MiB that parses as its Content-Type says",
+            "portcullis refused {} {}: its request rules ({}) {what}, but this body could not be judged: {why}; send a body of at most 16 MiB that parses as its Content-Type says",
             info.method.as_str().escape_debug(),
             info.target,
             names.join(", ")
@@ -171,10 +225,17 @@ impl VerifyBodyMethod {
             Refusal {
                 reason: Reason::RuleNotMatched,
                 source: Source::RequestRules,
-                rule: Some(format!(
-                    "{}: its body could name another method (_method) and {why}",
-                    names.join(", ")
-                )),
+                rule: Some(if self.calls {
+                    format!(
+                        "{}: its body's calls could not be judged: {why}",
+                        names.join(", ")
+                    )
+                } else {
+                    format!(
+                        "{}: its body could name another method (_method) and {why}",
+                        names.join(", ")
+                    )
+                }),
             },
         )
         // Written: the fix is the body's, not a rules entry's.
@@ -198,11 +259,22 @@ pub(super) fn body_method_mark<B>(
                 .chain(&block.deny)
                 .any(|entry| entry.methods.is_some())
     });
-    if !names_methods || !crate::inspect::carries_body(request) {
+    let calls = blocks
+        .iter()
+        .any(|(_, block)| !block.read_only && block.uses_jsonrpc());
+    if !(names_methods || calls) || !crate::inspect::carries_body(request) {
         return None;
     }
+    // A JSON-RPC body is read whatever its Content-Type says: servers
+    // parse what they are sent.
+    let form = match BodyForm::of(request.headers()) {
+        Some(form) => form,
+        None if calls => BodyForm::Json,
+        None => return None,
+    };
     Some(VerifyBodyMethod {
         rules: rules.clone(),
-        form: BodyForm::of(request.headers())?,
+        form,
+        calls,
     })
 }

@@ -6,6 +6,7 @@ use std::fmt;
 
 use http::{Method, Request};
 
+use super::jsonrpc::{JsonRpcCall, JsonRpcMatcher};
 use super::path::PathGlob;
 use super::value::{HeaderMatcher, QueryMatcher};
 use super::RuleError;
@@ -19,6 +20,7 @@ pub struct RuleEntry {
     pub(super) paths: Option<Vec<PathGlob>>,
     pub(super) query: Option<QueryMatcher>,
     pub(super) headers: Option<HeaderMatcher>,
+    pub(super) jsonrpc: Option<JsonRpcMatcher>,
     /// Matches git's smart-HTTP fetch only (limited mode's preset).
     pub(super) git_fetch: bool,
 }
@@ -102,6 +104,15 @@ impl RuleEntry {
         Ok(self)
     }
 
+    /// The JSON-RPC calls (MCP's among them) it matches: a request matches
+    /// only when its body is JSON-RPC and the call does (see
+    /// [`JsonRpcMatcher`]); a batch is judged call by call, each one
+    /// needing an `allow` entry and any one refused by a `deny` entry.
+    pub fn jsonrpc(mut self, matcher: JsonRpcMatcher) -> RuleEntry {
+        self.jsonrpc = Some(matcher);
+        self
+    }
+
     /// Git's smart-HTTP fetch: `POST <repository>/git-upload-pack` with
     /// git's content type and no query (its body is checked apart: see
     /// [`VerifyGitFetchBody`](crate::VerifyGitFetchBody)).
@@ -135,6 +146,12 @@ impl RuleEntry {
                 .headers
                 .as_ref()
                 .is_none_or(|h| h.allows(asked.headers))
+            && self.jsonrpc.as_ref().is_none_or(|m| match asked.call {
+                // Judged again once the body is read (the body's mark).
+                Call::Unread => true,
+                Call::None => false,
+                Call::One(call) => m.allows(call),
+            })
     }
 
     /// Whether a `deny` entry refuses the request: any method it asks for
@@ -164,7 +181,23 @@ impl RuleEntry {
                 .headers
                 .as_ref()
                 .is_none_or(|h| h.denies(asked.headers))
+            && self.jsonrpc.as_ref().is_none_or(|m| match asked.call {
+                Call::Unread | Call::None => false,
+                Call::One(call) => m.denies(call),
+            })
     }
+}
+
+/// The JSON-RPC call a request makes, as far as it is known.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Call<'a> {
+    /// The body is not read yet: an `allow` entry's `jsonrpc` passes for
+    /// now, a `deny` entry's does not; the body's mark judges it again.
+    Unread,
+    /// No call: no body, or one that is not JSON-RPC.
+    None,
+    /// One call (of a batch, each judged in turn).
+    One(&'a JsonRpcCall),
 }
 
 /// What a request asks for, as the rules see it.
@@ -179,6 +212,8 @@ pub(super) struct Asked<'a> {
     pub(super) query: Option<&'a str>,
     /// The headers (`None`: not known, `check` by method and path).
     pub(super) headers: Option<&'a http::HeaderMap>,
+    /// The JSON-RPC call of its body.
+    pub(super) call: Call<'a>,
     /// Something only reads may not carry, named: a body on a read, an
     /// upgrade, an override, the start of a push (limited mode's preset
     /// refuses it, saying which).
@@ -200,6 +235,7 @@ impl<'a> Asked<'a> {
             path,
             query: None,
             headers: None,
+            call: Call::None,
             write_in_a_read: None,
             upgrade: false,
             websocket: false,
@@ -250,6 +286,11 @@ impl<'a> Asked<'a> {
             path: request.uri().path(),
             query: request.uri().query(),
             headers: Some(headers),
+            call: if crate::inspect::carries_body(request) {
+                Call::Unread
+            } else {
+                Call::None
+            },
             upgrade,
             websocket,
             git_fetch: crate::inspect::is_git_fetch(request),
@@ -283,6 +324,9 @@ impl fmt::Display for RuleEntry {
                 .map(|(name, glob)| format!("{name}: {glob}"))
                 .collect();
             parts.push(format!("headers {}", named.join(", ")));
+        }
+        if let Some(jsonrpc) = &self.jsonrpc {
+            parts.push(format!("jsonrpc {jsonrpc}"));
         }
         if self.git_fetch {
             parts.push("git fetch (POST …/git-upload-pack)".to_owned());

@@ -36,6 +36,14 @@
 //! ignoring ASCII case. Parameters are compared decoded (`%41` and `+`
 //! undone), as the origin reads them.
 //!
+//! **JSON-RPC and MCP** (`jsonrpc`: [`JsonRpcMatcher`]): an entry that
+//! names it matches only a request whose body is JSON-RPC — an object, or
+//! a batch whose every call must be allowed and any of which a `deny`
+//! entry refuses — by the call's method and, for MCP's `tools/call`, the
+//! tool and its arguments. The body is read (bounded) before anything is
+//! sent, as for `_method` ([`VerifyBodyMethod`]), whatever its
+//! `Content-Type` says.
+//!
 //! **Paths** are matched after normalisation: each segment is
 //! percent-decoded, empty segments (`//`) and `.` are dropped, `..` removes
 //! the segment before it, so `/repos/acme/../x` is `/x` and `/%2e%2e/` is a
@@ -91,6 +99,7 @@ mod block;
 mod body;
 mod call;
 mod entry;
+mod jsonrpc;
 mod path;
 mod value;
 
@@ -107,6 +116,7 @@ pub use block::RuleBlock;
 pub use body::{method_overrides_in_form, method_overrides_in_json, BodyForm, VerifyBodyMethod};
 pub(crate) use call::{decide_call, limited_preset};
 pub use entry::RuleEntry;
+pub use jsonrpc::{json_rpc_calls, JsonRpcCall, JsonRpcMatcher, MCP_TOOLS_CALL};
 pub use path::{normalise_path, PathGlob};
 pub use value::{HeaderMatcher, QueryMatcher, ValueGlob};
 
@@ -130,6 +140,9 @@ pub enum RuleError {
         /// What is wrong.
         why: &'static str,
     },
+    /// A JSON pointer does not start with `/`.
+    #[error("{0:?} is not a JSON pointer (it starts with /, as in /path or /options/0)")]
+    Pointer(String),
     /// A header name is not valid.
     #[error("{0:?} is not a header name")]
     Header(String),
@@ -278,6 +291,48 @@ impl RequestRules {
         self.verdict(target, &Asked::of(request))
     }
 
+    /// The verdict for `request` with its `body` (content coding undone):
+    /// as [`decide_request`](RequestRules::decide_request), and each
+    /// JSON-RPC call of the body judged by the `jsonrpc` entries (a batch
+    /// call by call: the first refusal, or every entry that allowed).
+    pub fn decide_body<B>(
+        &self,
+        target: &Target,
+        request: &Request<B>,
+        body: &[u8],
+    ) -> RuleVerdict {
+        let calls = json_rpc_calls(body);
+        let Some(calls) = calls.as_deref() else {
+            let mut asked = Asked::of(request);
+            asked.call = entry::Call::None;
+            return self.verdict(target, &asked);
+        };
+        let mut allowed = Vec::new();
+        let mut audited = None;
+        for call in calls {
+            let mut asked = Asked::of(request);
+            asked.call = entry::Call::One(call);
+            match self.verdict(target, &asked) {
+                RuleVerdict::NoRules => return RuleVerdict::NoRules,
+                RuleVerdict::Allowed(by) => {
+                    for entry in by {
+                        if !allowed.contains(&entry) {
+                            allowed.push(entry);
+                        }
+                    }
+                }
+                refused @ RuleVerdict::Refused(_) => return refused,
+                RuleVerdict::Audited(refusal) => {
+                    audited.get_or_insert(refusal);
+                }
+            }
+        }
+        match audited {
+            Some(refusal) => RuleVerdict::Audited(refusal),
+            None => RuleVerdict::Allowed(allowed),
+        }
+    }
+
     fn verdict(&self, target: &Target, asked: &Asked<'_>) -> RuleVerdict {
         if self.blocks.is_empty() {
             return RuleVerdict::NoRules;
@@ -374,8 +429,21 @@ impl RequestRules {
                         } else {
                             format!(" with query parameters {}", names.join(", "))
                         };
+                        let call = match asked.call {
+                            entry::Call::One(call) => format!(
+                                " calling {}{}",
+                                call.method
+                                    .as_deref()
+                                    .map_or("(no method)".to_owned(), short),
+                                call.tool
+                                    .as_deref()
+                                    .map(|tool| format!(" (tool {})", short(tool)))
+                                    .unwrap_or_default()
+                            ),
+                            _ => String::new(),
+                        };
                         format!(
-                            "{} ({}): no allow entry matches {}{overrides} /{}{query}{upgrade}",
+                            "{} ({}): no allow entry matches {}{overrides} /{}{query}{call}{upgrade}",
                             block.name,
                             block.host,
                             method.as_str().escape_debug(),
@@ -420,6 +488,16 @@ impl RequestRules {
             })
             .collect();
         names.join("; ")
+    }
+}
+
+/// A name from a body, for a message: escaped, at most 64 characters.
+fn short(name: &str) -> String {
+    let escaped: String = name.escape_debug().take(64).collect();
+    if escaped.chars().count() < name.escape_debug().count() {
+        format!("{escaped}…")
+    } else {
+        escaped
     }
 }
 
