@@ -175,6 +175,27 @@ pub struct RuleEntryConfig {
     /// JSON-RPC calls in the body (MCP's among them); absent: any body.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jsonrpc: Option<JsonRpcConfig>,
+    /// GraphQL requests (a JSON body or a GET's `?query=`); absent: any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub graphql: Option<GraphqlConfig>,
+}
+
+/// An entry's `graphql`: what a GraphQL request must be.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct GraphqlConfig {
+    /// Operation types: `query`, `mutation`, `subscription`; absent: any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operations: Option<Vec<String>>,
+    /// Operation names (globs; anonymous is the empty name); absent: any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub names: Option<Vec<String>>,
+    /// Root fields (globs); absent: any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fields: Option<Vec<String>>,
+    /// Persisted-query hashes (SHA-256 hex) the entry trusts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub persisted: Vec<String>,
 }
 
 /// An entry's `jsonrpc`: what a JSON-RPC call must be.
@@ -1003,10 +1024,12 @@ fn rule_entry(entry: &RuleEntryConfig) -> Result<RuleEntry, (&'static str, Strin
         && entry.query.is_none()
         && entry.headers.is_none()
         && entry.jsonrpc.is_none()
+        && entry.graphql.is_none()
     {
         return Err((
             "",
-            "an entry names at least one of methods, paths, query, headers or jsonrpc".into(),
+            "an entry names at least one of methods, paths, query, headers, jsonrpc or graphql"
+                .into(),
         ));
     }
     let mut compiled = RuleEntry::new();
@@ -1049,6 +1072,28 @@ fn rule_entry(entry: &RuleEntryConfig) -> Result<RuleEntry, (&'static str, Strin
                 .map_err(|e| (".jsonrpc.arguments", e.to_string()))?;
         }
         compiled = compiled.jsonrpc(matcher);
+    }
+    if let Some(graphql) = &entry.graphql {
+        use portcullis_middleware::request_rules::GraphqlMatcher;
+        let mut matcher = GraphqlMatcher::new()
+            .persisted(&graphql.persisted)
+            .map_err(|e| (".graphql.persisted", e.to_string()))?;
+        if let Some(operations) = &graphql.operations {
+            matcher = matcher
+                .operations(operations)
+                .map_err(|e| (".graphql.operations", e.to_string()))?;
+        }
+        if let Some(names) = &graphql.names {
+            matcher = matcher
+                .names(names)
+                .map_err(|e| (".graphql.names", e.to_string()))?;
+        }
+        if let Some(fields) = &graphql.fields {
+            matcher = matcher
+                .fields(fields)
+                .map_err(|e| (".graphql.fields", e.to_string()))?;
+        }
+        compiled = compiled.graphql(matcher);
     }
     Ok(compiled)
 }

@@ -785,3 +785,132 @@ deny = [ { jsonrpc = { tools = ["delete_*"] } } ]
     let (code, _, stderr) = check(put("no colon")).await;
     assert_eq!(code, Some(64), "{stderr}");
 }
+
+/// `graphql` entries through curl and python httpx: reads of listed root
+/// fields go, a mutation is refused by type, a field outside the list
+/// (through a fragment or an alias) is not allowed, a GET's `?query=` is
+/// judged like a body, a persisted query goes only by its listed hash,
+/// and a document that does not parse is refused.
+#[tokio::test]
+async fn graphql_operations_are_decided_by_type_name_and_fields() {
+    use portcullis::middleware::request_rules::GraphqlMatcher;
+    let origin = origin().await;
+    let trusted = "5a".repeat(32);
+    let rules = RequestRules::new(vec![RuleBlock::new("127.0.0.1", "rules[0]")
+        .unwrap()
+        .allow(
+            RuleEntry::new().paths(["/graphql"]).unwrap().graphql(
+                GraphqlMatcher::new()
+                    .operations(["query"])
+                    .unwrap()
+                    .fields(["viewer", "repository", "__typename"])
+                    .unwrap()
+                    .persisted([trusted.as_str()])
+                    .unwrap(),
+            ),
+        )
+        .deny(
+            RuleEntry::new().graphql(GraphqlMatcher::new().operations(["mutation"]).unwrap()),
+        )]);
+    let policy = allow(&["127.0.0.1"]).request_rules(rules).build();
+    let proxy = proxy_with(policy, &[], |b| b).await;
+    let url = format!("http://{}/graphql", origin.addr);
+    let proxy_url = proxy.http_url();
+    let post = |body: String| {
+        let (proxy_url, url) = (proxy_url.clone(), url.clone());
+        async move {
+            let args = [
+                "-i",
+                "-x",
+                &proxy_url,
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                &body,
+                &url,
+            ];
+            parse_response(&curl(&args).await.stdout)
+        }
+    };
+    let q = |document: &str| serde_json::json!({ "query": document }).to_string();
+    let (status, _, body) = post(q("query Me { viewer { login } }")).await;
+    assert_eq!((status, body.as_str()), (200, "hello /graphql"));
+    let (status, _, body) = post(q("{ r: repository(name: \"x\") { id } __typename }")).await;
+    assert_eq!(status, 200, "an alias is judged by its field: {body}");
+    for (request, reason) in [
+        (q("mutation { deleteRepository(id: 1) { ok } }"), "rule_denied"),
+        // The mutation hides behind an operationName that picks the read.
+        (
+            serde_json::json!({"query": "query A { viewer { id } } mutation B { x }", "operationName": "A"})
+                .to_string(),
+            "rule_denied",
+        ),
+        (q("{ viewer { id } secrets { value } }"), "rule_not_matched"),
+        (
+            q("{ ...F } fragment F on Query { secrets { value } }"),
+            "rule_not_matched",
+        ),
+        (q("{ viewer { id "), "rule_denied"),
+        (
+            serde_json::json!({"extensions": {"persistedQuery": {"version": 1, "sha256Hash": "ab".repeat(32)}}})
+                .to_string(),
+            "rule_denied",
+        ),
+        // A batch: one element is enough to refuse.
+        (
+            format!("[{},{}]", q("{ viewer { id } }"), q("mutation { x }")),
+            "rule_denied",
+        ),
+    ] {
+        let (status, _, body) = post(request.clone()).await;
+        assert_eq!(status, 403, "{request}: {body}");
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(json["reason"], reason, "{request}: {json}");
+    }
+    let (status, _, body) = post(
+        serde_json::json!({"extensions": {"persistedQuery": {"version": 1, "sha256Hash": trusted}}})
+            .to_string(),
+    )
+    .await;
+    assert_eq!(status, 200, "the listed hash goes: {body}");
+
+    // GET ?query=, as python httpx sends it.
+    let script = format!(
+        r#"
+import httpx
+with httpx.Client(proxy="{proxy_url}") as client:
+    ok = client.get("{url}", params={{"query": "{{ viewer {{ id }} }}"}})
+    bad = client.get("{url}", params={{"query": "mutation {{ x }}"}})
+    other = client.get("{url}", params={{"query": "{{ secrets {{ v }} }}"}})
+    print(ok.status_code, bad.status_code, bad.json()["reason"], other.status_code)
+"#
+    );
+    let out = tokio::process::Command::new("python3")
+        .args(["-c", &script])
+        .env_remove("HTTP_PROXY")
+        .env_remove("http_proxy")
+        .env_remove("ALL_PROXY")
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        assert_eq!(stdout.trim(), "200 403 rule_denied 403", "{stdout}{stderr}");
+    } else {
+        assert!(
+            std::env::var_os("CI").is_none() && stderr.contains("No module named"),
+            "python httpx: {stderr}"
+        );
+    }
+    let last = proxy.ring.snapshot().pop().unwrap();
+    assert!(
+        last.blocked
+            .rule
+            .as_deref()
+            .unwrap_or_default()
+            .contains("secrets"),
+        "names what was asked: {:?}",
+        last.blocked.rule
+    );
+}

@@ -78,12 +78,22 @@ impl RuleBlock {
             .any(|e| e.query.is_some())
     }
 
-    /// Whether an entry of it matches on JSON-RPC calls.
-    pub(super) fn uses_jsonrpc(&self) -> bool {
+    /// Whether an entry of it matches on the body's messages (JSON-RPC
+    /// calls, GraphQL requests).
+    pub(super) fn reads_messages(&self) -> bool {
         self.allow
             .iter()
             .chain(&self.deny)
-            .any(|e| e.jsonrpc.is_some())
+            .any(|e| e.jsonrpc.is_some() || e.graphql.is_some())
+    }
+
+    /// Whether a `graphql` entry of it lists a persisted-query hash.
+    pub(super) fn trusts_persisted(&self, hash: &str) -> bool {
+        self.allow
+            .iter()
+            .chain(&self.deny)
+            .filter_map(|e| e.graphql.as_ref())
+            .any(|g| g.persisted.iter().any(|h| h == hash))
     }
 
     /// The refusal this block makes.

@@ -11,7 +11,7 @@ use crate::request::RequestInfo;
 use super::block::RuleBlock;
 use super::call::{audited_of, refusal_of};
 use super::entry::{Asked, Call};
-use super::jsonrpc::json_rpc_calls;
+use super::jsonrpc::json_messages;
 use super::{Refusal, RequestRules, RuleVerdict};
 
 /// How a request body names fields, when frameworks read a `_method`
@@ -162,7 +162,7 @@ impl VerifyBodyMethod {
         body: &[u8],
     ) -> Result<Option<Blocked>, BoxError> {
         let calls = if self.calls {
-            json_rpc_calls(body)
+            json_messages(body)
         } else {
             None
         };
@@ -173,7 +173,7 @@ impl VerifyBodyMethod {
         &self,
         request: &Request<B>,
         body_methods: &[String],
-        calls: Option<&[super::JsonRpcCall]>,
+        calls: Option<&[super::JsonMessage]>,
     ) -> Result<Option<Blocked>, BoxError> {
         let info = RequestInfo::from_request(request)?;
         let judged: Vec<Call<'_>> = match calls {
@@ -261,7 +261,7 @@ pub(super) fn body_method_mark<B>(
     });
     let calls = blocks
         .iter()
-        .any(|(_, block)| !block.read_only && block.uses_jsonrpc());
+        .any(|(_, block)| !block.read_only && block.reads_messages());
     if !(names_methods || calls) || !crate::inspect::carries_body(request) {
         return None;
     }

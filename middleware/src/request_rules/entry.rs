@@ -6,7 +6,8 @@ use std::fmt;
 
 use http::{Method, Request};
 
-use super::jsonrpc::{JsonRpcCall, JsonRpcMatcher};
+use super::graphql::{graphql_in_url, GraphqlMatcher};
+use super::jsonrpc::{JsonMessage, JsonRpcMatcher};
 use super::path::PathGlob;
 use super::value::{HeaderMatcher, QueryMatcher};
 use super::RuleError;
@@ -21,6 +22,7 @@ pub struct RuleEntry {
     pub(super) query: Option<QueryMatcher>,
     pub(super) headers: Option<HeaderMatcher>,
     pub(super) jsonrpc: Option<JsonRpcMatcher>,
+    pub(super) graphql: Option<GraphqlMatcher>,
     /// Matches git's smart-HTTP fetch only (limited mode's preset).
     pub(super) git_fetch: bool,
 }
@@ -113,6 +115,14 @@ impl RuleEntry {
         self
     }
 
+    /// The GraphQL requests it matches (see [`GraphqlMatcher`]): a request
+    /// matches only when it carries a GraphQL document (a JSON body, or a
+    /// GET's `?query=`) that does; a batch is judged element by element.
+    pub fn graphql(mut self, matcher: GraphqlMatcher) -> RuleEntry {
+        self.graphql = Some(matcher);
+        self
+    }
+
     /// Git's smart-HTTP fetch: `POST <repository>/git-upload-pack` with
     /// git's content type and no query (its body is checked apart: see
     /// [`VerifyGitFetchBody`](crate::VerifyGitFetchBody)).
@@ -152,11 +162,26 @@ impl RuleEntry {
                 Call::None => false,
                 Call::One(call) => m.allows(call),
             })
+            && self.graphql.as_ref().is_none_or(|m| {
+                let url = || asked.query.and_then(graphql_in_url);
+                match asked.call {
+                    // The body is judged again once read; the URL now.
+                    Call::Unread => url().is_none_or(|g| m.allows(&g)),
+                    Call::None => url().is_some_and(|g| m.allows(&g)),
+                    Call::One(message) => match (message.graphql.as_ref(), url()) {
+                        (None, None) => false,
+                        (body, url) => {
+                            body.is_none_or(|g| m.allows(g)) && url.is_none_or(|g| m.allows(&g))
+                        }
+                    },
+                }
+            })
     }
 
     /// Whether a `deny` entry refuses the request: any method it asks for
     /// is one of the entry's, ignoring case, as are paths.
-    pub(super) fn denies(&self, asked: &Asked<'_>, path: &[Cow<'_, str>]) -> bool {
+    /// `trusted`: the block lists the request's persisted-query hash.
+    pub(super) fn denies(&self, asked: &Asked<'_>, path: &[Cow<'_, str>], trusted: bool) -> bool {
         if self.git_fetch {
             return asked.git_fetch;
         }
@@ -185,6 +210,22 @@ impl RuleEntry {
                 Call::Unread | Call::None => false,
                 Call::One(call) => m.denies(call),
             })
+            && self.graphql.as_ref().is_none_or(|m| {
+                let in_url = asked
+                    .query
+                    .and_then(graphql_in_url)
+                    .is_some_and(|g| m.denies(&g, trusted));
+                match asked.call {
+                    Call::Unread | Call::None => in_url,
+                    Call::One(message) => {
+                        in_url
+                            || message
+                                .graphql
+                                .as_ref()
+                                .is_some_and(|g| m.denies(g, trusted))
+                    }
+                }
+            })
     }
 }
 
@@ -197,7 +238,7 @@ pub(super) enum Call<'a> {
     /// No call: no body, or one that is not JSON-RPC.
     None,
     /// One call (of a batch, each judged in turn).
-    One(&'a JsonRpcCall),
+    One(&'a JsonMessage),
 }
 
 /// What a request asks for, as the rules see it.
@@ -227,6 +268,22 @@ pub(super) struct Asked<'a> {
 }
 
 impl<'a> Asked<'a> {
+    /// The persisted-query hash it sends (body first, then URL), if any.
+    pub(super) fn persisted_hash(&self) -> Option<String> {
+        use super::graphql::GraphqlRequest;
+        let in_body = match self.call {
+            Call::One(message) => match &message.graphql {
+                Some(GraphqlRequest::Persisted(hash)) => Some(hash.clone()),
+                _ => None,
+            },
+            _ => None,
+        };
+        in_body.or_else(|| match self.query.and_then(graphql_in_url) {
+            Some(GraphqlRequest::Persisted(hash)) => Some(hash),
+            _ => None,
+        })
+    }
+
     /// A request by its method and path alone.
     pub(super) fn bare(method: &'a Method, path: &'a str) -> Asked<'a> {
         Asked {
@@ -327,6 +384,9 @@ impl fmt::Display for RuleEntry {
         }
         if let Some(jsonrpc) = &self.jsonrpc {
             parts.push(format!("jsonrpc {jsonrpc}"));
+        }
+        if let Some(graphql) = &self.graphql {
+            parts.push(format!("graphql {graphql}"));
         }
         if self.git_fetch {
             parts.push("git fetch (POST …/git-upload-pack)".to_owned());

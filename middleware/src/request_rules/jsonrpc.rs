@@ -11,7 +11,7 @@ pub const MCP_TOOLS_CALL: &str = "tools/call";
 
 /// One JSON-RPC message a body sends, as the rules see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JsonRpcCall {
+pub struct JsonMessage {
     /// The `method` (`None`: the message has none that is a string — a
     /// response to the server, or not a call at all).
     pub method: Option<String>,
@@ -24,6 +24,9 @@ pub struct JsonRpcCall {
     /// `encoding/json`) would see another call than this one, so every
     /// `jsonrpc` deny entry refuses it and no allow entry takes it.
     pub ambiguous: bool,
+    /// The GraphQL request it makes, if it is one (a `query`, or a
+    /// persisted query's hash).
+    pub graphql: Option<super::GraphqlRequest>,
 }
 
 /// Whether a method is MCP's `tools/call`, ignoring ASCII case (a server
@@ -44,10 +47,10 @@ fn look_alike(object: Option<&serde_json::Value>, keys: &[&str]) -> bool {
         })
 }
 
-/// The messages of a JSON-RPC body: one for an object, one per element of
-/// a batch (an array). `None` when the body is not JSON, or is JSON but
+/// The messages of a JSON body — JSON-RPC calls, GraphQL requests: one
+/// for an object, one per element of a batch (an array). `None` when the body is not JSON, or is JSON but
 /// neither an object nor a non-empty array: it makes no call.
-pub fn json_rpc_calls(body: &[u8]) -> Option<Vec<JsonRpcCall>> {
+pub fn json_messages(body: &[u8]) -> Option<Vec<JsonMessage>> {
     let value: serde_json::Value = serde_json::from_slice(body).ok()?;
     let call = |message: &serde_json::Value| {
         let method = message
@@ -59,7 +62,8 @@ pub fn json_rpc_calls(body: &[u8]) -> Option<Vec<JsonRpcCall>> {
             .filter(|_| is_tools_call(method.as_deref()));
         let ambiguous = look_alike(Some(message), &["method", "params"])
             || look_alike(message.get("params"), &["name", "arguments"]);
-        JsonRpcCall {
+        JsonMessage {
+            graphql: super::graphql::graphql_of(message),
             ambiguous,
             tool: params
                 .and_then(|p| p.get("name"))
@@ -166,7 +170,7 @@ impl JsonRpcMatcher {
         Ok(self)
     }
 
-    fn method_matches(&self, call: &JsonRpcCall, fold: bool) -> bool {
+    fn method_matches(&self, call: &JsonMessage, fold: bool) -> bool {
         self.methods.as_ref().is_none_or(|globs| {
             call.method
                 .as_deref()
@@ -174,7 +178,7 @@ impl JsonRpcMatcher {
         })
     }
 
-    fn argument(call: &JsonRpcCall, pointer: &str) -> Option<String> {
+    fn argument(call: &JsonMessage, pointer: &str) -> Option<String> {
         let value = call.arguments.as_ref()?.pointer(pointer)?;
         Some(match value {
             serde_json::Value::String(text) => text.clone(),
@@ -183,7 +187,7 @@ impl JsonRpcMatcher {
     }
 
     /// An `allow` entry's test of one call.
-    pub(super) fn allows(&self, call: &JsonRpcCall) -> bool {
+    pub(super) fn allows(&self, call: &JsonMessage) -> bool {
         if call.ambiguous || !self.method_matches(call, false) {
             return false;
         }
@@ -204,7 +208,7 @@ impl JsonRpcMatcher {
     }
 
     /// A `deny` entry's test of one call.
-    pub(super) fn denies(&self, call: &JsonRpcCall) -> bool {
+    pub(super) fn denies(&self, call: &JsonMessage) -> bool {
         if call.ambiguous {
             return true;
         }
@@ -263,13 +267,13 @@ impl fmt::Display for JsonRpcMatcher {
 mod tests {
     use super::*;
 
-    fn call(body: &str) -> JsonRpcCall {
-        json_rpc_calls(body.as_bytes()).unwrap().remove(0)
+    fn call(body: &str) -> JsonMessage {
+        json_messages(body.as_bytes()).unwrap().remove(0)
     }
 
     #[test]
     fn calls_are_read_from_objects_and_batches() {
-        let calls = json_rpc_calls(
+        let calls = json_messages(
             br#"[{"jsonrpc":"2.0","id":1,"method":"tools/list"},
                  {"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"read_file","arguments":{"path":"/w/a"}}},
                  {"jsonrpc":"2.0","id":3,"result":{}}]"#,
@@ -278,9 +282,9 @@ mod tests {
         assert_eq!(calls.len(), 3);
         assert_eq!(calls[1].tool.as_deref(), Some("read_file"));
         assert_eq!(calls[2].method, None);
-        assert_eq!(json_rpc_calls(b"[]"), None);
-        assert_eq!(json_rpc_calls(b"not json"), None);
-        assert_eq!(json_rpc_calls(b"\"text\""), None);
+        assert_eq!(json_messages(b"[]"), None);
+        assert_eq!(json_messages(b"not json"), None);
+        assert_eq!(json_messages(b"\"text\""), None);
     }
 
     #[test]

@@ -44,6 +44,13 @@
 //! sent, as for `_method` ([`VerifyBodyMethod`]), whatever its
 //! `Content-Type` says.
 //!
+//! **GraphQL** (`graphql`: [`GraphqlMatcher`]): an entry that names it
+//! matches a request carrying a GraphQL document — in a JSON body (each
+//! element of a batch in turn) or in a GET's `?query=` — by every
+//! operation's type and name and its root fields (fragments followed); a
+//! persisted query (a hash, no document) only by its listed hash, and a
+//! document that does not parse is refused by every `graphql` deny entry.
+//!
 //! **Paths** are matched after normalisation: each segment is
 //! percent-decoded, empty segments (`//`) and `.` are dropped, `..` removes
 //! the segment before it, so `/repos/acme/../x` is `/x` and `/%2e%2e/` is a
@@ -99,6 +106,7 @@ mod block;
 mod body;
 mod call;
 mod entry;
+mod graphql;
 mod jsonrpc;
 mod path;
 mod value;
@@ -116,7 +124,10 @@ pub use block::RuleBlock;
 pub use body::{method_overrides_in_form, method_overrides_in_json, BodyForm, VerifyBodyMethod};
 pub(crate) use call::{decide_call, limited_preset};
 pub use entry::RuleEntry;
-pub use jsonrpc::{json_rpc_calls, JsonRpcCall, JsonRpcMatcher, MCP_TOOLS_CALL};
+pub use graphql::{
+    graphql_in_url, GraphqlMatcher, GraphqlOperation, GraphqlRequest, OPERATION_TYPES,
+};
+pub use jsonrpc::{json_messages, JsonMessage, JsonRpcMatcher, MCP_TOOLS_CALL};
 pub use path::{normalise_path, PathGlob};
 pub use value::{HeaderMatcher, QueryMatcher, ValueGlob};
 
@@ -140,6 +151,12 @@ pub enum RuleError {
         /// What is wrong.
         why: &'static str,
     },
+    /// Not a GraphQL operation type.
+    #[error("{0:?} is not a GraphQL operation type (query, mutation or subscription)")]
+    Operation(String),
+    /// Not a SHA-256 hash in hex.
+    #[error("{0:?} is not a persisted query's hash (64 hex digits, SHA-256)")]
+    Hash(String),
     /// A JSON pointer does not start with `/`.
     #[error("{0:?} is not a JSON pointer (it starts with /, as in /path or /options/0)")]
     Pointer(String),
@@ -301,7 +318,7 @@ impl RequestRules {
         request: &Request<B>,
         body: &[u8],
     ) -> RuleVerdict {
-        let calls = json_rpc_calls(body);
+        let calls = json_messages(body);
         let Some(calls) = calls.as_deref() else {
             let mut asked = Asked::of(request);
             asked.call = entry::Call::None;
@@ -373,7 +390,11 @@ impl RequestRules {
         };
         for (_, block) in &blocks {
             for (index, entry) in block.deny.iter().enumerate() {
-                if entry.denies(asked, &segments) {
+                let trusted = entry.graphql.is_some()
+                    && asked
+                        .persisted_hash()
+                        .is_some_and(|hash| block.trusts_persisted(&hash));
+                if entry.denies(asked, &segments, trusted) {
                     let refusal = block.refusal(Reason::RuleDenied, || {
                         format!("{}.deny[{index}] ({}): {entry}", block.name, block.host)
                     });
@@ -430,6 +451,11 @@ impl RequestRules {
                             format!(" with query parameters {}", names.join(", "))
                         };
                         let call = match asked.call {
+                            entry::Call::One(call) if call.graphql.is_some() => call
+                                .graphql
+                                .as_ref()
+                                .map(|g| format!(" asking {}", short(&g.to_string())))
+                                .unwrap_or_default(),
                             entry::Call::One(call) => format!(
                                 " calling {}{}",
                                 call.method
@@ -440,6 +466,11 @@ impl RequestRules {
                                     .map(|tool| format!(" (tool {})", short(tool)))
                                     .unwrap_or_default()
                             ),
+                            _ if block.reads_messages() => asked
+                                .query
+                                .and_then(graphql_in_url)
+                                .map(|g| format!(" asking {}", short(&g.to_string())))
+                                .unwrap_or_default(),
                             _ => String::new(),
                         };
                         format!(
