@@ -264,7 +264,7 @@ curl -s -o /dev/null -w "leak %{{http_code}}\n" -H "X-Leak: {leaked}" https://se
     );
 }
 
-/// Bodies: a form, JSON with its escapes, NDJSON, gzip and deflate,
+/// Bodies: a form, JSON with its escapes, NDJSON, gzip, deflate and br,
 /// multipart, a known value base64'd inside JSON — each refused naming the
 /// body; ordinary bodies pass; a body over `max_body` is refused
 /// (`not_inspected`) under deny and let through under audit.
@@ -282,6 +282,17 @@ async fn bodies_are_scanned_decoded_and_bounded() {
         .chars()
         .map(|c| format!("\\u{:04x}", c as u32))
         .collect();
+    // A brotli body (`Content-Encoding: br`, as browsers and some SDKs send).
+    let mut brotli_body = Vec::new();
+    {
+        use std::io::Write;
+        let mut writer = brotli::CompressorWriter::new(&mut brotli_body, 4096, 5, 22);
+        writer
+            .write_all(format!("key={GITHUB}").as_bytes())
+            .unwrap();
+    }
+    std::fs::write(dir.path().join("body.br"), &brotli_body).unwrap();
+    std::fs::write(dir.path().join("bad.br"), b"not brotli at all").unwrap();
     let script = format!(
         r#"
 post() {{ name=$1; shift; curl -s -o /dev/null -w "$name %{{http_code}}\n" "$@" "{base}/upload"; }}
@@ -294,6 +305,8 @@ printf 'key={GITHUB}' | gzip > {d}/body.gz
 post gzip -H "Content-Encoding: gzip" --data-binary @{d}/body.gz
 python3 -c 'import zlib,sys; sys.stdout.buffer.write(zlib.compress(b"key={GITHUB}"))' > {d}/body.zz
 post deflate -H "Content-Encoding: deflate" --data-binary @{d}/body.zz
+post br -H "Content-Encoding: br" --data-binary @{d}/body.br
+post bad-br -H "Content-Encoding: br" --data-binary @{d}/bad.br
 printf 'config\nsecret = {GITHUB}\n' > {d}/notes.txt
 post multipart -F "file=@{d}/notes.txt"
 post known-json -H "Content-Type: application/json" -d '{{"blob":"{known_b64}"}}'
@@ -312,6 +325,8 @@ post big --data-binary @{d}/big.txt
         ("ndjson", "403"),
         ("gzip", "403"),
         ("deflate", "403"),
+        ("br", "403"),
+        ("bad-br", "403"),
         ("multipart", "403"),
         ("known-json", "403"),
         ("benign-json", "200"),
@@ -336,19 +351,18 @@ post big --data-binary @{d}/big.txt
         recorded.contains(r#""reason":"not_inspected""#) && recorded.contains("over 16 KiB"),
         "{recorded}"
     );
+    assert!(recorded.contains("its br does not decode"), "{recorded}");
     assert!(
         !recorded.contains(GITHUB) && !recorded.contains(KNOWN),
         "{recorded}"
     );
-    // gzip and deflate were undone and judged, not refused as unreadable.
-    assert!(
-        !recorded.contains("can undo") && !recorded.contains("does not decode"),
-        "{recorded}"
-    );
+    // gzip, deflate and br were undone and judged, not refused as
+    // unreadable: only the big body and the broken brotli one were.
+    assert!(!recorded.contains("can undo"), "{recorded}");
     assert_eq!(
         recorded.matches(r#""reason":"not_inspected""#).count(),
-        1,
-        "only the big body: {recorded}"
+        2,
+        "only the big body and the broken one: {recorded}"
     );
 
     // Audit: the big body goes on untouched, recorded as not inspected.

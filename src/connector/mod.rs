@@ -600,7 +600,8 @@ struct WholeBody {
     plain: Vec<u8>,
 }
 
-/// Reads a body whole (bounded) and undoes gzip; `Err` says why it could
+/// Reads a body whole (bounded) and undoes gzip, deflate or brotli (the
+/// decoded size bounded too); `Err` says why it could
 /// not be judged. A client's own failure (a malformed or stalled body)
 /// stays its error (a 400).
 async fn read_whole_body(
@@ -625,13 +626,13 @@ async fn read_whole_body(
         .map(|value| value.as_bytes().to_ascii_lowercase());
     let plain = match encoding.as_deref() {
         None | Some(b"identity") => sent.to_vec(),
-        Some(name @ (b"gzip" | b"x-gzip" | b"deflate")) => {
+        Some(name @ (b"gzip" | b"x-gzip" | b"deflate" | b"br")) => {
             use std::io::Read;
             let mut plain = Vec::new();
-            let mut decoder: Box<dyn Read + '_> = if name == b"deflate" {
-                Box::new(flate2::read::ZlibDecoder::new(&sent[..]))
-            } else {
-                Box::new(flate2::read::GzDecoder::new(&sent[..]))
+            let mut decoder: Box<dyn Read + '_> = match name {
+                b"deflate" => Box::new(flate2::read::ZlibDecoder::new(&sent[..])),
+                b"br" => Box::new(brotli_decompressor::Decompressor::new(&sent[..], 4096)),
+                _ => Box::new(flate2::read::GzDecoder::new(&sent[..])),
             };
             let read = (&mut decoder).take(max as u64 + 1).read_to_end(&mut plain);
             match read {

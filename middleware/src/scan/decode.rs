@@ -72,32 +72,41 @@ pub(super) fn percent_decode(raw: &[u8]) -> Cow<'_, [u8]> {
     Cow::Owned(out)
 }
 
-/// Without zero-width characters (U+200B–U+200D, U+2060, U+FEFF), which
-/// split a token for the eye and for a pattern.
+/// Folded for the eye: default-ignorable characters (zero-width spaces and
+/// joiners, U+FEFF, soft hyphens…) dropped, and every other non-ASCII
+/// character that stands for an ASCII one replaced by it — by
+/// compatibility (NFKC: fullwidth `ｇｈｐ`, mathematical `𝐠𝐡𝐩`) or, failing
+/// that, by its confusable prototype (UTS #39: Cyrillic `а`, Greek `ο`).
+/// A character with no ASCII stand-in stays; ASCII is never changed, so
+/// tokens keep their digits. Text that is all ASCII comes back borrowed.
 pub(super) fn fold(text: &[u8]) -> Cow<'_, [u8]> {
-    const ZERO_WIDTH: [&[u8]; 5] = [
-        "\u{200B}".as_bytes(),
-        "\u{200C}".as_bytes(),
-        "\u{200D}".as_bytes(),
-        "\u{2060}".as_bytes(),
-        "\u{FEFF}".as_bytes(),
-    ];
-    if !ZERO_WIDTH.iter().any(|mark| contains(text, mark)) {
+    use unicode_normalization::UnicodeNormalization;
+    if text.is_ascii() {
         return Cow::Borrowed(text);
     }
-    let mut out = Vec::with_capacity(text.len());
-    let mut index = 0;
-    'outer: while index < text.len() {
-        for mark in ZERO_WIDTH {
-            if text.get(index..index + mark.len()) == Some(mark) {
-                index += mark.len();
-                continue 'outer;
-            }
+    let text = String::from_utf8_lossy(text);
+    let mut out = String::with_capacity(text.len());
+    let mut buffer = [0u8; 4];
+    for c in text.chars() {
+        if c.is_ascii() {
+            out.push(c);
+            continue;
         }
-        out.push(text[index]);
-        index += 1;
+        let one: &str = c.encode_utf8(&mut buffer);
+        let compatible: String = one.nfkc().collect();
+        if compatible.is_ascii() {
+            out.push_str(&compatible);
+            continue;
+        }
+        let prototype: String = unicode_security::skeleton(one).collect();
+        if prototype.is_ascii() {
+            // Empty for a default-ignorable character: dropped.
+            out.push_str(&prototype);
+        } else {
+            out.push(c);
+        }
     }
-    Cow::Owned(out)
+    Cow::Owned(out.into_bytes())
 }
 
 /// The decoded bytes of every run of base64 (standard or URL-safe) of 16

@@ -19,8 +19,10 @@
 //!   and hex in either case.
 //!
 //! Each field is searched as it is, percent-decoded (once, `+` as a
-//! space), and with zero-width characters removed (U+200B–U+200D, U+2060,
-//! U+FEFF), and every run of base64 of 16 characters or more is decoded and
+//! space), and folded: default-ignorable characters (zero-width spaces and
+//! joiners, U+FEFF) removed and look-alikes of ASCII replaced by it (NFKC:
+//! fullwidth and mathematical letters; UTS #39 confusables: Cyrillic and
+//! Greek letters), and every run of base64 of 16 characters or more is decoded and
 //! searched again (a token inside `Authorization: Basic …`). A finding
 //! names the detector and where it was found, never the value.
 
@@ -380,7 +382,7 @@ impl Scanner {
         if folded.as_ref() != decoded.as_ref() {
             views.push((
                 Cow::Owned(folded.to_vec()),
-                Some("with zero-width characters"),
+                Some("with zero-width or look-alike characters"),
             ));
         }
         let mut inner = Vec::new();

@@ -42,6 +42,24 @@ fn token_formats_are_found_in_path_query_and_headers_and_named() {
     // Split by zero-width characters.
     let split = "ghp_R2d2C3po%E2%80%8BR2d2C3poR2d2C3poR2d2C3po1234";
     assert!(scan(&format!("http://x.test/?t={split}"), &[], &scanner).is_some());
+    // Look-alikes: fullwidth, mathematical bold and Cyrillic letters.
+    for disguised in [
+        "\u{ff47}\u{ff48}\u{ff50}_R2d2C3poR2d2C3poR2d2C3poR2d2C3po1234",
+        "\u{1d420}\u{1d421}\u{1d429}_R2d2C3poR2d2C3poR2d2C3poR2d2C3po1234",
+        "ghp_R2d2C3\u{440}oR2d2C3poR2d2C3poR2d2C3po1234",
+    ] {
+        let field = format!("token {disguised}");
+        let found = scanner.scan_field(field.as_bytes(), Location::Body);
+        assert_eq!(
+            found.map(|f| f.encoding),
+            Some(Some("with zero-width or look-alike characters")),
+            "{disguised}"
+        );
+    }
+    // Text in other scripts is left alone (and finds nothing).
+    assert!(scanner
+        .scan_field("привет, κόσμε, 世界".as_bytes(), Location::Body)
+        .is_none());
 }
 
 #[test]
