@@ -72,6 +72,59 @@ pub struct ScanConfig {
     /// `Content-Encoding` is undone (0: 1 MiB). A larger one is refused
     /// (`not_inspected`) under `deny`, recorded under `audit`.
     pub max_body: usize,
+    /// What a finding of one detector does (`off`, `audit`, `deny`),
+    /// by name (`github_token`, `known:NAME`, `credential:NAME`,
+    /// `encoded_hostname`) or prefix ending in `*` (`known:*`).
+    pub detectors: std::collections::BTreeMap<String, portcullis_middleware::scan::ScanAction>,
+    /// `[[scan.hosts]]`: what scanning does for some hosts.
+    pub hosts: Vec<ScanHostConfig>,
+}
+
+/// One `[[scan.hosts]]` entry: hosts (the allowlist's patterns) and what
+/// scanning does for them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScanHostConfig {
+    /// The host pattern.
+    pub host: Pattern,
+    /// `off` (not scanned, as `skip_hosts`), `audit` or `deny`.
+    pub action: portcullis_middleware::scan::ScanAction,
+}
+
+impl ScanConfig {
+    /// Whether anything is scanned: `action` or a host's is not `off`.
+    pub fn is_on(&self) -> bool {
+        use portcullis_middleware::scan::ScanAction;
+        self.action != ScanAction::Off || self.hosts.iter().any(|h| h.action != ScanAction::Off)
+    }
+
+    /// Checks `detectors`' names: a built-in format, `known:NAME` (a
+    /// `secret_env` variable), `credential:NAME`, `encoded_hostname`, or a
+    /// prefix ending in `*`; a typo would silently tune nothing.
+    fn check_detectors(&self, origin: &str) -> Result<(), ConfigError> {
+        for name in self.detectors.keys() {
+            let known = name.ends_with('*')
+                || name == "encoded_hostname"
+                || name.starts_with("credential:")
+                || name
+                    .strip_prefix("known:")
+                    .is_some_and(|var| self.secret_env.iter().any(|v| v == var))
+                || portcullis_middleware::scan::Scanner::format_names().any(|f| f == name);
+            if !known {
+                let formats: Vec<&str> =
+                    portcullis_middleware::scan::Scanner::format_names().collect();
+                return Err(ConfigError::Invalid {
+                    key: format!("scan.detectors.\"{}\"", name.escape_debug()),
+                    origin: origin.to_owned(),
+                    message: format!(
+                        "no detector is named so: use a token format ({}), known:NAME for a secret_env variable, credential:NAME, encoded_hostname, or a prefix ending in *",
+                        formats.join(", ")
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One `[[credentials]]` block: a secret, the hosts it is added for, and how.
@@ -861,6 +914,7 @@ impl Config {
                 .allow_unix_socket(canonical)
                 .map_err(|e| invalid(key.to_owned(), e.to_string()))?;
         }
+        self.scan.check_detectors(origin)?;
         Ok(builder
             .request_rules(self.request_rules(origin)?)
             .scan(self.scan_policy())
@@ -873,11 +927,25 @@ impl Config {
     fn scan_policy(&self) -> portcullis_middleware::scan::ScanPolicy {
         use portcullis_middleware::scan::{ScanAction, ScanPolicy, Scanner, SHORTEST_KNOWN};
         let scan = &self.scan;
-        if scan.action == ScanAction::Off {
+        if !scan.is_on() {
             return ScanPolicy::default();
         }
-        let mut scanner = Scanner::builtin();
+        let detectors: Vec<(String, ScanAction)> = scan
+            .detectors
+            .iter()
+            .map(|(name, action)| (name.clone(), *action))
+            .collect();
+        let probe = ScanPolicy {
+            detectors: detectors.clone(),
+            ..ScanPolicy::default()
+        };
+        // A detector set to `off` is left out of the search.
+        let off = |name: &str| probe.detector_action(name) == Some(ScanAction::Off);
+        let mut scanner = Scanner::builtin().without_formats(off);
         for name in &scan.secret_env {
+            if off(&format!("known:{name}")) {
+                continue;
+            }
             match std::env::var(name) {
                 Ok(value) if scanner.known_value(name, &value) => {}
                 Ok(_) => tracing::warn!(
@@ -892,11 +960,18 @@ impl Config {
         for pattern in &scan.skip_hosts {
             skip_hosts.insert(pattern.clone());
         }
+        let mut hosts = portcullis_middleware::PatternSet::new();
+        for entry in &scan.hosts {
+            hosts.insert(entry.host.clone());
+        }
         ScanPolicy {
             scanner,
             action: scan.action,
             skip_hosts,
             max_body: scan.max_body,
+            detectors,
+            hosts,
+            host_actions: scan.hosts.iter().map(|entry| entry.action).collect(),
         }
     }
 
@@ -907,7 +982,7 @@ impl Config {
         self.network.mitm
             || !self.rules.is_empty()
             || !self.credentials.is_empty()
-            || self.scan.action != portcullis_middleware::scan::ScanAction::Off
+            || self.scan.is_on()
     }
 
     /// Checks `[[credentials]]` without reading a secret: names given and

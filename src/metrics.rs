@@ -11,6 +11,7 @@
 //! | `portcullis_tunnels_open` | gauge | |
 //! | `portcullis_approvals_pending` | gauge | |
 //! | `portcullis_bytes_total` | counter | `direction` (`up`: to origins, through tunnels; `down`: to clients) |
+//! | `portcullis_secrets_found_total` | counter | `detector` (`github_token`, `known:NAME`, `encoded_hostname`, …), `decision` (`deny`, `audit`) |
 //!
 //! The counters belong to one proxy: two proxies started in one process
 //! count apart, each on its own listener.
@@ -41,6 +42,12 @@ struct ReasonLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SecretLabel {
+    detector: String,
+    decision: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DirectionLabel {
     direction: &'static str,
 }
@@ -55,6 +62,7 @@ pub(crate) struct Metrics {
     tunnels_open: Gauge,
     approvals_pending: Gauge,
     bytes: Family<DirectionLabel, Counter>,
+    secrets: Family<SecretLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -102,7 +110,14 @@ impl Metrics {
             "Bytes relayed: up (client to origin, through tunnels) and down (to clients)",
             bytes.clone(),
         );
+        let secrets = Family::<SecretLabel, Counter>::default();
+        registry.register(
+            "secrets_found",
+            "Secrets the scan found, by detector and decision (deny: refused, audit: let through); never the value",
+            secrets.clone(),
+        );
         Metrics {
+            secrets,
             registry,
             allowed,
             refused,
@@ -121,6 +136,17 @@ impl Metrics {
 
     pub(crate) fn refused(&self, reason: &'static str) {
         self.refused.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    /// A secret found by `detector`, refused (`deny`) or let through
+    /// (`audit`).
+    pub(crate) fn secret(&self, detector: &str, decision: &'static str) {
+        self.secrets
+            .get_or_create(&SecretLabel {
+                detector: detector.to_owned(),
+                decision,
+            })
+            .inc();
     }
 
     pub(crate) fn bytes(&self, up: u64, down: u64) {

@@ -544,8 +544,15 @@ impl<O, I> ProxyBuilder<O, I> {
         let metrics = self.settings.metrics.clone();
         let refusals = self.settings.refusals.clone();
         let layer = layer.with_sink(move |violation: &portcullis_middleware::Violation| {
-            if violation.blocked.decision != portcullis_middleware::BlockDecision::Audit {
-                metrics.refused(violation.blocked.reason.as_str());
+            let blocked = &violation.blocked;
+            if blocked.decision != portcullis_middleware::BlockDecision::Audit {
+                metrics.refused(blocked.reason.as_str());
+            }
+            if blocked.reason == portcullis_middleware::Reason::SecretDetected {
+                // The rule is `DETECTOR in PLACE (ENCODING)`.
+                let rule = blocked.rule.as_deref().unwrap_or_default();
+                let detector = rule.split(" in ").next().unwrap_or(rule);
+                metrics.secret(detector, blocked.decision.as_str());
             }
             // Copied only when someone listens.
             if refusals.receiver_count() > 0 {

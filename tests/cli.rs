@@ -952,7 +952,7 @@ async fn metrics_are_served_on_loopback_and_sigusr1_dumps_the_refusals() {
     let config = dir.path().join("p.toml");
     std::fs::write(
         &config,
-        "[network]\nproxy_url = \"http://127.0.0.1:0\"\nenable_socks5 = false\nallowed_domains = [\"127.0.0.1\"]\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+        "[network]\nproxy_url = \"http://127.0.0.1:0\"\nenable_socks5 = false\nallowed_domains = [\"127.0.0.1\"]\n[metrics]\nlisten = \"127.0.0.1:0\"\n[scan]\naction = \"deny\"\n",
     )
     .unwrap();
     let mut child = portcullis()
@@ -996,6 +996,12 @@ async fn metrics_are_served_on_loopback_and_sigusr1_dumps_the_refusals() {
     )
     .await;
     assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    let (_, head) = raw_exchange(
+        proxy,
+        &format!("GET http://{authority}/?t=ghp_R2d2C3poR2d2C3poR2d2C3poR2d2C3po1234 HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
     let (mut stream, head) = raw_exchange(
         metrics,
         "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
@@ -1017,6 +1023,13 @@ async fn metrics_are_served_on_loopback_and_sigusr1_dumps_the_refusals() {
         text.contains("portcullis_bytes_total{direction=\"down\"} 16"),
         "{text}"
     );
+    assert!(
+        text.contains(
+            "portcullis_secrets_found_total{detector=\"github_token\",decision=\"deny\"} 1"
+        ),
+        "by detector, never the value: {text}"
+    );
+    assert!(!text.contains("R2d2C3po"), "{text}");
     assert!(text.contains("portcullis_approvals_pending 0"), "{text}");
     let (_, head) = raw_exchange(metrics, "GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
@@ -1038,7 +1051,7 @@ async fn metrics_are_served_on_loopback_and_sigusr1_dumps_the_refusals() {
         }
     }
     assert!(
-        dumped.contains("SIGUSR1: the 1 most recent refusals"),
+        dumped.contains("SIGUSR1: the 2 most recent refusals"),
         "{dumped}"
     );
     assert!(dumped.contains("\"host\":\"refused.test\""), "{dumped}");

@@ -751,3 +751,72 @@ async fn websocket_messages_are_scanned_whole_and_inflated() {
         "{recorded}"
     );
 }
+
+/// Actions per detector and per host: with `action = "off"` and one host
+/// set to `deny`, only that host is scanned; a detector set to `audit`
+/// goes through on the record, one set to `off` (by prefix) is not looked
+/// for, and the others still refuse. A detector name no scanner has is a
+/// config error naming the key.
+#[tokio::test]
+async fn detectors_and_hosts_each_have_their_action() {
+    let origin = origin().await;
+    let base = format!("http://127.0.0.1:{}", origin.addr.port());
+    let dir = tempfile::tempdir().unwrap();
+    let script = format!(
+        r#"
+curl -s -o /dev/null -w "github %{{http_code}}\n" "{base}/?t={GITHUB}"
+curl -s -o /dev/null -w "known %{{http_code}}\n" "{base}/?t={KNOWN}"
+curl -s -o /dev/null -w "aws %{{http_code}}\n" -H "X-Key: AKIAZ7QWERTY2345ABCD" "{base}/"
+"#
+    );
+    let extra = "detectors = { github_token = \"audit\", \"known:*\" = \"off\" }\n\n[[scan.hosts]]\nhost = \"127.0.0.1\"\naction = \"deny\"\n";
+    let (code, stdout, stderr) = scanned_with("off", extra, dir.path(), &script).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    for wanted in ["github 200", "known 200", "aws 403"] {
+        assert!(stdout.contains(wanted), "{wanted}:\n{stdout}\n{stderr}");
+    }
+    let recorded = records(dir.path());
+    assert!(
+        recorded.contains(r#""decision":"audit""#)
+            && recorded.contains(r#""rule":"github_token in the query string""#),
+        "{recorded}"
+    );
+    assert!(
+        recorded.contains(r#""decision":"deny""#) && recorded.contains("aws_access_key_id"),
+        "{recorded}"
+    );
+    assert!(
+        !recorded.contains("known:MY_SECRET"),
+        "off is not looked for: {recorded}"
+    );
+    assert!(
+        stderr.contains("[scan.detectors] \\\"aws_access_key_id\\\" = \\\"audit\\\"")
+            || recorded.contains(r#"[scan.detectors] \"aws_access_key_id\" = \"audit\""#),
+        "the refusal says how to tune it: {recorded}"
+    );
+
+    // Scanning off everywhere else: the host entry was the only one on.
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "[[scan.hosts]]\nhost = \"other.test\"\naction = \"deny\"\n";
+    let (code, stdout, stderr) = scanned_with("off", extra, dir.path(), &script).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stdout.contains("aws 200") && stdout.contains("github 200"),
+        "{stdout}"
+    );
+
+    // A typo in a detector's name.
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, stderr) = scanned_with(
+        "deny",
+        "detectors = { githb_token = \"audit\" }\n",
+        dir.path(),
+        "true",
+    )
+    .await;
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(
+        stderr.contains("scan.detectors.\"githb_token\"") && stderr.contains("scan.toml"),
+        "{stderr}"
+    );
+}

@@ -125,9 +125,11 @@ impl<S> ScanSecrets<S> {
         }
         let mut augmented = scan.clone();
         for (name, secret) in &secrets {
-            augmented
-                .scanner
-                .known_value(&format!("credential:{name}"), secret.expose());
+            let detector = format!("credential:{name}");
+            // A detector set to `off` is not looked for at all.
+            if scan.detector_action(&detector) != Some(ScanAction::Off) {
+                augmented.scanner.known_value(&detector, secret.expose());
+            }
         }
         let built = Arc::new(augmented);
         *cache = Some((generation, secrets, built.clone()));
@@ -153,7 +155,7 @@ where
         let generation = self.policy.generation();
         let policy = self.policy.load();
         let scan = policy.scan();
-        if scan.action == ScanAction::Off {
+        if !scan.is_on() {
             return MarkedResponse::inner(self.inner.call(request));
         }
         let info = match RequestInfo::from_request(&request) {
@@ -189,7 +191,7 @@ where
                     };
                 }
                 return match verdict(
-                    scan.action,
+                    scan.action_for(&info.target, &finding.detector),
                     &shown,
                     Reason::SecretDetected,
                     &finding.to_string(),
@@ -212,7 +214,8 @@ where
                     return MarkedResponse::marked(self.inner.call(request), true, None);
                 }
                 let why = "secret scanning is on and this tunnel cannot be intercepted (no CA, or a way in such as SOCKS5 whose requests cannot be seen); add the host to [scan] skip_hosts to let it through unseen";
-                return match verdict(scan.action, &info, Reason::NotInspected, why) {
+                let action = scan.host_action(&info.target);
+                return match verdict(action, &info, Reason::NotInspected, why) {
                     Ok(audited) => MarkedResponse::marked(self.inner.call(request), false, audited),
                     Err(refused) => MarkedResponse::refused(refused),
                 };
@@ -234,7 +237,8 @@ where
                     "an upgrade to {} cannot be inspected (only WebSocket messages can)",
                     protocol.unwrap_or("several protocols").escape_debug()
                 );
-                return match verdict(scan.action, &info, Reason::NotInspected, &why) {
+                let action = scan.host_action(&info.target);
+                return match verdict(action, &info, Reason::NotInspected, &why) {
                     Ok(audited) => MarkedResponse::marked(self.inner.call(request), false, audited),
                     Err(refused) => MarkedResponse::refused(refused),
                 };
@@ -250,7 +254,7 @@ where
             return MarkedResponse::inner(self.inner.call(request));
         };
         match verdict(
-            scan.action,
+            scan.action_for(&info.target, &finding.detector),
             &info,
             Reason::SecretDetected,
             &finding.to_string(),
@@ -305,6 +309,7 @@ fn verdict(
         &info.method,
     )
     .with_rule(Some(what.to_owned()));
+    let detector_fix;
     let (found, fix) = match reason {
         Reason::NotInspected if what.contains("tunnel") => (
             format!("it could not be inspected: {what}"),
@@ -318,12 +323,22 @@ fn verdict(
             format!("its body could not be inspected ({what})"),
             "send a smaller body (or raise [scan] max_body), or add the host to [scan] skip_hosts",
         ),
-        _ => (
-            format!("it carries a secret: {what} (the value is not recorded)"),
-            "remove it from the request, or, if it is not a secret, set [scan] action = \"audit\" or add the host to [scan] skip_hosts",
-        ),
+        _ => {
+            // `what` is `DETECTOR in PLACE (ENCODING)`.
+            let detector = what.split(" in ").next().unwrap_or(what);
+            detector_fix = format!(
+                "remove it from the request, or, if it is not a secret, set [scan.detectors] \"{}\" = \"audit\" (or \"off\"), or add the host to [scan] skip_hosts",
+                detector.escape_debug()
+            );
+            (
+                format!("it carries a secret: {what} (the value is not recorded)"),
+                detector_fix.as_str(),
+            )
+        }
     };
     match action {
+        // A detector or host set to `off`: the finding does nothing.
+        ScanAction::Off => Ok(None),
         ScanAction::Audit => {
             let message = format!(
                 "portcullis let {method} {} through in audit mode; {found}, which [scan] action = \"deny\" refuses",
@@ -376,7 +391,7 @@ impl ScanBody {
         let info = RequestInfo::from_request(request)?;
         match self.scan.scanner.scan_body(body, &self.placeholders) {
             Some(finding) => verdict(
-                self.scan.action,
+                self.scan.action_for(&info.target, &finding.detector),
                 &info,
                 Reason::SecretDetected,
                 &finding.to_string(),
@@ -389,7 +404,12 @@ impl ScanBody {
     /// refused (`not_inspected`) under `deny`, recorded under `audit`.
     pub fn unread<B>(&self, request: &Request<B>, why: &str) -> Result<Option<Blocked>, BoxError> {
         let info = RequestInfo::from_request(request)?;
-        verdict(self.scan.action, &info, Reason::NotInspected, why)
+        verdict(
+            self.scan.host_action(&info.target),
+            &info,
+            Reason::NotInspected,
+            why,
+        )
     }
 }
 
@@ -440,7 +460,7 @@ impl ScanFrames {
             .scan_content(message, Location::Message, &self.placeholders)
         {
             Some(finding) => self.decided(verdict(
-                self.scan.action,
+                self.scan.action_for(&self.info.target, &finding.detector),
                 &self.info,
                 Reason::SecretDetected,
                 &finding.to_string(),
@@ -455,7 +475,7 @@ impl ScanFrames {
     pub fn unread(&self, why: &str) -> Result<(), BoxError> {
         let why = format!("a WebSocket message {why}");
         self.decided(verdict(
-            self.scan.action,
+            self.scan.host_action(&self.info.target),
             &self.info,
             Reason::NotInspected,
             &why,

@@ -201,9 +201,7 @@ pub(super) async fn check(args: CheckArgs) -> ExitCode {
             _ => String::new(),
         };
         // What secret scanning will not see of an allowed request.
-        let unscanned = if policy.scan().action != portcullis_middleware::scan::ScanAction::Off
-            && !policy.scan().covers(&target)
-        {
+        let unscanned = if policy.scan().is_on() && !policy.scan().covers(&target) {
             "; not scanned for secrets ([scan] skip_hosts)"
         } else {
             ""

@@ -78,7 +78,7 @@ pub(super) async fn start(options: &Options, purpose: Purpose) -> Result<ProxyHa
     if loaded.config.intercepts() {
         let ca = load_ca(&loaded.config, &loaded.origin)?;
         let learning = learn.as_ref().is_some_and(|l| l.learns_requests());
-        let scanning = loaded.config.scan.action != portcullis_middleware::scan::ScanAction::Off;
+        let scanning = loaded.config.scan.is_on();
         if scanning {
             let skipped: Vec<String> = loaded
                 .config

@@ -738,6 +738,16 @@ mod tests {
                 action: crate::scan::ScanAction::Audit,
                 skip_hosts: crate::pattern::PatternSet::new(),
                 max_body: 4096,
+                detectors: vec![("jwt".to_owned(), crate::scan::ScanAction::Off)],
+                hosts: {
+                    let mut hosts = crate::pattern::PatternSet::new();
+                    hosts.insert(
+                        crate::pattern::Pattern::parse("**.internal.example")
+                            .unwrap_or_else(|e| panic!("{e}")),
+                    );
+                    hosts
+                },
+                host_actions: vec![crate::scan::ScanAction::Deny],
             })
             .build()
     }

@@ -66,6 +66,20 @@ pub struct ScanPolicy {
     /// undone); a larger one is refused (`not_inspected`) under `deny`,
     /// recorded and let through under `audit`. 0: [`DEFAULT_MAX_BODY`].
     pub max_body: usize,
+    /// What a finding of one detector does, wherever it is found (the host
+    /// still decides whether it is scanned): a detector's name
+    /// (`github_token`, `known:NAME`, `credential:NAME`,
+    /// `encoded_hostname`) or a prefix ending in `*` (`known:*`); the
+    /// exact name first, then the longest prefix.
+    pub detectors: Vec<(String, ScanAction)>,
+    /// What scanning does for requests to some hosts (the allowlist's
+    /// patterns; the most specific pattern that matches): `off` leaves
+    /// them unscanned like `skip_hosts`, `audit`/`deny` replace
+    /// [`action`](ScanPolicy::action) there — scanning can be on for a
+    /// few hosts only.
+    pub hosts: crate::pattern::PatternSet,
+    /// The action of each of [`hosts`](ScanPolicy::hosts), in its order.
+    pub host_actions: Vec<ScanAction>,
 }
 
 /// The largest body inspected unless [`ScanPolicy::max_body`] says.
@@ -77,6 +91,9 @@ impl PartialEq for ScanPolicy {
             && self.action == other.action
             && self.skip_hosts.patterns() == other.skip_hosts.patterns()
             && self.max_body == other.max_body
+            && self.detectors == other.detectors
+            && self.hosts.patterns() == other.hosts.patterns()
+            && self.host_actions == other.host_actions
     }
 }
 
@@ -92,17 +109,66 @@ impl ScanPolicy {
         }
     }
 
+    /// Whether anything is scanned: [`action`](ScanPolicy::action) or
+    /// some host's is not `off`.
+    pub fn is_on(&self) -> bool {
+        self.action != ScanAction::Off || self.host_actions.iter().any(|a| *a != ScanAction::Off)
+    }
+
+    /// What scanning does for requests to `target`: `off` for a
+    /// `skip_hosts` host, else the most specific of
+    /// [`hosts`](ScanPolicy::hosts) that matches, else
+    /// [`action`](ScanPolicy::action).
+    pub fn host_action(&self, target: &crate::target::Target) -> ScanAction {
+        let crate::target::Target::Host { host, port } = target else {
+            return self.action;
+        };
+        if self.skip_hosts.find(host, *port).is_some() {
+            return ScanAction::Off;
+        }
+        let Some((found, _)) = self.hosts.find(host, *port) else {
+            return self.action;
+        };
+        self.hosts
+            .patterns()
+            .iter()
+            .position(|pattern| std::ptr::eq(pattern, found))
+            .and_then(|index| self.host_actions.get(index).copied())
+            .unwrap_or(self.action)
+    }
+
+    /// What a finding of `detector` in a request to `target` does: `off`
+    /// where the host is not scanned, else the detector's own action if
+    /// [`detectors`](ScanPolicy::detectors) names it, else the host's.
+    pub fn action_for(&self, target: &crate::target::Target, detector: &str) -> ScanAction {
+        let host = self.host_action(target);
+        if host == ScanAction::Off {
+            return ScanAction::Off;
+        }
+        self.detector_action(detector).unwrap_or(host)
+    }
+
+    /// The action [`detectors`](ScanPolicy::detectors) sets for
+    /// `detector`, if any: its exact name first, then the longest prefix.
+    pub fn detector_action(&self, detector: &str) -> Option<ScanAction> {
+        if let Some((_, action)) = self.detectors.iter().find(|(name, _)| name == detector) {
+            return Some(*action);
+        }
+        self.detectors
+            .iter()
+            .filter_map(|(name, action)| {
+                let prefix = name.strip_suffix('*')?;
+                detector
+                    .starts_with(prefix)
+                    .then_some((prefix.len(), *action))
+            })
+            .max_by_key(|(length, _)| *length)
+            .map(|(_, action)| action)
+    }
+
     /// Whether `target` is scanned at all.
     pub fn covers(&self, target: &crate::target::Target) -> bool {
-        if self.action == ScanAction::Off {
-            return false;
-        }
-        match target {
-            crate::target::Target::Host { host, port } => {
-                self.skip_hosts.find(host, *port).is_none()
-            }
-            _ => true,
-        }
+        self.host_action(target) != ScanAction::Off
     }
 
     /// The finding in `request` for `target`, when scanning is on and the
@@ -243,6 +309,33 @@ impl Scanner {
             formats: set.ok().map(|set| Arc::new((set, built))),
             known: Arc::default(),
         }
+    }
+
+    /// The same without the token formats `off` names (`true`: left out).
+    pub fn without_formats(&self, off: impl Fn(&str) -> bool) -> Scanner {
+        let kept: Vec<(&'static str, regex::Regex)> = self
+            .formats
+            .iter()
+            .flat_map(|formats| formats.1.iter())
+            .filter(|(name, _)| !off(name))
+            .cloned()
+            .collect();
+        let formats = if kept.is_empty() {
+            None
+        } else {
+            regex::RegexSet::new(kept.iter().map(|(_, regex)| regex.as_str()))
+                .ok()
+                .map(|set| Arc::new((set, kept)))
+        };
+        Scanner {
+            formats,
+            known: self.known.clone(),
+        }
+    }
+
+    /// The names of the built-in token formats.
+    pub fn format_names() -> impl Iterator<Item = &'static str> {
+        FORMATS.iter().map(|format| format.name)
     }
 
     /// A scanner with no detector: finds nothing.
