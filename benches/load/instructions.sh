@@ -11,6 +11,10 @@
 # python's http.client; the difference of the two totals over N2 - N1 is the
 # per-request figure (start-up and shutdown cancel out). Needs valgrind,
 # nginx, python3 and curl (installed when missing).
+#
+# MODE=inspect counts portcullis alone, four ways: GETs and 1 KiB JSON
+# POSTs, each with [scan] off and with action = "deny" (the cost of secret
+# scanning per request, headers and body).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 N1=${N1:-500}; N2=${N2:-2500}
@@ -38,12 +42,20 @@ http { access_log off; keepalive_requests 1000000;
 NG
 nginx -c "$W/origin.conf" -p "$W" & pids+=($!)
 cat > "$W/drive.py" <<'PY'
-import http.client, sys
-port, n, absolute = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "abs"
+import http.client, json, sys
+port, n, absolute = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] != "rev"
+post = sys.argv[3] == "post"
 c = http.client.HTTPConnection("127.0.0.1", port)
 target = "http://127.0.0.1:28080/" if absolute else "/"
+# A 1 KiB JSON body of ordinary text: nothing in it is a secret.
+body = json.dumps({"message": "git status: nothing to commit, working tree clean " * 15,
+                   "id": "6f1c2a9e-3b7d-4c51-9a0e-1d2b3c4d5e6f"})[:1024].ljust(1024).encode()
 for _ in range(n):
-    c.request("GET", target, headers={"Host": "127.0.0.1:28080"})
+    if post:
+        c.request("POST", target, body=body,
+                  headers={"Host": "127.0.0.1:28080", "Content-Type": "application/json"})
+    else:
+        c.request("GET", target, headers={"Host": "127.0.0.1:28080"})
     r = c.getresponse(); r.read()
     assert r.status == 200, r.status
 PY
@@ -57,6 +69,25 @@ count() {
   awk '/^totals:/ {print $2}' "$W/cg.$pid"
 }
 us() { PORTCULLIS_THREADS=1 PORTCULLIS_LOG=warn count 28199 abs "$1" "$BIN" serve --http 127.0.0.1:28199 --no-socks --allow 127.0.0.1; }
+if [ "${MODE:-}" = inspect ]; then
+  for action in off deny; do
+    printf '[network]\nallowed_domains = ["127.0.0.1"]\n\n[scan]\naction = "%s"\n' "$action" > "$W/$action.toml"
+  done
+  # one ACTION FORM N: portcullis with [scan] action = ACTION serving N requests.
+  one() { PORTCULLIS_THREADS=1 PORTCULLIS_LOG=warn count 28199 "$2" "$3" "$BIN" serve --http 127.0.0.1:28199 --no-socks --config "$W/$1.toml"; }
+  declare -A per
+  for form in abs post; do
+    for action in off deny; do
+      a=$(one "$action" "$form" "$N1"); b=$(one "$action" "$form" "$N2")
+      per[$form.$action]=$(( (b - a) / (N2 - N1) ))
+    done
+  done
+  echo "instructions per request (callgrind, $((N2 - N1)) requests), [scan] off -> deny:"
+  awk -v a="${per[abs.off]}" -v b="${per[abs.deny]}" -v c="${per[post.off]}" -v d="${per[post.deny]}" 'BEGIN{
+    printf "  GET                %7d -> %7d  (%.2f×)\n", a, b, b/a
+    printf "  1 KiB JSON POST    %7d -> %7d  (%.2f×)\n", c, d, d/c }'
+  exit 0
+fi
 rp() { count 28081 rev "$1" nginx -c "$W/rp.conf" -p "$W"; }
 us1=$(us "$N1"); us2=$(us "$N2"); ng1=$(rp "$N1"); ng2=$(rp "$N2")
 awk -v a="$us1" -v b="$us2" -v c="$ng1" -v d="$ng2" -v n=$((N2 - N1)) 'BEGIN{

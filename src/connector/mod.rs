@@ -597,7 +597,9 @@ async fn scanned_body(
 struct WholeBody {
     parts: http::request::Parts,
     sent: bytes::Bytes,
-    plain: Vec<u8>,
+    /// The body decoded: the same bytes as `sent` (shared, not copied)
+    /// when it has no `Content-Encoding`.
+    plain: bytes::Bytes,
 }
 
 /// Reads a body whole (bounded) and undoes gzip, deflate or brotli (the
@@ -610,7 +612,14 @@ async fn read_whole_body(
 ) -> Result<Result<WholeBody, String>, BoxError> {
     use http_body_util::BodyExt;
     let (parts, mut body) = request.into_parts();
-    let mut bytes = bytes::BytesMut::new();
+    // Sized once by the declared length (within the bound): no regrowth.
+    let declared = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<usize>().ok())
+        .unwrap_or(0);
+    let mut bytes = bytes::BytesMut::with_capacity(declared.min(max));
     while let Some(frame) = body.frame().await {
         if let Ok(data) = frame?.into_data() {
             if bytes.len() + data.len() > max {
@@ -625,7 +634,7 @@ async fn read_whole_body(
         .get(http::header::CONTENT_ENCODING)
         .map(|value| value.as_bytes().to_ascii_lowercase());
     let plain = match encoding.as_deref() {
-        None | Some(b"identity") => sent.to_vec(),
+        None | Some(b"identity") => sent.clone(),
         Some(name @ (b"gzip" | b"x-gzip" | b"deflate" | b"br")) => {
             use std::io::Read;
             let mut plain = Vec::new();
@@ -639,7 +648,7 @@ async fn read_whole_body(
                 Ok(length) if length > max => {
                     return Ok(Err(format!("the body is over {} decoded", size(max))))
                 }
-                Ok(_) => plain,
+                Ok(_) => plain.into(),
                 Err(error) => {
                     return Ok(Err(format!(
                         "its {} does not decode: {error}",
@@ -743,7 +752,7 @@ fn request_head(request: &Request<Body>) -> Request<()> {
 /// The values of a multipart body's `_method` parts.
 async fn multipart_method_overrides(
     headers: &http::HeaderMap,
-    body: Vec<u8>,
+    body: bytes::Bytes,
 ) -> Result<Vec<String>, String> {
     let content_type = headers
         .get(http::header::CONTENT_TYPE)
@@ -751,9 +760,7 @@ async fn multipart_method_overrides(
         .unwrap_or_default();
     let boundary = multer::parse_boundary(content_type)
         .map_err(|error| format!("its multipart Content-Type has no usable boundary: {error}"))?;
-    let stream = futures_util::stream::once(async move {
-        Ok::<_, std::convert::Infallible>(bytes::Bytes::from(body))
-    });
+    let stream = futures_util::stream::once(async move { Ok::<_, std::convert::Infallible>(body) });
     let mut multipart = multer::Multipart::new(stream, boundary);
     let mut methods = Vec::new();
     loop {

@@ -11,51 +11,51 @@ pub(super) struct Format {
 pub(super) const FORMATS: &[Format] = &[
     Format {
         name: "aws_access_key_id",
-        pattern: r"\b((?:AKIA|ASIA|ABIA|ACCA)[A-Z2-7]{16})\b",
+        pattern: r"(?-u:\b)((?:AKIA|ASIA|ABIA|ACCA)[A-Z2-7]{16})(?-u:\b)",
     },
     Format {
         name: "github_token",
-        pattern: r"\b((?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{36})\b",
+        pattern: r"(?-u:\b)((?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{36})(?-u:\b)",
     },
     Format {
         name: "github_fine_grained_token",
-        pattern: r"\b(github_pat_[A-Za-z0-9_]{82})\b",
+        pattern: r"(?-u:\b)(github_pat_[A-Za-z0-9_]{82})(?-u:\b)",
     },
     Format {
         name: "gitlab_token",
-        pattern: r"\b(glpat-[A-Za-z0-9_\-]{20})\b",
+        pattern: r"(?-u:\b)(glpat-[A-Za-z0-9_\-]{20})(?-u:\b)",
     },
     Format {
         name: "slack_token",
-        pattern: r"\b(xox[baprs]-[0-9A-Za-z\-]{10,})\b",
+        pattern: r"(?-u:\b)(xox[baprs]-[0-9A-Za-z\-]{10,})(?-u:\b)",
     },
     Format {
         name: "stripe_secret_key",
-        pattern: r"\b((?:sk|rk)_live_[0-9A-Za-z]{24,})\b",
+        pattern: r"(?-u:\b)((?:sk|rk)_live_[0-9A-Za-z]{24,})(?-u:\b)",
     },
     Format {
         name: "anthropic_api_key",
-        pattern: r"\b(sk-ant-[A-Za-z0-9_\-]{32,})",
+        pattern: r"(?-u:\b)(sk-ant-[A-Za-z0-9_\-]{32,})",
     },
     Format {
         name: "openai_api_key",
-        pattern: r"\b(sk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_\-]{20,}T3BlbkFJ[A-Za-z0-9_\-]{20,})",
+        pattern: r"(?-u:\b)(sk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_\-]{20,}T3BlbkFJ[A-Za-z0-9_\-]{20,})",
     },
     Format {
         name: "google_api_key",
-        pattern: r"\b(AIza[0-9A-Za-z_\-]{35})\b",
+        pattern: r"(?-u:\b)(AIza[0-9A-Za-z_\-]{35})(?-u:\b)",
     },
     Format {
         name: "npm_token",
-        pattern: r"\b(npm_[A-Za-z0-9]{36})\b",
+        pattern: r"(?-u:\b)(npm_[A-Za-z0-9]{36})(?-u:\b)",
     },
     Format {
         name: "pypi_token",
-        pattern: r"\b(pypi-AgEIcHlwaS5vcmc[A-Za-z0-9_\-]{50,})",
+        pattern: r"(?-u:\b)(pypi-AgEIcHlwaS5vcmc[A-Za-z0-9_\-]{50,})",
     },
     Format {
         name: "jwt",
-        pattern: r"\b(eyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{16,})",
+        pattern: r"(?-u:\b)(eyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{16,})",
     },
     Format {
         name: "private_key",

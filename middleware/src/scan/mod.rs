@@ -250,7 +250,11 @@ struct Known {
 
 /// The token formats compiled: one set to find which match, and each
 /// pattern by name to find where.
-type Formats = (regex::RegexSet, Vec<(&'static str, regex::Regex)>);
+/// Matched on bytes: no view is validated as UTF-8 first.
+type Formats = (
+    regex::bytes::RegexSet,
+    Vec<(&'static str, regex::bytes::Regex)>,
+);
 
 /// Finds secrets in requests; see the [module docs](self). Cheap to clone.
 #[derive(Clone, Default)]
@@ -299,12 +303,12 @@ impl Scanner {
         let built = FORMATS
             .iter()
             .filter_map(|format| {
-                regex::Regex::new(format.pattern)
+                regex::bytes::Regex::new(format.pattern)
                     .ok()
                     .map(|regex| (format.name, regex))
             })
             .collect::<Vec<_>>();
-        let set = regex::RegexSet::new(built.iter().map(|(_, regex)| regex.as_str()));
+        let set = regex::bytes::RegexSet::new(built.iter().map(|(_, regex)| regex.as_str()));
         Scanner {
             formats: set.ok().map(|set| Arc::new((set, built))),
             known: Arc::default(),
@@ -313,7 +317,7 @@ impl Scanner {
 
     /// The same without the token formats `off` names (`true`: left out).
     pub fn without_formats(&self, off: impl Fn(&str) -> bool) -> Scanner {
-        let kept: Vec<(&'static str, regex::Regex)> = self
+        let kept: Vec<(&'static str, regex::bytes::Regex)> = self
             .formats
             .iter()
             .flat_map(|formats| formats.1.iter())
@@ -323,7 +327,7 @@ impl Scanner {
         let formats = if kept.is_empty() {
             None
         } else {
-            regex::RegexSet::new(kept.iter().map(|(_, regex)| regex.as_str()))
+            regex::bytes::RegexSet::new(kept.iter().map(|(_, regex)| regex.as_str()))
                 .ok()
                 .map(|set| Arc::new((set, kept)))
         };
@@ -510,14 +514,15 @@ impl Scanner {
             }
         }
         let (set, formats) = self.formats.as_deref()?;
-        let text = String::from_utf8_lossy(text);
-        for index in set.matches(&text).iter() {
+        for index in set.matches(text).iter() {
             let (name, regex) = formats.get(index)?;
-            let real = regex.captures_iter(&text).any(|captures| {
+            let real = regex.captures_iter(text).any(|captures| {
                 let token = captures
                     .get(1)
                     .or_else(|| captures.get(0))
-                    .map_or("", |m| m.as_str());
+                    .map_or(&b""[..], |m| m.as_bytes());
+                // The patterns match ASCII only.
+                let token = std::str::from_utf8(token).unwrap_or_default();
                 !is_example(token) && !not_secrets.iter().any(|other| other == token)
             });
             if real {
