@@ -515,36 +515,10 @@ print(ok.status_code, leak.status_code, denied.status_code)
 
 /// The python MCP SDK's server on 127.0.0.1:0, each tool call it receives
 /// written to `calls`; `None` (skipped) where the SDK is missing outside CI.
-#[allow(clippy::print_stdout)]
 async fn mcp_server(calls: &std::path::Path) -> Option<(tokio::process::Child, u16)> {
-    use tokio::io::AsyncBufReadExt;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/mcp/server.py");
-    let mut child = tokio::process::Command::new("python3")
-        .arg(script)
-        .arg(calls)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .ok()?;
-    let stdout = child.stdout.take()?;
-    let mut line = String::new();
-    let read = tokio::time::timeout(
-        std::time::Duration::from_secs(30),
-        tokio::io::BufReader::new(stdout).read_line(&mut line),
-    )
-    .await;
-    match line.trim().parse::<u16>() {
-        Ok(port) if matches!(read, Ok(Ok(_))) => Some((child, port)),
-        _ => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "python3 with mcp is required under CI (.ci/run installs it)"
-            );
-            println!("note: python3 mcp missing; skipped");
-            None
-        }
-    }
+    let calls = calls.to_str()?;
+    python_server(&[script, calls], "mcp").await
 }
 
 /// A real MCP session (the python SDK's client and server over streamable

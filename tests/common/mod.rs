@@ -668,3 +668,37 @@ pub fn refusing(command: &mut tokio::process::Command, refused: &[Refusal]) {
         command.pre_exec(hook);
     }
 }
+
+/// A python3 server started with `args` that prints its port (bound on
+/// `127.0.0.1:0`) as its first line, stopped when dropped; `None` (said,
+/// and the test skipped) where the `module` it needs is missing — an
+/// error under CI, which installs it (`.ci/run`).
+#[allow(clippy::print_stdout, dead_code)]
+pub async fn python_server(args: &[&str], module: &str) -> Option<(tokio::process::Child, u16)> {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new("python3")
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .ok()?;
+    let stdout = child.stdout.take()?;
+    let mut line = String::new();
+    let read = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::io::BufReader::new(stdout).read_line(&mut line),
+    )
+    .await;
+    match line.trim().parse::<u16>() {
+        Ok(port) if matches!(read, Ok(Ok(_))) => Some((child, port)),
+        _ => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "python3 with {module} is required under CI (.ci/run installs it)"
+            );
+            println!("note: python3 {module} missing; skipped");
+            None
+        }
+    }
+}

@@ -6,7 +6,7 @@ use std::fmt;
 
 use graphql_parser::query::{Definition, OperationDefinition, Selection, SelectionSet};
 
-use super::value::ValueGlob;
+use super::value::{globs, ValueGlob};
 use super::RuleError;
 
 /// The operation types, as written in a document.
@@ -236,16 +236,10 @@ impl GraphqlMatcher {
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        let globs: Vec<ValueGlob> = names
-            .into_iter()
-            .map(|n| ValueGlob::new(n.as_ref()))
-            .collect();
-        if globs.is_empty() {
-            return Err(RuleError::Empty(
-                "graphql.names is empty; leave it out to match any name",
-            ));
-        }
-        self.names = Some(globs);
+        self.names = Some(globs(
+            names,
+            "graphql.names is empty; leave it out to match any name",
+        )?);
         Ok(self)
     }
 
@@ -255,16 +249,10 @@ impl GraphqlMatcher {
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        let globs: Vec<ValueGlob> = fields
-            .into_iter()
-            .map(|f| ValueGlob::new(f.as_ref()))
-            .collect();
-        if globs.is_empty() {
-            return Err(RuleError::Empty(
-                "graphql.fields is empty; leave it out to match any field",
-            ));
-        }
-        self.fields = Some(globs);
+        self.fields = Some(globs(
+            fields,
+            "graphql.fields is empty; leave it out to match any field",
+        )?);
         Ok(self)
     }
 

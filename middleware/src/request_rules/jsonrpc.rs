@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use super::value::ValueGlob;
+use super::value::{globs, ValueGlob};
 use super::RuleError;
 
 /// MCP's method for calling a tool: its `params.name` is the tool.
@@ -113,16 +113,10 @@ impl JsonRpcMatcher {
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        let globs: Vec<ValueGlob> = methods
-            .into_iter()
-            .map(|m| ValueGlob::new(m.as_ref()))
-            .collect();
-        if globs.is_empty() {
-            return Err(RuleError::Empty(
-                "jsonrpc.methods is empty; leave it out to match any method",
-            ));
-        }
-        self.methods = Some(globs);
+        self.methods = Some(globs(
+            methods,
+            "jsonrpc.methods is empty; leave it out to match any method",
+        )?);
         Ok(self)
     }
 
@@ -132,16 +126,10 @@ impl JsonRpcMatcher {
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        let globs: Vec<ValueGlob> = tools
-            .into_iter()
-            .map(|t| ValueGlob::new(t.as_ref()))
-            .collect();
-        if globs.is_empty() {
-            return Err(RuleError::Empty(
-                "jsonrpc.tools is empty; leave it out to match any tool",
-            ));
-        }
-        self.tools = Some(globs);
+        self.tools = Some(globs(
+            tools,
+            "jsonrpc.tools is empty; leave it out to match any tool",
+        )?);
         Ok(self)
     }
 

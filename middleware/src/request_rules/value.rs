@@ -66,6 +66,23 @@ impl ValueGlob {
     }
 }
 
+/// Globs from `items`; `empty` is the error when there are none (an empty
+/// list would match nothing: leaving the key out is what matches all).
+pub(super) fn globs<I, S>(items: I, empty: &'static str) -> Result<Vec<ValueGlob>, RuleError>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<str>,
+{
+    let globs: Vec<ValueGlob> = items
+        .into_iter()
+        .map(|item| ValueGlob::new(item.as_ref()))
+        .collect();
+    if globs.is_empty() {
+        return Err(RuleError::Empty(empty));
+    }
+    Ok(globs)
+}
+
 impl fmt::Display for ValueGlob {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.text)
