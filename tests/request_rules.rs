@@ -847,6 +847,19 @@ async fn graphql_operations_are_decided_by_type_name_and_fields() {
     )
     .await;
     assert_eq!(status, 200, "the listed hash goes: {body}");
+    // A form body carrying the document (some servers accept it).
+    let out = curl(&[
+        "-i",
+        "-x",
+        &proxy_url,
+        "--data-urlencode",
+        "query=mutation { deleteRepository(id: 1) { ok } }",
+        &url,
+    ])
+    .await;
+    let (status, _, body) = parse_response(&out.stdout);
+    assert_eq!(status, 403, "a form is read too: {body}");
+    assert!(body.contains("rule_denied"), "{body}");
 
     // GET ?query=, as python httpx sends it.
     let script = format!(

@@ -50,8 +50,23 @@ fn look_alike(object: Option<&serde_json::Value>, keys: &[&str]) -> bool {
 /// The messages of a JSON body — JSON-RPC calls, GraphQL requests: one
 /// for an object, one per element of a batch (an array). `None` when the body is not JSON, or is JSON but
 /// neither an object nor a non-empty array: it makes no call.
+///
+/// A leading UTF-8 byte-order mark is skipped (some servers skip it too).
+/// A body that is not JSON but a form carrying a GraphQL `query` (as some
+/// GraphQL servers accept) is one message with that GraphQL request.
 pub fn json_messages(body: &[u8]) -> Option<Vec<JsonMessage>> {
-    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) else {
+        let form = std::str::from_utf8(body).ok()?;
+        let graphql = super::graphql_in_url(form)?;
+        return Some(vec![JsonMessage {
+            method: None,
+            tool: None,
+            arguments: None,
+            ambiguous: false,
+            graphql: Some(graphql),
+        }]);
+    };
     let call = |message: &serde_json::Value| {
         let method = message
             .get("method")
@@ -272,6 +287,15 @@ mod tests {
         assert_eq!(calls[2].method, None);
         assert_eq!(json_messages(b"[]"), None);
         assert_eq!(json_messages(b"not json"), None);
+        // A byte-order mark does not hide a call.
+        let marked = json_messages(b"\xEF\xBB\xBF{\"method\":\"tools/list\"}").unwrap();
+        assert_eq!(marked[0].method.as_deref(), Some("tools/list"));
+        // A form carrying a GraphQL query is read as one.
+        let form = json_messages(b"query=mutation%20%7B%20x%20%7D").unwrap();
+        assert!(matches!(
+            form[0].graphql,
+            Some(crate::request_rules::GraphqlRequest::Operations(ref ops)) if ops[0].kind == "mutation"
+        ));
         assert_eq!(json_messages(b"\"text\""), None);
     }
 
