@@ -190,15 +190,15 @@ where
                         port,
                     };
                 }
-                return match verdict(
-                    scan.action_for(&info.target, &finding.detector),
-                    &shown,
-                    Reason::SecretDetected,
-                    &finding.to_string(),
-                ) {
-                    Ok(audited) => MarkedResponse::marked(self.inner.call(request), false, audited),
-                    Err(refused) => MarkedResponse::refused(refused),
-                };
+                return self.judged(
+                    request,
+                    verdict(
+                        scan.action_for(&info.target, &finding.detector),
+                        &shown,
+                        Reason::SecretDetected,
+                        &finding.to_string(),
+                    ),
+                );
             }
         }
         let Some(finding) = scan.finding(&info.target, &request, &self.placeholders) else {
@@ -215,10 +215,7 @@ where
                 }
                 let why = "secret scanning is on and this tunnel cannot be intercepted (no CA, or a way in such as SOCKS5 whose requests cannot be seen); add the host to [scan] skip_hosts to let it through unseen";
                 let action = scan.host_action(&info.target);
-                return match verdict(action, &info, Reason::NotInspected, why) {
-                    Ok(audited) => MarkedResponse::marked(self.inner.call(request), false, audited),
-                    Err(refused) => MarkedResponse::refused(refused),
-                };
+                return self.judged(request, verdict(action, &info, Reason::NotInspected, why));
             }
             // An upgrade: a WebSocket's messages are judged one by one by
             // the transport; any other protocol cannot be read.
@@ -238,10 +235,7 @@ where
                     protocol.unwrap_or("several protocols").escape_debug()
                 );
                 let action = scan.host_action(&info.target);
-                return match verdict(action, &info, Reason::NotInspected, &why) {
-                    Ok(audited) => MarkedResponse::marked(self.inner.call(request), false, audited),
-                    Err(refused) => MarkedResponse::refused(refused),
-                };
+                return self.judged(request, verdict(action, &info, Reason::NotInspected, &why));
             }
             // The body is read (bounded) and judged by the connector,
             // before anything is sent.
@@ -253,12 +247,28 @@ where
             }
             return MarkedResponse::inner(self.inner.call(request));
         };
-        match verdict(
+        let decided = verdict(
             scan.action_for(&info.target, &finding.detector),
             &info,
             Reason::SecretDetected,
             &finding.to_string(),
-        ) {
+        );
+        self.judged(request, decided)
+    }
+}
+
+impl<S> ScanSecrets<S> {
+    /// The request sent on (with an audit record) or refused, as
+    /// `decided`.
+    fn judged<B, R>(
+        &mut self,
+        request: Request<B>,
+        decided: Result<Option<Blocked>, BoxError>,
+    ) -> MarkedResponse<S::Future>
+    where
+        S: Service<Request<B>, Response = Response<R>>,
+    {
+        match decided {
             Ok(audited) => MarkedResponse::marked(self.inner.call(request), false, audited),
             Err(refused) => MarkedResponse::refused(refused),
         }
