@@ -21,7 +21,9 @@
 //! rule that decided, else the reason, with the deciding part as `type`),
 //! `http_request` (method and URL, query values redacted) for HTTP
 //! Activity, `http_response.code` for an allowed request, and our own
-//! fields under `unmapped` (`protocol`, `decision`, `source`). Severity is
+//! fields under `unmapped` (`protocol`, `decision`, `source`, and for a
+//! secret the scan found, `finding`: `detector` and `location`, never the
+//! value). Severity is
 //! 1 Informational for what went through (allowed, audited) and 3 Medium
 //! for a refusal.
 //!
@@ -356,6 +358,15 @@ fn event(event: &Event<'_>) -> Value {
             );
             unmapped.insert("decision".into(), json!(blocked.decision.as_str()));
             unmapped.insert("source".into(), json!(blocked.source.as_str()));
+            if blocked.reason == portcullis_middleware::Reason::SecretDetected {
+                // The scan's rule is `DETECTOR in PLACE (ENCODING)`.
+                let rule = blocked.rule.as_deref().unwrap_or_default();
+                let (detector, location) = rule.split_once(" in ").unwrap_or((rule, ""));
+                unmapped.insert(
+                    "finding".into(),
+                    json!({ "detector": detector, "location": location }),
+                );
+            }
         }
         Outcome::Allowed(access) => {
             fields.insert("duration".into(), json!(access.duration_ms));
@@ -703,6 +714,20 @@ mod tests {
             blocked,
             path: path.map(str::to_owned),
         }
+    }
+
+    #[test]
+    fn a_scan_finding_is_named_by_detector_and_place_only() {
+        let target = Target::parse_authority("a.test:80", None).unwrap();
+        let mut event = violation(target, Protocol::Http, Some("/"));
+        event.blocked.reason = Reason::SecretDetected;
+        event.blocked.rule = Some("github_token in the query string (base64)".into());
+        let event = ocsf_violation(&event);
+        assert_eq!(event["unmapped"]["finding"]["detector"], "github_token");
+        assert_eq!(
+            event["unmapped"]["finding"]["location"],
+            "the query string (base64)"
+        );
     }
 
     #[test]
