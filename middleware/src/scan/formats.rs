@@ -61,15 +61,93 @@ pub(super) const FORMATS: &[Format] = &[
         name: "private_key",
         pattern: r"(-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----)",
     },
+    // Card numbers (Visa, Mastercard, Discover: 16 digits; Amex: 15), in
+    // groups or not; kept only when the Luhn check passes.
+    Format {
+        name: "payment_card",
+        pattern: r"(?-u:\b)((?:4[0-9]{3}|5[1-5][0-9]{2}|2[2-7][0-9]{2}|6(?:011|5[0-9]{2}))(?:[ -]?[0-9]{4}){3}|3[47][0-9]{2}[ -]?[0-9]{6}[ -]?[0-9]{5})(?-u:\b)",
+    },
+    // IBANs, in groups of four or not; kept only when mod 97 is 1.
+    Format {
+        name: "iban",
+        pattern: r"(?-u:\b)([A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?)(?-u:\b)",
+    },
 ];
 
+/// Whether a token of format `name` passes the format's checksum (payment
+/// cards: Luhn; IBANs: mod 97); formats without one always do.
+pub(super) fn is_valid(name: &str, token: &str) -> bool {
+    let compact: String = token.chars().filter(|c| *c != ' ' && *c != '-').collect();
+    match name {
+        "payment_card" => luhn(&compact),
+        "iban" => iban_mod97(&compact),
+        _ => true,
+    }
+}
+
+/// The Luhn check of a string of digits.
+fn luhn(digits: &str) -> bool {
+    let mut sum = 0u32;
+    for (index, c) in digits.chars().rev().enumerate() {
+        let Some(mut digit) = c.to_digit(10) else {
+            return false;
+        };
+        if index % 2 == 1 {
+            digit *= 2;
+            if digit > 9 {
+                digit -= 9;
+            }
+        }
+        sum += digit;
+    }
+    !digits.is_empty() && sum % 10 == 0
+}
+
+/// ISO 13616: the first four characters moved to the end, letters as
+/// 10–35, the number mod 97 is 1.
+fn iban_mod97(iban: &str) -> bool {
+    if !(15..=34).contains(&iban.len()) {
+        return false;
+    }
+    let (head, tail) = iban.split_at(4);
+    let mut remainder = 0u32;
+    for c in tail.chars().chain(head.chars()) {
+        let Some(value) = c.to_digit(36) else {
+            return false;
+        };
+        remainder = if value >= 10 {
+            (remainder * 100 + value) % 97
+        } else {
+            (remainder * 10 + value) % 97
+        };
+    }
+    remainder == 1
+}
+
 /// Documentation examples that have a token's shape and are not secrets.
-const EXAMPLES: &[&str] = &["AKIAIOSFODNN7EXAMPLE", "ASIAIOSFODNN7EXAMPLE"];
+const EXAMPLES: &[&str] = &[
+    "AKIAIOSFODNN7EXAMPLE",
+    "ASIAIOSFODNN7EXAMPLE",
+    // Payment processors' published test cards.
+    "4111111111111111",
+    "4242424242424242",
+    "4012888888881881",
+    "5555555555554444",
+    "5105105105105100",
+    "378282246310005",
+    "371449635398431",
+    "6011111111111117",
+    // The IBANs of standards and documentation.
+    "DE89370400440532013000",
+    "GB82WEST12345698765432",
+    "GB29NWBK60161331926819",
+];
 
 /// A documentation example or a placeholder: `…EXAMPLE`, or one character
 /// repeated after the prefix (`ghp_xxxx…`).
 pub(super) fn is_example(token: &str) -> bool {
-    if EXAMPLES.contains(&token) || token.ends_with("EXAMPLE") {
+    let compact: String = token.chars().filter(|c| *c != ' ' && *c != '-').collect();
+    if EXAMPLES.contains(&compact.as_str()) || token.ends_with("EXAMPLE") {
         return true;
     }
     let tail = token.rsplit(['_', '-']).next().unwrap_or(token);

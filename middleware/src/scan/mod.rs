@@ -37,7 +37,7 @@ mod host;
 use http::Request;
 
 use decode::{base64_runs, contains, encodings, fold, json_strings, percent_decode};
-use formats::{is_example, FORMATS};
+use formats::{is_example, is_valid, FORMATS};
 
 /// What a finding does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -523,7 +523,9 @@ impl Scanner {
                     .map_or(&b""[..], |m| m.as_bytes());
                 // The patterns match ASCII only.
                 let token = std::str::from_utf8(token).unwrap_or_default();
-                !is_example(token) && !not_secrets.iter().any(|other| other == token)
+                !is_example(token)
+                    && is_valid(name, token)
+                    && !not_secrets.iter().any(|other| other == token)
             });
             if real {
                 return Some(((*name).to_owned(), None));

@@ -107,3 +107,46 @@ fn a_known_value_is_found_raw_and_in_every_encoding() {
     );
     assert_eq!(scan("http://x.test/?v=s3cr3t", &[], &scanner), None);
 }
+
+#[test]
+fn payment_cards_and_ibans_are_found_only_when_their_checksums_hold() {
+    let scanner = Scanner::builtin();
+    let found = |text: &str| {
+        scanner
+            .scan_field(text.as_bytes(), Location::Body)
+            .map(|f| f.detector)
+    };
+    for card in [
+        "4539148803436467",
+        "4539 1488 0343 6467",
+        "4539-1488-0343-6467",
+        "3782 822463 10120",
+    ] {
+        assert_eq!(
+            found(&format!("card: {card}")).as_deref(),
+            Some("payment_card"),
+            "{card}"
+        );
+    }
+    for iban in ["NL91ABNA0417164300", "NL91 ABNA 0417 1643 00"] {
+        assert_eq!(
+            found(&format!("pay to {iban}")).as_deref(),
+            Some("iban"),
+            "{iban}"
+        );
+    }
+    // Checksums that fail, published test numbers, and ordinary numbers.
+    for benign in [
+        "4539148803436468",
+        "NL92ABNA0417164300",
+        "4111 1111 1111 1111",
+        "4242424242424242",
+        "3714 496353 98431",
+        "DE89 3704 0044 0532 0130 00",
+        "order 1796644711774 at 2026-12-07",
+        "build 453914880343646 of 12",
+        "UUID 6f1c2a9e-3b7d-4c51-9a0e-1d2b3c4d5e6f",
+    ] {
+        assert_eq!(found(benign), None, "{benign}");
+    }
+}
