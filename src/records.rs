@@ -359,9 +359,9 @@ fn event(event: &Event<'_>) -> Value {
             unmapped.insert("decision".into(), json!(blocked.decision.as_str()));
             unmapped.insert("source".into(), json!(blocked.source.as_str()));
             if blocked.reason == portcullis_middleware::Reason::SecretDetected {
-                // The scan's rule is `DETECTOR in PLACE (ENCODING)`.
-                let rule = blocked.rule.as_deref().unwrap_or_default();
-                let (detector, location) = rule.split_once(" in ").unwrap_or((rule, ""));
+                let (detector, location) = portcullis_middleware::scan::finding_parts(
+                    blocked.rule.as_deref().unwrap_or_default(),
+                );
                 unmapped.insert(
                     "finding".into(),
                     json!({ "detector": detector, "location": location }),

@@ -549,9 +549,9 @@ impl<O, I> ProxyBuilder<O, I> {
                 metrics.refused(blocked.reason.as_str());
             }
             if blocked.reason == portcullis_middleware::Reason::SecretDetected {
-                // The rule is `DETECTOR in PLACE (ENCODING)`.
-                let rule = blocked.rule.as_deref().unwrap_or_default();
-                let detector = rule.split(" in ").next().unwrap_or(rule);
+                let (detector, _) = portcullis_middleware::scan::finding_parts(
+                    blocked.rule.as_deref().unwrap_or_default(),
+                );
                 metrics.secret(detector, blocked.decision.as_str());
             }
             // Copied only when someone listens.

@@ -334,8 +334,7 @@ fn verdict(
             "send a smaller body (or raise [scan] max_body), or add the host to [scan] skip_hosts",
         ),
         _ => {
-            // `what` is `DETECTOR in PLACE (ENCODING)`.
-            let detector = what.split(" in ").next().unwrap_or(what);
+            let (detector, _) = crate::scan::finding_parts(what);
             detector_fix = format!(
                 "remove it from the request, or, if it is not a secret, set [scan.detectors] \"{}\" = \"audit\" (or \"off\"), or add the host to [scan] skip_hosts",
                 detector.escape_debug()

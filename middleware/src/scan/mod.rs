@@ -230,6 +230,13 @@ pub struct Finding {
     pub encoding: Option<&'static str>,
 }
 
+/// The detector and the place of a finding, read back from the rule a
+/// refusal or audit carries (a [`Finding`] written out:
+/// `DETECTOR in PLACE (ENCODING)`), for records and metrics.
+pub fn finding_parts(rule: &str) -> (&str, &str) {
+    rule.split_once(" in ").unwrap_or((rule, ""))
+}
+
 impl fmt::Display for Finding {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} in {}", self.detector, self.location)?;
