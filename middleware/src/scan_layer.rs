@@ -327,7 +327,7 @@ fn verdict(
         ),
         Reason::NotInspected if what.contains("upgrade") || what.contains("WebSocket") => (
             format!("it could not be inspected: {what}"),
-            "or add the host to [scan] skip_hosts",
+            "keep a WebSocket message under [scan] max_body, or add the host to [scan] skip_hosts to let it through unread",
         ),
         Reason::NotInspected => (
             format!("its body could not be inspected ({what})"),
