@@ -604,7 +604,10 @@ s.sendto(q, ("127.0.0.1", 53)); print("txt rcode", s.recv(512)[3] & 15)'
     assert_eq!(code, Some(0), "{stderr}");
     for (name, status) in [
         ("logs.exfil.test".to_owned(), 0),
-        ("github-production-release-asset-2e65be.exfil.test".to_owned(), 0),
+        (
+            "github-production-release-asset-2e65be.exfil.test".to_owned(),
+            0,
+        ),
         (format!("{known}.exfil.test"), 2),
         (format!("{hex}.exfil.test"), 2),
     ] {
@@ -621,7 +624,8 @@ s.sendto(q, ("127.0.0.1", 53)); print("txt rcode", s.recv(512)[3] & 15)'
         .filter(|line| line.contains(r#""protocol":"dns""#))
         .collect();
     assert!(
-        dns.iter().any(|line| line.contains("known:MY_SECRET in the host name")),
+        dns.iter()
+            .any(|line| line.contains("known:MY_SECRET in the host name")),
         "{recorded}"
     );
     assert!(

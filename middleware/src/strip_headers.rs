@@ -4,7 +4,8 @@
 //! it names, `Keep-Alive`, `Proxy-Connection`, `Proxy-Authorization`,
 //! `Proxy-Authenticate`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade` (kept,
 //! with `Connection: upgrade`, when the request is an upgrade and upgrades are
-//! proxied), and the proxy's own control headers (`x-unix-socket`). The
+//! proxied — except an offer of `h2c` alone, always declined:
+//! [`offers_only_h2c`]), and the proxy's own control headers (`x-unix-socket`). The
 //! destination those headers carried is already in the request's
 //! extensions. On the way out it removes the same hop-by-hop set from the
 //! response, keeping `Upgrade` on a `101 Switching Protocols`.
@@ -154,7 +155,11 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let upgrade = self.layer.keep_upgrades && is_upgrade(request.headers());
+        let declined = offers_only_h2c(request.headers());
+        if declined {
+            request.headers_mut().remove(HTTP2_SETTINGS);
+        }
+        let upgrade = self.layer.keep_upgrades && !declined && is_upgrade(request.headers());
         strip_hop_by_hop(request.headers_mut(), upgrade);
         for name in self.layer.control.iter() {
             request.headers_mut().remove(name);
@@ -191,6 +196,26 @@ where
             Err(error) => Err(error.into()),
         })
     }
+}
+
+const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
+
+/// Whether the `Upgrade` headers offer nothing but `h2c` (HTTP/2 over
+/// cleartext, RFC 7540 §3.2, which libcurl offers on every `http://`
+/// request when HTTP/2 is on: cargo, `curl --http2`). The offer is
+/// declined by removing it, as a server that does not speak h2c ignores
+/// it: the request goes on as HTTP/1.1 and every request after it stays
+/// visible to the policy, limited mode and secret scanning, none of which
+/// could read an h2c connection once switched.
+pub fn offers_only_h2c(headers: &HeaderMap) -> bool {
+    let mut tokens = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .flat_map(|value| value.to_str().unwrap_or(",").split(','))
+        .map(str::trim)
+        .filter(|token| !token.is_empty())
+        .peekable();
+    tokens.peek().is_some() && tokens.all(|token| token.eq_ignore_ascii_case("h2c"))
 }
 
 /// Removes hop-by-hop headers; with `keep_upgrade`, leaves `Upgrade` and
@@ -278,6 +303,37 @@ mod tests {
         ]);
         let (seen, _send) = handle.next_request().await.unwrap();
         assert_eq!(seen.headers(), expected.headers());
+    }
+
+    #[tokio::test]
+    async fn declines_an_offer_of_h2c_alone() {
+        for (upgrade, declined) in [
+            ("h2c", true),
+            ("H2C", true),
+            ("h2c, h2c", true),
+            ("h2c, websocket", false),
+            ("websocket", false),
+        ] {
+            let (mut service, mut handle) =
+                mock::spawn_layer::<Request<()>, Response<()>, _>(StripHeadersLayer::new());
+            handle.allow(1);
+            assert!(service.poll_ready().is_ready());
+            let _response = service.call(request(&[
+                ("connection", "Upgrade, HTTP2-Settings"),
+                ("upgrade", upgrade),
+                ("http2-settings", "AAMAAABkAAQCAAAAAAIAAAAA"),
+                ("accept", "*/*"),
+            ]));
+            let (seen, _send) = handle.next_request().await.unwrap();
+            assert_eq!(!is_upgrade(seen.headers()), declined, "{upgrade}");
+            assert_eq!(
+                seen.headers().get("upgrade").is_none(),
+                declined,
+                "{upgrade}"
+            );
+            assert!(seen.headers().get("http2-settings").is_none(), "{upgrade}");
+            assert!(seen.headers().get("accept").is_some());
+        }
     }
 
     #[tokio::test]

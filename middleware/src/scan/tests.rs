@@ -124,7 +124,10 @@ fn a_known_value_is_found_raw_and_in_every_encoding() {
             "{disguised}"
         );
     }
-    let escaped: String = secret.chars().map(|c| format!("\\u{:04x}", c as u32)).collect();
+    let escaped: String = secret
+        .chars()
+        .map(|c| format!("\\u{:04x}", c as u32))
+        .collect();
     let found = scanner.scan_body(format!("{{\"v\":\"{escaped}\"}}").as_bytes(), &[]);
     assert_eq!(found.map(|f| f.encoding), Some(Some("JSON-escaped")));
 }
