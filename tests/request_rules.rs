@@ -765,6 +765,84 @@ deny = [ { jsonrpc = { tools = ["delete_*"] } } ]
 /// (through a fragment or an alias) is not allowed, a GET's `?query=` is
 /// judged like a body, a persisted query goes only by its listed hash,
 /// and a document that does not parse is refused.
+/// A deny entry on GraphQL mutations behind a broad allow entry sees a
+/// mutation however the body carries it: JSON, a multipart upload's
+/// `operations` part (the GraphQL multipart request spec), or an
+/// `application/graphql` document; other uploads pass.
+#[tokio::test]
+async fn graphql_mutations_are_seen_in_multipart_uploads_and_raw_documents() {
+    use portcullis::middleware::request_rules::GraphqlMatcher;
+    let origin = origin().await;
+    let rules = RequestRules::new(vec![RuleBlock::new("127.0.0.1", "rules[0]")
+        .unwrap()
+        .allow(RuleEntry::new().methods(["GET", "POST"]).unwrap())
+        .deny(
+            RuleEntry::new().graphql(GraphqlMatcher::new().operations(["mutation"]).unwrap()),
+        )]);
+    let policy = allow(&["127.0.0.1"]).request_rules(rules).build();
+    let proxy = proxy_with(policy, &[], |b| b).await;
+    let url = format!("http://{}/graphql", origin.addr);
+    let proxy_url = proxy.http_url();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("upload.txt");
+    std::fs::write(&file, "file contents").unwrap();
+    let upload = format!("0=@{}", file.display());
+    let mutation = r#"operations={"query":"mutation ($f: Upload!) { upload(file: $f) { id } }","variables":{"f":null}}"#;
+    let read = r#"operations={"query":"query { viewer { id } }"}"#;
+    let map = r#"map={"0":["variables.f"]}"#;
+    for (args, wanted) in [
+        (
+            vec!["-F", mutation, "-F", map, "-F", &upload],
+            "rule_denied",
+        ),
+        (
+            vec!["-F", read, "-F", mutation, "-F", map],
+            "rule_not_matched",
+        ),
+        (
+            vec![
+                "-H",
+                "Content-Type: application/graphql",
+                "--data-binary",
+                "mutation { deleteRepository(id: 1) { ok } }",
+            ],
+            "rule_denied",
+        ),
+        (
+            vec![
+                "-H",
+                "Content-Type: application/graphql",
+                "--data-binary",
+                "mutation { broken",
+            ],
+            "rule_denied",
+        ),
+        (vec!["-F", read, "-F", map, "-F", &upload], "200"),
+        (
+            vec![
+                "-H",
+                "Content-Type: Application/GraphQL; charset=utf-8",
+                "--data-binary",
+                "{ viewer { id } }",
+            ],
+            "200",
+        ),
+        (vec!["-F", "note=hello", "-F", &upload], "200"),
+    ] {
+        let mut all = vec!["-i", "-x", &proxy_url];
+        all.extend_from_slice(&args);
+        all.push(&url);
+        let (status, _, body) = parse_response(&curl(&all).await.stdout);
+        if wanted == "200" {
+            assert_eq!((status, body.as_str()), (200, "hello /graphql"), "{args:?}");
+        } else {
+            assert_eq!(status, 403, "{args:?}: {body}");
+            let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(json["reason"], wanted, "{args:?}: {json}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn graphql_operations_are_decided_by_type_name_and_fields() {
     use portcullis::middleware::request_rules::GraphqlMatcher;

@@ -722,8 +722,24 @@ async fn verified_body_method(
             } else {
                 std::mem::take(&mut whole.plain)
             };
-            match multipart_method_overrides(&whole.parts.headers, plain).await {
-                Ok(methods) => methods,
+            match multipart_fields(&whole.parts.headers, plain).await {
+                Ok(Multipart {
+                    methods,
+                    operations,
+                }) => {
+                    // A GraphQL upload (the multipart request spec): its
+                    // calls are the `operations` part's JSON, judged in
+                    // place of the body.
+                    match <[bytes::Bytes; 1]>::try_from(operations) {
+                        Ok([operations]) => whole.plain = operations,
+                        Err(operations) if operations.is_empty() => {}
+                        Err(_) => {
+                            let why = "it has more than one operations part (servers differ on which one counts)";
+                            return Err(mark.refuse_unread(&head, why));
+                        }
+                    }
+                    methods
+                }
                 Err(why) => return Err(mark.refuse_unread(&head, &why)),
             }
         }
@@ -749,11 +765,19 @@ fn request_head(request: &Request<Body>) -> Request<()> {
     head
 }
 
-/// The values of a multipart body's `_method` parts.
-async fn multipart_method_overrides(
+/// What the rules read in a multipart body.
+struct Multipart {
+    /// The values of its `_method` parts.
+    methods: Vec<String>,
+    /// Its `operations` parts (a GraphQL upload's request).
+    operations: Vec<bytes::Bytes>,
+}
+
+/// The `_method` and `operations` parts of a multipart body.
+async fn multipart_fields(
     headers: &http::HeaderMap,
     body: bytes::Bytes,
-) -> Result<Vec<String>, String> {
+) -> Result<Multipart, String> {
     let content_type = headers
         .get(http::header::CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
@@ -762,22 +786,32 @@ async fn multipart_method_overrides(
         .map_err(|error| format!("its multipart Content-Type has no usable boundary: {error}"))?;
     let stream = futures_util::stream::once(async move { Ok::<_, std::convert::Infallible>(body) });
     let mut multipart = multer::Multipart::new(stream, boundary);
-    let mut methods = Vec::new();
+    let mut found = Multipart {
+        methods: Vec::new(),
+        operations: Vec::new(),
+    };
     loop {
         let field = match multipart.next_field().await {
             Ok(Some(field)) => field,
-            Ok(None) => return Ok(methods),
+            Ok(None) => return Ok(found),
             Err(error) => return Err(format!("it does not parse as multipart: {error}")),
         };
-        let named = field
+        let method = field
             .name()
             .is_some_and(portcullis_middleware::limited_mode::is_method_override_name);
-        let text = field
-            .text()
+        // Servers look the part up by its exact name.
+        let operations = field.name() == Some("operations");
+        let bytes = field
+            .bytes()
             .await
             .map_err(|error| format!("it does not parse as multipart: {error}"))?;
-        if named {
-            methods.push(text);
+        if method {
+            found
+                .methods
+                .push(String::from_utf8_lossy(&bytes).into_owned());
+        }
+        if operations {
+            found.operations.push(bytes);
         }
     }
 }

@@ -11,7 +11,7 @@ use crate::request::RequestInfo;
 use super::block::RuleBlock;
 use super::call::{audited_of, refusal_of};
 use super::entry::{Asked, Call};
-use super::jsonrpc::json_messages;
+use super::jsonrpc::body_messages;
 use super::{Refusal, RequestRules, RuleVerdict};
 
 /// How a request body names fields, when frameworks read a `_method`
@@ -162,7 +162,7 @@ impl VerifyBodyMethod {
         body: &[u8],
     ) -> Result<Option<Blocked>, BoxError> {
         let calls = if self.calls {
-            json_messages(body)
+            body_messages(request.headers(), body)
         } else {
             None
         };

@@ -96,7 +96,7 @@ pub fn graphql_in_url(query: &str) -> Option<GraphqlRequest> {
 }
 
 /// The operations of a document.
-fn operations(document: &str) -> GraphqlRequest {
+pub(super) fn operations(document: &str) -> GraphqlRequest {
     let parsed = match graphql_parser::parse_query::<&str>(document) {
         Ok(parsed) => parsed,
         Err(error) => {

@@ -97,6 +97,37 @@ pub fn json_messages(body: &[u8]) -> Option<Vec<JsonMessage>> {
     }
 }
 
+/// The messages of a body with these headers: an `application/graphql`
+/// body is one GraphQL document, as the servers that accept that type
+/// read it (express-graphql, graphql-yoga); any other is read by
+/// [`json_messages`], whatever its `Content-Type` says. (A multipart
+/// GraphQL upload's `operations` part is JSON: give it to
+/// [`json_messages`].)
+pub fn body_messages(headers: &http::HeaderMap, body: &[u8]) -> Option<Vec<JsonMessage>> {
+    let document = headers
+        .get_all(http::header::CONTENT_TYPE)
+        .iter()
+        .any(|value| {
+            let value = String::from_utf8_lossy(value.as_bytes());
+            let essence = value.split(';').next().unwrap_or("").trim();
+            essence.eq_ignore_ascii_case("application/graphql")
+        });
+    if !document {
+        return json_messages(body);
+    }
+    let graphql = match std::str::from_utf8(body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body)) {
+        Ok(text) => super::graphql::operations(text),
+        Err(_) => super::GraphqlRequest::Unreadable("its document is not UTF-8".into()),
+    };
+    Some(vec![JsonMessage {
+        method: None,
+        tool: None,
+        arguments: None,
+        ambiguous: false,
+        graphql: Some(graphql),
+    }])
+}
+
 /// What an entry asks of a JSON-RPC call: its `methods` (globs), and for
 /// MCP's `tools/call` the `tools` (globs on `params.name`) and `arguments`
 /// (JSON pointer into `params.arguments` → glob on the value; a value

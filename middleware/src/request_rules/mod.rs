@@ -127,7 +127,7 @@ pub use entry::RuleEntry;
 pub use graphql::{
     graphql_in_url, GraphqlMatcher, GraphqlOperation, GraphqlRequest, OPERATION_TYPES,
 };
-pub use jsonrpc::{json_messages, JsonMessage, JsonRpcMatcher, MCP_TOOLS_CALL};
+pub use jsonrpc::{body_messages, json_messages, JsonMessage, JsonRpcMatcher, MCP_TOOLS_CALL};
 pub use path::{normalise_path, PathGlob};
 pub use value::{HeaderMatcher, QueryMatcher, ValueGlob};
 
@@ -318,7 +318,7 @@ impl RequestRules {
         request: &Request<B>,
         body: &[u8],
     ) -> RuleVerdict {
-        let calls = json_messages(body);
+        let calls = body_messages(request.headers(), body);
         let Some(calls) = calls.as_deref() else {
             let mut asked = Asked::of(request);
             asked.call = entry::Call::None;
