@@ -118,11 +118,19 @@ pin_project! {
         #[pin]
         inner: ResponseFuture<F>,
         intercept: bool,
-        audited: Option<crate::error::Blocked>,
-        injected: Option<crate::request::Injected>,
         frames_only: bool,
-        extensions: Option<http::Extensions>,
+        // Rare, and large: boxed, so the future every request moves
+        // through the stack stays small.
+        marks: Option<Box<Marks>>,
     }
+}
+
+/// The rarer marks of a [`MarkedResponse`].
+#[derive(Debug, Default)]
+struct Marks {
+    audited: Option<crate::error::Blocked>,
+    injected: Option<crate::request::Injected>,
+    extensions: Option<http::Extensions>,
 }
 
 impl<F> MarkedResponse<F> {
@@ -140,10 +148,13 @@ impl<F> MarkedResponse<F> {
         MarkedResponse {
             inner: ResponseFuture::inner(future),
             intercept,
-            audited,
-            injected: None,
             frames_only: false,
-            extensions: None,
+            marks: audited.map(|audited| {
+                Box::new(Marks {
+                    audited: Some(audited),
+                    ..Marks::default()
+                })
+            }),
         }
     }
 
@@ -160,7 +171,9 @@ impl<F> MarkedResponse<F> {
         mut self,
         value: T,
     ) -> MarkedResponse<F> {
-        self.extensions
+        self.marks
+            .get_or_insert_with(Box::default)
+            .extensions
             .get_or_insert_with(http::Extensions::new)
             .insert(value);
         self
@@ -168,7 +181,7 @@ impl<F> MarkedResponse<F> {
 
     /// Also says, on the response, which credentials were added.
     pub(crate) fn injected(mut self, injected: crate::request::Injected) -> MarkedResponse<F> {
-        self.injected = Some(injected);
+        self.marks.get_or_insert_with(Box::default).injected = Some(injected);
         self
     }
 
@@ -177,10 +190,8 @@ impl<F> MarkedResponse<F> {
         MarkedResponse {
             inner: ResponseFuture::refused(error),
             intercept: false,
-            audited: None,
-            injected: None,
             frames_only: false,
-            extensions: None,
+            marks: None,
         }
     }
 }
@@ -195,25 +206,30 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let intercept = *this.intercept;
-        let audited = this.audited;
-        let injected = this.injected;
         let frames_only = *this.frames_only;
-        let extensions = this.extensions;
+        let marks = this.marks;
         this.inner.poll(cx).map_ok(|mut response| {
-            if let Some(extensions) = extensions.take() {
-                response.extensions_mut().extend(extensions);
-            }
-            if let Some(injected) = injected.take() {
-                response.extensions_mut().insert(injected);
+            if let Some(marks) = marks.take() {
+                let Marks {
+                    audited,
+                    injected,
+                    extensions,
+                } = *marks;
+                if let Some(extensions) = extensions {
+                    response.extensions_mut().extend(extensions);
+                }
+                if let Some(injected) = injected {
+                    response.extensions_mut().insert(injected);
+                }
+                if let Some(blocked) = audited {
+                    response.extensions_mut().insert(crate::Audited(blocked));
+                }
             }
             if intercept {
                 response.extensions_mut().insert(crate::Intercept);
             }
             if frames_only {
                 response.extensions_mut().insert(crate::WebSocketFramesOnly);
-            }
-            if let Some(blocked) = audited.take() {
-                response.extensions_mut().insert(crate::Audited(blocked));
             }
             response
         })

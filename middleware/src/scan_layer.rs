@@ -21,9 +21,16 @@ use crate::violation_log::RecordLater;
 #[derive(Debug, Clone)]
 pub struct ScanSecretsLayer {
     policy: PolicyHandle,
+    shared: Arc<Shared>,
+}
+
+/// What every [`ScanSecrets`] of a layer shares: one `Arc`, so cloning the
+/// service (per request, in a boxed stack) stays cheap.
+#[derive(Debug, Default)]
+struct Shared {
     placeholders: Arc<[String]>,
     credentials: Option<crate::credentials::Credentials>,
-    augmented: Arc<Mutex<Option<Augmented>>>,
+    augmented: Mutex<Option<Augmented>>,
     late: Option<RecordLater>,
 }
 
@@ -40,40 +47,54 @@ impl ScanSecretsLayer {
     pub fn new(policy: PolicyHandle) -> ScanSecretsLayer {
         ScanSecretsLayer {
             policy,
-            placeholders: Arc::from(Vec::new()),
-            credentials: None,
-            augmented: Arc::default(),
-            late: None,
+            shared: Arc::new(Shared {
+                placeholders: Arc::from(Vec::new()),
+                ..Shared::default()
+            }),
         }
+    }
+
+    /// The layer with `change` made to what its services share (a new
+    /// cache of the credentials' secrets).
+    fn changed(mut self, change: impl FnOnce(&mut Shared)) -> ScanSecretsLayer {
+        let mut shared = Shared {
+            placeholders: self.shared.placeholders.clone(),
+            credentials: self.shared.credentials.clone(),
+            augmented: Mutex::default(),
+            late: self.shared.late.clone(),
+        };
+        change(&mut shared);
+        self.shared = Arc::new(shared);
+        self
     }
 
     /// The credentials the stack adds further in: their placeholders are
     /// not secrets, and their secrets (as the store holds them at each
     /// request) are looked for by value (`credential:NAME`).
     pub fn credentials(
-        mut self,
+        self,
         layer: &crate::credentials::InjectCredentialsLayer,
     ) -> ScanSecretsLayer {
-        self.placeholders = Arc::from(layer.placeholders());
-        self.credentials = (!layer.credentials().is_empty()).then(|| layer.credentials().clone());
-        self
+        self.changed(|shared| {
+            shared.placeholders = Arc::from(layer.placeholders());
+            shared.credentials =
+                (!layer.credentials().is_empty()).then(|| layer.credentials().clone());
+        })
     }
 
     /// Where the findings in WebSocket messages are recorded: they are
     /// judged after the `101` went out, so past the violation log's
     /// response ([`ViolationLogLayer::late`](crate::ViolationLogLayer::late)).
     /// Without it they are only traced.
-    pub fn recording(mut self, late: RecordLater) -> ScanSecretsLayer {
-        self.late = Some(late);
-        self
+    pub fn recording(self, late: RecordLater) -> ScanSecretsLayer {
+        self.changed(|shared| shared.late = Some(late))
     }
 
     /// Tokens that are not secrets though shaped like them: the
     /// placeholders of the credentials the stack adds further in
     /// ([`InjectCredentialsLayer::placeholders`](crate::credentials::InjectCredentialsLayer::placeholders)).
-    pub fn placeholders(mut self, placeholders: Vec<String>) -> ScanSecretsLayer {
-        self.placeholders = Arc::from(placeholders);
-        self
+    pub fn placeholders(self, placeholders: Vec<String>) -> ScanSecretsLayer {
+        self.changed(|shared| shared.placeholders = Arc::from(placeholders))
     }
 }
 
@@ -84,10 +105,7 @@ impl<S> Layer<S> for ScanSecretsLayer {
         ScanSecrets {
             inner,
             policy: self.policy.clone(),
-            placeholders: self.placeholders.clone(),
-            credentials: self.credentials.clone(),
-            augmented: self.augmented.clone(),
-            late: self.late.clone(),
+            shared: self.shared.clone(),
         }
     }
 }
@@ -97,10 +115,7 @@ impl<S> Layer<S> for ScanSecretsLayer {
 pub struct ScanSecrets<S> {
     inner: S,
     policy: PolicyHandle,
-    placeholders: Arc<[String]>,
-    credentials: Option<crate::credentials::Credentials>,
-    augmented: Arc<Mutex<Option<Augmented>>>,
-    late: Option<RecordLater>,
+    shared: Arc<Shared>,
 }
 
 impl<S> ScanSecrets<S> {
@@ -115,6 +130,7 @@ impl<S> ScanSecrets<S> {
     ) -> Arc<crate::scan::ScanPolicy> {
         let secrets = credentials.current_secrets();
         let mut cache = self
+            .shared
             .augmented
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -151,6 +167,9 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        if !self.policy.scans() {
+            return MarkedResponse::inner(self.inner.call(request));
+        }
         // Read before the policy: a cache built under it is never newer.
         let generation = self.policy.generation();
         let policy = self.policy.load();
@@ -163,9 +182,8 @@ where
             Err(error) => return MarkedResponse::refused(error),
         };
         // The credentials' secrets as they are now (a reload may rotate them).
-        // The credentials' secrets as they are now (a reload may rotate them).
         let augmented;
-        let scan = match &self.credentials {
+        let scan = match &self.shared.credentials {
             Some(credentials) if scan.covers(&info.target) => {
                 augmented = self.with_secrets(generation, scan, credentials);
                 &*augmented
@@ -180,7 +198,10 @@ where
             None
         };
         if let Some((name, base)) = chosen {
-            if let Some(finding) = scan.scanner.scan_host(name, &base, &self.placeholders) {
+            if let Some(finding) = scan
+                .scanner
+                .scan_host(name, &base, &self.shared.placeholders)
+            {
                 // The name itself holds the data: records show the fixed
                 // domain only.
                 let mut shown = info.clone();
@@ -201,7 +222,7 @@ where
                 );
             }
         }
-        let Some(finding) = scan.finding(&info.target, &request, &self.placeholders) else {
+        let Some(finding) = scan.finding(&info.target, &request, &self.shared.placeholders) else {
             // A tunnel: its requests are scanned only if it is intercepted.
             if scan.covers(&info.target)
                 && (info.method == http::Method::CONNECT || info.protocol.is_tunnel())
@@ -224,9 +245,9 @@ where
                 if protocol.is_some_and(|p| p.eq_ignore_ascii_case("websocket")) {
                     let frames = ScanFrames {
                         scan: scan.clone(),
-                        placeholders: self.placeholders.clone(),
+                        placeholders: self.shared.placeholders.clone(),
                         info,
-                        late: self.late.clone(),
+                        late: self.shared.late.clone(),
                     };
                     return MarkedResponse::inner(self.inner.call(request)).with_extension(frames);
                 }
@@ -242,7 +263,7 @@ where
             if scan.covers(&info.target) && crate::inspect::carries_body(&request) {
                 request.extensions_mut().insert(ScanBody {
                     scan: scan.clone(),
-                    placeholders: self.placeholders.clone(),
+                    placeholders: self.shared.placeholders.clone(),
                 });
             }
             return MarkedResponse::inner(self.inner.call(request));

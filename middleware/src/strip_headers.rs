@@ -155,11 +155,12 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let declined = offers_only_h2c(request.headers());
-        if declined {
+        let mut upgrade = is_upgrade(request.headers());
+        if upgrade && offers_only_h2c(request.headers()) {
             request.headers_mut().remove(HTTP2_SETTINGS);
+            upgrade = false;
         }
-        let upgrade = self.layer.keep_upgrades && !declined && is_upgrade(request.headers());
+        let upgrade = upgrade && self.layer.keep_upgrades;
         strip_hop_by_hop(request.headers_mut(), upgrade);
         for name in self.layer.control.iter() {
             request.headers_mut().remove(name);

@@ -526,6 +526,26 @@ async fn checked_body(
     request: Request<Body>,
     info: &RequestInfo,
 ) -> Result<(Request<Body>, Option<Blocked>), BoxError> {
+    let extensions = request.extensions();
+    let marked = extensions
+        .get::<portcullis_middleware::VerifyGitFetchBody>()
+        .is_some()
+        || extensions.get::<VerifyBodyMethod>().is_some()
+        || extensions
+            .get::<portcullis_middleware::ScanBody>()
+            .is_some();
+    if !marked {
+        return Ok((request, None));
+    }
+    // Boxed: the (large) state of reading and judging a body is paid for
+    // only by a request that has one to judge.
+    Box::pin(judged_body(request, info)).await
+}
+
+async fn judged_body(
+    request: Request<Body>,
+    info: &RequestInfo,
+) -> Result<(Request<Body>, Option<Blocked>), BoxError> {
     let request = if request
         .extensions()
         .get::<portcullis_middleware::VerifyGitFetchBody>()

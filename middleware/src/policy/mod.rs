@@ -25,7 +25,7 @@ mod suffix;
 use std::collections::HashSet;
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -600,6 +600,8 @@ pub struct PolicyHandle {
 struct Shared {
     current: ArcSwap<NetworkPolicy>,
     generation: AtomicU64,
+    /// Whether the policy scans anything ([`PolicyHandle::scans`]).
+    scanning: AtomicBool,
     /// Serialises [`PolicyHandle::update`]s, so none is lost to another.
     writing: std::sync::Mutex<()>,
 }
@@ -609,6 +611,7 @@ impl PolicyHandle {
     pub fn new(policy: NetworkPolicy) -> PolicyHandle {
         PolicyHandle {
             shared: Arc::new(Shared {
+                scanning: AtomicBool::new(policy.scan.is_on()),
                 current: ArcSwap::from_pointee(policy),
                 generation: AtomicU64::new(0),
                 writing: std::sync::Mutex::new(()),
@@ -632,8 +635,28 @@ impl PolicyHandle {
     }
 
     fn replace(&self, policy: NetworkPolicy) {
+        // Raised before a policy that scans is seen, lowered only after
+        // one that does not is: `scans` is never false for a policy that
+        // scans.
+        let scans = policy.scan.is_on();
+        if scans {
+            self.shared.scanning.store(true, Ordering::SeqCst);
+        }
         self.shared.current.store(Arc::new(policy));
+        if !scans {
+            self.shared.scanning.store(false, Ordering::SeqCst);
+        }
         self.shared.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Whether the current policy scans anything
+    /// ([`ScanPolicy::is_on`](crate::scan::ScanPolicy::is_on)), without
+    /// loading it: one atomic read, for a layer that has nothing to do
+    /// otherwise. While a policy is being stored it may say `true` for one
+    /// that no longer scans (load it to be sure), never `false` for one
+    /// that does.
+    pub fn scans(&self) -> bool {
+        self.shared.scanning.load(Ordering::SeqCst)
     }
 
     /// Changes the live policy from what it is now: `change` gets a builder
