@@ -74,6 +74,106 @@ pub(super) const FORMATS: &[Format] = &[
     },
 ];
 
+/// A test of a text for where a format could match.
+pub(super) type Gate = fn(&[u8]) -> bool;
+
+/// The gate of a format searched only where a cheap test finds a
+/// candidate.
+pub(super) fn gate(name: &str) -> Option<Gate> {
+    match name {
+        "payment_card" => Some(digit_run),
+        "iban" => Some(country_and_check_digits),
+        _ => None,
+    }
+}
+
+/// Whether any of 8 bytes is an ASCII digit (one test for the word:
+/// "has between" from Bit Twiddling Hacks, bytes strictly between `/`
+/// and `:`).
+fn has_digit(word: u64) -> bool {
+    const ONES: u64 = u64::MAX / 255;
+    const LOW: u64 = ONES * 127;
+    const HIGH: u64 = ONES * 128;
+    let (m, n) = (u64::from(b'/'), u64::from(b':'));
+    (ONES.wrapping_mul(127 + n).wrapping_sub(word & LOW)
+        & !word
+        & (word & LOW).wrapping_add(ONES.wrapping_mul(127 - m))
+        & HIGH)
+        != 0
+}
+
+/// The 8-byte pieces of `text` that hold a digit, as ranges (the tail
+/// shorter than 8 bytes always).
+fn pieces_with_digits(text: &[u8]) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+    let chunks = text.chunks_exact(8);
+    let tail = chunks.remainder().len();
+    let whole = text.len() - tail;
+    chunks
+        .enumerate()
+        .filter(|(_, chunk)| {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            has_digit(u64::from_le_bytes(word))
+        })
+        .map(|(index, _)| index * 8..index * 8 + 8)
+        .chain((tail > 0).then_some(whole..text.len()))
+}
+
+/// 13 digits or more with at most one space or hyphen between any two:
+/// where a card number could be (the shortest, Amex, has 15). Eight bytes
+/// without a digit end any run, so only the pieces with one are read.
+fn digit_run(text: &[u8]) -> bool {
+    let mut digits = 0;
+    let mut after_separator = false;
+    let mut next = 0;
+    for piece in pieces_with_digits(text) {
+        if piece.start != next {
+            digits = 0;
+            after_separator = false;
+        }
+        next = piece.end;
+        for &byte in text.get(piece).unwrap_or_default() {
+            if byte.is_ascii_digit() {
+                digits += 1;
+                if digits >= 13 {
+                    return true;
+                }
+                after_separator = false;
+            } else if (byte == b' ' || byte == b'-') && digits > 0 && !after_separator {
+                after_separator = true;
+            } else {
+                digits = 0;
+                after_separator = false;
+            }
+        }
+    }
+    false
+}
+
+/// Two capital letters, then two digits: where an IBAN could begin. Only
+/// the pieces with a digit are read, from two bytes before each to one
+/// after.
+fn country_and_check_digits(text: &[u8]) -> bool {
+    pieces_with_digits(text).any(|piece| {
+        let from = piece.start.saturating_sub(2);
+        let to = (piece.end + 1).min(text.len());
+        let (mut capitals, mut digits) = (0, 0);
+        text.get(from..to).unwrap_or_default().iter().any(|&byte| {
+            if byte.is_ascii_uppercase() {
+                // A capital after a digit starts a new run.
+                capitals = if digits > 0 { 1 } else { capitals + 1 };
+                digits = 0;
+            } else if byte.is_ascii_digit() && capitals >= 2 {
+                digits += 1;
+            } else {
+                capitals = 0;
+                digits = 0;
+            }
+            digits == 2
+        })
+    })
+}
+
 /// Whether a token of format `name` passes the format's checksum (payment
 /// cards: Luhn; IBANs: mod 97); formats without one always do.
 pub(super) fn is_valid(name: &str, token: &str) -> bool {

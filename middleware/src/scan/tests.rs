@@ -174,3 +174,82 @@ fn payment_cards_and_ibans_are_found_only_when_their_checksums_hold() {
         assert_eq!(found(benign), None, "{benign}");
     }
 }
+
+#[test]
+fn the_card_and_iban_gates_let_every_candidate_through() {
+    use formats::gate;
+    let card = gate("payment_card").unwrap_or_else(|| panic!("a gate"));
+    let iban = gate("iban").unwrap_or_else(|| panic!("a gate"));
+    let at = |g: formats::Gate, text: &str| g(text.as_bytes());
+    // Runs across the 8-byte pieces, and in the tail.
+    for text in [
+        "x 4539148803436467 y",
+        "4539 1488 0343 6467",
+        "3782-822463-10120",
+        "abcdefgh12345678 9012345",
+        "abcdefg 1234 5678 9012 3",
+    ] {
+        assert!(at(card, text), "{text}");
+    }
+    for text in [
+        "123456789012",
+        "4539  1488 0343 6467",
+        "45391488-",
+        "no digits",
+    ] {
+        assert!(!at(card, text), "{text}");
+    }
+    for text in [
+        "NL91ABNA0417164300",
+        "pay AB1XY12",
+        "xNL91",
+        "abcdefNL91",
+        "abcdefgNL91xxxxx",
+    ] {
+        assert!(at(iban, text), "{text}");
+    }
+    for text in ["N191", "nl91abna", "AB1C2", "A12", "abcdefgNL9 1"] {
+        assert!(!at(iban, text), "{text}");
+    }
+}
+
+#[test]
+fn the_gates_never_hide_what_the_patterns_find() {
+    // A bounded, seeded walk over texts of digits, separators and letters:
+    // wherever a gated pattern matches, its gate must let it be searched.
+    let alphabet = b"0123456789012345 -ABNLGBxy";
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let patterns: Vec<(formats::Gate, regex::bytes::Regex)> = ["payment_card", "iban"]
+        .iter()
+        .map(|name| {
+            let format = formats::FORMATS
+                .iter()
+                .find(|f| f.name == *name)
+                .unwrap_or_else(|| panic!("{name}"));
+            (
+                formats::gate(name).unwrap_or_else(|| panic!("{name}")),
+                regex::bytes::Regex::new(format.pattern).unwrap_or_else(|e| panic!("{e}")),
+            )
+        })
+        .collect();
+    let mut matched = 0;
+    for _ in 0..20_000 {
+        let length = 8 + (next() % 40) as usize;
+        let text: Vec<u8> = (0..length)
+            .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
+            .collect();
+        for (gate, regex) in &patterns {
+            if regex.is_match(&text) {
+                matched += 1;
+                assert!(gate(&text), "{}", String::from_utf8_lossy(&text));
+            }
+        }
+    }
+    assert!(matched > 100, "the walk must reach matches: {matched}");
+}
