@@ -136,6 +136,16 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
         && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
 }
 
+/// The media type of each `Content-Type` value (`type/subtype`, lower
+/// case, its parameters left out), in order.
+pub fn media_types(headers: &HeaderMap) -> impl Iterator<Item = String> + '_ {
+    headers.get_all(header::CONTENT_TYPE).iter().map(|value| {
+        let value = String::from_utf8_lossy(value.as_bytes());
+        let essence = value.split(';').next().unwrap_or("").trim();
+        essence.to_ascii_lowercase()
+    })
+}
+
 /// The protocol an upgrade asks for: the `Upgrade` header's value when it
 /// is one header naming one protocol (`websocket`, `h2c`), trimmed; `None`
 /// when there is none, several, or a list.

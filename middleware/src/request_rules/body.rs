@@ -33,21 +33,15 @@ impl BodyForm {
     /// `Content-Type` value by its media type, ignoring case and
     /// parameters; `None` when none is a form or JSON.
     pub fn of(headers: &http::HeaderMap) -> Option<BodyForm> {
-        headers
-            .get_all(http::header::CONTENT_TYPE)
-            .iter()
-            .filter_map(|value| {
-                let value = String::from_utf8_lossy(value.as_bytes()).to_ascii_lowercase();
-                let essence = value.split(';').next().unwrap_or("").trim().to_owned();
-                match essence.as_str() {
-                    "application/x-www-form-urlencoded" => Some(BodyForm::UrlEncoded),
-                    "multipart/form-data" => Some(BodyForm::Multipart),
-                    "application/json" => Some(BodyForm::Json),
-                    other if other.starts_with("application/") && other.ends_with("+json") => {
-                        Some(BodyForm::Json)
-                    }
-                    _ => None,
+        crate::inspect::media_types(headers)
+            .filter_map(|essence| match essence.as_str() {
+                "application/x-www-form-urlencoded" => Some(BodyForm::UrlEncoded),
+                "multipart/form-data" => Some(BodyForm::Multipart),
+                "application/json" => Some(BodyForm::Json),
+                other if other.starts_with("application/") && other.ends_with("+json") => {
+                    Some(BodyForm::Json)
                 }
+                _ => None,
             })
             .next()
     }

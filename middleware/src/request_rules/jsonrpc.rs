@@ -104,14 +104,8 @@ pub fn json_messages(body: &[u8]) -> Option<Vec<JsonMessage>> {
 /// GraphQL upload's `operations` part is JSON: give it to
 /// [`json_messages`].)
 pub fn body_messages(headers: &http::HeaderMap, body: &[u8]) -> Option<Vec<JsonMessage>> {
-    let document = headers
-        .get_all(http::header::CONTENT_TYPE)
-        .iter()
-        .any(|value| {
-            let value = String::from_utf8_lossy(value.as_bytes());
-            let essence = value.split(';').next().unwrap_or("").trim();
-            essence.eq_ignore_ascii_case("application/graphql")
-        });
+    let document =
+        crate::inspect::media_types(headers).any(|essence| essence == "application/graphql");
     if !document {
         return json_messages(body);
     }
