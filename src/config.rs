@@ -52,6 +52,25 @@ pub struct Config {
     pub credentials: Vec<CredentialConfig>,
     /// `[scan]`: secrets in requests (off unless set).
     pub scan: ScanConfig,
+    /// `[[rate_limits]]`: requests a second per destination pattern.
+    pub rate_limits: Vec<RateLimitConfig>,
+}
+
+/// One `[[rate_limits]]` entry: requests to the hosts `host` covers (the
+/// allowlist's patterns; the most specific entry that matches counts) get
+/// `requests_per_second` on average and up to `burst` at once; past it,
+/// `rate_limited` (429 with `Retry-After`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// The hosts, as an allowlist pattern.
+    pub host: String,
+    /// Requests a second, on average (above 0).
+    pub requests_per_second: f64,
+    /// Requests at once after a quiet spell (default: `requests_per_second`
+    /// rounded up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
 }
 
 /// `[scan]`: what a request carries that must not leave (see
@@ -918,7 +937,48 @@ impl Config {
         Ok(builder
             .request_rules(self.request_rules(origin)?)
             .scan(self.scan_policy())
+            .rate_limits(self.rate_limits(origin)?)
             .build())
+    }
+
+    /// `[[rate_limits]]` as the policy holds them.
+    pub fn rate_limits(
+        &self,
+        origin: &str,
+    ) -> Result<portcullis_middleware::limits::RateLimits, ConfigError> {
+        use portcullis_middleware::limits::{LimitError, Rate, RateLimits};
+        let mut limits = RateLimits::new();
+        for (index, entry) in self.rate_limits.iter().enumerate() {
+            let invalid = |field: &str, message: String| ConfigError::Invalid {
+                key: format!("rate_limits[{index}].{field}"),
+                origin: origin.to_owned(),
+                message,
+            };
+            let burst = entry.burst.unwrap_or_else(|| {
+                // Saturating: a rate beyond u32 bursts at u32::MAX.
+                let rounded = entry.requests_per_second.ceil();
+                if rounded >= f64::from(u32::MAX) {
+                    u32::MAX
+                } else if rounded >= 1.0 {
+                    rounded as u32
+                } else {
+                    1
+                }
+            });
+            let rate = Rate::new(entry.requests_per_second, burst).map_err(|e| {
+                let field = if entry.burst == Some(0) {
+                    "burst"
+                } else {
+                    "requests_per_second"
+                };
+                invalid(field, e.to_string())
+            })?;
+            limits = limits.limit(&entry.host, rate).map_err(|e| match e {
+                LimitError::Rate(message) => invalid("requests_per_second", message),
+                other => invalid("host", other.to_string()),
+            })?;
+        }
+        Ok(limits)
     }
 
     /// `[scan]` as the policy holds it: the built-in token formats, and the

@@ -71,6 +71,9 @@ pub enum Reason {
     /// Secret scanning is on and the request's body could not be inspected
     /// (over `[scan] max_body`, or an encoding portcullis cannot undo).
     NotInspected,
+    /// The destination's rate limit ([`limits`](crate::limits)) was
+    /// reached: a 429 with `Retry-After` over HTTP.
+    RateLimited,
     /// A reason of an integrator's own layer, by name (use lower-case ASCII
     /// letters, digits and `_`, like the built-in names). The transports
     /// answer it like the built-in reasons: a 403 on HTTP with
@@ -101,6 +104,7 @@ impl Reason {
             Reason::CredentialMismatch => "credential_mismatch",
             Reason::SecretDetected => "secret_detected",
             Reason::NotInspected => "not_inspected",
+            Reason::RateLimited => "rate_limited",
             Reason::Custom(name) => name,
         }
     }
@@ -165,6 +169,8 @@ pub enum Source {
     Connector,
     /// A transport (an intercepted tunnel that did not speak TLS).
     Transport,
+    /// The rate limits.
+    Limits,
     /// A layer of an integrator's own, by name.
     Layer(&'static str),
 }
@@ -180,6 +186,7 @@ impl Source {
             Source::Approval => "approval",
             Source::Connector => "connector",
             Source::Transport => "transport",
+            Source::Limits => "limits",
             Source::Layer(name) => name,
         }
     }
@@ -520,6 +527,10 @@ fn default_message(reason: Reason, target: &Target, method: &http::Method) -> St
         ),
         Reason::NotInspected => format!(
             "portcullis refused {} {target}: secret scanning is on and its body could not be inspected; send a smaller body (or raise [scan] max_body), or add the host to [scan] skip_hosts",
+            method.as_str().escape_debug()
+        ),
+        Reason::RateLimited => format!(
+            "portcullis refused {} {target}: its destination's rate limit was reached; retry after the time Retry-After says, or raise requests_per_second or burst in its [[rate_limits]] entry",
             method.as_str().escape_debug()
         ),
         Reason::Custom(name) => format!("portcullis refused {target}: {name}"),

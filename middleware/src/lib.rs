@@ -155,6 +155,8 @@ mod future;
 pub mod git;
 pub mod inspect;
 pub mod limited_mode;
+pub mod limits;
+pub mod limits_layer;
 pub mod loop_guard;
 pub mod pattern;
 pub mod policy;
@@ -181,6 +183,7 @@ pub use error::{
 };
 pub use future::{MarkedResponse, ResponseFuture};
 pub use limited_mode::{LimitedMode, LimitedModeLayer, VerifyGitFetchBody};
+pub use limits_layer::{RateLimit, RateLimitLayer};
 pub use loop_guard::{CameRound, LoopGuard, LoopGuardLayer, NamedAnotherHost, NotTls};
 pub use policy::{
     Decision, Mode, NetworkPolicy, NetworkPolicyBuilder, Pattern, PatternSet, PolicyError,

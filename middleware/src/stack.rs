@@ -6,7 +6,9 @@
 //! 1. [`ViolationLog`] — outermost, so it sees every refusal: from each
 //!    layer below, from your own layers, and from the connector's check of
 //!    resolved addresses. Just inside it, [`LoopGuard`] refuses a request
-//!    its transport marked as having come round to this proxy.
+//!    its transport marked as having come round to this proxy, and
+//!    [`RateLimit`] counts each request against its destination's rate
+//!    ([`limits`](crate::limits); nothing to do when none is set).
 //! 2. [`StripHeaders`] — hop-by-hop and control headers never reach the
 //!    origin; everything the policy needs is already in extensions.
 //! 3. [`Policy`] — the domain/IP decision. Denials are final; an
@@ -56,6 +58,7 @@ use tower_layer::{Identity, Layer, Stack};
 use crate::approval::{ApprovalWait, ApprovalWaitLayer, DenyApprover};
 use crate::credentials::{InjectCredentials, InjectCredentialsLayer};
 use crate::limited_mode::{LimitedMode, LimitedModeLayer};
+use crate::limits_layer::{RateLimit, RateLimitLayer};
 use crate::loop_guard::{LoopGuard, LoopGuardLayer};
 use crate::policy::PolicyHandle;
 use crate::policy_layer::{Policy, PolicyLayer};
@@ -69,6 +72,7 @@ use crate::violation_log::{ViolationLog, ViolationLogLayer};
 pub struct DefaultStack<A = DenyApprover, O = Identity, I = Identity> {
     policy: PolicyHandle,
     violations: ViolationLogLayer,
+    rate_limit: RateLimitLayer,
     strip_headers: StripHeadersLayer,
     approval: ApprovalWaitLayer<A>,
     ask_on_miss: bool,
@@ -82,6 +86,7 @@ impl DefaultStack {
     /// refused), violations kept in a 200-entry ring.
     pub fn new(policy: PolicyHandle) -> DefaultStack {
         DefaultStack {
+            rate_limit: RateLimitLayer::new(policy.clone()),
             policy,
             violations: ViolationLogLayer::default(),
             strip_headers: StripHeadersLayer::new(),
@@ -105,6 +110,7 @@ impl<A, O, I> DefaultStack<A, O, I> {
         DefaultStack {
             policy: self.policy,
             violations: self.violations,
+            rate_limit: self.rate_limit,
             strip_headers: self.strip_headers,
             approval,
             ask_on_miss: true,
@@ -171,6 +177,7 @@ impl<A, O, I> DefaultStack<A, O, I> {
         DefaultStack {
             policy: self.policy,
             violations: self.violations,
+            rate_limit: self.rate_limit,
             strip_headers: self.strip_headers,
             approval: self.approval,
             ask_on_miss: self.ask_on_miss,
@@ -200,7 +207,7 @@ where
         >,
     >,
 {
-    type Service = ViolationLog<LoopGuard<O::Service>>;
+    type Service = ViolationLog<LoopGuard<RateLimit<O::Service>>>;
 
     fn layer(&self, connector: S) -> Self::Service {
         ServiceBuilder::new()
@@ -208,6 +215,9 @@ where
             .layer(self.violations.clone())
             // A request the transport saw come round to us: refused, on the record.
             .layer(LoopGuardLayer::new())
+            // Rate limits per destination: counted before anything else is
+            // done for the request; a refusal is logged like any other.
+            .layer(self.rate_limit.clone())
             // Integrator layers that should see (and may refuse) every request.
             .layer(&self.outer)
             // 2. Hop-by-hop and control headers never reach the origin.

@@ -144,6 +144,8 @@ pub struct NetworkPolicy {
     request_rules: crate::request_rules::RequestRules,
     /// Secret scanning (off by default).
     scan: crate::scan::ScanPolicy,
+    /// Rate limits per destination (none by default).
+    rate_limits: crate::limits::RateLimits,
 }
 
 impl NetworkPolicy {
@@ -163,6 +165,11 @@ impl NetworkPolicy {
     /// Secret scanning; see [`scan`](crate::scan).
     pub fn scan(&self) -> &crate::scan::ScanPolicy {
         &self.scan
+    }
+
+    /// Rate limits per destination; see [`limits`](crate::limits).
+    pub fn rate_limits(&self) -> &crate::limits::RateLimits {
+        &self.rate_limits
     }
 
     /// The mode.
@@ -466,6 +473,12 @@ impl NetworkPolicyBuilder {
         self
     }
 
+    /// Sets the rate limits per destination; see [`limits`](crate::limits).
+    pub fn rate_limits(mut self, limits: crate::limits::RateLimits) -> NetworkPolicyBuilder {
+        self.policy.rate_limits = limits;
+        self
+    }
+
     /// Allows one Unix socket, by absolute (already canonical) path.
     pub fn allow_unix_socket(
         mut self,
@@ -602,6 +615,8 @@ struct Shared {
     generation: AtomicU64,
     /// Whether the policy scans anything ([`PolicyHandle::scans`]).
     scanning: AtomicBool,
+    /// Whether the policy has rate limits ([`PolicyHandle::limits_rates`]).
+    limiting: AtomicBool,
     /// Serialises [`PolicyHandle::update`]s, so none is lost to another.
     writing: std::sync::Mutex<()>,
 }
@@ -612,6 +627,7 @@ impl PolicyHandle {
         PolicyHandle {
             shared: Arc::new(Shared {
                 scanning: AtomicBool::new(policy.scan.is_on()),
+                limiting: AtomicBool::new(!policy.rate_limits.is_empty()),
                 current: ArcSwap::from_pointee(policy),
                 generation: AtomicU64::new(0),
                 writing: std::sync::Mutex::new(()),
@@ -639,12 +655,23 @@ impl PolicyHandle {
         // one that does not is: `scans` is never false for a policy that
         // scans.
         let scans = policy.scan.is_on();
-        if scans {
-            self.shared.scanning.store(true, Ordering::SeqCst);
+        let limits = !policy.rate_limits.is_empty();
+        for (flag, on) in [
+            (&self.shared.scanning, scans),
+            (&self.shared.limiting, limits),
+        ] {
+            if on {
+                flag.store(true, Ordering::SeqCst);
+            }
         }
         self.shared.current.store(Arc::new(policy));
-        if !scans {
-            self.shared.scanning.store(false, Ordering::SeqCst);
+        for (flag, on) in [
+            (&self.shared.scanning, scans),
+            (&self.shared.limiting, limits),
+        ] {
+            if !on {
+                flag.store(false, Ordering::SeqCst);
+            }
         }
         self.shared.generation.fetch_add(1, Ordering::AcqRel);
     }
@@ -657,6 +684,13 @@ impl PolicyHandle {
     /// that does.
     pub fn scans(&self) -> bool {
         self.shared.scanning.load(Ordering::SeqCst)
+    }
+
+    /// Whether the current policy has rate limits
+    /// ([`NetworkPolicy::rate_limits`]), without loading it: as
+    /// [`scans`](PolicyHandle::scans), never `false` for one that has.
+    pub fn limits_rates(&self) -> bool {
+        self.shared.limiting.load(Ordering::SeqCst)
     }
 
     /// Changes the live policy from what it is now: `change` gets a builder
@@ -772,6 +806,14 @@ mod tests {
                 },
                 host_actions: vec![crate::scan::ScanAction::Deny],
             })
+            .rate_limits(
+                crate::limits::RateLimits::new()
+                    .limit(
+                        "**.example.com",
+                        crate::limits::Rate::new(5.0, 10).unwrap_or_else(|e| panic!("{e}")),
+                    )
+                    .unwrap_or_else(|e| panic!("{e}")),
+            )
             .build()
     }
 
@@ -788,6 +830,7 @@ mod tests {
             refuse_git_fetch,
             request_rules,
             scan,
+            rate_limits,
         } = a;
         assert_eq!(allowed.patterns(), b.allowed.patterns());
         assert_eq!(denied.patterns(), b.denied.patterns());
@@ -798,6 +841,7 @@ mod tests {
         assert_eq!(*refuse_git_fetch, b.refuse_git_fetch);
         assert_eq!(*request_rules, b.request_rules);
         assert_eq!(*scan, b.scan);
+        assert_eq!(*rate_limits, b.rate_limits);
     }
 
     #[test]

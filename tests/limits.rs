@@ -1,0 +1,138 @@
+//! `[[rate_limits]]`: requests to the hosts a pattern covers get a rate
+//! and a burst; past it they are refused `rate_limited` — a 429 with
+//! `Retry-After` over HTTP, reply 0x02 over SOCKS5 — and recorded, while
+//! other destinations are served as before. Real clients (curl, python
+//! requests) through `run`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::*;
+
+#[tokio::test]
+async fn past_its_burst_a_limited_destination_gets_429_and_others_do_not() {
+    let origin = origin().await;
+    let port = origin.addr.port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("limits.toml");
+    let violations = dir.path().join("violations.jsonl");
+    // One request an hour after a burst of 3: the fourth is refused.
+    std::fs::write(
+        &config,
+        format!(
+            "[network]\nallowed_domains = [\"*.test\"]\nallow_local_binding = true\n\n[[rate_limits]]\nhost = \"**.slow.test\"\nrequests_per_second = 0.0002778\nburst = 3\n\n[log]\nviolations_file = {violations:?}\n"
+        ),
+    )
+    .unwrap();
+    let script = format!(
+        r#"for i in 1 2 3 4; do curl -s -o /dev/null -w "slow %{{http_code}}\n" http://a.slow.test:{port}/; done
+curl -s -D - -o /dev/null http://b.slow.test:{port}/ | tr -d '\r' | grep -i -E '^(retry-after|x-proxy-error):'
+for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w "fast %{{http_code}}\n" http://fast.test:{port}/; done
+curl -s -o /dev/null --proxy "$PORTCULLIS_SOCKS_URL" http://a.slow.test:{port}/; echo "socks $?"
+python3 -c 'import requests
+r = requests.get("http://a.slow.test:{port}/")
+print("python", r.status_code, r.headers.get("Retry-After"), r.json()["reason"])'
+"#
+    );
+    let (code, stdout, stderr) =
+        output(portcullis().args(["run", "--config"]).arg(&config).args([
+            "--resolve",
+            "a.slow.test=127.0.0.1",
+            "--resolve",
+            "b.slow.test=127.0.0.1",
+            "--resolve",
+            "fast.test=127.0.0.1",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ]))
+        .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines.get(..4),
+        Some(&["slow 200", "slow 200", "slow 200", "slow 429"][..]),
+        "{stdout}\n{stderr}"
+    );
+    // Another host under the same pattern shares its budget; the wait is
+    // the hour a token takes, in whole seconds.
+    assert!(stdout.contains("retry-after: 3600"), "{stdout}");
+    assert!(
+        stdout.contains("x-proxy-error: blocked-by-rate-limit"),
+        "{stdout}"
+    );
+    assert_eq!(
+        lines.iter().filter(|l| **l == "fast 200").count(),
+        6,
+        "{stdout}"
+    );
+    // SOCKS5: reply 0x02 (curl: 97, the proxy refused the connection).
+    assert!(stdout.contains("socks 97"), "{stdout}\n{stderr}");
+    let python = lines.iter().find(|l| l.starts_with("python"));
+    if let Some(python) = python {
+        assert_eq!(*python, "python 429 3600 rate_limited", "{stdout}");
+    } else {
+        assert!(
+            std::env::var_os("CI").is_none() && stderr.contains("No module named"),
+            "{stdout}\n{stderr}"
+        );
+    }
+    assert!(
+        stderr.contains("rate limit was reached"),
+        "the refusal is said: {stderr}"
+    );
+    let recorded = std::fs::read_to_string(&violations).unwrap();
+    let limited = recorded
+        .lines()
+        .filter(|l| l.contains(r#""reason":"rate_limited""#))
+        .count();
+    assert!(limited >= 3, "{recorded}");
+    assert!(
+        recorded.contains("[[rate_limits]] **.slow.test"),
+        "{recorded}"
+    );
+}
+
+#[tokio::test]
+async fn a_bad_limit_is_a_config_error_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    for (entry, key, says) in [
+        (
+            "host = \"a.test\"\nrequests_per_second = 0",
+            "rate_limits[0].requests_per_second",
+            "above 0",
+        ),
+        (
+            "host = \"a.test\"\nrequests_per_second = 1\nburst = 0",
+            "rate_limits[0].burst",
+            "at least 1",
+        ),
+        (
+            "host = \"a..test\"\nrequests_per_second = 1",
+            "rate_limits[0].host",
+            "not a host pattern",
+        ),
+        (
+            "host = \"a.test\"\nrequests_per_second = 1\n[[rate_limits]]\nhost = \"A.TEST\"\nrequests_per_second = 2",
+            "rate_limits[1].host",
+            "limited twice",
+        ),
+    ] {
+        let config = dir.path().join("bad.toml");
+        std::fs::write(&config, format!("[[rate_limits]]\n{entry}\n")).unwrap();
+        let (code, _, stderr) = output(
+            portcullis()
+                .args(["check", "--config"])
+                .arg(&config)
+                .arg("http://a.test/"),
+        )
+        .await;
+        assert_eq!(code, Some(64), "{entry}: {stderr}");
+        assert!(
+            stderr.contains(key) && stderr.contains(says),
+            "{entry}: {stderr}"
+        );
+    }
+}
