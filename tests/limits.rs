@@ -136,3 +136,65 @@ async fn a_bad_limit_is_a_config_error_naming_the_key() {
         );
     }
 }
+
+/// `serve` takes new limits from an edit of its config at once (a changed
+/// rate starts afresh), and keeps the old ones through a broken edit,
+/// naming the key.
+#[tokio::test]
+async fn a_reload_changes_the_limits_and_a_bad_one_keeps_them() {
+    let origin = origin().await;
+    let url = format!("http://{}/", origin.addr);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("portcullis.toml");
+    let write = |limit: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "[network]\nallowed_domains = [\"127.0.0.1\"]\nallow_local_binding = true\n\n[[rate_limits]]\nhost = \"127.0.0.1\"\n{limit}\n"
+            ),
+        )
+        .unwrap();
+    };
+    write("requests_per_second = 0.001\nburst = 1");
+    let (mut child, proxy) = serve_config(&config).await;
+    let status = |url: String, proxy: String| async move {
+        let out = curl(&[
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-x",
+            &proxy,
+            &url,
+        ])
+        .await;
+        out.stdout
+    };
+    assert_eq!(status(url.clone(), proxy.clone()).await, "200");
+    assert_eq!(status(url.clone(), proxy.clone()).await, "429");
+    write("requests_per_second = 1000\nburst = 1000");
+    let mut now = String::new();
+    for _ in 0..50 {
+        now = status(url.clone(), proxy.clone()).await;
+        if now == "200" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(now, "200", "the raised limit applies within seconds");
+    write("requests_per_second = -1");
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    for _ in 0..5 {
+        assert_eq!(
+            status(url.clone(), proxy.clone()).await,
+            "200",
+            "a broken edit keeps the limits in force"
+        );
+    }
+    let (_, stderr) = terminate(&mut child).await;
+    assert!(
+        stderr.contains("rate_limits[0].requests_per_second"),
+        "names the key: {stderr}"
+    );
+}
