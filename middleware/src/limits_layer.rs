@@ -216,7 +216,9 @@ mod tests {
         assert_eq!(blocked.reason, Reason::RateLimited);
         let hint = blocked.status_hint.unwrap();
         assert_eq!(hint.status, StatusCode::TOO_MANY_REQUESTS);
-        assert_eq!(hint.retry_after, Some(Duration::from_secs(1000)));
+        // A token takes 1000 s (less what refilled while this test ran).
+        let after = hint.retry_after.unwrap().as_secs();
+        assert!((900..=1000).contains(&after), "{after}");
         assert!(blocked.message.contains("slow.test"), "{}", blocked.message);
         // A host no limit covers is not counted.
         assert!(service.poll_ready().is_ready());

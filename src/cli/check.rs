@@ -206,13 +206,20 @@ pub(super) async fn check(args: CheckArgs) -> ExitCode {
         } else {
             ""
         };
+        // The rate a live request would count against.
+        let limited = policy
+            .rate_limits()
+            .find(&target)
+            .map(|(pattern, rate)| format!("; rate limited: [[rate_limits]] {pattern}: {rate}"))
+            .unwrap_or_default();
         let verdict = match decision {
             Ok(_) => Verdict {
                 decision: "allow",
                 rule: Some(
                     allowing_rule(&policy, rules.as_ref(), &target, protocol)
                         + &rule_entry
-                        + unscanned,
+                        + unscanned
+                        + &limited,
                 ),
                 target: target.to_string(),
                 reason: None,
