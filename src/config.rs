@@ -58,15 +58,21 @@ pub struct Config {
 
 /// One `[[rate_limits]]` entry: requests to the hosts `host` covers (the
 /// allowlist's patterns; the most specific entry that matches counts) get
-/// `requests_per_second` on average and up to `burst` at once; past it,
-/// `rate_limited` (429 with `Retry-After`).
+/// `requests_per_second` on average and up to `burst` at once (past it,
+/// `rate_limited`: 429 with `Retry-After`), and at most `concurrent`
+/// requests in flight and tunnels open at once (past it,
+/// `concurrency_limited`). One of the two at least.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitConfig {
     /// The hosts, as an allowlist pattern.
     pub host: String,
     /// Requests a second, on average (above 0).
-    pub requests_per_second: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_second: Option<f64>,
+    /// Requests in flight and tunnels open at once (at least 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrent: Option<u32>,
     /// Requests at once after a quiet spell (default: `requests_per_second`
     /// rounded up).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -946,7 +952,7 @@ impl Config {
         &self,
         origin: &str,
     ) -> Result<portcullis_middleware::limits::RateLimits, ConfigError> {
-        use portcullis_middleware::limits::{LimitError, Rate, RateLimits};
+        use portcullis_middleware::limits::{Limit, LimitError, Rate, RateLimits};
         let mut limits = RateLimits::new();
         for (index, entry) in self.rate_limits.iter().enumerate() {
             let invalid = |field: &str, message: String| ConfigError::Invalid {
@@ -954,26 +960,48 @@ impl Config {
                 origin: origin.to_owned(),
                 message,
             };
-            let burst = entry.burst.unwrap_or_else(|| {
-                // Saturating: a rate beyond u32 bursts at u32::MAX.
-                let rounded = entry.requests_per_second.ceil();
-                if rounded >= f64::from(u32::MAX) {
-                    u32::MAX
-                } else if rounded >= 1.0 {
-                    rounded as u32
-                } else {
-                    1
+            let limit = match (entry.requests_per_second, entry.concurrent) {
+                (None, None) => {
+                    return Err(invalid(
+                        "requests_per_second",
+                        "give requests_per_second, concurrent, or both".into(),
+                    ))
                 }
-            });
-            let rate = Rate::new(entry.requests_per_second, burst).map_err(|e| {
-                let field = if entry.burst == Some(0) {
-                    "burst"
-                } else {
-                    "requests_per_second"
-                };
-                invalid(field, e.to_string())
-            })?;
-            limits = limits.limit(&entry.host, rate).map_err(|e| match e {
+                (None, Some(_)) if entry.burst.is_some() => {
+                    return Err(invalid("burst", "a burst needs requests_per_second".into()))
+                }
+                (None, Some(cap)) => {
+                    Limit::concurrent(cap).map_err(|e| invalid("concurrent", e.to_string()))?
+                }
+                (Some(per_second), cap) => {
+                    let burst = entry.burst.unwrap_or_else(|| {
+                        // Saturating: a rate beyond u32 bursts at u32::MAX.
+                        let rounded = per_second.ceil();
+                        if rounded >= f64::from(u32::MAX) {
+                            u32::MAX
+                        } else if rounded >= 1.0 {
+                            rounded as u32
+                        } else {
+                            1
+                        }
+                    });
+                    let rate = Rate::new(per_second, burst).map_err(|e| {
+                        let field = if entry.burst == Some(0) {
+                            "burst"
+                        } else {
+                            "requests_per_second"
+                        };
+                        invalid(field, e.to_string())
+                    })?;
+                    match cap {
+                        Some(cap) => Limit::from(rate)
+                            .and_concurrent(cap)
+                            .map_err(|e| invalid("concurrent", e.to_string()))?,
+                        None => Limit::from(rate),
+                    }
+                }
+            };
+            limits = limits.limit(&entry.host, limit).map_err(|e| match e {
                 LimitError::Rate(message) => invalid("requests_per_second", message),
                 other => invalid("host", other.to_string()),
             })?;

@@ -124,6 +124,21 @@ async fn a_bad_limit_is_a_config_error_naming_the_key() {
             "at least 1",
         ),
         (
+            "host = \"a.test\"",
+            "rate_limits[0].requests_per_second",
+            "concurrent, or both",
+        ),
+        (
+            "host = \"a.test\"\nconcurrent = 0",
+            "rate_limits[0].concurrent",
+            "at least 1",
+        ),
+        (
+            "host = \"a.test\"\nconcurrent = 2\nburst = 4",
+            "rate_limits[0].burst",
+            "needs requests_per_second",
+        ),
+        (
             "host = \"a..test\"\nrequests_per_second = 1",
             "rate_limits[0].host",
             "not a host pattern",
@@ -234,5 +249,105 @@ async fn check_names_the_limit() {
     assert!(
         stdout.contains("rate limited: [[rate_limits]] 127.0.0.1: 2 requests a second, burst 2"),
         "{stdout}"
+    );
+}
+
+/// `concurrent` caps the tunnels open (and requests in flight) to a
+/// pattern's hosts: the third `CONNECT` while two are open is refused
+/// `concurrency_limited` (429, `Retry-After: 1`), as is a SOCKS5
+/// connection (0x02); once one closes, a new one opens. Plain requests
+/// give their place back when answered.
+#[tokio::test]
+async fn past_its_cap_a_tunnel_is_refused_until_one_closes() {
+    let origin = origin().await;
+    let port = origin.addr.port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("limits.toml");
+    let violations = dir.path().join("violations.jsonl");
+    std::fs::write(
+        &config,
+        format!(
+            "[network]\nallowed_domains = [\"*.test\"]\nallow_local_binding = true\n\n[[rate_limits]]\nhost = \"**.slow.test\"\nconcurrent = 2\n\n[log]\nviolations_file = {violations:?}\n"
+        ),
+    )
+    .unwrap();
+    let script = format!(
+        r#"for i in 1 2 3 4; do curl -s -o /dev/null -w "plain %{{http_code}}\n" http://a.slow.test:{port}/; done
+python3 - <<'PY'
+import base64, os, socket, subprocess, time, urllib.parse
+proxy = urllib.parse.urlsplit(os.environ["HTTP_PROXY"])
+auth = ""
+if proxy.username:
+    token = base64.b64encode(f"{{urllib.parse.unquote(proxy.username)}}:{{urllib.parse.unquote(proxy.password or '')}}".encode()).decode()
+    auth = f"Proxy-Authorization: Basic {{token}}\r\n"
+def connect(name):
+    s = socket.create_connection((proxy.hostname, proxy.port), timeout=10)
+    s.sendall(f"CONNECT {{name}}:{port} HTTP/1.1\r\nHost: {{name}}:{port}\r\n{{auth}}\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        head += chunk
+    return s, head.decode(errors="replace")
+one, head1 = connect("a.slow.test")
+two, head2 = connect("b.slow.test")
+three, head3 = connect("a.slow.test")
+print("first", head1.split("\r\n")[0])
+print("second", head2.split("\r\n")[0])
+print("third", head3.split("\r\n")[0])
+print("retry", [l for l in head3.split("\r\n") if l.lower().startswith("retry-after")])
+print("other", connect("fast.test")[1].split("\r\n")[0])
+socks = subprocess.run(["curl", "-s", "-o", "/dev/null", "--proxy", os.environ["PORTCULLIS_SOCKS_URL"], "http://a.slow.test:{port}/"])
+print("socks", socks.returncode)
+one.close()
+for _ in range(50):
+    again, head = connect("a.slow.test")
+    if head.startswith("HTTP/1.1 200"):
+        break
+    again.close()
+    time.sleep(0.1)
+print("after close", head.split("\r\n")[0])
+PY
+"#
+    );
+    let (code, stdout, stderr) =
+        output(portcullis().args(["run", "--config"]).arg(&config).args([
+            "--resolve",
+            "a.slow.test=127.0.0.1",
+            "--resolve",
+            "b.slow.test=127.0.0.1",
+            "--resolve",
+            "fast.test=127.0.0.1",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ]))
+        .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let plain = stdout.lines().filter(|l| *l == "plain 200").count();
+    assert_eq!(
+        plain, 4,
+        "answered requests give their place back: {stdout}"
+    );
+    for wanted in [
+        "first HTTP/1.1 200 OK",
+        "second HTTP/1.1 200 OK",
+        "third HTTP/1.1 429 Too Many Requests",
+        "retry ['retry-after: 1']",
+        "other HTTP/1.1 200 OK",
+        "socks 97",
+        "after close HTTP/1.1 200 OK",
+    ] {
+        assert!(
+            stdout.lines().any(|l| l == wanted),
+            "{wanted:?} missing:\n{stdout}\n{stderr}"
+        );
+    }
+    let recorded = std::fs::read_to_string(&violations).unwrap();
+    assert!(
+        recorded.contains(r#""reason":"concurrency_limited""#),
+        "{recorded}"
     );
 }

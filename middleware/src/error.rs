@@ -74,6 +74,9 @@ pub enum Reason {
     /// The destination's rate limit ([`limits`](crate::limits)) was
     /// reached: a 429 with `Retry-After` over HTTP.
     RateLimited,
+    /// The destination's cap on requests in flight and tunnels open at
+    /// once was reached: a 429 with `Retry-After: 1` over HTTP.
+    ConcurrencyLimited,
     /// A reason of an integrator's own layer, by name (use lower-case ASCII
     /// letters, digits and `_`, like the built-in names). The transports
     /// answer it like the built-in reasons: a 403 on HTTP with
@@ -105,6 +108,7 @@ impl Reason {
             Reason::SecretDetected => "secret_detected",
             Reason::NotInspected => "not_inspected",
             Reason::RateLimited => "rate_limited",
+            Reason::ConcurrencyLimited => "concurrency_limited",
             Reason::Custom(name) => name,
         }
     }
@@ -531,6 +535,10 @@ fn default_message(reason: Reason, target: &Target, method: &http::Method) -> St
         ),
         Reason::RateLimited => format!(
             "portcullis refused {} {target}: its destination's rate limit was reached; retry after the time Retry-After says, or raise requests_per_second or burst in its [[rate_limits]] entry",
+            method.as_str().escape_debug()
+        ),
+        Reason::ConcurrencyLimited => format!(
+            "portcullis refused {} {target}: as many requests and tunnels to its destination are open as its limit allows; retry when one closes, or raise concurrent in its [[rate_limits]] entry",
             method.as_str().escape_debug()
         ),
         Reason::Custom(name) => format!("portcullis refused {target}: {name}"),

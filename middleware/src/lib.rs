@@ -183,7 +183,7 @@ pub use error::{
 };
 pub use future::{MarkedResponse, ResponseFuture};
 pub use limited_mode::{LimitedMode, LimitedModeLayer, VerifyGitFetchBody};
-pub use limits_layer::{RateLimit, RateLimitLayer};
+pub use limits_layer::{HeldWhileOpen, RateLimit, RateLimitLayer};
 pub use loop_guard::{CameRound, LoopGuard, LoopGuardLayer, NamedAnotherHost, NotTls};
 pub use policy::{
     Decision, Mode, NetworkPolicy, NetworkPolicyBuilder, Pattern, PatternSet, PolicyError,

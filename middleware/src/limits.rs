@@ -1,7 +1,10 @@
 //! Rate limits per destination: how many requests a second may go to the
 //! hosts a pattern covers, with a burst, before the rest are refused
 //! (`rate_limited`: a 429 with `Retry-After` over HTTP, reply 0x02 over
-//! SOCKS5) by the [`RateLimitLayer`](crate::limits_layer::RateLimitLayer).
+//! SOCKS5) by the [`RateLimitLayer`](crate::limits_layer::RateLimitLayer);
+//! and how many may be open at once (`concurrency_limited`): a request
+//! holds its place until its response head comes back, a tunnel or an
+//! upgraded connection until it closes.
 //!
 //! Each entry is a pattern in the allowlist's syntax and a [`Rate`]; a
 //! request is counted against the most specific pattern that matches its
@@ -19,8 +22,8 @@
 //!     .limit("**.github.com", Rate::new(10.0, 20)?)?
 //!     .limit("uploads.github.com", Rate::new(1.0, 1)?)?;
 //! let uploads = Target::parse_authority("uploads.github.com:443", None).unwrap();
-//! let (pattern, rate) = limits.find(&uploads).unwrap();
-//! assert_eq!((pattern.as_str(), rate.burst()), ("uploads.github.com", 1));
+//! let (pattern, limit) = limits.find(&uploads).unwrap();
+//! assert_eq!((pattern.as_str(), limit.rate().map(|r| r.burst())), ("uploads.github.com", Some(1)));
 //! # Ok(())
 //! # }
 //! ```
@@ -65,6 +68,65 @@ impl Rate {
     }
 }
 
+/// What one entry limits: a [`Rate`], a number of requests in flight and
+/// tunnels open at once, or both.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limit {
+    rate: Option<Rate>,
+    concurrent: Option<u32>,
+}
+
+impl Limit {
+    /// At most `concurrent` (at least 1) requests in flight and tunnels
+    /// open at once.
+    pub fn concurrent(concurrent: u32) -> Result<Limit, LimitError> {
+        Limit {
+            rate: None,
+            concurrent: None,
+        }
+        .and_concurrent(concurrent)
+    }
+
+    /// Also at most `concurrent` (at least 1) at once.
+    pub fn and_concurrent(mut self, concurrent: u32) -> Result<Limit, LimitError> {
+        if concurrent == 0 {
+            return Err(LimitError::Concurrent);
+        }
+        self.concurrent = Some(concurrent);
+        Ok(self)
+    }
+
+    /// The rate, if one is set.
+    pub fn rate(&self) -> Option<Rate> {
+        self.rate
+    }
+
+    /// How many at once, if that is limited.
+    pub fn concurrent_cap(&self) -> Option<u32> {
+        self.concurrent
+    }
+}
+
+impl From<Rate> for Limit {
+    fn from(rate: Rate) -> Limit {
+        Limit {
+            rate: Some(rate),
+            concurrent: None,
+        }
+    }
+}
+
+impl fmt::Display for Limit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.rate, self.concurrent) {
+            (Some(rate), Some(n)) => write!(f, "{rate}, {n} at once"),
+            (Some(rate), None) => write!(f, "{rate}"),
+            (None, Some(n)) => write!(f, "{n} at once"),
+            (None, None) => f.write_str("no limit"),
+        }
+    }
+}
+
 impl fmt::Display for Rate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -93,6 +155,9 @@ pub enum LimitError {
     /// The rate is not one.
     #[error("{0}")]
     Rate(String),
+    /// A concurrency cap of 0.
+    #[error("concurrent must be at least 1")]
+    Concurrent,
 }
 
 /// The rate limits of a policy, per destination pattern; see the [module
@@ -100,8 +165,8 @@ pub enum LimitError {
 #[derive(Debug, Clone, Default)]
 pub struct RateLimits {
     hosts: PatternSet,
-    /// The rate of each of `hosts`' patterns, in its order.
-    rates: Vec<Rate>,
+    /// The limit of each of `hosts`' patterns, in its order.
+    rates: Vec<Limit>,
 }
 
 impl PartialEq for RateLimits {
@@ -116,8 +181,13 @@ impl RateLimits {
         RateLimits::default()
     }
 
-    /// Also limits requests to the hosts `pattern` covers to `rate`.
-    pub fn limit(mut self, pattern: &str, rate: Rate) -> Result<RateLimits, LimitError> {
+    /// Also limits requests to the hosts `pattern` covers to `limit` (a
+    /// [`Rate`], or a [`Limit`]).
+    pub fn limit(
+        mut self,
+        pattern: &str,
+        limit: impl Into<Limit>,
+    ) -> Result<RateLimits, LimitError> {
         let parsed = Pattern::parse(pattern).map_err(|error| LimitError::Pattern {
             pattern: pattern.to_owned(),
             error: error.to_string(),
@@ -128,7 +198,7 @@ impl RateLimits {
             return Err(LimitError::Duplicate(pattern.to_owned()));
         }
         self.hosts.insert(parsed);
-        self.rates.push(rate);
+        self.rates.push(limit.into());
         Ok(self)
     }
 
@@ -140,7 +210,7 @@ impl RateLimits {
     /// The limit a request to `target` counts against: the most specific
     /// pattern that matches (as written) and its rate; `None` for a Unix
     /// socket or a destination no pattern covers.
-    pub fn find(&self, target: &Target) -> Option<(String, Rate)> {
+    pub fn find(&self, target: &Target) -> Option<(String, Limit)> {
         let Target::Host { host, port } = target else {
             return None;
         };
@@ -153,8 +223,8 @@ impl RateLimits {
         Some((found.to_string(), *self.rates.get(index)?))
     }
 
-    /// Every limit, as written, with its rate.
-    pub fn entries(&self) -> impl Iterator<Item = (String, Rate)> + '_ {
+    /// Every limit, with its pattern as written.
+    pub fn entries(&self) -> impl Iterator<Item = (String, Limit)> + '_ {
         self.hosts
             .patterns()
             .iter()

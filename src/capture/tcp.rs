@@ -121,6 +121,10 @@ async fn serve_one(
         .and_then(|tunnel| tunnel.take())
         .ok_or_else(|| "the stack gave no tunnel".to_owned())?;
     let guard = ingress.open(format!("captured connection from {source} to {target}"));
+    // A place under a concurrency cap: kept while the connection is open.
+    let _held = response
+        .extensions_mut()
+        .remove::<portcullis_middleware::HeldWhileOpen>();
     if response.extensions().get::<Intercept>().is_some() {
         drop(upstream);
         let peer = Peer {

@@ -25,7 +25,9 @@ use tokio::net::TcpListener;
 
 use portcullis_middleware::strip_headers::is_upgrade;
 use portcullis_middleware::target::default_port_for_scheme;
-use portcullis_middleware::{CameRound, Intercept, Interceptable, Protocol, ProxyUser, Target};
+use portcullis_middleware::{
+    CameRound, HeldWhileOpen, Intercept, Interceptable, Protocol, ProxyUser, Target,
+};
 
 use crate::body::{self, Body};
 use crate::connector::{KeptUpstream, OwnListeners, Tunnel};
@@ -173,6 +175,8 @@ async fn route(
         else {
             return Ok(response);
         };
+        // A place under a concurrency cap: kept while the tunnel is open.
+        let held = response.extensions_mut().remove::<HeldWhileOpen>();
         let interceptor = match response.extensions().get::<Intercept>() {
             Some(Intercept) => match settings.interceptor.clone() {
                 Some(interceptor) => Some(interceptor),
@@ -209,7 +213,7 @@ async fn route(
                 }
                 (Err(error), _) => tracing::debug!(%error, "CONNECT upgrade failed"),
             }
-            drop(tunnel);
+            drop((tunnel, held));
         });
         return Ok(Response::new(body::empty()));
     }
@@ -255,6 +259,7 @@ async fn route(
             let upstream_upgrade = hyper::upgrade::on(&mut response);
             let relay = crate::transport::websocket::Relay::of(&response);
             let upgraded = drain.open(name.unwrap_or_default());
+            let held = response.extensions_mut().remove::<HeldWhileOpen>();
             tokio::spawn(async move {
                 let idle = settings.limits.tunnel_idle_timeout;
                 // (Logged by the access layer at its 101; the bytes are
@@ -267,7 +272,7 @@ async fn route(
                     &settings.metrics,
                 )
                 .await;
-                drop(upgraded);
+                drop((upgraded, held));
             });
         }
     }

@@ -138,7 +138,7 @@ fn refusal_header(reason: Reason) -> Cow<'static, str> {
         }
         Reason::CredentialMismatch => "blocked-by-credential-guard",
         Reason::SecretDetected | Reason::NotInspected => "blocked-by-secret-scan",
-        Reason::RateLimited => "blocked-by-rate-limit",
+        Reason::RateLimited | Reason::ConcurrencyLimited => "blocked-by-rate-limit",
         Reason::ApprovalDenied | Reason::ApprovalTimedOut | Reason::ApprovalFailed => {
             "blocked-by-policy"
         }

@@ -502,6 +502,10 @@ async fn inner_request(
             .drain
             .as_ref()
             .map(|drain| drain.open(format!("upgraded connection from {client} to {target}")));
+        // A place under a concurrency cap: kept while the connection is open.
+        let place = response
+            .extensions_mut()
+            .remove::<portcullis_middleware::HeldWhileOpen>();
         tokio::spawn(async move {
             let moved = crate::transport::splice::upgraded(
                 client_upgrade,
@@ -514,7 +518,7 @@ async fn inner_request(
             if let Some(moved) = moved {
                 moved.log(client, &target);
             }
-            drop(held);
+            drop((held, place));
         });
     }
     response

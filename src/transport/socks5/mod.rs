@@ -284,8 +284,14 @@ async fn connect(
     let request = RequestModel::new(target.clone(), Protocol::Socks5Tcp, client)
         .user(peer.user)
         .connect()?;
-    let upstream = match call_stack(stack, request).await {
-        Ok(response) => response.extensions().get::<Tunnel>().and_then(Tunnel::take),
+    // A place under a concurrency cap is kept while the tunnel is open.
+    let (upstream, _held) = match call_stack(stack, request).await {
+        Ok(mut response) => (
+            response.extensions().get::<Tunnel>().and_then(Tunnel::take),
+            response
+                .extensions_mut()
+                .remove::<portcullis_middleware::HeldWhileOpen>(),
+        ),
         Err(error) => {
             proto.reply_error(&rescue::reply(&error)).await?;
             return Ok(());
