@@ -10,21 +10,38 @@ mod common;
 
 use common::*;
 
+/// `run --config` with `*.test` allowed, `limit` as the one
+/// `[[rate_limits]]` entry for `**.slow.test`, the violations in `dir`,
+/// and `a.slow.test`, `b.slow.test` and `fast.test` resolving to
+/// loopback, running `script`: exit code, stdout, stderr.
+async fn run_limited(
+    dir: &std::path::Path,
+    limit: &str,
+    script: &str,
+) -> (Option<i32>, String, String) {
+    let config = dir.join("limits.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[network]\nallowed_domains = [\"*.test\"]\nallow_local_binding = true\n\n[[rate_limits]]\nhost = \"**.slow.test\"\n{limit}\n\n[log]\nviolations_file = {:?}\n",
+            dir.join("violations.jsonl")
+        ),
+    )
+    .unwrap();
+    let mut command = portcullis();
+    command.args(["run", "--config"]).arg(&config);
+    for name in ["a.slow.test", "b.slow.test", "fast.test"] {
+        command.args(["--resolve", &format!("{name}=127.0.0.1")]);
+    }
+    output(command.args(["--", "sh", "-c", script])).await
+}
+
 #[tokio::test]
 async fn past_its_burst_a_limited_destination_gets_429_and_others_do_not() {
     let origin = origin().await;
     let port = origin.addr.port();
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("limits.toml");
     let violations = dir.path().join("violations.jsonl");
-    // One request an hour after a burst of 3: the fourth is refused.
-    std::fs::write(
-        &config,
-        format!(
-            "[network]\nallowed_domains = [\"*.test\"]\nallow_local_binding = true\n\n[[rate_limits]]\nhost = \"**.slow.test\"\nrequests_per_second = 0.0002778\nburst = 3\n\n[log]\nviolations_file = {violations:?}\n"
-        ),
-    )
-    .unwrap();
     let script = format!(
         r#"for i in 1 2 3 4; do curl -s -o /dev/null -w "slow %{{http_code}}\n" http://a.slow.test:{port}/; done
 curl -s -D - -o /dev/null http://b.slow.test:{port}/ | tr -d '\r' | grep -i -E '^(retry-after|x-proxy-error):'
@@ -35,20 +52,13 @@ r = requests.get("http://a.slow.test:{port}/")
 print("python", r.status_code, r.headers.get("Retry-After"), r.json()["reason"])'
 "#
     );
-    let (code, stdout, stderr) =
-        output(portcullis().args(["run", "--config"]).arg(&config).args([
-            "--resolve",
-            "a.slow.test=127.0.0.1",
-            "--resolve",
-            "b.slow.test=127.0.0.1",
-            "--resolve",
-            "fast.test=127.0.0.1",
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ]))
-        .await;
+    // One request an hour after a burst of 3: the fourth is refused.
+    let (code, stdout, stderr) = run_limited(
+        dir.path(),
+        "requests_per_second = 0.0002778\nburst = 3",
+        &script,
+    )
+    .await;
     assert_eq!(code, Some(0), "{stderr}");
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(
@@ -262,15 +272,7 @@ async fn past_its_cap_a_tunnel_is_refused_until_one_closes() {
     let origin = origin().await;
     let port = origin.addr.port();
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("limits.toml");
     let violations = dir.path().join("violations.jsonl");
-    std::fs::write(
-        &config,
-        format!(
-            "[network]\nallowed_domains = [\"*.test\"]\nallow_local_binding = true\n\n[[rate_limits]]\nhost = \"**.slow.test\"\nconcurrent = 2\n\n[log]\nviolations_file = {violations:?}\n"
-        ),
-    )
-    .unwrap();
     let script = format!(
         r#"for i in 1 2 3 4; do curl -s -o /dev/null -w "plain %{{http_code}}\n" http://a.slow.test:{port}/; done
 python3 - <<'PY'
@@ -311,20 +313,7 @@ print("after close", head.split("\r\n")[0])
 PY
 "#
     );
-    let (code, stdout, stderr) =
-        output(portcullis().args(["run", "--config"]).arg(&config).args([
-            "--resolve",
-            "a.slow.test=127.0.0.1",
-            "--resolve",
-            "b.slow.test=127.0.0.1",
-            "--resolve",
-            "fast.test=127.0.0.1",
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ]))
-        .await;
+    let (code, stdout, stderr) = run_limited(dir.path(), "concurrent = 2", &script).await;
     assert_eq!(code, Some(0), "{stderr}");
     let plain = stdout.lines().filter(|l| *l == "plain 200").count();
     assert_eq!(
