@@ -129,9 +129,14 @@ impl fmt::Display for Limit {
 
 impl fmt::Display for Rate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let noun = if self.per_second == 1.0 {
+            "request"
+        } else {
+            "requests"
+        };
         write!(
             f,
-            "{} requests a second, burst {}",
+            "{} {noun} a second, burst {}",
             self.per_second, self.burst
         )
     }
