@@ -227,6 +227,10 @@ impl MakeClassifier for Classify {
     fn make_classifier<B>(&self, request: &Request<B>) -> ClassifyOne {
         ClassifyOne {
             metrics: self.metrics.clone(),
+            profile: request
+                .extensions()
+                .get::<portcullis_middleware::profiles::ProfileName>()
+                .map(|profile| profile.0.clone()),
             connect: request.method() == Method::CONNECT,
             protocol: request
                 .extensions()
@@ -240,6 +244,7 @@ impl MakeClassifier for Classify {
 #[derive(Debug, Clone)]
 pub struct ClassifyOne {
     metrics: Arc<Metrics>,
+    profile: Option<Arc<str>>,
     connect: bool,
     protocol: &'static str,
 }
@@ -250,7 +255,7 @@ impl ClassifyResponse for ClassifyOne {
 
     fn classify_response<B>(self, _: &Response<B>) -> ClassifiedResponse<Failure, EndOfStream> {
         // A response is an allowed request (a refusal is an error).
-        self.metrics.allowed(self.protocol);
+        self.metrics.allowed(self.protocol, self.profile.as_ref());
         if self.connect {
             ClassifiedResponse::Ready(Ok(()))
         } else {

@@ -37,6 +37,10 @@ pub enum Fixes {
     /// Flags (`run` with `--config FILE`), and this file for what only a
     /// file holds: request rules.
     FlagsWithFile(PathBuf),
+    /// A profile's refusals ([`Fixes::for_profile`]): the wording of the
+    /// proxy's own, saying which profile refused, with the profile's keys
+    /// (`profiles.NAME.network.allowed_domains`) where that names a file.
+    Profile(Box<Fixes>, Arc<str>),
 }
 
 /// A wording hook for refusals: given a built-in refusal (never a message
@@ -83,6 +87,11 @@ impl Fixes {
         Fixes::Custom(Wording(Arc::new(wording)))
     }
 
+    /// This wording, for the refusals of the profile `name`.
+    pub fn for_profile(&self, name: &str) -> Fixes {
+        Fixes::Profile(Box::new(self.clone()), Arc::from(name))
+    }
+
     /// The message for `blocked` here: the refusal's own, reworded when it
     /// is a built-in refusal whose fix reads differently in this context.
     /// The one renderer: the HTTP body, the violation log line and file,
@@ -109,6 +118,12 @@ impl Fixes {
                     }
                     _ => Fixes::Flags.rephrase(blocked),
                 };
+            }
+            Fixes::Profile(inner, name) => {
+                let text = inner
+                    .rephrase(blocked)
+                    .unwrap_or_else(|| blocked.message.clone());
+                return Some(in_profile(&text, name, matches!(**inner, Fixes::File(_))));
             }
             Fixes::Flags | Fixes::File(_) => {}
         }
@@ -264,6 +279,10 @@ impl Fixes {
             Fixes::Flags | Fixes::FlagsWithFile(_) => {
                 format!("allow that address with --allow {exact}, or pass --allow-local-binding")
             }
+            Fixes::Profile(inner, name) => {
+                let text = inner.resolved_local(target, address, port);
+                return in_profile(&text, name, matches!(**inner, Fixes::File(_)));
+            }
             Fixes::File(file) => format!(
                 "add \"{exact}\" to allowed_domains, or set allow_local_binding = true, in {}",
                 file.display()
@@ -273,6 +292,30 @@ impl Fixes {
             "portcullis refused {target}: it resolves to the local or private address {address}; {fix}"
         )
     }
+}
+
+/// A refusal's text as the profile `name`'s: which profile refused, and,
+/// where it names keys of a file (`keys`), the profile's own.
+fn in_profile(text: &str, name: &str, keys: bool) -> String {
+    let mut text = text.replacen(
+        "portcullis refused ",
+        &format!("portcullis (profile {name}) refused "),
+        1,
+    );
+    if keys {
+        for key in ["allowed_domains", "allow_local_binding"] {
+            text = text.replace(
+                &format!(" {key}"),
+                &format!(" profiles.{name}.network.{key}"),
+            );
+            text = text.replace(
+                &format!("\"{key}"),
+                &format!("\"profiles.{name}.network.{key}"),
+            );
+        }
+        text = text.replace("in [network]", &format!("in [profiles.{name}.network]"));
+    }
+    text
 }
 
 /// What an approval refusal says happened, and what decided it

@@ -84,5 +84,5 @@ pub mod mitm {
     };
 }
 pub use portcullis_middleware as middleware;
-pub use runner::{BoxApprover, Proxy, ProxyBuilder, ProxyHandle, StackLayers, StartError};
+pub use runner::{BoxApprover, Profile, Proxy, ProxyBuilder, ProxyHandle, StackLayers, StartError};
 pub use transport::{Limits, ProxyService};

@@ -7,6 +7,8 @@
 //! | --- | --- | --- |
 //! | `portcullis_requests_allowed_total` | counter | `protocol` |
 //! | `portcullis_requests_refused_total` | counter | `reason` |
+//! | `portcullis_profile_requests_allowed_total` | counter | `profile`, `protocol` (requests given a profile) |
+//! | `portcullis_profile_requests_refused_total` | counter | `profile`, `reason` (refusals of requests given a profile) |
 //! | `portcullis_connections_open` | gauge | |
 //! | `portcullis_tunnels_open` | gauge | |
 //! | `portcullis_approvals_pending` | gauge | |
@@ -36,6 +38,32 @@ struct ProtocolLabel {
     protocol: &'static str,
 }
 
+/// A profile's name as a label value, shared rather than copied per
+/// request.
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
+struct ProfileLabel(Arc<str>);
+
+impl prometheus_client::encoding::EncodeLabelValue for ProfileLabel {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelValueEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        prometheus_client::encoding::EncodeLabelValue::encode(&&*self.0, encoder)
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProfileProtocolLabel {
+    profile: ProfileLabel,
+    protocol: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProfileReasonLabel {
+    profile: ProfileLabel,
+    reason: &'static str,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
@@ -58,6 +86,8 @@ pub(crate) struct Metrics {
     registry: Registry,
     allowed: Family<ProtocolLabel, Counter>,
     refused: Family<ReasonLabel, Counter>,
+    profile_allowed: Family<ProfileProtocolLabel, Counter>,
+    profile_refused: Family<ProfileReasonLabel, Counter>,
     connections_open: Gauge,
     tunnels_open: Gauge,
     approvals_pending: Gauge,
@@ -85,6 +115,18 @@ impl Metrics {
             "requests_refused",
             "Refusals, by reason (the violation log's)",
             refused.clone(),
+        );
+        let profile_allowed = Family::<ProfileProtocolLabel, Counter>::default();
+        registry.register(
+            "profile_requests_allowed",
+            "Requests and connections let through, by profile and protocol",
+            profile_allowed.clone(),
+        );
+        let profile_refused = Family::<ProfileReasonLabel, Counter>::default();
+        registry.register(
+            "profile_requests_refused",
+            "Refusals of requests given a profile, by profile and reason",
+            profile_refused.clone(),
         );
         let connections_open = Gauge::default();
         registry.register(
@@ -121,6 +163,8 @@ impl Metrics {
             registry,
             allowed,
             refused,
+            profile_allowed,
+            profile_refused,
             connections_open,
             tunnels_open,
             approvals_pending,
@@ -128,14 +172,30 @@ impl Metrics {
         }
     }
 
-    pub(crate) fn allowed(&self, protocol: &'static str) {
+    pub(crate) fn allowed(&self, protocol: &'static str, profile: Option<&Arc<str>>) {
         self.allowed
             .get_or_create(&ProtocolLabel { protocol })
             .inc();
+        if let Some(profile) = profile {
+            self.profile_allowed
+                .get_or_create(&ProfileProtocolLabel {
+                    profile: ProfileLabel(profile.clone()),
+                    protocol,
+                })
+                .inc();
+        }
     }
 
-    pub(crate) fn refused(&self, reason: &'static str) {
+    pub(crate) fn refused(&self, reason: &'static str, profile: Option<&Arc<str>>) {
         self.refused.get_or_create(&ReasonLabel { reason }).inc();
+        if let Some(profile) = profile {
+            self.profile_refused
+                .get_or_create(&ProfileReasonLabel {
+                    profile: ProfileLabel(profile.clone()),
+                    reason,
+                })
+                .inc();
+        }
     }
 
     /// A secret found by `detector`, refused (`deny`) or let through

@@ -20,8 +20,10 @@
 //! address and port, or the socket path as `name`), `firewall_rule` (the
 //! rule that decided, else the reason, with the deciding part as `type`),
 //! `http_request` (method and URL, query values redacted) for HTTP
-//! Activity, `http_response.code` for an allowed request, and our own
-//! fields under `unmapped` (`protocol`, `decision`, `source`, and for a
+//! Activity, `http_response.code` for an allowed request, `actor` (the
+//! proxy user as `user.name`, the profile as an `authorizations` policy)
+//! when the caller had them, and our own
+//! fields under `unmapped` (`protocol`, `decision`, `source`, `profile`, and for a
 //! secret the scan found, `finding`: `detector` and `location`, never the
 //! value). Severity is
 //! 1 Informational for what went through (allowed, audited) and 3 Medium
@@ -37,13 +39,16 @@
 //! let blocked = Blocked::new(Reason::RuleDenied, Source::RequestRules, target,
 //!                            Protocol::HttpsMitm, &http::Method::POST);
 //! let violation = Violation { unix_ms: 1_764_000_000_000, client: None,
-//!     message: blocked.message.clone(), blocked, path: Some("/user/keys".into()) };
+//!     message: blocked.message.clone(), blocked, path: Some("/user/keys".into()),
+//!     user: Some("ci".into()), profile: Some("builds".into()) };
 //! let event = ocsf_violation(&violation);
 //! assert_eq!(event["class_uid"], 4002);
 //! assert_eq!(event["type_uid"], 400206);
 //! assert_eq!(event["action_id"], 2);
 //! assert_eq!(event["metadata"]["version"], OCSF_VERSION);
 //! assert_eq!(event["http_request"]["url"]["url_string"], "https://api.test/user/keys");
+//! assert_eq!(event["actor"]["user"]["name"], "ci");
+//! assert_eq!(event["unmapped"]["profile"], "builds");
 //! ```
 
 use std::net::{IpAddr, SocketAddr};
@@ -108,13 +113,18 @@ pub struct Access {
     pub duration_ms: u64,
     /// The credentials the proxy added, as (name, place), never a value.
     pub credentials: Vec<(String, String)>,
+    /// The proxy user the client authenticated as, if it did.
+    pub user: Option<String>,
+    /// The profile the request was given, if the proxy has profiles.
+    pub profile: Option<Arc<str>>,
 }
 
 impl Access {
     /// Its line in the JSON-lines format: `time_unix_ms`, `client`,
     /// `status` (`"allowed"`), `host`, `port`, `protocol`, `method`,
-    /// `path`, `code`, `bytes`, `duration_ms`, and `credentials` (`[{name,
-    /// place}]`) when the proxy added any.
+    /// `path`, `code`, `bytes`, `duration_ms`, `credentials` (`[{name,
+    /// place}]`) when the proxy added any, and `user` and `profile` when
+    /// the caller had them.
     pub fn to_json(&self) -> Value {
         let mut line = json!({
             "time_unix_ms": self.unix_ms,
@@ -135,6 +145,12 @@ impl Access {
         }
         if !self.credentials.is_empty() {
             line["credentials"] = credentials_json(&self.credentials);
+        }
+        if let Some(user) = &self.user {
+            line["user"] = json!(user);
+        }
+        if let Some(profile) = &self.profile {
+            line["profile"] = json!(&**profile);
         }
         line
     }
@@ -213,6 +229,8 @@ struct Event<'a> {
     target: &'a Target,
     address: Option<IpAddr>,
     path: Option<&'a str>,
+    user: Option<&'a str>,
+    profile: Option<&'a str>,
     outcome: Outcome<'a>,
 }
 
@@ -228,6 +246,8 @@ pub fn ocsf_violation(violation: &Violation) -> Value {
         target: &blocked.target,
         address: blocked.address,
         path: violation.path.as_deref(),
+        user: violation.user.as_deref(),
+        profile: violation.profile.as_deref(),
         outcome: Outcome::Refused(blocked, &violation.message),
     })
 }
@@ -243,6 +263,8 @@ pub fn ocsf_access(access: &Access) -> Value {
         target: &access.target,
         address: None,
         path: access.path.as_deref(),
+        user: access.user.as_deref(),
+        profile: access.profile.as_deref(),
         outcome: Outcome::Allowed(access),
     })
 }
@@ -345,6 +367,21 @@ fn event(event: &Event<'_>) -> Value {
     }
     let mut unmapped = Map::new();
     unmapped.insert("protocol".into(), json!(event.protocol.as_str()));
+    // The caller: its proxy user as the OCSF actor, its profile beside it.
+    if event.user.is_some() || event.profile.is_some() {
+        let mut actor = Map::new();
+        if let Some(user) = event.user {
+            actor.insert("user".into(), json!({ "name": user }));
+        }
+        if let Some(profile) = event.profile {
+            actor.insert(
+                "authorizations".into(),
+                json!([{ "policy": { "name": profile } }]),
+            );
+            unmapped.insert("profile".into(), json!(profile));
+        }
+        fields.insert("actor".into(), Value::Object(actor));
+    }
     match &event.outcome {
         Outcome::Refused(blocked, message) => {
             fields.insert("status_detail".into(), json!(blocked.reason.as_str()));
@@ -561,6 +598,12 @@ where
             bytes: None,
             duration_ms: 0,
             credentials: Vec::new(),
+            user: extensions
+                .get::<portcullis_middleware::ProxyUser>()
+                .map(|user| user.0.clone()),
+            profile: extensions
+                .get::<portcullis_middleware::profiles::ProfileName>()
+                .map(|profile| profile.0.clone()),
         });
         AccessFuture {
             future: self.inner.call(request),
@@ -713,6 +756,8 @@ mod tests {
             message: blocked.message.clone(),
             blocked,
             path: path.map(str::to_owned),
+            user: None,
+            profile: None,
         }
     }
 

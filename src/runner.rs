@@ -26,6 +26,7 @@ use tower::util::BoxCloneService;
 use tower::{Layer, Service};
 use tower_http::sensitive_headers::SetSensitiveRequestHeaders;
 
+use portcullis_middleware::profiles::{ProfileSelector, Profiles, SelectProfileLayer};
 use portcullis_middleware::{
     ApprovalAnswer, ApprovalRequest, ApprovalWaitLayer, BoxError, DefaultStack, PolicyHandle,
     RuleBook, ViolationLogLayer, ViolationRing,
@@ -205,6 +206,105 @@ struct Settings {
     metrics: Arc<crate::metrics::Metrics>,
     /// Every refusal, for [`ProxyHandle::subscribe`].
     refusals: tokio::sync::broadcast::Sender<portcullis_middleware::Violation>,
+    /// The profiles, by name, in the order given.
+    profiles: Vec<(String, Profile)>,
+    /// Who gets which profile.
+    selection: Selection,
+    /// Whether a caller given no profile gets the top-level policy
+    /// (otherwise it is refused).
+    unmatched_default: bool,
+    /// Proxy users a client may name itself as, and their passwords.
+    users: Arc<std::collections::HashMap<String, transport::Secret>>,
+}
+
+/// `error` with its refusal's message written for `fixes`, when it is a
+/// built-in refusal.
+fn written_for(error: BoxError, fixes: &Fixes) -> BoxError {
+    match error.downcast::<portcullis_middleware::Blocked>() {
+        Ok(blocked) => match fixes.rephrase(&blocked) {
+            Some(message) => Box::new(blocked.with_message(message)),
+            None => blocked,
+        },
+        Err(other) => other,
+    }
+}
+
+/// What one stack decides by: the top-level policy's or a profile's.
+#[derive(Clone, Copy)]
+struct Part<'a> {
+    policy: &'a PolicyHandle,
+    injected: &'a portcullis_middleware::credentials::Credentials,
+    ask: bool,
+}
+
+/// A profile: a policy of its own, with its own credentials, approvals and
+/// rate-limit buckets, behind the layers every profile shares; see
+/// [`ProxyBuilder::profile`] and [`portcullis_middleware::profiles`].
+#[derive(Clone)]
+pub struct Profile {
+    policy: PolicyHandle,
+    injected: portcullis_middleware::credentials::Credentials,
+    ask: bool,
+    rules: Option<Arc<dyn RuleBook>>,
+}
+
+impl fmt::Debug for Profile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Profile")
+            .field("ask", &self.ask)
+            .field("rules", &self.rules.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Profile {
+    /// A profile deciding by `policy` (keep a clone to change it live).
+    /// Its allowlist misses go to the proxy's approver, if it has one.
+    pub fn new(policy: PolicyHandle) -> Profile {
+        Profile {
+            policy,
+            injected: Default::default(),
+            ask: true,
+            rules: None,
+        }
+    }
+
+    /// Adds these credentials' secrets for this profile's requests (see
+    /// [`ProxyBuilder::inject_credentials`]).
+    pub fn inject_credentials(
+        mut self,
+        credentials: portcullis_middleware::credentials::Credentials,
+    ) -> Profile {
+        self.injected = credentials;
+        self
+    }
+
+    /// Whether this profile's allowlist misses are put to the proxy's
+    /// approver (the default) or refused at once.
+    pub fn ask(mut self, ask: bool) -> Profile {
+        self.ask = ask;
+        self
+    }
+
+    /// Persisted rules this profile's approvals read and write.
+    pub fn rules(mut self, rules: Arc<dyn RuleBook>) -> Profile {
+        self.rules = Some(rules);
+        self
+    }
+
+    /// The live policy.
+    pub fn policy(&self) -> &PolicyHandle {
+        &self.policy
+    }
+}
+
+/// How the profile of a request is chosen.
+#[derive(Clone)]
+enum Selection {
+    /// The built-in selector, by user and source range.
+    Selector(portcullis_middleware::profiles::SelectProfileLayer),
+    /// An integrator's layer around the router.
+    Custom(Arc<dyn Fn(Profiles<ProxyService>) -> ProxyService + Send + Sync>),
 }
 
 impl<O, I> fmt::Debug for ProxyBuilder<O, I> {
@@ -254,6 +354,12 @@ impl Proxy {
                 metrics_addr: None,
                 metrics: Arc::default(),
                 refusals: tokio::sync::broadcast::channel(SUBSCRIBED_BACKLOG).0,
+                profiles: Vec::new(),
+                selection: Selection::Selector(
+                    portcullis_middleware::profiles::SelectProfileLayer::new(ProfileSelector::new()),
+                ),
+                unmatched_default: false,
+                users: Arc::default(),
             },
             layers: (Identity::new(), Identity::new()),
         }
@@ -477,6 +583,69 @@ impl<O, I> ProxyBuilder<O, I> {
         self
     }
 
+    /// Adds the profile `name`: requests given it (see
+    /// [`profile_selector`](Self::profile_selector)) are decided by its
+    /// own stack. Once a proxy has profiles, a caller given none is
+    /// refused (`auth_required`, a 407) unless
+    /// [`unmatched_gets_default`](Self::unmatched_gets_default).
+    pub fn profile(mut self, name: impl Into<String>, profile: Profile) -> ProxyBuilder<O, I> {
+        let name = name.into();
+        self.settings.profiles.retain(|(known, _)| *known != name);
+        self.settings.profiles.push((name, profile));
+        self
+    }
+
+    /// Chooses profiles with `selector` (proxy users by name, then source
+    /// ranges); the default selects nobody.
+    pub fn profile_selector(mut self, selector: ProfileSelector) -> ProxyBuilder<O, I> {
+        self.settings.selection = Selection::Selector(SelectProfileLayer::new(selector));
+        self
+    }
+
+    /// Chooses profiles with a layer of your own instead (from a header a
+    /// trusted gateway sets, a JWT, …): it wraps the router and puts a
+    /// [`ProfileName`](portcullis_middleware::profiles::ProfileName) in
+    /// each request it lets through.
+    pub fn profile_layer<L>(mut self, layer: L) -> ProxyBuilder<O, I>
+    where
+        L: Layer<Profiles<ProxyService>> + Send + Sync + 'static,
+        L::Service: Service<Request<Body>, Response = Response<Body>, Error = BoxError>
+            + Clone
+            + Send
+            + 'static,
+        <L::Service as Service<Request<Body>>>::Future: Send + 'static,
+    {
+        self.settings.selection = Selection::Custom(Arc::new(move |router| {
+            ProxyService::new(layer.layer(router))
+        }));
+        self
+    }
+
+    /// Whether a caller given no profile is served by the top-level policy
+    /// (`true`) or refused (`false`, the default).
+    pub fn unmatched_gets_default(mut self, default: bool) -> ProxyBuilder<O, I> {
+        self.settings.unmatched_default = default;
+        self
+    }
+
+    /// Proxy users a client may present (HTTP `Proxy-Authorization:
+    /// Basic`, SOCKS5 username/password) to be known by name, and so given
+    /// its profile. A wrong password or an unknown user is refused with a
+    /// 407 and recorded; a client that presents nothing goes on unnamed
+    /// (unless [`credentials`](Self::credentials) requires one of all).
+    pub fn users(
+        mut self,
+        users: impl IntoIterator<Item = (String, String)>,
+    ) -> ProxyBuilder<O, I> {
+        self.settings.users = Arc::new(
+            users
+                .into_iter()
+                .map(|(name, password)| (name, transport::Secret(password)))
+                .collect(),
+        );
+        self
+    }
+
     /// The bounds the transports keep (head size, timeouts); see [`Limits`].
     pub fn limits(mut self, limits: Limits) -> ProxyBuilder<O, I> {
         self.settings.limits = limits;
@@ -526,9 +695,9 @@ impl<O, I> ProxyBuilder<O, I> {
         SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), address.port())
     }
 
-    fn dialer(&self) -> Dialer {
+    fn dialer(&self, policy: &PolicyHandle) -> Dialer {
         Dialer::new(
-            self.settings.policy.clone(),
+            policy.clone(),
             self.settings.resolver.clone(),
             self.settings.resolve_timeout,
             self.settings.limits.connect_timeout,
@@ -540,13 +709,18 @@ impl<O, I> ProxyBuilder<O, I> {
     /// The violation log: counted per reason, published to subscribers,
     /// each record worded for `fixes`.
     fn violation_layer(&self) -> ViolationLogLayer {
+        self.violation_layer_worded(&self.settings.fixes)
+    }
+
+    /// The same, worded for `fixes` (a profile's).
+    fn violation_layer_worded(&self, fixes: &Fixes) -> ViolationLogLayer {
         let layer = self.settings.violations.clone();
         let metrics = self.settings.metrics.clone();
         let refusals = self.settings.refusals.clone();
         let layer = layer.with_sink(move |violation: &portcullis_middleware::Violation| {
             let blocked = &violation.blocked;
             if blocked.decision != portcullis_middleware::BlockDecision::Audit {
-                metrics.refused(blocked.reason.as_str());
+                metrics.refused(blocked.reason.as_str(), violation.profile.as_ref());
             }
             if blocked.reason == portcullis_middleware::Reason::SecretDetected {
                 let (detector, _) = portcullis_middleware::scan::finding_parts(
@@ -559,10 +733,10 @@ impl<O, I> ProxyBuilder<O, I> {
                 let _ = refusals.send(violation.clone());
             }
         });
-        match self.settings.fixes {
+        match fixes {
             Fixes::Keys => layer,
             _ => {
-                let fixes = self.settings.fixes.clone();
+                let fixes = fixes.clone();
                 layer.wording(move |blocked| fixes.rephrase(blocked))
             }
         }
@@ -578,19 +752,47 @@ where
     /// here, so they cannot disagree.
     fn compose(
         &self,
+        part: Part<'_>,
         connector: Connector,
         approval: ApprovalWaitLayer<BoxApprover>,
         violations: ViolationLogLayer,
     ) -> ProxyService {
-        let base = DefaultStack::new(self.settings.policy.clone())
+        let base = self.base(part, approval, violations);
+        ProxyService::new(self.sensitive_logged(base, connector))
+    }
+
+    /// The default stack for `part`, configured.
+    fn base(
+        &self,
+        part: Part<'_>,
+        approval: ApprovalWaitLayer<BoxApprover>,
+        violations: ViolationLogLayer,
+    ) -> DefaultStack<BoxApprover> {
+        DefaultStack::new(part.policy.clone())
             .violations(violations)
             .approval_layer(approval)
-            .ask_on_miss(self.settings.approval.is_some())
+            .ask_on_miss(part.ask)
             .credentials(
                 portcullis_middleware::credentials::InjectCredentialsLayer::new(
-                    self.settings.injected.clone(),
+                    part.injected.clone(),
                 ),
-            );
+            )
+    }
+
+    /// `base` with your layers around `connector`, access-logged, with
+    /// credentials hidden from traces.
+    fn sensitive_logged(
+        &self,
+        base: DefaultStack<BoxApprover>,
+        connector: Connector,
+    ) -> impl Service<
+        Request<Body>,
+        Response = Response<Body>,
+        Error = BoxError,
+        Future = impl std::future::Future<Output = Result<Response<Body>, BoxError>> + Send + 'static,
+    > + Clone
+           + Send
+           + 'static {
         // Credentials never show in a log or trace of a request.
         let sensitive = [
             http::header::PROXY_AUTHORIZATION,
@@ -605,7 +807,7 @@ where
                 self.settings.metrics.clone(),
             ))
             .service(self.layers.around(base, connector));
-        ProxyService::new(SetSensitiveRequestHeaders::new(logged, sensitive))
+        SetSensitiveRequestHeaders::new(logged, sensitive)
     }
 
     /// The stack the listeners serve, built once by `start` after the
@@ -639,22 +841,86 @@ where
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        let connector = Connector::new(self.dialer(), tls, self.settings.upstream.clone());
+        let violations = self.violation_layer();
         let approval = self
             .settings
             .approval
             .clone()
             .unwrap_or_else(ApprovalWaitLayer::without_approver);
-        let approval = match &self.settings.rules {
-            Some(rules) => approval.rules(rules.clone()),
-            None => approval,
+        let approval_top = match &self.settings.rules {
+            Some(rules) => approval.clone().rules(rules.clone()),
+            None => approval.clone(),
         };
-        let service = self.compose(connector, approval, self.violation_layer());
-        Ok(match &self.settings.access_file {
+        let top = Part {
+            policy: &self.settings.policy,
+            injected: &self.settings.injected,
+            ask: self.settings.approval.is_some(),
+        };
+        let connector = |policy: &PolicyHandle| {
+            Connector::new(
+                self.dialer(policy),
+                tls.clone(),
+                self.settings.upstream.clone(),
+            )
+        };
+        let logged = |service: ProxyService| match &self.settings.access_file {
             Some(file) => {
                 ProxyService::new(crate::records::AccessFileLayer::new(file.clone()).layer(service))
             }
             None => service,
+        };
+        let service = logged(self.compose(
+            top,
+            connector(&self.settings.policy),
+            approval_top,
+            violations.clone(),
+        ));
+        if self.settings.profiles.is_empty() {
+            return Ok(service);
+        }
+        // One stack per profile: its own policy, credentials, approvals
+        // and rate buckets; the records, metrics and files are shared.
+        let mut stacks = Vec::with_capacity(self.settings.profiles.len());
+        for (name, profile) in &self.settings.profiles {
+            let ask = profile.ask && self.settings.approval.is_some();
+            let approval = if ask {
+                approval.for_profile(name)
+            } else {
+                ApprovalWaitLayer::without_approver()
+            };
+            let approval = match &profile.rules {
+                Some(rules) => approval.rules(rules.clone()),
+                None => approval,
+            };
+            let part = Part {
+                policy: &profile.policy,
+                injected: &profile.injected,
+                ask,
+            };
+            // Its refusals say which profile refused, and name its keys:
+            // in its records, and in the answer (the message is written
+            // here, so the transport's wording keeps it).
+            // One box for the whole profile's stack.
+            let fixes = self.settings.fixes.for_profile(name);
+            let base = self.base(part, approval, self.violation_layer_worded(&fixes));
+            let stack = tower::ServiceBuilder::new()
+                .map_err(move |error: BoxError| written_for(error, &fixes))
+                .option_layer(
+                    self.settings
+                        .access_file
+                        .clone()
+                        .map(crate::records::AccessFileLayer::new),
+                )
+                .service(self.sensitive_logged(base, connector(&profile.policy)));
+            stacks.push((name.clone(), ProxyService::new(stack)));
+        }
+        let mut router = Profiles::new(stacks).recording(violations.late());
+        if self.settings.unmatched_default {
+            router = router.unmatched(service);
+        }
+        Ok(match &self.settings.selection {
+            Selection::Selector(selector) => ProxyService::new(selector.layer(router)),
+            Selection::Custom(wrap) => wrap(router),
         })
     }
 
@@ -670,8 +936,14 @@ where
             (Some(rules), true) => ApprovalWaitLayer::without_approver().rules(rules.clone()),
             _ => ApprovalWaitLayer::without_approver(),
         };
+        let top = Part {
+            policy: &self.settings.policy,
+            injected: &self.settings.injected,
+            ask: self.settings.approval.is_some(),
+        };
         self.compose(
-            Connector::vet_only(self.dialer()),
+            top,
+            Connector::vet_only(self.dialer(&self.settings.policy)),
             approval,
             ViolationLogLayer::new(ViolationRing::new(0)),
         )
@@ -763,12 +1035,17 @@ where
                 ));
             }
         }
-        let credentials = LiveCredentials::new(self.settings.credentials.clone());
+        let credentials = LiveCredentials::default();
+        credentials.store_all(
+            self.settings.credentials.clone(),
+            self.settings.users.clone(),
+        );
         let settings = transport::http1::Settings {
             interceptor: interceptor.clone(),
             own: self.settings.own.clone(),
             limits: self.settings.limits,
             credentials: credentials.clone(),
+            refusals: Some(self.violation_layer().late()),
             metrics: self.settings.metrics.clone(),
             fixes: self.settings.fixes.clone(),
         };
@@ -818,6 +1095,16 @@ where
             interceptor,
             fixes: self.settings.fixes.clone(),
             own: self.settings.own.clone(),
+            profiles: self
+                .settings
+                .profiles
+                .iter()
+                .map(|(name, profile)| (name.clone(), profile.policy.clone()))
+                .collect(),
+            selector: match &self.settings.selection {
+                Selection::Selector(selector) => Some(selector.clone()),
+                Selection::Custom(_) => None,
+            },
         })
     }
 }
@@ -851,6 +1138,10 @@ pub struct ProxyHandle {
     fixes: Fixes,
     /// The loop guard's listeners, which a way in of yours joins.
     own: OwnListeners,
+    /// Each profile's live policy.
+    profiles: std::collections::BTreeMap<String, PolicyHandle>,
+    /// The built-in profile selector, when it chooses.
+    selector: Option<SelectProfileLayer>,
 }
 
 impl ProxyHandle {
@@ -903,7 +1194,8 @@ impl ProxyHandle {
     pub fn child_env(&self) -> Vec<(String, String)> {
         let current = self.credentials.current();
         let credentials = current
-            .as_deref()
+            .as_ref()
+            .and_then(|accounts| accounts.main.as_ref())
             .map(|c| (c.username.as_str(), c.password.as_str()));
         let mut env = crate::env::proxy_env(&crate::env::ProxyEnv {
             http: self.http_addr,
@@ -951,6 +1243,55 @@ impl ProxyHandle {
             self.own.clone(),
             self.fixes.clone(),
         )
+    }
+
+    /// The live policy of the profile `name`, if this proxy has it.
+    pub fn profile_policy(&self, name: &str) -> Option<&PolicyHandle> {
+        self.profiles.get(name)
+    }
+
+    /// The profiles' names.
+    pub fn profile_names(&self) -> impl Iterator<Item = &str> {
+        self.profiles.keys().map(String::as_str)
+    }
+
+    /// Replaces who gets which profile, from the next request on (a proxy
+    /// whose profiles a layer of yours chooses has no selector: `false`).
+    pub fn set_profile_selector(&self, selector: ProfileSelector) -> bool {
+        match &self.selector {
+            Some(layer) => {
+                layer.store(selector);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Replaces the proxy users and the credential every client must
+    /// present, at once, from the next SOCKS5 connection and HTTP request.
+    pub fn set_accounts(
+        &self,
+        credentials: Option<(String, String)>,
+        users: impl IntoIterator<Item = (String, String)>,
+    ) {
+        let users = users
+            .into_iter()
+            .map(|(name, password)| (name, transport::Secret(password)))
+            .collect();
+        self.credentials.store_all(
+            credentials.map(|(username, password)| Credentials { username, password }),
+            Arc::new(users),
+        );
+    }
+
+    /// Each profile's live policy and the selector, for the reloader.
+    pub(crate) fn profile_handles(
+        &self,
+    ) -> (
+        std::collections::BTreeMap<String, PolicyHandle>,
+        Option<SelectProfileLayer>,
+    ) {
+        (self.profiles.clone(), self.selector.clone())
     }
 
     /// The credential handle itself, for the reloader.

@@ -221,9 +221,73 @@ pub fn refresh(started: &[CredentialConfig], now: &[CredentialConfig], store: &S
     }
 }
 
+/// `[[auth.users]]`: the proxy users and their passwords, read from their
+/// sources (`read = false`, for `check`: each stands for itself, nothing
+/// is read). Names are checked as `[auth] username` is, and unique.
+pub fn user_passwords(
+    auth: &crate::config::AuthConfig,
+    origin: &str,
+    read: bool,
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let this = auth;
+    let mut users: Vec<(String, String)> = Vec::with_capacity(this.users.len());
+    for (index, user) in this.users.iter().enumerate() {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            key: format!("auth.users[{index}].{key}"),
+            origin: origin.to_owned(),
+            message,
+        };
+        let name = &user.name;
+        if name.is_empty() || name.contains(':') || name.len() > 255 {
+            return Err(invalid(
+                "name",
+                "must be 1 to 255 bytes without ':' (SOCKS5 and Basic auth carry it)".into(),
+            ));
+        }
+        if users.iter().any(|(known, _)| known == name)
+            || this.username.as_deref() == Some(name.as_str())
+        {
+            return Err(invalid(
+                "name",
+                format!("{name:?} is already a user; each name once"),
+            ));
+        }
+        let password = if read {
+            let password = read_secret(&user.password, name).map_err(|message| {
+                invalid("password", message.replacen("credential", "user", 1))
+            })?;
+            if password.len() > 255 {
+                return Err(invalid(
+                    "password",
+                    "must be at most 255 bytes (SOCKS5 username/password auth carries it)".into(),
+                ));
+            }
+            password
+        } else {
+            let sources = [
+                user.password.env.is_some(),
+                user.password.file.is_some(),
+                user.password.command.is_some(),
+            ];
+            if sources.iter().filter(|set| **set).count() != 1 {
+                return Err(invalid(
+                    "password",
+                    "give exactly one of env, file or command".into(),
+                ));
+            }
+            format!("{{password of {name}}}")
+        };
+        users.push((name.clone(), password));
+    }
+    Ok(users)
+}
+
 /// The secret, from its one source; the error says why not (never the
 /// value).
-fn read_secret(source: &crate::config::SourceConfig, name: &str) -> Result<String, String> {
+pub(crate) fn read_secret(
+    source: &crate::config::SourceConfig,
+    name: &str,
+) -> Result<String, String> {
     let secret = match (&source.env, &source.file, &source.command) {
         (Some(variable), None, None) => std::env::var(variable).map_err(|_| {
             format!("credential {name:?}: the variable {variable} is not set (or not UTF-8) in portcullis's environment")

@@ -371,6 +371,67 @@ async fn the_sidecar_manifest_mounts_the_config_the_image_reads() {
     }
 }
 
+#[tokio::test]
+async fn the_shared_egress_example_serves_several_profiles_from_one_config() {
+    let kustomization = read("deploy/kubernetes/shared-egress/kustomization.yaml");
+    let egress = read("deploy/kubernetes/shared-egress/egress.yaml");
+    assert!(kustomization.contains("name: portcullis-egress-config"));
+    assert!(kustomization.contains("name: portcullis-egress-users"));
+    assert!(egress.contains("configMap: { name: portcullis-egress-config }"));
+    assert!(egress.contains("secret: { secretName: portcullis-egress-users }"));
+    assert!(egress.contains("kind: NetworkPolicy"));
+    assert!(
+        !egress
+            .lines()
+            .any(|l| l.contains("subPath:") && !l.trim_start().starts_with('#')),
+        "a subPath mount never sees an update"
+    );
+    // Each profile loads and decides as itself.
+    let dir = tempfile::tempdir().unwrap();
+    let config = repo("deploy/kubernetes/shared-egress/portcullis.toml");
+    let check = |profile: &'static str| {
+        let mut command = portcullis();
+        command
+            .env(
+                "PORTCULLIS_LOG__VIOLATIONS_FILE",
+                dir.path().join("v.jsonl"),
+            )
+            .args(["check", "--config"])
+            .arg(&config)
+            .args([
+                "--profile",
+                profile,
+                "--resolve",
+                "api.github.com=192.0.2.1",
+            ])
+            .arg("http://api.github.com/");
+        command
+    };
+    let (code, builds, stderr) = output(&mut check("builds")).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(builds.contains("reason: not_allowed\n"), "{builds}");
+    assert!(builds.contains("(profile builds)"), "{builds}");
+    // The agent's profile allows the host (its address is what is refused).
+    let (code, agent, stderr) = output(&mut check("agent")).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(agent.contains("reason: not_allowed_local"), "{agent}");
+    let (code, _, stderr) = output(&mut check("docs")).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    if installed("kubectl", false) {
+        let (code, rendered) = shell(
+            "sh",
+            &format!(
+                "kubectl kustomize {}",
+                repo("deploy/kubernetes/shared-egress").display()
+            ),
+        )
+        .await;
+        assert_eq!(code, Some(0), "{rendered}");
+        assert!(rendered.contains("kind: Secret"), "{rendered}");
+        assert!(rendered.contains("kind: Service"), "{rendered}");
+    }
+}
+
 /// Makes `dir` look as the kubelet leaves a ConfigMap volume: the data in
 /// a timestamped directory, `..data` a symlink to it, and each key a
 /// symlink through `..data`. A new version is a new directory and an

@@ -66,6 +66,15 @@ const PLANS: &[(&str, Plan)] = &[
         },
     ),
     (
+        "cat > several.toml",
+        Plan::Run {
+            // Loopback only: every request shown is refused before a name
+            // is looked up.
+            lines: "",
+            expect: "portcullis (profile builds) refused api.github.com:80",
+        },
+    ),
+    (
         "> rules.toml",
         Plan::Run {
             // --resolve keeps check off the network; the second line is

@@ -77,6 +77,11 @@ pub enum Reason {
     /// The destination's cap on requests in flight and tunnels open at
     /// once was reached: a 429 with `Retry-After: 1` over HTTP.
     ConcurrencyLimited,
+    /// The caller is not one a profile is chosen for: an unknown proxy
+    /// user, a wrong password, or no credential from an address no
+    /// profile's `sources` covers ([`profiles`](crate::profiles)). A 407
+    /// over HTTP.
+    AuthRequired,
     /// A reason of an integrator's own layer, by name (use lower-case ASCII
     /// letters, digits and `_`, like the built-in names). The transports
     /// answer it like the built-in reasons: a 403 on HTTP with
@@ -109,6 +114,7 @@ impl Reason {
             Reason::NotInspected => "not_inspected",
             Reason::RateLimited => "rate_limited",
             Reason::ConcurrencyLimited => "concurrency_limited",
+            Reason::AuthRequired => "auth_required",
             Reason::Custom(name) => name,
         }
     }
@@ -175,6 +181,9 @@ pub enum Source {
     Transport,
     /// The rate limits.
     Limits,
+    /// The choice of profile ([`profiles`](crate::profiles)), or a
+    /// transport's check of the proxy credential.
+    Profiles,
     /// A layer of an integrator's own, by name.
     Layer(&'static str),
 }
@@ -191,6 +200,7 @@ impl Source {
             Source::Connector => "connector",
             Source::Transport => "transport",
             Source::Limits => "limits",
+            Source::Profiles => "profiles",
             Source::Layer(name) => name,
         }
     }
@@ -539,6 +549,10 @@ fn default_message(reason: Reason, target: &Target, method: &http::Method) -> St
         ),
         Reason::ConcurrencyLimited => format!(
             "portcullis refused {} {target}: as many requests and tunnels to its destination are open as its limit allows; retry when one closes, or raise concurrent in its [[rate_limits]] entry",
+            method.as_str().escape_debug()
+        ),
+        Reason::AuthRequired => format!(
+            "portcullis refused {} {target}: the caller is not one of its users (unknown user or wrong password), and no profile's sources cover its address; use the proxy URL with the user and password of a [[auth.users]] entry",
             method.as_str().escape_debug()
         ),
         Reason::Custom(name) => format!("portcullis refused {target}: {name}"),

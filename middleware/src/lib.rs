@@ -161,6 +161,7 @@ pub mod loop_guard;
 pub mod pattern;
 pub mod policy;
 pub mod policy_layer;
+pub mod profiles;
 pub mod protocol;
 pub mod request;
 pub mod request_rules;

@@ -19,6 +19,20 @@ pub use crate::protocol::Protocol;
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ProxyUser(pub String);
 
+/// The profile a request was given ([`profiles`](crate::profiles)), in
+/// its extensions: put there by
+/// [`SelectProfileLayer`](crate::profiles::SelectProfileLayer) (or a layer
+/// of yours), read by [`Profiles`](crate::profiles::Profiles), and named in
+/// every record of the request.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ProfileName(pub std::sync::Arc<str>);
+
+impl std::fmt::Display for ProfileName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// The address of the client connection a request came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ClientAddr(pub SocketAddr);

@@ -62,7 +62,10 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::error::{find_blocked, Blocked, BoxError};
-use crate::request::ClientAddr;
+use crate::request::{ClientAddr, ProfileName, ProxyUser};
+
+/// Who a refused request came from: its proxy user and its profile.
+type Who<'a> = (Option<&'a ProxyUser>, Option<&'a ProfileName>);
 
 /// The tracing target of violation events.
 pub const VIOLATION_TARGET: &str = "portcullis::violation";
@@ -86,6 +89,11 @@ pub struct Violation {
     /// [`loggable_path`]), when the request was seen as HTTP; `None` for a
     /// tunnel (`CONNECT`, SOCKS5).
     pub path: Option<String>,
+    /// The proxy user the client authenticated as, if it did.
+    pub user: Option<String>,
+    /// The profile the request was given ([`profiles`](crate::profiles)),
+    /// if the proxy has profiles.
+    pub profile: Option<Arc<str>>,
 }
 
 /// The longest path a record keeps, in bytes; longer ones are cut (at a
@@ -155,6 +163,8 @@ impl Violation {
             message: &self.message,
             address: blocked.address,
             path: self.path.as_deref(),
+            user: self.user.as_deref(),
+            profile: self.profile.as_deref(),
         }
     }
 
@@ -168,7 +178,8 @@ impl Violation {
 /// (`"blocked"`), `host`, `port`, `protocol`, `reason`, `decision`,
 /// `source`, `method`, `rule`, `message` (as worded for the log's reader),
 /// `address` when a name's resolved address was refused, and `path` (query
-/// values redacted) when the request was seen as HTTP. Its own type:
+/// values redacted) when the request was seen as HTTP; `user` and
+/// `profile` when the caller had them. Its own type:
 /// the HTTP answer's body may change without changing the file's format.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ViolationRecord<'a> {
@@ -202,6 +213,12 @@ pub struct ViolationRecord<'a> {
     /// The request's path and query, query values redacted.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path: Option<&'a str>,
+    /// The proxy user the client authenticated as.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<&'a str>,
+    /// The profile the request was given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<&'a str>,
 }
 
 /// Receives every violation; implemented for closures.
@@ -531,7 +548,13 @@ impl fmt::Debug for Recorder {
 }
 
 impl Recorder {
-    fn record(&self, client: Option<SocketAddr>, path: Option<&String>, blocked: &Blocked) {
+    fn record(
+        &self,
+        client: Option<SocketAddr>,
+        path: Option<&String>,
+        who: Who<'_>,
+        blocked: &Blocked,
+    ) {
         let unix_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -551,6 +574,8 @@ impl Recorder {
             path: path
                 .filter(|_| blocked.reason != crate::error::Reason::SecretDetected)
                 .map(|path| masked(path, &self.masks)),
+            user: who.0.map(|user| user.0.clone()),
+            profile: who.1.map(|profile| profile.0.clone()),
         };
         let client_addr = client.map(|c| c.to_string()).unwrap_or_default();
         let host = blocked.target.host_string().escape_debug().to_string();
@@ -706,7 +731,19 @@ pub struct RecordLater {
 impl RecordLater {
     /// Records `blocked` (a refusal, or an audit), from `client`.
     pub fn record(&self, client: Option<SocketAddr>, blocked: &Blocked) {
-        self.recorder.record(client, None, blocked);
+        self.recorder.record(client, None, (None, None), blocked);
+    }
+
+    /// Records `blocked` from `client`, naming the proxy user and the
+    /// profile of the request it refused.
+    pub fn record_as(
+        &self,
+        client: Option<SocketAddr>,
+        user: Option<&ProxyUser>,
+        profile: Option<&ProfileName>,
+        blocked: &Blocked,
+    ) {
+        self.recorder.record(client, None, (user, profile), blocked);
     }
 }
 
@@ -773,10 +810,14 @@ where
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let client = request.extensions().get::<ClientAddr>().map(|c| c.0);
         let path = loggable_path(request.method(), request.uri());
+        let user = request.extensions().get::<ProxyUser>().cloned();
+        let profile = request.extensions().get::<ProfileName>().cloned();
         ResponseFuture {
             future: self.inner.call(request),
             client,
             path,
+            user,
+            profile,
             recorder: self.recorder.clone(),
         }
     }
@@ -790,6 +831,8 @@ pin_project! {
         future: F,
         client: Option<SocketAddr>,
         path: Option<String>,
+        user: Option<ProxyUser>,
+        profile: Option<ProfileName>,
         recorder: Arc<Recorder>,
     }
 }
@@ -807,15 +850,17 @@ where
             let result = result.inspect(|response| {
                 // Left on the response: the access log reads it too.
                 if let Some(Audited(blocked)) = response.extensions().get::<Audited>() {
+                    let who = (this.user.as_ref(), this.profile.as_ref());
                     this.recorder
-                        .record(*this.client, this.path.as_ref(), blocked);
+                        .record(*this.client, this.path.as_ref(), who, blocked);
                 }
             });
             result.map_err(|error| {
                 let error: BoxError = error.into();
                 if let Some(blocked) = find_blocked(error.as_ref()) {
+                    let who = (this.user.as_ref(), this.profile.as_ref());
                     this.recorder
-                        .record(*this.client, this.path.as_ref(), blocked);
+                        .record(*this.client, this.path.as_ref(), who, blocked);
                 }
                 error
             })
@@ -984,9 +1029,14 @@ mod tests {
             let mut refusal = blocked("evil.test:443");
             refusal.method = "GE\u{1b}T".to_owned();
             for _ in 0..5 {
-                recorder.record(Some("127.0.0.1:4000".parse().unwrap()), None, &refusal);
+                recorder.record(
+                    Some("127.0.0.1:4000".parse().unwrap()),
+                    None,
+                    (None, None),
+                    &refusal,
+                );
             }
-            recorder.record(None, None, &blocked("other.test:443"));
+            recorder.record(None, None, (None, None), &blocked("other.test:443"));
             assert_eq!(recorder.ring.total(), 6, "every refusal is kept");
         });
         let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
@@ -1061,6 +1111,8 @@ mod tests {
                     blocked: blocked("a.test:80"),
                     message: "m".into(),
                     path: None,
+                    user: None,
+                    profile: None,
                 };
                 recording.record(&violation);
             }
@@ -1091,6 +1143,8 @@ mod tests {
             blocked: blocked("a.test:80"),
             message: "m".into(),
             path: Some("/x?k=REDACTED".into()),
+            user: Some("ci".into()),
+            profile: Some("builds".into()),
         };
         sink.record(&violation);
         sink.record(&violation);
@@ -1103,6 +1157,8 @@ mod tests {
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[1]["host"], "a.test");
         assert_eq!(lines[1]["path"], "/x?k=REDACTED");
+        assert_eq!(lines[1]["user"], "ci");
+        assert_eq!(lines[1]["profile"], "builds");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -201,6 +201,7 @@ impl CommandApprover {
             },
             "method": request.method,
             "client": request.client.map(|c| c.to_string()),
+            "profile": request.profile.as_deref(),
             "recent": recent,
         });
         bound_strings(&mut input, self.settings.max_field_bytes);

@@ -72,6 +72,10 @@ pub(crate) fn question(request: &ApprovalRequest, timeout: Duration) -> String {
     let client = request
         .client
         .map_or_else(|| "unknown".to_owned(), |c| c.to_string());
+    let client = match &request.profile {
+        Some(profile) => format!("{client}, profile {}", escape(profile)),
+        None => client,
+    };
     format!(
         "\r\nportcullis: {} {}:{} over {} (client {}) is not in the allowlist.\r\n  allow [o]nce, for this [s]ession, [a]lways / [d]eny, deny a[l]ways? (a letter, then Enter; deny if no answer within {}s) ",
         escape(&request.method),
@@ -180,6 +184,7 @@ mod tests {
             },
             method: "GET\u{1b}]0;title\u{7}".into(),
             client: None,
+            profile: None,
         };
         let text = question(&request, Duration::from_secs(60));
         assert!(

@@ -54,6 +54,9 @@ struct RawRule {
     decision: String,
     #[serde(default)]
     justification: String,
+    /// The profile the rule was answered for; none: the top-level policy.
+    #[serde(default)]
+    profile: Option<String>,
 }
 
 /// How a rule names hosts.
@@ -83,7 +86,10 @@ struct Rules {
 #[derive(Debug, Clone)]
 pub struct RulesFile {
     path: PathBuf,
-    rules: Arc<RwLock<Rules>>,
+    /// Each profile's rules (`None`: the top-level policy's).
+    rules: Arc<RwLock<HashMap<Option<String>, Rules>>>,
+    /// The profile this view answers and writes for.
+    profile: Option<Arc<str>>,
 }
 
 fn protocol(name: &str) -> Option<Protocol> {
@@ -122,13 +128,13 @@ fn host_rule(host: &str) -> Result<HostRule, String> {
     }
 }
 
-fn parse(text: &str, path: &Path) -> Result<Rules, RulesError> {
+fn parse(text: &str, path: &Path) -> Result<HashMap<Option<String>, Rules>, RulesError> {
     let error = |message: String| RulesError {
         path: path.to_owned(),
         message,
     };
     let file: File = toml::from_str(text).map_err(|e| error(e.to_string()))?;
-    let mut rules = Rules::default();
+    let mut all: HashMap<Option<String>, Rules> = HashMap::new();
     for (index, raw) in file.rule.into_iter().enumerate() {
         let at = |message: String| error(format!("rule {} ({}): {message}", index + 1, raw.host));
         if raw.host == "*" {
@@ -154,15 +160,20 @@ fn parse(text: &str, path: &Path) -> Result<Rules, RulesError> {
                 )))
             }
         };
+        let rules = all.entry(raw.profile.clone()).or_default();
         let rule = Rule {
             decision,
             name: format!(
-                "{}: {} {} {}:{} ({})",
+                "{}: {} {} {}:{}{} ({})",
                 path.display(),
                 raw.decision,
                 raw.protocol,
                 raw.host,
                 raw.port,
+                raw.profile
+                    .as_ref()
+                    .map(|profile| format!(" for profile {profile:?}"))
+                    .unwrap_or_default(),
                 raw.justification
             ),
         };
@@ -174,7 +185,7 @@ fn parse(text: &str, path: &Path) -> Result<Rules, RulesError> {
             below => rules.below.push((below, protocol, raw.port, rule)),
         }
     }
-    Ok(rules)
+    Ok(all)
 }
 
 impl RulesFile {
@@ -183,9 +194,22 @@ impl RulesFile {
         let file = RulesFile {
             path: path.to_owned(),
             rules: Arc::default(),
+            profile: None,
         };
         file.reload()?;
         Ok(file)
+    }
+
+    /// The same file as the profile `profile` reads it: only the rules
+    /// written for that profile answer, and an *always* answer is written
+    /// with `profile = "NAME"`. The top-level view reads only rules
+    /// without a profile.
+    pub fn for_profile(&self, profile: &str) -> RulesFile {
+        RulesFile {
+            path: self.path.clone(),
+            rules: self.rules.clone(),
+            profile: Some(Arc::from(profile)),
+        }
     }
 
     /// The file.
@@ -231,10 +255,11 @@ impl RulesFile {
 
 impl RuleBook for RulesFile {
     fn lookup(&self, key: &ApprovalKey) -> Option<(RuleDecision, String)> {
-        let rules = self
+        let all = self
             .rules
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let rules = all.get(&self.profile.as_deref().map(str::to_owned))?;
         let rule = rules
             .exact
             .get(&(key.host.clone(), key.protocol, key.port))
@@ -276,7 +301,7 @@ impl RuleBook for RulesFile {
             .filter(|c| !c.is_control())
             .take(500)
             .collect();
-        let block = format!(
+        let mut block = format!(
             "\n[[rule]]\nhost = {}\nprotocol = {}\nport = {}\ndecision = {}\njustification = {}\n",
             toml_string(&host),
             toml_string(key.protocol.as_str()),
@@ -284,6 +309,9 @@ impl RuleBook for RulesFile {
             toml_string(decision_name),
             toml_string(&justification),
         );
+        if let Some(profile) = &self.profile {
+            block.push_str(&format!("profile = {}\n", toml_string(profile)));
+        }
         // What we write must load: check it as the loader would.
         parse(&block, &self.path)?;
         self.append(&block)?;
@@ -360,6 +388,26 @@ decision = "deny"
         assert!(after.starts_with(&before));
         assert_eq!(get(key("new.test", Protocol::HttpsConnect, 443)), allow);
         assert!(RulesFile::load(&path).is_ok(), "what we wrote loads");
+    }
+
+    #[test]
+    fn a_profile_reads_and_writes_only_its_own_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rules.toml");
+        let top = RulesFile::load(&path).unwrap();
+        let (ci, agent) = (top.for_profile("ci"), top.for_profile("agent"));
+        let wanted = key("pkg.test", Protocol::HttpsConnect, 443);
+        ci.record(&wanted, RuleDecision::Allow, "ok").unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("profile = \"ci\""), "{text}");
+        let (decision, name) = ci.lookup(&wanted).unwrap();
+        assert_eq!(decision, RuleDecision::Allow);
+        assert!(name.contains("for profile \"ci\""), "{name}");
+        assert_eq!(agent.lookup(&wanted), None, "never another profile's");
+        assert_eq!(top.lookup(&wanted), None, "nor the top-level policy's");
+        let reloaded = RulesFile::load(&path).unwrap();
+        assert!(reloaded.for_profile("ci").lookup(&wanted).is_some());
+        assert_eq!(reloaded.lookup(&wanted), None);
     }
 
     #[test]

@@ -104,6 +104,16 @@ pub struct Options {
     /// Worker threads (`[runtime] threads`; default: one per core).
     #[arg(long, value_name = "N", env = "PORTCULLIS_THREADS")]
     pub(super) threads: Option<std::num::NonZeroUsize>,
+    /// Decide as the config's `[profiles.NAME]`: its lists, rules,
+    /// credentials and limits added to the top-level ones, for every
+    /// request. `run --attach --profile NAME`: as a user of that profile of
+    /// the running `serve`.
+    #[arg(long, value_name = "NAME")]
+    pub(super) profile: Option<String>,
+    /// Set by `run`: without --profile, the top-level policy alone (the
+    /// file's profiles and users are for `serve`).
+    #[arg(skip)]
+    pub(super) top_level_only: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -120,6 +130,12 @@ pub(super) struct RunArgs {
     /// send credentials from the proxy URL).
     #[arg(long)]
     pub(super) no_auth: bool,
+    /// Start no proxy: point the command at the running `serve` of the
+    /// same config (its network.proxy_url and socks_url, which must name
+    /// a port), as the `[[auth.users]]` user of --profile (or with the
+    /// `[auth]` credential). That serve decides and records.
+    #[arg(long, conflicts_with_all = ["learn", "isolate", "no_auth"])]
+    pub(super) attach: bool,
     /// Learn the allowlist: allow every public destination, then write the
     /// ones the command reached to FILE as a `[network]` table for
     /// `--config FILE`. Local and private addresses stay refused. With

@@ -78,6 +78,15 @@ pub(super) async fn check(args: CheckArgs) -> ExitCode {
         Ok(loaded) => loaded,
         Err(error) => return usage_error(&error),
     };
+    if loaded.config.has_profiles() {
+        let names: Vec<&str> = loaded.config.profiles.keys().map(String::as_str).collect();
+        let _ = writeln!(
+            std::io::stderr(),
+            "portcullis: {} has profiles ({}); answering as the top-level policy (what auth.unmatched = \"default\" gives); --profile NAME answers as one of them",
+            loaded.origin,
+            names.join(", ")
+        );
+    }
     let Prepared {
         builder,
         approver,

@@ -25,6 +25,8 @@ pub struct Loaded {
     /// The config file, if one was named: refusals then name their fix as
     /// a key in it; otherwise as a flag.
     pub file: Option<PathBuf>,
+    /// The profile the configuration was flattened to (`--profile`).
+    pub profile: Option<String>,
 }
 
 impl Options {
@@ -148,10 +150,21 @@ impl Options {
         if let Some(threads) = self.threads {
             config.runtime.threads = Some(threads);
         }
+        // One profile, or none: the top-level policy as that profile sees
+        // it (flags added to the top level reach it too).
+        if let Some(name) = &self.profile {
+            let mut flattened = config.for_profile(name, &origin)?;
+            flattened.auth.users.clear();
+            config = flattened;
+        } else if self.top_level_only {
+            config.profiles.clear();
+            config.auth.users.clear();
+        }
         Ok(Loaded {
             config,
             origin,
             file: self.config.clone(),
+            profile: self.profile.clone(),
         })
     }
 }
@@ -201,10 +214,38 @@ impl Loaded {
                 read_secrets,
             )?)
         };
-        let masks = secrets
+        // Each profile's stack, built from the file as that profile sees it.
+        let mut profiles = Vec::new();
+        let selector = if config.has_profiles() {
+            let (built, selector) = config.profiles(origin)?;
+            for (name, profile) in built {
+                profile.check_credentials(origin)?;
+                let secrets = if profile.credentials.is_empty() {
+                    None
+                } else {
+                    Some(crate::secrets::load(
+                        &profile.credentials,
+                        origin,
+                        read_secrets,
+                    )?)
+                };
+                let policy = profile.policy(origin)?;
+                let ask = profile.approval.mode != ApprovalMode::Deny;
+                profiles.push((name, policy, secrets, ask));
+            }
+            Some(selector)
+        } else {
+            None
+        };
+        let mut masks = secrets
             .as_ref()
             .map(|loaded| loaded.credentials.masks())
             .unwrap_or_default();
+        for (_, _, secrets, _) in &profiles {
+            if let Some(loaded) = secrets {
+                masks.extend(loaded.credentials.masks());
+            }
+        }
         let ring = ViolationRing::default();
         let mut violations = ViolationLogLayer::new(ring.clone()).masking(masks.clone());
         let cannot_open =
@@ -249,6 +290,10 @@ impl Loaded {
             Some(file) => crate::hints::Fixes::File(file.clone()),
             None => crate::hints::Fixes::Flags,
         };
+        let fixes = match &self.profile {
+            Some(name) => fixes.for_profile(name),
+            None => fixes,
+        };
         let mut builder = Proxy::builder()
             .refusal_fixes(fixes)
             .metrics_addr(config.metrics.listen)
@@ -269,6 +314,11 @@ impl Loaded {
         if let Some((username, password)) = config.auth.credential(origin)? {
             builder = builder.credentials(username, password);
         }
+        builder = builder.users(crate::secrets::user_passwords(
+            &config.auth,
+            origin,
+            read_secrets,
+        )?);
         if let Some(file) = access_file {
             builder = builder.access_file(file);
         }
@@ -281,23 +331,45 @@ impl Loaded {
             }
             None => None,
         };
-        let (builder, rules, approver) = match crate::approvers::from_config(config, origin, &ring)?
-        {
-            None => (builder, None, None),
-            Some((approver, name)) => {
-                let path = config.rules_file(origin)?;
-                let rules = RulesFile::load(&path).map_err(|e| ConfigError::Invalid {
-                    key: "approval.rules_file".into(),
-                    origin: origin.clone(),
-                    message: e.to_string(),
-                })?;
-                let builder = builder
-                    .approver(approver, config.approval.timeout)
-                    .approval_limits(config.approval.max_pending, config.approval.max_session)
-                    .rules(Arc::new(rules.clone()));
-                (builder, Some(rules), Some(name))
+        let asks = config.approval.mode != ApprovalMode::Deny;
+        let (mut builder, rules, approver) =
+            match crate::approvers::from_config(config, origin, &ring)? {
+                None => (builder, None, None),
+                Some((approver, name)) => {
+                    let path = config.rules_file(origin)?;
+                    let rules = RulesFile::load(&path).map_err(|e| ConfigError::Invalid {
+                        key: "approval.rules_file".into(),
+                        origin: origin.clone(),
+                        message: e.to_string(),
+                    })?;
+                    // Flattened to one profile: that profile's persisted rules.
+                    let rules = match &self.profile {
+                        Some(name) => rules.for_profile(name),
+                        None => rules,
+                    };
+                    let builder = builder
+                        .approver(approver, config.approval.timeout)
+                        .approval_limits(config.approval.max_pending, config.approval.max_session)
+                        .rules(Arc::new(rules.clone()));
+                    (builder, Some(rules), Some(name))
+                }
+            };
+        if let Some(selector) = selector {
+            builder = builder.profile_selector(selector).unmatched_gets_default(
+                config.auth.unmatched == crate::config::profiles::Unmatched::Default,
+            );
+        }
+        for (name, policy, secrets, ask) in profiles {
+            let mut profile =
+                crate::runner::Profile::new(PolicyHandle::new(policy)).ask(ask && asks);
+            if let Some(loaded) = secrets {
+                profile = profile.inject_credentials(loaded.credentials);
             }
-        };
+            if let Some(rules) = &rules {
+                profile = profile.rules(Arc::new(rules.for_profile(&name)));
+            }
+            builder = builder.profile(name, profile);
+        }
         Ok(Prepared {
             builder,
             ring,

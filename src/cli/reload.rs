@@ -80,6 +80,49 @@ pub(crate) struct Started {
     pub(crate) credentials: Vec<crate::config::CredentialConfig>,
     /// Their secrets, read again on each reload.
     pub(crate) secrets: Option<std::sync::Arc<portcullis_middleware::credentials::StaticSecrets>>,
+    /// Each profile's live policy, and the selector of callers.
+    pub(crate) profiles: (
+        std::collections::BTreeMap<String, PolicyHandle>,
+        Option<portcullis_middleware::profiles::SelectProfileLayer>,
+    ),
+}
+
+/// A reloaded profile set: each profile's policy, the selector, the users.
+type Profiles = (
+    Vec<(String, portcullis_middleware::NetworkPolicy)>,
+    portcullis_middleware::profiles::ProfileSelector,
+    std::collections::HashMap<String, crate::transport::Secret>,
+);
+
+/// The profiles of the reloaded file, all built, or why not: the set of
+/// profiles is the one the proxy started with (`None`: it has none).
+fn reload_profiles(
+    loaded: &super::load::Loaded,
+    started: &Started,
+) -> Result<Option<Profiles>, String> {
+    let origin = &loaded.origin;
+    let had: Vec<&String> = started.profiles.0.keys().collect();
+    let now: Vec<&String> = loaded.config.profiles.keys().collect();
+    if had != now {
+        return Err(format!(
+            "{origin}: the profiles were {had:?} at start and are {now:?} now; profiles are added or removed only by a restart"
+        ));
+    }
+    if had.is_empty() {
+        return Ok(None);
+    }
+    let (built, selector) = loaded.config.profiles(origin).map_err(|e| e.to_string())?;
+    let mut policies = Vec::with_capacity(built.len());
+    for (name, config) in built {
+        let policy = config.policy(origin).map_err(|e| e.to_string())?;
+        policies.push((name, policy));
+    }
+    let users = crate::secrets::user_passwords(&loaded.config.auth, origin, true)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|(name, password)| (name, crate::transport::Secret(password)))
+        .collect();
+    Ok(Some((policies, selector, users)))
 }
 
 fn reload_policy(
@@ -107,12 +150,38 @@ fn reload_policy(
         },
         None => None,
     };
+    // Every profile is built before any is stored: one that is wrong
+    // changes none.
+    let profiles = match reload_profiles(&loaded, started) {
+        Ok(profiles) => profiles,
+        Err(error) => {
+            tracing::warn!("config not reloaded, keeping the policy in force: {error}");
+            return;
+        }
+    };
     match loaded.config.policy(&loaded.origin) {
         Ok(new) => {
             policy.store(new);
+            let users = match &profiles {
+                Some((policies, selector, users)) => {
+                    for (name, new) in policies.clone() {
+                        if let Some(handle) = started.profiles.0.get(&name) {
+                            handle.store(new);
+                        }
+                    }
+                    if let Some(layer) = &started.profiles.1 {
+                        layer.store(selector.clone());
+                    }
+                    Some(users.clone())
+                }
+                None => None,
+            };
             if let (Some(credentials), Some(auth)) = (credentials, auth) {
-                credentials
-                    .store(auth.map(|(username, password)| Credentials { username, password }));
+                let main = auth.map(|(username, password)| Credentials { username, password });
+                match users {
+                    Some(users) => credentials.store_all(main, std::sync::Arc::new(users)),
+                    None => credentials.store(main),
+                }
             }
             tracing::info!(file = %loaded.origin, "policy reloaded");
             if let Some(secrets) = &started.secrets {

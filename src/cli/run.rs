@@ -11,7 +11,13 @@ use std::time::Duration;
 
 use crate::runner::ProxyHandle;
 
-pub(super) async fn run(args: RunArgs) -> ExitCode {
+pub(super) async fn run(mut args: RunArgs) -> ExitCode {
+    if args.attach {
+        return run_attached(&args).await;
+    }
+    // The file's profiles and users are `serve`'s; `run` decides by the
+    // top-level policy, or by the one profile --profile names.
+    args.options.top_level_only = true;
     // SIGHUP goes to the child under `run`; files are still watched.
     // Each refused destination is said once, as it happens, by the tally;
     // the violation log's own line is not shown under `run`.
@@ -215,6 +221,123 @@ pub(super) async fn run(args: RunArgs) -> ExitCode {
         }
     }
     match status {
+        Ok(status) => ExitCode::from(exit_code(status)),
+        Err(error) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "portcullis: waiting for the command failed: {error}"
+            );
+            ExitCode::from(EXIT_UNAVAILABLE)
+        }
+    }
+}
+
+/// `run --attach`: the command, pointed at the running `serve` of the
+/// config, as the user of `--profile` (or with `[auth]`'s credential).
+async fn run_attached(args: &RunArgs) -> ExitCode {
+    let mut options = args.options.clone();
+    let profile = options.profile.take();
+    if options.config_path().is_none() {
+        return usage_error(
+            &"run --attach needs the serve's --config FILE: its listeners and users are read from it",
+        );
+    }
+    let loaded = match options.load() {
+        Ok(loaded) => loaded,
+        Err(error) => return usage_error(&error),
+    };
+    let config = &loaded.config;
+    let origin = &loaded.origin;
+    let http = config.network.proxy_url;
+    if http.port() == 0 {
+        return usage_error(&format!(
+            "run --attach: network.proxy_url in {origin} has port 0, so the serve's port cannot be known; give it a port"
+        ));
+    }
+    let socks = (config.network.enable_socks5 && config.network.socks_url.port() != 0)
+        .then_some(config.network.socks_url);
+    // Who to be: the first user of the profile; a profile chosen by
+    // address alone needs none.
+    let credential = match &profile {
+        Some(name) => {
+            if !config.profiles.contains_key(name) {
+                let known: Vec<&str> = config.profiles.keys().map(String::as_str).collect();
+                return usage_error(&format!(
+                    "--profile {name}: {origin} has no [profiles.{name}] (its profiles: {})",
+                    if known.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        known.join(", ")
+                    }
+                ));
+            }
+            let users = match crate::secrets::user_passwords(&config.auth, origin, true) {
+                Ok(users) => users,
+                Err(error) => return usage_error(&error),
+            };
+            let named = config
+                .auth
+                .users
+                .iter()
+                .position(|user| user.profile.as_deref() == Some(name.as_str()));
+            match named.and_then(|index| users.get(index).cloned()) {
+                Some(user) => Some(user),
+                None if config
+                    .profiles
+                    .get(name)
+                    .is_some_and(|profile| !profile.sources.is_empty()) =>
+                {
+                    None
+                }
+                None => {
+                    return usage_error(&format!(
+                        "--profile {name}: no [[auth.users]] entry in {origin} has profile = \"{name}\", and the profile has no sources; add a user for it"
+                    ))
+                }
+            }
+        }
+        None => match config.auth.credential(origin) {
+            Ok(credential) => credential,
+            Err(error) => return usage_error(&error),
+        },
+    };
+    let ca = if config.intercepts() {
+        let ca = match super::ca::load_ca(config, origin) {
+            Ok(ca) => ca,
+            Err(code) => return code,
+        };
+        match crate::transport::mitm::trust_files(&ca) {
+            Ok(files) => Some(files),
+            Err(error) => {
+                let _ = writeln!(std::io::stderr(), "portcullis: {error}");
+                return ExitCode::from(EXIT_UNAVAILABLE);
+            }
+        }
+    } else {
+        None
+    };
+    let env = crate::env::proxy_env(&crate::env::ProxyEnv {
+        http,
+        socks,
+        ca: ca.as_ref(),
+        credentials: credential
+            .as_ref()
+            .map(|(user, password)| (user.as_str(), password.as_str())),
+        all_proxy_socks: config.network.all_proxy == crate::config::AllProxy::Socks5h,
+    });
+    let Some((program, arguments)) = args.command.split_first() else {
+        return usage_error(&"run needs a command after --");
+    };
+    let mut command = tokio::process::Command::new(program);
+    command.args(arguments).envs(env);
+    #[cfg(target_os = "linux")]
+    crate::sys::die_with_parent(&mut command);
+    let signals = ForwardedSignals::install();
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(error) => return cannot_run(program, &error),
+    };
+    match wait_forwarding_signals(&mut child, signals).await {
         Ok(status) => ExitCode::from(exit_code(status)),
         Err(error) => {
             let _ = writeln!(

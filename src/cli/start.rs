@@ -61,7 +61,7 @@ pub(super) async fn start(options: &Options, purpose: Purpose) -> Result<ProxyHa
     } = loaded
         .builder_recording(tally, learn.clone())
         .map_err(|e| super::config_error(&e))?;
-    if !loaded.config.credentials.is_empty() {
+    if loaded.config.holds_secrets() {
         // Holding secrets: no same-user process may read our memory or
         // environment (/proc/PID/environ, ptrace, core dumps).
         #[cfg(target_os = "linux")]
@@ -100,6 +100,7 @@ pub(super) async fn start(options: &Options, purpose: Purpose) -> Result<ProxyHa
             );
         }
         if loaded.config.network.mode == Mode::Full
+            && !loaded.config.has_profiles()
             && loaded.config.rules.is_empty()
             && !learning
             && !scanning
@@ -161,6 +162,7 @@ pub(super) async fn start(options: &Options, purpose: Purpose) -> Result<ProxyHa
             intercepting: loaded.config.intercepts(),
             credentials: loaded.config.credentials.clone(),
             secrets,
+            profiles: proxy.profile_handles(),
         },
     ));
     Ok(proxy)

@@ -195,26 +195,78 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
-/// The credential clients must present, read per connection (SOCKS5) or
-/// per request (HTTP/1), so a reload of `[auth]` changes the next one.
+/// Who may use the proxy: the one credential every client must present
+/// (`[auth]`, `run`'s own), and the proxy users (`[[auth.users]]`), whose
+/// credential a client may present to be known (and given its profile).
 #[derive(Clone, Debug, Default)]
-pub(crate) struct LiveCredentials(Arc<arc_swap::ArcSwapOption<Credentials>>);
+pub(crate) struct Accounts {
+    /// Required of every client when set.
+    pub(crate) main: Option<Credentials>,
+    /// More users, by name: their passwords.
+    pub(crate) users: Arc<std::collections::HashMap<String, Secret>>,
+}
 
-impl LiveCredentials {
-    pub(crate) fn new(credentials: Option<Credentials>) -> LiveCredentials {
-        LiveCredentials(Arc::new(arc_swap::ArcSwapOption::from(
-            credentials.map(Arc::new),
-        )))
+/// A password, never printed.
+#[derive(Clone)]
+pub(crate) struct Secret(pub(crate) String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl Accounts {
+    /// Whether a client without a credential is refused.
+    pub(crate) fn required(&self) -> bool {
+        self.main.is_some()
     }
 
-    /// The credential in force now.
-    pub(crate) fn current(&self) -> Option<Arc<Credentials>> {
+    /// Whether `username` and `password` are a known user's, compared
+    /// without an early exit.
+    pub(crate) fn accept(&self, username: &str, password: &str) -> bool {
+        let main = self
+            .main
+            .as_ref()
+            .is_some_and(|main| main.accept(username, password));
+        let user = match self.users.get(username) {
+            Some(expected) => same_secret(password, &expected.0),
+            None => !same_secret(password, password),
+        };
+        main | user
+    }
+}
+
+/// The accounts in force, read per connection (SOCKS5) or per request
+/// (HTTP/1), so a reload of `[auth]` changes the next one.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct LiveCredentials(Arc<arc_swap::ArcSwapOption<Accounts>>);
+
+impl LiveCredentials {
+    /// The accounts in force now; `None` when there are none (anyone may
+    /// use the proxy, unnamed).
+    pub(crate) fn current(&self) -> Option<Arc<Accounts>> {
         self.0.load_full()
     }
 
-    /// Replaces the credential for the next connection and request.
+    /// Replaces the credential every client must present, keeping the users.
     pub(crate) fn store(&self, credentials: Option<Credentials>) {
-        self.0.store(credentials.map(Arc::new));
+        let users = self
+            .current()
+            .map(|accounts| accounts.users.clone())
+            .unwrap_or_default();
+        self.store_all(credentials, users);
+    }
+
+    /// Replaces both, at once.
+    pub(crate) fn store_all(
+        &self,
+        main: Option<Credentials>,
+        users: Arc<std::collections::HashMap<String, Secret>>,
+    ) {
+        let accounts =
+            (main.is_some() || !users.is_empty()).then(|| Arc::new(Accounts { main, users }));
+        self.0.store(accounts);
     }
 }
 

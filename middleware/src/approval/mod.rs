@@ -111,6 +111,9 @@ pub struct ApprovalRequest {
     pub method: String,
     /// The client of the first request of the group.
     pub client: Option<SocketAddr>,
+    /// The profile asking ([`profiles`](crate::profiles)), when the proxy
+    /// has profiles: each has its own questions and session approvals.
+    pub profile: Option<std::sync::Arc<str>>,
 }
 
 /// An approver's answer.

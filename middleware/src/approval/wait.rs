@@ -46,6 +46,7 @@ struct Config {
     max_pending: usize,
     max_session: usize,
     rules: Option<Arc<dyn RuleBook>>,
+    profile: Option<Arc<str>>,
 }
 
 impl Config {
@@ -55,6 +56,7 @@ impl Config {
             max_pending: DEFAULT_MAX_PENDING,
             max_session: DEFAULT_MAX_SESSION,
             rules: None,
+            profile: None,
         }
     }
 }
@@ -134,6 +136,26 @@ impl<A> ApprovalWaitLayer<A> {
     pub fn rules(mut self, rules: Arc<dyn RuleBook>) -> ApprovalWaitLayer<A> {
         Arc::make_mut(&mut self.config).rules = Some(rules);
         self
+    }
+
+    /// A layer for the profile `profile` ([`profiles`](crate::profiles)):
+    /// the same approver, timeout and bounds, without the persisted rules
+    /// (give the profile's own with [`rules`](Self::rules)), and with
+    /// questions and session approvals of its own, so an answer given to
+    /// one profile is never taken for another. Its questions name the
+    /// profile ([`ApprovalRequest::profile`]).
+    pub fn for_profile(&self, profile: &str) -> ApprovalWaitLayer<A>
+    where
+        A: Clone,
+    {
+        let mut config = (*self.config).clone();
+        config.rules = None;
+        config.profile = Some(Arc::from(profile));
+        ApprovalWaitLayer {
+            approver: self.approver.clone(),
+            config: Arc::new(config),
+            questions: Arc::default(),
+        }
     }
 
     /// How many questions are waiting for an answer now.
@@ -448,6 +470,7 @@ where
             key: key.clone(),
             method: info.method.as_str().to_owned(),
             client: info.client,
+            profile: self.config.profile.clone(),
         };
         let questions = self.questions.clone();
         let config = self.config.clone();

@@ -115,6 +115,34 @@ impl IpNetwork {
     }
 }
 
+/// `10.0.0.0/8`, `fd00::/8`, or a bare address (a range of one).
+impl std::str::FromStr for IpNetwork {
+    type Err = PatternError;
+
+    fn from_str(text: &str) -> Result<IpNetwork, PatternError> {
+        let (address, prefix) = match text.split_once('/') {
+            Some((address, prefix)) => {
+                if prefix.is_empty()
+                    || prefix.len() > 3
+                    || !prefix.bytes().all(|b| b.is_ascii_digit())
+                {
+                    return Err(PatternError::InvalidCidr);
+                }
+                let prefix: u8 = prefix.parse().map_err(|_| PatternError::InvalidCidr)?;
+                (address, Some(prefix))
+            }
+            None => (text, None),
+        };
+        let address = address
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .map_err(|_| PatternError::InvalidCidr)?;
+        let prefix = prefix.unwrap_or(if address.is_ipv4() { 32 } else { 128 });
+        IpNetwork::new(address, prefix).ok_or(PatternError::InvalidCidr)
+    }
+}
+
 impl fmt::Display for IpNetwork {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.address, self.prefix)

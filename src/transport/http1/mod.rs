@@ -35,7 +35,7 @@ use crate::hints::Fixes;
 use crate::transport::mitm::{self, Interceptor};
 use crate::transport::model::RequestModel;
 use crate::transport::{
-    accept_loop, call_stack, splice, unix, Credentials, DrainGuard, Limits, Listening,
+    accept_loop, call_stack, splice, unix, Accounts, DrainGuard, Limits, Listening,
     LiveCredentials, Peer, ProxyService, ShutdownSignal,
 };
 
@@ -51,6 +51,8 @@ pub(crate) struct Settings {
     pub(crate) limits: Limits,
     /// When set, every request must carry them in `Proxy-Authorization`.
     pub(crate) credentials: LiveCredentials,
+    /// Where a request refused for a wrong credential is recorded.
+    pub(crate) refusals: Option<portcullis_middleware::RecordLater>,
     /// This proxy's counters.
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
     /// How refusals are worded in the answers.
@@ -137,9 +139,16 @@ async fn route(
         return Err(rescue::head_too_large(&settings.limits));
     }
     let user = match settings.credentials.current() {
-        Some(credentials) => match authorized(&request, &credentials) {
-            Some(user) => Some(ProxyUser(user)),
-            None => return Err(rescue::authentication_required()),
+        Some(accounts) => match authorized(&request, &accounts) {
+            Authorized::User(user) => Some(ProxyUser(user)),
+            Authorized::Nobody if !accounts.required() => None,
+            Authorized::Nobody => return Err(rescue::authentication_required()),
+            Authorized::Refused(attempted) => {
+                // A credential that is not a user's: on the record (a
+                // client that sent none is only asked for one).
+                refuse_credential(&request, client, attempted, &settings);
+                return Err(rescue::authentication_required());
+            }
         },
         None => None,
     };
@@ -325,27 +334,68 @@ async fn splice_upgraded(
     }
 }
 
-/// The user, when `Proxy-Authorization: Basic` carries these credentials.
-fn authorized<B>(request: &Request<B>, credentials: &Credentials) -> Option<String> {
+/// What a request's `Proxy-Authorization` says of its client.
+enum Authorized {
+    /// A known user's credential.
+    User(String),
+    /// No credential.
+    Nobody,
+    /// A credential that is no user's (the username it gave, if any).
+    Refused(Option<String>),
+}
+
+/// Reads `Proxy-Authorization: Basic` against the accounts.
+fn authorized<B>(request: &Request<B>, accounts: &Accounts) -> Authorized {
     use base64::Engine;
-    let value = request
-        .headers()
-        .get(header::PROXY_AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())?;
-    let (scheme, encoded) = value.trim().split_once(' ')?;
+    let Some(value) = request.headers().get(header::PROXY_AUTHORIZATION) else {
+        return Authorized::Nobody;
+    };
+    let Some((scheme, encoded)) = value.to_str().ok().and_then(|v| v.trim().split_once(' ')) else {
+        return Authorized::Refused(None);
+    };
     if !scheme.eq_ignore_ascii_case("basic") {
-        return None;
+        return Authorized::Refused(None);
     }
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(encoded.trim())
-        .ok()?;
+    let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(encoded.trim()) else {
+        return Authorized::Refused(None);
+    };
     let decoded = String::from_utf8_lossy(&decoded);
     match decoded.split_once(':') {
-        Some((username, password)) if credentials.accept(username, password) => {
-            Some(username.to_owned())
+        Some((username, password)) if accounts.accept(username, password) => {
+            Authorized::User(username.to_owned())
         }
-        _ => None,
+        Some((username, _)) => Authorized::Refused(Some(username.to_owned())),
+        None => Authorized::Refused(None),
     }
+}
+
+/// Records a request refused for a credential no user has (when its
+/// destination can be read).
+fn refuse_credential<B>(
+    request: &Request<B>,
+    client: SocketAddr,
+    attempted: Option<String>,
+    settings: &Settings,
+) {
+    let Some(recorder) = &settings.refusals else {
+        return;
+    };
+    let (target, protocol) = if request.method() == Method::CONNECT {
+        (connect_target(request), Protocol::HttpsConnect)
+    } else {
+        (absolute_form_target(request), Protocol::Http)
+    };
+    let Ok(target) = target else {
+        return;
+    };
+    let blocked = portcullis_middleware::profiles::credential_refused(
+        target,
+        protocol,
+        request.method(),
+        attempted.as_deref(),
+    );
+    let user = attempted.map(ProxyUser);
+    recorder.record_as(Some(client), user.as_ref(), None, &blocked);
 }
 
 /// Whether the request's `Via` names this proxy: it was sent out through an

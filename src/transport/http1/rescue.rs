@@ -71,6 +71,13 @@ pub(crate) fn http_response(error: &BoxError, fixes: &Fixes) -> Response<Body> {
                     HeaderValue::from(after.as_secs()),
                 );
             }
+            // A 407 asks for the credential, as every 407 must.
+            if response.status() == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
+                response.headers_mut().insert(
+                    http::header::PROXY_AUTHENTICATE,
+                    HeaderValue::from_static("Basic realm=\"portcullis\""),
+                );
+            }
             response
         }
         Some(ProxyErrorRef::BadRequest(bad)) => bad_request(&bad.message),
@@ -139,6 +146,7 @@ fn refusal_header(reason: Reason) -> Cow<'static, str> {
         Reason::CredentialMismatch => "blocked-by-credential-guard",
         Reason::SecretDetected | Reason::NotInspected => "blocked-by-secret-scan",
         Reason::RateLimited | Reason::ConcurrencyLimited => "blocked-by-rate-limit",
+        Reason::AuthRequired => "proxy-auth-required",
         Reason::ApprovalDenied | Reason::ApprovalTimedOut | Reason::ApprovalFailed => {
             "blocked-by-policy"
         }

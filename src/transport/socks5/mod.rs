@@ -176,12 +176,18 @@ async fn handle(
         let password = [StandardAuthentication::PasswordAuthentication(
             PasswordAuthentication,
         )];
-        // The credential in force when this client connected.
+        // Proxy users may name themselves: a client offering a password
+        // is asked for it first; one that offers none goes on unnamed.
+        let either = [
+            StandardAuthentication::PasswordAuthentication(PasswordAuthentication),
+            StandardAuthentication::NoAuthentication(NoAuthentication),
+        ];
+        // The accounts in force when this client connected.
         let credentials = settings.credentials.current();
-        let methods: &[StandardAuthentication] = if credentials.is_some() {
-            &password
-        } else {
-            &no_auth
+        let methods: &[StandardAuthentication] = match &credentials {
+            Some(accounts) if accounts.required() => &password,
+            Some(_) => &either,
+            None => &no_auth,
         };
         let (mut stream, user) = match Socks5ServerProtocol::start(stream)
             .negotiate_auth(methods)

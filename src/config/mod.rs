@@ -10,6 +10,8 @@
 //! The `[network]` table uses the codex network proxy's key names, so a
 //! codex configuration can be pasted in.
 
+pub mod profiles;
+
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -54,6 +56,8 @@ pub struct Config {
     pub scan: ScanConfig,
     /// `[[rate_limits]]`: requests a second per destination pattern.
     pub rate_limits: Vec<RateLimitConfig>,
+    /// `[profiles.NAME]`: a policy per caller ([`profiles`]).
+    pub profiles: BTreeMap<String, profiles::ProfileConfig>,
 }
 
 /// One `[[rate_limits]]` entry: requests to the hosts `host` covers (the
@@ -393,6 +397,11 @@ pub struct AuthConfig {
     pub username: Option<String>,
     /// The password.
     pub password: Option<String>,
+    /// `[[auth.users]]`: more proxy users, each with its password's source
+    /// and its profile ([`profiles`]).
+    pub users: Vec<profiles::UserConfig>,
+    /// What a caller given no profile gets, once profiles exist.
+    pub unmatched: profiles::Unmatched,
 }
 
 impl AuthConfig {
@@ -1071,6 +1080,16 @@ impl Config {
             || !self.rules.is_empty()
             || !self.credentials.is_empty()
             || self.scan.is_on()
+            || self
+                .profiles
+                .values()
+                .any(|profile| !profile.rules.is_empty() || !profile.credentials.is_empty())
+    }
+
+    /// Whether a secret is held: `[[credentials]]`, at the top or in a
+    /// profile.
+    pub fn holds_secrets(&self) -> bool {
+        !self.credentials.is_empty() || self.profiles.values().any(|p| !p.credentials.is_empty())
     }
 
     /// Checks `[[credentials]]` without reading a secret: names given and
