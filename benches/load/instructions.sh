@@ -15,6 +15,12 @@
 # MODE=inspect counts portcullis alone, four ways: GETs and 1 KiB JSON
 # POSTs, each with [scan] off and with action = "deny" (the cost of secret
 # scanning per request, headers and body).
+#
+# MODE=profiles counts portcullis alone, GETs from proxy user p0
+# (Proxy-Authorization: Basic) three ways: no profiles (p0 the [auth]
+# user), one profile, and 100 profiles (each with its user and a source
+# range): what choosing a profile costs, and that it does not grow with
+# their number.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 N1=${N1:-500}; N2=${N2:-2500}
@@ -45,6 +51,7 @@ cat > "$W/drive.py" <<'PY'
 import http.client, json, sys
 port, n, absolute = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] != "rev"
 post = sys.argv[3] == "post"
+auth = {"Proxy-Authorization": "Basic cDA6cHctcDA="} if sys.argv[3] == "auth" else {}
 c = http.client.HTTPConnection("127.0.0.1", port)
 target = "http://127.0.0.1:28080/" if absolute else "/"
 # A 1 KiB JSON body of ordinary text: nothing in it is a secret.
@@ -55,7 +62,7 @@ for _ in range(n):
         c.request("POST", target, body=body,
                   headers={"Host": "127.0.0.1:28080", "Content-Type": "application/json"})
     else:
-        c.request("GET", target, headers={"Host": "127.0.0.1:28080"})
+        c.request("GET", target, headers={"Host": "127.0.0.1:28080", **auth})
     r = c.getresponse(); r.read()
     assert r.status == 200, r.status
 PY
@@ -86,6 +93,33 @@ if [ "${MODE:-}" = inspect ]; then
   awk -v a="${per[abs.off]}" -v b="${per[abs.deny]}" -v c="${per[post.off]}" -v d="${per[post.deny]}" 'BEGIN{
     printf "  GET                %7d -> %7d  (%.2f×)\n", a, b, b/a
     printf "  1 KiB JSON POST    %7d -> %7d  (%.2f×)\n", c, d, d/c }'
+  exit 0
+fi
+if [ "${MODE:-}" = profiles ]; then
+  # profiles N: a config with N profiles, each with a user pI (password
+  # pw-pI) and a range of 10.I.0.0/16; N = 0: p0 is the [auth] user.
+  profiles() {
+    local n=$1 f="$W/profiles-$1.toml" i
+    printf '[network]\nallowed_domains = ["127.0.0.1"]\n\n' > "$f"
+    if [ "$n" = 0 ]; then printf '[auth]\nusername = "p0"\npassword = "pw-p0"\n' >> "$f"; fi
+    for i in $(seq 0 $((n - 1))); do
+      printf 'pw-p%d' "$i" > "$W/p$i.pw"
+      printf '[[auth.users]]\nname = "p%d"\nprofile = "profile%d"\npassword = { file = "%s" }\n' "$i" "$i" "$W/p$i.pw" >> "$f"
+    done
+    for i in $(seq 0 $((n - 1))); do
+      printf '[profiles.profile%d]\nsources = ["10.%d.0.0/16"]\n' "$i" "$i" >> "$f"
+    done
+    echo "$f"
+  }
+  one() { PORTCULLIS_THREADS=1 PORTCULLIS_LOG=warn count 28199 auth "$2" "$BIN" serve --http 127.0.0.1:28199 --no-socks --config "$1"; }
+  declare -A per
+  for n in 0 1 100; do
+    f=$(profiles "$n"); a=$(one "$f" "$N1"); b=$(one "$f" "$N2")
+    per[$n]=$(( (b - a) / (N2 - N1) ))
+  done
+  echo "instructions per forwarded GET from proxy user p0 (callgrind, $((N2 - N1)) GETs):"
+  awk -v a="${per[0]}" -v b="${per[1]}" -v c="${per[100]}" 'BEGIN{
+    printf "  no profiles      %7d\n  1 profile        %7d  (%+.1f%%)\n  100 profiles     %7d  (%+.1f%% against 1)\n", a, b, (b-a)*100/a, c, (c-b)*100/b }'
   exit 0
 fi
 rp() { count 28081 rev "$1" nginx -c "$W/rp.conf" -p "$W"; }
