@@ -914,7 +914,9 @@ where
                 .service(self.sensitive_logged(base, connector(&profile.policy)));
             stacks.push((name.clone(), ProxyService::new(stack)));
         }
-        let mut router = Profiles::new(stacks).recording(violations.late());
+        let mut router = Profiles::new(stacks)
+            .recording(violations.late())
+            .challenge_unnamed(!self.settings.users.is_empty());
         if self.settings.unmatched_default {
             router = router.unmatched(service);
         }

@@ -246,6 +246,7 @@ pub struct Profiles<S> {
     table: Arc<HashMap<Arc<str>, std::sync::Mutex<S>>>,
     unmatched: Option<S>,
     refusals: Option<RecordLater>,
+    challenge: bool,
 }
 
 impl<S: Clone> Clone for Profiles<S> {
@@ -254,6 +255,7 @@ impl<S: Clone> Clone for Profiles<S> {
             table: self.table.clone(),
             unmatched: self.unmatched.clone(),
             refusals: self.refusals.clone(),
+            challenge: self.challenge,
         }
     }
 }
@@ -273,6 +275,7 @@ impl<S> Profiles<S> {
             ),
             unmatched: None,
             refusals: None,
+            challenge: false,
         }
     }
 
@@ -287,6 +290,17 @@ impl<S> Profiles<S> {
     /// record theirs).
     pub fn recording(mut self, refusals: RecordLater) -> Profiles<S> {
         self.refusals = Some(refusals);
+        self
+    }
+
+    /// Whether callers can name themselves (the proxy has users): then a
+    /// request that names no user and gets no profile is only asked for a
+    /// credential (the 407), not recorded — a client that sends its
+    /// credential only when asked (git) would otherwise leave a refusal
+    /// on the record at every start. One that names a user and still gets
+    /// no profile is recorded either way.
+    pub fn challenge_unnamed(mut self, challenge: bool) -> Profiles<S> {
+        self.challenge = challenge;
         self
     }
 
@@ -339,9 +353,13 @@ where
                 if let Some(ProfileName(name)) = request.extensions().get::<ProfileName>() {
                     blocked = blocked.with_rule(Some(format!("profile {name:?} is not served")));
                 }
-                if let Some(refusals) = &self.refusals {
-                    let user = request.extensions().get::<ProxyUser>();
-                    refusals.record_as(info.client, user, None, &blocked);
+                let user = request.extensions().get::<ProxyUser>();
+                let asked = self.challenge && user.is_none();
+                match &self.refusals {
+                    Some(refusals) if !asked => {
+                        refusals.record_as(info.client, user, None, &blocked);
+                    }
+                    _ => tracing::debug!(client = ?info.client, "asked for a proxy credential"),
                 }
                 blocked.into()
             }
