@@ -121,7 +121,8 @@ git ls-remote http://b.test:{port}/repo.git >/dev/null 2>&1; echo "git $?"
     let (_, stderr) = terminate(&mut serve).await;
     assert_eq!(builds.0, Some(0), "{}\n{stderr}", builds.2);
     assert_eq!(
-        builds.1, "curl a.test 200\ncurl b.test 403\npython a.test 200\npython b.test 403\ngit 128\n",
+        builds.1,
+        "curl a.test 200\ncurl b.test 403\npython a.test 200\npython b.test 403\ngit 128\n",
         "{}\n{stderr}",
         builds.2
     );
