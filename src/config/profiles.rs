@@ -312,3 +312,65 @@ fn password_source<'de, D: serde::Deserializer<'de>>(
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn a_profile_adds_to_its_base_and_replaces_only_a_limit_of_the_same_pattern() {
+        let config = Config::from_toml(
+            r#"
+[network]
+allowed_domains = ["top.test"]
+denied_domains = ["bad.test"]
+[[rate_limits]]
+host = "top.test"
+requests_per_second = 1
+[[rate_limits]]
+host = "kept.test"
+requests_per_second = 3
+[profiles.base]
+network.allowed_domains = ["base.test"]
+network.mode = "limited"
+[profiles.child]
+extends = "base"
+network.allowed_domains = ["child.test"]
+network.denied_domains = ["worse.test"]
+[[profiles.child.rate_limits]]
+host = "top.test"
+requests_per_second = 9
+"#,
+        )
+        .unwrap();
+        let child = config.for_profile("child", "test").unwrap();
+        let allowed: Vec<String> = child
+            .network
+            .allowed_domains
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(allowed, ["top.test", "base.test", "child.test"]);
+        assert_eq!(child.network.denied_domains.len(), 2);
+        assert_eq!(child.network.mode, Mode::Limited, "inherited");
+        let limits: Vec<(String, Option<f64>)> = child
+            .rate_limits
+            .iter()
+            .map(|l| (l.host.clone(), l.requests_per_second))
+            .collect();
+        assert_eq!(
+            limits,
+            [
+                ("kept.test".to_owned(), Some(3.0)),
+                ("top.test".to_owned(), Some(9.0))
+            ]
+        );
+        assert!(child.profiles.is_empty());
+        // The base is unchanged by its child.
+        let base = config.for_profile("base", "test").unwrap();
+        assert_eq!(base.network.allowed_domains.len(), 2);
+        assert_eq!(base.rate_limits.len(), 2);
+    }
+}
