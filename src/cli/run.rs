@@ -220,6 +220,11 @@ pub(super) async fn run(mut args: RunArgs) -> ExitCode {
             }
         }
     }
+    finished(status)
+}
+
+/// `run`'s exit code: the command's, or 69 when it could not be waited for.
+fn finished(status: std::io::Result<std::process::ExitStatus>) -> ExitCode {
     match status {
         Ok(status) => ExitCode::from(exit_code(status)),
         Err(error) => {
@@ -337,16 +342,7 @@ async fn run_attached(args: &RunArgs) -> ExitCode {
         Ok(child) => child,
         Err(error) => return cannot_run(program, &error),
     };
-    match wait_forwarding_signals(&mut child, signals).await {
-        Ok(status) => ExitCode::from(exit_code(status)),
-        Err(error) => {
-            let _ = writeln!(
-                std::io::stderr(),
-                "portcullis: waiting for the command failed: {error}"
-            );
-            ExitCode::from(EXIT_UNAVAILABLE)
-        }
-    }
+    finished(wait_forwarding_signals(&mut child, signals).await)
 }
 
 /// The bridge command that runs `command` isolated, and the sockets it
