@@ -8,14 +8,16 @@ use std::time::Duration;
 
 use common::*;
 use portcullis::middleware::NetworkPolicy;
-use portcullis::upstream::UpstreamProxies;
+use portcullis::upstream::{UpstreamProxies, UpstreamResolve};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test]
 async fn chains_through_an_upstream_proxy() {
     let origin = origin().await;
     let localhost = "127.0.0.1".parse().unwrap();
-    // The upstream knows the name; the downstream does not resolve it at all.
+    // The upstream knows the name; the downstream does not resolve it at
+    // all: the opt-in that lets the upstream resolve (tests/upstream.rs
+    // chains with names resolved here, the default).
     let upstream = proxy(
         allow(&["svc.test", "127.0.0.1"]),
         &[("svc.test", localhost)],
@@ -25,7 +27,11 @@ async fn chains_through_an_upstream_proxy() {
     let downstream = proxy_with(
         NetworkPolicy::builder().allow("svc.test").unwrap().build(),
         &[],
-        |b| b.upstream(Some(UpstreamProxies::fixed(&upstream_url, ""))),
+        |b| {
+            b.upstream(Some(
+                UpstreamProxies::fixed(&upstream_url, "").resolving(UpstreamResolve::Upstream),
+            ))
+        },
     )
     .await;
     let url = format!("http://svc.test:{}/chained", origin.addr.port());
@@ -53,7 +59,11 @@ async fn chains_through_an_upstream_proxy() {
             .unwrap()
             .build(),
         &[],
-        |b| b.upstream(Some(UpstreamProxies::fixed(&upstream_url, ""))),
+        |b| {
+            b.upstream(Some(
+                UpstreamProxies::fixed(&upstream_url, "").resolving(UpstreamResolve::Upstream),
+            ))
+        },
     )
     .await;
     let out = curl(&["-i", "-x", &downstream.http_url(), "http://blocked.test/"]).await;
@@ -102,7 +112,11 @@ async fn an_upstream_proxy_is_asked_for_the_canonical_target() {
     let downstream = proxy_with(
         NetworkPolicy::builder().allow("svc.test").unwrap().build(),
         &[],
-        |b| b.upstream(Some(UpstreamProxies::fixed(&fake_url, ""))),
+        |b| {
+            b.upstream(Some(
+                UpstreamProxies::fixed(&fake_url, "").resolving(UpstreamResolve::Upstream),
+            ))
+        },
     )
     .await;
     let (_, head) = raw_exchange(

@@ -282,9 +282,9 @@ impl Loaded {
         let upstream = config
             .network
             .allow_upstream_proxy
-            .then(UpstreamProxies::from_env);
+            .then(|| UpstreamProxies::from_env().resolving(config.upstream.resolve));
         if upstream.is_some() {
-            announce_upstream();
+            announce_upstream(config.upstream.resolve);
         }
         let fixes = match &self.file {
             Some(file) => crate::hints::Fixes::File(file.clone()),

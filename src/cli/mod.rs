@@ -380,7 +380,7 @@ fn init_tracing(default_filter: &str, read_rust_log: bool) -> Result<(), String>
 /// Says, once at start, which proxy this one chains through: an inherited
 /// HTTP_PROXY silently making every refusal somebody else's is how `--allow`
 /// "does nothing".
-fn announce_upstream() {
+fn announce_upstream(resolve: crate::upstream::UpstreamResolve) {
     for name in [
         "HTTPS_PROXY",
         "https_proxy",
@@ -399,6 +399,9 @@ fn announce_upstream() {
                 None => value.clone(),
             };
             tracing::warn!("chaining through {shown} (from {name} in portcullis's own environment); pass --no-upstream-proxy or set allow_upstream_proxy = false to go direct");
+            if resolve == crate::upstream::UpstreamResolve::Upstream {
+                tracing::warn!("[upstream] resolve = \"upstream\": the upstream proxy resolves names, so a name it resolves to a private or metadata address is reached (only IP literals are vetted here); resolve = \"here\" vets every answer");
+            }
             return;
         }
     }

@@ -56,8 +56,22 @@ pub struct Config {
     pub scan: ScanConfig,
     /// `[[rate_limits]]`: requests a second per destination pattern.
     pub rate_limits: Vec<RateLimitConfig>,
+    /// `[upstream]`: chaining through an upstream proxy.
+    pub upstream: UpstreamConfig,
     /// `[profiles.NAME]`: a policy per caller ([`profiles`]).
     pub profiles: BTreeMap<String, profiles::ProfileConfig>,
+}
+
+/// `[upstream]`: how requests are chained through the upstream proxy
+/// named in portcullis's own environment (`network.allow_upstream_proxy`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// `here` (the default): names are resolved and every answer vetted
+    /// here, and the upstream is asked for the vetted address; `upstream`:
+    /// the upstream resolves names (weaker: a name it resolves to a
+    /// private or metadata address is reached).
+    pub resolve: crate::upstream::UpstreamResolve,
 }
 
 /// One `[[rate_limits]]` entry: requests to the hosts `host` covers (the

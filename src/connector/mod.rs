@@ -179,9 +179,17 @@ impl Service<Uri> for VettedConnector {
                 protocol: Protocol::Http,
                 method: &Method::GET,
             };
+            let resolve = upstream
+                .as_ref()
+                .map_or(upstream::UpstreamResolve::Here, |u| u.resolve());
+            let resolve_here = resolve == upstream::UpstreamResolve::Here;
             let (io, proxied) = match upstream.as_ref().and_then(|u| u.for_uri(&uri)) {
-                Some(intercept) if uri.scheme_str() == Some("https") => (
-                    upstream::tunnel(&intercept, refusing, &dialer, &[]).await?,
+                // TLS, and (names resolved here) plain HTTP too, go through
+                // a tunnel to the vetted address: a plain request sent to
+                // the upstream in absolute form would have its `Host`
+                // rewritten to the address by it (RFC 9112 3.2.2).
+                Some(intercept) if uri.scheme_str() == Some("https") || resolve_here => (
+                    upstream::tunnel(&intercept, resolve, refusing, &dialer, &[]).await?,
                     false,
                 ),
                 Some(intercept) => (
@@ -300,11 +308,18 @@ impl Connector {
             (Some(upstream), Ok(uri)) => upstream.for_uri(&uri),
             _ => None,
         };
-        let stream = match intercept {
-            Some(intercept) => {
-                upstream::tunnel(&intercept, Refusing::from(&info), &self.dialer, &via).await?
+        let stream = match (intercept, &self.upstream) {
+            (Some(intercept), Some(upstream)) => {
+                upstream::tunnel(
+                    &intercept,
+                    upstream.resolve(),
+                    Refusing::from(&info),
+                    &self.dialer,
+                    &via,
+                )
+                .await?
             }
-            None => {
+            _ => {
                 self.dialer
                     .connect(&host, port, Refusing::from(&info))
                     .await?
@@ -341,8 +356,16 @@ impl Connector {
         let uri = canonical_uri(request.uri(), &info.target)?;
         let plain_http = uri.scheme() == Some(&http::uri::Scheme::HTTP);
         let through = self.upstream.as_ref().and_then(|u| u.for_uri(&uri));
+        // Sent to the upstream proxy itself in absolute form only when it
+        // resolves names; otherwise through a tunnel to the vetted address
+        // (the connector's), where nothing meant for a proxy may go.
+        let absolute = plain_http
+            && self
+                .upstream
+                .as_ref()
+                .is_some_and(|u| u.resolve() == upstream::UpstreamResolve::Upstream);
         if let Some(intercept) = &through {
-            if plain_http {
+            if absolute {
                 // To an upstream proxy (never to an origin): who we are, so a
                 // loop back to us ends on the first round.
                 if let Ok(via) = http::HeaderValue::from_str(&self.dialer.own().via()) {
@@ -368,7 +391,7 @@ impl Connector {
                 // A refusal that came from the upstream proxy says so: its
                 // 403 or 407 is not ours, and --allow will not change it.
                 if let (Some(intercept), 403 | 407) = (&through, response.status().as_u16()) {
-                    if plain_http {
+                    if absolute {
                         let upstream = upstream::display(intercept);
                         tracing::warn!(
                             target = %info.target,

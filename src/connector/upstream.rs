@@ -2,9 +2,16 @@
 //! (`HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY`, `NO_PROXY`), when
 //! `allow_upstream_proxy = true`.
 //!
-//! Through an upstream proxy, portcullis still decides every request on the
-//! name and on IP literals, but the upstream resolves names and dials: the
-//! resolved-address check is the upstream's to make.
+//! Through an upstream proxy portcullis still decides, and by default
+//! ([`UpstreamResolve::Here`]) it also resolves: every answer for the name
+//! is vetted exactly as for a direct dial, and the upstream is asked for
+//! the vetted address (`CONNECT 203.0.113.7:443`; a plain request's target
+//! names the address and its `Host` the name; TLS inside a tunnel keeps
+//! the client's SNI). A name that resolves to a private or metadata
+//! address is refused here, whatever the upstream would make of it.
+//! [`UpstreamResolve::Upstream`] lets the upstream resolve (for networks
+//! where only it can): weaker, since the resolved-address check is then
+//! the upstream's to make; IP literals are still vetted here.
 
 use std::fmt;
 use std::sync::Arc;
@@ -22,11 +29,27 @@ use portcullis_middleware::{
     BadRequest, BoxError, ProxyErrorRef, Reason, UpstreamError, UpstreamErrorKind,
 };
 
+/// Who resolves a name chained through an upstream proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamResolve {
+    /// portcullis resolves and vets every answer, and asks the upstream
+    /// for the vetted address (the default).
+    #[default]
+    Here,
+    /// The upstream resolves names (IP literals are still vetted here):
+    /// a name the upstream resolves to a private or metadata address is
+    /// reached. An opt-in for networks where only the upstream can resolve.
+    Upstream,
+}
+
 /// The upstream proxies to chain to.
 pub struct UpstreamProxies {
     matcher: Matcher,
     /// Whether any proxy is named at all (else nothing is intercepted).
     named: bool,
+    /// Who resolves names.
+    resolve: UpstreamResolve,
 }
 
 impl fmt::Debug for UpstreamProxies {
@@ -52,6 +75,7 @@ impl UpstreamProxies {
         UpstreamProxies {
             matcher: Matcher::from_env(),
             named,
+            resolve: UpstreamResolve::Here,
         }
     }
 
@@ -63,7 +87,19 @@ impl UpstreamProxies {
                 .no(no_proxy.to_owned())
                 .build(),
             named: !proxy.is_empty(),
+            resolve: UpstreamResolve::Here,
         }
+    }
+
+    /// Who resolves names (default: [`UpstreamResolve::Here`]).
+    pub fn resolving(mut self, resolve: UpstreamResolve) -> UpstreamProxies {
+        self.resolve = resolve;
+        self
+    }
+
+    /// Who resolves names.
+    pub fn resolve(&self) -> UpstreamResolve {
+        self.resolve
     }
 
     /// The upstream proxy for this destination, if any.
@@ -154,11 +190,18 @@ async fn connect_address(address: &str, timeout: Duration) -> Result<TcpStream, 
 /// CONNECT client (which reads a bounded reply: 8 KiB, 100 headers).
 pub(crate) async fn tunnel(
     intercept: &Intercept,
+    resolve: UpstreamResolve,
     request: Refusing<'_>,
     dialer: &Dialer,
     came_through: &[http::HeaderValue],
 ) -> Result<TcpStream, BoxError> {
     let target = request.target;
+    // The address the upstream is asked for: the vetted one, unless the
+    // upstream resolves the name.
+    let destination = match pinned(resolve, request, dialer).await? {
+        Some(address) => format!("https://{address}/"),
+        None => format!("https://{target}/"),
+    };
     let timeout = dialer.connect_timeout();
     let address = proxy_address(intercept)?;
     if names_us(&address, dialer.own()).await {
@@ -192,7 +235,7 @@ pub(crate) async fn tunnel(
     if let Some(auth) = intercept.basic_auth() {
         connector = connector.with_auth(auth.clone());
     }
-    let destination: Uri = format!("https://{target}/")
+    let destination: Uri = destination
         .parse()
         .map_err(|e| BadRequest::new(format!("cannot tunnel to {target}: {e}")))?;
     let upstream_error = |kind, detail: String| -> BoxError {
@@ -250,6 +293,26 @@ pub(crate) async fn tunnel(
             display(intercept)
         ),
     ))
+}
+
+/// The vetted address to ask the upstream for: resolved and vetted here
+/// (as for a direct dial), or, when the upstream resolves, `None` for a
+/// name (an IP literal is still vetted). A refusal when an answer is not
+/// allowed.
+pub(crate) async fn pinned(
+    resolve: UpstreamResolve,
+    request: Refusing<'_>,
+    dialer: &Dialer,
+) -> Result<Option<std::net::SocketAddr>, BoxError> {
+    let portcullis_middleware::Target::Host { host, port } = request.target else {
+        return Err(BadRequest::new("a Unix socket is never chained").into());
+    };
+    if resolve == UpstreamResolve::Upstream && matches!(host, portcullis_middleware::Host::Name(_))
+    {
+        return Ok(None);
+    }
+    let vetted = dialer.resolve_vetted(host, *port, request).await?;
+    Ok(vetted.first().copied())
 }
 
 /// Whether a CONNECT answer's head is a loop-guard refusal

@@ -1,0 +1,214 @@
+//! Chaining through a real upstream proxy (squid): names are resolved and
+//! vetted here, and the upstream is asked for the vetted address, so a
+//! name the upstream would resolve to a private address is refused here;
+//! `[upstream] resolve = "upstream"` is the opt-in that reaches it. curl
+//! through `run`, loopback only.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// squid on a free loopback port, answering `private.test` with 127.0.0.1
+/// from its own hosts file (the way a corporate proxy's DNS would); killed
+/// when dropped.
+struct Squid {
+    _child: tokio::process::Child,
+    url: String,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Squid {
+    async fn start() -> Option<Squid> {
+        if which("squid").is_none() {
+            assert!(
+                std::env::var_os("PORTCULLIS_SQUID_REQUIRED").is_none(),
+                "squid is required here (.ci/run installs it)"
+            );
+            println!("squid is not installed: skipped");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        // squid started as root works as its own user: it must write here.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o777),
+        )
+        .unwrap();
+        let port = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap().port()
+        };
+        let path = |name: &str| dir.path().join(name).display().to_string();
+        std::fs::write(dir.path().join("hosts"), "127.0.0.1 private.test\n").unwrap();
+        std::fs::write(
+            dir.path().join("squid.conf"),
+            format!(
+                "http_port 127.0.0.1:{port}\nhttp_access allow localhost\nhttp_access deny all\ncache deny all\ncache_mem 8 MB\npinger_enable off\naccess_log stdio:{}\ncache_log {}\npid_filename {}\ncoredump_dir {}\nhosts_file {}\nshutdown_lifetime 0 seconds\nworkers 1\n",
+                path("access.log"),
+                path("cache.log"),
+                path("squid.pid"),
+                dir.path().display(),
+                path("hosts"),
+            ),
+        )
+        .unwrap();
+        let child = tokio::process::Command::new("squid")
+            .args(["-N", "-f"])
+            .arg(dir.path().join("squid.conf"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "squid did not listen: {}",
+                std::fs::read_to_string(dir.path().join("cache.log")).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Some(Squid {
+            _child: child,
+            url: format!("http://127.0.0.1:{port}"),
+            log: dir.path().join("access.log"),
+            _dir: dir,
+        })
+    }
+
+    /// squid's access log so far (written as each request ends).
+    async fn log(&self) -> String {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+            .map(|dir| dir.join(program))
+            .find(|path| path.is_file())
+    })
+}
+
+/// `run --config` (a file in `dir` holding `toml`) chained through
+/// `squid`, running `script`: its stdout, and its stderr.
+async fn chained(dir: &Path, squid: &Squid, toml: &str, script: &str) -> (String, String) {
+    let config = dir.join("chained.toml");
+    std::fs::write(&config, toml).unwrap();
+    let (code, stdout, stderr) = output(
+        portcullis()
+            .env("HTTP_PROXY", &squid.url)
+            .env("HTTPS_PROXY", &squid.url)
+            .env(
+                "PATH",
+                format!("/usr/sbin:{}", std::env::var("PATH").unwrap_or_default()),
+            )
+            .args(["run", "--config"])
+            .arg(&config)
+            .args(["--", "sh", "-c", &format!("{script}\ntrue")]),
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    (stdout, stderr)
+}
+
+#[tokio::test]
+async fn a_name_the_upstream_resolves_to_a_private_address_is_refused_here() {
+    let Some(squid) = Squid::start().await else {
+        return;
+    };
+    let origin = origin().await;
+    let port = origin.addr.port();
+    let dir = tempfile::tempdir().unwrap();
+    let script = format!(
+        r#"curl -s -o /dev/null -w "plain %{{http_code}}\n" http://private.test:{port}/
+curl -s -o /dev/null -w "tunnel %{{http_code}}\n" -p http://private.test:{port}/
+"#
+    );
+    // portcullis knows the name as the upstream does: 127.0.0.1.
+    let toml = |resolve: &str| {
+        format!(
+            "[network]\nallowed_domains = [\"private.test\"]\n[dns]\nhosts = {{ \"private.test\" = [\"127.0.0.1\"] }}\n{resolve}"
+        )
+    };
+    let (stdout, stderr) = chained(dir.path(), &squid, &toml(""), &script).await;
+    assert_eq!(stdout, "plain 403\ntunnel 000\n", "{stderr}");
+    assert!(
+        stderr.contains("local or private address 127.0.0.1"),
+        "{stderr}"
+    );
+    assert!(
+        !squid.log().await.contains("private.test"),
+        "the upstream was never asked"
+    );
+    // The opt-in: the upstream resolves, and reaches what it resolves.
+    let (stdout, stderr) = chained(
+        dir.path(),
+        &squid,
+        &toml("[upstream]\nresolve = \"upstream\"\n"),
+        &script,
+    )
+    .await;
+    assert_eq!(stdout, "plain 200\ntunnel 200\n", "{stderr}");
+    assert!(
+        stderr.contains("resolve = \"upstream\""),
+        "warned: {stderr}"
+    );
+    let log = squid.log().await;
+    assert!(
+        log.contains(&format!("CONNECT private.test:{port}")),
+        "{log}"
+    );
+    // An IP literal is vetted here either way.
+    let (stdout, _) = chained(
+        dir.path(),
+        &squid,
+        &toml("[upstream]\nresolve = \"upstream\"\n"),
+        &format!("curl -s -o /dev/null -w '%{{http_code}}\\n' http://127.0.0.1:{port}/"),
+    )
+    .await;
+    assert_eq!(stdout, "403\n");
+}
+
+#[tokio::test]
+async fn an_allowed_name_is_asked_of_the_upstream_by_its_vetted_address() {
+    let Some(squid) = Squid::start().await else {
+        return;
+    };
+    let origin = origin().await;
+    let port = origin.addr.port();
+    let dir = tempfile::tempdir().unwrap();
+    let toml = "[network]\nallowed_domains = [\"private.test\"]\nallow_local_binding = true\n[dns]\nhosts = { \"private.test\" = [\"127.0.0.1\"] }\n";
+    let script = format!(
+        r#"curl -s -D - -o /dev/null http://private.test:{port}/ | tr -d '\r' | grep -i '^x-seen-host:'
+curl -s -o /dev/null -w "tunnel %{{http_code}}\n" -p http://private.test:{port}/
+"#
+    );
+    let (stdout, stderr) = chained(dir.path(), &squid, toml, &script).await;
+    assert_eq!(
+        stdout,
+        format!("x-seen-host: private.test:{port}\ntunnel 200\n"),
+        "the origin sees the name; {stderr}"
+    );
+    let log = squid.log().await;
+    // Plain HTTP too goes through a tunnel to the address: sent to the
+    // upstream in absolute form, its Host would be rewritten to it.
+    assert_eq!(
+        log.matches(&format!("CONNECT 127.0.0.1:{port}")).count(),
+        2,
+        "the upstream was asked for the vetted address: {log}"
+    );
+    assert!(!log.contains("private.test"), "{log}");
+}
