@@ -4,7 +4,12 @@
 //! `[upstream] resolve = "upstream"` is the opt-in that reaches it. curl
 //! through `run`, loopback only.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::print_stdout
+)]
 
 mod common;
 
