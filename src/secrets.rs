@@ -282,6 +282,64 @@ pub fn user_passwords(
     Ok(users)
 }
 
+/// `[upstream] url` with the upstream's credentials in it (read from
+/// their source; `read = false`, for `check`: a stand-in), checked: an
+/// `http://` URL with a host and no credentials of its own.
+pub fn upstream_url(
+    upstream: &crate::config::UpstreamConfig,
+    url: &str,
+    origin: &str,
+    read: bool,
+) -> Result<String, ConfigError> {
+    let invalid = |key: &str, message: String| ConfigError::Invalid {
+        key: format!("upstream.{key}"),
+        origin: origin.to_owned(),
+        message,
+    };
+    // Never printed with what may be a password in it.
+    let shown = crate::upstream::without_credentials(url);
+    let parsed: http::Uri = url
+        .parse()
+        .map_err(|e| invalid("url", format!("{shown:?} is not a URL: {e}")))?;
+    if parsed.scheme_str() != Some("http") || parsed.host().is_none() {
+        return Err(invalid(
+            "url",
+            format!("{shown:?}: only http://host:port upstream proxies are supported"),
+        ));
+    }
+    let authority = parsed.authority().map(|a| a.as_str()).unwrap_or_default();
+    if authority.contains('@') {
+        return Err(invalid(
+            "url",
+            "holds credentials: give username and password = { file = \"…\" } instead".into(),
+        ));
+    }
+    let password = match (&upstream.username, &upstream.password) {
+        (None, None) => return Ok(format!("http://{authority}")),
+        (Some(_), None) => return Err(invalid("password", "is missing (username is set)".into())),
+        (None, Some(_)) => return Err(invalid("username", "is missing (password is set)".into())),
+        (Some(_), Some(source)) if read => read_secret(source, "upstream")
+            .map_err(|message| invalid("password", message.replacen("credential", "the", 1)))?,
+        (Some(_), Some(_)) => "{upstream password}".to_owned(),
+    };
+    let encode = |text: &str| -> String {
+        text.bytes()
+            .map(|byte| match byte {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                    char::from(byte).to_string()
+                }
+                other => format!("%{other:02X}"),
+            })
+            .collect()
+    };
+    let username = upstream.username.as_deref().unwrap_or_default();
+    Ok(format!(
+        "http://{}:{}@{authority}",
+        encode(username),
+        encode(&password)
+    ))
+}
+
 /// The secret, from its one source; the error says why not (never the
 /// value).
 pub(crate) fn read_secret(

@@ -787,3 +787,47 @@ async fn a_write_dressed_as_a_git_fetch_to_a_unix_socket_is_refused_in_limited_m
     assert_eq!(last.blocked.reason, Reason::MethodNotAllowed);
     assert_eq!(last.blocked.protocol, Protocol::UnixSocket);
 }
+
+/// An HTTP upstream proxy carries TCP only: while chaining, a datagram for
+/// a chained destination is refused (recorded, with the fix), never sent
+/// around the upstream; one `no_proxy` exempts goes direct.
+#[tokio::test]
+async fn udp_is_never_sent_around_an_upstream_proxy() {
+    use portcullis::upstream::UpstreamProxies;
+    let echo = udp_echo().await;
+    // Nothing needs to listen there: no datagram may reach it.
+    let upstream = format!("http://127.0.0.1:{}", closed_port().await);
+    let chained = proxy_with(allow(&["127.0.0.1"]).build(), &[], |b| {
+        b.upstream(Some(UpstreamProxies::fixed(&upstream, "")))
+    })
+    .await;
+    let (_control, relay) = associate(chained.socks_addr()).await;
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client
+        .send_to(&udp_datagram(echo, b"around"), relay)
+        .await
+        .unwrap();
+    assert_eq!(recv_within(&client, 500).await, None);
+    let last = chained
+        .ring
+        .snapshot()
+        .pop()
+        .expect("the refusal is logged");
+    assert_eq!(last.blocked.protocol, Protocol::Socks5Udp);
+    assert_eq!(last.blocked.reason.as_str(), "udp_through_upstream");
+    assert!(last.message.contains("no_proxy"), "{}", last.message);
+    // Exempted from chaining: relayed.
+    let direct = proxy_with(allow(&["127.0.0.1"]).build(), &[], |b| {
+        b.upstream(Some(UpstreamProxies::fixed(&upstream, "127.0.0.1")))
+    })
+    .await;
+    let (_control, relay) = associate(direct.socks_addr()).await;
+    client
+        .send_to(&udp_datagram(echo, b"direct"), relay)
+        .await
+        .unwrap();
+    assert_eq!(
+        recv_within(&client, 5000).await,
+        Some(udp_datagram(echo, b"direct"))
+    );
+}

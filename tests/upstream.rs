@@ -30,6 +30,12 @@ struct Squid {
 
 impl Squid {
     async fn start() -> Option<Squid> {
+        Squid::start_with(None).await
+    }
+
+    /// squid requiring `user`'s `password` (its `proxy_auth` ACL, NCSA
+    /// passwords) when `auth` is given.
+    async fn start_with(auth: Option<(&str, &str)>) -> Option<Squid> {
         if which("squid").is_none() {
             assert!(
                 std::env::var_os("PORTCULLIS_SQUID_REQUIRED").is_none(),
@@ -51,10 +57,29 @@ impl Squid {
         };
         let path = |name: &str| dir.path().join(name).display().to_string();
         std::fs::write(dir.path().join("hosts"), "127.0.0.1 private.test\n").unwrap();
+        let access = match auth {
+            Some((user, password)) => {
+                let hashed = std::process::Command::new("openssl")
+                    .args(["passwd", "-apr1", password])
+                    .output()
+                    .unwrap();
+                let hashed = String::from_utf8(hashed.stdout).unwrap();
+                std::fs::write(
+                    dir.path().join("passwd"),
+                    format!("{user}:{}\n", hashed.trim()),
+                )
+                .unwrap();
+                format!(
+                    "auth_param basic program /usr/lib/squid/basic_ncsa_auth {}\nacl authed proxy_auth REQUIRED\nhttp_access allow localhost authed\n",
+                    path("passwd")
+                )
+            }
+            None => "http_access allow localhost\n".to_owned(),
+        };
         std::fs::write(
             dir.path().join("squid.conf"),
             format!(
-                "http_port 127.0.0.1:{port}\nhttp_access allow localhost\nhttp_access deny all\ncache deny all\ncache_mem 8 MB\npinger_enable off\naccess_log stdio:{}\ncache_log {}\npid_filename {}\ncoredump_dir {}\nhosts_file {}\nshutdown_lifetime 0 seconds\nworkers 1\n",
+                "http_port 127.0.0.1:{port}\n{access}http_access deny all\ncache deny all\ncache_mem 8 MB\npinger_enable off\naccess_log stdio:{}\ncache_log {}\npid_filename {}\ncoredump_dir {}\nhosts_file {}\nshutdown_lifetime 0 seconds\nworkers 1\n",
                 path("access.log"),
                 path("cache.log"),
                 path("squid.pid"),
@@ -216,4 +241,116 @@ curl -s -o /dev/null -w "tunnel %{{http_code}}\n" -p http://private.test:{port}/
         "the upstream was asked for the vetted address: {log}"
     );
     assert!(!log.contains("private.test"), "{log}");
+}
+
+#[tokio::test]
+async fn the_upstream_s_credentials_come_from_a_file_and_reach_no_child_or_log() {
+    let password = "upstr3am-pw-7Qz";
+    let Some(squid) = Squid::start_with(Some(("agent", password))).await else {
+        return;
+    };
+    let origin = origin().await;
+    let port = origin.addr.port();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("upstream.pw");
+    let toml = |file: &Path| {
+        format!(
+            "[network]\nallowed_domains = [\"ok.test\"]\nallow_local_binding = true\n[dns]\nhosts = {{ \"ok.test\" = [\"127.0.0.1\"] }}\n[log]\nviolations_file = {:?}\n[upstream]\nurl = {:?}\nusername = \"agent\"\npassword = {{ file = {file:?} }}\n",
+            dir.path().join("violations.jsonl"),
+            squid.url
+        )
+    };
+    std::fs::write(&secret, format!("{password}\n")).unwrap();
+    let script = format!(
+        r#"curl -s -o /dev/null -w "plain %{{http_code}}\n" http://ok.test:{port}/
+curl -s -o /dev/null -w "tunnel %{{http_code}}\n" -p http://ok.test:{port}/
+env | grep -c '{password}' || true
+"#
+    );
+    // `[upstream] url` chains whatever the environment says.
+    let config = dir.path().join("chained.toml");
+    std::fs::write(&config, toml(&secret)).unwrap();
+    let (code, stdout, stderr) = output(
+        portcullis()
+            .args(["run", "--config"])
+            .arg(&config)
+            .args(["--", "sh", "-c", &script]),
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout, "plain 200\ntunnel 200\n0\n", "{stderr}");
+    assert!(
+        stderr.contains(&format!("chaining through {}", squid.url)),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(password), "{stderr}");
+    let log = squid.log().await;
+    assert!(log.contains("agent"), "squid saw the user: {log}");
+
+    // A wrong password: squid's 407 is the upstream's refusal, said so.
+    let wrong = dir.path().join("wrong.pw");
+    std::fs::write(&wrong, "not-it\n").unwrap();
+    std::fs::write(&config, toml(&wrong)).unwrap();
+    let (_, stdout, stderr) = output(portcullis().args(["run", "--config"]).arg(&config).args([
+        "--",
+        "sh",
+        "-c",
+        &format!("curl -s http://ok.test:{port}/"),
+    ]))
+    .await;
+    assert!(
+        stdout.contains("refused the credentials portcullis gave (407)")
+            && stdout.contains("[upstream] username and password"),
+        "{stdout}\n{stderr}"
+    );
+    assert!(!stdout.contains("not-it") && !stderr.contains("not-it"));
+    let violations =
+        std::fs::read_to_string(dir.path().join("violations.jsonl")).unwrap_or_default();
+    assert!(!violations.contains(password) && !violations.contains("not-it"));
+
+    // From a variable: the command never inherits it.
+    let text = toml(&secret).replace(
+        &format!("password = {{ file = {secret:?} }}"),
+        "password = { env = \"UPSTREAM_PW\" }",
+    );
+    std::fs::write(&config, text).unwrap();
+    let (code, stdout, stderr) = output(
+        portcullis()
+            .env("UPSTREAM_PW", password)
+            .args(["run", "--config"])
+            .arg(&config)
+            .args(["--", "sh", "-c", &script]),
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout, "plain 200\ntunnel 200\n0\n", "{stderr}");
+}
+
+#[tokio::test]
+async fn an_upstream_that_cannot_be_used_is_a_config_error_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    for (upstream, key) in [
+        ("url = \"https://proxy.test:3128\"", "upstream.url"),
+        ("url = \"https://u:pw@proxy.test:3128\"", "upstream.url"),
+        ("url = \"http://user:pw@proxy.test:3128\"", "upstream.url"),
+        ("url = \"http://proxy.test:3128\"\nusername = \"u\"", "upstream.password"),
+        (
+            "url = \"http://proxy.test:3128\"\nusername = \"u\"\npassword = { file = \"/nonexistent/pw\" }",
+            "upstream.password",
+        ),
+        ("resolve = \"sometimes\"", "upstream.resolve"),
+    ] {
+        let config = dir.path().join("bad.toml");
+        std::fs::write(&config, format!("[upstream]\n{upstream}\n")).unwrap();
+        let (code, _, stderr) = output(
+            portcullis()
+                .args(["serve", "--config"])
+                .arg(&config)
+                .args(["--http", "127.0.0.1:0", "--no-socks"]),
+        )
+        .await;
+        assert_eq!(code, Some(64), "{upstream}: {stderr}");
+        assert!(stderr.contains(key), "{key}: {stderr}");
+        assert!(!stderr.contains("pw@"), "{stderr}");
+    }
 }

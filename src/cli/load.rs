@@ -279,10 +279,25 @@ impl Loaded {
         } else {
             None
         };
-        let upstream = config
-            .network
-            .allow_upstream_proxy
-            .then(|| UpstreamProxies::from_env().resolving(config.upstream.resolve));
+        let upstream = match &config.upstream.url {
+            Some(_) if !config.network.allow_upstream_proxy => None,
+            Some(url) => {
+                let url =
+                    crate::secrets::upstream_url(&config.upstream, url, origin, read_secrets)?;
+                tracing::warn!(
+                    "chaining through {} ([upstream] url in {origin}); --no-upstream-proxy goes direct",
+                    crate::upstream::without_credentials(&url)
+                );
+                Some(
+                    UpstreamProxies::fixed(&url, &config.upstream.no_proxy)
+                        .resolving(config.upstream.resolve),
+                )
+            }
+            None => config
+                .network
+                .allow_upstream_proxy
+                .then(|| UpstreamProxies::from_env().resolving(config.upstream.resolve)),
+        };
         if upstream.is_some() {
             announce_upstream(config.upstream.resolve);
         }
@@ -322,14 +337,30 @@ impl Loaded {
         if let Some(file) = access_file {
             builder = builder.access_file(file);
         }
+        // The variable the upstream's password is read from is never a
+        // child's either.
+        let upstream_variable: Vec<String> = config
+            .upstream
+            .password
+            .as_ref()
+            .and_then(|source| source.env.clone())
+            .into_iter()
+            .collect();
         let secrets = match secrets {
             Some(loaded) => {
+                let mut removed = loaded.removed;
+                removed.extend(upstream_variable);
                 builder = builder
                     .inject_credentials(loaded.credentials)
-                    .child_variables(loaded.placeholders, loaded.removed);
+                    .child_variables(loaded.placeholders, removed);
                 Some(loaded.store)
             }
-            None => None,
+            None => {
+                if !upstream_variable.is_empty() {
+                    builder = builder.child_variables(Vec::new(), upstream_variable);
+                }
+                None
+            }
         };
         let asks = config.approval.mode != ApprovalMode::Deny;
         let (mut builder, rules, approver) =

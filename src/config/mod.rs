@@ -67,6 +67,20 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamConfig {
+    /// The upstream proxy (`http://host:port`), instead of the one named
+    /// in portcullis's own environment; no credentials in it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Destinations reached directly, as `NO_PROXY` writes them
+    /// (`internal.example,10.0.0.0/8`); with `url` only.
+    pub no_proxy: String,
+    /// The upstream's username (with `password`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Where the upstream's password comes from: one of `env`, `file`,
+    /// `command` (never inline, never given to `run`'s command).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<SourceConfig>,
     /// `here` (the default): names are resolved and every answer vetted
     /// here, and the upstream is asked for the vetted address; `upstream`:
     /// the upstream resolves names (weaker: a name it resolves to a

@@ -691,6 +691,24 @@ impl Service<Request<Body>> for Connector {
                 switched_as_asked(asked, with_audited(response, audited), &info.target)
             }),
             Target::Host { .. } if info.protocol == Protocol::Socks5Udp => {
+                // An HTTP upstream carries TCP only: a datagram for a
+                // destination that is chained is never sent around it.
+                let chained = format!("https://{}/", info.target)
+                    .parse::<Uri>()
+                    .ok()
+                    .and_then(|uri| this.upstream.as_ref()?.for_uri(&uri));
+                if let Some(intercept) = chained {
+                    let upstream = upstream::display(&intercept);
+                    let refused = Refusing::from(&info).refused(
+                        Reason::Custom("udp_through_upstream"),
+                        format!("UDP while chaining through {upstream}"),
+                    );
+                    let message = format!(
+                        "portcullis refused UDP to {}: it chains through the upstream proxy {upstream}, which carries TCP only, and a datagram is never sent around it; add the destination to [upstream] no_proxy (or NO_PROXY) to let it go direct",
+                        info.target
+                    );
+                    return Box::pin(async move { Err(refused.with_message(message).into()) });
+                }
                 Box::pin(vet(this.dialer, info))
             }
             Target::Host { host, port }

@@ -116,6 +116,17 @@ impl UpstreamProxies {
     }
 }
 
+/// A proxy URL as it may be shown: its userinfo left out.
+pub fn without_credentials(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((_, host)) => format!("{scheme}://{host}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
 /// The `host:port` of a proxy URI; only `http://` proxies are supported.
 /// The upstream proxy's URL without its credentials, for messages.
 pub(crate) fn display(intercept: &Intercept) -> String {
@@ -285,7 +296,26 @@ pub(crate) async fn tunnel(
             )
             .into());
     }
-    // A refusal (any status but 200, 407 included) or a malformed answer.
+    // The upstream wants credentials it was not given, or not these.
+    let asked_credentials = answer
+        .lock()
+        .map(|head| answer_status(&head) == Some(407))
+        .unwrap_or(false);
+    if asked_credentials {
+        let given = if intercept.basic_auth().is_some() {
+            "refused the credentials portcullis gave"
+        } else {
+            "asks for credentials and was given none"
+        };
+        return Err(upstream_error(
+            UpstreamErrorKind::Refused,
+            format!(
+                "the upstream proxy {} {given} (407): set them as [upstream] username and password (or the user:password of HTTP_PROXY in portcullis's own environment); that answer is the upstream's, not portcullis's policy",
+                display(intercept)
+            ),
+        ));
+    }
+    // A refusal (any status but 200) or a malformed answer.
     Err(upstream_error(
         UpstreamErrorKind::Refused,
         format!(
@@ -313,6 +343,14 @@ pub(crate) async fn pinned(
     }
     let vetted = dialer.resolve_vetted(host, *port, request).await?;
     Ok(vetted.first().copied())
+}
+
+/// The status of a CONNECT answer's head, when it parses.
+fn answer_status(head: &[u8]) -> Option<u16> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut response = httparse::Response::new(&mut headers);
+    response.parse(head).ok()?;
+    response.code
 }
 
 /// Whether a CONNECT answer's head is a loop-guard refusal
