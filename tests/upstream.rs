@@ -241,6 +241,20 @@ curl -s -o /dev/null -w "tunnel %{{http_code}}\n" -p http://private.test:{port}/
         "the upstream was asked for the vetted address: {log}"
     );
     assert!(!log.contains("private.test"), "{log}");
+    // `check` names the address a chained request asks the upstream for.
+    let (code, stdout, stderr) = output(
+        portcullis()
+            .env("HTTP_PROXY", &squid.url)
+            .args(["check", "--config"])
+            .arg(dir.path().join("chained.toml"))
+            .arg(format!("http://private.test:{port}/")),
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stdout.contains(&format!("addresses: 127.0.0.1:{port}")),
+        "{stdout}"
+    );
 }
 
 #[tokio::test]

@@ -26,6 +26,10 @@ pub(super) struct Verdict {
     reason: Option<String>,
     rule: Option<String>,
     message: Option<String>,
+    /// The vetted addresses a live request would be sent to (directly, or
+    /// through an upstream proxy asked for them).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    addresses: Vec<String>,
 }
 
 impl Verdict {
@@ -49,6 +53,9 @@ impl Verdict {
             if let Some(value) = value {
                 text.push_str(&format!("\n{name}: {value}"));
             }
+        }
+        if !self.addresses.is_empty() {
+            text.push_str(&format!("\naddresses: {}", self.addresses.join(", ")));
         }
         text
     }
@@ -222,7 +229,12 @@ pub(super) async fn check(args: CheckArgs) -> ExitCode {
             .map(|(pattern, rate)| format!("; rate limited: [[rate_limits]] {pattern}: {rate}"))
             .unwrap_or_default();
         let verdict = match decision {
-            Ok(_) => Verdict {
+            Ok(response) => Verdict {
+                addresses: response
+                    .extensions()
+                    .get::<crate::connector::VettedAddresses>()
+                    .map(|vetted| vetted.0.iter().map(ToString::to_string).collect())
+                    .unwrap_or_default(),
                 decision: "allow",
                 rule: Some(
                     allowing_rule(&policy, rules.as_ref(), &target, protocol)
@@ -236,6 +248,7 @@ pub(super) async fn check(args: CheckArgs) -> ExitCode {
             },
             Err(error) => match find_blocked(error.as_ref()) {
                 Some(blocked) if blocked.decision == BlockDecision::Ask => Verdict {
+                    addresses: Vec::new(),
                     target: target.to_string(),
                     decision: "ask",
                     reason: Some(blocked.reason.to_string()),
@@ -246,6 +259,7 @@ pub(super) async fn check(args: CheckArgs) -> ExitCode {
                     )),
                 },
                 Some(blocked) => Verdict {
+                    addresses: Vec::new(),
                     target: target.to_string(),
                     decision: "deny",
                     reason: Some(blocked.reason.to_string()),
@@ -253,6 +267,7 @@ pub(super) async fn check(args: CheckArgs) -> ExitCode {
                     message: Some(fixes.message(blocked)),
                 },
                 None if !unresolvable(error.as_ref()) => Verdict {
+                    addresses: Vec::new(),
                     target: target.to_string(),
                     decision: "error",
                     reason: None,
@@ -260,6 +275,7 @@ pub(super) async fn check(args: CheckArgs) -> ExitCode {
                     message: Some(error.to_string()),
                 },
                 None => Verdict {
+                    addresses: Vec::new(),
                     target: target.to_string(),
                     decision: "unresolvable",
                     reason: Some("unresolvable".into()),
