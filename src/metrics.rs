@@ -262,6 +262,7 @@ pub(crate) async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     pending: Arc<dyn Fn() -> usize + Send + Sync>,
+    token: Option<Arc<str>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
@@ -279,12 +280,20 @@ pub(crate) async fn serve(
         };
         let pending = pending.clone();
         let metrics = metrics.clone();
+        let token = token.clone();
         tokio::spawn(async move {
             let service =
                 hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
                     let pending = pending.clone();
                     let metrics = metrics.clone();
-                    async move { Ok::<_, Infallible>(answer(&request, &metrics, pending())) }
+                    let allowed = token.as_deref().is_none_or(|token| bearer(&request, token));
+                    async move {
+                        Ok::<_, Infallible>(if allowed {
+                            answer(&request, &metrics, pending())
+                        } else {
+                            unauthorized()
+                        })
+                    }
                 });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -293,6 +302,30 @@ pub(crate) async fn serve(
                 .await;
         });
     }
+}
+
+/// Whether the request carries `Authorization: Bearer <token>`, compared
+/// without an early exit.
+fn bearer<B>(request: &Request<B>, token: &str) -> bool {
+    request
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .is_some_and(|given| crate::transport::same_secret(given.trim(), token))
+}
+
+/// A 401 asking for the bearer token.
+fn unauthorized() -> Response<Body> {
+    let mut response = Response::new(body::full(
+        "portcullis's metrics need the bearer token ([metrics] bearer_token): Authorization: Bearer …\n".to_owned(),
+    ));
+    *response.status_mut() = StatusCode::UNAUTHORIZED;
+    response.headers_mut().insert(
+        http::header::WWW_AUTHENTICATE,
+        http::HeaderValue::from_static("Bearer realm=\"portcullis metrics\""),
+    );
+    response
 }
 
 fn answer<B>(request: &Request<B>, metrics: &Metrics, pending: usize) -> Response<Body> {
@@ -320,13 +353,20 @@ fn answer<B>(request: &Request<B>, metrics: &Metrics, pending: usize) -> Respons
     response
 }
 
-/// Where the metrics listener is; refused unless loopback.
-pub(crate) fn check_address(address: SocketAddr) -> Result<SocketAddr, String> {
-    if address.ip().is_loopback() {
-        Ok(address)
-    } else {
-        Err(format!(
-            "{address} is not a loopback address: the metrics listener serves loopback only"
-        ))
+/// Where the metrics listener is: loopback, or beyond it only when
+/// allowed and a token guards it.
+pub(crate) fn check_address(
+    address: SocketAddr,
+    beyond_loopback: bool,
+    token: bool,
+) -> Result<SocketAddr, String> {
+    match (address.ip().is_loopback(), beyond_loopback, token) {
+        (true, _, _) | (false, true, true) => Ok(address),
+        (false, false, _) => Err(format!(
+            "{address} is not a loopback address: the metrics listener serves loopback only, unless [metrics] dangerously_allow_non_loopback = true (with a bearer_token)"
+        )),
+        (false, true, false) => Err(format!(
+            "{address} is beyond loopback: a scraper there must send a token; set [metrics] bearer_token = {{ file = \"…\" }}"
+        )),
     }
 }

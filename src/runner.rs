@@ -202,6 +202,10 @@ struct Settings {
     all_proxy_socks: bool,
     fixes: Fixes,
     metrics_addr: Option<SocketAddr>,
+    /// Whether the metrics listener may be beyond loopback.
+    metrics_beyond_loopback: bool,
+    /// The token every scrape must send, if any.
+    metrics_token: Option<Arc<str>>,
     /// This proxy's counters (never another proxy's in the same process).
     metrics: Arc<crate::metrics::Metrics>,
     /// Every refusal, for [`ProxyHandle::subscribe`].
@@ -352,6 +356,8 @@ impl Proxy {
                 all_proxy_socks: false,
                 fixes: Fixes::Api,
                 metrics_addr: None,
+                metrics_beyond_loopback: false,
+                metrics_token: None,
                 metrics: Arc::default(),
                 refusals: tokio::sync::broadcast::channel(SUBSCRIBED_BACKLOG).0,
                 profiles: Vec::new(),
@@ -501,6 +507,20 @@ impl<O, I> ProxyBuilder<O, I> {
     /// [`ProxyHandle::metrics_addr`].
     pub fn metrics_addr(mut self, address: Option<SocketAddr>) -> ProxyBuilder<O, I> {
         self.settings.metrics_addr = address;
+        self
+    }
+
+    /// Who may scrape the metrics: `bearer_token` (when given) must come
+    /// with every scrape (`Authorization: Bearer …`, else 401), and with
+    /// `beyond_loopback` the listener may be on any address — only with a
+    /// token (otherwise `start` fails). Default: loopback, no token.
+    pub fn metrics_access(
+        mut self,
+        beyond_loopback: bool,
+        bearer_token: Option<String>,
+    ) -> ProxyBuilder<O, I> {
+        self.settings.metrics_beyond_loopback = beyond_loopback;
+        self.settings.metrics_token = bearer_token.map(Arc::from);
         self
     }
 
@@ -978,8 +998,18 @@ where
         };
         let metrics = match self.settings.metrics_addr {
             Some(address) => {
-                let address =
-                    crate::metrics::check_address(address).map_err(StartError::Metrics)?;
+                let address = crate::metrics::check_address(
+                    address,
+                    self.settings.metrics_beyond_loopback,
+                    self.settings.metrics_token.is_some(),
+                )
+                .map_err(StartError::Metrics)?;
+                if !address.ip().is_loopback() {
+                    tracing::warn!(
+                        %address,
+                        "the metrics listener is beyond loopback ([metrics] dangerously_allow_non_loopback): every scrape must send the bearer token"
+                    );
+                }
                 Some(
                     TcpListener::bind(address)
                         .await
@@ -1030,6 +1060,7 @@ where
                     listener,
                     self.settings.metrics.clone(),
                     pending,
+                    self.settings.metrics_token.clone(),
                     {
                         let mut signal = shutdown.signal();
                         async move { signal.wait().await }

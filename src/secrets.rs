@@ -340,6 +340,37 @@ pub fn upstream_url(
     ))
 }
 
+/// `[metrics] bearer_token`, read from its source (`read = false`, for
+/// `check`: a stand-in), and checked against `listen`: required beyond
+/// loopback, which needs `dangerously_allow_non_loopback`.
+pub fn metrics_token(
+    metrics: &crate::config::MetricsConfig,
+    origin: &str,
+    read: bool,
+) -> Result<Option<String>, ConfigError> {
+    let invalid = |key: &str, message: String| ConfigError::Invalid {
+        key: format!("metrics.{key}"),
+        origin: origin.to_owned(),
+        message,
+    };
+    let token = match &metrics.bearer_token {
+        Some(source) if read => Some(read_secret(source, "metrics").map_err(|message| {
+            invalid("bearer_token", message.replacen("credential", "the", 1))
+        })?),
+        Some(_) => Some("{metrics token}".to_owned()),
+        None => None,
+    };
+    if let Some(address) = metrics.listen {
+        crate::metrics::check_address(
+            address,
+            metrics.dangerously_allow_non_loopback,
+            token.is_some(),
+        )
+        .map_err(|message| invalid("listen", message))?;
+    }
+    Ok(token)
+}
+
 /// The secret, from its one source; the error says why not (never the
 /// value).
 pub(crate) fn read_secret(

@@ -221,8 +221,8 @@ pub(crate) mod socks_listen {
     }
 }
 
-/// `metrics.listen`: a loopback `IP:PORT`, or absent.
-pub(crate) mod loopback_listen {
+/// `IP:PORT`, any address (the caller decides what it allows).
+pub(crate) mod any_listen {
     pub(crate) fn serialize<S: serde::Serializer>(
         address: &Option<std::net::SocketAddr>,
         serializer: S,
@@ -241,7 +241,7 @@ pub(crate) mod loopback_listen {
         match Option::<String>::deserialize(deserializer)? {
             Some(text) => super::ListenVisitor {
                 schemes: &[],
-                loopback_only: true,
+                loopback_only: false,
             }
             .visit_str(&text)
             .map(Some),

@@ -1714,3 +1714,86 @@ async fn threads_come_from_the_flag_then_the_config() {
     assert_eq!(code, Some(64), "{stderr}");
     assert!(stderr.contains("runtime.threads"), "{stderr}");
 }
+
+/// Beyond loopback (a scraper outside the pod) only with the opt-in and a
+/// bearer token, which every scrape must then send.
+#[tokio::test]
+async fn metrics_beyond_loopback_need_the_opt_in_and_a_bearer_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "scr4pe-t0ken\n").unwrap();
+    let config = dir.path().join("p.toml");
+    let base = "[network]\nproxy_url = \"http://127.0.0.1:0\"\nenable_socks5 = false\n[metrics]\nlisten = \"0.0.0.0:0\"\n";
+    for (extra, expected) in [
+        ("", "dangerously_allow_non_loopback"),
+        ("dangerously_allow_non_loopback = true\n", "bearer_token"),
+    ] {
+        std::fs::write(&config, format!("{base}{extra}")).unwrap();
+        let (code, _, stderr) = output(portcullis().args(["serve", "--config"]).arg(&config)).await;
+        assert_eq!(code, Some(64), "{stderr}");
+        assert!(
+            stderr.contains("metrics.listen") && stderr.contains(expected),
+            "{stderr}"
+        );
+    }
+    std::fs::write(
+        &config,
+        format!(
+            "{base}dangerously_allow_non_loopback = true\nbearer_token = {{ file = {token:?} }}\n"
+        ),
+    )
+    .unwrap();
+    let mut child = portcullis()
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    served_http_address(&mut child).await;
+    let mut stderr = tokio::io::BufReader::new(child.stderr.take().unwrap());
+    let mut port = None;
+    let mut warned = false;
+    for _ in 0..20 {
+        let mut line = String::new();
+        use tokio::io::AsyncBufReadExt;
+        if stderr.read_line(&mut line).await.unwrap() == 0 {
+            break;
+        }
+        warned |= line.contains("beyond loopback");
+        if let Some(rest) = line.split("metrics=Some(").nth(1) {
+            port = rest
+                .split(')')
+                .next()
+                .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+                .map(|a| a.port());
+            break;
+        }
+    }
+    assert!(warned, "said at start");
+    // Scraped over loopback here: no traffic leaves the machine.
+    let url = format!("http://127.0.0.1:{}/metrics", port.expect("logged"));
+    let without = curl(&["-s", "-o", "/dev/null", "-w", "%{http_code}", &url]).await;
+    assert_eq!(without.stdout, "401");
+    let wrong = curl(&[
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-H",
+        "Authorization: Bearer nope",
+        &url,
+    ])
+    .await;
+    assert_eq!(wrong.stdout, "401");
+    let with = curl(&["-s", "-H", "Authorization: Bearer scr4pe-t0ken", &url]).await;
+    assert!(
+        with.stdout.contains("portcullis_connections_open"),
+        "{}",
+        with.stdout
+    );
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(20), child.wait()).await;
+}

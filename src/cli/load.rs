@@ -312,6 +312,10 @@ impl Loaded {
         let mut builder = Proxy::builder()
             .refusal_fixes(fixes)
             .metrics_addr(config.metrics.listen)
+            .metrics_access(
+                config.metrics.dangerously_allow_non_loopback,
+                crate::secrets::metrics_token(&config.metrics, origin, read_secrets)?,
+            )
             .http_addr(config.network.proxy_url)
             .socks_addr(socks)
             .socks_udp(config.network.enable_socks5_udp)

@@ -410,9 +410,16 @@ pub struct RuntimeConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
-    /// `IP:PORT` on loopback, e.g. `127.0.0.1:9464`.
-    #[serde(with = "crate::units::loopback_listen")]
+    /// `IP:PORT` on loopback, e.g. `127.0.0.1:9464` (beyond loopback only
+    /// with `dangerously_allow_non_loopback` and a `bearer_token`).
+    #[serde(with = "crate::units::any_listen")]
     pub listen: Option<SocketAddr>,
+    /// Listen beyond loopback (for a scraper outside the pod or host).
+    pub dangerously_allow_non_loopback: bool,
+    /// A token every scrape must send (`Authorization: Bearer …`): from a
+    /// file, a variable or a command; required beyond loopback.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bearer_token: Option<SourceConfig>,
 }
 
 /// `[auth]`: when both are set, every client must present them (HTTP
