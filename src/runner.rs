@@ -250,6 +250,8 @@ pub struct Profile {
     injected: portcullis_middleware::credentials::Credentials,
     ask: bool,
     rules: Option<Arc<dyn RuleBook>>,
+    /// Its own upstream (`Some(None)`: direct), else the proxy's.
+    upstream: Option<Option<Arc<UpstreamProxies>>>,
 }
 
 impl fmt::Debug for Profile {
@@ -270,7 +272,15 @@ impl Profile {
             injected: Default::default(),
             ask: true,
             rules: None,
+            upstream: None,
         }
+    }
+
+    /// Chains this profile's requests through `upstream` (`None`: direct)
+    /// instead of the proxy's upstream.
+    pub fn upstream(mut self, upstream: Option<UpstreamProxies>) -> Profile {
+        self.upstream = Some(upstream.map(Arc::new));
+        self
     }
 
     /// Adds these credentials' secrets for this profile's requests (see
@@ -876,12 +886,8 @@ where
             injected: &self.settings.injected,
             ask: self.settings.approval.is_some(),
         };
-        let connector = |policy: &PolicyHandle| {
-            Connector::new(
-                self.dialer(policy),
-                tls.clone(),
-                self.settings.upstream.clone(),
-            )
+        let connector = |policy: &PolicyHandle, upstream: Option<Arc<UpstreamProxies>>| {
+            Connector::new(self.dialer(policy), tls.clone(), upstream)
         };
         let logged = |service: ProxyService| match &self.settings.access_file {
             Some(file) => {
@@ -891,7 +897,7 @@ where
         };
         let service = logged(self.compose(
             top,
-            connector(&self.settings.policy),
+            connector(&self.settings.policy, self.settings.upstream.clone()),
             approval_top,
             violations.clone(),
         ));
@@ -931,7 +937,16 @@ where
                         .clone()
                         .map(crate::records::AccessFileLayer::new),
                 )
-                .service(self.sensitive_logged(base, connector(&profile.policy)));
+                .service(self.sensitive_logged(
+                    base,
+                    connector(
+                        &profile.policy,
+                        match &profile.upstream {
+                            Some(upstream) => upstream.clone(),
+                            None => self.settings.upstream.clone(),
+                        },
+                    ),
+                ));
             stacks.push((name.clone(), ProxyService::new(stack)));
         }
         let mut router = Profiles::new(stacks)

@@ -368,3 +368,44 @@ async fn an_upstream_that_cannot_be_used_is_a_config_error_naming_the_key() {
         assert!(!stderr.contains("pw@"), "{stderr}");
     }
 }
+
+/// A profile can chain through an upstream of its own while another goes
+/// direct, in one serve.
+#[tokio::test]
+async fn each_profile_chains_through_its_own_upstream() {
+    let Some(squid) = Squid::start().await else {
+        return;
+    };
+    let origin = origin().await;
+    let port = origin.addr.port();
+    let dir = tempfile::tempdir().unwrap();
+    for user in ["c", "d"] {
+        std::fs::write(dir.path().join(user), format!("pw-{user}")).unwrap();
+    }
+    let config = dir.path().join("profiles.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[network]\nallowed_domains = [\"ok.test\"]\nallow_local_binding = true\n[dns]\nhosts = {{ \"ok.test\" = [\"127.0.0.1\"] }}\n[[auth.users]]\nname = \"c\"\nprofile = \"chained\"\npassword = {{ file = {:?} }}\n[[auth.users]]\nname = \"d\"\nprofile = \"direct\"\npassword = {{ file = {:?} }}\n[profiles.chained.upstream]\nurl = {:?}\n[profiles.direct]\n",
+            dir.path().join("c"),
+            dir.path().join("d"),
+            squid.url
+        ),
+    )
+    .unwrap();
+    // The profile's own upstream; the top level chains nowhere.
+    let (mut serve, proxy) = serve_config(&config).await;
+    let url = format!("http://ok.test:{port}/");
+    for user in ["c", "d"] {
+        let with = proxy.replacen("http://", &format!("http://{user}:pw-{user}@"), 1);
+        assert_eq!(curl_status(&["-x", &with, &url]).await, "200");
+    }
+    let (_, stderr) = terminate(&mut serve).await;
+    assert!(stderr.contains("for profile chained"), "{stderr}");
+    let log = squid.log().await;
+    assert_eq!(
+        log.matches(&format!("CONNECT 127.0.0.1:{port}")).count(),
+        1,
+        "only the chained profile's request went through the upstream: {log}"
+    );
+}

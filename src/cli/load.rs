@@ -231,7 +231,18 @@ impl Loaded {
                 };
                 let policy = profile.policy(origin)?;
                 let ask = profile.approval.mode != ApprovalMode::Deny;
-                profiles.push((name, policy, secrets, ask));
+                // Its own upstream only where it names one.
+                let upstream = if profile.upstream == config.upstream {
+                    None
+                } else {
+                    Some(upstream_of(
+                        &profile,
+                        origin,
+                        read_secrets,
+                        &format!(" for profile {name}"),
+                    )?)
+                };
+                profiles.push((name, policy, secrets, ask, upstream));
             }
             Some(selector)
         } else {
@@ -241,7 +252,7 @@ impl Loaded {
             .as_ref()
             .map(|loaded| loaded.credentials.masks())
             .unwrap_or_default();
-        for (_, _, secrets, _) in &profiles {
+        for (_, _, secrets, _, _) in &profiles {
             if let Some(loaded) = secrets {
                 masks.extend(loaded.credentials.masks());
             }
@@ -279,28 +290,7 @@ impl Loaded {
         } else {
             None
         };
-        let upstream = match &config.upstream.url {
-            Some(_) if !config.network.allow_upstream_proxy => None,
-            Some(url) => {
-                let url =
-                    crate::secrets::upstream_url(&config.upstream, url, origin, read_secrets)?;
-                tracing::warn!(
-                    "chaining through {} ([upstream] url in {origin}); --no-upstream-proxy goes direct",
-                    crate::upstream::without_credentials(&url)
-                );
-                Some(
-                    UpstreamProxies::fixed(&url, &config.upstream.no_proxy)
-                        .resolving(config.upstream.resolve),
-                )
-            }
-            None => config
-                .network
-                .allow_upstream_proxy
-                .then(|| UpstreamProxies::from_env().resolving(config.upstream.resolve)),
-        };
-        if upstream.is_some() {
-            announce_upstream(config.upstream.resolve);
-        }
+        let upstream = upstream_of(config, origin, read_secrets, "")?;
         let fixes = match &self.file {
             Some(file) => crate::hints::Fixes::File(file.clone()),
             None => crate::hints::Fixes::Flags,
@@ -394,9 +384,12 @@ impl Loaded {
                 config.auth.unmatched == crate::config::profiles::Unmatched::Default,
             );
         }
-        for (name, policy, secrets, ask) in profiles {
+        for (name, policy, secrets, ask, upstream) in profiles {
             let mut profile =
                 crate::runner::Profile::new(PolicyHandle::new(policy)).ask(ask && asks);
+            if let Some(upstream) = upstream {
+                profile = profile.upstream(upstream);
+            }
             if let Some(loaded) = secrets {
                 profile = profile.inject_credentials(loaded.credentials);
             }
@@ -428,4 +421,37 @@ pub struct Prepared {
     pub approver: Option<String>,
     /// The credentials' secrets, for a reload to read again.
     pub secrets: Option<Arc<portcullis_middleware::credentials::StaticSecrets>>,
+}
+
+/// The upstream proxy `config` chains through, if any (`[upstream] url`,
+/// else the environment's when `allow_upstream_proxy`), said at start
+/// (`whose`: for whom, in that line).
+fn upstream_of(
+    config: &Config,
+    origin: &str,
+    read_secrets: bool,
+    whose: &str,
+) -> Result<Option<UpstreamProxies>, ConfigError> {
+    let upstream = match &config.upstream.url {
+        Some(_) if !config.network.allow_upstream_proxy => None,
+        Some(url) => {
+            let url = crate::secrets::upstream_url(&config.upstream, url, origin, read_secrets)?;
+            tracing::warn!(
+                "chaining through {} ([upstream] url in {origin}){whose}; --no-upstream-proxy goes direct",
+                crate::upstream::without_credentials(&url)
+            );
+            Some(
+                UpstreamProxies::fixed(&url, &config.upstream.no_proxy)
+                    .resolving(config.upstream.resolve),
+            )
+        }
+        None => config
+            .network
+            .allow_upstream_proxy
+            .then(|| UpstreamProxies::from_env().resolving(config.upstream.resolve)),
+    };
+    if upstream.is_some() && config.upstream.url.is_none() {
+        announce_upstream(config.upstream.resolve);
+    }
+    Ok(upstream)
 }

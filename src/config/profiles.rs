@@ -66,6 +66,10 @@ pub struct ProfileConfig {
     /// `deny`: never ask an approver for this profile.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub approval: Option<ApprovalMode>,
+    /// `[profiles.NAME.upstream]`: its own upstream proxy, in place of
+    /// the top-level `[upstream]` (its keys; no `url`: the environment's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<super::UpstreamConfig>,
 }
 
 /// `[profiles.NAME.network]`.
@@ -199,6 +203,9 @@ impl Config {
             for limit in &profile.rate_limits {
                 config.rate_limits.retain(|l| l.host != limit.host);
                 config.rate_limits.push(limit.clone());
+            }
+            if let Some(upstream) = &profile.upstream {
+                config.upstream = upstream.clone();
             }
             match profile.approval {
                 Some(ApprovalMode::Deny) => config.approval.mode = ApprovalMode::Deny,
