@@ -965,22 +965,8 @@ async fn metrics_are_served_on_loopback_and_sigusr1_dumps_the_refusals() {
     let proxy = served_http_address(&mut child).await;
     // The listening line names the metrics address.
     let mut stderr = tokio::io::BufReader::new(child.stderr.take().unwrap());
-    let mut metrics = None;
-    for _ in 0..20 {
-        let mut line = String::new();
-        use tokio::io::AsyncBufReadExt;
-        if stderr.read_line(&mut line).await.unwrap() == 0 {
-            break;
-        }
-        if let Some(rest) = line.split("metrics=Some(").nth(1) {
-            metrics = rest
-                .split(')')
-                .next()
-                .and_then(|a| a.parse::<std::net::SocketAddr>().ok());
-            break;
-        }
-    }
-    let metrics = metrics.expect("the metrics address is logged");
+    let (metrics, logged) = logged_metrics_address(&mut stderr).await;
+    let metrics = metrics.unwrap_or_else(|| panic!("the metrics address is logged: {logged}"));
     let authority = origin.addr.to_string();
     for _ in 0..2 {
         let (_, head) = raw_exchange(
@@ -1752,27 +1738,14 @@ async fn metrics_beyond_loopback_need_the_opt_in_and_a_bearer_token() {
         .unwrap();
     served_http_address(&mut child).await;
     let mut stderr = tokio::io::BufReader::new(child.stderr.take().unwrap());
-    let mut port = None;
-    let mut warned = false;
-    for _ in 0..20 {
-        let mut line = String::new();
-        use tokio::io::AsyncBufReadExt;
-        if stderr.read_line(&mut line).await.unwrap() == 0 {
-            break;
-        }
-        warned |= line.contains("beyond loopback");
-        if let Some(rest) = line.split("metrics=Some(").nth(1) {
-            port = rest
-                .split(')')
-                .next()
-                .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
-                .map(|a| a.port());
-            break;
-        }
-    }
-    assert!(warned, "said at start");
+    let (metrics, logged) = logged_metrics_address(&mut stderr).await;
+    let metrics = metrics.unwrap_or_else(|| panic!("the metrics address is logged: {logged}"));
+    assert!(
+        logged.contains("beyond loopback"),
+        "said at start: {logged}"
+    );
     // Scraped over loopback here: no traffic leaves the machine.
-    let url = format!("http://127.0.0.1:{}/metrics", port.expect("logged"));
+    let url = format!("http://127.0.0.1:{}/metrics", metrics.port());
     let without = curl(&["-s", "-o", "/dev/null", "-w", "%{http_code}", &url]).await;
     assert_eq!(without.stdout, "401");
     let wrong = curl(&[
@@ -1796,4 +1769,29 @@ async fn metrics_beyond_loopback_need_the_opt_in_and_a_bearer_token() {
     let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     let _ = tokio::time::timeout(Duration::from_secs(20), child.wait()).await;
+}
+
+/// The metrics address a `serve` child's listening line names, read from
+/// its stderr, and what it wrote up to that line.
+async fn logged_metrics_address(
+    stderr: &mut tokio::io::BufReader<tokio::process::ChildStderr>,
+) -> (Option<std::net::SocketAddr>, String) {
+    use tokio::io::AsyncBufReadExt;
+    let mut logged = String::new();
+    for _ in 0..20 {
+        let mut line = String::new();
+        if stderr.read_line(&mut line).await.unwrap() == 0 {
+            break;
+        }
+        logged.push_str(&line);
+        let address = line
+            .split("metrics=Some(")
+            .nth(1)
+            .and_then(|rest| rest.split(')').next())
+            .and_then(|a| a.parse::<std::net::SocketAddr>().ok());
+        if address.is_some() {
+            return (address, logged);
+        }
+    }
+    (None, logged)
 }
