@@ -312,7 +312,7 @@ fn bearer<B>(request: &Request<B>, token: &str) -> bool {
         .get(http::header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "))
-        .is_some_and(|given| crate::transport::same_secret(given.trim(), token))
+        .is_some_and(|given| portcullis_middleware::credentials::same_secret(given.trim(), token))
 }
 
 /// A 401 asking for the bearer token.

@@ -585,6 +585,17 @@ where
     }
 }
 
+/// Whether `given` is `expected`, compared without an early exit, so the
+/// time taken does not tell how much of a guess was right (passwords,
+/// tokens).
+pub fn same_secret(given: &str, expected: &str) -> bool {
+    let (given, expected) = (given.as_bytes(), expected.as_bytes());
+    let mut difference = given.len() ^ expected.len();
+    for (index, byte) in expected.iter().enumerate() {
+        difference |= usize::from(given.get(index).copied().unwrap_or(0) ^ byte);
+    }
+    difference == 0
+}
 #[cfg(test)]
 mod tests {
     use super::*;

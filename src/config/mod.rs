@@ -1419,9 +1419,16 @@ mod tests {
             load_error("[network]\nsocks_url = \"ftp://127.0.0.1:1\"\n"),
             "FILE: network.socks_url must be IP:PORT or socks5|socks5h|http://IP:PORT, not string \"ftp://127.0.0.1:1\""
         );
+        // An address beyond loopback parses; whether it may be used is
+        // decided with its opt-in and token (tests/cli.rs).
+        assert!(load_error("[metrics]\nlisten = \"nowhere\"\n")
+            .starts_with("FILE: metrics.listen must be"));
         assert_eq!(
-            load_error("[metrics]\nlisten = \"0.0.0.0:9464\"\n"),
-            "FILE: metrics.listen must be a loopback IP:PORT (for example 127.0.0.1:9464), not string \"0.0.0.0:9464\""
+            Config::from_toml("[metrics]\nlisten = \"0.0.0.0:9464\"\n")
+                .unwrap()
+                .metrics
+                .listen,
+            Some("0.0.0.0:9464".parse().unwrap())
         );
         let config = Config::from_toml(
             "[network]\nproxy_url = \"localhost:0\"\nsocks_url = \"127.0.0.1:9\"\n[limits]\nshutdown_deadline = 0\nconnect_timeout = 2.5\n",

@@ -321,15 +321,9 @@ pub(crate) fn head_over_limits<B>(request: &Request<B>, limits: &Limits) -> bool
     request.headers().len() > limits.max_headers || head_size(request) > limits.max_header_bytes
 }
 
-/// Compares without an early exit, so timing does not reveal the prefix.
-pub(crate) fn same_secret(given: &str, expected: &str) -> bool {
-    let (given, expected) = (given.as_bytes(), expected.as_bytes());
-    let mut difference = given.len() ^ expected.len();
-    for (index, byte) in expected.iter().enumerate() {
-        difference |= usize::from(given.get(index).copied().unwrap_or(0) ^ byte);
-    }
-    difference == 0
-}
+/// Compares without an early exit (see
+/// [`portcullis_middleware::credentials::same_secret`]).
+pub(crate) use portcullis_middleware::credentials::same_secret;
 
 /// Who is asking: the client's address and, when it authenticated, the
 /// proxy user it gave.
