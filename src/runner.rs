@@ -791,6 +791,31 @@ where
         ProxyService::new(self.sensitive_logged(base, connector))
     }
 
+    /// A stack the listeners serve, boxed once: `base` around `connector`,
+    /// access-logged (and in the access file, when there is one), its
+    /// refusals' messages written for `wording` (a profile's) when given,
+    /// so the transport's answer keeps them.
+    fn live(
+        &self,
+        base: DefaultStack<BoxApprover>,
+        connector: Connector,
+        wording: Option<Fixes>,
+    ) -> ProxyService {
+        ProxyService::new(
+            tower::ServiceBuilder::new()
+                .option_layer(wording.map(|fixes| {
+                    tower::util::MapErrLayer::new(move |error: BoxError| written_for(error, &fixes))
+                }))
+                .option_layer(
+                    self.settings
+                        .access_file
+                        .clone()
+                        .map(crate::records::AccessFileLayer::new),
+                )
+                .service(self.sensitive_logged(base, connector)),
+        )
+    }
+
     /// The default stack for `part`, configured.
     fn base(
         &self,
@@ -889,18 +914,11 @@ where
         let connector = |policy: &PolicyHandle, upstream: Option<Arc<UpstreamProxies>>| {
             Connector::new(self.dialer(policy), tls.clone(), upstream)
         };
-        let logged = |service: ProxyService| match &self.settings.access_file {
-            Some(file) => {
-                ProxyService::new(crate::records::AccessFileLayer::new(file.clone()).layer(service))
-            }
-            None => service,
-        };
-        let service = logged(self.compose(
-            top,
+        let service = self.live(
+            self.base(top, approval_top, violations.clone()),
             connector(&self.settings.policy, self.settings.upstream.clone()),
-            approval_top,
-            violations.clone(),
-        ));
+            None,
+        );
         if self.settings.profiles.is_empty() {
             return Ok(service);
         }
@@ -924,30 +942,15 @@ where
                 ask,
             };
             // Its refusals say which profile refused, and name its keys:
-            // in its records, and in the answer (the message is written
-            // here, so the transport's wording keeps it).
-            // One box for the whole profile's stack.
+            // in its records, and in the answer.
             let fixes = self.settings.fixes.for_profile(name);
             let base = self.base(part, approval, self.violation_layer_worded(&fixes));
-            let stack = tower::ServiceBuilder::new()
-                .map_err(move |error: BoxError| written_for(error, &fixes))
-                .option_layer(
-                    self.settings
-                        .access_file
-                        .clone()
-                        .map(crate::records::AccessFileLayer::new),
-                )
-                .service(self.sensitive_logged(
-                    base,
-                    connector(
-                        &profile.policy,
-                        match &profile.upstream {
-                            Some(upstream) => upstream.clone(),
-                            None => self.settings.upstream.clone(),
-                        },
-                    ),
-                ));
-            stacks.push((name.clone(), ProxyService::new(stack)));
+            let upstream = match &profile.upstream {
+                Some(upstream) => upstream.clone(),
+                None => self.settings.upstream.clone(),
+            };
+            let stack = self.live(base, connector(&profile.policy, upstream), Some(fixes));
+            stacks.push((name.clone(), stack));
         }
         let mut router = Profiles::new(stacks)
             .recording(violations.late())

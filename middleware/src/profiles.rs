@@ -86,6 +86,21 @@ pub fn credential_refused(
     method: &http::Method,
     attempted: Option<&str>,
 ) -> Blocked {
+    auth_required(target, protocol, method).with_rule(Some(match attempted {
+        Some(user) => format!(
+            "proxy user {:?}: unknown, or a wrong password",
+            user.escape_debug().to_string()
+        ),
+        None => "a Proxy-Authorization that is not Basic user:password".to_owned(),
+    }))
+}
+
+/// `auth_required`: a 407 asking for the credential of a known user.
+fn auth_required(
+    target: crate::Target,
+    protocol: crate::Protocol,
+    method: &http::Method,
+) -> Blocked {
     Blocked::new(
         Reason::AuthRequired,
         Source::Profiles,
@@ -93,13 +108,6 @@ pub fn credential_refused(
         protocol,
         method,
     )
-    .with_rule(Some(match attempted {
-        Some(user) => format!(
-            "proxy user {:?}: unknown, or a wrong password",
-            user.escape_debug().to_string()
-        ),
-        None => "a Proxy-Authorization that is not Basic user:password".to_owned(),
-    }))
     .with_status(StatusCode::PROXY_AUTHENTICATION_REQUIRED, None)
 }
 
@@ -342,14 +350,7 @@ where
         }
         let refusal: BoxError = match RequestInfo::from_request(&request) {
             Ok(info) => {
-                let mut blocked = Blocked::new(
-                    Reason::AuthRequired,
-                    Source::Profiles,
-                    info.target,
-                    info.protocol,
-                    &info.method,
-                )
-                .with_status(StatusCode::PROXY_AUTHENTICATION_REQUIRED, None);
+                let mut blocked = auth_required(info.target, info.protocol, &info.method);
                 if let Some(ProfileName(name)) = request.extensions().get::<ProfileName>() {
                     blocked = blocked.with_rule(Some(format!("profile {name:?} is not served")));
                 }

@@ -435,10 +435,11 @@ fn upstream_of(
     let upstream = match &config.upstream.url {
         Some(_) if !config.network.allow_upstream_proxy => None,
         Some(url) => {
+            // Shown as written: `upstream_url` refuses one with credentials.
+            let shown = url.clone();
             let url = crate::secrets::upstream_url(&config.upstream, url, origin, read_secrets)?;
             tracing::warn!(
-                "chaining through {} ([upstream] url in {origin}){whose}; --no-upstream-proxy goes direct",
-                crate::upstream::without_credentials(&url)
+                "chaining through {shown} ([upstream] url in {origin}){whose}; --no-upstream-proxy goes direct"
             );
             Some(
                 UpstreamProxies::fixed(&url, &config.upstream.no_proxy)

@@ -391,13 +391,7 @@ fn announce_upstream(resolve: crate::upstream::UpstreamResolve) {
     ] {
         if let Some(value) = std::env::var(name).ok().filter(|v| !v.is_empty()) {
             // Never print a password from the URL.
-            let shown = match value.split_once("://") {
-                Some((scheme, rest)) => match rest.rsplit_once('@') {
-                    Some((_, host)) => format!("{scheme}://…@{host}"),
-                    None => value.clone(),
-                },
-                None => value.clone(),
-            };
+            let shown = crate::upstream::without_credentials(&value);
             tracing::warn!("chaining through {shown} (from {name} in portcullis's own environment); pass --no-upstream-proxy or set allow_upstream_proxy = false to go direct");
             if resolve == crate::upstream::UpstreamResolve::Upstream {
                 tracing::warn!("[upstream] resolve = \"upstream\": the upstream proxy resolves names, so a name it resolves to a private or metadata address is reached (only IP literals are vetted here); resolve = \"here\" vets every answer");

@@ -116,11 +116,11 @@ impl UpstreamProxies {
     }
 }
 
-/// A proxy URL as it may be shown: its userinfo left out.
+/// A proxy URL as it may be shown: its userinfo written `…`.
 pub fn without_credentials(url: &str) -> String {
     match url.split_once("://") {
         Some((scheme, rest)) => match rest.rsplit_once('@') {
-            Some((_, host)) => format!("{scheme}://{host}"),
+            Some((_, host)) => format!("{scheme}://…@{host}"),
             None => url.to_owned(),
         },
         None => url.to_owned(),

@@ -71,13 +71,6 @@ pub(crate) fn http_response(error: &BoxError, fixes: &Fixes) -> Response<Body> {
                     HeaderValue::from(after.as_secs()),
                 );
             }
-            // A 407 asks for the credential, as every 407 must.
-            if response.status() == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
-                response.headers_mut().insert(
-                    http::header::PROXY_AUTHENTICATE,
-                    HeaderValue::from_static("Basic realm=\"portcullis\""),
-                );
-            }
             response
         }
         Some(ProxyErrorRef::BadRequest(bad)) => bad_request(&bad.message),
@@ -207,7 +200,7 @@ pub(crate) fn busy_bytes() -> Vec<u8> {
 
 /// A 407: this proxy needs the credentials it was started with.
 pub(crate) fn authentication_required() -> Response<Body> {
-    let mut response = json_response(
+    json_response(
         StatusCode::PROXY_AUTHENTICATION_REQUIRED,
         "proxy-auth-required".into(),
         synthetic(
@@ -216,12 +209,7 @@ pub(crate) fn authentication_required() -> Response<Body> {
             None,
             "portcullis needs the proxy credentials it was started with: use the proxy URL it printed (http://user:password@host:port)",
         ),
-    );
-    response.headers_mut().insert(
-        http::header::PROXY_AUTHENTICATE,
-        HeaderValue::from_static("Basic realm=\"portcullis\""),
-    );
-    response
+    )
 }
 
 /// A 431: the request head is over `[limits] max_header_bytes` or
@@ -287,6 +275,13 @@ fn json_response(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
+    // A 407 asks for the credential, as every 407 must.
+    if status == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
+        headers.insert(
+            http::header::PROXY_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"portcullis\""),
+        );
+    }
     response
 }
 
