@@ -60,6 +60,7 @@ pub mod runner;
 pub mod secrets;
 mod summary;
 mod sys;
+pub mod telemetry;
 mod transport;
 mod units;
 

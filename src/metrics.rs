@@ -14,6 +14,10 @@
 //! | `portcullis_approvals_pending` | gauge | |
 //! | `portcullis_bytes_total` | counter | `direction` (`up`: to origins, through tunnels; `down`: to clients) |
 //! | `portcullis_secrets_found_total` | counter | `detector` (`github_token`, `known:NAME`, `encoded_hostname`, …), `decision` (`deny`, `audit`) |
+//! | `portcullis_telemetry_dropped_total` | counter | `signal` (`logs`, `metrics`), `reason` (`queue_full`, `export_failed`): records (or metric exports) the OTLP exporter lost |
+//!
+//! With `[telemetry] otlp_endpoint` the same counters are also sent as
+//! OTLP metrics, named without `_total` ([`crate::telemetry`]).
 //!
 //! The counters belong to one proxy: two proxies started in one process
 //! count apart, each on its own listener.
@@ -24,6 +28,7 @@ use std::sync::Arc;
 
 use http::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use opentelemetry::KeyValue;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -80,6 +85,27 @@ struct DirectionLabel {
     direction: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DroppedLabel {
+    signal: &'static str,
+    reason: &'static str,
+}
+
+/// The OpenTelemetry counters the Prometheus ones are mirrored into, once
+/// an OTLP exporter is set up.
+#[derive(Debug)]
+struct Mirror {
+    allowed: opentelemetry::metrics::Counter<u64>,
+    refused: opentelemetry::metrics::Counter<u64>,
+    profile_allowed: opentelemetry::metrics::Counter<u64>,
+    profile_refused: opentelemetry::metrics::Counter<u64>,
+    bytes: opentelemetry::metrics::Counter<u64>,
+    secrets: opentelemetry::metrics::Counter<u64>,
+    dropped: opentelemetry::metrics::Counter<u64>,
+    /// The observable gauges live as long as these handles.
+    _gauges: Vec<opentelemetry::metrics::ObservableGauge<i64>>,
+}
+
 /// One proxy's counters.
 #[derive(Debug)]
 pub(crate) struct Metrics {
@@ -93,6 +119,9 @@ pub(crate) struct Metrics {
     approvals_pending: Gauge,
     bytes: Family<DirectionLabel, Counter>,
     secrets: Family<SecretLabel, Counter>,
+    dropped: Family<DroppedLabel, Counter>,
+    /// Set once by [`Metrics::mirror_into`].
+    mirror: std::sync::OnceLock<Mirror>,
 }
 
 impl Default for Metrics {
@@ -158,8 +187,16 @@ impl Metrics {
             "Secrets the scan found, by detector and decision (deny: refused, audit: let through); never the value",
             secrets.clone(),
         );
+        let dropped = Family::<DroppedLabel, Counter>::default();
+        registry.register(
+            "telemetry_dropped",
+            "Records (signal logs) or metric exports (signal metrics) the OTLP exporter lost: queue_full, export_failed",
+            dropped.clone(),
+        );
         Metrics {
             secrets,
+            dropped,
+            mirror: std::sync::OnceLock::new(),
             registry,
             allowed,
             refused,
@@ -184,6 +221,20 @@ impl Metrics {
                 })
                 .inc();
         }
+        if let Some(mirror) = self.mirror.get() {
+            mirror
+                .allowed
+                .add(1, &[KeyValue::new("protocol", protocol)]);
+            if let Some(profile) = profile {
+                mirror.profile_allowed.add(
+                    1,
+                    &[
+                        KeyValue::new("profile", profile.to_string()),
+                        KeyValue::new("protocol", protocol),
+                    ],
+                );
+            }
+        }
     }
 
     pub(crate) fn refused(&self, reason: &'static str, profile: Option<&Arc<str>>) {
@@ -196,6 +247,110 @@ impl Metrics {
                 })
                 .inc();
         }
+        if let Some(mirror) = self.mirror.get() {
+            mirror.refused.add(1, &[KeyValue::new("reason", reason)]);
+            if let Some(profile) = profile {
+                mirror.profile_refused.add(
+                    1,
+                    &[
+                        KeyValue::new("profile", profile.to_string()),
+                        KeyValue::new("reason", reason),
+                    ],
+                );
+            }
+        }
+    }
+
+    /// `n` records (or metric exports) of `signal` lost by the OTLP
+    /// exporter, for `reason`.
+    pub(crate) fn telemetry_dropped(&self, signal: &'static str, reason: &'static str, n: u64) {
+        self.dropped
+            .get_or_create(&DroppedLabel { signal, reason })
+            .inc_by(n);
+        if let Some(mirror) = self.mirror.get() {
+            mirror.dropped.add(
+                n,
+                &[
+                    KeyValue::new("signal", signal),
+                    KeyValue::new("reason", reason),
+                ],
+            );
+        }
+    }
+
+    /// From now on, counts into `meter`'s instruments too (same names,
+    /// without `_total`); the gauges are read when the meter collects,
+    /// `pending` giving the approvals waiting. Only the first call counts.
+    pub(crate) fn mirror_into(
+        &self,
+        meter: &opentelemetry::metrics::Meter,
+        pending: Arc<dyn Fn() -> usize + Send + Sync>,
+    ) {
+        let counter = |name: &'static str, description: &'static str| {
+            meter
+                .u64_counter(name)
+                .with_description(description)
+                .build()
+        };
+        let gauge = |name: &'static str,
+                     description: &'static str,
+                     read: Box<dyn Fn() -> i64 + Send + Sync>| {
+            meter
+                .i64_observable_gauge(name)
+                .with_description(description)
+                .with_callback(move |observer| observer.observe(read(), &[]))
+                .build()
+        };
+        let connections = self.connections_open.clone();
+        let tunnels = self.tunnels_open.clone();
+        let mirror = Mirror {
+            allowed: counter(
+                "portcullis_requests_allowed",
+                "Requests and connections let through, by protocol",
+            ),
+            refused: counter(
+                "portcullis_requests_refused",
+                "Refusals, by reason (the violation log's)",
+            ),
+            profile_allowed: counter(
+                "portcullis_profile_requests_allowed",
+                "Requests and connections let through, by profile and protocol",
+            ),
+            profile_refused: counter(
+                "portcullis_profile_requests_refused",
+                "Refusals of requests given a profile, by profile and reason",
+            ),
+            bytes: counter(
+                "portcullis_bytes",
+                "Bytes relayed: up (client to origin, through tunnels) and down (to clients)",
+            ),
+            secrets: counter(
+                "portcullis_secrets_found",
+                "Secrets the scan found, by detector and decision; never the value",
+            ),
+            dropped: counter(
+                "portcullis_telemetry_dropped",
+                "Records or metric exports the OTLP exporter lost",
+            ),
+            _gauges: vec![
+                gauge(
+                    "portcullis_connections_open",
+                    "Client connections being served",
+                    Box::new(move || connections.get()),
+                ),
+                gauge(
+                    "portcullis_tunnels_open",
+                    "CONNECT and SOCKS5 tunnels open",
+                    Box::new(move || tunnels.get()),
+                ),
+                gauge(
+                    "portcullis_approvals_pending",
+                    "Questions waiting for an approver",
+                    Box::new(move || i64::try_from(pending()).unwrap_or(i64::MAX)),
+                ),
+            ],
+        };
+        let _ = self.mirror.set(mirror);
     }
 
     /// A secret found by `detector`, refused (`deny`) or let through
@@ -207,6 +362,15 @@ impl Metrics {
                 decision,
             })
             .inc();
+        if let Some(mirror) = self.mirror.get() {
+            mirror.secrets.add(
+                1,
+                &[
+                    KeyValue::new("detector", detector.to_owned()),
+                    KeyValue::new("decision", decision),
+                ],
+            );
+        }
     }
 
     pub(crate) fn bytes(&self, up: u64, down: u64) {
@@ -219,6 +383,16 @@ impl Metrics {
             self.bytes
                 .get_or_create(&DirectionLabel { direction: "down" })
                 .inc_by(down);
+        }
+        if let Some(mirror) = self.mirror.get() {
+            if up > 0 {
+                mirror.bytes.add(up, &[KeyValue::new("direction", "up")]);
+            }
+            if down > 0 {
+                mirror
+                    .bytes
+                    .add(down, &[KeyValue::new("direction", "down")]);
+            }
         }
     }
 

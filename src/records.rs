@@ -163,23 +163,44 @@ fn credentials_json(credentials: &[(String, String)]) -> Value {
         .collect()
 }
 
-/// The access file: one line per allowed request and per tunnel opened.
+/// The access file: one line per allowed request and per tunnel opened;
+/// and, when [exporting](AccessFile::exporting), the same records sent
+/// over OTLP.
 #[derive(Debug, Clone)]
 pub struct AccessFile {
-    file: LineFile,
+    file: Option<LineFile>,
     format: RecordFormat,
     /// Strings never written (credentials' placeholders), and their stand-ins.
     masks: Arc<[(String, String)]>,
+    telemetry: Option<crate::telemetry::Telemetry>,
 }
 
 impl AccessFile {
     /// Opens (creating, appending to) `path`, writing in `format`.
     pub fn open(path: &Path, format: RecordFormat) -> std::io::Result<AccessFile> {
         Ok(AccessFile {
-            file: LineFile::open(path)?,
+            file: Some(LineFile::open(path)?),
             format,
             masks: Arc::from(Vec::new()),
+            telemetry: None,
         })
+    }
+
+    /// No file: the records go only where [`exporting`](Self::exporting)
+    /// sends them.
+    pub fn none() -> AccessFile {
+        AccessFile {
+            file: None,
+            format: RecordFormat::Ocsf,
+            masks: Arc::from(Vec::new()),
+            telemetry: None,
+        }
+    }
+
+    /// Also sends each record, as an OCSF event, over OTLP.
+    pub fn exporting(mut self, telemetry: crate::telemetry::Telemetry) -> AccessFile {
+        self.telemetry = Some(telemetry);
+        self
     }
 
     /// Never writes these strings in a path: each is written as its
@@ -202,16 +223,46 @@ impl AccessFile {
             }
             _ => access,
         };
-        let line = match self.format {
-            RecordFormat::Json => access.to_json(),
-            RecordFormat::Ocsf => ocsf_access(access),
+        let event = match (&self.telemetry, self.format) {
+            (Some(_), _) | (None, RecordFormat::Ocsf) => Some(ocsf_access(access)),
+            (None, RecordFormat::Json) => None,
         };
-        self.file.write_json(&line);
+        if let Some(file) = &self.file {
+            match (self.format, &event) {
+                (RecordFormat::Ocsf, Some(event)) => file.write_json(event),
+                _ => file.write_json(&access.to_json()),
+            }
+        }
+        if let (Some(telemetry), Some(event)) = (&self.telemetry, &event) {
+            telemetry.emit_ocsf(event);
+        }
     }
 
     /// Waits until every record so far is written.
     pub fn flush(&self) {
-        self.file.flush();
+        if let Some(file) = &self.file {
+            file.flush();
+        }
+    }
+}
+
+/// Sends every violation (refusal or audit) as an OCSF event over OTLP:
+/// a [`ViolationSink`](portcullis_middleware::ViolationSink).
+#[derive(Debug, Clone)]
+pub struct OcsfExport {
+    telemetry: crate::telemetry::Telemetry,
+}
+
+impl OcsfExport {
+    /// Exports through `telemetry`.
+    pub fn new(telemetry: crate::telemetry::Telemetry) -> OcsfExport {
+        OcsfExport { telemetry }
+    }
+}
+
+impl portcullis_middleware::ViolationSink for OcsfExport {
+    fn record(&self, violation: &Violation) {
+        self.telemetry.emit_ocsf(&ocsf_violation(violation));
     }
 }
 

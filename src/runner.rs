@@ -136,6 +136,9 @@ pub enum StartError {
     /// The interception CA's trust files could not be written.
     #[error(transparent)]
     Mitm(#[from] CaError),
+    /// The OTLP exporter could not be set up.
+    #[error(transparent)]
+    Telemetry(#[from] crate::telemetry::TelemetryError),
     /// The metrics listener is not on loopback.
     #[error("[metrics] listen: {0}")]
     Metrics(String),
@@ -189,6 +192,7 @@ struct Settings {
     upstream_roots: Vec<CertificateDer<'static>>,
     violations: ViolationLogLayer,
     /// Where allowed requests are recorded, if anywhere.
+    telemetry: Option<crate::telemetry::TelemetrySettings>,
     access_file: Option<crate::records::AccessFile>,
     /// Secrets added for their hosts (`[[credentials]]`).
     injected: portcullis_middleware::credentials::Credentials,
@@ -357,6 +361,7 @@ impl Proxy {
                 upstream_roots: Vec::new(),
                 violations: ViolationLogLayer::default(),
                 access_file: None,
+                telemetry: None,
                 injected: Default::default(),
                 child_variables: Default::default(),
                 approval: None,
@@ -563,6 +568,18 @@ impl<O, I> ProxyBuilder<O, I> {
         removed: Vec<String>,
     ) -> ProxyBuilder<O, I> {
         self.settings.child_variables = (set, removed);
+        self
+    }
+
+    /// Sends every record (refusals, audits, allowed requests) and the
+    /// metrics to an OpenTelemetry collector over OTLP; see
+    /// [`telemetry`](crate::telemetry). Set up by [`start`](Self::start),
+    /// which fails if the endpoint cannot be used. Off by default.
+    pub fn telemetry(
+        mut self,
+        settings: crate::telemetry::TelemetrySettings,
+    ) -> ProxyBuilder<O, I> {
+        self.settings.telemetry = Some(settings);
         self
     }
 
@@ -1050,6 +1067,45 @@ where
             .chain(metrics_addr)
             .collect();
         self.settings.own = OwnListeners::new(&listening);
+        // The approvals waiting, read by the metrics (the layer holds the
+        // approver, which is Send but not Sync).
+        let pending: Arc<dyn Fn() -> usize + Send + Sync> = {
+            let approval = std::sync::Mutex::new(self.settings.approval.clone());
+            Arc::new(move || {
+                approval
+                    .lock()
+                    .ok()
+                    .and_then(|a| a.as_ref().map(|a| a.pending()))
+                    .unwrap_or(0)
+            })
+        };
+        let telemetry = match &self.settings.telemetry {
+            Some(settings) => {
+                let telemetry = crate::telemetry::Telemetry::start(
+                    settings,
+                    self.settings.metrics.clone(),
+                    pending.clone(),
+                )?;
+                // Every refusal and audit, and (unless turned off) every
+                // allowed request, leaves as OTLP too.
+                self.settings.violations = self
+                    .settings
+                    .violations
+                    .clone()
+                    .with_sink(crate::records::OcsfExport::new(telemetry.clone()));
+                if telemetry.exports_access() {
+                    let records = self
+                        .settings
+                        .access_file
+                        .take()
+                        .unwrap_or_else(crate::records::AccessFile::none);
+                    self.settings.access_file = Some(records.exporting(telemetry.clone()));
+                }
+                tracing::info!(endpoint = %settings.endpoint, protocol = settings.protocol.as_str(), "exporting records and metrics over OTLP");
+                Some(telemetry)
+            }
+            None => None,
+        };
         let service = self.build_service()?;
         let ca_files = match &self.settings.mitm {
             Some(ca) => Some(transport::mitm::trust_files(ca)?),
@@ -1064,27 +1120,16 @@ where
         });
         let shutdown = Shutdown::new();
         if let Some(listener) = metrics {
-            {
-                // The layer holds the approver, which is Send but not Sync.
-                let approval = std::sync::Mutex::new(self.settings.approval.clone());
-                let pending = Arc::new(move || {
-                    approval
-                        .lock()
-                        .ok()
-                        .and_then(|a| a.as_ref().map(|a| a.pending()))
-                        .unwrap_or(0)
-                });
-                tokio::spawn(crate::metrics::serve(
-                    listener,
-                    self.settings.metrics.clone(),
-                    pending,
-                    self.settings.metrics_token.clone(),
-                    {
-                        let mut signal = shutdown.signal();
-                        async move { signal.wait().await }
-                    },
-                ));
-            }
+            tokio::spawn(crate::metrics::serve(
+                listener,
+                self.settings.metrics.clone(),
+                pending,
+                self.settings.metrics_token.clone(),
+                {
+                    let mut signal = shutdown.signal();
+                    async move { signal.wait().await }
+                },
+            ));
         }
         let credentials = LiveCredentials::default();
         credentials.store_all(
@@ -1134,6 +1179,7 @@ where
             violations: self.settings.violations.ring().clone(),
             violation_log: self.settings.violations.clone(),
             access_file: self.settings.access_file,
+            telemetry,
             child_variables: self.settings.child_variables,
             policy: self.settings.policy,
             ca_files,
@@ -1176,6 +1222,8 @@ pub struct ProxyHandle {
     violation_log: ViolationLogLayer,
     /// The access file, to flush at shutdown.
     access_file: Option<crate::records::AccessFile>,
+    /// The OTLP exporter, to send what is queued at shutdown.
+    telemetry: Option<crate::telemetry::Telemetry>,
     /// Placeholders a child gets; variables it must not inherit.
     child_variables: (Vec<(String, String)>, Vec<String>),
     policy: PolicyHandle,
@@ -1354,6 +1402,7 @@ impl ProxyHandle {
     /// `deadline`, then returns how many were still open (they are cut).
     /// Dropping the handle stops accepting too.
     pub async fn shutdown(self, deadline: Duration) -> usize {
+        let started = std::time::Instant::now();
         let cut = self.shutdown.drain(deadline).await;
         if !cut.is_empty() {
             tracing::warn!(
@@ -1375,10 +1424,20 @@ impl ProxyHandle {
         // Every refusal recorded is stored before the proxy is gone.
         let log = self.violation_log.clone();
         let access = self.access_file.clone();
+        let telemetry = self.telemetry.clone();
+        // What the OTLP exporter holds goes within what is left of the
+        // deadline (at least a second: a deadline spent on draining must
+        // not lose the records of the requests it drained).
+        let left = deadline
+            .saturating_sub(started.elapsed())
+            .max(Duration::from_secs(1));
         let _ = tokio::task::spawn_blocking(move || {
             log.flush();
             if let Some(access) = access {
                 access.flush();
+            }
+            if let Some(telemetry) = telemetry {
+                telemetry.shutdown(left);
             }
         })
         .await;

@@ -371,6 +371,115 @@ pub fn metrics_token(
     Ok(token)
 }
 
+/// `[telemetry]` as the exporter's settings (`None` without an
+/// `otlp_endpoint`), its headers read from their sources (`read = false`,
+/// for `check`: stand-ins) and its CA file loaded; every error names the
+/// key.
+pub fn telemetry_settings(
+    telemetry: &crate::config::TelemetryConfig,
+    origin: &str,
+    read: bool,
+) -> Result<Option<crate::telemetry::TelemetrySettings>, ConfigError> {
+    let Some(endpoint) = &telemetry.otlp_endpoint else {
+        return Ok(None);
+    };
+    let invalid = |key: &str, message: String| ConfigError::Invalid {
+        key: format!("telemetry.{key}"),
+        origin: origin.to_owned(),
+        message,
+    };
+    let uri: http::Uri = endpoint.parse().map_err(|e| {
+        invalid(
+            "otlp_endpoint",
+            format!("{endpoint:?} is not a URL ({e}): write http://HOST:PORT or https://HOST:PORT"),
+        )
+    })?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+        return Err(invalid(
+            "otlp_endpoint",
+            format!("{endpoint:?}: write http://HOST:PORT or https://HOST:PORT"),
+        ));
+    }
+    if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
+        return Err(invalid(
+            "otlp_endpoint",
+            format!("{endpoint:?}: give the collector's base URL; /v1/logs and /v1/metrics are added for http/protobuf"),
+        ));
+    }
+    if telemetry.queue_size == 0 {
+        return Err(invalid("queue_size", "must be at least 1".into()));
+    }
+    if telemetry.service_name.trim().is_empty() {
+        return Err(invalid("service_name", "must not be empty".into()));
+    }
+    let mut headers = Vec::new();
+    for (name, source) in &telemetry.otlp_headers {
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            return Err(invalid(
+                "otlp_headers",
+                format!("{name:?} is not a header name"),
+            ));
+        }
+        let value = if read {
+            read_secret(source, name).map_err(|message| {
+                invalid(
+                    &format!("otlp_headers.{name}"),
+                    message.replacen("credential", "header", 1),
+                )
+            })?
+        } else {
+            format!("{{{name} header}}")
+        };
+        if http::HeaderValue::from_str(&value).is_err() {
+            return Err(invalid(
+                &format!("otlp_headers.{name}"),
+                "its value is not a valid header value (a newline or control character?)".into(),
+            ));
+        }
+        headers.push((name.clone(), value));
+    }
+    let mut ca_certificates = Vec::new();
+    if let Some(path) = &telemetry.otlp_ca_file {
+        let path = expand_home(path);
+        let text = std::fs::read(&path).map_err(|e| {
+            invalid(
+                "otlp_ca_file",
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })?;
+        ca_certificates = pem::parse_many(&text)
+            .map_err(|e| {
+                invalid(
+                    "otlp_ca_file",
+                    format!("{} is not PEM: {e}", path.display()),
+                )
+            })?
+            .into_iter()
+            .filter(|p| p.tag() == "CERTIFICATE")
+            .map(|p| rustls::pki_types::CertificateDer::from(p.into_contents()))
+            .collect();
+        if ca_certificates.is_empty() {
+            return Err(invalid(
+                "otlp_ca_file",
+                format!("{} holds no certificate", path.display()),
+            ));
+        }
+    }
+    let mut settings = crate::telemetry::TelemetrySettings::new(endpoint.clone());
+    settings.protocol = telemetry.otlp_protocol;
+    settings.headers = headers;
+    settings.ca_certificates = ca_certificates;
+    settings.service_name = telemetry.service_name.clone();
+    if let Some(id) = &telemetry.service_instance_id {
+        settings.service_instance_id = id.clone();
+    }
+    settings.export_access = telemetry.export_access;
+    settings.queue_size = telemetry.queue_size;
+    settings.metrics_interval = telemetry.metrics_interval;
+    settings.export_timeout = telemetry.export_timeout;
+    Ok(Some(settings))
+}
+
 /// The secret, from its one source; the error says why not (never the
 /// value).
 pub(crate) fn read_secret(

@@ -271,12 +271,18 @@ impl Loaded {
                 .map_err(|e| cannot_open("log.violations_file", file, e))?;
             violations = violations.with_sink(sink);
         }
+        let telemetry =
+            crate::secrets::telemetry_settings(&config.telemetry, origin, read_secrets)?;
         let access_file = match &config.log.access_file {
             Some(file) => Some(
                 crate::records::AccessFile::open(file, format)
                     .map_err(|e| cannot_open("log.access_file", file, e))?
                     .masking(masks),
             ),
+            // Exported allowed requests hide the placeholders too.
+            None if telemetry.as_ref().is_some_and(|t| t.export_access) => {
+                Some(crate::records::AccessFile::none().masking(masks))
+            }
             None => None,
         };
         if let Some(tally) = tally {
@@ -331,14 +337,18 @@ impl Loaded {
         if let Some(file) = access_file {
             builder = builder.access_file(file);
         }
-        // The variable the upstream's password is read from is never a
-        // child's either.
+        if let Some(telemetry) = telemetry {
+            builder = builder.telemetry(telemetry);
+        }
+        // The variables the upstream's password, the metrics token and the
+        // collector's headers are read from are never a child's either.
         let upstream_variable: Vec<String> = config
             .upstream
             .password
-            .as_ref()
-            .and_then(|source| source.env.clone())
-            .into_iter()
+            .iter()
+            .chain(&config.metrics.bearer_token)
+            .chain(config.telemetry.otlp_headers.values())
+            .filter_map(|source| source.env.clone())
             .collect();
         let secrets = match secrets {
             Some(loaded) => {

@@ -85,6 +85,8 @@ pub(crate) struct Started {
         std::collections::BTreeMap<String, PolicyHandle>,
         Option<portcullis_middleware::profiles::SelectProfileLayer>,
     ),
+    /// Its `[telemetry]` (a reload does not change the exporter).
+    pub(crate) telemetry: crate::config::TelemetryConfig,
 }
 
 /// A reloaded profile set: each profile's policy, the selector, the users.
@@ -138,6 +140,12 @@ fn reload_policy(
             return;
         }
     };
+    if loaded.config.telemetry != started.telemetry {
+        tracing::warn!(
+            "{}: [telemetry] changed; the OTLP exporter keeps its settings until portcullis is restarted",
+            loaded.origin
+        );
+    }
     // Both or nothing: a file whose policy or `[auth]` is wrong changes
     // neither.
     let auth = match credentials {

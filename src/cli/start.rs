@@ -163,6 +163,7 @@ pub(super) async fn start(options: &Options, purpose: Purpose) -> Result<ProxyHa
             credentials: loaded.config.credentials.clone(),
             secrets,
             profiles: proxy.profile_handles(),
+            telemetry: loaded.config.telemetry.clone(),
         },
     ));
     Ok(proxy)

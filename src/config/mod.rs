@@ -44,6 +44,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// `[metrics]`: the Prometheus endpoint.
     pub metrics: MetricsConfig,
+    /// `[telemetry]`: records and metrics to an OpenTelemetry collector.
+    pub telemetry: TelemetryConfig,
     /// `[run]`: how `portcullis run` runs its command.
     pub run: RunConfig,
     /// `[runtime]`: the proxy's worker threads.
@@ -402,6 +404,63 @@ pub struct RuntimeConfig {
     /// what a sidecar takes of a shared machine: one thread serves one
     /// core's worth of traffic (CPU per request measured the same).
     pub threads: Option<std::num::NonZeroUsize>,
+}
+
+/// `[telemetry]`: every record and the metrics sent to an OpenTelemetry
+/// collector over OTLP ([`crate::telemetry`]); off unless `otlp_endpoint`
+/// is set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// The collector: `http://host:4317` (gRPC) or `http://host:4318`
+    /// (HTTP/protobuf), `https://` for TLS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<String>,
+    /// `grpc` (the default) or `http/protobuf`.
+    pub otlp_protocol: crate::telemetry::OtlpProtocol,
+    /// Headers every export sends, each from a source (`{ env = "…" }`,
+    /// `{ file = "…" }`, `{ command = [...] }`): the collector's
+    /// credentials, never written in the file.
+    pub otlp_headers: BTreeMap<String, SourceConfig>,
+    /// A PEM file of CA certificates for an `https://` collector, trusted
+    /// beside the system's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub otlp_ca_file: Option<PathBuf>,
+    /// `service.name` of the records and metrics.
+    pub service_name: String,
+    /// `service.instance.id` (default: `HOST/PID`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service_instance_id: Option<String>,
+    /// Whether allowed requests are sent too (refusals and audits always
+    /// are).
+    pub export_access: bool,
+    /// At most this many records wait or are being sent; more are dropped
+    /// and counted.
+    pub queue_size: usize,
+    /// Seconds between two sendings of the metrics.
+    #[serde(with = "crate::units::positive_seconds")]
+    pub metrics_interval: std::time::Duration,
+    /// Seconds one export may take before it counts as failed.
+    #[serde(with = "crate::units::positive_seconds")]
+    pub export_timeout: std::time::Duration,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> TelemetryConfig {
+        let defaults = crate::telemetry::TelemetrySettings::new("");
+        TelemetryConfig {
+            otlp_endpoint: None,
+            otlp_protocol: defaults.protocol,
+            otlp_headers: BTreeMap::new(),
+            otlp_ca_file: None,
+            service_name: defaults.service_name,
+            service_instance_id: None,
+            export_access: defaults.export_access,
+            queue_size: defaults.queue_size,
+            metrics_interval: defaults.metrics_interval,
+            export_timeout: defaults.export_timeout,
+        }
+    }
 }
 
 /// `[metrics]`: counters of allowed and refused requests, open connections
