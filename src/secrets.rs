@@ -301,12 +301,15 @@ pub fn upstream_url(
     let parsed: http::Uri = url
         .parse()
         .map_err(|e| invalid("url", format!("{shown:?} is not a URL: {e}")))?;
-    if parsed.scheme_str() != Some("http") || parsed.host().is_none() {
-        return Err(invalid(
-            "url",
-            format!("{shown:?}: only http://host:port upstream proxies are supported"),
-        ));
-    }
+    let scheme = match parsed.scheme_str() {
+        Some(scheme @ ("http" | "https")) if parsed.host().is_some() => scheme,
+        _ => {
+            return Err(invalid(
+                "url",
+                format!("{shown:?}: write http://host:port or https://host:port"),
+            ))
+        }
+    };
     let authority = parsed.authority().map(|a| a.as_str()).unwrap_or_default();
     if authority.contains('@') {
         return Err(invalid(
@@ -315,7 +318,7 @@ pub fn upstream_url(
         ));
     }
     let password = match (&upstream.username, &upstream.password) {
-        (None, None) => return Ok(format!("http://{authority}")),
+        (None, None) => return Ok(format!("{scheme}://{authority}")),
         (Some(_), None) => return Err(invalid("password", "is missing (username is set)".into())),
         (None, Some(_)) => return Err(invalid("username", "is missing (password is set)".into())),
         (Some(_), Some(source)) if read => read_secret(source, "upstream")
@@ -334,7 +337,7 @@ pub fn upstream_url(
     };
     let username = upstream.username.as_deref().unwrap_or_default();
     Ok(format!(
-        "http://{}:{}@{authority}",
+        "{scheme}://{}:{}@{authority}",
         encode(username),
         encode(&password)
     ))
@@ -438,33 +441,11 @@ pub fn telemetry_settings(
         }
         headers.push((name.clone(), value));
     }
-    let mut ca_certificates = Vec::new();
-    if let Some(path) = &telemetry.otlp_ca_file {
-        let path = expand_home(path);
-        let text = std::fs::read(&path).map_err(|e| {
-            invalid(
-                "otlp_ca_file",
-                format!("cannot read {}: {e}", path.display()),
-            )
-        })?;
-        ca_certificates = pem::parse_many(&text)
-            .map_err(|e| {
-                invalid(
-                    "otlp_ca_file",
-                    format!("{} is not PEM: {e}", path.display()),
-                )
-            })?
-            .into_iter()
-            .filter(|p| p.tag() == "CERTIFICATE")
-            .map(|p| rustls::pki_types::CertificateDer::from(p.into_contents()))
-            .collect();
-        if ca_certificates.is_empty() {
-            return Err(invalid(
-                "otlp_ca_file",
-                format!("{} holds no certificate", path.display()),
-            ));
-        }
-    }
+    let ca_certificates = match &telemetry.otlp_ca_file {
+        Some(path) => crate::config::pem_certificates(&expand_home(path))
+            .map_err(|message| invalid("otlp_ca_file", message))?,
+        None => Vec::new(),
+    };
     let mut settings = crate::telemetry::TelemetrySettings::new(endpoint.clone());
     settings.protocol = telemetry.otlp_protocol;
     settings.headers = headers;

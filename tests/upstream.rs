@@ -25,6 +25,8 @@ struct Squid {
     _child: tokio::process::Child,
     url: String,
     log: PathBuf,
+    /// The CA of an `https://` squid's certificate (PEM).
+    ca: Option<PathBuf>,
     _dir: tempfile::TempDir,
 }
 
@@ -36,6 +38,16 @@ impl Squid {
     /// squid requiring `user`'s `password` (its `proxy_auth` ACL, NCSA
     /// passwords) when `auth` is given.
     async fn start_with(auth: Option<(&str, &str)>) -> Option<Squid> {
+        Squid::start_full(auth, false).await
+    }
+
+    /// squid listening with TLS (`https_port`), its certificate for
+    /// 127.0.0.1 issued by a CA of its own.
+    async fn start_tls() -> Option<Squid> {
+        Squid::start_full(None, true).await
+    }
+
+    async fn start_full(auth: Option<(&str, &str)>, tls: bool) -> Option<Squid> {
         if which("squid").is_none() {
             assert!(
                 std::env::var_os("PORTCULLIS_SQUID_REQUIRED").is_none(),
@@ -76,10 +88,46 @@ impl Squid {
             }
             None => "http_access allow localhost\n".to_owned(),
         };
+        let (listen, scheme, ca) = if tls {
+            let mut ca_params = rcgen::CertificateParams::new(Vec::new()).unwrap();
+            ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            ca_params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, "test proxy CA");
+            let ca_key = rcgen::KeyPair::generate().unwrap();
+            let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+            let issuer = rcgen::Issuer::new(ca_params, ca_key);
+            let leaf_key = rcgen::KeyPair::generate().unwrap();
+            let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+                .unwrap()
+                .signed_by(&leaf_key, &issuer)
+                .unwrap();
+            std::fs::write(dir.path().join("proxy.pem"), leaf.pem()).unwrap();
+            std::fs::write(dir.path().join("proxy.key"), leaf_key.serialize_pem()).unwrap();
+            std::fs::write(dir.path().join("ca.pem"), ca_cert.pem()).unwrap();
+            for file in ["proxy.pem", "proxy.key"] {
+                std::fs::set_permissions(
+                    dir.path().join(file),
+                    std::os::unix::fs::PermissionsExt::from_mode(0o644),
+                )
+                .unwrap();
+            }
+            (
+                format!(
+                    "https_port 127.0.0.1:{port} tls-cert={} tls-key={}",
+                    path("proxy.pem"),
+                    path("proxy.key")
+                ),
+                "https",
+                Some(dir.path().join("ca.pem")),
+            )
+        } else {
+            (format!("http_port 127.0.0.1:{port}"), "http", None)
+        };
         std::fs::write(
             dir.path().join("squid.conf"),
             format!(
-                "http_port 127.0.0.1:{port}\n{access}http_access deny all\ncache deny all\ncache_mem 8 MB\npinger_enable off\naccess_log stdio:{}\ncache_log {}\npid_filename {}\ncoredump_dir {}\nhosts_file {}\nshutdown_lifetime 0 seconds\nworkers 1\n",
+                "{listen}\n{access}http_access deny all\ncache deny all\ncache_mem 8 MB\npinger_enable off\naccess_log stdio:{}\ncache_log {}\npid_filename {}\ncoredump_dir {}\nhosts_file {}\nshutdown_lifetime 0 seconds\nworkers 1\n",
                 path("access.log"),
                 path("cache.log"),
                 path("squid.pid"),
@@ -110,8 +158,9 @@ impl Squid {
         }
         Some(Squid {
             _child: child,
-            url: format!("http://127.0.0.1:{port}"),
+            url: format!("{scheme}://127.0.0.1:{port}"),
             log: dir.path().join("access.log"),
+            ca,
             _dir: dir,
         })
     }
@@ -344,7 +393,8 @@ env | grep -c '{password}' || true
 async fn an_upstream_that_cannot_be_used_is_a_config_error_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     for (upstream, key) in [
-        ("url = \"https://proxy.test:3128\"", "upstream.url"),
+        ("url = \"socks5://proxy.test:1080\"", "upstream.url"),
+        ("ca_file = \"/nonexistent/ca.pem\"", "upstream.ca_file"),
         ("url = \"https://u:pw@proxy.test:3128\"", "upstream.url"),
         ("url = \"http://user:pw@proxy.test:3128\"", "upstream.url"),
         ("url = \"http://proxy.test:3128\"\nusername = \"u\"", "upstream.password"),
@@ -407,5 +457,120 @@ async fn each_profile_chains_through_its_own_upstream() {
         log.matches(&format!("CONNECT 127.0.0.1:{port}")).count(),
         1,
         "only the chained profile's request went through the upstream: {log}"
+    );
+}
+
+/// An `https://` upstream with a CA of its own: trusted through
+/// `[upstream] ca_file`, every request goes through it over TLS (plain
+/// HTTP and tunnels alike); without the CA file, nothing goes, and the
+/// refusal names the key.
+#[tokio::test]
+async fn an_https_upstream_is_trusted_through_its_ca_file() {
+    let Some(squid) = Squid::start_tls().await else {
+        return;
+    };
+    let origin = origin().await;
+    let port = origin.addr.port();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = squid.ca.clone().unwrap();
+    let script = format!(
+        r#"curl -s -o /dev/null -w "plain %{{http_code}}\n" http://private.test:{port}/
+curl -s -o /dev/null -w "tunnel %{{http_code}}\n" -p http://private.test:{port}/
+curl -s -D - -o /dev/null http://private.test:{port}/ | tr -d '\r' | grep -i '^x-proxy-error:'
+"#
+    );
+    let toml = |extra: &str| {
+        format!(
+            "[network]\nallowed_domains = [\"private.test\"]\nallow_local_binding = true\n[dns]\nhosts = {{ \"private.test\" = [\"127.0.0.1\"] }}\n[upstream]\nurl = \"{}\"\n{extra}",
+            squid.url
+        )
+    };
+    let (stdout, stderr) = chained(
+        dir.path(),
+        &squid,
+        &toml(&format!("ca_file = {ca:?}\n")),
+        &script,
+    )
+    .await;
+    assert_eq!(stdout, "plain 200\ntunnel 200\n", "{stderr}");
+    let log = squid.log().await;
+    assert!(
+        log.matches(&format!("CONNECT 127.0.0.1:{port}")).count() >= 2,
+        "both went through the https upstream (the third plain request reuses the first's pooled tunnel): {log}"
+    );
+    // Without the CA, the proxy's certificate is not trusted: nothing is
+    // sent, and the answer says what to set.
+    let connects = |log: String| log.matches("CONNECT").count();
+    let before = connects(squid.log().await);
+    let (stdout, stderr) = chained(dir.path(), &squid, &toml(""), &script).await;
+    assert!(
+        stdout.starts_with("plain 502\ntunnel 000\nx-proxy-error: upstream-"),
+        "{stdout}{stderr}"
+    );
+    assert!(stderr.contains("[upstream] ca_file"), "{stderr}");
+    assert_eq!(
+        connects(squid.log().await),
+        before,
+        "no request reached squid (only failed handshakes)"
+    );
+}
+
+/// Real clients under `run`, chained through squid: curl, git (dumb
+/// HTTP), pip (a PEP 503 index) and python `requests` all get their
+/// files, and squid saw every connection (to the vetted address).
+#[tokio::test]
+async fn curl_git_pip_and_python_work_through_run_with_chaining_on() {
+    let Some(squid) = Squid::start().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&root).unwrap();
+    let setup = format!(
+        r#"set -e
+git init -q -b main {work}
+git -C {work} -c user.name=t -c user.email=t@t commit -q --allow-empty -m "through squid"
+git clone -q --bare {work} {root}/repo.git
+git -C {root}/repo.git update-server-info
+echo "plain hello" > {root}/hello.txt
+"#,
+        work = work.display(),
+        root = root.display()
+    );
+    let status = tokio::process::Command::new("sh")
+        .args(["-c", &setup])
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    let wheel = pip_index(&root).await;
+    let port = files(root).await.port();
+    let clone = dir.path().join("clone");
+    let target = dir.path().join("downloaded");
+    let script = format!(
+        r#"curl -sS http://files.test:{port}/hello.txt
+git clone -q http://files.test:{port}/repo.git {clone} && git -C {clone} log --format=%s
+python3 -m pip download --no-deps --disable-pip-version-check --no-cache-dir -q --trusted-host files.test --index-url http://files.test:{port}/simple/ -d {target} demo-pkg && ls {target}
+python3 -c 'import requests; print(requests.get("http://files.test:{port}/hello.txt").text.strip())'
+"#,
+        clone = clone.display(),
+        target = target.display()
+    );
+    let toml = "[network]\nallowed_domains = [\"files.test\"]\nallow_local_binding = true\n[dns]\nhosts = { \"files.test\" = [\"127.0.0.1\"] }\n";
+    let (stdout, stderr) = chained(dir.path(), &squid, toml, &script).await;
+    assert_eq!(
+        stdout,
+        format!("plain hello\nthrough squid\n{wheel}\nplain hello\n"),
+        "{stderr}"
+    );
+    let log = squid.log().await;
+    assert!(
+        log.contains(&format!("CONNECT 127.0.0.1:{port}")),
+        "chained: {log}"
+    );
+    assert!(
+        !log.contains("files.test"),
+        "the upstream was asked for the address: {log}"
     );
 }

@@ -461,6 +461,10 @@ fn upstream_of(
             .allow_upstream_proxy
             .then(|| UpstreamProxies::from_env().resolving(config.upstream.resolve)),
     };
+    let upstream = match upstream {
+        Some(upstream) => Some(upstream.trusting(config.upstream_proxy_roots(origin)?)),
+        None => None,
+    };
     if upstream.is_some() && config.upstream.url.is_none() {
         announce_upstream(config.upstream.resolve);
     }

@@ -88,6 +88,10 @@ pub struct UpstreamConfig {
     /// the upstream resolves names (weaker: a name it resolves to a
     /// private or metadata address is reached).
     pub resolve: crate::upstream::UpstreamResolve,
+    /// A PEM file of CA certificates for an `https://` upstream proxy,
+    /// trusted beside the system's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// One `[[rate_limits]]` entry: requests to the hosts `host` covers (the
@@ -944,6 +948,21 @@ impl Config {
             })
     }
 
+    /// The certificates of `[upstream] ca_file` (none without one).
+    pub fn upstream_proxy_roots(
+        &self,
+        origin: &str,
+    ) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, ConfigError> {
+        match &self.upstream.ca_file {
+            Some(path) => pem_certificates(path).map_err(|message| ConfigError::Invalid {
+                key: "upstream.ca_file".into(),
+                origin: origin.to_owned(),
+                message,
+            }),
+            None => Ok(Vec::new()),
+        }
+    }
+
     /// The certificates of `[mitm] upstream_ca_files`.
     pub fn upstream_roots(
         &self,
@@ -956,18 +975,7 @@ impl Config {
                 origin: origin.to_owned(),
                 message,
             };
-            let text = std::fs::read(path)
-                .map_err(|e| invalid(format!("cannot read {}: {e}", path.display())))?;
-            let certs: Vec<_> = pem::parse_many(&text)
-                .map_err(|e| invalid(format!("{} is not PEM: {e}", path.display())))?
-                .into_iter()
-                .filter(|p| p.tag() == "CERTIFICATE")
-                .map(|p| rustls::pki_types::CertificateDer::from(p.into_contents()))
-                .collect();
-            if certs.is_empty() {
-                return Err(invalid(format!("{} holds no certificate", path.display())));
-            }
-            roots.extend(certs);
+            roots.extend(pem_certificates(path).map_err(invalid)?);
         }
         Ok(roots)
     }
@@ -1387,6 +1395,24 @@ fn too_broad_for_rules(pattern: &Pattern) -> Option<&'static str> {
         }
         _ => None,
     }
+}
+
+/// The certificates of a PEM file; why not, naming the file, when it
+/// cannot be read or holds none.
+pub(crate) fn pem_certificates(
+    path: &Path,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    let text = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let certs: Vec<_> = pem::parse_many(&text)
+        .map_err(|e| format!("{} is not PEM: {e}", path.display()))?
+        .into_iter()
+        .filter(|p| p.tag() == "CERTIFICATE")
+        .map(|p| rustls::pki_types::CertificateDer::from(p.into_contents()))
+        .collect();
+    if certs.is_empty() {
+        return Err(format!("{} holds no certificate", path.display()));
+    }
+    Ok(certs)
 }
 
 #[cfg(test)]

@@ -179,21 +179,23 @@ impl Service<Uri> for VettedConnector {
                 protocol: Protocol::Http,
                 method: &Method::GET,
             };
-            let resolve = upstream
-                .as_ref()
-                .map_or(upstream::UpstreamResolve::Here, |u| u.resolve());
-            let resolve_here = resolve == upstream::UpstreamResolve::Here;
-            let (io, proxied) = match upstream.as_ref().and_then(|u| u.for_uri(&uri)) {
+            let chained = upstream.as_ref().and_then(|u| Some((u, u.for_uri(&uri)?)));
+            let (io, proxied) = match chained {
                 // TLS, and (names resolved here) plain HTTP too, go through
                 // a tunnel to the vetted address: a plain request sent to
                 // the upstream in absolute form would have its `Host`
                 // rewritten to the address by it (RFC 9112 3.2.2).
-                Some(intercept) if uri.scheme_str() == Some("https") || resolve_here => (
-                    upstream::tunnel(&intercept, resolve, refusing, &dialer, &[]).await?,
-                    false,
-                ),
-                Some(intercept) => (
-                    upstream::connect_proxy(&intercept, &dialer, refusing).await?,
+                Some((proxies, intercept))
+                    if uri.scheme_str() == Some("https")
+                        || proxies.resolve() == upstream::UpstreamResolve::Here =>
+                {
+                    (
+                        upstream::tunnel(&intercept, proxies, refusing, &dialer, &[]).await?,
+                        false,
+                    )
+                }
+                Some((proxies, intercept)) => (
+                    upstream::connect_proxy(&intercept, proxies, &dialer, refusing).await?,
                     true,
                 ),
                 None => (dialer.connect(&host, port, refusing).await?, false),
@@ -312,7 +314,7 @@ impl Connector {
             (Some(intercept), Some(upstream)) => {
                 upstream::tunnel(
                     &intercept,
-                    upstream.resolve(),
+                    upstream,
                     Refusing::from(&info),
                     &self.dialer,
                     &via,

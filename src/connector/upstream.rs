@@ -50,6 +50,11 @@ pub struct UpstreamProxies {
     named: bool,
     /// Who resolves names.
     resolve: UpstreamResolve,
+    /// CA certificates trusted for an `https://` upstream proxy, beside
+    /// the system's.
+    extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// TLS to an `https://` upstream proxy, built on first use.
+    tls: std::sync::OnceLock<Result<tokio_rustls::TlsConnector, String>>,
 }
 
 impl fmt::Debug for UpstreamProxies {
@@ -76,10 +81,13 @@ impl UpstreamProxies {
             matcher: Matcher::from_env(),
             named,
             resolve: UpstreamResolve::Here,
+            extra_roots: Vec::new(),
+            tls: std::sync::OnceLock::new(),
         }
     }
 
-    /// Uses one HTTP proxy for everything but `no_proxy` (comma-separated).
+    /// Uses one proxy (`http://` or `https://`) for everything but
+    /// `no_proxy` (comma-separated).
     pub fn fixed(proxy: &str, no_proxy: &str) -> UpstreamProxies {
         UpstreamProxies {
             matcher: Matcher::builder()
@@ -88,7 +96,42 @@ impl UpstreamProxies {
                 .build(),
             named: !proxy.is_empty(),
             resolve: UpstreamResolve::Here,
+            extra_roots: Vec::new(),
+            tls: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Trusts these CA certificates for an `https://` upstream proxy,
+    /// beside the system's (`[upstream] ca_file`).
+    pub fn trusting(
+        mut self,
+        roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    ) -> UpstreamProxies {
+        self.extra_roots = roots;
+        self.tls = std::sync::OnceLock::new();
+        self
+    }
+
+    /// TLS to an `https://` upstream proxy: the system's CAs and ours.
+    fn tls(&self) -> Result<tokio_rustls::TlsConnector, String> {
+        self.tls
+            .get_or_init(|| {
+                let mut roots = rustls::RootCertStore::empty();
+                let (_, ignored) = roots.add_parsable_certificates(self.extra_roots.clone());
+                if ignored > 0 {
+                    return Err("a certificate of [upstream] ca_file could not be used".into());
+                }
+                roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+                let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+                Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+            })
+            .clone()
     }
 
     /// Who resolves names (default: [`UpstreamResolve::Here`]).
@@ -135,32 +178,137 @@ pub(crate) fn display(intercept: &Intercept) -> String {
         "{}://{}:{}",
         uri.scheme_str().unwrap_or("http"),
         uri.host().unwrap_or(""),
-        uri.port_u16().unwrap_or(80)
+        uri.port_u16()
+            .unwrap_or(if uri.scheme_str() == Some("https") {
+                443
+            } else {
+                80
+            })
     )
 }
 
-fn proxy_address(intercept: &Intercept) -> Result<String, BoxError> {
+/// Where the upstream proxy is: its `host:port`, and its host name for
+/// TLS when it is an `https://` proxy.
+fn proxy_address(intercept: &Intercept) -> Result<(String, Option<String>), BoxError> {
     let uri = intercept.uri();
-    if uri.scheme_str() != Some("http") {
-        return Err(
-            format!("upstream proxy {uri}: only http:// upstream proxies are supported").into(),
-        );
-    }
+    let tls = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => {
+            return Err(format!(
+                "upstream proxy {}: only http:// and https:// upstream proxies are supported",
+                display(intercept)
+            )
+            .into())
+        }
+    };
     let host = uri.host().ok_or("the upstream proxy URL has no host")?;
-    Ok(format!("{host}:{}", uri.port_u16().unwrap_or(80)))
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    let name = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    Ok((format!("{host}:{port}"), tls.then_some(name)))
 }
 
-/// Connects to the upstream proxy itself.
+/// A connection to the upstream proxy: TCP, or TLS over it for an
+/// `https://` proxy.
+enum ProxyStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// Connects to the upstream proxy (and speaks TLS to an `https://` one,
+/// checking its certificate against the system's CAs and `ca_file`'s).
+async fn open_proxy(
+    intercept: &Intercept,
+    proxies: &UpstreamProxies,
+    timeout: Duration,
+) -> Result<ProxyStream, UpstreamError> {
+    let failed = |detail: String| UpstreamError {
+        kind: UpstreamErrorKind::Refused,
+        target: format!("upstream proxy {}", display(intercept)),
+        detail,
+    };
+    let (address, tls) = proxy_address(intercept).map_err(|e| failed(e.to_string()))?;
+    let stream = connect_address(&address, timeout).await?;
+    let Some(name) = tls else {
+        return Ok(ProxyStream::Plain(stream));
+    };
+    let server_name = rustls::pki_types::ServerName::try_from(name.clone())
+        .map_err(|e| failed(format!("{name:?} is not a TLS server name: {e}")))?;
+    let connector = proxies.tls().map_err(|e| failed(e.to_string()))?;
+    let handshake = connector.connect(server_name, stream);
+    match tokio::time::timeout(timeout, handshake).await {
+        Ok(Ok(tls)) => Ok(ProxyStream::Tls(Box::new(tls))),
+        Ok(Err(error)) => Err(failed(format!(
+            "TLS to the upstream proxy failed ({error}); if it has a CA of its own, name it in [upstream] ca_file"
+        ))),
+        Err(_) => Err(UpstreamError {
+            kind: UpstreamErrorKind::TimedOut,
+            target: format!("upstream proxy {}", display(intercept)),
+            detail: "the TLS handshake with the upstream proxy timed out".into(),
+        }),
+    }
+}
+
+/// The stream as a `TcpStream`, which the tunnels and the pool take: a
+/// plain connection as it is; TLS relayed through a loopback socket pair
+/// (a task of its own copies between the two until either side ends).
+async fn into_tcp(stream: ProxyStream, timeout: Duration) -> Result<TcpStream, BoxError> {
+    let mut tls = match stream {
+        ProxyStream::Plain(stream) => return Ok(stream),
+        ProxyStream::Tls(tls) => tls,
+    };
+    let pair = async {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+        let ours = TcpStream::connect(listener.local_addr()?).await?;
+        let expected = ours.local_addr()?;
+        // Only our own end is taken: another local program that connects
+        // first is dropped.
+        loop {
+            let (theirs, peer) = listener.accept().await?;
+            if peer == expected {
+                return Ok::<_, std::io::Error>((ours, theirs));
+            }
+        }
+    };
+    let (ours, mut theirs) = match tokio::time::timeout(timeout, pair).await {
+        Ok(Ok(pair)) => pair,
+        Ok(Err(error)) => {
+            return Err(BoxError::from(format!(
+                "could not relay the TLS connection to the upstream proxy: {error}"
+            )))
+        }
+        Err(_) => {
+            return Err(BoxError::from(
+                "could not relay the TLS connection to the upstream proxy in time",
+            ))
+        }
+    };
+    let _ = ours.set_nodelay(true);
+    let _ = theirs.set_nodelay(true);
+    tokio::spawn(async move {
+        let _ = tokio::io::copy_bidirectional(&mut theirs, &mut *tls).await;
+    });
+    Ok(ours)
+}
+
+/// Connects to the upstream proxy itself (absolute-form requests, when
+/// the upstream resolves names).
 pub(crate) async fn connect_proxy(
     intercept: &Intercept,
+    proxies: &UpstreamProxies,
     dialer: &Dialer,
     request: Refusing<'_>,
 ) -> Result<TcpStream, BoxError> {
-    let address = proxy_address(intercept)?;
+    let (address, _) = proxy_address(intercept)?;
     if names_us(&address, dialer.own()).await {
         return Err(chain_into_self(request, &address));
     }
-    Ok(connect_address(&address, dialer.connect_timeout()).await?)
+    let timeout = dialer.connect_timeout();
+    let stream = open_proxy(intercept, proxies, timeout).await?;
+    into_tcp(stream, timeout).await
 }
 
 /// Whether the upstream proxy's address is one of our own listeners.
@@ -201,7 +349,7 @@ async fn connect_address(address: &str, timeout: Duration) -> Result<TcpStream, 
 /// CONNECT client (which reads a bounded reply: 8 KiB, 100 headers).
 pub(crate) async fn tunnel(
     intercept: &Intercept,
-    resolve: UpstreamResolve,
+    proxies: &Arc<UpstreamProxies>,
     request: Refusing<'_>,
     dialer: &Dialer,
     came_through: &[http::HeaderValue],
@@ -209,12 +357,12 @@ pub(crate) async fn tunnel(
     let target = request.target;
     // The address the upstream is asked for: the vetted one, unless the
     // upstream resolves the name.
-    let destination = match pinned(resolve, request, dialer).await? {
+    let destination = match pinned(proxies.resolve(), request, dialer).await? {
         Some(address) => format!("https://{address}/"),
         None => format!("https://{target}/"),
     };
     let timeout = dialer.connect_timeout();
-    let address = proxy_address(intercept)?;
+    let (address, _) = proxy_address(intercept)?;
     if names_us(&address, dialer.own()).await {
         return Err(chain_into_self(request, &address));
     }
@@ -223,11 +371,14 @@ pub(crate) async fn tunnel(
     // passed on as a loop (hyper-util's error does not carry the answer).
     let answer = Arc::new(std::sync::Mutex::new(Vec::new()));
     let recorded = answer.clone();
+    let proxy = intercept.clone();
+    let upstream = proxies.clone();
     let connect = tower::service_fn(move |_: Uri| {
-        let address = address.clone();
+        let proxy = proxy.clone();
+        let upstream = upstream.clone();
         let recorded = recorded.clone();
         async move {
-            connect_address(&address, timeout)
+            open_proxy(&proxy, &upstream, timeout)
                 .await
                 .map(|stream| TokioIo::new(Recording::new(stream, recorded)))
         }
@@ -258,7 +409,7 @@ pub(crate) async fn tunnel(
         .into()
     };
     let error = match tokio::time::timeout(timeout, connector.oneshot(destination)).await {
-        Ok(Ok(io)) => return Ok(io.into_inner().into_inner()),
+        Ok(Ok(io)) => return into_tcp(io.into_inner().into_inner(), timeout).await,
         Ok(Err(error)) => error,
         Err(_) => {
             return Err(upstream_error(
@@ -374,18 +525,64 @@ pin_project_lite::pin_project! {
     /// A stream that keeps a copy of the first bytes it reads.
     struct Recording {
         #[pin]
-        stream: TcpStream,
+        stream: ProxyStream,
         recorded: Arc<std::sync::Mutex<Vec<u8>>>,
     }
 }
 
 impl Recording {
-    fn new(stream: TcpStream, recorded: Arc<std::sync::Mutex<Vec<u8>>>) -> Recording {
+    fn new(stream: ProxyStream, recorded: Arc<std::sync::Mutex<Vec<u8>>>) -> Recording {
         Recording { stream, recorded }
     }
 
-    fn into_inner(self) -> TcpStream {
+    fn into_inner(self) -> ProxyStream {
         self.stream
+    }
+}
+
+impl tokio::io::AsyncRead for ProxyStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ProxyStream::Plain(stream) => std::pin::Pin::new(stream).poll_read(cx, buf),
+            ProxyStream::Tls(stream) => std::pin::Pin::new(&mut **stream).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for ProxyStream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            ProxyStream::Plain(stream) => std::pin::Pin::new(stream).poll_write(cx, buf),
+            ProxyStream::Tls(stream) => std::pin::Pin::new(&mut **stream).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ProxyStream::Plain(stream) => std::pin::Pin::new(stream).poll_flush(cx),
+            ProxyStream::Tls(stream) => std::pin::Pin::new(&mut **stream).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ProxyStream::Plain(stream) => std::pin::Pin::new(stream).poll_shutdown(cx),
+            ProxyStream::Tls(stream) => std::pin::Pin::new(&mut **stream).poll_shutdown(cx),
+        }
     }
 }
 

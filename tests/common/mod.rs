@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -701,4 +702,96 @@ pub async fn python_server(args: &[&str], module: &str) -> Option<(tokio::proces
             None
         }
     }
+}
+
+/// A static file server for `root` (git's dumb HTTP and a PEP 503 index).
+pub async fn files(root: PathBuf) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let root = root.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                    let root = root.clone();
+                    async move { Ok::<_, Infallible>(serve_file(&root, request.uri().path())) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+pub fn serve_file(root: &Path, path: &str) -> Response<Full<Bytes>> {
+    let relative = path.trim_start_matches('/');
+    let mut file = root.join(relative);
+    if relative.split('/').any(|part| part == "..") {
+        file = root.join("missing");
+    }
+    if file.is_dir() {
+        file = file.join("index.html");
+    }
+    let content_type = if file.extension().is_some_and(|e| e == "html") {
+        "text/html"
+    } else {
+        "application/octet-stream"
+    };
+    match std::fs::read(&file) {
+        Ok(bytes) => Response::builder()
+            .header("content-type", content_type)
+            .body(Full::new(Bytes::from(bytes)))
+            .unwrap(),
+        Err(_) => Response::builder()
+            .status(StatusCode::NOT_FOUND)
+            .body(Full::new(Bytes::from_static(b"not found")))
+            .unwrap(),
+    }
+}
+
+/// A PEP 503 index under `root` (`simple/`, `packages/`) holding one
+/// wheel, `demo-pkg` 0.1.0; returns the wheel's file name.
+pub async fn pip_index(root: &Path) -> &'static str {
+    let wheel = "demo_pkg-0.1.0-py3-none-any.whl";
+    let make_wheel = format!(
+        r#"
+import zipfile, base64, hashlib
+files = {{
+    "demo_pkg/__init__.py": b"VERSION = '0.1.0'\n",
+    "demo_pkg-0.1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: demo-pkg\nVersion: 0.1.0\n",
+    "demo_pkg-0.1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+}}
+record = ""
+for name, data in files.items():
+    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    record += f"{{name}},sha256={{digest}},{{len(data)}}\n"
+record += "demo_pkg-0.1.0.dist-info/RECORD,,\n"
+with zipfile.ZipFile("{root}/packages/{wheel}", "w") as z:
+    for name, data in files.items():
+        z.writestr(name, data)
+    z.writestr("demo_pkg-0.1.0.dist-info/RECORD", record)
+"#,
+        root = root.display()
+    );
+    std::fs::create_dir_all(root.join("packages")).unwrap();
+    std::fs::create_dir_all(root.join("simple/demo-pkg")).unwrap();
+    let status = tokio::process::Command::new("python3")
+        .args(["-c", &make_wheel])
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    std::fs::write(
+        root.join("simple/index.html"),
+        "<!DOCTYPE html><html><body><a href=\"demo-pkg/\">demo-pkg</a></body></html>",
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("simple/demo-pkg/index.html"),
+        format!("<!DOCTYPE html><html><body><a href=\"../../packages/{wheel}\">{wheel}</a></body></html>"),
+    )
+    .unwrap();
+    wheel
 }
