@@ -1202,6 +1202,14 @@ where
                 Selection::Selector(selector) => Some(selector.clone()),
                 Selection::Custom(_) => None,
             },
+            upstreams: (
+                self.settings.upstream.clone(),
+                self.settings
+                    .profiles
+                    .iter()
+                    .filter_map(|(name, profile)| Some((name.clone(), profile.upstream.clone()??)))
+                    .collect(),
+            ),
         })
     }
 }
@@ -1241,7 +1249,16 @@ pub struct ProxyHandle {
     profiles: std::collections::BTreeMap<String, PolicyHandle>,
     /// The built-in profile selector, when it chooses.
     selector: Option<SelectProfileLayer>,
+    /// The upstream proxies the connectors chain through.
+    upstreams: Upstreams,
 }
+
+/// The top level's upstream proxies (when it may chain), and those of the
+/// profiles that have their own.
+pub(crate) type Upstreams = (
+    Option<Arc<UpstreamProxies>>,
+    std::collections::BTreeMap<String, Arc<UpstreamProxies>>,
+);
 
 impl ProxyHandle {
     /// Interception, when this proxy has a CA.
@@ -1381,6 +1398,11 @@ impl ProxyHandle {
             credentials.map(|(username, password)| Credentials { username, password }),
             Arc::new(users),
         );
+    }
+
+    /// The live upstream proxies, for the reloader.
+    pub(crate) fn upstream_handles(&self) -> Upstreams {
+        self.upstreams.clone()
     }
 
     /// Each profile's live policy and the selector, for the reloader.

@@ -574,3 +574,81 @@ python3 -c 'import requests; print(requests.get("http://files.test:{port}/hello.
         "the upstream was asked for the address: {log}"
     );
 }
+
+/// A reload changes the upstream: another proxy, with credentials read
+/// again from their file; from the next connection on, nothing restarts.
+/// A password file that cannot be read keeps the old upstream.
+#[tokio::test]
+async fn a_reload_moves_to_another_upstream_with_its_credentials() {
+    let Some(first) = Squid::start().await else {
+        return;
+    };
+    let password = "second-pw-3Kd";
+    let Some(second) = Squid::start_with(Some(("agent", password))).await else {
+        return;
+    };
+    let origin = origin().await;
+    let port = origin.addr.port();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("upstream.pw");
+    std::fs::write(&secret, format!("{password}\n")).unwrap();
+    let base = "[network]\nallowed_domains = [\"ok.test\"]\nallow_local_binding = true\n[dns]\nhosts = { \"ok.test\" = [\"127.0.0.1\"] }\n";
+    let config = dir.path().join("serve.toml");
+    std::fs::write(
+        &config,
+        format!("{base}[upstream]\nurl = {:?}\n", first.url),
+    )
+    .unwrap();
+    let (mut child, proxy) = serve_config(&config).await;
+    let tunnel = || {
+        let proxy = proxy.clone();
+        async move { curl_status(&["-p", "-x", &proxy, &format!("http://ok.test:{port}/")]).await }
+    };
+    assert_eq!(tunnel().await, "200");
+    assert!(first.log().await.contains("CONNECT 127.0.0.1"));
+    // The second squid, with its credentials from the file.
+    std::fs::write(
+        &config,
+        format!(
+            "{base}[upstream]\nurl = {:?}\nusername = \"agent\"\npassword = {{ file = {secret:?} }}\n",
+            second.url
+        ),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !second.log().await.contains("CONNECT 127.0.0.1") {
+        assert!(
+            Instant::now() < deadline,
+            "never chained through the second upstream"
+        );
+        assert_eq!(tunnel().await, "200");
+    }
+    let through_first = first.log().await.matches("CONNECT").count();
+    assert_eq!(tunnel().await, "200");
+    assert_eq!(
+        first.log().await.matches("CONNECT").count(),
+        through_first,
+        "the first upstream is no longer used"
+    );
+    // A password file gone: the reload is refused, the upstream kept.
+    let gone = dir.path().join("gone.pw");
+    std::fs::write(
+        &config,
+        format!(
+            "{base}[upstream]\nurl = {:?}\nusername = \"agent\"\npassword = {{ file = {gone:?} }}\n# changed\n",
+            first.url
+        ),
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(tunnel().await, "200");
+    assert_eq!(
+        first.log().await.matches("CONNECT").count(),
+        through_first,
+        "a reload that cannot read the password changes nothing"
+    );
+    let (status, stderr) = terminate(&mut child).await;
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("upstream.password"), "{stderr}");
+    assert!(!stderr.contains(password), "{stderr}");
+}

@@ -436,7 +436,7 @@ pub struct Prepared {
 /// The upstream proxy `config` chains through, if any (`[upstream] url`,
 /// else the environment's when `allow_upstream_proxy`), said at start
 /// (`whose`: for whom, in that line).
-fn upstream_of(
+pub(super) fn upstream_of(
     config: &Config,
     origin: &str,
     read_secrets: bool,

@@ -87,6 +87,65 @@ pub(crate) struct Started {
     ),
     /// Its `[telemetry]` (a reload does not change the exporter).
     pub(crate) telemetry: crate::config::TelemetryConfig,
+    /// Its upstream proxies: the top level's (when it may chain), and
+    /// those of the profiles with one of their own.
+    pub(crate) upstreams: crate::runner::Upstreams,
+}
+
+/// Each live upstream with what the reloaded file makes of it.
+type Replacements = Vec<(
+    std::sync::Arc<crate::upstream::UpstreamProxies>,
+    crate::upstream::UpstreamProxies,
+)>;
+
+/// The upstream proxies of the reloaded file (url, `no_proxy`,
+/// credentials read again, CA file, `resolve`), all built before any is
+/// stored. What only a restart can change (chaining where the proxy
+/// started direct, a profile that starts or stops having its own) is
+/// said and left.
+fn reload_upstreams(
+    loaded: &super::load::Loaded,
+    started: &Started,
+) -> Result<Replacements, String> {
+    let origin = &loaded.origin;
+    let config = &loaded.config;
+    let mut replacements = Vec::new();
+    let (top, profiles) = &started.upstreams;
+    let now = super::load::upstream_of(config, origin, true, "").map_err(|e| e.to_string())?;
+    match (top, now) {
+        (Some(handle), Some(new)) => replacements.push((handle.clone(), new)),
+        // Chaining turned off: the same handle, now naming no proxy.
+        (Some(handle), None) => replacements.push((
+            handle.clone(),
+            crate::upstream::UpstreamProxies::fixed("", ""),
+        )),
+        (None, Some(_)) => tracing::warn!(
+            "{origin}: chaining through an upstream proxy now, but this proxy started without one: it takes a restart"
+        ),
+        (None, None) => {}
+    }
+    if profiles.is_empty() {
+        return Ok(replacements);
+    }
+    let (built, _) = config.profiles(origin).map_err(|e| e.to_string())?;
+    for (name, handle) in profiles {
+        let Some(profile) = built.get(name) else {
+            continue;
+        };
+        if profile.upstream == config.upstream {
+            tracing::warn!(
+                "{origin}: profile {name} no longer has an upstream of its own; it keeps its own until a restart"
+            );
+            continue;
+        }
+        let new = super::load::upstream_of(profile, origin, true, &format!(" for profile {name}"))
+            .map_err(|e| e.to_string())?;
+        replacements.push((
+            handle.clone(),
+            new.unwrap_or_else(|| crate::upstream::UpstreamProxies::fixed("", "")),
+        ));
+    }
+    Ok(replacements)
 }
 
 /// A reloaded profile set: each profile's policy, the selector, the users.
@@ -167,9 +226,19 @@ fn reload_policy(
             return;
         }
     };
+    let upstreams = match reload_upstreams(&loaded, started) {
+        Ok(upstreams) => upstreams,
+        Err(error) => {
+            tracing::warn!("config not reloaded, keeping the policy in force: {error}");
+            return;
+        }
+    };
     match loaded.config.policy(&loaded.origin) {
         Ok(new) => {
             policy.store(new);
+            for (handle, new) in upstreams {
+                handle.replace(new);
+            }
             let users = match &profiles {
                 Some((policies, selector, users)) => {
                     for (name, new) in policies.clone() {

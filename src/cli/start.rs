@@ -164,6 +164,7 @@ pub(super) async fn start(options: &Options, purpose: Purpose) -> Result<ProxyHa
             secrets,
             profiles: proxy.profile_handles(),
             telemetry: loaded.config.telemetry.clone(),
+            upstreams: proxy.upstream_handles(),
         },
     ));
     Ok(proxy)

@@ -43,8 +43,14 @@ pub enum UpstreamResolve {
     Upstream,
 }
 
-/// The upstream proxies to chain to.
+/// The upstream proxies to chain to. A reload [replaces](Self::replace)
+/// what is in it, and every connector holding it sees the new proxies
+/// from its next connection on.
 pub struct UpstreamProxies {
+    state: arc_swap::ArcSwap<State>,
+}
+
+struct State {
     matcher: Matcher,
     /// Whether any proxy is named at all (else nothing is intercepted).
     named: bool,
@@ -64,6 +70,34 @@ impl fmt::Debug for UpstreamProxies {
 }
 
 impl UpstreamProxies {
+    fn new(matcher: Matcher, named: bool) -> UpstreamProxies {
+        UpstreamProxies {
+            state: arc_swap::ArcSwap::from_pointee(State {
+                matcher,
+                named,
+                resolve: UpstreamResolve::Here,
+                extra_roots: Vec::new(),
+                tls: std::sync::OnceLock::new(),
+            }),
+        }
+    }
+
+    /// Changes the state while it is built (it has one owner then).
+    fn with(self, change: impl FnOnce(&mut State)) -> UpstreamProxies {
+        match Arc::try_unwrap(self.state.into_inner()) {
+            Ok(mut state) => {
+                change(&mut state);
+                UpstreamProxies {
+                    state: arc_swap::ArcSwap::from_pointee(state),
+                }
+            }
+            // Shared already (not while building): left as it is.
+            Err(state) => UpstreamProxies {
+                state: arc_swap::ArcSwap::new(state),
+            },
+        }
+    }
+
     /// Reads the proxy variables of this process's environment.
     pub fn from_env() -> UpstreamProxies {
         // The variables `Matcher::from_env` reads for proxies.
@@ -77,47 +111,52 @@ impl UpstreamProxies {
         ]
         .iter()
         .any(|name| std::env::var_os(name).is_some_and(|value| !value.is_empty()));
-        UpstreamProxies {
-            matcher: Matcher::from_env(),
-            named,
-            resolve: UpstreamResolve::Here,
-            extra_roots: Vec::new(),
-            tls: std::sync::OnceLock::new(),
-        }
+        UpstreamProxies::new(Matcher::from_env(), named)
     }
 
     /// Uses one proxy (`http://` or `https://`) for everything but
     /// `no_proxy` (comma-separated).
     pub fn fixed(proxy: &str, no_proxy: &str) -> UpstreamProxies {
-        UpstreamProxies {
-            matcher: Matcher::builder()
+        UpstreamProxies::new(
+            Matcher::builder()
                 .all(proxy.to_owned())
                 .no(no_proxy.to_owned())
                 .build(),
-            named: !proxy.is_empty(),
-            resolve: UpstreamResolve::Here,
-            extra_roots: Vec::new(),
-            tls: std::sync::OnceLock::new(),
-        }
+            !proxy.is_empty(),
+        )
     }
 
     /// Trusts these CA certificates for an `https://` upstream proxy,
     /// beside the system's (`[upstream] ca_file`).
     pub fn trusting(
-        mut self,
+        self,
         roots: Vec<rustls::pki_types::CertificateDer<'static>>,
     ) -> UpstreamProxies {
-        self.extra_roots = roots;
-        self.tls = std::sync::OnceLock::new();
-        self
+        self.with(|state| {
+            state.extra_roots = roots;
+            state.tls = std::sync::OnceLock::new();
+        })
+    }
+
+    /// Who resolves names (default: [`UpstreamResolve::Here`]).
+    pub fn resolving(self, resolve: UpstreamResolve) -> UpstreamProxies {
+        self.with(|state| state.resolve = resolve)
+    }
+
+    /// From the next connection on, chains as `new` does (a reload):
+    /// connections and tunnels already open are left as they are.
+    pub fn replace(&self, new: UpstreamProxies) {
+        self.state.store(new.state.into_inner());
     }
 
     /// TLS to an `https://` upstream proxy: the system's CAs and ours.
     fn tls(&self) -> Result<tokio_rustls::TlsConnector, String> {
-        self.tls
+        let state = self.state.load();
+        state
+            .tls
             .get_or_init(|| {
                 let mut roots = rustls::RootCertStore::empty();
-                let (_, ignored) = roots.add_parsable_certificates(self.extra_roots.clone());
+                let (_, ignored) = roots.add_parsable_certificates(state.extra_roots.clone());
                 if ignored > 0 {
                     return Err("a certificate of [upstream] ca_file could not be used".into());
                 }
@@ -134,28 +173,23 @@ impl UpstreamProxies {
             .clone()
     }
 
-    /// Who resolves names (default: [`UpstreamResolve::Here`]).
-    pub fn resolving(mut self, resolve: UpstreamResolve) -> UpstreamProxies {
-        self.resolve = resolve;
-        self
-    }
-
     /// Who resolves names.
     pub fn resolve(&self) -> UpstreamResolve {
-        self.resolve
+        self.state.load().resolve
     }
 
     /// The upstream proxy for this destination, if any.
     pub fn for_uri(&self, uri: &Uri) -> Option<Intercept> {
-        if !self.named {
+        let state = self.state.load();
+        if !state.named {
             return None;
         }
-        self.matcher.intercept(uri)
+        state.matcher.intercept(uri)
     }
 
     /// Whether no upstream proxy is named: nothing is chained.
     pub fn is_empty(&self) -> bool {
-        !self.named
+        !self.state.load().named
     }
 }
 
