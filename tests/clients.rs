@@ -113,22 +113,7 @@ async fn git_clones_over_http() {
     let root = dir.path().join("root");
     let work = dir.path().join("work");
     std::fs::create_dir_all(&root).unwrap();
-    let setup = format!(
-        r#"set -e
-git init -q -b main {work}
-git -C {work} -c user.name=t -c user.email=t@t commit -q --allow-empty -m "through the proxy"
-git clone -q --bare {work} {root}/repo.git
-git -C {root}/repo.git update-server-info
-"#,
-        work = work.display(),
-        root = root.display()
-    );
-    let status = tokio::process::Command::new("sh")
-        .args(["-c", &setup])
-        .status()
-        .await
-        .unwrap();
-    assert!(status.success());
+    dumb_git_repo(&root, &work, "through the proxy").await;
     let port = files(root).await.port();
     let clone = dir.path().join("clone");
     let script = format!(

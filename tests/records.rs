@@ -149,24 +149,7 @@ async fn ocsf_records_every_refusal_and_every_allowed_request() {
     std::fs::write(
         &config,
         format!(
-            r#"
-[network]
-allowed_domains = ["127.0.0.1", "rules.test", "audit.test"]
-allow_local_binding = true
-
-[dns.hosts]
-"rules.test" = ["127.0.0.1"]
-"audit.test" = ["127.0.0.1"]
-
-[[rules]]
-host = "rules.test"
-allow = [ {{ methods = ["GET"] }} ]
-
-[[rules]]
-host = "audit.test"
-enforce = false
-allow = [ {{ methods = ["GET"] }} ]
-
+            r#"{RULED_AND_AUDITED}
 [log]
 violations_file = {violations:?}
 access_file = {access:?}

@@ -249,23 +249,7 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 /// A certificate for 127.0.0.1 (its PEM, for `otlp_ca_file`) and an
 /// acceptor offering `alpn`.
 fn tls_for_loopback(alpn: &[u8]) -> (String, tokio_rustls::TlsAcceptor) {
-    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
-    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(rustls::pki_types::PrivatePkcs8KeyDer::from(
-        certified.signing_key.serialize_der(),
-    ));
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(vec![certified.cert.der().clone()], key)
-    .unwrap();
-    config.alpn_protocols = vec![alpn.to_vec()];
-    (
-        certified.cert.pem(),
-        tokio_rustls::TlsAcceptor::from(Arc::new(config)),
-    )
+    self_signed_acceptor("127.0.0.1", &[alpn])
 }
 
 impl Collector {
@@ -401,24 +385,7 @@ fn config_for(
     std::fs::write(
         &config,
         format!(
-            r#"
-[network]
-allowed_domains = ["127.0.0.1", "rules.test", "audit.test"]
-allow_local_binding = true
-
-[dns.hosts]
-"rules.test" = ["127.0.0.1"]
-"audit.test" = ["127.0.0.1"]
-
-[[rules]]
-host = "rules.test"
-allow = [ {{ methods = ["GET"] }} ]
-
-[[rules]]
-host = "audit.test"
-enforce = false
-allow = [ {{ methods = ["GET"] }} ]
-
+            r#"{RULED_AND_AUDITED}
 [telemetry]
 otlp_endpoint = "{endpoint}"
 otlp_protocol = "{protocol}"

@@ -137,7 +137,9 @@ impl Squid {
         )
         .unwrap();
         let child = tokio::process::Command::new("squid")
-            .args(["-N", "-f"])
+            // A service name of its own: squids started at once would
+            // otherwise share (and fight over) their shared-memory names.
+            .args(["-N", "-n", &format!("portcullistest{port}"), "-f"])
             .arg(dir.path().join("squid.conf"))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -527,23 +529,8 @@ async fn curl_git_pip_and_python_work_through_run_with_chaining_on() {
     let root = dir.path().join("root");
     let work = dir.path().join("work");
     std::fs::create_dir_all(&root).unwrap();
-    let setup = format!(
-        r#"set -e
-git init -q -b main {work}
-git -C {work} -c user.name=t -c user.email=t@t commit -q --allow-empty -m "through squid"
-git clone -q --bare {work} {root}/repo.git
-git -C {root}/repo.git update-server-info
-echo "plain hello" > {root}/hello.txt
-"#,
-        work = work.display(),
-        root = root.display()
-    );
-    let status = tokio::process::Command::new("sh")
-        .args(["-c", &setup])
-        .status()
-        .await
-        .unwrap();
-    assert!(status.success());
+    dumb_git_repo(&root, &work, "through squid").await;
+    std::fs::write(root.join("hello.txt"), "plain hello\n").unwrap();
     let wheel = pip_index(&root).await;
     let port = files(root).await.port();
     let clone = dir.path().join("clone");

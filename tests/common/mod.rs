@@ -393,20 +393,7 @@ pub fn mitm_config(dir: &std::path::Path, pem: &str) -> std::path::PathBuf {
 /// An HTTPS origin for `secure.test` with a self-signed certificate; the
 /// PEM is what clients trust.
 pub async fn https_origin() -> (SocketAddr, String) {
-    let certified = rcgen::generate_simple_self_signed(vec!["secure.test".to_owned()]).unwrap();
-    let pem = certified.cert.pem();
-    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(rustls::pki_types::PrivatePkcs8KeyDer::from(
-        certified.signing_key.serialize_der(),
-    ));
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(vec![certified.cert.der().clone()], key)
-    .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let (pem, acceptor) = self_signed_acceptor("secure.test", &[]);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -795,3 +782,69 @@ with zipfile.ZipFile("{root}/packages/{wheel}", "w") as z:
     .unwrap();
     wheel
 }
+
+/// A TLS acceptor with a self-signed certificate for `name` (a host name
+/// or an IP address) offering `alpn`; the certificate's PEM is what
+/// clients trust.
+pub fn self_signed_acceptor(name: &str, alpn: &[&[u8]]) -> (String, tokio_rustls::TlsAcceptor) {
+    let certified = rcgen::generate_simple_self_signed(vec![name.to_owned()]).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(rustls::pki_types::PrivatePkcs8KeyDer::from(
+        certified.signing_key.serialize_der(),
+    ));
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![certified.cert.der().clone()], key)
+    .unwrap();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    (
+        certified.cert.pem(),
+        tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+    )
+}
+
+/// A bare repository `root/repo.git` with one commit (`message`), made in
+/// `work`, ready for git's dumb HTTP.
+pub async fn dumb_git_repo(root: &Path, work: &Path, message: &str) {
+    let setup = format!(
+        r#"set -e
+git init -q -b main {work}
+git -C {work} -c user.name=t -c user.email=t@t commit -q --allow-empty -m "{message}"
+git clone -q --bare {work} {root}/repo.git
+git -C {root}/repo.git update-server-info
+"#,
+        work = work.display(),
+        root = root.display()
+    );
+    let status = tokio::process::Command::new("sh")
+        .args(["-c", &setup])
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+}
+
+/// A policy for the record tests: loopback allowed, `rules.test` ruled
+/// (GET only, enforced), `audit.test` ruled in audit mode, both on
+/// loopback; the rest of the file is the caller's.
+pub const RULED_AND_AUDITED: &str = r#"
+[network]
+allowed_domains = ["127.0.0.1", "rules.test", "audit.test"]
+allow_local_binding = true
+
+[dns.hosts]
+"rules.test" = ["127.0.0.1"]
+"audit.test" = ["127.0.0.1"]
+
+[[rules]]
+host = "rules.test"
+allow = [ { methods = ["GET"] } ]
+
+[[rules]]
+host = "audit.test"
+enforce = false
+allow = [ { methods = ["GET"] } ]
+"#;
