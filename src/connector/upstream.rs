@@ -48,6 +48,9 @@ pub enum UpstreamResolve {
 /// from its next connection on.
 pub struct UpstreamProxies {
     state: arc_swap::ArcSwap<State>,
+    /// The state's `named`, read without loading the state: the common
+    /// case (no upstream) costs one relaxed load per request.
+    named: std::sync::atomic::AtomicBool,
 }
 
 struct State {
@@ -72,6 +75,7 @@ impl fmt::Debug for UpstreamProxies {
 impl UpstreamProxies {
     fn new(matcher: Matcher, named: bool) -> UpstreamProxies {
         UpstreamProxies {
+            named: std::sync::atomic::AtomicBool::new(named),
             state: arc_swap::ArcSwap::from_pointee(State {
                 matcher,
                 named,
@@ -84,15 +88,18 @@ impl UpstreamProxies {
 
     /// Changes the state while it is built (it has one owner then).
     fn with(self, change: impl FnOnce(&mut State)) -> UpstreamProxies {
+        let named = self.named;
         match Arc::try_unwrap(self.state.into_inner()) {
             Ok(mut state) => {
                 change(&mut state);
                 UpstreamProxies {
+                    named,
                     state: arc_swap::ArcSwap::from_pointee(state),
                 }
             }
             // Shared already (not while building): left as it is.
             Err(state) => UpstreamProxies {
+                named,
                 state: arc_swap::ArcSwap::new(state),
             },
         }
@@ -146,7 +153,10 @@ impl UpstreamProxies {
     /// From the next connection on, chains as `new` does (a reload):
     /// connections and tunnels already open are left as they are.
     pub fn replace(&self, new: UpstreamProxies) {
+        let named = new.named.into_inner();
         self.state.store(new.state.into_inner());
+        self.named
+            .store(named, std::sync::atomic::Ordering::Release);
     }
 
     /// TLS to an `https://` upstream proxy: the system's CAs and ours.
@@ -180,6 +190,9 @@ impl UpstreamProxies {
 
     /// The upstream proxy for this destination, if any.
     pub fn for_uri(&self, uri: &Uri) -> Option<Intercept> {
+        if self.is_empty() {
+            return None;
+        }
         let state = self.state.load();
         if !state.named {
             return None;
@@ -189,7 +202,7 @@ impl UpstreamProxies {
 
     /// Whether no upstream proxy is named: nothing is chained.
     pub fn is_empty(&self) -> bool {
-        !self.state.load().named
+        !self.named.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 
