@@ -106,6 +106,71 @@ struct Mirror {
     _gauges: Vec<opentelemetry::metrics::ObservableGauge<i64>>,
 }
 
+/// A metric's name (without the `portcullis_` prefix) and its help, the
+/// same on `/metrics` and over OTLP.
+#[derive(Debug, Clone, Copy)]
+struct Named {
+    name: &'static str,
+    help: &'static str,
+}
+
+impl Named {
+    /// Its OTLP instrument name: `portcullis_NAME`.
+    fn otlp(self) -> String {
+        format!("portcullis_{}", self.name)
+    }
+}
+
+const REQUESTS_ALLOWED: Named = Named {
+    name: "requests_allowed",
+    help: "Requests and connections let through, by protocol",
+};
+
+const REQUESTS_REFUSED: Named = Named {
+    name: "requests_refused",
+    help: "Refusals, by reason (the violation log's)",
+};
+
+const PROFILE_REQUESTS_ALLOWED: Named = Named {
+    name: "profile_requests_allowed",
+    help: "Requests and connections let through, by profile and protocol",
+};
+
+const PROFILE_REQUESTS_REFUSED: Named = Named {
+    name: "profile_requests_refused",
+    help: "Refusals of requests given a profile, by profile and reason",
+};
+
+const CONNECTIONS_OPEN: Named = Named {
+    name: "connections_open",
+    help: "Client connections being served",
+};
+
+const TUNNELS_OPEN: Named = Named {
+    name: "tunnels_open",
+    help: "CONNECT and SOCKS5 tunnels open",
+};
+
+const APPROVALS_PENDING: Named = Named {
+    name: "approvals_pending",
+    help: "Questions waiting for an approver",
+};
+
+const BYTES: Named = Named {
+    name: "bytes",
+    help: "Bytes relayed: up (client to origin, through tunnels) and down (to clients)",
+};
+
+const SECRETS_FOUND: Named = Named {
+    name: "secrets_found",
+    help: "Secrets the scan found, by detector and decision (deny: refused, audit: let through); never the value",
+};
+
+const TELEMETRY_DROPPED: Named = Named {
+    name: "telemetry_dropped",
+    help: "Records (signal logs) or metric exports (signal metrics) the OTLP exporter lost: queue_full, export_failed",
+};
+
 /// One proxy's counters.
 #[derive(Debug)]
 pub(crate) struct Metrics {
@@ -135,62 +200,50 @@ impl Metrics {
         let mut registry = Registry::with_prefix("portcullis");
         let allowed = Family::<ProtocolLabel, Counter>::default();
         registry.register(
-            "requests_allowed",
-            "Requests and connections let through, by protocol",
+            REQUESTS_ALLOWED.name,
+            REQUESTS_ALLOWED.help,
             allowed.clone(),
         );
         let refused = Family::<ReasonLabel, Counter>::default();
         registry.register(
-            "requests_refused",
-            "Refusals, by reason (the violation log's)",
+            REQUESTS_REFUSED.name,
+            REQUESTS_REFUSED.help,
             refused.clone(),
         );
         let profile_allowed = Family::<ProfileProtocolLabel, Counter>::default();
         registry.register(
-            "profile_requests_allowed",
-            "Requests and connections let through, by profile and protocol",
+            PROFILE_REQUESTS_ALLOWED.name,
+            PROFILE_REQUESTS_ALLOWED.help,
             profile_allowed.clone(),
         );
         let profile_refused = Family::<ProfileReasonLabel, Counter>::default();
         registry.register(
-            "profile_requests_refused",
-            "Refusals of requests given a profile, by profile and reason",
+            PROFILE_REQUESTS_REFUSED.name,
+            PROFILE_REQUESTS_REFUSED.help,
             profile_refused.clone(),
         );
         let connections_open = Gauge::default();
         registry.register(
-            "connections_open",
-            "Client connections being served",
+            CONNECTIONS_OPEN.name,
+            CONNECTIONS_OPEN.help,
             connections_open.clone(),
         );
         let tunnels_open = Gauge::default();
-        registry.register(
-            "tunnels_open",
-            "CONNECT and SOCKS5 tunnels open",
-            tunnels_open.clone(),
-        );
+        registry.register(TUNNELS_OPEN.name, TUNNELS_OPEN.help, tunnels_open.clone());
         let approvals_pending = Gauge::default();
         registry.register(
-            "approvals_pending",
-            "Questions waiting for an approver",
+            APPROVALS_PENDING.name,
+            APPROVALS_PENDING.help,
             approvals_pending.clone(),
         );
         let bytes = Family::<DirectionLabel, Counter>::default();
-        registry.register(
-            "bytes",
-            "Bytes relayed: up (client to origin, through tunnels) and down (to clients)",
-            bytes.clone(),
-        );
+        registry.register(BYTES.name, BYTES.help, bytes.clone());
         let secrets = Family::<SecretLabel, Counter>::default();
-        registry.register(
-            "secrets_found",
-            "Secrets the scan found, by detector and decision (deny: refused, audit: let through); never the value",
-            secrets.clone(),
-        );
+        registry.register(SECRETS_FOUND.name, SECRETS_FOUND.help, secrets.clone());
         let dropped = Family::<DroppedLabel, Counter>::default();
         registry.register(
-            "telemetry_dropped",
-            "Records (signal logs) or metric exports (signal metrics) the OTLP exporter lost: queue_full, export_failed",
+            TELEMETRY_DROPPED.name,
+            TELEMETRY_DROPPED.help,
             dropped.clone(),
         );
         Metrics {
@@ -286,66 +339,34 @@ impl Metrics {
         meter: &opentelemetry::metrics::Meter,
         pending: Arc<dyn Fn() -> usize + Send + Sync>,
     ) {
-        let counter = |name: &'static str, description: &'static str| {
+        let counter = |named: Named| {
             meter
-                .u64_counter(name)
-                .with_description(description)
+                .u64_counter(named.otlp())
+                .with_description(named.help)
                 .build()
         };
-        let gauge = |name: &'static str,
-                     description: &'static str,
-                     read: Box<dyn Fn() -> i64 + Send + Sync>| {
+        let gauge = |named: Named, read: Box<dyn Fn() -> i64 + Send + Sync>| {
             meter
-                .i64_observable_gauge(name)
-                .with_description(description)
+                .i64_observable_gauge(named.otlp())
+                .with_description(named.help)
                 .with_callback(move |observer| observer.observe(read(), &[]))
                 .build()
         };
         let connections = self.connections_open.clone();
         let tunnels = self.tunnels_open.clone();
         let mirror = Mirror {
-            allowed: counter(
-                "portcullis_requests_allowed",
-                "Requests and connections let through, by protocol",
-            ),
-            refused: counter(
-                "portcullis_requests_refused",
-                "Refusals, by reason (the violation log's)",
-            ),
-            profile_allowed: counter(
-                "portcullis_profile_requests_allowed",
-                "Requests and connections let through, by profile and protocol",
-            ),
-            profile_refused: counter(
-                "portcullis_profile_requests_refused",
-                "Refusals of requests given a profile, by profile and reason",
-            ),
-            bytes: counter(
-                "portcullis_bytes",
-                "Bytes relayed: up (client to origin, through tunnels) and down (to clients)",
-            ),
-            secrets: counter(
-                "portcullis_secrets_found",
-                "Secrets the scan found, by detector and decision; never the value",
-            ),
-            dropped: counter(
-                "portcullis_telemetry_dropped",
-                "Records or metric exports the OTLP exporter lost",
-            ),
+            allowed: counter(REQUESTS_ALLOWED),
+            refused: counter(REQUESTS_REFUSED),
+            profile_allowed: counter(PROFILE_REQUESTS_ALLOWED),
+            profile_refused: counter(PROFILE_REQUESTS_REFUSED),
+            bytes: counter(BYTES),
+            secrets: counter(SECRETS_FOUND),
+            dropped: counter(TELEMETRY_DROPPED),
             _gauges: vec![
+                gauge(CONNECTIONS_OPEN, Box::new(move || connections.get())),
+                gauge(TUNNELS_OPEN, Box::new(move || tunnels.get())),
                 gauge(
-                    "portcullis_connections_open",
-                    "Client connections being served",
-                    Box::new(move || connections.get()),
-                ),
-                gauge(
-                    "portcullis_tunnels_open",
-                    "CONNECT and SOCKS5 tunnels open",
-                    Box::new(move || tunnels.get()),
-                ),
-                gauge(
-                    "portcullis_approvals_pending",
-                    "Questions waiting for an approver",
+                    APPROVALS_PENDING,
                     Box::new(move || i64::try_from(pending()).unwrap_or(i64::MAX)),
                 ),
             ],

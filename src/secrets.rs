@@ -415,14 +415,14 @@ pub fn telemetry_settings(
     if telemetry.service_name.trim().is_empty() {
         return Err(invalid("service_name", "must not be empty".into()));
     }
-    let mut headers = Vec::new();
+    let mut headers = http::HeaderMap::new();
     for (name, source) in &telemetry.otlp_headers {
-        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+        let Ok(key) = http::HeaderName::from_bytes(name.as_bytes()) else {
             return Err(invalid(
                 "otlp_headers",
                 format!("{name:?} is not a header name"),
             ));
-        }
+        };
         let value = if read {
             read_secret(source, name).map_err(|message| {
                 invalid(
@@ -433,13 +433,14 @@ pub fn telemetry_settings(
         } else {
             format!("{{{name} header}}")
         };
-        if http::HeaderValue::from_str(&value).is_err() {
+        // Visible ASCII only: what both the gRPC metadata and HTTP take.
+        let Ok(value) = http::HeaderValue::from_str(&value) else {
             return Err(invalid(
                 &format!("otlp_headers.{name}"),
                 "its value is not a valid header value (a newline or control character?)".into(),
             ));
-        }
-        headers.push((name.clone(), value));
+        };
+        headers.append(key, value);
     }
     let ca_certificates = match &telemetry.otlp_ca_file {
         Some(path) => crate::config::pem_certificates(&expand_home(path))

@@ -81,7 +81,7 @@ pub struct TelemetrySettings {
     /// gRPC or HTTP/protobuf.
     pub protocol: OtlpProtocol,
     /// Headers every export sends (`authorization`, `x-api-key`…).
-    pub headers: Vec<(String, String)>,
+    pub headers: http::HeaderMap,
     /// Extra CA certificates (PEM, DER-decoded) for an `https://` collector,
     /// beside the system's.
     pub ca_certificates: Vec<rustls::pki_types::CertificateDer<'static>>,
@@ -102,7 +102,7 @@ pub struct TelemetrySettings {
 impl std::fmt::Debug for TelemetrySettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Header values are credentials: their names only.
-        let headers: Vec<&str> = self.headers.iter().map(|(name, _)| name.as_str()).collect();
+        let headers: Vec<&str> = self.headers.keys().map(|name| name.as_str()).collect();
         f.debug_struct("TelemetrySettings")
             .field("endpoint", &self.endpoint)
             .field("protocol", &self.protocol)
@@ -124,17 +124,26 @@ impl TelemetrySettings {
         TelemetrySettings {
             endpoint: endpoint.into(),
             protocol: OtlpProtocol::Grpc,
-            headers: Vec::new(),
+            headers: http::HeaderMap::new(),
             ca_certificates: Vec::new(),
-            service_name: "portcullis".into(),
+            service_name: DEFAULT_SERVICE_NAME.into(),
             service_instance_id: default_instance_id(),
             export_access: true,
-            queue_size: 2048,
-            metrics_interval: Duration::from_secs(30),
-            export_timeout: Duration::from_secs(10),
+            queue_size: DEFAULT_QUEUE_SIZE,
+            metrics_interval: DEFAULT_METRICS_INTERVAL,
+            export_timeout: DEFAULT_EXPORT_TIMEOUT,
         }
     }
 }
+
+/// `service.name` unless set.
+pub const DEFAULT_SERVICE_NAME: &str = "portcullis";
+/// Records waiting or being sent, at most, unless set.
+pub const DEFAULT_QUEUE_SIZE: usize = 2048;
+/// How often the metrics are sent, unless set.
+pub const DEFAULT_METRICS_INTERVAL: Duration = Duration::from_secs(30);
+/// How long one export may take, unless set.
+pub const DEFAULT_EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `HOST/PID`: which process of which machine sent a record.
 pub fn default_instance_id() -> String {
@@ -380,7 +389,7 @@ fn exporters(
     match settings.protocol {
         OtlpProtocol::Grpc => {
             let metadata = opentelemetry_otlp::tonic_types::metadata::MetadataMap::from_headers(
-                header_map(&settings.headers)?,
+                settings.headers.clone(),
             );
             let tls = endpoint.starts_with("https://").then(|| {
                 let mut tls = opentelemetry_otlp::tonic_types::transport::ClientTlsConfig::new()
@@ -416,8 +425,17 @@ fn exporters(
         }
         OtlpProtocol::HttpProtobuf => {
             let client = http_client(settings)?;
-            let headers: std::collections::HashMap<String, String> =
-                settings.headers.iter().cloned().collect();
+            // Checked as header values when read: visible ASCII.
+            let headers: std::collections::HashMap<String, String> = settings
+                .headers
+                .iter()
+                .map(|(name, value)| {
+                    (
+                        name.to_string(),
+                        String::from_utf8_lossy(value.as_bytes()).into_owned(),
+                    )
+                })
+                .collect();
             let logs = opentelemetry_otlp::LogExporter::builder()
                 .with_http()
                 .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
@@ -442,26 +460,6 @@ fn exporters(
 
 fn invalid(key: &str, message: String) -> opentelemetry_otlp::ExporterBuildError {
     opentelemetry_otlp::ExporterBuildError::InvalidConfiguration(format!("{key}: {message}"))
-}
-
-/// The headers as an HTTP header map; a name or value HTTP refuses is an
-/// error naming it (never the value).
-pub(crate) fn header_map(
-    headers: &[(String, String)],
-) -> Result<http::HeaderMap, opentelemetry_otlp::ExporterBuildError> {
-    let mut map = http::HeaderMap::new();
-    for (name, value) in headers {
-        let key = http::HeaderName::from_bytes(name.as_bytes())
-            .map_err(|_| invalid("otlp_headers", format!("{name:?} is not a header name")))?;
-        let value = http::HeaderValue::from_str(value).map_err(|_| {
-            invalid(
-                "otlp_headers",
-                format!("the value of {name:?} is not a valid header value"),
-            )
-        })?;
-        map.append(key, value);
-    }
-    Ok(map)
 }
 
 type Https = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;

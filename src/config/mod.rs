@@ -451,18 +451,18 @@ pub struct TelemetryConfig {
 
 impl Default for TelemetryConfig {
     fn default() -> TelemetryConfig {
-        let defaults = crate::telemetry::TelemetrySettings::new("");
+        use crate::telemetry as t;
         TelemetryConfig {
             otlp_endpoint: None,
-            otlp_protocol: defaults.protocol,
+            otlp_protocol: t::OtlpProtocol::default(),
             otlp_headers: BTreeMap::new(),
             otlp_ca_file: None,
-            service_name: defaults.service_name,
+            service_name: t::DEFAULT_SERVICE_NAME.into(),
             service_instance_id: None,
-            export_access: defaults.export_access,
-            queue_size: defaults.queue_size,
-            metrics_interval: defaults.metrics_interval,
-            export_timeout: defaults.export_timeout,
+            export_access: true,
+            queue_size: t::DEFAULT_QUEUE_SIZE,
+            metrics_interval: t::DEFAULT_METRICS_INTERVAL,
+            export_timeout: t::DEFAULT_EXPORT_TIMEOUT,
         }
     }
 }
