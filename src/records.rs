@@ -223,13 +223,12 @@ impl AccessFile {
             }
             _ => access,
         };
-        let event = match (&self.telemetry, self.format) {
-            (Some(_), _) | (None, RecordFormat::Ocsf) => Some(ocsf_access(access)),
-            (None, RecordFormat::Json) => None,
-        };
+        // The OCSF event, built once for the file and the export alike.
+        let event = (self.format == RecordFormat::Ocsf || self.telemetry.is_some())
+            .then(|| ocsf_access(access));
         if let Some(file) = &self.file {
-            match (self.format, &event) {
-                (RecordFormat::Ocsf, Some(event)) => file.write_json(event),
+            match &event {
+                Some(event) if self.format == RecordFormat::Ocsf => file.write_json(event),
                 _ => file.write_json(&access.to_json()),
             }
         }

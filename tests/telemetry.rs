@@ -833,3 +833,38 @@ async fn an_https_collector_is_trusted_through_its_ca_file_and_only_then() {
         }
     }
 }
+
+/// The variables the collector's headers and the metrics token are read
+/// from never reach `run`'s command.
+#[tokio::test]
+async fn the_secrets_of_telemetry_and_metrics_never_reach_run_s_command() {
+    let collector = Collector::start(
+        Wire::Grpc,
+        "127.0.0.1:0".parse().unwrap(),
+        Shared::default(),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_for(
+        dir.path(),
+        &format!("http://{}", collector.addr),
+        "grpc",
+        "\n[metrics]\nlisten = \"127.0.0.1:0\"\nbearer_token = { env = \"METRICS_TOKEN\" }\n",
+    );
+    let (code, stdout, stderr) = output(
+        portcullis()
+            .env("COLLECTOR_KEY", API_KEY)
+            .env("METRICS_TOKEN", "metrics-t0ken-9d")
+            .args(["run", "--config"])
+            .arg(&config)
+            .args([
+                "--",
+                "sh",
+                "-c",
+                "env | grep -c -e otlp-key -e metrics-t0ken -e COLLECTOR_KEY -e METRICS_TOKEN || true",
+            ]),
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout.trim(), "0", "{stderr}");
+}

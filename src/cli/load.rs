@@ -342,7 +342,7 @@ impl Loaded {
         }
         // The variables the upstream's password, the metrics token and the
         // collector's headers are read from are never a child's either.
-        let upstream_variable: Vec<String> = config
+        let secret_variables: Vec<String> = config
             .upstream
             .password
             .iter()
@@ -353,15 +353,15 @@ impl Loaded {
         let secrets = match secrets {
             Some(loaded) => {
                 let mut removed = loaded.removed;
-                removed.extend(upstream_variable);
+                removed.extend(secret_variables);
                 builder = builder
                     .inject_credentials(loaded.credentials)
                     .child_variables(loaded.placeholders, removed);
                 Some(loaded.store)
             }
             None => {
-                if !upstream_variable.is_empty() {
-                    builder = builder.child_variables(Vec::new(), upstream_variable);
+                if !secret_variables.is_empty() {
+                    builder = builder.child_variables(Vec::new(), secret_variables);
                 }
                 None
             }
