@@ -889,29 +889,16 @@ where
     /// [`ProxyHandle::ingress`].
     fn build_service(&self) -> Result<ProxyService, StartError> {
         let provider = self.settings.crypto.clone();
-        let mut roots = rustls::RootCertStore::empty();
-        let (added, ignored) =
-            roots.add_parsable_certificates(self.settings.upstream_roots.clone());
-        if ignored > 0 {
-            tracing::warn!(
-                added,
-                ignored,
-                "some extra upstream CA certificates could not be used"
-            );
-        }
-        let native = rustls_native_certs::load_native_certs();
-        for error in &native.errors {
-            tracing::debug!(%error, "while loading the system's CA certificates");
-        }
-        let (added, ignored) = roots.add_parsable_certificates(native.certs);
-        tracing::debug!(
-            added,
-            ignored,
-            "system CA certificates for https:// upstreams"
+        // The system's CAs are read on the first TLS handshake that needs
+        // them, not here: most runs never open one.
+        let roots = crate::connector::SystemRoots::new(
+            self.settings.upstream_roots.clone(),
+            provider.clone(),
         );
         let tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(roots))
             .with_no_client_auth();
         let violations = self.violation_layer();
         let approval = self

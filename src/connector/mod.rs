@@ -26,6 +26,7 @@ mod eof;
 mod judge;
 mod kept;
 pub mod resolve;
+mod roots;
 mod unix;
 pub mod upstream;
 
@@ -38,9 +39,11 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Method, Request, Response, Uri};
+
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+pub(crate) use roots::SystemRoots;
 use tokio::net::TcpStream;
 use tower::Service;
 
