@@ -140,9 +140,19 @@ fn reap(pids: &[i32]) {
 }
 
 /// Every live (not zombie) process whose parent chain reaches this one.
+/// None when this process has no children at all: as a subreaper it holds
+/// every orphan below it, so that one system call answers the common case
+/// (the command exited and left nothing) without reading every process's
+/// parent from `/proc`.
 #[cfg(target_os = "linux")]
 fn descendants() -> Vec<i32> {
+    use nix::sys::wait::{waitid, Id, WaitPidFlag};
     let me = i32::try_from(std::process::id()).unwrap_or(i32::MAX);
+    // WNOWAIT: only asks; a child that has exited stays to be reaped.
+    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+    if waitid(Id::All, flags) == Err(nix::errno::Errno::ECHILD) {
+        return Vec::new();
+    }
     let mut parents: Vec<(i32, i32)> = Vec::new();
     if let Ok(entries) = std::fs::read_dir("/proc") {
         for entry in entries.flatten() {
@@ -153,18 +163,7 @@ fn descendants() -> Vec<i32> {
             else {
                 continue;
             };
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-                continue;
-            };
-            // After the command name (in parentheses): state, then ppid.
-            let mut fields = stat
-                .rsplit_once(')')
-                .map(|(_, rest)| rest)
-                .unwrap_or("")
-                .split_whitespace();
-            let (Some(state), Some(ppid)) =
-                (fields.next(), fields.next().and_then(|p| p.parse().ok()))
-            else {
+            let Some((state, ppid)) = state_and_parent(pid) else {
                 continue;
             };
             if state != "Z" && state != "X" {
@@ -185,4 +184,14 @@ fn descendants() -> Vec<i32> {
     }
     found.retain(|pid| *pid != me);
     found
+}
+
+/// State and parent of `pid`, from `/proc/PID/stat`.
+#[cfg(target_os = "linux")]
+fn state_and_parent(pid: i32) -> Option<(String, i32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name (in parentheses): state, then ppid.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+    let state = fields.next()?.to_string();
+    Some((state, fields.next()?.parse().ok()?))
 }
