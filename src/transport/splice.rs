@@ -3,10 +3,12 @@
 //!
 //! Two socket-to-socket tunnels (CONNECT and SOCKS5 `CONNECT`, the common
 //! case) go through [`tcp`], which holds nothing while a tunnel is idle: a
-//! direction takes a pipe (Linux: splice(2), socket → pipe → socket, the
-//! bytes never in user space) or a buffer (elsewhere) from a small
-//! per-thread pool when its socket is readable, and gives it back once the
-//! bytes are written. An idle tunnel
+//! direction takes a buffer from a small per-thread pool when its socket
+//! is readable and gives it back once the bytes are written. Small reads
+//! (a request, an answer) are copied: one read, one write. Bulk (a read
+//! that fills the buffer) goes socket → pipe → socket with splice(2) on
+//! Linux, the bytes never in user space, through a pooled pipe, until the
+//! reads are small again. An idle tunnel
 //! costs its task and its two sockets, not 2 × 64 KiB, so ten thousand
 //! held tunnels do not pin hundreds of megabytes, and memory returns after
 //! a burst. Other streams (upgrades, a client behind TLS) use
@@ -69,8 +71,8 @@ pub(crate) async fn tcp(
     let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
     let both = async {
         tokio::try_join!(
-            pump(client, upstream, start, &last, &up),
-            pump(upstream, client, start, &last, &down)
+            pump(client, upstream, start, &last, &up, SPLICES),
+            pump(upstream, client, start, &last, &down, SPLICES)
         )
     };
     watch_idle(both, start, &last, idle).await;
@@ -112,22 +114,103 @@ impl Moved {
 }
 
 /// One direction: `from` → `to`, until `from` ends (then `to`'s sending
-/// half is shut down) or an error. On Linux the bytes go socket → pipe →
-/// socket with splice(2) and never enter user space; elsewhere (or if the
-/// kernel refuses splice on these sockets) through a pooled buffer.
+/// half is shut down) or an error. Small reads are copied through a
+/// pooled buffer: one read and one write, the fewest system calls for a
+/// request or an answer of a few hundred bytes. A read that fills the
+/// buffer means a bulk transfer: on Linux the direction then moves bytes
+/// socket → pipe → socket with splice(2), never into user space, until a
+/// splice comes back short of a buffer's worth (or the kernel refuses
+/// splice on these sockets, and it copies from then on).
 async fn pump(
     from: &TcpStream,
     to: &TcpStream,
     start: Instant,
     last: &AtomicU64,
     moved: &AtomicU64,
+    mut splices: bool,
 ) -> io::Result<()> {
-    #[cfg(target_os = "linux")]
-    match pump_with::<Pipe>(from, to, start, last, moved).await {
-        Err(error) if error.raw_os_error() == Some(nix::libc::EINVAL) => {}
-        done => return done,
+    let mut bulk = false;
+    loop {
+        from.readable().await?;
+        #[cfg(target_os = "linux")]
+        if bulk && splices {
+            match step::<Pipe>(from, to, start, last, moved).await? {
+                Step::Moved(read) => bulk = read >= TCP_BUFFER,
+                Step::Ended => return Ok(()),
+                Step::NotReady => {}
+                Step::Unsupported => splices = false,
+            }
+            continue;
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = (&mut splices, bulk);
+        match step::<Buffer>(from, to, start, last, moved).await? {
+            Step::Moved(read) => bulk = read == TCP_BUFFER,
+            Step::Ended => return Ok(()),
+            Step::NotReady | Step::Unsupported => {}
+        }
     }
-    pump_with::<Buffer>(from, to, start, last, moved).await
+}
+
+/// Whether tunnels may splice(2) their bulk transfers: on Linux.
+const SPLICES: bool = cfg!(target_os = "linux");
+
+/// What one read and its writes did.
+enum Step {
+    /// This many bytes were read and written on.
+    Moved(usize),
+    /// `from` ended; `to`'s sending half is shut down.
+    Ended,
+    /// `from` was not readable after all.
+    NotReady,
+    /// The kernel refused splice(2) on these sockets; nothing was read.
+    Unsupported,
+}
+
+/// Reads once from `from` through carrier `C` and writes all of it to
+/// `to`. On an error the carrier (which may hold bytes) is dropped, never
+/// pooled.
+async fn step<C: Carrier>(
+    from: &TcpStream,
+    to: &TcpStream,
+    start: Instant,
+    last: &AtomicU64,
+    moved: &AtomicU64,
+) -> io::Result<Step> {
+    let mut carrier = C::take()?;
+    let read = match carrier.fill(from) {
+        Ok(0) => {
+            carrier.give_back();
+            // Our half of `to` is done; the other direction goes on.
+            let _ = nix::sys::socket::shutdown(to.as_raw_fd(), nix::sys::socket::Shutdown::Write);
+            return Ok(Step::Ended);
+        }
+        Ok(read) => read,
+        Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+            carrier.give_back();
+            return Ok(Step::NotReady);
+        }
+        #[cfg(target_os = "linux")]
+        Err(error) if C::SPLICES && error.raw_os_error() == Some(nix::libc::EINVAL) => {
+            carrier.give_back();
+            return Ok(Step::Unsupported);
+        }
+        Err(error) => return Err(error),
+    };
+    note_moved(start, last);
+    let mut done = 0;
+    while done < read {
+        match carrier.drain(to, done, read) {
+            Ok(n) => {
+                done += n;
+                moved.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => to.writable().await?,
+            Err(error) => return Err(error),
+        }
+    }
+    carrier.give_back();
+    Ok(Step::Moved(read))
 }
 
 /// A pipe for splice(2): bytes in flight between two sockets.
@@ -179,6 +262,8 @@ fn give_back_pipe(pipe: Pipe) {
 /// pipe (splice(2)) or a pooled buffer. Taken when the source is readable,
 /// given back once everything read is written.
 trait Carrier: Sized {
+    /// Whether this carrier splices (and may find splice(2) refused).
+    const SPLICES: bool;
     fn take() -> io::Result<Self>;
     fn give_back(self);
     /// Reads what `from` has (0 at its end); `WouldBlock` clears readiness.
@@ -191,6 +276,8 @@ trait Carrier: Sized {
 struct Buffer(Box<[u8]>);
 
 impl Carrier for Buffer {
+    const SPLICES: bool = false;
+
     fn take() -> io::Result<Buffer> {
         Ok(Buffer(take_buffer()))
     }
@@ -199,8 +286,26 @@ impl Carrier for Buffer {
         give_back(self.0);
     }
 
+    /// A short read drained the socket: its readiness is cleared then, as
+    /// tokio's own `poll_read` does, so the next round waits for the next
+    /// bytes instead of asking the kernel once more only to hear
+    /// `EWOULDBLOCK` (a system call per message saved). Bytes that arrive
+    /// meanwhile raise a new readiness event, which the clearing keeps.
     fn fill(&mut self, from: &TcpStream) -> io::Result<usize> {
-        from.try_read(&mut self.0)
+        let mut short = 0;
+        let buffer = &mut self.0;
+        let read = from.try_io(tokio::io::Interest::READABLE, || {
+            let read = nix::unistd::read(from, buffer).map_err(io::Error::from)?;
+            if 0 < read && read < buffer.len() {
+                short = read;
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(read)
+        });
+        match read {
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock && short > 0 => Ok(short),
+            read => read,
+        }
     }
 
     fn drain(&mut self, to: &TcpStream, done: usize, read: usize) -> io::Result<usize> {
@@ -214,6 +319,8 @@ const SPLICE_FLAGS: nix::fcntl::SpliceFFlags =
 
 #[cfg(target_os = "linux")]
 impl Carrier for Pipe {
+    const SPLICES: bool = true;
+
     fn take() -> io::Result<Pipe> {
         take_pipe()
     }
@@ -234,49 +341,6 @@ impl Carrier for Pipe {
             nix::fcntl::splice(&self.read, None, to, None, read - done, SPLICE_FLAGS)
                 .map_err(io::Error::from)
         })
-    }
-}
-
-/// One direction through carrier `C`. On an error the carrier (which may
-/// hold bytes) is dropped, never pooled.
-async fn pump_with<C: Carrier>(
-    from: &TcpStream,
-    to: &TcpStream,
-    start: Instant,
-    last: &AtomicU64,
-    moved: &AtomicU64,
-) -> io::Result<()> {
-    loop {
-        from.readable().await?;
-        let mut carrier = C::take()?;
-        let read = match carrier.fill(from) {
-            Ok(0) => {
-                carrier.give_back();
-                // Our half of `to` is done; the other direction goes on.
-                let _ =
-                    nix::sys::socket::shutdown(to.as_raw_fd(), nix::sys::socket::Shutdown::Write);
-                return Ok(());
-            }
-            Ok(read) => read,
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                carrier.give_back();
-                continue;
-            }
-            Err(error) => return Err(error),
-        };
-        note_moved(start, last);
-        let mut done = 0;
-        while done < read {
-            match carrier.drain(to, done, read) {
-                Ok(n) => {
-                    done += n;
-                    moved.fetch_add(n as u64, Ordering::Relaxed);
-                }
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => to.writable().await?,
-                Err(error) => return Err(error),
-            }
-        }
-        carrier.give_back();
     }
 }
 
@@ -521,13 +585,52 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn small_messages_are_copied_not_spliced() {
+        let (mut client, client_side) = pair().await;
+        let (upstream_side, mut origin) = pair().await;
+        let tunnel = tokio::spawn(async move {
+            tcp(
+                &client_side,
+                &upstream_side,
+                Duration::from_secs(30),
+                &Metrics::default(),
+            )
+            .await
+        });
+        for round in 0..100u8 {
+            let question = [round; 200];
+            client.write_all(&question).await.unwrap();
+            let mut asked = [0u8; 200];
+            origin.read_exact(&mut asked).await.unwrap();
+            assert_eq!(asked, question);
+            let answer = [round ^ 0xff; 300];
+            origin.write_all(&answer).await.unwrap();
+            let mut answered = [0u8; 300];
+            client.read_exact(&mut answered).await.unwrap();
+            assert_eq!(answered, answer);
+        }
+        // Every message fitted a buffer: no pipe was ever taken (pipes are
+        // pooled on this, the test's only, thread).
+        #[cfg(target_os = "linux")]
+        assert!(PIPES.with(|pool| pool.borrow().is_empty()), "no splice(2)");
+        assert!(POOL.with(|pool| !pool.borrow().is_empty()), "buffers used");
+        drop((client, origin));
+        let moved = tokio::time::timeout(Duration::from_secs(10), tunnel)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((moved.up, moved.down), (20_000, 30_000));
+    }
+
+    #[tokio::test]
     async fn the_buffer_carrier_moves_every_byte_too() {
         // The fallback where splice(2) is refused (and on other systems).
         let (mut client, client_side) = pair().await;
         let (upstream_side, mut origin) = pair().await;
         let copy = tokio::spawn(async move {
             let (last, moved) = (AtomicU64::new(0), AtomicU64::new(0));
-            pump_with::<Buffer>(&client_side, &upstream_side, Instant::now(), &last, &moved)
+            let now = Instant::now();
+            pump(&client_side, &upstream_side, now, &last, &moved, false)
                 .await
                 .unwrap();
             moved.into_inner()
