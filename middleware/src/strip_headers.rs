@@ -222,6 +222,15 @@ pub fn offers_only_h2c(headers: &HeaderMap) -> bool {
 /// Removes hop-by-hop headers; with `keep_upgrade`, leaves `Upgrade` and
 /// sets `Connection: upgrade`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // The common case, no hop-by-hop header at all, answered in one pass
+    // over the names (each compared, none hashed); a Connection header is
+    // one of them, so no listed name is missed.
+    if !headers
+        .keys()
+        .any(|name| name == header::UPGRADE || HOP_BY_HOP.contains(name))
+    {
+        return;
+    }
     let listed: Vec<HeaderName> = connection_tokens(headers)
         .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
         .filter(|name| !(keep_upgrade && name == header::UPGRADE))
