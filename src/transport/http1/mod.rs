@@ -218,7 +218,10 @@ async fn route(
                         drain: Some(tunnel.clone()),
                     };
                     let peer = Peer { addr: client, user };
-                    mitm::serve(io, target, peer, interceptor, stack, answers).await;
+                    // Boxed: interception's state is large, and inline it
+                    // would size every opaque tunnel's task too (7.7 KiB a
+                    // held tunnel, against 4 KiB with it boxed).
+                    Box::pin(mitm::serve(io, target, peer, interceptor, stack, answers)).await;
                 }
                 (Err(error), _) => tracing::debug!(%error, "CONNECT upgrade failed"),
             }
@@ -431,6 +434,15 @@ fn absolute_form_target<B>(request: &Request<B>) -> Result<Target, String> {
         return Err("portcullis is a forward proxy: send absolute-form requests (GET http://host/path), for example by setting HTTP_PROXY".to_owned());
     };
     let target = Target::from_uri(uri).map_err(|e| format!("invalid request target: {e}"))?;
+    // The common case: one Host header, the same text as the target's
+    // authority; the same text parses to the same target, so it is not
+    // parsed again.
+    let mut hosts = request.headers().get_all(http::header::HOST).iter();
+    if let (Some(host), None, Some(authority)) = (hosts.next(), hosts.next(), uri.authority()) {
+        if host.as_bytes() == authority.as_str().as_bytes() {
+            return Ok(target);
+        }
+    }
     let default_port = default_port_for_scheme(scheme).map_err(|e| e.to_string())?;
     if let Some(host_target) = crate::transport::host_header(request, default_port)? {
         if host_target != target {
