@@ -12,7 +12,9 @@
 # and per tunnel opened, beside nginx and haproxy as keep-alive reverse
 # proxies (the floor for a proxy that parses every request), squid and
 # tinyproxy, and prints the ratios (the lower of ROUNDS rounds, 2); socat,
-# a plain TCP relay, is the reference for CPU per GB.
+# a plain TCP relay, is the reference for CPU per GB; nginx terminating
+# TLS and re-encrypting to the TLS origin is the reference for
+# interception's CPU per HTTPS request (HTTP/1.1 and h2).
 # Knobs: DUR (seconds per wrk run, 8), CONNS (50), BIG_MB (512), HANDSHAKES
 # (10000), HOLD (tunnels held for RSS: 10000, or 9000 when the hard file
 # limit is under 21000), BURSTS (10) of BURST (2000) active tunnels.
@@ -53,7 +55,7 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.
   -days 2 -subj /CN=bench-ca -addext basicConstraints=critical,CA:TRUE >/dev/null 2>&1
 openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout tls.key -out tls.csr \
   -subj /CN=origin >/dev/null 2>&1
-printf 'subjectAltName=IP:127.0.0.1\n' > ext.cnf
+printf 'subjectAltName=IP:127.0.0.1,DNS:origin.test\n' > ext.cnf
 openssl x509 -req -in tls.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out tls.pem -days 2 \
   -extfile ext.cnf >/dev/null 2>&1
 cat > nginx.conf <<NG
@@ -75,6 +77,21 @@ http { access_log off; keepalive_requests 1000000;
   server { listen 127.0.0.1:18081; location / { proxy_pass http://o; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
 NG
 nginx -c "$W/rp.conf" -p "$W" & pids+=($!)
+# nginx doing interception's work: TLS (HTTP/1.1 and h2) terminated on a
+# listener and re-encrypted to the TLS origin over kept connections,
+# sessions resumed, the origin's certificate checked: the peer of the
+# interception rows.
+cat > tlsrp.conf <<NG
+worker_processes 1; daemon off; pid $W/tlsrp.pid; error_log $W/logs/tlsrp.log crit;
+events { worker_connections 16384; }
+http { access_log off; keepalive_requests 1000000;
+  upstream o { server $ORIGIN_TLS; keepalive 64; keepalive_requests 1000000; }
+  server { listen 127.0.0.1:18444 ssl http2; ssl_certificate $W/tls.pem; ssl_certificate_key $W/tls.key;
+    location / { proxy_pass https://o; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_ssl_session_reuse on; proxy_ssl_verify on; proxy_ssl_trusted_certificate $W/ca.pem;
+      proxy_ssl_name origin.test; proxy_ssl_server_name on; } } }
+NG
+nginx -c "$W/tlsrp.conf" -p "$W" & pids+=($!)
 cat > haproxy.cfg <<HA
 global
   nbthread 1
@@ -127,11 +144,12 @@ PORTCULLIS_LOG=warn "$PORTCULLIS" serve --http 127.0.0.1:13129 --socks 127.0.0.1
 # A second portcullis in limited mode, intercepting (its CA in $W/pca).
 printf '[mitm]\nca_dir = "%s/pca"\nupstream_ca_files = ["%s/ca.pem"]\n' "$W" "$W" > mitm.toml
 PORTCULLIS_LOG=warn "$PORTCULLIS" serve --config mitm.toml --http 127.0.0.1:13130 --no-socks \
-  --mode limited --mitm --allow 127.0.0.1 >/dev/null 2>&1 & pids+=($!)
+  --mode limited --mitm --allow 127.0.0.1 >/dev/null 2>&1 & pids+=($!); mitm_pid=$!
 # A third, with the access log on (serve's default), for its CPU row.
 "$PORTCULLIS" serve --http 127.0.0.1:13131 --no-socks --allow 127.0.0.1 >/dev/null 2>&1 & pids+=($!); logged_pid=$!
 sleep 2
 rp_pid=$(pgrep -P "$(cat "$W/rp.pid")" | head -1)
+tlsrp_pid=$(pgrep -P "$(cat "$W/tlsrp.pid")" | head -1)
 
 cat > abs.lua <<'LUA'
 local target = os.getenv("ABS_URL")
@@ -191,6 +209,13 @@ cpu_bulk() {
   awk -v a="$a" -v b="$b" -v hz="$hz" -v mb="$BIG_MB" 'BEGIN{printf "%.0f", (b-a)/hz*1e3/(mb/1024)}'
 }
 tunnels() { "$PROBER" "$@"; }
+# PID's CPU µs per request while the prober runs ARGS: prints "GETs/s µs".
+cpu_tunnels() {
+  local pid=$1 a b r; shift
+  a=$(ticks "$pid"); r=$(tunnels "$@"); b=$(ticks "$pid")
+  awk -v a="$a" -v b="$b" -v hz="$hz" -v r="${r:-0}" -v d="$DUR" \
+    'BEGIN{ if (r > 0) printf "%s %.1f", r, (b-a)/hz*1e6/(r*d); else printf "0 0" }'
+}
 
 echo "== small keep-alive GETs ($CONNS connections, ${DUR}s each)" >&2
 # Direct before and after the proxies, averaged: on a shared VM it drifts
@@ -220,10 +245,12 @@ c_tiny=$(tunnels plain 127.0.0.1:18888 $ORIGIN "$CONNS" "$DUR" tunnel)
 c_us=$(tunnels plain 127.0.0.1:13129 $ORIGIN "$CONNS" "$DUR" tunnel)
 echo "== small keep-alive HTTPS GETs: direct TLS and through interception" >&2
 m_direct=$(tunnels tls direct $ORIGIN_TLS "$CONNS" "$DUR" ca.pem 127.0.0.1)
-m_us=$(tunnels tls 127.0.0.1:13130 $ORIGIN_TLS "$CONNS" "$DUR" pca/ca.pem 127.0.0.1)
+set -- $(cpu_tunnels "$tlsrp_pid" tls direct 127.0.0.1:18444 "$CONNS" "$DUR" ca.pem 127.0.0.1); m_nginx=$1; cpu_m_nginx=$2
+set -- $(cpu_tunnels "$mitm_pid" tls 127.0.0.1:13130 $ORIGIN_TLS "$CONNS" "$DUR" pca/ca.pem 127.0.0.1); m_us=$1; cpu_m_us=$2
 echo "== small HTTPS GETs over 50 HTTP/2 streams on one connection: direct h2 and through interception" >&2
 h2_direct=$(tunnels h2 direct $ORIGIN_TLS 50 "$DUR" ca.pem 127.0.0.1)
-h2_us=$(tunnels h2 127.0.0.1:13130 $ORIGIN_TLS 50 "$DUR" pca/ca.pem 127.0.0.1)
+set -- $(cpu_tunnels "$tlsrp_pid" h2 direct 127.0.0.1:18444 50 "$DUR" ca.pem 127.0.0.1); h2_nginx=$1; cpu_h2_nginx=$2
+set -- $(cpu_tunnels "$mitm_pid" h2 127.0.0.1:13130 $ORIGIN_TLS 50 "$DUR" pca/ca.pem 127.0.0.1); h2_us=$1; cpu_h2_us=$2
 echo "== bulk ${BIG_MB} MiB" >&2
 b_d1=$(bulk - direct); b_squid=$(bulk 127.0.0.1:13128 connect); b_tiny=$(bulk 127.0.0.1:18888 connect)
 b_us=$(bulk 127.0.0.1:13129 connect); s_us=$(bulk 127.0.0.1:11080 socks)
@@ -266,8 +293,8 @@ echo "| path | direct | squid | tinyproxy | portcullis | portcullis / direct | p
 echo "| --- | --- | --- | --- | --- | --- | --- |"
 echo "| small keep-alive GETs/s, $CONNS conns (direct: $g_d1 before, $g_d2 after) | $g_direct | $g_squid | $g_tiny | $g_us | $(ratio "$g_us" "$g_direct") | $(ratio "$g_us" "$g_squid") |"
 echo "| the same GETs inside one CONNECT tunnel per connection (no per-request work: the relay ceiling) | $c_direct | $c_squid | $c_tiny | $c_us | $(ratio "$c_us" "$c_direct") | $(ratio "$c_us" "$c_squid") |"
-echo "| small keep-alive HTTPS GETs/s, $CONNS conns: direct TLS vs intercepted (limited mode) | $m_direct | – | – | $m_us | $(ratio "$m_us" "$m_direct") | – |"
-echo "| small HTTPS GETs/s, 50 HTTP/2 streams on one connection: direct h2 vs intercepted (limited mode) | $h2_direct | – | – | $h2_us | $(ratio "$h2_us" "$h2_direct") | – |"
+echo "| small keep-alive HTTPS GETs/s, $CONNS conns: direct TLS vs intercepted (limited mode; nginx re-encrypting: $m_nginx, $(ratio "$m_us" "$m_nginx") of it) | $m_direct | – | – | $m_us | $(ratio "$m_us" "$m_direct") | – |"
+echo "| small HTTPS GETs/s, 50 HTTP/2 streams on one connection: direct h2 vs intercepted (limited mode; nginx re-encrypting: $h2_nginx, $(ratio "$h2_us" "$h2_nginx") of it) | $h2_direct | – | – | $h2_us | $(ratio "$h2_us" "$h2_direct") | – |"
 echo "| CONNECT bulk MB/s ($BIG_MB MiB; direct: $b_d1 before, $b_d2 after) | $b_direct | $b_squid | $b_tiny | $b_us | $(ratio "$b_us" "$b_direct") | $(ratio "$b_us" "$b_squid") |"
 echo "| SOCKS5 bulk MB/s | $b_direct | – | – | $s_us | $(ratio "$s_us" "$b_direct") | – |"
 echo "| CONNECT handshake p50 / p99 ms | – | ${h_squid/ / \/ } | ${h_tiny/ / \/ } | ${h_us/ / \/ } | – | – |"
@@ -287,3 +314,10 @@ echo "| squid | $cpu_squid_rps | $cpu_squid | $(ratio "$cpu_us" "$cpu_squid") | 
 echo "| tinyproxy | $cpu_tiny_rps | $cpu_tiny | $(ratio "$cpu_us" "$cpu_tiny") | $gb_tiny | $t_tiny |"
 echo "| portcullis, absolute-form, policy on, access log off | $cpu_us_rps | $cpu_us | 1.00× | $gb_us (SOCKS5: $gb_socks) | $t_us |"
 echo "| portcullis, access log on | $cpu_logged_rps | $cpu_logged | $(ratio "$cpu_logged" "$cpu_us") of the row above | – | – |"
+echo
+echo "Interception against nginx doing the same work (TLS terminated, re-encrypted to the TLS origin over kept connections, sessions resumed, one worker), CPU per request:"
+echo
+echo "| HTTPS GETs | nginx GETs/s | nginx CPU µs | portcullis GETs/s | portcullis CPU µs | portcullis / nginx |"
+echo "| --- | --- | --- | --- | --- | --- |"
+echo "| HTTP/1.1, $CONNS keep-alive connections | $m_nginx | $cpu_m_nginx | $m_us | $cpu_m_us | $(ratio "$cpu_m_us" "$cpu_m_nginx") |"
+echo "| HTTP/2, 50 streams on one connection | $h2_nginx | $cpu_h2_nginx | $h2_us | $cpu_h2_us | $(ratio "$cpu_h2_us" "$cpu_h2_nginx") |"
