@@ -203,8 +203,8 @@ impl Ingress {
     /// [`Tunnel`] gave, until both ends close or nothing moves for the
     /// proxy's tunnel idle timeout; returns the bytes moved (to the
     /// upstream, to the client). Counted in the proxy's metrics. Between
-    /// two TCP sockets it splices in the kernel; [`relay_stream`](Self::relay_stream)
-    /// takes any stream.
+    /// two TCP sockets it copies small reads and splices bulk in the kernel
+    /// (Linux); [`relay_stream`](Self::relay_stream) takes any stream.
     pub async fn relay(&self, client: &TcpStream, upstream: &TcpStream) -> (u64, u64) {
         let moved = transport::splice::tcp(
             client,
