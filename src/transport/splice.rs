@@ -525,6 +525,17 @@ mod tests {
         (connected.unwrap(), accepted.unwrap().0)
     }
 
+    /// A tunnel between a client and an origin socket, relayed by [`tcp`]
+    /// with `idle`: the client's end, the origin's end, and the relay.
+    async fn tunnel(idle: Duration) -> (TcpStream, TcpStream, tokio::task::JoinHandle<Moved>) {
+        let (client, client_side) = pair().await;
+        let (upstream_side, origin) = pair().await;
+        let relay = tokio::spawn(async move {
+            tcp(&client_side, &upstream_side, idle, &Metrics::default()).await
+        });
+        (client, origin, relay)
+    }
+
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
         (0..len)
             .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
@@ -533,17 +544,7 @@ mod tests {
 
     #[tokio::test]
     async fn both_ways_in_bulk_then_half_closes_carry_every_byte() {
-        let (mut client, client_side) = pair().await;
-        let (upstream_side, mut origin) = pair().await;
-        let tunnel = tokio::spawn(async move {
-            tcp(
-                &client_side,
-                &upstream_side,
-                Duration::from_secs(30),
-                &Metrics::default(),
-            )
-            .await;
-        });
+        let (mut client, mut origin, tunnel) = tunnel(Duration::from_secs(30)).await;
         let up = pattern(4 << 20, 1);
         let down = pattern(1 << 20, 7);
         let (up_sent, down_sent) = (up.clone(), down.clone());
@@ -586,17 +587,7 @@ mod tests {
 
     #[tokio::test]
     async fn small_messages_are_copied_not_spliced() {
-        let (mut client, client_side) = pair().await;
-        let (upstream_side, mut origin) = pair().await;
-        let tunnel = tokio::spawn(async move {
-            tcp(
-                &client_side,
-                &upstream_side,
-                Duration::from_secs(30),
-                &Metrics::default(),
-            )
-            .await
-        });
+        let (mut client, mut origin, tunnel) = tunnel(Duration::from_secs(30)).await;
         for round in 0..100u8 {
             let question = [round; 200];
             client.write_all(&question).await.unwrap();
@@ -646,17 +637,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_half_closed_tunnel_still_answers() {
-        let (mut client, client_side) = pair().await;
-        let (upstream_side, mut origin) = pair().await;
-        tokio::spawn(async move {
-            tcp(
-                &client_side,
-                &upstream_side,
-                Duration::from_secs(30),
-                &Metrics::default(),
-            )
-            .await;
-        });
+        let (mut client, mut origin, _tunnel) = tunnel(Duration::from_secs(30)).await;
         client.write_all(b"question").await.unwrap();
         client.shutdown().await.unwrap();
         let mut asked = Vec::new();
@@ -674,17 +655,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_quiet_tunnel_closes_at_its_idle_timeout() {
-        let (mut client, client_side) = pair().await;
-        let (upstream_side, _origin) = pair().await;
-        let tunnel = tokio::spawn(async move {
-            tcp(
-                &client_side,
-                &upstream_side,
-                Duration::from_secs(5),
-                &Metrics::default(),
-            )
-            .await;
-        });
+        let (mut client, _origin, tunnel) = tunnel(Duration::from_secs(5)).await;
         client.write_all(b"x").await.unwrap();
         tokio::time::timeout(Duration::from_secs(60), tunnel)
             .await
