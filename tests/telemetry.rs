@@ -401,6 +401,23 @@ metrics_interval = 0.5
     config
 }
 
+/// A collector speaking `wire` on a free loopback port, and a config in a
+/// fresh directory exporting to it (`extra` appended).
+async fn collector_and_config(
+    wire: Wire,
+    extra: &str,
+) -> (Collector, tempfile::TempDir, std::path::PathBuf) {
+    let collector = Collector::start(wire, "127.0.0.1:0".parse().unwrap(), Shared::default()).await;
+    let protocol = match wire {
+        Wire::Grpc => "grpc",
+        Wire::HttpProtobuf => "http/protobuf",
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let endpoint = format!("http://{}", collector.addr);
+    let config = config_for(dir.path(), &endpoint, protocol, extra);
+    (collector, dir, config)
+}
+
 fn find(logs: &[Received], what: impl Fn(&Received) -> bool) -> &Received {
     logs.iter()
         .find(|r| what(r))
@@ -414,19 +431,7 @@ fn find(logs: &[Received], what: impl Fn(&Received) -> bool) -> &Received {
 async fn refusals_audits_and_allowed_requests_reach_a_grpc_collector_with_their_ocsf_fields() {
     let origin = origin().await;
     let port = origin.addr.port();
-    let collector = Collector::start(
-        Wire::Grpc,
-        "127.0.0.1:0".parse().unwrap(),
-        Shared::default(),
-    )
-    .await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = config_for(
-        dir.path(),
-        &format!("http://{}", collector.addr),
-        "grpc",
-        "",
-    );
+    let (collector, _dir, config) = collector_and_config(Wire::Grpc, "").await;
     let (mut child, proxy) = serve_with(&config, &[("COLLECTOR_KEY", API_KEY)]).await;
     let direct = format!("http://127.0.0.1:{port}");
     assert_eq!(
@@ -548,20 +553,12 @@ async fn refusals_audits_and_allowed_requests_reach_a_grpc_collector_with_their_
 async fn a_dead_collector_never_slows_a_request_and_the_export_resumes_when_it_is_back() {
     let origin = origin().await;
     let direct = format!("http://{}", origin.addr);
-    let collector = Collector::start(
+    let metrics_port = free_port();
+    let (collector, _dir, config) = collector_and_config(
         Wire::HttpProtobuf,
-        "127.0.0.1:0".parse().unwrap(),
-        Shared::default(),
+        &format!("queue_size = 256\nexport_timeout = 1\n\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n"),
     )
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let metrics_port = free_port();
-    let config = config_for(
-        dir.path(),
-        &format!("http://{}", collector.addr),
-        "http/protobuf",
-        &format!("queue_size = 256\nexport_timeout = 1\n\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n"),
-    );
     let (mut child, proxy) = serve_with(&config, &[("COLLECTOR_KEY", API_KEY)]).await;
 
     // A burst of requests (one curl, one connection each): its time.
@@ -838,19 +835,11 @@ async fn an_https_collector_is_trusted_through_its_ca_file_and_only_then() {
 /// from never reach `run`'s command.
 #[tokio::test]
 async fn the_secrets_of_telemetry_and_metrics_never_reach_run_s_command() {
-    let collector = Collector::start(
+    let (_collector, _dir, config) = collector_and_config(
         Wire::Grpc,
-        "127.0.0.1:0".parse().unwrap(),
-        Shared::default(),
+        "\n[metrics]\nlisten = \"127.0.0.1:0\"\nbearer_token = { env = \"METRICS_TOKEN\" }\n",
     )
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = config_for(
-        dir.path(),
-        &format!("http://{}", collector.addr),
-        "grpc",
-        "\n[metrics]\nlisten = \"127.0.0.1:0\"\nbearer_token = { env = \"METRICS_TOKEN\" }\n",
-    );
     let (code, stdout, stderr) = output(
         portcullis()
             .env("COLLECTOR_KEY", API_KEY)
