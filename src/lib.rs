@@ -53,6 +53,7 @@ pub mod hints;
 mod isolate;
 pub mod kit;
 mod learn;
+mod logfmt;
 mod memory;
 mod metrics;
 pub mod records;

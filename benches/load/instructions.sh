@@ -16,6 +16,9 @@
 # POSTs, each with [scan] off and with action = "deny" (the cost of secret
 # scanning per request, headers and body).
 #
+# MODE=log counts portcullis alone with the access log off and on (text
+# lines, written to a file).
+#
 # MODE=profiles counts portcullis alone, GETs from proxy user p0
 # (Proxy-Authorization: Basic) three ways: no profiles (p0 the [auth]
 # user), one profile, and 100 profiles (each with its user and a source
@@ -93,6 +96,15 @@ if [ "${MODE:-}" = inspect ]; then
   awk -v a="${per[abs.off]}" -v b="${per[abs.deny]}" -v c="${per[post.off]}" -v d="${per[post.deny]}" 'BEGIN{
     printf "  GET                %7d -> %7d  (%.2f×)\n", a, b, b/a
     printf "  1 KiB JSON POST    %7d -> %7d  (%.2f×)\n", c, d, d/c }'
+  exit 0
+fi
+if [ "${MODE:-}" = log ]; then
+  # The access log (text, to a file) off and on: what serve's default costs.
+  one() { PORTCULLIS_THREADS=1 PORTCULLIS_LOG=$1 count 28199 abs "$2" "$BIN" serve --http 127.0.0.1:28199 --no-socks --allow 127.0.0.1; }
+  off=$(( ($(one warn "$N2") - $(one warn "$N1")) / (N2 - N1) ))
+  on=$(( ($(one info "$N2") - $(one info "$N1")) / (N2 - N1) ))
+  echo "instructions per forwarded GET (callgrind, $((N2 - N1)) GETs), access log off -> on:"
+  awk -v a="$off" -v b="$on" 'BEGIN{ printf "  %7d -> %7d  (%.2f×)\n", a, b, b/a }'
   exit 0
 fi
 if [ "${MODE:-}" = profiles ]; then

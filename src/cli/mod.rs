@@ -361,6 +361,8 @@ fn init_tracing(default_filter: &str, read_rust_log: bool) -> Result<(), String>
     };
     let text = (!json).then(|| {
         tracing_subscriber::fmt::layer()
+            .fmt_fields(crate::logfmt::TextFields)
+            .with_timer(crate::logfmt::Clock)
             .with_writer(std::io::stderr)
             .with_ansi(std::io::stderr().is_terminal())
     });

@@ -99,12 +99,11 @@ pub(crate) struct Moved {
 impl Moved {
     /// The access log's line for a closed tunnel.
     pub(crate) fn log(&self, client: std::net::SocketAddr, target: &portcullis_middleware::Target) {
-        let (from, to) = (client.to_string(), target.to_string());
         tracing::event!(
             target: crate::access_log::ACCESS_TARGET,
             tracing::Level::INFO,
-            client.addr = from.as_str(),
-            dst = to.as_str(),
+            client.addr = %client,
+            dst = %target,
             bytes.up = self.up,
             bytes.down = self.down,
             duration_ms = u64::try_from(self.duration.as_millis()).unwrap_or(u64::MAX),
