@@ -173,12 +173,23 @@ impl KeptUpstream {
         let Target::Host { host, port } = &info.target else {
             return Err(BadRequest::new(format!("cannot forward to {}", info.target)).into());
         };
-        let authority = match port {
-            80 => HeaderValue::from_str(&host.to_string()),
-            _ => HeaderValue::from_str(&info.target.to_string()),
+        // Most requests already carry exactly that one Host: kept as it is.
+        let shown_port = (*port != 80).then_some(*port);
+        let mut hosts = request.headers().get_all(header::HOST).iter();
+        let carried = match (hosts.next(), hosts.next()) {
+            (Some(one), None) => one
+                .to_str()
+                .is_ok_and(|text| super::written_as_text(text, host, shown_port)),
+            _ => false,
+        };
+        if !carried {
+            let authority = match port {
+                80 => HeaderValue::from_str(&host.to_string()),
+                _ => HeaderValue::from_str(&info.target.to_string()),
+            }
+            .map_err(|e| BadRequest::new(format!("cannot forward to {}: {e}", info.target)))?;
+            request.headers_mut().insert(header::HOST, authority);
         }
-        .map_err(|e| BadRequest::new(format!("cannot forward to {}: {e}", info.target)))?;
-        request.headers_mut().insert(header::HOST, authority);
         let path = request
             .uri()
             .path_and_query()
