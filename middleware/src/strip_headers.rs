@@ -231,11 +231,23 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     {
         return;
     }
-    let listed: Vec<HeaderName> = connection_tokens(headers)
-        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
-        .filter(|name| !(keep_upgrade && name == header::UPGRADE))
+    // The names present that go: the fixed set, and those the Connection
+    // header lists (compared as header names compare, without case). Only
+    // those are removed: one hashed removal each, not one per name that
+    // could be there.
+    let listed: Vec<&str> = connection_tokens(headers).collect();
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| {
+            HOP_BY_HOP.contains(name)
+                || (!(keep_upgrade && *name == header::UPGRADE)
+                    && listed
+                        .iter()
+                        .any(|token| token.eq_ignore_ascii_case(name.as_str())))
+        })
+        .cloned()
         .collect();
-    for name in listed.iter().chain(HOP_BY_HOP.iter()) {
+    for name in &doomed {
         headers.remove(name);
     }
     if keep_upgrade && headers.contains_key(header::UPGRADE) {
@@ -249,6 +261,76 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 mod tests {
     use super::*;
     use tower_test::mock;
+
+    /// The plain statement of what stripping does (every listed and fixed
+    /// name removed by name), to hold the one that removes only what is
+    /// present to the same answers.
+    fn strip_by_name(headers: &mut HeaderMap, keep_upgrade: bool) {
+        let listed: Vec<HeaderName> = connection_tokens(headers)
+            .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+            .filter(|name| !(keep_upgrade && name == header::UPGRADE))
+            .collect();
+        for name in listed.iter().chain(HOP_BY_HOP.iter()) {
+            headers.remove(name);
+        }
+        if keep_upgrade && headers.contains_key(header::UPGRADE) {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        } else {
+            headers.remove(header::UPGRADE);
+        }
+    }
+
+    #[test]
+    fn stripping_removes_what_removing_every_name_would() {
+        let names = [
+            "accept",
+            "x-secret",
+            "keep-alive",
+            "te",
+            "trailer",
+            "upgrade",
+            "x-other",
+            "proxy-authorization",
+            "transfer-encoding",
+            "host",
+        ];
+        let connections = [
+            None,
+            Some("keep-alive"),
+            Some("Keep-Alive, X-Secret"),
+            Some("close"),
+            Some("upgrade"),
+            Some("UPGRADE, x-other ,, "),
+            Some("x secret, host"),
+        ];
+        let mut cases = 0;
+        for connection in connections {
+            // Every subset of the first names, and all of them.
+            for mask in 0u32..(1 << 6) {
+                for keep_upgrade in [false, true] {
+                    let mut headers = HeaderMap::new();
+                    for (i, name) in names.iter().enumerate() {
+                        if i >= 6 || mask & (1 << i) != 0 {
+                            headers.append(
+                                HeaderName::from_static(name),
+                                HeaderValue::from_static("v"),
+                            );
+                        }
+                    }
+                    if let Some(value) = connection {
+                        headers.append(header::CONNECTION, HeaderValue::from_static(value));
+                        headers.append(header::CONNECTION, HeaderValue::from_static("x-other"));
+                    }
+                    let mut expected = headers.clone();
+                    strip_by_name(&mut expected, keep_upgrade);
+                    strip_hop_by_hop(&mut headers, keep_upgrade);
+                    assert_eq!(headers, expected, "{connection:?} {mask:b} {keep_upgrade}");
+                    cases += 1;
+                }
+            }
+        }
+        assert_eq!(cases, 7 * 64 * 2);
+    }
 
     fn request(headers: &[(&str, &str)]) -> Request<()> {
         let mut builder = Request::get("http://example.com/");
