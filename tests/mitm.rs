@@ -90,12 +90,18 @@ async fn https_origin(pki: &OriginPki, git_root: PathBuf) -> SocketAddr {
         while let Ok((stream, _)) = listener.accept().await {
             let acceptor = acceptor.clone();
             let git_root = git_root.clone();
+            // Which of the proxy's connections asked (`x-origin-peer`).
+            let peer = stream
+                .peer_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(stream).await else {
                     return;
                 };
                 let service = hyper::service::service_fn(move |request: Request<Incoming>| {
                     let git_root = git_root.clone();
+                    let peer = peer.clone();
                     let version = format!("{:?}", request.version());
                     async move {
                         let path = request.uri().path().to_owned();
@@ -125,6 +131,9 @@ async fn https_origin(pki: &OriginPki, git_root: PathBuf) -> SocketAddr {
                         response
                             .headers_mut()
                             .insert("x-origin-version", version.parse().unwrap());
+                        response
+                            .headers_mut()
+                            .insert("x-origin-peer", peer.parse().unwrap());
                         Ok::<_, Infallible>(response)
                     }
                 });
@@ -526,6 +535,18 @@ async fn setup_full(
     credentials: portcullis::middleware::credentials::Credentials,
     limits: portcullis::Limits,
 ) -> Setup {
+    setup_trusting(mode, mitm, rules, credentials, limits, true).await
+}
+
+/// The same, the origin's CA among the proxy's roots or not.
+async fn setup_trusting(
+    mode: Mode,
+    mitm: bool,
+    rules: RequestRules,
+    credentials: portcullis::middleware::credentials::Credentials,
+    limits: portcullis::Limits,
+    trusted: bool,
+) -> Setup {
     let pki = origin_pki();
     let git_root = tempfile::tempdir().unwrap();
     let origin = https_origin(&pki, git_root.path().to_owned()).await;
@@ -548,7 +569,11 @@ async fn setup_full(
             Arc::new(SystemResolver),
         )))
         .violations(ViolationLogLayer::new(ring.clone()))
-        .upstream_roots(vec![pki.ca_der.clone()])
+        .upstream_roots(if trusted {
+            vec![pki.ca_der.clone()]
+        } else {
+            Vec::new()
+        })
         .mitm(mitm.then_some(ca))
         .inject_credentials(credentials)
         .limits(limits)
@@ -728,6 +753,87 @@ async fn exchange(tls: &mut tokio_rustls::client::TlsStream<TcpStream>, request:
         .unwrap()
         .unwrap();
     String::from_utf8_lossy(&response[..n]).into_owned()
+}
+
+/// The value of header `name` in a response head, lower-cased names.
+fn header_value(response: &str, name: &str) -> String {
+    response
+        .lines()
+        .find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.eq_ignore_ascii_case(name)
+                .then(|| value.trim().to_owned())
+        })
+        .unwrap_or_else(|| panic!("no {name} in {response}"))
+}
+
+#[tokio::test]
+async fn an_origin_whose_certificate_is_not_trusted_is_a_502_saying_so() {
+    let setup = setup_trusting(
+        Mode::Limited,
+        true,
+        RequestRules::default(),
+        Default::default(),
+        portcullis::Limits::default(),
+        false,
+    )
+    .await;
+    let authority = format!("{ORIGIN}:{}", setup.origin.port());
+    // HTTP/1.1 inside the tunnel (a kept connection) and HTTP/2 (the pool).
+    let mut tls = tls_tunnel(&setup).await;
+    let response = exchange(
+        &mut tls,
+        &format!("GET / HTTP/1.1\r\nHost: {authority}\r\n\r\n"),
+    )
+    .await;
+    let said = "could not reach origin.test:";
+    let why = "invalid peer certificate: UnknownIssuer";
+    assert!(response.starts_with("HTTP/1.1 502"), "{response}");
+    assert!(
+        response.contains(said) && response.contains(why),
+        "{response}"
+    );
+    let out = curl(&[
+        "-s",
+        "-i",
+        "--http2",
+        "--cacert",
+        &setup.our_ca(),
+        "-x",
+        &setup.proxy_url(),
+        "--resolve",
+        &format!("{authority}:127.0.0.1"),
+        &setup.url("/"),
+    ])
+    .await;
+    let answer = out.stdout.split("HTTP/2 ").nth(1).unwrap_or_default();
+    assert!(answer.starts_with("502"), "{}", out.stdout);
+    assert!(
+        answer.contains(said) && answer.contains(why),
+        "{}",
+        out.stdout
+    );
+}
+
+#[tokio::test]
+async fn an_http1_client_s_intercepted_requests_share_one_kept_origin_connection() {
+    let setup = setup(Mode::Limited, true).await;
+    let authority = format!("{ORIGIN}:{}", setup.origin.port());
+    let get = format!("GET /kept HTTP/1.1\r\nHost: {authority}\r\n\r\n");
+    let mut tls = tls_tunnel(&setup).await;
+    let mut peers = Vec::new();
+    for _ in 0..3 {
+        let response = exchange(&mut tls, &get).await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        // Asked as it was asked, over the connection the tunnel keeps (the
+        // pool would have offered h2, which this origin prefers).
+        assert_eq!(header_value(&response, "x-origin-version"), "HTTP/1.1");
+        peers.push(header_value(&response, "x-origin-peer"));
+    }
+    assert!(
+        peers.iter().all(|peer| *peer == peers[0]),
+        "one origin connection for the tunnel's requests: {peers:?}"
+    );
 }
 
 #[tokio::test]

@@ -1,5 +1,7 @@
 //! The origin connection a client's HTTP/1 connection keeps for its own
-//! plain-HTTP requests.
+//! requests: plain HTTP from the HTTP/1 listener, and the requests inside an
+//! intercepted tunnel whose client speaks HTTP/1.1 (to the origin over TLS,
+//! HTTP/1.1 by ALPN, the certificate checked as the pool checks it).
 //!
 //! A client's requests on one HTTP/1 connection come one after another, and
 //! almost always to the same origin: the listener gives each connection one
@@ -40,14 +42,23 @@ struct Slot {
 }
 
 struct Kept {
-    target: Target,
+    origin: Origin,
     sender: SendRequest<Body>,
+}
+
+/// Where an origin connection goes: the vetted destination, and whether it
+/// speaks TLS (a plain connection is never handed to an `https` request,
+/// nor a TLS one to `http`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Origin {
+    target: Target,
+    tls: bool,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         if let (Some(kept), Some(idle)) = (self.kept.take(), &self.idle) {
-            idle.put(kept.target, kept.sender);
+            idle.put(kept.origin, kept.sender);
         }
     }
 }
@@ -61,7 +72,7 @@ const SWEEP_PAST: usize = 256;
 
 /// Origin connections whose client connections have ended, by destination.
 #[derive(Default)]
-pub(crate) struct IdleOrigins(Mutex<HashMap<Target, Vec<Idle>>>);
+pub(crate) struct IdleOrigins(Mutex<HashMap<Origin, Vec<Idle>>>);
 
 /// An origin connection and when it was left.
 type Idle = (Instant, SendRequest<Body>);
@@ -80,9 +91,9 @@ fn usable(since: &Instant, sender: &SendRequest<Body>) -> bool {
 }
 
 impl IdleOrigins {
-    fn take(&self, target: &Target) -> Option<SendRequest<Body>> {
+    fn take(&self, origin: &Origin) -> Option<SendRequest<Body>> {
         let mut idle = self.0.lock().ok()?;
-        let list = idle.get_mut(target)?;
+        let list = idle.get_mut(origin)?;
         let mut found = None;
         while let Some((since, sender)) = list.pop() {
             if usable(&since, &sender) {
@@ -91,19 +102,19 @@ impl IdleOrigins {
             }
         }
         if list.is_empty() {
-            idle.remove(target);
+            idle.remove(origin);
         }
         found
     }
 
-    fn put(&self, target: Target, sender: SendRequest<Body>) {
+    fn put(&self, origin: Origin, sender: SendRequest<Body>) {
         if sender.is_closed() {
             return;
         }
         let Ok(mut idle) = self.0.lock() else {
             return;
         };
-        let list = idle.entry(target).or_default();
+        let list = idle.entry(origin).or_default();
         list.retain(|(since, sender)| usable(since, sender));
         if list.len() >= MAX_IDLE_PER_ORIGIN {
             list.remove(0);
@@ -124,7 +135,7 @@ impl fmt::Debug for KeptUpstream {
             .0
             .lock()
             .ok()
-            .and_then(|slot| slot.kept.as_ref().map(|k| k.target.to_string()));
+            .and_then(|slot| slot.kept.as_ref().map(|k| k.origin.target.to_string()));
         f.debug_tuple("KeptUpstream").field(&target).finish()
     }
 }
@@ -133,7 +144,7 @@ impl KeptUpstream {
     /// The kept connection when it goes to `target` and is still open,
     /// else one an ended client connection left to `target`. A kept
     /// connection to another destination goes to `idle`.
-    fn take(&self, target: &Target, idle: &Arc<IdleOrigins>) -> Option<SendRequest<Body>> {
+    fn take(&self, origin: &Origin, idle: &Arc<IdleOrigins>) -> Option<SendRequest<Body>> {
         let kept = {
             let mut slot = self.0.lock().ok()?;
             if slot.idle.is_none() {
@@ -142,30 +153,29 @@ impl KeptUpstream {
             slot.kept.take()
         };
         match kept {
-            Some(kept) if kept.target == *target && !kept.sender.is_closed() => Some(kept.sender),
+            Some(kept) if kept.origin == *origin && !kept.sender.is_closed() => Some(kept.sender),
             Some(kept) => {
-                idle.put(kept.target, kept.sender);
-                idle.take(target)
+                idle.put(kept.origin, kept.sender);
+                idle.take(origin)
             }
-            None => idle.take(target),
+            None => idle.take(origin),
         }
     }
 
-    fn put(&self, target: &Target, sender: SendRequest<Body>) {
+    fn put(&self, origin: Origin, sender: SendRequest<Body>) {
         if let Ok(mut slot) = self.0.lock() {
-            slot.kept = Some(Kept {
-                target: target.clone(),
-                sender,
-            });
+            slot.kept = Some(Kept { origin, sender });
         }
     }
 
     /// Sends `request` (already checked by the stack) to its origin over
-    /// the kept connection, or a new one: origin-form, `Host` the vetted
-    /// authority (without the scheme's default port, as the pool writes it).
+    /// the kept connection, or a new one (over TLS through `tls` for an
+    /// `https` request): origin-form, `Host` the vetted authority (without
+    /// the scheme's default port, as the pool writes it).
     pub(crate) async fn forward(
         &self,
         dialer: &Dialer,
+        tls: &TlsHttp1,
         idle: &Arc<IdleOrigins>,
         mut request: Request<Body>,
         info: &RequestInfo,
@@ -173,8 +183,13 @@ impl KeptUpstream {
         let Target::Host { host, port } = &info.target else {
             return Err(BadRequest::new(format!("cannot forward to {}", info.target)).into());
         };
+        let origin = Origin {
+            target: info.target.clone(),
+            tls: request.uri().scheme() == Some(&http::uri::Scheme::HTTPS),
+        };
+        let default_port = if origin.tls { 443 } else { 80 };
         // Most requests already carry exactly that one Host: kept as it is.
-        let shown_port = (*port != 80).then_some(*port);
+        let shown_port = (*port != default_port).then_some(*port);
         let mut hosts = request.headers().get_all(header::HOST).iter();
         let carried = match (hosts.next(), hosts.next()) {
             (Some(one), None) => one
@@ -183,9 +198,9 @@ impl KeptUpstream {
             _ => false,
         };
         if !carried {
-            let authority = match port {
-                80 => HeaderValue::from_str(&host.to_string()),
-                _ => HeaderValue::from_str(&info.target.to_string()),
+            let authority = match shown_port {
+                None => HeaderValue::from_str(&host.to_string()),
+                Some(_) => HeaderValue::from_str(&info.target.to_string()),
             }
             .map_err(|e| BadRequest::new(format!("cannot forward to {}: {e}", info.target)))?;
             request.headers_mut().insert(header::HOST, authority);
@@ -199,13 +214,14 @@ impl KeptUpstream {
         *request.version_mut() = http::Version::HTTP_11;
 
         let failed = |error: hyper::Error| relabel(origin_failure(error.into(), info), info);
-        let (mut sender, reused) = match self.take(&info.target, idle) {
+        let dial = || dial(dialer, tls, origin.tls, host, *port, info);
+        let (mut sender, reused) = match self.take(&origin, idle) {
             Some(mut sender) => match sender.ready().await {
                 Ok(()) => (sender, true),
                 // Closed by the origin since the last answer.
-                Err(_) => (dial(dialer, host, *port, info).await?, false),
+                Err(_) => (dial().await?, false),
             },
-            None => (dial(dialer, host, *port, info).await?, false),
+            None => (dial().await?, false),
         };
         // An origin may close an idle connection just as a request goes out
         // on it: a request that can be sent again (no body, a method without
@@ -216,17 +232,17 @@ impl KeptUpstream {
             Err(mut error) => match (error.take_message(), again) {
                 // Never written: once more, on a new connection.
                 (Some(request), _) => {
-                    sender = dial(dialer, host, *port, info).await?;
+                    sender = dial().await?;
                     sender.send_request(request).await.map_err(failed)?
                 }
                 (None, Some(again)) if closed_before_answering(error.error()) => {
-                    sender = dial(dialer, host, *port, info).await?;
+                    sender = dial().await?;
                     sender.send_request(again).await.map_err(failed)?
                 }
                 (None, _) => return Err(failed(error.into_error())),
             },
         };
-        self.put(&info.target, sender);
+        self.put(origin, sender);
         Ok(response.map(body::boxed))
     }
 }
@@ -265,17 +281,46 @@ fn closed_before_answering(error: &hyper::Error) -> bool {
         })
 }
 
-/// A new HTTP/1 connection to the vetted address of `host`; its driver runs
-/// on its own task until the last sender is gone.
+/// The TLS connector of the pool's HTTP/1.1-only client (its dials vetted
+/// by the same [`Dialer`], the origin's certificate checked by the same
+/// roots), used for kept connections to `https` origins.
+pub(crate) type TlsHttp1 =
+    super::eof::EofTolerant<hyper_rustls::HttpsConnector<super::VettedConnector>>;
+
+/// A new HTTP/1 connection to the vetted address of `host` (over TLS when
+/// `over_tls`); its driver runs on its own task until the last sender is
+/// gone.
 async fn dial(
     dialer: &Dialer,
+    tls: &TlsHttp1,
+    over_tls: bool,
     host: &Host,
     port: u16,
     info: &RequestInfo,
 ) -> Result<SendRequest<Body>, BoxError> {
-    let stream = dialer.connect(host, port, Refusing::from(info)).await?;
+    if over_tls {
+        // The connector reads the destination from the URI: the vetted
+        // target, written canonically (it names the TLS server too).
+        let uri: http::Uri = format!("https://{}/", info.target)
+            .parse()
+            .map_err(|e| BadRequest::new(format!("cannot forward to {}: {e}", info.target)))?;
+        let stream = tower::ServiceExt::oneshot(tls.clone(), uri)
+            .await
+            .map_err(|e| relabel(origin_failure(e, info), info))?;
+        start(stream, info).await
+    } else {
+        let stream = dialer.connect(host, port, Refusing::from(info)).await?;
+        start(TokioIo::new(stream), info).await
+    }
+}
+
+/// HTTP/1 over `io`, its driver on a task of its own, ready for a request.
+async fn start<T>(io: T, info: &RequestInfo) -> Result<SendRequest<Body>, BoxError>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
     let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
-        .handshake(TokioIo::new(stream))
+        .handshake(io)
         .await
         .map_err(|e| relabel(origin_failure(e.into(), info), info))?;
     tokio::spawn(async move {

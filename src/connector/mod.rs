@@ -6,13 +6,16 @@
 //!   extension; the transport splices it to the client.
 //! - A SOCKS5 UDP destination is resolved and vetted, not dialled: the
 //!   response carries the [`VettedAddresses`] the relay may send to.
-//! - Plain HTTP requests from the HTTP/1 listener go over the origin
-//!   connection their client connection keeps ([`KeptUpstream`], in
-//!   `kept`): dialled by the same vetted dialer, reused for that client's
-//!   next requests, and left for the next client when it goes. Other plain
-//!   HTTP (intercepted, chained through an upstream proxy, upgrades) goes
-//!   through a pooled HTTP/1 and HTTP/2 client whose connector is the same
-//!   vetted dialer, so every new connection is vetted either way.
+//! - Requests from an HTTP/1 client connection (the HTTP/1 listener's, an
+//!   intercepted tunnel whose client speaks HTTP/1.1) go over the origin
+//!   connection that client connection keeps ([`KeptUpstream`], in
+//!   `kept`; over TLS for `https`, by the same vetting connector and
+//!   certificate checks as the pool): dialled by the same vetted dialer,
+//!   reused for that client's next requests, and left for the next client
+//!   when it goes. The rest (HTTP/2 clients' streams, requests chained
+//!   through an upstream proxy, upgrades) goes through a pooled HTTP/1
+//!   and HTTP/2 client whose connector is the same vetted dialer, so
+//!   every new connection is vetted either way.
 //! - `x-unix-socket` requests are forwarded over the socket (origin-form,
 //!   HTTP/1), in [`unix`].
 //!
@@ -228,8 +231,11 @@ pub struct Connector {
     /// no meaning on an HTTP/2 connection.
     upgrades: Option<Arc<HttpClient>>,
     upstream: Option<Arc<UpstreamProxies>>,
-    /// Origin connections the HTTP/1 listener's ended client connections
-    /// kept ([`KeptUpstream`]).
+    /// The HTTP/1.1-only client's TLS connector, for kept connections to
+    /// `https` origins.
+    tls_http1: Option<kept::TlsHttp1>,
+    /// Origin connections the ended client connections kept
+    /// ([`KeptUpstream`]).
     idle: Arc<IdleOrigins>,
 }
 
@@ -275,12 +281,13 @@ impl Connector {
         let http1 = eof::EofTolerant(http1);
         let upgrades = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(0)
-            .build(http1);
+            .build(http1.clone());
         Connector {
             dialer,
             client: Some(Arc::new(client)),
             upgrades: Some(Arc::new(upgrades)),
             upstream,
+            tls_http1: Some(http1),
             idle: Arc::default(),
         }
     }
@@ -295,6 +302,7 @@ impl Connector {
             client: None,
             upgrades: None,
             upstream: None,
+            tls_http1: None,
             idle: Arc::default(),
         }
     }
@@ -343,16 +351,22 @@ impl Connector {
     ) -> Result<Response<Body>, BoxError> {
         let (checked, audited) = checked_body(request, &info).await?;
         request = checked;
-        // Plain HTTP from a client connection that keeps its own origin
-        // connection (the HTTP/1 listener's), when nothing is chained.
-        if let Some(kept) = request.extensions().get::<KeptUpstream>().cloned() {
+        // From a client connection that keeps its own origin connection
+        // (the HTTP/1 listener's, an intercepted HTTP/1.1 tunnel's), when
+        // nothing is chained.
+        if let (Some(kept), Some(tls)) = (
+            request.extensions().get::<KeptUpstream>().cloned(),
+            &self.tls_http1,
+        ) {
             let chained = self.upstream.as_ref().is_some_and(|u| !u.is_empty());
+            let scheme = request.uri().scheme();
             if !chained
-                && request.uri().scheme() == Some(&http::uri::Scheme::HTTP)
+                && (scheme == Some(&http::uri::Scheme::HTTP)
+                    || scheme == Some(&http::uri::Scheme::HTTPS))
                 && !portcullis_middleware::strip_headers::is_upgrade(request.headers())
             {
                 return kept
-                    .forward(&self.dialer, &self.idle, request, &info)
+                    .forward(&self.dialer, tls, &self.idle, request, &info)
                     .await
                     .map(|response| with_audited(response, audited));
             }

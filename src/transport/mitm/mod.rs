@@ -402,7 +402,14 @@ async fn serve_requests<I>(
     let client = peer.addr;
     let server = crate::transport::intercepted_server(&answers.limits);
     let answers = Arc::new(answers);
-    let service = hyper::service::service_fn(move |request| {
+    // An HTTP/1 client's requests come one after another: they share one
+    // origin connection, kept by this connection (an HTTP/2 client's
+    // streams go through the pool, which multiplexes).
+    let kept = crate::connector::KeptUpstream::default();
+    let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+        if request.version() < http::Version::HTTP_2 {
+            request.extensions_mut().insert(kept.clone());
+        }
         let target = target.clone();
         let stack = stack.clone();
         let peer = peer.clone();
