@@ -138,8 +138,8 @@ where
         let connect = request.method() == Method::CONNECT;
         AccessFuture {
             inner: self.inner.call(request),
+            metrics: self.metrics.clone(),
             seen: Some(Seen {
-                metrics: self.metrics.clone(),
                 profile,
                 protocol,
                 connect,
@@ -153,7 +153,6 @@ where
 
 /// What the log knows of a request before its answer.
 struct Seen {
-    metrics: Arc<Metrics>,
     profile: Option<Arc<str>>,
     protocol: &'static str,
     connect: bool,
@@ -237,6 +236,8 @@ pin_project_lite::pin_project! {
     pub struct AccessFuture<F> {
         #[pin]
         inner: F,
+        metrics: Arc<Metrics>,
+        // Taken when the answer comes.
         seen: Option<Seen>,
     }
 }
@@ -252,15 +253,18 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let result = std::task::ready!(this.inner.poll(cx));
+        let metrics = this.metrics.clone();
         let Some(seen) = this.seen.take() else {
             // Polled after it completed: the inner future says what that is.
-            return Poll::Ready(result.map(|response| response.map(AccessBody::counting_only)));
+            return Poll::Ready(
+                result.map(|response| response.map(|b| AccessBody::new(b, metrics, None, false))),
+            );
         };
         let latency = seen.start.elapsed();
         match result {
             Ok(response) => {
                 // A response is an allowed request (a refusal is an error).
-                seen.metrics.allowed(seen.protocol, seen.profile.as_ref());
+                metrics.allowed(seen.protocol, seen.profile.as_ref());
                 let tunnel = response.extensions().get::<Tunnel>().is_some();
                 let mut line = seen.line;
                 if let Some(line) = line.as_deref_mut() {
@@ -273,16 +277,10 @@ where
                         line.answered(if tunnel { "tunnel opened" } else { "allowed" }, latency);
                     }
                 }
-                let metrics = seen.metrics;
                 let failures = seen.failures;
-                Poll::Ready(Ok(response.map(|inner| AccessBody {
-                    inner,
-                    metrics,
-                    total: 0,
-                    line,
-                    failures,
-                    stream_start: Instant::now(),
-                })))
+                Poll::Ready(Ok(
+                    response.map(|body| AccessBody::new(body, metrics, line, failures))
+                ))
             }
             Err(error) => {
                 if seen.failures {
@@ -325,13 +323,13 @@ pin_project_lite::pin_project! {
 }
 
 impl<B> AccessBody<B> {
-    fn counting_only(inner: B) -> AccessBody<B> {
+    fn new(inner: B, metrics: Arc<Metrics>, line: Option<Box<Line>>, failures: bool) -> Self {
         AccessBody {
             inner,
-            metrics: Arc::default(),
+            metrics,
             total: 0,
-            line: None,
-            failures: false,
+            line,
+            failures,
             stream_start: Instant::now(),
         }
     }

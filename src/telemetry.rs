@@ -468,16 +468,13 @@ type Https = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::H
 fn http_client(
     settings: &TelemetrySettings,
 ) -> Result<opentelemetry_http::hyper::HyperClient<Https>, opentelemetry_otlp::ExporterBuildError> {
-    let mut roots = rustls::RootCertStore::empty();
-    let (_, ignored) = roots.add_parsable_certificates(settings.ca_certificates.clone());
+    let (roots, ignored) = crate::connector::extra_and_system(settings.ca_certificates.clone());
     if ignored > 0 {
         return Err(invalid(
             "otlp_ca_file",
             "a certificate in it could not be used".into(),
         ));
     }
-    let native = rustls_native_certs::load_native_certs();
-    roots.add_parsable_certificates(native.certs);
     let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))

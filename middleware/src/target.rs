@@ -253,6 +253,43 @@ impl Target {
     }
 }
 
+impl Target {
+    /// Whether `text` is exactly what [`Display`](fmt::Display) writes for
+    /// this target — `host:port`, or the host alone when the port is
+    /// `default_port` (as a `Host` header writes it) — so a caller holding
+    /// that text can send it as it is rather than format it again. Only
+    /// the canonical spelling answers yes: a name as the target holds it,
+    /// an IPv4 address as std writes it (no leading zeros), the port's own
+    /// digits (no sign, no leading zero), no user part. An IPv6 host
+    /// always answers no.
+    pub fn is_written_as(&self, text: &str, default_port: Option<u16>) -> bool {
+        let Target::Host { host, port } = self else {
+            return false;
+        };
+        let written = if default_port == Some(*port) {
+            text
+        } else {
+            let Some((written, digits)) = text.rsplit_once(':') else {
+                return false;
+            };
+            let own = port.checked_ilog10().unwrap_or(0) as usize + 1;
+            // The same value in as many characters: the same digits (a
+            // sign or a leading zero takes one more).
+            if digits.len() != own || digits.parse::<u16>() != Ok(*port) {
+                return false;
+            }
+            written
+        };
+        match host {
+            Host::Name(name) => written == name,
+            // std parses only the dotted quad without leading zeros: the
+            // text is the address's own.
+            Host::Ip(IpAddr::V4(v4)) => written.parse::<Ipv4Addr>() == Ok(*v4),
+            Host::Ip(IpAddr::V6(_)) => false,
+        }
+    }
+}
+
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -418,6 +455,61 @@ fn parse_ipv4_number(part: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A Host header is kept only when it is, byte for byte, what would be
+    /// written in its place.
+    #[test]
+    fn a_host_header_is_kept_only_when_it_is_ours_exactly() {
+        let texts = [
+            "example.com",
+            "example.com:80",
+            "example.com:8080",
+            "example.com:+8080",
+            "example.com:08080",
+            "Example.com:8080",
+            "example.com.:8080",
+            "u@example.com:8080",
+            "127.0.0.1",
+            "127.0.0.1:8080",
+            "127.000.0.1:8080",
+            "0x7f.0.0.1",
+            "[::1]:8080",
+            ":8080",
+            "",
+        ];
+        let targets = [
+            "example.com:80",
+            "example.com:8080",
+            "127.0.0.1:80",
+            "127.0.0.1:8080",
+            "[::1]:8080",
+        ];
+        let mut kept = 0;
+        for target in targets {
+            let target = Target::parse_authority(target, None).unwrap();
+            let Target::Host { host, port } = &target else {
+                unreachable!()
+            };
+            let ours = if *port == 80 {
+                host.to_string()
+            } else {
+                target.to_string()
+            };
+            for text in texts {
+                let keeps = target.is_written_as(text, Some(80));
+                assert_eq!(
+                    keeps,
+                    text == ours && !matches!(host, Host::Ip(IpAddr::V6(_))),
+                    "{text} for {target}"
+                );
+                kept += usize::from(keeps);
+            }
+        }
+        assert_eq!(
+            kept, 4,
+            "example.com, example.com:8080, 127.0.0.1, 127.0.0.1:8080"
+        );
+    }
 
     fn host(input: &str) -> Result<String, TargetError> {
         Host::parse(input).map(|h| h.to_string())

@@ -189,18 +189,18 @@ impl KeptUpstream {
         };
         let default_port = if origin.tls { 443 } else { 80 };
         // Most requests already carry exactly that one Host: kept as it is.
-        let shown_port = (*port != default_port).then_some(*port);
         let mut hosts = request.headers().get_all(header::HOST).iter();
         let carried = match (hosts.next(), hosts.next()) {
             (Some(one), None) => one
                 .to_str()
-                .is_ok_and(|text| super::written_as_text(text, host, shown_port)),
+                .is_ok_and(|text| info.target.is_written_as(text, Some(default_port))),
             _ => false,
         };
         if !carried {
-            let authority = match shown_port {
-                None => HeaderValue::from_str(&host.to_string()),
-                Some(_) => HeaderValue::from_str(&info.target.to_string()),
+            let authority = if *port == default_port {
+                HeaderValue::from_str(&host.to_string())
+            } else {
+                HeaderValue::from_str(&info.target.to_string())
             }
             .map_err(|e| BadRequest::new(format!("cannot forward to {}: {e}", info.target)))?;
             request.headers_mut().insert(header::HOST, authority);

@@ -49,25 +49,13 @@ impl SystemRoots {
     }
 
     fn load(&self) -> Result<Arc<WebPkiServerVerifier>, rustls::Error> {
-        let mut roots = rustls::RootCertStore::empty();
-        let (added, ignored) = roots.add_parsable_certificates(self.extra.iter().cloned());
+        let (roots, ignored) = extra_and_system(self.extra.iter().cloned());
         if ignored > 0 {
             tracing::warn!(
-                added,
                 ignored,
                 "some extra upstream CA certificates could not be used"
             );
         }
-        let native = rustls_native_certs::load_native_certs();
-        for error in &native.errors {
-            tracing::debug!(%error, "while loading the system's CA certificates");
-        }
-        let (added, ignored) = roots.add_parsable_certificates(native.certs);
-        tracing::debug!(
-            added,
-            ignored,
-            "system CA certificates for TLS origins and upstreams"
-        );
         WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
             .build()
             .map_err(|error| {
@@ -75,6 +63,22 @@ impl SystemRoots {
                 rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)
             })
     }
+}
+
+/// A root store of `extra` and then the system's CAs, and how many of
+/// `extra` could not be used (what that means is the caller's to say).
+pub(crate) fn extra_and_system(
+    extra: impl IntoIterator<Item = CertificateDer<'static>>,
+) -> (rustls::RootCertStore, usize) {
+    let mut roots = rustls::RootCertStore::empty();
+    let (_, ignored) = roots.add_parsable_certificates(extra);
+    let native = rustls_native_certs::load_native_certs();
+    for error in &native.errors {
+        tracing::debug!(%error, "while loading the system's CA certificates");
+    }
+    let (added, unusable) = roots.add_parsable_certificates(native.certs);
+    tracing::debug!(added, unusable, "system CA certificates");
+    (roots, ignored)
 }
 
 impl ServerCertVerifier for SystemRoots {

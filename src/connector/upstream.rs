@@ -165,12 +165,10 @@ impl UpstreamProxies {
         state
             .tls
             .get_or_init(|| {
-                let mut roots = rustls::RootCertStore::empty();
-                let (_, ignored) = roots.add_parsable_certificates(state.extra_roots.clone());
+                let (roots, ignored) = super::extra_and_system(state.extra_roots.clone());
                 if ignored > 0 {
                     return Err("a certificate of [upstream] ca_file could not be used".into());
                 }
-                roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
                 let config = rustls::ClientConfig::builder_with_provider(Arc::new(
                     rustls::crypto::ring::default_provider(),
                 ))
