@@ -788,9 +788,10 @@ async fn an_origin_whose_certificate_is_not_trusted_is_a_502_saying_so() {
     .await;
     let said = "could not reach origin.test:";
     let why = "invalid peer certificate: UnknownIssuer";
+    let fix = "add that CA's PEM file to [mitm] upstream_ca_files";
     assert!(response.starts_with("HTTP/1.1 502"), "{response}");
     assert!(
-        response.contains(said) && response.contains(why),
+        response.contains(said) && response.contains(why) && response.contains(fix),
         "{response}"
     );
     let out = curl(&[
@@ -809,7 +810,7 @@ async fn an_origin_whose_certificate_is_not_trusted_is_a_502_saying_so() {
     let answer = out.stdout.split("HTTP/2 ").nth(1).unwrap_or_default();
     assert!(answer.starts_with("502"), "{}", out.stdout);
     assert!(
-        answer.contains(said) && answer.contains(why),
+        answer.contains(said) && answer.contains(why) && answer.contains(fix),
         "{}",
         out.stdout
     );

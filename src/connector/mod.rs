@@ -585,6 +585,11 @@ fn origin_failure(error: BoxError, info: &RequestInfo) -> BoxError {
                 upstream.detail =
                     format!("the origin ended the connection before answering: {io} {hint}");
             }
+            if untrusted_certificate(error.as_ref()) {
+                upstream.detail.push_str(
+                    " (the origin's certificate is not one the system's CAs vouch for: if it is signed by a CA of yours, add that CA's PEM file to [mitm] upstream_ca_files, or to ProxyBuilder::upstream_roots in Rust)",
+                );
+            }
             upstream
         }
         (None, Some(hyper_error)) if hyper_error.is_parse() => {
@@ -601,6 +606,26 @@ fn origin_failure(error: BoxError, info: &RequestInfo) -> BoxError {
         },
     };
     upstream.into()
+}
+
+/// Whether a TLS handshake in `error`'s chain refused the server's
+/// certificate (rustls's error travels inside `io::Error`s, whose
+/// `source` skips it).
+fn untrusted_certificate(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(current) = cause {
+        if let Some(tls) = current.downcast_ref::<rustls::Error>() {
+            return matches!(tls, rustls::Error::InvalidCertificate(_));
+        }
+        cause = match current.downcast_ref::<std::io::Error>() {
+            Some(io) => match io.get_ref() {
+                Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+                None => current.source(),
+            },
+            None => current.source(),
+        };
+    }
+    false
 }
 
 /// The first error of type `T` in `error`'s chain of sources (itself
